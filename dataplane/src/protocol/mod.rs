@@ -1,0 +1,70 @@
+//! The ferry wire protocol: framing, handshake and message layouts.
+//!
+//! Shared by the source engine and the target writer — the only code they share besides
+//! the I/O layer. Specified in `docs/protocol.md`.
+
+pub mod auth;
+pub mod frame;
+pub mod wire;
+
+pub use frame::{FrameReader, FrameWriter, Incoming};
+pub use wire::*;
+
+/// Everything that can go wrong on the wire.
+#[derive(Debug, thiserror::Error)]
+pub enum ProtocolError {
+    #[error("{op}")]
+    Io {
+        op: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("connection truncated: {what}")]
+    Truncated { what: &'static str },
+    #[error("bad frame magic {found:#010x}: the peer is not speaking the ferry protocol")]
+    BadMagic { found: u32 },
+    #[error("frame header checksum mismatch: corrupted on the wire")]
+    HeaderChecksum,
+    #[error("{kind:?} frame payload checksum mismatch: corrupted on the wire")]
+    PayloadChecksum { kind: FrameKind },
+    #[error("unknown frame kind {kind}")]
+    UnknownKind { kind: u8 },
+    #[error("{kind:?} frame of {len} bytes exceeds the limit of {max} bytes")]
+    Oversized { kind: FrameKind, len: usize, max: usize },
+    #[error("frame sequence {found}, expected {expected}: a frame was lost or replayed")]
+    Sequence { expected: u32, found: u32 },
+    #[error("expected a {expected:?} frame, got {found:?}")]
+    Unexpected { expected: FrameKind, found: FrameKind },
+    #[error("malformed frame: {what}")]
+    Malformed { what: &'static str },
+    #[error("malformed frame: {0}")]
+    Invalid(String),
+    #[error("authentication failed: {detail}")]
+    AuthFailed { detail: &'static str },
+    #[error("no common protocol version: we speak {offered_min}..={offered_max}, peer offered {peer}")]
+    Version {
+        offered_min: u16,
+        offered_max: u16,
+        peer: u16,
+    },
+    #[error("peer reported {code:?} error: {message}")]
+    Remote { code: ErrorCode, message: String },
+}
+
+impl ProtocolError {
+    pub fn io(op: &'static str, source: std::io::Error) -> Self {
+        Self::Io { op, source }
+    }
+
+    /// The error code to report to the peer for this failure.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Self::AuthFailed { .. } => ErrorCode::Auth,
+            Self::Version { .. } => ErrorCode::Version,
+            Self::Remote { code, .. } => *code,
+            Self::Io { .. } => ErrorCode::Io,
+            Self::PayloadChecksum { .. } | Self::HeaderChecksum => ErrorCode::Integrity,
+            _ => ErrorCode::Protocol,
+        }
+    }
+}

@@ -1,0 +1,411 @@
+//! Fixed-layout, little-endian wire structures.
+//!
+//! Every structure here is `#[repr(C)]` over byte-aligned little-endian integers, so it
+//! can be read from and written to a byte buffer without copies or padding surprises
+//! (zerocopy checks the layout at compile time). `docs/protocol.md` documents each one
+//! byte by byte; a change here is a protocol version change.
+
+use zerocopy::little_endian::{U16, U32, U64};
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
+
+/// First four bytes of every frame: "FRY1" read as a little-endian u32.
+pub const FRAME_MAGIC: u32 = u32::from_le_bytes(*b"FRY1");
+
+/// Protocol versions this build speaks. The handshake picks the highest common one.
+pub const PROTOCOL_VERSION_MIN: u16 = 1;
+pub const PROTOCOL_VERSION_MAX: u16 = 1;
+
+/// Largest frame payload either side accepts: a 4 MiB data batch (the largest
+/// `io_size_kib`) plus its record table for 4 KiB blocks (1024 records of 48 bytes,
+/// rounded up) plus alignment padding. Anything longer is rejected before it is read.
+pub const MAX_FRAME_PAYLOAD: usize = (4 << 20) + (64 << 10);
+const _: () = assert!(MAX_FRAME_PAYLOAD % 4096 == 0);
+
+/// Longest disk name on the wire (matches the config's name rule).
+pub const MAX_NAME_LEN: usize = 64;
+/// Most disks one session may carry; bounds the Open frame.
+pub const MAX_DISKS_PER_SESSION: usize = 256;
+/// Longest error message carried by an Error frame.
+pub const MAX_ERROR_MESSAGE: usize = 4096;
+/// Alignment the sender gives raw block payloads inside a data frame so the target can
+/// write them with O_DIRECT straight from its receive buffer.
+pub const PAYLOAD_ALIGN: usize = 4096;
+
+/// Frame header: 32 bytes in front of every payload.
+#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+pub struct FrameHeader {
+    /// [`FRAME_MAGIC`].
+    pub magic: U32,
+    /// [`FrameKind`] as u8.
+    pub kind: u8,
+    /// Reserved, zero.
+    pub flags: u8,
+    /// Reserved, zero.
+    pub reserved: U16,
+    /// Payload bytes that follow, at most [`MAX_FRAME_PAYLOAD`].
+    pub payload_len: U32,
+    /// Per-direction frame counter starting at 0; a gap or repeat is a protocol error.
+    pub seq: U32,
+    /// xxh3-64 of the payload.
+    pub payload_hash: U64,
+    /// xxh3-64 of the 24 header bytes before this field.
+    pub header_hash: U64,
+}
+pub const FRAME_HEADER_LEN: usize = core::mem::size_of::<FrameHeader>();
+const _: () = assert!(FRAME_HEADER_LEN == 32);
+
+/// What a frame carries. Values are stable across versions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum FrameKind {
+    /// client → server: versions and client nonce.
+    Hello = 1,
+    /// server → client: chosen version, server nonce, server proof.
+    Challenge = 2,
+    /// client → server: client proof.
+    Auth = 3,
+    /// server → client: authentication accepted.
+    AuthOk = 4,
+    /// client → server: the disks of this session and how each is synced.
+    Open = 10,
+    /// server → client: per-disk replica state.
+    OpenOk = 11,
+    /// client → server: hashes of consecutive source blocks (seeded sync).
+    Hashes = 20,
+    /// client → server: a run of source blocks that are all zero (seeded sync).
+    HashZeroRun = 21,
+    /// client → server: all hashes of the session were sent.
+    HashesDone = 22,
+    /// server → client: runs of blocks whose replica content differs.
+    DiffRuns = 23,
+    /// server → client: the difference report is complete.
+    DiffDone = 24,
+    /// client → server: a batch of blocks.
+    Data = 30,
+    /// client → server: a byte range of a disk that must read back as zeros.
+    Zero = 31,
+    /// client → server: make everything sent so far durable and record the epoch.
+    Commit = 40,
+    /// server → client: the epoch is durable on every replica disk.
+    Committed = 41,
+    /// either way: a fatal error with a message; the connection closes after it.
+    Error = 50,
+}
+
+impl FrameKind {
+    pub fn from_u8(v: u8) -> Option<Self> {
+        use FrameKind::*;
+        Some(match v {
+            1 => Hello,
+            2 => Challenge,
+            3 => Auth,
+            4 => AuthOk,
+            10 => Open,
+            11 => OpenOk,
+            20 => Hashes,
+            21 => HashZeroRun,
+            22 => HashesDone,
+            23 => DiffRuns,
+            24 => DiffDone,
+            30 => Data,
+            31 => Zero,
+            40 => Commit,
+            41 => Committed,
+            50 => Error,
+            _ => return None,
+        })
+    }
+}
+
+/// Size of handshake nonces and proofs.
+pub const NONCE_LEN: usize = 32;
+
+#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+pub struct Hello {
+    pub version_min: U16,
+    pub version_max: U16,
+    pub flags: U32,
+    pub nonce: [u8; NONCE_LEN],
+}
+
+#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+pub struct Challenge {
+    pub version: U16,
+    pub reserved: U16,
+    pub flags: U32,
+    pub nonce: [u8; NONCE_LEN],
+    /// keyed BLAKE3 (key = PSK) of "ferry-v1 server" ‖ client nonce ‖ server nonce.
+    pub proof: [u8; NONCE_LEN],
+}
+
+#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+pub struct Auth {
+    /// keyed BLAKE3 (key = PSK) of "ferry-v1 client" ‖ server nonce ‖ client nonce.
+    pub proof: [u8; NONCE_LEN],
+}
+
+/// How one disk is brought up to date in a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum SyncMode {
+    /// Every data block is sent; holes and zero blocks travel as zero ranges.
+    Full = 1,
+    /// Hashes are compared first; only differing blocks travel.
+    Seeded = 2,
+    /// Only the blocks of a changed-block bitmap travel; the replica must hold the
+    /// bitmap's base epoch.
+    Changed = 3,
+}
+
+impl SyncMode {
+    pub fn from_u8(v: u8) -> Option<Self> {
+        match v {
+            1 => Some(Self::Full),
+            2 => Some(Self::Seeded),
+            3 => Some(Self::Changed),
+            _ => None,
+        }
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Full => "full",
+            Self::Seeded => "seeded",
+            Self::Changed => "changed",
+        }
+    }
+}
+
+/// Open payload: `OpenHeader` then `disk_count` × `OpenDisk`.
+#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+pub struct OpenHeader {
+    /// Epoch this session will commit (monotonic per disk lineage).
+    pub epoch: U64,
+    pub disk_count: U32,
+    pub reserved: U32,
+}
+
+#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+pub struct OpenDisk {
+    /// Disk name, zero padded; `name_len` bytes are significant.
+    pub name: [u8; MAX_NAME_LEN],
+    pub name_len: u8,
+    /// [`SyncMode`] as u8.
+    pub mode: u8,
+    pub reserved: [u8; 2],
+    /// Replication block size in bytes (power of two, 4 KiB ..= 1 MiB).
+    pub block_size: U32,
+    /// Source disk size in bytes.
+    pub disk_size: U64,
+    /// Tracking lineage of the source disk.
+    pub generation: [u8; 16],
+    /// For `Changed`: the epoch the replica must hold; otherwise zero.
+    pub base_epoch: U64,
+}
+
+/// OpenOk payload: `disk_count` × `OpenDiskReply`, in the order of the Open.
+#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+pub struct OpenDiskReply {
+    /// 1 = the replica was created for this session (all zeros), 2 = it existed.
+    pub state: u8,
+    pub reserved: [u8; 7],
+    /// Lineage of the last epoch committed to this replica (zero if none).
+    pub generation: [u8; 16],
+    /// Last epoch committed to this replica (zero if none).
+    pub epoch: U64,
+}
+
+pub const REPLICA_CREATED: u8 = 1;
+pub const REPLICA_EXISTING: u8 = 2;
+
+/// Hashes payload: `HashesHeader` then `block_count` × 16-byte block hashes.
+#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+pub struct HashesHeader {
+    /// Index of the disk in the Open frame.
+    pub disk: U32,
+    pub block_count: U32,
+    pub first_block: U64,
+}
+
+/// HashZeroRun payload, DiffRuns entries, and Zero payload share this shape.
+#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+pub struct DiskRun {
+    pub disk: U32,
+    pub reserved: U32,
+    /// First block (HashZeroRun, DiffRuns) or byte offset (Zero).
+    pub start: U64,
+    /// Block count (HashZeroRun, DiffRuns) or byte length (Zero).
+    pub count: U64,
+}
+
+/// Data payload: `DataHeader`, `record_count` × `BlockRecord`, then block payloads at
+/// the offsets the records give (raw payloads aligned to [`PAYLOAD_ALIGN`]).
+#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+pub struct DataHeader {
+    pub disk: U32,
+    pub record_count: U32,
+}
+
+#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+pub struct BlockRecord {
+    /// Byte offset on the disk; a multiple of the block size.
+    pub offset: U64,
+    /// Bytes of disk the block covers (the block size, less at the disk's end).
+    pub length: U32,
+    /// Bytes of payload in the frame.
+    pub stored_len: U32,
+    /// Where the payload starts, from the start of the frame payload.
+    pub payload_offset: U32,
+    /// [`Codec`] as u8.
+    pub codec: u8,
+    pub reserved: [u8; 3],
+    /// xxh3-128 of the block's uncompressed bytes, as read at the source.
+    pub hash: [u8; 16],
+    pub reserved2: U64,
+}
+pub const BLOCK_RECORD_LEN: usize = core::mem::size_of::<BlockRecord>();
+const _: () = assert!(BLOCK_RECORD_LEN == 48);
+
+/// How a block's payload is encoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Codec {
+    /// `stored_len == length` bytes of the block as is.
+    Raw = 0,
+    /// A zstd frame that decompresses to `length` bytes.
+    Zstd = 1,
+    /// No payload: the block reads as zeros.
+    Zero = 2,
+}
+
+impl Codec {
+    pub fn from_u8(v: u8) -> Option<Self> {
+        match v {
+            0 => Some(Self::Raw),
+            1 => Some(Self::Zstd),
+            2 => Some(Self::Zero),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+pub struct Commit {
+    pub epoch: U64,
+}
+
+#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+pub struct Committed {
+    pub epoch: U64,
+    /// Bytes the target wrote (data and zeroed) for this session.
+    pub bytes_applied: U64,
+}
+
+/// Error payload: `ErrorHeader` then `message_len` bytes of UTF-8.
+#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+pub struct ErrorHeader {
+    /// [`ErrorCode`] as u32.
+    pub code: U32,
+    pub message_len: U32,
+}
+
+/// Why a peer gave up. Stable values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub enum ErrorCode {
+    Protocol = 1,
+    Auth = 2,
+    UnknownDisk = 3,
+    OutOfRange = 4,
+    Integrity = 5,
+    Io = 6,
+    Busy = 7,
+    BaseMismatch = 8,
+    ReplicaTooSmall = 9,
+    Version = 10,
+    Internal = 11,
+}
+
+impl ErrorCode {
+    pub fn from_u32(v: u32) -> Self {
+        use ErrorCode::*;
+        match v {
+            1 => Protocol,
+            2 => Auth,
+            3 => UnknownDisk,
+            4 => OutOfRange,
+            5 => Integrity,
+            6 => Io,
+            7 => Busy,
+            8 => BaseMismatch,
+            9 => ReplicaTooSmall,
+            10 => Version,
+            _ => Internal,
+        }
+    }
+}
+
+/// The hash used for block identity: xxh3-128 of the bytes, little-endian. The all-zero
+/// value is reserved to mean "this block is all zeros" in seeded comparison.
+pub fn block_hash(data: &[u8]) -> [u8; 16] {
+    let h = xxhash_rust::xxh3::xxh3_128(data);
+    if h == 0 {
+        // Astronomically unlikely; keep the zero value reserved.
+        1u128.to_le_bytes()
+    } else {
+        h.to_le_bytes()
+    }
+}
+
+/// Reserved hash value for a block that reads as zeros.
+pub const ZERO_BLOCK_HASH: [u8; 16] = [0; 16];
+
+/// True when every byte is zero. Word-at-a-time; the compiler vectorises it.
+pub fn is_zero(data: &[u8]) -> bool {
+    let (prefix, words, suffix) = {
+        // SAFETY: reinterpreting initialised bytes as u64 is valid for any bit pattern;
+        // `align_to` only yields correctly aligned, in-bounds middle elements.
+        unsafe { data.align_to::<u64>() }
+    };
+    prefix.iter().all(|&b| b == 0)
+        && suffix.iter().all(|&b| b == 0)
+        && words.chunks(8).all(|c| c.iter().fold(0u64, |acc, &w| acc | w) == 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_detection() {
+        let mut buf = vec![0u8; 65536 + 3];
+        assert!(is_zero(&buf));
+        for pos in [0, 1, 7, 8, 4095, 65535, 65538] {
+            buf[pos] = 1;
+            assert!(!is_zero(&buf), "byte {pos}");
+            buf[pos] = 0;
+        }
+    }
+
+    #[test]
+    fn kinds_roundtrip() {
+        for v in 0..=255u8 {
+            if let Some(k) = FrameKind::from_u8(v) {
+                assert_eq!(k as u8, v);
+            }
+        }
+    }
+}

@@ -1,0 +1,630 @@
+//! The source engine: brings replicas up to date from the primary site.
+//!
+//! A session connects to the target, authenticates, opens every configured disk, then
+//! per disk picks how to sync it — full (zero blocks and holes skipped), seeded (hash
+//! compare first, only differing blocks travel) or changed (only the blocks of a
+//! changed-block bitmap) — and streams the blocks through the [`pipeline`]. It returns
+//! only after the target acknowledged the epoch as durable.
+
+pub mod pipeline;
+pub mod plan;
+
+use std::net::{TcpStream, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use filter_driver_shim::bitmap::{ChangedBlockBitmap, GenerationId};
+use serde::{Deserialize, Serialize};
+use zerocopy::{FromBytes, IntoBytes};
+
+use crate::config::{Compression, Config};
+use crate::io::{self, Disk, EngineKind, IoError};
+use crate::psk::Psk;
+use crate::protocol::{
+    auth, Commit, Committed, DiskRun, FrameKind, FrameReader, FrameWriter, OpenDisk,
+    OpenDiskReply, OpenHeader, ProtocolError, SyncMode, MAX_FRAME_PAYLOAD, MAX_NAME_LEN,
+    REPLICA_CREATED,
+};
+use pipeline::{DiskInfo, Output, PipelineConfig, PipelineStats};
+use plan::{Chunker, ExtentRegions, Geometry, PlanItem, Region};
+
+/// Everything that can stop a sync.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("disk {disk}: cannot open {path}")]
+    Open {
+        disk: String,
+        path: PathBuf,
+        #[source]
+        source: IoError,
+    },
+    #[error("I/O error{}", disk.map(|d| format!(" on disk #{d}")).unwrap_or_default())]
+    Io {
+        disk: Option<u32>,
+        #[source]
+        source: IoError,
+    },
+    #[error("disk #{disk}: short read at offset {offset}: expected {expected} bytes, got {got} (did the source shrink?)")]
+    ShortRead {
+        disk: u32,
+        offset: u64,
+        expected: u32,
+        got: usize,
+    },
+    #[error("cannot reach the target at {addr}")]
+    Connect {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Protocol(#[from] ProtocolError),
+    #[error("disk {disk}: {problem}")]
+    Bitmap { disk: String, problem: String },
+    #[error("state file {path}: {problem}")]
+    State { path: PathBuf, problem: String },
+    #[error("buffer pool: {0}")]
+    Pool(String),
+    #[error("compression: {0}")]
+    Compression(String),
+    #[error("cannot start a thread: {0}")]
+    Thread(String),
+    #[error("{0}")]
+    Config(String),
+    #[error("replication aborted")]
+    Aborted,
+}
+
+impl SourceError {
+    pub(crate) fn pool(e: impl std::fmt::Display) -> Self {
+        Self::Pool(e.to_string())
+    }
+}
+
+/// How the operator asked for each disk to be synced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ModeRequest {
+    /// Changed-block if a valid bitmap is at hand, full if the replica is new, seeded
+    /// otherwise.
+    #[default]
+    Auto,
+    Full,
+    Seeded,
+    Changed,
+}
+
+/// One disk to sync.
+#[derive(Debug, Clone)]
+pub struct JobDisk {
+    pub name: String,
+    pub path: PathBuf,
+    /// A changed-block bitmap to use for this disk (changed mode).
+    pub bitmap: Option<PathBuf>,
+}
+
+/// A fully resolved sync job (built from the config by the CLI).
+#[derive(Debug, Clone)]
+pub struct SyncJob {
+    pub target: String,
+    pub psk: [u8; 32],
+    pub state_dir: PathBuf,
+    pub disks: Vec<JobDisk>,
+    pub block_size: usize,
+    pub io_size: usize,
+    pub queue_depth: usize,
+    pub workers: usize,
+    pub zstd_level: Option<i32>,
+    pub engine: EngineKind,
+    pub connect_timeout: Duration,
+    pub io_timeout: Duration,
+    pub mode: ModeRequest,
+}
+
+impl SyncJob {
+    /// Resolves a sync job from the `[source]` section and the disks of `config`.
+    pub fn from_config(config: &Config, mode: ModeRequest) -> Result<Self, SourceError> {
+        let source = config
+            .require_source("sync")
+            .map_err(|e| SourceError::Config(e.to_string()))?;
+        let psk = Psk::load(&source.psk_file).map_err(|e| SourceError::Config(crate::target::chain(&e)))?;
+        Ok(SyncJob {
+            target: source.target.clone(),
+            psk: *psk.as_bytes(),
+            state_dir: source.state_dir.clone(),
+            disks: config
+                .disks
+                .iter()
+                .map(|d| JobDisk {
+                    name: d.name.clone(),
+                    path: d.path.clone(),
+                    bitmap: None,
+                })
+                .collect(),
+            block_size: source.block_size_bytes() as usize,
+            io_size: source.io_size_bytes() as usize,
+            queue_depth: source.queue_depth as usize,
+            workers: source.workers as usize,
+            zstd_level: match source.compression() {
+                Compression::None => None,
+                Compression::Zstd { level } => Some(level),
+            },
+            engine: source.io_engine.into(),
+            connect_timeout: source.connect_timeout(),
+            io_timeout: source.io_timeout(),
+            mode,
+        })
+    }
+}
+
+/// Per-disk outcome.
+#[derive(Debug, Clone, Serialize)]
+pub struct DiskReport {
+    pub name: String,
+    pub mode: &'static str,
+    pub bytes_logical: u64,
+    pub replica_created: bool,
+}
+
+/// What a sync did; `--json` prints it.
+#[derive(Debug, Clone, Serialize)]
+pub struct SyncReport {
+    pub epoch: u64,
+    /// Disk bytes covered by the sync (sum of disk sizes).
+    pub bytes_logical: u64,
+    /// Bytes put on the wire (frames, headers included).
+    pub bytes_sent: u64,
+    /// Blocks whose data travelled.
+    pub blocks_sent: u64,
+    /// Blocks that travelled as zero records (no data).
+    pub zero_blocks_sent: u64,
+    /// Bytes read from the source disks.
+    pub bytes_read: u64,
+    /// Bytes the target applied (data written plus ranges zeroed).
+    pub bytes_applied: u64,
+    pub seconds: f64,
+    /// `bytes_logical / seconds`, in MB/s (10^6).
+    pub mb_per_s: f64,
+    pub disks: Vec<DiskReport>,
+}
+
+/// The source's record of what the replica of one disk holds.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceDiskState {
+    /// Tracking lineage, 32 hex digits.
+    pub generation: String,
+    /// Last epoch the target acknowledged for this disk.
+    pub epoch: u64,
+}
+
+impl SourceDiskState {
+    pub fn path(state_dir: &Path, disk: &str) -> PathBuf {
+        state_dir.join(format!("{disk}.state"))
+    }
+
+    pub fn load(state_dir: &Path, disk: &str) -> Result<Option<Self>, SourceError> {
+        let path = Self::path(state_dir, disk);
+        match std::fs::read(&path) {
+            Ok(bytes) => {
+                let s: Self = serde_json::from_slice(&bytes).map_err(|e| SourceError::State {
+                    path: path.clone(),
+                    problem: e.to_string(),
+                })?;
+                s.generation_bytes().map_err(|problem| SourceError::State { path, problem })?;
+                Ok(Some(s))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(SourceError::State {
+                path,
+                problem: e.to_string(),
+            }),
+        }
+    }
+
+    pub fn save(&self, state_dir: &Path, disk: &str) -> Result<(), SourceError> {
+        let path = Self::path(state_dir, disk);
+        let bytes = serde_json::to_vec_pretty(self).expect("state serialises");
+        crate::durable::write_atomic(&path, &bytes).map_err(|e| SourceError::State {
+            path,
+            problem: e.to_string(),
+        })
+    }
+
+    pub fn generation_bytes(&self) -> Result<[u8; 16], String> {
+        parse_hex16(&self.generation)
+    }
+}
+
+pub fn parse_hex16(s: &str) -> Result<[u8; 16], String> {
+    if s.len() != 32 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(format!("generation {s:?} is not 32 hex digits"));
+    }
+    let mut out = [0u8; 16];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).expect("checked hex");
+    }
+    Ok(out)
+}
+
+pub fn hex16(b: &[u8; 16]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn random_generation() -> Result<[u8; 16], SourceError> {
+    GenerationId::random()
+        .map(|g| *g.as_bytes())
+        .map_err(|e| SourceError::Config(format!("no randomness: {e}")))
+}
+
+struct OpenedDisk {
+    spec: JobDisk,
+    disk: Disk,
+    generation: [u8; 16],
+    base_epoch: u64,
+    bitmap: Option<ChangedBlockBitmap>,
+    mode: SyncMode,
+    replica_created: bool,
+}
+
+/// Runs one sync session to completion; returns after the target's acknowledgement.
+pub fn sync(job: &SyncJob) -> Result<SyncReport, SourceError> {
+    let started = Instant::now();
+    crate::durable::ensure_dir(&job.state_dir).map_err(|e| SourceError::State {
+        path: job.state_dir.clone(),
+        problem: e.to_string(),
+    })?;
+    let mut disks = Vec::with_capacity(job.disks.len());
+    for spec in &job.disks {
+        disks.push(open_disk(job, spec)?);
+    }
+    let epoch = disks.iter().map(|d| d.base_epoch).max().unwrap_or(0) + 1;
+
+    let stream = connect(&job.target, job.connect_timeout)?;
+    stream
+        .set_read_timeout(Some(job.io_timeout))
+        .and_then(|_| stream.set_write_timeout(Some(job.io_timeout)))
+        .and_then(|_| stream.set_nodelay(true))
+        .map_err(|e| SourceError::Connect { addr: job.target.clone(), source: e })?;
+    let read_half = stream
+        .try_clone()
+        .map_err(|e| SourceError::Connect { addr: job.target.clone(), source: e })?;
+    let mut reader = FrameReader::new(std::io::BufReader::with_capacity(64 << 10, read_half));
+    let mut writer = FrameWriter::new(stream);
+    auth::client_handshake(&mut reader, &mut writer, &job.psk)?;
+
+    let result = run_session(job, &mut disks, epoch, &mut reader, &mut writer);
+    let (stats, applied) = match result {
+        Ok(x) => x,
+        Err(e) => {
+            // The target may have said why it stopped; prefer its words.
+            return Err(explain(e, &mut reader));
+        }
+    };
+
+    for d in &disks {
+        SourceDiskState {
+            generation: hex16(&d.generation),
+            epoch,
+        }
+        .save(&job.state_dir, &d.spec.name)?;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let bytes_logical: u64 = disks.iter().map(|d| d.disk.size()).sum();
+    Ok(SyncReport {
+        epoch,
+        bytes_logical,
+        bytes_sent: stats.bytes_sent,
+        blocks_sent: stats.blocks_sent,
+        zero_blocks_sent: stats.zero_blocks,
+        bytes_read: stats.bytes_read,
+        bytes_applied: applied,
+        seconds,
+        mb_per_s: bytes_logical as f64 / seconds.max(1e-9) / 1e6,
+        disks: disks
+            .iter()
+            .map(|d| DiskReport {
+                name: d.spec.name.clone(),
+                mode: d.mode.as_str(),
+                bytes_logical: d.disk.size(),
+                replica_created: d.replica_created,
+            })
+            .collect(),
+    })
+}
+
+fn explain<R: std::io::Read>(e: SourceError, reader: &mut FrameReader<R>) -> SourceError {
+    let is_transport = matches!(
+        &e,
+        SourceError::Protocol(ProtocolError::Io { .. }) | SourceError::Protocol(ProtocolError::Truncated { .. })
+    );
+    if is_transport {
+        let mut buf = vec![0u8; 8192];
+        if let Err(remote @ ProtocolError::Remote { .. }) = reader.read_frame(&mut buf) {
+            return SourceError::Protocol(remote);
+        }
+    }
+    e
+}
+
+fn connect(addr: &str, timeout: Duration) -> Result<TcpStream, SourceError> {
+    let err = |source| SourceError::Connect { addr: addr.to_string(), source };
+    let mut last = None;
+    for a in addr.to_socket_addrs().map_err(err)? {
+        match TcpStream::connect_timeout(&a, timeout) {
+            Ok(s) => return Ok(s),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(err(last.unwrap_or_else(|| {
+        std::io::Error::new(std::io::ErrorKind::NotFound, "address resolved to nothing")
+    })))
+}
+
+fn open_disk(job: &SyncJob, spec: &JobDisk) -> Result<OpenedDisk, SourceError> {
+    if spec.name.len() > MAX_NAME_LEN {
+        return Err(SourceError::Config(format!("disk name {:?} is too long", spec.name)));
+    }
+    let disk = Disk::open_source(&spec.path).map_err(|e| SourceError::Open {
+        disk: spec.name.clone(),
+        path: spec.path.clone(),
+        source: e,
+    })?;
+    let state = SourceDiskState::load(&job.state_dir, &spec.name)?;
+    let (generation, base_epoch) = match &state {
+        Some(s) => (
+            s.generation_bytes().map_err(|p| SourceError::Config(p))?,
+            s.epoch,
+        ),
+        None => (random_generation()?, 0),
+    };
+    let bitmap_path = spec
+        .bitmap
+        .clone()
+        .or_else(|| {
+            let p = job.state_dir.join(format!("{}.cbt", spec.name));
+            (job.mode == ModeRequest::Auto && p.exists()).then_some(p)
+        })
+        .filter(|_| matches!(job.mode, ModeRequest::Auto | ModeRequest::Changed));
+    let mut bitmap = None;
+    if let Some(path) = bitmap_path {
+        match load_bitmap(&path, &spec.name, &disk, job.block_size, &state) {
+            Ok(b) => bitmap = Some(b),
+            Err(e) if job.mode == ModeRequest::Auto && spec.bitmap.is_none() => {
+                tracing::warn!("{e}; falling back to a seeded (checksum-compare) sync");
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    let mode = match (job.mode, &bitmap) {
+        (ModeRequest::Changed, None) => {
+            return Err(SourceError::Bitmap {
+                disk: spec.name.clone(),
+                problem: "changed mode needs a bitmap (--bitmap NAME=FILE)".into(),
+            })
+        }
+        (ModeRequest::Changed | ModeRequest::Auto, Some(_)) => SyncMode::Changed,
+        (ModeRequest::Full, _) => SyncMode::Full,
+        (ModeRequest::Seeded | ModeRequest::Auto, _) => SyncMode::Seeded,
+    };
+    Ok(OpenedDisk {
+        spec: spec.clone(),
+        disk,
+        generation,
+        base_epoch,
+        bitmap,
+        mode,
+        replica_created: false,
+    })
+}
+
+fn load_bitmap(
+    path: &Path,
+    name: &str,
+    disk: &Disk,
+    block_size: usize,
+    state: &Option<SourceDiskState>,
+) -> Result<ChangedBlockBitmap, SourceError> {
+    let bad = |problem: String| SourceError::Bitmap { disk: name.to_string(), problem };
+    let bitmap = ChangedBlockBitmap::load(path)
+        .map_err(|e| bad(format!("bitmap {}: {e}", path.display())))?;
+    if bitmap.disk_size() != disk.size() || bitmap.block_size() as usize != block_size {
+        return Err(bad(format!(
+            "bitmap {} covers {} bytes in {}-byte blocks, the disk is {} bytes in {}-byte blocks",
+            path.display(),
+            bitmap.disk_size(),
+            bitmap.block_size(),
+            disk.size(),
+            block_size
+        )));
+    }
+    let Some(state) = state else {
+        return Err(bad(format!(
+            "bitmap {} has no base: this disk was never synced; a full or seeded sync comes first",
+            path.display()
+        )));
+    };
+    let generation = state.generation_bytes().map_err(bad)?;
+    if *bitmap.generation_id().as_bytes() != generation || bitmap.epoch() != state.epoch {
+        return Err(bad(format!(
+            "bitmap {} tracks changes since epoch {} of lineage {}, the replica was last synced at epoch {} of lineage {}",
+            path.display(),
+            bitmap.epoch(),
+            bitmap.generation_id(),
+            state.epoch,
+            state.generation
+        )));
+    }
+    Ok(bitmap)
+}
+
+type BoxedPlan<'a> = Box<dyn Iterator<Item = Result<PlanItem, SourceError>> + Send + 'a>;
+
+fn run_session<R: std::io::Read, W: std::io::Write>(
+    job: &SyncJob,
+    disks: &mut [OpenedDisk],
+    epoch: u64,
+    reader: &mut FrameReader<R>,
+    writer: &mut FrameWriter<W>,
+) -> Result<(PipelineStats, u64), SourceError> {
+    // Open.
+    let header = OpenHeader {
+        epoch: epoch.into(),
+        disk_count: (disks.len() as u32).into(),
+        reserved: 0.into(),
+    };
+    let mut entries = Vec::with_capacity(disks.len());
+    for d in disks.iter() {
+        let mut name = [0u8; MAX_NAME_LEN];
+        name[..d.spec.name.len()].copy_from_slice(d.spec.name.as_bytes());
+        entries.push(OpenDisk {
+            name,
+            name_len: d.spec.name.len() as u8,
+            mode: d.mode as u8,
+            reserved: [0; 2],
+            block_size: (job.block_size as u32).into(),
+            disk_size: d.disk.size().into(),
+            generation: d.generation,
+            base_epoch: if d.mode == SyncMode::Changed { d.base_epoch } else { 0 }.into(),
+        });
+    }
+    writer.send(FrameKind::Open, &[header.as_bytes(), entries.as_bytes()])?;
+    let mut buf = vec![0u8; 64 << 10];
+    let payload = reader.expect(FrameKind::OpenOk, &mut buf)?;
+    let replies = <[OpenDiskReply]>::ref_from_bytes(payload)
+        .ok()
+        .filter(|r| r.len() == disks.len())
+        .ok_or(ProtocolError::Malformed { what: "open reply does not match the disks opened" })?;
+    for (d, r) in disks.iter_mut().zip(replies) {
+        d.replica_created = r.state == REPLICA_CREATED;
+        if d.replica_created && d.mode == SyncMode::Seeded {
+            // Comparing against a new, all-zero replica is a full sync.
+            d.mode = SyncMode::Full;
+        }
+    }
+
+    let pipeline_cfg = |output| PipelineConfig {
+        block_size: job.block_size,
+        io_size: job.io_size,
+        queue_depth: job.queue_depth,
+        workers: job.workers,
+        zstd_level: job.zstd_level,
+        engine: job.engine,
+        output,
+    };
+    let infos: Vec<DiskInfo> = disks
+        .iter()
+        .map(|d| DiskInfo {
+            fd: d.disk.fd(),
+            disk_size: d.disk.size(),
+            replica_zeroed: d.replica_created,
+        })
+        .collect();
+    let geometry = |i: usize, d: &OpenedDisk| Geometry {
+        disk: i as u32,
+        disk_size: d.disk.size(),
+        block_size: job.block_size as u64,
+        io_size: job.io_size as u64,
+    };
+
+    let mut total = PipelineStats::default();
+    // Seeded disks: send hashes, learn which blocks differ.
+    if disks.iter().any(|d| d.mode == SyncMode::Seeded) {
+        let plans: Vec<BoxedPlan<'_>> = disks
+            .iter()
+            .enumerate()
+            .filter(|(_, d)| d.mode == SyncMode::Seeded)
+            .map(|(i, d)| extent_plan(&d.disk, geometry(i, d), true))
+            .collect();
+        let stats = pipeline::run(&pipeline_cfg(Output::Hashes), &infos, plans.into_iter().flatten(), writer)?;
+        add(&mut total, &stats);
+        total.blocks_sent = 0;
+        writer.send(FrameKind::HashesDone, &[])?;
+        for (i, d) in disks.iter_mut().enumerate() {
+            if d.mode == SyncMode::Seeded {
+                d.bitmap = Some(ChangedBlockBitmap::new(d.disk.size(), job.block_size as u32, GenerationId::from_bytes(d.generation), d.base_epoch)
+                    .map_err(|e| SourceError::Bitmap { disk: d.spec.name.clone(), problem: e.to_string() })?);
+                let _ = i;
+            }
+        }
+        loop {
+            match reader.read_frame(&mut buf)? {
+                Some((FrameKind::DiffRuns, payload)) => {
+                    let runs = <[DiskRun]>::ref_from_bytes(payload)
+                        .map_err(|_| ProtocolError::Malformed { what: "diff runs payload is not a whole number of runs" })?;
+                    for run in runs {
+                        let d = disks
+                            .get_mut(run.disk.get() as usize)
+                            .filter(|d| d.mode == SyncMode::Seeded)
+                            .ok_or(ProtocolError::Malformed { what: "diff run names a disk that is not being seeded" })?;
+                        let bs = job.block_size as u64;
+                        let bitmap = d.bitmap.as_mut().expect("seeded disks have a diff bitmap");
+                        let (start, count) = (run.start.get(), run.count.get());
+                        if start.checked_add(count).is_none_or(|end| end > d.disk.size().div_ceil(bs)) {
+                            return Err(ProtocolError::Malformed { what: "diff run past the end of the disk" }.into());
+                        }
+                        bitmap
+                            .set_range(start * bs, (count * bs).min(d.disk.size() - start * bs))
+                            .map_err(|e| SourceError::Bitmap { disk: d.spec.name.clone(), problem: e.to_string() })?;
+                    }
+                }
+                Some((FrameKind::DiffDone, _)) => break,
+                Some((kind, _)) => {
+                    return Err(ProtocolError::Unexpected { expected: FrameKind::DiffDone, found: kind }.into())
+                }
+                None => return Err(ProtocolError::Truncated { what: "connection closed during the hash compare" }.into()),
+            }
+        }
+    }
+
+    // Data.
+    let plans: Vec<BoxedPlan<'_>> = disks
+        .iter()
+        .enumerate()
+        .map(|(i, d)| match &d.bitmap {
+            Some(b) => bitmap_plan(b, geometry(i, d)),
+            None => extent_plan(&d.disk, geometry(i, d), !d.replica_created),
+        })
+        .collect();
+    let stats = pipeline::run(&pipeline_cfg(Output::Data), &infos, plans.into_iter().flatten(), writer)?;
+    add(&mut total, &stats);
+
+    // Commit and wait for durability.
+    writer.send(FrameKind::Commit, &[Commit { epoch: epoch.into() }.as_bytes()])?;
+    writer.flush()?;
+    let payload = reader.expect(FrameKind::Committed, &mut buf)?;
+    let committed = Committed::read_from_bytes(payload)
+        .map_err(|_| ProtocolError::Malformed { what: "committed frame has the wrong length" })?;
+    if committed.epoch.get() != epoch {
+        return Err(ProtocolError::Invalid(format!(
+            "target acknowledged epoch {} while epoch {epoch} was committed",
+            committed.epoch.get()
+        ))
+        .into());
+    }
+    total.bytes_sent += 2 * crate::protocol::FRAME_HEADER_LEN as u64;
+    let _ = MAX_FRAME_PAYLOAD;
+    Ok((total, committed.bytes_applied.get()))
+}
+
+fn add(total: &mut PipelineStats, s: &PipelineStats) {
+    total.bytes_sent += s.bytes_sent;
+    total.blocks_sent += s.blocks_sent;
+    total.zero_blocks += s.zero_blocks;
+    total.bytes_read += s.bytes_read;
+    total.bytes_payload_logical += s.bytes_payload_logical;
+}
+
+fn extent_plan<'a>(disk: &'a Disk, g: Geometry, emit_holes: bool) -> BoxedPlan<'a> {
+    let disk_no = g.disk;
+    let extents = io::data_extents(disk).map(move |r| {
+        r.map_err(|e| SourceError::Io { disk: Some(disk_no), source: e })
+    });
+    Box::new(Chunker::new(ExtentRegions::new(extents, g), g, emit_holes))
+}
+
+fn bitmap_plan<'a>(bitmap: &'a ChangedBlockBitmap, g: Geometry) -> BoxedPlan<'a> {
+    let regions = bitmap
+        .iter_runs()
+        .map(|(first, count)| Ok::<_, SourceError>(Region::Data { first, count }));
+    Box::new(Chunker::new(regions, g, false))
+}

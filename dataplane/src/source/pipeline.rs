@@ -1,0 +1,716 @@
+//! The source data path: one io_uring reader thread, `workers` hash/compress threads and
+//! the sender (the calling thread), joined by SPSC rings of buffer descriptors.
+//!
+//! ```text
+//!            input pool (registered, io_size slots)
+//!   plan ─▶ reader ──ring──▶ worker 0 ──ring──▶ sender ─▶ TCP
+//!            (uring)  ╲──ring──▶ worker 1 ──ring──╱   │
+//!              ▲                                      │ releases input slots
+//!              └──────────────── free ring ◀─────────┘ and worker output slots
+//! ```
+//!
+//! Ownership: a [`Slot`] is owned by exactly one stage at a time — the reader from
+//! allocation until its read completes, then the worker, then the sender, which returns
+//! it through the pool's free ring after the bytes are on the socket. Messages are
+//! assigned to workers round-robin and the sender takes them back in the same rotation,
+//! so frames leave in plan order without any reordering buffer.
+//!
+//! Termination is by abandonment: the reader drops its ring producers when the plan is
+//! exhausted, each worker drops its own when its input ring is drained, and the sender
+//! stops when the next ring in the rotation is abandoned and empty. On error any stage
+//! drops its ends and the cascade unblocks the others.
+
+use std::io::Write;
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+
+use ringbuf::pool::{BufferPool, PoolAlloc, PoolReturn, Slot};
+use ringbuf::spsc;
+use zerocopy::{FromBytes, IntoBytes};
+
+use super::plan::PlanItem;
+use super::SourceError;
+use crate::io::{self, BlockEngine, Completion, EngineKind};
+use crate::protocol::{
+    block_hash, is_zero, BlockRecord, Codec, DataHeader, DiskRun, FrameKind, FrameWriter,
+    HashesHeader, BLOCK_RECORD_LEN, PAYLOAD_ALIGN, ZERO_BLOCK_HASH,
+};
+
+/// What the pipeline produces for each planned read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Output {
+    /// Data frames carrying the blocks (zero blocks as zero records).
+    Data,
+    /// Hashes frames only (the first half of a seeded sync).
+    Hashes,
+}
+
+/// Per-disk facts the workers need.
+#[derive(Debug, Clone, Copy)]
+pub struct DiskInfo {
+    pub fd: RawFd,
+    pub disk_size: u64,
+    /// The replica is known to be all zeros: zero blocks need not travel at all.
+    pub replica_zeroed: bool,
+}
+
+/// Tuning of one pipeline run.
+#[derive(Debug, Clone)]
+pub struct PipelineConfig {
+    pub block_size: usize,
+    pub io_size: usize,
+    pub queue_depth: usize,
+    pub workers: usize,
+    /// zstd level, or `None` for no compression.
+    pub zstd_level: Option<i32>,
+    pub engine: EngineKind,
+    pub output: Output,
+}
+
+/// Counters the sender keeps.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct PipelineStats {
+    /// Bytes written to the socket (headers included).
+    pub bytes_sent: u64,
+    /// Blocks whose data travelled.
+    pub blocks_sent: u64,
+    /// Blocks that travelled as zero records or runs.
+    pub zero_blocks: u64,
+    /// Bytes read from the source disks.
+    pub bytes_read: u64,
+    /// Uncompressed bytes of the blocks that travelled.
+    pub bytes_payload_logical: u64,
+}
+
+/// Slots in the reader's pool beyond the queue depth: enough for every worker to hold
+/// one input and one queued message while the sender holds one, so reads never wait on
+/// a slot while work is queued behind them.
+const EXTRA_INPUT_SLOTS_PER_WORKER: usize = 2;
+/// Depth of each reader→worker and worker→sender ring.
+const RING_DEPTH: usize = 8;
+/// Output slots per worker: one being filled, the ring's worth in flight, one at the
+/// sender.
+const OUTPUT_SLOTS_PER_WORKER: usize = RING_DEPTH + 2;
+
+struct ReadDone {
+    item: PlanItem,
+    /// The buffer holding `bytes` read bytes; `None` for zero runs.
+    slot: Option<Slot>,
+    bytes: usize,
+}
+
+struct Encoded {
+    item: PlanItem,
+    input: Option<Slot>,
+    output: Option<Slot>,
+    /// Bytes of `output` that hold the frame table (Data) or whole payload (Hashes).
+    table_len: usize,
+    records: usize,
+    zero_blocks: u64,
+    data_blocks: u64,
+    logical_bytes: u64,
+}
+
+/// Shared failure slot: the first error wins; all stages watch `stop`.
+#[derive(Default)]
+struct Failure {
+    stop: AtomicBool,
+    first: Mutex<Option<SourceError>>,
+}
+
+impl Failure {
+    fn set(&self, e: SourceError) {
+        let mut first = self.first.lock().unwrap_or_else(|p| p.into_inner());
+        if first.is_none() {
+            *first = Some(e);
+        }
+        self.stop.store(true, Ordering::Release);
+    }
+    fn stopped(&self) -> bool {
+        self.stop.load(Ordering::Acquire)
+    }
+    fn take(&self) -> Option<SourceError> {
+        self.first.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+}
+
+/// Largest record table of one frame, padded so that payloads start aligned.
+fn table_capacity(cfg: &PipelineConfig) -> usize {
+    let blocks = cfg.io_size / cfg.block_size;
+    (core::mem::size_of::<DataHeader>() + blocks * BLOCK_RECORD_LEN).next_multiple_of(PAYLOAD_ALIGN)
+}
+
+/// Runs the plan through reader, workers and sender; returns once every frame is on
+/// the socket (the caller then commits).
+pub fn run<W, P>(
+    cfg: &PipelineConfig,
+    disks: &[DiskInfo],
+    plan: P,
+    writer: &mut FrameWriter<W>,
+) -> Result<PipelineStats, SourceError>
+where
+    W: Write,
+    P: Iterator<Item = Result<PlanItem, SourceError>> + Send,
+{
+    assert!(cfg.workers >= 1 && cfg.queue_depth >= 1);
+    assert!(cfg.io_size % cfg.block_size == 0 && cfg.io_size % PAYLOAD_ALIGN == 0);
+    let input_slots = cfg.queue_depth + cfg.workers * EXTRA_INPUT_SLOTS_PER_WORKER + 1;
+    let (mut input_alloc, mut input_return) =
+        BufferPool::new(cfg.io_size, input_slots).map_err(SourceError::pool)?;
+    let out_size = (table_capacity(cfg) + cfg.io_size).next_multiple_of(PAYLOAD_ALIGN);
+    let failure = Failure::default();
+
+    let mut to_workers = Vec::with_capacity(cfg.workers);
+    let mut from_workers = Vec::with_capacity(cfg.workers);
+    let mut worker_parts = Vec::with_capacity(cfg.workers);
+    let mut output_returns = Vec::with_capacity(cfg.workers);
+    for _ in 0..cfg.workers {
+        let (tx, rx) = spsc::channel::<ReadDone>(RING_DEPTH);
+        let (otx, orx) = spsc::channel::<Encoded>(RING_DEPTH);
+        let (oalloc, oret) =
+            BufferPool::new(out_size, OUTPUT_SLOTS_PER_WORKER).map_err(SourceError::pool)?;
+        to_workers.push(tx);
+        from_workers.push(orx);
+        worker_parts.push((rx, otx, oalloc));
+        output_returns.push(oret);
+    }
+
+    let mut stats = PipelineStats::default();
+    std::thread::scope(|scope| {
+        let failure = &failure;
+        let reader = {
+            let engine_files: Vec<RawFd> = disks.iter().map(|d| d.fd).collect();
+            let cfg = cfg.clone();
+            std::thread::Builder::new()
+                .name("ferry-reader".into())
+                .spawn_scoped(scope, move || {
+                    if let Err(e) =
+                        reader_loop(&cfg, &engine_files, plan, &mut input_alloc, to_workers, failure)
+                    {
+                        failure.set(e);
+                    }
+                })
+                .map_err(|e| SourceError::Thread(e.to_string()))?
+        };
+        let mut workers = Vec::with_capacity(cfg.workers);
+        for (i, (rx, otx, oalloc)) in worker_parts.into_iter().enumerate() {
+            let cfg = cfg.clone();
+            workers.push(
+                std::thread::Builder::new()
+                    .name(format!("ferry-worker-{i}"))
+                    .spawn_scoped(scope, move || {
+                        if let Err(e) = worker_loop(&cfg, disks, rx, otx, oalloc, failure) {
+                            failure.set(e);
+                        }
+                    })
+                    .map_err(|e| SourceError::Thread(e.to_string()))?,
+            );
+        }
+        let result = sender_loop(
+            cfg,
+            from_workers,
+            &mut input_return,
+            &mut output_returns,
+            writer,
+            &mut stats,
+            failure,
+        );
+        if let Err(e) = result {
+            failure.set(e);
+        }
+        // The sender has dropped its ring ends; the cascade ends the other stages.
+        let _ = reader.join();
+        for w in workers {
+            let _ = w.join();
+        }
+        Ok::<(), SourceError>(())
+    })?;
+    if let Some(e) = failure.take() {
+        return Err(e);
+    }
+    Ok(stats)
+}
+
+fn reader_loop<P>(
+    cfg: &PipelineConfig,
+    files: &[RawFd],
+    plan: P,
+    alloc: &mut PoolAlloc,
+    mut to_workers: Vec<spsc::Producer<ReadDone>>,
+    failure: &Failure,
+) -> Result<(), SourceError>
+where
+    P: Iterator<Item = Result<PlanItem, SourceError>>,
+{
+    let mut iovecs = crate::buffers::IovecTable::new();
+    iovecs.push_pool(alloc.region());
+    // SAFETY: the pool behind `alloc` is borrowed for this whole function, so it outlives
+    // the engine, which is dropped when this function returns; slots are only touched
+    // through their `Slot` handles.
+    let fixed = unsafe { iovecs.fixed() };
+    let mut engine = io::open_engine(cfg.engine, cfg.queue_depth, files, Some(fixed))
+        .map_err(|e| SourceError::Io { disk: None, source: e })?;
+    // Tags index this table; it is sized once to the queue depth.
+    let mut in_flight: Vec<Option<PlanItem>> = vec![None; cfg.queue_depth];
+    let mut free_tags: Vec<usize> = (0..cfg.queue_depth).rev().collect();
+    let mut completions: Vec<Completion<Slot>> = Vec::with_capacity(cfg.queue_depth);
+    let mut next_worker = 0usize;
+    let mut plan = plan.peekable();
+    let workers = to_workers.len();
+
+    let mut forward = |msg: ReadDone, to_workers: &mut Vec<spsc::Producer<ReadDone>>| {
+        let w = next_worker;
+        next_worker = (next_worker + 1) % workers;
+        to_workers[w].push_wait(msg).map_err(|_| SourceError::Aborted)
+    };
+
+    let result = (|| loop {
+        if failure.stopped() {
+            return Err(SourceError::Aborted);
+        }
+        // Fill the queue.
+        while let Some(tag) = free_tags.last().copied() {
+            let item = match plan.peek() {
+                None => break,
+                Some(Err(_)) => return Err(plan.next().and_then(Result::err).expect("peeked")),
+                Some(Ok(item)) => *item,
+            };
+            match item {
+                PlanItem::ZeroRun { .. } => {
+                    plan.next();
+                    forward(ReadDone { item, slot: None, bytes: 0 }, &mut to_workers)?;
+                }
+                PlanItem::Read { disk, offset, len } => {
+                    let slot = if engine.in_flight() == 0 {
+                        alloc.alloc_wait().ok_or(SourceError::Aborted)?
+                    } else {
+                        match alloc.alloc() {
+                            Some(s) => s,
+                            None => break,
+                        }
+                    };
+                    plan.next();
+                    // O_DIRECT wants whole sectors; the tail of a disk reads short.
+                    let io_len = (len as usize).next_multiple_of(4096) as u32;
+                    free_tags.pop();
+                    in_flight[tag] = Some(item);
+                    if let Err((e, slot)) =
+                        engine.submit_read(io::DiskId(disk), slot, offset, io_len, tag as u64)
+                    {
+                        drop(slot);
+                        return Err(SourceError::Io { disk: Some(disk), source: e });
+                    }
+                }
+            }
+        }
+        if engine.in_flight() == 0 {
+            if plan.peek().is_none() {
+                return Ok(());
+            }
+            continue;
+        }
+        completions.clear();
+        engine
+            .wait(1, &mut completions)
+            .map_err(|e| SourceError::Io { disk: None, source: e })?;
+        for c in completions.drain(..) {
+            let tag = c.tag as usize;
+            let item = in_flight[tag].take().expect("completion for an unknown tag");
+            free_tags.push(tag);
+            let PlanItem::Read { disk, offset, len } = item else {
+                unreachable!("only reads are submitted")
+            };
+            let bytes = c
+                .result
+                .map_err(|e| SourceError::Io { disk: Some(disk), source: e })? as usize;
+            if bytes < len as usize {
+                return Err(SourceError::ShortRead { disk, offset, expected: len, got: bytes });
+            }
+            let slot = c.buf.expect("a read completion hands its buffer back");
+            forward(ReadDone { item, slot: Some(slot), bytes: len as usize }, &mut to_workers)?;
+        }
+    })();
+    if result.is_err() {
+        failure.stop.store(true, Ordering::Release);
+    }
+    // Reap whatever is still in flight so no buffer is freed under the kernel.
+    while engine.in_flight() > 0 {
+        completions.clear();
+        if engine.wait(1, &mut completions).is_err() {
+            break;
+        }
+    }
+    result
+}
+
+fn worker_loop(
+    cfg: &PipelineConfig,
+    disks: &[DiskInfo],
+    mut rx: spsc::Consumer<ReadDone>,
+    mut tx: spsc::Producer<Encoded>,
+    mut out_alloc: PoolAlloc,
+    failure: &Failure,
+) -> Result<(), SourceError> {
+    let mut compressor = match cfg.zstd_level {
+        Some(level) => Some(
+            zstd::bulk::Compressor::new(level)
+                .map_err(|e| SourceError::Compression(e.to_string()))?,
+        ),
+        None => None,
+    };
+    let table_cap = table_capacity(cfg);
+    while let Some(msg) = rx.pop_wait() {
+        if failure.stopped() {
+            return Err(SourceError::Aborted);
+        }
+        let encoded = match msg.item {
+            PlanItem::ZeroRun { .. } => Encoded {
+                item: msg.item,
+                input: None,
+                output: None,
+                table_len: 0,
+                records: 0,
+                zero_blocks: 0,
+                data_blocks: 0,
+                logical_bytes: 0,
+            },
+            PlanItem::Read { disk, offset, .. } => {
+                let input = msg.slot.expect("reads carry a slot");
+                let mut output = out_alloc.alloc_wait().ok_or(SourceError::Aborted)?;
+                let info = &disks[disk as usize];
+                let data = &input.as_slice()[..msg.bytes];
+                let mut e = match cfg.output {
+                    Output::Hashes => encode_hashes(cfg, disk, offset, data, output.as_mut_slice()),
+                    Output::Data => encode_data(
+                        cfg,
+                        disk,
+                        offset,
+                        data,
+                        info.replica_zeroed,
+                        output.as_mut_slice(),
+                        table_cap,
+                        compressor.as_mut(),
+                    ),
+                };
+                e.item = msg.item;
+                e.input = Some(input);
+                e.output = Some(output);
+                e
+            }
+        };
+        if tx.push_wait(encoded).is_err() {
+            return Err(SourceError::Aborted);
+        }
+    }
+    Ok(())
+}
+
+fn blank() -> Encoded {
+    Encoded {
+        item: PlanItem::ZeroRun { disk: 0, offset: 0, len: 0 },
+        input: None,
+        output: None,
+        table_len: 0,
+        records: 0,
+        zero_blocks: 0,
+        data_blocks: 0,
+        logical_bytes: 0,
+    }
+}
+
+fn encode_hashes(cfg: &PipelineConfig, disk: u32, offset: u64, data: &[u8], out: &mut [u8]) -> Encoded {
+    let bs = cfg.block_size;
+    let count = data.len().div_ceil(bs);
+    let header = HashesHeader {
+        disk: disk.into(),
+        block_count: (count as u32).into(),
+        first_block: (offset / bs as u64).into(),
+    };
+    let hlen = core::mem::size_of::<HashesHeader>();
+    out[..hlen].copy_from_slice(header.as_bytes());
+    let mut zero_blocks = 0;
+    for (i, block) in data.chunks(bs).enumerate() {
+        let h = if is_zero(block) {
+            zero_blocks += 1;
+            ZERO_BLOCK_HASH
+        } else {
+            block_hash(block)
+        };
+        out[hlen + i * 16..hlen + (i + 1) * 16].copy_from_slice(&h);
+    }
+    Encoded {
+        table_len: hlen + count * 16,
+        records: count,
+        zero_blocks,
+        ..blank()
+    }
+}
+
+/// Builds the record table at the front of `out` and packs compressed payloads after
+/// it; raw payloads stay in the input slot and are aligned in the frame by the sender.
+#[allow(clippy::too_many_arguments)]
+fn encode_data(
+    cfg: &PipelineConfig,
+    disk: u32,
+    offset: u64,
+    data: &[u8],
+    replica_zeroed: bool,
+    out: &mut [u8],
+    table_cap: usize,
+    mut compressor: Option<&mut zstd::bulk::Compressor<'static>>,
+) -> Encoded {
+    let bs = cfg.block_size;
+    let hlen = core::mem::size_of::<DataHeader>();
+    let (table, packed) = out.split_at_mut(table_cap);
+    let mut records = 0usize;
+    let mut zero_blocks = 0u64;
+    let mut data_blocks = 0u64;
+    let mut logical = 0u64;
+    // First pass fills records with payload offsets relative to the packed area; the
+    // frame layout is fixed once the table length is known.
+    let mut packed_len = 0usize;
+    for (i, block) in data.chunks(bs).enumerate() {
+        let block_offset = offset + (i * bs) as u64;
+        let (codec, stored, hash) = if is_zero(block) {
+            zero_blocks += 1;
+            if replica_zeroed {
+                continue;
+            }
+            (Codec::Zero, 0usize, ZERO_BLOCK_HASH)
+        } else {
+            data_blocks += 1;
+            logical += block.len() as u64;
+            let hash = block_hash(block);
+            let mut codec = Codec::Raw;
+            let mut stored = block.len();
+            if let Some(c) = compressor.as_deref_mut() {
+                // Keep compression only when it saves at least 1/16 of the block:
+                // less than that is not worth the target's decompression.
+                let limit = block.len() - block.len() / 16;
+                let dst = &mut packed[packed_len..packed_len + limit];
+                if let Ok(n) = c.compress_to_buffer(block, dst) {
+                    if n <= limit {
+                        codec = Codec::Zstd;
+                        stored = n;
+                    }
+                }
+            }
+            (codec, stored, hash)
+        };
+        let payload_offset = if codec == Codec::Zstd {
+            let at = packed_len;
+            packed_len += stored;
+            at
+        } else {
+            usize::MAX
+        };
+        let rec = BlockRecord {
+            offset: block_offset.into(),
+            length: (block.len() as u32).into(),
+            stored_len: (stored as u32).into(),
+            payload_offset: (payload_offset as u32).into(),
+            codec: codec as u8,
+            reserved: [0; 3],
+            hash,
+            reserved2: 0.into(),
+        };
+        let at = hlen + records * BLOCK_RECORD_LEN;
+        table[at..at + BLOCK_RECORD_LEN].copy_from_slice(rec.as_bytes());
+        records += 1;
+    }
+    if records == 0 {
+        return Encoded { zero_blocks, ..blank() };
+    }
+    // Second pass: final payload offsets in frame order. Compressed payloads are packed;
+    // raw payloads start on PAYLOAD_ALIGN so the target can write them with O_DIRECT
+    // straight from its receive buffer.
+    let table_len = (hlen + records * BLOCK_RECORD_LEN).next_multiple_of(PAYLOAD_ALIGN);
+    let mut cursor = table_len;
+    for r in 0..records {
+        let at = hlen + r * BLOCK_RECORD_LEN;
+        let rec = BlockRecord::mut_from_bytes(&mut table[at..at + BLOCK_RECORD_LEN])
+            .expect("record slice has the record's size");
+        match Codec::from_u8(rec.codec) {
+            Some(Codec::Raw) => {
+                cursor = cursor.next_multiple_of(PAYLOAD_ALIGN);
+                rec.payload_offset = (cursor as u32).into();
+                cursor += rec.stored_len.get() as usize;
+            }
+            Some(Codec::Zstd) => {
+                rec.payload_offset = (cursor as u32).into();
+                cursor += rec.stored_len.get() as usize;
+            }
+            _ => rec.payload_offset = 0.into(),
+        }
+    }
+    let header = DataHeader {
+        disk: disk.into(),
+        record_count: (records as u32).into(),
+    };
+    table[..hlen].copy_from_slice(header.as_bytes());
+    // The table region is sent as is, padding included; make the padding zeros.
+    table[hlen + records * BLOCK_RECORD_LEN..table_len].fill(0);
+    // The sender finds the packed compressed payloads at `table_cap` onwards, in
+    // record order.
+    Encoded {
+        table_len,
+        records,
+        zero_blocks,
+        data_blocks,
+        logical_bytes: logical,
+        ..blank()
+    }
+}
+
+static ZERO_PAD: [u8; PAYLOAD_ALIGN] = [0; PAYLOAD_ALIGN];
+
+fn sender_loop<W: Write>(
+    cfg: &PipelineConfig,
+    mut from_workers: Vec<spsc::Consumer<Encoded>>,
+    input_return: &mut PoolReturn,
+    output_returns: &mut [PoolReturn],
+    writer: &mut FrameWriter<W>,
+    stats: &mut PipelineStats,
+    failure: &Failure,
+) -> Result<(), SourceError> {
+    let table_cap = table_capacity(cfg);
+    let workers = from_workers.len();
+    let mut next = 0usize;
+    let mut parts: Vec<&[u8]> = Vec::with_capacity(2 * (cfg.io_size / cfg.block_size) + 4);
+    loop {
+        let Some(msg) = from_workers[next].pop_wait() else {
+            // The rotation reached an abandoned ring: every message was consumed.
+            break;
+        };
+        let w = next;
+        next = (next + 1) % workers;
+        if failure.stopped() {
+            return Err(SourceError::Aborted);
+        }
+        let sent = {
+            // `parts` borrows from `msg`; reuse its allocation across frames by
+            // re-typing the empty vector to this iteration's lifetime.
+            let mut scoped: Vec<&[u8]> = std::mem::take(&mut parts).into_iter().map(|_| &[][..]).collect();
+            scoped.clear();
+            let r = send_encoded(cfg, &msg, table_cap, writer, &mut scoped);
+            scoped.clear();
+            parts = scoped.into_iter().map(|_| &[][..]).collect();
+            r
+        };
+        if let Some(s) = msg.input {
+            input_return.release(s);
+        }
+        if let Some(s) = msg.output {
+            output_returns[w].release(s);
+        }
+        let bytes = sent?;
+        stats.bytes_sent += bytes as u64;
+        stats.zero_blocks += msg.zero_blocks;
+        stats.blocks_sent += msg.data_blocks;
+        stats.bytes_payload_logical += msg.logical_bytes;
+        if let PlanItem::Read { len, .. } = msg.item {
+            stats.bytes_read += len as u64;
+        }
+    }
+    Ok(())
+}
+
+/// Sends the frame for one message; returns the bytes put on the socket.
+fn send_encoded<'a, W: Write>(
+    cfg: &PipelineConfig,
+    msg: &'a Encoded,
+    table_cap: usize,
+    writer: &mut FrameWriter<W>,
+    parts: &mut Vec<&'a [u8]>,
+) -> Result<usize, SourceError> {
+    const HEADER: usize = crate::protocol::FRAME_HEADER_LEN;
+    match (msg.item, cfg.output) {
+        (PlanItem::ZeroRun { disk, offset, len }, Output::Data) => {
+            let run = DiskRun {
+                disk: disk.into(),
+                reserved: 0.into(),
+                start: offset.into(),
+                count: len.into(),
+            };
+            writer.send(FrameKind::Zero, &[run.as_bytes()])?;
+            Ok(HEADER + run.as_bytes().len())
+        }
+        (PlanItem::ZeroRun { disk, offset, len }, Output::Hashes) => {
+            let bs = cfg.block_size as u64;
+            let run = DiskRun {
+                disk: disk.into(),
+                reserved: 0.into(),
+                start: (offset / bs).into(),
+                count: len.div_ceil(bs).into(),
+            };
+            writer.send(FrameKind::HashZeroRun, &[run.as_bytes()])?;
+            Ok(HEADER + run.as_bytes().len())
+        }
+        (PlanItem::Read { .. }, _) if msg.records == 0 => Ok(0),
+        (PlanItem::Read { .. }, Output::Hashes) => {
+            let out = msg.output.as_ref().expect("hash messages carry an output slot");
+            writer.send(FrameKind::Hashes, &[&out.as_slice()[..msg.table_len]])?;
+            Ok(HEADER + msg.table_len)
+        }
+        (PlanItem::Read { .. }, Output::Data) => {
+            let out = msg.output.as_ref().expect("data messages carry an output slot").as_slice();
+            let input = msg.input.as_ref().expect("data messages carry an input slot").as_slice();
+            parts.push(&out[..msg.table_len]);
+            let hlen = core::mem::size_of::<DataHeader>();
+            let mut cursor = msg.table_len;
+            let mut packed = table_cap;
+            let chunk_offset = match msg.item {
+                PlanItem::Read { offset, .. } => offset,
+                PlanItem::ZeroRun { .. } => unreachable!(),
+            };
+            // (index in parts, start, end in the input slot) of the last raw piece.
+            let mut raw_run: Option<(usize, usize, usize)> = None;
+            for r in 0..msg.records {
+                let at = hlen + r * BLOCK_RECORD_LEN;
+                let rec = BlockRecord::ref_from_bytes(&out[at..at + BLOCK_RECORD_LEN])
+                    .expect("record slice has the record's size");
+                let stored = rec.stored_len.get() as usize;
+                let codec = Codec::from_u8(rec.codec);
+                let mut piece_start = usize::MAX;
+                let piece: &[u8] = match codec {
+                    Some(Codec::Raw) => {
+                        piece_start = (rec.offset.get() - chunk_offset) as usize;
+                        &input[piece_start..piece_start + stored]
+                    }
+                    Some(Codec::Zstd) => {
+                        let p = &out[packed..packed + stored];
+                        packed += stored;
+                        p
+                    }
+                    _ => continue,
+                };
+                let at_frame = rec.payload_offset.get() as usize;
+                debug_assert!(at_frame >= cursor && at_frame - cursor < PAYLOAD_ALIGN);
+                if at_frame > cursor {
+                    parts.push(&ZERO_PAD[..at_frame - cursor]);
+                    raw_run = None;
+                }
+                // Adjacent raw blocks are adjacent in the input slot too: send them as
+                // one piece.
+                match (raw_run, codec) {
+                    (Some((idx, start, end)), Some(Codec::Raw))
+                        if at_frame == cursor && piece_start == end =>
+                    {
+                        let new_end = end + stored;
+                        parts[idx] = &input[start..new_end];
+                        raw_run = Some((idx, start, new_end));
+                    }
+                    _ => {
+                        parts.push(piece);
+                        raw_run = (codec == Some(Codec::Raw))
+                            .then_some((parts.len() - 1, piece_start, piece_start + stored));
+                    }
+                }
+                cursor = at_frame + stored;
+            }
+            writer.send(FrameKind::Data, parts)?;
+            Ok(HEADER + cursor)
+        }
+    }
+}

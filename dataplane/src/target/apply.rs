@@ -1,0 +1,316 @@
+//! The applier: writes verified frames to the replica disks with the I/O engine.
+//!
+//! It receives frames whose every block was already verified, in the order they
+//! arrived, and writes each block from wherever the verifier left it — straight from
+//! the receive buffer when aligned, else from the scratch buffer. A frame's buffers go
+//! back to their pools when its last write completed. A barrier (commit) drains every
+//! write and fsyncs every disk before it answers.
+
+use std::os::fd::RawFd;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+
+use ringbuf::pool::{PoolReturn, Slot};
+use ringbuf::spsc;
+
+use super::verify::{records, Place, Placer};
+use crate::buffers::SlotView;
+use crate::io::{self, BlockEngine, Completion, Disk, DiskId, EngineKind, IoError};
+
+/// Work for the applier, in arrival order.
+pub enum ApplyMsg {
+    /// A verified data frame: its payload is in `recv`, decompressed or realigned
+    /// blocks in `scratch`.
+    Data {
+        disk: u32,
+        recv: Slot,
+        scratch: Option<Slot>,
+    },
+    /// Make a byte range read back as zeros.
+    Zero { disk: u32, offset: u64, len: u64 },
+    /// Drain, fsync every disk, answer with the bytes applied so far.
+    Barrier {
+        reply: mpsc::SyncSender<Result<u64, String>>,
+    },
+}
+
+/// The replica disks of a session as the applier sees them.
+pub struct ApplyDisks<'a> {
+    pub disks: &'a [Disk],
+    /// A buffered handle per disk for the rare write O_DIRECT cannot do (a disk whose
+    /// size is not a multiple of 512 bytes ends in a partial sector).
+    pub buffered: &'a [std::fs::File],
+    pub names: &'a [String],
+}
+
+struct InFlightFrame {
+    recv: Slot,
+    scratch: Option<Slot>,
+    pending: usize,
+}
+
+/// Runs until the session drops its end of the ring. Slots are released to their
+/// pools here, and only here.
+#[allow(clippy::too_many_arguments)]
+pub fn applier_loop(
+    kind: EngineKind,
+    queue_depth: usize,
+    disks: ApplyDisks<'_>,
+    iovecs: &crate::buffers::IovecTable,
+    recv_slots: usize,
+    mut rx: spsc::Consumer<ApplyMsg>,
+    mut recv_return: PoolReturn,
+    mut scratch_return: PoolReturn,
+    failed: &AtomicBool,
+) {
+    let fds: Vec<RawFd> = disks.disks.iter().map(|d| d.fd()).collect();
+    // SAFETY: the session owns both pools for longer than this function runs, and the
+    // engine is dropped before this function returns; slot memory is reached only
+    // through slots and views of slots held in `frames` while in flight.
+    let fixed = unsafe { iovecs.fixed() };
+    let mut engine = match io::open_engine::<SlotView>(kind, queue_depth, &fds, Some(fixed)) {
+        Ok(e) => e,
+        Err(e) => {
+            failed.store(true, Ordering::Release);
+            fail_everything(&mut rx, &mut recv_return, &mut scratch_return, &format!("cannot start the I/O engine: {e}"));
+            return;
+        }
+    };
+    // Frames in flight, indexed by their receive slot's index: unique while in flight,
+    // and bounded by the receive pool, so the table never grows.
+    let mut frames: Vec<Option<InFlightFrame>> = (0..recv_slots).map(|_| None).collect();
+    let mut completions: Vec<Completion<SlotView>> = Vec::with_capacity(queue_depth);
+    let mut error: Option<String> = None;
+    let mut applied: u64 = 0;
+    let scratch_base = recv_slots as u16;
+
+    let reap = |engine: &mut io::Engine<SlotView>,
+                    min: usize,
+                    frames: &mut Vec<Option<InFlightFrame>>,
+                    completions: &mut Vec<Completion<SlotView>>,
+                    error: &mut Option<String>,
+                    recv_return: &mut PoolReturn,
+                    scratch_return: &mut PoolReturn| {
+        completions.clear();
+        if let Err(e) = engine.wait(min, completions) {
+            error.get_or_insert_with(|| format!("I/O engine failed: {e}"));
+            failed.store(true, Ordering::Release);
+            return;
+        }
+        for c in completions.drain(..) {
+            if let Err(e) = &c.result {
+                error.get_or_insert_with(|| format!("replica write failed: {e}"));
+                failed.store(true, Ordering::Release);
+            }
+            drop(c.buf);
+            let entry = frames[c.tag as usize].as_mut().expect("completion for a frame in flight");
+            entry.pending -= 1;
+            if entry.pending == 0 {
+                let f = frames[c.tag as usize].take().expect("checked above");
+                recv_return.release(f.recv);
+                if let Some(s) = f.scratch {
+                    scratch_return.release(s);
+                }
+            }
+        }
+    };
+
+    loop {
+        // With writes in flight, completions must be reaped even when no new work
+        // arrives: they return the receive buffers the session is waiting for.
+        let msg = if engine.in_flight() > 0 {
+            match rx.pop() {
+                Some(m) => m,
+                None if rx.is_abandoned() && rx.is_empty() => break,
+                None => {
+                    reap(&mut engine, 1, &mut frames, &mut completions, &mut error, &mut recv_return, &mut scratch_return);
+                    continue;
+                }
+            }
+        } else {
+            match rx.pop_wait() {
+                Some(m) => m,
+                None => break,
+            }
+        };
+        match msg {
+            ApplyMsg::Data { disk, mut recv, mut scratch } => {
+                if error.is_some() {
+                    recv_return.release(recv);
+                    if let Some(s) = scratch {
+                        scratch_return.release(s);
+                    }
+                    continue;
+                }
+                let tag = recv.index() as usize;
+                // Collect the writes first (coalescing neighbours), then submit.
+                let mut writes: [(Place, u64, usize); 64] = [(Place::Zero, 0, 0); 64];
+                let mut nwrites = 0usize;
+                let mut spill: Vec<(Place, u64, usize)> = Vec::new();
+                let mut zeros: Vec<(u64, u64)> = Vec::new();
+                {
+                    let payload = recv.as_slice();
+                    let (_, recs) = records(payload).expect("the session verified this frame");
+                    let mut placer = Placer::new();
+                    let mut last: Option<(Place, u64, usize)> = None;
+                    for rec in recs {
+                        let place = placer.place(rec);
+                        let offset = rec.offset.get();
+                        let len = rec.length.get() as usize;
+                        applied += len as u64;
+                        if place == Place::Zero {
+                            zeros.push((offset, len as u64));
+                            continue;
+                        }
+                        if let Some((p, o, l)) = last.as_mut() {
+                            let contiguous = *o + *l as u64 == offset
+                                && match (*p, place) {
+                                    (Place::Recv(a), Place::Recv(b)) | (Place::Scratch(a), Place::Scratch(b)) => a + *l == b,
+                                    _ => false,
+                                }
+                                && *l % 4096 == 0;
+                            if contiguous {
+                                *l += len;
+                                continue;
+                            }
+                            let w = (*p, *o, *l);
+                            if nwrites < writes.len() {
+                                writes[nwrites] = w;
+                                nwrites += 1;
+                            } else {
+                                spill.push(w);
+                            }
+                        }
+                        last = Some((place, offset, len));
+                    }
+                    if let Some(w) = last {
+                        if nwrites < writes.len() {
+                            writes[nwrites] = w;
+                            nwrites += 1;
+                        } else {
+                            spill.push(w);
+                        }
+                    }
+                }
+                for (offset, len) in zeros {
+                    if let Err(e) = disks.disks[disk as usize].zero_range(offset, len) {
+                        error.get_or_insert_with(|| format!("disk {}: {e}", disks.names[disk as usize]));
+                        failed.store(true, Ordering::Release);
+                    }
+                }
+                let all = writes[..nwrites].iter().chain(spill.iter());
+                let mut pending = 0usize;
+                for &(place, offset, len) in all {
+                    let (slot, at, base) = match place {
+                        Place::Recv(at) => (&mut recv, at, 0u16),
+                        Place::Scratch(at) => (scratch.as_mut().expect("scratch placement without a scratch slot"), at, scratch_base),
+                        Place::Zero => unreachable!("zero blocks are not written"),
+                    };
+                    let d = &disks.disks[disk as usize];
+                    if d.is_direct() && len % 512 != 0 {
+                        // The partial sector at the end of an odd-sized disk.
+                        let bytes = &slot.as_slice()[at..at + len];
+                        if let Err(e) = disks.buffered[disk as usize].write_all_at(bytes, offset) {
+                            error.get_or_insert_with(|| format!("disk {}: write at {offset}: {e}", disks.names[disk as usize]));
+                            failed.store(true, Ordering::Release);
+                        }
+                        continue;
+                    }
+                    // SAFETY: the slot is moved into `frames[tag]` below, before any
+                    // completion can be reaped, and is released only once `pending`
+                    // reaches zero — after the last write using this view completed.
+                    let view = unsafe { SlotView::new(slot, at, len, base) };
+                    let mut view = Some(view);
+                    loop {
+                        if engine.in_flight() >= engine.queue_depth() {
+                            reap(&mut engine, 1, &mut frames, &mut completions, &mut error, &mut recv_return, &mut scratch_return);
+                        }
+                        match engine.submit_write(DiskId(disk), view.take().expect("view present"), offset, len as u32, tag as u64) {
+                            Ok(()) => {
+                                pending += 1;
+                                break;
+                            }
+                            Err((IoError::QueueFull { .. }, v)) => view = Some(v),
+                            Err((e, _v)) => {
+                                error.get_or_insert_with(|| format!("disk {}: {e}", disks.names[disk as usize]));
+                                failed.store(true, Ordering::Release);
+                                break;
+                            }
+                        }
+                    }
+                }
+                if pending == 0 {
+                    recv_return.release(recv);
+                    if let Some(s) = scratch {
+                        scratch_return.release(s);
+                    }
+                } else {
+                    frames[tag] = Some(InFlightFrame { recv, scratch, pending });
+                }
+            }
+            ApplyMsg::Zero { disk, offset, len } => {
+                if error.is_none() {
+                    match disks.disks[disk as usize].zero_range(offset, len) {
+                        Ok(()) => applied += len,
+                        Err(e) => {
+                            error.get_or_insert_with(|| format!("disk {}: {e}", disks.names[disk as usize]));
+                            failed.store(true, Ordering::Release);
+                        }
+                    }
+                }
+            }
+            ApplyMsg::Barrier { reply } => {
+                while engine.in_flight() > 0 && !failed.load(Ordering::Acquire) {
+                    reap(&mut engine, 1, &mut frames, &mut completions, &mut error, &mut recv_return, &mut scratch_return);
+                }
+                if error.is_none() {
+                    for (d, name) in disks.disks.iter().zip(disks.names) {
+                        if let Err(e) = d.sync_data() {
+                            error = Some(format!("disk {name}: {e}"));
+                            failed.store(true, Ordering::Release);
+                            break;
+                        }
+                    }
+                }
+                let _ = reply.send(match &error {
+                    None => Ok(applied),
+                    Some(e) => Err(e.clone()),
+                });
+            }
+        }
+    }
+    // Reap everything before the buffers can go away.
+    while engine.in_flight() > 0 {
+        let before = engine.in_flight();
+        reap(&mut engine, 1, &mut frames, &mut completions, &mut error, &mut recv_return, &mut scratch_return);
+        if engine.in_flight() == before && error.is_some() {
+            // The engine itself failed; waiting again would not help. Leak the slots
+            // rather than free memory the kernel may still write.
+            std::mem::forget(frames);
+            return;
+        }
+    }
+}
+
+fn fail_everything(
+    rx: &mut spsc::Consumer<ApplyMsg>,
+    recv_return: &mut PoolReturn,
+    scratch_return: &mut PoolReturn,
+    why: &str,
+) {
+    while let Some(msg) = rx.pop_wait() {
+        match msg {
+            ApplyMsg::Data { recv, scratch, .. } => {
+                recv_return.release(recv);
+                if let Some(s) = scratch {
+                    scratch_return.release(s);
+                }
+            }
+            ApplyMsg::Zero { .. } => {}
+            ApplyMsg::Barrier { reply } => {
+                let _ = reply.send(Err(why.to_string()));
+            }
+        }
+    }
+}

@@ -1,0 +1,221 @@
+//! The target writer: accepts authenticated sources, verifies every block and applies
+//! it to the configured replica disks, acknowledging an epoch only once it is durable.
+//!
+//! One thread per session receives and verifies frames; an applier thread per session
+//! writes verified blocks with io_uring. Nothing reaches a replica before its frame's
+//! checksum, every record's bounds and every block's hash were checked.
+
+mod apply;
+mod session;
+pub mod state;
+mod verify;
+
+use std::collections::HashSet;
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::config::Config;
+use crate::io::{EngineKind, IoError};
+use crate::psk::Psk;
+use crate::protocol::{ErrorCode, FrameWriter, ProtocolError};
+
+/// One replica disk the target may write.
+#[derive(Debug, Clone)]
+pub struct TargetDisk {
+    pub name: String,
+    pub path: PathBuf,
+}
+
+/// A fully resolved target configuration (built from the config by the CLI).
+#[derive(Debug, Clone)]
+pub struct TargetJob {
+    pub listen: String,
+    pub psk: [u8; 32],
+    pub state_dir: PathBuf,
+    pub disks: Vec<TargetDisk>,
+    pub queue_depth: usize,
+    pub engine: EngineKind,
+    pub io_timeout: Duration,
+    pub max_sessions: usize,
+}
+
+impl TargetJob {
+    /// Resolves the target job from the `[target]` section and the disks of `config`.
+    pub fn from_config(config: &Config) -> Result<Self, TargetError> {
+        let target = config
+            .require_target("target")
+            .map_err(|e| TargetError::Internal(e.to_string()))?;
+        let psk = Psk::load(&target.psk_file).map_err(|e| TargetError::Internal(chain(&e)))?;
+        Ok(TargetJob {
+            listen: target.listen.to_string(),
+            psk: *psk.as_bytes(),
+            state_dir: target.state_dir.clone(),
+            disks: config
+                .disks
+                .iter()
+                .map(|d| TargetDisk {
+                    name: d.name.clone(),
+                    path: d.path.clone(),
+                })
+                .collect(),
+            queue_depth: target.queue_depth as usize,
+            engine: target.io_engine.into(),
+            io_timeout: target.io_timeout(),
+            max_sessions: target.max_sessions as usize,
+        })
+    }
+}
+
+/// Why a session (or the listener) stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum TargetError {
+    #[error("cannot listen on {addr}")]
+    Listen {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Protocol(#[from] ProtocolError),
+    /// The peer sent something we refuse; the peer was told `message`.
+    #[error("{message}")]
+    Rejected { code: ErrorCode, message: String },
+    #[error("disk {disk}: replica I/O failed")]
+    Io {
+        disk: String,
+        #[source]
+        source: IoError,
+    },
+    #[error("state {path}: {problem}")]
+    State { path: PathBuf, problem: String },
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl TargetError {
+    pub(crate) fn reject(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self::Rejected {
+            code,
+            message: message.into(),
+        }
+    }
+
+    fn code(&self) -> ErrorCode {
+        match self {
+            Self::Rejected { code, .. } => *code,
+            Self::Protocol(p) => p.code(),
+            Self::Io { .. } => ErrorCode::Io,
+            _ => ErrorCode::Internal,
+        }
+    }
+}
+
+/// State shared by every session of one target process.
+pub(crate) struct Shared {
+    pub job: TargetJob,
+    /// Disks held by a live session: a replica has one writer at a time.
+    pub busy: Mutex<HashSet<String>>,
+    pub sessions: AtomicUsize,
+}
+
+/// A bound, not yet serving, target. Split from [`Target::serve`] so callers (tests,
+/// the demo) can learn the port before serving.
+pub struct Target {
+    listener: TcpListener,
+    shared: Arc<Shared>,
+}
+
+impl Target {
+    pub fn bind(job: TargetJob) -> Result<Self, TargetError> {
+        crate::durable::ensure_dir(&job.state_dir).map_err(|e| TargetError::State {
+            path: job.state_dir.clone(),
+            problem: e.to_string(),
+        })?;
+        let listener = TcpListener::bind(&job.listen).map_err(|e| TargetError::Listen {
+            addr: job.listen.clone(),
+            source: e,
+        })?;
+        Ok(Self {
+            listener,
+            shared: Arc::new(Shared {
+                job,
+                busy: Mutex::new(HashSet::new()),
+                sessions: AtomicUsize::new(0),
+            }),
+        })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Serves sessions until the process ends. Each session runs on its own thread; a
+    /// failed session is logged and never takes the listener down.
+    pub fn serve(self) -> Result<(), TargetError> {
+        tracing::info!(
+            "target listening on {} for {} disk(s)",
+            self.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+            self.shared.job.disks.len()
+        );
+        for conn in self.listener.incoming() {
+            let stream = match conn {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!("accept failed: {e}");
+                    continue;
+                }
+            };
+            let peer = stream
+                .peer_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_else(|_| "?".into());
+            let shared = Arc::clone(&self.shared);
+            let peer_for_thread = peer.clone();
+            let active = shared.sessions.fetch_add(1, Ordering::AcqRel);
+            if active >= shared.job.max_sessions {
+                shared.sessions.fetch_sub(1, Ordering::AcqRel);
+                tracing::warn!("{peer}: refused, {active} sessions already active");
+                FrameWriter::new(&stream).send_error(
+                    ErrorCode::Busy,
+                    &format!("target is at its limit of {} sessions", shared.job.max_sessions),
+                );
+                continue;
+            }
+            let spawned = std::thread::Builder::new()
+                .name(format!("ferry-session-{peer}"))
+                .spawn(move || {
+                    let peer = peer_for_thread;
+                    let result = session::run(&shared, stream);
+                    shared.sessions.fetch_sub(1, Ordering::AcqRel);
+                    match result {
+                        Ok(summary) => tracing::info!("{peer}: {summary}"),
+                        Err(e) => tracing::error!("{peer}: session failed: {}", chain(&e)),
+                    }
+                });
+            if let Err(e) = spawned {
+                tracing::error!("{peer}: cannot start a session thread: {e}");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Runs the target in the foreground.
+pub fn run(job: TargetJob) -> Result<(), TargetError> {
+    Target::bind(job)?.serve()
+}
+
+/// Formats an error with its sources, for logs.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

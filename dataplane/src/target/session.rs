@@ -1,0 +1,522 @@
+//! One source connection: handshake, open, then frames until commit or close.
+
+use std::io::BufReader;
+use std::net::TcpStream;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use filter_driver_shim::bitmap::{ChangedBlockBitmap, GenerationId};
+use ringbuf::pool::BufferPool;
+use ringbuf::spsc;
+use zerocopy::{FromBytes, IntoBytes};
+
+use super::apply::{applier_loop, ApplyDisks, ApplyMsg};
+use super::state::ReplicaRecord;
+use super::verify::{self, Geometry};
+use super::{Shared, TargetError};
+use crate::io::{Disk, ReplicaState};
+use crate::protocol::{
+    auth, block_hash, is_zero, Commit, Committed, DiskRun, ErrorCode, FrameKind, FrameReader,
+    FrameWriter, HashesHeader, OpenDisk, OpenDiskReply, OpenHeader, SyncMode,
+    MAX_DISKS_PER_SESSION, MAX_FRAME_PAYLOAD, MAX_NAME_LEN, REPLICA_CREATED, REPLICA_EXISTING,
+    ZERO_BLOCK_HASH,
+};
+
+/// Receive buffers per session: frames in flight between the socket and the disks.
+/// Eight 4 MiB frames keep a fast disk busy while bounding a session to ~66 MiB.
+const RECV_SLOTS: usize = 8;
+/// Scratch buffers (decompression, realignment), one per receive buffer at most.
+const SCRATCH_SLOTS: usize = RECV_SLOTS;
+/// Depth of the session → applier ring; every message but barriers holds a receive
+/// slot, so the pool bounds it anyway.
+const APPLY_RING_DEPTH: usize = 16;
+/// Runs per DiffRuns frame: 4096 × 24 bytes stays well under the frame limit.
+const DIFF_RUNS_PER_FRAME: usize = 4096;
+const _: () = assert!(DIFF_RUNS_PER_FRAME * 24 < MAX_FRAME_PAYLOAD);
+
+struct SessionDisk {
+    name: String,
+    geometry: Geometry,
+    mode: SyncMode,
+    generation: [u8; 16],
+    /// Blocks whose replica content differs from the source's hashes (seeded).
+    diff: Option<ChangedBlockBitmap>,
+}
+
+/// Releases the session's claim on its disks when the session ends, however it ends.
+struct BusyGuard<'a> {
+    shared: &'a Shared,
+    names: Vec<String>,
+}
+
+impl Drop for BusyGuard<'_> {
+    fn drop(&mut self) {
+        let mut busy = self.shared.busy.lock().unwrap_or_else(|p| p.into_inner());
+        for n in &self.names {
+            busy.remove(n);
+        }
+    }
+}
+
+pub fn run(shared: &Shared, stream: TcpStream) -> Result<String, TargetError> {
+    let job = &shared.job;
+    let _ = stream.set_nodelay(true);
+    stream
+        .set_read_timeout(Some(job.io_timeout))
+        .and_then(|_| stream.set_write_timeout(Some(job.io_timeout)))
+        .map_err(|e| TargetError::Internal(format!("socket setup: {e}")))?;
+    let read_half = stream
+        .try_clone()
+        .map_err(|e| TargetError::Internal(format!("socket setup: {e}")))?;
+    let mut reader = FrameReader::new(BufReader::with_capacity(64 << 10, read_half));
+    let mut writer = FrameWriter::new(stream);
+    auth::server_handshake(&mut reader, &mut writer, &job.psk)?;
+
+    let result = serve(shared, &mut reader, &mut writer);
+    if let Err(e) = &result {
+        // Tell the source why, unless it was the source that went away.
+        if !matches!(e, TargetError::Protocol(crate::protocol::ProtocolError::Remote { .. })) {
+            writer.send_error(e.code(), &super::chain(e));
+        }
+    }
+    result
+}
+
+fn serve<R: std::io::Read, W: std::io::Write>(
+    shared: &Shared,
+    reader: &mut FrameReader<R>,
+    writer: &mut FrameWriter<W>,
+) -> Result<String, TargetError> {
+    let job = &shared.job;
+    let mut control = vec![0u8; 64 << 10];
+    let payload = reader.expect(FrameKind::Open, &mut control)?;
+    let (epoch, mut disks, guard) = open(shared, payload)?;
+    let _guard = guard;
+    let replies: Vec<OpenDiskReply> = disks
+        .iter()
+        .map(|(_, created, record)| OpenDiskReply {
+            state: if *created { REPLICA_CREATED } else { REPLICA_EXISTING },
+            reserved: [0; 7],
+            generation: record
+                .as_ref()
+                .and_then(|r| crate::source::parse_hex16(&r.generation).ok())
+                .unwrap_or([0; 16]),
+            epoch: record.as_ref().map_or(0, |r| r.epoch).into(),
+        })
+        .collect();
+    writer.send(FrameKind::OpenOk, &[replies.as_bytes()])?;
+    // The replica handles are shared with the applier (which writes) and the hash
+    // compare (which reads through the buffered handles); the rest is session state.
+    let mut disk_handles = Vec::with_capacity(disks.len());
+    let mut buffered = Vec::with_capacity(disks.len());
+    let mut meta = Vec::with_capacity(disks.len());
+    for (d, _, _) in disks.drain(..) {
+        disk_handles.push(d.0);
+        buffered.push(d.1);
+        meta.push(d.2);
+    }
+    let mut disks: Vec<SessionDisk> = meta;
+
+    let (mut recv_alloc, recv_return) =
+        BufferPool::new(MAX_FRAME_PAYLOAD, RECV_SLOTS).map_err(|e| TargetError::Internal(e.to_string()))?;
+    let (mut scratch_alloc, scratch_return) =
+        BufferPool::new(MAX_FRAME_PAYLOAD, SCRATCH_SLOTS).map_err(|e| TargetError::Internal(e.to_string()))?;
+    let mut iovecs = crate::buffers::IovecTable::new();
+    iovecs.push_pool(recv_alloc.region());
+    iovecs.push_pool(scratch_alloc.region());
+    let (mut tx, rx) = spsc::channel::<ApplyMsg>(APPLY_RING_DEPTH);
+    let failed = AtomicBool::new(false);
+    let names: Vec<String> = disks.iter().map(|d| d.name.clone()).collect();
+    let geometries: Vec<Geometry> = disks.iter().map(|d| d.geometry).collect();
+    let mut decompressor =
+        zstd::bulk::Decompressor::new().map_err(|e| TargetError::Internal(format!("zstd: {e}")))?;
+
+    let mut summary = String::new();
+    std::thread::scope(|scope| -> Result<(), TargetError> {
+        let failed_ref = &failed;
+        let apply_disks = ApplyDisks { disks: &disk_handles, buffered: &buffered, names: &names };
+        let iovecs_ref = &iovecs;
+        let applier = std::thread::Builder::new()
+            .name("ferry-applier".into())
+            .spawn_scoped(scope, move || {
+                applier_loop(
+                    job.engine,
+                    job.queue_depth,
+                    apply_disks,
+                    iovecs_ref,
+                    RECV_SLOTS,
+                    rx,
+                    recv_return,
+                    scratch_return,
+                    failed_ref,
+                )
+            })
+            .map_err(|e| TargetError::Internal(format!("cannot start the applier: {e}")))?;
+
+        let result = (|| -> Result<(), TargetError> {
+            loop {
+                if failed.load(Ordering::Acquire) {
+                    // The applier failed; the barrier below reports why.
+                    let (reply, answer) = mpsc::sync_channel(1);
+                    let _ = tx.push_wait(ApplyMsg::Barrier { reply });
+                    let why = answer.recv().ok().and_then(|r| r.err()).unwrap_or_default();
+                    return Err(TargetError::reject(ErrorCode::Io, why));
+                }
+                let Some(incoming) = reader.next_header()? else {
+                    return Err(TargetError::reject(
+                        ErrorCode::Protocol,
+                        "source closed the connection before committing",
+                    ));
+                };
+                match incoming.kind {
+                    FrameKind::Data => {
+                        let mut recv = recv_alloc.alloc_wait().ok_or_else(|| TargetError::Internal("applier gone".into()))?;
+                        let payload_len = incoming.payload_len;
+                        reader.read_payload(&incoming, recv.as_mut_slice())?;
+                        let payload = &recv.as_slice()[..payload_len];
+                        let mut scratch = if verify::needs_scratch(payload)? {
+                            Some(scratch_alloc.alloc_wait().ok_or_else(|| TargetError::Internal("applier gone".into()))?)
+                        } else {
+                            None
+                        };
+                        let (disk, _) = verify::verify_data(
+                            payload,
+                            &geometries,
+                            &names,
+                            scratch.as_mut().map(|s| s.as_mut_slice()),
+                            &mut decompressor,
+                        )?;
+                        tx.push_wait(ApplyMsg::Data { disk, recv, scratch })
+                            .map_err(|_| TargetError::Internal("applier gone".into()))?;
+                    }
+                    FrameKind::Zero => {
+                        let payload = reader.read_payload(&incoming, &mut control)?;
+                        let run = DiskRun::read_from_bytes(payload).map_err(|_| {
+                            TargetError::reject(ErrorCode::Protocol, "zero frame has the wrong length")
+                        })?;
+                        let disk = run.disk.get();
+                        let g = geometries.get(disk as usize).ok_or_else(|| {
+                            TargetError::reject(ErrorCode::UnknownDisk, format!("zero frame names disk #{disk}, the session opened {}", geometries.len()))
+                        })?;
+                        let (offset, len) = (run.start.get(), run.count.get());
+                        if offset % g.block_size != 0
+                            || offset.checked_add(len).is_none_or(|end| end > g.disk_size)
+                        {
+                            return Err(TargetError::reject(
+                                ErrorCode::OutOfRange,
+                                format!(
+                                    "disk {}: zero range at {offset} of {len} bytes is outside the disk ({} bytes) or unaligned",
+                                    names[disk as usize], g.disk_size
+                                ),
+                            ));
+                        }
+                        tx.push_wait(ApplyMsg::Zero { disk, offset, len })
+                            .map_err(|_| TargetError::Internal("applier gone".into()))?;
+                    }
+                    FrameKind::Hashes => {
+                        let payload = reader.read_payload(&incoming, control_big(&mut control))?;
+                        compare_hashes(&mut disks, &buffered, payload)?;
+                    }
+                    FrameKind::HashZeroRun => {
+                        let payload = reader.read_payload(&incoming, &mut control)?;
+                        let run = DiskRun::read_from_bytes(payload).map_err(|_| {
+                            TargetError::reject(ErrorCode::Protocol, "hash zero run frame has the wrong length")
+                        })?;
+                        compare_zero_run(&mut disks, &buffered, &run)?;
+                    }
+                    FrameKind::HashesDone => {
+                        reader.read_payload(&incoming, &mut control)?;
+                        send_diff(&disks, writer)?;
+                    }
+                    FrameKind::Commit => {
+                        let payload = reader.read_payload(&incoming, &mut control)?;
+                        let commit = Commit::read_from_bytes(payload).map_err(|_| {
+                            TargetError::reject(ErrorCode::Protocol, "commit frame has the wrong length")
+                        })?;
+                        if commit.epoch.get() != epoch {
+                            return Err(TargetError::reject(
+                                ErrorCode::Protocol,
+                                format!("commit of epoch {} in a session opened for epoch {epoch}", commit.epoch.get()),
+                            ));
+                        }
+                        let (reply, answer) = mpsc::sync_channel(1);
+                        tx.push_wait(ApplyMsg::Barrier { reply })
+                            .map_err(|_| TargetError::Internal("applier gone".into()))?;
+                        let applied = answer
+                            .recv()
+                            .map_err(|_| TargetError::Internal("applier gone".into()))?
+                            .map_err(|why| TargetError::reject(ErrorCode::Io, why))?;
+                        let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+                        for d in &disks {
+                            ReplicaRecord {
+                                generation: crate::source::hex16(&d.generation),
+                                epoch,
+                                disk_size: d.geometry.disk_size,
+                                committed_unix_s: now,
+                            }
+                            .save(&job.state_dir, &d.name)?;
+                        }
+                        writer.send(
+                            FrameKind::Committed,
+                            &[Committed { epoch: epoch.into(), bytes_applied: applied.into() }.as_bytes()],
+                        )?;
+                        writer.flush()?;
+                        summary = format!(
+                            "epoch {epoch} durable on {} disk(s) ({}), {applied} bytes applied",
+                            disks.len(),
+                            names.join(", ")
+                        );
+                        return Ok(());
+                    }
+                    other => {
+                        return Err(TargetError::reject(
+                            ErrorCode::Protocol,
+                            format!("unexpected {other:?} frame during replication"),
+                        ))
+                    }
+                }
+            }
+        })();
+        drop(tx);
+        let _ = applier.join();
+        result
+    })?;
+    Ok(summary)
+}
+
+/// The control buffer, grown to the frame limit for hash frames (once per session).
+fn control_big(control: &mut Vec<u8>) -> &mut Vec<u8> {
+    if control.len() < MAX_FRAME_PAYLOAD {
+        control.resize(MAX_FRAME_PAYLOAD, 0);
+    }
+    control
+}
+
+type Opened = ((Disk, std::fs::File, SessionDisk), bool, Option<ReplicaRecord>);
+
+fn open<'s>(shared: &'s Shared, payload: &[u8]) -> Result<(u64, Vec<Opened>, BusyGuard<'s>), TargetError> {
+    let job = &shared.job;
+    let proto = |m: String| TargetError::reject(ErrorCode::Protocol, m);
+    let (header, rest) =
+        OpenHeader::ref_from_prefix(payload).map_err(|_| proto("open frame shorter than its header".into()))?;
+    let count = header.disk_count.get() as usize;
+    if count == 0 || count > MAX_DISKS_PER_SESSION {
+        return Err(proto(format!("open names {count} disks; 1..={MAX_DISKS_PER_SESSION} allowed")));
+    }
+    let entries = <[OpenDisk]>::ref_from_bytes(rest)
+        .ok()
+        .filter(|e| e.len() == count)
+        .ok_or_else(|| proto("open frame length does not match its disk count".into()))?;
+    let epoch = header.epoch.get();
+
+    // Claim the disks first so two sources never write one replica.
+    let mut names = Vec::with_capacity(count);
+    for e in entries {
+        let len = e.name_len as usize;
+        let name = (len <= MAX_NAME_LEN)
+            .then(|| std::str::from_utf8(&e.name[..len]).ok())
+            .flatten()
+            .ok_or_else(|| proto("disk name is not valid UTF-8 or too long".into()))?;
+        if !job.disks.iter().any(|d| d.name == name) {
+            return Err(TargetError::reject(
+                ErrorCode::UnknownDisk,
+                format!("unknown disk {name:?}: this target is configured for {}", job.disks.iter().map(|d| d.name.as_str()).collect::<Vec<_>>().join(", ")),
+            ));
+        }
+        if names.iter().any(|n| n == name) {
+            return Err(proto(format!("disk {name:?} opened twice")));
+        }
+        names.push(name.to_string());
+    }
+    let guard = {
+        let mut busy = shared.busy.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = names.iter().find(|n| busy.contains(*n)) {
+            return Err(TargetError::reject(ErrorCode::Busy, format!("disk {n:?} is being replicated by another session")));
+        }
+        busy.extend(names.iter().cloned());
+        BusyGuard { shared, names: names.clone() }
+    };
+
+    let mut opened = Vec::with_capacity(count);
+    for (e, name) in entries.iter().zip(&names) {
+        let block_size = e.block_size.get() as u64;
+        if !block_size.is_power_of_two() || !(4096..=(1 << 20)).contains(&block_size) {
+            return Err(proto(format!("disk {name}: block size {block_size} is not a power of two in 4096..=1048576")));
+        }
+        let disk_size = e.disk_size.get();
+        if disk_size == 0 {
+            return Err(proto(format!("disk {name}: size is zero")));
+        }
+        let mode = SyncMode::from_u8(e.mode).ok_or_else(|| proto(format!("disk {name}: unknown sync mode {}", e.mode)))?;
+        let record = ReplicaRecord::load(&job.state_dir, name)?;
+        if mode == SyncMode::Changed {
+            let ok = record.as_ref().is_some_and(|r| {
+                crate::source::parse_hex16(&r.generation).ok() == Some(e.generation)
+                    && r.epoch == e.base_epoch.get()
+                    && r.disk_size == disk_size
+            });
+            if !ok {
+                let held = record.as_ref().map_or("no acknowledged epoch".to_string(), |r| {
+                    format!("epoch {} of lineage {}", r.epoch, r.generation)
+                });
+                return Err(TargetError::reject(
+                    ErrorCode::BaseMismatch,
+                    format!(
+                        "disk {name}: the change set is based on epoch {} of lineage {}, but the replica holds {held}; run a seeded sync (--mode seeded)",
+                        e.base_epoch.get(),
+                        crate::source::hex16(&e.generation)
+                    ),
+                ));
+            }
+        }
+        let path = &job.disks.iter().find(|d| &d.name == name).expect("checked above").path;
+        let (disk, state) = Disk::open_replica(path, disk_size).map_err(|source| {
+            let code = match source {
+                crate::io::IoError::ReplicaTooSmall { .. } | crate::io::IoError::ReplicaSizeMismatch { .. } => ErrorCode::ReplicaTooSmall,
+                _ => ErrorCode::Io,
+            };
+            TargetError::reject(code, format!("disk {name}: {}", super::chain(&source)))
+        })?;
+        let buffered = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(|e| TargetError::reject(ErrorCode::Io, format!("disk {name}: open {}: {e}", path.display())))?;
+        let diff = if mode == SyncMode::Seeded {
+            let gen = GenerationId::from_bytes(e.generation);
+            Some(ChangedBlockBitmap::new(disk_size, block_size as u32, gen, 0).map_err(|err| proto(format!("disk {name}: {err}")))?)
+        } else {
+            None
+        };
+        opened.push((
+            (
+                disk,
+                buffered,
+                SessionDisk {
+                    name: name.clone(),
+                    geometry: Geometry { disk_size, block_size },
+                    mode,
+                    generation: e.generation,
+                    diff,
+                },
+            ),
+            state == ReplicaState::Created,
+            record,
+        ));
+    }
+    Ok((epoch, opened, guard))
+}
+
+fn seeded<'a>(disks: &'a mut [SessionDisk], disk: u32, what: &str) -> Result<&'a mut SessionDisk, TargetError> {
+    disks
+        .get_mut(disk as usize)
+        .filter(|d| d.mode == SyncMode::Seeded)
+        .ok_or_else(|| TargetError::reject(ErrorCode::Protocol, format!("{what} for disk #{disk}, which is not being seeded")))
+}
+
+fn compare_hashes(disks: &mut [SessionDisk], files: &[std::fs::File], payload: &[u8]) -> Result<(), TargetError> {
+    let (header, hashes) = HashesHeader::ref_from_prefix(payload)
+        .map_err(|_| TargetError::reject(ErrorCode::Protocol, "hashes frame shorter than its header"))?;
+    let file = files.get(header.disk.get() as usize);
+    let d = seeded(disks, header.disk.get(), "hashes")?;
+    let file = file.expect("seeded() checked the index");
+    let bs = d.geometry.block_size;
+    let count = header.block_count.get() as u64;
+    let first = header.first_block.get();
+    let blocks = d.geometry.disk_size.div_ceil(bs);
+    if hashes.len() as u64 != count * 16 || first.checked_add(count).is_none_or(|end| end > blocks) || count * bs > verify::MAX_FRAME_LOGICAL as u64 {
+        return Err(TargetError::reject(
+            ErrorCode::OutOfRange,
+            format!("disk {}: hashes for blocks {first}+{count} do not fit the frame or the disk ({blocks} blocks)", d.name),
+        ));
+    }
+    let start = first * bs;
+    let len = ((first + count) * bs).min(d.geometry.disk_size) - start;
+    let mut buf = vec![0u8; len as usize];
+    file
+        .read_exact_at(&mut buf, start)
+        .map_err(|e| TargetError::reject(ErrorCode::Io, format!("disk {}: read at {start}: {e}", d.name)))?;
+    let diff = d.diff.as_mut().expect("seeded disks have a diff bitmap");
+    for (i, block) in buf.chunks(bs as usize).enumerate() {
+        let theirs = &hashes[i * 16..i * 16 + 16];
+        let ours = if is_zero(block) { ZERO_BLOCK_HASH } else { block_hash(block) };
+        if ours != theirs {
+            diff.set(first + i as u64)
+                .map_err(|e| TargetError::Internal(format!("diff bitmap: {e}")))?;
+        }
+    }
+    Ok(())
+}
+
+fn compare_zero_run(disks: &mut [SessionDisk], files: &[std::fs::File], run: &DiskRun) -> Result<(), TargetError> {
+    let file = files.get(run.disk.get() as usize);
+    let d = seeded(disks, run.disk.get(), "hash zero run")?;
+    let file = file.expect("seeded() checked the index");
+    let bs = d.geometry.block_size;
+    let blocks = d.geometry.disk_size.div_ceil(bs);
+    let (first, count) = (run.start.get(), run.count.get());
+    if first.checked_add(count).is_none_or(|end| end > blocks) {
+        return Err(TargetError::reject(
+            ErrorCode::OutOfRange,
+            format!("disk {}: zero run {first}+{count} is past the disk's {blocks} blocks", d.name),
+        ));
+    }
+    let end_byte = ((first + count) * bs).min(d.geometry.disk_size);
+    let mut pos = first * bs;
+    let fd = std::os::fd::AsRawFd::as_raw_fd(file);
+    let mut buf = vec![0u8; bs as usize];
+    while pos < end_byte {
+        // Skip what the replica itself holds as holes; read only its data.
+        // SAFETY: lseek on an fd we own has no memory effects.
+        let data = unsafe { libc::lseek(fd, pos as libc::off_t, libc::SEEK_DATA) };
+        let data = if data < 0 {
+            let err = std::io::Error::last_os_error();
+            if err.raw_os_error() == Some(libc::ENXIO) {
+                break; // nothing but hole up to the end of the file
+            }
+            pos // SEEK_DATA unsupported (block device): read everything
+        } else {
+            data as u64
+        };
+        if data >= end_byte {
+            break;
+        }
+        let block = data / bs;
+        let start = block * bs;
+        let len = bs.min(d.geometry.disk_size - start) as usize;
+        file
+            .read_exact_at(&mut buf[..len], start)
+            .map_err(|e| TargetError::reject(ErrorCode::Io, format!("disk {}: read at {start}: {e}", d.name)))?;
+        if !is_zero(&buf[..len]) {
+            d.diff
+                .as_mut()
+                .expect("seeded disks have a diff bitmap")
+                .set(block)
+                .map_err(|e| TargetError::Internal(format!("diff bitmap: {e}")))?;
+        }
+        pos = start + bs;
+    }
+    Ok(())
+}
+
+fn send_diff<W: std::io::Write>(disks: &[SessionDisk], writer: &mut FrameWriter<W>) -> Result<(), TargetError> {
+    let mut batch: Vec<DiskRun> = Vec::with_capacity(DIFF_RUNS_PER_FRAME);
+    for (i, d) in disks.iter().enumerate() {
+        let Some(diff) = &d.diff else { continue };
+        for (start, count) in diff.iter_runs() {
+            batch.push(DiskRun { disk: (i as u32).into(), reserved: 0.into(), start: start.into(), count: count.into() });
+            if batch.len() == DIFF_RUNS_PER_FRAME {
+                writer.send(FrameKind::DiffRuns, &[batch.as_bytes()])?;
+                batch.clear();
+            }
+        }
+    }
+    if !batch.is_empty() {
+        writer.send(FrameKind::DiffRuns, &[batch.as_bytes()])?;
+    }
+    writer.send(FrameKind::DiffDone, &[])?;
+    writer.flush()?;
+    Ok(())
+}

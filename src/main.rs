@@ -1,0 +1,178 @@
+//! `ferry`: the one binary. A thin layer: parse the command line, load the config,
+//! call into the crates, report.
+
+mod bench;
+mod demo;
+mod imagegen;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use dataplane::config::Config;
+use dataplane::source::{self, ModeRequest};
+
+#[derive(Parser)]
+#[command(name = "ferry", version, about = "Disaster-recovery block replication")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print a fresh pre-shared key (`ferry keygen > ferry.key`).
+    Keygen,
+    /// Run the target writer in the foreground.
+    Target {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Bring every configured disk's replica up to date, once; exit 0 only after the
+    /// target acknowledged it as durable.
+    Sync {
+        #[arg(long)]
+        config: PathBuf,
+        /// Print one JSON object summarising the run.
+        #[arg(long)]
+        json: bool,
+        /// How to sync: auto picks changed-block (bitmap present), full (new replica)
+        /// or seeded (existing replica).
+        #[arg(long, value_enum, default_value_t = Mode::Auto)]
+        mode: Mode,
+        /// A changed-block bitmap for a disk: NAME=FILE (repeatable).
+        #[arg(long = "bitmap", value_name = "NAME=FILE")]
+        bitmaps: Vec<String>,
+        /// Sync only these disks (repeatable; default: all).
+        #[arg(long = "disk", value_name = "NAME")]
+        disks: Vec<String>,
+    },
+    /// Show replication working end to end on sample disks, on loopback.
+    Demo,
+    /// Measure full-sync throughput on this machine.
+    Bench(bench::BenchArgs),
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Mode {
+    Auto,
+    Full,
+    Seeded,
+    Changed,
+}
+
+fn main() -> ExitCode {
+    init_logging();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Keygen => keygen(),
+        Command::Target { config } => target(&config),
+        Command::Sync {
+            config,
+            json,
+            mode,
+            bitmaps,
+            disks,
+        } => sync(&config, json, mode, &bitmaps, &disks),
+        Command::Demo => demo::run(),
+        Command::Bench(args) => bench::run(&args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("ferry: error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging() {
+    let level = match std::env::var("FERRY_LOG").as_deref() {
+        Ok("trace") => tracing::Level::TRACE,
+        Ok("debug") => tracing::Level::DEBUG,
+        Ok("warn") => tracing::Level::WARN,
+        Ok("error") => tracing::Level::ERROR,
+        _ => tracing::Level::INFO,
+    };
+    tracing_subscriber::fmt()
+        .with_max_level(level)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}
+
+/// Formats an error with its chain of sources.
+pub(crate) fn chain(e: &dyn std::error::Error) -> String {
+    dataplane::target::chain(e)
+}
+
+fn keygen() -> Result<(), String> {
+    let psk = dataplane::psk::Psk::generate().map_err(|e| chain(&e))?;
+    print!("{}", psk.to_file_string());
+    Ok(())
+}
+
+fn load(config: &std::path::Path) -> Result<Config, String> {
+    Config::load(config).map_err(|e| chain(&e))
+}
+
+fn target(config: &std::path::Path) -> Result<(), String> {
+    let cfg = load(config)?;
+    let job = dataplane::target::TargetJob::from_config(&cfg).map_err(|e| chain(&e))?;
+    dataplane::target::run(job).map_err(|e| chain(&e))
+}
+
+fn sync(
+    config: &std::path::Path,
+    json: bool,
+    mode: Mode,
+    bitmaps: &[String],
+    only: &[String],
+) -> Result<(), String> {
+    let cfg = load(config)?;
+    let mode = match mode {
+        Mode::Auto => ModeRequest::Auto,
+        Mode::Full => ModeRequest::Full,
+        Mode::Seeded => ModeRequest::Seeded,
+        Mode::Changed => ModeRequest::Changed,
+    };
+    let mut job = source::SyncJob::from_config(&cfg, mode).map_err(|e| chain(&e))?;
+    for spec in bitmaps {
+        let (name, path) = spec
+            .split_once('=')
+            .ok_or_else(|| format!("--bitmap {spec:?}: expected NAME=FILE"))?;
+        let disk = job
+            .disks
+            .iter_mut()
+            .find(|d| d.name == name)
+            .ok_or_else(|| format!("--bitmap {spec:?}: no disk named {name:?} in {}", config.display()))?;
+        disk.bitmap = Some(PathBuf::from(path));
+    }
+    if !only.is_empty() {
+        for name in only {
+            if !job.disks.iter().any(|d| &d.name == name) {
+                return Err(format!("--disk {name:?}: no such disk in {}", config.display()));
+            }
+        }
+        job.disks.retain(|d| only.contains(&d.name));
+    }
+    let report = source::sync(&job).map_err(|e| chain(&e))?;
+    if json {
+        println!("{}", serde_json::to_string(&report).expect("report serialises"));
+    } else {
+        for d in &report.disks {
+            println!(
+                "{}: {} sync, {} bytes covered{}",
+                d.name,
+                d.mode,
+                d.bytes_logical,
+                if d.replica_created { " (replica created)" } else { "" }
+            );
+        }
+        println!(
+            "epoch {} durable on the target: {} blocks sent, {} bytes on the wire, {:.2} s, {:.0} MB/s of disk covered",
+            report.epoch, report.blocks_sent, report.bytes_sent, report.seconds, report.mb_per_s
+        );
+    }
+    Ok(())
+}

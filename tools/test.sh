@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The one test command: installs what the tests need (Debian packages), then runs the
+# whole suite: format and lint gates, unit, integration and end-to-end tests, and the
+# ringbuf loom models. Long soak tests run only with FERRY_SOAK=1.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+have() { command -v "$1" >/dev/null 2>&1; }
+have qemu-img  || need+=(qemu-utils)
+have qemu-io   || need+=(qemu-utils)
+have nbdinfo   || need+=(libnbd-bin)
+have nbdkit    || need+=(nbdkit)
+have fio       || need+=(fio)
+have mke2fs    || [ -x /sbin/mke2fs ] || [ -x /usr/sbin/mke2fs ] || need+=(e2fsprogs)
+have ip        || need+=(iproute2)
+have socat     || need+=(socat)
+have rsync     || need+=(rsync)
+have zstd      || need+=(zstd)
+if [ ${#need[@]} -gt 0 ]; then
+  echo "tools/test.sh: installing ${need[*]}"
+  if [ "$(id -u)" -eq 0 ]; then SUDO=; else SUDO=sudo; fi
+  export DEBIAN_FRONTEND=noninteractive
+  $SUDO apt-get install -y -q "${need[@]}" >/dev/null 2>&1 || {
+    $SUDO apt-get update -q >/dev/null 2>&1 || true
+    $SUDO apt-get install -y -q "${need[@]}"
+  }
+fi
+
+export CARGO_TERM_COLOR=never
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets -- -D warnings
+cargo test --workspace
+# Lock-free ring models (separate target dir: loom changes every dependency's cfg).
+RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom \
+  cargo test -p ferry-ringbuf --release --lib -q
