@@ -66,14 +66,15 @@ fn transfer(capacity: usize, items: u64, blocking: bool) {
     });
 }
 
-fn cross_thread(c: &mut Criterion) {
-    let mut group = c.benchmark_group("spsc_u64_cross_thread");
+fn bench_transfer(c: &mut Criterion, group_name: &str, cases: &[(&str, usize, bool)]) {
+    let mut group = c.benchmark_group(group_name);
     group.throughput(Throughput::Elements(ITEMS_PER_ITER));
-    for (name, capacity, blocking) in [
-        ("spin", QUEUE_CAPACITY, false),
-        ("wait", QUEUE_CAPACITY, true),
-        ("wait", SMALL_CAPACITY, true),
-    ] {
+    if group_name.ends_with("sleeping") {
+        // Every few items costs a park/unpark round trip (tens of microseconds), so
+        // the default 100 samples would take close to a minute.
+        group.sample_size(10);
+    }
+    for &(name, capacity, blocking) in cases {
         group.bench_with_input(
             BenchmarkId::new(name, capacity),
             &capacity,
@@ -87,6 +88,22 @@ fn cross_thread(c: &mut Criterion) {
         );
     }
     group.finish();
+}
+
+fn cross_thread(c: &mut Criterion) {
+    bench_transfer(
+        c,
+        "spsc_u64_cross_thread",
+        &[
+            ("spin", QUEUE_CAPACITY, false),
+            ("wait", QUEUE_CAPACITY, true),
+        ],
+    );
+    bench_transfer(
+        c,
+        "spsc_u64_cross_thread_sleeping",
+        &[("wait", SMALL_CAPACITY, true)],
+    );
 }
 
 criterion_group!(benches, cross_thread);

@@ -8,6 +8,23 @@
 //! ring that is large enough for every slot, so a release never fails and neither
 //! side takes a lock or allocates.
 //!
+//! ```
+//! use ringbuf::pool::{BufferPool, SLOT_ALIGN};
+//!
+//! let (mut alloc, mut release) = BufferPool::new(64 * 1024, 32)?;
+//! // Register `region.slot_ptr(i)` (`region.slot_size` bytes each) for every slot
+//! // with io_uring once; `slot.index()` is then the fixed-buffer index.
+//! let region = alloc.region();
+//! let mut slot = alloc.alloc().expect("all slots are free");
+//! assert_eq!(slot.as_ptr(), region.slot_ptr(slot.index()).cast_const());
+//! assert_eq!(slot.as_ptr() as usize % SLOT_ALIGN, 0);
+//! slot.as_mut_slice()[..5].copy_from_slice(b"ferry");
+//! // The completion thread gives the slot back.
+//! std::thread::spawn(move || release.release(slot)).join().unwrap();
+//! assert!(alloc.alloc_wait().is_some());
+//! # Ok::<(), ringbuf::pool::PoolError>(())
+//! ```
+//!
 //! # Ownership of the bytes
 //!
 //! A [`Slot`] is the only way to reach its bytes, and every slot index is in exactly

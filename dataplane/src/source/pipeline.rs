@@ -156,7 +156,7 @@ where
     assert!(cfg.workers >= 1 && cfg.queue_depth >= 1);
     assert!(cfg.io_size % cfg.block_size == 0 && cfg.io_size % PAYLOAD_ALIGN == 0);
     let input_slots = cfg.queue_depth + cfg.workers * EXTRA_INPUT_SLOTS_PER_WORKER + 1;
-    let (mut input_alloc, mut input_return) =
+    let (mut input_alloc, input_return) =
         BufferPool::new(cfg.io_size, input_slots).map_err(SourceError::pool)?;
     let out_size = (table_capacity(cfg) + cfg.io_size).next_multiple_of(PAYLOAD_ALIGN);
     let failure = Failure::default();
@@ -207,11 +207,13 @@ where
                     .map_err(|e| SourceError::Thread(e.to_string()))?,
             );
         }
+        // The sender owns the return ends of every pool: when it stops, for whatever
+        // reason, dropping them wakes a reader or worker blocked on an empty pool.
         let result = sender_loop(
             cfg,
             from_workers,
-            &mut input_return,
-            &mut output_returns,
+            input_return,
+            output_returns,
             writer,
             &mut stats,
             failure,
@@ -568,8 +570,8 @@ static ZERO_PAD: [u8; PAYLOAD_ALIGN] = [0; PAYLOAD_ALIGN];
 fn sender_loop<W: Write>(
     cfg: &PipelineConfig,
     mut from_workers: Vec<spsc::Consumer<Encoded>>,
-    input_return: &mut PoolReturn,
-    output_returns: &mut [PoolReturn],
+    mut input_return: PoolReturn,
+    mut output_returns: Vec<PoolReturn>,
     writer: &mut FrameWriter<W>,
     stats: &mut PipelineStats,
     failure: &Failure,
@@ -704,7 +706,7 @@ fn send_encoded<'a, W: Write>(
                     _ => {
                         parts.push(piece);
                         raw_run = (codec == Some(Codec::Raw))
-                            .then_some((parts.len() - 1, piece_start, piece_start + stored));
+                            .then(|| (parts.len() - 1, piece_start, piece_start + stored));
                     }
                 }
                 cursor = at_frame + stored;

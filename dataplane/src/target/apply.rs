@@ -199,12 +199,16 @@ pub fn applier_loop(
                         failed.store(true, Ordering::Release);
                     }
                 }
+                // The frame enters the table before its first write, holding one extra
+                // reference for the submission itself, so a completion reaped while
+                // the queue is full can never release the buffers under us.
+                frames[tag] = Some(InFlightFrame { recv, scratch, pending: 1 });
                 let all = writes[..nwrites].iter().chain(spill.iter());
-                let mut pending = 0usize;
                 for &(place, offset, len) in all {
+                    let entry = frames[tag].as_mut().expect("entered above");
                     let (slot, at, base) = match place {
-                        Place::Recv(at) => (&mut recv, at, 0u16),
-                        Place::Scratch(at) => (scratch.as_mut().expect("scratch placement without a scratch slot"), at, scratch_base),
+                        Place::Recv(at) => (&mut entry.recv, at, 0u16),
+                        Place::Scratch(at) => (entry.scratch.as_mut().expect("scratch placement without a scratch slot"), at, scratch_base),
                         Place::Zero => unreachable!("zero blocks are not written"),
                     };
                     let d = &disks.disks[disk as usize];
@@ -217,9 +221,9 @@ pub fn applier_loop(
                         }
                         continue;
                     }
-                    // SAFETY: the slot is moved into `frames[tag]` below, before any
-                    // completion can be reaped, and is released only once `pending`
-                    // reaches zero — after the last write using this view completed.
+                    // SAFETY: the slot stays in `frames[tag]` until `pending` reaches
+                    // zero, which happens only after the last write using this view was
+                    // reaped (and the submission reference below was dropped).
                     let view = unsafe { SlotView::new(slot, at, len, base) };
                     let mut view = Some(view);
                     loop {
@@ -228,7 +232,7 @@ pub fn applier_loop(
                         }
                         match engine.submit_write(DiskId(disk), view.take().expect("view present"), offset, len as u32, tag as u64) {
                             Ok(()) => {
-                                pending += 1;
+                                frames[tag].as_mut().expect("held by the submission reference").pending += 1;
                                 break;
                             }
                             Err((IoError::QueueFull { .. }, v)) => view = Some(v),
@@ -240,13 +244,14 @@ pub fn applier_loop(
                         }
                     }
                 }
-                if pending == 0 {
-                    recv_return.release(recv);
-                    if let Some(s) = scratch {
+                let entry = frames[tag].as_mut().expect("held by the submission reference");
+                entry.pending -= 1;
+                if entry.pending == 0 {
+                    let f = frames[tag].take().expect("checked above");
+                    recv_return.release(f.recv);
+                    if let Some(s) = f.scratch {
                         scratch_return.release(s);
                     }
-                } else {
-                    frames[tag] = Some(InFlightFrame { recv, scratch, pending });
                 }
             }
             ApplyMsg::Zero { disk, offset, len } => {

@@ -29,6 +29,25 @@
 //! blocking and non-blocking calls can be mixed freely and no wake-up is lost.
 //! When nobody sleeps that check costs a fence and a load, with no lock or system
 //! call.
+//!
+//! ```
+//! use ringbuf::spsc;
+//!
+//! let (mut tx, mut rx) = spsc::channel::<u64>(1024);
+//! let worker = std::thread::spawn(move || {
+//!     let mut sum = 0;
+//!     // `None` once the producer is gone and the ring is drained.
+//!     while let Some(descriptor) = rx.pop_wait() {
+//!         sum += descriptor;
+//!     }
+//!     sum
+//! });
+//! for descriptor in 0..100 {
+//!     tx.push_wait(descriptor).expect("worker is alive");
+//! }
+//! drop(tx);
+//! assert_eq!(worker.join().unwrap(), 4950);
+//! ```
 
 mod park;
 
