@@ -145,20 +145,31 @@ fn sync(
             .disks
             .iter_mut()
             .find(|d| d.name == name)
-            .ok_or_else(|| format!("--bitmap {spec:?}: no disk named {name:?} in {}", config.display()))?;
+            .ok_or_else(|| {
+                format!(
+                    "--bitmap {spec:?}: no disk named {name:?} in {}",
+                    config.display()
+                )
+            })?;
         disk.bitmap = Some(PathBuf::from(path));
     }
     if !only.is_empty() {
         for name in only {
             if !job.disks.iter().any(|d| &d.name == name) {
-                return Err(format!("--disk {name:?}: no such disk in {}", config.display()));
+                return Err(format!(
+                    "--disk {name:?}: no such disk in {}",
+                    config.display()
+                ));
             }
         }
         job.disks.retain(|d| only.contains(&d.name));
     }
     let report = source::sync(&job).map_err(|e| chain(&e))?;
     if json {
-        println!("{}", serde_json::to_string(&report).expect("report serialises"));
+        println!(
+            "{}",
+            serde_json::to_string(&report).expect("report serialises")
+        );
     } else {
         for d in &report.disks {
             println!(
@@ -166,7 +177,11 @@ fn sync(
                 d.name,
                 d.mode,
                 d.bytes_logical,
-                if d.replica_created { " (replica created)" } else { "" }
+                if d.replica_created {
+                    " (replica created)"
+                } else {
+                    ""
+                }
             );
         }
         println!(

@@ -51,7 +51,9 @@ impl SlotView {
             // bounds of the slot's allocation.
             ptr: unsafe { slot.as_mut_ptr().add(at) },
             len,
-            fixed_index: u16::try_from(slot.index()).ok().and_then(|i| i.checked_add(base_index)),
+            fixed_index: u16::try_from(slot.index())
+                .ok()
+                .and_then(|i| i.checked_add(base_index)),
         }
     }
 }
@@ -93,10 +95,11 @@ impl IovecTable {
 
     /// Appends one iovec per slot of the pool behind `region`.
     pub fn push_pool(&mut self, region: ringbuf::pool::PoolRegion) {
-        self.0.extend((0..region.slot_count as u32).map(|i| libc::iovec {
-            iov_base: region.slot_ptr(i).cast(),
-            iov_len: region.slot_size,
-        }));
+        self.0
+            .extend((0..region.slot_count as u32).map(|i| libc::iovec {
+                iov_base: region.slot_ptr(i).cast(),
+                iov_len: region.slot_size,
+            }));
     }
 
     /// For registration with an engine.

@@ -9,14 +9,22 @@ use dataplane::io::EngineKind;
 use dataplane::source::{self, JobDisk, ModeRequest, SyncJob};
 use dataplane::target::{Target, TargetDisk, TargetJob};
 
-fn start_target(dir: &Path, disks: &[(&str, PathBuf)], psk: [u8; 32], engine: EngineKind) -> String {
+fn start_target(
+    dir: &Path,
+    disks: &[(&str, PathBuf)],
+    psk: [u8; 32],
+    engine: EngineKind,
+) -> String {
     let job = TargetJob {
         listen: "127.0.0.1:0".into(),
         psk,
         state_dir: dir.join("target-state"),
         disks: disks
             .iter()
-            .map(|(n, p)| TargetDisk { name: n.to_string(), path: p.clone() })
+            .map(|(n, p)| TargetDisk {
+                name: n.to_string(),
+                path: p.clone(),
+            })
             .collect(),
         queue_depth: 8,
         engine,
@@ -29,14 +37,25 @@ fn start_target(dir: &Path, disks: &[(&str, PathBuf)], psk: [u8; 32], engine: En
     addr
 }
 
-fn job(addr: &str, dir: &Path, disks: &[(&str, PathBuf)], psk: [u8; 32], zstd: Option<i32>, engine: EngineKind) -> SyncJob {
+fn job(
+    addr: &str,
+    dir: &Path,
+    disks: &[(&str, PathBuf)],
+    psk: [u8; 32],
+    zstd: Option<i32>,
+    engine: EngineKind,
+) -> SyncJob {
     SyncJob {
         target: addr.to_string(),
         psk,
         state_dir: dir.join("source-state"),
         disks: disks
             .iter()
-            .map(|(n, p)| JobDisk { name: n.to_string(), path: p.clone(), bitmap: None })
+            .map(|(n, p)| JobDisk {
+                name: n.to_string(),
+                path: p.clone(),
+                bitmap: None,
+            })
             .collect(),
         block_size: 64 << 10,
         io_size: 256 << 10,
@@ -64,13 +83,18 @@ fn make_image(path: &Path, size: u64, seed: u64) {
         match x % 4 {
             0 => {} // leave zeros unwritten (hole)
             1 => {
-                block.iter_mut().enumerate().for_each(|(i, b)| *b = b"ferry replicates disks "[i % 23]);
+                block
+                    .iter_mut()
+                    .enumerate()
+                    .for_each(|(i, b)| *b = b"ferry replicates disks "[i % 23]);
                 f.write_all_at(&block, off).unwrap();
             }
             _ => {
                 let mut y = x;
                 for b in block.iter_mut() {
-                    y = y.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    y = y
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
                     *b = (y >> 56) as u8;
                 }
                 f.write_all_at(&block, off).unwrap();
@@ -101,8 +125,20 @@ fn full_then_seeded_sync_gives_identical_replicas() {
         make_image(&src2, (8 << 20) + 4096, 9);
         let rep = dir.path().join("a.replica");
         let rep2 = dir.path().join("b.replica");
-        let addr = start_target(dir.path(), &[("a", rep.clone()), ("b", rep2.clone())], psk, engine);
-        let j = job(&addr, dir.path(), &[("a", src.clone()), ("b", src2.clone())], psk, zstd, engine);
+        let addr = start_target(
+            dir.path(),
+            &[("a", rep.clone()), ("b", rep2.clone())],
+            psk,
+            engine,
+        );
+        let j = job(
+            &addr,
+            dir.path(),
+            &[("a", src.clone()), ("b", src2.clone())],
+            psk,
+            zstd,
+            engine,
+        );
         let r = source::sync(&j).unwrap();
         assert!(r.disks.iter().all(|d| d.mode == "full"), "{r:?}");
         same(&src, &rep);

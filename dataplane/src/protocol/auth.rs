@@ -19,7 +19,12 @@ use super::ProtocolError;
 const SERVER_LABEL: &[u8] = b"ferry-v1 server";
 const CLIENT_LABEL: &[u8] = b"ferry-v1 client";
 
-fn proof(key: &[u8; 32], label: &[u8], first: &[u8; NONCE_LEN], second: &[u8; NONCE_LEN]) -> [u8; 32] {
+fn proof(
+    key: &[u8; 32],
+    label: &[u8],
+    first: &[u8; NONCE_LEN],
+    second: &[u8; NONCE_LEN],
+) -> [u8; 32] {
     let mut h = blake3::Hasher::new_keyed(key);
     h.update(label);
     h.update(first);
@@ -74,7 +79,8 @@ pub fn client_handshake<R: Read, W: Write>(
     if !proofs_match(&expected, &challenge.proof) {
         writer.send_error(ErrorCode::Auth, "target failed to prove the pre-shared key");
         return Err(ProtocolError::AuthFailed {
-            detail: "the target does not hold the same pre-shared key (check psk_file on both sides)",
+            detail:
+                "the target does not hold the same pre-shared key (check psk_file on both sides)",
         });
     }
     let auth = Auth {
@@ -156,7 +162,10 @@ mod tests {
     use super::*;
     use std::os::unix::net::UnixStream;
 
-    fn run(client_key: [u8; 32], server_key: [u8; 32]) -> (Result<u16, ProtocolError>, Result<u16, ProtocolError>) {
+    fn run(
+        client_key: [u8; 32],
+        server_key: [u8; 32],
+    ) -> (Result<u16, ProtocolError>, Result<u16, ProtocolError>) {
         let (a, b) = UnixStream::pair().unwrap();
         let server = std::thread::spawn(move || {
             let mut r = FrameReader::new(b.try_clone().unwrap());
@@ -187,7 +196,13 @@ mod tests {
     #[test]
     fn proofs_are_role_bound() {
         let (k, a, b) = ([1; 32], [2; NONCE_LEN], [3; NONCE_LEN]);
-        assert_ne!(proof(&k, SERVER_LABEL, &a, &b), proof(&k, CLIENT_LABEL, &a, &b));
-        assert_ne!(proof(&k, SERVER_LABEL, &a, &b), proof(&k, SERVER_LABEL, &b, &a));
+        assert_ne!(
+            proof(&k, SERVER_LABEL, &a, &b),
+            proof(&k, CLIENT_LABEL, &a, &b)
+        );
+        assert_ne!(
+            proof(&k, SERVER_LABEL, &a, &b),
+            proof(&k, SERVER_LABEL, &b, &a)
+        );
     }
 }

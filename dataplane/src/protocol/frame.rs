@@ -47,7 +47,11 @@ impl<R: Read> FrameReader<R> {
         while got < raw.len() {
             match self.inner.read(&mut raw[got..]) {
                 Ok(0) if got == 0 => return Ok(None),
-                Ok(0) => return Err(ProtocolError::Truncated { what: "frame header" }),
+                Ok(0) => {
+                    return Err(ProtocolError::Truncated {
+                        what: "frame header",
+                    })
+                }
                 Ok(n) => got += n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(ProtocolError::io("reading frame header", e)),
@@ -62,9 +66,8 @@ impl<R: Read> FrameReader<R> {
         if xxh3_64(&raw[..24]) != header.header_hash.get() {
             return Err(ProtocolError::HeaderChecksum);
         }
-        let kind = FrameKind::from_u8(header.kind).ok_or(ProtocolError::UnknownKind {
-            kind: header.kind,
-        })?;
+        let kind = FrameKind::from_u8(header.kind)
+            .ok_or(ProtocolError::UnknownKind { kind: header.kind })?;
         let payload_len = header.payload_len.get() as usize;
         if payload_len > MAX_FRAME_PAYLOAD {
             return Err(ProtocolError::Oversized {
@@ -112,7 +115,9 @@ impl<R: Read> FrameReader<R> {
             }
         })?;
         if xxh3_64(payload) != incoming.payload_hash {
-            return Err(ProtocolError::PayloadChecksum { kind: incoming.kind });
+            return Err(ProtocolError::PayloadChecksum {
+                kind: incoming.kind,
+            });
         }
         Ok(payload)
     }
@@ -224,8 +229,7 @@ impl<W: Write> FrameWriter<W> {
             spilled.extend(parts.iter().map(|p| IoSlice::new(p)));
             &mut spilled[..]
         };
-        write_all_vectored(&mut self.inner, all)
-            .map_err(|e| ProtocolError::io("sending frame", e))
+        write_all_vectored(&mut self.inner, all).map_err(|e| ProtocolError::io("sending frame", e))
     }
 
     /// Sends an Error frame; best effort, the connection is closing anyway.

@@ -30,18 +30,27 @@ pub enum ProtocolError {
     #[error("unknown frame kind {kind}")]
     UnknownKind { kind: u8 },
     #[error("{kind:?} frame of {len} bytes exceeds the limit of {max} bytes")]
-    Oversized { kind: FrameKind, len: usize, max: usize },
+    Oversized {
+        kind: FrameKind,
+        len: usize,
+        max: usize,
+    },
     #[error("frame sequence {found}, expected {expected}: a frame was lost or replayed")]
     Sequence { expected: u32, found: u32 },
     #[error("expected a {expected:?} frame, got {found:?}")]
-    Unexpected { expected: FrameKind, found: FrameKind },
+    Unexpected {
+        expected: FrameKind,
+        found: FrameKind,
+    },
     #[error("malformed frame: {what}")]
     Malformed { what: &'static str },
     #[error("malformed frame: {0}")]
     Invalid(String),
     #[error("authentication failed: {detail}")]
     AuthFailed { detail: &'static str },
-    #[error("no common protocol version: we speak {offered_min}..={offered_max}, peer offered {peer}")]
+    #[error(
+        "no common protocol version: we speak {offered_min}..={offered_max}, peer offered {peer}"
+    )]
     Version {
         offered_min: u16,
         offered_max: u16,

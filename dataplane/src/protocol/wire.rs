@@ -19,7 +19,7 @@ pub const PROTOCOL_VERSION_MAX: u16 = 1;
 /// `io_size_kib`) plus its record table for 4 KiB blocks (1024 records of 48 bytes,
 /// rounded up) plus alignment padding. Anything longer is rejected before it is read.
 pub const MAX_FRAME_PAYLOAD: usize = (4 << 20) + (64 << 10);
-const _: () = assert!(MAX_FRAME_PAYLOAD % 4096 == 0);
+const _: () = assert!(MAX_FRAME_PAYLOAD.is_multiple_of(4096));
 
 /// Longest disk name on the wire (matches the config's name rule).
 pub const MAX_NAME_LEN: usize = 64;
@@ -382,7 +382,9 @@ pub fn is_zero(data: &[u8]) -> bool {
     };
     prefix.iter().all(|&b| b == 0)
         && suffix.iter().all(|&b| b == 0)
-        && words.chunks(8).all(|c| c.iter().fold(0u64, |acc, &w| acc | w) == 0)
+        && words
+            .chunks(8)
+            .all(|c| c.iter().fold(0u64, |acc, &w| acc | w) == 0)
 }
 
 #[cfg(test)]

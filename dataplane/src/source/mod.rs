@@ -19,12 +19,11 @@ use zerocopy::{FromBytes, IntoBytes};
 
 use crate::config::{Compression, Config};
 use crate::io::{self, Disk, EngineKind, IoError};
-use crate::psk::Psk;
 use crate::protocol::{
-    auth, Commit, Committed, DiskRun, FrameKind, FrameReader, FrameWriter, OpenDisk,
-    OpenDiskReply, OpenHeader, ProtocolError, SyncMode, MAX_FRAME_PAYLOAD, MAX_NAME_LEN,
-    REPLICA_CREATED,
+    auth, Commit, Committed, DiskRun, FrameKind, FrameReader, FrameWriter, OpenDisk, OpenDiskReply,
+    OpenHeader, ProtocolError, SyncMode, MAX_FRAME_PAYLOAD, MAX_NAME_LEN, REPLICA_CREATED,
 };
+use crate::psk::Psk;
 use pipeline::{DiskInfo, Output, PipelineConfig, PipelineStats};
 use plan::{Chunker, ExtentRegions, Geometry, PlanItem, Region};
 
@@ -103,7 +102,7 @@ pub struct JobDisk {
 }
 
 /// A fully resolved sync job (built from the config by the CLI).
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct SyncJob {
     pub target: String,
     pub psk: [u8; 32],
@@ -120,13 +119,33 @@ pub struct SyncJob {
     pub mode: ModeRequest,
 }
 
+impl std::fmt::Debug for SyncJob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the key; its fingerprint identifies it well enough.
+        f.debug_struct("SyncJob")
+            .field("target", &self.target)
+            .field("psk", &Psk::from_bytes(self.psk))
+            .field("state_dir", &self.state_dir)
+            .field("disks", &self.disks)
+            .field("block_size", &self.block_size)
+            .field("io_size", &self.io_size)
+            .field("queue_depth", &self.queue_depth)
+            .field("workers", &self.workers)
+            .field("zstd_level", &self.zstd_level)
+            .field("engine", &self.engine)
+            .field("mode", &self.mode)
+            .finish_non_exhaustive()
+    }
+}
+
 impl SyncJob {
     /// Resolves a sync job from the `[source]` section and the disks of `config`.
     pub fn from_config(config: &Config, mode: ModeRequest) -> Result<Self, SourceError> {
         let source = config
             .require_source("sync")
             .map_err(|e| SourceError::Config(e.to_string()))?;
-        let psk = Psk::load(&source.psk_file).map_err(|e| SourceError::Config(crate::target::chain(&e)))?;
+        let psk = Psk::load(&source.psk_file)
+            .map_err(|e| SourceError::Config(crate::target::chain(&e)))?;
         Ok(SyncJob {
             target: source.target.clone(),
             psk: *psk.as_bytes(),
@@ -210,7 +229,8 @@ impl SourceDiskState {
                     path: path.clone(),
                     problem: e.to_string(),
                 })?;
-                s.generation_bytes().map_err(|problem| SourceError::State { path, problem })?;
+                s.generation_bytes()
+                    .map_err(|problem| SourceError::State { path, problem })?;
                 Ok(Some(s))
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
@@ -284,10 +304,14 @@ pub fn sync(job: &SyncJob) -> Result<SyncReport, SourceError> {
         .set_read_timeout(Some(job.io_timeout))
         .and_then(|_| stream.set_write_timeout(Some(job.io_timeout)))
         .and_then(|_| stream.set_nodelay(true))
-        .map_err(|e| SourceError::Connect { addr: job.target.clone(), source: e })?;
-    let read_half = stream
-        .try_clone()
-        .map_err(|e| SourceError::Connect { addr: job.target.clone(), source: e })?;
+        .map_err(|e| SourceError::Connect {
+            addr: job.target.clone(),
+            source: e,
+        })?;
+    let read_half = stream.try_clone().map_err(|e| SourceError::Connect {
+        addr: job.target.clone(),
+        source: e,
+    })?;
     let mut reader = FrameReader::new(std::io::BufReader::with_capacity(64 << 10, read_half));
     let mut writer = FrameWriter::new(stream);
     auth::client_handshake(&mut reader, &mut writer, &job.psk)?;
@@ -335,7 +359,8 @@ pub fn sync(job: &SyncJob) -> Result<SyncReport, SourceError> {
 fn explain<R: std::io::Read>(e: SourceError, reader: &mut FrameReader<R>) -> SourceError {
     let is_transport = matches!(
         &e,
-        SourceError::Protocol(ProtocolError::Io { .. }) | SourceError::Protocol(ProtocolError::Truncated { .. })
+        SourceError::Protocol(ProtocolError::Io { .. })
+            | SourceError::Protocol(ProtocolError::Truncated { .. })
     );
     if is_transport {
         let mut buf = vec![0u8; 8192];
@@ -347,7 +372,10 @@ fn explain<R: std::io::Read>(e: SourceError, reader: &mut FrameReader<R>) -> Sou
 }
 
 fn connect(addr: &str, timeout: Duration) -> Result<TcpStream, SourceError> {
-    let err = |source| SourceError::Connect { addr: addr.to_string(), source };
+    let err = |source| SourceError::Connect {
+        addr: addr.to_string(),
+        source,
+    };
     let mut last = None;
     for a in addr.to_socket_addrs().map_err(err)? {
         match TcpStream::connect_timeout(&a, timeout) {
@@ -362,7 +390,10 @@ fn connect(addr: &str, timeout: Duration) -> Result<TcpStream, SourceError> {
 
 fn open_disk(job: &SyncJob, spec: &JobDisk) -> Result<OpenedDisk, SourceError> {
     if spec.name.len() > MAX_NAME_LEN {
-        return Err(SourceError::Config(format!("disk name {:?} is too long", spec.name)));
+        return Err(SourceError::Config(format!(
+            "disk name {:?} is too long",
+            spec.name
+        )));
     }
     let disk = Disk::open_source(&spec.path).map_err(|e| SourceError::Open {
         disk: spec.name.clone(),
@@ -371,10 +402,7 @@ fn open_disk(job: &SyncJob, spec: &JobDisk) -> Result<OpenedDisk, SourceError> {
     })?;
     let state = SourceDiskState::load(&job.state_dir, &spec.name)?;
     let (generation, base_epoch) = match &state {
-        Some(s) => (
-            s.generation_bytes().map_err(|p| SourceError::Config(p))?,
-            s.epoch,
-        ),
+        Some(s) => (s.generation_bytes().map_err(SourceError::Config)?, s.epoch),
         None => (random_generation()?, 0),
     };
     let bitmap_path = spec
@@ -424,9 +452,17 @@ fn load_bitmap(
     block_size: usize,
     state: &Option<SourceDiskState>,
 ) -> Result<ChangedBlockBitmap, SourceError> {
-    let bad = |problem: String| SourceError::Bitmap { disk: name.to_string(), problem };
-    let bitmap = ChangedBlockBitmap::load(path)
-        .map_err(|e| bad(format!("bitmap {}: {e}", path.display())))?;
+    let bad = |problem: String| SourceError::Bitmap {
+        disk: name.to_string(),
+        problem,
+    };
+    let bitmap = ChangedBlockBitmap::load(path).map_err(|e| {
+        bad(format!(
+            "bitmap {}: {}",
+            path.display(),
+            crate::target::chain(&e)
+        ))
+    })?;
     if bitmap.disk_size() != disk.size() || bitmap.block_size() as usize != block_size {
         return Err(bad(format!(
             "bitmap {} covers {} bytes in {}-byte blocks, the disk is {} bytes in {}-byte blocks",
@@ -484,7 +520,12 @@ fn run_session<R: std::io::Read, W: std::io::Write>(
             block_size: (job.block_size as u32).into(),
             disk_size: d.disk.size().into(),
             generation: d.generation,
-            base_epoch: if d.mode == SyncMode::Changed { d.base_epoch } else { 0 }.into(),
+            base_epoch: if d.mode == SyncMode::Changed {
+                d.base_epoch
+            } else {
+                0
+            }
+            .into(),
         });
     }
     writer.send(FrameKind::Open, &[header.as_bytes(), entries.as_bytes()])?;
@@ -493,7 +534,9 @@ fn run_session<R: std::io::Read, W: std::io::Write>(
     let replies = <[OpenDiskReply]>::ref_from_bytes(payload)
         .ok()
         .filter(|r| r.len() == disks.len())
-        .ok_or(ProtocolError::Malformed { what: "open reply does not match the disks opened" })?;
+        .ok_or(ProtocolError::Malformed {
+            what: "open reply does not match the disks opened",
+        })?;
     for (d, r) in disks.iter_mut().zip(replies) {
         d.replica_created = r.state == REPLICA_CREATED;
         if d.replica_created && d.mode == SyncMode::Seeded {
@@ -535,43 +578,81 @@ fn run_session<R: std::io::Read, W: std::io::Write>(
             .filter(|(_, d)| d.mode == SyncMode::Seeded)
             .map(|(i, d)| extent_plan(&d.disk, geometry(i, d), true))
             .collect();
-        let stats = pipeline::run(&pipeline_cfg(Output::Hashes), &infos, plans.into_iter().flatten(), writer)?;
+        let stats = pipeline::run(
+            &pipeline_cfg(Output::Hashes),
+            &infos,
+            plans.into_iter().flatten(),
+            writer,
+        )?;
         add(&mut total, &stats);
         total.blocks_sent = 0;
         writer.send(FrameKind::HashesDone, &[])?;
         for (i, d) in disks.iter_mut().enumerate() {
             if d.mode == SyncMode::Seeded {
-                d.bitmap = Some(ChangedBlockBitmap::new(d.disk.size(), job.block_size as u32, GenerationId::from_bytes(d.generation), d.base_epoch)
-                    .map_err(|e| SourceError::Bitmap { disk: d.spec.name.clone(), problem: e.to_string() })?);
+                d.bitmap = Some(
+                    ChangedBlockBitmap::new(
+                        d.disk.size(),
+                        job.block_size as u32,
+                        GenerationId::from_bytes(d.generation),
+                        d.base_epoch,
+                    )
+                    .map_err(|e| SourceError::Bitmap {
+                        disk: d.spec.name.clone(),
+                        problem: e.to_string(),
+                    })?,
+                );
                 let _ = i;
             }
         }
         loop {
             match reader.read_frame(&mut buf)? {
                 Some((FrameKind::DiffRuns, payload)) => {
-                    let runs = <[DiskRun]>::ref_from_bytes(payload)
-                        .map_err(|_| ProtocolError::Malformed { what: "diff runs payload is not a whole number of runs" })?;
+                    let runs = <[DiskRun]>::ref_from_bytes(payload).map_err(|_| {
+                        ProtocolError::Malformed {
+                            what: "diff runs payload is not a whole number of runs",
+                        }
+                    })?;
                     for run in runs {
                         let d = disks
                             .get_mut(run.disk.get() as usize)
                             .filter(|d| d.mode == SyncMode::Seeded)
-                            .ok_or(ProtocolError::Malformed { what: "diff run names a disk that is not being seeded" })?;
+                            .ok_or(ProtocolError::Malformed {
+                                what: "diff run names a disk that is not being seeded",
+                            })?;
                         let bs = job.block_size as u64;
                         let bitmap = d.bitmap.as_mut().expect("seeded disks have a diff bitmap");
                         let (start, count) = (run.start.get(), run.count.get());
-                        if start.checked_add(count).is_none_or(|end| end > d.disk.size().div_ceil(bs)) {
-                            return Err(ProtocolError::Malformed { what: "diff run past the end of the disk" }.into());
+                        if start
+                            .checked_add(count)
+                            .is_none_or(|end| end > d.disk.size().div_ceil(bs))
+                        {
+                            return Err(ProtocolError::Malformed {
+                                what: "diff run past the end of the disk",
+                            }
+                            .into());
                         }
                         bitmap
                             .set_range(start * bs, (count * bs).min(d.disk.size() - start * bs))
-                            .map_err(|e| SourceError::Bitmap { disk: d.spec.name.clone(), problem: e.to_string() })?;
+                            .map_err(|e| SourceError::Bitmap {
+                                disk: d.spec.name.clone(),
+                                problem: e.to_string(),
+                            })?;
                     }
                 }
                 Some((FrameKind::DiffDone, _)) => break,
                 Some((kind, _)) => {
-                    return Err(ProtocolError::Unexpected { expected: FrameKind::DiffDone, found: kind }.into())
+                    return Err(ProtocolError::Unexpected {
+                        expected: FrameKind::DiffDone,
+                        found: kind,
+                    }
+                    .into())
                 }
-                None => return Err(ProtocolError::Truncated { what: "connection closed during the hash compare" }.into()),
+                None => {
+                    return Err(ProtocolError::Truncated {
+                        what: "connection closed during the hash compare",
+                    }
+                    .into())
+                }
             }
         }
     }
@@ -585,15 +666,27 @@ fn run_session<R: std::io::Read, W: std::io::Write>(
             None => extent_plan(&d.disk, geometry(i, d), !d.replica_created),
         })
         .collect();
-    let stats = pipeline::run(&pipeline_cfg(Output::Data), &infos, plans.into_iter().flatten(), writer)?;
+    let stats = pipeline::run(
+        &pipeline_cfg(Output::Data),
+        &infos,
+        plans.into_iter().flatten(),
+        writer,
+    )?;
     add(&mut total, &stats);
 
     // Commit and wait for durability.
-    writer.send(FrameKind::Commit, &[Commit { epoch: epoch.into() }.as_bytes()])?;
+    writer.send(
+        FrameKind::Commit,
+        &[Commit {
+            epoch: epoch.into(),
+        }
+        .as_bytes()],
+    )?;
     writer.flush()?;
     let payload = reader.expect(FrameKind::Committed, &mut buf)?;
-    let committed = Committed::read_from_bytes(payload)
-        .map_err(|_| ProtocolError::Malformed { what: "committed frame has the wrong length" })?;
+    let committed = Committed::read_from_bytes(payload).map_err(|_| ProtocolError::Malformed {
+        what: "committed frame has the wrong length",
+    })?;
     if committed.epoch.get() != epoch {
         return Err(ProtocolError::Invalid(format!(
             "target acknowledged epoch {} while epoch {epoch} was committed",
@@ -617,7 +710,10 @@ fn add(total: &mut PipelineStats, s: &PipelineStats) {
 fn extent_plan<'a>(disk: &'a Disk, g: Geometry, emit_holes: bool) -> BoxedPlan<'a> {
     let disk_no = g.disk;
     let extents = io::data_extents(disk).map(move |r| {
-        r.map_err(|e| SourceError::Io { disk: Some(disk_no), source: e })
+        r.map_err(|e| SourceError::Io {
+            disk: Some(disk_no),
+            source: e,
+        })
     });
     Box::new(Chunker::new(ExtentRegions::new(extents, g), g, emit_holes))
 }

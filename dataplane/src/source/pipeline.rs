@@ -154,7 +154,9 @@ where
     P: Iterator<Item = Result<PlanItem, SourceError>> + Send,
 {
     assert!(cfg.workers >= 1 && cfg.queue_depth >= 1);
-    assert!(cfg.io_size % cfg.block_size == 0 && cfg.io_size % PAYLOAD_ALIGN == 0);
+    assert!(
+        cfg.io_size.is_multiple_of(cfg.block_size) && cfg.io_size.is_multiple_of(PAYLOAD_ALIGN)
+    );
     let input_slots = cfg.queue_depth + cfg.workers * EXTRA_INPUT_SLOTS_PER_WORKER + 1;
     let (mut input_alloc, input_return) =
         BufferPool::new(cfg.io_size, input_slots).map_err(SourceError::pool)?;
@@ -185,9 +187,14 @@ where
             std::thread::Builder::new()
                 .name("ferry-reader".into())
                 .spawn_scoped(scope, move || {
-                    if let Err(e) =
-                        reader_loop(&cfg, &engine_files, plan, &mut input_alloc, to_workers, failure)
-                    {
+                    if let Err(e) = reader_loop(
+                        &cfg,
+                        &engine_files,
+                        plan,
+                        &mut input_alloc,
+                        to_workers,
+                        failure,
+                    ) {
                         failure.set(e);
                     }
                 })
@@ -251,8 +258,13 @@ where
     // the engine, which is dropped when this function returns; slots are only touched
     // through their `Slot` handles.
     let fixed = unsafe { iovecs.fixed() };
-    let mut engine = io::open_engine(cfg.engine, cfg.queue_depth, files, Some(fixed))
-        .map_err(|e| SourceError::Io { disk: None, source: e })?;
+    let mut engine =
+        io::open_engine(cfg.engine, cfg.queue_depth, files, Some(fixed)).map_err(|e| {
+            SourceError::Io {
+                disk: None,
+                source: e,
+            }
+        })?;
     // Tags index this table; it is sized once to the queue depth.
     let mut in_flight: Vec<Option<PlanItem>> = vec![None; cfg.queue_depth];
     let mut free_tags: Vec<usize> = (0..cfg.queue_depth).rev().collect();
@@ -264,7 +276,9 @@ where
     let mut forward = |msg: ReadDone, to_workers: &mut Vec<spsc::Producer<ReadDone>>| {
         let w = next_worker;
         next_worker = (next_worker + 1) % workers;
-        to_workers[w].push_wait(msg).map_err(|_| SourceError::Aborted)
+        to_workers[w]
+            .push_wait(msg)
+            .map_err(|_| SourceError::Aborted)
     };
 
     let result = (|| loop {
@@ -281,7 +295,14 @@ where
             match item {
                 PlanItem::ZeroRun { .. } => {
                     plan.next();
-                    forward(ReadDone { item, slot: None, bytes: 0 }, &mut to_workers)?;
+                    forward(
+                        ReadDone {
+                            item,
+                            slot: None,
+                            bytes: 0,
+                        },
+                        &mut to_workers,
+                    )?;
                 }
                 PlanItem::Read { disk, offset, len } => {
                     let slot = if engine.in_flight() == 0 {
@@ -301,7 +322,10 @@ where
                         engine.submit_read(io::DiskId(disk), slot, offset, io_len, tag as u64)
                     {
                         drop(slot);
-                        return Err(SourceError::Io { disk: Some(disk), source: e });
+                        return Err(SourceError::Io {
+                            disk: Some(disk),
+                            source: e,
+                        });
                     }
                 }
             }
@@ -315,22 +339,40 @@ where
         completions.clear();
         engine
             .wait(1, &mut completions)
-            .map_err(|e| SourceError::Io { disk: None, source: e })?;
+            .map_err(|e| SourceError::Io {
+                disk: None,
+                source: e,
+            })?;
         for c in completions.drain(..) {
             let tag = c.tag as usize;
-            let item = in_flight[tag].take().expect("completion for an unknown tag");
+            let item = in_flight[tag]
+                .take()
+                .expect("completion for an unknown tag");
             free_tags.push(tag);
             let PlanItem::Read { disk, offset, len } = item else {
                 unreachable!("only reads are submitted")
             };
-            let bytes = c
-                .result
-                .map_err(|e| SourceError::Io { disk: Some(disk), source: e })? as usize;
+            let bytes = c.result.map_err(|e| SourceError::Io {
+                disk: Some(disk),
+                source: e,
+            })? as usize;
             if bytes < len as usize {
-                return Err(SourceError::ShortRead { disk, offset, expected: len, got: bytes });
+                return Err(SourceError::ShortRead {
+                    disk,
+                    offset,
+                    expected: len,
+                    got: bytes,
+                });
             }
             let slot = c.buf.expect("a read completion hands its buffer back");
-            forward(ReadDone { item, slot: Some(slot), bytes: len as usize }, &mut to_workers)?;
+            forward(
+                ReadDone {
+                    item,
+                    slot: Some(slot),
+                    bytes: len as usize,
+                },
+                &mut to_workers,
+            )?;
         }
     })();
     if result.is_err() {
@@ -410,7 +452,11 @@ fn worker_loop(
 
 fn blank() -> Encoded {
     Encoded {
-        item: PlanItem::ZeroRun { disk: 0, offset: 0, len: 0 },
+        item: PlanItem::ZeroRun {
+            disk: 0,
+            offset: 0,
+            len: 0,
+        },
         input: None,
         output: None,
         table_len: 0,
@@ -421,7 +467,13 @@ fn blank() -> Encoded {
     }
 }
 
-fn encode_hashes(cfg: &PipelineConfig, disk: u32, offset: u64, data: &[u8], out: &mut [u8]) -> Encoded {
+fn encode_hashes(
+    cfg: &PipelineConfig,
+    disk: u32,
+    offset: u64,
+    data: &[u8],
+    out: &mut [u8],
+) -> Encoded {
     let bs = cfg.block_size;
     let count = data.len().div_ceil(bs);
     let header = HashesHeader {
@@ -522,7 +574,10 @@ fn encode_data(
         records += 1;
     }
     if records == 0 {
-        return Encoded { zero_blocks, ..blank() };
+        return Encoded {
+            zero_blocks,
+            ..blank()
+        };
     }
     // Second pass: final payload offsets in frame order. Compressed payloads are packed;
     // raw payloads start on PAYLOAD_ALIGN so the target can write them with O_DIRECT
@@ -593,7 +648,10 @@ fn sender_loop<W: Write>(
         let sent = {
             // `parts` borrows from `msg`; reuse its allocation across frames by
             // re-typing the empty vector to this iteration's lifetime.
-            let mut scoped: Vec<&[u8]> = std::mem::take(&mut parts).into_iter().map(|_| &[][..]).collect();
+            let mut scoped: Vec<&[u8]> = std::mem::take(&mut parts)
+                .into_iter()
+                .map(|_| &[][..])
+                .collect();
             scoped.clear();
             let r = send_encoded(cfg, &msg, table_cap, writer, &mut scoped);
             scoped.clear();
@@ -651,13 +709,24 @@ fn send_encoded<'a, W: Write>(
         }
         (PlanItem::Read { .. }, _) if msg.records == 0 => Ok(0),
         (PlanItem::Read { .. }, Output::Hashes) => {
-            let out = msg.output.as_ref().expect("hash messages carry an output slot");
+            let out = msg
+                .output
+                .as_ref()
+                .expect("hash messages carry an output slot");
             writer.send(FrameKind::Hashes, &[&out.as_slice()[..msg.table_len]])?;
             Ok(HEADER + msg.table_len)
         }
         (PlanItem::Read { .. }, Output::Data) => {
-            let out = msg.output.as_ref().expect("data messages carry an output slot").as_slice();
-            let input = msg.input.as_ref().expect("data messages carry an input slot").as_slice();
+            let out = msg
+                .output
+                .as_ref()
+                .expect("data messages carry an output slot")
+                .as_slice();
+            let input = msg
+                .input
+                .as_ref()
+                .expect("data messages carry an input slot")
+                .as_slice();
             parts.push(&out[..msg.table_len]);
             let hlen = core::mem::size_of::<DataHeader>();
             let mut cursor = msg.table_len;

@@ -79,12 +79,18 @@ impl<E, I: Iterator<Item = Result<(u64, u64), E>>> Iterator for ExtentRegions<I>
             if self.done {
                 if let Some((first, end)) = self.pending.take() {
                     self.next_block = end;
-                    return Some(Ok(Region::Data { first, count: end - first }));
+                    return Some(Ok(Region::Data {
+                        first,
+                        count: end - first,
+                    }));
                 }
                 if self.next_block < total {
                     let first = self.next_block;
                     self.next_block = total;
-                    return Some(Ok(Region::Hole { first, count: total - first }));
+                    return Some(Ok(Region::Hole {
+                        first,
+                        count: total - first,
+                    }));
                 }
                 return None;
             }
@@ -108,10 +114,16 @@ impl<E, I: Iterator<Item = Result<(u64, u64), E>>> Iterator for ExtentRegions<I>
                 }
                 Some((pf, pe)) => {
                     self.pending = Some((first, end));
-                    let data = Region::Data { first: pf, count: pe - pf };
+                    let data = Region::Data {
+                        first: pf,
+                        count: pe - pf,
+                    };
                     // The blocks between the pending data and this extent are a hole.
                     self.next_block = first;
-                    self.queued = Some(Region::Hole { first: pe, count: first - pe });
+                    self.queued = Some(Region::Hole {
+                        first: pe,
+                        count: first - pe,
+                    });
                     return Some(Ok(data));
                 }
                 None => {
@@ -224,9 +236,18 @@ mod tests {
             r,
             vec![
                 Region::Data { first: 0, count: 2 },
-                Region::Hole { first: 2, count: 78 },
-                Region::Data { first: 80, count: 16 },
-                Region::Hole { first: 96, count: 64 },
+                Region::Hole {
+                    first: 2,
+                    count: 78
+                },
+                Region::Data {
+                    first: 80,
+                    count: 16
+                },
+                Region::Hole {
+                    first: 96,
+                    count: 64
+                },
             ]
         );
     }
@@ -234,8 +255,20 @@ mod tests {
     #[test]
     fn empty_and_full_disks() {
         let g = geometry(1 << 20);
-        assert_eq!(regions(&[], g), vec![Region::Hole { first: 0, count: 16 }]);
-        assert_eq!(regions(&[(0, 1 << 20)], g), vec![Region::Data { first: 0, count: 16 }]);
+        assert_eq!(
+            regions(&[], g),
+            vec![Region::Hole {
+                first: 0,
+                count: 16
+            }]
+        );
+        assert_eq!(
+            regions(&[(0, 1 << 20)], g),
+            vec![Region::Data {
+                first: 0,
+                count: 16
+            }]
+        );
     }
 
     #[test]
@@ -249,7 +282,14 @@ mod tests {
         .map(|i| i.unwrap())
         .collect();
         assert_eq!(items.len(), 5);
-        assert_eq!(items[4], PlanItem::Read { disk: 0, offset: 1 << 20, len: 4096 });
+        assert_eq!(
+            items[4],
+            PlanItem::Read {
+                disk: 0,
+                offset: 1 << 20,
+                len: 4096
+            }
+        );
         let total: u64 = items
             .iter()
             .map(|i| match i {

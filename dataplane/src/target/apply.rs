@@ -73,7 +73,12 @@ pub fn applier_loop(
         Ok(e) => e,
         Err(e) => {
             failed.store(true, Ordering::Release);
-            fail_everything(&mut rx, &mut recv_return, &mut scratch_return, &format!("cannot start the I/O engine: {e}"));
+            fail_everything(
+                &mut rx,
+                &mut recv_return,
+                &mut scratch_return,
+                &format!("cannot start the I/O engine: {e}"),
+            );
             return;
         }
     };
@@ -86,12 +91,12 @@ pub fn applier_loop(
     let scratch_base = recv_slots as u16;
 
     let reap = |engine: &mut io::Engine<SlotView>,
-                    min: usize,
-                    frames: &mut Vec<Option<InFlightFrame>>,
-                    completions: &mut Vec<Completion<SlotView>>,
-                    error: &mut Option<String>,
-                    recv_return: &mut PoolReturn,
-                    scratch_return: &mut PoolReturn| {
+                min: usize,
+                frames: &mut Vec<Option<InFlightFrame>>,
+                completions: &mut Vec<Completion<SlotView>>,
+                error: &mut Option<String>,
+                recv_return: &mut PoolReturn,
+                scratch_return: &mut PoolReturn| {
         completions.clear();
         if let Err(e) = engine.wait(min, completions) {
             error.get_or_insert_with(|| format!("I/O engine failed: {e}"));
@@ -103,8 +108,10 @@ pub fn applier_loop(
                 error.get_or_insert_with(|| format!("replica write failed: {e}"));
                 failed.store(true, Ordering::Release);
             }
-            drop(c.buf);
-            let entry = frames[c.tag as usize].as_mut().expect("completion for a frame in flight");
+            let _view_done = c.buf;
+            let entry = frames[c.tag as usize]
+                .as_mut()
+                .expect("completion for a frame in flight");
             entry.pending -= 1;
             if entry.pending == 0 {
                 let f = frames[c.tag as usize].take().expect("checked above");
@@ -124,7 +131,15 @@ pub fn applier_loop(
                 Some(m) => m,
                 None if rx.is_abandoned() && rx.is_empty() => break,
                 None => {
-                    reap(&mut engine, 1, &mut frames, &mut completions, &mut error, &mut recv_return, &mut scratch_return);
+                    reap(
+                        &mut engine,
+                        1,
+                        &mut frames,
+                        &mut completions,
+                        &mut error,
+                        &mut recv_return,
+                        &mut scratch_return,
+                    );
                     continue;
                 }
             }
@@ -135,7 +150,11 @@ pub fn applier_loop(
             }
         };
         match msg {
-            ApplyMsg::Data { disk, mut recv, mut scratch } => {
+            ApplyMsg::Data {
+                disk,
+                recv,
+                scratch,
+            } => {
                 if error.is_some() {
                     recv_return.release(recv);
                     if let Some(s) = scratch {
@@ -166,7 +185,8 @@ pub fn applier_loop(
                         if let Some((p, o, l)) = last.as_mut() {
                             let contiguous = *o + *l as u64 == offset
                                 && match (*p, place) {
-                                    (Place::Recv(a), Place::Recv(b)) | (Place::Scratch(a), Place::Scratch(b)) => a + *l == b,
+                                    (Place::Recv(a), Place::Recv(b))
+                                    | (Place::Scratch(a), Place::Scratch(b)) => a + *l == b,
                                     _ => false,
                                 }
                                 && *l % 4096 == 0;
@@ -195,20 +215,33 @@ pub fn applier_loop(
                 }
                 for (offset, len) in zeros {
                     if let Err(e) = disks.disks[disk as usize].zero_range(offset, len) {
-                        error.get_or_insert_with(|| format!("disk {}: {e}", disks.names[disk as usize]));
+                        error.get_or_insert_with(|| {
+                            format!("disk {}: {e}", disks.names[disk as usize])
+                        });
                         failed.store(true, Ordering::Release);
                     }
                 }
                 // The frame enters the table before its first write, holding one extra
                 // reference for the submission itself, so a completion reaped while
                 // the queue is full can never release the buffers under us.
-                frames[tag] = Some(InFlightFrame { recv, scratch, pending: 1 });
+                frames[tag] = Some(InFlightFrame {
+                    recv,
+                    scratch,
+                    pending: 1,
+                });
                 let all = writes[..nwrites].iter().chain(spill.iter());
                 for &(place, offset, len) in all {
                     let entry = frames[tag].as_mut().expect("entered above");
                     let (slot, at, base) = match place {
                         Place::Recv(at) => (&mut entry.recv, at, 0u16),
-                        Place::Scratch(at) => (entry.scratch.as_mut().expect("scratch placement without a scratch slot"), at, scratch_base),
+                        Place::Scratch(at) => (
+                            entry
+                                .scratch
+                                .as_mut()
+                                .expect("scratch placement without a scratch slot"),
+                            at,
+                            scratch_base,
+                        ),
                         Place::Zero => unreachable!("zero blocks are not written"),
                     };
                     let d = &disks.disks[disk as usize];
@@ -216,7 +249,12 @@ pub fn applier_loop(
                         // The partial sector at the end of an odd-sized disk.
                         let bytes = &slot.as_slice()[at..at + len];
                         if let Err(e) = disks.buffered[disk as usize].write_all_at(bytes, offset) {
-                            error.get_or_insert_with(|| format!("disk {}: write at {offset}: {e}", disks.names[disk as usize]));
+                            error.get_or_insert_with(|| {
+                                format!(
+                                    "disk {}: write at {offset}: {e}",
+                                    disks.names[disk as usize]
+                                )
+                            });
                             failed.store(true, Ordering::Release);
                         }
                         continue;
@@ -228,23 +266,44 @@ pub fn applier_loop(
                     let mut view = Some(view);
                     loop {
                         if engine.in_flight() >= engine.queue_depth() {
-                            reap(&mut engine, 1, &mut frames, &mut completions, &mut error, &mut recv_return, &mut scratch_return);
+                            reap(
+                                &mut engine,
+                                1,
+                                &mut frames,
+                                &mut completions,
+                                &mut error,
+                                &mut recv_return,
+                                &mut scratch_return,
+                            );
                         }
-                        match engine.submit_write(DiskId(disk), view.take().expect("view present"), offset, len as u32, tag as u64) {
+                        match engine.submit_write(
+                            DiskId(disk),
+                            view.take().expect("view present"),
+                            offset,
+                            len as u32,
+                            tag as u64,
+                        ) {
                             Ok(()) => {
-                                frames[tag].as_mut().expect("held by the submission reference").pending += 1;
+                                frames[tag]
+                                    .as_mut()
+                                    .expect("held by the submission reference")
+                                    .pending += 1;
                                 break;
                             }
                             Err((IoError::QueueFull { .. }, v)) => view = Some(v),
                             Err((e, _v)) => {
-                                error.get_or_insert_with(|| format!("disk {}: {e}", disks.names[disk as usize]));
+                                error.get_or_insert_with(|| {
+                                    format!("disk {}: {e}", disks.names[disk as usize])
+                                });
                                 failed.store(true, Ordering::Release);
                                 break;
                             }
                         }
                     }
                 }
-                let entry = frames[tag].as_mut().expect("held by the submission reference");
+                let entry = frames[tag]
+                    .as_mut()
+                    .expect("held by the submission reference");
                 entry.pending -= 1;
                 if entry.pending == 0 {
                     let f = frames[tag].take().expect("checked above");
@@ -259,7 +318,9 @@ pub fn applier_loop(
                     match disks.disks[disk as usize].zero_range(offset, len) {
                         Ok(()) => applied += len,
                         Err(e) => {
-                            error.get_or_insert_with(|| format!("disk {}: {e}", disks.names[disk as usize]));
+                            error.get_or_insert_with(|| {
+                                format!("disk {}: {e}", disks.names[disk as usize])
+                            });
                             failed.store(true, Ordering::Release);
                         }
                     }
@@ -267,7 +328,15 @@ pub fn applier_loop(
             }
             ApplyMsg::Barrier { reply } => {
                 while engine.in_flight() > 0 && !failed.load(Ordering::Acquire) {
-                    reap(&mut engine, 1, &mut frames, &mut completions, &mut error, &mut recv_return, &mut scratch_return);
+                    reap(
+                        &mut engine,
+                        1,
+                        &mut frames,
+                        &mut completions,
+                        &mut error,
+                        &mut recv_return,
+                        &mut scratch_return,
+                    );
                 }
                 if error.is_none() {
                     for (d, name) in disks.disks.iter().zip(disks.names) {
@@ -288,7 +357,15 @@ pub fn applier_loop(
     // Reap everything before the buffers can go away.
     while engine.in_flight() > 0 {
         let before = engine.in_flight();
-        reap(&mut engine, 1, &mut frames, &mut completions, &mut error, &mut recv_return, &mut scratch_return);
+        reap(
+            &mut engine,
+            1,
+            &mut frames,
+            &mut completions,
+            &mut error,
+            &mut recv_return,
+            &mut scratch_return,
+        );
         if engine.in_flight() == before && error.is_some() {
             // The engine itself failed; waiting again would not help. Leak the slots
             // rather than free memory the kernel may still write.

@@ -19,8 +19,8 @@ use std::time::Duration;
 
 use crate::config::Config;
 use crate::io::{EngineKind, IoError};
-use crate::psk::Psk;
 use crate::protocol::{ErrorCode, FrameWriter, ProtocolError};
+use crate::psk::Psk;
 
 /// One replica disk the target may write.
 #[derive(Debug, Clone)]
@@ -30,7 +30,7 @@ pub struct TargetDisk {
 }
 
 /// A fully resolved target configuration (built from the config by the CLI).
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct TargetJob {
     pub listen: String,
     pub psk: [u8; 32],
@@ -40,6 +40,20 @@ pub struct TargetJob {
     pub engine: EngineKind,
     pub io_timeout: Duration,
     pub max_sessions: usize,
+}
+
+impl std::fmt::Debug for TargetJob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the key; its fingerprint identifies it well enough.
+        f.debug_struct("TargetJob")
+            .field("listen", &self.listen)
+            .field("psk", &Psk::from_bytes(self.psk))
+            .field("state_dir", &self.state_dir)
+            .field("disks", &self.disks)
+            .field("queue_depth", &self.queue_depth)
+            .field("engine", &self.engine)
+            .finish_non_exhaustive()
+    }
 }
 
 impl TargetJob {
@@ -180,7 +194,10 @@ impl Target {
                 tracing::warn!("{peer}: refused, {active} sessions already active");
                 FrameWriter::new(&stream).send_error(
                     ErrorCode::Busy,
-                    &format!("target is at its limit of {} sessions", shared.job.max_sessions),
+                    &format!(
+                        "target is at its limit of {} sessions",
+                        shared.job.max_sessions
+                    ),
                 );
                 continue;
             }

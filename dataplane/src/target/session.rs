@@ -77,7 +77,10 @@ pub fn run(shared: &Shared, stream: TcpStream) -> Result<String, TargetError> {
     let result = serve(shared, &mut reader, &mut writer);
     if let Err(e) = &result {
         // Tell the source why, unless it was the source that went away.
-        if !matches!(e, TargetError::Protocol(crate::protocol::ProtocolError::Remote { .. })) {
+        if !matches!(
+            e,
+            TargetError::Protocol(crate::protocol::ProtocolError::Remote { .. })
+        ) {
             writer.send_error(e.code(), &super::chain(e));
         }
     }
@@ -97,7 +100,11 @@ fn serve<R: std::io::Read, W: std::io::Write>(
     let replies: Vec<OpenDiskReply> = disks
         .iter()
         .map(|(_, created, record)| OpenDiskReply {
-            state: if *created { REPLICA_CREATED } else { REPLICA_EXISTING },
+            state: if *created {
+                REPLICA_CREATED
+            } else {
+                REPLICA_EXISTING
+            },
             reserved: [0; 7],
             generation: record
                 .as_ref()
@@ -119,10 +126,10 @@ fn serve<R: std::io::Read, W: std::io::Write>(
     }
     let mut disks: Vec<SessionDisk> = meta;
 
-    let (mut recv_alloc, recv_return) =
-        BufferPool::new(MAX_FRAME_PAYLOAD, RECV_SLOTS).map_err(|e| TargetError::Internal(e.to_string()))?;
-    let (mut scratch_alloc, scratch_return) =
-        BufferPool::new(MAX_FRAME_PAYLOAD, SCRATCH_SLOTS).map_err(|e| TargetError::Internal(e.to_string()))?;
+    let (mut recv_alloc, recv_return) = BufferPool::new(MAX_FRAME_PAYLOAD, RECV_SLOTS)
+        .map_err(|e| TargetError::Internal(e.to_string()))?;
+    let (mut scratch_alloc, scratch_return) = BufferPool::new(MAX_FRAME_PAYLOAD, SCRATCH_SLOTS)
+        .map_err(|e| TargetError::Internal(e.to_string()))?;
     let mut iovecs = crate::buffers::IovecTable::new();
     iovecs.push_pool(recv_alloc.region());
     iovecs.push_pool(scratch_alloc.region());
@@ -136,7 +143,11 @@ fn serve<R: std::io::Read, W: std::io::Write>(
     let mut summary = String::new();
     std::thread::scope(|scope| -> Result<(), TargetError> {
         let failed_ref = &failed;
-        let apply_disks = ApplyDisks { disks: &disk_handles, buffered: &buffered, names: &names };
+        let apply_disks = ApplyDisks {
+            disks: &disk_handles,
+            buffered: &buffered,
+            names: &names,
+        };
         let iovecs_ref = &iovecs;
         let applier = std::thread::Builder::new()
             .name("ferry-applier".into())
@@ -172,12 +183,18 @@ fn serve<R: std::io::Read, W: std::io::Write>(
                 };
                 match incoming.kind {
                     FrameKind::Data => {
-                        let mut recv = recv_alloc.alloc_wait().ok_or_else(|| TargetError::Internal("applier gone".into()))?;
+                        let mut recv = recv_alloc
+                            .alloc_wait()
+                            .ok_or_else(|| TargetError::Internal("applier gone".into()))?;
                         let payload_len = incoming.payload_len;
                         reader.read_payload(&incoming, recv.as_mut_slice())?;
                         let payload = &recv.as_slice()[..payload_len];
                         let mut scratch = if verify::needs_scratch(payload)? {
-                            Some(scratch_alloc.alloc_wait().ok_or_else(|| TargetError::Internal("applier gone".into()))?)
+                            Some(
+                                scratch_alloc
+                                    .alloc_wait()
+                                    .ok_or_else(|| TargetError::Internal("applier gone".into()))?,
+                            )
                         } else {
                             None
                         };
@@ -188,17 +205,30 @@ fn serve<R: std::io::Read, W: std::io::Write>(
                             scratch.as_mut().map(|s| s.as_mut_slice()),
                             &mut decompressor,
                         )?;
-                        tx.push_wait(ApplyMsg::Data { disk, recv, scratch })
-                            .map_err(|_| TargetError::Internal("applier gone".into()))?;
+                        tx.push_wait(ApplyMsg::Data {
+                            disk,
+                            recv,
+                            scratch,
+                        })
+                        .map_err(|_| TargetError::Internal("applier gone".into()))?;
                     }
                     FrameKind::Zero => {
                         let payload = reader.read_payload(&incoming, &mut control)?;
                         let run = DiskRun::read_from_bytes(payload).map_err(|_| {
-                            TargetError::reject(ErrorCode::Protocol, "zero frame has the wrong length")
+                            TargetError::reject(
+                                ErrorCode::Protocol,
+                                "zero frame has the wrong length",
+                            )
                         })?;
                         let disk = run.disk.get();
                         let g = geometries.get(disk as usize).ok_or_else(|| {
-                            TargetError::reject(ErrorCode::UnknownDisk, format!("zero frame names disk #{disk}, the session opened {}", geometries.len()))
+                            TargetError::reject(
+                                ErrorCode::UnknownDisk,
+                                format!(
+                                    "zero frame names disk #{disk}, the session opened {}",
+                                    geometries.len()
+                                ),
+                            )
                         })?;
                         let (offset, len) = (run.start.get(), run.count.get());
                         if offset % g.block_size != 0
@@ -222,7 +252,10 @@ fn serve<R: std::io::Read, W: std::io::Write>(
                     FrameKind::HashZeroRun => {
                         let payload = reader.read_payload(&incoming, &mut control)?;
                         let run = DiskRun::read_from_bytes(payload).map_err(|_| {
-                            TargetError::reject(ErrorCode::Protocol, "hash zero run frame has the wrong length")
+                            TargetError::reject(
+                                ErrorCode::Protocol,
+                                "hash zero run frame has the wrong length",
+                            )
                         })?;
                         compare_zero_run(&mut disks, &buffered, &run)?;
                     }
@@ -233,12 +266,18 @@ fn serve<R: std::io::Read, W: std::io::Write>(
                     FrameKind::Commit => {
                         let payload = reader.read_payload(&incoming, &mut control)?;
                         let commit = Commit::read_from_bytes(payload).map_err(|_| {
-                            TargetError::reject(ErrorCode::Protocol, "commit frame has the wrong length")
+                            TargetError::reject(
+                                ErrorCode::Protocol,
+                                "commit frame has the wrong length",
+                            )
                         })?;
                         if commit.epoch.get() != epoch {
                             return Err(TargetError::reject(
                                 ErrorCode::Protocol,
-                                format!("commit of epoch {} in a session opened for epoch {epoch}", commit.epoch.get()),
+                                format!(
+                                    "commit of epoch {} in a session opened for epoch {epoch}",
+                                    commit.epoch.get()
+                                ),
                             ));
                         }
                         let (reply, answer) = mpsc::sync_channel(1);
@@ -248,7 +287,9 @@ fn serve<R: std::io::Read, W: std::io::Write>(
                             .recv()
                             .map_err(|_| TargetError::Internal("applier gone".into()))?
                             .map_err(|why| TargetError::reject(ErrorCode::Io, why))?;
-                        let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+                        let now = SystemTime::now()
+                            .duration_since(UNIX_EPOCH)
+                            .map_or(0, |d| d.as_secs());
                         for d in &disks {
                             ReplicaRecord {
                                 generation: crate::source::hex16(&d.generation),
@@ -260,7 +301,11 @@ fn serve<R: std::io::Read, W: std::io::Write>(
                         }
                         writer.send(
                             FrameKind::Committed,
-                            &[Committed { epoch: epoch.into(), bytes_applied: applied.into() }.as_bytes()],
+                            &[Committed {
+                                epoch: epoch.into(),
+                                bytes_applied: applied.into(),
+                            }
+                            .as_bytes()],
                         )?;
                         writer.flush()?;
                         summary = format!(
@@ -294,16 +339,25 @@ fn control_big(control: &mut Vec<u8>) -> &mut Vec<u8> {
     control
 }
 
-type Opened = ((Disk, std::fs::File, SessionDisk), bool, Option<ReplicaRecord>);
+type Opened = (
+    (Disk, std::fs::File, SessionDisk),
+    bool,
+    Option<ReplicaRecord>,
+);
 
-fn open<'s>(shared: &'s Shared, payload: &[u8]) -> Result<(u64, Vec<Opened>, BusyGuard<'s>), TargetError> {
+fn open<'s>(
+    shared: &'s Shared,
+    payload: &[u8],
+) -> Result<(u64, Vec<Opened>, BusyGuard<'s>), TargetError> {
     let job = &shared.job;
     let proto = |m: String| TargetError::reject(ErrorCode::Protocol, m);
-    let (header, rest) =
-        OpenHeader::ref_from_prefix(payload).map_err(|_| proto("open frame shorter than its header".into()))?;
+    let (header, rest) = OpenHeader::ref_from_prefix(payload)
+        .map_err(|_| proto("open frame shorter than its header".into()))?;
     let count = header.disk_count.get() as usize;
     if count == 0 || count > MAX_DISKS_PER_SESSION {
-        return Err(proto(format!("open names {count} disks; 1..={MAX_DISKS_PER_SESSION} allowed")));
+        return Err(proto(format!(
+            "open names {count} disks; 1..={MAX_DISKS_PER_SESSION} allowed"
+        )));
     }
     let entries = <[OpenDisk]>::ref_from_bytes(rest)
         .ok()
@@ -322,7 +376,14 @@ fn open<'s>(shared: &'s Shared, payload: &[u8]) -> Result<(u64, Vec<Opened>, Bus
         if !job.disks.iter().any(|d| d.name == name) {
             return Err(TargetError::reject(
                 ErrorCode::UnknownDisk,
-                format!("unknown disk {name:?}: this target is configured for {}", job.disks.iter().map(|d| d.name.as_str()).collect::<Vec<_>>().join(", ")),
+                format!(
+                    "unknown disk {name:?}: this target is configured for {}",
+                    job.disks
+                        .iter()
+                        .map(|d| d.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
             ));
         }
         if names.iter().any(|n| n == name) {
@@ -333,23 +394,32 @@ fn open<'s>(shared: &'s Shared, payload: &[u8]) -> Result<(u64, Vec<Opened>, Bus
     let guard = {
         let mut busy = shared.busy.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(n) = names.iter().find(|n| busy.contains(*n)) {
-            return Err(TargetError::reject(ErrorCode::Busy, format!("disk {n:?} is being replicated by another session")));
+            return Err(TargetError::reject(
+                ErrorCode::Busy,
+                format!("disk {n:?} is being replicated by another session"),
+            ));
         }
         busy.extend(names.iter().cloned());
-        BusyGuard { shared, names: names.clone() }
+        BusyGuard {
+            shared,
+            names: names.clone(),
+        }
     };
 
     let mut opened = Vec::with_capacity(count);
     for (e, name) in entries.iter().zip(&names) {
         let block_size = e.block_size.get() as u64;
         if !block_size.is_power_of_two() || !(4096..=(1 << 20)).contains(&block_size) {
-            return Err(proto(format!("disk {name}: block size {block_size} is not a power of two in 4096..=1048576")));
+            return Err(proto(format!(
+                "disk {name}: block size {block_size} is not a power of two in 4096..=1048576"
+            )));
         }
         let disk_size = e.disk_size.get();
         if disk_size == 0 {
             return Err(proto(format!("disk {name}: size is zero")));
         }
-        let mode = SyncMode::from_u8(e.mode).ok_or_else(|| proto(format!("disk {name}: unknown sync mode {}", e.mode)))?;
+        let mode = SyncMode::from_u8(e.mode)
+            .ok_or_else(|| proto(format!("disk {name}: unknown sync mode {}", e.mode)))?;
         let record = ReplicaRecord::load(&job.state_dir, name)?;
         if mode == SyncMode::Changed {
             let ok = record.as_ref().is_some_and(|r| {
@@ -358,9 +428,11 @@ fn open<'s>(shared: &'s Shared, payload: &[u8]) -> Result<(u64, Vec<Opened>, Bus
                     && r.disk_size == disk_size
             });
             if !ok {
-                let held = record.as_ref().map_or("no acknowledged epoch".to_string(), |r| {
-                    format!("epoch {} of lineage {}", r.epoch, r.generation)
-                });
+                let held = record
+                    .as_ref()
+                    .map_or("no acknowledged epoch".to_string(), |r| {
+                        format!("epoch {} of lineage {}", r.epoch, r.generation)
+                    });
                 return Err(TargetError::reject(
                     ErrorCode::BaseMismatch,
                     format!(
@@ -371,10 +443,16 @@ fn open<'s>(shared: &'s Shared, payload: &[u8]) -> Result<(u64, Vec<Opened>, Bus
                 ));
             }
         }
-        let path = &job.disks.iter().find(|d| &d.name == name).expect("checked above").path;
+        let path = &job
+            .disks
+            .iter()
+            .find(|d| &d.name == name)
+            .expect("checked above")
+            .path;
         let (disk, state) = Disk::open_replica(path, disk_size).map_err(|source| {
             let code = match source {
-                crate::io::IoError::ReplicaTooSmall { .. } | crate::io::IoError::ReplicaSizeMismatch { .. } => ErrorCode::ReplicaTooSmall,
+                crate::io::IoError::ReplicaTooSmall { .. }
+                | crate::io::IoError::ReplicaSizeMismatch { .. } => ErrorCode::ReplicaTooSmall,
                 _ => ErrorCode::Io,
             };
             TargetError::reject(code, format!("disk {name}: {}", super::chain(&source)))
@@ -383,10 +461,18 @@ fn open<'s>(shared: &'s Shared, payload: &[u8]) -> Result<(u64, Vec<Opened>, Bus
             .read(true)
             .write(true)
             .open(path)
-            .map_err(|e| TargetError::reject(ErrorCode::Io, format!("disk {name}: open {}: {e}", path.display())))?;
+            .map_err(|e| {
+                TargetError::reject(
+                    ErrorCode::Io,
+                    format!("disk {name}: open {}: {e}", path.display()),
+                )
+            })?;
         let diff = if mode == SyncMode::Seeded {
             let gen = GenerationId::from_bytes(e.generation);
-            Some(ChangedBlockBitmap::new(disk_size, block_size as u32, gen, 0).map_err(|err| proto(format!("disk {name}: {err}")))?)
+            Some(
+                ChangedBlockBitmap::new(disk_size, block_size as u32, gen, 0)
+                    .map_err(|err| proto(format!("disk {name}: {err}")))?,
+            )
         } else {
             None
         };
@@ -396,7 +482,10 @@ fn open<'s>(shared: &'s Shared, payload: &[u8]) -> Result<(u64, Vec<Opened>, Bus
                 buffered,
                 SessionDisk {
                     name: name.clone(),
-                    geometry: Geometry { disk_size, block_size },
+                    geometry: Geometry {
+                        disk_size,
+                        block_size,
+                    },
                     mode,
                     generation: e.generation,
                     diff,
@@ -409,16 +498,30 @@ fn open<'s>(shared: &'s Shared, payload: &[u8]) -> Result<(u64, Vec<Opened>, Bus
     Ok((epoch, opened, guard))
 }
 
-fn seeded<'a>(disks: &'a mut [SessionDisk], disk: u32, what: &str) -> Result<&'a mut SessionDisk, TargetError> {
+fn seeded<'a>(
+    disks: &'a mut [SessionDisk],
+    disk: u32,
+    what: &str,
+) -> Result<&'a mut SessionDisk, TargetError> {
     disks
         .get_mut(disk as usize)
         .filter(|d| d.mode == SyncMode::Seeded)
-        .ok_or_else(|| TargetError::reject(ErrorCode::Protocol, format!("{what} for disk #{disk}, which is not being seeded")))
+        .ok_or_else(|| {
+            TargetError::reject(
+                ErrorCode::Protocol,
+                format!("{what} for disk #{disk}, which is not being seeded"),
+            )
+        })
 }
 
-fn compare_hashes(disks: &mut [SessionDisk], files: &[std::fs::File], payload: &[u8]) -> Result<(), TargetError> {
-    let (header, hashes) = HashesHeader::ref_from_prefix(payload)
-        .map_err(|_| TargetError::reject(ErrorCode::Protocol, "hashes frame shorter than its header"))?;
+fn compare_hashes(
+    disks: &mut [SessionDisk],
+    files: &[std::fs::File],
+    payload: &[u8],
+) -> Result<(), TargetError> {
+    let (header, hashes) = HashesHeader::ref_from_prefix(payload).map_err(|_| {
+        TargetError::reject(ErrorCode::Protocol, "hashes frame shorter than its header")
+    })?;
     let file = files.get(header.disk.get() as usize);
     let d = seeded(disks, header.disk.get(), "hashes")?;
     let file = file.expect("seeded() checked the index");
@@ -426,7 +529,10 @@ fn compare_hashes(disks: &mut [SessionDisk], files: &[std::fs::File], payload: &
     let count = header.block_count.get() as u64;
     let first = header.first_block.get();
     let blocks = d.geometry.disk_size.div_ceil(bs);
-    if hashes.len() as u64 != count * 16 || first.checked_add(count).is_none_or(|end| end > blocks) || count * bs > verify::MAX_FRAME_LOGICAL as u64 {
+    if hashes.len() as u64 != count * 16
+        || first.checked_add(count).is_none_or(|end| end > blocks)
+        || count * bs > verify::MAX_FRAME_LOGICAL as u64
+    {
         return Err(TargetError::reject(
             ErrorCode::OutOfRange,
             format!("disk {}: hashes for blocks {first}+{count} do not fit the frame or the disk ({blocks} blocks)", d.name),
@@ -435,13 +541,20 @@ fn compare_hashes(disks: &mut [SessionDisk], files: &[std::fs::File], payload: &
     let start = first * bs;
     let len = ((first + count) * bs).min(d.geometry.disk_size) - start;
     let mut buf = vec![0u8; len as usize];
-    file
-        .read_exact_at(&mut buf, start)
-        .map_err(|e| TargetError::reject(ErrorCode::Io, format!("disk {}: read at {start}: {e}", d.name)))?;
+    file.read_exact_at(&mut buf, start).map_err(|e| {
+        TargetError::reject(
+            ErrorCode::Io,
+            format!("disk {}: read at {start}: {e}", d.name),
+        )
+    })?;
     let diff = d.diff.as_mut().expect("seeded disks have a diff bitmap");
     for (i, block) in buf.chunks(bs as usize).enumerate() {
         let theirs = &hashes[i * 16..i * 16 + 16];
-        let ours = if is_zero(block) { ZERO_BLOCK_HASH } else { block_hash(block) };
+        let ours = if is_zero(block) {
+            ZERO_BLOCK_HASH
+        } else {
+            block_hash(block)
+        };
         if ours != theirs {
             diff.set(first + i as u64)
                 .map_err(|e| TargetError::Internal(format!("diff bitmap: {e}")))?;
@@ -450,7 +563,11 @@ fn compare_hashes(disks: &mut [SessionDisk], files: &[std::fs::File], payload: &
     Ok(())
 }
 
-fn compare_zero_run(disks: &mut [SessionDisk], files: &[std::fs::File], run: &DiskRun) -> Result<(), TargetError> {
+fn compare_zero_run(
+    disks: &mut [SessionDisk],
+    files: &[std::fs::File],
+    run: &DiskRun,
+) -> Result<(), TargetError> {
     let file = files.get(run.disk.get() as usize);
     let d = seeded(disks, run.disk.get(), "hash zero run")?;
     let file = file.expect("seeded() checked the index");
@@ -460,7 +577,10 @@ fn compare_zero_run(disks: &mut [SessionDisk], files: &[std::fs::File], run: &Di
     if first.checked_add(count).is_none_or(|end| end > blocks) {
         return Err(TargetError::reject(
             ErrorCode::OutOfRange,
-            format!("disk {}: zero run {first}+{count} is past the disk's {blocks} blocks", d.name),
+            format!(
+                "disk {}: zero run {first}+{count} is past the disk's {blocks} blocks",
+                d.name
+            ),
         ));
     }
     let end_byte = ((first + count) * bs).min(d.geometry.disk_size);
@@ -486,9 +606,12 @@ fn compare_zero_run(disks: &mut [SessionDisk], files: &[std::fs::File], run: &Di
         let block = data / bs;
         let start = block * bs;
         let len = bs.min(d.geometry.disk_size - start) as usize;
-        file
-            .read_exact_at(&mut buf[..len], start)
-            .map_err(|e| TargetError::reject(ErrorCode::Io, format!("disk {}: read at {start}: {e}", d.name)))?;
+        file.read_exact_at(&mut buf[..len], start).map_err(|e| {
+            TargetError::reject(
+                ErrorCode::Io,
+                format!("disk {}: read at {start}: {e}", d.name),
+            )
+        })?;
         if !is_zero(&buf[..len]) {
             d.diff
                 .as_mut()
@@ -501,12 +624,20 @@ fn compare_zero_run(disks: &mut [SessionDisk], files: &[std::fs::File], run: &Di
     Ok(())
 }
 
-fn send_diff<W: std::io::Write>(disks: &[SessionDisk], writer: &mut FrameWriter<W>) -> Result<(), TargetError> {
+fn send_diff<W: std::io::Write>(
+    disks: &[SessionDisk],
+    writer: &mut FrameWriter<W>,
+) -> Result<(), TargetError> {
     let mut batch: Vec<DiskRun> = Vec::with_capacity(DIFF_RUNS_PER_FRAME);
     for (i, d) in disks.iter().enumerate() {
         let Some(diff) = &d.diff else { continue };
         for (start, count) in diff.iter_runs() {
-            batch.push(DiskRun { disk: (i as u32).into(), reserved: 0.into(), start: start.into(), count: count.into() });
+            batch.push(DiskRun {
+                disk: (i as u32).into(),
+                reserved: 0.into(),
+                start: start.into(),
+                count: count.into(),
+            });
             if batch.len() == DIFF_RUNS_PER_FRAME {
                 writer.send(FrameKind::DiffRuns, &[batch.as_bytes()])?;
                 batch.clear();

@@ -29,10 +29,12 @@ impl ReplicaRecord {
     pub fn load(state_dir: &Path, disk: &str) -> Result<Option<Self>, TargetError> {
         let path = Self::path(state_dir, disk);
         match std::fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| TargetError::State {
-                path,
-                problem: e.to_string(),
-            }),
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|e| TargetError::State {
+                    path,
+                    problem: e.to_string(),
+                }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(TargetError::State {
                 path,

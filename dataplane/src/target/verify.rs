@@ -46,7 +46,8 @@ impl Placer {
         let len = rec.length.get() as usize;
         match Codec::from_u8(rec.codec) {
             Some(Codec::Raw)
-                if rec.payload_offset.get() as usize % PAYLOAD_ALIGN == 0 && len % 4096 == 0 =>
+                if (rec.payload_offset.get() as usize).is_multiple_of(PAYLOAD_ALIGN)
+                    && len.is_multiple_of(4096) =>
             {
                 Place::Recv(rec.payload_offset.get() as usize)
             }
@@ -67,7 +68,8 @@ impl Placer {
 
 /// The parsed table of a data frame.
 pub fn records(payload: &[u8]) -> Result<(u32, &[BlockRecord]), TargetError> {
-    let bad = |m: &str| TargetError::reject(ErrorCode::Protocol, format!("malformed data frame: {m}"));
+    let bad =
+        |m: &str| TargetError::reject(ErrorCode::Protocol, format!("malformed data frame: {m}"));
     let (header, rest) =
         DataHeader::ref_from_prefix(payload).map_err(|_| bad("shorter than its header"))?;
     let count = header.record_count.get() as usize;
@@ -97,7 +99,10 @@ pub fn verify_data(
     let geometry = disks.get(disk as usize).ok_or_else(|| {
         TargetError::reject(
             ErrorCode::UnknownDisk,
-            format!("data frame names disk #{disk}, but the session opened {} disk(s)", disks.len()),
+            format!(
+                "data frame names disk #{disk}, but the session opened {} disk(s)",
+                disks.len()
+            ),
         )
     })?;
     let name = &disk_names[disk as usize];
@@ -111,7 +116,10 @@ pub fn verify_data(
         let stored = rec.stored_len.get() as usize;
         let at = rec.payload_offset.get() as usize;
         let out_of_range = |what: String| {
-            TargetError::reject(ErrorCode::OutOfRange, format!("disk {name}: record {i}: {what}"))
+            TargetError::reject(
+                ErrorCode::OutOfRange,
+                format!("disk {name}: record {i}: {what}"),
+            )
         };
         if offset >= geometry.disk_size {
             return Err(out_of_range(format!(
@@ -138,13 +146,18 @@ pub fn verify_data(
             )));
         }
         let codec = Codec::from_u8(rec.codec).ok_or_else(|| {
-            TargetError::reject(ErrorCode::Protocol, format!("disk {name}: record {i}: unknown codec {}", rec.codec))
+            TargetError::reject(
+                ErrorCode::Protocol,
+                format!("disk {name}: record {i}: unknown codec {}", rec.codec),
+            )
         })?;
         let payload_of = || -> Result<&[u8], TargetError> {
             if at < table_end || at.checked_add(stored).is_none_or(|end| end > payload.len()) {
                 return Err(TargetError::reject(
                     ErrorCode::Protocol,
-                    format!("disk {name}: record {i}: payload [{at}, +{stored}) lies outside the frame"),
+                    format!(
+                        "disk {name}: record {i}: payload [{at}, +{stored}) lies outside the frame"
+                    ),
                 ));
             }
             Ok(&payload[at..at + stored])
@@ -161,7 +174,9 @@ pub fn verify_data(
                 if stored != 0 {
                     return Err(TargetError::reject(
                         ErrorCode::Protocol,
-                        format!("disk {name}: record {i}: zero block carries {stored} payload bytes"),
+                        format!(
+                            "disk {name}: record {i}: zero block carries {stored} payload bytes"
+                        ),
                     ));
                 }
             }
@@ -169,7 +184,9 @@ pub fn verify_data(
                 if stored as u64 != len {
                     return Err(TargetError::reject(
                         ErrorCode::Protocol,
-                        format!("disk {name}: record {i}: raw block of {len} bytes stores {stored}"),
+                        format!(
+                            "disk {name}: record {i}: raw block of {len} bytes stores {stored}"
+                        ),
                     ));
                 }
                 let data = payload_of()?;
@@ -177,7 +194,9 @@ pub fn verify_data(
                     return Err(integrity());
                 }
                 if let Place::Scratch(s) = place {
-                    let scratch = scratch.as_deref_mut().ok_or_else(|| TargetError::Internal("scratch buffer missing".into()))?;
+                    let scratch = scratch
+                        .as_deref_mut()
+                        .ok_or_else(|| TargetError::Internal("scratch buffer missing".into()))?;
                     bounds(scratch.len(), s, len as usize)?;
                     scratch[s..s + len as usize].copy_from_slice(data);
                 }
@@ -187,7 +206,9 @@ pub fn verify_data(
                 let Place::Scratch(s) = place else {
                     unreachable!("compressed blocks always decompress into scratch")
                 };
-                let scratch = scratch.as_deref_mut().ok_or_else(|| TargetError::Internal("scratch buffer missing".into()))?;
+                let scratch = scratch
+                    .as_deref_mut()
+                    .ok_or_else(|| TargetError::Internal("scratch buffer missing".into()))?;
                 bounds(scratch.len(), s, len as usize)?;
                 let dst = &mut scratch[s..s + len as usize];
                 // The destination is exactly the block: a frame cannot make us inflate

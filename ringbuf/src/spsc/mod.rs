@@ -17,8 +17,8 @@
 //! `tail` with `Acquire` before it reads the slot. The consumer moves the value out,
 //! then stores `head` with `Release`; the producer loads `head` with `Acquire` before
 //! it writes the slot again. So a slot is owned by exactly one end at a time and the
-//! hand-over carries the bytes. The blocking helpers add one `SeqCst` fence per push
-//! and pop (see `park.rs` for why a fence and not release/acquire).
+//! hand-over carries the bytes. Waking a blocked end adds one `SeqCst` fence to every
+//! push and pop (see `park.rs` for why a fence and not release/acquire).
 //!
 //! # Blocking
 //!
@@ -28,7 +28,8 @@
 //! end's drop) checks whether the other end is asleep and unparks it, so the
 //! blocking and non-blocking calls can be mixed freely and no wake-up is lost.
 //! When nobody sleeps that check costs a fence and a load, with no lock or system
-//! call.
+//! call — few instructions, but the fence exposes the latency of the index store
+//! (measured in `park.rs`).
 //!
 //! ```
 //! use ringbuf::spsc;
