@@ -21,8 +21,13 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Print a fresh pre-shared key (`ferry keygen > ferry.key`).
-    Keygen,
+    /// Print a fresh pre-shared key (`ferry keygen > ferry.key`), or write it to a new
+    /// owner-only file with `--out`.
+    Keygen {
+        /// Create this file (mode 0600; refuses to overwrite) instead of printing.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Run the target writer in the foreground.
     Target {
         #[arg(long)]
@@ -65,7 +70,7 @@ fn main() -> ExitCode {
     init_logging();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Keygen => keygen(),
+        Command::Keygen { out } => keygen(out.as_deref()),
         Command::Target { config } => target(&config),
         Command::Sync {
             config,
@@ -106,10 +111,15 @@ pub(crate) fn chain(e: &dyn std::error::Error) -> String {
     dataplane::target::chain(e)
 }
 
-fn keygen() -> Result<(), String> {
+fn keygen(out: Option<&std::path::Path>) -> Result<(), String> {
     let psk = dataplane::psk::Psk::generate().map_err(|e| chain(&e))?;
-    print!("{}", psk.to_file_string());
-    Ok(())
+    match out {
+        Some(path) => psk.save_new(path).map_err(|e| chain(&e)),
+        None => {
+            print!("{}", psk.to_file_string());
+            Ok(())
+        }
+    }
 }
 
 fn load(config: &std::path::Path) -> Result<Config, String> {

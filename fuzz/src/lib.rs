@@ -1,0 +1,132 @@
+//! Fuzz harnesses for ferry's trust boundaries.
+//!
+//! Each module under [`targets`] holds one harness: a `run` function that feeds one
+//! input to the product and panics when the product misbehaves (a panic inside the
+//! product, or a broken invariant that the harness checks as an independent oracle),
+//! plus the structured seeds and repairs that let a mutation fuzzer without coverage
+//! feedback get past checksums. Two drivers call them:
+//!
+//! * `cargo fuzz` (nightly, libFuzzer): the thin binaries in `fuzz_targets/`.
+//! * the stable smoke driver, `src/bin/smoke`, which mutates the seeds for a fixed
+//!   time per target in a child process, so an abort or a hang is caught too.
+//!
+//! Without `--cfg fuzzing` the `fuzz_targets/` binaries replay files instead
+//! ([`replay_main`]), which is how a crash found by either driver is reproduced on
+//! stable.
+
+#![forbid(unsafe_code)]
+
+pub mod frames;
+pub mod targets;
+
+use std::path::Path;
+
+/// One fuzz target as both drivers see it.
+pub struct Target {
+    /// The name of its `fuzz_targets/` binary and of its corpus directory.
+    pub name: &'static str,
+    /// Runs one input. Panics on a finding; otherwise returns a short label of what
+    /// happened (an error kind, or how far a valid input got), which the smoke
+    /// driver uses as its only feedback: an input with a new label joins the corpus.
+    pub run: fn(&[u8]) -> String,
+    /// Well-formed inputs to start from.
+    pub seeds: fn() -> Vec<Vec<u8>>,
+    /// Repairs the checksums and derived fields of a mutated input so that it gets
+    /// past the integrity checks, using `entropy` to decide what to leave broken. The
+    /// smoke driver applies it to half of its inputs; the repaired bytes are what it
+    /// runs and saves, so a reproducer never depends on the repair.
+    pub repair: Option<fn(&mut Vec<u8>, u64)>,
+    /// Tokens worth splicing into inputs (also in `dict/<name>.dict` for libFuzzer).
+    pub dictionary: &'static [&'static [u8]],
+    /// Longest input the smoke driver builds for this target.
+    pub max_len: usize,
+}
+
+/// Every target this build has, in a fixed order.
+pub fn all() -> Vec<Target> {
+    let mut all = vec![targets::frame_decoder::target()];
+    #[cfg(feature = "verify-api")]
+    all.push(targets::data_frame_verify::target());
+    all.extend([
+        targets::bitmap_file::target(),
+        targets::config_toml::target(),
+        targets::handshake_server::target(),
+    ]);
+    all
+}
+
+/// Targets that exist but are not compiled into this build, with the reason.
+pub fn unavailable() -> Vec<(&'static str, &'static str)> {
+    let mut missing = Vec::new();
+    if cfg!(not(feature = "verify-api")) {
+        missing.push((
+            "data_frame_verify",
+            "needs `--features verify-api` and the dataplane change described in fuzz/README.md",
+        ));
+    }
+    missing
+}
+
+/// A short, stable label for an error: its Display text with numbers replaced, so
+/// that "record 3" and "record 7" count as the same behaviour.
+pub fn label(prefix: &str, error: &dyn std::fmt::Display) -> String {
+    let mut out = String::with_capacity(prefix.len() + 64);
+    out.push_str(prefix);
+    out.push(':');
+    let mut in_number = false;
+    for c in error.to_string().chars().take(96) {
+        if c.is_ascii_hexdigit() && (in_number || c.is_ascii_digit()) {
+            if !in_number {
+                out.push('#');
+                in_number = true;
+            }
+        } else {
+            in_number = false;
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Rounds a count to a power of two so labels stay few.
+pub fn bucket(n: usize) -> usize {
+    n.checked_next_power_of_two().unwrap_or(usize::MAX)
+}
+
+/// `main` of a `fuzz_targets/` binary built without `cargo fuzz`: runs every file
+/// named on the command line (directories are walked one level deep) through `run`,
+/// so a crash artifact from either driver reproduces on stable with a backtrace.
+pub fn replay_main(name: &str, run: fn(&[u8]) -> String) {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.is_empty() || args.iter().any(|a| a == "-h" || a == "--help") {
+        eprintln!(
+            "usage: {name} FILE_OR_DIR...\n\n\
+             Replays inputs through the `{name}` harness (this binary was built without \
+             `cargo fuzz`).\nTo fuzz on stable use the `smoke` binary; see fuzz/README.md."
+        );
+        std::process::exit(2);
+    }
+    let mut files = Vec::new();
+    for arg in &args {
+        let path = Path::new(arg);
+        if path.is_dir() {
+            let mut entries: Vec<_> = std::fs::read_dir(path)
+                .unwrap_or_else(|e| panic!("cannot list {arg}: {e}"))
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.is_file())
+                .collect();
+            entries.sort();
+            files.extend(entries);
+        } else {
+            files.push(path.to_path_buf());
+        }
+    }
+    for file in &files {
+        let data =
+            std::fs::read(file).unwrap_or_else(|e| panic!("cannot read {}: {e}", file.display()));
+        eprintln!("{name}: {} ({} bytes)", file.display(), data.len());
+        let outcome = run(&data);
+        eprintln!("  -> {outcome}");
+    }
+    eprintln!("{name}: {} input(s) replayed without a finding", files.len());
+}
