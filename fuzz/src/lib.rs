@@ -32,7 +32,8 @@ pub struct Target {
     /// Well-formed inputs to start from.
     pub seeds: fn() -> Vec<Vec<u8>>,
     /// Repairs the checksums and derived fields of a mutated input so that it gets
-    /// past the integrity checks, using `entropy` to decide what to leave broken. The
+    /// past the integrity checks, using `entropy` to decide what to leave broken (0
+    /// repairs everything, which is what minimisation uses). The
     /// smoke driver applies it to half of its inputs; the repaired bytes are what it
     /// runs and saves, so a reproducer never depends on the repair.
     pub repair: Option<fn(&mut Vec<u8>, u64)>,

@@ -120,7 +120,8 @@ fn page_checksum(generation: &[u8], page: u64, payload: &[u8]) -> u64 {
 
 /// Re-derives what a writer would have: block and page counts from the geometry, the
 /// file length they imply (when small enough), and every checksum, leaving a page's
-/// checksum broken now and then so torn-page recovery is exercised.
+/// checksum broken now and then (one page in eight for random entropy, none for 0) so
+/// torn-page recovery is exercised.
 fn repair(buf: &mut Vec<u8>, entropy: u64) {
     if buf.len() < PAGE_SIZE {
         return;
@@ -156,7 +157,7 @@ fn repair(buf: &mut Vec<u8>, entropy: u64) {
     let generation: [u8; 16] = buf[OFF_GENERATION..OFF_GENERATION + 16].try_into().unwrap();
     let mut bits = entropy >> 5;
     for (page, chunk) in buf[PAGE_SIZE..].chunks_exact_mut(PAGE_SIZE).enumerate() {
-        if bits & 7 != 0 {
+        if bits & 7 != 7 {
             let sum = page_checksum(&generation, page as u64, &chunk[8..]);
             chunk[..8].copy_from_slice(&sum.to_le_bytes());
         }
