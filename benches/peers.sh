@@ -74,7 +74,7 @@ stop() { # stop PID: end one process we started and reap it
   wait "$1" 2>/dev/null || true
 }
 
-die() { echo "peers.sh: $*" >&2; exit 1; }
+die() { echo "peers.sh: $*" >&3; KEEP=1; exit 1; }
 
 # ---------------------------------------------------------------- tools
 [ -x "$ferry" ] || die "no ferry binary at $ferry: run 'cargo build --release -p ferry' first (or set FERRY)"
@@ -94,7 +94,6 @@ fi
 # ---------------------------------------------------------------- helpers
 now_ns() { date +%s%N; }
 mbps() { awk -v b="$size_bytes" -v ns="$1" 'BEGIN { printf "%.0f", b / (ns / 1e9) / 1e6 }'; }
-secs() { awk -v ns="$1" 'BEGIN { printf "%.2f", ns / 1e9 }'; }
 median() { printf '%s\n' "$@" | grep -v '^NA$' | sort -n | awk '{ v[NR] = $1 } END { if (NR == 0) print 0; else if (NR % 2) print v[(NR + 1) / 2]; else printf "%.0f\n", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 # cpu_ticks PID: user+system time of a live process and of the children it reaped.
 cpu_ticks() { awk '{ print $14 + $15 + $16 + $17 }' "/proc/$1/stat" 2>/dev/null || echo 0; }
@@ -111,13 +110,13 @@ free_port() {
   local p
   for _ in $(seq 1 200); do
     p=$(( 20000 + RANDOM % 30000 ))
-    ss -Htln "sport = :$p" | grep -q . || { echo "$p"; return; }
+    [ -n "$(ss -Htln "sport = :$p")" ] || { echo "$p"; return; }
   done
   die "no free TCP port found on loopback"
 }
 wait_listen() { # wait_listen PORT PID
   for _ in $(seq 1 200); do
-    ss -Htln "sport = :$1" | grep -q . && return 0
+    [ -n "$(ss -Htln "sport = :$1")" ] && return 0
     kill -0 "$2" 2>/dev/null || die "the listener for port $1 exited; see $work/*.log"
     sleep 0.05
   done

@@ -52,13 +52,16 @@ impl Fixture {
             flip_range(&f, 100_000, 50_000, &mut rng);
         }
         let mut watched: Vec<PathBuf> = vec![d0.replica.clone(), d1.replica.clone()];
-        for entry in std::fs::read_dir(&pair.target_state).unwrap() {
-            watched.push(entry.unwrap().path());
-        }
-        let before = watched.into_iter().map(|p| {
-            let f = fingerprint(&p);
-            (p, f)
-        }).collect();
+        // The target's records of what each replica holds (its working directories,
+        // such as in-progress logs, are its own business).
+        watched.extend(state_files(&pair.target_state));
+        let before = watched
+            .into_iter()
+            .map(|p| {
+                let f = fingerprint(&p);
+                (p, f)
+            })
+            .collect();
         Fixture { pair, before }
     }
 
@@ -69,10 +72,19 @@ impl Fixture {
     /// Nothing the target writes changed: replicas and its state directory.
     fn assert_nothing_written(&self, case: &str) {
         for (path, before) in &self.before {
-            assert_eq!(&fingerprint(path), before, "{case}: {} was modified", path.display());
+            assert_eq!(
+                &fingerprint(path),
+                before,
+                "{case}: {} was modified",
+                path.display()
+            );
         }
-        let now = std::fs::read_dir(&self.pair.target_state).unwrap().count();
-        assert_eq!(now, self.before.len() - 2, "{case}: files appeared in the target's state directory");
+        let now = state_files(&self.pair.target_state).len();
+        assert_eq!(
+            now,
+            self.before.len() - 2,
+            "{case}: files appeared in the target's state directory"
+        );
     }
 
     /// The target survived and still brings both replicas up to date.
@@ -83,6 +95,17 @@ impl Fixture {
         self.pair.assert_replicas_identical();
         self.pair.target.assert_alive();
     }
+}
+
+/// Regular files directly in `dir`.
+fn state_files(dir: &std::path::Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.is_file())
+        .collect();
+    files.sort();
+    files
 }
 
 // ---------------------------------------------------------------------------------
@@ -100,7 +123,9 @@ struct Raw {
 impl Raw {
     fn connect(fx: &Fixture) -> Raw {
         let stream = TcpStream::connect(fx.pair.target.addr()).unwrap();
-        stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
         stream.set_nodelay(true).unwrap();
         Raw {
             reader: FrameReader::new(stream.try_clone().unwrap()),
@@ -112,7 +137,8 @@ impl Raw {
 
     fn authenticated(fx: &Fixture) -> Raw {
         let mut raw = Raw::connect(fx);
-        auth::client_handshake(&mut raw.reader, &mut raw.writer, &fx.pair.psk).expect("handshake with the right key");
+        auth::client_handshake(&mut raw.reader, &mut raw.writer, &fx.pair.psk)
+            .expect("handshake with the right key");
         raw.next_seq = 2; // Hello, Auth
         raw
     }
@@ -126,23 +152,40 @@ impl Raw {
     /// target that wrongly accepted it answers (Committed) instead of waiting. The
     /// target may already have closed, so a failed send is fine.
     fn send_commit(&mut self) {
-        let _ = self.writer.send(FrameKind::Commit, &[Commit { epoch: 1000.into() }.as_bytes()]);
+        let _ = self.writer.send(
+            FrameKind::Commit,
+            &[Commit { epoch: 1000.into() }.as_bytes()],
+        );
         self.next_seq += 1;
     }
 
     /// Opens `disks` (name, mode, disk size) with RAW_BLOCK blocks.
-    fn open(&mut self, disks: &[(&str, SyncMode, u64)]) -> Result<Vec<OpenDiskReply>, ProtocolError> {
-        let header = OpenHeader { epoch: 1000.into(), disk_count: (disks.len() as u32).into(), reserved: 0.into() };
-        let entries: Vec<OpenDisk> = disks.iter().map(|&(name, mode, size)| open_disk(name, mode, size)).collect();
+    fn open(
+        &mut self,
+        disks: &[(&str, SyncMode, u64)],
+    ) -> Result<Vec<OpenDiskReply>, ProtocolError> {
+        let header = OpenHeader {
+            epoch: 1000.into(),
+            disk_count: (disks.len() as u32).into(),
+            reserved: 0.into(),
+        };
+        let entries: Vec<OpenDisk> = disks
+            .iter()
+            .map(|&(name, mode, size)| open_disk(name, mode, size))
+            .collect();
         self.send(FrameKind::Open, &[header.as_bytes(), entries.as_bytes()]);
         let mut buf = vec![0u8; 64 << 10];
         let payload = self.reader.expect(FrameKind::OpenOk, &mut buf)?;
-        Ok(<[OpenDiskReply]>::ref_from_bytes(payload).expect("OpenOk layout").to_vec())
+        Ok(<[OpenDiskReply]>::ref_from_bytes(payload)
+            .expect("OpenOk layout")
+            .to_vec())
     }
 
     /// Writes bytes built by hand straight to the socket.
     fn send_raw(&mut self, bytes: &[u8]) {
-        (&self.stream).write_all(bytes).expect("write to the target");
+        (&self.stream)
+            .write_all(bytes)
+            .expect("write to the target");
     }
 
     /// Reads until the target's Error frame and returns it.
@@ -152,8 +195,12 @@ impl Raw {
             match self.reader.read_frame(&mut buf) {
                 Err(ProtocolError::Remote { code, message }) => return (code, message),
                 Ok(Some((FrameKind::DiffRuns | FrameKind::DiffDone, _))) => continue,
-                Ok(Some((kind, _))) => panic!("{case}: the target answered {kind:?} instead of an Error frame"),
-                Ok(None) => panic!("{case}: the target closed the connection without an Error frame"),
+                Ok(Some((kind, _))) => {
+                    panic!("{case}: the target answered {kind:?} instead of an Error frame")
+                }
+                Ok(None) => {
+                    panic!("{case}: the target closed the connection without an Error frame")
+                }
                 Err(e) => panic!("{case}: no Error frame from the target: {e}"),
             }
         }
@@ -195,7 +242,8 @@ fn frame_bytes(kind: u8, seq: u32, payload: &[u8]) -> Vec<u8> {
 
 /// A Data payload of raw blocks: `(offset, bytes, hash)` per record, payloads aligned.
 fn data_payload(disk: u32, blocks: &[(u64, Vec<u8>, [u8; 16])]) -> Vec<u8> {
-    let table_end = std::mem::size_of::<DataHeader>() + blocks.len() * std::mem::size_of::<BlockRecord>();
+    let table_end =
+        std::mem::size_of::<DataHeader>() + blocks.len() * std::mem::size_of::<BlockRecord>();
     let mut at = table_end.next_multiple_of(PAYLOAD_ALIGN);
     let mut records = Vec::new();
     for (offset, data, hash) in blocks {
@@ -211,7 +259,10 @@ fn data_payload(disk: u32, blocks: &[(u64, Vec<u8>, [u8; 16])]) -> Vec<u8> {
         });
         at += data.len().next_multiple_of(PAYLOAD_ALIGN);
     }
-    let header = DataHeader { disk: disk.into(), record_count: (blocks.len() as u32).into() };
+    let header = DataHeader {
+        disk: disk.into(),
+        record_count: (blocks.len() as u32).into(),
+    };
     let mut out = header.as_bytes().to_vec();
     out.extend_from_slice(records.as_bytes());
     for (_, data, _) in blocks {
@@ -233,7 +284,10 @@ fn assert_error(case: &str, got: (ErrorCode, String), code: ErrorCode, words: &[
     assert_eq!(c, code, "{case}: error code for {message:?}");
     let lower = message.to_lowercase();
     for w in words {
-        assert!(lower.contains(&w.to_lowercase()), "{case}: the error {message:?} should mention {w:?}");
+        assert!(
+            lower.contains(&w.to_lowercase()),
+            "{case}: the error {message:?} should mention {w:?}"
+        );
     }
 }
 
@@ -247,12 +301,27 @@ fn wrong_key_via_ferry_sync_is_refused() {
     keygen(&other_key);
     let text = std::fs::read_to_string(&fx.pair.source_config).unwrap();
     let config = fx.pair.path().join("wrong-key.toml");
-    std::fs::write(&config, text.replace(&toml_path(&fx.pair.key), &toml_path(&other_key))).unwrap();
+    std::fs::write(
+        &config,
+        text.replace(&toml_path(&fx.pair.key), &toml_path(&other_key)),
+    )
+    .unwrap();
     let run = sync(&config, &[]);
-    assert!(!run.success(), "a sync with the wrong key succeeded: {run:?}");
+    assert!(
+        !run.success(),
+        "a sync with the wrong key succeeded: {run:?}"
+    );
     let err = run.stderr.to_lowercase();
-    assert!(err.contains("key"), "the error should mention the key: {}", run.stderr);
-    assert!(run.stdout.trim().is_empty(), "no report for a failed sync: {}", run.stdout);
+    assert!(
+        err.contains("key"),
+        "the error should mention the key: {}",
+        run.stderr
+    );
+    assert!(
+        run.stdout.trim().is_empty(),
+        "no report for a failed sync: {}",
+        run.stdout
+    );
     fx.assert_nothing_written("wrong key (ferry sync)");
     fx.assert_target_still_serves();
 }
@@ -282,7 +351,12 @@ fn wrong_key_via_raw_client_is_refused() {
     let payload = raw.reader.expect(FrameKind::Challenge, &mut buf).unwrap();
     Challenge::read_from_bytes(payload).expect("challenge layout");
     raw.send(FrameKind::Auth, &[&[0x77; 32]]);
-    assert_error("forged proof", raw.expect_error("forged proof"), ErrorCode::Auth, &["key"]);
+    assert_error(
+        "forged proof",
+        raw.expect_error("forged proof"),
+        ErrorCode::Auth,
+        &["key"],
+    );
 
     // A client that sends data without even a Hello.
     let mut raw = Raw::connect(&fx);
@@ -308,11 +382,19 @@ fn skipped_or_malformed_auth_gets_an_error_frame() {
         flags: 0.into(),
         nonce: [9; 32],
     };
-    let header = OpenHeader { epoch: 1.into(), disk_count: 1.into(), reserved: 0.into() };
+    let header = OpenHeader {
+        epoch: 1.into(),
+        disk_count: 1.into(),
+        reserved: 0.into(),
+    };
     let entry = open_disk("d0", SyncMode::Full, fx.disk_size(0));
     let mut buf = vec![0u8; 4096];
     let cases: [(&str, FrameKind, Vec<u8>); 2] = [
-        ("open instead of auth", FrameKind::Open, [header.as_bytes(), entry.as_bytes()].concat()),
+        (
+            "open instead of auth",
+            FrameKind::Open,
+            [header.as_bytes(), entry.as_bytes()].concat(),
+        ),
         ("auth of the wrong length", FrameKind::Auth, vec![0x77; 31]),
     ];
     for (case, kind, payload) in cases {
@@ -321,8 +403,14 @@ fn skipped_or_malformed_auth_gets_an_error_frame() {
         raw.reader.expect(FrameKind::Challenge, &mut buf).unwrap();
         raw.send(kind, &[&payload]);
         let (code, message) = raw.expect_error(case);
-        assert!(matches!(code, ErrorCode::Auth | ErrorCode::Protocol), "{case}: {code:?}: {message}");
-        assert!(message.to_lowercase().contains("auth"), "{case}: the error should mention auth: {message}");
+        assert!(
+            matches!(code, ErrorCode::Auth | ErrorCode::Protocol),
+            "{case}: {code:?}: {message}"
+        );
+        assert!(
+            message.to_lowercase().contains("auth"),
+            "{case}: the error should mention auth: {message}"
+        );
     }
     fx.assert_nothing_written("skipped auth");
     fx.assert_target_still_serves();
@@ -343,14 +431,24 @@ fn truncated_frame_is_refused() {
     let bytes = frame_bytes(FrameKind::Data as u8, raw.next_seq, &payload);
     raw.send_raw(&bytes[..bytes.len() / 2]);
     raw.stream.shutdown(Shutdown::Write).unwrap();
-    assert_error("truncated payload", raw.expect_error("truncated payload"), ErrorCode::Protocol, &["truncated"]);
+    assert_error(
+        "truncated payload",
+        raw.expect_error("truncated payload"),
+        ErrorCode::Protocol,
+        &["truncated"],
+    );
 
     // Half a header.
     let mut raw = Raw::authenticated(&fx);
     raw.open(&[("d0", SyncMode::Full, size)]).unwrap();
     raw.send_raw(&bytes[..20]);
     raw.stream.shutdown(Shutdown::Write).unwrap();
-    assert_error("truncated header", raw.expect_error("truncated header"), ErrorCode::Protocol, &["truncated"]);
+    assert_error(
+        "truncated header",
+        raw.expect_error("truncated header"),
+        ErrorCode::Protocol,
+        &["truncated"],
+    );
 
     // Half a frame, then the connection is gone altogether.
     let mut raw = Raw::authenticated(&fx);
@@ -376,7 +474,12 @@ fn corrupted_frame_is_refused() {
     let last = bytes.len() - 100;
     bytes[last] ^= 0x10;
     raw.send_raw(&bytes);
-    assert_error("payload corrupted", raw.expect_error("payload corrupted"), ErrorCode::Integrity, &["checksum"]);
+    assert_error(
+        "payload corrupted",
+        raw.expect_error("payload corrupted"),
+        ErrorCode::Integrity,
+        &["checksum"],
+    );
 
     // A byte of the record table flipped (the block's offset).
     let mut raw = Raw::authenticated(&fx);
@@ -384,7 +487,12 @@ fn corrupted_frame_is_refused() {
     let mut bytes = frame_bytes(FrameKind::Data as u8, raw.next_seq, &payload);
     bytes[32 + 8 + 1] ^= 0x01;
     raw.send_raw(&bytes);
-    assert_error("table corrupted", raw.expect_error("table corrupted"), ErrorCode::Integrity, &["checksum"]);
+    assert_error(
+        "table corrupted",
+        raw.expect_error("table corrupted"),
+        ErrorCode::Integrity,
+        &["checksum"],
+    );
 
     // A header byte flipped (payload length).
     let mut raw = Raw::authenticated(&fx);
@@ -392,7 +500,12 @@ fn corrupted_frame_is_refused() {
     let mut bytes = frame_bytes(FrameKind::Data as u8, raw.next_seq, &payload);
     bytes[9] ^= 0x01;
     raw.send_raw(&bytes[..32]);
-    assert_error("header corrupted", raw.expect_error("header corrupted"), ErrorCode::Integrity, &["checksum"]);
+    assert_error(
+        "header corrupted",
+        raw.expect_error("header corrupted"),
+        ErrorCode::Integrity,
+        &["checksum"],
+    );
 
     fx.assert_nothing_written("corrupted frame");
     fx.assert_target_still_serves();
@@ -419,7 +532,12 @@ fn oversized_length_is_refused_before_the_payload() {
         header.header_hash = xxh3_64(&header.as_bytes()[..24]).into();
         // Only the header: the target must refuse without waiting for the payload.
         raw.send_raw(header.as_bytes());
-        assert_error(&case, raw.expect_error(&case), ErrorCode::Protocol, &[&len.to_string(), &MAX_FRAME_PAYLOAD.to_string()]);
+        assert_error(
+            &case,
+            raw.expect_error(&case),
+            ErrorCode::Protocol,
+            &[&len.to_string(), &MAX_FRAME_PAYLOAD.to_string()],
+        );
     }
     fx.assert_nothing_written("oversized length");
     fx.assert_target_still_serves();
@@ -435,13 +553,23 @@ fn wrong_sequence_number_is_refused() {
         raw.open(&[("d0", SyncMode::Full, size)]).unwrap();
         let seq = (raw.next_seq as i64 + delta) as u32;
         raw.send_raw(&frame_bytes(FrameKind::Data as u8, seq, &payload));
-        assert_error(case, raw.expect_error(case), ErrorCode::Protocol, &["sequence"]);
+        assert_error(
+            case,
+            raw.expect_error(case),
+            ErrorCode::Protocol,
+            &["sequence"],
+        );
     }
     // An unknown frame kind with valid checksums.
     let mut raw = Raw::authenticated(&fx);
     raw.open(&[("d0", SyncMode::Full, size)]).unwrap();
     raw.send_raw(&frame_bytes(99, raw.next_seq, b"hello"));
-    assert_error("unknown kind", raw.expect_error("unknown kind"), ErrorCode::Protocol, &["kind", "99"]);
+    assert_error(
+        "unknown kind",
+        raw.expect_error("unknown kind"),
+        ErrorCode::Protocol,
+        &["kind", "99"],
+    );
     fx.assert_nothing_written("wrong sequence");
     fx.assert_target_still_serves();
 }
@@ -459,19 +587,35 @@ fn record_past_the_end_of_the_disk_is_refused() {
         ("one block past", 0, size + RAW_BLOCK),
         ("far past", 0, 1 << 50),
         ("u64 wrap", 0, u64::MAX & !(RAW_BLOCK - 1)),
-        ("past the second disk's end", 1, d1_size.next_multiple_of(RAW_BLOCK)),
+        (
+            "past the second disk's end",
+            1,
+            d1_size.next_multiple_of(RAW_BLOCK),
+        ),
     ];
     for (case, disk, offset) in cases {
         let mut raw = Raw::authenticated(&fx);
-        raw.open(&[("d0", SyncMode::Full, size), ("d1", SyncMode::Full, d1_size)]).unwrap();
+        raw.open(&[
+            ("d0", SyncMode::Full, size),
+            ("d1", SyncMode::Full, d1_size),
+        ])
+        .unwrap();
         // A valid block first in the same frame: the whole frame must be refused.
         let payload = data_payload(disk, &[block_at(0, 0x11), block_at(offset, 0xAB)]);
         raw.send(FrameKind::Data, &[&payload]);
         raw.send_commit();
-        assert_error(case, raw.expect_error(case), ErrorCode::OutOfRange, &[&offset.to_string()]);
+        assert_error(
+            case,
+            raw.expect_error(case),
+            ErrorCode::OutOfRange,
+            &[&offset.to_string()],
+        );
     }
     // A record shorter or longer than its block, and an unaligned offset.
-    for (case, offset, len) in [("short block", 0u64, 512usize), ("unaligned", 512, RAW_BLOCK as usize)] {
+    for (case, offset, len) in [
+        ("short block", 0u64, 512usize),
+        ("unaligned", 512, RAW_BLOCK as usize),
+    ] {
         let mut raw = Raw::authenticated(&fx);
         raw.open(&[("d0", SyncMode::Full, size)]).unwrap();
         let data = vec![0xAB; len];
@@ -483,10 +627,20 @@ fn record_past_the_end_of_the_disk_is_refused() {
     // A Zero range past the end.
     let mut raw = Raw::authenticated(&fx);
     raw.open(&[("d0", SyncMode::Full, size)]).unwrap();
-    let run = DiskRun { disk: 0.into(), reserved: 0.into(), start: 0.into(), count: (size + 1).into() };
+    let run = DiskRun {
+        disk: 0.into(),
+        reserved: 0.into(),
+        start: 0.into(),
+        count: (size + 1).into(),
+    };
     raw.send(FrameKind::Zero, &[run.as_bytes()]);
     raw.send_commit();
-    assert_error("zero past the end", raw.expect_error("zero past the end"), ErrorCode::OutOfRange, &[]);
+    assert_error(
+        "zero past the end",
+        raw.expect_error("zero past the end"),
+        ErrorCode::OutOfRange,
+        &[],
+    );
     fx.assert_nothing_written("record past the end");
     fx.assert_target_still_serves();
 }
@@ -503,7 +657,12 @@ fn block_hash_mismatch_is_refused() {
     let payload = data_payload(0, &[block_at(0, 0x11), (offset, data, hash)]);
     raw.send(FrameKind::Data, &[&payload]);
     raw.send_commit();
-    assert_error("raw block", raw.expect_error("raw block"), ErrorCode::Integrity, &["hash"]);
+    assert_error(
+        "raw block",
+        raw.expect_error("raw block"),
+        ErrorCode::Integrity,
+        &["hash"],
+    );
 
     // A compressed block whose content does not match its hash, and one that inflates
     // past its block (a decompression bomb).
@@ -523,10 +682,21 @@ fn block_hash_mismatch_is_refused() {
             hash: block_hash(&claimed),
             reserved2: 0.into(),
         };
-        let header = DataHeader { disk: 0.into(), record_count: 1.into() };
-        raw.send(FrameKind::Data, &[header.as_bytes(), record.as_bytes(), &compressed]);
+        let header = DataHeader {
+            disk: 0.into(),
+            record_count: 1.into(),
+        };
+        raw.send(
+            FrameKind::Data,
+            &[header.as_bytes(), record.as_bytes(), &compressed],
+        );
         raw.send_commit();
-        assert_error(case, raw.expect_error(case), ErrorCode::Integrity, &["hash"]);
+        assert_error(
+            case,
+            raw.expect_error(case),
+            ErrorCode::Integrity,
+            &["hash"],
+        );
     }
     fx.assert_nothing_written("hash mismatch");
     fx.assert_target_still_serves();
@@ -538,10 +708,20 @@ fn unknown_disk_is_refused() {
     let size = fx.disk_size(0);
 
     let mut raw = Raw::authenticated(&fx);
-    let err = raw.open(&[("d0", SyncMode::Full, size), ("not-configured", SyncMode::Full, size)]).unwrap_err();
+    let err = raw
+        .open(&[
+            ("d0", SyncMode::Full, size),
+            ("not-configured", SyncMode::Full, size),
+        ])
+        .unwrap_err();
     match err {
         ProtocolError::Remote { code, message } => {
-            assert_error("unknown disk", (code, message), ErrorCode::UnknownDisk, &["not-configured"]);
+            assert_error(
+                "unknown disk",
+                (code, message),
+                ErrorCode::UnknownDisk,
+                &["not-configured"],
+            );
         }
         e => panic!("unknown disk: {e}"),
     }
@@ -549,8 +729,19 @@ fn unknown_disk_is_refused() {
 
     // A path-like name must not reach the file system either.
     let mut raw = Raw::authenticated(&fx);
-    let err = raw.open(&[("../d0.replica", SyncMode::Full, size)]).unwrap_err();
-    assert!(matches!(err, ProtocolError::Remote { code: ErrorCode::UnknownDisk, .. }), "{err}");
+    let err = raw
+        .open(&[("../d0.replica", SyncMode::Full, size)])
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ProtocolError::Remote {
+                code: ErrorCode::UnknownDisk,
+                ..
+            }
+        ),
+        "{err}"
+    );
 
     // A data frame for a disk index the session did not open.
     let mut raw = Raw::authenticated(&fx);
@@ -558,7 +749,13 @@ fn unknown_disk_is_refused() {
     let payload = data_payload(1, &[block_at(0, 0xAB)]);
     raw.send(FrameKind::Data, &[&payload]);
     let (code, message) = raw.expect_error("disk index");
-    assert!(matches!(code, ErrorCode::UnknownDisk | ErrorCode::OutOfRange | ErrorCode::Protocol), "{code:?}: {message}");
+    assert!(
+        matches!(
+            code,
+            ErrorCode::UnknownDisk | ErrorCode::OutOfRange | ErrorCode::Protocol
+        ),
+        "{code:?}: {message}"
+    );
     assert!(message.contains('1'), "{message}");
 
     fx.assert_nothing_written("unknown disk");
@@ -589,10 +786,18 @@ fn malformed_open_is_refused() {
     let mut changed = ok;
     changed.mode = SyncMode::Changed as u8;
     changed.base_epoch = 12345.into();
-    cases.push(("changed on a base the replica does not hold", vec![changed], 1));
+    cases.push((
+        "changed on a base the replica does not hold",
+        vec![changed],
+        1,
+    ));
     for (case, entries, count) in cases {
         let mut raw = Raw::authenticated(&fx);
-        let header = OpenHeader { epoch: 7.into(), disk_count: count.into(), reserved: 0.into() };
+        let header = OpenHeader {
+            epoch: 7.into(),
+            disk_count: count.into(),
+            reserved: 0.into(),
+        };
         raw.send(FrameKind::Open, &[header.as_bytes(), entries.as_bytes()]);
         let (code, message) = raw.expect_error(case);
         assert_ne!(code, ErrorCode::Internal, "{case}: {message}");
@@ -606,9 +811,6 @@ fn malformed_open_is_refused() {
 /// dropped before Commit) must leave every replica at its last acknowledged epoch:
 /// invariant 2 of the brief — the target applies an epoch atomically.
 #[test]
-#[ignore = "BUG: the target writes verified Data frames to the replica before Commit \
-            (dataplane/src/target/session.rs FrameKind::Data → ApplyMsg::Data), so an aborted \
-            session leaves the replica between epochs; staging is issue 4"]
 fn aborted_session_leaves_replicas_at_the_last_epoch() {
     let fx = Fixture::new("aborted_session_leaves_replicas_at_the_last_epoch");
     let size = fx.disk_size(0);
@@ -618,17 +820,34 @@ fn aborted_session_leaves_replicas_at_the_last_epoch() {
     raw.send(FrameKind::Data, &[&data_payload(0, &[block_at(0, 0xAB)])]);
     let (offset, data, mut hash) = block_at(RAW_BLOCK, 0xCD);
     hash[3] ^= 0x40;
-    raw.send(FrameKind::Data, &[&data_payload(0, &[(offset, data, hash)])]);
-    assert_error("bad second frame", raw.expect_error("bad second frame"), ErrorCode::Integrity, &["hash"]);
+    raw.send(
+        FrameKind::Data,
+        &[&data_payload(0, &[(offset, data, hash)])],
+    );
+    assert_error(
+        "bad second frame",
+        raw.expect_error("bad second frame"),
+        ErrorCode::Integrity,
+        &["hash"],
+    );
     fx.assert_nothing_written("valid frame, then a bad one");
 
     let mut raw = Raw::authenticated(&fx);
     raw.open(&[("d0", SyncMode::Full, size)]).unwrap();
-    raw.send(FrameKind::Data, &[&data_payload(0, &[block_at(2 * RAW_BLOCK, 0xEF)])]);
+    raw.send(
+        FrameKind::Data,
+        &[&data_payload(0, &[block_at(2 * RAW_BLOCK, 0xEF)])],
+    );
     raw.writer.flush().unwrap();
     std::thread::sleep(Duration::from_millis(300));
     drop(raw);
-    std::thread::sleep(Duration::from_millis(300));
+    // The target notices the close and rolls the epoch back; give it a moment.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while fingerprint(&fx.pair.disks[0].replica) != fx.before[0].1
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
     fx.assert_nothing_written("valid frame, then the connection dropped");
     fx.assert_target_still_serves();
 }

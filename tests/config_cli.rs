@@ -72,13 +72,20 @@ impl Setup {
 
 /// 1-based line of the first line of `text` that starts with `key`.
 fn line_of(text: &str, key: &str) -> usize {
-    text.lines().position(|l| l.trim_start().starts_with(key)).expect("key in text") + 1
+    text.lines()
+        .position(|l| l.trim_start().starts_with(key))
+        .expect("key in text")
+        + 1
 }
 
 fn assert_refused(what: &str, run: &Run, config: &Path, must_mention: &[&str]) {
     assert!(!run.success(), "{what}: accepted ({}): {run:?}", run.status);
     for m in must_mention {
-        assert!(run.stderr.contains(m), "{what}: stderr should mention {m:?}:\n{}", run.stderr);
+        assert!(
+            run.stderr.contains(m),
+            "{what}: stderr should mention {m:?}:\n{}",
+            run.stderr
+        );
     }
     assert!(
         run.stderr.contains(config.to_str().unwrap()),
@@ -107,20 +114,36 @@ fn unknown_keys_are_rejected_with_their_name_and_line() {
                 Some(format!("{line}\n{}", s.target_text(port, "", ""))),
             ),
             "[source]" => (s.source_text(port, "", line), None),
-            "[target]" => (s.source_text(port, "", ""), Some(s.target_text(port, "", line))),
-            _ => (s.source_text(port, line, ""), Some(s.target_text(port, line, ""))),
+            "[target]" => (
+                s.source_text(port, "", ""),
+                Some(s.target_text(port, "", line)),
+            ),
+            _ => (
+                s.source_text(port, line, ""),
+                Some(s.target_text(port, line, "")),
+            ),
         };
         if place != "[target]" {
             let config = s.write("source.toml", &source);
             let run = sync_cmd(&config);
             let at = format!(":{}:", line_of(&source, key));
-            assert_refused(&format!("ferry sync, unknown key {key} in {place}"), &run, &config, &[key, &at]);
+            assert_refused(
+                &format!("ferry sync, unknown key {key} in {place}"),
+                &run,
+                &config,
+                &[key, &at],
+            );
         }
         if let Some(target) = target {
             let config = s.write("target.toml", &target);
             let run = target_cmd(&config);
             let at = format!(":{}:", line_of(&target, key));
-            assert_refused(&format!("ferry target, unknown key {key} in {place}"), &run, &config, &[key, &at]);
+            assert_refused(
+                &format!("ferry target, unknown key {key} in {place}"),
+                &run,
+                &config,
+                &[key, &at],
+            );
         }
     }
 
@@ -132,7 +155,12 @@ fn unknown_keys_are_rejected_with_their_name_and_line() {
         toml_path(&s.path("target-state")),
     );
     let config = s.write("both.toml", &both);
-    assert_refused("ferry target, unknown key in [source] of a two-role file", &target_cmd(&config), &config, &["compresion"]);
+    assert_refused(
+        "ferry target, unknown key in [source] of a two-role file",
+        &target_cmd(&config),
+        &config,
+        &["compresion"],
+    );
 }
 
 #[test]
@@ -141,17 +169,32 @@ fn missing_files_are_named() {
     let port = free_port();
 
     let missing = s.path("no-such-config.toml");
-    for (cmd, run) in [("sync", sync_cmd(&missing)), ("target", target_cmd(&missing))] {
-        assert_refused(&format!("ferry {cmd} with a missing config"), &run, &missing, &[]);
+    for (cmd, run) in [
+        ("sync", sync_cmd(&missing)),
+        ("target", target_cmd(&missing)),
+    ] {
+        assert_refused(
+            &format!("ferry {cmd} with a missing config"),
+            &run,
+            &missing,
+            &[],
+        );
     }
 
     let missing_key = s.path("no-such.key");
-    let source = s.source_text(port, "", "").replace(&toml_path(&s.key), &toml_path(&missing_key));
-    let target = s.target_text(port, "", "").replace(&toml_path(&s.key), &toml_path(&missing_key));
+    let source = s
+        .source_text(port, "", "")
+        .replace(&toml_path(&s.key), &toml_path(&missing_key));
+    let target = s
+        .target_text(port, "", "")
+        .replace(&toml_path(&s.key), &toml_path(&missing_key));
     let sc = s.write("source.toml", &source);
     let tc = s.write("target.toml", &target);
     for (cmd, run) in [("sync", sync_cmd(&sc)), ("target", target_cmd(&tc))] {
-        assert!(!run.success(), "ferry {cmd} with a missing psk_file: {run:?}");
+        assert!(
+            !run.success(),
+            "ferry {cmd} with a missing psk_file: {run:?}"
+        );
         assert!(
             run.stderr.contains(missing_key.to_str().unwrap()),
             "ferry {cmd}: the error should name the missing key file:\n{}",
@@ -161,15 +204,28 @@ fn missing_files_are_named() {
 
     // A key file that is not a key: named too, and its content never printed.
     let bad_key = s.write("bad.key", "ferry-psk-v1:0123456789abcdefXYZ\n");
-    let source = s.source_text(port, "", "").replace(&toml_path(&s.key), &toml_path(&bad_key));
+    let source = s
+        .source_text(port, "", "")
+        .replace(&toml_path(&s.key), &toml_path(&bad_key));
     let sc = s.write("source-bad-key.toml", &source);
     let run = sync_cmd(&sc);
     assert!(!run.success(), "{run:?}");
-    assert!(run.stderr.contains(bad_key.to_str().unwrap()), "{}", run.stderr);
-    assert!(!run.stderr.contains("0123456789abcdef"), "key material printed: {}", run.stderr);
+    assert!(
+        run.stderr.contains(bad_key.to_str().unwrap()),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        !run.stderr.contains("0123456789abcdef"),
+        "key material printed: {}",
+        run.stderr
+    );
 
     // A source disk that does not exist: named by `ferry sync`.
-    let source = s.source_text(port, "", "").replace(&toml_path(&s.path("a.img")), &toml_path(&s.path("gone.img")));
+    let source = s.source_text(port, "", "").replace(
+        &toml_path(&s.path("a.img")),
+        &toml_path(&s.path("gone.img")),
+    );
     let sc = s.write("source-gone.toml", &source);
     let run = sync_cmd(&sc);
     assert!(!run.success(), "{run:?}");
@@ -190,7 +246,12 @@ fn invalid_values_name_the_key_and_the_value() {
     for (line, key, value) in source_cases {
         let text = s.source_text(port, "", line);
         let config = s.write("source.toml", &text);
-        assert_refused(&format!("ferry sync with {line}"), &sync_cmd(&config), &config, &[key, value]);
+        assert_refused(
+            &format!("ferry sync with {line}"),
+            &sync_cmd(&config),
+            &config,
+            &[key, value],
+        );
     }
     let target_cases = [
         ("max_sessions = 0", "target.max_sessions", "0"),
@@ -199,30 +260,66 @@ fn invalid_values_name_the_key_and_the_value() {
     for (line, key, value) in target_cases {
         let text = s.target_text(port, "", line);
         let config = s.write("target.toml", &text);
-        assert_refused(&format!("ferry target with {line}"), &target_cmd(&config), &config, &[key, value]);
+        assert_refused(
+            &format!("ferry target with {line}"),
+            &target_cmd(&config),
+            &config,
+            &[key, value],
+        );
     }
     // A bad source.target address and a bad disk name.
-    let text = s.source_text(port, "", "").replace(&format!("127.0.0.1:{port}"), "127.0.0.1");
+    let text = s
+        .source_text(port, "", "")
+        .replace(&format!("127.0.0.1:{port}"), "127.0.0.1");
     let config = s.write("source.toml", &text);
-    assert_refused("target without a port", &sync_cmd(&config), &config, &["source.target"]);
-    let text = s.source_text(port, "", "").replace("name = \"a\"", "name = \"../a\"");
+    assert_refused(
+        "target without a port",
+        &sync_cmd(&config),
+        &config,
+        &["source.target"],
+    );
+    let text = s
+        .source_text(port, "", "")
+        .replace("name = \"a\"", "name = \"../a\"");
     let config = s.write("source.toml", &text);
-    assert_refused("disk name with a slash", &sync_cmd(&config), &config, &["disk[0].name"]);
+    assert_refused(
+        "disk name with a slash",
+        &sync_cmd(&config),
+        &config,
+        &["disk[0].name"],
+    );
     // The command needs its section.
     let config = s.write("target-only.toml", &s.target_text(port, "", ""));
-    assert_refused("ferry sync on a target-only file", &sync_cmd(&config), &config, &["[source]"]);
+    assert_refused(
+        "ferry sync on a target-only file",
+        &sync_cmd(&config),
+        &config,
+        &["[source]"],
+    );
     let config = s.write("source-only.toml", &s.source_text(port, "", ""));
-    assert_refused("ferry target on a source-only file", &target_cmd(&config), &config, &["[target]"]);
+    assert_refused(
+        "ferry target on a source-only file",
+        &target_cmd(&config),
+        &config,
+        &["[target]"],
+    );
 }
 
 #[test]
 fn sync_flags_and_an_unreachable_target_give_clear_errors() {
     let s = Setup::new();
     let port = free_port(); // nothing listens there
-    let config = s.write("source.toml", &s.source_text(port, "", "connect_timeout_ms = 2000"));
+    let config = s.write(
+        "source.toml",
+        &s.source_text(port, "", "connect_timeout_ms = 2000"),
+    );
     let run = sync_cmd(&config);
     assert!(!run.success(), "{run:?}");
-    assert!(run.stderr.contains(&format!("127.0.0.1:{port}")), "the error should name the target address: {}", run.stderr);
+    assert!(
+        run.stderr.contains(&format!("127.0.0.1:{port}")),
+        "the error should name the target address: {}",
+        run.stderr
+    );
     assert!(run.stdout.trim().is_empty(), "{}", run.stdout);
 
     let c = config.as_os_str();
@@ -240,7 +337,15 @@ fn sync_flags_and_an_unreachable_target_give_clear_errors() {
     // A bitmap file that does not exist is named.
     let cbt = s.path("missing.cbt");
     let spec = format!("a={}", cbt.display());
-    let run = ferry(&["sync".as_ref(), "--config".as_ref(), c, "--mode".as_ref(), "changed".as_ref(), "--bitmap".as_ref(), spec.as_ref()]);
+    let run = ferry(&[
+        "sync".as_ref(),
+        "--config".as_ref(),
+        c,
+        "--mode".as_ref(),
+        "changed".as_ref(),
+        "--bitmap".as_ref(),
+        spec.as_ref(),
+    ]);
     assert!(!run.success(), "{run:?}");
     assert!(run.stderr.contains("missing.cbt"), "{}", run.stderr);
 }
@@ -252,8 +357,18 @@ fn keygen_prints_a_fresh_key_in_the_documented_format() {
     let b = keygen(&dir.path().join("b.key"));
     assert_ne!(a, b, "two keys are the same");
     let text = std::fs::read_to_string(dir.path().join("a.key")).unwrap();
-    let hex = text.strip_prefix("ferry-psk-v1:").expect("prefix").strip_suffix('\n').expect("one line");
-    assert!(hex.len() == 64 && hex.bytes().all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c)), "{text:?}");
+    let hex = text
+        .strip_prefix("ferry-psk-v1:")
+        .expect("prefix")
+        .strip_suffix('\n')
+        .expect("one line");
+    assert!(
+        hex.len() == 64
+            && hex
+                .bytes()
+                .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c)),
+        "{text:?}"
+    );
 }
 
 // ---------------------------------------------------------------------------------
@@ -269,15 +384,32 @@ fn examples_dir() -> PathBuf {
 fn docs_examples_parse_and_pair_up() {
     use dataplane::config::Config;
     let dir = examples_dir();
-    let source = Config::load(dir.join("source.toml")).unwrap_or_else(|e| panic!("docs/examples/source.toml: {e}"));
-    let target = Config::load(dir.join("target.toml")).unwrap_or_else(|e| panic!("docs/examples/target.toml: {e}"));
+    let source = Config::load(dir.join("source.toml"))
+        .unwrap_or_else(|e| panic!("docs/examples/source.toml: {e}"));
+    let target = Config::load(dir.join("target.toml"))
+        .unwrap_or_else(|e| panic!("docs/examples/target.toml: {e}"));
     let s = source.source.as_ref().expect("[source] in source.toml");
     let t = target.target.as_ref().expect("[target] in target.toml");
-    assert_eq!(s.target, t.listen.to_string(), "source.target and target.listen differ");
-    assert_eq!(s.psk_file, t.psk_file, "the two files name different key files");
-    assert_eq!(s.psk_file, dir.join("ferry.key"), "the README generates docs/examples/ferry.key");
+    assert_eq!(
+        s.target,
+        t.listen.to_string(),
+        "source.target and target.listen differ"
+    );
+    assert_eq!(
+        s.psk_file, t.psk_file,
+        "the two files name different key files"
+    );
+    assert_eq!(
+        s.psk_file,
+        dir.join("ferry.key"),
+        "the README generates docs/examples/ferry.key"
+    );
     let names = |c: &Config| c.disks.iter().map(|d| d.name.clone()).collect::<Vec<_>>();
-    assert_eq!(names(&source), names(&target), "disk names differ between the examples");
+    assert_eq!(
+        names(&source),
+        names(&target),
+        "disk names differ between the examples"
+    );
     assert_ne!(s.state_dir, t.state_dir);
 
     // The README's final `cmp` compares exactly the configured source and replica.
@@ -288,8 +420,16 @@ fn docs_examples_parse_and_pair_up() {
         .expect("README.md has a `cmp A B` check");
     let parts: Vec<&str> = cmp.split_whitespace().collect();
     assert_eq!(parts.len(), 3, "{cmp}");
-    assert_eq!(Path::new(parts[1]), source.disks[0].path, "README cmp vs source.toml");
-    assert_eq!(Path::new(parts[2]), target.disks[0].path, "README cmp vs target.toml");
+    assert_eq!(
+        Path::new(parts[1]),
+        source.disks[0].path,
+        "README cmp vs source.toml"
+    );
+    assert_eq!(
+        Path::new(parts[2]),
+        target.disks[0].path,
+        "README cmp vs target.toml"
+    );
 }
 
 /// docs/examples/README.md followed step by step, in a temporary copy: the config
@@ -310,7 +450,10 @@ fn docs_examples_work_on_loopback_in_a_temp_copy() {
     };
     for name in ["source.toml", "target.toml"] {
         let original = std::fs::read_to_string(examples.join(name)).unwrap();
-        assert!(original.contains("/tmp/ferry-example") && original.contains("127.0.0.1:7410"), "{name} changed shape");
+        assert!(
+            original.contains("/tmp/ferry-example") && original.contains("127.0.0.1:7410"),
+            "{name} changed shape"
+        );
         let text = private(&original);
         // Only those two substitutions: everything else is as written.
         let back = text
@@ -334,10 +477,21 @@ fn docs_examples_work_on_loopback_in_a_temp_copy() {
     }
     drop(f);
     // 3. The target, in the foreground (here: a child process).
-    let mut target = TargetProc::spawn(&copy.join("target.toml"), port).unwrap_or_else(|e| panic!("{e}"));
+    let mut target =
+        TargetProc::spawn(&copy.join("target.toml"), port).unwrap_or_else(|e| panic!("{e}"));
     // 4. The sync, without --json, as the README runs it.
-    let run = run_ferry(&["sync".as_ref(), "--config".as_ref(), copy.join("source.toml").as_os_str()], SYNC_TIMEOUT);
-    assert!(run.success(), "ferry sync --config docs/examples/source.toml (copy): {run:?}");
+    let run = run_ferry(
+        &[
+            "sync".as_ref(),
+            "--config".as_ref(),
+            copy.join("source.toml").as_os_str(),
+        ],
+        SYNC_TIMEOUT,
+    );
+    assert!(
+        run.success(),
+        "ferry sync --config docs/examples/source.toml (copy): {run:?}"
+    );
     assert!(!run.stdout.is_empty(), "the human summary is missing");
     // "Afterwards cmp finds no difference."
     assert_same_file(&image, &data.join("replica-vm1-os.img"));

@@ -8,6 +8,11 @@ use std::path::Path;
 
 use common::*;
 
+/// Peak memory either process may use for any disk in these tests: buffers are fixed
+/// (queue depth × I/O size, a few frames in flight) and bitmaps are 1 bit per block,
+/// so this does not depend on the disk's size.
+const MEMORY_BOUND_KIB: u64 = 256 << 10;
+
 /// Full sync of two disks — one mixed image with data, text, written zeros and holes,
 /// one whose size is not a multiple of the block (nor of 512 bytes) — into replicas the
 /// target creates; then an unchanged re-sync moves no data.
@@ -353,9 +358,27 @@ fn sparse_100gib_image_syncs_quickly_and_matches() {
     );
 
     let pair = Pair::start(dir, vec![d.clone()], "", "");
-    let full = pair.sync_ok(&[]);
+    let run = pair.sync(&[]);
+    assert!(run.success(), "{run:?}");
+    let full = run.json();
     assert_eq!(mode_of(&full, "sparse"), "full", "{full}");
     assert_eq!(u64_field(&full, "bytes_logical"), size, "{full}");
+    // Memory does not grow with the disk: 100 GiB is 1.6 M blocks (a 200 KiB bitmap).
+    eprintln!(
+        "peak memory: source {} KiB, target {} KiB",
+        run.max_rss_kib,
+        pair.target.peak_rss_kib()
+    );
+    assert!(
+        run.max_rss_kib < MEMORY_BOUND_KIB,
+        "ferry sync peaked at {} KiB for a sparse disk",
+        run.max_rss_kib
+    );
+    assert!(
+        pair.target.peak_rss_kib() < MEMORY_BOUND_KIB,
+        "ferry target peaked at {} KiB",
+        pair.target.peak_rss_kib()
+    );
     assert!(
         u64_field(&full, "bytes_sent") < 64 << 20,
         "holes travelled: {full}"
@@ -366,10 +389,22 @@ fn sparse_100gib_image_syncs_quickly_and_matches() {
     flip_range(&f, (50 << 30) + 999, 5000, &mut rng);
     flip_range(&f, 12_345 + (37 << 30), 10, &mut rng);
     drop(f);
-    let seeded = pair.sync_ok(&[]);
+    let run = pair.sync(&[]);
+    assert!(run.success(), "{run:?}");
+    let seeded = run.json();
     assert_eq!(mode_of(&seeded, "sparse"), "seeded", "{seeded}");
     assert_eq!(u64_field(&seeded, "blocks_sent"), 2, "{seeded}");
     assert_same_sparse(&d.source, &d.replica, &mut rng);
+    assert!(
+        run.max_rss_kib < MEMORY_BOUND_KIB,
+        "seeded ferry sync peaked at {} KiB",
+        run.max_rss_kib
+    );
+    assert!(
+        pair.target.peak_rss_kib() < MEMORY_BOUND_KIB,
+        "ferry target peaked at {} KiB",
+        pair.target.peak_rss_kib()
+    );
 }
 
 /// Block devices (loop devices over tmpfs files): a full sync onto a device full of
@@ -552,4 +587,203 @@ fn forced_full_sync_onto_a_garbage_replica_zeroes_the_holes() {
     let report = pair.sync_ok(&["--mode", "seeded"]);
     assert_eq!(mode_of(&report, "g"), "seeded", "{report}");
     assert_same_file(&d.source, &d.replica);
+}
+
+/// `zero_blocks_sent` counts zero records that travelled, as its doc says: none when
+/// the zeros were skipped (new replica) or nothing changed (seeded, all equal).
+#[test]
+fn json_report_counts_only_what_travelled() {
+    let dir = scratch_dir();
+    let d = PairDisk::new(dir.path(), "z");
+    let f = create_sparse(&d.source, 4 << 20);
+    f.write_all_at(&vec![0u8; 10 * BLOCK as usize], 0).unwrap(); // allocated zeros
+    let mut data = vec![0u8; 2 * BLOCK as usize];
+    Rng::new(5).fill(&mut data);
+    f.write_all_at(&data, 20 * BLOCK).unwrap();
+    drop(f);
+    let pair = Pair::start(dir, vec![d.clone()], "", "");
+    let full = pair.sync_ok(&[]);
+    assert_same_file(&d.source, &d.replica);
+    assert_eq!(u64_field(&full, "blocks_sent"), 2, "{full}");
+    assert_eq!(
+        u64_field(&full, "zero_blocks_sent"),
+        0,
+        "a new replica reads as zeros, so no zero record travels: {full}"
+    );
+    let again = pair.sync_ok(&[]);
+    assert_eq!(u64_field(&again, "blocks_sent"), 0, "{again}");
+    assert_eq!(u64_field(&again, "bytes_applied"), 0, "{again}");
+    assert_eq!(
+        u64_field(&again, "zero_blocks_sent"),
+        0,
+        "nothing differed, so no zero record travelled: {again}"
+    );
+}
+
+/// The target's record of each replica survives a restart: a changed-block sync
+/// based on the epoch acknowledged before the restart is accepted afterwards.
+#[test]
+fn changed_block_sync_after_a_target_restart() {
+    let mut rng = Rng::new(test_seed("changed_block_sync_after_a_target_restart"));
+    let dir = scratch_dir();
+    let d = PairDisk::new(dir.path(), "r");
+    let size = 8 << 20;
+    make_mixed_image(&d.source, size, &mut rng);
+    let mut pair = Pair::start(dir, vec![d.clone()], "", "");
+    pair.sync_ok(&[]);
+    let (config, port) = (pair.target.config.clone(), pair.target.port);
+    pair.target.kill();
+    pair.target = TargetProc::spawn(&config, port).unwrap_or_else(|e| panic!("restart: {e}"));
+    let f = open_rw(&d.source);
+    flip_range(&f, 7 * BLOCK + 1, 10, &mut rng);
+    drop(f);
+    let (generation, epoch) = read_source_state(&pair.source_state, "r");
+    let bitmap = pair.path().join("r.cbt");
+    write_bitmap(&bitmap, size, BLOCK as u32, generation, epoch, [7]);
+    let spec = format!("r={}", bitmap.display());
+    let report = pair.sync_ok(&["--mode", "changed", "--bitmap", &spec]);
+    assert_eq!(mode_of(&report, "r"), "changed", "{report}");
+    assert_eq!(u64_field(&report, "blocks_sent"), 1, "{report}");
+    assert_same_file(&d.source, &d.replica);
+}
+
+/// The target is killed in the middle of a changed-block sync: `ferry sync` exits
+/// non-zero with a message, keeps its state (the epoch was not acknowledged), and the
+/// same bitmap replayed against the restarted target brings the replica up to date.
+#[test]
+fn target_killed_mid_sync_then_the_same_change_set_completes() {
+    let mut rng = Rng::new(test_seed(
+        "target_killed_mid_sync_then_the_same_change_set_completes",
+    ));
+    let dir = scratch_dir();
+    let d = PairDisk::new(dir.path(), "k");
+    let size: u64 = 384 << 20;
+    let f = create_sparse(&d.source, size);
+    let mut chunk = vec![0u8; 4 << 20];
+    for off in (0..size).step_by(chunk.len()) {
+        fill_text(&mut chunk, off);
+        f.write_all_at(&chunk, off).unwrap();
+    }
+    drop(f);
+    let mut pair = Pair::start(dir, vec![d.clone()], "compression = \"none\"\n", "");
+    pair.sync_ok(&[]);
+    let state_file = pair.source_state.join("k.state");
+    let state_before = std::fs::read(&state_file).unwrap();
+
+    // Every block changes.
+    let f = open_rw(&d.source);
+    for off in (0..size).step_by(chunk.len()) {
+        rng.fill(&mut chunk);
+        f.write_all_at(&chunk, off).unwrap();
+    }
+    drop(f);
+    let (generation, epoch) = read_source_state(&pair.source_state, "k");
+    let bitmap = pair.path().join("k.cbt");
+    write_bitmap(
+        &bitmap,
+        size,
+        BLOCK as u32,
+        generation,
+        epoch,
+        0..size / BLOCK,
+    );
+    let spec = format!("k={}", bitmap.display());
+
+    let config = pair.source_config.clone();
+    let args = vec![
+        "--mode".to_string(),
+        "changed".into(),
+        "--bitmap".into(),
+        spec.clone(),
+    ];
+    let running = std::thread::spawn(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        sync(&config, &args)
+    });
+    std::thread::sleep(std::time::Duration::from_millis(150));
+    let (config, port) = (pair.target.config.clone(), pair.target.port);
+    pair.target.kill();
+    let run = running.join().unwrap();
+    if run.success() {
+        eprintln!("the sync finished before the target was killed; only the replay is checked");
+    } else {
+        assert!(
+            run.stdout.trim().is_empty(),
+            "a failed sync printed a report: {}",
+            run.stdout
+        );
+        assert!(!run.stderr.trim().is_empty(), "a failed sync must say why");
+        assert_eq!(
+            std::fs::read(&state_file).unwrap(),
+            state_before,
+            "an unacknowledged epoch was recorded"
+        );
+    }
+
+    pair.target = TargetProc::spawn(&config, port).unwrap_or_else(|e| panic!("restart: {e}"));
+    if run.success() {
+        return;
+    }
+    let report = pair.sync_ok(&["--mode", "changed", "--bitmap", &spec]);
+    assert_eq!(mode_of(&report, "k"), "changed", "{report}");
+    assert_same_file(&d.source, &d.replica);
+}
+
+/// Two sources at once: different disks both succeed; the same disk is never written
+/// by two sessions (one may be refused as busy) and ends up identical.
+#[test]
+fn concurrent_sessions() {
+    let mut rng = Rng::new(test_seed("concurrent_sessions"));
+    let dir = scratch_dir();
+    let a = PairDisk::new(dir.path(), "a");
+    let b = PairDisk::new(dir.path(), "b");
+    make_mixed_image(&a.source, 48 << 20, &mut rng);
+    make_mixed_image(&b.source, 40 << 20, &mut rng);
+    let pair = Pair::start(dir, vec![a.clone(), b.clone()], "", "");
+    let config = |name: &str, disk: &PairDisk| {
+        let path = pair.path().join(format!("{name}.toml"));
+        let state = pair.path().join(format!("{name}-state"));
+        std::fs::write(
+            &path,
+            source_toml(
+                pair.target.port,
+                &pair.key,
+                &state,
+                &[(&disk.name, &disk.source)],
+                "",
+            ),
+        )
+        .unwrap();
+        path
+    };
+    let (ca, cb) = (config("sa", &a), config("sb", &b));
+    let ta = std::thread::spawn(move || sync(&ca, &[]));
+    let tb = std::thread::spawn(move || sync(&cb, &[]));
+    for run in [ta.join().unwrap(), tb.join().unwrap()] {
+        assert!(run.success(), "{run:?}");
+    }
+    pair.assert_replicas_identical();
+
+    let f = open_rw(&a.source);
+    flip_range(&f, 0, 20 << 20, &mut rng);
+    drop(f);
+    let (c1, c2) = (config("s1", &a), config("s2", &a));
+    let t1 = std::thread::spawn(move || sync(&c1, &["--mode", "seeded"]));
+    let t2 = std::thread::spawn(move || sync(&c2, &["--mode", "seeded"]));
+    let runs = [t1.join().unwrap(), t2.join().unwrap()];
+    assert!(
+        runs.iter().any(Run::success),
+        "neither sync succeeded: {runs:?}"
+    );
+    for run in &runs {
+        if !run.success() {
+            let err = run.stderr.to_lowercase();
+            assert!(
+                err.contains("busy") || err.contains("another session"),
+                "{}",
+                run.stderr
+            );
+        }
+    }
+    assert_same_file(&a.source, &a.replica);
 }

@@ -5,7 +5,22 @@
 //! consumes those bitmaps, so everything both sides must agree on — the bitmap and its
 //! on-disk format (`docs/bitmap-format.md`) — lives here and never depends on
 //! `dataplane`.
+//!
+//! * [`nbd`] — the NBD server (protocol, handshake, per-connection pipeline).
+//! * [`tracker`] — write-intent change tracking over the bitmap file.
+//! * [`backing`] — the backing image or block device.
+//! * [`pool`] — bounded, reusable I/O buffers.
+//! * [`shim`] — [`ShimDisk`], [`Shim`], [`serve`]: the running shim.
+//! * [`control`] — the control socket protocol.
 
+pub mod backing;
 pub mod bitmap;
+pub mod control;
+pub mod nbd;
+pub mod pool;
+pub mod shim;
+pub mod tracker;
 
 pub use bitmap::{BitmapError, ChangedBlockBitmap, FileState, GenerationId, Recovery};
+pub use shim::{serve, DiskStatus, Shim, ShimDisk, ShimError, MAX_CONNECTIONS_PER_DISK};
+pub use tracker::{ResyncReason, TrackerStatus, DEFAULT_BLOCK_SIZE};

@@ -13,5 +13,8 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
 
 #[cfg(not(fuzzing))]
 fn main() {
-    ferry_fuzz::replay_main("data_frame_verify", ferry_fuzz::targets::data_frame_verify::run);
+    ferry_fuzz::replay_main(
+        "data_frame_verify",
+        ferry_fuzz::targets::data_frame_verify::run,
+    );
 }

@@ -12,5 +12,8 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
 
 #[cfg(not(fuzzing))]
 fn main() {
-    ferry_fuzz::replay_main("handshake_server", ferry_fuzz::targets::handshake_server::run);
+    ferry_fuzz::replay_main(
+        "handshake_server",
+        ferry_fuzz::targets::handshake_server::run,
+    );
 }

@@ -37,7 +37,8 @@ pub struct Target {
     /// smoke driver applies it to half of its inputs; the repaired bytes are what it
     /// runs and saves, so a reproducer never depends on the repair.
     pub repair: Option<fn(&mut Vec<u8>, u64)>,
-    /// Tokens worth splicing into inputs (also in `dict/<name>.dict` for libFuzzer).
+    /// Tokens worth splicing into inputs. `smoke --write-seeds` also writes them as
+    /// `corpus/<name>.dict` for libFuzzer's `-dict=`.
     pub dictionary: &'static [&'static [u8]],
     /// Longest input the smoke driver builds for this target.
     pub max_len: usize,
@@ -68,23 +69,53 @@ pub fn unavailable() -> Vec<(&'static str, &'static str)> {
     missing
 }
 
-/// A short, stable label for an error: its Display text with numbers replaced, so
-/// that "record 3" and "record 7" count as the same behaviour.
+/// A short, stable label for an error: its Display text up to the first quoted or
+/// bracketed part (which echoes input), with every word that holds a digit replaced,
+/// so that "record 3" and "record 7" count as the same behaviour.
 pub fn label(prefix: &str, error: &dyn std::fmt::Display) -> String {
+    let text = error.to_string();
+    let end = text
+        .find(['`', '"', '\'', '[', '(', '{', '<'])
+        .unwrap_or(text.len());
     let mut out = String::with_capacity(prefix.len() + 64);
     out.push_str(prefix);
     out.push(':');
-    let mut in_number = false;
-    for c in error.to_string().chars().take(96) {
-        if c.is_ascii_hexdigit() && (in_number || c.is_ascii_digit()) {
-            if !in_number {
-                out.push('#');
-                in_number = true;
-            }
+    for word in text[..end].split_whitespace().take(12) {
+        if word.bytes().any(|b| b.is_ascii_digit()) {
+            out.push('#');
         } else {
-            in_number = false;
-            out.push(c);
+            out.push_str(word);
         }
+        out.push(' ');
+    }
+    out.truncate(out.trim_end().len());
+    out
+}
+
+/// [`label`] for protocol errors; a peer's Error frame is labelled by its code only,
+/// since its message is whatever the input says.
+pub fn protocol_label(prefix: &str, error: &dataplane::protocol::ProtocolError) -> String {
+    match error {
+        dataplane::protocol::ProtocolError::Remote { code, .. } => {
+            format!("{prefix}:remote {code:?}")
+        }
+        other => label(prefix, other),
+    }
+}
+
+/// `tokens` in libFuzzer's dictionary format: one quoted token a line, `\xNN` escapes.
+pub fn libfuzzer_dict(tokens: &[&[u8]]) -> String {
+    let mut out = String::new();
+    for token in tokens {
+        out.push('"');
+        for &b in *token {
+            if (b.is_ascii_graphic() && b != b'"' && b != b'\\') || b == b' ' {
+                out.push(b as char);
+            } else {
+                out.push_str(&format!("\\x{b:02x}"));
+            }
+        }
+        out.push_str("\"\n");
     }
     out
 }
@@ -129,5 +160,8 @@ pub fn replay_main(name: &str, run: fn(&[u8]) -> String) {
         let outcome = run(&data);
         eprintln!("  -> {outcome}");
     }
-    eprintln!("{name}: {} input(s) replayed without a finding", files.len());
+    eprintln!(
+        "{name}: {} input(s) replayed without a finding",
+        files.len()
+    );
 }

@@ -314,6 +314,22 @@ impl TargetProc {
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
+
+    /// Peak resident memory of the target process so far (VmHWM).
+    pub fn peak_rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmHWM in /proc/<pid>/status")
+    }
+
+    /// Kills the process and waits for it (a crash, as far as the target can tell).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 impl Drop for TargetProc {
@@ -329,6 +345,8 @@ pub struct Run {
     pub status: ExitStatus,
     pub stdout: String,
     pub stderr: String,
+    /// Peak resident memory of the process.
+    pub max_rss_kib: u64,
 }
 
 impl Run {
@@ -361,10 +379,19 @@ pub fn run_ferry(args: &[&std::ffi::OsStr], timeout: Duration) -> Run {
     let out = drain(child.stdout.take().unwrap());
     let err = drain(child.stderr.take().unwrap());
     let deadline = Instant::now() + timeout;
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
+    // wait4 rather than try_wait: it also reports the child's peak memory.
+    let pid = child.id() as libc::pid_t;
+    let (status, max_rss_kib) = loop {
+        let mut raw = 0;
+        // SAFETY: an all-zero rusage is a valid value; wait4 writes it in full.
+        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: `raw` and `usage` are live locals for the duration of the call.
+        let rc = unsafe { libc::wait4(pid, &mut raw, libc::WNOHANG, &mut usage) };
+        if rc == pid {
+            use std::os::unix::process::ExitStatusExt;
+            break (ExitStatus::from_raw(raw), usage.ru_maxrss as u64);
         }
+        assert!(rc == 0, "wait4: {}", std::io::Error::last_os_error());
         if Instant::now() > deadline {
             let _ = child.kill();
             let _ = child.wait();
@@ -388,6 +415,7 @@ pub fn run_ferry(args: &[&std::ffi::OsStr], timeout: Duration) -> Run {
         stdout: take(&out),
         stderr: take(&err),
         status,
+        max_rss_kib,
     }
 }
 

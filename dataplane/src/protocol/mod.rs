@@ -77,3 +77,20 @@ impl ProtocolError {
         }
     }
 }
+
+/// A lineage (generation) id as 32 lowercase hex digits, as state files store it.
+pub fn parse_hex16(s: &str) -> Result<[u8; 16], String> {
+    if s.len() != 32 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(format!("generation {s:?} is not 32 hex digits"));
+    }
+    let mut out = [0u8; 16];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).expect("checked hex");
+    }
+    Ok(out)
+}
+
+/// The inverse of [`parse_hex16`].
+pub fn hex16(b: &[u8; 16]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}

@@ -23,6 +23,7 @@ use crate::protocol::{
     auth, Commit, Committed, DiskRun, FrameKind, FrameReader, FrameWriter, OpenDisk, OpenDiskReply,
     OpenHeader, ProtocolError, SyncMode, MAX_FRAME_PAYLOAD, MAX_NAME_LEN, REPLICA_CREATED,
 };
+pub use crate::protocol::{hex16, parse_hex16};
 use crate::psk::Psk;
 use pipeline::{DiskInfo, Output, PipelineConfig, PipelineStats};
 use plan::{Chunker, ExtentRegions, Geometry, PlanItem, Region};
@@ -253,21 +254,6 @@ impl SourceDiskState {
     pub fn generation_bytes(&self) -> Result<[u8; 16], String> {
         parse_hex16(&self.generation)
     }
-}
-
-pub fn parse_hex16(s: &str) -> Result<[u8; 16], String> {
-    if s.len() != 32 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err(format!("generation {s:?} is not 32 hex digits"));
-    }
-    let mut out = [0u8; 16];
-    for (i, o) in out.iter_mut().enumerate() {
-        *o = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).expect("checked hex");
-    }
-    Ok(out)
-}
-
-pub fn hex16(b: &[u8; 16]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 fn random_generation() -> Result<[u8; 16], SourceError> {

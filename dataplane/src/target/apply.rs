@@ -14,6 +14,7 @@ use std::sync::mpsc;
 use ringbuf::pool::{PoolReturn, Slot};
 use ringbuf::spsc;
 
+use super::undo::UndoLog;
 use super::verify::{records, Place, Placer};
 use crate::buffers::SlotView;
 use crate::io::{self, BlockEngine, Completion, Disk, DiskId, EngineKind, IoError};
@@ -63,7 +64,10 @@ pub fn applier_loop(
     mut recv_return: PoolReturn,
     mut scratch_return: PoolReturn,
     failed: &AtomicBool,
+    undo: &mut UndoLog,
 ) {
+    // Old bytes on their way into the undo log; one frame's worth at most.
+    let mut undo_buf: Vec<u8> = vec![0u8; UNDO_CHUNK];
     let fds: Vec<RawFd> = disks.disks.iter().map(|d| d.fd()).collect();
     // SAFETY: the session owns both pools for longer than this function runs, and the
     // engine is dropped before this function returns; slot memory is reached only
@@ -213,6 +217,32 @@ pub fn applier_loop(
                         }
                     }
                 }
+                // Atomic epochs: the bytes about to be overwritten are durable in the
+                // undo log before any write of this frame is issued.
+                if undo.logs(disk) {
+                    let file = &disks.buffered[disk as usize];
+                    let logged = writes[..nwrites]
+                        .iter()
+                        .chain(spill.iter())
+                        .map(|&(_, o, l)| (o, l as u64))
+                        .chain(zeros.iter().copied())
+                        .try_for_each(|(o, l)| log_old(undo, file, disk, o, l, &mut undo_buf))
+                        .and_then(|_| undo.sync());
+                    if let Err(e) = logged {
+                        error.get_or_insert_with(|| {
+                            format!(
+                                "disk {}: staging the epoch: {e}",
+                                disks.names[disk as usize]
+                            )
+                        });
+                        failed.store(true, Ordering::Release);
+                        recv_return.release(recv);
+                        if let Some(s) = scratch {
+                            scratch_return.release(s);
+                        }
+                        continue;
+                    }
+                }
                 for (offset, len) in zeros {
                     if let Err(e) = disks.disks[disk as usize].zero_range(offset, len) {
                         error.get_or_insert_with(|| {
@@ -314,6 +344,20 @@ pub fn applier_loop(
                 }
             }
             ApplyMsg::Zero { disk, offset, len } => {
+                if error.is_none() && undo.logs(disk) {
+                    let file = &disks.buffered[disk as usize];
+                    if let Err(e) = log_old(undo, file, disk, offset, len, &mut undo_buf)
+                        .and_then(|_| undo.sync())
+                    {
+                        error.get_or_insert_with(|| {
+                            format!(
+                                "disk {}: staging the epoch: {e}",
+                                disks.names[disk as usize]
+                            )
+                        });
+                        failed.store(true, Ordering::Release);
+                    }
+                }
                 if error.is_none() {
                     match disks.disks[disk as usize].zero_range(offset, len) {
                         Ok(()) => applied += len,
@@ -373,6 +417,74 @@ pub fn applier_loop(
             return;
         }
     }
+}
+
+/// Bytes of old data read and logged at a time.
+const UNDO_CHUNK: usize = 4 << 20;
+
+/// Appends the old content of `[offset, offset + len)` of a replica to the undo log.
+/// Only the replica's data regions are read (SEEK_DATA/SEEK_HOLE); holes and all-zero
+/// pieces are logged as zero ranges without data, so a large hole range on a mostly
+/// empty replica costs a few bytes of log — and a rollback still puts the zeros back.
+fn log_old(
+    undo: &mut UndoLog,
+    file: &std::fs::File,
+    disk: u32,
+    offset: u64,
+    len: u64,
+    buf: &mut [u8],
+) -> Result<(), super::TargetError> {
+    use std::os::fd::AsRawFd;
+    let fd = file.as_raw_fd();
+    let end = offset + len;
+    let mut pos = offset;
+    while pos < end {
+        // SAFETY: lseek on an open descriptor has no memory effects.
+        let data = unsafe { libc::lseek(fd, pos as libc::off_t, libc::SEEK_DATA) };
+        let (start, stop) = if data < 0 {
+            match std::io::Error::last_os_error().raw_os_error() {
+                // A hole to the end of the file: it read as zeros before this epoch.
+                Some(libc::ENXIO) => return undo.append_zero(disk, pos, end - pos),
+                _ => (pos, end), // no SEEK_DATA here: read it all
+            }
+        } else {
+            let start = data as u64;
+            // SAFETY: as above.
+            let hole = unsafe { libc::lseek(fd, start as libc::off_t, libc::SEEK_HOLE) };
+            (
+                start,
+                if hole < 0 {
+                    end
+                } else {
+                    (hole as u64).min(end)
+                },
+            )
+        };
+        if start > pos {
+            // The hole in front of the data read as zeros before this epoch.
+            undo.append_zero(disk, pos, start.min(end) - pos)?;
+        }
+        if start >= end {
+            return Ok(());
+        }
+        let mut at = start;
+        while at < stop {
+            let n = ((stop - at) as usize).min(buf.len());
+            file.read_exact_at(&mut buf[..n], at)
+                .map_err(|e| super::TargetError::State {
+                    path: std::path::PathBuf::from(format!("replica of disk #{disk}")),
+                    problem: format!("reading old bytes at {at}: {e}"),
+                })?;
+            if crate::protocol::is_zero(&buf[..n]) {
+                undo.append_zero(disk, at, n as u64)?;
+            } else {
+                undo.append(disk, at, &buf[..n])?;
+            }
+            at += n as u64;
+        }
+        pos = stop.max(pos + 1);
+    }
+    Ok(())
 }
 
 fn fail_everything(

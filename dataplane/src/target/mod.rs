@@ -8,6 +8,7 @@
 mod apply;
 mod session;
 pub mod state;
+pub mod undo;
 mod verify;
 
 use std::collections::HashSet;
@@ -148,6 +149,17 @@ impl Target {
             path: job.state_dir.clone(),
             problem: e.to_string(),
         })?;
+        // Finish or undo any epoch a previous run was applying when it died, before
+        // anything can read or write a replica.
+        let lookup = |n: &str| {
+            job.disks
+                .iter()
+                .find(|d| d.name == n)
+                .map(|d| d.path.clone())
+        };
+        for r in undo::recover(&job.state_dir, &lookup)? {
+            tracing::warn!("recovered an interrupted epoch: {r:?}");
+        }
         let listener = TcpListener::bind(&job.listen).map_err(|e| TargetError::Listen {
             addr: job.listen.clone(),
             source: e,

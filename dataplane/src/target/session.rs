@@ -5,7 +5,6 @@ use std::net::TcpStream;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use filter_driver_shim::bitmap::{ChangedBlockBitmap, GenerationId};
 use ringbuf::pool::BufferPool;
@@ -14,6 +13,7 @@ use zerocopy::{FromBytes, IntoBytes};
 
 use super::apply::{applier_loop, ApplyDisks, ApplyMsg};
 use super::state::ReplicaRecord;
+use super::undo::{UndoDisk, UndoLog};
 use super::verify::{self, Geometry};
 use super::{Shared, TargetError};
 use crate::io::{Disk, ReplicaState};
@@ -108,7 +108,7 @@ fn serve<R: std::io::Read, W: std::io::Write>(
             reserved: [0; 7],
             generation: record
                 .as_ref()
-                .and_then(|r| crate::source::parse_hex16(&r.generation).ok())
+                .and_then(|r| crate::protocol::parse_hex16(&r.generation).ok())
                 .unwrap_or([0; 16]),
             epoch: record.as_ref().map_or(0, |r| r.epoch).into(),
         })
@@ -116,6 +116,12 @@ fn serve<R: std::io::Read, W: std::io::Write>(
     writer.send(FrameKind::OpenOk, &[replies.as_bytes()])?;
     // The replica handles are shared with the applier (which writes) and the hash
     // compare (which reads through the buffered handles); the rest is session state.
+    // Replicas that hold an acknowledged epoch get their overwritten bytes logged, so the
+    // epoch applies atomically; a replica without one has no epoch to protect.
+    let logged: Vec<bool> = disks
+        .iter()
+        .map(|(_, created, record)| !created && record.is_some())
+        .collect();
     let mut disk_handles = Vec::with_capacity(disks.len());
     let mut buffered = Vec::with_capacity(disks.len());
     let mut meta = Vec::with_capacity(disks.len());
@@ -140,8 +146,19 @@ fn serve<R: std::io::Read, W: std::io::Write>(
     let mut decompressor =
         zstd::bulk::Decompressor::new().map_err(|e| TargetError::Internal(format!("zstd: {e}")))?;
 
-    let mut summary = String::new();
-    std::thread::scope(|scope| -> Result<(), TargetError> {
+    let undo_disks = disks
+        .iter()
+        .zip(&logged)
+        .map(|(d, &logged)| UndoDisk {
+            name: d.name.clone(),
+            generation: d.generation,
+            disk_size: d.geometry.disk_size,
+            logged,
+        })
+        .collect();
+    let mut undo = UndoLog::create(&job.state_dir, epoch, undo_disks)?;
+    let undo_ref = &mut undo;
+    let outcome = std::thread::scope(|scope| -> Result<u64, TargetError> {
         let failed_ref = &failed;
         let apply_disks = ApplyDisks {
             disks: &disk_handles,
@@ -162,11 +179,12 @@ fn serve<R: std::io::Read, W: std::io::Write>(
                     recv_return,
                     scratch_return,
                     failed_ref,
+                    undo_ref,
                 )
             })
             .map_err(|e| TargetError::Internal(format!("cannot start the applier: {e}")))?;
 
-        let result = (|| -> Result<(), TargetError> {
+        let result = (|| -> Result<u64, TargetError> {
             loop {
                 if failed.load(Ordering::Acquire) {
                     // The applier failed; the barrier below reports why.
@@ -287,33 +305,7 @@ fn serve<R: std::io::Read, W: std::io::Write>(
                             .recv()
                             .map_err(|_| TargetError::Internal("applier gone".into()))?
                             .map_err(|why| TargetError::reject(ErrorCode::Io, why))?;
-                        let now = SystemTime::now()
-                            .duration_since(UNIX_EPOCH)
-                            .map_or(0, |d| d.as_secs());
-                        for d in &disks {
-                            ReplicaRecord {
-                                generation: crate::source::hex16(&d.generation),
-                                epoch,
-                                disk_size: d.geometry.disk_size,
-                                committed_unix_s: now,
-                            }
-                            .save(&job.state_dir, &d.name)?;
-                        }
-                        writer.send(
-                            FrameKind::Committed,
-                            &[Committed {
-                                epoch: epoch.into(),
-                                bytes_applied: applied.into(),
-                            }
-                            .as_bytes()],
-                        )?;
-                        writer.flush()?;
-                        summary = format!(
-                            "epoch {epoch} durable on {} disk(s) ({}), {applied} bytes applied",
-                            disks.len(),
-                            names.join(", ")
-                        );
-                        return Ok(());
+                        return Ok(applied);
                     }
                     other => {
                         return Err(TargetError::reject(
@@ -325,10 +317,49 @@ fn serve<R: std::io::Read, W: std::io::Write>(
             }
         })();
         drop(tx);
-        let _ = applier.join();
+        if applier.join().is_err() {
+            return Err(TargetError::Internal("the applier thread panicked".into()));
+        }
         result
-    })?;
-    Ok(summary)
+    });
+    match outcome {
+        Ok(applied) => {
+            // The replicas are durable; this is the commit point of the epoch.
+            undo.commit()?;
+            writer.send(
+                FrameKind::Committed,
+                &[Committed {
+                    epoch: epoch.into(),
+                    bytes_applied: applied.into(),
+                }
+                .as_bytes()],
+            )?;
+            writer.flush()?;
+            Ok(format!(
+                "epoch {epoch} durable on {} disk(s) ({}), {applied} bytes applied",
+                names.len(),
+                names.join(", ")
+            ))
+        }
+        Err(e) => {
+            // Put every replica of the session back at its previous epoch before the
+            // disks are released to another session.
+            let lookup = |n: &str| {
+                job.disks
+                    .iter()
+                    .find(|d| d.name == n)
+                    .map(|d| d.path.clone())
+            };
+            match undo.roll_back(&lookup) {
+                Ok(r) => tracing::warn!("epoch {epoch} abandoned: {r:?}"),
+                Err(re) => tracing::error!(
+                    "epoch {epoch} abandoned and its rollback failed: {}; restart the target to retry recovery",
+                    super::chain(&re)
+                ),
+            }
+            Err(e)
+        }
+    }
 }
 
 /// The control buffer, grown to the frame limit for hash frames (once per session).
@@ -423,8 +454,11 @@ fn open<'s>(
         let record = ReplicaRecord::load(&job.state_dir, name)?;
         if mode == SyncMode::Changed {
             let ok = record.as_ref().is_some_and(|r| {
-                crate::source::parse_hex16(&r.generation).ok() == Some(e.generation)
-                    && r.epoch == e.base_epoch.get()
+                crate::protocol::parse_hex16(&r.generation).ok() == Some(e.generation)
+                    // A change set since an older epoch covers every change since the
+                    // replica's newer one (a source that died before recording an
+                    // acknowledgement resends from its last recorded epoch).
+                    && r.epoch >= e.base_epoch.get()
                     && r.disk_size == disk_size
             });
             if !ok {
@@ -438,7 +472,7 @@ fn open<'s>(
                     format!(
                         "disk {name}: the change set is based on epoch {} of lineage {}, but the replica holds {held}; run a seeded sync (--mode seeded)",
                         e.base_epoch.get(),
-                        crate::source::hex16(&e.generation)
+                        crate::protocol::hex16(&e.generation)
                     ),
                 ));
             }

@@ -38,22 +38,42 @@ pub fn run(data: &[u8]) -> String {
     match (strict, recovering) {
         (Ok(bitmap), Ok((again, recovery))) => {
             assert!(bitmap == again, "the two decoders disagree on a valid file");
-            assert!(recovery.torn_pages.is_empty(), "a valid file reported torn pages");
+            assert!(
+                recovery.torn_pages.is_empty(),
+                "a valid file reported torn pages"
+            );
             let bytes = bitmap.to_bytes(recovery.state);
-            assert!(bytes == data, "a valid file does not re-encode to its own bytes");
+            assert!(
+                bytes == data,
+                "a valid file does not re-encode to its own bytes"
+            );
             check_bitmap(&bitmap);
-            format!("ok:{:?}:pages={}", recovery.state, crate::bucket(bitmap.page_count() as usize))
+            format!(
+                "ok:{:?}:pages={}",
+                recovery.state,
+                crate::bucket(bitmap.page_count() as usize)
+            )
         }
         (Ok(_), Err(e)) => panic!("from_bytes accepted what from_bytes_recovering refuses: {e}"),
         (Err(e), Ok((bitmap, recovery))) => {
-            assert_eq!(recovery.state, FileState::Live, "recovered a sealed file: {e}");
-            assert!(!recovery.torn_pages.is_empty(), "recovered with no torn page: {e}");
+            assert_eq!(
+                recovery.state,
+                FileState::Live,
+                "recovered a sealed file: {e}"
+            );
+            assert!(
+                !recovery.torn_pages.is_empty(),
+                "recovered with no torn page: {e}"
+            );
             for &page in &recovery.torn_pages {
                 assert!(page < bitmap.page_count(), "torn page {page} past the end");
                 let first = page * BLOCKS_PER_PAGE;
                 let end = (first + BLOCKS_PER_PAGE).min(bitmap.block_count());
                 for block in first..end {
-                    assert!(bitmap.test(block).unwrap(), "block {block} of torn page {page} is clean");
+                    assert!(
+                        bitmap.test(block).unwrap(),
+                        "block {block} of torn page {page} is clean"
+                    );
                 }
             }
             check_bitmap(&bitmap);
@@ -61,7 +81,10 @@ pub fn run(data: &[u8]) -> String {
             let back = ChangedBlockBitmap::from_bytes(&bitmap.to_bytes(FileState::Sealed))
                 .expect("a recovered bitmap re-encodes to a valid file");
             assert!(back == bitmap, "a recovered bitmap does not roundtrip");
-            format!("recovered:torn={}", crate::bucket(recovery.torn_pages.len()))
+            format!(
+                "recovered:torn={}",
+                crate::bucket(recovery.torn_pages.len())
+            )
         }
         (Err(e), Err(_)) => crate::label("err", &e),
     }
@@ -71,12 +94,18 @@ pub fn run(data: &[u8]) -> String {
 fn check_bitmap(bitmap: &ChangedBlockBitmap) {
     let blocks = bitmap.block_count();
     assert!(blocks > 0);
-    assert_eq!(blocks, bitmap.disk_size().div_ceil(u64::from(bitmap.block_size())));
+    assert_eq!(
+        blocks,
+        bitmap.disk_size().div_ceil(u64::from(bitmap.block_size()))
+    );
     let mut counted = 0u64;
     let mut prev_end = None;
     for (first, count) in bitmap.iter_runs() {
         assert!(count > 0, "empty run at {first}");
-        assert!(first + count <= blocks, "run {first}+{count} past {blocks} blocks");
+        assert!(
+            first + count <= blocks,
+            "run {first}+{count} past {blocks} blocks"
+        );
         if let Some(end) = prev_end {
             assert!(first > end, "runs out of order or touching at {first}");
         }
@@ -85,11 +114,16 @@ fn check_bitmap(bitmap: &ChangedBlockBitmap) {
         counted += count;
     }
     assert_eq!(counted, bitmap.count(), "count disagrees with the runs");
-    assert!(bitmap.test(blocks).is_err(), "block past the end is testable");
+    assert!(
+        bitmap.test(blocks).is_err(),
+        "block past the end is testable"
+    );
     // Every page encodes, and the file image is the header plus those pages.
     let mut page = [0u8; PAGE_SIZE];
     for p in 0..bitmap.page_count() {
-        bitmap.encode_page(p, &mut page).expect("every page below page_count encodes");
+        bitmap
+            .encode_page(p, &mut page)
+            .expect("every page below page_count encodes");
     }
     assert!(bitmap.encode_page(bitmap.page_count(), &mut page).is_err());
     let from_bytes = ChangedBlockBitmap::from_bytes(&bitmap.to_bytes(FileState::Live))
@@ -140,7 +174,8 @@ fn repair(buf: &mut Vec<u8>, entropy: u64) {
         buf[OFF_FLAGS + 4..OFF_HEADER_CHECKSUM].fill(0);
         buf[HEADER_LEN..PAGE_SIZE].fill(0);
     }
-    let block_size = u32::from_le_bytes(buf[OFF_BLOCK_SIZE..OFF_BLOCK_SIZE + 4].try_into().unwrap());
+    let block_size =
+        u32::from_le_bytes(buf[OFF_BLOCK_SIZE..OFF_BLOCK_SIZE + 4].try_into().unwrap());
     let disk_size = le_u64(buf, OFF_DISK_SIZE);
     if entropy & 8 == 0 && block_size != 0 {
         let blocks = disk_size.div_ceil(u64::from(block_size));
@@ -174,7 +209,16 @@ fn seeds() -> Vec<Vec<u8>> {
         (1, 512, &[0]),
         (100 * 4096 + 1, 4096, &[0, 63, 64, 100]),
         (65536 * 7, 65536, &[]),
-        (3 * BLOCKS_PER_PAGE * 512 - 700, 512, &[0, BLOCKS_PER_PAGE - 1, BLOCKS_PER_PAGE, 2 * BLOCKS_PER_PAGE + 5]),
+        (
+            3 * BLOCKS_PER_PAGE * 512 - 700,
+            512,
+            &[
+                0,
+                BLOCKS_PER_PAGE - 1,
+                BLOCKS_PER_PAGE,
+                2 * BLOCKS_PER_PAGE + 5,
+            ],
+        ),
         (u64::from(u32::MAX) + 1, 1 << 30, &[3]),
     ];
     for (disk_size, block_size, set) in shapes {

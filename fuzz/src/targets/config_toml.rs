@@ -6,7 +6,7 @@
 
 use std::collections::HashSet;
 
-use dataplane::config::{Config, NAME_LEN_MAX};
+use dataplane::config::{Config, ConfigError, NAME_LEN_MAX};
 
 use crate::Target;
 
@@ -15,12 +15,7 @@ pub fn target() -> Target {
         name: "config_toml",
         run,
         seeds,
-        repair: Some(|buf, _| {
-            // The harness only sees UTF-8; keep mutated bytes text.
-            if std::str::from_utf8(buf).is_err() {
-                *buf = String::from_utf8_lossy(buf).into_owned().into_bytes();
-            }
-        }),
+        repair: None,
         dictionary: DICTIONARY,
         max_len: 16 << 10,
     }
@@ -83,14 +78,18 @@ const DICTIONARY: &[&[u8]] = &[
 ];
 
 pub fn run(data: &[u8]) -> String {
-    let Ok(text) = std::str::from_utf8(data) else {
-        return "not-utf8".into();
-    };
-    match Config::from_str(text, "/tmp") {
+    // Arbitrary UTF-8: invalid sequences become U+FFFD rather than wasting the input.
+    let text = String::from_utf8_lossy(data);
+    match Config::from_str(&text, "/tmp") {
         Err(e) => {
             // Operators read this; building it must not panic either.
-            let _ = format!("{e:?}");
-            crate::label("err", &e)
+            let _ = (e.to_string(), format!("{e:?}"));
+            match e {
+                ConfigError::Parse { message, .. } => crate::label("parse", &message),
+                ConfigError::Invalid { key, .. } => crate::label("invalid", &key),
+                ConfigError::Missing { problem, .. } => crate::label("missing", &problem),
+                ConfigError::Read { source, .. } => crate::label("read", &source),
+            }
         }
         Ok(config) => {
             check(&config);
@@ -110,10 +109,20 @@ fn check(config: &Config) {
     if let Some(source) = &config.source {
         let block = source.block_size_bytes();
         let io = source.io_size_bytes();
-        assert!(block.is_power_of_two() && (4096..=1 << 20).contains(&block), "block size {block}");
-        assert!(io.is_power_of_two() && io >= block && io <= 4 << 20, "io size {io}");
+        assert!(
+            block.is_power_of_two() && (4096..=1 << 20).contains(&block),
+            "block size {block}"
+        );
+        assert!(
+            io.is_power_of_two() && io >= block && io <= 4 << 20,
+            "io size {io}"
+        );
         assert!(source.psk_file.is_absolute() && source.state_dir.is_absolute());
-        let _ = (source.compression(), source.connect_timeout(), source.io_timeout());
+        let _ = (
+            source.compression(),
+            source.connect_timeout(),
+            source.io_timeout(),
+        );
         assert!(!source.epoch_interval().is_zero());
         assert!(config.require_source("fuzz").is_ok());
     }
@@ -123,24 +132,44 @@ fn check(config: &Config) {
         assert!(config.require_target("fuzz").is_ok());
     }
     if let (Some(s), Some(t)) = (&config.source, &config.target) {
-        assert_ne!(s.state_dir, t.state_dir, "source and target share a state_dir");
+        assert_ne!(
+            s.state_dir, t.state_dir,
+            "source and target share a state_dir"
+        );
     }
     let mut names = HashSet::new();
     let mut paths = HashSet::new();
     for disk in &config.disks {
-        for name in [Some(disk.name.as_str()), disk.group.as_deref()].into_iter().flatten() {
+        for name in [Some(disk.name.as_str()), disk.group.as_deref()]
+            .into_iter()
+            .flatten()
+        {
             assert!(
                 !name.is_empty()
                     && name.len() <= NAME_LEN_MAX
                     && name != "."
                     && name != ".."
-                    && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)),
+                    && name
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)),
                 "accepted an unsafe name {name:?}"
             );
         }
-        assert!(names.insert(&disk.name), "duplicate disk name {:?}", disk.name);
-        assert!(paths.insert(&disk.path), "duplicate disk path {:?}", disk.path);
-        assert!(disk.path.is_absolute(), "relative disk path {:?}", disk.path);
+        assert!(
+            names.insert(&disk.name),
+            "duplicate disk name {:?}",
+            disk.name
+        );
+        assert!(
+            paths.insert(&disk.path),
+            "duplicate disk path {:?}",
+            disk.path
+        );
+        assert!(
+            disk.path.is_absolute(),
+            "relative disk path {:?}",
+            disk.path
+        );
         if let Some(socket) = &disk.nbd_socket {
             assert!(socket.is_absolute() && socket.as_os_str().len() <= 107);
         }
@@ -192,6 +221,7 @@ group = "vm1"
         include_str!("../../../docs/examples/source.toml").into(),
         include_str!("../../../docs/examples/target.toml").into(),
         BOTH.into(),
-        "[target]\nlisten='0.0.0.0:1'\npsk_file='k'\nstate_dir='s'\n[[disk]]\nname='a'\npath='p'\n".into(),
+        "[target]\nlisten='0.0.0.0:1'\npsk_file='k'\nstate_dir='s'\n[[disk]]\nname='a'\npath='p'\n"
+            .into(),
     ]
 }

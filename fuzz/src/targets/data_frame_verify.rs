@@ -52,7 +52,6 @@ pub fn target() -> Target {
     }
 }
 
-const MAX_DISKS: usize = 4;
 const DISK_BYTES: usize = 9;
 
 struct Session {
@@ -91,7 +90,9 @@ fn parse(data: &[u8]) -> Option<(Vec<Geometry>, bool, &[u8])> {
 fn table_mut(frame: &mut [u8]) -> Option<&mut [BlockRecord]> {
     let (header, rest) = DataHeader::ref_from_prefix(frame).ok()?;
     let count = header.record_count.get() as usize;
-    let bytes = count.checked_mul(BLOCK_RECORD_LEN).filter(|&n| n <= rest.len())?;
+    let bytes = count
+        .checked_mul(BLOCK_RECORD_LEN)
+        .filter(|&n| n <= rest.len())?;
     <[BlockRecord]>::mut_from_bytes(&mut frame[8..8 + bytes]).ok()
 }
 
@@ -112,7 +113,9 @@ fn right_hash(frame: &[u8], rec: &BlockRecord) -> Option<[u8; 16]> {
 }
 
 fn repair_hashes(frame: &mut Vec<u8>) {
-    let Some(table) = table_mut(frame) else { return };
+    let Some(table) = table_mut(frame) else {
+        return;
+    };
     let records: Vec<BlockRecord> = table.to_vec();
     let hashes: Vec<Option<[u8; 16]>> = records.iter().map(|r| right_hash(frame, r)).collect();
     let table = table_mut(frame).expect("parsed above");
@@ -137,7 +140,12 @@ pub fn run(data: &[u8]) -> String {
         } else {
             payload
         };
-        verify_one(payload, &geometries, &mut session.scratch, &mut session.decompressor)
+        verify_one(
+            payload,
+            &geometries,
+            &mut session.scratch,
+            &mut session.decompressor,
+        )
     })
 }
 
@@ -163,9 +171,18 @@ fn verify_one(
     match result {
         Err(e) => rejected("verify", e),
         Ok((disk, scratch_used)) => {
-            check_accepted(payload, geometries, disk, scratch_used, needs.then_some(&*scratch));
-            let records = payload.len().saturating_sub(8) / BLOCK_RECORD_LEN;
-            format!("ok:disk={disk}:scratch={needs}:records~{}", crate::bucket(records))
+            check_accepted(
+                payload,
+                geometries,
+                disk,
+                scratch_used,
+                needs.then_some(&*scratch),
+            );
+            let records = u32::from_le_bytes(payload[4..8].try_into().unwrap()) as usize;
+            format!(
+                "ok:disk={disk}:scratch={needs}:records={}",
+                crate::bucket(records)
+            )
         }
     }
 }
@@ -175,7 +192,10 @@ fn rejected(stage: &str, e: TargetError) -> String {
         TargetError::Rejected { code, .. } => assert!(
             matches!(
                 code,
-                ErrorCode::Protocol | ErrorCode::UnknownDisk | ErrorCode::OutOfRange | ErrorCode::Integrity
+                ErrorCode::Protocol
+                    | ErrorCode::UnknownDisk
+                    | ErrorCode::OutOfRange
+                    | ErrorCode::Integrity
             ),
             "a frame was rejected with code {code:?}: {e}"
         ),
@@ -192,7 +212,9 @@ fn check_accepted(
     scratch_used: usize,
     scratch: Option<&[u8]>,
 ) {
-    let geometry = geometries.get(disk as usize).expect("accepted a frame for an unknown disk");
+    let geometry = geometries
+        .get(disk as usize)
+        .expect("accepted a frame for an unknown disk");
     let (header, rest) = DataHeader::ref_from_prefix(payload).expect("accepted without a header");
     assert_eq!(header.disk.get(), disk);
     let count = header.record_count.get() as usize;
@@ -204,8 +226,15 @@ fn check_accepted(
     for (i, rec) in recs.iter().enumerate() {
         let offset = rec.offset.get();
         let len = rec.length.get() as usize;
-        assert!(offset < geometry.disk_size, "record {i}: offset {offset} past the disk");
-        assert_eq!(offset % geometry.block_size, 0, "record {i}: unaligned offset {offset}");
+        assert!(
+            offset < geometry.disk_size,
+            "record {i}: offset {offset} past the disk"
+        );
+        assert_eq!(
+            offset % geometry.block_size,
+            0,
+            "record {i}: unaligned offset {offset}"
+        );
         assert_eq!(
             len as u64,
             geometry.block_size.min(geometry.disk_size - offset),
@@ -216,19 +245,32 @@ fn check_accepted(
         let bytes = match placer.place(rec) {
             Place::Zero => {
                 assert_eq!(codec, Codec::Zero);
-                assert_eq!(rec.stored_len.get(), 0, "record {i}: zero block with a payload");
+                assert_eq!(
+                    rec.stored_len.get(),
+                    0,
+                    "record {i}: zero block with a payload"
+                );
                 continue;
             }
             Place::Recv(at) => {
                 assert_eq!(codec, Codec::Raw);
-                assert_eq!(at % PAYLOAD_ALIGN, 0, "record {i}: O_DIRECT source unaligned");
+                assert_eq!(
+                    at % PAYLOAD_ALIGN,
+                    0,
+                    "record {i}: O_DIRECT source unaligned"
+                );
                 assert_eq!(len % 4096, 0, "record {i}: O_DIRECT length unaligned");
-                assert!(at >= table_end, "record {i}: payload inside the record table");
+                assert!(
+                    at >= table_end,
+                    "record {i}: payload inside the record table"
+                );
                 payload.get(at..at + len).expect("placed outside the frame")
             }
             Place::Scratch(at) => {
                 let scratch = scratch.expect("placed in scratch, but none was handed in");
-                scratch.get(at..at + len).expect("placed outside the scratch buffer")
+                scratch
+                    .get(at..at + len)
+                    .expect("placed outside the scratch buffer")
             }
         };
         assert!(
@@ -236,14 +278,23 @@ fn check_accepted(
             "record {i} ({codec:?}, offset {offset}): the bytes the applier would write fail the hash"
         );
     }
-    assert!(logical <= MAX_FRAME_LOGICAL as u64, "accepted {logical} bytes of blocks");
-    assert_eq!(placer.scratch_used(), scratch_used, "placer and verifier disagree");
+    assert!(
+        logical <= MAX_FRAME_LOGICAL as u64,
+        "accepted {logical} bytes of blocks"
+    );
+    assert_eq!(
+        placer.scratch_used(),
+        scratch_used,
+        "placer and verifier disagree"
+    );
 }
 
 /// Aligns records with the session's disks so more of them get past the range checks;
 /// the entropy decides which records are left as mutated.
 fn repair(buf: &mut Vec<u8>, entropy: u64) {
-    let Some((geometries, _, _)) = parse(buf) else { return };
+    let Some((geometries, _, _)) = parse(buf) else {
+        return;
+    };
     if entropy & 7 != 7 {
         buf[0] |= 1;
     }
@@ -256,8 +307,12 @@ fn repair(buf: &mut Vec<u8>, entropy: u64) {
         }
     }
     let disk = DataHeader::ref_from_prefix(frame).map_or(0, |(h, _)| h.disk.get() as usize);
-    let Some(geometry) = geometries.get(disk) else { return };
-    let Some(table) = table_mut(frame) else { return };
+    let Some(geometry) = geometries.get(disk) else {
+        return;
+    };
+    let Some(table) = table_mut(frame) else {
+        return;
+    };
     let table_end = 8 + table.len() * BLOCK_RECORD_LEN;
     let mut bits = entropy >> 4;
     for rec in table.iter_mut() {
@@ -273,10 +328,17 @@ fn repair(buf: &mut Vec<u8>, entropy: u64) {
                 Some(Codec::Raw) => rec.stored_len = (len as u32).into(),
                 _ => {}
             }
-            let (at, stored) = (rec.payload_offset.get() as usize, rec.stored_len.get() as usize);
+            let (at, stored) = (
+                rec.payload_offset.get() as usize,
+                rec.stored_len.get() as usize,
+            );
             if at < table_end || at + stored > frame_len {
                 let aligned = table_end.next_multiple_of(PAYLOAD_ALIGN);
-                let at = if aligned + stored <= frame_len { aligned } else { table_end };
+                let at = if aligned + stored <= frame_len {
+                    aligned
+                } else {
+                    table_end
+                };
                 rec.payload_offset = (at as u32).into();
             }
         }
@@ -298,7 +360,11 @@ impl FrameBuilder {
             Codec::Zstd => zstd::bulk::compress(data, 1).expect("zstd"),
             Codec::Zero => Vec::new(),
         };
-        let hash = if codec == Codec::Zero { ZERO_BLOCK_HASH } else { block_hash(data) };
+        let hash = if codec == Codec::Zero {
+            ZERO_BLOCK_HASH
+        } else {
+            block_hash(data)
+        };
         self.records.push(BlockRecord {
             offset: offset.into(),
             length: (data.len() as u32).into(),
@@ -320,9 +386,12 @@ impl FrameBuilder {
             out.extend_from_slice(&size.to_le_bytes());
         }
         let base = out.len();
-        let mut frame = DataHeader { disk: disk.into(), record_count: (self.records.len() as u32).into() }
-            .as_bytes()
-            .to_vec();
+        let mut frame = DataHeader {
+            disk: disk.into(),
+            record_count: (self.records.len() as u32).into(),
+        }
+        .as_bytes()
+        .to_vec();
         frame.resize(8 + self.records.len() * BLOCK_RECORD_LEN, 0);
         for (rec, (blob, aligned)) in self.records.iter_mut().zip(&self.blobs) {
             if blob.is_empty() {
@@ -334,7 +403,8 @@ impl FrameBuilder {
             rec.payload_offset = (frame.len() as u32).into();
             frame.extend_from_slice(blob);
         }
-        frame[8..8 + self.records.len() * BLOCK_RECORD_LEN].copy_from_slice(self.records.as_bytes());
+        frame[8..8 + self.records.len() * BLOCK_RECORD_LEN]
+            .copy_from_slice(self.records.as_bytes());
         out.extend_from_slice(&frame);
         debug_assert_eq!(out.len() - base, frame.len());
         out
@@ -342,9 +412,14 @@ impl FrameBuilder {
 }
 
 fn seeds() -> Vec<Vec<u8>> {
-    let new = || FrameBuilder { records: Vec::new(), blobs: Vec::new() };
+    let new = || FrameBuilder {
+        records: Vec::new(),
+        blobs: Vec::new(),
+    };
     let pattern = |n: usize, seed: u8| -> Vec<u8> {
-        (0..n).map(|i| (i as u8).wrapping_mul(31) ^ seed ^ (i >> 9) as u8).collect()
+        (0..n)
+            .map(|i| (i as u8).wrapping_mul(31) ^ seed ^ (i >> 9) as u8)
+            .collect()
     };
     let text = b"ferry ".repeat(700)[..4096].to_vec();
     // disk 0: 4 KiB blocks, five whole blocks and a 1000-byte tail; disk 1: 8 KiB
@@ -358,7 +433,9 @@ fn seeds() -> Vec<Vec<u8>> {
             .block(12288, &[0; 4096], Codec::Zero, false)
             .block(20480, &pattern(1000, 3), Codec::Raw, true)
             .build(0, &disks, 0),
-        new().block(8192, &text.repeat(2), Codec::Zstd, false).build(0, &disks, 1),
+        new()
+            .block(8192, &text.repeat(2), Codec::Zstd, false)
+            .build(0, &disks, 1),
         new()
             .block(0, &pattern(8192, 4), Codec::Raw, true)
             .block(16384, &pattern(8192, 5), Codec::Raw, true)
@@ -367,6 +444,47 @@ fn seeds() -> Vec<Vec<u8>> {
             .block(20480, &pattern(1000, 6), Codec::Zstd, false)
             .block(20480, &pattern(1000, 6), Codec::Raw, false)
             .build(1, &disks, 0),
-        new().block(0, &[0; 4096], Codec::Zero, false).build(0, &[(0, 4096)], 0),
+        new()
+            .block(0, &[0; 4096], Codec::Zero, false)
+            .build(0, &[(0, 4096)], 0),
+        // Five 1 MiB zero blocks: one past the 4 MiB a frame may describe.
+        (0..5u64)
+            .fold(new(), |b, i| {
+                b.block(i << 20, &vec![0; 1 << 20], Codec::Zero, false)
+            })
+            .build(0, &[(8, 8 << 20)], 0),
+        // 1100 one-byte tail blocks sharing one payload: 1100 bytes of disk, but each
+        // takes a 4 KiB scratch slot, more than the staging buffer holds.
+        shared_payload(1100),
     ]
+}
+
+/// `count` raw records for the one-byte last block of a 4097-byte disk, all pointing
+/// at the same payload byte.
+fn shared_payload(count: usize) -> Vec<u8> {
+    let mut input = vec![0u8, 0];
+    input.extend_from_slice(&4097u64.to_le_bytes());
+    let table_end = 8 + count * BLOCK_RECORD_LEN;
+    let rec = BlockRecord {
+        offset: 4096.into(),
+        length: 1.into(),
+        stored_len: 1.into(),
+        payload_offset: (table_end as u32).into(),
+        codec: Codec::Raw as u8,
+        reserved: [0; 3],
+        hash: block_hash(&[0x5a]),
+        reserved2: 0.into(),
+    };
+    input.extend_from_slice(
+        DataHeader {
+            disk: 0.into(),
+            record_count: (count as u32).into(),
+        }
+        .as_bytes(),
+    );
+    for _ in 0..count {
+        input.extend_from_slice(rec.as_bytes());
+    }
+    input.push(0x5a);
+    input
 }

@@ -8,11 +8,14 @@
 //! For each target it runs the seeds (the target's own, plus `fuzz/corpus/<target>/` if
 //! present), then mutated inputs until the time is up. There is no coverage feedback;
 //! what stands in for it is the harness's outcome label (an error kind, how far a valid
-//! input got): an input with a label not seen before joins the corpus. Half the mutants
+//! input got): the first few inputs with each label join the corpus. Half the mutants
 //! go through the target's repair, which fixes checksums so they get past the integrity
 //! checks. Inputs run in a child process; a panic, an abort or a hang is a finding,
 //! deduplicated by its panic location, minimised, saved under `fuzz/artifacts/<target>/`
 //! and printed in hex. The exit status is 1 when anything was found.
+//!
+//! `--write-seeds` also writes the seeds to `fuzz/corpus/<target>/` and the dictionary
+//! to `fuzz/corpus/<target>.dict`, for `cargo fuzz run` to start from.
 //!
 //! The run is deterministic for a given seed up to how many inputs fit in the time.
 
@@ -34,6 +37,9 @@ use worker::{Verdict, Worker};
 /// Most inputs kept per target: enough for every label plus splice material, few
 /// enough that picking one stays uniform over interesting inputs.
 const CORPUS_MAX: usize = 4096;
+/// Inputs kept per distinct outcome: the first is the new behaviour, a few more give
+/// the mutator variants of it to work from.
+const KEEP_PER_OUTCOME: u64 = 4;
 /// Budget for shrinking one finding.
 const MINIMIZE_ATTEMPTS: usize = 4000;
 const MINIMIZE_TIME: Duration = Duration::from_secs(20);
@@ -156,6 +162,10 @@ fn fuzz_one(target: &Target, opts: &Options, fuzz_dir: &Path) -> std::io::Result
         for seed in &seeds {
             std::fs::write(corpus_dir.join(format!("seed-{:016x}", xxh3(seed))), seed)?;
         }
+        let dict = fuzz_dir
+            .join("corpus")
+            .join(format!("{}.dict", target.name));
+        std::fs::write(dict, ferry_fuzz::libfuzzer_dict(target.dictionary))?;
     }
     let mut corpus = seeds;
     corpus.extend(read_dir_files(&corpus_dir, target.max_len));
@@ -170,7 +180,13 @@ fn fuzz_one(target: &Target, opts: &Options, fuzz_dir: &Path) -> std::io::Result
             Some(input) => input,
             None => {
                 let mut input = corpus[rng.below(corpus.len())].clone();
-                mutate::mutate(&mut input, &corpus, target.dictionary, target.max_len, &mut rng);
+                mutate::mutate(
+                    &mut input,
+                    &corpus,
+                    target.dictionary,
+                    target.max_len,
+                    &mut rng,
+                );
                 if let (Some(repair), true) = (target.repair, rng.coin()) {
                     repair(&mut input, rng.next());
                     repaired += 1;
@@ -181,10 +197,12 @@ fn fuzz_one(target: &Target, opts: &Options, fuzz_dir: &Path) -> std::io::Result
         let verdict = worker.run(&input, opts.timeout)?;
         execs += 1;
         let Some(key) = finding_key(&verdict) else {
-            let Verdict::Returned(label) = verdict else { unreachable!() };
+            let Verdict::Returned(label) = verdict else {
+                unreachable!()
+            };
             let count = labels.entry(label).or_insert(0);
             *count += 1;
-            if *count == 1 {
+            if *count <= KEEP_PER_OUTCOME {
                 if corpus.len() < CORPUS_MAX {
                     corpus.push(input);
                 } else {
@@ -230,8 +248,8 @@ fn fuzz_one(target: &Target, opts: &Options, fuzz_dir: &Path) -> std::io::Result
 
 /// Shrinks `input` while it still produces the finding `key`: drops chunks (halving
 /// their size down to one byte), then zeroes bytes. With a repair, each candidate is
-/// also tried repaired, so checksummed formats shrink too. Stops accepting candidates
-/// after `MINIMIZE_ATTEMPTS` runs or `MINIMIZE_TIME`.
+/// also tried repaired, so checksummed formats shrink too. Stops after
+/// `MINIMIZE_ATTEMPTS` runs or `MINIMIZE_TIME`.
 fn minimize(
     target: &Target,
     worker: &mut Worker,
@@ -240,14 +258,13 @@ fn minimize(
     timeout: Duration,
 ) -> std::io::Result<Vec<u8>> {
     let started = Instant::now();
-    let mut attempts = 0;
-    let mut still_fails = |candidate: &[u8], worker: &mut Worker| -> std::io::Result<bool> {
-        attempts += 1;
+    let attempts = std::cell::Cell::new(0usize);
+    let still_fails = |candidate: &[u8], worker: &mut Worker| -> std::io::Result<bool> {
+        attempts.set(attempts.get() + 1);
         let verdict = worker.run(candidate, timeout)?;
-        let same = finding_key(&verdict).as_deref() == Some(key);
-        Ok(same && attempts < MINIMIZE_ATTEMPTS)
+        Ok(finding_key(&verdict).as_deref() == Some(key))
     };
-    let budget_left = || started.elapsed() < MINIMIZE_TIME;
+    let budget_left = || attempts.get() < MINIMIZE_ATTEMPTS && started.elapsed() < MINIMIZE_TIME;
     let mut chunk = input.len().next_power_of_two() / 2;
     while chunk > 0 {
         let mut at = 0;
@@ -300,7 +317,10 @@ fn report(
     let path = dir.join(format!("crash-{:016x}", xxh3(small)));
     std::fs::write(&path, small)?;
     if original != small {
-        std::fs::write(dir.join(format!("crash-{:016x}.orig", xxh3(small))), original)?;
+        std::fs::write(
+            dir.join(format!("crash-{:016x}.orig", xxh3(small))),
+            original,
+        )?;
     }
     let message = match verdict {
         Verdict::Panicked(m) | Verdict::Died(m) => m.clone(),
@@ -323,9 +343,17 @@ fn report(
         target.name,
         path.display()
     );
-    let _ = writeln!(text, "hex: {}", hex(&small[..small.len().min(HEX_PRINT_MAX)]));
+    let _ = writeln!(
+        text,
+        "hex: {}",
+        hex(&small[..small.len().min(HEX_PRINT_MAX)])
+    );
     if small.len() > HEX_PRINT_MAX {
-        let _ = writeln!(text, "     ... ({} more bytes in the file)", small.len() - HEX_PRINT_MAX);
+        let _ = writeln!(
+            text,
+            "     ... ({} more bytes in the file)",
+            small.len() - HEX_PRINT_MAX
+        );
     }
     println!("{text}");
     Ok(())
@@ -345,10 +373,12 @@ fn read_dir_files(dir: &Path, max_len: usize) -> Vec<Vec<u8>> {
 }
 
 fn hex(bytes: &[u8]) -> String {
-    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
 }
 
 fn xxh3(bytes: &[u8]) -> u64 {
@@ -356,5 +386,7 @@ fn xxh3(bytes: &[u8]) -> u64 {
 }
 
 fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3))
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    })
 }

@@ -119,7 +119,11 @@ fn one(data: &mut Vec<u8>, corpus: &[Vec<u8>], dictionary: &[&[u8]], rng: &mut R
             let at = rng.below(len);
             if at + 4 <= len && rng.coin() {
                 let v = u32::from_le_bytes(data[at..at + 4].try_into().unwrap());
-                let v = if rng.coin() { v.wrapping_add(delta) } else { v.wrapping_sub(delta) };
+                let v = if rng.coin() {
+                    v.wrapping_add(delta)
+                } else {
+                    v.wrapping_sub(delta)
+                };
                 data[at..at + 4].copy_from_slice(&v.to_le_bytes());
             } else if rng.coin() {
                 data[at] = data[at].wrapping_add(delta as u8);

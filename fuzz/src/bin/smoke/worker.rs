@@ -106,7 +106,10 @@ impl Worker {
                 // Let the stderr thread take the last of the output.
                 thread::sleep(Duration::from_millis(50));
                 let tail = self.stderr_tail.lock().unwrap();
-                Verdict::Died(format!("{status}: {}", String::from_utf8_lossy(&tail).trim()))
+                Verdict::Died(format!(
+                    "{status}: {}",
+                    String::from_utf8_lossy(&tail).trim()
+                ))
             }
         };
         *self = Worker::spawn(&self.target)?;
@@ -156,10 +159,22 @@ pub fn serve(target: &str) -> ! {
         }
         let (status, text) = match panic::catch_unwind(AssertUnwindSafe(|| (target.run)(&input))) {
             Ok(label) => (0u8, label),
-            Err(_) => (1u8, last_panic.lock().unwrap_or_else(|e| e.into_inner()).clone()),
+            Err(_) => (
+                1u8,
+                last_panic.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+            ),
         };
-        let reply = [&[status][..], &(text.len() as u32).to_le_bytes(), text.as_bytes()].concat();
-        if stdout.write_all(&reply).and_then(|()| stdout.flush()).is_err() {
+        let reply = [
+            &[status][..],
+            &(text.len() as u32).to_le_bytes(),
+            text.as_bytes(),
+        ]
+        .concat();
+        if stdout
+            .write_all(&reply)
+            .and_then(|()| stdout.flush())
+            .is_err()
+        {
             std::process::exit(0);
         }
     }

@@ -1,0 +1,96 @@
+//! Test harness binary: runs the shim from command-line arguments.
+//!
+//! ```text
+//! ferry-shim-test [--control PATH] --disk name=N,path=P,socket=S,state_dir=D[,block_size=B] ...
+//! ```
+//!
+//! Prints `READY` on stdout once every socket listens; SIGTERM or SIGINT shut it down
+//! cleanly. `ferry shim --config FILE` is the product entry point; this exists so that
+//! tests can run the shim as a separate process and kill it.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use filter_driver_shim::{Shim, ShimDisk, DEFAULT_BLOCK_SIZE};
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    // Only an atomic store: async-signal-safe.
+    STOP.store(true, Ordering::Release);
+}
+
+fn parse_disk(spec: &str) -> Result<ShimDisk, String> {
+    let (mut name, mut path, mut socket, mut state_dir) = (None, None, None, None);
+    let mut block_size = DEFAULT_BLOCK_SIZE;
+    for kv in spec.split(',') {
+        let (k, v) = kv
+            .split_once('=')
+            .ok_or_else(|| format!("`{kv}` is not key=value"))?;
+        match k {
+            "name" => name = Some(v.to_string()),
+            "path" => path = Some(PathBuf::from(v)),
+            "socket" => socket = Some(PathBuf::from(v)),
+            "state_dir" => state_dir = Some(PathBuf::from(v)),
+            "block_size" => block_size = v.parse().map_err(|_| format!("bad block_size `{v}`"))?,
+            _ => return Err(format!("unknown key `{k}`")),
+        }
+    }
+    let name = name.ok_or("missing name")?;
+    Ok(ShimDisk::in_state_dir(
+        &name,
+        path.ok_or("missing path")?,
+        socket.ok_or("missing socket")?,
+        &state_dir.ok_or("missing state_dir")?,
+        block_size,
+    ))
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .init();
+    let mut disks = Vec::new();
+    let mut control = None;
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        let value = args.next();
+        let parsed = match (a.as_str(), value) {
+            ("--disk", Some(v)) => parse_disk(&v).map(|d| disks.push(d)),
+            ("--control", Some(v)) => {
+                control = Some(PathBuf::from(v));
+                Ok(())
+            }
+            (other, _) => Err(format!("unexpected argument `{other}`")),
+        };
+        if let Err(e) = parsed {
+            eprintln!("ferry-shim-test: {e}");
+            return ExitCode::from(2);
+        }
+    }
+    for sig in [libc::SIGTERM, libc::SIGINT] {
+        // SAFETY: `on_signal` is an `extern "C" fn(c_int)` that only stores to an
+        // atomic, which is async-signal-safe; it lives for the whole program.
+        unsafe { libc::signal(sig, on_signal as *const () as libc::sighandler_t) };
+    }
+    let shim = match Shim::start(disks, control) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("ferry-shim-test: {e}: {:?}", std::error::Error::source(&e));
+            return ExitCode::FAILURE;
+        }
+    };
+    println!("READY");
+    while !STOP.load(Ordering::Acquire) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    match shim.shutdown() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ferry-shim-test: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

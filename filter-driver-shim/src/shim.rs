@@ -1,0 +1,391 @@
+//! The running shim: one NBD export per protected disk on its Unix socket, plus the
+//! control socket the engine talks to.
+
+use std::fs;
+use std::io;
+use std::net::Shutdown;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::{self, JoinHandle};
+use std::time::Duration;
+
+use crate::backing::Backing;
+use crate::control;
+use crate::nbd::{self, proto::TRANSMISSION_FLAGS, Export, ExportInfo, Stream};
+use crate::tracker::{Tracker, TrackerConfig, TrackerError, TrackerStatus};
+
+/// Concurrent NBD connections per disk. QEMU uses one, nbdcopy up to four; the bound
+/// caps threads (each connection has `2 + IO_WORKERS`).
+pub const MAX_CONNECTIONS_PER_DISK: usize = 16;
+/// How often accept loops look at the stop flag when no client arrives.
+const ACCEPT_POLL_MS: i32 = 100;
+
+/// One protected disk as the shim serves it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ShimDisk {
+    /// Stable id; also the NBD export name (the default export "" selects it too).
+    pub name: String,
+    /// Backing image file or block device.
+    pub path: PathBuf,
+    /// Unix socket the NBD export listens on.
+    pub nbd_socket: PathBuf,
+    /// Changed-block bitmap file (`docs/bitmap-format.md`).
+    pub bitmap_path: PathBuf,
+    /// Sidecar state file recording the image identity and generation.
+    pub state_path: PathBuf,
+    /// Tracking granularity in bytes: a power of two, 512 ..= 1 GiB.
+    pub block_size: u32,
+}
+
+impl ShimDisk {
+    /// The usual layout: `<state_dir>/<name>.cbt` and `<state_dir>/<name>.shim-state`.
+    pub fn in_state_dir(
+        name: &str,
+        path: impl Into<PathBuf>,
+        nbd_socket: impl Into<PathBuf>,
+        state_dir: &Path,
+        block_size: u32,
+    ) -> ShimDisk {
+        ShimDisk {
+            name: name.to_string(),
+            path: path.into(),
+            nbd_socket: nbd_socket.into(),
+            bitmap_path: state_dir.join(format!("{name}.cbt")),
+            state_path: state_dir.join(format!("{name}.shim-state")),
+            block_size,
+        }
+    }
+}
+
+/// Errors starting or stopping the shim; each names the disk and what failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ShimError {
+    #[error("disk `{disk}`: cannot open backing store {}", path.display())]
+    OpenBacking {
+        disk: String,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("disk `{disk}`: change tracking")]
+    Tracker {
+        disk: String,
+        #[source]
+        source: TrackerError,
+    },
+    #[error("cannot listen on {} (is another shim running? is the directory writable?)", path.display())]
+    Listen {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("disk `{disk}`: cannot {op}")]
+    Io {
+        disk: String,
+        op: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("two disks share the name or socket `{0}`")]
+    Duplicate(String),
+}
+
+/// Status of one disk for the control API.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskStatus {
+    pub name: String,
+    pub connections: usize,
+    pub tracker: TrackerStatus,
+}
+
+pub(crate) struct ServedDisk {
+    pub(crate) disk: ShimDisk,
+    pub(crate) export: Arc<Export>,
+    connections: AtomicUsize,
+    /// Live connections: a clone of each stream (to stop it) and its thread.
+    live: Mutex<Vec<(Stream, JoinHandle<()>)>>,
+}
+
+impl ServedDisk {
+    pub(crate) fn status(&self) -> DiskStatus {
+        DiskStatus {
+            name: self.disk.name.clone(),
+            connections: self.connections.load(Ordering::Relaxed),
+            tracker: self.export.tracker.status(),
+        }
+    }
+}
+
+/// A running shim. Dropping it without [`Shim::shutdown`] leaves the state files
+/// marked "running", exactly like a crash — which is safe, only less informative.
+pub struct Shim {
+    disks: Arc<Vec<Arc<ServedDisk>>>,
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+    sockets: Vec<PathBuf>,
+}
+
+/// Binds a Unix socket, replacing a stale socket file left by a crash (never any
+/// other kind of file).
+fn bind_unix(path: &Path) -> Result<UnixListener, ShimError> {
+    let listen_err = |source| ShimError::Listen {
+        path: path.to_path_buf(),
+        source,
+    };
+    if let Ok(meta) = fs::symlink_metadata(path) {
+        if meta.file_type().is_socket() {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(listen_err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    "a server is already listening there",
+                )));
+            }
+            fs::remove_file(path).map_err(listen_err)?;
+        }
+    }
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        fs::create_dir_all(dir).map_err(listen_err)?;
+    }
+    UnixListener::bind(path).map_err(listen_err)
+}
+
+/// Waits up to `timeout_ms` for `listener` to be readable.
+fn poll_readable(listener: &UnixListener, timeout_ms: i32) -> bool {
+    let mut pfd = libc::pollfd {
+        fd: listener.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: `pfd` is a valid pollfd on our stack for the duration of the call and
+    // the count passed is 1; the descriptor is borrowed from `listener`, alive here.
+    let rc = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
+    rc > 0 && pfd.revents & libc::POLLIN != 0
+}
+
+fn open_disk(disk: &ShimDisk) -> Result<ServedDisk, ShimError> {
+    let backing = Backing::open(&disk.path).map_err(|source| ShimError::OpenBacking {
+        disk: disk.name.clone(),
+        path: disk.path.clone(),
+        source,
+    })?;
+    let identity = backing.identity().map_err(|source| ShimError::Io {
+        disk: disk.name.clone(),
+        op: "stat the backing store",
+        source,
+    })?;
+    for p in [&disk.bitmap_path, &disk.state_path] {
+        if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
+            fs::create_dir_all(dir).map_err(|source| ShimError::Io {
+                disk: disk.name.clone(),
+                op: "create the state directory",
+                source,
+            })?;
+        }
+    }
+    let tracker = Tracker::open(
+        TrackerConfig {
+            disk: disk.name.clone(),
+            bitmap_path: disk.bitmap_path.clone(),
+            state_path: disk.state_path.clone(),
+            block_size: disk.block_size,
+        },
+        identity,
+    )
+    .map_err(|source| ShimError::Tracker {
+        disk: disk.name.clone(),
+        source,
+    })?;
+    Ok(ServedDisk {
+        export: Arc::new(Export {
+            info: ExportInfo {
+                name: disk.name.clone(),
+                size_bytes: backing.size_bytes(),
+                transmission_flags: TRANSMISSION_FLAGS,
+            },
+            backing,
+            tracker,
+        }),
+        disk: disk.clone(),
+        connections: AtomicUsize::new(0),
+        live: Mutex::new(Vec::new()),
+    })
+}
+
+fn accept_loop(listener: UnixListener, served: Arc<ServedDisk>, stop: Arc<AtomicBool>) {
+    while !stop.load(Ordering::Acquire) {
+        if !poll_readable(&listener, ACCEPT_POLL_MS) {
+            continue;
+        }
+        let stream = match listener.accept() {
+            Ok((s, _)) => s,
+            Err(e) => {
+                tracing::warn!(disk = %served.disk.name, error = %e, "accept failed");
+                continue;
+            }
+        };
+        let mut live = served.live.lock().unwrap_or_else(|e| e.into_inner());
+        live.retain(|(_, t)| !t.is_finished());
+        if live.len() >= MAX_CONNECTIONS_PER_DISK {
+            tracing::warn!(disk = %served.disk.name, "connection refused: {MAX_CONNECTIONS_PER_DISK} already open");
+            continue;
+        }
+        let stream = Stream::Unix(stream);
+        let Ok(handle) = stream.try_clone() else {
+            continue;
+        };
+        let export = Arc::clone(&served.export);
+        let counter = Arc::clone(&served);
+        counter.connections.fetch_add(1, Ordering::Relaxed);
+        let spawned = thread::Builder::new()
+            .name(format!("nbd-r-{}", served.disk.name))
+            .spawn(move || {
+                if let Err(e) = nbd::serve_connection(stream, export) {
+                    tracing::warn!(disk = %counter.disk.name, error = %e, source = ?std::error::Error::source(&e), "NBD connection ended with an error");
+                }
+                counter.connections.fetch_sub(1, Ordering::Relaxed);
+            });
+        match spawned {
+            Ok(t) => live.push((handle, t)),
+            Err(e) => {
+                served.connections.fetch_sub(1, Ordering::Relaxed);
+                tracing::error!(error = %e, "cannot spawn a connection thread");
+            }
+        }
+    }
+}
+
+impl Shim {
+    /// Opens every disk (validating or restarting its tracking), binds its NBD socket
+    /// and, if given, the control socket, and starts serving.
+    pub fn start(disks: Vec<ShimDisk>, control_socket: Option<PathBuf>) -> Result<Shim, ShimError> {
+        for (i, a) in disks.iter().enumerate() {
+            for b in &disks[i + 1..] {
+                if a.name == b.name || a.nbd_socket == b.nbd_socket {
+                    return Err(ShimError::Duplicate(a.name.clone()));
+                }
+            }
+        }
+        let mut served = Vec::with_capacity(disks.len());
+        let mut listeners = Vec::with_capacity(disks.len());
+        for disk in &disks {
+            served.push(Arc::new(open_disk(disk)?));
+            listeners.push(bind_unix(&disk.nbd_socket)?);
+        }
+        let control_listener = control_socket.as_deref().map(bind_unix).transpose()?;
+        let disks = Arc::new(served);
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut threads = Vec::new();
+        let mut sockets: Vec<PathBuf> = disks.iter().map(|d| d.disk.nbd_socket.clone()).collect();
+        for (listener, d) in listeners.into_iter().zip(disks.iter()) {
+            let d = Arc::clone(d);
+            let stop = Arc::clone(&stop);
+            let name = format!("nbd-accept-{}", d.disk.name);
+            threads.push(
+                thread::Builder::new()
+                    .name(name)
+                    .spawn(move || accept_loop(listener, d, stop))
+                    .map_err(|source| ShimError::Io {
+                        disk: String::new(),
+                        op: "spawn an accept thread",
+                        source,
+                    })?,
+            );
+        }
+        if let (Some(listener), Some(path)) = (control_listener, control_socket) {
+            let disks = Arc::clone(&disks);
+            let stop = Arc::clone(&stop);
+            threads.push(
+                thread::Builder::new()
+                    .name("shim-control".into())
+                    .spawn(move || control::serve(listener, disks, stop))
+                    .map_err(|source| ShimError::Io {
+                        disk: String::new(),
+                        op: "spawn the control thread",
+                        source,
+                    })?,
+            );
+            sockets.push(path);
+        }
+        for d in disks.iter() {
+            tracing::info!(disk = %d.disk.name, socket = %d.disk.nbd_socket.display(), size_bytes = d.export.info.size_bytes, "serving NBD");
+        }
+        Ok(Shim {
+            disks,
+            stop,
+            threads,
+            sockets,
+        })
+    }
+
+    /// Per-disk status, as the control API reports it.
+    pub fn status(&self) -> Vec<DiskStatus> {
+        self.disks.iter().map(|d| d.status()).collect()
+    }
+
+    /// Stops accepting, lets every connection finish its outstanding requests, syncs
+    /// each backing store and records a clean shutdown in its state file.
+    pub fn shutdown(mut self) -> Result<(), ShimError> {
+        self.stop.store(true, Ordering::Release);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        for d in self.disks.iter() {
+            let live = std::mem::take(&mut *d.live.lock().unwrap_or_else(|e| e.into_inner()));
+            for (stream, _) in &live {
+                let _ = stream.shutdown(Shutdown::Read);
+            }
+            for (_, t) in live {
+                let _ = t.join();
+            }
+        }
+        let mut first_error = None;
+        for d in self.disks.iter() {
+            let name = &d.disk.name;
+            let result =
+                d.export
+                    .backing
+                    .sync_data()
+                    .and_then(|()| d.export.backing.identity())
+                    .map_err(|source| ShimError::Io {
+                        disk: name.clone(),
+                        op: "sync the backing store at shutdown",
+                        source,
+                    })
+                    .and_then(|identity| {
+                        d.export.tracker.close_clean(identity).map_err(|source| {
+                            ShimError::Tracker {
+                                disk: name.clone(),
+                                source,
+                            }
+                        })
+                    });
+            if let Err(e) = result {
+                tracing::error!(error = %e, "unclean shutdown");
+                first_error.get_or_insert(e);
+            }
+        }
+        for s in &self.sockets {
+            let _ = fs::remove_file(s);
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+}
+
+/// Runs the shim until `stop` becomes true (set it from a signal handler), then shuts
+/// down cleanly. This is what `ferry shim --config FILE` calls.
+pub fn serve(
+    disks: Vec<ShimDisk>,
+    control_socket: Option<PathBuf>,
+    stop: &AtomicBool,
+) -> Result<(), ShimError> {
+    let shim = Shim::start(disks, control_socket)?;
+    while !stop.load(Ordering::Acquire) {
+        thread::sleep(Duration::from_millis(100));
+    }
+    shim.shutdown()
+}

@@ -1,0 +1,235 @@
+//! The sidecar state file next to a bitmap: which image the bitmap describes.
+//!
+//! The bitmap says which blocks changed; this file says *of what*. It records the
+//! generation id and the backing store's identity (size, device, inode, mtime) and
+//! whether the shim shut down cleanly. At start the shim compares it with the image
+//! as it finds it: a mismatch means someone changed the image while no shim was
+//! watching, so the bits cannot be trusted and a checksum-compare resync is needed.
+//!
+//! Format: a few `key value` lines of ASCII, the last one an xxh3-64 checksum of
+//! everything before it. Written atomically (temp file, fsync, rename, fsync dir).
+
+use std::fmt::Write as _;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::path::Path;
+
+use xxhash_rust::xxh3::xxh3_64;
+
+use crate::backing::Identity;
+use crate::bitmap::GenerationId;
+
+use super::ResyncReason;
+
+const HEADER: &str = "ferry-shim-state 1";
+
+/// How the shim last left the image.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Shutdown {
+    /// Stopped cleanly: every write synced, identity recorded after the last one.
+    Clean,
+    /// Running, or killed: the recorded mtime predates the shim's own writes.
+    Running,
+}
+
+/// One state file's content.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StateRecord {
+    pub generation_id: GenerationId,
+    pub block_size: u32,
+    pub identity: Identity,
+    pub shutdown: Shutdown,
+    /// A checksum-compare resync is owed to the consumer and has not been done.
+    pub resync: Option<ResyncReason>,
+}
+
+impl StateRecord {
+    pub fn encode(&self) -> String {
+        let mut s = String::new();
+        let id = &self.identity;
+        // Writing to a String cannot fail.
+        let _ = writeln!(s, "{HEADER}");
+        let _ = writeln!(s, "generation {}", self.generation_id);
+        let _ = writeln!(s, "block_size {}", self.block_size);
+        let _ = writeln!(s, "size_bytes {}", id.size_bytes);
+        let _ = writeln!(s, "dev {}", id.dev);
+        let _ = writeln!(s, "ino {}", id.ino);
+        let _ = writeln!(s, "rdev {}", id.rdev);
+        let _ = writeln!(s, "mtime_ns {}", id.mtime_ns);
+        let shutdown = match self.shutdown {
+            Shutdown::Clean => "clean",
+            Shutdown::Running => "running",
+        };
+        let _ = writeln!(s, "shutdown {shutdown}");
+        let resync = self.resync.map_or("none", ResyncReason::as_str);
+        let _ = writeln!(s, "resync {resync}");
+        let checksum = xxh3_64(s.as_bytes());
+        let _ = writeln!(s, "checksum {checksum:016x}");
+        s
+    }
+
+    /// Parses a state file; any deviation is an error naming what is wrong.
+    pub fn decode(text: &str) -> Result<StateRecord, String> {
+        let body_end = text
+            .rfind("checksum ")
+            .ok_or_else(|| "no checksum line".to_string())?;
+        let (body, tail) = text.split_at(body_end);
+        let stored = tail
+            .strip_prefix("checksum ")
+            .and_then(|t| t.strip_suffix('\n'))
+            .and_then(|t| u64::from_str_radix(t, 16).ok())
+            .ok_or_else(|| "malformed checksum line".to_string())?;
+        let computed = xxh3_64(body.as_bytes());
+        if stored != computed {
+            return Err(format!(
+                "checksum mismatch: stored {stored:016x}, computed {computed:016x}"
+            ));
+        }
+        let mut lines = body.lines();
+        if lines.next() != Some(HEADER) {
+            return Err(format!("first line is not `{HEADER}`"));
+        }
+        let mut field = |key: &str| -> Result<&str, String> {
+            let line = lines.next().ok_or_else(|| format!("missing `{key}`"))?;
+            line.strip_prefix(key)
+                .and_then(|v| v.strip_prefix(' '))
+                .ok_or_else(|| format!("expected `{key}`, found `{line}`"))
+        };
+        fn num<T: std::str::FromStr>(key: &str, v: &str) -> Result<T, String> {
+            v.parse()
+                .map_err(|_| format!("`{key}` is not a number: `{v}`"))
+        }
+        let generation_id = parse_generation(field("generation")?)?;
+        let block_size = num("block_size", field("block_size")?)?;
+        let identity = Identity {
+            size_bytes: num("size_bytes", field("size_bytes")?)?,
+            dev: num("dev", field("dev")?)?,
+            ino: num("ino", field("ino")?)?,
+            rdev: num("rdev", field("rdev")?)?,
+            mtime_ns: num("mtime_ns", field("mtime_ns")?)?,
+        };
+        let shutdown = match field("shutdown")? {
+            "clean" => Shutdown::Clean,
+            "running" => Shutdown::Running,
+            other => return Err(format!("unknown shutdown state `{other}`")),
+        };
+        let resync = match field("resync")? {
+            "none" => None,
+            other => Some(
+                ResyncReason::from_str(other)
+                    .ok_or_else(|| format!("unknown resync reason `{other}`"))?,
+            ),
+        };
+        if lines.next().is_some() {
+            return Err("unexpected trailing lines".to_string());
+        }
+        Ok(StateRecord {
+            generation_id,
+            block_size,
+            identity,
+            shutdown,
+            resync,
+        })
+    }
+}
+
+fn parse_generation(hex: &str) -> Result<GenerationId, String> {
+    if hex.len() != 32 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(format!("generation `{hex}` is not 32 hex digits"));
+    }
+    let mut bytes = [0u8; 16];
+    for (i, b) in bytes.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16)
+            .map_err(|_| format!("generation `{hex}` is not hex"))?;
+    }
+    let id = GenerationId::from_bytes(bytes);
+    if id.is_nil() {
+        return Err("generation is all zeros".to_string());
+    }
+    Ok(id)
+}
+
+/// Reads the state file: `Ok(None)` if absent, `Err(reason)` if unreadable or invalid.
+pub fn read(path: &Path) -> Result<Option<StateRecord>, String> {
+    match fs::read(path) {
+        Ok(bytes) if bytes.len() > 4096 => Err(format!("{} bytes is too long", bytes.len())),
+        Ok(bytes) => {
+            let text = String::from_utf8(bytes).map_err(|_| "not UTF-8".to_string())?;
+            StateRecord::decode(&text).map(Some)
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Replaces the state file atomically: after a crash it holds the old or the new
+/// record, whole.
+pub fn write(path: &Path, record: &StateRecord) -> io::Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let name = path
+        .file_name()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))?;
+    let tmp = dir.join(format!(
+        ".{}.tmp.{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    let result = (|| {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)?;
+        f.write_all(record.encode().as_bytes())?;
+        f.sync_all()?;
+        fs::rename(&tmp, path)
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result?;
+    File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record() -> StateRecord {
+        StateRecord {
+            generation_id: GenerationId::from_bytes(*b"0123456789abcdef"),
+            block_size: 65536,
+            identity: Identity {
+                size_bytes: 1 << 30,
+                dev: 2049,
+                ino: 1234,
+                rdev: 0,
+                mtime_ns: 1_700_000_000_123_456_789,
+            },
+            shutdown: Shutdown::Running,
+            resync: Some(ResyncReason::ImageModified),
+        }
+    }
+
+    #[test]
+    fn roundtrip_and_corruption() {
+        let r = record();
+        let text = r.encode();
+        assert_eq!(StateRecord::decode(&text).unwrap(), r);
+        for i in 0..text.len() {
+            let mut bad = text.clone().into_bytes();
+            bad[i] ^= 0x01;
+            if let Ok(bad) = String::from_utf8(bad) {
+                assert!(StateRecord::decode(&bad).is_err(), "flip at {i} accepted");
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("d.state");
+        assert_eq!(read(&p).unwrap(), None);
+        write(&p, &r).unwrap();
+        assert_eq!(read(&p).unwrap(), Some(r));
+    }
+}
