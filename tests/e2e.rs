@@ -690,7 +690,7 @@ fn target_killed_mid_sync_then_the_same_change_set_completes() {
     let spec = format!("k={}", bitmap.display());
 
     let config = pair.source_config.clone();
-    let args = vec![
+    let args = [
         "--mode".to_string(),
         "changed".into(),
         "--bitmap".into(),

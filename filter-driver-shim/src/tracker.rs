@@ -96,7 +96,7 @@ impl ResyncReason {
     }
 
     /// Inverse of [`as_str`](Self::as_str).
-    pub fn from_str(token: &str) -> Option<ResyncReason> {
+    pub fn from_token(token: &str) -> Option<ResyncReason> {
         Self::ALL.into_iter().find(|r| r.as_str() == token)
     }
 }

@@ -367,6 +367,8 @@ impl Run {
 }
 
 /// Runs `ferry <args>` to completion, killing it after `timeout`.
+// The child is reaped by wait4 (which clippy does not see), or by `wait` on timeout.
+#[allow(clippy::zombie_processes)]
 pub fn run_ferry(args: &[&std::ffi::OsStr], timeout: Duration) -> Run {
     let mut child = Command::new(ferry_bin())
         .args(args)

@@ -226,7 +226,9 @@ pub fn applier_loop(
                         .chain(spill.iter())
                         .map(|&(_, o, l)| (o, l as u64))
                         .chain(zeros.iter().copied())
-                        .try_for_each(|(o, l)| log_old(undo, file, disk, o, l, &mut undo_buf))
+                        .try_for_each(|(o, l)| {
+                            log_old(undo, file, disk, o, l, &mut undo_buf, false)
+                        })
                         .and_then(|_| undo.sync());
                     if let Err(e) = logged {
                         error.get_or_insert_with(|| {
@@ -346,7 +348,7 @@ pub fn applier_loop(
             ApplyMsg::Zero { disk, offset, len } => {
                 if error.is_none() && undo.logs(disk) {
                     let file = &disks.buffered[disk as usize];
-                    if let Err(e) = log_old(undo, file, disk, offset, len, &mut undo_buf)
+                    if let Err(e) = log_old(undo, file, disk, offset, len, &mut undo_buf, true)
                         .and_then(|_| undo.sync())
                     {
                         error.get_or_insert_with(|| {
@@ -423,9 +425,11 @@ pub fn applier_loop(
 const UNDO_CHUNK: usize = 4 << 20;
 
 /// Appends the old content of `[offset, offset + len)` of a replica to the undo log.
-/// Only the replica's data regions are read (SEEK_DATA/SEEK_HOLE); holes and all-zero
-/// pieces are logged as zero ranges without data, so a large hole range on a mostly
-/// empty replica costs a few bytes of log — and a rollback still puts the zeros back.
+/// All-zero pieces are logged as zero ranges without data, so a rollback still puts the
+/// zeros back. With `skip_holes`, the replica's holes are found with SEEK_DATA and
+/// logged without reading them: a large zero range on a mostly empty replica costs a few
+/// bytes of log. (SEEK_HOLE is not used: on some file systems it scans the page cache up
+/// to the next hole, which is quadratic over a dense file.)
 fn log_old(
     undo: &mut UndoLog,
     file: &std::fs::File,
@@ -433,56 +437,44 @@ fn log_old(
     offset: u64,
     len: u64,
     buf: &mut [u8],
+    skip_holes: bool,
 ) -> Result<(), super::TargetError> {
     use std::os::fd::AsRawFd;
     let fd = file.as_raw_fd();
     let end = offset + len;
     let mut pos = offset;
     while pos < end {
-        // SAFETY: lseek on an open descriptor has no memory effects.
-        let data = unsafe { libc::lseek(fd, pos as libc::off_t, libc::SEEK_DATA) };
-        let (start, stop) = if data < 0 {
-            match std::io::Error::last_os_error().raw_os_error() {
-                // A hole to the end of the file: it read as zeros before this epoch.
-                Some(libc::ENXIO) => return undo.append_zero(disk, pos, end - pos),
-                _ => (pos, end), // no SEEK_DATA here: read it all
-            }
-        } else {
-            let start = data as u64;
-            // SAFETY: as above.
-            let hole = unsafe { libc::lseek(fd, start as libc::off_t, libc::SEEK_HOLE) };
-            (
-                start,
-                if hole < 0 {
-                    end
-                } else {
-                    (hole as u64).min(end)
-                },
-            )
-        };
-        if start > pos {
-            // The hole in front of the data read as zeros before this epoch.
-            undo.append_zero(disk, pos, start.min(end) - pos)?;
-        }
-        if start >= end {
-            return Ok(());
-        }
-        let mut at = start;
-        while at < stop {
-            let n = ((stop - at) as usize).min(buf.len());
-            file.read_exact_at(&mut buf[..n], at)
-                .map_err(|e| super::TargetError::State {
-                    path: std::path::PathBuf::from(format!("replica of disk #{disk}")),
-                    problem: format!("reading old bytes at {at}: {e}"),
-                })?;
-            if crate::protocol::is_zero(&buf[..n]) {
-                undo.append_zero(disk, at, n as u64)?;
+        if skip_holes {
+            // SAFETY: lseek on an open descriptor has no memory effects.
+            let data = unsafe { libc::lseek(fd, pos as libc::off_t, libc::SEEK_DATA) };
+            let next = if data < 0 {
+                match std::io::Error::last_os_error().raw_os_error() {
+                    // A hole to the end of the file.
+                    Some(libc::ENXIO) => end,
+                    // No SEEK_DATA here (a block device): read everything.
+                    _ => pos,
+                }
             } else {
-                undo.append(disk, at, &buf[..n])?;
+                (data as u64).min(end)
+            };
+            if next > pos {
+                undo.append_zero(disk, pos, next - pos)?;
+                pos = next;
+                continue;
             }
-            at += n as u64;
         }
-        pos = stop.max(pos + 1);
+        let n = ((end - pos) as usize).min(buf.len());
+        file.read_exact_at(&mut buf[..n], pos)
+            .map_err(|e| super::TargetError::State {
+                path: std::path::PathBuf::from(format!("replica of disk #{disk}")),
+                problem: format!("reading old bytes at {pos}: {e}"),
+            })?;
+        if crate::protocol::is_zero(&buf[..n]) {
+            undo.append_zero(disk, pos, n as u64)?;
+        } else {
+            undo.append(disk, pos, &buf[..n])?;
+        }
+        pos += n as u64;
     }
     Ok(())
 }

@@ -116,7 +116,7 @@ impl StateRecord {
         let resync = match field("resync")? {
             "none" => None,
             other => Some(
-                ResyncReason::from_str(other)
+                ResyncReason::from_token(other)
                     .ok_or_else(|| format!("unknown resync reason `{other}`"))?,
             ),
         };
