@@ -52,6 +52,12 @@ enum Command {
         #[arg(long = "disk", value_name = "NAME")]
         disks: Vec<String>,
     },
+    /// Run the filter shim: serve every `[[disk]]` over NBD on its `nbd_socket` and
+    /// track every write persistently (foreground; SIGTERM or SIGINT stops it cleanly).
+    Shim {
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// Show replication working end to end on sample disks, on loopback.
     Demo,
     /// Measure full-sync throughput on this machine.
@@ -79,6 +85,7 @@ fn main() -> ExitCode {
             bitmaps,
             disks,
         } => sync(&config, json, mode, &bitmaps, &disks),
+        Command::Shim { config } => shim(&config),
         Command::Demo => demo::run(),
         Command::Bench(args) => bench::run(&args),
     };
@@ -200,4 +207,47 @@ fn sync(
         );
     }
     Ok(())
+}
+
+/// Set by SIGTERM/SIGINT; the shim polls it and shuts down cleanly (its clean-shutdown
+/// record is what lets the next start trust the bitmap without a resync).
+static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn request_stop(_signal: libc::c_int) {
+    // Only an atomic store: async-signal-safe.
+    STOP.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
+fn shim(config: &std::path::Path) -> Result<(), String> {
+    let cfg = load(config)?;
+    let source = cfg.require_source("shim").map_err(|e| chain(&e))?;
+    let mut disks = Vec::with_capacity(cfg.disks.len());
+    for d in &cfg.disks {
+        let socket = d.nbd_socket.as_ref().ok_or_else(|| {
+            format!(
+                "{}: disk {:?} has no nbd_socket; the shim needs one per disk",
+                config.display(),
+                d.name
+            )
+        })?;
+        disks.push(filter_driver_shim::ShimDisk::in_state_dir(
+            &d.name,
+            &d.path,
+            socket,
+            &source.state_dir,
+            source.block_size_bytes(),
+        ));
+    }
+    for signal in [libc::SIGTERM, libc::SIGINT] {
+        // SAFETY: the handler only stores to a static atomic, which is async-signal-safe;
+        // installing it has no other effect on memory.
+        unsafe {
+            libc::signal(
+                signal,
+                request_stop as extern "C" fn(libc::c_int) as libc::sighandler_t,
+            )
+        };
+    }
+    let control = source.state_dir.join("shim.ctl");
+    filter_driver_shim::serve(disks, Some(control), &STOP).map_err(|e| chain(&e))
 }

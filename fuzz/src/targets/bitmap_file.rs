@@ -183,7 +183,7 @@ fn repair(buf: &mut Vec<u8>, entropy: u64) {
         buf[OFF_BLOCK_COUNT..OFF_BLOCK_COUNT + 8].copy_from_slice(&blocks.to_le_bytes());
         buf[OFF_PAGE_COUNT..OFF_PAGE_COUNT + 8].copy_from_slice(&pages.to_le_bytes());
         let file_len = (pages + 1).saturating_mul(PAGE_SIZE as u64);
-        if file_len <= 1 << 20 && entropy & 16 == 0 {
+        if file_len <= 128 << 10 && entropy & 16 == 0 {
             buf.resize(file_len as usize, 0);
         }
     }
