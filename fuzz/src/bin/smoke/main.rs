@@ -168,7 +168,12 @@ fn fuzz_one(target: &Target, opts: &Options, fuzz_dir: &Path) -> std::io::Result
         std::fs::write(dict, ferry_fuzz::libfuzzer_dict(target.dictionary))?;
     }
     let mut corpus = seeds;
-    corpus.extend(read_dir_files(&corpus_dir, target.max_len));
+    let mut known: HashSet<u64> = corpus.iter().map(|s| xxh3(s)).collect();
+    corpus.extend(
+        read_dir_files(&corpus_dir, target.max_len)
+            .into_iter()
+            .filter(|input| known.insert(xxh3(input))),
+    );
     let mut pending: Vec<Vec<u8>> = corpus.iter().rev().cloned().collect();
 
     let mut worker = Worker::spawn(target.name)?;
