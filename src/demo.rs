@@ -381,6 +381,10 @@ impl Rig {
             engine: EngineKind::Auto,
             io_timeout: Duration::from_millis(DEFAULT_IO_TIMEOUT_MS),
             max_sessions: DEFAULT_MAX_SESSIONS as usize,
+            retention: dataplane::target::points::Retention {
+                points: 4,
+                minutes: 0,
+            },
         };
         let target =
             Target::bind(job).map_err(|e| format!("cannot start the target: {}", chain(&e)))?;

@@ -58,10 +58,42 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// List the recovery points of the target's replicas.
+    Points {
+        #[arg(long)]
+        config: PathBuf,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Test failover: open a recovery point as writable disk images, or discard them.
+    Failover {
+        #[command(subcommand)]
+        action: FailoverAction,
+    },
     /// Show replication working end to end on sample disks, on loopback.
     Demo,
     /// Measure full-sync throughput on this machine.
     Bench(bench::BenchArgs),
+}
+
+#[derive(Subcommand)]
+enum FailoverAction {
+    /// Write every replica as it was at a recovery point into
+    /// `<state_dir>/failover/`, as image files a test VM can boot from and write to.
+    /// Replication goes on; it waits only while the images are being made.
+    Test {
+        #[arg(long)]
+        config: PathBuf,
+        /// Recovery point id (an epoch, see `ferry points`); default: the latest.
+        #[arg(long)]
+        point: Option<u64>,
+    },
+    /// Discard the test-failover images and everything written to them.
+    Cleanup {
+        #[arg(long)]
+        config: PathBuf,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -86,6 +118,8 @@ fn main() -> ExitCode {
             disks,
         } => sync(&config, json, mode, &bitmaps, &disks),
         Command::Shim { config } => shim(&config),
+        Command::Points { config, json } => points(&config, json),
+        Command::Failover { action } => failover(action),
         Command::Demo => demo::run(),
         Command::Bench(args) => bench::run(&args),
     };
@@ -250,4 +284,98 @@ fn shim(config: &std::path::Path) -> Result<(), String> {
     }
     let control = source.state_dir.join("shim.ctl");
     filter_driver_shim::serve(disks, Some(control), &STOP).map_err(|e| chain(&e))
+}
+
+fn points(config: &std::path::Path, json: bool) -> Result<(), String> {
+    let cfg = load(config)?;
+    let target = cfg.require_target("points").map_err(|e| chain(&e))?;
+    let names: Vec<String> = cfg.disks.iter().map(|d| d.name.clone()).collect();
+    let points =
+        dataplane::target::points::list(&target.state_dir, &names).map_err(|e| chain(&e))?;
+    if json {
+        println!("{}", serde_json::json!({ "points": points }));
+        return Ok(());
+    }
+    if points.is_empty() {
+        println!("no recovery points: no epoch has been acknowledged yet");
+        return Ok(());
+    }
+    println!(
+        "{:>8}  {:>20}  {:>14}  disks",
+        "point", "acknowledged (unix)", "undo bytes"
+    );
+    for p in &points {
+        println!(
+            "{:>8}  {:>20}  {:>14}  {}{}",
+            p.id,
+            p.committed_unix_s
+                .map_or("?".to_string(), |t| t.to_string()),
+            p.bytes,
+            p.disks.join(","),
+            if p.latest { "  (latest)" } else { "" }
+        );
+    }
+    Ok(())
+}
+
+fn failover(action: FailoverAction) -> Result<(), String> {
+    match action {
+        FailoverAction::Test { config, point } => {
+            let cfg = load(&config)?;
+            let target = cfg.require_target("failover test").map_err(|e| chain(&e))?;
+            let names: Vec<String> = cfg.disks.iter().map(|d| d.name.clone()).collect();
+            let point = match point {
+                Some(p) => p,
+                None => dataplane::target::points::list(&target.state_dir, &names)
+                    .map_err(|e| chain(&e))?
+                    .first()
+                    .map(|p| p.id)
+                    .ok_or("no recovery points: no epoch has been acknowledged yet")?,
+            };
+            let out_dir = target.state_dir.join("failover");
+            if out_dir.exists() {
+                return Err(format!(
+                    "a test failover is already open in {}; run `ferry failover cleanup` first",
+                    out_dir.display()
+                ));
+            }
+            let replicas: Vec<(String, PathBuf)> = cfg
+                .disks
+                .iter()
+                .map(|d| (d.name.clone(), d.path.clone()))
+                .collect();
+            let _lock =
+                dataplane::target::apply_lock(&target.state_dir, true).map_err(|e| chain(&e))?;
+            let images = dataplane::target::points::materialize(
+                &target.state_dir,
+                point,
+                &replicas,
+                &out_dir,
+            )
+            .map_err(|e| chain(&e))?;
+            println!("test failover of recovery point {point}: boot the test VM from these images");
+            for (name, path) in images {
+                println!("  {name}: {}", path.display());
+            }
+            Ok(())
+        }
+        FailoverAction::Cleanup { config } => {
+            let cfg = load(&config)?;
+            let target = cfg
+                .require_target("failover cleanup")
+                .map_err(|e| chain(&e))?;
+            let out_dir = target.state_dir.join("failover");
+            match std::fs::remove_dir_all(&out_dir) {
+                Ok(()) => {
+                    println!("test failover discarded ({} removed)", out_dir.display());
+                    Ok(())
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    println!("no test failover is open");
+                    Ok(())
+                }
+                Err(e) => Err(format!("{}: {e}", out_dir.display())),
+            }
+        }
+    }
 }

@@ -443,25 +443,24 @@ fn docs_examples_work_on_loopback_in_a_temp_copy() {
     let copy = work.path().join("examples");
     std::fs::create_dir(&copy).unwrap();
     let data = work.path().join("ferry-example");
-    let port = free_port();
-    let private = |text: &str| {
-        text.replace("/tmp/ferry-example", data.to_str().unwrap())
-            .replace("127.0.0.1:7410", &format!("127.0.0.1:{port}"))
+    let copy_examples = |port: u16| {
+        for name in ["source.toml", "target.toml"] {
+            let original = std::fs::read_to_string(examples.join(name)).unwrap();
+            assert!(
+                original.contains("/tmp/ferry-example") && original.contains("127.0.0.1:7410"),
+                "{name} changed shape"
+            );
+            let text = original
+                .replace("/tmp/ferry-example", data.to_str().unwrap())
+                .replace("127.0.0.1:7410", &format!("127.0.0.1:{port}"));
+            // Only those two substitutions: everything else is as written.
+            let back = text
+                .replace(data.to_str().unwrap(), "/tmp/ferry-example")
+                .replace(&format!("127.0.0.1:{port}"), "127.0.0.1:7410");
+            assert_eq!(back, original);
+            std::fs::write(copy.join(name), text).unwrap();
+        }
     };
-    for name in ["source.toml", "target.toml"] {
-        let original = std::fs::read_to_string(examples.join(name)).unwrap();
-        assert!(
-            original.contains("/tmp/ferry-example") && original.contains("127.0.0.1:7410"),
-            "{name} changed shape"
-        );
-        let text = private(&original);
-        // Only those two substitutions: everything else is as written.
-        let back = text
-            .replace(data.to_str().unwrap(), "/tmp/ferry-example")
-            .replace(&format!("127.0.0.1:{port}"), "127.0.0.1:7410");
-        assert_eq!(back, original);
-        std::fs::write(copy.join(name), text).unwrap();
-    }
 
     // 1. A key, readable by the owner only, beside the configs.
     keygen(&copy.join("ferry.key"));
@@ -477,8 +476,17 @@ fn docs_examples_work_on_loopback_in_a_temp_copy() {
     }
     drop(f);
     // 3. The target, in the foreground (here: a child process).
-    let mut target =
-        TargetProc::spawn(&copy.join("target.toml"), port).unwrap_or_else(|e| panic!("{e}"));
+    // A free port, retried if someone takes it between the choice and the bind.
+    let mut attempts = 0;
+    let mut target = loop {
+        let port = free_port();
+        copy_examples(port);
+        match TargetProc::spawn(&copy.join("target.toml"), port) {
+            Ok(t) => break t,
+            Err(e) if e.contains("in use") && attempts < 5 => attempts += 1,
+            Err(e) => panic!("ferry target --config docs/examples/target.toml (copy): {e}"),
+        }
+    };
     // 4. The sync, without --json, as the README runs it.
     let run = run_ferry(
         &[

@@ -65,6 +65,13 @@ pub const CONNECT_TIMEOUT_MS_RANGE: std::ops::RangeInclusive<u64> = 1..=600_000;
 pub const IO_TIMEOUT_MS_RANGE: std::ops::RangeInclusive<u64> = 1..=3_600_000;
 /// Allowed `epoch_interval_ms` (100 ms to 1 hour).
 pub const EPOCH_INTERVAL_MS_RANGE: std::ops::RangeInclusive<u64> = 100..=3_600_000;
+/// Default `target.retention_points`: a day of hourly points, or two minutes of
+/// five-second epochs.
+pub const DEFAULT_RETENTION_POINTS: u32 = 24;
+/// Allowed `retention_points`.
+pub const RETENTION_POINTS_RANGE: std::ops::RangeInclusive<u32> = 0..=100_000;
+/// Allowed `retention_minutes` (up to ten years).
+pub const RETENTION_MINUTES_RANGE: std::ops::RangeInclusive<u64> = 0..=5_256_000;
 /// Allowed `max_sessions`.
 pub const MAX_SESSIONS_RANGE: std::ops::RangeInclusive<u32> = 1..=64;
 /// Longest disk or group name. Names become file names in `state_dir`.
@@ -235,6 +242,13 @@ pub struct TargetConfig {
     /// Concurrent source connections accepted.
     #[serde(default = "default_max_sessions")]
     pub max_sessions: u32,
+    /// Recovery points kept: the newest this many acknowledged epochs before the
+    /// latest can be restored; older ones are merged away.
+    #[serde(default = "default_retention_points")]
+    pub retention_points: u32,
+    /// Recovery points older than this are merged away too; 0 keeps them by count only.
+    #[serde(default)]
+    pub retention_minutes: u64,
 }
 
 /// `[[disk]]`: one protected disk.
@@ -285,6 +299,10 @@ fn default_epoch_interval_ms() -> u64 {
 }
 fn default_max_sessions() -> u32 {
     DEFAULT_MAX_SESSIONS
+}
+
+fn default_retention_points() -> u32 {
+    DEFAULT_RETENTION_POINTS
 }
 
 impl SourceConfig {
@@ -520,6 +538,16 @@ impl Validator<'_> {
             &IO_TIMEOUT_MS_RANGE,
         )?;
         self.range("target.max_sessions", t.max_sessions, &MAX_SESSIONS_RANGE)?;
+        self.range(
+            "target.retention_points",
+            t.retention_points,
+            &RETENTION_POINTS_RANGE,
+        )?;
+        self.range(
+            "target.retention_minutes",
+            t.retention_minutes,
+            &RETENTION_MINUTES_RANGE,
+        )?;
         Ok(())
     }
 

@@ -30,6 +30,10 @@ fn start_target(
         engine,
         io_timeout: Duration::from_secs(10),
         max_sessions: 2,
+        retention: dataplane::target::points::Retention {
+            points: 4,
+            minutes: 0,
+        },
     };
     let target = Target::bind(job).unwrap();
     let addr = target.local_addr().unwrap().to_string();

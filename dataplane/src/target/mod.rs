@@ -6,6 +6,7 @@
 //! checksum, every record's bounds and every block's hash were checked.
 
 mod apply;
+pub mod points;
 mod session;
 pub mod state;
 pub mod undo;
@@ -41,6 +42,8 @@ pub struct TargetJob {
     pub engine: EngineKind,
     pub io_timeout: Duration,
     pub max_sessions: usize,
+    /// Recovery points kept (see [`points`]).
+    pub retention: points::Retention,
 }
 
 impl std::fmt::Debug for TargetJob {
@@ -80,6 +83,10 @@ impl TargetJob {
             engine: target.io_engine.into(),
             io_timeout: target.io_timeout(),
             max_sessions: target.max_sessions as usize,
+            retention: points::Retention {
+                points: target.retention_points,
+                minutes: target.retention_minutes,
+            },
         })
     }
 }
@@ -229,6 +236,48 @@ impl Target {
             }
         }
         Ok(())
+    }
+}
+
+/// The target's apply lock: sessions hold it shared while they stage and apply an
+/// epoch; opening a recovery point holds it exclusively, so it never reads a replica
+/// between epochs. Released when the returned file is dropped.
+pub fn apply_lock(
+    state_dir: &std::path::Path,
+    exclusive: bool,
+) -> Result<std::fs::File, TargetError> {
+    use std::os::fd::AsRawFd;
+    crate::durable::ensure_dir(state_dir).map_err(|e| TargetError::State {
+        path: state_dir.to_path_buf(),
+        problem: e.to_string(),
+    })?;
+    let path = state_dir.join("apply.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| TargetError::State {
+            path: path.clone(),
+            problem: e.to_string(),
+        })?;
+    let op = if exclusive {
+        libc::LOCK_EX
+    } else {
+        libc::LOCK_SH
+    };
+    loop {
+        // SAFETY: flock on an open descriptor has no memory effects.
+        if unsafe { libc::flock(file.as_raw_fd(), op) } == 0 {
+            return Ok(file);
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(TargetError::State {
+                path,
+                problem: format!("flock: {e}"),
+            });
+        }
     }
 }
 

@@ -118,6 +118,10 @@ fn serve<R: std::io::Read, W: std::io::Write>(
     // compare (which reads through the buffered handles); the rest is session state.
     // Replicas that hold an acknowledged epoch get their overwritten bytes logged, so the
     // epoch applies atomically; a replica without one has no epoch to protect.
+    let prev_epochs: Vec<Option<u64>> = disks
+        .iter()
+        .map(|(_, _, record)| record.as_ref().map(|r| r.epoch))
+        .collect();
     let logged: Vec<bool> = disks
         .iter()
         .map(|(_, created, record)| !created && record.is_some())
@@ -149,13 +153,16 @@ fn serve<R: std::io::Read, W: std::io::Write>(
     let undo_disks = disks
         .iter()
         .zip(&logged)
-        .map(|(d, &logged)| UndoDisk {
+        .zip(&prev_epochs)
+        .map(|((d, &logged), &prev_epoch)| UndoDisk {
             name: d.name.clone(),
             generation: d.generation,
             disk_size: d.geometry.disk_size,
             logged,
+            prev_epoch,
         })
         .collect();
+    let _apply_lock = super::apply_lock(&job.state_dir, false)?;
     let mut undo = UndoLog::create(&job.state_dir, epoch, undo_disks)?;
     let undo_ref = &mut undo;
     let outcome = std::thread::scope(|scope| -> Result<u64, TargetError> {
@@ -325,7 +332,7 @@ fn serve<R: std::io::Read, W: std::io::Write>(
     match outcome {
         Ok(applied) => {
             // The replicas are durable; this is the commit point of the epoch.
-            undo.commit()?;
+            undo.commit(&job.retention)?;
             writer.send(
                 FrameKind::Committed,
                 &[Committed {

@@ -51,6 +51,8 @@ pub struct UndoDisk {
     pub disk_size: u64,
     /// Whether this disk's old bytes are logged (it holds an acknowledged epoch).
     pub logged: bool,
+    /// The acknowledged epoch the replica held before this one, if any.
+    pub prev_epoch: Option<u64>,
 }
 
 pub struct UndoLog {
@@ -171,11 +173,23 @@ impl UndoLog {
 
     /// The commit point, called once the replicas are durable: marks the log
     /// committed, records the new epoch on every disk, and removes the log.
-    pub fn commit(self) -> Result<(), TargetError> {
+    /// The log then becomes a recovery point (see [`super::points`]); `keep` prunes
+    /// the points beyond the retention.
+    pub fn commit(self, keep: &super::points::Retention) -> Result<(), TargetError> {
         crate::durable::write_atomic(&self.marker, &self.epoch.to_le_bytes())
             .map_err(|e| io_err(&self.marker, "write commit mark", e))?;
         write_records(&self.state_dir, self.epoch, &self.disks)?;
-        remove(&self.path, &self.marker)
+        let size = self.file.metadata().map(|m| m.len()).unwrap_or(0);
+        drop(self.file);
+        super::points::keep_log(
+            &self.state_dir,
+            self.epoch,
+            &self.path,
+            &self.disks,
+            size,
+            keep,
+        )?;
+        remove_marker(&self.marker)
     }
 }
 
@@ -211,6 +225,14 @@ fn write_records(state_dir: &Path, epoch: u64, disks: &[UndoDisk]) -> Result<(),
         .save(state_dir, &d.name)?;
     }
     Ok(())
+}
+
+fn remove_marker(marker: &Path) -> Result<(), TargetError> {
+    match fs::remove_file(marker) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io_err(marker, "remove", e)),
+    }
 }
 
 fn remove(path: &Path, marker: &Path) -> Result<(), TargetError> {
@@ -279,7 +301,7 @@ fn recover_one(
     File::open(path)
         .and_then(|mut f| f.read_to_end(&mut bytes))
         .map_err(|e| io_err(path, "read", e))?;
-    let (epoch, disks, mut pos) = parse_header(&bytes).ok_or_else(|| {
+    let (epoch, disks, pos) = parse_header(&bytes).ok_or_else(|| {
         bad(
             "undo log header is damaged; refusing to guess (the replicas may be between epochs)"
                 .into(),
@@ -295,47 +317,7 @@ fn recover_one(
             disks: names,
         });
     }
-    // Collect the valid entries; stop at the first damaged one (the torn tail).
-    let mut entries = Vec::new();
-    while pos + ENTRY_HEADER_LEN <= bytes.len() {
-        let h = &bytes[pos..pos + ENTRY_HEADER_LEN];
-        let word = |a: usize| u64::from_le_bytes(h[a..a + 8].try_into().expect("8 bytes"));
-        if u32::from_le_bytes(h[0..4].try_into().expect("4 bytes")) != ENTRY_MAGIC
-            || xxh3_64(&h[..32]) != word(32)
-        {
-            break;
-        }
-        let disk = u32::from_le_bytes(h[4..8].try_into().expect("4 bytes")) as usize;
-        let offset = word(8);
-        let flags = u32::from_le_bytes(h[20..24].try_into().expect("4 bytes"));
-        let start = pos + ENTRY_HEADER_LEN;
-        if flags == FLAG_ZERO {
-            if disk >= disks.len() {
-                break;
-            }
-            entries.push(Entry::Zero {
-                disk,
-                offset,
-                len: word(24),
-            });
-            pos = start;
-            continue;
-        }
-        let len = u32::from_le_bytes(h[16..20].try_into().expect("4 bytes")) as usize;
-        if len > ENTRY_MAX || start + len > bytes.len() || disk >= disks.len() {
-            break;
-        }
-        if xxh3_64(&bytes[start..start + len]) != word(24) {
-            break;
-        }
-        entries.push(Entry::Data {
-            disk,
-            offset,
-            start,
-            len,
-        });
-        pos = start + len;
-    }
+    let entries = parse_entries(&bytes, pos, disks.len());
     let mut files = Vec::with_capacity(disks.len());
     for d in &disks {
         let p = replica_path(&d.name).ok_or_else(|| {
@@ -348,20 +330,8 @@ fn recover_one(
                 .map_err(|e| io_err(&p, "open replica for rollback", e))?,
         );
     }
-    for entry in entries.iter().rev() {
-        match *entry {
-            Entry::Data {
-                disk,
-                offset,
-                start,
-                len,
-            } => files[disk]
-                .write_all_at(&bytes[start..start + len], offset)
-                .map_err(|e| io_err(path, "roll back", e))?,
-            Entry::Zero { disk, offset, len } => zero_fill(&files[disk], offset, len)
-                .map_err(|e| io_err(path, "roll back zeros", e))?,
-        }
-    }
+    let targets: Vec<Option<&File>> = files.iter().map(Some).collect();
+    apply_reversed(&bytes, &entries, &targets).map_err(|e| io_err(path, "roll back", e))?;
     for f in &files {
         f.sync_data()
             .map_err(|e| io_err(path, "fsync replica after rollback", e))?;
@@ -374,7 +344,96 @@ fn recover_one(
     })
 }
 
-enum Entry {
+/// The valid entries of a log from byte `pos`, stopping at the first damaged one
+/// (the torn tail).
+pub(crate) fn parse_entries(bytes: &[u8], mut pos: usize, disk_count: usize) -> Vec<Entry> {
+    let mut entries = Vec::new();
+    while pos + ENTRY_HEADER_LEN <= bytes.len() {
+        let h = &bytes[pos..pos + ENTRY_HEADER_LEN];
+        let word = |a: usize| u64::from_le_bytes(h[a..a + 8].try_into().expect("8 bytes"));
+        let half = |a: usize| u32::from_le_bytes(h[a..a + 4].try_into().expect("4 bytes"));
+        if half(0) != ENTRY_MAGIC || xxh3_64(&h[..32]) != word(32) {
+            break;
+        }
+        let disk = half(4) as usize;
+        let offset = word(8);
+        let start = pos + ENTRY_HEADER_LEN;
+        if disk >= disk_count {
+            break;
+        }
+        if half(20) == FLAG_ZERO {
+            entries.push(Entry::Zero {
+                disk,
+                offset,
+                len: word(24),
+            });
+            pos = start;
+            continue;
+        }
+        let len = half(16) as usize;
+        if len > ENTRY_MAX
+            || start + len > bytes.len()
+            || xxh3_64(&bytes[start..start + len]) != word(24)
+        {
+            break;
+        }
+        entries.push(Entry::Data {
+            disk,
+            offset,
+            start,
+            len,
+        });
+        pos = start + len;
+    }
+    entries
+}
+
+/// Writes every entry's old bytes back, newest first, to `files[disk]` (disks mapped to
+/// `None` are skipped).
+pub(crate) fn apply_reversed(
+    bytes: &[u8],
+    entries: &[Entry],
+    files: &[Option<&File>],
+) -> io::Result<()> {
+    for entry in entries.iter().rev() {
+        match *entry {
+            Entry::Data {
+                disk,
+                offset,
+                start,
+                len,
+            } => {
+                if let Some(f) = files[disk] {
+                    f.write_all_at(&bytes[start..start + len], offset)?;
+                }
+            }
+            Entry::Zero { disk, offset, len } => {
+                if let Some(f) = files[disk] {
+                    zero_fill(f, offset, len)?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Reads a whole log: its bytes, epoch, disks and valid entries.
+pub(crate) fn read_log(
+    path: &Path,
+) -> Result<(Vec<u8>, u64, Vec<UndoDisk>, Vec<Entry>), TargetError> {
+    let mut bytes = Vec::new();
+    File::open(path)
+        .and_then(|mut f| f.read_to_end(&mut bytes))
+        .map_err(|e| io_err(path, "read", e))?;
+    let (epoch, disks, pos) = parse_header(&bytes).ok_or_else(|| TargetError::State {
+        path: path.to_path_buf(),
+        problem: "undo log header is damaged".into(),
+    })?;
+    let entries = parse_entries(&bytes, pos, disks.len());
+    Ok((bytes, epoch, disks, entries))
+}
+
+pub(crate) enum Entry {
     Data {
         disk: usize,
         offset: u64,
@@ -448,6 +507,7 @@ fn parse_header(bytes: &[u8]) -> Option<(u64, Vec<UndoDisk>, usize)> {
             generation,
             disk_size,
             logged: true,
+            prev_epoch: None,
         });
     }
     Some((epoch, disks, end + 8))
@@ -463,6 +523,7 @@ mod tests {
             generation: [3; 16],
             disk_size: 1 << 20,
             logged: true,
+            prev_epoch: Some(1),
         }
     }
 

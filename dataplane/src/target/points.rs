@@ -1,0 +1,337 @@
+//! Recovery points: committed undo logs kept for a retention window.
+//!
+//! Applying epoch E logs the replica bytes it overwrites (see [`super::undo`]); once E
+//! is committed that log is exactly what turns the replica at E back into the epoch
+//! before it. Keeping the newest logs therefore keeps recovery points: the replica as
+//! it was at any retained earlier epoch is the replica now with the logs newer than
+//! that epoch applied, newest first. Merging the oldest point away is deleting its log;
+//! the replica itself is never rewritten for retention.
+//!
+//! Layout: `state_dir/points/<epoch>.undo` (the log of epoch `epoch`) and
+//! `<epoch>.json` ([`PointMeta`]).
+
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use super::state::ReplicaRecord;
+use super::undo::{apply_reversed, read_log, UndoDisk};
+use super::TargetError;
+
+/// How many points to keep and for how long.
+#[derive(Debug, Clone, Copy)]
+pub struct Retention {
+    /// Points kept besides the latest epoch.
+    pub points: u32,
+    /// Points older than this many minutes are merged away; 0: by count only.
+    pub minutes: u64,
+}
+
+/// What is known about one kept undo log.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PointMeta {
+    /// The epoch whose overwritten bytes the log holds.
+    pub epoch: u64,
+    pub committed_unix_s: u64,
+    pub disks: Vec<PointDisk>,
+    /// Size of the log in bytes.
+    pub undo_bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PointDisk {
+    pub name: String,
+    /// The epoch this disk held before `epoch`; `None` if it held none (first sync).
+    pub prev_epoch: Option<u64>,
+}
+
+/// A state the replicas can be restored to.
+#[derive(Debug, Clone, Serialize)]
+pub struct RecoveryPoint {
+    /// The epoch this point restores.
+    pub id: u64,
+    /// When that epoch was acknowledged, Unix seconds (unknown for the oldest point if
+    /// its own log was merged away).
+    pub committed_unix_s: Option<u64>,
+    pub disks: Vec<String>,
+    /// True for the replicas as they are now.
+    pub latest: bool,
+    /// Bytes of undo data that restoring this point reads.
+    pub bytes: u64,
+}
+
+pub fn points_dir(state_dir: &Path) -> PathBuf {
+    state_dir.join("points")
+}
+
+fn state_err(path: &Path, what: &str, e: impl std::fmt::Display) -> TargetError {
+    TargetError::State {
+        path: path.to_path_buf(),
+        problem: format!("{what}: {e}"),
+    }
+}
+
+fn now_s() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Keeps the committed log of `epoch` as a recovery point, then prunes to `keep`.
+pub(crate) fn keep_log(
+    state_dir: &Path,
+    epoch: u64,
+    log: &Path,
+    disks: &[UndoDisk],
+    undo_bytes: u64,
+    keep: &Retention,
+) -> Result<(), TargetError> {
+    let dir = points_dir(state_dir);
+    crate::durable::ensure_dir(&dir).map_err(|e| state_err(&dir, "create", e))?;
+    let meta = PointMeta {
+        epoch,
+        committed_unix_s: now_s(),
+        disks: disks
+            .iter()
+            .map(|d| PointDisk {
+                name: d.name.clone(),
+                prev_epoch: d.prev_epoch.filter(|_| d.logged),
+            })
+            .collect(),
+        undo_bytes,
+    };
+    let json = dir.join(format!("{epoch:020}.json"));
+    crate::durable::write_atomic(
+        &json,
+        &serde_json::to_vec_pretty(&meta).expect("meta serialises"),
+    )
+    .map_err(|e| state_err(&json, "write", e))?;
+    let kept = dir.join(format!("{epoch:020}.undo"));
+    fs::rename(log, &kept).map_err(|e| state_err(log, "keep as recovery point", e))?;
+    File::open(&dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| state_err(&dir, "fsync", e))?;
+    if let Some(parent) = log.parent() {
+        File::open(parent)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| state_err(parent, "fsync", e))?;
+    }
+    prune(state_dir, keep)
+}
+
+/// Every kept log, oldest first.
+fn kept(state_dir: &Path) -> Result<Vec<PointMeta>, TargetError> {
+    let dir = points_dir(state_dir);
+    let mut metas = Vec::new();
+    let entries = match fs::read_dir(&dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(metas),
+        Err(e) => return Err(state_err(&dir, "read", e)),
+    };
+    for entry in entries {
+        let path = entry.map_err(|e| state_err(&dir, "read", e))?.path();
+        if path.extension().is_some_and(|x| x == "json") {
+            let bytes = fs::read(&path).map_err(|e| state_err(&path, "read", e))?;
+            let meta: PointMeta =
+                serde_json::from_slice(&bytes).map_err(|e| state_err(&path, "parse", e))?;
+            if path.with_extension("undo").exists() {
+                metas.push(meta);
+            }
+        }
+    }
+    metas.sort_by_key(|m| m.epoch);
+    Ok(metas)
+}
+
+/// Merges away the oldest points beyond the retention (oldest first, so every kept
+/// point stays restorable).
+pub fn prune(state_dir: &Path, keep: &Retention) -> Result<(), TargetError> {
+    let metas = kept(state_dir)?;
+    let dir = points_dir(state_dir);
+    let now = now_s();
+    let mut left = metas.len();
+    for m in &metas {
+        let too_many = left > keep.points as usize;
+        let too_old =
+            keep.minutes > 0 && now.saturating_sub(m.committed_unix_s) > keep.minutes * 60;
+        if !(too_many || too_old) {
+            break;
+        }
+        for ext in ["undo", "json"] {
+            let p = dir.join(format!("{:020}.{ext}", m.epoch));
+            match fs::remove_file(&p) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(state_err(&p, "merge away", e)),
+            }
+        }
+        left -= 1;
+    }
+    Ok(())
+}
+
+/// The recovery points of the configured disks, newest first.
+pub fn list(state_dir: &Path, disks: &[String]) -> Result<Vec<RecoveryPoint>, TargetError> {
+    let mut records = Vec::new();
+    for name in disks {
+        if let Some(r) = ReplicaRecord::load(state_dir, name)? {
+            records.push((name.clone(), r));
+        }
+    }
+    let Some(latest) = records.iter().map(|(_, r)| r.epoch).max() else {
+        return Ok(Vec::new());
+    };
+    let metas = kept(state_dir)?;
+    let mut points = vec![RecoveryPoint {
+        id: latest,
+        committed_unix_s: records.iter().map(|(_, r)| r.committed_unix_s).max(),
+        disks: records
+            .iter()
+            .filter(|(_, r)| r.epoch == latest)
+            .map(|(n, _)| n.clone())
+            .collect(),
+        latest: true,
+        bytes: 0,
+    }];
+    let mut bytes = 0;
+    for (i, m) in metas.iter().enumerate().rev() {
+        bytes += m.undo_bytes;
+        // The log of epoch m.epoch restores each disk to its previous epoch; a point
+        // exists where the disks agree on it.
+        let prevs: Vec<u64> = m.disks.iter().filter_map(|d| d.prev_epoch).collect();
+        let Some(&prev) = prevs.first() else { continue };
+        if prevs.len() != m.disks.len() || prevs.iter().any(|&p| p != prev) {
+            continue;
+        }
+        let committed = metas[..i]
+            .iter()
+            .rev()
+            .find(|o| o.epoch == prev)
+            .map(|o| o.committed_unix_s);
+        points.push(RecoveryPoint {
+            id: prev,
+            committed_unix_s: committed,
+            disks: m.disks.iter().map(|d| d.name.clone()).collect(),
+            latest: false,
+            bytes,
+        });
+    }
+    Ok(points)
+}
+
+/// Writes the replicas as they were at recovery point `point` into `out_dir`, one image
+/// file per disk (sparse copies with the newer undo logs applied). The caller holds the
+/// target's apply lock, so no epoch is applied meanwhile.
+pub fn materialize(
+    state_dir: &Path,
+    point: u64,
+    replicas: &[(String, PathBuf)],
+    out_dir: &Path,
+) -> Result<Vec<(String, PathBuf)>, TargetError> {
+    let names: Vec<String> = replicas.iter().map(|(n, _)| n.clone()).collect();
+    let points = list(state_dir, &names)?;
+    let chosen = points
+        .iter()
+        .find(|p| p.id == point)
+        .ok_or_else(|| TargetError::State {
+            path: points_dir(state_dir),
+            problem: format!(
+                "no recovery point {point}; available: {}",
+                points
+                    .iter()
+                    .map(|p| p.id.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        })?;
+    crate::durable::ensure_dir(out_dir).map_err(|e| state_err(out_dir, "create", e))?;
+    let mut out = Vec::new();
+    let mut files = Vec::new();
+    for name in &chosen.disks {
+        let (_, replica) = replicas
+            .iter()
+            .find(|(n, _)| n == name)
+            .expect("listed from these disks");
+        let dest = out_dir.join(format!("{name}.img"));
+        sparse_copy(replica, &dest)?;
+        files.push((
+            name.clone(),
+            OpenOptions::new()
+                .write(true)
+                .open(&dest)
+                .map_err(|e| state_err(&dest, "open", e))?,
+        ));
+        out.push((name.clone(), dest));
+    }
+    if !chosen.latest {
+        for m in kept(state_dir)?.iter().rev().filter(|m| m.epoch > point) {
+            let path = points_dir(state_dir).join(format!("{:020}.undo", m.epoch));
+            let (bytes, _, disks, entries) = read_log(&path)?;
+            let targets: Vec<Option<&File>> = disks
+                .iter()
+                .map(|d| files.iter().find(|(n, _)| *n == d.name).map(|(_, f)| f))
+                .collect();
+            apply_reversed(&bytes, &entries, &targets)
+                .map_err(|e| state_err(&path, "apply to the copy", e))?;
+        }
+    }
+    for (_, f) in &files {
+        f.sync_all().map_err(|e| state_err(out_dir, "fsync", e))?;
+    }
+    Ok(out)
+}
+
+/// Copies `src` to `dest` keeping holes (SEEK_DATA/SEEK_HOLE, copy_file_range, which
+/// reflinks where the file system can).
+fn sparse_copy(src: &Path, dest: &Path) -> Result<(), TargetError> {
+    use std::os::fd::AsRawFd;
+    let s = File::open(src).map_err(|e| state_err(src, "open", e))?;
+    let len = s.metadata().map_err(|e| state_err(src, "stat", e))?.len();
+    let d = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(dest)
+        .map_err(|e| state_err(dest, "create", e))?;
+    d.set_len(len).map_err(|e| state_err(dest, "size", e))?;
+    let (sfd, dfd) = (s.as_raw_fd(), d.as_raw_fd());
+    let mut pos: u64 = 0;
+    while pos < len {
+        // SAFETY: lseek on an open descriptor has no memory effects.
+        let data = unsafe { libc::lseek(sfd, pos as libc::off_t, libc::SEEK_DATA) };
+        if data < 0 {
+            break; // ENXIO: only a hole remains (or no SEEK_DATA: handled below)
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(sfd, data, libc::SEEK_HOLE) };
+        let end = if hole < 0 {
+            len
+        } else {
+            (hole as u64).min(len)
+        };
+        let mut at = data;
+        while (at as u64) < end {
+            let mut off_in = at;
+            let mut off_out = at;
+            let want = (end - at as u64).min(1 << 30) as usize;
+            // SAFETY: both descriptors are open; the offsets are plain integers the
+            // kernel reads and updates; no user memory is involved.
+            let n = unsafe { libc::copy_file_range(sfd, &mut off_in, dfd, &mut off_out, want, 0) };
+            if n <= 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(state_err(dest, "copy", e));
+            }
+            at += n as libc::off_t;
+        }
+        pos = end;
+    }
+    Ok(())
+}
