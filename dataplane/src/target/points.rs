@@ -18,7 +18,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 
 use super::state::ReplicaRecord;
-use super::undo::{apply_reversed, read_log, UndoDisk};
+use super::undo::{apply_reversed, read_log, LogContents, UndoDisk};
 use super::TargetError;
 
 /// How many points to keep and for how long.
@@ -271,7 +271,11 @@ pub fn materialize(
     if !chosen.latest {
         for m in kept(state_dir)?.iter().rev().filter(|m| m.epoch > point) {
             let path = points_dir(state_dir).join(format!("{:020}.undo", m.epoch));
-            let (bytes, _, disks, entries) = read_log(&path)?;
+            let LogContents {
+                bytes,
+                disks,
+                entries,
+            } = read_log(&path)?;
             let targets: Vec<Option<&File>> = disks
                 .iter()
                 .map(|d| files.iter().find(|(n, _)| *n == d.name).map(|(_, f)| f))

@@ -417,10 +417,15 @@ pub(crate) fn apply_reversed(
     Ok(())
 }
 
-/// Reads a whole log: its bytes, epoch, disks and valid entries.
-pub(crate) fn read_log(
-    path: &Path,
-) -> Result<(Vec<u8>, u64, Vec<UndoDisk>, Vec<Entry>), TargetError> {
+/// A whole log read back: its bytes, epoch, disks and valid entries.
+pub(crate) struct LogContents {
+    pub bytes: Vec<u8>,
+    pub disks: Vec<UndoDisk>,
+    pub entries: Vec<Entry>,
+}
+
+/// Reads a whole log.
+pub(crate) fn read_log(path: &Path) -> Result<LogContents, TargetError> {
     let mut bytes = Vec::new();
     File::open(path)
         .and_then(|mut f| f.read_to_end(&mut bytes))
@@ -430,7 +435,12 @@ pub(crate) fn read_log(
         problem: "undo log header is damaged".into(),
     })?;
     let entries = parse_entries(&bytes, pos, disks.len());
-    Ok((bytes, epoch, disks, entries))
+    let _ = epoch;
+    Ok(LogContents {
+        bytes,
+        disks,
+        entries,
+    })
 }
 
 pub(crate) enum Entry {
