@@ -230,7 +230,7 @@ pub struct TargetConfig {
     /// io_uring writes in flight.
     #[serde(default = "default_queue_depth")]
     pub queue_depth: u32,
-    /// Verify/decompress worker threads.
+    /// Reserved for verify/decompress workers; sessions verify on their own thread today.
     #[serde(default = "default_workers")]
     pub workers: u32,
     /// How replica disks are written.
