@@ -139,9 +139,21 @@ pub fn server_handshake<R: Read, W: Write>(
         proof: proof(key, SERVER_LABEL, &hello.nonce, &server_nonce),
     };
     writer.send(FrameKind::Challenge, &[challenge.as_bytes()])?;
-    let payload = reader.expect(FrameKind::Auth, &mut buf)?;
-    let auth = Auth::read_from_bytes(payload).map_err(|_| ProtocolError::Malformed {
-        what: "auth frame has the wrong length",
+    let payload = match reader.expect(FrameKind::Auth, &mut buf) {
+        Ok(p) => p,
+        Err(e) => {
+            writer.send_error(ErrorCode::Auth, &format!("authentication failed: {e}"));
+            return Err(e);
+        }
+    };
+    let auth = Auth::read_from_bytes(payload).map_err(|_| {
+        writer.send_error(
+            ErrorCode::Auth,
+            "authentication failed: auth frame has the wrong length",
+        );
+        ProtocolError::Malformed {
+            what: "auth frame has the wrong length",
+        }
     })?;
     let expected = proof(key, CLIENT_LABEL, &server_nonce, &hello.nonce);
     if !proofs_match(&expected, &auth.proof) {

@@ -571,7 +571,9 @@ fn run_session<R: std::io::Read, W: std::io::Write>(
             writer,
         )?;
         add(&mut total, &stats);
+        // Hashing sends no blocks: only the data phase counts what travelled.
         total.blocks_sent = 0;
+        total.zero_blocks = 0;
         writer.send(FrameKind::HashesDone, &[])?;
         for (i, d) in disks.iter_mut().enumerate() {
             if d.mode == SyncMode::Seeded {

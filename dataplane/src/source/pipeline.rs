@@ -527,10 +527,11 @@ fn encode_data(
     for (i, block) in data.chunks(bs).enumerate() {
         let block_offset = offset + (i * bs) as u64;
         let (codec, stored, hash) = if is_zero(block) {
-            zero_blocks += 1;
             if replica_zeroed {
+                // The new replica already reads as zeros: nothing travels.
                 continue;
             }
+            zero_blocks += 1;
             (Codec::Zero, 0usize, ZERO_BLOCK_HASH)
         } else {
             data_blocks += 1;

@@ -40,6 +40,9 @@ pub struct PointMeta {
     pub disks: Vec<PointDisk>,
     /// Size of the log in bytes.
     pub undo_bytes: u64,
+    /// File name stem of the log and this record (epoch and a per-session suffix).
+    #[serde(skip)]
+    pub stem: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -104,14 +107,17 @@ pub(crate) fn keep_log(
             })
             .collect(),
         undo_bytes,
+        stem: String::new(),
     };
-    let json = dir.join(format!("{epoch:020}.json"));
+    // The log's own name (epoch and a per-session suffix) names the point's files.
+    let stem = log.file_stem().and_then(|s| s.to_str()).unwrap_or("log");
+    let json = dir.join(format!("{stem}.json"));
     crate::durable::write_atomic(
         &json,
         &serde_json::to_vec_pretty(&meta).expect("meta serialises"),
     )
     .map_err(|e| state_err(&json, "write", e))?;
-    let kept = dir.join(format!("{epoch:020}.undo"));
+    let kept = dir.join(format!("{stem}.undo"));
     fs::rename(log, &kept).map_err(|e| state_err(log, "keep as recovery point", e))?;
     File::open(&dir)
         .and_then(|d| d.sync_all())
@@ -137,9 +143,14 @@ fn kept(state_dir: &Path) -> Result<Vec<PointMeta>, TargetError> {
         let path = entry.map_err(|e| state_err(&dir, "read", e))?.path();
         if path.extension().is_some_and(|x| x == "json") {
             let bytes = fs::read(&path).map_err(|e| state_err(&path, "read", e))?;
-            let meta: PointMeta =
+            let mut meta: PointMeta =
                 serde_json::from_slice(&bytes).map_err(|e| state_err(&path, "parse", e))?;
             if path.with_extension("undo").exists() {
+                meta.stem = path
+                    .file_stem()
+                    .and_then(|s| s.to_str())
+                    .unwrap_or_default()
+                    .to_string();
                 metas.push(meta);
             }
         }
@@ -163,7 +174,7 @@ pub fn prune(state_dir: &Path, keep: &Retention) -> Result<(), TargetError> {
             break;
         }
         for ext in ["undo", "json"] {
-            let p = dir.join(format!("{:020}.{ext}", m.epoch));
+            let p = dir.join(format!("{}.{ext}", m.stem));
             match fs::remove_file(&p) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -270,7 +281,7 @@ pub fn materialize(
     }
     if !chosen.latest {
         for m in kept(state_dir)?.iter().rev().filter(|m| m.epoch > point) {
-            let path = points_dir(state_dir).join(format!("{:020}.undo", m.epoch));
+            let path = points_dir(state_dir).join(format!("{}.undo", m.stem));
             let LogContents {
                 bytes,
                 disks,

@@ -96,7 +96,9 @@ fn serve<R: std::io::Read, W: std::io::Write>(
     let mut control = vec![0u8; 64 << 10];
     let payload = reader.expect(FrameKind::Open, &mut control)?;
     let (epoch, mut disks, guard) = open(shared, payload)?;
-    let _guard = guard;
+    // Held until the epoch is committed or rolled back; released before the source
+    // hears "Committed", so its next sync never finds the disks still claimed.
+    let busy = guard;
     let replies: Vec<OpenDiskReply> = disks
         .iter()
         .map(|(_, created, record)| OpenDiskReply {
@@ -162,7 +164,7 @@ fn serve<R: std::io::Read, W: std::io::Write>(
             prev_epoch,
         })
         .collect();
-    let _apply_lock = super::apply_lock(&job.state_dir, false)?;
+    let apply_lock = super::apply_lock(&job.state_dir, false)?;
     let mut undo = UndoLog::create(&job.state_dir, epoch, undo_disks)?;
     let undo_ref = &mut undo;
     let outcome = std::thread::scope(|scope| -> Result<u64, TargetError> {
@@ -333,6 +335,8 @@ fn serve<R: std::io::Read, W: std::io::Write>(
         Ok(applied) => {
             // The replicas are durable; this is the commit point of the epoch.
             undo.commit(&job.retention)?;
+            drop(apply_lock);
+            drop(busy);
             writer.send(
                 FrameKind::Committed,
                 &[Committed {

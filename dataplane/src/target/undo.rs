@@ -78,8 +78,19 @@ impl UndoLog {
     pub fn create(state_dir: &Path, epoch: u64, disks: Vec<UndoDisk>) -> Result<Self, TargetError> {
         let dir = undo_dir(state_dir);
         crate::durable::ensure_dir(&dir).map_err(|e| io_err(&dir, "create", e))?;
-        let path = dir.join(format!("{epoch:020}.undo"));
-        let marker = dir.join(format!("{epoch:020}.committed"));
+        // Epochs count per disk lineage, so concurrent sessions for different disks can
+        // apply the same epoch number: a random suffix keeps their logs apart.
+        let mut nonce = [0u8; 4];
+        getrandom::fill(&mut nonce).map_err(|e| {
+            io_err(
+                &dir,
+                "draw a log name",
+                std::io::Error::other(e.to_string()),
+            )
+        })?;
+        let stem = format!("{epoch:020}-{:08x}", u32::from_le_bytes(nonce));
+        let path = dir.join(format!("{stem}.undo"));
+        let marker = dir.join(format!("{stem}.committed"));
         let mut header = Vec::with_capacity(32 + disks.len() * 96);
         header.extend_from_slice(MAGIC);
         header.extend_from_slice(&epoch.to_le_bytes());

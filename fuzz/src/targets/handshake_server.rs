@@ -48,10 +48,11 @@ pub fn run(data: &[u8]) -> String {
     REPLY.with(|reply| {
         let mut reply = reply.borrow_mut();
         reply.clear();
-        let mut reader = FrameReader::new(data);
-        let mut writer = FrameWriter::new(&mut *reply);
-        let result = server_handshake(&mut reader, &mut writer, &KEY);
-        drop(writer);
+        let result = server_handshake(
+            &mut FrameReader::new(data),
+            &mut FrameWriter::new(&mut *reply),
+            &KEY,
+        );
         if let Ok(version) = result {
             panic!("server_handshake authenticated a client without the key (version {version})");
         }

@@ -43,8 +43,8 @@ const KEEP_PER_OUTCOME: u64 = 4;
 /// Budget for shrinking one finding.
 const MINIMIZE_ATTEMPTS: usize = 4000;
 const MINIMIZE_TIME: Duration = Duration::from_secs(20);
-/// Bytes of a finding printed in hex (the artifact file has all of it).
-const HEX_PRINT_MAX: usize = 1024;
+/// Characters of a finding's hex printed (the artifact file has all of it).
+const HEX_PRINT_MAX: usize = 4096;
 
 struct Options {
     seconds: u64,
@@ -348,18 +348,12 @@ fn report(
         target.name,
         path.display()
     );
-    let _ = writeln!(
-        text,
-        "hex: {}",
-        hex(&small[..small.len().min(HEX_PRINT_MAX)])
-    );
-    if small.len() > HEX_PRINT_MAX {
-        let _ = writeln!(
-            text,
-            "     ... ({} more bytes in the file)",
-            small.len() - HEX_PRINT_MAX
-        );
+    let mut shown = hex(small);
+    if shown.len() > HEX_PRINT_MAX {
+        shown.truncate(HEX_PRINT_MAX);
+        shown.push_str(" ... (the rest is in the file)");
     }
+    let _ = writeln!(text, "hex (runs of 16+ equal bytes as [bb x N]): {shown}");
     println!("{text}");
     Ok(())
 }
@@ -377,13 +371,22 @@ fn read_dir_files(dir: &Path, max_len: usize) -> Vec<Vec<u8>> {
         .collect()
 }
 
+/// Hex for a reader: a run of 16 or more equal bytes is shown as `[bb x N]` (the
+/// artifact file is the exact reproducer).
 fn hex(bytes: &[u8]) -> String {
-    bytes
-        .iter()
-        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-            let _ = write!(s, "{b:02x}");
-            s
-        })
+    let mut s = String::with_capacity(bytes.len() * 2);
+    let mut at = 0;
+    while at < bytes.len() {
+        let run = bytes[at..].iter().take_while(|&&b| b == bytes[at]).count();
+        if run >= 16 {
+            let _ = write!(s, "[{:02x} x {run}]", bytes[at]);
+            at += run;
+        } else {
+            let _ = write!(s, "{:02x}", bytes[at]);
+            at += 1;
+        }
+    }
+    s
 }
 
 fn xxh3(bytes: &[u8]) -> u64 {
