@@ -112,7 +112,7 @@ fn right_hash(frame: &[u8], rec: &BlockRecord) -> Option<[u8; 16]> {
     }
 }
 
-fn repair_hashes(frame: &mut Vec<u8>) {
+fn repair_hashes(frame: &mut [u8]) {
     let Some(table) = table_mut(frame) else {
         return;
     };
@@ -291,6 +291,7 @@ fn check_accepted(
 
 /// Aligns records with the session's disks so more of them get past the range checks;
 /// the entropy decides which records are left as mutated.
+#[allow(clippy::ptr_arg)] // The type every `Target::repair` has; others resize.
 fn repair(buf: &mut Vec<u8>, entropy: u64) {
     let Some((geometries, _, _)) = parse(buf) else {
         return;
