@@ -160,3 +160,75 @@ fn every_point_opens_exactly_as_the_source_was() {
     assert!(!bad.success());
     assert!(bad.stderr.contains("no recovery point 1"), "{}", bad.stderr);
 }
+
+struct Loop(String);
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("losetup")
+            .args(["-d", &self.0])
+            .status();
+    }
+}
+
+#[test]
+fn a_point_of_a_block_device_replica_opens_whole() {
+    let mut rng = Rng::new(common::test_seed("recovery_points_blockdev"));
+    let dir = common::scratch_dir();
+    let d = dir.path();
+    let backing = d.join("loop-backing.img");
+    std::fs::File::create(&backing)
+        .unwrap()
+        .set_len(DISK_BYTES)
+        .unwrap();
+    let out = std::process::Command::new("losetup")
+        .args(["-f", "--show"])
+        .arg(&backing)
+        .output();
+    let dev = match out {
+        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).trim().to_string(),
+        _ => {
+            eprintln!("SKIP: no loop devices here");
+            return;
+        }
+    };
+    let _loop = Loop(dev.clone());
+    let key = d.join("ferry.key");
+    common::keygen(&key);
+    let source = d.join("vm.img");
+    std::fs::File::create(&source)
+        .unwrap()
+        .set_len(DISK_BYTES)
+        .unwrap();
+    mutate(&source, &mut rng);
+    let target = TargetProc::start(d, &key, &[("vm", Path::new(&dev))], "");
+    let cfg = d.join("source.toml");
+    std::fs::write(
+        &cfg,
+        common::source_toml(
+            target.port,
+            &key,
+            &d.join("source-state"),
+            &[("vm", source.as_path())],
+            "",
+        ),
+    )
+    .unwrap();
+    let mut at_epoch = Vec::new();
+    for _ in 0..3 {
+        mutate(&source, &mut rng);
+        common::sync_ok(&cfg, &[]);
+        at_epoch.push(file_hash(&source));
+    }
+    let tcfg = target.config.to_str().unwrap().to_string();
+    let run = ferry(&["failover", "test", "--config", &tcfg, "--point", "2"]);
+    assert!(run.success(), "{run:?}");
+    let image = d.join("target-state/failover/vm.img");
+    assert_eq!(std::fs::metadata(&image).unwrap().len(), DISK_BYTES);
+    assert_eq!(
+        file_hash(&image),
+        at_epoch[1],
+        "point 2 of a block-device replica"
+    );
+    assert!(ferry(&["failover", "cleanup", "--config", &tcfg]).success());
+}

@@ -1,5 +1,5 @@
 //! The shim's control socket: a line protocol the engine (and operators, with
-//! `socat - UNIX-CONNECT:/run/ferry/shim.ctl`) use to ask the shim things.
+//! `socat - UNIX-CONNECT:<state_dir>/shim.ctl`) use to ask the shim things.
 //!
 //! Each request is one line of ASCII; each reply is one line of JSON with `"ok"`.
 //! A client may send several requests on one connection.

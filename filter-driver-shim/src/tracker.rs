@@ -17,7 +17,8 @@
 //! a sidecar state file ([`state`]). If tracking cannot be trusted — the image was
 //! resized, replaced or modified while no shim ran, or the bitmap is lost — a new
 //! [`GenerationId`] is drawn, the bitmap starts empty and `resync_required` is set
-//! until a consumer has done a checksum-compare (seeded) resync.
+//! until a consumer has done a checksum-compare (seeded) resync (clearing it is part of the
+//! epoch protocol, not built yet: today it stays set).
 
 pub mod state;
 

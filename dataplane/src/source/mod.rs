@@ -682,7 +682,11 @@ fn run_session<R: std::io::Read, W: std::io::Write>(
         ))
         .into());
     }
-    total.bytes_sent += 2 * crate::protocol::FRAME_HEADER_LEN as u64;
+    // The Open and Commit frames (headers and payloads) went on the wire too.
+    total.bytes_sent += (2 * crate::protocol::FRAME_HEADER_LEN
+        + core::mem::size_of::<OpenHeader>()
+        + disks.len() * core::mem::size_of::<OpenDisk>()
+        + core::mem::size_of::<Commit>()) as u64;
     let _ = MAX_FRAME_PAYLOAD;
     Ok((total, committed.bytes_applied.get()))
 }

@@ -18,7 +18,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 
 use super::state::ReplicaRecord;
-use super::undo::{apply_reversed, read_log, LogContents, UndoDisk};
+use super::undo::{read_log, UndoDisk};
 use super::TargetError;
 
 /// How many points to keep and for how long.
@@ -197,7 +197,12 @@ pub fn list(state_dir: &Path, disks: &[String]) -> Result<Vec<RecoveryPoint>, Ta
     let Some(latest) = records.iter().map(|(_, r)| r.epoch).max() else {
         return Ok(Vec::new());
     };
-    let metas = kept(state_dir)?;
+    // Only logs of these disks: several groups may share a state dir, and their epoch
+    // numbers are independent.
+    let metas: Vec<PointMeta> = kept(state_dir)?
+        .into_iter()
+        .filter(|m| m.disks.iter().all(|d| disks.contains(&d.name)))
+        .collect();
     let mut points = vec![RecoveryPoint {
         id: latest,
         committed_unix_s: records.iter().map(|(_, r)| r.committed_unix_s).max(),
@@ -244,6 +249,17 @@ pub fn materialize(
     replicas: &[(String, PathBuf)],
     out_dir: &Path,
 ) -> Result<Vec<(String, PathBuf)>, TargetError> {
+    // An epoch a crashed target left half-applied must be undone before anything is
+    // copied; the caller's exclusive apply lock means no live session is applying one.
+    let lookup = |n: &str| {
+        replicas
+            .iter()
+            .find(|(r, _)| r == n)
+            .map(|(_, p)| p.clone())
+    };
+    for r in super::undo::recover(state_dir, &lookup)? {
+        tracing::warn!("recovered an interrupted epoch before opening a point: {r:?}");
+    }
     let names: Vec<String> = replicas.iter().map(|(n, _)| n.clone()).collect();
     let points = list(state_dir, &names)?;
     let chosen = points
@@ -264,12 +280,14 @@ pub fn materialize(
     let mut out = Vec::new();
     let mut files = Vec::new();
     for name in &chosen.disks {
-        let (_, replica) = replicas
-            .iter()
-            .find(|(n, _)| n == name)
-            .expect("listed from these disks");
+        let Some((_, replica)) = replicas.iter().find(|(n, _)| n == name) else {
+            continue;
+        };
+        let size = ReplicaRecord::load(state_dir, name)?
+            .map(|r| r.disk_size)
+            .ok_or_else(|| state_err(replica, "no acknowledged epoch for", name))?;
         let dest = out_dir.join(format!("{name}.img"));
-        sparse_copy(replica, &dest)?;
+        sparse_copy(replica, &dest, size)?;
         files.push((
             name.clone(),
             OpenOptions::new()
@@ -282,16 +300,13 @@ pub fn materialize(
     if !chosen.latest {
         for m in kept(state_dir)?.iter().rev().filter(|m| m.epoch > point) {
             let path = points_dir(state_dir).join(format!("{}.undo", m.stem));
-            let LogContents {
-                bytes,
-                disks,
-                entries,
-            } = read_log(&path)?;
-            let targets: Vec<Option<&File>> = disks
+            let log = read_log(&path)?;
+            let targets: Vec<Option<&File>> = log
+                .disks
                 .iter()
                 .map(|d| files.iter().find(|(n, _)| *n == d.name).map(|(_, f)| f))
                 .collect();
-            apply_reversed(&bytes, &entries, &targets)
+            log.apply_reversed(&targets)
                 .map_err(|e| state_err(&path, "apply to the copy", e))?;
         }
     }
@@ -303,10 +318,9 @@ pub fn materialize(
 
 /// Copies `src` to `dest` keeping holes (SEEK_DATA/SEEK_HOLE, copy_file_range, which
 /// reflinks where the file system can).
-fn sparse_copy(src: &Path, dest: &Path) -> Result<(), TargetError> {
+fn sparse_copy(src: &Path, dest: &Path, len: u64) -> Result<(), TargetError> {
     use std::os::fd::AsRawFd;
     let s = File::open(src).map_err(|e| state_err(src, "open", e))?;
-    let len = s.metadata().map_err(|e| state_err(src, "stat", e))?.len();
     let d = OpenOptions::new()
         .write(true)
         .create(true)
@@ -319,16 +333,27 @@ fn sparse_copy(src: &Path, dest: &Path) -> Result<(), TargetError> {
     while pos < len {
         // SAFETY: lseek on an open descriptor has no memory effects.
         let data = unsafe { libc::lseek(sfd, pos as libc::off_t, libc::SEEK_DATA) };
-        if data < 0 {
-            break; // ENXIO: only a hole remains (or no SEEK_DATA: handled below)
-        }
-        // SAFETY: as above.
-        let hole = unsafe { libc::lseek(sfd, data, libc::SEEK_HOLE) };
-        let end = if hole < 0 {
-            len
+        let (data, end) = if data < 0 {
+            if io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO) {
+                break; // only a hole remains
+            }
+            // No SEEK_DATA here (a block device): copy everything that is left.
+            (pos as libc::off_t, len)
         } else {
-            (hole as u64).min(len)
+            // SAFETY: as above.
+            let hole = unsafe { libc::lseek(sfd, data, libc::SEEK_HOLE) };
+            (
+                data,
+                if hole < 0 {
+                    len
+                } else {
+                    (hole as u64).min(len)
+                },
+            )
         };
+        if data as u64 >= len {
+            break;
+        }
         let mut at = data;
         while (at as u64) < end {
             let mut off_in = at;
@@ -337,16 +362,45 @@ fn sparse_copy(src: &Path, dest: &Path) -> Result<(), TargetError> {
             // SAFETY: both descriptors are open; the offsets are plain integers the
             // kernel reads and updates; no user memory is involved.
             let n = unsafe { libc::copy_file_range(sfd, &mut off_in, dfd, &mut off_out, want, 0) };
-            if n <= 0 {
+            if n < 0 {
                 let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
+                match e.raw_os_error() {
+                    Some(libc::EINTR) => continue,
+                    // Not between these files (a block device, another file system):
+                    // copy through a buffer instead.
+                    Some(libc::EINVAL | libc::EXDEV | libc::EOPNOTSUPP | libc::ENOSYS) => {
+                        copy_buffered(&s, &d, at as u64, end)
+                            .map_err(|e| state_err(dest, "copy", e))?;
+                        break;
+                    }
+                    _ => return Err(state_err(dest, "copy", e)),
                 }
-                return Err(state_err(dest, "copy", e));
+            }
+            if n == 0 {
+                return Err(state_err(
+                    src,
+                    "copy",
+                    "the replica is shorter than its recorded size",
+                ));
             }
             at += n as libc::off_t;
         }
         pos = end;
+    }
+    Ok(())
+}
+
+fn copy_buffered(src: &File, dest: &File, from: u64, to: u64) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut at = from;
+    while at < to {
+        let n = ((to - at) as usize).min(buf.len());
+        src.read_exact_at(&mut buf[..n], at)?;
+        if !crate::protocol::is_zero(&buf[..n]) {
+            dest.write_all_at(&buf[..n], at)?;
+        }
+        at += n as u64;
     }
     Ok(())
 }

@@ -18,7 +18,7 @@
 //! issued, since writes wait for the entry to be durable.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -308,29 +308,24 @@ fn recover_one(
         path: path.to_path_buf(),
         problem,
     };
-    let mut bytes = Vec::new();
-    File::open(path)
-        .and_then(|mut f| f.read_to_end(&mut bytes))
-        .map_err(|e| io_err(path, "read", e))?;
-    let (epoch, disks, pos) = parse_header(&bytes).ok_or_else(|| {
+    let log = read_log(path).map_err(|_| {
         bad(
             "undo log header is damaged; refusing to guess (the replicas may be between epochs)"
                 .into(),
         )
     })?;
     let marker = path.with_extension("committed");
-    let names: Vec<String> = disks.iter().map(|d| d.name.clone()).collect();
+    let names: Vec<String> = log.disks.iter().map(|d| d.name.clone()).collect();
     if marker.exists() {
-        write_records(state_dir, epoch, &disks)?;
+        write_records(state_dir, log.epoch, &log.disks)?;
         remove(path, &marker)?;
         return Ok(Recovery::RolledForward {
-            epoch,
+            epoch: log.epoch,
             disks: names,
         });
     }
-    let entries = parse_entries(&bytes, pos, disks.len());
-    let mut files = Vec::with_capacity(disks.len());
-    for d in &disks {
+    let mut files = Vec::with_capacity(log.disks.len());
+    for d in &log.disks {
         let p = replica_path(&d.name).ok_or_else(|| {
             bad(format!("disk {:?} of an interrupted epoch is no longer configured; restore its [[disk]] entry to recover", d.name))
         })?;
@@ -342,25 +337,53 @@ fn recover_one(
         );
     }
     let targets: Vec<Option<&File>> = files.iter().map(Some).collect();
-    apply_reversed(&bytes, &entries, &targets).map_err(|e| io_err(path, "roll back", e))?;
+    log.apply_reversed(&targets)
+        .map_err(|e| io_err(path, "roll back", e))?;
     for f in &files {
         f.sync_data()
             .map_err(|e| io_err(path, "fsync replica after rollback", e))?;
     }
     remove(path, &marker)?;
     Ok(Recovery::RolledBack {
-        epoch,
-        entries: entries.len(),
+        epoch: log.epoch,
+        entries: log.entries.len(),
         disks: names,
     })
 }
 
-/// The valid entries of a log from byte `pos`, stopping at the first damaged one
-/// (the torn tail).
-pub(crate) fn parse_entries(bytes: &[u8], mut pos: usize, disk_count: usize) -> Vec<Entry> {
+/// Largest log header: 256 disks of 89 bytes plus the fixed part and the checksum.
+const HEADER_MAX: usize = 20 + crate::protocol::MAX_DISKS_PER_SESSION * (1 + NAME_LEN + 16 + 8) + 8;
+
+/// A log opened for reading: its header and an index of its valid entries. The data
+/// stays in the file and is read one entry at a time, so memory does not grow with the
+/// size of an epoch (the index holds 32 bytes per entry of up to 4 MiB).
+pub(crate) struct LogContents {
+    file: File,
+    pub epoch: u64,
+    pub disks: Vec<UndoDisk>,
+    pub entries: Vec<Entry>,
+}
+
+/// Opens a log: parses its header and indexes the valid entries, stopping at the first
+/// damaged one (the torn tail). Every data entry's checksum is verified here.
+pub(crate) fn read_log(path: &Path) -> Result<LogContents, TargetError> {
+    let file = File::open(path).map_err(|e| io_err(path, "open", e))?;
+    let size = file.metadata().map_err(|e| io_err(path, "stat", e))?.len();
+    let mut head = vec![0u8; HEADER_MAX.min(size as usize)];
+    file.read_exact_at(&mut head, 0)
+        .map_err(|e| io_err(path, "read", e))?;
+    let (epoch, disks, header_len) = parse_header(&head).ok_or_else(|| TargetError::State {
+        path: path.to_path_buf(),
+        problem: "undo log header is damaged".into(),
+    })?;
     let mut entries = Vec::new();
-    while pos + ENTRY_HEADER_LEN <= bytes.len() {
-        let h = &bytes[pos..pos + ENTRY_HEADER_LEN];
+    let mut buf = Vec::new();
+    let mut pos = header_len as u64;
+    let mut h = [0u8; ENTRY_HEADER_LEN];
+    while pos + ENTRY_HEADER_LEN as u64 <= size {
+        if file.read_exact_at(&mut h, pos).is_err() {
+            break;
+        }
         let word = |a: usize| u64::from_le_bytes(h[a..a + 8].try_into().expect("8 bytes"));
         let half = |a: usize| u32::from_le_bytes(h[a..a + 4].try_into().expect("4 bytes"));
         if half(0) != ENTRY_MAGIC || xxh3_64(&h[..32]) != word(32) {
@@ -368,8 +391,8 @@ pub(crate) fn parse_entries(bytes: &[u8], mut pos: usize, disk_count: usize) -> 
         }
         let disk = half(4) as usize;
         let offset = word(8);
-        let start = pos + ENTRY_HEADER_LEN;
-        if disk >= disk_count {
+        let start = pos + ENTRY_HEADER_LEN as u64;
+        if disk >= disks.len() {
             break;
         }
         if half(20) == FLAG_ZERO {
@@ -382,10 +405,11 @@ pub(crate) fn parse_entries(bytes: &[u8], mut pos: usize, disk_count: usize) -> 
             continue;
         }
         let len = half(16) as usize;
-        if len > ENTRY_MAX
-            || start + len > bytes.len()
-            || xxh3_64(&bytes[start..start + len]) != word(24)
-        {
+        if len > ENTRY_MAX || start + len as u64 > size {
+            break;
+        }
+        buf.resize(len, 0);
+        if file.read_exact_at(&mut buf, start).is_err() || xxh3_64(&buf) != word(24) {
             break;
         }
         entries.push(Entry::Data {
@@ -394,71 +418,52 @@ pub(crate) fn parse_entries(bytes: &[u8], mut pos: usize, disk_count: usize) -> 
             start,
             len,
         });
-        pos = start + len;
+        pos = start + len as u64;
     }
-    entries
-}
-
-/// Writes every entry's old bytes back, newest first, to `files[disk]` (disks mapped to
-/// `None` are skipped).
-pub(crate) fn apply_reversed(
-    bytes: &[u8],
-    entries: &[Entry],
-    files: &[Option<&File>],
-) -> io::Result<()> {
-    for entry in entries.iter().rev() {
-        match *entry {
-            Entry::Data {
-                disk,
-                offset,
-                start,
-                len,
-            } => {
-                if let Some(f) = files[disk] {
-                    f.write_all_at(&bytes[start..start + len], offset)?;
-                }
-            }
-            Entry::Zero { disk, offset, len } => {
-                if let Some(f) = files[disk] {
-                    zero_fill(f, offset, len)?;
-                }
-            }
-        }
-    }
-    Ok(())
-}
-
-/// A whole log read back: its bytes, epoch, disks and valid entries.
-pub(crate) struct LogContents {
-    pub bytes: Vec<u8>,
-    pub disks: Vec<UndoDisk>,
-    pub entries: Vec<Entry>,
-}
-
-/// Reads a whole log.
-pub(crate) fn read_log(path: &Path) -> Result<LogContents, TargetError> {
-    let mut bytes = Vec::new();
-    File::open(path)
-        .and_then(|mut f| f.read_to_end(&mut bytes))
-        .map_err(|e| io_err(path, "read", e))?;
-    let (epoch, disks, pos) = parse_header(&bytes).ok_or_else(|| TargetError::State {
-        path: path.to_path_buf(),
-        problem: "undo log header is damaged".into(),
-    })?;
-    let entries = parse_entries(&bytes, pos, disks.len());
-    let _ = epoch;
     Ok(LogContents {
-        bytes,
+        file,
+        epoch,
         disks,
         entries,
     })
+}
+
+impl LogContents {
+    /// Writes every entry's old bytes back, newest first, to `files[disk]` (disks
+    /// mapped to `None` are skipped).
+    pub(crate) fn apply_reversed(&self, files: &[Option<&File>]) -> io::Result<()> {
+        let mut buf = Vec::new();
+        for entry in self.entries.iter().rev() {
+            match *entry {
+                Entry::Data {
+                    disk,
+                    offset,
+                    start,
+                    len,
+                } => {
+                    if let Some(f) = files[disk] {
+                        buf.resize(len, 0);
+                        self.file.read_exact_at(&mut buf, start)?;
+                        f.write_all_at(&buf, offset)?;
+                    }
+                }
+                Entry::Zero { disk, offset, len } => {
+                    if let Some(f) = files[disk] {
+                        zero_fill(f, offset, len)?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 pub(crate) enum Entry {
     Data {
         disk: usize,
         offset: u64,
-        start: usize,
+        /// Where the old bytes sit in the log file.
+        start: u64,
         len: usize,
     },
     Zero {
