@@ -10,7 +10,8 @@ pub mod points;
 mod session;
 pub mod state;
 pub mod undo;
-mod verify;
+#[doc(hidden)] // Public only so fuzz/ can drive it; not an API.
+pub mod verify;
 
 use std::collections::HashSet;
 use std::net::TcpListener;

@@ -5,6 +5,7 @@ use zerocopy::FromBytes;
 
 use crate::protocol::{
     block_hash, BlockRecord, Codec, DataHeader, ErrorCode, BLOCK_RECORD_LEN, PAYLOAD_ALIGN,
+    ZERO_BLOCK_HASH,
 };
 
 use super::TargetError;
@@ -33,6 +34,7 @@ pub enum Place {
 
 /// Decides where each record's bytes live; the verifier and the applier walk records
 /// in the same order and so agree on every placement.
+#[derive(Default)]
 pub struct Placer {
     scratch_cursor: usize,
 }
@@ -110,8 +112,18 @@ pub fn verify_data(
     let mut logical = 0usize;
     let mut scratch = scratch;
     let mut placer = Placer::new();
+    let mut previous_end = 0u64;
     for (i, rec) in recs.iter().enumerate() {
         let offset = rec.offset.get();
+        // Blocks travel in disk order, each once: a repeated or out-of-order block would
+        // make the replica's content depend on write completion order.
+        if i > 0 && offset < previous_end {
+            return Err(TargetError::reject(
+                ErrorCode::Protocol,
+                format!("disk {name}: record {i}: block at {offset} repeats or goes back (previous block ended at {previous_end})"),
+            ));
+        }
+        previous_end = offset.saturating_add(rec.length.get() as u64);
         let len = rec.length.get() as u64;
         let stored = rec.stored_len.get() as usize;
         let at = rec.payload_offset.get() as usize;
@@ -171,6 +183,9 @@ pub fn verify_data(
         let place = placer.place(rec);
         match codec {
             Codec::Zero => {
+                if rec.hash != ZERO_BLOCK_HASH {
+                    return Err(integrity());
+                }
                 if stored != 0 {
                     return Err(TargetError::reject(
                         ErrorCode::Protocol,
@@ -244,4 +259,63 @@ fn bounds(cap: usize, at: usize, len: usize) -> Result<(), TargetError> {
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use zerocopy::IntoBytes;
+
+    fn frame(records: &[(u64, Codec, [u8; 16])]) -> Vec<u8> {
+        let mut out = DataHeader {
+            disk: 0.into(),
+            record_count: (records.len() as u32).into(),
+        }
+        .as_bytes()
+        .to_vec();
+        for &(offset, codec, hash) in records {
+            let rec = BlockRecord {
+                offset: offset.into(),
+                length: 4096.into(),
+                stored_len: 0.into(),
+                payload_offset: 0.into(),
+                codec: codec as u8,
+                reserved: [0; 3],
+                hash,
+                reserved2: 0.into(),
+            };
+            out.extend_from_slice(rec.as_bytes());
+        }
+        out
+    }
+
+    fn check(payload: &[u8]) -> Result<(u32, usize), TargetError> {
+        let geometry = [Geometry {
+            disk_size: 1 << 20,
+            block_size: 4096,
+        }];
+        let names = ["d".to_string()];
+        let mut d = zstd::bulk::Decompressor::new().unwrap();
+        verify_data(payload, &geometry, &names, None, &mut d)
+    }
+
+    #[test]
+    fn zero_records_must_carry_the_zero_hash() {
+        assert!(check(&frame(&[(0, Codec::Zero, ZERO_BLOCK_HASH)])).is_ok());
+        let e = check(&frame(&[(0, Codec::Zero, [7; 16])])).unwrap_err();
+        assert!(e.to_string().contains("hash"), "{e}");
+    }
+
+    #[test]
+    fn repeated_or_backward_blocks_are_rejected() {
+        let z = ZERO_BLOCK_HASH;
+        assert!(check(&frame(&[(0, Codec::Zero, z), (8192, Codec::Zero, z)])).is_ok());
+        for recs in [
+            [(4096, Codec::Zero, z), (4096, Codec::Zero, z)],
+            [(8192, Codec::Zero, z), (0, Codec::Zero, z)],
+        ] {
+            let e = check(&frame(&recs)).unwrap_err();
+            assert!(e.to_string().contains("repeats or goes back"), "{e}");
+        }
+    }
 }
