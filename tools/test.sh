@@ -34,3 +34,7 @@ cargo test --workspace
 # Lock-free ring models (separate target dir: loom changes every dependency's cfg).
 RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom \
   cargo test -p ferry-ringbuf --release --lib -q
+# Fuzz targets of every trust boundary (separate crate): their own tests, then a short
+# deterministic smoke run of each on stable. Long runs: see fuzz/README.md.
+cargo test --release -q --manifest-path fuzz/Cargo.toml
+cargo run --release -q --manifest-path fuzz/Cargo.toml --bin smoke -- 5
