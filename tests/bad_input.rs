@@ -167,7 +167,7 @@ impl Raw {
         let header = OpenHeader {
             epoch: 1000.into(),
             disk_count: (disks.len() as u32).into(),
-            reserved: 0.into(),
+            max_batch_bytes: 0.into(),
         };
         let entries: Vec<OpenDisk> = disks
             .iter()
@@ -385,7 +385,7 @@ fn skipped_or_malformed_auth_gets_an_error_frame() {
     let header = OpenHeader {
         epoch: 1.into(),
         disk_count: 1.into(),
-        reserved: 0.into(),
+        max_batch_bytes: 0.into(),
     };
     let entry = open_disk("d0", SyncMode::Full, fx.disk_size(0));
     let mut buf = vec![0u8; 4096];
@@ -796,7 +796,7 @@ fn malformed_open_is_refused() {
         let header = OpenHeader {
             epoch: 7.into(),
             disk_count: count.into(),
-            reserved: 0.into(),
+            max_batch_bytes: 0.into(),
         };
         raw.send(FrameKind::Open, &[header.as_bytes(), entries.as_bytes()]);
         let (code, message) = raw.expect_error(case);

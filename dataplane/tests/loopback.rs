@@ -159,3 +159,32 @@ fn full_then_seeded_sync_gives_identical_replicas() {
         same(&src2, &rep2);
     }
 }
+
+/// Small blocks, the largest batches and compression: frames mix packed compressed and
+/// raw payloads and must stay within the batch the session announced.
+#[test]
+fn small_blocks_large_batches_compressed_stay_within_the_announced_frame() {
+    let dir = tempfile::tempdir().unwrap();
+    let psk = [9u8; 32];
+    let src = dir.path().join("a.img");
+    make_image(&src, 24 << 20, 3);
+    let rep = dir.path().join("a.replica");
+    let addr = start_target(dir.path(), &[("a", rep.clone())], psk, EngineKind::Auto);
+    let mut j = job(
+        &addr,
+        dir.path(),
+        &[("a", src.clone())],
+        psk,
+        Some(1),
+        EngineKind::Auto,
+    );
+    j.block_size = 4096;
+    j.io_size = 4 << 20;
+    source::sync(&j).unwrap();
+    same(&src, &rep);
+    let f = std::fs::OpenOptions::new().write(true).open(&src).unwrap();
+    f.write_all_at(&[0x5A; 300_000], 7 << 20).unwrap();
+    let r = source::sync(&j).unwrap();
+    assert_eq!(r.disks[0].mode, "seeded");
+    same(&src, &rep);
+}

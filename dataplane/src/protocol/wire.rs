@@ -186,7 +186,9 @@ pub struct OpenHeader {
     /// Epoch this session will commit (monotonic per disk lineage).
     pub epoch: U64,
     pub disk_count: U32,
-    pub reserved: U32,
+    /// Most bytes of disk one Data frame of this session describes (the source's I/O
+    /// size), so the target can size its buffers; 0 means the protocol maximum, 4 MiB.
+    pub max_batch_bytes: U32,
 }
 
 #[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]

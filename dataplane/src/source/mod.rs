@@ -492,7 +492,7 @@ fn run_session<R: std::io::Read, W: std::io::Write>(
     let header = OpenHeader {
         epoch: epoch.into(),
         disk_count: (disks.len() as u32).into(),
-        reserved: 0.into(),
+        max_batch_bytes: (job.io_size as u32).into(),
     };
     let mut entries = Vec::with_capacity(disks.len());
     for d in disks.iter() {

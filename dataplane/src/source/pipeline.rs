@@ -580,10 +580,15 @@ fn encode_data(
             ..blank()
         };
     }
-    // Second pass: final payload offsets in frame order. Compressed payloads are packed;
-    // raw payloads start on PAYLOAD_ALIGN so the target can write them with O_DIRECT
-    // straight from its receive buffer.
+    // Second pass: final payload offsets in frame order. In a frame of raw blocks only,
+    // every payload lands on PAYLOAD_ALIGN (block lengths are multiples of it, bar the
+    // disk's last block, which comes last), so the target writes them with O_DIRECT
+    // straight from its receive buffer. As soon as one block is compressed, everything
+    // is packed: the target decompresses into scratch anyway, and padding between
+    // payloads could otherwise outgrow the frame bound the session announced (the
+    // target copies an unaligned raw block to scratch).
     let table_len = (hlen + records * BLOCK_RECORD_LEN).next_multiple_of(PAYLOAD_ALIGN);
+    let packed_frame = packed_len > 0;
     let mut cursor = table_len;
     for r in 0..records {
         let at = hlen + r * BLOCK_RECORD_LEN;
@@ -591,7 +596,9 @@ fn encode_data(
             .expect("record slice has the record's size");
         match Codec::from_u8(rec.codec) {
             Some(Codec::Raw) => {
-                cursor = cursor.next_multiple_of(PAYLOAD_ALIGN);
+                if !packed_frame {
+                    cursor = cursor.next_multiple_of(PAYLOAD_ALIGN);
+                }
                 rec.payload_offset = (cursor as u32).into();
                 cursor += rec.stored_len.get() as usize;
             }

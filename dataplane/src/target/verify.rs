@@ -97,6 +97,26 @@ pub fn verify_data(
     scratch: Option<&mut [u8]>,
     decompressor: &mut zstd::bulk::Decompressor<'static>,
 ) -> Result<(u32, usize), TargetError> {
+    verify_data_within(
+        payload,
+        disks,
+        disk_names,
+        scratch,
+        decompressor,
+        MAX_FRAME_LOGICAL,
+    )
+}
+
+/// [`verify_data`] for a session that announced at most `max_logical` bytes of disk
+/// per frame.
+pub fn verify_data_within(
+    payload: &[u8],
+    disks: &[Geometry],
+    disk_names: &[String],
+    scratch: Option<&mut [u8]>,
+    decompressor: &mut zstd::bulk::Decompressor<'static>,
+    max_logical: usize,
+) -> Result<(u32, usize), TargetError> {
     let (disk, recs) = records(payload)?;
     let geometry = disks.get(disk as usize).ok_or_else(|| {
         TargetError::reject(
@@ -152,9 +172,9 @@ pub fn verify_data(
             )));
         }
         logical += len as usize;
-        if logical > MAX_FRAME_LOGICAL {
+        if logical > max_logical {
             return Err(out_of_range(format!(
-                "frame describes more than {MAX_FRAME_LOGICAL} bytes of blocks"
+                "frame describes more than the {max_logical} bytes of blocks the session announced"
             )));
         }
         let codec = Codec::from_u8(rec.codec).ok_or_else(|| {
@@ -239,6 +259,16 @@ pub fn verify_data(
         }
     }
     Ok((disk, placer.scratch_used()))
+}
+
+/// The largest Data frame payload a session announcing `max_logical` bytes per frame
+/// in blocks of at least `min_block` bytes can send: the padded record table, the
+/// blocks, and alignment slack for a short last block.
+pub fn frame_bound(max_logical: usize, min_block: usize) -> usize {
+    let records = max_logical.div_ceil(min_block);
+    let table = (core::mem::size_of::<DataHeader>() + records * BLOCK_RECORD_LEN)
+        .next_multiple_of(PAYLOAD_ALIGN);
+    (table + max_logical + PAYLOAD_ALIGN).next_multiple_of(PAYLOAD_ALIGN)
 }
 
 /// Whether verifying this frame will need a scratch buffer.
