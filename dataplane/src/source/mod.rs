@@ -73,6 +73,8 @@ pub enum SourceError {
     Config(String),
     #[error("replication aborted")]
     Aborted,
+    #[error("the target interrupted the session without saying why")]
+    PeerInterrupted,
 }
 
 impl SourceError {
@@ -302,7 +304,8 @@ pub fn sync(job: &SyncJob) -> Result<SyncReport, SourceError> {
     let mut writer = FrameWriter::new(stream);
     auth::client_handshake(&mut reader, &mut writer, &job.psk)?;
 
-    let result = run_session(job, &mut disks, epoch, &mut reader, &mut writer);
+    let watch_fd = std::os::fd::AsRawFd::as_raw_fd(writer.get_ref());
+    let result = run_session(job, &mut disks, epoch, &mut reader, &mut writer, watch_fd);
     let (stats, applied) = match result {
         Ok(x) => x,
         Err(e) => {
@@ -347,6 +350,7 @@ fn explain<R: std::io::Read>(e: SourceError, reader: &mut FrameReader<R>) -> Sou
         &e,
         SourceError::Protocol(ProtocolError::Io { .. })
             | SourceError::Protocol(ProtocolError::Truncated { .. })
+            | SourceError::PeerInterrupted
     );
     if is_transport {
         let mut buf = vec![0u8; 8192];
@@ -487,6 +491,7 @@ fn run_session<R: std::io::Read, W: std::io::Write>(
     epoch: u64,
     reader: &mut FrameReader<R>,
     writer: &mut FrameWriter<W>,
+    watch_fd: std::os::fd::RawFd,
 ) -> Result<(PipelineStats, u64), SourceError> {
     // Open.
     let header = OpenHeader {
@@ -539,6 +544,7 @@ fn run_session<R: std::io::Read, W: std::io::Write>(
         zstd_level: job.zstd_level,
         engine: job.engine,
         output,
+        watch_fd: Some(watch_fd),
     };
     let infos: Vec<DiskInfo> = disks
         .iter()

@@ -66,6 +66,9 @@ pub struct PipelineConfig {
     pub zstd_level: Option<i32>,
     pub engine: EngineKind,
     pub output: Output,
+    /// The session's socket: checked for readability before each frame, since the
+    /// target speaks during a stream only to say why it stopped.
+    pub watch_fd: Option<RawFd>,
 }
 
 /// Counters the sender keeps.
@@ -122,7 +125,9 @@ struct Failure {
 impl Failure {
     fn set(&self, e: SourceError) {
         let mut first = self.first.lock().unwrap_or_else(|p| p.into_inner());
-        if first.is_none() {
+        // `Aborted` only says "another stage stopped"; the real cause, which may be
+        // reported a moment later, replaces it.
+        if first.is_none() || matches!(*first, Some(SourceError::Aborted)) {
             *first = Some(e);
         }
         self.stop.store(true, Ordering::Release);
@@ -652,6 +657,23 @@ fn sender_loop<W: Write>(
         next = (next + 1) % workers;
         if failure.stopped() {
             return Err(SourceError::Aborted);
+        }
+        if let Some(fd) = cfg.watch_fd {
+            let mut pfd = libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: `pfd` is a valid pollfd on our stack for the duration of the call.
+            if unsafe { libc::poll(&mut pfd, 1, 0) } > 0 {
+                if let Some(s) = msg.input {
+                    input_return.release(s);
+                }
+                if let Some(s) = msg.output {
+                    output_returns[w].release(s);
+                }
+                return Err(SourceError::PeerInterrupted);
+            }
         }
         let sent = {
             // `parts` borrows from `msg`; reuse its allocation across frames by

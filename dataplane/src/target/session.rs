@@ -82,9 +82,28 @@ pub fn run(shared: &Shared, stream: TcpStream) -> Result<String, TargetError> {
             TargetError::Protocol(crate::protocol::ProtocolError::Remote { .. })
         ) {
             writer.send_error(e.code(), &super::chain(e));
+            linger(writer.get_ref());
         }
     }
     result
+}
+
+/// After an Error frame: stop sending, then read and discard what the source still has
+/// in flight for a short while, so closing does not reset the connection before the
+/// source has read why (a reset can discard the Error frame in its receive queue).
+fn linger(stream: &TcpStream) {
+    use std::io::Read;
+    let _ = stream.shutdown(std::net::Shutdown::Write);
+    let _ = stream.set_read_timeout(Some(std::time::Duration::from_millis(250)));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    let mut sink = [0u8; 64 << 10];
+    let mut s = stream;
+    while std::time::Instant::now() < deadline {
+        match s.read(&mut sink) {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+    }
 }
 
 fn serve<R: std::io::Read, W: std::io::Write>(
