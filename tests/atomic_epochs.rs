@@ -12,14 +12,10 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{Rng, TargetProc};
+use common::{file_hash, Rng, TargetProc};
 
 const DISK_BYTES: u64 = 48 << 20;
 const BLOCK: u64 = 64 << 10;
-
-fn file_hash(p: &Path) -> u128 {
-    xxhash_rust::xxh3::xxh3_128(&std::fs::read(p).unwrap())
-}
 
 /// Rewrites about a third of the blocks of `path` with fresh random bytes.
 fn mutate(path: &Path, rng: &mut Rng) {

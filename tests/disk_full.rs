@@ -6,16 +6,11 @@
 mod common;
 
 use std::os::unix::fs::FileExt;
-use std::path::Path;
 use std::process::Command;
 
-use common::{Rng, TargetProc};
+use common::{file_hash, Rng, TargetProc};
 
 const DISK_BYTES: u64 = 16 << 20;
-
-fn file_hash(p: &Path) -> u128 {
-    xxhash_rust::xxh3::xxh3_128(&std::fs::read(p).unwrap())
-}
 
 struct Mount(std::path::PathBuf);
 

@@ -8,14 +8,10 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{Rng, TargetProc};
+use common::{file_hash, Rng, TargetProc};
 
 const DISK_BYTES: u64 = 16 << 20;
 const BLOCK: u64 = 64 << 10;
-
-fn file_hash(p: &Path) -> u128 {
-    xxhash_rust::xxh3::xxh3_128(&std::fs::read(p).unwrap())
-}
 
 fn mutate(path: &Path, rng: &mut Rng) {
     let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();

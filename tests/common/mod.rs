@@ -929,3 +929,8 @@ impl Drop for LoopDev {
         let _ = Command::new("losetup").arg("-d").arg(&self.dev).status();
     }
 }
+
+/// xxh3-128 of a whole file, to compare replicas with sources and recorded epochs.
+pub fn file_hash(p: &Path) -> u128 {
+    xxhash_rust::xxh3::xxh3_128(&std::fs::read(p).unwrap())
+}

@@ -119,10 +119,7 @@ pub fn applier_loop(
             entry.pending -= 1;
             if entry.pending == 0 {
                 let f = frames[c.tag as usize].take().expect("checked above");
-                recv_return.release(f.recv);
-                if let Some(s) = f.scratch {
-                    scratch_return.release(s);
-                }
+                release(recv_return, scratch_return, f.recv, f.scratch);
             }
         }
     };
@@ -160,10 +157,7 @@ pub fn applier_loop(
                 scratch,
             } => {
                 if error.is_some() {
-                    recv_return.release(recv);
-                    if let Some(s) = scratch {
-                        scratch_return.release(s);
-                    }
+                    release(&mut recv_return, &mut scratch_return, recv, scratch);
                     continue;
                 }
                 let tag = recv.index() as usize;
@@ -238,10 +232,7 @@ pub fn applier_loop(
                             )
                         });
                         failed.store(true, Ordering::Release);
-                        recv_return.release(recv);
-                        if let Some(s) = scratch {
-                            scratch_return.release(s);
-                        }
+                        release(&mut recv_return, &mut scratch_return, recv, scratch);
                         continue;
                     }
                 }
@@ -339,10 +330,7 @@ pub fn applier_loop(
                 entry.pending -= 1;
                 if entry.pending == 0 {
                     let f = frames[tag].take().expect("checked above");
-                    recv_return.release(f.recv);
-                    if let Some(s) = f.scratch {
-                        scratch_return.release(s);
-                    }
+                    release(&mut recv_return, &mut scratch_return, f.recv, f.scratch);
                 }
             }
             ApplyMsg::Zero { disk, offset, len } => {
@@ -421,6 +409,19 @@ pub fn applier_loop(
     }
 }
 
+/// Returns a frame's buffers to their pools.
+fn release(
+    recv_return: &mut PoolReturn,
+    scratch_return: &mut PoolReturn,
+    recv: Slot,
+    scratch: Option<Slot>,
+) {
+    recv_return.release(recv);
+    if let Some(s) = scratch {
+        scratch_return.release(s);
+    }
+}
+
 /// Bytes of old data read and logged at a time.
 const UNDO_CHUNK: usize = 4 << 20;
 
@@ -488,10 +489,7 @@ fn fail_everything(
     while let Some(msg) = rx.pop_wait() {
         match msg {
             ApplyMsg::Data { recv, scratch, .. } => {
-                recv_return.release(recv);
-                if let Some(s) = scratch {
-                    scratch_return.release(s);
-                }
+                release(recv_return, scratch_return, recv, scratch);
             }
             ApplyMsg::Zero { .. } => {}
             ApplyMsg::Barrier { reply } => {
