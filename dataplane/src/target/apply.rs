@@ -86,61 +86,25 @@ pub fn applier_loop(
             return;
         }
     };
-    // Frames in flight, indexed by their receive slot's index: unique while in flight,
-    // and bounded by the receive pool, so the table never grows.
-    let mut frames: Vec<Option<InFlightFrame>> = (0..recv_slots).map(|_| None).collect();
-    let mut completions: Vec<Completion<SlotView>> = Vec::with_capacity(queue_depth);
-    let mut error: Option<String> = None;
+    let mut inflight = InFlight {
+        frames: (0..recv_slots).map(|_| None).collect(),
+        completions: Vec::with_capacity(queue_depth),
+        error: None,
+        recv_return,
+        scratch_return,
+    };
     let mut applied: u64 = 0;
     let scratch_base = recv_slots as u16;
 
-    let reap = |engine: &mut io::Engine<SlotView>,
-                min: usize,
-                frames: &mut Vec<Option<InFlightFrame>>,
-                completions: &mut Vec<Completion<SlotView>>,
-                error: &mut Option<String>,
-                recv_return: &mut PoolReturn,
-                scratch_return: &mut PoolReturn| {
-        completions.clear();
-        if let Err(e) = engine.wait(min, completions) {
-            error.get_or_insert_with(|| format!("I/O engine failed: {e}"));
-            failed.store(true, Ordering::Release);
-            return;
-        }
-        for c in completions.drain(..) {
-            if let Err(e) = &c.result {
-                error.get_or_insert_with(|| format!("replica write failed: {e}"));
-                failed.store(true, Ordering::Release);
-            }
-            let _view_done = c.buf;
-            let entry = frames[c.tag as usize]
-                .as_mut()
-                .expect("completion for a frame in flight");
-            entry.pending -= 1;
-            if entry.pending == 0 {
-                let f = frames[c.tag as usize].take().expect("checked above");
-                release(recv_return, scratch_return, f.recv, f.scratch);
-            }
-        }
-    };
-
     loop {
-        // With writes in flight, completions must be reaped even when no new work
+        // With writes in flight, inflight.completions must be reaped even when no new work
         // arrives: they return the receive buffers the session is waiting for.
         let msg = if engine.in_flight() > 0 {
             match rx.pop() {
                 Some(m) => m,
                 None if rx.is_abandoned() && rx.is_empty() => break,
                 None => {
-                    reap(
-                        &mut engine,
-                        1,
-                        &mut frames,
-                        &mut completions,
-                        &mut error,
-                        &mut recv_return,
-                        &mut scratch_return,
-                    );
+                    inflight.reap(&mut engine, 1, failed);
                     continue;
                 }
             }
@@ -156,8 +120,13 @@ pub fn applier_loop(
                 recv,
                 scratch,
             } => {
-                if error.is_some() {
-                    release(&mut recv_return, &mut scratch_return, recv, scratch);
+                if inflight.error.is_some() {
+                    release(
+                        &mut inflight.recv_return,
+                        &mut inflight.scratch_return,
+                        recv,
+                        scratch,
+                    );
                     continue;
                 }
                 let tag = recv.index() as usize;
@@ -225,20 +194,25 @@ pub fn applier_loop(
                         })
                         .and_then(|_| undo.sync());
                     if let Err(e) = logged {
-                        error.get_or_insert_with(|| {
+                        inflight.error.get_or_insert_with(|| {
                             format!(
                                 "disk {}: staging the epoch: {e}",
                                 disks.names[disk as usize]
                             )
                         });
                         failed.store(true, Ordering::Release);
-                        release(&mut recv_return, &mut scratch_return, recv, scratch);
+                        release(
+                            &mut inflight.recv_return,
+                            &mut inflight.scratch_return,
+                            recv,
+                            scratch,
+                        );
                         continue;
                     }
                 }
                 for (offset, len) in zeros {
                     if let Err(e) = disks.disks[disk as usize].zero_range(offset, len) {
-                        error.get_or_insert_with(|| {
+                        inflight.error.get_or_insert_with(|| {
                             format!("disk {}: {e}", disks.names[disk as usize])
                         });
                         failed.store(true, Ordering::Release);
@@ -247,14 +221,14 @@ pub fn applier_loop(
                 // The frame enters the table before its first write, holding one extra
                 // reference for the submission itself, so a completion reaped while
                 // the queue is full can never release the buffers under us.
-                frames[tag] = Some(InFlightFrame {
+                inflight.frames[tag] = Some(InFlightFrame {
                     recv,
                     scratch,
                     pending: 1,
                 });
                 let all = writes[..nwrites].iter().chain(spill.iter());
                 for &(place, offset, len) in all {
-                    let entry = frames[tag].as_mut().expect("entered above");
+                    let entry = inflight.frames[tag].as_mut().expect("entered above");
                     let (slot, at, base) = match place {
                         Place::Recv(at) => (&mut entry.recv, at, 0u16),
                         Place::Scratch(at) => (
@@ -272,7 +246,7 @@ pub fn applier_loop(
                         // The partial sector at the end of an odd-sized disk.
                         let bytes = &slot.as_slice()[at..at + len];
                         if let Err(e) = disks.buffered[disk as usize].write_all_at(bytes, offset) {
-                            error.get_or_insert_with(|| {
+                            inflight.error.get_or_insert_with(|| {
                                 format!(
                                     "disk {}: write at {offset}: {e}",
                                     disks.names[disk as usize]
@@ -282,22 +256,14 @@ pub fn applier_loop(
                         }
                         continue;
                     }
-                    // SAFETY: the slot stays in `frames[tag]` until `pending` reaches
+                    // SAFETY: the slot stays in `inflight.frames[tag]` until `pending` reaches
                     // zero, which happens only after the last write using this view was
                     // reaped (and the submission reference below was dropped).
                     let view = unsafe { SlotView::new(slot, at, len, base) };
                     let mut view = Some(view);
                     loop {
                         if engine.in_flight() >= engine.queue_depth() {
-                            reap(
-                                &mut engine,
-                                1,
-                                &mut frames,
-                                &mut completions,
-                                &mut error,
-                                &mut recv_return,
-                                &mut scratch_return,
-                            );
+                            inflight.reap(&mut engine, 1, failed);
                         }
                         match engine.submit_write(
                             DiskId(disk),
@@ -307,7 +273,7 @@ pub fn applier_loop(
                             tag as u64,
                         ) {
                             Ok(()) => {
-                                frames[tag]
+                                inflight.frames[tag]
                                     .as_mut()
                                     .expect("held by the submission reference")
                                     .pending += 1;
@@ -315,7 +281,7 @@ pub fn applier_loop(
                             }
                             Err((IoError::QueueFull { .. }, v)) => view = Some(v),
                             Err((e, _v)) => {
-                                error.get_or_insert_with(|| {
+                                inflight.error.get_or_insert_with(|| {
                                     format!("disk {}: {e}", disks.names[disk as usize])
                                 });
                                 failed.store(true, Ordering::Release);
@@ -324,22 +290,27 @@ pub fn applier_loop(
                         }
                     }
                 }
-                let entry = frames[tag]
+                let entry = inflight.frames[tag]
                     .as_mut()
                     .expect("held by the submission reference");
                 entry.pending -= 1;
                 if entry.pending == 0 {
-                    let f = frames[tag].take().expect("checked above");
-                    release(&mut recv_return, &mut scratch_return, f.recv, f.scratch);
+                    let f = inflight.frames[tag].take().expect("checked above");
+                    release(
+                        &mut inflight.recv_return,
+                        &mut inflight.scratch_return,
+                        f.recv,
+                        f.scratch,
+                    );
                 }
             }
             ApplyMsg::Zero { disk, offset, len } => {
-                if error.is_none() && undo.logs(disk) {
+                if inflight.error.is_none() && undo.logs(disk) {
                     let file = &disks.buffered[disk as usize];
                     if let Err(e) = log_old(undo, file, disk, offset, len, &mut undo_buf, true)
                         .and_then(|_| undo.sync())
                     {
-                        error.get_or_insert_with(|| {
+                        inflight.error.get_or_insert_with(|| {
                             format!(
                                 "disk {}: staging the epoch: {e}",
                                 disks.names[disk as usize]
@@ -348,11 +319,11 @@ pub fn applier_loop(
                         failed.store(true, Ordering::Release);
                     }
                 }
-                if error.is_none() {
+                if inflight.error.is_none() {
                     match disks.disks[disk as usize].zero_range(offset, len) {
                         Ok(()) => applied += len,
                         Err(e) => {
-                            error.get_or_insert_with(|| {
+                            inflight.error.get_or_insert_with(|| {
                                 format!("disk {}: {e}", disks.names[disk as usize])
                             });
                             failed.store(true, Ordering::Release);
@@ -362,26 +333,18 @@ pub fn applier_loop(
             }
             ApplyMsg::Barrier { reply } => {
                 while engine.in_flight() > 0 && !failed.load(Ordering::Acquire) {
-                    reap(
-                        &mut engine,
-                        1,
-                        &mut frames,
-                        &mut completions,
-                        &mut error,
-                        &mut recv_return,
-                        &mut scratch_return,
-                    );
+                    inflight.reap(&mut engine, 1, failed);
                 }
-                if error.is_none() {
+                if inflight.error.is_none() {
                     for (d, name) in disks.disks.iter().zip(disks.names) {
                         if let Err(e) = d.sync_data() {
-                            error = Some(format!("disk {name}: {e}"));
+                            inflight.error = Some(format!("disk {name}: {e}"));
                             failed.store(true, Ordering::Release);
                             break;
                         }
                     }
                 }
-                let _ = reply.send(match &error {
+                let _ = reply.send(match &inflight.error {
                     None => Ok(applied),
                     Some(e) => Err(e.clone()),
                 });
@@ -391,20 +354,59 @@ pub fn applier_loop(
     // Reap everything before the buffers can go away.
     while engine.in_flight() > 0 {
         let before = engine.in_flight();
-        reap(
-            &mut engine,
-            1,
-            &mut frames,
-            &mut completions,
-            &mut error,
-            &mut recv_return,
-            &mut scratch_return,
-        );
-        if engine.in_flight() == before && error.is_some() {
+        inflight.reap(&mut engine, 1, failed);
+        if engine.in_flight() == before && inflight.error.is_some() {
             // The engine itself failed; waiting again would not help. Leak the slots
             // rather than free memory the kernel may still write.
-            std::mem::forget(frames);
+            std::mem::forget(inflight.frames);
             return;
+        }
+    }
+}
+
+/// Writes in flight and what their completions give back. One owner, so reaping can
+/// release buffers and record the first error without threading each piece through.
+struct InFlight {
+    /// Frames in flight, indexed by their receive slot's index: unique while in flight,
+    /// and bounded by the receive pool, so the table never grows.
+    frames: Vec<Option<InFlightFrame>>,
+    completions: Vec<Completion<SlotView>>,
+    /// The first failure; once set, nothing more is written.
+    error: Option<String>,
+    recv_return: PoolReturn,
+    scratch_return: PoolReturn,
+}
+
+impl InFlight {
+    /// Collects at least `min` completions and releases the frames they finish.
+    fn reap(&mut self, engine: &mut io::Engine<SlotView>, min: usize, failed: &AtomicBool) {
+        self.completions.clear();
+        if let Err(e) = engine.wait(min, &mut self.completions) {
+            self.error
+                .get_or_insert_with(|| format!("I/O engine failed: {e}"));
+            failed.store(true, Ordering::Release);
+            return;
+        }
+        for c in self.completions.drain(..) {
+            if let Err(e) = &c.result {
+                self.error
+                    .get_or_insert_with(|| format!("replica write failed: {e}"));
+                failed.store(true, Ordering::Release);
+            }
+            let _view_done = c.buf;
+            let entry = self.frames[c.tag as usize]
+                .as_mut()
+                .expect("completion for a frame in flight");
+            entry.pending -= 1;
+            if entry.pending == 0 {
+                let f = self.frames[c.tag as usize].take().expect("checked above");
+                release(
+                    &mut self.recv_return,
+                    &mut self.scratch_return,
+                    f.recv,
+                    f.scratch,
+                );
+            }
         }
     }
 }
