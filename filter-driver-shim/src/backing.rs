@@ -174,6 +174,12 @@ impl Backing {
             Err(e) if Self::unsupported(&e) => {}
             Err(e) => return Err(e),
         }
+        self.write_zero_bytes(offset, len)
+    }
+
+    /// Writes zeros over a range without deallocating anything (while an epoch is
+    /// frozen, a range must not turn into a hole under the engine).
+    pub fn write_zero_bytes(&self, offset: u64, len: u64) -> io::Result<()> {
         let mut done = 0u64;
         while done < len {
             let n = (len - done).min(ZERO_CHUNK_BYTES as u64) as usize;

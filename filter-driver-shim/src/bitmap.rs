@@ -141,6 +141,23 @@ impl fmt::Display for GenerationId {
     }
 }
 
+impl std::str::FromStr for GenerationId {
+    type Err = String;
+
+    /// Parses the 32 lowercase or uppercase hex digits [`Display`](fmt::Display) prints.
+    fn from_str(s: &str) -> Result<GenerationId, String> {
+        if s.len() != 32 || !s.is_ascii() {
+            return Err(format!("`{s}` is not 32 hex digits"));
+        }
+        let mut bytes = [0u8; 16];
+        for (i, b) in bytes.iter_mut().enumerate() {
+            *b = u8::from_str_radix(&s[2 * i..2 * i + 2], 16)
+                .map_err(|_| format!("`{s}` is not 32 hex digits"))?;
+        }
+        Ok(GenerationId(bytes))
+    }
+}
+
 impl fmt::Debug for GenerationId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "GenerationId({self})")

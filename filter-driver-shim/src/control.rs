@@ -1,44 +1,92 @@
 //! The shim's control socket: a line protocol the engine (and operators, with
-//! `socat - UNIX-CONNECT:<state_dir>/shim.ctl`) use to ask the shim things.
+//! `socat - UNIX-CONNECT:<state_dir>/shim.ctl`) use to drive epochs and ask for status.
 //!
 //! Each request is one line of ASCII; each reply is one line of JSON with `"ok"`.
 //! A client may send several requests on one connection.
 //!
-//! | request  | reply |
-//! |----------|-------|
-//! | `status` | `{"ok":true,"disks":[{"name","generation_id","block_size","block_count","dirty_blocks","resync_required","resync_reason","bitmap_syncs","marks_waited","tracking_failed","connections"}]}` |
-//! | other    | `{"ok":false,"error":"unknown command `…`"}` |
+//! | request | reply |
+//! |---------|-------|
+//! | `status` | `{"ok":true,"epoch":null or {"id","owned"},"pauses":{"count","last_us","max_us","total_us"},"disks":[{"name","path","generation_id","block_size","block_count","dirty_blocks","frozen_blocks","resync_required","resync_reason","bitmap_syncs","marks_waited","tracking_failed","connections"}]}` |
+//! | `freeze [whole=NAME,NAME…]` | `{"ok":true,"epoch":"<16 hex>","pause_us":N,"disks":[{"name","path","generation_id","resync_required","resync_reason","block_size","disk_size","frozen_blocks","whole_disk","bitmap","map","scratch"}]}` |
+//! | `check <epoch>` | `{"ok":true}` if the epoch is still frozen and intact on every disk |
+//! | `commit <epoch>` | `{"ok":true}` once the committed bits are cleared durably |
+//! | `abort <epoch>` | `{"ok":true}`; the epoch's bits join the active bits again |
+//! | `resync-done <disk> <generation>` | `{"ok":true}`; `resync_required` clears if the generation is current |
+//! | anything else | `{"ok":false,"error":"…"}` |
 //!
-//! `resync_required` true means tracking could not be trusted (see
-//! `tracker::ResyncReason`): the consumer must run a checksum-compare (seeded) sync of
-//! that disk. Epoch commands (freeze / commit / abort) come with the epoch work.
+//! An epoch belongs to the connection that froze it: `check`, `commit` and `abort`
+//! are accepted only there, and when that connection closes (the engine exited or was
+//! killed) the epoch is aborted, so its bits are never lost and copy-before-write
+//! never outlives its reader. One epoch is frozen at a time.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::shim::{DiskStatus, ServedDisk};
+use crate::bitmap::GenerationId;
+use crate::shim::{self, DiskStatus, FrozenEpoch, ServedDisk};
 
-/// A control client that sends nothing for this long is dropped, so a stuck client
-/// cannot hold the (single) control thread.
-const CLIENT_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often a waiting connection looks at the stop flag.
+const POLL: Duration = Duration::from_millis(200);
 /// Longest request line accepted.
 const MAX_LINE_BYTES: u64 = 4096;
-const ACCEPT_POLL: Duration = Duration::from_millis(100);
+/// Concurrent control connections; more are refused with an error line.
+const MAX_CLIENTS: usize = 16;
+
+/// Freeze pause statistics since the shim started.
+#[derive(Default, Debug, Clone, Copy)]
+struct Pauses {
+    count: u64,
+    last_us: u64,
+    max_us: u64,
+    total_us: u64,
+}
+
+/// What every control connection shares.
+pub(crate) struct ControlState {
+    disks: Arc<Vec<Arc<ServedDisk>>>,
+    /// The frozen epoch and the connection that owns it.
+    owner: Mutex<Option<(u64, u64)>>,
+    next_epoch: AtomicU64,
+    next_client: AtomicU64,
+    clients: AtomicUsize,
+    pauses: Mutex<Pauses>,
+}
+
+impl ControlState {
+    pub(crate) fn new(disks: Arc<Vec<Arc<ServedDisk>>>) -> ControlState {
+        // Epoch ids differ across shim restarts, so an engine holding an id from a
+        // previous shim can never have it confirmed by this one.
+        let base = crate::bitmap::GenerationId::random()
+            .map(|g| u64::from_le_bytes(g.as_bytes()[..8].try_into().expect("8 bytes")))
+            .unwrap_or(0x5eed);
+        ControlState {
+            disks,
+            owner: Mutex::new(None),
+            next_epoch: AtomicU64::new(base & !0xffff_ffff),
+            next_client: AtomicU64::new(1),
+            clients: AtomicUsize::new(0),
+            pauses: Mutex::new(Pauses::default()),
+        }
+    }
+}
 
 /// JSON of one disk's status.
 pub fn disk_status_json(s: &DiskStatus) -> Value {
     let t = &s.tracker;
     json!({
         "name": s.name,
+        "path": s.path,
         "generation_id": t.generation_id.to_string(),
         "block_size": t.block_size,
         "block_count": t.block_count,
         "dirty_blocks": t.dirty_blocks,
+        "frozen_blocks": t.frozen_blocks,
         "resync_required": t.resync_required.is_some(),
         "resync_reason": t.resync_required.map(|r| r.as_str()),
         "bitmap_syncs": t.bitmap_syncs,
@@ -48,56 +96,271 @@ pub fn disk_status_json(s: &DiskStatus) -> Value {
     })
 }
 
-/// Answers one request line.
-pub(crate) fn answer(line: &str, disks: &[Arc<ServedDisk>]) -> Value {
-    match line.trim() {
-        "status" => json!({
-            "ok": true,
-            "disks": disks.iter().map(|d| disk_status_json(&d.status())).collect::<Vec<_>>(),
-        }),
-        other => json!({"ok": false, "error": format!("unknown command `{other}`")}),
+fn frozen_json(e: &FrozenEpoch) -> Value {
+    json!({
+        "ok": true,
+        "epoch": format!("{:016x}", e.id),
+        "pause_us": e.pause.as_micros() as u64,
+        "disks": e.disks.iter().map(|d| json!({
+            "name": d.name,
+            "path": d.path,
+            "generation_id": d.generation_id.to_string(),
+            "resync_required": d.resync_required.is_some(),
+            "resync_reason": d.resync_required.map(|r| r.as_str()),
+            "block_size": d.block_size,
+            "disk_size": d.disk_size,
+            "frozen_blocks": d.frozen_blocks,
+            "whole_disk": d.whole_disk,
+            "bitmap": d.files.bitmap,
+            "map": d.files.map,
+            "scratch": d.files.scratch,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn err(msg: impl std::fmt::Display) -> Value {
+    json!({"ok": false, "error": msg.to_string()})
+}
+
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
+    }
+    s
+}
+
+/// One control connection's view: which client it is and the epoch it owns.
+struct Client<'a> {
+    state: &'a ControlState,
+    id: u64,
+}
+
+impl Client<'_> {
+    fn owner(&self) -> std::sync::MutexGuard<'_, Option<(u64, u64)>> {
+        self.state.owner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The epoch this client owns if it is `token`.
+    fn owned(&self, token: Option<&str>) -> Result<u64, Value> {
+        let Some(token) = token else {
+            return Err(err("missing epoch id"));
+        };
+        let id = u64::from_str_radix(token, 16)
+            .map_err(|_| err(format!("`{token}` is not an epoch id (16 hex digits)")))?;
+        match *self.owner() {
+            Some((e, c)) if e == id && c == self.id => Ok(id),
+            Some((e, _)) if e == id => Err(err(format!(
+                "epoch {token} belongs to another control connection"
+            ))),
+            _ => Err(err(format!(
+                "epoch {token} is not frozen (aborted, finished, or frozen by a previous shim)"
+            ))),
+        }
+    }
+
+    fn answer(&self, line: &str) -> Value {
+        let mut words = line.split_ascii_whitespace();
+        let disks = &self.state.disks[..];
+        match words.next().unwrap_or("") {
+            "status" => {
+                let p = *self.state.pauses.lock().unwrap_or_else(|e| e.into_inner());
+                let epoch = (*self.owner())
+                    .map(|(e, c)| json!({"id": format!("{e:016x}"), "owned": c == self.id}));
+                json!({
+                    "ok": true,
+                    "epoch": epoch,
+                    "pauses": {"count": p.count, "last_us": p.last_us, "max_us": p.max_us, "total_us": p.total_us},
+                    "disks": disks.iter().map(|d| disk_status_json(&d.status())).collect::<Vec<_>>(),
+                })
+            }
+            "freeze" => {
+                let mut whole = Vec::new();
+                for w in words {
+                    match w.strip_prefix("whole=") {
+                        Some(list) => whole.extend(
+                            list.split(',')
+                                .filter(|n| !n.is_empty())
+                                .map(str::to_string),
+                        ),
+                        None => return err(format!("unknown freeze argument `{w}`")),
+                    }
+                }
+                let id = self.state.next_epoch.fetch_add(1, Ordering::Relaxed);
+                {
+                    let mut owner = self.owner();
+                    if let Some((e, c)) = *owner {
+                        return err(format!(
+                            "epoch {e:016x} is already frozen{}; commit or abort it first",
+                            if c == self.id {
+                                " by this connection"
+                            } else {
+                                " by another control connection"
+                            }
+                        ));
+                    }
+                    *owner = Some((id, self.id));
+                }
+                match shim::freeze(disks, id, &whole) {
+                    Ok(frozen) => {
+                        let us = frozen.pause.as_micros() as u64;
+                        let mut p = self.state.pauses.lock().unwrap_or_else(|e| e.into_inner());
+                        p.count += 1;
+                        p.last_us = us;
+                        p.max_us = p.max_us.max(us);
+                        p.total_us += us;
+                        frozen_json(&frozen)
+                    }
+                    Err(e) => {
+                        *self.owner() = None;
+                        err(chain(&e))
+                    }
+                }
+            }
+            cmd @ ("check" | "commit" | "abort") => {
+                let id = match self.owned(words.next()) {
+                    Ok(id) => id,
+                    Err(reply) => return reply,
+                };
+                let result = match cmd {
+                    "check" => shim::check(disks),
+                    "commit" => shim::finish(disks, true),
+                    _ => shim::finish(disks, false),
+                };
+                if cmd != "check" {
+                    *self.owner() = None;
+                    tracing::debug!(epoch = %format_args!("{id:016x}"), cmd, "epoch finished");
+                }
+                match result {
+                    Ok(()) => json!({"ok": true}),
+                    Err(e) => err(chain(&e)),
+                }
+            }
+            "resync-done" => {
+                let (Some(name), Some(gen)) = (words.next(), words.next()) else {
+                    return err("usage: resync-done <disk> <generation>");
+                };
+                let Some(d) = disks.iter().find(|d| d.disk.name == name) else {
+                    return err(format!("no disk `{name}`"));
+                };
+                let Ok(generation) = gen.parse::<GenerationId>() else {
+                    return err(format!("`{gen}` is not a generation id (32 hex digits)"));
+                };
+                match d.export.tracker.resync_done(generation) {
+                    Ok(true) => json!({"ok": true}),
+                    Ok(false) => err(format!(
+                        "disk `{name}`: generation {gen} is not the current one; resync again"
+                    )),
+                    Err(e) => err(chain(&e)),
+                }
+            }
+            "" => err("empty request"),
+            other => err(format!("unknown command `{other}`")),
+        }
+    }
+
+    /// The connection ended: an epoch it still owns is aborted.
+    fn release(&self) {
+        let mut owner = self.owner();
+        if matches!(*owner, Some((_, c)) if c == self.id) {
+            if let Some((e, _)) = owner.take() {
+                tracing::warn!(epoch = %format_args!("{e:016x}"), "control connection closed with an epoch frozen: aborting it (its blocks go in the next epoch)");
+            }
+            if let Err(e) = shim::finish(&self.state.disks, false) {
+                tracing::error!(error = %chain(&e), "aborting an abandoned epoch");
+            }
+        }
     }
 }
 
-fn handle(stream: UnixStream, disks: &[Arc<ServedDisk>]) -> io::Result<()> {
-    stream.set_read_timeout(Some(CLIENT_IDLE_TIMEOUT))?;
+fn handle(stream: UnixStream, client: &Client<'_>, stop: &AtomicBool) -> io::Result<()> {
+    stream.set_read_timeout(Some(POLL))?;
     let mut writer = stream.try_clone()?;
     let mut reader = BufReader::new(stream);
     let mut line = String::new();
     loop {
-        line.clear();
-        let n = (&mut reader).take(MAX_LINE_BYTES).read_line(&mut line)?;
-        if n == 0 {
-            return Ok(());
+        // A partial line survives timeouts: `read_line` appends.
+        match (&mut reader).take(MAX_LINE_BYTES).read_line(&mut line) {
+            Ok(0) => return Ok(()),
+            Ok(_) if !line.ends_with('\n') && line.len() as u64 >= MAX_LINE_BYTES => {
+                writer.write_all(b"{\"ok\":false,\"error\":\"request line too long\"}\n")?;
+                return Ok(());
+            }
+            Ok(_) if !line.ends_with('\n') => return Ok(()), // EOF inside a line
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                if stop.load(Ordering::Acquire) {
+                    return Ok(());
+                }
+                continue;
+            }
+            Err(e) => return Err(e),
         }
-        let mut reply = answer(&line, disks).to_string();
+        let mut reply = client.answer(&line).to_string();
         reply.push('\n');
+        line.clear();
         writer.write_all(reply.as_bytes())?;
     }
 }
 
-pub(crate) fn serve(
-    listener: UnixListener,
-    disks: Arc<Vec<Arc<ServedDisk>>>,
-    stop: Arc<AtomicBool>,
-) {
+pub(crate) fn serve(listener: UnixListener, state: Arc<ControlState>, stop: Arc<AtomicBool>) {
     if let Err(e) = listener.set_nonblocking(true) {
         tracing::error!(error = %e, "control socket unusable");
         return;
     }
+    let mut threads: Vec<JoinHandle<()>> = Vec::new();
     while !stop.load(Ordering::Acquire) {
+        threads.retain(|t| !t.is_finished());
         match listener.accept() {
-            Ok((stream, _)) => {
+            Ok((mut stream, _)) => {
                 let _ = stream.set_nonblocking(false);
-                if let Err(e) = handle(stream, &disks) {
-                    tracing::debug!(error = %e, "control client ended with an error");
+                if state.clients.load(Ordering::Acquire) >= MAX_CLIENTS {
+                    let _ = stream.write_all(
+                        format!("{{\"ok\":false,\"error\":\"{MAX_CLIENTS} control connections already open\"}}\n").as_bytes(),
+                    );
+                    continue;
+                }
+                state.clients.fetch_add(1, Ordering::AcqRel);
+                let state_for_errors = &state;
+                let state = Arc::clone(&state);
+                let stop = Arc::clone(&stop);
+                let spawned = std::thread::Builder::new()
+                    .name("shim-control-client".into())
+                    .spawn(move || {
+                        let client = Client {
+                            state: &state,
+                            id: state.next_client.fetch_add(1, Ordering::Relaxed),
+                        };
+                        if let Err(e) = handle(stream, &client, &stop) {
+                            tracing::debug!(error = %e, "control client ended with an error");
+                        }
+                        client.release();
+                        state.clients.fetch_sub(1, Ordering::AcqRel);
+                    });
+                match spawned {
+                    Ok(t) => threads.push(t),
+                    Err(e) => {
+                        state_for_errors.clients.fetch_sub(1, Ordering::AcqRel);
+                        tracing::error!(error = %e, "cannot spawn a control thread");
+                    }
                 }
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => std::thread::sleep(ACCEPT_POLL),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => std::thread::sleep(POLL / 2),
             Err(e) => {
                 tracing::warn!(error = %e, "control accept failed");
-                std::thread::sleep(ACCEPT_POLL);
+                std::thread::sleep(POLL / 2);
             }
         }
+    }
+    for t in threads {
+        let _ = t.join();
     }
 }

@@ -12,10 +12,12 @@
 //! * [`pool`] — bounded, reusable I/O buffers.
 //! * [`shim`] — [`ShimDisk`], [`Shim`], [`serve`]: the running shim.
 //! * [`control`] — the control socket protocol.
+//! * [`epoch`] — frozen epochs: copy-before-write and the state map shared with the engine.
 
 pub mod backing;
 pub mod bitmap;
 pub mod control;
+pub mod epoch;
 pub mod nbd;
 pub mod pool;
 pub mod shim;

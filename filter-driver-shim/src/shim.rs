@@ -11,12 +11,14 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::backing::Backing;
+use crate::bitmap::GenerationId;
 use crate::control;
+use crate::epoch::{EpochFiles, FrozenDisk};
 use crate::nbd::{self, proto::TRANSMISSION_FLAGS, Export, ExportInfo, Stream};
-use crate::tracker::{Tracker, TrackerConfig, TrackerError, TrackerStatus};
+use crate::tracker::{ResyncReason, Tracker, TrackerConfig, TrackerError, TrackerStatus};
 
 /// Concurrent NBD connections per disk. QEMU uses one, nbdcopy up to four; the bound
 /// caps threads (each connection has `2 + IO_WORKERS`).
@@ -95,10 +97,209 @@ pub enum ShimError {
     Duplicate(String),
 }
 
+/// Errors of the epoch protocol; each says what the engine asked and why not.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum EpochError {
+    #[error("disk `{disk}`: cannot prepare the epoch's files")]
+    Prepare {
+        disk: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("disk `{disk}`: cannot write the frozen bitmap")]
+    SaveBits {
+        disk: String,
+        #[source]
+        source: crate::bitmap::BitmapError,
+    },
+    #[error("`whole=` names `{0}`, which this shim does not serve")]
+    UnknownDisk(String),
+    #[error("an epoch is already frozen")]
+    AlreadyFrozen,
+    #[error("disk `{disk}`: no epoch is frozen")]
+    NotFrozen { disk: String },
+    #[error("disk `{disk}`: a copy-before-write failed; the epoch cannot be read consistently")]
+    Broken { disk: String },
+    #[error("disk `{disk}`: clearing the committed bits")]
+    Tracker {
+        disk: String,
+        #[source]
+        source: TrackerError,
+    },
+}
+
+/// One disk of a frozen epoch, as the freeze reply describes it.
+#[derive(Clone, Debug)]
+pub struct FrozenDiskInfo {
+    pub name: String,
+    pub path: PathBuf,
+    pub generation_id: GenerationId,
+    pub resync_required: Option<ResyncReason>,
+    pub block_size: u32,
+    pub disk_size: u64,
+    pub frozen_blocks: u64,
+    pub whole_disk: bool,
+    pub files: EpochFiles,
+}
+
+/// A frozen epoch across every disk of the shim.
+#[derive(Clone, Debug)]
+pub struct FrozenEpoch {
+    pub id: u64,
+    /// How long guest writes were held: from asking for the gates until releasing them.
+    pub pause: Duration,
+    pub disks: Vec<FrozenDiskInfo>,
+}
+
+/// Freezes an epoch across `disks` (a consistency group: the cut is one instant for
+/// all of them). Writes in flight drain, every disk's active bits become the epoch's,
+/// copy-before-write starts, and writes resume; the pause holds no I/O but the drain.
+/// Disks named in `whole` preserve every block, not just the frozen ones (their
+/// epoch will be a seeded or full sync that reads the whole disk).
+pub(crate) fn freeze(
+    disks: &[Arc<ServedDisk>],
+    id: u64,
+    whole: &[String],
+) -> Result<FrozenEpoch, EpochError> {
+    if let Some(unknown) = whole
+        .iter()
+        .find(|w| !disks.iter().any(|d| &d.disk.name == *w))
+    {
+        return Err(EpochError::UnknownDisk(unknown.clone()));
+    }
+    if disks.iter().any(|d| d.export.write_gate().is_some()) {
+        return Err(EpochError::AlreadyFrozen);
+    }
+    let mut prepared = Vec::with_capacity(disks.len());
+    for d in disks {
+        let files = EpochFiles::new(d.epoch_dir(), &d.disk.name, id);
+        files.remove();
+        let blank = d.export.tracker.blank();
+        let whole_disk = whole.contains(&d.disk.name);
+        match FrozenDisk::prepare(files.clone(), &blank, whole_disk) {
+            Ok(f) => prepared.push(f),
+            Err(source) => {
+                files.remove();
+                for p in &prepared {
+                    p.files.remove();
+                }
+                return Err(EpochError::Prepare {
+                    disk: d.disk.name.clone(),
+                    source,
+                });
+            }
+        }
+    }
+
+    // The pause: every gate held at once, so the cut is one instant for the group.
+    let started = Instant::now();
+    let mut gates: Vec<_> = disks
+        .iter()
+        .map(|d| d.export.epoch.write().unwrap_or_else(|e| e.into_inner()))
+        .collect();
+    let mut frozen = Vec::with_capacity(disks.len());
+    for ((d, gate), mut f) in disks.iter().zip(gates.iter_mut()).zip(prepared) {
+        debug_assert!(
+            gate.is_none(),
+            "the control socket allows one epoch at a time"
+        );
+        d.export.tracker.freeze(&mut f.bits);
+        let f = Arc::new(f);
+        **gate = Some(Arc::clone(&f));
+        frozen.push(f);
+    }
+    drop(gates);
+    let pause = started.elapsed();
+
+    let mut infos = Vec::with_capacity(disks.len());
+    for (d, f) in disks.iter().zip(&frozen) {
+        if let Err(source) = f.bits.save(&f.files.bitmap) {
+            let _ = finish(disks, false);
+            return Err(EpochError::SaveBits {
+                disk: d.disk.name.clone(),
+                source,
+            });
+        }
+        let status = d.export.tracker.status();
+        infos.push(FrozenDiskInfo {
+            name: d.disk.name.clone(),
+            path: d.disk.path.clone(),
+            generation_id: status.generation_id,
+            resync_required: status.resync_required,
+            block_size: status.block_size,
+            disk_size: d.export.info.size_bytes,
+            frozen_blocks: f.bits.count(),
+            whole_disk: f.whole_disk,
+            files: f.files.clone(),
+        });
+    }
+    tracing::debug!(epoch = %format_args!("{id:016x}"), pause_us = pause.as_micros() as u64, "epoch frozen");
+    Ok(FrozenEpoch {
+        id,
+        pause,
+        disks: infos,
+    })
+}
+
+/// Whether every disk still holds its frozen epoch intact (no copy failed).
+pub(crate) fn check(disks: &[Arc<ServedDisk>]) -> Result<(), EpochError> {
+    for d in disks {
+        let gate = d.export.write_gate();
+        match gate.as_deref() {
+            None => {
+                return Err(EpochError::NotFrozen {
+                    disk: d.disk.name.clone(),
+                })
+            }
+            Some(f) if f.is_broken() => {
+                return Err(EpochError::Broken {
+                    disk: d.disk.name.clone(),
+                })
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(())
+}
+
+/// Ends the frozen epoch on every disk: `commit` clears its bits (the target has it),
+/// otherwise they join the active bits again. Copy-before-write stops and the epoch's
+/// files go.
+pub(crate) fn finish(disks: &[Arc<ServedDisk>], commit: bool) -> Result<(), EpochError> {
+    let mut first_error = None;
+    for d in disks {
+        let taken = d
+            .export
+            .epoch
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        let Some(f) = taken else { continue };
+        let result = if commit && !f.is_broken() {
+            d.export.tracker.commit(&f.bits)
+        } else {
+            d.export.tracker.abort(&f.bits)
+        };
+        if f.copies() > 0 {
+            tracing::debug!(disk = %d.disk.name, copies = f.copies(), "copy-before-write blocks this epoch");
+        }
+        f.files.remove();
+        if let Err(source) = result {
+            first_error.get_or_insert(EpochError::Tracker {
+                disk: d.disk.name.clone(),
+                source,
+            });
+        }
+    }
+    first_error.map_or(Ok(()), Err)
+}
+
 /// Status of one disk for the control API.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DiskStatus {
     pub name: String,
+    pub path: PathBuf,
     pub connections: usize,
     pub tracker: TrackerStatus,
 }
@@ -112,9 +313,33 @@ pub(crate) struct ServedDisk {
 }
 
 impl ServedDisk {
+    /// Where this disk's epoch files live: beside its bitmap.
+    pub(crate) fn epoch_dir(&self) -> &Path {
+        self.disk
+            .bitmap_path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."))
+    }
+
+    /// Removes epoch files a crashed shim left behind.
+    fn remove_stale_epoch_files(&self) {
+        let Ok(entries) = fs::read_dir(self.epoch_dir()) else {
+            return;
+        };
+        for e in entries.flatten() {
+            if let Some(name) = e.file_name().to_str() {
+                if EpochFiles::is_epoch_file(&self.disk.name, name) {
+                    let _ = fs::remove_file(e.path());
+                }
+            }
+        }
+    }
+
     pub(crate) fn status(&self) -> DiskStatus {
         DiskStatus {
             name: self.disk.name.clone(),
+            path: self.disk.path.clone(),
             connections: self.connections.load(Ordering::Relaxed),
             tracker: self.export.tracker.status(),
         }
@@ -201,15 +426,15 @@ fn open_disk(disk: &ShimDisk) -> Result<ServedDisk, ShimError> {
         source,
     })?;
     Ok(ServedDisk {
-        export: Arc::new(Export {
-            info: ExportInfo {
+        export: Arc::new(Export::new(
+            ExportInfo {
                 name: disk.name.clone(),
                 size_bytes: backing.size_bytes(),
                 transmission_flags: TRANSMISSION_FLAGS,
             },
             backing,
             tracker,
-        }),
+        )),
         disk: disk.clone(),
         connections: AtomicUsize::new(0),
         live: Mutex::new(Vec::new()),
@@ -273,7 +498,9 @@ impl Shim {
         let mut served = Vec::with_capacity(disks.len());
         let mut listeners = Vec::with_capacity(disks.len());
         for disk in &disks {
-            served.push(Arc::new(open_disk(disk)?));
+            let d = open_disk(disk)?;
+            d.remove_stale_epoch_files();
+            served.push(Arc::new(d));
             listeners.push(bind_unix(&disk.nbd_socket)?);
         }
         let control_listener = control_socket.as_deref().map(bind_unix).transpose()?;
@@ -302,7 +529,9 @@ impl Shim {
             threads.push(
                 thread::Builder::new()
                     .name("shim-control".into())
-                    .spawn(move || control::serve(listener, disks, stop))
+                    .spawn(move || {
+                        control::serve(listener, Arc::new(control::ControlState::new(disks)), stop)
+                    })
                     .map_err(|source| ShimError::Io {
                         disk: String::new(),
                         op: "spawn the control thread",
@@ -343,6 +572,8 @@ impl Shim {
                 let _ = t.join();
             }
         }
+        // An epoch still frozen is abandoned: its bits stay in the file.
+        let _ = finish(&self.disks, false);
         let mut first_error = None;
         for d in self.disks.iter() {
             let name = &d.disk.name;

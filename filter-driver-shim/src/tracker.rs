@@ -17,8 +17,14 @@
 //! a sidecar state file ([`state`]). If tracking cannot be trusted — the image was
 //! resized, replaced or modified while no shim ran, or the bitmap is lost — a new
 //! [`GenerationId`] is drawn, the bitmap starts empty and `resync_required` is set
-//! until a consumer has done a checksum-compare (seeded) resync (clearing it is part of the
-//! epoch protocol, not built yet: today it stays set).
+//! until a consumer has done a checksum-compare (seeded) resync and says so with
+//! [`Tracker::resync_done`].
+//!
+//! Epochs ([`Tracker::freeze`], [`Tracker::commit`], [`Tracker::abort`]) split the bits
+//! in two: the *frozen* set an epoch in flight carries and the *active* set new writes
+//! join. The file always holds their union (`persisted`), so a crash at any moment
+//! leaves every block not yet acknowledged by the target dirty; commit rewrites only
+//! the pages whose frozen bits it clears, abort writes nothing at all.
 
 pub mod state;
 
@@ -155,6 +161,8 @@ pub struct TrackerConfig {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TrackerStatus {
     pub generation_id: GenerationId,
+    /// Blocks of the epoch now frozen, if one is.
+    pub frozen_blocks: Option<u64>,
     pub block_size: u32,
     pub block_count: u64,
     pub dirty_blocks: u64,
@@ -170,7 +178,13 @@ pub struct TrackerStatus {
 }
 
 struct TrackState {
+    /// Active bits: writes since the last freeze (plus aborted epochs' bits).
     bitmap: ChangedBlockBitmap,
+    /// What the file holds (or will, once pending pages are synced): the active bits
+    /// and, while an epoch is frozen, its bits too.
+    persisted: ChangedBlockBitmap,
+    /// Blocks in the frozen epoch, if one is frozen.
+    frozen_blocks: Option<u64>,
     /// For each bit page, the batch that last set a bit in it. A page is durable when
     /// its batch is at most `durable_batch`. Sized once at start (one entry per 2 GiB
     /// of disk at 64 KiB blocks).
@@ -198,6 +212,7 @@ pub struct Tracker {
     config: TrackerConfig,
     file: File,
     disk_size: u64,
+    identity: Identity,
     state: Mutex<TrackState>,
     batch_durable: Condvar,
 }
@@ -271,8 +286,11 @@ impl Tracker {
         );
         Ok(Tracker {
             disk_size: identity.size_bytes,
+            identity,
             file,
             state: Mutex::new(TrackState {
+                persisted: bitmap.clone(),
+                frozen_blocks: None,
                 bitmap,
                 page_batch: vec![0; page_count],
                 pending_pages: Vec::with_capacity(page_count),
@@ -426,15 +444,17 @@ impl Tracker {
         for page in page_of_block(first)..=page_of_block(last) {
             let lo = first.max(page * BLOCKS_PER_PAGE);
             let hi = last.min((page + 1) * BLOCKS_PER_PAGE - 1);
-            let before = st.bitmap.count();
-            st.bitmap
+            let bitmap_err = |source| TrackerError::Bitmap {
+                disk: self.config.disk.clone(),
+                source,
+            };
+            st.bitmap.set_blocks(lo, hi - lo + 1).map_err(bitmap_err)?;
+            let before = st.persisted.count();
+            st.persisted
                 .set_blocks(lo, hi - lo + 1)
-                .map_err(|source| TrackerError::Bitmap {
-                    disk: self.config.disk.clone(),
-                    source,
-                })?;
+                .map_err(bitmap_err)?;
             let p = page as usize;
-            if st.bitmap.count() != before && st.page_batch[p] != st.open_batch {
+            if st.persisted.count() != before && st.page_batch[p] != st.open_batch {
                 st.page_batch[p] = st.open_batch;
                 st.pending_pages.push(page);
             }
@@ -481,7 +501,7 @@ impl Tracker {
                 let out: &mut [u8; PAGE_SIZE] = (&mut scratch[i * PAGE_SIZE..(i + 1) * PAGE_SIZE])
                     .try_into()
                     .expect("slice of PAGE_SIZE bytes");
-                st.bitmap
+                st.persisted
                     .encode_page(page, out)
                     .expect("pending pages are below page_count");
             }
@@ -529,6 +549,7 @@ impl Tracker {
         let st = self.lock();
         TrackerStatus {
             generation_id: st.bitmap.generation_id(),
+            frozen_blocks: st.frozen_blocks,
             block_size: st.bitmap.block_size(),
             block_count: st.bitmap.block_count(),
             dirty_blocks: st.bitmap.count(),
@@ -539,9 +560,104 @@ impl Tracker {
         }
     }
 
-    /// A copy of the live bitmap (for tests and, later, epoch cuts).
+    /// A copy of the active bits (writes since the last freeze).
     pub fn snapshot(&self) -> ChangedBlockBitmap {
         self.lock().bitmap.clone()
+    }
+
+    /// A copy of what the bitmap file holds: active and frozen bits together.
+    pub fn persisted(&self) -> ChangedBlockBitmap {
+        self.lock().persisted.clone()
+    }
+
+    /// An empty bitmap of this disk's geometry and generation, made outside the freeze
+    /// pause so that the pause allocates nothing.
+    pub fn blank(&self) -> ChangedBlockBitmap {
+        let mut b = self.lock().bitmap.clone();
+        b.clear_all();
+        b
+    }
+
+    /// Freezes an epoch: swaps the active bits into `blank` (which must come from
+    /// [`blank`](Self::blank)) and starts a new, empty active set. The file keeps
+    /// every bit. Call with writes to the disk drained.
+    pub fn freeze(&self, blank: &mut ChangedBlockBitmap) {
+        let mut st = self.lock();
+        debug_assert!(blank.is_empty() && blank.block_count() == st.bitmap.block_count());
+        std::mem::swap(&mut st.bitmap, blank);
+        st.frozen_blocks = Some(blank.count());
+    }
+
+    /// The target acknowledged the epoch that carried `frozen`: its bits leave the
+    /// file unless written again since the freeze. Returns once that is durable.
+    pub fn commit(&self, frozen: &ChangedBlockBitmap) -> Result<(), TrackerError> {
+        let mut st = self.lock();
+        st.frozen_blocks = None;
+        let bitmap_err = |source| TrackerError::Bitmap {
+            disk: self.config.disk.clone(),
+            source,
+        };
+        st.persisted.and_not(frozen).map_err(bitmap_err)?;
+        let TrackState {
+            bitmap, persisted, ..
+        } = &mut *st;
+        persisted.or_with(bitmap).map_err(bitmap_err)?;
+        let mut last_page = None;
+        for (first, count) in frozen.iter_runs() {
+            for page in page_of_block(first)..=page_of_block(first + count - 1) {
+                if last_page == Some(page) {
+                    continue;
+                }
+                last_page = Some(page);
+                let p = page as usize;
+                if st.page_batch[p] != st.open_batch {
+                    st.page_batch[p] = st.open_batch;
+                    st.pending_pages.push(page);
+                }
+            }
+        }
+        if last_page.is_none() {
+            return Ok(());
+        }
+        let batch = st.open_batch;
+        self.wait_durable(st, batch)
+    }
+
+    /// The epoch that carried `frozen` failed: its bits join the active set again, so
+    /// the next epoch carries them. The file already holds them; nothing is written.
+    pub fn abort(&self, frozen: &ChangedBlockBitmap) -> Result<(), TrackerError> {
+        let mut st = self.lock();
+        st.frozen_blocks = None;
+        st.bitmap
+            .or_with(frozen)
+            .map_err(|source| TrackerError::Bitmap {
+                disk: self.config.disk.clone(),
+                source,
+            })
+    }
+
+    /// The consumer finished a checksum-compare resync of generation `generation`:
+    /// tracking is trusted again. A stale generation is refused (false).
+    pub fn resync_done(&self, generation: GenerationId) -> Result<bool, TrackerError> {
+        let mut st = self.lock();
+        if st.bitmap.generation_id() != generation {
+            return Ok(false);
+        }
+        if st.resync.is_none() {
+            return Ok(true);
+        }
+        let record = StateRecord {
+            generation_id: generation,
+            block_size: st.bitmap.block_size(),
+            identity: self.identity,
+            shutdown: Shutdown::Running,
+            resync: None,
+        };
+        let path = self.config.state_path.clone();
+        state::write(&path, &record).map_err(self.io_err("write state file", &path))?;
+        tracing::info!(disk = %self.config.disk, %generation, "checksum-compare resync done: tracking trusted again");
+        st.resync = None;
+        Ok(true)
     }
 
     /// Records a clean shutdown: call after the last write has been synced to the
@@ -694,5 +810,67 @@ mod tests {
         let t = Tracker::open(config(dir.path()), identity(size)).unwrap();
         let st = t.status();
         assert_eq!(st.dirty_blocks, 1 + BLOCKS_PER_PAGE);
+    }
+
+    #[test]
+    fn epochs_keep_the_file_a_superset_until_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let size = 2 * BLOCKS_PER_PAGE * 4096;
+        let t = Tracker::open(config(dir.path()), identity(size)).unwrap();
+        let on_disk = || {
+            ChangedBlockBitmap::load_recovering(dir.path().join("d.cbt"))
+                .unwrap()
+                .0
+        };
+        t.mark(0, 1).unwrap();
+        t.mark(BLOCKS_PER_PAGE * 4096, 1).unwrap(); // page 1
+        let mut frozen = t.blank();
+        t.freeze(&mut frozen);
+        assert_eq!(frozen.count(), 2);
+        assert_eq!(t.status().dirty_blocks, 0);
+        assert_eq!(t.status().frozen_blocks, Some(2));
+        // A write after the freeze to a frozen block and a new one.
+        t.mark(0, 1).unwrap();
+        t.mark(4096, 1).unwrap();
+        assert_eq!(on_disk().count(), 3, "file holds frozen and active bits");
+
+        // Abort: the frozen bits come back; nothing is lost.
+        t.abort(&frozen).unwrap();
+        assert_eq!(t.status().dirty_blocks, 3);
+        assert_eq!(on_disk(), t.persisted());
+
+        let mut frozen = t.blank();
+        t.freeze(&mut frozen);
+        t.mark(4096, 1).unwrap(); // written again after the freeze: stays
+        t.commit(&frozen).unwrap();
+        let after = on_disk();
+        assert_eq!(after.count(), 1, "commit cleared the carried bits");
+        assert!(after.test(1).unwrap());
+        assert_eq!(t.status().frozen_blocks, None);
+
+        // A crash with an epoch frozen: restart sees every bit.
+        let mut frozen = t.blank();
+        t.mark(0, 1).unwrap();
+        t.freeze(&mut frozen);
+        t.mark(2 * 4096, 1).unwrap();
+        drop(t);
+        let t = Tracker::open(config(dir.path()), identity(size)).unwrap();
+        assert_eq!(t.status().dirty_blocks, 3);
+    }
+
+    #[test]
+    fn resync_done_clears_only_the_current_generation() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = Tracker::open(config(dir.path()), identity(1 << 20)).unwrap();
+        let gen = t.status().generation_id;
+        assert!(t.status().resync_required.is_some());
+        assert!(!t.resync_done(GenerationId::from_bytes([9; 16])).unwrap());
+        assert!(t.status().resync_required.is_some());
+        assert!(t.resync_done(gen).unwrap());
+        assert_eq!(t.status().resync_required, None);
+        drop(t);
+        let t = Tracker::open(config(dir.path()), identity(1 << 20)).unwrap();
+        assert_eq!(t.status().resync_required, None, "persisted");
+        assert_eq!(t.status().generation_id, gen);
     }
 }

@@ -14,13 +14,14 @@ use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 use std::thread;
 
 use super::handshake::{self, ExportInfo};
 use super::proto::*;
 use super::ProtocolError;
 use crate::backing::Backing;
+use crate::epoch::FrozenDisk;
 use crate::pool::{BufferPool, PooledBuf};
 use crate::tracker::{Tracker, TrackerError};
 
@@ -101,6 +102,26 @@ pub struct Export {
     pub info: ExportInfo,
     pub backing: Backing,
     pub tracker: Tracker,
+    /// The write gate and the frozen epoch, if any. Every command that changes the
+    /// image holds it shared from copy-before-write to the end of its write; a freeze
+    /// holds it exclusively, which drains the writes in flight.
+    pub epoch: RwLock<Option<Arc<FrozenDisk>>>,
+}
+
+impl Export {
+    pub fn new(info: ExportInfo, backing: Backing, tracker: Tracker) -> Export {
+        Export {
+            info,
+            backing,
+            tracker,
+            epoch: RwLock::new(None),
+        }
+    }
+
+    /// Takes the write gate shared.
+    pub fn write_gate(&self) -> RwLockReadGuard<'_, Option<Arc<FrozenDisk>>> {
+        self.epoch.read().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 struct Job {
@@ -334,14 +355,20 @@ fn execute(export: &Export, job: Job) -> Reply {
             length,
             durability,
         } => done((|| {
-            export
-                .tracker
-                .mark(offset, u64::from(length))
-                .map_err(|e| tracker_refusal(export, &e))?;
-            let payload = job.payload.as_deref().unwrap_or(&[]);
-            backing
-                .write_at(payload, offset)
-                .map_err(|e| io_refusal(export, "write", offset, &e))?;
+            {
+                let gate = export.write_gate();
+                if let Some(frozen) = gate.as_deref() {
+                    frozen.preserve(backing, offset, u64::from(length));
+                }
+                export
+                    .tracker
+                    .mark(offset, u64::from(length))
+                    .map_err(|e| tracker_refusal(export, &e))?;
+                let payload = job.payload.as_deref().unwrap_or(&[]);
+                backing
+                    .write_at(payload, offset)
+                    .map_err(|e| io_refusal(export, "write", offset, &e))?;
+            }
             sync_if(durability, "write", offset)
         })()),
         Command::Flush => done(
@@ -354,13 +381,20 @@ fn execute(export: &Export, job: Job) -> Reply {
             length,
             durability,
         } => done((|| {
-            export
-                .tracker
-                .mark(offset, u64::from(length))
-                .map_err(|e| tracker_refusal(export, &e))?;
-            backing
-                .trim(offset, u64::from(length))
-                .map_err(|e| io_refusal(export, "trim", offset, &e))?;
+            {
+                let gate = export.write_gate();
+                // TRIM is advisory: while an epoch is frozen it is dropped, so no
+                // range turns into a hole under the engine (and nothing changes).
+                if gate.is_none() {
+                    export
+                        .tracker
+                        .mark(offset, u64::from(length))
+                        .map_err(|e| tracker_refusal(export, &e))?;
+                    backing
+                        .trim(offset, u64::from(length))
+                        .map_err(|e| io_refusal(export, "trim", offset, &e))?;
+                }
+            }
             sync_if(durability, "trim", offset)
         })()),
         Command::WriteZeroes {
@@ -369,13 +403,22 @@ fn execute(export: &Export, job: Job) -> Reply {
             mode,
             durability,
         } => done((|| {
-            export
-                .tracker
-                .mark(offset, u64::from(length))
-                .map_err(|e| tracker_refusal(export, &e))?;
-            backing
-                .write_zeroes(offset, u64::from(length), mode)
+            {
+                let gate = export.write_gate();
+                if let Some(frozen) = gate.as_deref() {
+                    frozen.preserve(backing, offset, u64::from(length));
+                }
+                export
+                    .tracker
+                    .mark(offset, u64::from(length))
+                    .map_err(|e| tracker_refusal(export, &e))?;
+                match gate.as_deref() {
+                    // Frozen: zeros are written, never punched (see `epoch`).
+                    Some(_) => backing.write_zero_bytes(offset, u64::from(length)),
+                    None => backing.write_zeroes(offset, u64::from(length), mode),
+                }
                 .map_err(|e| io_refusal(export, "write zeroes", offset, &e))?;
+            }
             sync_if(durability, "write zeroes", offset)
         })()),
         Command::Cache | Command::Disconnect => done(Ok(())),
