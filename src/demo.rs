@@ -424,6 +424,8 @@ impl Rig {
             connect_timeout: Duration::from_millis(DEFAULT_CONNECT_TIMEOUT_MS),
             io_timeout: Duration::from_millis(DEFAULT_IO_TIMEOUT_MS),
             mode,
+            shim_control: None,
+            require_shim: false,
         }
     }
 }

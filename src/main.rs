@@ -52,6 +52,12 @@ enum Command {
         #[arg(long = "disk", value_name = "NAME")]
         disks: Vec<String>,
     },
+    /// Replicate continuously: one epoch of the running shim every
+    /// `epoch_interval_ms`, until SIGTERM or SIGINT (the epoch in progress completes).
+    Source {
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// Run the filter shim: serve every `[[disk]]` over NBD on its `nbd_socket` and
     /// track every write persistently (foreground; SIGTERM or SIGINT stops it cleanly).
     Shim {
@@ -118,6 +124,7 @@ fn main() -> ExitCode {
             disks,
         } => sync(&config, json, mode, &bitmaps, &disks),
         Command::Shim { config } => shim(&config),
+        Command::Source { config } => source_loop(&config),
         Command::Points { config, json } => points(&config, json),
         Command::Failover { action } => failover(action),
         Command::Demo => demo::run(),
@@ -252,6 +259,67 @@ extern "C" fn request_stop(_signal: libc::c_int) {
     STOP.store(true, std::sync::atomic::Ordering::SeqCst);
 }
 
+fn install_stop_handlers() {
+    for signal in [libc::SIGTERM, libc::SIGINT] {
+        // SAFETY: the handler only stores to a static atomic, which is async-signal-safe;
+        // `request_stop` has the signature signal(2) expects.
+        unsafe {
+            libc::signal(
+                signal,
+                request_stop as extern "C" fn(libc::c_int) as libc::sighandler_t,
+            );
+        }
+    }
+}
+
+fn source_loop(config: &std::path::Path) -> Result<(), String> {
+    let cfg = load(config)?;
+    let interval = cfg
+        .require_source("source")
+        .map_err(|e| chain(&e))?
+        .epoch_interval();
+    let job = source::SyncJob::from_config(&cfg, ModeRequest::Auto).map_err(|e| chain(&e))?;
+    install_stop_handlers();
+    tracing::info!(
+        target = %job.target,
+        disks = job.disks.len(),
+        interval_ms = interval.as_millis() as u64,
+        "continuous replication starting"
+    );
+    let mut last_ok: Option<std::time::Instant> = None;
+    source::continuous::run(&job, interval, &STOP, &mut |round| match round {
+        Ok(r) => {
+            last_ok = Some(std::time::Instant::now());
+            let modes: Vec<String> = r
+                .disks
+                .iter()
+                .map(|d| format!("{}={}", d.name, d.mode))
+                .collect();
+            tracing::info!(
+                epoch = r.epoch,
+                disks = %modes.join(","),
+                blocks = r.blocks_sent,
+                bytes_sent = r.bytes_sent,
+                pause_us = r.freeze_pause_us.unwrap_or(0),
+                seconds = format_args!("{:.3}", r.seconds),
+                "epoch durable on the target"
+            );
+        }
+        Err(e) => {
+            let behind = last_ok.map(|t| t.elapsed().as_secs_f64());
+            tracing::error!(
+                since_last_epoch_s = behind
+                    .map(|s| format!("{s:.1}"))
+                    .unwrap_or_else(|| "never".into()),
+                "epoch failed (nothing is lost; the next one carries its blocks): {}",
+                chain(e)
+            );
+        }
+    });
+    tracing::info!("continuous replication stopped");
+    Ok(())
+}
+
 fn shim(config: &std::path::Path) -> Result<(), String> {
     let cfg = load(config)?;
     let source = cfg.require_source("shim").map_err(|e| chain(&e))?;
@@ -272,17 +340,8 @@ fn shim(config: &std::path::Path) -> Result<(), String> {
             source.block_size_bytes(),
         ));
     }
-    for signal in [libc::SIGTERM, libc::SIGINT] {
-        // SAFETY: the handler only stores to a static atomic, which is async-signal-safe;
-        // installing it has no other effect on memory.
-        unsafe {
-            libc::signal(
-                signal,
-                request_stop as extern "C" fn(libc::c_int) as libc::sighandler_t,
-            )
-        };
-    }
-    let control = source.state_dir.join("shim.ctl");
+    install_stop_handlers();
+    let control = source.state_dir.join(source::SHIM_CONTROL_SOCKET);
     filter_driver_shim::serve(disks, Some(control), &STOP).map_err(|e| chain(&e))
 }
 

@@ -70,6 +70,8 @@ fn job(
         connect_timeout: Duration::from_secs(5),
         io_timeout: Duration::from_secs(10),
         mode: ModeRequest::Auto,
+        shim_control: None,
+        require_shim: false,
     }
 }
 

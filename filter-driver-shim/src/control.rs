@@ -7,7 +7,7 @@
 //! | request | reply |
 //! |---------|-------|
 //! | `status` | `{"ok":true,"epoch":null or {"id","owned"},"pauses":{"count","last_us","max_us","total_us"},"disks":[{"name","path","generation_id","block_size","block_count","dirty_blocks","frozen_blocks","resync_required","resync_reason","bitmap_syncs","marks_waited","tracking_failed","connections"}]}` |
-//! | `freeze [whole=NAME,NAME…]` | `{"ok":true,"epoch":"<16 hex>","pause_us":N,"disks":[{"name","path","generation_id","resync_required","resync_reason","block_size","disk_size","frozen_blocks","whole_disk","bitmap","map","scratch"}]}` |
+//! | `freeze [disks=NAME,…] [whole=NAME,…]` | `{"ok":true,"epoch":"<16 hex>","pause_us":N,"disks":[{"name","path","generation_id","resync_required","resync_reason","block_size","disk_size","frozen_blocks","whole_disk","bitmap","map","scratch"}]}` |
 //! | `check <epoch>` | `{"ok":true}` if the epoch is still frozen and intact on every disk |
 //! | `commit <epoch>` | `{"ok":true}` once the committed bits are cleared durably |
 //! | `abort <epoch>` | `{"ok":true}`; the epoch's bits join the active bits again |
@@ -17,7 +17,9 @@
 //! An epoch belongs to the connection that froze it: `check`, `commit` and `abort`
 //! are accepted only there, and when that connection closes (the engine exited or was
 //! killed) the epoch is aborted, so its bits are never lost and copy-before-write
-//! never outlives its reader. One epoch is frozen at a time.
+//! never outlives its reader. One epoch is frozen at a time. `disks=` limits it to
+//! some disks (all by default); `whole=` names those whose every block must be
+//! preserved because their sync reads the whole disk (seeded or full).
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -47,11 +49,18 @@ struct Pauses {
     total_us: u64,
 }
 
+/// Who holds the frozen epoch.
+struct Owner {
+    epoch: u64,
+    client: u64,
+    disks: Vec<Arc<ServedDisk>>,
+}
+
 /// What every control connection shares.
 pub(crate) struct ControlState {
     disks: Arc<Vec<Arc<ServedDisk>>>,
-    /// The frozen epoch and the connection that owns it.
-    owner: Mutex<Option<(u64, u64)>>,
+    /// The frozen epoch, the connection that owns it and its disks.
+    owner: Mutex<Option<Owner>>,
     next_epoch: AtomicU64,
     next_client: AtomicU64,
     clients: AtomicUsize,
@@ -140,20 +149,20 @@ struct Client<'a> {
 }
 
 impl Client<'_> {
-    fn owner(&self) -> std::sync::MutexGuard<'_, Option<(u64, u64)>> {
+    fn owner(&self) -> std::sync::MutexGuard<'_, Option<Owner>> {
         self.state.owner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The epoch this client owns if it is `token`.
-    fn owned(&self, token: Option<&str>) -> Result<u64, Value> {
+    /// The disks of the epoch this client owns, if it is `token`.
+    fn owned(&self, token: Option<&str>) -> Result<Vec<Arc<ServedDisk>>, Value> {
         let Some(token) = token else {
             return Err(err("missing epoch id"));
         };
         let id = u64::from_str_radix(token, 16)
             .map_err(|_| err(format!("`{token}` is not an epoch id (16 hex digits)")))?;
-        match *self.owner() {
-            Some((e, c)) if e == id && c == self.id => Ok(id),
-            Some((e, _)) if e == id => Err(err(format!(
+        match &*self.owner() {
+            Some(o) if o.epoch == id && o.client == self.id => Ok(o.disks.clone()),
+            Some(o) if o.epoch == id => Err(err(format!(
                 "epoch {token} belongs to another control connection"
             ))),
             _ => Err(err(format!(
@@ -168,8 +177,13 @@ impl Client<'_> {
         match words.next().unwrap_or("") {
             "status" => {
                 let p = *self.state.pauses.lock().unwrap_or_else(|e| e.into_inner());
-                let epoch = (*self.owner())
-                    .map(|(e, c)| json!({"id": format!("{e:016x}"), "owned": c == self.id}));
+                let epoch = self.owner().as_ref().map(|o| {
+                    json!({
+                        "id": format!("{:016x}", o.epoch),
+                        "owned": o.client == self.id,
+                        "disks": o.disks.iter().map(|d| d.disk.name.clone()).collect::<Vec<_>>(),
+                    })
+                });
                 json!({
                     "ok": true,
                     "epoch": epoch,
@@ -179,32 +193,64 @@ impl Client<'_> {
             }
             "freeze" => {
                 let mut whole = Vec::new();
+                let mut only: Option<Vec<String>> = None;
                 for w in words {
-                    match w.strip_prefix("whole=") {
-                        Some(list) => whole.extend(
-                            list.split(',')
-                                .filter(|n| !n.is_empty())
-                                .map(str::to_string),
-                        ),
-                        None => return err(format!("unknown freeze argument `{w}`")),
+                    let list = |l: &str| {
+                        l.split(',')
+                            .filter(|n| !n.is_empty())
+                            .map(str::to_string)
+                            .collect::<Vec<_>>()
+                    };
+                    if let Some(l) = w.strip_prefix("whole=") {
+                        whole.extend(list(l));
+                    } else if let Some(l) = w.strip_prefix("disks=") {
+                        only.get_or_insert_with(Vec::new).extend(list(l));
+                    } else {
+                        return err(format!("unknown freeze argument `{w}`"));
                     }
+                }
+                let chosen: Vec<Arc<ServedDisk>> = match &only {
+                    None => disks.to_vec(),
+                    Some(names) => {
+                        if let Some(n) = names
+                            .iter()
+                            .find(|n| !disks.iter().any(|d| &d.disk.name == *n))
+                        {
+                            return err(format!(
+                                "`disks=` names `{n}`, which this shim does not serve"
+                            ));
+                        }
+                        disks
+                            .iter()
+                            .filter(|d| names.contains(&d.disk.name))
+                            .cloned()
+                            .collect()
+                    }
+                };
+                if chosen.is_empty() {
+                    return err("no disk to freeze");
                 }
                 let id = self.state.next_epoch.fetch_add(1, Ordering::Relaxed);
                 {
                     let mut owner = self.owner();
-                    if let Some((e, c)) = *owner {
+                    if let Some(o) = &*owner {
                         return err(format!(
-                            "epoch {e:016x} is already frozen{}; commit or abort it first",
-                            if c == self.id {
+                            "epoch {:016x} is already frozen{}; commit or abort it first",
+                            o.epoch,
+                            if o.client == self.id {
                                 " by this connection"
                             } else {
                                 " by another control connection"
                             }
                         ));
                     }
-                    *owner = Some((id, self.id));
+                    *owner = Some(Owner {
+                        epoch: id,
+                        client: self.id,
+                        disks: chosen.clone(),
+                    });
                 }
-                match shim::freeze(disks, id, &whole) {
+                match shim::freeze(&chosen, id, &whole) {
                     Ok(frozen) => {
                         let us = frozen.pause.as_micros() as u64;
                         let mut p = self.state.pauses.lock().unwrap_or_else(|e| e.into_inner());
@@ -221,18 +267,19 @@ impl Client<'_> {
                 }
             }
             cmd @ ("check" | "commit" | "abort") => {
-                let id = match self.owned(words.next()) {
-                    Ok(id) => id,
+                let token = words.next();
+                let frozen = match self.owned(token) {
+                    Ok(d) => d,
                     Err(reply) => return reply,
                 };
                 let result = match cmd {
-                    "check" => shim::check(disks),
-                    "commit" => shim::finish(disks, true),
-                    _ => shim::finish(disks, false),
+                    "check" => shim::check(&frozen),
+                    "commit" => shim::finish(&frozen, true),
+                    _ => shim::finish(&frozen, false),
                 };
                 if cmd != "check" {
                     *self.owner() = None;
-                    tracing::debug!(epoch = %format_args!("{id:016x}"), cmd, "epoch finished");
+                    tracing::debug!(epoch = token.unwrap_or(""), cmd, "epoch finished");
                 }
                 match result {
                     Ok(()) => json!({"ok": true}),
@@ -265,11 +312,10 @@ impl Client<'_> {
     /// The connection ended: an epoch it still owns is aborted.
     fn release(&self) {
         let mut owner = self.owner();
-        if matches!(*owner, Some((_, c)) if c == self.id) {
-            if let Some((e, _)) = owner.take() {
-                tracing::warn!(epoch = %format_args!("{e:016x}"), "control connection closed with an epoch frozen: aborting it (its blocks go in the next epoch)");
-            }
-            if let Err(e) = shim::finish(&self.state.disks, false) {
+        if owner.as_ref().is_some_and(|o| o.client == self.id) {
+            let o = owner.take().expect("checked");
+            tracing::warn!(epoch = %format_args!("{:016x}", o.epoch), "control connection closed with an epoch frozen: aborting it (its blocks go in the next epoch)");
+            if let Err(e) = shim::finish(&o.disks, false) {
                 tracing::error!(error = %chain(&e), "aborting an abandoned epoch");
             }
         }

@@ -364,13 +364,13 @@ impl EpochView {
         })
     }
 
-    /// Call after reading `buf` from the image at `offset` (block aligned): replaces
-    /// each block written since the freeze with its frozen copy. With `last_read`, the
+    /// Call after reading `buf` from the image at `offset`: replaces each piece of a
+    /// block written since the freeze with its frozen copy. With `last_read`, the
     /// blocks read cleanly are marked `PASSED` so writers stop copying them — only for
-    /// the final read of a block in this epoch (a seeded sync reads blocks twice).
-    /// Returns how many blocks came from scratch.
+    /// the final read of a block in this epoch (a seeded sync reads blocks twice) and
+    /// only when the read covered the whole block. Returns how many pieces came from
+    /// scratch.
     pub fn settle(&self, offset: u64, buf: &mut [u8], last_read: bool) -> io::Result<u64> {
-        debug_assert!(offset.is_multiple_of(self.block_size));
         // The read has completed; every state load below must come after it.
         fence(Ordering::SeqCst);
         let mut replaced = 0;
@@ -381,14 +381,16 @@ impl EpochView {
                 break;
             }
             let block = pos / self.block_size;
-            let n = (self.block_size.min(self.disk_size - pos) as usize).min(buf.len() - at);
+            let block_end = ((block + 1) * self.block_size).min(self.disk_size);
+            let n = ((block_end - pos) as usize).min(buf.len() - at);
+            let whole_block = pos == block * self.block_size && pos + n as u64 == block_end;
             let cell = self.map.cell(block);
             match cell.load(Ordering::Acquire) {
                 PRESERVED => {
                     self.scratch.read_exact_at(&mut buf[at..at + n], pos)?;
                     replaced += 1;
                 }
-                UNTOUCHED if last_read => {
+                UNTOUCHED if last_read && whole_block => {
                     // Losing the race to a writer is fine: the read above was clean.
                     let _ = cell.compare_exchange(
                         UNTOUCHED,
@@ -399,7 +401,7 @@ impl EpochView {
                 }
                 _ => {}
             }
-            at += self.block_size as usize;
+            at += n;
         }
         Ok(replaced)
     }

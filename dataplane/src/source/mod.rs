@@ -6,6 +6,8 @@
 //! changed-block bitmap) — and streams the blocks through the [`pipeline`]. It returns
 //! only after the target acknowledged the epoch as durable.
 
+pub mod continuous;
+pub mod live;
 pub mod pipeline;
 pub mod plan;
 
@@ -75,6 +77,12 @@ pub enum SourceError {
     Aborted,
     #[error("the target interrupted the session without saying why")]
     PeerInterrupted,
+    /// The shim's control protocol failed or refused (see `live`).
+    #[error("shim: {0}")]
+    Shim(String),
+    /// Another engine holds the state directory.
+    #[error("{0}")]
+    Busy(String),
 }
 
 impl SourceError {
@@ -82,6 +90,9 @@ impl SourceError {
         Self::Pool(e.to_string())
     }
 }
+
+/// The shim's control socket, in `[source] state_dir`.
+pub const SHIM_CONTROL_SOCKET: &str = "shim.ctl";
 
 /// How the operator asked for each disk to be synced.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -120,6 +131,12 @@ pub struct SyncJob {
     pub connect_timeout: Duration,
     pub io_timeout: Duration,
     pub mode: ModeRequest,
+    /// The shim's control socket. When a shim listens there, every sync is a live
+    /// epoch of it (see [`live`]); otherwise the disks are read as they are.
+    pub shim_control: Option<PathBuf>,
+    /// Fail instead of reading the disks directly when no shim listens
+    /// (continuous replication needs the shim's epochs).
+    pub require_shim: bool,
 }
 
 impl std::fmt::Debug for SyncJob {
@@ -174,6 +191,8 @@ impl SyncJob {
             connect_timeout: source.connect_timeout(),
             io_timeout: source.io_timeout(),
             mode,
+            shim_control: Some(source.state_dir.join(SHIM_CONTROL_SOCKET)),
+            require_shim: false,
         })
     }
 }
@@ -207,6 +226,10 @@ pub struct SyncReport {
     /// `bytes_logical / seconds`, in MB/s (10^6).
     pub mb_per_s: f64,
     pub disks: Vec<DiskReport>,
+    /// The shim's epoch this sync carried, when a shim served the disks.
+    pub shim_epoch: Option<String>,
+    /// How long the freeze held the guest's writes, in microseconds.
+    pub freeze_pause_us: Option<u64>,
 }
 
 /// The source's record of what the replica of one disk holds.
@@ -275,16 +298,220 @@ struct OpenedDisk {
 }
 
 /// Runs one sync session to completion; returns after the target's acknowledgement.
+///
+/// With a shim listening on [`SyncJob::shim_control`], the sync is one live epoch of
+/// it: frozen, read consistently while the guest writes on, committed to the shim
+/// after the target acknowledged it.
 pub fn sync(job: &SyncJob) -> Result<SyncReport, SourceError> {
-    let started = Instant::now();
     crate::durable::ensure_dir(&job.state_dir).map_err(|e| SourceError::State {
         path: job.state_dir.clone(),
         problem: e.to_string(),
     })?;
-    let mut disks = Vec::with_capacity(job.disks.len());
-    for spec in &job.disks {
-        disks.push(open_disk(job, spec)?);
+    let _lock = EngineLock::acquire(&job.state_dir)?;
+    // An explicit `--bitmap` means the operator supplies the change set: no shim epoch.
+    let explicit_bitmaps = job.disks.iter().any(|d| d.bitmap.is_some());
+    let shim = match &job.shim_control {
+        Some(path) if !explicit_bitmaps => live::ShimControl::connect(path)?,
+        _ => None,
+    };
+    match shim {
+        Some(control) => sync_live(job, control),
+        None if job.require_shim => Err(SourceError::Shim(format!(
+            "no shim is listening on {}; start `ferry shim --config` with the same config first",
+            job.shim_control
+                .as_deref()
+                .unwrap_or(Path::new("(no control socket configured)"))
+                .display()
+        ))),
+        None => {
+            let started = Instant::now();
+            let mut disks = Vec::with_capacity(job.disks.len());
+            for spec in &job.disks {
+                disks.push(open_disk(job, spec)?);
+            }
+            let views = vec![None; disks.len()];
+            let (epoch, stats, applied) = run_epoch(job, &mut disks, &views, &mut || Ok(()))?;
+            Ok(report(job, &disks, epoch, &stats, applied, started, None))
+        }
     }
+}
+
+/// One sync as a live epoch of the running shim behind `control`.
+fn sync_live(job: &SyncJob, mut control: live::ShimControl) -> Result<SyncReport, SourceError> {
+    let started = Instant::now();
+    let served = control.status()?;
+    let mut plans = Vec::with_capacity(job.disks.len());
+    for spec in &job.disks {
+        let shim_disk = served
+            .iter()
+            .find(|d| d.name == spec.name)
+            .ok_or_else(|| {
+                SourceError::Shim(format!(
+                    "disk {} is not served by the running shim; the shim and the engine must run from the same config",
+                    spec.name
+                ))
+            })?;
+        if !same_file(&shim_disk.path, &spec.path) {
+            return Err(SourceError::Shim(format!(
+                "disk {}: the shim serves {}, the config names {}",
+                spec.name,
+                shim_disk.path.display(),
+                spec.path.display()
+            )));
+        }
+        let state = SourceDiskState::load(&job.state_dir, &spec.name)?;
+        let lineage_ok = state
+            .as_ref()
+            .is_some_and(|s| s.generation_bytes().ok() == Some(shim_disk.generation));
+        let whole = match job.mode {
+            ModeRequest::Full | ModeRequest::Seeded => true,
+            ModeRequest::Auto => !lineage_ok,
+            ModeRequest::Changed if lineage_ok => false,
+            ModeRequest::Changed => {
+                return Err(SourceError::Bitmap {
+                    disk: spec.name.clone(),
+                    problem: format!(
+                        "the shim tracks lineage {} but the replica was last synced {}; a seeded sync comes first",
+                        hex16(&shim_disk.generation),
+                        state.as_ref().map_or("never".to_string(), |s| format!(
+                            "at epoch {} of lineage {}",
+                            s.epoch, s.generation
+                        ))
+                    ),
+                })
+            }
+        };
+        if !whole && shim_disk.block_size != job.block_size as u64 {
+            return Err(SourceError::Config(format!(
+                "disk {}: the shim tracks {}-byte blocks, the engine ships {}-byte blocks; run both from the same config",
+                spec.name, shim_disk.block_size, job.block_size
+            )));
+        }
+        if whole {
+            if let Some(reason) = &shim_disk.resync_required {
+                tracing::warn!(disk = %spec.name, %reason, "shim tracking restarted: checksum-compare resync of this disk");
+            }
+        }
+        plans.push((spec, state, whole));
+    }
+    let names: Vec<&str> = plans.iter().map(|(s, _, _)| s.name.as_str()).collect();
+    let whole: Vec<&str> = plans
+        .iter()
+        .filter(|(_, _, w)| *w)
+        .map(|(s, _, _)| s.name.as_str())
+        .collect();
+    // From here on, any early return drops `control`, which aborts the epoch: the shim
+    // puts its bits back.
+    let epoch = control.freeze(&names, &whole)?;
+    let mut disks = Vec::with_capacity(plans.len());
+    let mut views = Vec::with_capacity(plans.len());
+    for (spec, state, whole) in &plans {
+        let frozen = epoch
+            .disks
+            .iter()
+            .find(|d| d.shim.name == spec.name)
+            .ok_or_else(|| SourceError::Shim(format!("freeze reply lacks disk {}", spec.name)))?;
+        let disk = Disk::open_source(&spec.path).map_err(|e| SourceError::Open {
+            disk: spec.name.clone(),
+            path: spec.path.clone(),
+            source: e,
+        })?;
+        if disk.size() != frozen.disk_size {
+            return Err(SourceError::Shim(format!(
+                "disk {}: the shim serves {} bytes, the image has {}",
+                spec.name,
+                frozen.disk_size,
+                disk.size()
+            )));
+        }
+        let generation = frozen.shim.generation;
+        let (bitmap, mode) = if *whole {
+            let mode = if job.mode == ModeRequest::Full {
+                SyncMode::Full
+            } else {
+                SyncMode::Seeded
+            };
+            (None, mode)
+        } else {
+            let bitmap =
+                ChangedBlockBitmap::load(&frozen.bitmap).map_err(|e| SourceError::Bitmap {
+                    disk: spec.name.clone(),
+                    problem: format!(
+                        "frozen bitmap {}: {}",
+                        frozen.bitmap.display(),
+                        crate::target::chain(&e)
+                    ),
+                })?;
+            if bitmap.disk_size() != disk.size() || *bitmap.generation_id().as_bytes() != generation
+            {
+                return Err(SourceError::Bitmap {
+                    disk: spec.name.clone(),
+                    problem: "the frozen bitmap does not match the disk".into(),
+                });
+            }
+            (Some(bitmap), SyncMode::Changed)
+        };
+        views.push(Some(frozen.view()?));
+        disks.push(OpenedDisk {
+            spec: (*spec).clone(),
+            disk,
+            generation,
+            base_epoch: state.as_ref().map_or(0, |s| s.epoch),
+            bitmap,
+            mode,
+            replica_created: false,
+        });
+    }
+    let view_refs: Vec<Option<&filter_driver_shim::epoch::EpochView>> =
+        views.iter().map(Option::as_ref).collect();
+    let (number, stats, applied) = run_epoch(job, &mut disks, &view_refs, &mut || {
+        // Every read is done: if the shim kept the epoch intact until now, what was
+        // read is the frozen point in time.
+        control.check(&epoch)
+    })?;
+    // The target holds the epoch (and the state files say so): the shim may forget
+    // the bits. If this fails they stay, and the next epoch carries them again.
+    if let Err(e) = control.commit(&epoch) {
+        tracing::warn!("epoch {number} is durable on the target but the shim did not clear its bits ({e}); the next epoch resends them");
+    }
+    for (d, frozen) in disks.iter().zip(&epoch.disks) {
+        if frozen.shim.resync_required.is_some()
+            && matches!(d.mode, SyncMode::Seeded | SyncMode::Full)
+        {
+            if let Err(e) = control.resync_done(&d.spec.name, &d.generation) {
+                tracing::warn!(disk = %d.spec.name, "cannot tell the shim the resync is done: {e}");
+            }
+        }
+    }
+    Ok(report(
+        job,
+        &disks,
+        number,
+        &stats,
+        applied,
+        started,
+        Some(&epoch),
+    ))
+}
+
+/// Whether two paths name the same file (or device).
+fn same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(x), Ok(y)) => (x.dev(), x.ino()) == (y.dev(), y.ino()),
+        _ => a == b,
+    }
+}
+
+/// Connects, authenticates, streams the epoch and waits for the target's
+/// acknowledgement; then records the new epoch in the state files. `before_commit`
+/// runs after the last block was sent and before the Commit frame.
+fn run_epoch(
+    job: &SyncJob,
+    disks: &mut [OpenedDisk],
+    views: &[Option<&filter_driver_shim::epoch::EpochView>],
+    before_commit: &mut dyn FnMut() -> Result<(), SourceError>,
+) -> Result<(u64, PipelineStats, u64), SourceError> {
     let epoch = disks.iter().map(|d| d.base_epoch).max().unwrap_or(0) + 1;
 
     let stream = connect(&job.target, job.connect_timeout)?;
@@ -305,7 +532,16 @@ pub fn sync(job: &SyncJob) -> Result<SyncReport, SourceError> {
     auth::client_handshake(&mut reader, &mut writer, &job.psk)?;
 
     let watch_fd = std::os::fd::AsRawFd::as_raw_fd(writer.get_ref());
-    let result = run_session(job, &mut disks, epoch, &mut reader, &mut writer, watch_fd);
+    let result = run_session(
+        job,
+        disks,
+        views,
+        epoch,
+        &mut reader,
+        &mut writer,
+        watch_fd,
+        before_commit,
+    );
     let (stats, applied) = match result {
         Ok(x) => x,
         Err(e) => {
@@ -314,16 +550,29 @@ pub fn sync(job: &SyncJob) -> Result<SyncReport, SourceError> {
         }
     };
 
-    for d in &disks {
+    for d in disks.iter() {
         SourceDiskState {
             generation: hex16(&d.generation),
             epoch,
         }
         .save(&job.state_dir, &d.spec.name)?;
     }
+    Ok((epoch, stats, applied))
+}
+
+fn report(
+    job: &SyncJob,
+    disks: &[OpenedDisk],
+    epoch: u64,
+    stats: &PipelineStats,
+    applied: u64,
+    started: Instant,
+    live: Option<&live::LiveEpoch>,
+) -> SyncReport {
+    let _ = job;
     let seconds = started.elapsed().as_secs_f64();
     let bytes_logical: u64 = disks.iter().map(|d| d.disk.size()).sum();
-    Ok(SyncReport {
+    SyncReport {
         epoch,
         bytes_logical,
         bytes_sent: stats.bytes_sent,
@@ -342,7 +591,46 @@ pub fn sync(job: &SyncJob) -> Result<SyncReport, SourceError> {
                 replica_created: d.replica_created,
             })
             .collect(),
-    })
+        shim_epoch: live.map(|e| e.id.clone()),
+        freeze_pause_us: live.map(|e| e.pause_us),
+    }
+}
+
+/// An exclusive lock on the engine's state directory, so two engines (a `ferry sync`
+/// and a `ferry source`) never interleave epochs of the same disks.
+struct EngineLock {
+    _held: std::fs::File,
+}
+
+impl EngineLock {
+    fn acquire(state_dir: &Path) -> Result<EngineLock, SourceError> {
+        let path = state_dir.join("engine.lock");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| SourceError::State {
+                path: path.clone(),
+                problem: e.to_string(),
+            })?;
+        // SAFETY: flock(2) on a descriptor we own for the duration of the call; the
+        // lock lives as long as the returned file.
+        let rc = unsafe {
+            libc::flock(
+                std::os::fd::AsRawFd::as_raw_fd(&file),
+                libc::LOCK_EX | libc::LOCK_NB,
+            )
+        };
+        if rc != 0 {
+            return Err(SourceError::Busy(format!(
+                "another ferry sync or ferry source is using {} (lock {})",
+                state_dir.display(),
+                path.display()
+            )));
+        }
+        Ok(EngineLock { _held: file })
+    }
 }
 
 fn explain<R: std::io::Read>(e: SourceError, reader: &mut FrameReader<R>) -> SourceError {
@@ -485,13 +773,16 @@ fn load_bitmap(
 
 type BoxedPlan<'a> = Box<dyn Iterator<Item = Result<PlanItem, SourceError>> + Send + 'a>;
 
+#[allow(clippy::too_many_arguments)]
 fn run_session<R: std::io::Read, W: std::io::Write>(
     job: &SyncJob,
     disks: &mut [OpenedDisk],
+    views: &[Option<&filter_driver_shim::epoch::EpochView>],
     epoch: u64,
     reader: &mut FrameReader<R>,
     writer: &mut FrameWriter<W>,
     watch_fd: std::os::fd::RawFd,
+    before_commit: &mut dyn FnMut() -> Result<(), SourceError>,
 ) -> Result<(PipelineStats, u64), SourceError> {
     // Open.
     let header = OpenHeader {
@@ -546,12 +837,14 @@ fn run_session<R: std::io::Read, W: std::io::Write>(
         output,
         watch_fd: Some(watch_fd),
     };
-    let infos: Vec<DiskInfo> = disks
+    let infos: Vec<DiskInfo<'_>> = disks
         .iter()
-        .map(|d| DiskInfo {
+        .zip(views)
+        .map(|(d, view)| DiskInfo {
             fd: d.disk.fd(),
             disk_size: d.disk.size(),
             replica_zeroed: d.replica_created,
+            frozen: *view,
         })
         .collect();
     let geometry = |i: usize, d: &OpenedDisk| Geometry {
@@ -669,6 +962,7 @@ fn run_session<R: std::io::Read, W: std::io::Write>(
     add(&mut total, &stats);
 
     // Commit and wait for durability.
+    before_commit()?;
     writer.send(
         FrameKind::Commit,
         &[Commit {

@@ -25,6 +25,7 @@ use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
+use filter_driver_shim::epoch::EpochView;
 use ringbuf::pool::{BufferPool, PoolAlloc, PoolReturn, Slot};
 use ringbuf::spsc;
 use zerocopy::{FromBytes, IntoBytes};
@@ -46,13 +47,16 @@ pub enum Output {
     Hashes,
 }
 
-/// Per-disk facts the workers need.
+/// Per-disk facts the reader and workers need.
 #[derive(Debug, Clone, Copy)]
-pub struct DiskInfo {
+pub struct DiskInfo<'a> {
     pub fd: RawFd,
     pub disk_size: u64,
     /// The replica is known to be all zeros: zero blocks need not travel at all.
     pub replica_zeroed: bool,
+    /// The disk is served by a running shim and this is its frozen epoch: every read
+    /// is settled against it so that no write after the freeze leaks in.
+    pub frozen: Option<&'a EpochView>,
 }
 
 /// Tuning of one pipeline run.
@@ -150,7 +154,7 @@ fn table_capacity(cfg: &PipelineConfig) -> usize {
 /// the socket (the caller then commits).
 pub fn run<W, P>(
     cfg: &PipelineConfig,
-    disks: &[DiskInfo],
+    disks: &[DiskInfo<'_>],
     plan: P,
     writer: &mut FrameWriter<W>,
 ) -> Result<PipelineStats, SourceError>
@@ -188,6 +192,7 @@ where
         let failure = &failure;
         let reader = {
             let engine_files: Vec<RawFd> = disks.iter().map(|d| d.fd).collect();
+            let frozen: Vec<Option<&EpochView>> = disks.iter().map(|d| d.frozen).collect();
             let cfg = cfg.clone();
             std::thread::Builder::new()
                 .name("ferry-reader".into())
@@ -195,6 +200,7 @@ where
                     if let Err(e) = reader_loop(
                         &cfg,
                         &engine_files,
+                        &frozen,
                         plan,
                         &mut input_alloc,
                         to_workers,
@@ -249,6 +255,7 @@ where
 fn reader_loop<P>(
     cfg: &PipelineConfig,
     files: &[RawFd],
+    frozen: &[Option<&EpochView>],
     plan: P,
     alloc: &mut PoolAlloc,
     mut to_workers: Vec<spsc::Producer<ReadDone>>,
@@ -369,7 +376,18 @@ where
                     got: bytes,
                 });
             }
-            let slot = c.buf.expect("a read completion hands its buffer back");
+            let mut slot = c.buf.expect("a read completion hands its buffer back");
+            if let Some(view) = frozen[disk as usize] {
+                // Blocks written since the freeze come from the shim's scratch copy.
+                // Hash reads of a seeded sync are not the last read of a block.
+                let last_read = cfg.output == Output::Data;
+                view.settle(offset, &mut slot.as_mut_slice()[..len as usize], last_read)
+                    .map_err(|e| {
+                        SourceError::Shim(format!(
+                            "disk #{disk}: cannot read the frozen copy at offset {offset}: {e}"
+                        ))
+                    })?;
+            }
             forward(
                 ReadDone {
                     item,
@@ -395,7 +413,7 @@ where
 
 fn worker_loop(
     cfg: &PipelineConfig,
-    disks: &[DiskInfo],
+    disks: &[DiskInfo<'_>],
     mut rx: spsc::Consumer<ReadDone>,
     mut tx: spsc::Producer<Encoded>,
     mut out_alloc: PoolAlloc,

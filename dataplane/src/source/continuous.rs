@@ -1,0 +1,107 @@
+//! `ferry source`: continuous replication, one live epoch of the shim every
+//! `epoch_interval_ms`.
+//!
+//! Each round is a [`sync`](super::sync) that requires the shim. A failed round (the
+//! target unreachable, out of space, restarting; the shim restarting) loses nothing:
+//! the shim put the epoch's bits back and the target rolled it back, so the next
+//! round carries them again. Rounds after failures back off exponentially, up to
+//! [`MAX_BACKOFF`]. When the target reports that the replica no longer holds the base
+//! the change set builds on (it was replaced or reset), the next round is a seeded
+//! (checksum-compare) sync.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use super::{ModeRequest, SourceError, SyncJob, SyncReport};
+use crate::protocol::{ErrorCode, ProtocolError};
+
+/// Longest wait between rounds after repeated failures.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// How a round ended, for the caller's log or counters.
+pub type Round<'a> = &'a Result<SyncReport, SourceError>;
+
+/// Whether the target refused the change set because the replica lacks its base.
+fn base_lost(e: &SourceError) -> bool {
+    matches!(
+        e,
+        SourceError::Protocol(ProtocolError::Remote {
+            code: ErrorCode::BaseMismatch,
+            ..
+        })
+    )
+}
+
+/// Runs rounds until `stop` is set (checked between rounds and while waiting; a
+/// round in progress completes). `on_round` sees every round's outcome.
+pub fn run(
+    job: &SyncJob,
+    interval: Duration,
+    stop: &AtomicBool,
+    on_round: &mut dyn FnMut(Round<'_>),
+) {
+    let mut job = job.clone();
+    job.require_shim = true;
+    let requested = job.mode;
+    let mut failures: u32 = 0;
+    let mut reseed = false;
+    while !stop.load(Ordering::Acquire) {
+        let started = Instant::now();
+        job.mode = if reseed {
+            ModeRequest::Seeded
+        } else {
+            requested
+        };
+        let result = super::sync(&job);
+        match &result {
+            Ok(_) => {
+                failures = 0;
+                reseed = false;
+            }
+            Err(e) => {
+                failures = failures.saturating_add(1);
+                if base_lost(e) {
+                    reseed = true;
+                }
+            }
+        }
+        on_round(&result);
+        let wait = if failures == 0 {
+            interval.saturating_sub(started.elapsed())
+        } else {
+            backoff(interval, failures)
+        };
+        let until = Instant::now() + wait;
+        while !stop.load(Ordering::Acquire) {
+            let now = Instant::now();
+            if now >= until {
+                break;
+            }
+            std::thread::sleep((until - now).min(Duration::from_millis(50)));
+        }
+    }
+}
+
+/// `interval × 2^(failures-1)`, at least 100 ms, at most [`MAX_BACKOFF`].
+pub fn backoff(interval: Duration, failures: u32) -> Duration {
+    let factor = 1u32 << failures.saturating_sub(1).min(16);
+    interval
+        .max(Duration::from_millis(100))
+        .saturating_mul(factor)
+        .min(MAX_BACKOFF)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        let i = Duration::from_millis(500);
+        assert_eq!(backoff(i, 1), i);
+        assert_eq!(backoff(i, 2), 2 * i);
+        assert_eq!(backoff(i, 4), 8 * i);
+        assert_eq!(backoff(i, 40), MAX_BACKOFF);
+        assert_eq!(backoff(Duration::ZERO, 1), Duration::from_millis(100));
+    }
+}
