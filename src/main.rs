@@ -3,6 +3,7 @@
 
 mod bench;
 mod demo;
+mod demo_live;
 mod imagegen;
 
 use std::path::PathBuf;
@@ -111,8 +112,13 @@ enum Mode {
 }
 
 fn main() -> ExitCode {
-    init_logging();
     let cli = Cli::parse();
+    // The demo narrates on stdout; its in-process target and shim log only problems.
+    init_logging(if matches!(cli.command, Command::Demo) {
+        tracing::Level::WARN
+    } else {
+        tracing::Level::INFO
+    });
     let result = match cli.command {
         Command::Keygen { out } => keygen(out.as_deref()),
         Command::Target { config } => target(&config),
@@ -139,13 +145,14 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging() {
+fn init_logging(default: tracing::Level) {
     let level = match std::env::var("FERRY_LOG").as_deref() {
         Ok("trace") => tracing::Level::TRACE,
         Ok("debug") => tracing::Level::DEBUG,
+        Ok("info") => tracing::Level::INFO,
         Ok("warn") => tracing::Level::WARN,
         Ok("error") => tracing::Level::ERROR,
-        _ => tracing::Level::INFO,
+        _ => default,
     };
     tracing_subscriber::fmt()
         .with_max_level(level)

@@ -134,7 +134,11 @@ impl Rig {
         let ctl = self.state.join("shim.ctl");
         let deadline = Instant::now() + Duration::from_secs(20);
         while std::os::unix::net::UnixStream::connect(&ctl).is_err() {
-            assert!(Instant::now() < deadline, "shim did not start: {}", self.shim_log());
+            assert!(
+                Instant::now() < deadline,
+                "shim did not start: {}",
+                self.shim_log()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -282,6 +286,7 @@ fn stamp(sector: &[u8], initial: &[u8]) -> Option<u64> {
 
 /// Checks that `replicas` are the disks after writes `1..=m` for some m, and returns
 /// that m. Panics naming the first sector that proves otherwise.
+#[allow(clippy::needless_range_loop)] // (disk, sector) indexes three tables at once
 fn assert_point_in_time(replicas: &[Vec<u8>], initial: &[Vec<u8>], log: &[Write]) -> u64 {
     let sectors = (DISK_BYTES / SECTOR) as usize;
     let mut stamps = vec![vec![0u64; sectors]; replicas.len()];
@@ -341,7 +346,10 @@ fn live_epochs_are_group_consistent_points_in_time_while_the_guest_writes() {
         assert_eq!(modes(&r), ["changed", "changed"], "round {round}: {r}");
         let log = writer.log.lock().unwrap().clone();
         let m = assert_point_in_time(&rig.replicas(), &rig.initial, &log);
-        assert!(m > last_m, "round {round}: the cut moved forward ({last_m} -> {m})");
+        assert!(
+            m > last_m,
+            "round {round}: the cut moved forward ({last_m} -> {m})"
+        );
         last_m = m;
     }
     let log = writer.stop();
@@ -355,8 +363,14 @@ fn live_epochs_are_group_consistent_points_in_time_while_the_guest_writes() {
     assert_eq!(rig.replicas(), rig.images());
     let status = rig.shim_status();
     for d in status["disks"].as_array().unwrap() {
-        assert_eq!(d["dirty_blocks"], 0, "committed epochs cleared the bits: {d}");
-        assert_eq!(d["resync_required"], false, "the first epoch was the resync: {d}");
+        assert_eq!(
+            d["dirty_blocks"], 0,
+            "committed epochs cleared the bits: {d}"
+        );
+        assert_eq!(
+            d["resync_required"], false,
+            "the first epoch was the resync: {d}"
+        );
     }
     assert!(status["epoch"].is_null(), "no epoch left frozen: {status}");
     assert!(status["pauses"]["count"].as_u64().unwrap() >= 8, "{status}");
@@ -397,7 +411,11 @@ fn shim_kill_9_under_writes_loses_no_change_and_needs_no_resync() {
         assert_point_in_time(&rig.replicas(), &rig.initial, &log),
         log.len() as u64
     );
-    assert_eq!(rig.replicas(), rig.images(), "replica equals source after catch-up");
+    assert_eq!(
+        rig.replicas(),
+        rig.images(),
+        "replica equals source after catch-up"
+    );
     let now: Vec<serde_json::Value> = rig.shim_status()["disks"]
         .as_array()
         .unwrap()
@@ -417,8 +435,7 @@ fn an_engine_killed_mid_epoch_gives_its_bits_back() {
     // Hold an epoch on a control connection and drop it: the shim must abort it.
     {
         use std::io::{BufRead, BufReader, Write as _};
-        let mut s =
-            std::os::unix::net::UnixStream::connect(rig.state.join("shim.ctl")).unwrap();
+        let mut s = std::os::unix::net::UnixStream::connect(rig.state.join("shim.ctl")).unwrap();
         s.write_all(b"freeze\n").unwrap();
         let mut line = String::new();
         BufReader::new(s.try_clone().unwrap())
@@ -441,7 +458,10 @@ fn an_engine_killed_mid_epoch_gives_its_bits_back() {
     // Dropped: the shim aborts it as soon as it sees the connection close.
     let deadline = Instant::now() + Duration::from_secs(10);
     while !rig.shim_status()["epoch"].is_null() {
-        assert!(Instant::now() < deadline, "the abandoned epoch was not aborted");
+        assert!(
+            Instant::now() < deadline,
+            "the abandoned epoch was not aborted"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
     // The next sync carries those blocks.
@@ -557,8 +577,7 @@ fn continuous_replication_rides_out_kill_9_of_engine_and_target() {
         assert_point_in_time(&rig.replicas(), &rig.initial, &log),
         log.len() as u64
     );
-    let source_log =
-        std::fs::read_to_string(rig.dir.path().join("source.log")).unwrap_or_default();
+    let source_log = std::fs::read_to_string(rig.dir.path().join("source.log")).unwrap_or_default();
     let durable: Vec<&str> = source_log
         .lines()
         .filter(|l| l.contains("epoch durable"))

@@ -10,6 +10,7 @@
 //!   flight, so a fast client meets back-pressure on its socket, never unbounded
 //!   buffering in the shim.
 
+pub mod client;
 pub mod connection;
 pub mod handshake;
 pub mod proto;
