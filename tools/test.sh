@@ -10,6 +10,7 @@ have() { command -v "$1" >/dev/null 2>&1; }
 have qemu-img  || need+=(qemu-utils)
 have qemu-io   || need+=(qemu-utils)
 have nbdinfo   || need+=(libnbd-bin)
+have nbdsh     || need+=(python3-libnbd)
 have nbdkit    || need+=(nbdkit)
 have fio       || need+=(fio)
 have mke2fs    || [ -x /sbin/mke2fs ] || [ -x /usr/sbin/mke2fs ] || need+=(e2fsprogs)

@@ -53,6 +53,8 @@ pub fn all() -> Vec<Target> {
         targets::bitmap_file::target(),
         targets::config_toml::target(),
         targets::handshake_server::target(),
+        targets::nbd_request::target(),
+        targets::nbd_option::target(),
     ]);
     all
 }

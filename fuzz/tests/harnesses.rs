@@ -61,6 +61,10 @@ fn checksum_damage(target: &str, seed: &[u8]) -> Vec<usize> {
                 vec![record + 24]
             }
         }
+        // The first request's magic (after the 9-byte session prefix).
+        "nbd_request" => vec![ferry_fuzz::targets::nbd_request::PREFIX],
+        // The first option's magic (after the client flags).
+        "nbd_option" => vec![4],
         _ => Vec::new(),
     }
 }
