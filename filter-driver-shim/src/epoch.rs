@@ -2,21 +2,23 @@
 //!
 //! When the engine freezes an epoch, the shim swaps the disk's bitmap (the frozen bits
 //! name the blocks the epoch must carry) and from then on preserves, before the first
-//! write to a covered block, that block's frozen content in a scratch file
-//! (copy-before-write). The engine reads the blocks straight from the image and
-//! *settles* each read against a per-block state map the two processes share through
-//! a memory-mapped file:
+//! write to a covered block, the frozen content of the part it overwrites in a
+//! scratch file (copy-before-write). Preservation works in [`GRANULE`]s of 4 KiB, not
+//! whole tracking blocks, so a 4 KiB guest write into a frozen 64 KiB block copies
+//! 4 KiB, not 64. The engine reads the blocks straight from the image and *settles*
+//! each read against a per-granule state map the two processes share through a
+//! memory-mapped file (one byte per granule; pages exist only where touched):
 //!
 //! | state       | set by | meaning |
 //! |-------------|--------|---------|
-//! | `UNTOUCHED` | —      | nobody has written the block since the freeze, the engine has not finished with it |
-//! | `COPYING`   | shim   | a writer is copying the frozen block to scratch; its write waits |
-//! | `PRESERVED` | shim   | scratch holds the frozen block; the image may hold newer bytes |
-//! | `PASSED`    | engine | the engine has read the block for the last time; writes need no copy |
+//! | `UNTOUCHED` | —      | nobody has written the granule since the freeze, the engine has not finished with it |
+//! | `COPYING`   | shim   | a writer is copying the frozen granule to scratch; its write waits |
+//! | `PRESERVED` | shim   | scratch holds the frozen granule; the image may hold newer bytes |
+//! | `PASSED`    | engine | the engine has read the granule for the last time; writes need no copy |
 //!
 //! The argument for "no write after the freeze leaks into the epoch": a writer moves
-//! a block `UNTOUCHED → COPYING`, copies it, stores `PRESERVED` and only then writes the
-//! image. The engine reads the image *first* and loads the state *after*. If its read
+//! a granule `UNTOUCHED → COPYING`, copies it, stores `PRESERVED` and only then writes
+//! the image. The engine reads the image *first* and loads the state *after*. If its read
 //! saw any byte of a post-freeze write, that write began after `PRESERVED` was stored,
 //! so the load sees `PRESERVED` and the engine takes the scratch copy instead (which
 //! was complete before the store). If the load sees `UNTOUCHED` or `COPYING`, no write
@@ -44,6 +46,14 @@ pub const UNTOUCHED: u8 = 0;
 pub const COPYING: u8 = 1;
 pub const PRESERVED: u8 = 2;
 pub const PASSED: u8 = 3;
+
+/// Unit of copy-before-write and of the state map: 4 KiB, the guest's usual write.
+pub const GRANULE: u64 = 4096;
+
+/// State-map cells of a disk of `disk_size` bytes.
+pub fn granules(disk_size: u64) -> u64 {
+    disk_size.div_ceil(GRANULE)
+}
 
 /// The per-block state map, one byte per tracking block, shared between the shim and
 /// the engine through a `MAP_SHARED` mapping of a sparse file.
@@ -220,8 +230,7 @@ impl FrozenDisk {
         bits_template: &ChangedBlockBitmap,
         whole_disk: bool,
     ) -> io::Result<FrozenDisk> {
-        let blocks = bits_template.block_count();
-        let map = EpochMap::create(&files.map, blocks)?;
+        let map = EpochMap::create(&files.map, granules(bits_template.disk_size()))?;
         let scratch = OpenOptions::new()
             .read(true)
             .write(true)
@@ -246,7 +255,7 @@ impl FrozenDisk {
         self.broken.load(Ordering::Acquire)
     }
 
-    /// Blocks copied to scratch so far.
+    /// Granules copied to scratch so far.
     pub fn copies(&self) -> u64 {
         self.copies.load(Ordering::Relaxed)
     }
@@ -262,13 +271,13 @@ impl FrozenDisk {
         if len == 0 || self.is_broken() {
             return;
         }
-        let first = offset / self.block_size;
-        let last = (offset + len - 1) / self.block_size;
-        for block in first..=last.min(self.map.blocks().saturating_sub(1)) {
-            if !self.covers(block) {
+        let first = offset / GRANULE;
+        let last = (offset + len - 1) / GRANULE;
+        for granule in first..=last.min(self.map.blocks().saturating_sub(1)) {
+            if !self.covers(granule * GRANULE / self.block_size) {
                 continue;
             }
-            let cell = self.map.cell(block);
+            let cell = self.map.cell(granule);
             let mut spins = 0u32;
             loop {
                 match cell.load(Ordering::Acquire) {
@@ -284,7 +293,7 @@ impl FrozenDisk {
                         {
                             continue;
                         }
-                        match self.copy_block(backing, block) {
+                        match self.copy_granule(backing, granule) {
                             Ok(()) => {
                                 self.copies.fetch_add(1, Ordering::Relaxed);
                                 cell.store(PRESERVED, Ordering::Release);
@@ -295,7 +304,7 @@ impl FrozenDisk {
                             }
                             Err(e) => {
                                 tracing::error!(
-                                    block, error = %e,
+                                    offset = granule * GRANULE, error = %e,
                                     "copy-before-write failed: the frozen epoch is broken and will be refused"
                                 );
                                 self.broken.store(true, Ordering::Release);
@@ -324,13 +333,13 @@ impl FrozenDisk {
         }
     }
 
-    fn copy_block(&self, backing: &Backing, block: u64) -> io::Result<()> {
-        let at = block * self.block_size;
-        let len = self.block_size.min(self.disk_size - at) as usize;
+    fn copy_granule(&self, backing: &Backing, granule: u64) -> io::Result<()> {
+        let at = granule * GRANULE;
+        let len = GRANULE.min(self.disk_size - at) as usize;
         COPY_BUF.with(|buf| {
             let mut buf = buf.borrow_mut();
             if buf.len() < len {
-                buf.resize(self.block_size as usize, 0);
+                buf.resize(GRANULE as usize, 0);
             }
             backing.read_at(&mut buf[..len], at)?;
             self.scratch.write_all_at(&buf[..len], at)
@@ -343,33 +352,24 @@ impl FrozenDisk {
 pub struct EpochView {
     map: EpochMap,
     scratch: File,
-    block_size: u64,
     disk_size: u64,
 }
 
 impl EpochView {
     /// Opens the map and scratch files the shim named in its freeze reply.
-    pub fn open(
-        map: &Path,
-        scratch: &Path,
-        block_size: u64,
-        disk_size: u64,
-    ) -> io::Result<EpochView> {
-        let blocks = disk_size.div_ceil(block_size);
+    pub fn open(map: &Path, scratch: &Path, disk_size: u64) -> io::Result<EpochView> {
         Ok(EpochView {
-            map: EpochMap::open(map, blocks)?,
+            map: EpochMap::open(map, granules(disk_size))?,
             scratch: File::open(scratch)?,
-            block_size,
             disk_size,
         })
     }
 
-    /// Call after reading `buf` from the image at `offset`: replaces each piece of a
-    /// block written since the freeze with its frozen copy. With `last_read`, the
-    /// blocks read cleanly are marked `PASSED` so writers stop copying them — only for
-    /// the final read of a block in this epoch (a seeded sync reads blocks twice) and
-    /// only when the read covered the whole block. Returns how many pieces came from
-    /// scratch.
+    /// Call after reading `buf` from the image at `offset`: replaces each granule
+    /// written since the freeze with its frozen copy. With `last_read`, the granules
+    /// read cleanly are marked `PASSED` so writers stop copying them — only for the
+    /// final read in this epoch (a seeded sync reads blocks twice) and only when the
+    /// read covered the whole granule. Returns how many granules came from scratch.
     pub fn settle(&self, offset: u64, buf: &mut [u8], last_read: bool) -> io::Result<u64> {
         // The read has completed; every state load below must come after it.
         fence(Ordering::SeqCst);
@@ -380,17 +380,17 @@ impl EpochView {
             if pos >= self.disk_size {
                 break;
             }
-            let block = pos / self.block_size;
-            let block_end = ((block + 1) * self.block_size).min(self.disk_size);
-            let n = ((block_end - pos) as usize).min(buf.len() - at);
-            let whole_block = pos == block * self.block_size && pos + n as u64 == block_end;
-            let cell = self.map.cell(block);
+            let granule = pos / GRANULE;
+            let granule_end = ((granule + 1) * GRANULE).min(self.disk_size);
+            let n = ((granule_end - pos) as usize).min(buf.len() - at);
+            let whole = pos == granule * GRANULE && pos + n as u64 == granule_end;
+            let cell = self.map.cell(granule);
             match cell.load(Ordering::Acquire) {
                 PRESERVED => {
                     self.scratch.read_exact_at(&mut buf[at..at + n], pos)?;
                     replaced += 1;
                 }
-                UNTOUCHED if last_read && whole_block => {
+                UNTOUCHED if last_read && whole => {
                     // Losing the race to a writer is fine: the read above was clean.
                     let _ = cell.compare_exchange(
                         UNTOUCHED,
@@ -426,7 +426,7 @@ mod tests {
         bits.set(2).unwrap();
         let files = EpochFiles::new(dir, "d", 7);
         let frozen = FrozenDisk::prepare(files.clone(), &bits, whole).unwrap();
-        let view = EpochView::open(&files.map, &files.scratch, BS, blocks * BS).unwrap();
+        let view = EpochView::open(&files.map, &files.scratch, blocks * BS).unwrap();
         (backing, frozen, view)
     }
 
@@ -501,5 +501,34 @@ mod tests {
         for w in writers {
             w.join().unwrap();
         }
+    }
+
+    #[test]
+    fn a_small_write_into_a_large_block_copies_one_granule() {
+        let dir = tempfile::tempdir().unwrap();
+        let bs = 64 << 10;
+        let image = dir.path().join("img");
+        let content: Vec<u8> = (0..2 * bs).map(|i| (i / GRANULE) as u8).collect();
+        std::fs::write(&image, &content).unwrap();
+        let backing = Backing::open(&image).unwrap();
+        let mut bits =
+            ChangedBlockBitmap::new(2 * bs, bs as u32, GenerationId::from_bytes([1; 16]), 0)
+                .unwrap();
+        bits.set(1).unwrap();
+        let files = EpochFiles::new(dir.path(), "d", 1);
+        let frozen = FrozenDisk::prepare(files.clone(), &bits, false).unwrap();
+        let view = EpochView::open(&files.map, &files.scratch, 2 * bs).unwrap();
+        // 4 KiB straddling granules 17 and 18 of block 1, then one inside block 0.
+        frozen.preserve(&backing, bs + GRANULE + 100, GRANULE);
+        backing
+            .write_at(&[0xee; GRANULE as usize], bs + GRANULE + 100)
+            .unwrap();
+        frozen.preserve(&backing, 0, 10);
+        backing.write_at(&[0xee; 10], 0).unwrap();
+        assert_eq!(frozen.copies(), 2, "two granules of the covered block");
+        let mut buf = vec![0u8; bs as usize];
+        backing.read_at(&mut buf, bs).unwrap();
+        assert_eq!(view.settle(bs, &mut buf, true).unwrap(), 2);
+        assert_eq!(buf, content[bs as usize..], "the frozen block, whole");
     }
 }

@@ -56,13 +56,7 @@ pub struct LiveDisk {
 impl LiveDisk {
     /// Maps the epoch's state map and opens its scratch file.
     pub fn view(&self) -> Result<EpochView, SourceError> {
-        EpochView::open(
-            &self.map,
-            &self.scratch,
-            self.shim.block_size,
-            self.disk_size,
-        )
-        .map_err(|e| {
+        EpochView::open(&self.map, &self.scratch, self.disk_size).map_err(|e| {
             SourceError::Shim(format!(
                 "disk {}: cannot open the epoch's files: {e}",
                 self.shim.name
