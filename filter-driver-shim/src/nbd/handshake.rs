@@ -116,7 +116,17 @@ pub fn negotiate<S: Read + Write>(
         let option = u32::from_be_bytes(oh[8..12].try_into().expect("4 bytes"));
         let len = u32::from_be_bytes(oh[12..16].try_into().expect("4 bytes"));
         if len > MAX_OPTION_BYTES {
-            io::copy(&mut (&mut *s).take(u64::from(len)), &mut io::sink())?;
+            if option == OPT_EXPORT_NAME {
+                // EXPORT_NAME has no option replies: hanging up is the only refusal.
+                return Err(ProtocolError::UnknownExport);
+            }
+            let drained = io::copy(&mut (&mut *s).take(u64::from(len)), &mut io::sink())?;
+            if drained < u64::from(len) {
+                return Err(ProtocolError::Io(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "client hung up inside an oversized option",
+                )));
+            }
             send_error(s, option, REP_ERR_TOO_BIG, "option data too long")?;
             s.flush()?;
             continue;

@@ -158,10 +158,16 @@ fn model(input: &[u8]) -> (Vec<Reply>, End, Option<u32>) {
         let len = be_u32(&input[at + 12..]);
         at += 16;
         if len > MAX_OPTION {
-            // Drained (as far as the input goes: the server does not notice a client
-            // that hangs up in the middle) and refused.
+            // EXPORT_NAME has no replies: the server hangs up. Anything else is
+            // drained (a client hanging up inside it ends the handshake) and refused.
+            if option == OPT_EXPORT_NAME {
+                return (replies, End::UnknownExport, last);
+            }
+            if input.len() - at < len as usize {
+                return (replies, End::Io, last);
+            }
             replies.push((option, REP_ERR_TOO_BIG, Vec::new()));
-            at = at.saturating_add(len as usize).min(input.len());
+            at += len as usize;
             last = Some(option);
             continue;
         }
