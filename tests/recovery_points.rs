@@ -228,3 +228,52 @@ fn a_point_of_a_block_device_replica_opens_whole() {
     );
     assert!(ferry(&["failover", "cleanup", "--config", &tcfg]).success());
 }
+
+/// The engine dies after the target acknowledged an epoch but before recording it:
+/// the next sync must not reuse that epoch number (it names a recovery point).
+#[test]
+fn an_unrecorded_acknowledgement_does_not_repeat_an_epoch_number() {
+    let mut rng = Rng::new(common::test_seed("unrecorded_ack"));
+    let dir = common::scratch_dir();
+    let d = dir.path();
+    let key = d.join("ferry.key");
+    common::keygen(&key);
+    let source = d.join("os.img");
+    std::fs::File::create(&source)
+        .unwrap()
+        .set_len(DISK_BYTES)
+        .unwrap();
+    mutate(&source, &mut rng);
+    let target = TargetProc::start(d, &key, &[("os", d.join("os.replica").as_path())], "");
+    let state = d.join("source-state");
+    let cfg = d.join("source.toml");
+    std::fs::write(
+        &cfg,
+        common::source_toml(target.port, &key, &state, &[("os", source.as_path())], ""),
+    )
+    .unwrap();
+    assert_eq!(common::sync_ok(&cfg, &[])["epoch"], 1);
+    mutate(&source, &mut rng);
+    assert_eq!(common::sync_ok(&cfg, &[])["epoch"], 2);
+    // Roll the engine's record back to epoch 1, as if it died before saving epoch 2.
+    let state_file = state.join("os.state");
+    let text = std::fs::read_to_string(&state_file).unwrap();
+    std::fs::write(&state_file, text.replace("\"epoch\": 2", "\"epoch\": 1")).unwrap();
+    mutate(&source, &mut rng);
+    let r = common::sync_ok(&cfg, &[]);
+    assert_eq!(r["epoch"], 3, "continues above the acknowledged epoch: {r}");
+    assert_eq!(file_hash(&source), file_hash(&d.join("os.replica")));
+    let tcfg = target.config.to_str().unwrap().to_string();
+    let points = ferry(&["points", "--config", &tcfg, "--json"]);
+    assert!(points.success(), "{points:?}");
+    let v: serde_json::Value = serde_json::from_str(points.stdout.trim()).unwrap();
+    let mut ids: Vec<u64> = v["points"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["id"].as_u64().unwrap())
+        .collect();
+    let n = ids.len();
+    ids.dedup();
+    assert_eq!(ids.len(), n, "recovery point ids are unique: {v}");
+}

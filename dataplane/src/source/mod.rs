@@ -80,6 +80,10 @@ pub enum SourceError {
     /// The shim's control protocol failed or refused (see `live`).
     #[error("shim: {0}")]
     Shim(String),
+    /// A replica already holds an epoch at least as new as the one being opened (the
+    /// session is given up before anything is sent; [`sync`] retries above it).
+    #[error("the target already holds epoch {held}")]
+    EpochBehind { held: u64 },
     /// Another engine holds the state directory.
     #[error("{0}")]
     Busy(String),
@@ -512,8 +516,42 @@ fn run_epoch(
     views: &[Option<&filter_driver_shim::epoch::EpochView>],
     before_commit: &mut dyn FnMut() -> Result<(), SourceError>,
 ) -> Result<(u64, PipelineStats, u64), SourceError> {
-    let epoch = disks.iter().map(|d| d.base_epoch).max().unwrap_or(0) + 1;
+    let mut attempts = 0;
+    let (epoch, stats, applied) = loop {
+        let epoch = disks.iter().map(|d| d.base_epoch).max().unwrap_or(0) + 1;
+        match session_once(job, disks, views, epoch, before_commit) {
+            Err(SourceError::EpochBehind { held }) if attempts < 2 => {
+                attempts += 1;
+                tracing::info!(
+                    "the target already holds epoch {held} (acknowledged after this engine last recorded one); continuing from there"
+                );
+                for d in disks.iter_mut() {
+                    d.base_epoch = d.base_epoch.max(held);
+                }
+            }
+            Err(e) => return Err(e),
+            Ok((stats, applied)) => break (epoch, stats, applied),
+        }
+    };
 
+    for d in disks.iter() {
+        SourceDiskState {
+            generation: hex16(&d.generation),
+            epoch,
+        }
+        .save(&job.state_dir, &d.spec.name)?;
+    }
+    Ok((epoch, stats, applied))
+}
+
+/// One session: connect, authenticate, stream the epoch, wait for the acknowledgement.
+fn session_once(
+    job: &SyncJob,
+    disks: &mut [OpenedDisk],
+    views: &[Option<&filter_driver_shim::epoch::EpochView>],
+    epoch: u64,
+    before_commit: &mut dyn FnMut() -> Result<(), SourceError>,
+) -> Result<(PipelineStats, u64), SourceError> {
     let stream = connect(&job.target, job.connect_timeout)?;
     stream
         .set_read_timeout(Some(job.io_timeout))
@@ -542,22 +580,8 @@ fn run_epoch(
         watch_fd,
         before_commit,
     );
-    let (stats, applied) = match result {
-        Ok(x) => x,
-        Err(e) => {
-            // The target may have said why it stopped; prefer its words.
-            return Err(explain(e, &mut reader));
-        }
-    };
-
-    for d in disks.iter() {
-        SourceDiskState {
-            generation: hex16(&d.generation),
-            epoch,
-        }
-        .save(&job.state_dir, &d.spec.name)?;
-    }
-    Ok((epoch, stats, applied))
+    // The target may have said why it stopped; prefer its words.
+    result.map_err(|e| explain(e, &mut reader))
 }
 
 fn report(
@@ -819,6 +843,17 @@ fn run_session<R: std::io::Read, W: std::io::Write>(
         .ok_or(ProtocolError::Malformed {
             what: "open reply does not match the disks opened",
         })?;
+    // A replica may already hold this epoch number: the target acknowledged an epoch
+    // the engine died before recording. Epoch numbers name recovery points, so they
+    // must not repeat: start again above it.
+    if let Some(held) = replies
+        .iter()
+        .map(|r| r.epoch.get())
+        .filter(|&e| e >= epoch)
+        .max()
+    {
+        return Err(SourceError::EpochBehind { held });
+    }
     for (d, r) in disks.iter_mut().zip(replies) {
         d.replica_created = r.state == REPLICA_CREATED;
         if d.replica_created && d.mode == SyncMode::Seeded {
