@@ -517,9 +517,18 @@ fn run_epoch(
     before_commit: &mut dyn FnMut() -> Result<(), SourceError>,
 ) -> Result<(u64, PipelineStats, u64), SourceError> {
     let mut attempts = 0;
+    let mut busy_retries = 0;
     let (epoch, stats, applied) = loop {
         let epoch = disks.iter().map(|d| d.base_epoch).max().unwrap_or(0) + 1;
         match session_once(job, disks, views, epoch, before_commit) {
+            // Right after giving a session up, the target may still be releasing it.
+            Err(SourceError::Protocol(ProtocolError::Remote {
+                code: crate::protocol::ErrorCode::Busy,
+                ..
+            })) if attempts > 0 && busy_retries < 40 => {
+                busy_retries += 1;
+                std::thread::sleep(Duration::from_millis(50));
+            }
             Err(SourceError::EpochBehind { held }) if attempts < 2 => {
                 attempts += 1;
                 tracing::info!(
