@@ -185,6 +185,8 @@ struct Writer {
     log: Arc<Mutex<Vec<Write>>>,
     stop: Arc<AtomicBool>,
     done: Arc<AtomicU64>,
+    /// Writes that failed and were retried on a new connection.
+    retries: Arc<AtomicU64>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -193,13 +195,15 @@ impl Writer {
         let log = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
         let done = Arc::new(AtomicU64::new(0));
+        let retries = Arc::new(AtomicU64::new(0));
         let sockets: Vec<(PathBuf, String)> = rig
             .disks
             .iter()
             .map(|(n, _, _, s)| (s.clone(), n.clone()))
             .collect();
         let thread = {
-            let (log, stop, done) = (log.clone(), stop.clone(), done.clone());
+            let (log, stop, done, retried) =
+                (log.clone(), stop.clone(), done.clone(), retries.clone());
             std::thread::spawn(move || {
                 let mut rng = Rng::new(seed);
                 let connect = |i: usize| {
@@ -229,7 +233,10 @@ impl Writer {
                     loop {
                         match clients[disk].write(w.offset, &buf) {
                             Ok(()) => break,
-                            Err(_) => clients[disk] = connect(disk),
+                            Err(_) => {
+                                retried.fetch_add(1, Ordering::Relaxed);
+                                clients[disk] = connect(disk);
+                            }
                         }
                     }
                     done.store(seq, Ordering::Release);
@@ -243,6 +250,7 @@ impl Writer {
             log,
             stop,
             done,
+            retries,
             thread: Some(thread),
         }
     }
@@ -577,6 +585,11 @@ fn continuous_replication_rides_out_kill_9_of_engine_and_target() {
         assert_point_in_time(&rig.replicas(), &rig.initial, &log),
         log.len() as u64
     );
+    assert_eq!(
+        writer.retries.load(Ordering::Relaxed),
+        0,
+        "killing the engine or the target never disturbed the guest's I/O"
+    );
     let source_log = std::fs::read_to_string(rig.dir.path().join("source.log")).unwrap_or_default();
     let durable: Vec<&str> = source_log
         .lines()
@@ -595,4 +608,46 @@ fn continuous_replication_rides_out_kill_9_of_engine_and_target() {
         durable.len(),
         log.len()
     );
+}
+
+/// The image changed while no shim ran: tracking cannot be trusted, the shim says so
+/// (new generation, `resync_required`), the next sync is a checksum compare whatever
+/// the engine's records say, and the flag clears once it is done.
+#[test]
+fn an_image_changed_behind_the_shim_forces_one_seeded_resync() {
+    let seed = test_seed("live_untrusted");
+    let mut rig = Rig::new(seed, "");
+    sync_ok(&rig.config, &[]);
+    let before = rig.shim_status();
+    // Clean stop, then a write nobody tracked.
+    if let Some(mut c) = rig.shim.take() {
+        // SAFETY: kill(2) with a pid of our own child, still unreaped.
+        unsafe { libc::kill(c.id() as libc::pid_t, libc::SIGTERM) };
+        assert!(c.wait().unwrap().success(), "{}", rig.shim_log());
+    }
+    std::thread::sleep(Duration::from_millis(20)); // mtime granularity
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&rig.disks[1].1)
+            .unwrap();
+        f.write_all_at(&[0x5a; 8192], 3 << 20).unwrap();
+    }
+    rig.start_shim();
+    let after = rig.shim_status();
+    let data = &after["disks"][1];
+    assert_eq!(data["resync_required"], true, "{after}");
+    assert_eq!(data["resync_reason"], "image-modified", "{after}");
+    assert_ne!(
+        data["generation_id"], before["disks"][1]["generation_id"],
+        "a new generation"
+    );
+    assert_eq!(after["disks"][0]["resync_required"], false, "{after}");
+    let r = sync_ok(&rig.config, &[]);
+    assert_eq!(modes(&r), ["changed", "seeded"], "{r}");
+    assert_eq!(rig.replicas(), rig.images(), "the untracked write reached the replica");
+    assert_eq!(rig.shim_status()["disks"][1]["resync_required"], false);
+    let r = sync_ok(&rig.config, &[]);
+    assert_eq!(modes(&r), ["changed", "changed"], "{r}");
 }
