@@ -646,8 +646,33 @@ fn an_image_changed_behind_the_shim_forces_one_seeded_resync() {
     assert_eq!(after["disks"][0]["resync_required"], false, "{after}");
     let r = sync_ok(&rig.config, &[]);
     assert_eq!(modes(&r), ["changed", "seeded"], "{r}");
-    assert_eq!(rig.replicas(), rig.images(), "the untracked write reached the replica");
+    assert_eq!(
+        rig.replicas(),
+        rig.images(),
+        "the untracked write reached the replica"
+    );
     assert_eq!(rig.shim_status()["disks"][1]["resync_required"], false);
     let r = sync_ok(&rig.config, &[]);
     assert_eq!(modes(&r), ["changed", "changed"], "{r}");
+}
+
+/// While the target is unreachable the guest is never paused: the engine reaches the
+/// target before it freezes.
+#[test]
+fn an_unreachable_target_costs_the_guest_no_freeze() {
+    let seed = test_seed("live_target_down");
+    let mut rig = Rig::new(seed, "");
+    sync_ok(&rig.config, &[]);
+    let pauses = |rig: &Rig| rig.shim_status()["pauses"]["count"].as_u64().unwrap();
+    let before = pauses(&rig);
+    rig.target.kill();
+    let r = common::sync(&rig.config, &[]);
+    assert!(!r.success());
+    assert!(r.stderr.contains("cannot reach the target"), "{}", r.stderr);
+    assert_eq!(pauses(&rig), before, "no freeze for an epoch that cannot go anywhere");
+    let (config, port) = (rig.target.config.clone(), rig.target.port);
+    rig.target = TargetProc::spawn(&config, port).unwrap();
+    let r = sync_ok(&rig.config, &[]);
+    assert_eq!(modes(&r), ["changed", "changed"], "{r}");
+    assert_eq!(pauses(&rig), before + 1);
 }

@@ -6,7 +6,7 @@
 //!
 //! | request | reply |
 //! |---------|-------|
-//! | `status` | `{"ok":true,"epoch":null or {"id","owned"},"pauses":{"count","last_us","max_us","total_us"},"disks":[{"name","path","generation_id","block_size","block_count","dirty_blocks","frozen_blocks","resync_required","resync_reason","bitmap_syncs","marks_waited","tracking_failed","connections"}]}` |
+//! | `status` | `{"ok":true,"epoch":null or {"id","owned","disks"},"pauses":{"count","last_us","max_us","total_us"},"disks":[{"name","path","generation_id","block_size","block_count","dirty_blocks","frozen_blocks","resync_required","resync_reason","bitmap_syncs","marks_waited","tracking_failed","connections"}]}` |
 //! | `freeze [disks=NAME,…] [whole=NAME,…]` | `{"ok":true,"epoch":"<16 hex>","pause_us":N,"disks":[{"name","path","generation_id","resync_required","resync_reason","block_size","disk_size","frozen_blocks","whole_disk","bitmap","map","scratch"}]}` |
 //! | `check <epoch>` | `{"ok":true}` if the epoch is still frozen and intact on every disk |
 //! | `commit <epoch>` | `{"ok":true}` once the committed bits are cleared durably |
@@ -230,6 +230,14 @@ impl Client<'_> {
                 if chosen.is_empty() {
                     return err("no disk to freeze");
                 }
+                if let Some(w) = whole
+                    .iter()
+                    .find(|w| !chosen.iter().any(|d| &d.disk.name == *w))
+                {
+                    return err(format!(
+                        "`whole=` names `{w}`, which is not among the disks to freeze"
+                    ));
+                }
                 let id = self.state.next_epoch.fetch_add(1, Ordering::Relaxed);
                 {
                     let mut owner = self.owner();
@@ -274,7 +282,11 @@ impl Client<'_> {
                 };
                 let result = match cmd {
                     "check" => shim::check(&frozen),
-                    "commit" => shim::finish(&frozen, true),
+                    // A broken epoch is never committed: its bits go back and the
+                    // engine hears why.
+                    "commit" => shim::check(&frozen)
+                        .and_then(|()| shim::finish(&frozen, true))
+                        .or_else(|e| shim::finish(&frozen, false).and(Err(e))),
                     _ => shim::finish(&frozen, false),
                 };
                 if cmd != "check" {

@@ -334,7 +334,7 @@ pub fn sync(job: &SyncJob) -> Result<SyncReport, SourceError> {
                 disks.push(open_disk(job, spec)?);
             }
             let views = vec![None; disks.len()];
-            let (epoch, stats, applied) = run_epoch(job, &mut disks, &views, &mut || Ok(()))?;
+            let (epoch, stats, applied) = run_epoch(job, &mut disks, &views, &mut || Ok(()), None)?;
             Ok(report(job, &disks, epoch, &stats, applied, started, None))
         }
     }
@@ -404,6 +404,9 @@ fn sync_live(job: &SyncJob, mut control: live::ShimControl) -> Result<SyncReport
         .filter(|(_, _, w)| *w)
         .map(|(s, _, _)| s.name.as_str())
         .collect();
+    // Reach the target before freezing: while it is unreachable the guest is never
+    // paused for an epoch that cannot go anywhere.
+    let connection = open_connection(job)?;
     // From here on, any early return drops `control`, which aborts the epoch: the shim
     // puts its bits back.
     let epoch = control.freeze(&names, &whole)?;
@@ -468,20 +471,31 @@ fn sync_live(job: &SyncJob, mut control: live::ShimControl) -> Result<SyncReport
     }
     let view_refs: Vec<Option<&filter_driver_shim::epoch::EpochView>> =
         views.iter().map(Option::as_ref).collect();
-    let (number, stats, applied) = run_epoch(job, &mut disks, &view_refs, &mut || {
-        // Every read is done: if the shim kept the epoch intact until now, what was
-        // read is the frozen point in time.
-        control.check(&epoch)
-    })?;
+    let (number, stats, applied) = run_epoch(
+        job,
+        &mut disks,
+        &view_refs,
+        &mut || {
+            // Every read is done: if the shim kept the epoch intact until now, what was
+            // read is the frozen point in time.
+            control.check(&epoch)
+        },
+        Some(connection),
+    )?;
     // The target holds the epoch (and the state files say so): the shim may forget
     // the bits. If this fails they stay, and the next epoch carries them again.
     if let Err(e) = control.commit(&epoch) {
         tracing::warn!("epoch {number} is durable on the target but the shim did not clear its bits ({e}); the next epoch resends them");
     }
-    for (d, frozen) in disks.iter().zip(&epoch.disks) {
-        if frozen.shim.resync_required.is_some()
-            && matches!(d.mode, SyncMode::Seeded | SyncMode::Full)
-        {
+    // A disk whose shim still owes a resync is now in sync at the shim's generation,
+    // whatever mode carried it (a changed epoch means an earlier whole-disk epoch of
+    // this generation was acknowledged, and its `resync-done` may have been lost).
+    for d in &disks {
+        let owed = epoch
+            .disks
+            .iter()
+            .any(|f| f.shim.name == d.spec.name && f.shim.resync_required.is_some());
+        if owed {
             if let Err(e) = control.resync_done(&d.spec.name, &d.generation) {
                 tracing::warn!(disk = %d.spec.name, "cannot tell the shim the resync is done: {e}");
             }
@@ -515,12 +529,17 @@ fn run_epoch(
     disks: &mut [OpenedDisk],
     views: &[Option<&filter_driver_shim::epoch::EpochView>],
     before_commit: &mut dyn FnMut() -> Result<(), SourceError>,
+    mut connected: Option<Connection>,
 ) -> Result<(u64, PipelineStats, u64), SourceError> {
     let mut attempts = 0;
     let mut busy_retries = 0;
     let (epoch, stats, applied) = loop {
         let epoch = disks.iter().map(|d| d.base_epoch).max().unwrap_or(0) + 1;
-        match session_once(job, disks, views, epoch, before_commit) {
+        let conn = match connected.take() {
+            Some(c) => c,
+            None => open_connection(job)?,
+        };
+        match session_once(job, disks, views, epoch, before_commit, conn) {
             // Right after giving a session up, the target may still be releasing it.
             Err(SourceError::Protocol(ProtocolError::Remote {
                 code: crate::protocol::ErrorCode::Busy,
@@ -553,14 +572,14 @@ fn run_epoch(
     Ok((epoch, stats, applied))
 }
 
-/// One session: connect, authenticate, stream the epoch, wait for the acknowledgement.
-fn session_once(
-    job: &SyncJob,
-    disks: &mut [OpenedDisk],
-    views: &[Option<&filter_driver_shim::epoch::EpochView>],
-    epoch: u64,
-    before_commit: &mut dyn FnMut() -> Result<(), SourceError>,
-) -> Result<(PipelineStats, u64), SourceError> {
+/// An authenticated connection to the target.
+struct Connection {
+    reader: FrameReader<std::io::BufReader<TcpStream>>,
+    writer: FrameWriter<TcpStream>,
+}
+
+/// Connects to the target and authenticates.
+fn open_connection(job: &SyncJob) -> Result<Connection, SourceError> {
     let stream = connect(&job.target, job.connect_timeout)?;
     stream
         .set_read_timeout(Some(job.io_timeout))
@@ -577,7 +596,22 @@ fn session_once(
     let mut reader = FrameReader::new(std::io::BufReader::with_capacity(64 << 10, read_half));
     let mut writer = FrameWriter::new(stream);
     auth::client_handshake(&mut reader, &mut writer, &job.psk)?;
+    Ok(Connection { reader, writer })
+}
 
+/// One session on `conn`: stream the epoch, wait for the acknowledgement.
+fn session_once(
+    job: &SyncJob,
+    disks: &mut [OpenedDisk],
+    views: &[Option<&filter_driver_shim::epoch::EpochView>],
+    epoch: u64,
+    before_commit: &mut dyn FnMut() -> Result<(), SourceError>,
+    conn: Connection,
+) -> Result<(PipelineStats, u64), SourceError> {
+    let Connection {
+        mut reader,
+        mut writer,
+    } = conn;
     let watch_fd = std::os::fd::AsRawFd::as_raw_fd(writer.get_ref());
     let result = run_session(
         job,
