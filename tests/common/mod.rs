@@ -7,6 +7,8 @@
 
 #![allow(dead_code)]
 
+pub mod nbd;
+
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
