@@ -669,7 +669,11 @@ fn an_unreachable_target_costs_the_guest_no_freeze() {
     let r = common::sync(&rig.config, &[]);
     assert!(!r.success());
     assert!(r.stderr.contains("cannot reach the target"), "{}", r.stderr);
-    assert_eq!(pauses(&rig), before, "no freeze for an epoch that cannot go anywhere");
+    assert_eq!(
+        pauses(&rig),
+        before,
+        "no freeze for an epoch that cannot go anywhere"
+    );
     let (config, port) = (rig.target.config.clone(), rig.target.port);
     rig.target = TargetProc::spawn(&config, port).unwrap();
     let r = sync_ok(&rig.config, &[]);

@@ -10,8 +10,8 @@
 //!   backing file and in the bitmap;
 //! * the independent client as a sequential (QD1) writer cut by kill -9: exactly the
 //!   acknowledged writes are tracked;
-//! * a second start on the same config while a shim runs (ignored until the shim bug
-//!   it demonstrates is fixed).
+//! * a second start on the same config while a shim runs: refused by the disk's lock
+//!   before it touches the running shim's files.
 //!
 //! `qemu-io` is driven interactively through its stdin: it prints each command's result
 //! (and flushes) before it reads the next command, so the test knows exactly which
@@ -891,7 +891,6 @@ fn sequential_writer_survives_kill9_with_every_acknowledged_block_tracked() {
 /// running shim acknowledges afterwards must still reach the bitmap file, so that a
 /// crash of the running shim loses no tracked block.
 #[test]
-#[ignore = "shim bug: a second start replaces the running shim's bitmap file (rename) before it finds the socket taken"]
 fn second_start_fails_without_disturbing_the_running_shim() {
     let s = setup(16 * MIB);
     let shim = ShimProc::start(&s);

@@ -93,6 +93,8 @@ pub enum ShimError {
         #[source]
         source: io::Error,
     },
+    #[error("disk `{disk}`: another shim running serves it (lock {} is held)", lock.display())]
+    AlreadyServed { disk: String, lock: PathBuf },
     #[error("two disks share the name or socket `{0}`")]
     Duplicate(String),
 }
@@ -310,6 +312,42 @@ pub(crate) struct ServedDisk {
     connections: AtomicUsize,
     /// Live connections: a clone of each stream (to stop it) and its thread.
     live: Mutex<Vec<(Stream, JoinHandle<()>)>>,
+    /// The disk's lock, held while this shim serves it.
+    _lock: fs::File,
+}
+
+/// Takes the disk's exclusive lock (`<state file>.lock`, flock), before anything of
+/// the disk is opened or written: a second shim on the same state must fail without
+/// replacing the running one's bitmap or state files.
+fn lock_disk(disk: &ShimDisk) -> Result<fs::File, ShimError> {
+    let path = PathBuf::from(format!("{}.lock", disk.state_path.display()));
+    let io = |op: &'static str| {
+        let disk = disk.name.clone();
+        move |source| ShimError::Io { disk, op, source }
+    };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        fs::create_dir_all(dir).map_err(io("create the state directory"))?;
+    }
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(io("open the disk's lock file"))?;
+    // SAFETY: flock(2) on a descriptor we own for the duration of the call; the lock
+    // lives as long as the returned file.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        let err = io::Error::last_os_error();
+        if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            return Err(ShimError::AlreadyServed {
+                disk: disk.name.clone(),
+                lock: path,
+            });
+        }
+        return Err(io("lock the disk")(err));
+    }
+    Ok(file)
 }
 
 impl ServedDisk {
@@ -393,6 +431,7 @@ fn poll_readable(listener: &UnixListener, timeout_ms: i32) -> bool {
 }
 
 fn open_disk(disk: &ShimDisk) -> Result<ServedDisk, ShimError> {
+    let lock = lock_disk(disk)?;
     let backing = Backing::open(&disk.path).map_err(|source| ShimError::OpenBacking {
         disk: disk.name.clone(),
         path: disk.path.clone(),
@@ -438,6 +477,7 @@ fn open_disk(disk: &ShimDisk) -> Result<ServedDisk, ShimError> {
         disk: disk.clone(),
         connections: AtomicUsize::new(0),
         live: Mutex::new(Vec::new()),
+        _lock: lock,
     })
 }
 

@@ -1,6 +1,8 @@
-//! A small synchronous NBD client for integration tests, written from the NBD protocol
-//! specification (NetworkBlockDevice/nbd `doc/proto.md`), not from the shim's own
-//! code, so that it checks the server independently.
+//! A small synchronous NBD client, written from the NBD protocol specification
+//! (NetworkBlockDevice/nbd `doc/proto.md`) and sharing no code with this crate's
+//! server, so that tests driving the server through it check it independently.
+//! `ferry demo` uses it as its guest stand-in; the integration tests use it as a
+//! sequential writer (`tests/common/nbd.rs` re-exports it).
 //!
 //! Scope: a Unix socket, the fixed newstyle handshake, `NBD_OPT_GO` with an export
 //! name, simple replies only (structured replies are never negotiated, so a structured
