@@ -109,6 +109,7 @@ for rep in $(seq "$reps"); do
     # Without the engine: tracking (write-intent) only.
     read -r iops mbs < <(fio_run "$name" "$2" "$3" "$4")
     res[$name,off]+="$iops/$mbs "
+    off_now="$iops/$mbs"
     # With continuous replication.
     before=$(status | json 'd["pauses"]["count"]')
     "$ferry" source --config "$work/source.toml" 2>>"$work/source.log" &
@@ -121,7 +122,7 @@ for rep in $(seq "$reps"); do
     res[$name,epochs]+="$((count - before)) "
     res[$name,pause]+="$(echo "$st" | json 'd["pauses"]["max_us"]') "
     res[$name,mean]+="$(echo "$st" | json 'round(d["pauses"]["total_us"]/max(1,d["pauses"]["count"]))') "
-    echo "rep $rep $name: off ${res[$name,off]##* } on ${iops}/${mbs}" >&2
+    echo "rep $rep $name: IOPS/MBps tracking only $off_now, with ferry source ${iops}/${mbs}" >&2
   done
 done
 # Catch up and verify the replica once.
