@@ -335,7 +335,7 @@ pub fn sync(job: &SyncJob) -> Result<SyncReport, SourceError> {
             }
             let views = vec![None; disks.len()];
             let (epoch, stats, applied) = run_epoch(job, &mut disks, &views, &mut || Ok(()), None)?;
-            Ok(report(job, &disks, epoch, &stats, applied, started, None))
+            Ok(report(&disks, epoch, &stats, applied, started, None))
         }
     }
 }
@@ -502,7 +502,6 @@ fn sync_live(job: &SyncJob, mut control: live::ShimControl) -> Result<SyncReport
         }
     }
     Ok(report(
-        job,
         &disks,
         number,
         &stats,
@@ -628,7 +627,6 @@ fn session_once(
 }
 
 fn report(
-    job: &SyncJob,
     disks: &[OpenedDisk],
     epoch: u64,
     stats: &PipelineStats,
@@ -636,7 +634,6 @@ fn report(
     started: Instant,
     live: Option<&live::LiveEpoch>,
 ) -> SyncReport {
-    let _ = job;
     let seconds = started.elapsed().as_secs_f64();
     let bytes_logical: u64 = disks.iter().map(|d| d.disk.size()).sum();
     SyncReport {
