@@ -63,3 +63,62 @@ mod tests {
         );
     }
 }
+
+/// How [`lock`] waits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LockMode {
+    /// Shared with other shared holders; waits for an exclusive holder.
+    SharedWait,
+    /// Alone; waits for every other holder.
+    ExclusiveWait,
+    /// Alone, or `Ok(None)` at once if anyone else holds it.
+    ExclusiveTry,
+}
+
+/// Takes an advisory `flock` on `path` (created if missing). The lock lives as long
+/// as the returned file; the kernel drops it when the process dies, kill -9 included.
+pub fn lock(path: &Path, mode: LockMode) -> io::Result<Option<File>> {
+    use std::os::fd::AsRawFd;
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)?;
+    let op = match mode {
+        LockMode::SharedWait => libc::LOCK_SH,
+        LockMode::ExclusiveWait => libc::LOCK_EX,
+        LockMode::ExclusiveTry => libc::LOCK_EX | libc::LOCK_NB,
+    };
+    loop {
+        // SAFETY: flock(2) on a descriptor we own for the duration of the call; it has
+        // no memory effects.
+        if unsafe { libc::flock(file.as_raw_fd(), op) } == 0 {
+            return Ok(Some(file));
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EINTR) => continue,
+            Some(libc::EWOULDBLOCK) if mode == LockMode::ExclusiveTry => return Ok(None),
+            _ => return Err(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod lock_tests {
+    use super::*;
+
+    #[test]
+    fn exclusive_try_fails_while_held_and_succeeds_after() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.lock");
+        let shared = lock(&path, LockMode::SharedWait).unwrap().unwrap();
+        let also_shared = lock(&path, LockMode::SharedWait).unwrap();
+        assert!(also_shared.is_some(), "shared holders coexist");
+        assert!(lock(&path, LockMode::ExclusiveTry).unwrap().is_none());
+        drop((shared, also_shared));
+        let held = lock(&path, LockMode::ExclusiveTry).unwrap();
+        assert!(held.is_some());
+        assert!(lock(&path, LockMode::ExclusiveTry).unwrap().is_none());
+    }
+}

@@ -669,31 +669,18 @@ struct EngineLock {
 impl EngineLock {
     fn acquire(state_dir: &Path) -> Result<EngineLock, SourceError> {
         let path = state_dir.join("engine.lock");
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(|e| SourceError::State {
-                path: path.clone(),
-                problem: e.to_string(),
-            })?;
-        // SAFETY: flock(2) on a descriptor we own for the duration of the call; the
-        // lock lives as long as the returned file.
-        let rc = unsafe {
-            libc::flock(
-                std::os::fd::AsRawFd::as_raw_fd(&file),
-                libc::LOCK_EX | libc::LOCK_NB,
-            )
-        };
-        if rc != 0 {
-            return Err(SourceError::Busy(format!(
+        match crate::durable::lock(&path, crate::durable::LockMode::ExclusiveTry) {
+            Ok(Some(file)) => Ok(EngineLock { _held: file }),
+            Ok(None) => Err(SourceError::Busy(format!(
                 "another ferry sync or ferry source is using {} (lock {})",
                 state_dir.display(),
                 path.display()
-            )));
+            ))),
+            Err(e) => Err(SourceError::State {
+                path,
+                problem: format!("flock: {e}"),
+            }),
         }
-        Ok(EngineLock { _held: file })
     }
 }
 

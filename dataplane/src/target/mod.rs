@@ -247,38 +247,24 @@ pub fn apply_lock(
     state_dir: &std::path::Path,
     exclusive: bool,
 ) -> Result<std::fs::File, TargetError> {
-    use std::os::fd::AsRawFd;
+    use crate::durable::LockMode;
     crate::durable::ensure_dir(state_dir).map_err(|e| TargetError::State {
         path: state_dir.to_path_buf(),
         problem: e.to_string(),
     })?;
     let path = state_dir.join("apply.lock");
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .map_err(|e| TargetError::State {
-            path: path.clone(),
-            problem: e.to_string(),
-        })?;
-    let op = if exclusive {
-        libc::LOCK_EX
+    let mode = if exclusive {
+        LockMode::ExclusiveWait
     } else {
-        libc::LOCK_SH
+        LockMode::SharedWait
     };
-    loop {
-        // SAFETY: flock on an open descriptor has no memory effects.
-        if unsafe { libc::flock(file.as_raw_fd(), op) } == 0 {
-            return Ok(file);
-        }
-        let e = std::io::Error::last_os_error();
-        if e.kind() != std::io::ErrorKind::Interrupted {
-            return Err(TargetError::State {
-                path,
-                problem: format!("flock: {e}"),
-            });
-        }
+    match crate::durable::lock(&path, mode) {
+        Ok(Some(file)) => Ok(file),
+        Ok(None) => unreachable!("a waiting lock is always taken"),
+        Err(e) => Err(TargetError::State {
+            path,
+            problem: format!("flock: {e}"),
+        }),
     }
 }
 
