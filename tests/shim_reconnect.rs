@@ -29,7 +29,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::nbd::{self, connect_retry, nbd_errno, NbdClient};
-use common::{create_sparse, keygen, scratch_dir, source_toml, test_seed, toml_path, Rng, BLOCK};
+use common::{
+    create_sparse, drain, keygen, scratch_dir, source_toml, test_seed, toml_path, Rng, BLOCK,
+};
 use filter_driver_shim::bitmap::ChangedBlockBitmap;
 
 const MIB: u64 = 1 << 20;
@@ -79,22 +81,6 @@ fn setup(size: u64) -> Setup {
         socket,
         _dir: dir,
     }
-}
-
-/// Collects a child's output on a thread so the child never blocks on a full pipe.
-fn drain(mut r: impl Read + Send + 'static) -> Arc<Mutex<Vec<u8>>> {
-    let buf = Arc::new(Mutex::new(Vec::new()));
-    let b = Arc::clone(&buf);
-    std::thread::spawn(move || {
-        let mut chunk = [0u8; 8192];
-        loop {
-            match r.read(&mut chunk) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => b.lock().unwrap().extend_from_slice(&chunk[..n]),
-            }
-        }
-    });
-    buf
 }
 
 fn text(buf: &Arc<Mutex<Vec<u8>>>) -> String {

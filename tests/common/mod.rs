@@ -214,7 +214,7 @@ pub fn free_port() -> u16 {
 // Processes.
 
 /// Collects a child's stream on a thread so the child never blocks on a full pipe.
-fn drain(mut r: impl Read + Send + 'static) -> Arc<Mutex<Vec<u8>>> {
+pub fn drain(mut r: impl Read + Send + 'static) -> Arc<Mutex<Vec<u8>>> {
     let buf = Arc::new(Mutex::new(Vec::new()));
     let b = Arc::clone(&buf);
     std::thread::spawn(move || {
