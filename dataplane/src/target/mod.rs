@@ -142,6 +142,11 @@ pub(crate) struct Shared {
     /// Disks held by a live session: a replica has one writer at a time.
     pub busy: Mutex<HashSet<String>>,
     pub sessions: AtomicUsize,
+    /// Undo logs of abandoned epochs whose rollback failed (EIO, a vanished device),
+    /// with their disks. Those disks stay in `busy` — between epochs, no session may
+    /// write or read them — until the next session that asks for one of them
+    /// completes the rollback.
+    pub quarantine: Mutex<Vec<(std::path::PathBuf, Vec<String>)>>,
 }
 
 /// A bound, not yet serving, target. Split from [`Target::serve`] so callers (tests,
@@ -178,6 +183,7 @@ impl Target {
                 job,
                 busy: Mutex::new(HashSet::new()),
                 sessions: AtomicUsize::new(0),
+                quarantine: Mutex::new(Vec::new()),
             }),
         })
     }

@@ -403,12 +403,24 @@ fn serve<R: std::io::Read, W: std::io::Write>(
                     .find(|d| d.name == n)
                     .map(|d| d.path.clone())
             };
+            let (log, log_disks) = (undo.path().to_path_buf(), undo.disk_names());
             match undo.roll_back(&lookup) {
                 Ok(r) => tracing::warn!("epoch {epoch} abandoned: {r:?}"),
-                Err(re) => tracing::error!(
-                    "epoch {epoch} abandoned and its rollback failed: {}; restart the target to retry recovery",
-                    super::chain(&re)
-                ),
+                Err(re) => {
+                    tracing::error!(
+                        "epoch {epoch} abandoned and its rollback failed: {}; its disks stay out of service until a later session completes the rollback",
+                        super::chain(&re)
+                    );
+                    // The replicas are between epochs: keep their disks claimed (the
+                    // guard must not release them) and remember the log.
+                    shared
+                        .quarantine
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push((log, log_disks));
+                    let mut busy = busy;
+                    busy.names.clear();
+                }
             }
             Err(e)
         }
@@ -475,6 +487,7 @@ fn open<'s>(
         }
         names.push(name.to_string());
     }
+    finish_quarantined(shared, &names)?;
     let guard = {
         let mut busy = shared.busy.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(n) = names.iter().find(|n| busy.contains(*n)) {
@@ -583,6 +596,48 @@ fn open<'s>(
         ));
     }
     Ok((epoch, opened, guard))
+}
+
+/// Completes the rollback of every quarantined epoch that holds one of `names` (its
+/// disks are reserved for it, so writing them is safe); on success they return to
+/// service. If a rollback still fails, the session is refused, saying why.
+fn finish_quarantined(shared: &Shared, names: &[String]) -> Result<(), TargetError> {
+    let job = &shared.job;
+    let lookup = |n: &str| {
+        job.disks
+            .iter()
+            .find(|d| d.name == n)
+            .map(|d| d.path.clone())
+    };
+    let mut quarantine = shared.quarantine.lock().unwrap_or_else(|p| p.into_inner());
+    let mut i = 0;
+    while i < quarantine.len() {
+        if !quarantine[i].1.iter().any(|d| names.contains(d)) {
+            i += 1;
+            continue;
+        }
+        match super::undo::recover_one(&job.state_dir, &quarantine[i].0, &lookup) {
+            Ok(r) => {
+                tracing::warn!("finished an interrupted epoch's rollback: {r:?}");
+                let (_, disks) = quarantine.remove(i);
+                let mut busy = shared.busy.lock().unwrap_or_else(|p| p.into_inner());
+                for d in &disks {
+                    busy.remove(d);
+                }
+            }
+            Err(e) => {
+                return Err(TargetError::reject(
+                    ErrorCode::Io,
+                    format!(
+                        "disk(s) {}: the replica is between epochs because rolling back an abandoned epoch failed: {}; the next session retries",
+                        quarantine[i].1.join(", "),
+                        super::chain(&e)
+                    ),
+                ))
+            }
+        }
+    }
+    Ok(())
 }
 
 fn seeded<'a>(

@@ -207,6 +207,16 @@ impl UndoLog {
 impl UndoLog {
     /// Undoes this (uncommitted) epoch now: restores every logged byte and removes the
     /// log. Used when a session fails while the target keeps running.
+    /// Where the log lives.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The disks the log covers.
+    pub fn disk_names(&self) -> Vec<String> {
+        self.disks.iter().map(|d| d.name.clone()).collect()
+    }
+
     pub fn roll_back(
         self,
         replica_path: &dyn Fn(&str) -> Option<PathBuf>,
@@ -299,7 +309,7 @@ pub fn recover(
     Ok(done)
 }
 
-fn recover_one(
+pub(crate) fn recover_one(
     state_dir: &Path,
     path: &Path,
     replica_path: &dyn Fn(&str) -> Option<PathBuf>,
