@@ -667,9 +667,23 @@ struct EngineLock {
 }
 
 impl EngineLock {
+    /// How long a taken lock is waited for. Another engine holds it for a whole
+    /// epoch; but a process forked by this one (or by a thread of a test) holds the
+    /// descriptor for the moment between fork and exec, which must not fail a sync.
+    const PATIENCE: Duration = Duration::from_secs(2);
+
     fn acquire(state_dir: &Path) -> Result<EngineLock, SourceError> {
         let path = state_dir.join("engine.lock");
-        match crate::durable::lock(&path, crate::durable::LockMode::ExclusiveTry) {
+        let deadline = Instant::now() + Self::PATIENCE;
+        let held = loop {
+            match crate::durable::lock(&path, crate::durable::LockMode::ExclusiveTry) {
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                other => break other,
+            }
+        };
+        match held {
             Ok(Some(file)) => Ok(EngineLock { _held: file }),
             Ok(None) => Err(SourceError::Busy(format!(
                 "another ferry sync or ferry source is using {} (lock {})",
