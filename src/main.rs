@@ -330,6 +330,18 @@ fn source_loop(config: &std::path::Path) -> Result<(), String> {
 fn shim(config: &std::path::Path) -> Result<(), String> {
     let cfg = load(config)?;
     let source = cfg.require_source("shim").map_err(|e| chain(&e))?;
+    // `[source] io_engine` drives the shim's backing stores too; the environment
+    // variable FERRY_SHIM_IO_ENGINE overrides it (forcing the fallback without editing
+    // the config, and running the test suites once per engine).
+    use filter_driver_shim::backing::IoEngine;
+    let engine = match IoEngine::from_env()? {
+        Some(e) => e,
+        None => match source.io_engine {
+            dataplane::config::IoEngineKind::Auto => IoEngine::Auto,
+            dataplane::config::IoEngineKind::Uring => IoEngine::Uring,
+            dataplane::config::IoEngineKind::Sync => IoEngine::Sync,
+        },
+    };
     let mut disks = Vec::with_capacity(cfg.disks.len());
     for d in &cfg.disks {
         let socket = d.nbd_socket.as_ref().ok_or_else(|| {
@@ -339,13 +351,15 @@ fn shim(config: &std::path::Path) -> Result<(), String> {
                 d.name
             )
         })?;
-        disks.push(filter_driver_shim::ShimDisk::in_state_dir(
+        let mut disk = filter_driver_shim::ShimDisk::in_state_dir(
             &d.name,
             &d.path,
             socket,
             &source.state_dir,
             source.block_size_bytes(),
-        ));
+        );
+        disk.io_engine = engine;
+        disks.push(disk);
     }
     install_stop_handlers();
     let control = source.state_dir.join(source::SHIM_CONTROL_SOCKET);

@@ -4,10 +4,15 @@
 //! All I/O is positional (`pread`/`pwrite`), so any number of worker threads share
 //! one descriptor without a lock. I/O goes through the page cache, like `qemu-nbd
 //! --cache=writeback`; durability comes from `fdatasync` on FLUSH and FUA.
+//!
+//! Two engines drive the data path of a connection ([`IoEngine`]): a pool of worker
+//! threads calling the methods below, or one thread per connection with an io_uring
+//! (`nbd::uring`) that issues the same operations on [`Backing::as_raw_fd`].
 
+use std::fmt;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
@@ -16,8 +21,69 @@ use crate::nbd::proto::{ZeroMode, STATE_HOLE, STATE_ZERO};
 /// Zeros written when the file system cannot zero a range by itself. 1 MiB: large
 /// enough that a fallback zeroing loop makes few system calls, small enough to live in
 /// `.bss` without anyone noticing.
-const ZERO_CHUNK_BYTES: usize = 1 << 20;
-static ZEROS: [u8; ZERO_CHUNK_BYTES] = [0; ZERO_CHUNK_BYTES];
+pub(crate) const ZERO_CHUNK_BYTES: usize = 1 << 20;
+pub(crate) static ZEROS: [u8; ZERO_CHUNK_BYTES] = [0; ZERO_CHUNK_BYTES];
+
+/// How the backing store is driven: the `[source] io_engine` key of `ferry shim`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum IoEngine {
+    /// io_uring when the kernel allows it (probed once at start), else the thread
+    /// pool, with one warning.
+    #[default]
+    Auto,
+    /// io_uring, or refuse to start.
+    Uring,
+    /// The thread pool: `pread`/`pwrite` from worker threads. The reference path.
+    Sync,
+}
+
+impl IoEngine {
+    /// The variable that overrides the configured engine (tests run every suite with
+    /// each engine through it; operators can force the fallback without editing a
+    /// config).
+    pub const ENV: &'static str = "FERRY_SHIM_IO_ENGINE";
+
+    /// The engine named by [`IoEngine::ENV`], if set.
+    pub fn from_env() -> Result<Option<IoEngine>, String> {
+        match std::env::var(Self::ENV) {
+            Ok(v) if v.trim().is_empty() => Ok(None),
+            Ok(v) => v
+                .parse()
+                .map(Some)
+                .map_err(|e| format!("{}: {e}", Self::ENV)),
+            Err(std::env::VarError::NotPresent) => Ok(None),
+            Err(e) => Err(format!("{}: {e}", Self::ENV)),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IoEngine::Auto => "auto",
+            IoEngine::Uring => "uring",
+            IoEngine::Sync => "sync",
+        }
+    }
+}
+
+impl fmt::Display for IoEngine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for IoEngine {
+    type Err = String;
+    fn from_str(s: &str) -> Result<IoEngine, String> {
+        match s.trim() {
+            "auto" => Ok(IoEngine::Auto),
+            "uring" | "io_uring" => Ok(IoEngine::Uring),
+            "sync" => Ok(IoEngine::Sync),
+            other => Err(format!(
+                "unknown I/O engine `{other}` (auto, uring or sync)"
+            )),
+        }
+    }
+}
 
 /// Whether the backing store is a regular file or a block device.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -45,6 +111,15 @@ pub struct Backing {
     path: PathBuf,
     kind: BackingKind,
     size_bytes: u64,
+}
+
+/// Whether a `fallocate` error means "this store cannot do that" (then TRIM is a no-op
+/// and zeroing falls back to writing zeros) rather than a failure.
+pub(crate) fn fallocate_unsupported(errno: i32) -> bool {
+    matches!(
+        errno,
+        libc::EOPNOTSUPP | libc::ENOSYS | libc::EINVAL | libc::ENODEV
+    )
 }
 
 fn retry_eintr<T>(mut f: impl FnMut() -> io::Result<T>) -> io::Result<T> {
@@ -75,6 +150,19 @@ impl Backing {
             file,
             path: path.to_path_buf(),
             kind,
+            size_bytes,
+        })
+    }
+
+    /// Wraps an already open store (tests: a descriptor opened read-only makes every
+    /// write fail).
+    #[cfg(test)]
+    pub(crate) fn from_file(file: File, path: &Path) -> io::Result<Backing> {
+        let size_bytes = file.metadata()?.len();
+        Ok(Backing {
+            file,
+            path: path.to_path_buf(),
+            kind: BackingKind::File,
             size_bytes,
         })
     }
@@ -138,10 +226,7 @@ impl Backing {
     }
 
     fn unsupported(err: &io::Error) -> bool {
-        matches!(
-            err.raw_os_error(),
-            Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::EINVAL) | Some(libc::ENODEV)
-        )
+        err.raw_os_error().is_some_and(fallocate_unsupported)
     }
 
     /// Discards a range if the store can. TRIM is a hint, so "cannot" is success.
@@ -149,11 +234,7 @@ impl Backing {
         if len == 0 {
             return Ok(());
         }
-        match self.fallocate(
-            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-            offset,
-            len,
-        ) {
+        match self.fallocate(Self::TRIM_FLAGS, offset, len) {
             Err(e) if Self::unsupported(&e) => Ok(()),
             other => other,
         }
@@ -165,11 +246,7 @@ impl Backing {
         if len == 0 {
             return Ok(());
         }
-        let flags = match mode {
-            ZeroMode::MayPunch => libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-            ZeroMode::Allocate => libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
-        };
-        match self.fallocate(flags, offset, len) {
+        match self.fallocate(Self::zero_flags(mode), offset, len) {
             Ok(()) => return Ok(()),
             Err(e) if Self::unsupported(&e) => {}
             Err(e) => return Err(e),
@@ -187,6 +264,18 @@ impl Backing {
             done += n as u64;
         }
         Ok(())
+    }
+
+    /// Flags of the `fallocate` that [`Backing::trim`] issues.
+    pub(crate) const TRIM_FLAGS: libc::c_int =
+        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+
+    /// Flags of the `fallocate` that [`Backing::write_zeroes`] tries first.
+    pub(crate) fn zero_flags(mode: ZeroMode) -> libc::c_int {
+        match mode {
+            ZeroMode::MayPunch => libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            ZeroMode::Allocate => libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+        }
     }
 
     fn lseek(&self, offset: u64, whence: libc::c_int) -> io::Result<Option<u64>> {
@@ -234,5 +323,13 @@ impl Backing {
             pos = extent_end;
         }
         emitted
+    }
+}
+
+impl AsRawFd for Backing {
+    /// The store's descriptor, for the io_uring engine (which registers it with each
+    /// connection's ring). Valid as long as the `Backing` lives.
+    fn as_raw_fd(&self) -> RawFd {
+        self.file.as_raw_fd()
     }
 }

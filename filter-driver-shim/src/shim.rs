@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use crate::backing::Backing;
+use crate::backing::{Backing, IoEngine};
 use crate::bitmap::GenerationId;
 use crate::control;
 use crate::epoch::{EpochFiles, FrozenDisk};
@@ -21,7 +21,8 @@ use crate::nbd::{self, proto::TRANSMISSION_FLAGS, Export, ExportInfo, Stream};
 use crate::tracker::{ResyncReason, Tracker, TrackerConfig, TrackerError, TrackerStatus};
 
 /// Concurrent NBD connections per disk. QEMU uses one, nbdcopy up to four; the bound
-/// caps threads (each connection has `2 + IO_WORKERS`).
+/// caps threads (each connection has `2 + IO_WORKERS` with the thread pool, 4 with
+/// io_uring).
 pub const MAX_CONNECTIONS_PER_DISK: usize = 16;
 /// How often accept loops look at the stop flag when no client arrives.
 const ACCEPT_POLL_MS: i32 = 100;
@@ -41,6 +42,8 @@ pub struct ShimDisk {
     pub state_path: PathBuf,
     /// Tracking granularity in bytes: a power of two, 512 ..= 1 GiB.
     pub block_size: u32,
+    /// How the backing store is driven (`[source] io_engine`); `Auto` by default.
+    pub io_engine: IoEngine,
 }
 
 impl ShimDisk {
@@ -59,6 +62,7 @@ impl ShimDisk {
             bitmap_path: state_dir.join(format!("{name}.cbt")),
             state_path: state_dir.join(format!("{name}.shim-state")),
             block_size,
+            io_engine: IoEngine::Auto,
         }
     }
 }
@@ -95,6 +99,8 @@ pub enum ShimError {
     },
     #[error("disk `{disk}`: another shim running serves it (lock {} is held)", lock.display())]
     AlreadyServed { disk: String, lock: PathBuf },
+    #[error("disk `{disk}`: io_engine = \"uring\", but io_uring is unavailable: {reason}")]
+    IoEngine { disk: String, reason: String },
     #[error("two disks share the name or socket `{0}`")]
     Duplicate(String),
 }
@@ -170,7 +176,7 @@ pub(crate) fn freeze(
     {
         return Err(EpochError::UnknownDisk(unknown.clone()));
     }
-    if disks.iter().any(|d| d.export.write_gate().is_some()) {
+    if disks.iter().any(|d| d.export.gate.frozen().is_some()) {
         return Err(EpochError::AlreadyFrozen);
     }
     let mut prepared = Vec::with_capacity(disks.len());
@@ -196,19 +202,16 @@ pub(crate) fn freeze(
 
     // The pause: every gate held at once, so the cut is one instant for the group.
     let started = Instant::now();
-    let mut gates: Vec<_> = disks
-        .iter()
-        .map(|d| d.export.epoch.write().unwrap_or_else(|e| e.into_inner()))
-        .collect();
+    let gates: Vec<_> = disks.iter().map(|d| d.export.gate.drain()).collect();
     let mut frozen = Vec::with_capacity(disks.len());
-    for ((d, gate), mut f) in disks.iter().zip(gates.iter_mut()).zip(prepared) {
+    for ((d, gate), mut f) in disks.iter().zip(&gates).zip(prepared) {
         debug_assert!(
-            gate.is_none(),
+            gate.frozen().is_none(),
             "the control socket allows one epoch at a time"
         );
         d.export.tracker.freeze(&mut f.bits);
         let f = Arc::new(f);
-        **gate = Some(Arc::clone(&f));
+        gate.install(Arc::clone(&f));
         frozen.push(f);
     }
     drop(gates);
@@ -247,7 +250,7 @@ pub(crate) fn freeze(
 /// Whether every disk still holds its frozen epoch intact (no copy failed).
 pub(crate) fn check(disks: &[Arc<ServedDisk>]) -> Result<(), EpochError> {
     for d in disks {
-        let gate = d.export.write_gate();
+        let gate = d.export.gate.frozen();
         match gate.as_deref() {
             None => {
                 return Err(EpochError::NotFrozen {
@@ -271,12 +274,8 @@ pub(crate) fn check(disks: &[Arc<ServedDisk>]) -> Result<(), EpochError> {
 pub(crate) fn finish(disks: &[Arc<ServedDisk>], commit: bool) -> Result<(), EpochError> {
     let mut first_error = None;
     for d in disks {
-        let taken = d
-            .export
-            .epoch
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
+        // Drained: no write still copies into the epoch being ended.
+        let taken = d.export.gate.drain().take();
         let Some(f) = taken else { continue };
         let result = if commit && !f.is_broken() {
             d.export.tracker.commit(&f.bits)
@@ -430,7 +429,29 @@ fn poll_readable(listener: &UnixListener, timeout_ms: i32) -> bool {
     rc > 0 && pfd.revents & libc::POLLIN != 0
 }
 
+/// The engine a disk's connections use: `auto` takes io_uring when the probe (run
+/// once per process) allows it and otherwise falls back to the thread pool, saying so
+/// once; `uring` without io_uring refuses to start.
+fn resolve_engine(disk: &ShimDisk) -> Result<IoEngine, ShimError> {
+    static FALLBACK_LOGGED: std::sync::Once = std::sync::Once::new();
+    match (disk.io_engine, nbd::uring::available()) {
+        (IoEngine::Sync, _) => Ok(IoEngine::Sync),
+        (IoEngine::Auto | IoEngine::Uring, Ok(())) => Ok(IoEngine::Uring),
+        (IoEngine::Uring, Err(reason)) => Err(ShimError::IoEngine {
+            disk: disk.name.clone(),
+            reason,
+        }),
+        (IoEngine::Auto, Err(reason)) => {
+            FALLBACK_LOGGED.call_once(|| {
+                tracing::warn!(%reason, "io_uring is unavailable: the backing stores are served by the thread pool (io_engine = \"sync\")");
+            });
+            Ok(IoEngine::Sync)
+        }
+    }
+}
+
 fn open_disk(disk: &ShimDisk) -> Result<ServedDisk, ShimError> {
+    let engine = resolve_engine(disk)?;
     let lock = lock_disk(disk)?;
     let backing = Backing::open(&disk.path).map_err(|source| ShimError::OpenBacking {
         disk: disk.name.clone(),
@@ -473,6 +494,7 @@ fn open_disk(disk: &ShimDisk) -> Result<ServedDisk, ShimError> {
             },
             backing,
             tracker,
+            engine,
         )),
         disk: disk.clone(),
         connections: AtomicUsize::new(0),
@@ -581,7 +603,7 @@ impl Shim {
             sockets.push(path);
         }
         for d in disks.iter() {
-            tracing::info!(disk = %d.disk.name, socket = %d.disk.nbd_socket.display(), size_bytes = d.export.info.size_bytes, "serving NBD");
+            tracing::info!(disk = %d.disk.name, socket = %d.disk.nbd_socket.display(), size_bytes = d.export.info.size_bytes, io_engine = %d.export.engine, "serving NBD");
         }
         Ok(Shim {
             disks,

@@ -207,6 +207,12 @@ struct TrackState {
     marks_waited: u64,
 }
 
+/// Bits set by [`Tracker::mark_begin`] that are not durable yet: the group-commit
+/// batch holding them.
+#[must_use = "the write may start only after `Tracker::mark_wait` returned"]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MarkTicket(u64);
+
 /// The live tracker of one disk; shared by every connection to it.
 pub struct Tracker {
     config: TrackerConfig,
@@ -420,6 +426,23 @@ impl Tracker {
     /// Marks every block touched by `offset_bytes..offset_bytes + len_bytes` dirty and
     /// returns once those bits are durable. Call it before the write it covers.
     pub fn mark(&self, offset_bytes: u64, len_bytes: u64) -> Result<(), TrackerError> {
+        match self.mark_begin(offset_bytes, len_bytes)? {
+            None => Ok(()),
+            Some(ticket) => self.mark_wait(ticket),
+        }
+    }
+
+    /// The first half of [`Tracker::mark`], which never waits for I/O: sets the bits
+    /// and returns `None` if they are already durable, or a ticket to pass to
+    /// [`Tracker::mark_wait`] before the write they cover may start. Lets a thread
+    /// that serves many requests (the io_uring engine) go on with others while the
+    /// bits are synced, and have every write that arrives meanwhile join one group
+    /// commit.
+    pub fn mark_begin(
+        &self,
+        offset_bytes: u64,
+        len_bytes: u64,
+    ) -> Result<Option<MarkTicket>, TrackerError> {
         let end = offset_bytes
             .checked_add(len_bytes)
             .filter(|&end| end <= self.disk_size)
@@ -429,7 +452,7 @@ impl Tracker {
                 disk_size: self.disk_size,
             })?;
         if len_bytes == 0 {
-            return Ok(());
+            return Ok(None);
         }
         let mut st = self.lock();
         if st.failed {
@@ -461,10 +484,17 @@ impl Tracker {
             needed_batch = needed_batch.max(st.page_batch[p]);
         }
         if needed_batch <= st.durable_batch {
-            return Ok(());
+            return Ok(None);
         }
         st.marks_waited += 1;
-        self.wait_durable(st, needed_batch)
+        Ok(Some(MarkTicket(needed_batch)))
+    }
+
+    /// The second half of [`Tracker::mark`]: returns once the bits `ticket` stands
+    /// for are durable, syncing them (with everything pending) if no other thread is.
+    pub fn mark_wait(&self, ticket: MarkTicket) -> Result<(), TrackerError> {
+        let st = self.lock();
+        self.wait_durable(st, ticket.0)
     }
 
     /// Waits until `batch` is durable, syncing it (and everything pending with it)
@@ -742,6 +772,36 @@ mod tests {
             st.bitmap_syncs < 1 + 3 + 1600,
             "group commit batched: {st:?}"
         );
+    }
+
+    #[test]
+    fn mark_begin_never_waits_and_mark_wait_makes_the_bits_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        let size = 64 * 4096;
+        let t = Tracker::open(config(dir.path()), identity(size)).unwrap();
+        let on_disk = || {
+            ChangedBlockBitmap::load_recovering(dir.path().join("d.cbt"))
+                .unwrap()
+                .0
+        };
+        let a = t
+            .mark_begin(0, 4096)
+            .unwrap()
+            .expect("a new bit waits for a sync");
+        let b = t.mark_begin(5 * 4096, 1).unwrap().expect("so does another");
+        assert!(!on_disk().test(0).unwrap(), "nothing synced yet");
+        assert_eq!(t.status().bitmap_syncs, 0);
+        t.mark_wait(b).unwrap();
+        assert_eq!(t.status().bitmap_syncs, 1, "one sync for both");
+        t.mark_wait(a).unwrap();
+        assert_eq!(t.status().bitmap_syncs, 1);
+        assert!(on_disk().test(0).unwrap() && on_disk().test(5).unwrap());
+        assert_eq!(t.mark_begin(0, 4096).unwrap(), None, "durable: no ticket");
+        assert_eq!(t.mark_begin(0, 0).unwrap(), None);
+        assert!(matches!(
+            t.mark_begin(size, 1),
+            Err(TrackerError::OutOfRange { .. })
+        ));
     }
 
     #[test]

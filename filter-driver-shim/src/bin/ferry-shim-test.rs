@@ -1,8 +1,12 @@
 //! Test harness binary: runs the shim from command-line arguments.
 //!
 //! ```text
-//! ferry-shim-test [--control PATH] --disk name=N,path=P,socket=S,state_dir=D[,block_size=B] ...
+//! ferry-shim-test [--control PATH] [--io-engine auto|uring|sync]
+//!                 --disk name=N,path=P,socket=S,state_dir=D[,block_size=B] ...
 //! ```
+//!
+//! The engine is `auto` unless `--io-engine` names one; the `FERRY_SHIM_IO_ENGINE`
+//! environment variable overrides both (the test suites run once per engine with it).
 //!
 //! Prints `READY` on stdout once every socket listens; SIGTERM or SIGINT shut it down
 //! cleanly. `ferry shim --config FILE` is the product entry point; this exists so that
@@ -13,6 +17,7 @@ use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use filter_driver_shim::backing::IoEngine;
 use filter_driver_shim::{Shim, ShimDisk, DEFAULT_BLOCK_SIZE};
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -54,6 +59,7 @@ fn main() -> ExitCode {
         .init();
     let mut disks = Vec::new();
     let mut control = None;
+    let mut engine = IoEngine::Auto;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let value = args.next();
@@ -63,12 +69,24 @@ fn main() -> ExitCode {
                 control = Some(PathBuf::from(v));
                 Ok(())
             }
+            ("--io-engine", Some(v)) => v.parse().map(|e| engine = e),
             (other, _) => Err(format!("unexpected argument `{other}`")),
         };
         if let Err(e) = parsed {
             eprintln!("ferry-shim-test: {e}");
             return ExitCode::from(2);
         }
+    }
+    match IoEngine::from_env() {
+        Ok(Some(e)) => engine = e,
+        Ok(None) => {}
+        Err(e) => {
+            eprintln!("ferry-shim-test: {e}");
+            return ExitCode::from(2);
+        }
+    }
+    for d in &mut disks {
+        d.io_engine = engine;
     }
     for sig in [libc::SIGTERM, libc::SIGINT] {
         // SAFETY: `on_signal` is an `extern "C" fn(c_int)` that only stores to an

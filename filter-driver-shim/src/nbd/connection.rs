@@ -1,27 +1,38 @@
 //! The transmission phase of one NBD connection.
 //!
 //! ```text
-//!  socket ──► reader ──jobs (bounded)──► I/O workers ──replies (bounded)──► writer ──► socket
+//!  socket ──► reader ──jobs (bounded)──► I/O engine ──replies (bounded)──► writer ──► socket
 //!               └────────── refusals (bad range, bad flags) ──────────────────┘
 //! ```
 //!
-//! Write-intent order inside a worker: mark the tracker (returns once the bits are
-//! durable), then write the backing store, then (FUA) sync it, then reply. So a reply
-//! the client sees implies a durable bit, and a crash between the mark and the write
-//! costs at most a resync of a block that did not change.
+//! The I/O engine is one of two ([`IoEngine`], chosen per disk at start):
+//!
+//! * **io_uring** ([`super::uring`], the default where the kernel allows it): one
+//!   thread owns a ring of up to [`JOB_QUEUE_DEPTH`] requests in flight, a second
+//!   waits for bitmap syncs so that the ring never does; the reader wakes the first
+//!   through an eventfd when it sleeps.
+//! * **thread pool** (here): [`IO_WORKERS`] threads run `execute` with positional
+//!   `pread`/`pwrite`. The fallback when io_uring is unavailable, and the reference.
+//!
+//! Write-intent order in both: enter the write gate, copy-before-write if an epoch is
+//! frozen, mark the tracker (returns once the bits are durable), then write the backing
+//! store, leave the gate once the write completed, then (FUA) sync, then reply. So a
+//! reply the client sees implies a durable bit, and a crash between the mark and the
+//! write costs at most a resync of a block that did not change.
 
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError};
-use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
+use std::sync::{Arc, Mutex, Once};
 use std::thread;
 
+use super::gate::WriteGate;
 use super::handshake::{self, ExportInfo};
 use super::proto::*;
+use super::uring;
 use super::ProtocolError;
-use crate::backing::Backing;
-use crate::epoch::FrozenDisk;
+use crate::backing::{Backing, IoEngine};
 use crate::pool::{BufferPool, PooledBuf};
 use crate::tracker::{Tracker, TrackerError};
 
@@ -103,34 +114,33 @@ pub struct Export {
     pub backing: Backing,
     pub tracker: Tracker,
     /// The write gate and the frozen epoch, if any. Every command that changes the
-    /// image holds it shared from copy-before-write to the end of its write; a freeze
-    /// holds it exclusively, which drains the writes in flight.
-    pub epoch: RwLock<Option<Arc<FrozenDisk>>>,
+    /// image is inside it from copy-before-write to the completion of its write; a
+    /// freeze drains it, which waits for the writes in flight.
+    pub gate: WriteGate,
+    /// The engine connections use: [`IoEngine::Uring`] or [`IoEngine::Sync`], resolved
+    /// at start (never `Auto`).
+    pub engine: IoEngine,
 }
 
 impl Export {
-    pub fn new(info: ExportInfo, backing: Backing, tracker: Tracker) -> Export {
+    pub fn new(info: ExportInfo, backing: Backing, tracker: Tracker, engine: IoEngine) -> Export {
         Export {
             info,
             backing,
             tracker,
-            epoch: RwLock::new(None),
+            gate: WriteGate::new(),
+            engine,
         }
     }
-
-    /// Takes the write gate shared.
-    pub fn write_gate(&self) -> RwLockReadGuard<'_, Option<Arc<FrozenDisk>>> {
-        self.epoch.read().unwrap_or_else(|e| e.into_inner())
-    }
 }
 
-struct Job {
-    cookie: u64,
-    command: Command,
-    payload: Option<PooledBuf>,
+pub(crate) struct Job {
+    pub(crate) cookie: u64,
+    pub(crate) command: Command,
+    pub(crate) payload: Option<PooledBuf>,
 }
 
-enum Reply {
+pub(crate) enum Reply {
     Done {
         cookie: u64,
         result: Result<(), Refusal>,
@@ -144,6 +154,30 @@ enum Reply {
         cookie: u64,
         payload: PooledBuf,
     },
+}
+
+/// The io_uring engine for one connection, when the export uses it and a ring can be
+/// set up now; `None` means the thread pool. A ring that cannot be set up (memory
+/// locked for rings exhausted, say) costs this connection the faster engine, not its
+/// service: it is logged once per process.
+fn uring_for(export: &Export) -> Option<(uring::Ring, Arc<uring::Wake>)> {
+    if export.engine != IoEngine::Uring {
+        return None;
+    }
+    static WARNED: Once = Once::new();
+    let made = uring::Wake::new().and_then(|wake| {
+        let wake = Arc::new(wake);
+        uring::Ring::new(&export.backing, &wake).map(|ring| (ring, wake))
+    });
+    match made {
+        Ok(m) => Some(m),
+        Err(e) => {
+            WARNED.call_once(|| {
+                tracing::warn!(disk = %export.info.name, error = %e, "cannot set up an io_uring for an NBD connection: it uses the thread pool (logged once)");
+            });
+            None
+        }
+    }
 }
 
 /// Serves one client from handshake to disconnect. To end it gracefully from outside,
@@ -166,28 +200,51 @@ pub fn serve_connection(mut stream: Stream, export: Arc<Export>) -> Result<(), P
     let writer = thread::Builder::new()
         .name(format!("nbd-w-{}", export.info.name))
         .spawn(move || write_replies(writer_stream, reply_rx, session.structured))?;
-    let job_rx = Arc::new(Mutex::new(job_rx));
     let mut workers = Vec::with_capacity(IO_WORKERS);
-    for i in 0..IO_WORKERS {
-        let job_rx = Arc::clone(&job_rx);
+    let mut wake = None;
+    if let Some((ring, w)) = uring_for(&export) {
         let reply_tx = reply_tx.clone();
         let export = Arc::clone(&export);
+        let control = stream.try_clone()?;
+        wake = Some(Arc::clone(&w));
         workers.push(
             thread::Builder::new()
-                .name(format!("nbd-io{i}-{}", export.info.name))
-                .spawn(move || run_worker(&export, &job_rx, &reply_tx))?,
+                .name(format!("nbd-uring-{}", export.info.name))
+                .spawn(move || {
+                    if let Err(e) = uring::run(ring, &export, job_rx, reply_tx, &w) {
+                        tracing::error!(disk = %export.info.name, error = %e, "io_uring engine failed: closing the connection");
+                        let _ = control.shutdown(Shutdown::Both);
+                    }
+                })?,
         );
+    } else {
+        let job_rx = Arc::new(Mutex::new(job_rx));
+        for i in 0..IO_WORKERS {
+            let job_rx = Arc::clone(&job_rx);
+            let reply_tx = reply_tx.clone();
+            let export = Arc::clone(&export);
+            workers.push(
+                thread::Builder::new()
+                    .name(format!("nbd-io{i}-{}", export.info.name))
+                    .spawn(move || run_worker(&export, &job_rx, &reply_tx))?,
+            );
+        }
     }
 
     let control = stream.try_clone()?;
-    let result = read_requests(stream, &session, &pool, &job_tx, &reply_tx);
+    let result = read_requests(stream, &session, &pool, &job_tx, &reply_tx, wake.as_deref());
     if matches!(result, Err(ProtocolError::BadRequest(_))) {
         // Out of step with the client: hard disconnect, nothing more is sent.
         let _ = control.shutdown(Shutdown::Both);
     }
-    // Let the workers finish what was accepted (a DISC waits for outstanding
+    // Let the engine finish what was accepted (a DISC waits for outstanding
     // requests), then the writer drains their replies and exits.
     drop(job_tx);
+    if let Some(w) = &wake {
+        // The io_uring thread may be asleep in its ring: it notices the end only when
+        // woken.
+        w.ring();
+    }
     drop(reply_tx);
     for w in workers {
         let _ = w.join();
@@ -207,6 +264,7 @@ fn read_requests(
     pool: &Arc<BufferPool>,
     job_tx: &SyncSender<Job>,
     reply_tx: &SyncSender<Reply>,
+    wake: Option<&uring::Wake>,
 ) -> Result<(), ProtocolError> {
     let mut reader = BufReader::with_capacity(SOCKET_READ_BUFFER_BYTES, stream);
     let mut header = [0u8; REQUEST_HEADER_BYTES];
@@ -279,6 +337,9 @@ fn read_requests(
             // The writer or the workers are gone (socket error); stop reading.
             return Ok(());
         }
+        if let Some(w) = wake {
+            w.notify();
+        }
     }
 }
 
@@ -296,7 +357,12 @@ fn run_worker(export: &Export, jobs: &Mutex<Receiver<Job>>, replies: &SyncSender
     }
 }
 
-fn io_refusal(export: &Export, op: &'static str, offset: u64, err: &io::Error) -> Refusal {
+pub(crate) fn io_refusal(
+    export: &Export,
+    op: &'static str,
+    offset: u64,
+    err: &io::Error,
+) -> Refusal {
     tracing::warn!(disk = %export.info.name, op, offset, error = %err, "backing store I/O failed");
     Refusal {
         errno: NbdErrno::from_io(err),
@@ -304,7 +370,7 @@ fn io_refusal(export: &Export, op: &'static str, offset: u64, err: &io::Error) -
     }
 }
 
-fn tracker_refusal(export: &Export, err: &TrackerError) -> Refusal {
+pub(crate) fn tracker_refusal(export: &Export, err: &TrackerError) -> Refusal {
     tracing::error!(disk = %export.info.name, error = %err, source = ?std::error::Error::source(err), "change tracking failed; write refused");
     match err {
         TrackerError::OutOfRange { .. } => Refusal {
@@ -323,7 +389,7 @@ fn block_status_bytes(one_extent: bool) -> usize {
     4 + 8 * extents
 }
 
-fn execute(export: &Export, job: Job) -> Reply {
+pub(crate) fn execute(export: &Export, job: Job) -> Reply {
     let cookie = job.cookie;
     let backing = &export.backing;
     let done = |result| Reply::Done { cookie, result };
@@ -356,8 +422,8 @@ fn execute(export: &Export, job: Job) -> Reply {
             durability,
         } => done((|| {
             {
-                let gate = export.write_gate();
-                if let Some(frozen) = gate.as_deref() {
+                let gate = export.gate.enter();
+                if let Some(frozen) = gate.frozen() {
                     frozen.preserve(backing, offset, u64::from(length));
                 }
                 export
@@ -382,10 +448,10 @@ fn execute(export: &Export, job: Job) -> Reply {
             durability,
         } => done((|| {
             {
-                let gate = export.write_gate();
+                let gate = export.gate.enter();
                 // TRIM is advisory: while an epoch is frozen it is dropped, so no
                 // range turns into a hole under the engine (and nothing changes).
-                if gate.is_none() {
+                if gate.frozen().is_none() {
                     export
                         .tracker
                         .mark(offset, u64::from(length))
@@ -404,15 +470,15 @@ fn execute(export: &Export, job: Job) -> Reply {
             durability,
         } => done((|| {
             {
-                let gate = export.write_gate();
-                if let Some(frozen) = gate.as_deref() {
+                let gate = export.gate.enter();
+                if let Some(frozen) = gate.frozen() {
                     frozen.preserve(backing, offset, u64::from(length));
                 }
                 export
                     .tracker
                     .mark(offset, u64::from(length))
                     .map_err(|e| tracker_refusal(export, &e))?;
-                match gate.as_deref() {
+                match gate.frozen() {
                     // Frozen: zeros are written, never punched (see `epoch`).
                     Some(_) => backing.write_zero_bytes(offset, u64::from(length)),
                     None => backing.write_zeroes(offset, u64::from(length), mode),
@@ -423,21 +489,33 @@ fn execute(export: &Export, job: Job) -> Reply {
         })()),
         Command::Cache | Command::Disconnect => done(Ok(())),
         Command::BlockStatus { offset, length, .. } => {
-            let Some(mut payload) = job.payload else {
-                unreachable!("the reader reserves a buffer for every block status")
-            };
-            let max = (payload.len() - 4) / 8;
-            payload[0..4].copy_from_slice(&BASE_ALLOCATION_ID.to_be_bytes());
-            let mut at = 4;
-            backing.extents(offset, length, max, |len, flags| {
-                payload[at..at + 4].copy_from_slice(&len.to_be_bytes());
-                payload[at + 4..at + 8].copy_from_slice(&flags.to_be_bytes());
-                at += 8;
-            });
-            payload.truncate(at);
-            Reply::BlockStatus { cookie, payload }
+            block_status(backing, cookie, offset, length, job.payload)
         }
     }
+}
+
+/// Answers a BLOCK_STATUS request into the buffer the reader reserved. Synchronous in
+/// both engines: a few `lseek`s.
+pub(crate) fn block_status(
+    backing: &Backing,
+    cookie: u64,
+    offset: u64,
+    length: u32,
+    payload: Option<PooledBuf>,
+) -> Reply {
+    let Some(mut payload) = payload else {
+        unreachable!("the reader reserves a buffer for every block status")
+    };
+    let max = (payload.len() - 4) / 8;
+    payload[0..4].copy_from_slice(&BASE_ALLOCATION_ID.to_be_bytes());
+    let mut at = 4;
+    backing.extents(offset, length, max, |len, flags| {
+        payload[at..at + 4].copy_from_slice(&len.to_be_bytes());
+        payload[at + 4..at + 8].copy_from_slice(&flags.to_be_bytes());
+        at += 8;
+    });
+    payload.truncate(at);
+    Reply::BlockStatus { cookie, payload }
 }
 
 fn write_reply<W: Write>(w: &mut W, reply: Reply, structured: bool) -> io::Result<()> {

@@ -9,11 +9,16 @@
 //!   replies. Queues between them are bounded, and so are the payload bytes in
 //!   flight, so a fast client meets back-pressure on its socket, never unbounded
 //!   buffering in the shim.
+//! * [`uring`] — the io_uring engine: one thread and one ring per connection instead
+//!   of the worker pool.
+//! * [`gate`] — the write gate a freeze drains.
 
 pub mod client;
 pub mod connection;
+pub mod gate;
 pub mod handshake;
 pub mod proto;
+pub mod uring;
 
 use std::io;
 
