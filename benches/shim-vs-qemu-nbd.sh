@@ -20,8 +20,13 @@
 # /proc/PID/stat) is shown too: on 2 vCPUs fio and the server compete for the same
 # cores. These machines are shared and noisy: read the ratios, not the figures.
 #
+# SHIM_ENGINES="uring sync" runs the shim once per named backing engine (its
+# --io-engine), as servers shim-uring, shim-sync, ..., beside qemu-nbd in the same
+# rounds (the order rotates from round to round), and adds a table comparing them.
+#
 # usage: benches/shim-vs-qemu-nbd.sh
 # env:   REPS=3  RUNTIME=10 (seconds per fio job)  SIZE_MIB=1024  RAND_QD=32  SEQ_QD=8
+#        SHIM_ENGINES= (empty: one shim, its default engine)
 #        WORK=/dev/shm/ferry-shim-bench.$$  STATE_DIR=$WORK/state (put it on real
 #        storage to include bitmap fdatasync costs; tmpfs makes them free)
 #        SHIM=target/release/ferry-shim-test (built with `cargo build --release -p
@@ -103,9 +108,13 @@ if ! fallocate -l "$size_bytes" "$img" 2>/dev/null; then
 fi
 
 start_shim() {
+  local engine_args=()
+  # FERRY_SHIM_IO_ENGINE would override --io-engine: clear it for a named engine.
+  [ -n "${1:-}" ] && engine_args=(env FERRY_SHIM_IO_ENGINE= "$shim" --io-engine "$1")
+  [ -n "${1:-}" ] || engine_args=("$shim")
   rm -rf "$state_dir"
   rm -f "$sock" "$work/ctl.sock"
-  "$shim" --control "$work/ctl.sock" \
+  "${engine_args[@]}" --control "$work/ctl.sock" \
     --disk "name=bench,path=$img,socket=$sock,state_dir=$state_dir,block_size=65536" \
     >"$work/shim.out" 2>>"$work/shim.log" &
   server=$!
@@ -155,6 +164,7 @@ run_job() {
   esac
   case $srv in
     shim) start_shim ;;
+    shim-*) start_shim "${srv#shim-}" ;;
     qemu-nbd) start_qemu_nbd ;;
   esac
   c0=$(cpu_ticks "$server")
@@ -164,7 +174,7 @@ run_job() {
     || die "fio $job against $srv failed; see $work/fio.log"
   c1=$(cpu_ticks "$server")
   tracked=""
-  [ "$srv" = shim ] && check_tracking
+  case $srv in shim*) check_tracking ;; esac
   stop_server
   # Terse v3: field 48 is the write bandwidth in KiB/s, 49 the write IOPS.
   case $job in
@@ -179,8 +189,18 @@ echo "load before: $(cut -d' ' -f1-3 /proc/loadavg); $(nproc) CPUs; REPS=$reps R
 echo "shim: $shim"
 echo "qemu-nbd: $(qemu-nbd --version | head -n1)"
 echo "fio: $(fio --version)"
+shims=(shim)
+if [ -n "${SHIM_ENGINES:-}" ]; then
+  shims=()
+  for e in $SHIM_ENGINES; do shims+=("shim-$e"); done
+fi
+servers=("${shims[@]}" qemu-nbd)
 for rep in $(seq 1 "$reps"); do
-  if [ $((rep % 2)) = 1 ]; then order=(shim qemu-nbd); else order=(qemu-nbd shim); fi
+  # Rotate the servers by one each round (for two, that alternates them).
+  order=()
+  for i in "${!servers[@]}"; do
+    order+=("${servers[$(( (i + rep - 1) % ${#servers[@]} ))]}")
+  done
   for job in randwrite seqwrite; do
     for srv in "${order[@]}"; do
       run_job "$srv" "$job"
@@ -195,6 +215,38 @@ done
 echo "load after: $(cut -d' ' -f1-3 /proc/loadavg)"
 
 echo
+if [ -n "${SHIM_ENGINES:-}" ]; then
+  # One column per server, then each shim engine's ratio to qemu-nbd and to the
+  # first engine named.
+  header="| workload |"; rule="|---|"
+  for srv in "${servers[@]}"; do header+=" $srv (median; runs) |"; rule+="---:|"; done
+  for s in "${shims[@]}"; do header+=" $s / qemu-nbd |"; rule+="---:|"; done
+  for s in "${shims[@]:1}"; do header+=" ${shims[0]} / $s |"; rule+="---:|"; done
+  header+=" server CPU s (medians) |"; rule+="---:|"
+  echo "$header"; echo "$rule"
+  for job in randwrite seqwrite; do
+    case $job in
+      randwrite) line="| 4 KiB random write, QD$rand_qd, IOPS |" ;;
+      seqwrite) line="| 1 MiB sequential write, QD$seq_qd, MiB/s |" ;;
+    esac
+    declare -A med=()
+    cpu_line=""
+    for srv in "${servers[@]}"; do
+      # shellcheck disable=SC2086 # word splitting of the lists is intended
+      med[$srv]=$(median ${results[$srv,$job]})
+      # shellcheck disable=SC2086
+      cpu_line+="${cpu_line:+ / }$(median ${cpus[$srv,$job]})"
+      # shellcheck disable=SC2086
+      line+=" ${med[$srv]} ($(echo ${results[$srv,$job]} | sed 's/ /, /g')) |"
+    done
+    for s in "${shims[@]}"; do line+=" $(ratio "${med[$s]}" "${med[qemu-nbd]}") |"; done
+    for s in "${shims[@]:1}"; do line+=" $(ratio "${med[${shims[0]}]}" "${med[$s]}") |"; done
+    echo "$line $cpu_line |"
+    unset med
+  done
+  exit 0
+fi
+
 printf '| workload | ferry shim | qemu-nbd | ratio shim/qemu-nbd (medians) | server CPU s, shim / qemu-nbd (medians) |\n'
 printf '|---|---:|---:|---:|---:|\n'
 for job in randwrite seqwrite; do
