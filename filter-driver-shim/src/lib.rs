@@ -13,11 +13,13 @@
 //! * [`shim`] — [`ShimDisk`], [`Shim`], [`serve`]: the running shim.
 //! * [`control`] — the control socket protocol.
 //! * [`epoch`] — frozen epochs: copy-before-write and the state map shared with the engine.
+//! * [`failpoint`] — test-only fault injection (debug builds only).
 
 pub mod backing;
 pub mod bitmap;
 pub mod control;
 pub mod epoch;
+pub mod failpoint;
 pub mod nbd;
 pub mod pool;
 pub mod shim;
