@@ -394,6 +394,10 @@ fn points(config: &std::path::Path, json: bool) -> Result<(), String> {
             p.disks.join(","),
             if p.latest { "  (latest)" } else { "" }
         );
+        if let Some(why) = &p.suspect {
+            println!("          not a known epoch: {why}");
+            println!("          (a seeded sync verifies and repairs the replicas; older points were retired)");
+        }
     }
     Ok(())
 }

@@ -241,10 +241,16 @@ impl TargetProc {
     /// Spawns `ferry target --config <config>` and waits until `port` accepts.
     /// `Err(stderr)` if the process exits first.
     pub fn spawn(config: &Path, port: u16) -> Result<TargetProc, String> {
+        TargetProc::spawn_env(config, port, &[])
+    }
+
+    /// As [`TargetProc::spawn`], with extra environment (e.g. `FERRY_FAILPOINTS`).
+    pub fn spawn_env(config: &Path, port: u16, env: &[(&str, &str)]) -> Result<TargetProc, String> {
         let mut child = Command::new(ferry_bin())
             .arg("target")
             .arg("--config")
             .arg(config)
+            .envs(env.iter().copied())
             .env("FERRY_LOG", "info")
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())

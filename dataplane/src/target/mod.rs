@@ -62,6 +62,14 @@ impl std::fmt::Debug for TargetJob {
 }
 
 impl TargetJob {
+    /// Each configured disk's name and replica path.
+    pub fn replicas(&self) -> Vec<(String, PathBuf)> {
+        self.disks
+            .iter()
+            .map(|d| (d.name.clone(), d.path.clone()))
+            .collect()
+    }
+
     /// Resolves the target job from the `[target]` section and the disks of `config`.
     pub fn from_config(config: &Config) -> Result<Self, TargetError> {
         let target = config
@@ -163,15 +171,35 @@ impl Target {
             problem: e.to_string(),
         })?;
         // Finish or undo any epoch a previous run was applying when it died, before
-        // anything can read or write a replica.
-        let lookup = |n: &str| {
-            job.disks
-                .iter()
-                .find(|d| d.name == n)
-                .map(|d| d.path.clone())
-        };
-        for r in undo::recover(&job.state_dir, &lookup)? {
-            tracing::warn!("recovered an interrupted epoch: {r:?}");
+        // anything can read or write a replica. A log that cannot be settled now keeps
+        // its disks out of service (the next session for them retries); the others
+        // serve.
+        let mut quarantine = Vec::new();
+        let mut busy = HashSet::new();
+        for r in undo::recover(&job.state_dir, &job.replicas())? {
+            match r {
+                undo::Recovery::Pending { log, disks, error } => {
+                    tracing::error!(
+                        "an interrupted epoch ({}) cannot be settled now: {error}; disk(s) {} stay out of service until a session for them settles it",
+                        log.display(),
+                        disks.join(", ")
+                    );
+                    busy.extend(disks.iter().cloned());
+                    quarantine.push((log, disks));
+                }
+                undo::Recovery::Distrusted {
+                    log,
+                    set_aside,
+                    disks,
+                    problem,
+                } => tracing::error!(
+                    "undo log {} cannot be trusted and was not applied: {problem}; it was set aside as {}, and disk(s) {} need a checksum-compare (seeded) resync before any changed-block epoch; their recovery points were retired",
+                    log.display(),
+                    set_aside.display(),
+                    disks.join(", ")
+                ),
+                r => tracing::warn!("recovered an interrupted epoch: {r:?}"),
+            }
         }
         let listener = TcpListener::bind(&job.listen).map_err(|e| TargetError::Listen {
             addr: job.listen.clone(),
@@ -181,9 +209,9 @@ impl Target {
             listener,
             shared: Arc::new(Shared {
                 job,
-                busy: Mutex::new(HashSet::new()),
+                busy: Mutex::new(busy),
                 sessions: AtomicUsize::new(0),
-                quarantine: Mutex::new(Vec::new()),
+                quarantine: Mutex::new(quarantine),
             }),
         })
     }

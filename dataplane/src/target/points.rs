@@ -18,7 +18,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 
 use super::state::ReplicaRecord;
-use super::undo::{read_log, UndoDisk};
+use super::undo::{read_log, Damage, ReadMode, UndoDisk};
 use super::TargetError;
 
 /// How many points to keep and for how long.
@@ -66,6 +66,10 @@ pub struct RecoveryPoint {
     pub latest: bool,
     /// Bytes of undo data that restoring this point reads.
     pub bytes: u64,
+    /// Why the replicas cannot be shown to be at this point (only ever on the latest):
+    /// they need a checksum-compare resync first.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub suspect: Option<String>,
 }
 
 pub fn points_dir(state_dir: &Path) -> PathBuf {
@@ -85,14 +89,15 @@ fn now_s() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// Keeps the committed log of `epoch` as a recovery point, then prunes to `keep`.
+/// Keeps the committed log of `epoch` as a recovery point: its metadata first, then
+/// the log renamed beside it, both directories synced. Pruning is separate
+/// ([`prune`]): nothing about older points can make a commit fail.
 pub(crate) fn keep_log(
     state_dir: &Path,
     epoch: u64,
     log: &Path,
     disks: &[UndoDisk],
     undo_bytes: u64,
-    keep: &Retention,
 ) -> Result<(), TargetError> {
     let dir = points_dir(state_dir);
     crate::durable::ensure_dir(&dir).map_err(|e| state_err(&dir, "create", e))?;
@@ -112,11 +117,8 @@ pub(crate) fn keep_log(
     // The log's own name (epoch and a per-session suffix) names the point's files.
     let stem = log.file_stem().and_then(|s| s.to_str()).unwrap_or("log");
     let json = dir.join(format!("{stem}.json"));
-    crate::durable::write_atomic(
-        &json,
-        &serde_json::to_vec_pretty(&meta).expect("meta serialises"),
-    )
-    .map_err(|e| state_err(&json, "write", e))?;
+    crate::durable::write_atomic(&json, &super::state::seal(&meta))
+        .map_err(|e| state_err(&json, "write", e))?;
     let kept = dir.join(format!("{stem}.undo"));
     fs::rename(log, &kept).map_err(|e| state_err(log, "keep as recovery point", e))?;
     File::open(&dir)
@@ -127,10 +129,12 @@ pub(crate) fn keep_log(
             .and_then(|d| d.sync_all())
             .map_err(|e| state_err(parent, "fsync", e))?;
     }
-    prune(state_dir, keep)
+    Ok(())
 }
 
-/// Every kept log, oldest first.
+/// Every kept log, oldest first. Metadata that cannot be read (damaged, or not ferry's)
+/// is skipped and logged: its point is no longer offered, and the chain of older points
+/// through it ends there (see [`list`]).
 fn kept(state_dir: &Path) -> Result<Vec<PointMeta>, TargetError> {
     let dir = points_dir(state_dir);
     let mut metas = Vec::new();
@@ -141,22 +145,64 @@ fn kept(state_dir: &Path) -> Result<Vec<PointMeta>, TargetError> {
     };
     for entry in entries {
         let path = entry.map_err(|e| state_err(&dir, "read", e))?.path();
-        if path.extension().is_some_and(|x| x == "json") {
-            let bytes = fs::read(&path).map_err(|e| state_err(&path, "read", e))?;
-            let mut meta: PointMeta =
-                serde_json::from_slice(&bytes).map_err(|e| state_err(&path, "parse", e))?;
-            if path.with_extension("undo").exists() {
-                meta.stem = path
-                    .file_stem()
-                    .and_then(|s| s.to_str())
-                    .unwrap_or_default()
-                    .to_string();
-                metas.push(meta);
+        if path.extension().is_none_or(|x| x != "json") {
+            continue;
+        }
+        let meta = fs::read(&path)
+            .map_err(|e| e.to_string())
+            .and_then(|b| super::state::unseal::<PointMeta>(&b));
+        let mut meta = match meta {
+            Ok(m) => m,
+            Err(problem) => {
+                tracing::warn!(
+                    "recovery point metadata {} is unreadable ({problem}); that point and the ones before it are not offered",
+                    path.display()
+                );
+                continue;
             }
+        };
+        if path.with_extension("undo").exists() {
+            meta.stem = path
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .unwrap_or_default()
+                .to_string();
+            metas.push(meta);
         }
     }
     metas.sort_by_key(|m| m.epoch);
     Ok(metas)
+}
+
+/// Takes every kept point that involves one of `disks` out of service (renamed
+/// `.retired`, kept for inspection): they are reached through a replica that is no
+/// longer a known epoch.
+pub(crate) fn retire(state_dir: &Path, disks: &[String], why: &str) -> Result<(), TargetError> {
+    let dir = points_dir(state_dir);
+    for m in kept(state_dir)? {
+        if m.disks.iter().any(|d| disks.contains(&d.name)) {
+            retire_one(&dir, &m.stem)?;
+            tracing::error!(
+                "recovery point log {} retired: {why}",
+                dir.join(format!("{}.undo", m.stem)).display()
+            );
+        }
+    }
+    Ok(())
+}
+
+fn retire_one(dir: &Path, stem: &str) -> Result<(), TargetError> {
+    for ext in ["undo", "json"] {
+        let p = dir.join(format!("{stem}.{ext}"));
+        match fs::rename(&p, dir.join(format!("{stem}.{ext}.retired"))) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(state_err(&p, "retire", e)),
+        }
+    }
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| state_err(dir, "fsync", e))
 }
 
 /// Merges away the oldest points beyond the retention (oldest first, so every kept
@@ -186,7 +232,11 @@ pub fn prune(state_dir: &Path, keep: &Retention) -> Result<(), TargetError> {
     Ok(())
 }
 
-/// The recovery points of the configured disks, newest first.
+/// The recovery points of the configured disks, newest first. A point is offered only
+/// when every kept log between it and the replicas now is present and continuous (each
+/// log's epoch is the epoch its disks held after the previous one), and no disk is
+/// suspect (see [`ReplicaRecord::suspect`]): the replicas themselves are then only the
+/// latest point, flagged.
 pub fn list(state_dir: &Path, disks: &[String]) -> Result<Vec<RecoveryPoint>, TargetError> {
     let mut records = Vec::new();
     for name in disks {
@@ -197,12 +247,9 @@ pub fn list(state_dir: &Path, disks: &[String]) -> Result<Vec<RecoveryPoint>, Ta
     let Some(latest) = records.iter().map(|(_, r)| r.epoch).max() else {
         return Ok(Vec::new());
     };
-    // Only logs of these disks: several groups may share a state dir, and their epoch
-    // numbers are independent.
-    let metas: Vec<PointMeta> = kept(state_dir)?
-        .into_iter()
-        .filter(|m| m.disks.iter().all(|d| disks.contains(&d.name)))
-        .collect();
+    let suspect = records
+        .iter()
+        .find_map(|(n, r)| r.suspect.as_ref().map(|s| format!("disk {n:?}: {s}")));
     let mut points = vec![RecoveryPoint {
         id: latest,
         committed_unix_s: records.iter().map(|(_, r)| r.committed_unix_s).max(),
@@ -213,10 +260,37 @@ pub fn list(state_dir: &Path, disks: &[String]) -> Result<Vec<RecoveryPoint>, Ta
             .collect(),
         latest: true,
         bytes: 0,
+        suspect: suspect.clone(),
     }];
+    if suspect.is_some() {
+        return Ok(points);
+    }
+    // Only logs of these disks: several groups may share a state dir, and their epoch
+    // numbers are independent.
+    let metas: Vec<PointMeta> = kept(state_dir)?
+        .into_iter()
+        .filter(|m| m.disks.iter().all(|d| disks.contains(&d.name)))
+        .collect();
+    // The epoch each disk is at, walking back from now through the kept logs.
+    let mut at: std::collections::HashMap<&str, u64> =
+        records.iter().map(|(n, r)| (n.as_str(), r.epoch)).collect();
     let mut bytes = 0;
     for (i, m) in metas.iter().enumerate().rev() {
+        if m.disks
+            .iter()
+            .any(|d| at.get(d.name.as_str()) != Some(&m.epoch))
+        {
+            // A log is missing (or unreadable) between here and now: nothing older can
+            // be restored.
+            break;
+        }
         bytes += m.undo_bytes;
+        for d in &m.disks {
+            match d.prev_epoch {
+                Some(p) => at.insert(&d.name, p),
+                None => at.remove(d.name.as_str()),
+            };
+        }
         // The log of epoch m.epoch restores each disk to its previous epoch; a point
         // exists where the disks agree on it.
         let prevs: Vec<u64> = m.disks.iter().filter_map(|d| d.prev_epoch).collect();
@@ -235,6 +309,7 @@ pub fn list(state_dir: &Path, disks: &[String]) -> Result<Vec<RecoveryPoint>, Ta
             disks: m.disks.iter().map(|d| d.name.clone()).collect(),
             latest: false,
             bytes,
+            suspect: None,
         });
     }
     Ok(points)
@@ -251,17 +326,31 @@ pub fn materialize(
 ) -> Result<Vec<(String, PathBuf)>, TargetError> {
     // An epoch a crashed target left half-applied must be undone before anything is
     // copied; the caller's exclusive apply lock means no live session is applying one.
-    let lookup = |n: &str| {
-        replicas
-            .iter()
-            .find(|(r, _)| r == n)
-            .map(|(_, p)| p.clone())
-    };
-    for r in super::undo::recover(state_dir, &lookup)? {
-        tracing::warn!("recovered an interrupted epoch before opening a point: {r:?}");
+    for r in super::undo::recover(state_dir, replicas)? {
+        match &r {
+            super::undo::Recovery::Pending { log, error, .. } => {
+                return Err(state_err(
+                    log,
+                    "an interrupted epoch cannot be settled, so no point can be opened",
+                    error,
+                ))
+            }
+            super::undo::Recovery::Distrusted { .. } => {
+                tracing::error!("an interrupted epoch's log cannot be trusted: {r:?}")
+            }
+            _ => tracing::warn!("recovered an interrupted epoch before opening a point: {r:?}"),
+        }
     }
     let names: Vec<String> = replicas.iter().map(|(n, _)| n.clone()).collect();
     let points = list(state_dir, &names)?;
+    if let Some(why) = points.first().and_then(|p| p.suspect.as_ref()) {
+        return Err(TargetError::State {
+            path: state_dir.to_path_buf(),
+            problem: format!(
+                "the replicas are not at a known epoch ({why}); a full or seeded sync must verify them before any point opens"
+            ),
+        });
+    }
     let chosen = points
         .iter()
         .find(|p| p.id == point)
@@ -276,6 +365,47 @@ pub fn materialize(
                     .join(", ")
             ),
         })?;
+    let mut logs = Vec::new();
+    if !chosen.latest {
+        // Every log on the way is read whole and checked before the first is applied:
+        // a damaged one is refused, naming it, and taken out of service so the points
+        // behind it are no longer offered — never a wrong image.
+        let dir = points_dir(state_dir);
+        for m in kept(state_dir)?
+            .iter()
+            .rev()
+            .filter(|m| m.epoch > point && m.disks.iter().all(|d| names.contains(&d.name)))
+        {
+            let path = dir.join(format!("{}.undo", m.stem));
+            let checked = match read_log(&path, ReadMode::Kept) {
+                Ok(log) => {
+                    let size = log.file_len().map_err(|e| state_err(&path, "stat", e))?;
+                    if size == m.undo_bytes {
+                        Ok(log)
+                    } else {
+                        Err(Damage::Untrusted(format!(
+                            "kept undo log is {size} bytes, its metadata says {}",
+                            m.undo_bytes
+                        )))
+                    }
+                }
+                Err(e) => Err(e),
+            };
+            match checked {
+                Ok(log) => logs.push((path, log)),
+                Err(Damage::Untrusted(problem)) => {
+                    retire_one(&dir, &m.stem)?;
+                    return Err(TargetError::State {
+                        path,
+                        problem: format!(
+                            "{problem}; recovery point {point} (and every older one) cannot be restored, the log was retired"
+                        ),
+                    });
+                }
+                Err(e) => return Err(e.into_error(&path)),
+            }
+        }
+    }
     crate::durable::ensure_dir(out_dir).map_err(|e| state_err(out_dir, "create", e))?;
     let mut out = Vec::new();
     let mut files = Vec::new();
@@ -297,18 +427,14 @@ pub fn materialize(
         ));
         out.push((name.clone(), dest));
     }
-    if !chosen.latest {
-        for m in kept(state_dir)?.iter().rev().filter(|m| m.epoch > point) {
-            let path = points_dir(state_dir).join(format!("{}.undo", m.stem));
-            let log = read_log(&path)?;
-            let targets: Vec<Option<&File>> = log
-                .disks
-                .iter()
-                .map(|d| files.iter().find(|(n, _)| *n == d.name).map(|(_, f)| f))
-                .collect();
-            log.apply_reversed(&targets)
-                .map_err(|e| state_err(&path, "apply to the copy", e))?;
-        }
+    for (path, log) in &logs {
+        let targets: Vec<Option<&File>> = log
+            .disks
+            .iter()
+            .map(|d| files.iter().find(|(n, _)| *n == d.name).map(|(_, f)| f))
+            .collect();
+        log.apply_reversed(&targets)
+            .map_err(|e| state_err(path, "apply to the copy", e))?;
     }
     for (_, f) in &files {
         f.sync_all().map_err(|e| state_err(out_dir, "fsync", e))?;

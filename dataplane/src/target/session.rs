@@ -13,7 +13,7 @@ use zerocopy::{FromBytes, IntoBytes};
 
 use super::apply::{applier_loop, ApplyDisks, ApplyMsg};
 use super::state::ReplicaRecord;
-use super::undo::{UndoDisk, UndoLog};
+use super::undo::{CommitFailure, Recovery, UndoDisk, UndoLog};
 use super::verify::{self, Geometry};
 use super::{Shared, TargetError};
 use crate::io::{Disk, ReplicaState};
@@ -373,58 +373,98 @@ fn serve<R: std::io::Read, W: std::io::Write>(
         }
         result
     });
-    match outcome {
-        Ok(applied) => {
-            // The replicas are durable; this is the commit point of the epoch.
-            undo.commit(&job.retention)?;
-            drop(apply_lock);
-            drop(busy);
-            writer.send(
-                FrameKind::Committed,
-                &[Committed {
-                    epoch: epoch.into(),
-                    bytes_applied: applied.into(),
-                }
-                .as_bytes()],
-            )?;
-            writer.flush()?;
-            Ok(format!(
-                "epoch {epoch} durable on {} disk(s) ({}), {applied} bytes applied",
-                names.len(),
-                names.join(", ")
-            ))
-        }
-        Err(e) => {
-            // Put every replica of the session back at its previous epoch before the
-            // disks are released to another session.
-            let lookup = |n: &str| {
-                job.disks
-                    .iter()
-                    .find(|d| d.name == n)
-                    .map(|d| d.path.clone())
-            };
-            let (log, log_disks) = (undo.path().to_path_buf(), undo.disk_names());
-            match undo.roll_back(&lookup) {
-                Ok(r) => tracing::warn!("epoch {epoch} abandoned: {r:?}"),
-                Err(re) => {
-                    tracing::error!(
-                        "epoch {epoch} abandoned and its rollback failed: {}; its disks stay out of service until a later session completes the rollback",
-                        super::chain(&re)
-                    );
-                    // The replicas are between epochs: keep their disks claimed (the
-                    // guard must not release them) and remember the log.
-                    shared
-                        .quarantine
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .push((log, log_disks));
-                    let mut busy = busy;
-                    busy.names.clear();
-                }
+    let replicas = job.replicas();
+    let (undo, error) = match outcome {
+        // The replicas are durable; the commit mark is the commit point of the epoch.
+        Ok(applied) => match undo.commit(&job.retention).map_err(|f| *f) {
+            Ok(()) => {
+                drop(apply_lock);
+                drop(busy);
+                return acknowledge(writer, epoch, applied, &names);
             }
-            Err(e)
+            Err(CommitFailure::NotCommitted { log, error }) => (log, error),
+            Err(CommitFailure::Undecided { log, disks, error }) => {
+                tracing::error!(
+                    "epoch {epoch}: {}; whether it committed is settled by the next session for disk(s) {} (they stay out of service until then)",
+                    super::chain(&error),
+                    disks.join(", ")
+                );
+                quarantine(shared, busy, log, disks);
+                return Err(error);
+            }
+            Err(CommitFailure::Unfinished { log, disks, error }) => {
+                // Committed: say so. The records and the kept log are completed before
+                // these disks serve anything again (next session or next start).
+                tracing::error!(
+                    "epoch {epoch} committed, but completing its records failed: {}; disk(s) {} stay out of service until a later session completes them",
+                    super::chain(&error),
+                    disks.join(", ")
+                );
+                quarantine(shared, busy, log, disks);
+                drop(apply_lock);
+                return acknowledge(writer, epoch, applied, &names);
+            }
+        },
+        Err(e) => (undo, e),
+    };
+    // Put every replica of the session back at its previous epoch before the disks are
+    // released to another session.
+    let (log, log_disks) = (undo.path().to_path_buf(), undo.disk_names());
+    match undo.roll_back(&replicas) {
+        Ok(r @ Recovery::Distrusted { .. }) => tracing::error!(
+            "epoch {epoch} abandoned, and its undo log cannot be trusted: {r:?}; the disks need a checksum-compare resync, which the next sync does"
+        ),
+        Ok(r) => tracing::warn!("epoch {epoch} abandoned: {r:?}"),
+        Err(re) => {
+            tracing::error!(
+                "epoch {epoch} abandoned and its rollback failed: {}; its disks stay out of service until a later session completes the rollback",
+                super::chain(&re)
+            );
+            // The replicas are between epochs: keep their disks claimed and remember
+            // the log.
+            quarantine(shared, busy, log, log_disks);
         }
     }
+    Err(error)
+}
+
+/// Tells the source its epoch is durable.
+fn acknowledge<W: std::io::Write>(
+    writer: &mut FrameWriter<W>,
+    epoch: u64,
+    applied: u64,
+    names: &[String],
+) -> Result<String, TargetError> {
+    writer.send(
+        FrameKind::Committed,
+        &[Committed {
+            epoch: epoch.into(),
+            bytes_applied: applied.into(),
+        }
+        .as_bytes()],
+    )?;
+    writer.flush()?;
+    Ok(format!(
+        "epoch {epoch} durable on {} disk(s) ({}), {applied} bytes applied",
+        names.len(),
+        names.join(", ")
+    ))
+}
+
+/// Keeps `disks` claimed (the guard no longer releases them) until a later session
+/// settles `log` (see [`finish_quarantined`]).
+fn quarantine(
+    shared: &Shared,
+    mut busy: BusyGuard<'_>,
+    log: std::path::PathBuf,
+    disks: Vec<String>,
+) {
+    shared
+        .quarantine
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push((log, disks));
+    busy.names.clear();
 }
 
 /// The control buffer, grown to the frame limit for hash frames (once per session).
@@ -518,6 +558,16 @@ fn open<'s>(
         let mode = SyncMode::from_u8(e.mode)
             .ok_or_else(|| proto(format!("disk {name}: unknown sync mode {}", e.mode)))?;
         let record = ReplicaRecord::load(&job.state_dir, name)?;
+        if let (SyncMode::Changed, Some(why)) =
+            (mode, record.as_ref().and_then(|r| r.suspect.as_ref()))
+        {
+            return Err(TargetError::reject(
+                ErrorCode::BaseMismatch,
+                format!(
+                    "disk {name}: the replica cannot be shown to hold an acknowledged epoch ({why}); a changed-block epoch would build on unknown bytes — run a seeded sync (--mode seeded), which compares checksums and repairs it"
+                ),
+            ));
+        }
         if mode == SyncMode::Changed {
             let ok = record.as_ref().is_some_and(|r| {
                 crate::protocol::parse_hex16(&r.generation).ok() == Some(e.generation)
@@ -603,12 +653,7 @@ fn open<'s>(
 /// service. If a rollback still fails, the session is refused, saying why.
 fn finish_quarantined(shared: &Shared, names: &[String]) -> Result<(), TargetError> {
     let job = &shared.job;
-    let lookup = |n: &str| {
-        job.disks
-            .iter()
-            .find(|d| d.name == n)
-            .map(|d| d.path.clone())
-    };
+    let replicas = job.replicas();
     let mut quarantine = shared.quarantine.lock().unwrap_or_else(|p| p.into_inner());
     let mut i = 0;
     while i < quarantine.len() {
@@ -616,9 +661,9 @@ fn finish_quarantined(shared: &Shared, names: &[String]) -> Result<(), TargetErr
             i += 1;
             continue;
         }
-        match super::undo::recover_one(&job.state_dir, &quarantine[i].0, &lookup) {
+        match super::undo::recover_one(&job.state_dir, &quarantine[i].0, &replicas) {
             Ok(r) => {
-                tracing::warn!("finished an interrupted epoch's rollback: {r:?}");
+                tracing::warn!("settled an interrupted epoch: {r:?}");
                 let (_, disks) = quarantine.remove(i);
                 let mut busy = shared.busy.lock().unwrap_or_else(|p| p.into_inner());
                 for d in &disks {
@@ -629,7 +674,7 @@ fn finish_quarantined(shared: &Shared, names: &[String]) -> Result<(), TargetErr
                 return Err(TargetError::reject(
                     ErrorCode::Io,
                     format!(
-                        "disk(s) {}: the replica is between epochs because rolling back an abandoned epoch failed: {}; the next session retries",
+                        "disk(s) {}: the replica is between epochs because settling an interrupted epoch failed: {}; the next session retries",
                         quarantine[i].1.join(", "),
                         super::chain(&e)
                     ),

@@ -2,20 +2,39 @@
 //!
 //! Before a block of a replica that holds an acknowledged epoch is overwritten, its old
 //! bytes are appended to the session's undo log and the log is made durable. Commit
-//! makes the replicas durable, then durably marks the log committed, then records the
-//! new epoch per disk, then deletes the log. Whatever instant the target dies at,
-//! [`recover`] finds the replicas either before the commit mark — and rolls every
-//! disk of the group back to its previous epoch, byte for byte — or after it — and
-//! rolls the records forward. A replica therefore always reads as exactly one
-//! acknowledged epoch, and the disks of a session move together.
+//! makes the replicas durable, then durably marks the log committed (the commit point),
+//! then records the new epoch per disk, then keeps the log as a recovery point, then
+//! removes the mark. Whatever instant the target dies at, [`recover`] finds the
+//! replicas either before the commit mark — and rolls every disk of the group back to
+//! its previous epoch, byte for byte — or after it — and completes the records and the
+//! kept log. A replica therefore always reads as exactly one acknowledged epoch, and
+//! the disks of a session move together.
 //!
-//! File layout (little-endian): a header of `MAGIC`, `epoch u64`, `disk_count u32`,
-//! then per disk `name_len u8`, `name [64]`, `generation [16]`, `disk_size u64`, and an
-//! xxh3-64 of everything before it; then entries of `ENTRY_MAGIC u32`, `disk u32`,
-//! `offset u64`, `len u32`, `reserved u32`, `data_hash u64` (xxh3-64 of the data),
-//! `entry_hash u64` (xxh3-64 of the 32 bytes before it), then `len` bytes of old data.
-//! A torn last entry fails its checks and is ignored: its replica write was never
-//! issued, since writes wait for the entry to be durable.
+//! A log is created under a temporary name and renamed once its header is durable, so
+//! a `.undo` file always has a whole header; a `.tmp` left by a crash belongs to a
+//! session that never wrote a replica and is removed.
+//!
+//! File layout, version 2 (little-endian): a header of `MAGIC`, `epoch u64`,
+//! `disk_count u32`, then per disk `name_len u8`, `name [64]`, `generation [16]`,
+//! `disk_size u64`, `logged u8`, `prev_epoch u64` (`u64::MAX`: none), and an xxh3-64 of
+//! everything before it; then entries of `ENTRY_MAGIC u32`, `disk u32`, `offset u64`,
+//! `len u32`, `flags u32`, `data_hash u64` (xxh3-64 of the data; the length of a zero
+//! entry), `synced_len u64` (how many bytes of the log were durable when the entry was
+//! written), `entry_hash u64` (xxh3-64 of the 40 bytes before it), then `len` bytes of
+//! old data.
+//!
+//! What may be damaged, and what is refused. Entries are synced before the replica
+//! writes they cover are issued, so only entries after the last completed sync can be
+//! torn by a crash — and the replica ranges they cover still hold exactly their logged
+//! bytes. Recovery drops such a torn tail only when it can show it is one: no later
+//! entry claims (by `synced_len`) that the damaged bytes had been synced, and every
+//! readable entry of the tail still matches the replica. Anything else — a damaged
+//! entry in the synced part, valid data after it that was synced, a tail whose write
+//! did reach the replica, a log whose previous epochs disagree with the replicas'
+//! records — is refused: the log is set aside as `.damaged`, never applied, and its
+//! disks are marked as needing a checksum-compare resync (see
+//! [`super::state::ReplicaRecord::suspect`]). A kept log (a recovery point) is complete
+//! by construction and must parse, whole, to its end.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
@@ -23,18 +42,27 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use filter_driver_shim::failpoint;
 use xxhash_rust::xxh3::xxh3_64;
 
 use super::state::ReplicaRecord;
 use super::TargetError;
 
-const MAGIC: &[u8; 8] = b"FRYUNDO1";
+const MAGIC: &[u8; 8] = b"FRYUNDO2";
+/// The first format: no previous epochs, no synced lengths. Refused with a message.
+const MAGIC_V1: &[u8; 8] = b"FRYUNDO1";
 const ENTRY_MAGIC: u32 = u32::from_le_bytes(*b"UNDE");
-const ENTRY_HEADER_LEN: usize = 40;
+const ENTRY_HEADER_LEN: usize = 48;
+/// Bytes of an entry header covered by its own hash.
+const ENTRY_HASHED_LEN: usize = 40;
 /// Entry flag: the range read as zeros; no data follows, the length is in the data-hash
 /// field.
 const FLAG_ZERO: u32 = 1;
 const NAME_LEN: usize = 64;
+/// Per-disk header record: name length, name, generation, size, logged, previous epoch.
+const HEADER_DISK_LEN: usize = 1 + NAME_LEN + 16 + 8 + 1 + 8;
+/// `prev_epoch` of a disk that held no acknowledged epoch.
+const NO_EPOCH: u64 = u64::MAX;
 /// Largest single entry: one write of the applier (a frame's worth of blocks).
 const ENTRY_MAX: usize = 8 << 20;
 
@@ -44,7 +72,7 @@ pub fn undo_dir(state_dir: &Path) -> PathBuf {
 }
 
 /// One disk of the session, as its record will read after the commit.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UndoDisk {
     pub name: String,
     pub generation: [u8; 16],
@@ -62,6 +90,10 @@ pub struct UndoLog {
     state_dir: PathBuf,
     epoch: u64,
     disks: Vec<UndoDisk>,
+    /// Bytes written to the log so far.
+    len: u64,
+    /// Bytes of the log known durable (as of the last completed sync).
+    synced_len: u64,
     /// Entries appended since the last sync.
     dirty: bool,
 }
@@ -73,8 +105,38 @@ fn io_err(path: &Path, what: &str, e: io::Error) -> TargetError {
     }
 }
 
+fn sync_dir(dir: &Path) -> Result<(), TargetError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| io_err(dir, "fsync directory", e))
+}
+
+/// How committing an epoch ended, when it did not end complete.
+pub enum CommitFailure {
+    /// The commit mark is not durable, and not present: the epoch did not commit. The
+    /// log is handed back so the caller rolls the replicas back.
+    NotCommitted { log: UndoLog, error: TargetError },
+    /// Whether the commit mark is durable is unknown (it could not be written whole,
+    /// nor removed). The replicas must stay out of service until [`recover_one`]
+    /// settles the log either way; the epoch must not be acknowledged.
+    Undecided {
+        log: PathBuf,
+        disks: Vec<String>,
+        error: TargetError,
+    },
+    /// The commit mark is durable — the epoch is committed and may be acknowledged —
+    /// but its records or kept log are not complete. The replicas must stay out of
+    /// service until [`recover_one`] completes them.
+    Unfinished {
+        log: PathBuf,
+        disks: Vec<String>,
+        error: TargetError,
+    },
+}
+
 impl UndoLog {
-    /// Creates the log for `epoch`, durable (file and directory entry) on return.
+    /// Creates the log for `epoch`, durable (file and directory entry) on return. The
+    /// header is written to a temporary name and renamed into place once durable.
     pub fn create(state_dir: &Path, epoch: u64, disks: Vec<UndoDisk>) -> Result<Self, TargetError> {
         let dir = undo_dir(state_dir);
         crate::durable::ensure_dir(&dir).map_err(|e| io_err(&dir, "create", e))?;
@@ -90,34 +152,29 @@ impl UndoLog {
         })?;
         let stem = format!("{epoch:020}-{:08x}", u32::from_le_bytes(nonce));
         let path = dir.join(format!("{stem}.undo"));
+        let tmp = dir.join(format!("{stem}.tmp"));
         let marker = dir.join(format!("{stem}.committed"));
-        let mut header = Vec::with_capacity(32 + disks.len() * 96);
-        header.extend_from_slice(MAGIC);
-        header.extend_from_slice(&epoch.to_le_bytes());
-        header.extend_from_slice(&(disks.len() as u32).to_le_bytes());
-        for d in &disks {
-            let mut name = [0u8; NAME_LEN];
-            name[..d.name.len()].copy_from_slice(d.name.as_bytes());
-            header.push(d.name.len() as u8);
-            header.extend_from_slice(&name);
-            header.extend_from_slice(&d.generation);
-            header.extend_from_slice(&d.disk_size.to_le_bytes());
-        }
-        let h = xxh3_64(&header);
-        header.extend_from_slice(&h.to_le_bytes());
+        let header = encode_header(epoch, &disks);
         let mut file = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(true)
-            .open(&path)
-            .map_err(|e| io_err(&path, "create", e))?;
-        file.write_all(&header)
-            .map_err(|e| io_err(&path, "write header", e))?;
-        file.sync_all().map_err(|e| io_err(&path, "fsync", e))?;
-        File::open(&dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| io_err(&dir, "fsync directory", e))?;
+            .open(&tmp)
+            .map_err(|e| io_err(&tmp, "create", e))?;
+        let written = file
+            .write_all(&header)
+            .map_err(|e| io_err(&tmp, "write header", e))
+            .and_then(|_| file.sync_all().map_err(|e| io_err(&tmp, "fsync", e)))
+            .and_then(|_| fs::rename(&tmp, &path).map_err(|e| io_err(&tmp, "rename", e)))
+            .and_then(|_| sync_dir(&dir));
+        if let Err(e) = written {
+            // No replica was touched under this log: it can simply go.
+            let _ = fs::remove_file(&tmp);
+            let _ = fs::remove_file(&path);
+            return Err(e);
+        }
+        let len = header.len() as u64;
         Ok(UndoLog {
             file,
             path,
@@ -125,6 +182,8 @@ impl UndoLog {
             state_dir: state_dir.to_path_buf(),
             epoch,
             disks,
+            len,
+            synced_len: len,
             dirty: false,
         })
     }
@@ -134,39 +193,41 @@ impl UndoLog {
         self.disks.get(disk as usize).is_some_and(|d| d.logged)
     }
 
-    /// Appends the old bytes of `[offset, offset + data.len())` of `disk`.
-    pub fn append(&mut self, disk: u32, offset: u64, data: &[u8]) -> Result<(), TargetError> {
-        assert!(data.len() <= ENTRY_MAX, "undo entry larger than one write");
+    fn entry_header(&self, disk: u32, offset: u64, len: u32, flags: u32, word: u64) -> [u8; 48] {
         let mut h = [0u8; ENTRY_HEADER_LEN];
         h[0..4].copy_from_slice(&ENTRY_MAGIC.to_le_bytes());
         h[4..8].copy_from_slice(&disk.to_le_bytes());
         h[8..16].copy_from_slice(&offset.to_le_bytes());
-        h[16..20].copy_from_slice(&(data.len() as u32).to_le_bytes());
-        h[24..32].copy_from_slice(&xxh3_64(data).to_le_bytes());
-        let eh = xxh3_64(&h[..32]);
-        h[32..40].copy_from_slice(&eh.to_le_bytes());
+        h[16..20].copy_from_slice(&len.to_le_bytes());
+        h[20..24].copy_from_slice(&flags.to_le_bytes());
+        h[24..32].copy_from_slice(&word.to_le_bytes());
+        h[32..40].copy_from_slice(&self.synced_len.to_le_bytes());
+        let eh = xxh3_64(&h[..ENTRY_HASHED_LEN]);
+        h[40..48].copy_from_slice(&eh.to_le_bytes());
+        h
+    }
+
+    /// Appends the old bytes of `[offset, offset + data.len())` of `disk`.
+    pub fn append(&mut self, disk: u32, offset: u64, data: &[u8]) -> Result<(), TargetError> {
+        assert!(data.len() <= ENTRY_MAX, "undo entry larger than one write");
+        let h = self.entry_header(disk, offset, data.len() as u32, 0, xxh3_64(data));
         self.file
             .write_all(&h)
             .and_then(|_| self.file.write_all(data))
             .map_err(|e| io_err(&self.path, "append", e))?;
+        self.len += (h.len() + data.len()) as u64;
         self.dirty = true;
         Ok(())
     }
 
     /// Records that `[offset, offset + len)` of `disk` read as zeros before this epoch.
     pub fn append_zero(&mut self, disk: u32, offset: u64, len: u64) -> Result<(), TargetError> {
-        let mut h = [0u8; ENTRY_HEADER_LEN];
-        h[0..4].copy_from_slice(&ENTRY_MAGIC.to_le_bytes());
-        h[4..8].copy_from_slice(&disk.to_le_bytes());
-        h[8..16].copy_from_slice(&offset.to_le_bytes());
         // A zero entry's length may exceed u32: it lives in the data-hash field.
-        h[20..24].copy_from_slice(&FLAG_ZERO.to_le_bytes());
-        h[24..32].copy_from_slice(&len.to_le_bytes());
-        let eh = xxh3_64(&h[..32]);
-        h[32..40].copy_from_slice(&eh.to_le_bytes());
+        let h = self.entry_header(disk, offset, 0, FLAG_ZERO, len);
         self.file
             .write_all(&h)
             .map_err(|e| io_err(&self.path, "append", e))?;
+        self.len += h.len() as u64;
         self.dirty = true;
         Ok(())
     }
@@ -178,35 +239,11 @@ impl UndoLog {
                 .sync_data()
                 .map_err(|e| io_err(&self.path, "fdatasync", e))?;
             self.dirty = false;
+            self.synced_len = self.len;
         }
         Ok(())
     }
 
-    /// The commit point, called once the replicas are durable: marks the log
-    /// committed, records the new epoch on every disk, and removes the log.
-    /// The log then becomes a recovery point (see [`super::points`]); `keep` prunes
-    /// the points beyond the retention.
-    pub fn commit(self, keep: &super::points::Retention) -> Result<(), TargetError> {
-        crate::durable::write_atomic(&self.marker, &self.epoch.to_le_bytes())
-            .map_err(|e| io_err(&self.marker, "write commit mark", e))?;
-        write_records(&self.state_dir, self.epoch, &self.disks)?;
-        let size = self.file.metadata().map(|m| m.len()).unwrap_or(0);
-        drop(self.file);
-        super::points::keep_log(
-            &self.state_dir,
-            self.epoch,
-            &self.path,
-            &self.disks,
-            size,
-            keep,
-        )?;
-        remove_marker(&self.marker)
-    }
-}
-
-impl UndoLog {
-    /// Undoes this (uncommitted) epoch now: restores every logged byte and removes the
-    /// log. Used when a session fails while the target keeps running.
     /// Where the log lives.
     pub fn path(&self) -> &Path {
         &self.path
@@ -217,10 +254,67 @@ impl UndoLog {
         self.disks.iter().map(|d| d.name.clone()).collect()
     }
 
-    pub fn roll_back(
-        self,
-        replica_path: &dyn Fn(&str) -> Option<PathBuf>,
-    ) -> Result<Recovery, TargetError> {
+    /// The commit point, called once the replicas are durable: durably marks the log
+    /// committed, then records the new epoch on every disk, keeps the log as a
+    /// recovery point (see [`super::points`]) and removes the mark. `keep` prunes the
+    /// points beyond the retention (a failure to prune is logged, not returned: the
+    /// epoch is committed whatever happens to older points).
+    pub fn commit(self, keep: &super::points::Retention) -> Result<(), Box<CommitFailure>> {
+        let marked = if failpoint::hit("target.commit.mark") {
+            Err(io::Error::from_raw_os_error(libc::ENOSPC))
+        } else {
+            crate::durable::write_atomic(&self.marker, &self.epoch.to_le_bytes())
+        };
+        if let Err(e) = marked {
+            let error = io_err(&self.marker, "write commit mark", e);
+            // The mark may have reached the directory (a failed directory fsync after
+            // the rename): take it back, durably, before anything is rolled back —
+            // a mark that surfaced after a rollback would roll the records forward
+            // over restored bytes.
+            let tmp = crate::durable::temp_path(&self.marker);
+            let _ = fs::remove_file(tmp);
+            let taken_back = match fs::remove_file(&self.marker) {
+                Ok(()) => true,
+                Err(e) => e.kind() == io::ErrorKind::NotFound,
+            } && self.marker.parent().is_some_and(|d| sync_dir(d).is_ok());
+            if taken_back {
+                return Err(Box::new(CommitFailure::NotCommitted { log: self, error }));
+            }
+            return Err(Box::new(CommitFailure::Undecided {
+                disks: self.disk_names(),
+                log: self.path,
+                error,
+            }));
+        }
+        let size = self.len;
+        let UndoLog {
+            file,
+            path,
+            state_dir,
+            epoch,
+            disks,
+            ..
+        } = self;
+        drop(file);
+        finish_commit(&state_dir, &path, epoch, &disks, size).map_err(|error| {
+            Box::new(CommitFailure::Unfinished {
+                disks: disks.iter().map(|d| d.name.clone()).collect(),
+                log: path.clone(),
+                error,
+            })
+        })?;
+        if let Err(e) = super::points::prune(&state_dir, keep) {
+            tracing::warn!(
+                "epoch {epoch} committed; merging old recovery points away failed: {}",
+                super::chain(&e)
+            );
+        }
+        Ok(())
+    }
+
+    /// Undoes this (uncommitted) epoch now: restores every logged byte and removes the
+    /// log. Used when a session fails while the target keeps running.
+    pub fn roll_back(self, replicas: &[(String, PathBuf)]) -> Result<Recovery, TargetError> {
         let UndoLog {
             file,
             path,
@@ -228,8 +322,31 @@ impl UndoLog {
             ..
         } = self;
         drop(file);
-        recover_one(&state_dir, &path, replica_path)
+        recover_one(&state_dir, &path, replicas)
     }
+}
+
+/// Everything after the commit mark, idempotent: records, then the log kept as a
+/// recovery point, then the mark removed. Each step is durable before the next.
+fn finish_commit(
+    state_dir: &Path,
+    log: &Path,
+    epoch: u64,
+    disks: &[UndoDisk],
+    size: u64,
+) -> Result<(), TargetError> {
+    if failpoint::hit("target.commit.records") {
+        return Err(io_err(
+            state_dir,
+            "write replica records",
+            io::Error::from_raw_os_error(libc::ENOSPC),
+        ));
+    }
+    write_records(state_dir, epoch, disks)?;
+    if log.exists() {
+        super::points::keep_log(state_dir, epoch, log, disks, size)?;
+    }
+    remove_marker(&log.with_extension("committed"))
 }
 
 fn write_records(state_dir: &Path, epoch: u64, disks: &[UndoDisk]) -> Result<(), TargetError> {
@@ -242,6 +359,7 @@ fn write_records(state_dir: &Path, epoch: u64, disks: &[UndoDisk]) -> Result<(),
             epoch,
             disk_size: d.disk_size,
             committed_unix_s: now,
+            suspect: None,
         }
         .save(state_dir, &d.name)?;
     }
@@ -250,9 +368,13 @@ fn write_records(state_dir: &Path, epoch: u64, disks: &[UndoDisk]) -> Result<(),
 
 fn remove_marker(marker: &Path) -> Result<(), TargetError> {
     match fs::remove_file(marker) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(io_err(marker, "remove", e)),
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io_err(marker, "remove", e)),
+    }
+    match marker.parent() {
+        Some(dir) => sync_dir(dir),
+        None => Ok(()),
     }
 }
 
@@ -263,12 +385,10 @@ fn remove(path: &Path, marker: &Path) -> Result<(), TargetError> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(io_err(marker, "remove", e)),
     }
-    if let Some(dir) = path.parent() {
-        File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| io_err(dir, "fsync directory", e))?;
+    match path.parent() {
+        Some(dir) => sync_dir(dir),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 /// What [`recover`] did to one log.
@@ -280,76 +400,148 @@ pub enum Recovery {
         entries: usize,
         disks: Vec<String>,
     },
-    /// The epoch had committed: the records were completed.
+    /// The epoch had committed: the records and the kept log were completed.
     RolledForward { epoch: u64, disks: Vec<String> },
+    /// The log could not be trusted (damaged, or contradicting the replicas' records):
+    /// it was set aside as `set_aside`, never applied, and `disks` were marked as
+    /// needing a checksum-compare resync before any changed-block epoch.
+    Distrusted {
+        log: PathBuf,
+        set_aside: PathBuf,
+        disks: Vec<String>,
+        problem: String,
+    },
+    /// Recovery of this log failed for a reason that may pass (an I/O error, a full
+    /// disk): `disks` must stay out of service until a retry succeeds.
+    Pending {
+        log: PathBuf,
+        disks: Vec<String>,
+        error: String,
+    },
 }
 
-/// Finishes or undoes every interrupted epoch found in `state_dir`. `replica_path`
-/// maps a disk name to its configured replica. Must run before any session.
+/// Finishes or undoes every interrupted epoch found in `state_dir`. `replicas` maps
+/// each configured disk name to its replica. Must run before any session. A log that
+/// cannot be settled now is reported as [`Recovery::Pending`]; the caller keeps its
+/// disks out of service.
 pub fn recover(
     state_dir: &Path,
-    replica_path: &dyn Fn(&str) -> Option<PathBuf>,
+    replicas: &[(String, PathBuf)],
 ) -> Result<Vec<Recovery>, TargetError> {
     let dir = undo_dir(state_dir);
-    let mut logs: Vec<PathBuf> = match fs::read_dir(&dir) {
-        Ok(entries) => entries
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|x| x == "undo"))
-            .collect(),
+    let entries: Vec<PathBuf> = match fs::read_dir(&dir) {
+        Ok(entries) => entries.filter_map(|e| e.ok().map(|e| e.path())).collect(),
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => return Err(io_err(&dir, "read", e)),
     };
+    let has_ext = |p: &Path, x: &str| p.extension().is_some_and(|e| e == x);
+    for p in &entries {
+        // A log whose header never became durable: no replica was written under it.
+        // A mark whose log is gone: the log was kept after its records were written.
+        if has_ext(p, "tmp") || (has_ext(p, "committed") && !p.with_extension("undo").exists()) {
+            fs::remove_file(p).map_err(|e| io_err(p, "remove", e))?;
+        }
+    }
+    let mut logs: Vec<&PathBuf> = entries.iter().filter(|p| has_ext(p, "undo")).collect();
     // Newest first: undoing a later epoch before an earlier one restores in order.
     logs.sort();
     logs.reverse();
     let mut done = Vec::new();
     for path in logs {
-        done.push(recover_one(state_dir, &path, replica_path)?);
+        match recover_one(state_dir, path, replicas) {
+            Ok(r) => done.push(r),
+            Err(e) => done.push(Recovery::Pending {
+                log: path.clone(),
+                disks: read_log(path, ReadMode::Header)
+                    .map(|l| l.disks.into_iter().map(|d| d.name).collect())
+                    .unwrap_or_else(|_| replicas.iter().map(|(n, _)| n.clone()).collect()),
+                error: super::chain(&e),
+            }),
+        }
     }
     Ok(done)
 }
 
+/// Settles one log: rolls it forward if its commit mark exists, else back; a log that
+/// cannot be trusted is set aside and its disks marked (see [`Recovery::Distrusted`]).
+/// Errors are transient: the log is left as it was, to be retried.
 pub(crate) fn recover_one(
     state_dir: &Path,
     path: &Path,
-    replica_path: &dyn Fn(&str) -> Option<PathBuf>,
+    replicas: &[(String, PathBuf)],
 ) -> Result<Recovery, TargetError> {
-    let bad = |problem: String| TargetError::State {
-        path: path.to_path_buf(),
-        problem,
-    };
-    let log = read_log(path).map_err(|_| {
-        bad(
-            "undo log header is damaged; refusing to guess (the replicas may be between epochs)"
-                .into(),
-        )
-    })?;
     let marker = path.with_extension("committed");
+    let log = match read_log(path, ReadMode::Header) {
+        Ok(log) => log,
+        Err(Damage::Io(e)) => return Err(e),
+        Err(Damage::Untrusted(problem)) => {
+            // Without a header nobody knows which disks the log touched: every one.
+            let all: Vec<String> = replicas.iter().map(|(n, _)| n.clone()).collect();
+            return distrust(state_dir, path, &all, problem);
+        }
+    };
     let names: Vec<String> = log.disks.iter().map(|d| d.name.clone()).collect();
     if marker.exists() {
-        write_records(state_dir, log.epoch, &log.disks)?;
-        remove(path, &marker)?;
+        let size = fs::metadata(path)
+            .map_err(|e| io_err(path, "stat", e))?
+            .len();
+        finish_commit(state_dir, path, log.epoch, &log.disks, size)?;
         return Ok(Recovery::RolledForward {
             epoch: log.epoch,
             disks: names,
         });
     }
+    let logged: Vec<String> = log
+        .disks
+        .iter()
+        .filter(|d| d.logged)
+        .map(|d| d.name.clone())
+        .collect();
+    // A log may only take a replica back to the epoch it held when the log began: a
+    // log left behind by a failed commit must never roll back later epochs.
+    for d in log.disks.iter().filter(|d| d.logged) {
+        let record = ReplicaRecord::load(state_dir, &d.name)?;
+        let held = record.as_ref().map(|r| r.epoch);
+        if held != d.prev_epoch {
+            let problem = format!(
+                "uncommitted log of epoch {} would take disk {:?} back to epoch {}, but its record says it holds {}; refusing to roll back (the log is stale)",
+                log.epoch,
+                d.name,
+                d.prev_epoch.map_or("none".into(), |e| e.to_string()),
+                held.map_or("no epoch".into(), |e| e.to_string()),
+            );
+            return distrust(state_dir, path, &logged, problem);
+        }
+    }
     let mut files = Vec::with_capacity(log.disks.len());
     for d in &log.disks {
-        let p = replica_path(&d.name).ok_or_else(|| {
-            bad(format!("disk {:?} of an interrupted epoch is no longer configured; restore its [[disk]] entry to recover", d.name))
-        })?;
-        files.push(
-            OpenOptions::new()
-                .write(true)
-                .open(&p)
-                .map_err(|e| io_err(&p, "open replica for rollback", e))?,
-        );
+        let Some((_, p)) = replicas.iter().find(|(n, _)| *n == d.name) else {
+            return Err(TargetError::State {
+                path: path.to_path_buf(),
+                problem: format!("disk {:?} of an interrupted epoch is no longer configured; restore its [[disk]] entry to recover", d.name),
+            });
+        };
+        files.push(if d.logged {
+            Some(
+                OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(p)
+                    .map_err(|e| io_err(p, "open replica for rollback", e))?,
+            )
+        } else {
+            None
+        });
     }
-    let targets: Vec<Option<&File>> = files.iter().map(Some).collect();
-    log.apply_reversed(&targets)
+    let refs: Vec<Option<&File>> = files.iter().map(Option::as_ref).collect();
+    let log = match read_log(path, ReadMode::Live { replicas: &refs }) {
+        Ok(log) => log,
+        Err(Damage::Io(e)) => return Err(e),
+        Err(Damage::Untrusted(problem)) => return distrust(state_dir, path, &logged, problem),
+    };
+    log.apply_reversed(&refs)
         .map_err(|e| io_err(path, "roll back", e))?;
-    for f in &files {
+    for f in files.iter().flatten() {
         f.sync_data()
             .map_err(|e| io_err(path, "fsync replica after rollback", e))?;
     }
@@ -361,12 +553,64 @@ pub(crate) fn recover_one(
     })
 }
 
-/// Largest log header: 256 disks of 89 bytes plus the fixed part and the checksum.
-const HEADER_MAX: usize = 20 + crate::protocol::MAX_DISKS_PER_SESSION * (1 + NAME_LEN + 16 + 8) + 8;
+/// Sets a log that must not be applied aside (`.damaged`, kept for inspection), marks
+/// `disks` as needing a checksum-compare resync, and retires their recovery points
+/// (they were reached through replicas that are no longer a known epoch).
+fn distrust(
+    state_dir: &Path,
+    path: &Path,
+    disks: &[String],
+    problem: String,
+) -> Result<Recovery, TargetError> {
+    let reason = format!("{}: {problem}", path.display());
+    for name in disks {
+        if let Some(mut r) = ReplicaRecord::load(state_dir, name)? {
+            if r.suspect.is_none() {
+                r.suspect = Some(reason.clone());
+                r.save(state_dir, name)?;
+            }
+        }
+    }
+    super::points::retire(state_dir, disks, &reason)?;
+    let set_aside = path.with_extension("damaged");
+    fs::rename(path, &set_aside).map_err(|e| io_err(path, "set aside", e))?;
+    if let Some(dir) = path.parent() {
+        sync_dir(dir)?;
+    }
+    Ok(Recovery::Distrusted {
+        log: path.to_path_buf(),
+        set_aside,
+        disks: disks.to_vec(),
+        problem,
+    })
+}
+
+fn encode_header(epoch: u64, disks: &[UndoDisk]) -> Vec<u8> {
+    let mut header = Vec::with_capacity(24 + disks.len() * HEADER_DISK_LEN);
+    header.extend_from_slice(MAGIC);
+    header.extend_from_slice(&epoch.to_le_bytes());
+    header.extend_from_slice(&(disks.len() as u32).to_le_bytes());
+    for d in disks {
+        let mut name = [0u8; NAME_LEN];
+        name[..d.name.len()].copy_from_slice(d.name.as_bytes());
+        header.push(d.name.len() as u8);
+        header.extend_from_slice(&name);
+        header.extend_from_slice(&d.generation);
+        header.extend_from_slice(&d.disk_size.to_le_bytes());
+        header.push(d.logged as u8);
+        header.extend_from_slice(&d.prev_epoch.unwrap_or(NO_EPOCH).to_le_bytes());
+    }
+    let h = xxh3_64(&header);
+    header.extend_from_slice(&h.to_le_bytes());
+    header
+}
+
+/// Largest log header: 256 disks plus the fixed part and the checksum.
+const HEADER_MAX: usize = 20 + crate::protocol::MAX_DISKS_PER_SESSION * HEADER_DISK_LEN + 8;
 
 /// A log opened for reading: its header and an index of its valid entries. The data
 /// stays in the file and is read one entry at a time, so memory does not grow with the
-/// size of an epoch (the index holds 32 bytes per entry of up to 4 MiB).
+/// size of an epoch (the index holds 32 bytes per entry of up to 8 MiB).
 pub(crate) struct LogContents {
     file: File,
     pub epoch: u64,
@@ -374,71 +618,254 @@ pub(crate) struct LogContents {
     pub entries: Vec<Entry>,
 }
 
-/// Opens a log: parses its header and indexes the valid entries, stopping at the first
-/// damaged one (the torn tail). Every data entry's checksum is verified here.
-pub(crate) fn read_log(path: &Path) -> Result<LogContents, TargetError> {
-    let file = File::open(path).map_err(|e| io_err(path, "open", e))?;
-    let size = file.metadata().map_err(|e| io_err(path, "stat", e))?.len();
+/// How much of a log [`read_log`] reads, and what damage it tolerates.
+pub(crate) enum ReadMode<'a> {
+    /// The header only.
+    Header,
+    /// An uncommitted log about to be rolled back over `replicas` (indexed like the
+    /// log's disks; `None` for disks without logged bytes): a torn tail is dropped
+    /// once shown to be one against the replicas.
+    Live { replicas: &'a [Option<&'a File>] },
+    /// A committed log: every byte must parse, to the end of the file.
+    Kept,
+}
+
+/// Why a log could not be read.
+pub(crate) enum Damage {
+    /// Reading failed; may pass.
+    Io(TargetError),
+    /// The log's content cannot be trusted; says why.
+    Untrusted(String),
+}
+
+impl Damage {
+    /// As an error for callers that only report it.
+    pub(crate) fn into_error(self, path: &Path) -> TargetError {
+        match self {
+            Damage::Io(e) => e,
+            Damage::Untrusted(problem) => TargetError::State {
+                path: path.to_path_buf(),
+                problem,
+            },
+        }
+    }
+}
+
+/// One entry header, decoded and checked against its own hash.
+struct EntryHeader {
+    disk: usize,
+    offset: u64,
+    len: usize,
+    zero_len: Option<u64>,
+    data_hash: u64,
+    synced_len: u64,
+}
+
+fn decode_entry(h: &[u8; ENTRY_HEADER_LEN], disks: usize) -> Option<EntryHeader> {
+    let word = |a: usize| u64::from_le_bytes(h[a..a + 8].try_into().expect("8 bytes"));
+    let half = |a: usize| u32::from_le_bytes(h[a..a + 4].try_into().expect("4 bytes"));
+    if half(0) != ENTRY_MAGIC || xxh3_64(&h[..ENTRY_HASHED_LEN]) != word(40) {
+        return None;
+    }
+    let disk = half(4) as usize;
+    let len = half(16) as usize;
+    let zero = half(20) == FLAG_ZERO;
+    if disk >= disks || (!zero && len > ENTRY_MAX) {
+        return None;
+    }
+    Some(EntryHeader {
+        disk,
+        offset: word(8),
+        len: if zero { 0 } else { len },
+        zero_len: zero.then(|| word(24)),
+        data_hash: word(24),
+        synced_len: word(32),
+    })
+}
+
+/// Opens a log and checks it as `mode` says (see the module doc for what is refused).
+pub(crate) fn read_log(path: &Path, mode: ReadMode<'_>) -> Result<LogContents, Damage> {
+    let io = |what: &str, e: io::Error| Damage::Io(io_err(path, what, e));
+    let file = File::open(path).map_err(|e| io("open", e))?;
+    let size = file.metadata().map_err(|e| io("stat", e))?.len();
     let mut head = vec![0u8; HEADER_MAX.min(size as usize)];
     file.read_exact_at(&mut head, 0)
-        .map_err(|e| io_err(path, "read", e))?;
-    let (epoch, disks, header_len) = parse_header(&head).ok_or_else(|| TargetError::State {
-        path: path.to_path_buf(),
-        problem: "undo log header is damaged".into(),
-    })?;
-    let mut entries = Vec::new();
+        .map_err(|e| io("read", e))?;
+    if head.len() >= 8 && &head[..8] == MAGIC_V1 {
+        return Err(Damage::Untrusted(
+            "undo log of format 1 (an older ferry) carries no previous epochs; it cannot be checked and is not applied".into(),
+        ));
+    }
+    let (epoch, disks, header_len) = parse_header(&head)
+        .ok_or_else(|| Damage::Untrusted("undo log header is damaged".into()))?;
+    let mut log = LogContents {
+        file,
+        epoch,
+        disks,
+        entries: Vec::new(),
+    };
+    let replicas = match mode {
+        ReadMode::Header => return Ok(log),
+        ReadMode::Live { replicas } => Some(replicas),
+        ReadMode::Kept => None,
+    };
     let mut buf = Vec::new();
     let mut pos = header_len as u64;
     let mut h = [0u8; ENTRY_HEADER_LEN];
-    while pos + ENTRY_HEADER_LEN as u64 <= size {
-        if file.read_exact_at(&mut h, pos).is_err() {
-            break;
+    let bad_at = loop {
+        if pos == size {
+            break None;
         }
-        let word = |a: usize| u64::from_le_bytes(h[a..a + 8].try_into().expect("8 bytes"));
-        let half = |a: usize| u32::from_le_bytes(h[a..a + 4].try_into().expect("4 bytes"));
-        if half(0) != ENTRY_MAGIC || xxh3_64(&h[..32]) != word(32) {
-            break;
+        if pos + ENTRY_HEADER_LEN as u64 > size {
+            break Some(pos);
         }
-        let disk = half(4) as usize;
-        let offset = word(8);
+        log.file
+            .read_exact_at(&mut h, pos)
+            .map_err(|e| io("read", e))?;
+        let Some(e) = decode_entry(&h, log.disks.len()) else {
+            break Some(pos);
+        };
         let start = pos + ENTRY_HEADER_LEN as u64;
-        if disk >= disks.len() {
-            break;
-        }
-        if half(20) == FLAG_ZERO {
-            entries.push(Entry::Zero {
-                disk,
-                offset,
-                len: word(24),
+        if let Some(len) = e.zero_len {
+            log.entries.push(Entry::Zero {
+                disk: e.disk,
+                offset: e.offset,
+                len,
             });
             pos = start;
             continue;
         }
-        let len = half(16) as usize;
-        if len > ENTRY_MAX || start + len as u64 > size {
-            break;
+        if start + e.len as u64 > size {
+            break Some(pos);
         }
-        buf.resize(len, 0);
-        if file.read_exact_at(&mut buf, start).is_err() || xxh3_64(&buf) != word(24) {
-            break;
+        buf.resize(e.len, 0);
+        log.file
+            .read_exact_at(&mut buf, start)
+            .map_err(|e| io("read", e))?;
+        if xxh3_64(&buf) != e.data_hash {
+            break Some(pos);
         }
-        entries.push(Entry::Data {
-            disk,
-            offset,
+        log.entries.push(Entry::Data {
+            disk: e.disk,
+            offset: e.offset,
             start,
-            len,
+            len: e.len,
         });
-        pos = start + len as u64;
+        pos = start + e.len as u64;
+    };
+    let Some(bad_at) = bad_at else {
+        return Ok(log);
+    };
+    let Some(replicas) = replicas else {
+        return Err(Damage::Untrusted(format!(
+            "kept undo log is damaged at byte {bad_at} of {size}: it does not parse to its end"
+        )));
+    };
+    check_torn_tail(&log, bad_at, size, replicas)?;
+    Ok(log)
+}
+
+/// Shows that everything from `bad_at` on is a torn tail: bytes written after the last
+/// completed sync, whose replica writes were never issued. Every entry header that can
+/// still be found there must not claim a later sync, and its range must still hold its
+/// logged bytes on the replica.
+fn check_torn_tail(
+    log: &LogContents,
+    bad_at: u64,
+    size: u64,
+    replicas: &[Option<&File>],
+) -> Result<(), Damage> {
+    let untrusted = |m: String| Damage::Untrusted(m);
+    let mut tail = vec![0u8; (size - bad_at) as usize];
+    log.file
+        .read_exact_at(&mut tail, bad_at)
+        .map_err(|e| Damage::Io(io_err(Path::new("undo log"), "read", e)))?;
+    let mut i = 0usize;
+    let mut data = Vec::new();
+    while i + ENTRY_HEADER_LEN <= tail.len() {
+        let h: &[u8; ENTRY_HEADER_LEN] = tail[i..i + ENTRY_HEADER_LEN]
+            .try_into()
+            .expect("sliced to the header length");
+        let Some(e) = decode_entry(h, log.disks.len()) else {
+            i += 1;
+            continue;
+        };
+        let at = bad_at + i as u64;
+        if e.synced_len > bad_at {
+            return Err(untrusted(format!(
+                "undo log is damaged at byte {bad_at}, inside its synced part (an entry at byte {at} was written after {} bytes were durable); the replicas may hold bytes it can no longer restore",
+                e.synced_len
+            )));
+        }
+        let Some(replica) = replicas.get(e.disk).copied().flatten() else {
+            return Err(untrusted(format!(
+                "undo log entry at byte {at} names disk #{} whose bytes are not logged",
+                e.disk
+            )));
+        };
+        let len = e.zero_len.unwrap_or(e.len as u64);
+        // What the replica holds there now must be what the entry logged: then its
+        // write never happened and dropping the entry loses nothing.
+        let unchanged = if e.zero_len.is_some() {
+            range_is_zero(replica, e.offset, len)
+        } else {
+            data.resize(len as usize, 0);
+            replica
+                .read_exact_at(&mut data, e.offset)
+                .map(|_| xxh3_64(&data) == e.data_hash)
+        }
+        .map_err(|err| Damage::Io(io_err(Path::new("replica"), "read", err)))?;
+        if !unchanged {
+            return Err(untrusted(format!(
+                "undo log is damaged at byte {bad_at}, and the write its entry at byte {at} covers (disk {:?}, offset {}, {len} bytes) reached the replica; the old bytes are lost",
+                log.disks[e.disk].name, e.offset
+            )));
+        }
+        // Past its data (torn or not): bytes inside it are not entry headers.
+        i += ENTRY_HEADER_LEN + e.len;
     }
-    Ok(LogContents {
-        file,
-        epoch,
-        disks,
-        entries,
-    })
+    Ok(())
+}
+
+fn range_is_zero(file: &File, offset: u64, len: u64) -> io::Result<bool> {
+    use std::os::fd::AsRawFd;
+    let end = offset + len;
+    let mut buf = vec![0u8; (1 << 20).min(len as usize)];
+    let mut at = offset;
+    while at < end {
+        // Holes read as zeros: skip to the next data (a block device has no SEEK_DATA
+        // and is read whole).
+        // SAFETY: lseek on an open descriptor has no memory effects.
+        let data = unsafe { libc::lseek(file.as_raw_fd(), at as libc::off_t, libc::SEEK_DATA) };
+        if data < 0 {
+            if io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO) {
+                return Ok(true);
+            }
+        } else {
+            at = at.max(data as u64);
+            if at >= end {
+                return Ok(true);
+            }
+        }
+        let n = ((end - at) as usize).min(buf.len());
+        let got = file.read_at(&mut buf[..n], at)?;
+        if got == 0 {
+            return Ok(true); // past the end reads as zeros after the size is set
+        }
+        if !crate::protocol::is_zero(&buf[..got]) {
+            return Ok(false);
+        }
+        at += got as u64;
+    }
+    Ok(true)
 }
 
 impl LogContents {
+    /// The log file's length in bytes.
+    pub(crate) fn file_len(&self) -> io::Result<u64> {
+        self.file.metadata().map(|m| m.len())
+    }
+
     /// Writes every entry's old bytes back, newest first, to `files[disk]` (disks
     /// mapped to `None` are skipped).
     pub(crate) fn apply_reversed(&self, files: &[Option<&File>]) -> io::Result<()> {
@@ -515,8 +942,7 @@ fn parse_header(bytes: &[u8]) -> Option<(u64, Vec<UndoDisk>, usize)> {
     }
     let epoch = u64::from_le_bytes(bytes[8..16].try_into().ok()?);
     let count = u32::from_le_bytes(bytes[16..20].try_into().ok()?) as usize;
-    let per_disk = 1 + NAME_LEN + 16 + 8;
-    let end = 20usize.checked_add(count.checked_mul(per_disk)?)?;
+    let end = 20usize.checked_add(count.checked_mul(HEADER_DISK_LEN)?)?;
     if count > crate::protocol::MAX_DISKS_PER_SESSION || bytes.len() < end + 8 {
         return None;
     }
@@ -525,115 +951,24 @@ fn parse_header(bytes: &[u8]) -> Option<(u64, Vec<UndoDisk>, usize)> {
     }
     let mut disks = Vec::with_capacity(count);
     for i in 0..count {
-        let at = 20 + i * per_disk;
-        let len = (bytes[at] as usize).min(NAME_LEN);
-        let name = std::str::from_utf8(&bytes[at + 1..at + 1 + len])
-            .ok()?
-            .to_string();
-        let generation: [u8; 16] = bytes[at + 1 + NAME_LEN..at + 1 + NAME_LEN + 16]
-            .try_into()
-            .ok()?;
-        let disk_size = u64::from_le_bytes(
-            bytes[at + 1 + NAME_LEN + 16..at + per_disk]
-                .try_into()
-                .ok()?,
-        );
+        let d = &bytes[20 + i * HEADER_DISK_LEN..20 + (i + 1) * HEADER_DISK_LEN];
+        let len = (d[0] as usize).min(NAME_LEN);
+        let name = std::str::from_utf8(&d[1..1 + len]).ok()?.to_string();
+        let at = 1 + NAME_LEN;
+        let generation: [u8; 16] = d[at..at + 16].try_into().ok()?;
+        let disk_size = u64::from_le_bytes(d[at + 16..at + 24].try_into().ok()?);
+        let logged = d[at + 24] != 0;
+        let prev = u64::from_le_bytes(d[at + 25..at + 33].try_into().ok()?);
         disks.push(UndoDisk {
             name,
             generation,
             disk_size,
-            logged: true,
-            prev_epoch: None,
+            logged,
+            prev_epoch: (prev != NO_EPOCH).then_some(prev),
         });
     }
     Some((epoch, disks, end + 8))
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn disk(name: &str) -> UndoDisk {
-        UndoDisk {
-            name: name.into(),
-            generation: [3; 16],
-            disk_size: 1 << 20,
-            logged: true,
-            prev_epoch: Some(1),
-        }
-    }
-
-    #[test]
-    fn uncommitted_epoch_rolls_back_byte_for_byte_even_with_a_torn_tail() {
-        let dir = tempfile::tempdir().unwrap();
-        let replica = dir.path().join("a.img");
-        let old: Vec<u8> = (0..1 << 20).map(|i| (i % 251) as u8).collect();
-        fs::write(&replica, &old).unwrap();
-        let mut log = UndoLog::create(dir.path(), 7, vec![disk("a")]).unwrap();
-        let f = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&replica)
-            .unwrap();
-        for (off, len) in [(0u64, 65536usize), (131072, 4096), (0, 4096)] {
-            let mut cur = vec![0u8; len];
-            f.read_exact_at(&mut cur, off).unwrap();
-            log.append(0, off, &cur).unwrap();
-            log.sync().unwrap();
-            f.write_all_at(&vec![0xEE; len], off).unwrap();
-        }
-        // A torn entry at the tail: its write never happened.
-        log.file.write_all(&[0x55; 17]).unwrap();
-        drop(log);
-        let lookup = |n: &str| (n == "a").then(|| replica.clone());
-        let done = recover(dir.path(), &lookup).unwrap();
-        assert_eq!(
-            done,
-            vec![Recovery::RolledBack {
-                epoch: 7,
-                entries: 3,
-                disks: vec!["a".into()]
-            }]
-        );
-        assert_eq!(fs::read(&replica).unwrap(), old);
-        assert!(
-            recover(dir.path(), &lookup).unwrap().is_empty(),
-            "log removed"
-        );
-    }
-
-    #[test]
-    fn committed_epoch_rolls_records_forward() {
-        let dir = tempfile::tempdir().unwrap();
-        let log = UndoLog::create(dir.path(), 9, vec![disk("a"), disk("b")]).unwrap();
-        // Crash after the commit mark, before the records: simulate by writing the mark only.
-        crate::durable::write_atomic(&log.marker, &9u64.to_le_bytes()).unwrap();
-        drop(log);
-        let done = recover(dir.path(), &|_| None).unwrap();
-        assert_eq!(
-            done,
-            vec![Recovery::RolledForward {
-                epoch: 9,
-                disks: vec!["a".into(), "b".into()]
-            }]
-        );
-        for n in ["a", "b"] {
-            assert_eq!(
-                ReplicaRecord::load(dir.path(), n).unwrap().unwrap().epoch,
-                9
-            );
-        }
-    }
-
-    #[test]
-    fn damaged_header_is_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let log = UndoLog::create(dir.path(), 1, vec![disk("a")]).unwrap();
-        let path = log.path.clone();
-        drop(log);
-        let mut b = fs::read(&path).unwrap();
-        b[25] ^= 1;
-        fs::write(&path, b).unwrap();
-        assert!(recover(dir.path(), &|_| None).is_err());
-    }
-}
+mod tests;

@@ -1,0 +1,312 @@
+//! Undo log recovery: what is rolled back, what is rolled forward, and what is refused.
+
+use super::*;
+
+fn disk(name: &str) -> UndoDisk {
+    UndoDisk {
+        name: name.into(),
+        generation: [3; 16],
+        disk_size: 1 << 20,
+        logged: true,
+        prev_epoch: Some(1),
+    }
+}
+
+fn record(dir: &Path, name: &str, epoch: u64) {
+    ReplicaRecord {
+        generation: crate::protocol::hex16(&[3; 16]),
+        epoch,
+        disk_size: 1 << 20,
+        committed_unix_s: 1,
+        suspect: None,
+    }
+    .save(dir, name)
+    .unwrap();
+}
+
+/// A replica of 1 MiB of known bytes with a record at epoch 1, and its log for epoch 2.
+struct Fixture {
+    dir: tempfile::TempDir,
+    replica: PathBuf,
+    old: Vec<u8>,
+    file: File,
+}
+
+impl Fixture {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let replica = dir.path().join("a.img");
+        let old: Vec<u8> = (0..1 << 20).map(|i| (i % 251) as u8).collect();
+        fs::write(&replica, &old).unwrap();
+        record(dir.path(), "a", 1);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&replica)
+            .unwrap();
+        Fixture {
+            dir,
+            replica,
+            old,
+            file,
+        }
+    }
+
+    fn replicas(&self) -> Vec<(String, PathBuf)> {
+        vec![("a".into(), self.replica.clone())]
+    }
+
+    /// Logs the range, syncs, then overwrites it on the replica: one applied write.
+    fn applied_write(&self, log: &mut UndoLog, off: u64, len: usize, byte: u8) {
+        let mut cur = vec![0u8; len];
+        self.file.read_exact_at(&mut cur, off).unwrap();
+        log.append(0, off, &cur).unwrap();
+        log.sync().unwrap();
+        self.file.write_all_at(&vec![byte; len], off).unwrap();
+    }
+
+    /// Logs the range without syncing and without writing the replica: a crash came
+    /// before the sync returned.
+    fn unsynced_entry(&self, log: &mut UndoLog, off: u64, len: usize) {
+        let mut cur = vec![0u8; len];
+        self.file.read_exact_at(&mut cur, off).unwrap();
+        log.append(0, off, &cur).unwrap();
+    }
+
+    fn now(&self) -> Vec<u8> {
+        fs::read(&self.replica).unwrap()
+    }
+
+    fn suspect(&self) -> Option<String> {
+        ReplicaRecord::load(self.dir.path(), "a")
+            .unwrap()
+            .unwrap()
+            .suspect
+    }
+}
+
+/// Flips one bit at `at` bytes into the file.
+fn flip(path: &Path, at: u64) {
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, at).unwrap();
+    b[0] ^= 0x10;
+    f.write_all_at(&b, at).unwrap();
+}
+
+fn header_len(disks: usize) -> u64 {
+    (20 + disks * HEADER_DISK_LEN + 8) as u64
+}
+
+#[test]
+fn uncommitted_epoch_rolls_back_byte_for_byte_even_with_a_torn_tail() {
+    let fx = Fixture::new();
+    let mut log = UndoLog::create(fx.dir.path(), 2, vec![disk("a")]).unwrap();
+    for (off, len) in [(0u64, 65536usize), (131072, 4096), (0, 4096)] {
+        fx.applied_write(&mut log, off, len, 0xEE);
+    }
+    // A torn entry at the tail: its write never happened.
+    log.file.write_all(&[0x55; 17]).unwrap();
+    drop(log);
+    let done = recover(fx.dir.path(), &fx.replicas()).unwrap();
+    assert_eq!(
+        done,
+        vec![Recovery::RolledBack {
+            epoch: 2,
+            entries: 3,
+            disks: vec!["a".into()]
+        }]
+    );
+    assert_eq!(fx.now(), fx.old);
+    assert!(
+        recover(fx.dir.path(), &fx.replicas()).unwrap().is_empty(),
+        "log removed"
+    );
+}
+
+#[test]
+fn unsynced_entries_after_a_torn_one_are_a_tail_and_dropped() {
+    let fx = Fixture::new();
+    let mut log = UndoLog::create(fx.dir.path(), 2, vec![disk("a")]).unwrap();
+    fx.applied_write(&mut log, 0, 4096, 0xEE);
+    let second = log.len;
+    // Two entries written in one batch, the crash during their sync: the first is
+    // torn, the second reached the disk whole. Neither write was issued.
+    fx.unsynced_entry(&mut log, 65536, 4096);
+    fx.unsynced_entry(&mut log, 131072, 4096);
+    drop(log);
+    let path = fs::read_dir(undo_dir(fx.dir.path()))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    flip(&path, second + ENTRY_HEADER_LEN as u64 + 100);
+    let done = recover(fx.dir.path(), &fx.replicas()).unwrap();
+    assert!(
+        matches!(done[..], [Recovery::RolledBack { entries: 1, .. }]),
+        "{done:?}"
+    );
+    assert_eq!(fx.now(), fx.old);
+}
+
+#[test]
+fn damage_inside_the_synced_part_is_refused_not_half_rolled_back() {
+    let fx = Fixture::new();
+    let mut log = UndoLog::create(fx.dir.path(), 2, vec![disk("a")]).unwrap();
+    let mut starts = Vec::new();
+    for (i, off) in [0u64, 65536, 131072, 196608].into_iter().enumerate() {
+        starts.push(log.len);
+        fx.applied_write(&mut log, off, 4096, 0xE0 + i as u8);
+    }
+    let path = log.path.clone();
+    drop(log);
+    let after = fx.now();
+    // One bit of entry 2's data.
+    flip(&path, starts[1] + ENTRY_HEADER_LEN as u64 + 7);
+    let done = recover(fx.dir.path(), &fx.replicas()).unwrap();
+    let [Recovery::Distrusted {
+        set_aside, problem, ..
+    }] = &done[..]
+    else {
+        panic!("{done:?}")
+    };
+    assert!(problem.contains("damaged at byte"), "{problem}");
+    assert!(set_aside.exists() && !path.exists());
+    assert_eq!(fx.now(), after, "nothing applied from a damaged log");
+    let why = fx
+        .suspect()
+        .expect("the disk is marked for a checksum resync");
+    assert!(why.contains(path.to_str().unwrap()), "{why}");
+}
+
+#[test]
+fn damage_in_a_header_in_the_synced_part_is_refused() {
+    let fx = Fixture::new();
+    let mut log = UndoLog::create(fx.dir.path(), 2, vec![disk("a")]).unwrap();
+    let mut starts = Vec::new();
+    for off in [0u64, 65536, 131072] {
+        starts.push(log.len);
+        fx.applied_write(&mut log, off, 4096, 0xEE);
+    }
+    let path = log.path.clone();
+    drop(log);
+    flip(&path, starts[1] + 9); // the offset field of entry 2
+    let done = recover(fx.dir.path(), &fx.replicas()).unwrap();
+    assert!(
+        matches!(done[..], [Recovery::Distrusted { .. }]),
+        "{done:?}"
+    );
+    assert!(fx.suspect().is_some());
+}
+
+#[test]
+fn a_damaged_last_entry_whose_write_reached_the_replica_is_refused() {
+    let fx = Fixture::new();
+    let mut log = UndoLog::create(fx.dir.path(), 2, vec![disk("a")]).unwrap();
+    fx.applied_write(&mut log, 0, 4096, 0xEE);
+    let last = log.len;
+    fx.applied_write(&mut log, 65536, 4096, 0xEF);
+    let path = log.path.clone();
+    drop(log);
+    // Nothing was written after it, so no later entry vouches for its sync; but the
+    // replica shows its write happened: its old bytes are gone.
+    flip(&path, last + ENTRY_HEADER_LEN as u64 + 1);
+    let done = recover(fx.dir.path(), &fx.replicas()).unwrap();
+    let [Recovery::Distrusted { problem, .. }] = &done[..] else {
+        panic!("{done:?}")
+    };
+    assert!(problem.contains("reached the replica"), "{problem}");
+}
+
+#[test]
+fn a_stale_log_never_rolls_back_later_epochs() {
+    let fx = Fixture::new();
+    let mut log = UndoLog::create(fx.dir.path(), 2, vec![disk("a")]).unwrap();
+    fx.applied_write(&mut log, 0, 4096, 0xEE);
+    drop(log);
+    // The epoch's commit failed, yet later epochs committed over it.
+    record(fx.dir.path(), "a", 4);
+    let after = fx.now();
+    let done = recover(fx.dir.path(), &fx.replicas()).unwrap();
+    let [Recovery::Distrusted { problem, .. }] = &done[..] else {
+        panic!("{done:?}")
+    };
+    assert!(problem.contains("stale"), "{problem}");
+    assert_eq!(fx.now(), after);
+}
+
+#[test]
+fn committed_epoch_rolls_records_forward_and_keeps_its_point() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = UndoLog::create(dir.path(), 9, vec![disk("a"), disk("b")]).unwrap();
+    // Crash after the commit mark, before the records: simulate by writing the mark only.
+    crate::durable::write_atomic(&log.marker, &9u64.to_le_bytes()).unwrap();
+    drop(log);
+    let done = recover(dir.path(), &[]).unwrap();
+    assert_eq!(
+        done,
+        vec![Recovery::RolledForward {
+            epoch: 9,
+            disks: vec!["a".into(), "b".into()]
+        }]
+    );
+    for n in ["a", "b"] {
+        assert_eq!(
+            ReplicaRecord::load(dir.path(), n).unwrap().unwrap().epoch,
+            9
+        );
+    }
+    let kept: Vec<_> = fs::read_dir(super::super::points::points_dir(dir.path()))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(kept.len(), 2, "the log and its metadata: {kept:?}");
+    assert_eq!(fs::read_dir(undo_dir(dir.path())).unwrap().count(), 0);
+}
+
+#[test]
+fn damaged_header_is_distrusted_for_every_disk() {
+    let fx = Fixture::new();
+    let log = UndoLog::create(fx.dir.path(), 2, vec![disk("a")]).unwrap();
+    let path = log.path.clone();
+    drop(log);
+    flip(&path, 25);
+    let done = recover(fx.dir.path(), &fx.replicas()).unwrap();
+    assert!(
+        matches!(&done[..], [Recovery::Distrusted { disks, .. }] if disks == &["a".to_string()]),
+        "{done:?}"
+    );
+    assert!(fx.suspect().is_some());
+}
+
+#[test]
+fn a_log_whose_header_never_became_durable_is_removed() {
+    let fx = Fixture::new();
+    let dir = undo_dir(fx.dir.path());
+    crate::durable::ensure_dir(&dir).unwrap();
+    // Power lost between creating the log and syncing its header.
+    fs::write(dir.join("00000000000000000002-0000abcd.tmp"), b"").unwrap();
+    assert!(recover(fx.dir.path(), &fx.replicas()).unwrap().is_empty());
+    assert_eq!(fs::read_dir(&dir).unwrap().count(), 0);
+}
+
+#[test]
+fn a_kept_log_must_parse_to_its_end() {
+    let fx = Fixture::new();
+    let mut log = UndoLog::create(fx.dir.path(), 2, vec![disk("a")]).unwrap();
+    fx.applied_write(&mut log, 0, 4096, 0xEE);
+    fx.applied_write(&mut log, 65536, 4096, 0xEE);
+    let path = log.path.clone();
+    drop(log);
+    assert!(read_log(&path, ReadMode::Kept).is_ok());
+    flip(&path, header_len(1) + ENTRY_HEADER_LEN as u64 + 3);
+    assert!(matches!(
+        read_log(&path, ReadMode::Kept),
+        Err(Damage::Untrusted(_))
+    ));
+}

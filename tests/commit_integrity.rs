@@ -1,0 +1,298 @@
+//! The target's commit, where it can fail: a commit mark that cannot be written rolls
+//! the epoch back at once (never leaving an undo log that a later start replays over
+//! newer epochs); records that cannot be written after a durable mark still
+//! acknowledge the epoch and are completed before the disks serve again; damaged
+//! recovery-point metadata never fails a commit. Real target processes, real TCP;
+//! failures are injected with test-only failpoints (`FERRY_FAILPOINTS`, debug builds).
+
+mod common;
+
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::{file_hash, Rng, TargetProc};
+
+const DISK_BYTES: u64 = 8 << 20;
+const BLOCK: u64 = 64 << 10;
+
+/// Rewrites about a sixth of the blocks with random bytes.
+fn mutate(path: &Path, rng: &mut Rng) {
+    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    let mut buf = vec![0u8; BLOCK as usize];
+    for b in 0..DISK_BYTES / BLOCK {
+        if rng.below(6) == 0 {
+            rng.fill(&mut buf);
+            f.write_all_at(&buf, b * BLOCK).unwrap();
+        }
+    }
+}
+
+struct Setup {
+    _dir: tempfile::TempDir,
+    d: PathBuf,
+    source: PathBuf,
+    replica: PathBuf,
+    source_cfg: PathBuf,
+    target: TargetProc,
+    rng: Rng,
+}
+
+impl Setup {
+    /// A source image, a target started with `failpoints`, and a source config.
+    fn new(test: &str, failpoints: &str) -> Setup {
+        let mut rng = Rng::new(common::test_seed(test));
+        let dir = common::scratch_dir();
+        let d = dir.path().to_path_buf();
+        let key = d.join("ferry.key");
+        common::keygen(&key);
+        let source = d.join("vm.img");
+        let replica = d.join("vm.replica");
+        std::fs::File::create(&source)
+            .unwrap()
+            .set_len(DISK_BYTES)
+            .unwrap();
+        mutate(&source, &mut rng);
+        let config = d.join("target.toml");
+        let port = common::free_port();
+        std::fs::write(
+            &config,
+            common::target_toml(
+                port,
+                &key,
+                &d.join("target-state"),
+                &[("vm", replica.as_path())],
+                "",
+            ),
+        )
+        .unwrap();
+        let target =
+            TargetProc::spawn_env(&config, port, &[("FERRY_FAILPOINTS", failpoints)]).unwrap();
+        let source_cfg = d.join("source.toml");
+        std::fs::write(
+            &source_cfg,
+            common::source_toml(
+                target.port,
+                &key,
+                &d.join("source-state"),
+                &[("vm", source.as_path())],
+                "",
+            ),
+        )
+        .unwrap();
+        Setup {
+            _dir: dir,
+            d,
+            source,
+            replica,
+            source_cfg,
+            target,
+            rng,
+        }
+    }
+
+    fn mutate(&mut self) {
+        mutate(&self.source, &mut self.rng);
+    }
+
+    fn record_epoch(&self) -> u64 {
+        let bytes = std::fs::read(self.d.join("target-state/vm.replica")).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        v["epoch"].as_u64().unwrap()
+    }
+
+    /// Stops the target and starts it again with no failpoint armed.
+    fn restart_target(&mut self) {
+        self.target.kill();
+        self.target = TargetProc::spawn(&self.target.config.clone(), self.target.port).unwrap();
+    }
+
+    fn points(&self) -> Vec<u64> {
+        let run = common::run_ferry(
+            &[
+                "points".as_ref(),
+                "--config".as_ref(),
+                self.target.config.as_os_str(),
+                "--json".as_ref(),
+            ],
+            Duration::from_secs(60),
+        );
+        assert!(run.success(), "{run:?}");
+        let json: serde_json::Value = serde_json::from_str(run.stdout.trim()).unwrap();
+        json["points"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["id"].as_u64().unwrap())
+            .collect()
+    }
+}
+
+#[test]
+fn a_commit_mark_that_cannot_be_written_rolls_the_epoch_back_at_once() {
+    // The second session's commit mark fails as on a full state dir.
+    let mut s = Setup::new("commit_mark_fails", "target.commit.mark@2");
+    common::sync_ok(&s.source_cfg, &[]);
+    let at_first = file_hash(&s.source);
+    assert_eq!(file_hash(&s.replica), at_first);
+
+    s.mutate();
+    let failed = common::sync(&s.source_cfg, &[]);
+    assert!(
+        !failed.success(),
+        "a commit without its mark must not succeed"
+    );
+    assert!(
+        failed.stderr.contains("commit mark"),
+        "the error names the failed step: {failed:?}"
+    );
+    assert_eq!(file_hash(&s.replica), at_first, "the epoch was rolled back");
+    assert_eq!(s.record_epoch(), 1);
+    let undo = s.d.join("target-state/undo");
+    let left: Vec<_> = std::fs::read_dir(&undo)
+        .map(|d| d.map(|e| e.unwrap().path()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "no undo log left behind: {left:?}");
+
+    // Later epochs commit; a restart must not take any of their bytes back.
+    for _ in 0..2 {
+        s.mutate();
+        common::sync_ok(&s.source_cfg, &[]);
+    }
+    let now = file_hash(&s.source);
+    assert_eq!(file_hash(&s.replica), now);
+    let epoch = s.record_epoch();
+    s.restart_target();
+    assert_eq!(
+        file_hash(&s.replica),
+        now,
+        "a restart changed the replica: {}",
+        s.target.stderr()
+    );
+    assert_eq!(s.record_epoch(), epoch);
+}
+
+#[test]
+fn records_that_fail_after_a_durable_mark_still_acknowledge_and_are_completed() {
+    let mut s = Setup::new("commit_records_fail", "target.commit.records@2");
+    common::sync_ok(&s.source_cfg, &[]);
+    s.mutate();
+    // The mark is durable: the epoch is committed and is acknowledged as such.
+    let report = common::sync_ok(&s.source_cfg, &[]);
+    let second = report["epoch"].as_u64().unwrap();
+    let at_second = file_hash(&s.source);
+    assert_eq!(file_hash(&s.replica), at_second);
+    assert!(
+        s.target.stderr().contains("completing its records failed"),
+        "{}",
+        s.target.stderr()
+    );
+    // The next session completes the records first, then applies on top.
+    s.mutate();
+    let report = common::sync_ok(&s.source_cfg, &[]);
+    assert_eq!(file_hash(&s.replica), file_hash(&s.source));
+    assert_eq!(s.record_epoch(), report["epoch"].as_u64().unwrap());
+    // The committed epoch's log was kept: its point opens.
+    assert!(s.points().contains(&second), "{:?}", s.points());
+    s.restart_target();
+    assert_eq!(file_hash(&s.replica), file_hash(&s.source));
+}
+
+#[test]
+fn damaged_point_metadata_never_fails_a_commit() {
+    let mut s = Setup::new("point_meta_damaged", "");
+    for _ in 0..3 {
+        common::sync_ok(&s.source_cfg, &[]);
+        s.mutate();
+    }
+    assert_eq!(s.points(), vec![3, 2, 1]);
+    // Damage the metadata of the point that restores epoch 1 (the log of epoch 2).
+    let points = s.d.join("target-state/points");
+    let meta = std::fs::read_dir(&points)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| {
+            p.extension().is_some_and(|x| x == "json")
+                && p.file_name()
+                    .unwrap()
+                    .to_str()
+                    .unwrap()
+                    .starts_with("00000000000000000002-")
+        })
+        .unwrap();
+    let text = std::fs::read_to_string(&meta).unwrap();
+    std::fs::write(&meta, text.replace("\"epoch\": 2", "\"epoch\": 7")).unwrap();
+
+    let report = common::sync_ok(&s.source_cfg, &[]);
+    assert_eq!(report["epoch"].as_u64(), Some(4));
+    assert_eq!(s.record_epoch(), 4);
+    assert_eq!(file_hash(&s.replica), file_hash(&s.source));
+    // The point behind the damaged metadata is no longer offered; newer ones are.
+    assert_eq!(s.points(), vec![4, 3, 2]);
+}
+
+#[test]
+fn a_damaged_recovery_point_is_refused_by_name_never_opened_wrong() {
+    let mut s = Setup::new("point_log_damaged", "");
+    let mut at = Vec::new();
+    for _ in 0..4 {
+        common::sync_ok(&s.source_cfg, &[]);
+        at.push(file_hash(&s.source));
+        s.mutate();
+    }
+    assert_eq!(s.points(), vec![4, 3, 2, 1]);
+    // One bit in the old data of the log of epoch 3 (the one that restores epoch 2).
+    let log = std::fs::read_dir(s.d.join("target-state/points"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| {
+            p.extension().is_some_and(|x| x == "undo")
+                && p.file_name()
+                    .unwrap()
+                    .to_str()
+                    .unwrap()
+                    .starts_with("00000000000000000003-")
+        })
+        .unwrap();
+    let len = std::fs::metadata(&log).unwrap().len();
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&log)
+        .unwrap();
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, len - 100).unwrap();
+    f.write_all_at(&[b[0] ^ 0x01], len - 100).unwrap();
+    drop(f);
+
+    let tcfg = s.target.config.clone();
+    let open = |point: u64| {
+        common::run_ferry(
+            &[
+                "failover".as_ref(),
+                "test".as_ref(),
+                "--config".as_ref(),
+                tcfg.as_os_str(),
+                "--point".as_ref(),
+                point.to_string().as_ref(),
+            ],
+            Duration::from_secs(60),
+        )
+    };
+    let refused = open(2);
+    assert!(!refused.success(), "a damaged point opened: {refused:?}");
+    assert!(
+        refused.stderr.contains(log.to_str().unwrap()),
+        "the error names the damaged file: {refused:?}"
+    );
+    assert!(
+        !s.d.join("target-state/failover").exists(),
+        "nothing was materialised"
+    );
+    // The points behind the damaged log are no longer offered; the newer ones open
+    // exactly.
+    assert_eq!(s.points(), vec![4, 3]);
+    let ok = open(3);
+    assert!(ok.success(), "{ok:?}");
+    assert_eq!(file_hash(&s.d.join("target-state/failover/vm.img")), at[2]);
+}
