@@ -96,3 +96,123 @@ fn enospc_is_reported_and_replication_resumes_when_space_returns() {
     common::sync_ok(&cfg, &[]);
     assert_eq!(file_hash(&replica), file_hash(&source));
 }
+
+/// Inodes in use on the file system holding `path`.
+fn inodes_used(path: &std::path::Path) -> u64 {
+    let out = Command::new("stat")
+        .args(["-f", "-c", "%c %d"])
+        .arg(path)
+        .output()
+        .unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    let mut it = text.split_whitespace().map(|n| n.parse::<u64>().unwrap());
+    let (total, free) = (it.next().unwrap(), it.next().unwrap());
+    total - free
+}
+
+/// The reproduction, with a real ENOSPC: the target's state dir on a tmpfs with
+/// room for exactly one more file — the new epoch's undo log — so the commit mark is the
+/// first thing that cannot be written. The epoch must be rolled back at once, and after
+/// space returns and later epochs commit, a restart must not take their bytes back.
+#[test]
+fn a_commit_mark_refused_by_a_full_state_dir_never_rolls_back_later_epochs() {
+    let dir = common::scratch_dir();
+    let d = dir.path();
+    let small = d.join("state");
+    std::fs::create_dir(&small).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=64m", "tmpfs"])
+        .arg(&small)
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !mounted {
+        assert!(
+            !std::env::var("FERRY_REQUIRE")
+                .unwrap_or_default()
+                .split(',')
+                .any(|r| r == "root"),
+            "FERRY_REQUIRE=root: cannot mount a small tmpfs"
+        );
+        eprintln!("SKIP: cannot mount a small tmpfs here (needs root)");
+        return;
+    }
+    let _mount = Mount(small.clone());
+    let mut rng = Rng::new(common::test_seed("commit_mark_enospc"));
+    let key = d.join("ferry.key");
+    common::keygen(&key);
+    let source = d.join("vm.img");
+    let replica = d.join("vm.replica");
+    let f = std::fs::File::create(&source).unwrap();
+    f.set_len(DISK_BYTES).unwrap();
+    let mut buf = vec![0u8; DISK_BYTES as usize];
+    let mut rewrite = |rng: &mut Rng| {
+        // A quarter of the disk, in 64 KiB pieces.
+        for b in 0..DISK_BYTES / 65536 {
+            if rng.below(4) == 0 {
+                rng.fill(&mut buf[..65536]);
+                f.write_all_at(&buf[..65536], b * 65536).unwrap();
+            }
+        }
+    };
+    rewrite(&mut rng);
+    let target_dir = small.join("t");
+    let mut target = TargetProc::start(&small, &key, &[("vm", replica.as_path())], "");
+    let cfg = d.join("source.toml");
+    std::fs::write(
+        &cfg,
+        common::source_toml(
+            target.port,
+            &key,
+            &d.join("source-state"),
+            &[("vm", source.as_path())],
+            "",
+        ),
+    )
+    .unwrap();
+    let _ = target_dir;
+    common::sync_ok(&cfg, &[]);
+    rewrite(&mut rng);
+    common::sync_ok(&cfg, &[]);
+    let at_2 = file_hash(&replica);
+
+    // Room for one more inode: the next undo log. Its commit mark finds none.
+    let limit = inodes_used(&small) + 1;
+    let remount = |opts: String| {
+        let ok = Command::new("mount")
+            .args(["-o", &opts])
+            .arg(&small)
+            .status()
+            .unwrap();
+        assert!(ok.success(), "remount {opts}");
+    };
+    remount(format!("remount,nr_inodes={limit}"));
+    rewrite(&mut rng);
+    let run = common::sync(&cfg, &[]);
+    assert!(!run.success(), "an epoch without its commit mark: {run:?}");
+    assert!(
+        run.stderr.contains("commit mark") && run.stderr.contains("No space left"),
+        "{run:?}"
+    );
+    assert_eq!(
+        file_hash(&replica),
+        at_2,
+        "the epoch was rolled back at once"
+    );
+
+    remount("remount,nr_inodes=100000".into());
+    for _ in 0..2 {
+        rewrite(&mut rng);
+        common::sync_ok(&cfg, &[]);
+    }
+    let now = file_hash(&source);
+    assert_eq!(file_hash(&replica), now);
+    target.kill();
+    let target = TargetProc::spawn(&target.config.clone(), target.port).unwrap();
+    assert_eq!(
+        file_hash(&replica),
+        now,
+        "a restart took committed bytes back: {}",
+        target.stderr()
+    );
+}
