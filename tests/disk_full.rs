@@ -156,7 +156,6 @@ fn a_commit_mark_refused_by_a_full_state_dir_never_rolls_back_later_epochs() {
         }
     };
     rewrite(&mut rng);
-    let target_dir = small.join("t");
     let mut target = TargetProc::start(&small, &key, &[("vm", replica.as_path())], "");
     let cfg = d.join("source.toml");
     std::fs::write(
@@ -170,7 +169,6 @@ fn a_commit_mark_refused_by_a_full_state_dir_never_rolls_back_later_epochs() {
         ),
     )
     .unwrap();
-    let _ = target_dir;
     common::sync_ok(&cfg, &[]);
     rewrite(&mut rng);
     common::sync_ok(&cfg, &[]);
