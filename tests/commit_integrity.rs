@@ -296,3 +296,78 @@ fn a_damaged_recovery_point_is_refused_by_name_never_opened_wrong() {
     assert!(ok.success(), "{ok:?}");
     assert_eq!(file_hash(&s.d.join("target-state/failover/vm.img")), at[2]);
 }
+
+#[test]
+fn a_damaged_undo_log_is_never_applied_and_a_seeded_sync_repairs_the_replica() {
+    // The target dies just before the third session's commit mark: a full undo log,
+    // every write done.
+    let mut s = Setup::new("undo_log_damaged", "target.commit.crash@3");
+    common::sync_ok(&s.source_cfg, &[]);
+    common::sync_ok(&s.source_cfg, &[]);
+    s.mutate();
+    let crashed = common::sync(&s.source_cfg, &[]);
+    assert!(!crashed.success(), "{crashed:?}");
+    s.target.kill();
+    let undo = s.d.join("target-state/undo");
+    let log = std::fs::read_dir(&undo)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|x| x == "undo"))
+        .expect("the interrupted epoch's undo log");
+    // One bit in the middle of the log, well inside its synced part.
+    let len = std::fs::metadata(&log).unwrap().len();
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&log)
+        .unwrap();
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, len / 2).unwrap();
+    f.write_all_at(&[b[0] ^ 0x04], len / 2).unwrap();
+    drop(f);
+    let replica_before = file_hash(&s.replica);
+
+    s.target = TargetProc::spawn(&s.target.config.clone(), s.target.port).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !s.target.stderr().contains("listening") && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let log_text = s.target.stderr();
+    assert!(
+        log_text.contains("cannot be trusted") && log_text.contains(log.to_str().unwrap()),
+        "recovery names the damaged log: {log_text}"
+    );
+    assert_eq!(
+        file_hash(&s.replica),
+        replica_before,
+        "nothing was applied from a damaged log"
+    );
+    assert!(log.with_extension("damaged").exists(), "set aside");
+    // The replica is not a known epoch: no point opens, and `points` says why.
+    let tcfg = s.target.config.clone();
+    let open = common::run_ferry(
+        &[
+            "failover".as_ref(),
+            "test".as_ref(),
+            "--config".as_ref(),
+            tcfg.as_os_str(),
+        ],
+        Duration::from_secs(60),
+    );
+    assert!(!open.success(), "{open:?}");
+    assert!(open.stderr.contains("not at a known epoch"), "{open:?}");
+    // A seeded sync compares checksums, repairs every difference and clears the mark.
+    let report = common::sync_ok(&s.source_cfg, &["--mode", "seeded"]);
+    assert_eq!(common::mode_of(&report, "vm"), "seeded");
+    assert_eq!(file_hash(&s.replica), file_hash(&s.source));
+    let ok = common::run_ferry(
+        &[
+            "failover".as_ref(),
+            "test".as_ref(),
+            "--config".as_ref(),
+            tcfg.as_os_str(),
+        ],
+        Duration::from_secs(60),
+    );
+    assert!(ok.success(), "{ok:?}");
+}

@@ -11,7 +11,7 @@ pub mod nbd;
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
@@ -272,7 +272,11 @@ impl TargetProc {
                 std::thread::sleep(Duration::from_millis(50));
                 return Err(format!("ferry target exited with {status}: {}", t.stderr()));
             }
-            if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            // Our own process says it listens (a connect could reach another test's
+            // target that took the same free port first).
+            if t.stderr()
+                .contains(&format!("listening on 127.0.0.1:{port}"))
+            {
                 return Ok(t);
             }
             if Instant::now() > deadline {

@@ -260,6 +260,11 @@ impl UndoLog {
     /// points beyond the retention (a failure to prune is logged, not returned: the
     /// epoch is committed whatever happens to older points).
     pub fn commit(self, keep: &super::points::Retention) -> Result<(), Box<CommitFailure>> {
+        if failpoint::hit("target.commit.crash") {
+            // A crash at the last instant before the commit point: every replica write
+            // and every log entry is durable, the mark is not.
+            std::process::abort();
+        }
         let marked = if failpoint::hit("target.commit.mark") {
             Err(io::Error::from_raw_os_error(libc::ENOSPC))
         } else {
