@@ -75,6 +75,10 @@ pub enum SourceError {
     Config(String),
     #[error("replication aborted")]
     Aborted,
+    /// A stage of the source pipeline failed without an error of its own (it panicked,
+    /// or stopped before the end of its input): the epoch is incomplete.
+    #[error("source pipeline: the {stage} failed: {problem}")]
+    Stage { stage: String, problem: String },
     #[error("the target interrupted the session without saying why")]
     PeerInterrupted,
     /// The shim's control protocol failed or refused (see `live`).

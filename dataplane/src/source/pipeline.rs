@@ -19,9 +19,23 @@
 //! exhausted, each worker drops its own when its input ring is drained, and the sender
 //! stops when the next ring in the rotation is abandoned and empty. On error any stage
 //! drops its ends and the cascade unblocks the others.
+//!
+//! An abandoned ring alone does not mean "done": a stage that panicked drops its ends
+//! too. So every stage runs under `catch_unwind`, records its outcome — the error or
+//! panic in [`Failure`], a clean end of its input in [`Finished`] — and only then drops
+//! its ring ends; the sender ends the stream only at the ring of a worker that finished,
+//! after checking every other ring is drained as well, and every thread's `join` result
+//! is checked. Anything else fails the epoch, naming the stage, and the Commit frame is
+//! never sent.
+//!
+//! Failpoints (debug builds, `FERRY_FAILPOINTS`, see `filter_driver_shim::failpoint`):
+//! `source.worker.panic` panics a worker when it takes its N-th message (one per planned
+//! read or zero run, counted over all workers).
 
+use std::any::Any;
 use std::io::Write;
 use std::os::fd::RawFd;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
@@ -144,6 +158,55 @@ impl Failure {
     }
 }
 
+/// Which stages reached the end of their input. Each flag is set before the stage drops
+/// its ring ends (the drop's release store publishes it), so a consumer that finds a ring
+/// abandoned can tell a finished producer from one that died.
+struct Finished {
+    reader: AtomicBool,
+    workers: Vec<AtomicBool>,
+}
+
+impl Finished {
+    fn new(workers: usize) -> Self {
+        Self {
+            reader: AtomicBool::new(false),
+            workers: (0..workers).map(|_| AtomicBool::new(false)).collect(),
+        }
+    }
+}
+
+/// The words of a panic, for the error that fails the epoch.
+fn panic_message(payload: &(dyn Any + Send)) -> String {
+    let words = payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "no message".into());
+    format!("panicked: {words}")
+}
+
+/// Records a stage's outcome in `failure`: its error, or its panic as a stage error.
+fn record_outcome(
+    stage: &str,
+    outcome: std::thread::Result<Result<(), SourceError>>,
+    failure: &Failure,
+) -> bool {
+    match outcome {
+        Ok(Ok(())) => true,
+        Ok(Err(e)) => {
+            failure.set(e);
+            false
+        }
+        Err(panic) => {
+            failure.set(SourceError::Stage {
+                stage: stage.to_string(),
+                problem: panic_message(panic.as_ref()),
+            });
+            false
+        }
+    }
+}
+
 /// Largest record table of one frame, padded so that payloads start aligned.
 fn table_capacity(cfg: &PipelineConfig) -> usize {
     let blocks = cfg.io_size / cfg.block_size;
@@ -151,7 +214,7 @@ fn table_capacity(cfg: &PipelineConfig) -> usize {
 }
 
 /// Runs the plan through reader, workers and sender; returns once every frame is on
-/// the socket (the caller then commits).
+/// the socket (the caller then commits), or the first failure of any stage.
 pub fn run<W, P>(
     cfg: &PipelineConfig,
     disks: &[DiskInfo<'_>],
@@ -171,6 +234,7 @@ where
         BufferPool::new(cfg.io_size, input_slots).map_err(SourceError::pool)?;
     let out_size = (table_capacity(cfg) + cfg.io_size).next_multiple_of(PAYLOAD_ALIGN);
     let failure = Failure::default();
+    let finished = Finished::new(cfg.workers);
 
     let mut to_workers = Vec::with_capacity(cfg.workers);
     let mut from_workers = Vec::with_capacity(cfg.workers);
@@ -190,37 +254,49 @@ where
     let mut stats = PipelineStats::default();
     std::thread::scope(|scope| {
         let failure = &failure;
+        let finished = &finished;
         let reader = {
             let engine_files: Vec<RawFd> = disks.iter().map(|d| d.fd).collect();
             let frozen: Vec<Option<&EpochView>> = disks.iter().map(|d| d.frozen).collect();
             let cfg = cfg.clone();
+            let mut to_workers = to_workers;
             std::thread::Builder::new()
                 .name("ferry-reader".into())
                 .spawn_scoped(scope, move || {
-                    if let Err(e) = reader_loop(
-                        &cfg,
-                        &engine_files,
-                        &frozen,
-                        plan,
-                        &mut input_alloc,
-                        to_workers,
-                        failure,
-                    ) {
-                        failure.set(e);
+                    let outcome = catch_unwind(AssertUnwindSafe(|| {
+                        reader_loop(
+                            &cfg,
+                            &engine_files,
+                            &frozen,
+                            plan,
+                            &mut input_alloc,
+                            &mut to_workers,
+                            failure,
+                        )
+                    }));
+                    if record_outcome("reader thread", outcome, failure) {
+                        finished.reader.store(true, Ordering::Release);
                     }
+                    // Only now may the workers see their input abandoned.
+                    drop(to_workers);
                 })
                 .map_err(|e| SourceError::Thread(e.to_string()))?
         };
         let mut workers = Vec::with_capacity(cfg.workers);
-        for (i, (rx, otx, oalloc)) in worker_parts.into_iter().enumerate() {
+        for (i, (rx, mut otx, oalloc)) in worker_parts.into_iter().enumerate() {
             let cfg = cfg.clone();
             workers.push(
                 std::thread::Builder::new()
                     .name(format!("ferry-worker-{i}"))
                     .spawn_scoped(scope, move || {
-                        if let Err(e) = worker_loop(&cfg, disks, rx, otx, oalloc, failure) {
-                            failure.set(e);
+                        let outcome = catch_unwind(AssertUnwindSafe(|| {
+                            worker_loop(&cfg, disks, rx, &mut otx, oalloc, failure, finished)
+                        }));
+                        if record_outcome(&format!("worker thread {i}"), outcome, failure) {
+                            finished.workers[i].store(true, Ordering::Release);
                         }
+                        // Only now may the sender see this ring abandoned.
+                        drop(otx);
                     })
                     .map_err(|e| SourceError::Thread(e.to_string()))?,
             );
@@ -235,14 +311,26 @@ where
             writer,
             &mut stats,
             failure,
+            finished,
         );
         if let Err(e) = result {
             failure.set(e);
         }
-        // The sender has dropped its ring ends; the cascade ends the other stages.
-        let _ = reader.join();
-        for w in workers {
-            let _ = w.join();
+        // The sender has dropped its ring ends; the cascade ends the other stages. Each
+        // catches its own panics, so a failed join means one escaped even that.
+        if let Err(panic) = reader.join() {
+            failure.set(SourceError::Stage {
+                stage: "reader thread".into(),
+                problem: panic_message(panic.as_ref()),
+            });
+        }
+        for (i, w) in workers.into_iter().enumerate() {
+            if let Err(panic) = w.join() {
+                failure.set(SourceError::Stage {
+                    stage: format!("worker thread {i}"),
+                    problem: panic_message(panic.as_ref()),
+                });
+            }
         }
         Ok::<(), SourceError>(())
     })?;
@@ -258,7 +346,7 @@ fn reader_loop<P>(
     frozen: &[Option<&EpochView>],
     plan: P,
     alloc: &mut PoolAlloc,
-    mut to_workers: Vec<spsc::Producer<ReadDone>>,
+    to_workers: &mut [spsc::Producer<ReadDone>],
     failure: &Failure,
 ) -> Result<(), SourceError>
 where
@@ -285,7 +373,7 @@ where
     let mut plan = plan.peekable();
     let workers = to_workers.len();
 
-    let mut forward = |msg: ReadDone, to_workers: &mut Vec<spsc::Producer<ReadDone>>| {
+    let mut forward = |msg: ReadDone, to_workers: &mut [spsc::Producer<ReadDone>]| {
         let w = next_worker;
         next_worker = (next_worker + 1) % workers;
         to_workers[w]
@@ -313,7 +401,7 @@ where
                             slot: None,
                             bytes: 0,
                         },
-                        &mut to_workers,
+                        to_workers,
                     )?;
                 }
                 PlanItem::Read { disk, offset, len } => {
@@ -394,7 +482,7 @@ where
                     slot: Some(slot),
                     bytes: len as usize,
                 },
-                &mut to_workers,
+                to_workers,
             )?;
         }
     })();
@@ -415,9 +503,10 @@ fn worker_loop(
     cfg: &PipelineConfig,
     disks: &[DiskInfo<'_>],
     mut rx: spsc::Consumer<ReadDone>,
-    mut tx: spsc::Producer<Encoded>,
+    tx: &mut spsc::Producer<Encoded>,
     mut out_alloc: PoolAlloc,
     failure: &Failure,
+    finished: &Finished,
 ) -> Result<(), SourceError> {
     let mut compressor = match cfg.zstd_level {
         Some(level) => Some(
@@ -430,6 +519,9 @@ fn worker_loop(
     while let Some(msg) = rx.pop_wait() {
         if failure.stopped() {
             return Err(SourceError::Aborted);
+        }
+        if filter_driver_shim::failpoint::hit("source.worker.panic") {
+            panic!("failpoint source.worker.panic");
         }
         let encoded = match msg.item {
             PlanItem::ZeroRun { .. } => Encoded {
@@ -469,6 +561,11 @@ fn worker_loop(
         if tx.push_wait(encoded).is_err() {
             return Err(SourceError::Aborted);
         }
+    }
+    // The input is abandoned and drained: the end of the plan only if the reader got
+    // there. Otherwise it recorded why it stopped before dropping the ring.
+    if !finished.reader.load(Ordering::Acquire) {
+        return Err(SourceError::Aborted);
     }
     Ok(())
 }
@@ -653,6 +750,7 @@ fn encode_data(
 
 static ZERO_PAD: [u8; PAYLOAD_ALIGN] = [0; PAYLOAD_ALIGN];
 
+#[allow(clippy::too_many_arguments)]
 fn sender_loop<W: Write>(
     cfg: &PipelineConfig,
     mut from_workers: Vec<spsc::Consumer<Encoded>>,
@@ -661,6 +759,7 @@ fn sender_loop<W: Write>(
     writer: &mut FrameWriter<W>,
     stats: &mut PipelineStats,
     failure: &Failure,
+    finished: &Finished,
 ) -> Result<(), SourceError> {
     let table_cap = table_capacity(cfg);
     let workers = from_workers.len();
@@ -668,7 +767,32 @@ fn sender_loop<W: Write>(
     let mut parts: Vec<&[u8]> = Vec::with_capacity(2 * (cfg.io_size / cfg.block_size) + 4);
     loop {
         let Some(msg) = from_workers[next].pop_wait() else {
-            // The rotation reached an abandoned ring: every message was consumed.
+            // The rotation reached an abandoned, drained ring. That is the end of the
+            // plan only if its worker finished its input; a worker that failed recorded
+            // why before dropping the ring.
+            if !finished.workers[next].load(Ordering::Acquire) {
+                return Err(SourceError::Aborted);
+            }
+            // Messages go round-robin, so every other ring must be at its end too.
+            for (w, ring) in from_workers.iter_mut().enumerate() {
+                if let Some(stray) = ring.pop_wait() {
+                    if let Some(s) = stray.input {
+                        input_return.release(s);
+                    }
+                    if let Some(s) = stray.output {
+                        output_returns[w].release(s);
+                    }
+                    return Err(SourceError::Stage {
+                        stage: "sender".into(),
+                        problem: format!(
+                            "worker thread {w} still had a frame after worker thread {next} reached the end of the plan"
+                        ),
+                    });
+                }
+                if !finished.workers[w].load(Ordering::Acquire) {
+                    return Err(SourceError::Aborted);
+                }
+            }
             break;
         };
         let w = next;
