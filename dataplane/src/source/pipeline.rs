@@ -11,9 +11,11 @@
 //!
 //! Ownership: a [`Slot`] is owned by exactly one stage at a time — the reader from
 //! allocation until its read completes, then the worker, then the sender, which returns
-//! it through the pool's free ring after the bytes are on the socket. Messages are
-//! assigned to workers round-robin and the sender takes them back in the same rotation,
-//! so frames leave in plan order without any reordering buffer.
+//! it through the pool's free ring after the bytes are on the socket. The reader hands
+//! messages on in plan order (a read that completes early, or a zero run, waits until
+//! everything planned before it went), messages are assigned to workers round-robin and
+//! the sender takes them back in the same rotation, so frames leave in plan order: each
+//! disk's ranges in increasing offset order, as the protocol requires.
 //!
 //! Termination is by abandonment: the reader drops its ring producers when the plan is
 //! exhausted, each worker drops its own when its input ring is drained, and the sender
@@ -33,6 +35,7 @@
 //! read or zero run, counted over all workers).
 
 use std::any::Any;
+use std::collections::VecDeque;
 use std::io::Write;
 use std::os::fd::RawFd;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -49,7 +52,7 @@ use super::SourceError;
 use crate::io::{self, BlockEngine, Completion, EngineKind};
 use crate::protocol::{
     block_hash, is_zero, BlockRecord, Codec, DataHeader, DiskRun, FrameKind, FrameWriter,
-    HashesHeader, BLOCK_RECORD_LEN, PAYLOAD_ALIGN, ZERO_BLOCK_HASH,
+    HashesHeader, ManifestBuilder, BLOCK_RECORD_LEN, PAYLOAD_ALIGN, ZERO_BLOCK_HASH,
 };
 
 /// What the pipeline produces for each planned read.
@@ -113,6 +116,15 @@ const RING_DEPTH: usize = 8;
 /// Output slots per worker: one being filled, the ring's worth in flight, one at the
 /// sender.
 const OUTPUT_SLOTS_PER_WORKER: usize = RING_DEPTH + 2;
+
+/// An item of the plan the reader has taken but not yet forwarded.
+#[derive(Clone, Copy)]
+enum Queued {
+    /// A zero run: nothing to read, forwarded when its turn comes.
+    Zero(PlanItem),
+    /// A read with this tag, forwarded once completed and its turn comes.
+    Read(usize),
+}
 
 struct ReadDone {
     item: PlanItem,
@@ -214,12 +226,15 @@ fn table_capacity(cfg: &PipelineConfig) -> usize {
 }
 
 /// Runs the plan through reader, workers and sender; returns once every frame is on
-/// the socket (the caller then commits), or the first failure of any stage.
+/// the socket (the caller then commits), or the first failure of any stage. With
+/// `manifests` (one per disk), every Data record and Zero frame sent is added to its
+/// disk's manifest.
 pub fn run<W, P>(
     cfg: &PipelineConfig,
     disks: &[DiskInfo<'_>],
     plan: P,
     writer: &mut FrameWriter<W>,
+    manifests: Option<&mut [ManifestBuilder]>,
 ) -> Result<PipelineStats, SourceError>
 where
     W: Write,
@@ -312,6 +327,7 @@ where
             &mut stats,
             failure,
             finished,
+            manifests,
         );
         if let Err(e) = result {
             failure.set(e);
@@ -365,9 +381,19 @@ where
                 source: e,
             }
         })?;
-    // Tags index this table; it is sized once to the queue depth.
-    let mut in_flight: Vec<Option<PlanItem>> = vec![None; cfg.queue_depth];
+    // Tags index this table; it is sized once to the queue depth. A read keeps its tag
+    // from submission until it is forwarded; once completed, its buffer waits here.
+    let mut in_flight: Vec<Option<(PlanItem, Option<Slot>)>> =
+        (0..cfg.queue_depth).map(|_| None).collect();
     let mut free_tags: Vec<usize> = (0..cfg.queue_depth).rev().collect();
+    // Everything taken from the plan and not yet forwarded, in plan order. Completions
+    // arrive in any order, and a zero run needs no read at all, but messages are
+    // forwarded strictly from the front: the sender's rotation then puts every disk's
+    // ranges on the wire in increasing offset order, as the protocol requires. Reads in
+    // it are bounded by the tags; regions alternate between data and holes, so twice the
+    // queue depth leaves room for a zero run after every read.
+    let order_window = 2 * cfg.queue_depth;
+    let mut order: VecDeque<Queued> = VecDeque::with_capacity(order_window);
     let mut completions: Vec<Completion<Slot>> = Vec::with_capacity(cfg.queue_depth);
     let mut next_worker = 0usize;
     let mut plan = plan.peekable();
@@ -386,7 +412,7 @@ where
             return Err(SourceError::Aborted);
         }
         // Fill the queue.
-        while let Some(tag) = free_tags.last().copied() {
+        while order.len() < order_window {
             let item = match plan.peek() {
                 None => break,
                 Some(Err(_)) => return Err(plan.next().and_then(Result::err).expect("peeked")),
@@ -395,16 +421,14 @@ where
             match item {
                 PlanItem::ZeroRun { .. } => {
                     plan.next();
-                    forward(
-                        ReadDone {
-                            item,
-                            slot: None,
-                            bytes: 0,
-                        },
-                        to_workers,
-                    )?;
+                    order.push_back(Queued::Zero(item));
                 }
                 PlanItem::Read { disk, offset, len } => {
+                    let Some(tag) = free_tags.last().copied() else {
+                        break;
+                    };
+                    // With nothing in flight, no read holds a slot (every completed one
+                    // has been forwarded), so waiting for one cannot wait on ourselves.
                     let slot = if engine.in_flight() == 0 {
                         alloc.alloc_wait().ok_or(SourceError::Aborted)?
                     } else {
@@ -417,7 +441,8 @@ where
                     // O_DIRECT wants whole sectors; the tail of a disk reads short.
                     let io_len = (len as usize).next_multiple_of(4096) as u32;
                     free_tags.pop();
-                    in_flight[tag] = Some(item);
+                    in_flight[tag] = Some((item, None));
+                    order.push_back(Queued::Read(tag));
                     if let Err((e, slot)) =
                         engine.submit_read(io::DiskId(disk), slot, offset, io_len, tag as u64)
                     {
@@ -430,7 +455,36 @@ where
                 }
             }
         }
+        // Forward what is ready at the front, in plan order.
+        while let Some(front) = order.front() {
+            let msg = match *front {
+                Queued::Zero(item) => ReadDone {
+                    item,
+                    slot: None,
+                    bytes: 0,
+                },
+                Queued::Read(tag) => {
+                    let Some((item, Some(_))) = &in_flight[tag] else {
+                        break; // still being read
+                    };
+                    let PlanItem::Read { len, .. } = *item else {
+                        unreachable!("only reads hold a tag")
+                    };
+                    let (item, slot) = in_flight[tag].take().expect("checked above");
+                    free_tags.push(tag);
+                    ReadDone {
+                        item,
+                        slot,
+                        bytes: len as usize,
+                    }
+                }
+            };
+            order.pop_front();
+            forward(msg, to_workers)?;
+        }
         if engine.in_flight() == 0 {
+            // Nothing is being read, so nothing waits in `order` either.
+            debug_assert!(order.is_empty());
             if plan.peek().is_none() {
                 return Ok(());
             }
@@ -445,11 +499,11 @@ where
             })?;
         for c in completions.drain(..) {
             let tag = c.tag as usize;
-            let item = in_flight[tag]
-                .take()
+            let (item, done) = in_flight[tag]
+                .as_mut()
                 .expect("completion for an unknown tag");
-            free_tags.push(tag);
-            let PlanItem::Read { disk, offset, len } = item else {
+            debug_assert!(done.is_none(), "a tag completed twice");
+            let PlanItem::Read { disk, offset, len } = *item else {
                 unreachable!("only reads are submitted")
             };
             let bytes = c.result.map_err(|e| SourceError::Io {
@@ -476,14 +530,7 @@ where
                         ))
                     })?;
             }
-            forward(
-                ReadDone {
-                    item,
-                    slot: Some(slot),
-                    bytes: len as usize,
-                },
-                to_workers,
-            )?;
+            *done = Some(slot);
         }
     })();
     if result.is_err() {
@@ -760,6 +807,7 @@ fn sender_loop<W: Write>(
     stats: &mut PipelineStats,
     failure: &Failure,
     finished: &Finished,
+    mut manifests: Option<&mut [ManifestBuilder]>,
 ) -> Result<(), SourceError> {
     let table_cap = table_capacity(cfg);
     let workers = from_workers.len();
@@ -830,6 +878,11 @@ fn sender_loop<W: Write>(
             parts = scoped.into_iter().map(|_| &[][..]).collect();
             r
         };
+        if sent.is_ok() {
+            if let Some(m) = manifests.as_deref_mut() {
+                add_to_manifest(m, &msg);
+            }
+        }
         if let Some(s) = msg.input {
             input_return.release(s);
         }
@@ -846,6 +899,27 @@ fn sender_loop<W: Write>(
         }
     }
     Ok(())
+}
+
+/// Adds what the Data-phase frame of `msg` carried to its disk's manifest.
+fn add_to_manifest(manifests: &mut [ManifestBuilder], msg: &Encoded) {
+    match msg.item {
+        PlanItem::ZeroRun { disk, offset, len } => manifests[disk as usize].zero_run(offset, len),
+        PlanItem::Read { disk, .. } if msg.records > 0 => {
+            let out = msg
+                .output
+                .as_ref()
+                .expect("data messages carry an output slot")
+                .as_slice();
+            let hlen = core::mem::size_of::<DataHeader>();
+            let records =
+                <[BlockRecord]>::ref_from_bytes(&out[hlen..hlen + msg.records * BLOCK_RECORD_LEN])
+                    .expect("the table holds `records` records");
+            let m = &mut manifests[disk as usize];
+            records.iter().for_each(|r| m.record(r));
+        }
+        PlanItem::Read { .. } => {}
+    }
 }
 
 /// Sends the frame for one message; returns the bytes put on the socket.
@@ -954,6 +1028,151 @@ fn send_encoded<'a, W: Write>(
             }
             writer.send(FrameKind::Data, parts)?;
             Ok(HEADER + cursor)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::{DiskManifest, FrameReader};
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::FileExt;
+
+    const BLOCK: u64 = 4096;
+    const IO: u64 = 4 * BLOCK;
+
+    /// A plan over two disks that alternates reads and zero runs, as a fragmented image
+    /// gives: per disk, `pieces` reads of `IO` bytes, each followed by a zero run.
+    fn plan(pieces: u64) -> Vec<PlanItem> {
+        let mut items = Vec::new();
+        for disk in 0..2u32 {
+            for i in 0..pieces {
+                let offset = i * 2 * IO;
+                items.push(PlanItem::Read {
+                    disk,
+                    offset,
+                    len: IO as u32,
+                });
+                items.push(PlanItem::ZeroRun {
+                    disk,
+                    offset: offset + IO,
+                    len: IO,
+                });
+            }
+        }
+        items
+    }
+
+    /// Every disk's ranges leave in strictly increasing offset order whatever the
+    /// engine, the workers and the order reads complete in — the protocol requires it
+    /// (a zero run used to overtake the reads in flight before it) — and the manifests
+    /// the sender builds are those of the frames on the wire.
+    #[test]
+    fn ranges_leave_in_plan_order_and_the_manifest_matches_the_wire() {
+        let pieces = 40;
+        let dir = tempfile::tempdir().unwrap();
+        let files: Vec<std::fs::File> = (0..2)
+            .map(|d| {
+                let f = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create_new(true)
+                    .open(dir.path().join(format!("d{d}")))
+                    .unwrap();
+                for i in 0..pieces {
+                    f.write_all_at(&[d as u8 + 1 + i as u8; IO as usize], i * 2 * IO)
+                        .unwrap();
+                }
+                f.set_len(pieces * 2 * IO).unwrap();
+                f
+            })
+            .collect();
+        let disks: Vec<DiskInfo<'_>> = files
+            .iter()
+            .map(|f| DiskInfo {
+                fd: f.as_raw_fd(),
+                disk_size: pieces * 2 * IO,
+                replica_zeroed: false,
+                frozen: None,
+            })
+            .collect();
+        let mut engines = vec![EngineKind::Sync];
+        if io_uring::IoUring::new(4).is_ok() {
+            engines.push(EngineKind::Uring);
+        }
+        for engine in engines {
+            for workers in [1, 3] {
+                let cfg = PipelineConfig {
+                    block_size: BLOCK as usize,
+                    io_size: IO as usize,
+                    queue_depth: 8,
+                    workers,
+                    zstd_level: None,
+                    engine,
+                    output: Output::Data,
+                    watch_fd: None,
+                };
+                let mut writer = FrameWriter::new(Vec::new());
+                let mut manifests = vec![ManifestBuilder::new(); 2];
+                run(
+                    &cfg,
+                    &disks,
+                    plan(pieces).into_iter().map(Ok),
+                    &mut writer,
+                    Some(&mut manifests),
+                )
+                .unwrap();
+
+                let wire = writer.get_ref().clone();
+                let mut reader = FrameReader::new(&wire[..]);
+                let mut buf = vec![0u8; 1 << 20];
+                let mut next = [0u64; 2];
+                let mut seen = vec![ManifestBuilder::new(); 2];
+                let mut frames = 0;
+                while let Some((kind, payload)) = reader.read_frame(&mut buf).unwrap() {
+                    let (disk, start, end) = match kind {
+                        FrameKind::Data => {
+                            let (h, rest) = DataHeader::ref_from_prefix(payload).unwrap();
+                            let n = h.record_count.get() as usize;
+                            let recs =
+                                <[BlockRecord]>::ref_from_bytes(&rest[..n * BLOCK_RECORD_LEN])
+                                    .unwrap();
+                            let disk = h.disk.get() as usize;
+                            recs.iter().for_each(|r| seen[disk].record(r));
+                            let last = recs.last().unwrap();
+                            (
+                                disk,
+                                recs[0].offset.get(),
+                                last.offset.get() + u64::from(last.length.get()),
+                            )
+                        }
+                        FrameKind::Zero => {
+                            let run = DiskRun::read_from_bytes(payload).unwrap();
+                            let disk = run.disk.get() as usize;
+                            seen[disk].zero_run(run.start.get(), run.count.get());
+                            (disk, run.start.get(), run.start.get() + run.count.get())
+                        }
+                        other => panic!("unexpected {other:?} frame"),
+                    };
+                    assert!(
+                        start >= next[disk],
+                        "{engine:?}, {workers} workers: disk {disk} range [{start}, {end}) after one ending at {}",
+                        next[disk]
+                    );
+                    next[disk] = end;
+                    frames += 1;
+                }
+                assert_eq!(frames, 2 * 2 * pieces, "{engine:?}, {workers} workers");
+                let finish = |m: &[ManifestBuilder]| {
+                    m.iter().map(|b| b.finish()).collect::<Vec<DiskManifest>>()
+                };
+                assert_eq!(
+                    finish(&manifests),
+                    finish(&seen),
+                    "{engine:?}, {workers} workers"
+                );
+            }
         }
     }
 }
