@@ -16,10 +16,10 @@ use std::time::Duration;
 
 use common::*;
 use dataplane::protocol::{
-    auth, block_hash, BlockRecord, Challenge, Codec, Commit, DataHeader, DiskRun, ErrorCode,
-    FrameHeader, FrameKind, FrameReader, FrameWriter, Hello, OpenDisk, OpenDiskReply, OpenHeader,
-    ProtocolError, SyncMode, FRAME_MAGIC, MAX_FRAME_PAYLOAD, MAX_NAME_LEN, PAYLOAD_ALIGN,
-    PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN,
+    auth, block_hash, BlockRecord, Challenge, Codec, Commit, DataHeader, DiskManifest, DiskRun,
+    ErrorCode, FrameHeader, FrameKind, FrameReader, FrameWriter, Hello, ManifestBuilder, OpenDisk,
+    OpenDiskReply, OpenHeader, ProtocolError, SyncMode, FRAME_MAGIC, MAX_FRAME_PAYLOAD,
+    MAX_NAME_LEN, PAYLOAD_ALIGN, PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN,
 };
 use xxhash_rust::xxh3::xxh3_64;
 use zerocopy::{FromBytes, IntoBytes};
@@ -118,6 +118,9 @@ struct Raw {
     /// Sequence number of the next frame we send (FrameWriter counts its own; frames
     /// built by hand are numbered from this).
     next_seq: u32,
+    /// Per opened disk, the manifest of the Data and Zero frames sent through `send`,
+    /// as a real source would put it in its Commit.
+    manifests: Vec<ManifestBuilder>,
 }
 
 impl Raw {
@@ -132,6 +135,7 @@ impl Raw {
             writer: FrameWriter::new(stream.try_clone().unwrap()),
             stream,
             next_seq: 0,
+            manifests: Vec::new(),
         }
     }
 
@@ -144,19 +148,63 @@ impl Raw {
     }
 
     fn send(&mut self, kind: FrameKind, parts: &[&[u8]]) {
+        self.note(kind, &parts.concat());
         self.writer.send(kind, parts).expect("send");
         self.next_seq += 1;
     }
 
+    /// Adds a Data or Zero frame about to be sent to its disk's manifest.
+    fn note(&mut self, kind: FrameKind, payload: &[u8]) {
+        match kind {
+            FrameKind::Data => {
+                let Ok((header, rest)) = DataHeader::ref_from_prefix(payload) else {
+                    return;
+                };
+                let count = header.record_count.get() as usize;
+                let len = count * std::mem::size_of::<BlockRecord>();
+                let (Some(m), Some(table)) = (
+                    self.manifests.get_mut(header.disk.get() as usize),
+                    rest.get(..len),
+                ) else {
+                    return;
+                };
+                for r in <[BlockRecord]>::ref_from_bytes(table).unwrap() {
+                    m.record(r);
+                }
+            }
+            FrameKind::Zero => {
+                if let Ok(run) = DiskRun::read_from_bytes(payload) {
+                    if let Some(m) = self.manifests.get_mut(run.disk.get() as usize) {
+                        m.zero_run(run.start.get(), run.count.get());
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Sends a Commit for epoch 1000 carrying `manifests`.
+    fn send_commit_with(&mut self, manifests: &[DiskManifest]) -> Result<(), ProtocolError> {
+        let header = Commit {
+            epoch: 1000.into(),
+            disk_count: (manifests.len() as u32).into(),
+            reserved: 0.into(),
+        };
+        self.next_seq += 1;
+        self.writer.send(
+            FrameKind::Commit,
+            &[header.as_bytes(), manifests.as_bytes()],
+        )
+    }
+
     /// Asks for a commit after a frame the target should have refused, so that a
-    /// target that wrongly accepted it answers (Committed) instead of waiting. The
+    /// target that wrongly accepted it answers (Committed) instead of waiting; the
+    /// manifests are those of what was sent, as a real source would send them. The
     /// target may already have closed, so a failed send is fine.
     fn send_commit(&mut self) {
-        let _ = self.writer.send(
-            FrameKind::Commit,
-            &[Commit { epoch: 1000.into() }.as_bytes()],
-        );
-        self.next_seq += 1;
+        let manifests: Vec<DiskManifest> =
+            self.manifests.iter().map(ManifestBuilder::finish).collect();
+        let _ = self.send_commit_with(&manifests);
     }
 
     /// Opens `disks` (name, mode, disk size) with RAW_BLOCK blocks.
@@ -174,6 +222,7 @@ impl Raw {
             .map(|&(name, mode, size)| open_disk(name, mode, size))
             .collect();
         self.send(FrameKind::Open, &[header.as_bytes(), entries.as_bytes()]);
+        self.manifests = vec![ManifestBuilder::new(); disks.len()];
         let mut buf = vec![0u8; 64 << 10];
         let payload = self.reader.expect(FrameKind::OpenOk, &mut buf)?;
         Ok(<[OpenDiskReply]>::ref_from_bytes(payload)
@@ -849,5 +898,134 @@ fn aborted_session_leaves_replicas_at_the_last_epoch() {
         std::thread::sleep(Duration::from_millis(20));
     }
     fx.assert_nothing_written("valid frame, then the connection dropped");
+    fx.assert_target_still_serves();
+}
+
+// ---------------------------------------------------------------------------------
+// Order and completeness of an epoch.
+
+/// Ranges of a disk must come in increasing offset order across the whole session: a
+/// frame that reaches back into what an earlier frame covered would make the replica's
+/// content depend on which write completes first. The target refuses it before writing
+/// any of it, and rolls back what the session wrote before.
+#[test]
+fn overlapping_ranges_across_frames_are_refused() {
+    let fx = Fixture::new("overlapping_ranges_across_frames_are_refused");
+    let size = fx.disk_size(0);
+    let zero = |offset: u64, len: u64| DiskRun {
+        disk: 0.into(),
+        reserved: 0.into(),
+        start: offset.into(),
+        count: len.into(),
+    };
+    let b = RAW_BLOCK;
+    type Frames = Vec<(FrameKind, Vec<u8>)>;
+    let cases: Vec<(&str, Frames)> = vec![
+        (
+            "data over data",
+            vec![
+                (
+                    FrameKind::Data,
+                    data_payload(0, &[block_at(0, 0x11), block_at(b, 0x12)]),
+                ),
+                (FrameKind::Data, data_payload(0, &[block_at(b, 0x13)])),
+            ],
+        ),
+        (
+            "data going back",
+            vec![
+                (FrameKind::Data, data_payload(0, &[block_at(4 * b, 0x21)])),
+                (FrameKind::Data, data_payload(0, &[block_at(0, 0x22)])),
+            ],
+        ),
+        (
+            "zero over data",
+            vec![
+                (
+                    FrameKind::Data,
+                    data_payload(0, &[block_at(0, 0x31), block_at(b, 0x32)]),
+                ),
+                (FrameKind::Zero, zero(b, 2 * b).as_bytes().to_vec()),
+            ],
+        ),
+        (
+            "data inside a zero range",
+            vec![
+                (FrameKind::Zero, zero(0, 8 * b).as_bytes().to_vec()),
+                (FrameKind::Data, data_payload(0, &[block_at(3 * b, 0x41)])),
+            ],
+        ),
+    ];
+    for (case, frames) in cases {
+        let mut raw = Raw::authenticated(&fx);
+        raw.open(&[("d0", SyncMode::Full, size)]).unwrap();
+        for (kind, payload) in &frames {
+            raw.send(*kind, &[payload]);
+        }
+        raw.send_commit();
+        assert_error(
+            case,
+            raw.expect_error(case),
+            ErrorCode::Protocol,
+            &["d0", "overlaps or goes back", "increasing offset order"],
+        );
+        fx.assert_nothing_written(case);
+    }
+    fx.assert_target_still_serves();
+}
+
+/// A Commit whose manifest disagrees with what the target received — here the source
+/// counted a frame that never arrived — is refused: the epoch is rolled back and
+/// nothing is acknowledged.
+#[test]
+fn commit_with_a_manifest_that_disagrees_is_refused() {
+    let fx = Fixture::new("commit_with_a_manifest_that_disagrees_is_refused");
+    let size = fx.disk_size(0);
+    let b = RAW_BLOCK;
+
+    let mut raw = Raw::authenticated(&fx);
+    raw.open(&[("d0", SyncMode::Full, size)]).unwrap();
+    let frames = [
+        data_payload(0, &[block_at(0, 0x51), block_at(b, 0x52)]),
+        data_payload(0, &[block_at(4 * b, 0x53)]),
+        data_payload(0, &[block_at(8 * b, 0x54)]),
+    ];
+    // The manifest covers all three frames; the second one is "lost" on the way.
+    let mut sent = ManifestBuilder::new();
+    for f in &frames {
+        let (header, rest) = DataHeader::ref_from_prefix(f).unwrap();
+        let n = header.record_count.get() as usize * std::mem::size_of::<BlockRecord>();
+        for r in <[BlockRecord]>::ref_from_bytes(&rest[..n]).unwrap() {
+            sent.record(r);
+        }
+    }
+    raw.send(FrameKind::Data, &[&frames[0]]);
+    raw.send(FrameKind::Data, &[&frames[2]]);
+    raw.send_commit_with(&[sent.finish()]).unwrap();
+    assert_error(
+        "a Data frame dropped",
+        raw.expect_error("a Data frame dropped"),
+        ErrorCode::Integrity,
+        &[
+            "d0",
+            "manifest",
+            "source sent 4 data blocks",
+            "received 3 data blocks",
+        ],
+    );
+    fx.assert_nothing_written("a Data frame dropped");
+
+    // A Commit without the session's manifests is malformed.
+    let mut raw = Raw::authenticated(&fx);
+    raw.open(&[("d0", SyncMode::Full, size)]).unwrap();
+    raw.send(FrameKind::Data, &[&frames[0]]);
+    raw.send_commit_with(&[]).unwrap();
+    assert_error(
+        "no manifest",
+        raw.expect_error("no manifest"),
+        ErrorCode::Protocol,
+        &["commit carries 0 disk manifests"],
+    );
+    fx.assert_nothing_written("no manifest");
     fx.assert_target_still_serves();
 }

@@ -5,9 +5,11 @@
 
 pub mod auth;
 pub mod frame;
+pub mod manifest;
 pub mod wire;
 
 pub use frame::{FrameReader, FrameWriter, Incoming};
+pub use manifest::ManifestBuilder;
 pub use wire::*;
 
 /// Everything that can go wrong on the wire.

@@ -12,8 +12,13 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 pub const FRAME_MAGIC: u32 = u32::from_le_bytes(*b"FRY1");
 
 /// Protocol versions this build speaks. The handshake picks the highest common one.
-pub const PROTOCOL_VERSION_MIN: u16 = 1;
-pub const PROTOCOL_VERSION_MAX: u16 = 1;
+///
+/// Version 2 made Commit carry the epoch's manifest and requires every disk's ranges
+/// in increasing offset order across the session. Version 1 is not spoken any more: a
+/// target that accepted its bare Commit could not tell a complete epoch from one that
+/// lost blocks on the way, so a version-1 peer is refused at the handshake.
+pub const PROTOCOL_VERSION_MIN: u16 = 2;
+pub const PROTOCOL_VERSION_MAX: u16 = 2;
 
 /// Largest frame payload either side accepts: a 4 MiB data batch (the largest
 /// `io_size_kib`) plus its record table for 4 KiB blocks (1024 records of 48 bytes,
@@ -301,11 +306,39 @@ impl Codec {
     }
 }
 
+/// Commit payload: `Commit` then `disk_count` × [`DiskManifest`], in the order of the
+/// Open.
 #[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
 #[repr(C)]
 pub struct Commit {
+    /// The epoch of the Open.
     pub epoch: U64,
+    /// Manifests that follow: the Open's disk count.
+    pub disk_count: U32,
+    pub reserved: U32,
 }
+
+/// What the source sent for one disk in this session (Data records and Zero frames),
+/// summarised; the target recomputes it from what it received and refuses to commit
+/// if the two differ. Built by [`super::manifest::ManifestBuilder`] on both sides.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned,
+)]
+#[repr(C)]
+pub struct DiskManifest {
+    /// Records that carry data (raw or compressed).
+    pub data_blocks: U64,
+    /// Records of blocks that read as zeros (codec Zero).
+    pub zero_blocks: U64,
+    /// Zero frames.
+    pub zero_runs: U64,
+    /// Bytes of disk covered by every record and zero run.
+    pub bytes_logical: U64,
+    /// xxh3-128 over one 40-byte entry per record and zero run, in the order sent.
+    pub digest: [u8; 16],
+}
+const _: () = assert!(core::mem::size_of::<Commit>() == 16);
+const _: () = assert!(core::mem::size_of::<DiskManifest>() == 48);
 
 #[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
 #[repr(C)]

@@ -22,8 +22,9 @@ use zerocopy::{FromBytes, IntoBytes};
 use crate::config::{Compression, Config};
 use crate::io::{self, Disk, EngineKind, IoError};
 use crate::protocol::{
-    auth, Commit, Committed, DiskRun, FrameKind, FrameReader, FrameWriter, OpenDisk, OpenDiskReply,
-    OpenHeader, ProtocolError, SyncMode, MAX_FRAME_PAYLOAD, MAX_NAME_LEN, REPLICA_CREATED,
+    auth, Commit, Committed, DiskManifest, DiskRun, FrameKind, FrameReader, FrameWriter,
+    ManifestBuilder, OpenDisk, OpenDiskReply, OpenHeader, ProtocolError, SyncMode,
+    MAX_FRAME_PAYLOAD, MAX_NAME_LEN, REPLICA_CREATED,
 };
 pub use crate::protocol::{hex16, parse_hex16};
 use crate::psk::Psk;
@@ -75,6 +76,10 @@ pub enum SourceError {
     Config(String),
     #[error("replication aborted")]
     Aborted,
+    /// A stage of the source pipeline failed without an error of its own (it panicked,
+    /// or stopped before the end of its input): the epoch is incomplete.
+    #[error("source pipeline: the {stage} failed: {problem}")]
+    Stage { stage: String, problem: String },
     #[error("the target interrupted the session without saying why")]
     PeerInterrupted,
     /// The shim's control protocol failed or refused (see `live`).
@@ -944,6 +949,7 @@ fn run_session<R: std::io::Read, W: std::io::Write>(
             &infos,
             plans.into_iter().flatten(),
             writer,
+            None,
         )?;
         add(&mut total, &stats);
         // Hashing sends no blocks: only the data phase counts what travelled.
@@ -1029,22 +1035,31 @@ fn run_session<R: std::io::Read, W: std::io::Write>(
             None => extent_plan(&d.disk, geometry(i, d), !d.replica_created),
         })
         .collect();
+    // What goes on the wire per disk, for the target to check before it commits.
+    let mut manifests = vec![ManifestBuilder::new(); disks.len()];
     let stats = pipeline::run(
         &pipeline_cfg(Output::Data),
         &infos,
         plans.into_iter().flatten(),
         writer,
+        Some(&mut manifests),
     )?;
     add(&mut total, &stats);
 
     // Commit and wait for durability.
     before_commit()?;
+    let manifests: Vec<DiskManifest> = manifests.iter().map(ManifestBuilder::finish).collect();
     writer.send(
         FrameKind::Commit,
-        &[Commit {
-            epoch: epoch.into(),
-        }
-        .as_bytes()],
+        &[
+            Commit {
+                epoch: epoch.into(),
+                disk_count: (disks.len() as u32).into(),
+                reserved: 0.into(),
+            }
+            .as_bytes(),
+            manifests.as_bytes(),
+        ],
     )?;
     writer.flush()?;
     let payload = reader.expect(FrameKind::Committed, &mut buf)?;
@@ -1062,7 +1077,8 @@ fn run_session<R: std::io::Read, W: std::io::Write>(
     total.bytes_sent += (2 * crate::protocol::FRAME_HEADER_LEN
         + core::mem::size_of::<OpenHeader>()
         + disks.len() * core::mem::size_of::<OpenDisk>()
-        + core::mem::size_of::<Commit>()) as u64;
+        + core::mem::size_of::<Commit>()
+        + manifests.as_bytes().len()) as u64;
     let _ = MAX_FRAME_PAYLOAD;
     Ok((total, committed.bytes_applied.get()))
 }

@@ -7,6 +7,7 @@
 
 mod apply;
 pub mod points;
+mod received;
 mod session;
 pub mod state;
 pub mod undo;

@@ -12,14 +12,15 @@ use ringbuf::spsc;
 use zerocopy::{FromBytes, IntoBytes};
 
 use super::apply::{applier_loop, ApplyDisks, ApplyMsg};
+use super::received::Received;
 use super::state::ReplicaRecord;
 use super::undo::{CommitFailure, Recovery, UndoDisk, UndoLog};
 use super::verify::{self, Geometry};
 use super::{Shared, TargetError};
 use crate::io::{Disk, ReplicaState};
 use crate::protocol::{
-    auth, block_hash, is_zero, Commit, Committed, DiskRun, ErrorCode, FrameKind, FrameReader,
-    FrameWriter, HashesHeader, OpenDisk, OpenDiskReply, OpenHeader, SyncMode,
+    auth, block_hash, is_zero, Commit, Committed, DiskManifest, DiskRun, ErrorCode, FrameKind,
+    FrameReader, FrameWriter, HashesHeader, OpenDisk, OpenDiskReply, OpenHeader, SyncMode,
     MAX_DISKS_PER_SESSION, MAX_FRAME_PAYLOAD, MAX_NAME_LEN, REPLICA_CREATED, REPLICA_EXISTING,
     ZERO_BLOCK_HASH,
 };
@@ -192,6 +193,7 @@ fn serve<R: std::io::Read, W: std::io::Write>(
     let geometries: Vec<Geometry> = disks.iter().map(|d| d.geometry).collect();
     let mut decompressor =
         zstd::bulk::Decompressor::new().map_err(|e| TargetError::Internal(format!("zstd: {e}")))?;
+    let mut received = Received::new(disks.len());
 
     let undo_disks = disks
         .iter()
@@ -274,6 +276,8 @@ fn serve<R: std::io::Read, W: std::io::Write>(
                             &mut decompressor,
                             max_logical,
                         )?;
+                        let (_, records) = verify::records(payload)?;
+                        received.data(disk, &names[disk as usize], records)?;
                         tx.push_wait(ApplyMsg::Data {
                             disk,
                             recv,
@@ -311,6 +315,7 @@ fn serve<R: std::io::Read, W: std::io::Write>(
                                 ),
                             ));
                         }
+                        received.zero(disk, &names[disk as usize], offset, len)?;
                         tx.push_wait(ApplyMsg::Zero { disk, offset, len })
                             .map_err(|_| TargetError::Internal("applier gone".into()))?;
                     }
@@ -334,12 +339,18 @@ fn serve<R: std::io::Read, W: std::io::Write>(
                     }
                     FrameKind::Commit => {
                         let payload = reader.read_payload(&incoming, &mut control)?;
-                        let commit = Commit::read_from_bytes(payload).map_err(|_| {
-                            TargetError::reject(
-                                ErrorCode::Protocol,
-                                "commit frame has the wrong length",
-                            )
-                        })?;
+                        let (commit, sent) = Commit::ref_from_prefix(payload)
+                            .ok()
+                            .and_then(|(c, rest)| {
+                                let sent = <[DiskManifest]>::ref_from_bytes(rest).ok()?;
+                                (sent.len() == c.disk_count.get() as usize).then_some((c, sent))
+                            })
+                            .ok_or_else(|| {
+                                TargetError::reject(
+                                    ErrorCode::Protocol,
+                                    "commit frame has the wrong length for its disk count",
+                                )
+                            })?;
                         if commit.epoch.get() != epoch {
                             return Err(TargetError::reject(
                                 ErrorCode::Protocol,
@@ -349,6 +360,10 @@ fn serve<R: std::io::Read, W: std::io::Write>(
                                 ),
                             ));
                         }
+                        // Everything received was verified and handed to the applier in
+                        // order; before anything may call the epoch committed, it must
+                        // be exactly what the source sent.
+                        received.check_commit(&names, sent)?;
                         let (reply, answer) = mpsc::sync_channel(1);
                         tx.push_wait(ApplyMsg::Barrier { reply })
                             .map_err(|_| TargetError::Internal("applier gone".into()))?;
