@@ -23,7 +23,8 @@ use crate::config::{Compression, Config};
 use crate::io::{self, Disk, EngineKind, IoError};
 use crate::protocol::{
     auth, Commit, Committed, DiskRun, FrameKind, FrameReader, FrameWriter, OpenDisk, OpenDiskReply,
-    OpenHeader, ProtocolError, SyncMode, MAX_FRAME_PAYLOAD, MAX_NAME_LEN, REPLICA_CREATED,
+    OpenHeader, ProtocolError, SyncMode, MAX_FRAME_PAYLOAD, MAX_NAME_LEN, MAX_REPLY_PAYLOAD,
+    REPLICA_CREATED,
 };
 pub use crate::protocol::{hex16, parse_hex16};
 use crate::psk::Psk;
@@ -876,7 +877,8 @@ fn run_session<R: std::io::Read, W: std::io::Write>(
         });
     }
     writer.send(FrameKind::Open, &[header.as_bytes(), entries.as_bytes()])?;
-    let mut buf = vec![0u8; 64 << 10];
+    // Every reply the target sends fits, up to a DiffRuns frame of the most runs.
+    let mut buf = vec![0u8; MAX_REPLY_PAYLOAD];
     let payload = reader.expect(FrameKind::OpenOk, &mut buf)?;
     let replies = <[OpenDiskReply]>::ref_from_bytes(payload)
         .ok()

@@ -20,8 +20,8 @@ use crate::io::{Disk, ReplicaState};
 use crate::protocol::{
     auth, block_hash, is_zero, Commit, Committed, DiskRun, ErrorCode, FrameKind, FrameReader,
     FrameWriter, HashesHeader, OpenDisk, OpenDiskReply, OpenHeader, SyncMode,
-    MAX_DISKS_PER_SESSION, MAX_FRAME_PAYLOAD, MAX_NAME_LEN, REPLICA_CREATED, REPLICA_EXISTING,
-    ZERO_BLOCK_HASH,
+    MAX_DIFF_RUNS_PER_FRAME, MAX_DISKS_PER_SESSION, MAX_FRAME_PAYLOAD, MAX_NAME_LEN,
+    REPLICA_CREATED, REPLICA_EXISTING, ZERO_BLOCK_HASH,
 };
 
 /// Receive buffers per session: frames in flight between the socket and the disks.
@@ -32,9 +32,6 @@ const SCRATCH_SLOTS: usize = RECV_SLOTS;
 /// Depth of the session → applier ring; every message but barriers holds a receive
 /// slot, so the pool bounds it anyway.
 const APPLY_RING_DEPTH: usize = 16;
-/// Runs per DiffRuns frame: 4096 × 24 bytes stays well under the frame limit.
-const DIFF_RUNS_PER_FRAME: usize = 4096;
-const _: () = assert!(DIFF_RUNS_PER_FRAME * 24 < MAX_FRAME_PAYLOAD);
 
 struct SessionDisk {
     name: String,
@@ -770,7 +767,7 @@ fn send_diff<W: std::io::Write>(
     disks: &[SessionDisk],
     writer: &mut FrameWriter<W>,
 ) -> Result<(), TargetError> {
-    let mut batch: Vec<DiskRun> = Vec::with_capacity(DIFF_RUNS_PER_FRAME);
+    let mut batch: Vec<DiskRun> = Vec::with_capacity(MAX_DIFF_RUNS_PER_FRAME);
     for (i, d) in disks.iter().enumerate() {
         let Some(diff) = &d.diff else { continue };
         for (start, count) in diff.iter_runs() {
@@ -780,7 +777,7 @@ fn send_diff<W: std::io::Write>(
                 start: start.into(),
                 count: count.into(),
             });
-            if batch.len() == DIFF_RUNS_PER_FRAME {
+            if batch.len() == MAX_DIFF_RUNS_PER_FRAME {
                 writer.send(FrameKind::DiffRuns, &[batch.as_bytes()])?;
                 batch.clear();
             }
