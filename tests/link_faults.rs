@@ -48,7 +48,7 @@ impl Drop for Rig {
 }
 
 impl Rig {
-    fn new(seed: u64, names: &[&str], source_extra: &str) -> Rig {
+    fn new(seed: u64, names: &[&str], disk_bytes: u64) -> Rig {
         let dir = scratch_dir();
         let key = dir.path().join("ferry.key");
         keygen(&key);
@@ -57,10 +57,10 @@ impl Rig {
         let mut initial = Vec::new();
         for name in names {
             let image = dir.path().join(format!("{name}.img"));
-            let mut content = vec![0u8; DISK_BYTES as usize];
-            rng.fill(&mut content[..(DISK_BYTES / 2) as usize]);
-            std::fs::write(&image, &content[..(DISK_BYTES / 2) as usize]).unwrap();
-            open_rw(&image).set_len(DISK_BYTES).unwrap();
+            let mut content = vec![0u8; disk_bytes as usize];
+            rng.fill(&mut content[..(disk_bytes / 2) as usize]);
+            std::fs::write(&image, &content[..(disk_bytes / 2) as usize]).unwrap();
+            open_rw(&image).set_len(disk_bytes).unwrap();
             initial.push(content);
             disks.push((
                 name.to_string(),
@@ -74,7 +74,7 @@ impl Rig {
         let proxy = FaultProxy::start(SocketAddr::from(([127, 0, 0, 1], target.port)));
         let state = dir.path().join("source-state");
         let mut toml = format!(
-            "[source]\ntarget = \"{}\"\npsk_file = {}\nstate_dir = {}\nio_timeout_ms = {SOURCE_IO_TIMEOUT_MS}\nconnect_timeout_ms = 2000\nepoch_interval_ms = 200\n{source_extra}\n",
+            "[source]\ntarget = \"{}\"\npsk_file = {}\nstate_dir = {}\nio_timeout_ms = {SOURCE_IO_TIMEOUT_MS}\nconnect_timeout_ms = 2000\nepoch_interval_ms = 200\n",
             proxy.addr,
             toml_path(&key),
             toml_path(&state)
@@ -259,7 +259,7 @@ fn guest_writes(rig: &Rig, disk: usize, blocks: u64, rng: &mut Rng) {
 fn stalled_epoch(fault: Fault, test: &str) {
     let seed = test_seed(test);
     let mut rng = Rng::new(seed);
-    let rig = Rig::new(seed, &["d1"], "");
+    let rig = Rig::new(seed, &["d1"], DISK_BYTES);
     let first = sync_ok(&rig.config, &[]);
     assert_eq!(modes(&first), ["full"], "{first}");
     const WRITTEN: u64 = 48;
@@ -274,6 +274,7 @@ fn stalled_epoch(fault: Fault, test: &str) {
         !r.success(),
         "the sync over a stalled link succeeded: {r:?}"
     );
+    eprintln!("{test}: failed after {took:?}: {}", r.stderr.trim());
     let words = format!("timed out after {SOURCE_IO_TIMEOUT_MS} ms");
     assert!(
         r.stderr.contains(&words),
@@ -334,6 +335,49 @@ fn a_stalled_link_fails_the_epoch_within_io_timeout() {
         },
         "link_stall",
     );
+}
+
+/// The link stalls while the source streams a whole-disk epoch far larger than the
+/// socket buffers on the way: the source is stuck in a send, not waiting for an
+/// answer, and must still give up within io_timeout_ms.
+#[test]
+fn a_link_that_stalls_mid_send_fails_the_epoch_within_io_timeout() {
+    let seed = test_seed("link_stall_send");
+    let rig = Rig::new(seed, &["d1"], 96 << 20);
+    rig.proxy.arm(Fault::Stall {
+        dir: Dir::Up,
+        after: 1 << 20,
+    });
+    let started = Instant::now();
+    let r = common::sync(&rig.config, &[]);
+    let took = started.elapsed();
+    assert!(
+        !r.success(),
+        "the sync over a stalled link succeeded: {r:?}"
+    );
+    eprintln!(
+        "link_stall_send: failed after {took:?}: {}",
+        r.stderr.trim()
+    );
+    let words = format!("sending frame: timed out after {SOURCE_IO_TIMEOUT_MS} ms");
+    assert!(
+        r.stderr.contains(&words),
+        "the error names the send that timed out ({words:?}): {}",
+        r.stderr
+    );
+    assert!(
+        took < Duration::from_millis(10 * SOURCE_IO_TIMEOUT_MS),
+        "the sync took {took:?} to notice, io_timeout_ms = {SOURCE_IO_TIMEOUT_MS}"
+    );
+    let status = rig.shim_status();
+    assert!(status["epoch"].is_null(), "the epoch was aborted: {status}");
+    rig.proxy.clear();
+    rig.proxy.cut_all();
+    // The failed session created the replica but never committed an epoch to it:
+    // the next whole-disk epoch compares it by hash.
+    let r = sync_ok_when_free(&rig.config);
+    assert_eq!(modes(&r), ["seeded"], "{r}");
+    assert!(rig.replicas() == rig.images(), "replica equals image");
 }
 
 // ---------------------------------------------------------------------------------
@@ -508,7 +552,7 @@ fn continuous_replication_rides_out_cuts_half_closes_and_stalls() {
     let seed = test_seed("link_faults");
     let faults = if soak() { 100 } else { 6 };
     let mut rng = Rng::new(seed);
-    let rig = Rig::new(seed, &["os", "data"], "");
+    let rig = Rig::new(seed, &["os", "data"], DISK_BYTES);
     let mut guest = Guest::start(&rig, seed ^ 0x9e37, Duration::from_millis(1));
     let mut source = start_source(&rig);
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -610,6 +654,13 @@ fn continuous_replication_rides_out_cuts_half_closes_and_stalls() {
         .filter(|l| l.contains("epoch failed"))
         .count();
     assert!(failed > 0, "the faults failed epochs: {source_log}");
+    if kinds[3] > 0 {
+        let words = format!("timed out after {SOURCE_IO_TIMEOUT_MS} ms");
+        assert!(
+            source_log.contains(&words),
+            "a stall was found by the source's own deadline ({words:?}): {source_log}"
+        );
+    }
     // The first epoch copies the new replicas whole; every resume after a fault is
     // changed-block: no full or seeded resync.
     for l in &durable[1..] {
