@@ -311,3 +311,34 @@ pub fn chain(e: &dyn std::error::Error) -> String {
     }
     s
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// docs/protocol.md states the handshake's bounds and the DiffRuns bound as the
+    /// code has them.
+    #[test]
+    fn protocol_doc_states_the_connection_bounds() {
+        let doc = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/protocol.md"));
+        for needle in [
+            format!(
+                "`HANDSHAKE_DEADLINE` = {} seconds",
+                HANDSHAKE_DEADLINE.as_secs()
+            ),
+            format!("`MAX_PENDING_HANDSHAKES` = {MAX_PENDING_HANDSHAKES}"),
+            format!(
+                "| DiffRuns per frame | {} runs of {} bytes |",
+                crate::protocol::MAX_DIFF_RUNS_PER_FRAME,
+                core::mem::size_of::<crate::protocol::DiskRun>()
+            ),
+        ] {
+            assert!(doc.contains(&needle), "docs/protocol.md lacks {needle:?}");
+        }
+        assert_eq!(
+            HANDSHAKE_DEADLINE.subsec_nanos(),
+            0,
+            "stated in whole seconds"
+        );
+    }
+}
