@@ -94,7 +94,7 @@ impl Trickler {
         let mut byte = [0u8; 64];
         let closed = match (&self.stream).read(&mut byte) {
             Ok(0) => true,
-            Ok(_) => false, // an Error frame: closing
+            Ok(_) => false, // an Error frame: the end of stream follows
             Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
         };
         self.stream.set_nonblocking(false).unwrap();
@@ -102,8 +102,8 @@ impl Trickler {
     }
 }
 
-/// Two peers that never finish their Hello (one byte a second) must not keep a real
-/// source out, even when they are as many as the target's session limit; and each is
+/// Three peers that never finish their Hello (one byte a second) must not keep a real
+/// source out, though they outnumber the target's session limit of two; and each is
 /// dropped once the handshake deadline has passed.
 #[test]
 fn trickling_handshakes_hold_no_session_slot_and_are_dropped_at_the_deadline() {
