@@ -167,8 +167,13 @@ impl Rig {
                 .into_iter()
                 .filter(|p| !log.contains(&format!("{p}: ")))
                 .collect();
+            // Undo logs (and their commit marks) are files directly in undo/.
             let undo = std::fs::read_dir(self.target_state.join("undo"))
-                .map(|d| d.count())
+                .map(|d| {
+                    d.filter_map(Result::ok)
+                        .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+                        .count()
+                })
                 .unwrap_or(0);
             if open.is_empty() && undo == 0 {
                 return;
