@@ -209,7 +209,10 @@ pub struct SourceConfig {
     /// How long to wait for the TCP connection to the target.
     #[serde(default = "default_connect_timeout_ms")]
     pub connect_timeout_ms: u64,
-    /// A connection that makes no progress for this long is cut.
+    /// Every frame to or from the target must be sent (or received) within this time
+    /// of its start, however the bytes trickle; otherwise the epoch fails ("timed out
+    /// after N ms") and the shim's epoch is aborted. Also sets `TCP_USER_TIMEOUT` and
+    /// keepalive.
     #[serde(default = "default_io_timeout_ms")]
     pub io_timeout_ms: u64,
     /// Time between epochs in continuous replication.
@@ -236,10 +239,13 @@ pub struct TargetConfig {
     /// How replica disks are written.
     #[serde(default)]
     pub io_engine: IoEngineKind,
-    /// A connection that makes no progress for this long is cut.
+    /// Every frame of an authenticated session must be received (or sent) within this
+    /// time of its start; otherwise the session ends and its epoch is rolled back. The
+    /// handshake has its own deadline (`target::HANDSHAKE_DEADLINE`).
     #[serde(default = "default_io_timeout_ms")]
     pub io_timeout_ms: u64,
-    /// Concurrent source connections accepted.
+    /// Concurrent authenticated sessions; connections still in their handshake are
+    /// bounded apart (`target::MAX_PENDING_HANDSHAKES`).
     #[serde(default = "default_max_sessions")]
     pub max_sessions: u32,
     /// Recovery points kept: the newest this many acknowledged epochs before the

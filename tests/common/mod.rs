@@ -8,6 +8,7 @@
 #![allow(dead_code)]
 
 pub mod nbd;
+pub mod proxy;
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};

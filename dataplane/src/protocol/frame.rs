@@ -9,6 +9,7 @@ use std::io::{self, IoSlice, Read, Write};
 use xxhash_rust::xxh3::{xxh3_64, Xxh3};
 use zerocopy::{FromBytes, IntoBytes};
 
+use super::deadline::FrameDeadline;
 use super::wire::{
     ErrorCode, ErrorHeader, FrameHeader, FrameKind, FRAME_HEADER_LEN, FRAME_MAGIC,
     MAX_ERROR_MESSAGE, MAX_FRAME_PAYLOAD,
@@ -20,6 +21,8 @@ pub struct FrameReader<R> {
     inner: R,
     /// Sequence number the next frame must carry.
     next_seq: u32,
+    /// Started for every header and every payload read (see [`FrameDeadline`]).
+    deadline: Option<FrameDeadline>,
 }
 
 /// A validated frame header: the payload has not been read yet.
@@ -32,7 +35,30 @@ pub struct Incoming {
 
 impl<R: Read> FrameReader<R> {
     pub fn new(inner: R) -> Self {
-        Self { inner, next_seq: 0 }
+        Self {
+            inner,
+            next_seq: 0,
+            deadline: None,
+        }
+    }
+
+    /// A reader whose every header and every payload must arrive within `deadline`'s
+    /// per-frame timeout of the moment it is asked for; `inner` must enforce it (a
+    /// [`TimedStream`](super::deadline::TimedStream) under the same deadline). The
+    /// payload gets its own budget because the receiver may wait for a buffer between
+    /// the two — local back-pressure, not the network.
+    pub fn with_deadline(inner: R, deadline: FrameDeadline) -> Self {
+        Self {
+            inner,
+            next_seq: 0,
+            deadline: Some(deadline),
+        }
+    }
+
+    fn start_deadline(&self) {
+        if let Some(d) = &self.deadline {
+            d.start_frame();
+        }
     }
 
     pub fn get_ref(&self) -> &R {
@@ -42,6 +68,7 @@ impl<R: Read> FrameReader<R> {
     /// Reads and validates the next header. `Ok(None)` means the peer closed the
     /// connection cleanly at a frame boundary.
     pub fn next_header(&mut self) -> Result<Option<Incoming>, ProtocolError> {
+        self.start_deadline();
         let mut raw = [0u8; FRAME_HEADER_LEN];
         let mut got = 0;
         while got < raw.len() {
@@ -105,6 +132,7 @@ impl<R: Read> FrameReader<R> {
             });
         }
         let payload = &mut buf[..len];
+        self.start_deadline();
         self.inner.read_exact(payload).map_err(|e| {
             if e.kind() == io::ErrorKind::UnexpectedEof {
                 ProtocolError::Truncated {
@@ -175,11 +203,29 @@ pub fn decode_error(payload: &[u8]) -> ProtocolError {
 pub struct FrameWriter<W> {
     inner: W,
     next_seq: u32,
+    /// Started for every frame sent (see [`FrameDeadline`]).
+    deadline: Option<FrameDeadline>,
 }
 
 impl<W: Write> FrameWriter<W> {
     pub fn new(inner: W) -> Self {
-        Self { inner, next_seq: 0 }
+        Self {
+            inner,
+            next_seq: 0,
+            deadline: None,
+        }
+    }
+
+    /// A writer whose every frame must be on the socket within `deadline`'s per-frame
+    /// timeout of the start of its send, however the bytes trickle; `inner` must
+    /// enforce it (a [`TimedStream`](super::deadline::TimedStream) under the same
+    /// deadline).
+    pub fn with_deadline(inner: W, deadline: FrameDeadline) -> Self {
+        Self {
+            inner,
+            next_seq: 0,
+            deadline: Some(deadline),
+        }
     }
 
     pub fn get_ref(&self) -> &W {
@@ -210,6 +256,9 @@ impl<W: Write> FrameWriter<W> {
         };
         header.header_hash = xxh3_64(&header.as_bytes()[..24]).into();
         self.next_seq = self.next_seq.wrapping_add(1);
+        if let Some(d) = &self.deadline {
+            d.start_frame();
+        }
 
         // Data frames carry a header, a record table, padding and one piece per block:
         // a fixed array covers every configuration up to 64 KiB blocks in 4 MiB batches

@@ -4,10 +4,12 @@
 //! the I/O layer. Specified in `docs/protocol.md`.
 
 pub mod auth;
+pub mod deadline;
 pub mod frame;
 pub mod manifest;
 pub mod wire;
 
+pub use deadline::{tune_socket, DeadlineExceeded, FrameDeadline, TimedStream};
 pub use frame::{FrameReader, FrameWriter, Incoming};
 pub use manifest::ManifestBuilder;
 pub use wire::*;
@@ -21,6 +23,10 @@ pub enum ProtocolError {
         #[source]
         source: std::io::Error,
     },
+    /// A frame was not sent or received within its deadline (`io_timeout_ms`, or the
+    /// handshake deadline): the peer or the link stalled.
+    #[error("{op}: timed out after {after_ms} ms")]
+    TimedOut { op: &'static str, after_ms: u64 },
     #[error("connection truncated: {what}")]
     Truncated { what: &'static str },
     #[error("bad frame magic {found:#010x}: the peer is not speaking the ferry protocol")]
@@ -63,8 +69,19 @@ pub enum ProtocolError {
 }
 
 impl ProtocolError {
+    /// An I/O failure during `op`; a frame deadline that passed becomes
+    /// [`TimedOut`](Self::TimedOut).
     pub fn io(op: &'static str, source: std::io::Error) -> Self {
-        Self::Io { op, source }
+        match source
+            .get_ref()
+            .and_then(|inner| inner.downcast_ref::<DeadlineExceeded>())
+        {
+            Some(d) => Self::TimedOut {
+                op,
+                after_ms: d.after_ms,
+            },
+            None => Self::Io { op, source },
+        }
     }
 
     /// The error code to report to the peer for this failure.
@@ -73,7 +90,7 @@ impl ProtocolError {
             Self::AuthFailed { .. } => ErrorCode::Auth,
             Self::Version { .. } => ErrorCode::Version,
             Self::Remote { code, .. } => *code,
-            Self::Io { .. } => ErrorCode::Io,
+            Self::Io { .. } | Self::TimedOut { .. } => ErrorCode::Io,
             Self::PayloadChecksum { .. } | Self::HeaderChecksum => ErrorCode::Integrity,
             _ => ErrorCode::Protocol,
         }

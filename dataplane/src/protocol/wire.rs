@@ -253,6 +253,30 @@ pub struct DiskRun {
     pub count: U64,
 }
 
+/// Most runs one DiffRuns frame carries. The target cuts longer difference lists into
+/// more frames; a source must accept a frame of this many runs (98,304 bytes), however
+/// the disks differ — up to every other block of a disk, the most runs a disk can have.
+pub const MAX_DIFF_RUNS_PER_FRAME: usize = 4096;
+
+/// Largest payload of any frame the target sends before Committed — a full DiffRuns
+/// frame, an OpenOk for the most disks, an Error with the longest message — so the
+/// source's reply buffer (allocated once per session) holds every one of them.
+pub const MAX_REPLY_PAYLOAD: usize = max3(
+    MAX_DIFF_RUNS_PER_FRAME * core::mem::size_of::<DiskRun>(),
+    MAX_DISKS_PER_SESSION * core::mem::size_of::<OpenDiskReply>(),
+    core::mem::size_of::<ErrorHeader>() + MAX_ERROR_MESSAGE,
+);
+const _: () = assert!(MAX_REPLY_PAYLOAD <= MAX_FRAME_PAYLOAD);
+
+const fn max3(a: usize, b: usize, c: usize) -> usize {
+    let ab = if a > b { a } else { b };
+    if ab > c {
+        ab
+    } else {
+        c
+    }
+}
+
 /// Data payload: `DataHeader`, `record_count` × `BlockRecord`, then block payloads at
 /// the offsets the records give (raw payloads aligned to [`PAYLOAD_ALIGN`]).
 #[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]

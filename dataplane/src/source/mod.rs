@@ -22,9 +22,9 @@ use zerocopy::{FromBytes, IntoBytes};
 use crate::config::{Compression, Config};
 use crate::io::{self, Disk, EngineKind, IoError};
 use crate::protocol::{
-    auth, Commit, Committed, DiskManifest, DiskRun, FrameKind, FrameReader, FrameWriter,
-    ManifestBuilder, OpenDisk, OpenDiskReply, OpenHeader, ProtocolError, SyncMode,
-    MAX_FRAME_PAYLOAD, MAX_NAME_LEN, REPLICA_CREATED,
+    auth, Commit, Committed, DiskManifest, DiskRun, FrameDeadline, FrameKind, FrameReader,
+    FrameWriter, ManifestBuilder, OpenDisk, OpenDiskReply, OpenHeader, ProtocolError, SyncMode,
+    TimedStream, MAX_FRAME_PAYLOAD, MAX_NAME_LEN, MAX_REPLY_PAYLOAD, REPLICA_CREATED,
 };
 pub use crate::protocol::{hex16, parse_hex16};
 use crate::psk::Psk;
@@ -476,7 +476,7 @@ fn sync_live(job: &SyncJob, mut control: live::ShimControl) -> Result<SyncReport
     }
     let view_refs: Vec<Option<&filter_driver_shim::epoch::EpochView>> =
         views.iter().map(Option::as_ref).collect();
-    let (number, stats, applied) = run_epoch(
+    let outcome = run_epoch(
         job,
         &mut disks,
         &view_refs,
@@ -486,7 +486,23 @@ fn sync_live(job: &SyncJob, mut control: live::ShimControl) -> Result<SyncReport
             control.check(&epoch)
         },
         Some(connection),
-    )?;
+    );
+    let (number, stats, applied) = match outcome {
+        Ok(done) => done,
+        Err(e) => {
+            // Give the epoch back now, saying so, rather than when the control
+            // connection closes: its bits go in the next epoch, and the guest's writes
+            // stop paying for copy-before-write at once.
+            drop(views);
+            if let Err(abort) = control.abort(&epoch) {
+                tracing::warn!(
+                    "epoch {} failed and the shim did not confirm its abort ({abort}); closing the control connection aborts it",
+                    epoch.id
+                );
+            }
+            return Err(e);
+        }
+    };
     // The target holds the epoch (and the state files say so): the shim may forget
     // the bits. If this fails they stay, and the next epoch carries them again.
     if let Err(e) = control.commit(&epoch) {
@@ -576,29 +592,37 @@ fn run_epoch(
     Ok((epoch, stats, applied))
 }
 
-/// An authenticated connection to the target.
+/// An authenticated connection to the target. Every frame sent or received must
+/// complete within `io_timeout` of its start (see [`crate::protocol::deadline`]).
 struct Connection {
-    reader: FrameReader<std::io::BufReader<TcpStream>>,
-    writer: FrameWriter<TcpStream>,
+    reader: FrameReader<std::io::BufReader<TimedStream>>,
+    writer: FrameWriter<TimedStream>,
 }
 
 /// Connects to the target and authenticates.
 fn open_connection(job: &SyncJob) -> Result<Connection, SourceError> {
     let stream = connect(&job.target, job.connect_timeout)?;
-    stream
-        .set_read_timeout(Some(job.io_timeout))
-        .and_then(|_| stream.set_write_timeout(Some(job.io_timeout)))
-        .and_then(|_| stream.set_nodelay(true))
-        .map_err(|e| SourceError::Connect {
-            addr: job.target.clone(),
-            source: e,
-        })?;
-    let read_half = stream.try_clone().map_err(|e| SourceError::Connect {
+    let setup = |e| SourceError::Connect {
         addr: job.target.clone(),
         source: e,
-    })?;
-    let mut reader = FrameReader::new(std::io::BufReader::with_capacity(64 << 10, read_half));
-    let mut writer = FrameWriter::new(stream);
+    };
+    crate::protocol::tune_socket(&stream, job.io_timeout).map_err(setup)?;
+    let read_half = stream.try_clone().map_err(setup)?;
+    let (read_deadline, write_deadline) = (
+        FrameDeadline::new(job.io_timeout),
+        FrameDeadline::new(job.io_timeout),
+    );
+    let mut reader = FrameReader::with_deadline(
+        std::io::BufReader::with_capacity(
+            64 << 10,
+            TimedStream::new(read_half, read_deadline.clone()).map_err(setup)?,
+        ),
+        read_deadline,
+    );
+    let mut writer = FrameWriter::with_deadline(
+        TimedStream::new(stream, write_deadline.clone()).map_err(setup)?,
+        write_deadline,
+    );
     auth::client_handshake(&mut reader, &mut writer, &job.psk)?;
     Ok(Connection { reader, writer })
 }
@@ -881,7 +905,8 @@ fn run_session<R: std::io::Read, W: std::io::Write>(
         });
     }
     writer.send(FrameKind::Open, &[header.as_bytes(), entries.as_bytes()])?;
-    let mut buf = vec![0u8; 64 << 10];
+    // Every reply the target sends fits, up to a DiffRuns frame of the most runs.
+    let mut buf = vec![0u8; MAX_REPLY_PAYLOAD];
     let payload = reader.expect(FrameKind::OpenOk, &mut buf)?;
     let replies = <[OpenDiskReply]>::ref_from_bytes(payload)
         .ok()

@@ -19,12 +19,26 @@ use std::net::TcpListener;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::config::Config;
 use crate::io::{EngineKind, IoError};
-use crate::protocol::{ErrorCode, FrameWriter, ProtocolError};
+use crate::protocol::{ErrorCode, ProtocolError};
 use crate::psk::Psk;
+
+/// How long a connection has, from the moment it is accepted, to complete the whole
+/// handshake (Hello, Challenge, Auth, AuthOk). A real source needs a few round trips,
+/// milliseconds even across continents; five seconds leave room for a loaded host,
+/// while a peer that trickles its Hello (or never sends it) is dropped long before
+/// it could matter. Not configurable: `io_timeout_ms` bounds frames of an
+/// authenticated session, this bounds what an unknown peer may cost.
+pub const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(5);
+
+/// Connections in their handshake at once, counted apart from `max_sessions`. Each
+/// costs a thread and a socket for at most [`HANDSHAKE_DEADLINE`]; 64 is far more
+/// than the sources of one target reconnecting together, and more than a handful of
+/// hostile peers can hold. Past it, new connections are closed at once.
+pub const MAX_PENDING_HANDSHAKES: usize = 64;
 
 /// One replica disk the target may write.
 #[derive(Debug, Clone)]
@@ -112,6 +126,9 @@ pub enum TargetError {
     },
     #[error(transparent)]
     Protocol(#[from] ProtocolError),
+    /// The peer did not complete the handshake (or failed to authenticate).
+    #[error("handshake")]
+    Handshake(#[source] ProtocolError),
     /// The peer sent something we refuse; the peer was told `message`.
     #[error("{message}")]
     Rejected { code: ErrorCode, message: String },
@@ -138,7 +155,7 @@ impl TargetError {
     fn code(&self) -> ErrorCode {
         match self {
             Self::Rejected { code, .. } => *code,
-            Self::Protocol(p) => p.code(),
+            Self::Protocol(p) | Self::Handshake(p) => p.code(),
             Self::Io { .. } => ErrorCode::Io,
             _ => ErrorCode::Internal,
         }
@@ -150,7 +167,10 @@ pub(crate) struct Shared {
     pub job: TargetJob,
     /// Disks held by a live session: a replica has one writer at a time.
     pub busy: Mutex<HashSet<String>>,
+    /// Authenticated sessions, bounded by `max_sessions`.
     pub sessions: AtomicUsize,
+    /// Connections still in their handshake, bounded by [`MAX_PENDING_HANDSHAKES`].
+    pub pending: AtomicUsize,
     /// Undo logs of abandoned epochs whose rollback failed (EIO, a vanished device),
     /// with their disks. Those disks stay in `busy` — between epochs, no session may
     /// write or read them — until the next session that asks for one of them
@@ -212,6 +232,7 @@ impl Target {
                 job,
                 busy: Mutex::new(busy),
                 sessions: AtomicUsize::new(0),
+                pending: AtomicUsize::new(0),
                 quarantine: Mutex::new(quarantine),
             }),
         })
@@ -243,31 +264,31 @@ impl Target {
                 .unwrap_or_else(|_| "?".into());
             let shared = Arc::clone(&self.shared);
             let peer_for_thread = peer.clone();
-            let active = shared.sessions.fetch_add(1, Ordering::AcqRel);
-            if active >= shared.job.max_sessions {
-                shared.sessions.fetch_sub(1, Ordering::AcqRel);
-                tracing::warn!("{peer}: refused, {active} sessions already active");
-                FrameWriter::new(&stream).send_error(
-                    ErrorCode::Busy,
-                    &format!(
-                        "target is at its limit of {} sessions",
-                        shared.job.max_sessions
-                    ),
-                );
+            // Until it has authenticated, a connection counts against its own bound,
+            // not `max_sessions`: peers that never finish a handshake cannot keep a
+            // source out, and each is dropped at the handshake deadline.
+            let pending = shared.pending.fetch_add(1, Ordering::AcqRel);
+            if pending >= MAX_PENDING_HANDSHAKES {
+                shared.pending.fetch_sub(1, Ordering::AcqRel);
+                tracing::warn!("{peer}: refused, {pending} connections already in their handshake");
                 continue;
             }
+            let accepted = Instant::now();
             let spawned = std::thread::Builder::new()
                 .name(format!("ferry-session-{peer}"))
                 .spawn(move || {
                     let peer = peer_for_thread;
-                    let result = session::run(&shared, stream);
-                    shared.sessions.fetch_sub(1, Ordering::AcqRel);
-                    match result {
+                    match session::run(&shared, stream, accepted) {
                         Ok(summary) => tracing::info!("{peer}: {summary}"),
+                        Err(e @ TargetError::Handshake(_)) => {
+                            tracing::warn!("{peer}: dropped: {}", chain(&e))
+                        }
                         Err(e) => tracing::error!("{peer}: session failed: {}", chain(&e)),
                     }
                 });
             if let Err(e) = spawned {
+                // The closure (and its stream) was dropped unrun: give its place back.
+                self.shared.pending.fetch_sub(1, Ordering::AcqRel);
                 tracing::error!("{peer}: cannot start a session thread: {e}");
             }
         }
@@ -318,4 +339,35 @@ pub fn chain(e: &dyn std::error::Error) -> String {
         cur = c.source();
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// docs/protocol.md states the handshake's bounds and the DiffRuns bound as the
+    /// code has them.
+    #[test]
+    fn protocol_doc_states_the_connection_bounds() {
+        let doc = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/protocol.md"));
+        for needle in [
+            format!(
+                "`HANDSHAKE_DEADLINE` = {} seconds",
+                HANDSHAKE_DEADLINE.as_secs()
+            ),
+            format!("`MAX_PENDING_HANDSHAKES` = {MAX_PENDING_HANDSHAKES}"),
+            format!(
+                "| DiffRuns per frame | {} runs of {} bytes |",
+                crate::protocol::MAX_DIFF_RUNS_PER_FRAME,
+                core::mem::size_of::<crate::protocol::DiskRun>()
+            ),
+        ] {
+            assert!(doc.contains(&needle), "docs/protocol.md lacks {needle:?}");
+        }
+        assert_eq!(
+            HANDSHAKE_DEADLINE.subsec_nanos(),
+            0,
+            "stated in whole seconds"
+        );
+    }
 }

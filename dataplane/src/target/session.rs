@@ -3,7 +3,7 @@
 use std::io::BufReader;
 use std::net::TcpStream;
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc;
 
 use filter_driver_shim::bitmap::{ChangedBlockBitmap, GenerationId};
@@ -19,10 +19,10 @@ use super::verify::{self, Geometry};
 use super::{Shared, TargetError};
 use crate::io::{Disk, ReplicaState};
 use crate::protocol::{
-    auth, block_hash, is_zero, Commit, Committed, DiskManifest, DiskRun, ErrorCode, FrameKind,
-    FrameReader, FrameWriter, HashesHeader, OpenDisk, OpenDiskReply, OpenHeader, SyncMode,
-    MAX_DISKS_PER_SESSION, MAX_FRAME_PAYLOAD, MAX_NAME_LEN, REPLICA_CREATED, REPLICA_EXISTING,
-    ZERO_BLOCK_HASH,
+    auth, block_hash, is_zero, Commit, Committed, DiskManifest, DiskRun, ErrorCode,
+    FrameDeadline, FrameKind, FrameReader, FrameWriter, HashesHeader, OpenDisk, OpenDiskReply,
+    OpenHeader, SyncMode, TimedStream, MAX_DIFF_RUNS_PER_FRAME, MAX_DISKS_PER_SESSION,
+    MAX_FRAME_PAYLOAD, MAX_NAME_LEN, REPLICA_CREATED, REPLICA_EXISTING, ZERO_BLOCK_HASH,
 };
 
 /// Receive buffers per session: frames in flight between the socket and the disks.
@@ -33,9 +33,6 @@ const SCRATCH_SLOTS: usize = RECV_SLOTS;
 /// Depth of the session → applier ring; every message but barriers holds a receive
 /// slot, so the pool bounds it anyway.
 const APPLY_RING_DEPTH: usize = 16;
-/// Runs per DiffRuns frame: 4096 × 24 bytes stays well under the frame limit.
-const DIFF_RUNS_PER_FRAME: usize = 4096;
-const _: () = assert!(DIFF_RUNS_PER_FRAME * 24 < MAX_FRAME_PAYLOAD);
 
 struct SessionDisk {
     name: String,
@@ -61,21 +58,64 @@ impl Drop for BusyGuard<'_> {
     }
 }
 
-pub fn run(shared: &Shared, stream: TcpStream) -> Result<String, TargetError> {
-    let job = &shared.job;
-    let _ = stream.set_nodelay(true);
-    stream
-        .set_read_timeout(Some(job.io_timeout))
-        .and_then(|_| stream.set_write_timeout(Some(job.io_timeout)))
-        .map_err(|e| TargetError::Internal(format!("socket setup: {e}")))?;
-    let read_half = stream
-        .try_clone()
-        .map_err(|e| TargetError::Internal(format!("socket setup: {e}")))?;
-    let mut reader = FrameReader::new(BufReader::with_capacity(64 << 10, read_half));
-    let mut writer = FrameWriter::new(stream);
-    auth::server_handshake(&mut reader, &mut writer, &job.psk)?;
+/// Decrements a counter of [`Shared`] when dropped, however the session ends.
+struct Counted<'a>(&'a AtomicUsize);
 
-    let result = serve(shared, &mut reader, &mut writer);
+impl Drop for Counted<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Serves one connection, accepted at `accepted` and already counted in
+/// `shared.pending`: the handshake (bounded by [`super::HANDSHAKE_DEADLINE`]), then,
+/// once authenticated, a session slot under `max_sessions`, then the session.
+pub fn run(
+    shared: &Shared,
+    stream: TcpStream,
+    accepted: std::time::Instant,
+) -> Result<String, TargetError> {
+    let job = &shared.job;
+    let pending = Counted(&shared.pending);
+    let setup = |e: std::io::Error| TargetError::Internal(format!("socket setup: {e}"));
+    crate::protocol::tune_socket(&stream, job.io_timeout).map_err(setup)?;
+    let read_half = stream.try_clone().map_err(setup)?;
+    let (read_deadline, write_deadline) = (
+        FrameDeadline::new(job.io_timeout),
+        FrameDeadline::new(job.io_timeout),
+    );
+    let handshake_cap = Some((
+        accepted + super::HANDSHAKE_DEADLINE,
+        super::HANDSHAKE_DEADLINE,
+    ));
+    read_deadline.cap(handshake_cap);
+    write_deadline.cap(handshake_cap);
+    let mut reader = FrameReader::with_deadline(
+        BufReader::with_capacity(
+            64 << 10,
+            TimedStream::new(read_half, read_deadline.clone()).map_err(setup)?,
+        ),
+        read_deadline.clone(),
+    );
+    let mut writer = FrameWriter::with_deadline(
+        TimedStream::new(stream, write_deadline.clone()).map_err(setup)?,
+        write_deadline.clone(),
+    );
+    auth::server_handshake(&mut reader, &mut writer, &job.psk).map_err(TargetError::Handshake)?;
+    read_deadline.cap(None);
+    write_deadline.cap(None);
+    drop(pending);
+
+    let active = shared.sessions.fetch_add(1, Ordering::AcqRel);
+    let _slot = Counted(&shared.sessions);
+    let result = if active >= job.max_sessions {
+        Err(TargetError::reject(
+            ErrorCode::Busy,
+            format!("target is at its limit of {} sessions", job.max_sessions),
+        ))
+    } else {
+        serve(shared, &mut reader, &mut writer)
+    };
     if let Err(e) = &result {
         // Tell the source why, unless it was the source that went away.
         if !matches!(
@@ -83,7 +123,7 @@ pub fn run(shared: &Shared, stream: TcpStream) -> Result<String, TargetError> {
             TargetError::Protocol(crate::protocol::ProtocolError::Remote { .. })
         ) {
             writer.send_error(e.code(), &super::chain(e));
-            linger(writer.get_ref());
+            linger(writer.get_ref().get_ref());
         }
     }
     result
@@ -95,6 +135,9 @@ pub fn run(shared: &Shared, stream: TcpStream) -> Result<String, TargetError> {
 fn linger(stream: &TcpStream) {
     use std::io::Read;
     let _ = stream.shutdown(std::net::Shutdown::Write);
+    // The session's halves ran non-blocking under frame deadlines; here a plain
+    // read timeout bounds each wait.
+    let _ = stream.set_nonblocking(false);
     let _ = stream.set_read_timeout(Some(std::time::Duration::from_millis(250)));
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
     let mut sink = [0u8; 64 << 10];
@@ -830,7 +873,7 @@ fn send_diff<W: std::io::Write>(
     disks: &[SessionDisk],
     writer: &mut FrameWriter<W>,
 ) -> Result<(), TargetError> {
-    let mut batch: Vec<DiskRun> = Vec::with_capacity(DIFF_RUNS_PER_FRAME);
+    let mut batch: Vec<DiskRun> = Vec::with_capacity(MAX_DIFF_RUNS_PER_FRAME);
     for (i, d) in disks.iter().enumerate() {
         let Some(diff) = &d.diff else { continue };
         for (start, count) in diff.iter_runs() {
@@ -840,7 +883,7 @@ fn send_diff<W: std::io::Write>(
                 start: start.into(),
                 count: count.into(),
             });
-            if batch.len() == DIFF_RUNS_PER_FRAME {
+            if batch.len() == MAX_DIFF_RUNS_PER_FRAME {
                 writer.send(FrameKind::DiffRuns, &[batch.as_bytes()])?;
                 batch.clear();
             }
