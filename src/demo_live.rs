@@ -63,8 +63,11 @@ pub fn run(
         .iter()
         .map(|d| (d.nbd_socket.clone(), d.name.clone()))
         .collect();
-    let shim = Shim::start(shim_disks, Some(ctl.clone()))
-        .map_err(|e| format!("cannot start the shim: {}", chain(&e)))?;
+    let shim = Shim::start(
+        shim_disks,
+        Some(filter_driver_shim::control::ControlConfig::new(ctl.clone())),
+    )
+    .map_err(|e| format!("cannot start the shim: {}", chain(&e)))?;
 
     let mut live_job = job.clone();
     live_job.mode = ModeRequest::Auto;

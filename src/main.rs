@@ -362,7 +362,10 @@ fn shim(config: &std::path::Path) -> Result<(), String> {
         disks.push(disk);
     }
     install_stop_handlers();
-    let control = source.state_dir.join(source::SHIM_CONTROL_SOCKET);
+    let control = filter_driver_shim::control::ControlConfig {
+        path: source.state_dir.join(source::SHIM_CONTROL_SOCKET),
+        freeze_idle_timeout: source.freeze_idle_timeout(),
+    };
     filter_driver_shim::serve(disks, Some(control), &STOP).map_err(|e| chain(&e))
 }
 

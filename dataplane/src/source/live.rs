@@ -13,6 +13,7 @@
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::sync::{mpsc, Mutex};
 use std::time::Duration;
 
 use filter_driver_shim::epoch::EpochView;
@@ -72,7 +73,47 @@ pub struct LiveEpoch {
     pub id: String,
     /// How long guest writes were held for the freeze.
     pub pause_us: u64,
+    /// The shim aborts the epoch when its connection is silent this long (`None`: a
+    /// shim without the bound).
+    pub idle_timeout: Option<Duration>,
     pub disks: Vec<LiveDisk>,
+}
+
+/// Keepalives per idle bound: a `check` every quarter of it leaves three missed beats
+/// of slack to a loaded machine before the shim gives the epoch up.
+const KEEPALIVES_PER_IDLE_TIMEOUT: u32 = 4;
+
+/// Runs `work` — the epoch's reads, streaming and commit — while a thread sends
+/// `check` on `control` often enough that the shim never takes the epoch for
+/// abandoned, however long the work takes. `work` gets the connection behind a mutex
+/// for its own requests; the thread is stopped and joined before this returns.
+pub fn keep_alive<T>(
+    control: &mut ShimControl,
+    epoch: &LiveEpoch,
+    work: impl FnOnce(&Mutex<&mut ShimControl>) -> T,
+) -> T {
+    let shared = Mutex::new(control);
+    let Some(bound) = epoch.idle_timeout else {
+        return work(&shared);
+    };
+    let interval = bound / KEEPALIVES_PER_IDLE_TIMEOUT;
+    let (stop, stopped) = mpsc::channel::<()>();
+    std::thread::scope(|scope| {
+        let shared = &shared;
+        scope.spawn(move || {
+            while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(interval) {
+                let mut control = shared.lock().unwrap_or_else(|e| e.into_inner());
+                // A broken epoch is reported by the check before Commit; beats stop.
+                if let Err(e) = control.check(epoch) {
+                    tracing::debug!("epoch keepalive: {e}");
+                    break;
+                }
+            }
+        });
+        let out = work(shared);
+        drop(stop);
+        out
+    })
 }
 
 fn field<'a>(v: &'a Value, key: &str, what: &str) -> Result<&'a Value, SourceError> {
@@ -211,6 +252,10 @@ impl ShimControl {
         Ok(LiveEpoch {
             id: string(&v, "epoch", what)?,
             pause_us: number(&v, "pause_us", what)?,
+            idle_timeout: v
+                .get("idle_timeout_ms")
+                .and_then(Value::as_u64)
+                .map(Duration::from_millis),
             disks,
         })
     }

@@ -471,17 +471,22 @@ fn sync_live(job: &SyncJob, mut control: live::ShimControl) -> Result<SyncReport
     }
     let view_refs: Vec<Option<&filter_driver_shim::epoch::EpochView>> =
         views.iter().map(Option::as_ref).collect();
-    let (number, stats, applied) = run_epoch(
-        job,
-        &mut disks,
-        &view_refs,
-        &mut || {
-            // Every read is done: if the shim kept the epoch intact until now, what was
-            // read is the frozen point in time.
-            control.check(&epoch)
-        },
-        Some(connection),
-    )?;
+    let (number, stats, applied) = live::keep_alive(&mut control, &epoch, |control| {
+        run_epoch(
+            job,
+            &mut disks,
+            &view_refs,
+            &mut || {
+                // Every read is done: if the shim kept the epoch intact until now, what
+                // was read is the frozen point in time.
+                control
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .check(&epoch)
+            },
+            Some(connection),
+        )
+    })?;
     // The target holds the epoch (and the state files say so): the shim may forget
     // the bits. If this fails they stay, and the next epoch carries them again.
     if let Err(e) = control.commit(&epoch) {

@@ -1,0 +1,281 @@
+//! The shim's control socket as a local security boundary, against a real `ferry shim`:
+//! a request line is bounded however it arrives, the socket and `state_dir` are the
+//! shim user's alone whatever the umask, and an epoch frozen by a connection that then
+//! goes silent is aborted after `freeze_idle_timeout_ms`.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// How long a test waits for something that should happen in well under a second.
+const PATIENCE: Duration = Duration::from_secs(30);
+
+struct Shim {
+    child: Child,
+    dir: tempfile::TempDir,
+    state: PathBuf,
+}
+
+impl Drop for Shim {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A source config for one 4 MiB disk, with `extra` in `[source]`.
+fn config(dir: &Path, state: &Path, extra: &str) -> PathBuf {
+    let key = dir.join("ferry.key");
+    keygen(&key);
+    let image = dir.join("vm1.img");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(4 << 20)
+        .unwrap();
+    let toml = format!(
+        "[source]\ntarget = \"127.0.0.1:9\"\npsk_file = {}\nstate_dir = {}\n{extra}\n\n[[disk]]\nname = \"vm1\"\npath = {}\nnbd_socket = {}\n",
+        toml_path(&key),
+        toml_path(state),
+        toml_path(&image),
+        toml_path(&dir.join("vm1.sock")),
+    );
+    let path = dir.join("source.toml");
+    std::fs::write(&path, toml).unwrap();
+    path
+}
+
+/// `ferry shim --config` under `umask`, logging to `<dir>/shim.log`.
+fn spawn_shim(dir: &Path, config: &Path, umask: libc::mode_t) -> Child {
+    let log = std::fs::File::create(dir.join("shim.log")).unwrap();
+    let mut cmd = Command::new(ferry_bin());
+    cmd.args(["shim", "--config"])
+        .arg(config)
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log);
+    // SAFETY: umask(2) is async-signal-safe and touches only the child's own state.
+    unsafe {
+        cmd.pre_exec(move || {
+            libc::umask(umask);
+            Ok(())
+        });
+    }
+    cmd.spawn().expect("spawn ferry shim")
+}
+
+fn log_of(dir: &Path) -> String {
+    std::fs::read_to_string(dir.join("shim.log")).unwrap_or_default()
+}
+
+/// Starts a shim whose state_dir is `<dir>/state` and waits for its control socket.
+fn start(extra: &str, umask: libc::mode_t) -> Shim {
+    let dir = scratch_dir();
+    let state = dir.path().join("state");
+    start_in(dir, state, extra, umask)
+}
+
+fn start_in(dir: tempfile::TempDir, state: PathBuf, extra: &str, umask: libc::mode_t) -> Shim {
+    let config = config(dir.path(), &state, extra);
+    let child = spawn_shim(dir.path(), &config, umask);
+    let mut shim = Shim { child, dir, state };
+    let deadline = Instant::now() + PATIENCE;
+    while UnixStream::connect(shim.state.join("shim.ctl")).is_err() {
+        if let Some(status) = shim.child.try_wait().unwrap() {
+            panic!("shim exited with {status}: {}", log_of(shim.dir.path()));
+        }
+        assert!(
+            Instant::now() < deadline,
+            "shim did not start: {}",
+            log_of(shim.dir.path())
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    shim
+}
+
+impl Shim {
+    fn connect(&self) -> (UnixStream, BufReader<UnixStream>) {
+        let s = UnixStream::connect(self.state.join("shim.ctl")).unwrap();
+        s.set_read_timeout(Some(PATIENCE)).unwrap();
+        let r = BufReader::new(s.try_clone().unwrap());
+        (s, r)
+    }
+
+    fn request(&self, line: &str) -> serde_json::Value {
+        let (mut s, mut r) = self.connect();
+        ask(&mut s, &mut r, line)
+    }
+
+    fn log(&self) -> String {
+        log_of(self.dir.path())
+    }
+}
+
+fn ask(s: &mut UnixStream, r: &mut BufReader<UnixStream>, line: &str) -> serde_json::Value {
+    s.write_all(format!("{line}\n").as_bytes()).unwrap();
+    let mut reply = String::new();
+    r.read_line(&mut reply).unwrap();
+    serde_json::from_str(&reply).unwrap_or_else(|e| panic!("reply {reply:?}: {e}"))
+}
+
+fn mode(path: &Path) -> u32 {
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o7777
+}
+
+/// Reads until the shim closes the connection; panics if it does not within PATIENCE.
+fn assert_closed(r: &mut BufReader<UnixStream>) {
+    let mut rest = Vec::new();
+    match r.read_to_end(&mut rest) {
+        Ok(_) => assert!(rest.is_empty(), "unexpected data: {rest:?}"),
+        Err(e) => panic!("the shim did not close the connection: {e}"),
+    }
+}
+
+/// A 20,000-byte line sent in pieces, each arriving after the shim's read timed out,
+/// is refused as too long (not answered as one huge request), and the connection is
+/// closed. A line just under the limit is still served.
+#[test]
+fn a_request_line_is_bounded_across_reads() {
+    let shim = start("", 0o022);
+    let padded = format!("status{}", " ".repeat(4000));
+    assert_eq!(shim.request(&padded)["ok"], true);
+
+    let (mut s, mut r) = shim.connect();
+    let piece = vec![b'x'; 3000];
+    let mut sent = 0;
+    while sent < 20_000 {
+        // The shim's reads time out every 200 ms: a pause longer than that makes every
+        // piece a read of its own, which the old per-read bound let through.
+        if s.write_all(&piece).is_err() {
+            break; // closed early: also a refusal, checked below
+        }
+        sent += piece.len();
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let _ = s.write_all(b"\n");
+    let mut reply = String::new();
+    r.read_line(&mut reply).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&reply).unwrap();
+    assert_eq!(v["ok"], false, "{reply}");
+    let error = v["error"].as_str().unwrap();
+    assert!(
+        error.contains("too long") && error.contains("4096"),
+        "the error names the limit: {error}"
+    );
+    assert_closed(&mut r);
+    // The shim still serves others.
+    assert_eq!(shim.request("status")["ok"], true);
+}
+
+/// With umask 0 the shim still creates `state_dir` 0700 and its control socket 0600.
+#[test]
+fn state_dir_and_control_socket_are_private_whatever_the_umask() {
+    let shim = start("", 0);
+    assert_eq!(mode(&shim.state), 0o700, "state_dir");
+    assert_eq!(mode(&shim.state.join("shim.ctl")), 0o600, "control socket");
+}
+
+/// An existing state_dir others can read is tightened to 0700 (logged); one others can
+/// write is refused, naming it.
+#[test]
+fn an_open_existing_state_dir_is_tightened_and_a_writable_one_refused() {
+    let dir = scratch_dir();
+    let state = dir.path().join("state");
+    std::fs::create_dir(&state).unwrap();
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let shim = start_in(dir, state, "", 0o022);
+    assert_eq!(mode(&shim.state), 0o700);
+    assert!(shim.log().contains("mode is now 0700"), "{}", shim.log());
+    drop(shim);
+
+    let dir = scratch_dir();
+    let state = dir.path().join("state");
+    std::fs::create_dir(&state).unwrap();
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let config = config(dir.path(), &state, "");
+    let mut child = spawn_shim(dir.path(), &config, 0o022);
+    let deadline = Instant::now() + PATIENCE;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!(
+                "a shim with a world-writable state_dir ran: {}",
+                log_of(dir.path())
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let log = log_of(dir.path());
+    assert!(!status.success(), "{log}");
+    assert!(
+        log.contains(&state.display().to_string()) && log.contains("other users can write it"),
+        "{log}"
+    );
+    assert!(!state.join("shim.ctl").exists());
+}
+
+/// An epoch whose connection goes silent is aborted after `freeze_idle_timeout_ms`:
+/// the connection hears why and is closed, the epoch's blocks are dirty again, and the
+/// shim logs it. A connection that keeps asking keeps its epoch.
+#[test]
+fn an_idle_frozen_epoch_is_aborted_after_the_configured_bound() {
+    let shim = start("freeze_idle_timeout_ms = 1500", 0o022);
+    let mut nbd = common::nbd::connect_retry(&shim.dir.path().join("vm1.sock"), "vm1", PATIENCE)
+        .expect("NBD connection to the shim");
+    nbd.write(0, &[7u8; 65536]).unwrap();
+    let dirty = shim.request("status")["disks"][0]["dirty_blocks"]
+        .as_u64()
+        .unwrap();
+    assert!(dirty > 0);
+
+    // Kept alive: `check` every 300 ms for 3 s, twice the bound.
+    let (mut s, mut r) = shim.connect();
+    let frozen = ask(&mut s, &mut r, "freeze");
+    assert_eq!(frozen["ok"], true, "{frozen}");
+    assert_eq!(frozen["idle_timeout_ms"], 1500, "{frozen}");
+    let id = frozen["epoch"].as_str().unwrap().to_string();
+    let until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(300));
+        let v = ask(&mut s, &mut r, &format!("check {id}"));
+        assert_eq!(v["ok"], true, "a busy connection lost its epoch: {v}");
+    }
+    assert_eq!(ask(&mut s, &mut r, &format!("abort {id}"))["ok"], true);
+
+    // Silent: aborted once the bound passes.
+    let frozen = ask(&mut s, &mut r, "freeze");
+    assert_eq!(frozen["ok"], true, "{frozen}");
+    let id = frozen["epoch"].as_str().unwrap().to_string();
+    let status = shim.request("status");
+    assert_eq!(status["epoch"]["id"], id.as_str());
+    assert_eq!(status["disks"][0]["dirty_blocks"], 0);
+    let asked = Instant::now();
+    let mut reply = String::new();
+    r.read_line(&mut reply)
+        .unwrap_or_else(|e| panic!("no word from the shim about the idle epoch: {e}"));
+    assert!(asked.elapsed() >= Duration::from_millis(1400));
+    let v: serde_json::Value = serde_json::from_str(&reply).unwrap();
+    assert_eq!(v["ok"], false, "{reply}");
+    let error = v["error"].as_str().unwrap();
+    assert!(
+        error.contains(&id) && error.contains("aborted") && error.contains("1500"),
+        "{error}"
+    );
+    assert_closed(&mut r);
+    let status = shim.request("status");
+    assert!(status["epoch"].is_null(), "{status}");
+    assert_eq!(status["disks"][0]["dirty_blocks"].as_u64().unwrap(), dirty);
+    assert!(shim.log().contains("sent no request for"), "{}", shim.log());
+}
