@@ -12,6 +12,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use super::lock::{EngineLock, EngineRole};
 use super::{ModeRequest, SourceError, SyncJob, SyncReport};
 use crate::protocol::{ErrorCode, ProtocolError};
 
@@ -34,12 +35,17 @@ fn base_lost(e: &SourceError) -> bool {
 
 /// Runs rounds until `stop` is set (checked between rounds and while waiting; a
 /// round in progress completes). `on_round` sees every round's outcome.
+///
+/// The engine lock of `state_dir` is taken first and held until this returns: while
+/// it runs, another `ferry source` or a `ferry sync` on the same state directory is
+/// refused, and if one already runs this returns its [`SourceError::Busy`] at once.
 pub fn run(
     job: &SyncJob,
     interval: Duration,
     stop: &AtomicBool,
     on_round: &mut dyn FnMut(Round<'_>),
-) {
+) -> Result<(), SourceError> {
+    let lock = EngineLock::acquire(&job.state_dir, EngineRole::Source)?;
     let mut job = job.clone();
     job.require_shim = true;
     let requested = job.mode;
@@ -52,7 +58,7 @@ pub fn run(
         } else {
             requested
         };
-        let result = super::sync(&job);
+        let result = super::sync_locked(&job, &lock);
         match &result {
             Ok(_) => {
                 failures = 0;
@@ -80,6 +86,7 @@ pub fn run(
             std::thread::sleep((until - now).min(Duration::from_millis(50)));
         }
     }
+    Ok(())
 }
 
 /// `interval × 2^(failures-1)`, at least 100 ms, at most [`MAX_BACKOFF`].
