@@ -26,9 +26,9 @@ use crate::protocol::{
 
 /// Receive buffers per session: frames in flight between the socket and the disks.
 /// Eight 4 MiB frames keep a fast disk busy while bounding a session to ~66 MiB.
-const RECV_SLOTS: usize = 8;
+pub(super) const RECV_SLOTS: usize = 8;
 /// Scratch buffers (decompression, realignment), one per receive buffer at most.
-const SCRATCH_SLOTS: usize = RECV_SLOTS;
+pub(super) const SCRATCH_SLOTS: usize = RECV_SLOTS;
 /// Depth of the session → applier ring; every message but barriers holds a receive
 /// slot, so the pool bounds it anyway.
 const APPLY_RING_DEPTH: usize = 16;
