@@ -33,7 +33,10 @@ fn enospc_is_reported_and_replication_resumes_when_space_returns() {
         .map(|s| s.success())
         .unwrap_or(false);
     if !mounted {
-        eprintln!("SKIP: cannot mount a small tmpfs here (needs root)");
+        filter_driver_shim::require::skip(
+            filter_driver_shim::require::Feature::Root,
+            "cannot mount a small tmpfs here (needs root)",
+        );
         return;
     }
     let _mount = Mount(small.clone());

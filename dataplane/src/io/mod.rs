@@ -335,7 +335,10 @@ mod tests {
         match uring_unavailable() {
             None => assert_eq!(auto.name(), "io_uring"),
             Some(why) => {
-                eprintln!("io_uring unavailable ({why}); checking the fallback only");
+                filter_driver_shim::require::skip(
+                    filter_driver_shim::require::Feature::Uring,
+                    format!("{why}; checking the fallback only"),
+                );
                 assert_eq!(auto.name(), "sync");
             }
         }
@@ -374,7 +377,7 @@ mod tests {
     #[test]
     fn differential_uring_vs_sync() {
         if let Some(why) = uring_unavailable() {
-            eprintln!("skipping the differential test: {why}");
+            filter_driver_shim::require::skip(filter_driver_shim::require::Feature::Uring, why);
             return;
         }
         let seed = seed();
