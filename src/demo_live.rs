@@ -107,7 +107,14 @@ pub fn run(
             std::thread::sleep(Duration::from_millis(20));
         }
         stop.store(true, Ordering::Release);
-        let _ = replicator.join();
+        // A replicator that could not start (another engine holds the state directory)
+        // is reported like a failed epoch.
+        if let Ok(Err(e)) = replicator.join() {
+            rounds
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push((Instant::now(), Err(chain(&e))));
+        }
         guest
     });
     shim.shutdown()
