@@ -22,8 +22,13 @@ const CAP_IPC_LOCK: libc::c_ulong = 14;
 
 /// `ferry target --config CONFIG` with locked memory limited and CAP_IPC_LOCK gone.
 fn spawn_limited_target(config: &Path) -> Child {
+    spawn_limited("target", config)
+}
+
+/// `ferry COMMAND --config CONFIG` with locked memory limited and CAP_IPC_LOCK gone.
+fn spawn_limited(command: &str, config: &Path) -> Child {
     let mut cmd = Command::new(ferry_bin());
-    cmd.args(["target", "--config"])
+    cmd.args([command, "--config"])
         .arg(config)
         .env("NO_COLOR", "1")
         .stdin(Stdio::null())
@@ -79,26 +84,8 @@ fn forced_uring_that_cannot_register_buffers_fails_at_start_and_auto_falls_back(
 
     // io_engine = "uring": refused before listening, naming the limit to raise.
     let port = free_port();
-    let mut child = spawn_limited_target(&config(d, &key, port, "uring", &replica));
-    let deadline = Instant::now() + PATIENCE;
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("ferry target with an unusable io_uring engine kept running");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let mut stderr = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut stderr)
-        .unwrap();
+    let child = spawn_limited_target(&config(d, &key, port, "uring", &replica));
+    let (status, stderr) = exit_of(child, "ferry target");
     assert!(!status.success(), "{stderr}");
     assert!(!stderr.contains("listening"), "{stderr}");
     assert!(
@@ -131,6 +118,66 @@ fn forced_uring_that_cannot_register_buffers_fails_at_start_and_auto_falls_back(
     .unwrap();
     sync_ok(&source, &[]);
     assert_same_file(&image, &replica);
+}
+
+/// Waits for `child` to exit (failing the test if it keeps running) and returns its
+/// status and stderr.
+fn exit_of(mut child: Child, what: &str) -> (std::process::ExitStatus, String) {
+    let deadline = Instant::now() + PATIENCE;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what} with an unusable io_uring engine kept running");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    (status, stderr)
+}
+
+/// `ferry source` with `io_engine = "uring"` that cannot register its read buffers
+/// exits at once with the fix, instead of failing the same way every round.
+#[test]
+fn forced_uring_source_that_cannot_register_buffers_fails_at_start() {
+    let dir = scratch_dir();
+    let d = dir.path();
+    let key = d.join("ferry.key");
+    keygen(&key);
+    let image = d.join("vm1.img");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let config = d.join("source.toml");
+    std::fs::write(
+        &config,
+        source_toml(
+            free_port(),
+            &key,
+            &d.join("source-state"),
+            &[("vm1", &image)],
+            "io_engine = \"uring\"",
+        ),
+    )
+    .unwrap();
+    let (status, stderr) = exit_of(spawn_limited("source", &config), "ferry source");
+    assert!(!status.success(), "{stderr}");
+    assert!(
+        stderr.contains("io_engine = \"uring\" cannot work here")
+            && stderr.contains("ENOMEM")
+            && stderr.contains("ulimit -l"),
+        "{stderr}"
+    );
 }
 
 struct KillOnDrop(Child);

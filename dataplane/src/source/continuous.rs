@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use super::lock::{EngineLock, EngineRole};
 use super::{ModeRequest, SourceError, SyncJob, SyncReport};
+use crate::io::{probe_engine, EngineKind, ProbeShape};
 use crate::protocol::{ErrorCode, ProtocolError};
 
 /// Longest wait between rounds after repeated failures.
@@ -39,6 +40,8 @@ fn base_lost(e: &SourceError) -> bool {
 /// The engine lock of `state_dir` is taken first and held until this returns: while
 /// it runs, another `ferry source` or a `ferry sync` on the same state directory is
 /// refused, and if one already runs this returns its [`SourceError::Busy`] at once.
+/// A forced io_uring engine that cannot work here is an error at once too, rather than
+/// the same failure every round.
 pub fn run(
     job: &SyncJob,
     interval: Duration,
@@ -46,6 +49,21 @@ pub fn run(
     on_round: &mut dyn FnMut(Round<'_>),
 ) -> Result<(), SourceError> {
     let lock = EngineLock::acquire(&job.state_dir, EngineRole::Source)?;
+    if job.engine == EngineKind::Uring {
+        // At least the buffers of the reads in flight are registered; the pipeline
+        // adds a few per worker, so this is a lower bound on what a round needs.
+        let shape = ProbeShape {
+            queue_depth: job.queue_depth,
+            slots: job.queue_depth,
+            slot_bytes: job.io_size,
+        };
+        probe_engine(job.engine, shape).map_err(|e| {
+            SourceError::Config(format!(
+                "io_engine = \"uring\" cannot work here: {}",
+                crate::target::chain(&e)
+            ))
+        })?;
+    }
     let mut job = job.clone();
     job.require_shim = true;
     let requested = job.mode;
