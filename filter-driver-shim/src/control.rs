@@ -43,10 +43,13 @@ use crate::shim::{self, DiskStatus, FrozenEpoch, ServedDisk};
 
 /// How often a waiting connection looks at the stop flag.
 const POLL: Duration = Duration::from_millis(200);
-/// Longest request line accepted, newline included: the longest request, a `freeze`
-/// naming every disk twice, is far shorter at 64-byte disk names for any disk count
-/// one engine drives; the bound keeps a client from growing a thread's buffer at will.
-pub const MAX_LINE_BYTES: u64 = 4096;
+/// Concurrent control connections; more are refused with an error line.
+const MAX_CLIENTS: usize = 16;
+/// Longest request line accepted, newline included, however it arrives. The longest
+/// request the engine sends, a `freeze` naming each of a session's 256 disks (64-byte
+/// names) in `disks=` and `whole=`, is about 33 KB (the engine checks that at compile
+/// time); the bound keeps a client from growing a connection's buffer at will.
+pub const MAX_LINE_BYTES: u64 = 64 << 10;
 /// Default [`ControlConfig::freeze_idle_timeout`]: four default `io_timeout_ms`.
 pub const DEFAULT_FREEZE_IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 /// Mode of the control socket: only the shim's user may connect (`freeze` holds the
@@ -72,8 +75,6 @@ impl ControlConfig {
         }
     }
 }
-/// Concurrent control connections; more are refused with an error line.
-const MAX_CLIENTS: usize = 16;
 
 /// Freeze pause statistics since the shim started.
 #[derive(Default, Debug, Clone, Copy)]
@@ -404,7 +405,8 @@ fn handle(stream: UnixStream, client: &Client<'_>, stop: &AtomicBool) -> io::Res
     let mut reader = BufReader::new(stream);
     // Bytes of the request being received, across reads and timeouts: the bound is on
     // the line, not on one read.
-    let mut line: Vec<u8> = Vec::with_capacity(MAX_LINE_BYTES as usize);
+    // Grows only as bytes arrive, up to the bound.
+    let mut line: Vec<u8> = Vec::new();
     let mut last_request = Instant::now();
     loop {
         if line.len() as u64 >= MAX_LINE_BYTES {

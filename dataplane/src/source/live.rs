@@ -24,6 +24,13 @@ use super::SourceError;
 /// How long the engine waits for a control reply (a commit syncs the bitmap file).
 const REPLY_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// The longest request the engine sends: `freeze disks=… whole=…` naming every disk of
+/// a session in both lists, comma-separated, with the newline.
+const FREEZE_LINE_BYTES_MAX: usize = "freeze disks= whole=\n".len()
+    + 2 * (crate::protocol::MAX_DISKS_PER_SESSION * (crate::protocol::MAX_NAME_LEN + 1));
+const _: () =
+    assert!(FREEZE_LINE_BYTES_MAX <= filter_driver_shim::control::MAX_LINE_BYTES as usize);
+
 /// A connection to a running shim's control socket.
 #[derive(Debug)]
 pub struct ShimControl {
