@@ -31,17 +31,24 @@ impl Drop for Shim {
     }
 }
 
-/// A source config for one 4 MiB disk, with `extra` in `[source]`.
+/// A source config for one 4 MiB disk, with `extra` in `[source]`, its key made if
+/// missing; the target is `127.0.0.1:9` (the shim does not use it).
 fn config(dir: &Path, state: &Path, extra: &str) -> PathBuf {
+    config_to(dir, state, "127.0.0.1:9", extra)
+}
+
+fn config_to(dir: &Path, state: &Path, target: &str, extra: &str) -> PathBuf {
     let key = dir.join("ferry.key");
-    keygen(&key);
+    if !key.exists() {
+        keygen(&key);
+    }
     let image = dir.join("vm1.img");
     std::fs::File::create(&image)
         .unwrap()
         .set_len(4 << 20)
         .unwrap();
     let toml = format!(
-        "[source]\ntarget = \"127.0.0.1:9\"\npsk_file = {}\nstate_dir = {}\n{extra}\n\n[[disk]]\nname = \"vm1\"\npath = {}\nnbd_socket = {}\n",
+        "[source]\ntarget = \"{target}\"\npsk_file = {}\nstate_dir = {}\n{extra}\n\n[[disk]]\nname = \"vm1\"\npath = {}\nnbd_socket = {}\n",
         toml_path(&key),
         toml_path(state),
         toml_path(&image),
@@ -85,7 +92,11 @@ fn start(extra: &str, umask: libc::mode_t) -> Shim {
 
 fn start_in(dir: tempfile::TempDir, state: PathBuf, extra: &str, umask: libc::mode_t) -> Shim {
     let config = config(dir.path(), &state, extra);
-    let child = spawn_shim(dir.path(), &config, umask);
+    start_with(dir, state, &config, umask)
+}
+
+fn start_with(dir: tempfile::TempDir, state: PathBuf, config: &Path, umask: libc::mode_t) -> Shim {
+    let child = spawn_shim(dir.path(), config, umask);
     let mut shim = Shim { child, dir, state };
     let deadline = Instant::now() + PATIENCE;
     while UnixStream::connect(shim.state.join("shim.ctl")).is_err() {
@@ -286,4 +297,44 @@ fn an_idle_frozen_epoch_is_aborted_after_the_configured_bound() {
     assert!(status["epoch"].is_null(), "{status}");
     assert_eq!(status["disks"][0]["dirty_blocks"].as_u64().unwrap(), dirty);
     assert!(shim.log().contains("sent no request for"), "{}", shim.log());
+}
+
+/// A real engine whose epoch outlasts the idle bound keeps it: `ferry sync`, stalled
+/// (failpoint) for twice `freeze_idle_timeout_ms` after its last block, still commits,
+/// because it sends `check` every quarter of the bound.
+#[test]
+fn an_engine_slower_than_the_idle_bound_keeps_its_epoch() {
+    let dir = scratch_dir();
+    let d = dir.path().to_path_buf();
+    let state = d.join("state");
+    let image = d.join("vm1.img");
+    let replica = d.join("vm1.replica");
+    let key = d.join("ferry.key");
+    keygen(&key);
+    let target = TargetProc::start(&d, &key, &[("vm1", &replica)], "");
+    let config = config_to(
+        &d,
+        &state,
+        &format!("127.0.0.1:{}", target.port),
+        "freeze_idle_timeout_ms = 1000",
+    );
+    let shim = start_with(dir, state, &config, 0o022);
+    let mut nbd = common::nbd::connect_retry(&shim.dir.path().join("vm1.sock"), "vm1", PATIENCE)
+        .expect("NBD connection to the shim");
+    nbd.write(4096, &[9u8; 8192]).unwrap();
+    nbd.flush().unwrap();
+
+    let mut cmd = Command::new(ferry_bin());
+    cmd.args(["sync", "--json", "--config"])
+        .arg(&config)
+        .env("FERRY_FAILPOINTS", "engine-stall-before-check")
+        .env("NO_COLOR", "1");
+    let out = cmd.output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}\nshim: {}", shim.log());
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(report["seconds"].as_f64().unwrap() >= 2.0, "{report}");
+    assert!(!shim.log().contains("sent no request"), "{}", shim.log());
+    drop(nbd);
+    assert_same_file(&image, &replica);
 }

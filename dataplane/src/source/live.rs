@@ -195,9 +195,20 @@ impl ShimControl {
                 self.path.display()
             ))
         };
-        self.writer
-            .write_all(format!("{line}\n").as_bytes())
-            .map_err(lost)?;
+        if let Err(e) = self.writer.write_all(format!("{line}\n").as_bytes()) {
+            // A shim that hung up may have said why first (an idle epoch aborted).
+            let mut last_words = String::new();
+            if self.reader.read_line(&mut last_words).is_ok() {
+                if let Ok(v) = serde_json::from_str::<Value>(&last_words) {
+                    if let Some(why) = v.get("error").and_then(Value::as_str) {
+                        return Err(SourceError::Shim(format!(
+                            "`{line}` refused: the shim closed the connection: {why}"
+                        )));
+                    }
+                }
+            }
+            return Err(lost(e));
+        }
         let mut reply = String::new();
         let n = self.reader.read_line(&mut reply).map_err(lost)?;
         if n == 0 {
