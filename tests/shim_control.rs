@@ -273,18 +273,18 @@ fn an_idle_frozen_epoch_is_aborted_after_the_configured_bound() {
     }
     assert_eq!(ask(&mut s, &mut r, &format!("abort {id}"))["ok"], true);
 
-    // Silent: aborted once the bound passes.
+    // Silent: aborted once the bound passes, counted from the freeze at the earliest.
+    let asked = Instant::now();
     let frozen = ask(&mut s, &mut r, "freeze");
     assert_eq!(frozen["ok"], true, "{frozen}");
     let id = frozen["epoch"].as_str().unwrap().to_string();
     let status = shim.request("status");
     assert_eq!(status["epoch"]["id"], id.as_str());
     assert_eq!(status["disks"][0]["dirty_blocks"], 0);
-    let asked = Instant::now();
     let mut reply = String::new();
     r.read_line(&mut reply)
         .unwrap_or_else(|e| panic!("no word from the shim about the idle epoch: {e}"));
-    assert!(asked.elapsed() >= Duration::from_millis(1400));
+    assert!(asked.elapsed() >= Duration::from_millis(1500));
     let v: serde_json::Value = serde_json::from_str(&reply).unwrap();
     assert_eq!(v["ok"], false, "{reply}");
     let error = v["error"].as_str().unwrap();
@@ -301,7 +301,8 @@ fn an_idle_frozen_epoch_is_aborted_after_the_configured_bound() {
 
 /// A real engine whose epoch outlasts the idle bound keeps it: `ferry sync`, stalled
 /// (failpoint) for twice `freeze_idle_timeout_ms` after its last block, still commits,
-/// because it sends `check` every quarter of the bound.
+/// because it sends `check` every quarter of the bound (500 ms, leaving 1.5 s of
+/// slack to a loaded machine).
 #[test]
 fn an_engine_slower_than_the_idle_bound_keeps_its_epoch() {
     let dir = scratch_dir();
@@ -316,7 +317,7 @@ fn an_engine_slower_than_the_idle_bound_keeps_its_epoch() {
         &d,
         &state,
         &format!("127.0.0.1:{}", target.port),
-        "freeze_idle_timeout_ms = 1000",
+        "freeze_idle_timeout_ms = 2000",
     );
     let shim = start_with(dir, state, &config, 0o022);
     let mut nbd = common::nbd::connect_retry(&shim.dir.path().join("vm1.sock"), "vm1", PATIENCE)
@@ -333,7 +334,7 @@ fn an_engine_slower_than_the_idle_bound_keeps_its_epoch() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}\nshim: {}", shim.log());
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert!(report["seconds"].as_f64().unwrap() >= 2.0, "{report}");
+    assert!(report["seconds"].as_f64().unwrap() >= 4.0, "{report}");
     assert!(!shim.log().contains("sent no request"), "{}", shim.log());
     drop(nbd);
     assert_same_file(&image, &replica);
