@@ -101,10 +101,11 @@ impl EngineLock {
         loop {
             match durable::lock(&path, LockMode::ExclusiveTry).map_err(flock_error)? {
                 Some(file) => {
-                    record_holder(&file, role).map_err(|e| SourceError::State {
-                        path: path.clone(),
-                        problem: format!("cannot record this engine's pid: {e}"),
-                    })?;
+                    // The note only names the holder in refusals; without it (a full
+                    // state_dir) the lock still holds, and refusals say "pid not recorded".
+                    if let Err(e) = record_holder(&file, role) {
+                        tracing::warn!(lock = %path.display(), "cannot record this engine's pid in its lock file: {e}");
+                    }
                     return Ok(EngineLock { _held: file });
                 }
                 None => {
