@@ -190,10 +190,16 @@ pub fn probe_engine(kind: EngineKind, shape: ProbeShape) -> Result<EngineKind, I
         return Ok(EngineKind::Sync);
     }
     // Any descriptor can be registered; the probe submits no request.
-    let null = std::fs::File::open("/dev/null").map_err(|source| IoError::EngineFile {
-        disk: DiskId(0),
-        source,
-    })?;
+    let null = match std::fs::File::open("/dev/null") {
+        Ok(file) => file,
+        Err(source) => {
+            let err = IoError::EngineFile {
+                disk: DiskId(0),
+                source,
+            };
+            return probe_failed(kind, err);
+        }
+    };
     let mut bufs: Vec<AlignedBuf> = (0..shape.slots)
         .map(|_| AlignedBuf::zeroed(shape.slot_bytes.max(DIRECT_IO_ALIGN)))
         .collect();
@@ -217,9 +223,10 @@ pub fn probe_engine(kind: EngineKind, shape: ProbeShape) -> Result<EngineKind, I
     result
 }
 
+/// `Auto` never fails a start-up over the probe: sessions decide for themselves.
 fn probe_failed(kind: EngineKind, err: IoError) -> Result<EngineKind, IoError> {
     match kind {
-        EngineKind::Auto if err.is_uring_unavailable() => {
+        EngineKind::Auto => {
             warn!(
                 %err,
                 "io_uring cannot work here; the synchronous engine will be used \
