@@ -357,6 +357,40 @@ mod tests {
         assert!(matches!(err, Err(IoError::InvalidConfig { .. })));
     }
 
+    #[test]
+    fn probe_answers_which_engine_sessions_will_get() {
+        let shape = ProbeShape {
+            queue_depth: 8,
+            slots: 4,
+            slot_bytes: 64 << 10,
+        };
+        assert_eq!(
+            probe_engine(EngineKind::Sync, shape).unwrap(),
+            EngineKind::Sync
+        );
+        match uring_unavailable() {
+            None => {
+                assert_eq!(
+                    probe_engine(EngineKind::Uring, shape).unwrap(),
+                    EngineKind::Uring
+                );
+                assert_eq!(
+                    probe_engine(EngineKind::Auto, shape).unwrap(),
+                    EngineKind::Uring
+                );
+            }
+            Some(why) => {
+                let err = probe_engine(EngineKind::Uring, shape).unwrap_err();
+                assert!(err.is_uring_unavailable(), "{err}");
+                assert_eq!(
+                    probe_engine(EngineKind::Auto, shape).unwrap(),
+                    EngineKind::Sync
+                );
+                filter_driver_shim::require::skip(filter_driver_shim::require::Feature::Uring, why);
+            }
+        }
+    }
+
     /// Bytes of each differential-test disk: 1024 blocks, so random requests collide often.
     const DIFF_DISK_BYTES: u64 = 4 << 20;
     const DIFF_BLOCK: u64 = 4096;
