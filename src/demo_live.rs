@@ -63,8 +63,11 @@ pub fn run(
         .iter()
         .map(|d| (d.nbd_socket.clone(), d.name.clone()))
         .collect();
-    let shim = Shim::start(shim_disks, Some(ctl.clone()))
-        .map_err(|e| format!("cannot start the shim: {}", chain(&e)))?;
+    let shim = Shim::start(
+        shim_disks,
+        Some(filter_driver_shim::control::ControlConfig::new(ctl.clone())),
+    )
+    .map_err(|e| format!("cannot start the shim: {}", chain(&e)))?;
 
     let mut live_job = job.clone();
     live_job.mode = ModeRequest::Auto;
@@ -104,7 +107,14 @@ pub fn run(
             std::thread::sleep(Duration::from_millis(20));
         }
         stop.store(true, Ordering::Release);
-        let _ = replicator.join();
+        // A replicator that could not start (another engine holds the state directory)
+        // is reported like a failed epoch.
+        if let Ok(Err(e)) = replicator.join() {
+            rounds
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push((Instant::now(), Err(chain(&e))));
+        }
         guest
     });
     shim.shutdown()

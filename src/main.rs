@@ -294,7 +294,7 @@ fn source_loop(config: &std::path::Path) -> Result<(), String> {
         "continuous replication starting"
     );
     let mut last_ok: Option<std::time::Instant> = None;
-    source::continuous::run(&job, interval, &STOP, &mut |round| match round {
+    let result = source::continuous::run(&job, interval, &STOP, &mut |round| match round {
         Ok(r) => {
             last_ok = Some(std::time::Instant::now());
             let modes: Vec<String> = r
@@ -323,6 +323,7 @@ fn source_loop(config: &std::path::Path) -> Result<(), String> {
             );
         }
     });
+    result.map_err(|e| chain(&e))?;
     tracing::info!("continuous replication stopped");
     Ok(())
 }
@@ -362,7 +363,10 @@ fn shim(config: &std::path::Path) -> Result<(), String> {
         disks.push(disk);
     }
     install_stop_handlers();
-    let control = source.state_dir.join(source::SHIM_CONTROL_SOCKET);
+    let control = filter_driver_shim::control::ControlConfig {
+        path: source.state_dir.join(source::SHIM_CONTROL_SOCKET),
+        freeze_idle_timeout: source.freeze_idle_timeout(),
+    };
     filter_driver_shim::serve(disks, Some(control), &STOP).map_err(|e| chain(&e))
 }
 

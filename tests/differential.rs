@@ -202,7 +202,13 @@ impl InProcess {
     fn start(dir: &Path, image: &Path, replica: &Path, source_extra: &str) -> InProcess {
         let key = dir.join("ferry.key");
         keygen(&key);
-        let target_text = target_toml(0, &key, &dir.join("target-state"), &[("d", replica)], "");
+        let target_text = target_toml(
+            0,
+            &key,
+            &dir.join("target-state"),
+            &[("d", replica)],
+            engine_line(),
+        );
         let target_config = Config::from_str(&target_text, dir).expect("target config");
         let job = TargetJob::from_config(&target_config).expect("target job");
         let target = Target::bind(job).expect("bind the target");
@@ -294,10 +300,22 @@ impl Syncer for Binary {
 
 fn source_extra(s: &Scenario) -> String {
     format!(
-        "block_size_kib = {}\ncompression = \"{}\"\nworkers = 2\n",
+        "block_size_kib = {}\ncompression = \"{}\"\nworkers = 2\n{}\n",
         s.block_kib,
-        if s.compression { "zstd" } else { "none" }
+        if s.compression { "zstd" } else { "none" },
+        engine_line()
     )
+}
+
+/// With `FERRY_REQUIRE=uring` both sides force io_uring: under `auto` a machine
+/// without it would fall back to the synchronous engine in silence, and the
+/// comparison would prove nothing about the io_uring data path.
+fn engine_line() -> &'static str {
+    if filter_driver_shim::require::required(filter_driver_shim::require::Feature::Uring) {
+        "io_engine = \"uring\""
+    } else {
+        ""
+    }
 }
 
 /// Runs one scenario; panics (with the round and mode) on the first divergence.
@@ -371,7 +389,7 @@ fn run_binary(s: &Scenario) {
     let d = PairDisk::new(dir.path(), "d");
     make_mixed_image(&d.source, s.size(), &mut SeedRng::new(s.image_seed));
     let (image, replica) = (d.source.clone(), d.replica.clone());
-    let pair = Pair::start(dir, vec![d], &source_extra(s), "");
+    let pair = Pair::start(dir, vec![d], &source_extra(s), engine_line());
     let work = pair.path().to_path_buf();
     let mut syncer = Binary { pair };
     run(s, &mut syncer, &image, &replica, &work);
@@ -426,7 +444,7 @@ fn back_to_back_syncs_are_accepted() {
     let image = dir.path().join("d.img");
     let replica = dir.path().join("d.replica");
     make_mixed_image(&image, 1 << 20, &mut SeedRng::new(1));
-    let syncer = InProcess::start(dir.path(), &image, &replica, "");
+    let syncer = InProcess::start(dir.path(), &image, &replica, engine_line());
     let mut busy = 0;
     for _ in 0..30 {
         let job = SyncJob::from_config(&syncer.source_config, ModeRequest::Seeded).unwrap();

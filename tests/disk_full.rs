@@ -33,7 +33,10 @@ fn enospc_is_reported_and_replication_resumes_when_space_returns() {
         .map(|s| s.success())
         .unwrap_or(false);
     if !mounted {
-        eprintln!("SKIP: cannot mount a small tmpfs here (needs root)");
+        filter_driver_shim::require::skip(
+            filter_driver_shim::require::Feature::Root,
+            "cannot mount a small tmpfs here (needs root)",
+        );
         return;
     }
     let _mount = Mount(small.clone());
@@ -127,14 +130,10 @@ fn a_commit_mark_refused_by_a_full_state_dir_never_rolls_back_later_epochs() {
         .map(|s| s.success())
         .unwrap_or(false);
     if !mounted {
-        assert!(
-            !std::env::var("FERRY_REQUIRE")
-                .unwrap_or_default()
-                .split(',')
-                .any(|r| r == "root"),
-            "FERRY_REQUIRE=root: cannot mount a small tmpfs"
+        filter_driver_shim::require::skip(
+            filter_driver_shim::require::Feature::Root,
+            "cannot mount a small tmpfs here (needs root)",
         );
-        eprintln!("SKIP: cannot mount a small tmpfs here (needs root)");
         return;
     }
     let _mount = Mount(small.clone());

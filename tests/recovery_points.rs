@@ -183,8 +183,11 @@ fn a_point_of_a_block_device_replica_opens_whole() {
         .output();
     let dev = match out {
         Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).trim().to_string(),
-        _ => {
-            eprintln!("SKIP: no loop devices here");
+        other => {
+            filter_driver_shim::require::skip(
+                filter_driver_shim::require::Feature::Loop,
+                format!("losetup -f --show: {other:?}"),
+            );
             return;
         }
     };

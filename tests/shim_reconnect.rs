@@ -719,7 +719,10 @@ const READ_1: &str = "read 65536/65536 bytes at offset 65536\n";
 
 fn qemu_rides_out_restart(stop: Stop, guest: Guest) {
     if !have_qemu_io() {
-        eprintln!("SKIP: qemu-io is not installed");
+        filter_driver_shim::require::skip(
+            filter_driver_shim::require::Feature::Tools,
+            "qemu-io is not installed",
+        );
         return;
     }
     let s = setup(64 * MIB);

@@ -65,6 +65,13 @@ pub const CONNECT_TIMEOUT_MS_RANGE: std::ops::RangeInclusive<u64> = 1..=600_000;
 pub const IO_TIMEOUT_MS_RANGE: std::ops::RangeInclusive<u64> = 1..=3_600_000;
 /// Allowed `epoch_interval_ms` (100 ms to 1 hour).
 pub const EPOCH_INTERVAL_MS_RANGE: std::ops::RangeInclusive<u64> = 100..=3_600_000;
+/// Allowed `freeze_idle_timeout_ms` (1 s to 1 day). The engine sends a request at least
+/// every quarter of it, so a second leaves 250 ms between them; beyond a day an
+/// abandoned epoch's copy-before-write could fill `state_dir` long before anyone notices.
+pub const FREEZE_IDLE_TIMEOUT_MS_RANGE: std::ops::RangeInclusive<u64> = 1_000..=86_400_000;
+/// `freeze_idle_timeout_ms` defaults to this many `io_timeout_ms`: an engine stalled on
+/// its connection to the target has given up (and aborted the epoch itself) by then.
+pub const FREEZE_IDLE_TIMEOUT_PER_IO_TIMEOUT: u64 = 4;
 /// Default `target.retention_points`: a day of hourly points, or two minutes of
 /// five-second epochs.
 pub const DEFAULT_RETENTION_POINTS: u32 = 24;
@@ -218,6 +225,11 @@ pub struct SourceConfig {
     /// Time between epochs in continuous replication.
     #[serde(default = "default_epoch_interval_ms")]
     pub epoch_interval_ms: u64,
+    /// `ferry shim`: an epoch whose control connection sends no request for this long
+    /// is aborted. Default: [`FREEZE_IDLE_TIMEOUT_PER_IO_TIMEOUT`] × `io_timeout_ms`;
+    /// see [`SourceConfig::freeze_idle_timeout`].
+    #[serde(default)]
+    pub freeze_idle_timeout_ms: Option<u64>,
 }
 
 /// `[target]`: the secondary site's writer.
@@ -345,6 +357,19 @@ impl SourceConfig {
     /// `epoch_interval_ms` as a duration.
     pub fn epoch_interval(&self) -> Duration {
         Duration::from_millis(self.epoch_interval_ms)
+    }
+
+    /// `freeze_idle_timeout_ms` as a duration: as configured, or
+    /// [`FREEZE_IDLE_TIMEOUT_PER_IO_TIMEOUT`] × `io_timeout_ms` kept inside
+    /// [`FREEZE_IDLE_TIMEOUT_MS_RANGE`].
+    pub fn freeze_idle_timeout(&self) -> Duration {
+        let ms = self.freeze_idle_timeout_ms.unwrap_or_else(|| {
+            (self.io_timeout_ms * FREEZE_IDLE_TIMEOUT_PER_IO_TIMEOUT).clamp(
+                *FREEZE_IDLE_TIMEOUT_MS_RANGE.start(),
+                *FREEZE_IDLE_TIMEOUT_MS_RANGE.end(),
+            )
+        });
+        Duration::from_millis(ms)
     }
 }
 
@@ -530,6 +555,13 @@ impl Validator<'_> {
             s.epoch_interval_ms,
             &EPOCH_INTERVAL_MS_RANGE,
         )?;
+        if let Some(ms) = s.freeze_idle_timeout_ms {
+            self.range(
+                "source.freeze_idle_timeout_ms",
+                ms,
+                &FREEZE_IDLE_TIMEOUT_MS_RANGE,
+            )?;
+        }
         Ok(())
     }
 
@@ -918,6 +950,31 @@ path = "/dev/vg0/standalone"
             .unwrap_err()
             .to_string();
         assert!(msg.contains("psk_file"), "missing key named: {msg}");
+    }
+
+    #[test]
+    fn freeze_idle_timeout_defaults_to_a_few_io_timeouts() {
+        let c = parse(MINIMAL_SOURCE).unwrap();
+        let s = c.source.as_ref().unwrap();
+        assert_eq!(s.freeze_idle_timeout(), Duration::from_secs(120));
+        let c = parse(&with_source_line("io_timeout_ms = 100")).unwrap();
+        let s = c.source.as_ref().unwrap();
+        assert_eq!(
+            s.freeze_idle_timeout(),
+            Duration::from_secs(1),
+            "kept in range"
+        );
+        let c = parse(&with_source_line("freeze_idle_timeout_ms = 2500")).unwrap();
+        let s = c.source.as_ref().unwrap();
+        assert_eq!(s.freeze_idle_timeout(), Duration::from_millis(2500));
+        expect_invalid(
+            &with_source_line("freeze_idle_timeout_ms = 999"),
+            "source.freeze_idle_timeout_ms",
+        );
+        expect_invalid(
+            &with_source_line("freeze_idle_timeout_ms = 86400001"),
+            "source.freeze_idle_timeout_ms",
+        );
     }
 
     #[test]

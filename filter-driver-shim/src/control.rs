@@ -20,13 +20,21 @@
 //! never outlives its reader. One epoch is frozen at a time. `disks=` limits it to
 //! some disks (all by default); `whole=` names those whose every block must be
 //! preserved because their sync reads the whole disk (seeded or full).
+//!
+//! The socket is created mode 0600 whatever the umask. A request line is bounded by
+//! [`MAX_LINE_BYTES`] however it arrives (in one piece or trickled): a longer one gets
+//! an error naming the limit and the connection is closed. An epoch whose connection
+//! sends no request for [`ControlConfig::freeze_idle_timeout`] is aborted; the freeze
+//! reply tells the engine the bound (`idle_timeout_ms`) so it can send `check` well
+//! within it.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
@@ -35,10 +43,38 @@ use crate::shim::{self, DiskStatus, FrozenEpoch, ServedDisk};
 
 /// How often a waiting connection looks at the stop flag.
 const POLL: Duration = Duration::from_millis(200);
-/// Longest request line accepted.
-const MAX_LINE_BYTES: u64 = 4096;
 /// Concurrent control connections; more are refused with an error line.
 const MAX_CLIENTS: usize = 16;
+/// Longest request line accepted, newline included, however it arrives. The longest
+/// request the engine sends, a `freeze` naming each of a session's 256 disks (64-byte
+/// names) in `disks=` and `whole=`, is about 33 KB (the engine checks that at compile
+/// time); the bound keeps a client from growing a connection's buffer at will.
+pub const MAX_LINE_BYTES: u64 = 64 << 10;
+/// Default [`ControlConfig::freeze_idle_timeout`]: four default `io_timeout_ms`.
+pub const DEFAULT_FREEZE_IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+/// Mode of the control socket: only the shim's user may connect (`freeze` holds the
+/// guest's writes to copy-before-write; `resync-done` vouches for a replica).
+pub const SOCKET_MODE: u32 = 0o600;
+
+/// The control socket of a shim: where it listens and how long an epoch may sit idle.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ControlConfig {
+    /// Path of the Unix socket (`<state_dir>/shim.ctl` for `ferry shim`).
+    pub path: PathBuf,
+    /// An epoch whose owning connection sends no complete request for this long is
+    /// aborted (its bits go back, copy-before-write stops) and the connection closed.
+    pub freeze_idle_timeout: Duration,
+}
+
+impl ControlConfig {
+    /// A control socket at `path` with the default idle bound.
+    pub fn new(path: impl Into<PathBuf>) -> ControlConfig {
+        ControlConfig {
+            path: path.into(),
+            freeze_idle_timeout: DEFAULT_FREEZE_IDLE_TIMEOUT,
+        }
+    }
+}
 
 /// Freeze pause statistics since the shim started.
 #[derive(Default, Debug, Clone, Copy)]
@@ -65,10 +101,14 @@ pub(crate) struct ControlState {
     next_client: AtomicU64,
     clients: AtomicUsize,
     pauses: Mutex<Pauses>,
+    freeze_idle_timeout: Duration,
 }
 
 impl ControlState {
-    pub(crate) fn new(disks: Arc<Vec<Arc<ServedDisk>>>) -> ControlState {
+    pub(crate) fn new(
+        disks: Arc<Vec<Arc<ServedDisk>>>,
+        freeze_idle_timeout: Duration,
+    ) -> ControlState {
         // Epoch ids differ across shim restarts, so an engine holding an id from a
         // previous shim can never have it confirmed by this one.
         let base = crate::bitmap::GenerationId::random()
@@ -81,6 +121,7 @@ impl ControlState {
             next_client: AtomicU64::new(1),
             clients: AtomicUsize::new(0),
             pauses: Mutex::new(Pauses::default()),
+            freeze_idle_timeout,
         }
     }
 }
@@ -105,11 +146,12 @@ pub fn disk_status_json(s: &DiskStatus) -> Value {
     })
 }
 
-fn frozen_json(e: &FrozenEpoch) -> Value {
+fn frozen_json(e: &FrozenEpoch, idle_timeout: Duration) -> Value {
     json!({
         "ok": true,
         "epoch": format!("{:016x}", e.id),
         "pause_us": e.pause.as_micros() as u64,
+        "idle_timeout_ms": idle_timeout.as_millis() as u64,
         "disks": e.disks.iter().map(|d| json!({
             "name": d.name,
             "path": d.path,
@@ -266,7 +308,7 @@ impl Client<'_> {
                         p.last_us = us;
                         p.max_us = p.max_us.max(us);
                         p.total_us += us;
-                        frozen_json(&frozen)
+                        frozen_json(&frozen, self.state.freeze_idle_timeout)
                     }
                     Err(e) => {
                         *self.owner() = None;
@@ -321,6 +363,29 @@ impl Client<'_> {
         }
     }
 
+    /// Aborts the epoch this connection owns if its last request was `idle` ago or
+    /// longer than the bound; returns the reason to send before closing.
+    fn abort_if_idle(&self, idle: Duration) -> Option<String> {
+        let bound = self.state.freeze_idle_timeout;
+        if idle < bound {
+            return None;
+        }
+        let mut owner = self.owner();
+        // Only an epoch of this connection; another's idles on its own clock.
+        let o = owner.take_if(|o| o.client == self.id)?;
+        let why = format!(
+            "epoch {:016x} aborted: its control connection sent no request for {} ms (freeze_idle_timeout_ms = {}); its blocks go in the next epoch",
+            o.epoch,
+            idle.as_millis(),
+            bound.as_millis()
+        );
+        tracing::warn!("{why}");
+        if let Err(e) = shim::finish(&o.disks, false) {
+            tracing::error!(error = %chain(&e), "aborting an idle epoch");
+        }
+        Some(why)
+    }
+
     /// The connection ended: an epoch it still owns is aborted.
     fn release(&self) {
         let mut owner = self.owner();
@@ -338,16 +403,26 @@ fn handle(stream: UnixStream, client: &Client<'_>, stop: &AtomicBool) -> io::Res
     stream.set_read_timeout(Some(POLL))?;
     let mut writer = stream.try_clone()?;
     let mut reader = BufReader::new(stream);
-    let mut line = String::new();
+    // Bytes of the request being received, across reads and timeouts: the bound is on
+    // the line, not on one read.
+    // Grows only as bytes arrive, up to the bound.
+    let mut line: Vec<u8> = Vec::new();
+    let mut last_request = Instant::now();
     loop {
-        // A partial line survives timeouts: `read_line` appends.
-        match (&mut reader).take(MAX_LINE_BYTES).read_line(&mut line) {
+        if line.len() as u64 >= MAX_LINE_BYTES {
+            let reply = err(format!(
+                "request line too long: the limit is {MAX_LINE_BYTES} bytes; closing the connection"
+            ));
+            writer.write_all(format!("{reply}\n").as_bytes())?;
+            return Ok(());
+        }
+        let room = MAX_LINE_BYTES - line.len() as u64;
+        match (&mut reader).take(room).read_until(b'\n', &mut line) {
+            // `room` is at least 1, so nothing read means end of file.
             Ok(0) => return Ok(()),
-            Ok(_) if !line.ends_with('\n') && line.len() as u64 >= MAX_LINE_BYTES => {
-                writer.write_all(b"{\"ok\":false,\"error\":\"request line too long\"}\n")?;
-                return Ok(());
-            }
-            Ok(_) if !line.ends_with('\n') => return Ok(()), // EOF inside a line
+            // Either the line is complete, or the bound is reached (checked above), or
+            // the peer closed inside a line (the next read returns 0).
+            Ok(_) if !line.ends_with(b"\n") => continue,
             Ok(_) => {}
             Err(e)
                 if matches!(
@@ -355,14 +430,24 @@ fn handle(stream: UnixStream, client: &Client<'_>, stop: &AtomicBool) -> io::Res
                     io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
                 ) =>
             {
+                // `read_until` keeps what arrived in `line`; the rest comes later.
                 if stop.load(Ordering::Acquire) {
+                    return Ok(());
+                }
+                if let Some(why) = client.abort_if_idle(last_request.elapsed()) {
+                    writer.write_all(format!("{}\n", err(why)).as_bytes())?;
                     return Ok(());
                 }
                 continue;
             }
             Err(e) => return Err(e),
         }
-        let mut reply = client.answer(&line).to_string();
+        last_request = Instant::now();
+        let answer = match std::str::from_utf8(&line) {
+            Ok(text) => client.answer(text),
+            Err(_) => err("request is not text (the protocol is ASCII lines)"),
+        };
+        let mut reply = answer.to_string();
         reply.push('\n');
         line.clear();
         writer.write_all(reply.as_bytes())?;

@@ -14,6 +14,7 @@
 //! * [`control`] — the control socket protocol.
 //! * [`epoch`] — frozen epochs: copy-before-write and the state map shared with the engine.
 //! * [`failpoint`] — test-only fault injection (debug builds only).
+//! * [`require`] — `FERRY_REQUIRE`: the tests' skips for missing features, made failures.
 
 pub mod backing;
 pub mod bitmap;
@@ -22,6 +23,7 @@ pub mod epoch;
 pub mod failpoint;
 pub mod nbd;
 pub mod pool;
+pub mod require;
 pub mod shim;
 pub mod tracker;
 

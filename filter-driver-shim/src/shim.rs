@@ -103,6 +103,15 @@ pub enum ShimError {
     IoEngine { disk: String, reason: String },
     #[error("two disks share the name or socket `{0}`")]
     Duplicate(String),
+    #[error("state directory {}: {problem}", dir.display())]
+    StateDir { dir: PathBuf, problem: String },
+    #[error("state directory {}: cannot {op}", dir.display())]
+    StateDirIo {
+        dir: PathBuf,
+        op: &'static str,
+        #[source]
+        source: io::Error,
+    },
 }
 
 /// Errors of the epoch protocol; each says what the engine asked and why not.
@@ -315,6 +324,69 @@ pub(crate) struct ServedDisk {
     _lock: fs::File,
 }
 
+/// Mode of a state directory: its bitmaps, state files and the control socket are the
+/// shim's alone.
+const STATE_DIR_MODE: u32 = 0o700;
+
+/// Makes `dir` a private state directory whatever the umask: created mode 0700 if
+/// missing; an existing one that group or others can read or enter is tightened to
+/// 0700 with a warning. A directory the shim cannot make private is refused: one owned
+/// by another user, and one others could write (group- or world-writable, or sticky
+/// like `/tmp`) — tightening that would not undo what may have been planted in it,
+/// and would break everyone else using a shared directory.
+fn secure_state_dir(dir: &Path) -> Result<(), ShimError> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    let io = |op: &'static str| {
+        let dir = dir.to_path_buf();
+        move |source| ShimError::StateDirIo { dir, op, source }
+    };
+    let refuse = |problem: String| ShimError::StateDir {
+        dir: dir.to_path_buf(),
+        problem,
+    };
+    let meta = match fs::metadata(dir) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            if let Some(parent) = dir.parent().filter(|d| !d.as_os_str().is_empty()) {
+                fs::create_dir_all(parent).map_err(io("create the parent directories"))?;
+            }
+            match fs::DirBuilder::new().mode(STATE_DIR_MODE).create(dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(io("create the directory")(e)),
+            }
+            fs::metadata(dir).map_err(io("stat the directory"))?
+        }
+        Err(e) => return Err(io("stat the directory")(e)),
+    };
+    if !meta.is_dir() {
+        return Err(refuse("not a directory".into()));
+    }
+    let mode = meta.mode() & 0o7777;
+    if mode & (libc::S_ISVTX | libc::S_IWGRP | libc::S_IWOTH) != 0 {
+        return Err(refuse(format!(
+            "other users can write it (mode {mode:04o}), so its files cannot be trusted; give the shim a directory of its own (it keeps it mode 0700), or check the files and `chmod 0700` it"
+        )));
+    }
+    // SAFETY: geteuid(2) has no preconditions and cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    if meta.uid() != euid {
+        return Err(refuse(format!(
+            "owned by uid {}, not by the shim's user (uid {euid}); another user could reach its control socket",
+            meta.uid()
+        )));
+    }
+    if mode & 0o7777 != STATE_DIR_MODE {
+        fs::set_permissions(dir, fs::Permissions::from_mode(STATE_DIR_MODE))
+            .map_err(io("set mode 0700"))?;
+        // A directory created just now took the umask only; one that existed was open.
+        if mode & 0o077 != 0 {
+            tracing::warn!(dir = %dir.display(), old_mode = %format_args!("{mode:04o}"), "state directory was readable by other users; its mode is now 0700");
+        }
+    }
+    Ok(())
+}
+
 /// Takes the disk's exclusive lock (`<state file>.lock`, flock), before anything of
 /// the disk is opened or written: a second shim on the same state must fail without
 /// replacing the running one's bitmap or state files.
@@ -393,8 +465,9 @@ pub struct Shim {
 }
 
 /// Binds a Unix socket, replacing a stale socket file left by a crash (never any
-/// other kind of file).
-fn bind_unix(path: &Path) -> Result<UnixListener, ShimError> {
+/// other kind of file). With `mode`, the socket file has exactly that mode whatever
+/// the umask, from the moment it appears (see [`bind_private`]).
+fn bind_unix(path: &Path, mode: Option<u32>) -> Result<UnixListener, ShimError> {
     let listen_err = |source| ShimError::Listen {
         path: path.to_path_buf(),
         source,
@@ -413,7 +486,68 @@ fn bind_unix(path: &Path) -> Result<UnixListener, ShimError> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         fs::create_dir_all(dir).map_err(listen_err)?;
     }
-    UnixListener::bind(path).map_err(listen_err)
+    match mode {
+        None => UnixListener::bind(path).map_err(listen_err),
+        Some(mode) => bind_private(path, mode).map_err(listen_err),
+    }
+}
+
+/// Binds and listens on a Unix socket whose file has `mode`. Linux gives the socket
+/// file the socket inode's mode less the umask at `bind`, so the mode is set on the
+/// descriptor before `bind` (no moment exists where a wider mode lets someone connect)
+/// and again on the file after it, for a umask that also masked owner bits.
+fn bind_private(path: &Path, mode: u32) -> io::Result<UnixListener> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::PermissionsExt;
+    // SAFETY: zeroed sockaddr_un is a valid (empty) address; every field is plain data.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    let bytes = path.as_os_str().as_bytes();
+    // One byte stays zero: the kernel reads the path up to a NUL or the end.
+    if bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "a socket path must be under {} bytes without NUL",
+                addr.sun_path.len()
+            ),
+        ));
+    }
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (dst, &src) in addr.sun_path.iter_mut().zip(bytes) {
+        *dst = src as libc::c_char;
+    }
+    // SAFETY: socket(2) takes no pointers; the result is checked before use.
+    let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just returned by socket(2) and is owned by nothing else; the
+    // OwnedFd closes it on every path below.
+    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: fchmod on the descriptor `socket` owns; no memory is passed.
+    if unsafe { libc::fchmod(fd, mode as libc::mode_t) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let len = std::mem::size_of::<libc::sa_family_t>() + bytes.len() + 1;
+    // SAFETY: `addr` is a valid sockaddr_un on our stack for the duration of the call,
+    // and `len` does not exceed its size (checked against sun_path above).
+    let rc = unsafe {
+        libc::bind(
+            fd,
+            std::ptr::addr_of!(addr).cast::<libc::sockaddr>(),
+            len as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: listen(2) on the descriptor `socket` owns; no memory is passed.
+    if unsafe { libc::listen(fd, 128) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    fs::set_permissions(path, fs::Permissions::from_mode(mode))?;
+    Ok(UnixListener::from(socket))
 }
 
 /// Waits up to `timeout_ms` for `listener` to be readable.
@@ -452,6 +586,11 @@ fn resolve_engine(disk: &ShimDisk) -> Result<IoEngine, ShimError> {
 
 fn open_disk(disk: &ShimDisk) -> Result<ServedDisk, ShimError> {
     let engine = resolve_engine(disk)?;
+    for p in [&disk.bitmap_path, &disk.state_path] {
+        if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
+            secure_state_dir(dir)?;
+        }
+    }
     let lock = lock_disk(disk)?;
     let backing = Backing::open(&disk.path).map_err(|source| ShimError::OpenBacking {
         disk: disk.name.clone(),
@@ -463,15 +602,6 @@ fn open_disk(disk: &ShimDisk) -> Result<ServedDisk, ShimError> {
         op: "stat the backing store",
         source,
     })?;
-    for p in [&disk.bitmap_path, &disk.state_path] {
-        if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
-            fs::create_dir_all(dir).map_err(|source| ShimError::Io {
-                disk: disk.name.clone(),
-                op: "create the state directory",
-                source,
-            })?;
-        }
-    }
     let tracker = Tracker::open(
         TrackerConfig {
             disk: disk.name.clone(),
@@ -548,8 +678,11 @@ fn accept_loop(listener: UnixListener, served: Arc<ServedDisk>, stop: Arc<Atomic
 
 impl Shim {
     /// Opens every disk (validating or restarting its tracking), binds its NBD socket
-    /// and, if given, the control socket, and starts serving.
-    pub fn start(disks: Vec<ShimDisk>, control_socket: Option<PathBuf>) -> Result<Shim, ShimError> {
+    /// and, if given, the control socket (mode 0600), and starts serving.
+    pub fn start(
+        disks: Vec<ShimDisk>,
+        control: Option<control::ControlConfig>,
+    ) -> Result<Shim, ShimError> {
         for (i, a) in disks.iter().enumerate() {
             for b in &disks[i + 1..] {
                 if a.name == b.name || a.nbd_socket == b.nbd_socket {
@@ -563,9 +696,12 @@ impl Shim {
             let d = open_disk(disk)?;
             d.remove_stale_epoch_files();
             served.push(Arc::new(d));
-            listeners.push(bind_unix(&disk.nbd_socket)?);
+            listeners.push(bind_unix(&disk.nbd_socket, None)?);
         }
-        let control_listener = control_socket.as_deref().map(bind_unix).transpose()?;
+        let control_listener = control
+            .as_ref()
+            .map(|c| bind_unix(&c.path, Some(control::SOCKET_MODE)))
+            .transpose()?;
         let disks = Arc::new(served);
         let stop = Arc::new(AtomicBool::new(false));
         let mut threads = Vec::new();
@@ -585,14 +721,16 @@ impl Shim {
                     })?,
             );
         }
-        if let (Some(listener), Some(path)) = (control_listener, control_socket) {
+        if let (Some(listener), Some(control)) = (control_listener, control) {
+            sockets.push(control.path.clone());
             let disks = Arc::clone(&disks);
             let stop = Arc::clone(&stop);
             threads.push(
                 thread::Builder::new()
                     .name("shim-control".into())
                     .spawn(move || {
-                        control::serve(listener, Arc::new(control::ControlState::new(disks)), stop)
+                        let state = control::ControlState::new(disks, control.freeze_idle_timeout);
+                        control::serve(listener, Arc::new(state), stop)
                     })
                     .map_err(|source| ShimError::Io {
                         disk: String::new(),
@@ -600,7 +738,6 @@ impl Shim {
                         source,
                     })?,
             );
-            sockets.push(path);
         }
         for d in disks.iter() {
             tracing::info!(disk = %d.disk.name, socket = %d.disk.nbd_socket.display(), size_bytes = d.export.info.size_bytes, io_engine = %d.export.engine, "serving NBD");
@@ -673,10 +810,10 @@ impl Shim {
 /// down cleanly. This is what `ferry shim --config FILE` calls.
 pub fn serve(
     disks: Vec<ShimDisk>,
-    control_socket: Option<PathBuf>,
+    control: Option<control::ControlConfig>,
     stop: &AtomicBool,
 ) -> Result<(), ShimError> {
-    let shim = Shim::start(disks, control_socket)?;
+    let shim = Shim::start(disks, control)?;
     while !stop.load(Ordering::Acquire) {
         thread::sleep(Duration::from_millis(100));
     }

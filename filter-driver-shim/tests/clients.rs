@@ -168,7 +168,10 @@ fn fio_nbd_randwrite_verifies() {
     require_tool!("fio");
     let help = Command::new("fio").arg("--enghelp=nbd").output().unwrap();
     if !String::from_utf8_lossy(&help.stdout).contains("uri") {
-        eprintln!("SKIP: fio has no nbd engine");
+        filter_driver_shim::require::skip(
+            filter_driver_shim::require::Feature::Tools,
+            "fio has no nbd engine",
+        );
         return;
     }
     let dir = scratch();
@@ -372,7 +375,10 @@ with open(os.environ["MODEL"], "wb") as f:
 fn nbdsh_commands_content_allocation_and_tracking() {
     require_tool!("nbdsh");
     let Some(mut nbdsh) = nbdsh() else {
-        eprintln!("SKIP: nbdsh cannot import the nbd module");
+        filter_driver_shim::require::skip(
+            filter_driver_shim::require::Feature::Tools,
+            "nbdsh cannot import the nbd module",
+        );
         return;
     };
     let dir = scratch();
@@ -517,15 +523,26 @@ fn ext4_through_nbdfuse_and_a_loop_device_fscks_clean() {
     require_tool!("nbdfuse");
     require_tool!("mkfs.ext4");
     require_tool!("losetup");
-    if !std::path::Path::new("/dev/fuse").exists()
-        || !std::path::Path::new("/dev/loop-control").exists()
-    {
-        eprintln!("SKIP: /dev/fuse or /dev/loop-control missing");
+    if !std::path::Path::new("/dev/fuse").exists() {
+        filter_driver_shim::require::skip(
+            filter_driver_shim::require::Feature::Fuse,
+            "/dev/fuse is missing",
+        );
+        return;
+    }
+    if !std::path::Path::new("/dev/loop-control").exists() {
+        filter_driver_shim::require::skip(
+            filter_driver_shim::require::Feature::Loop,
+            "/dev/loop-control is missing",
+        );
         return;
     }
     // SAFETY: geteuid(2) has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        eprintln!("SKIP: needs root for loop devices and mount");
+        filter_driver_shim::require::skip(
+            filter_driver_shim::require::Feature::Root,
+            "loop devices and mount need root",
+        );
         return;
     }
     let dir = scratch();
@@ -551,7 +568,10 @@ fn ext4_through_nbdfuse_and_a_loop_device_fscks_clean() {
     if !node.exists() {
         let _ = fuse.kill();
         let _ = fuse.wait();
-        eprintln!("SKIP: nbdfuse did not come up");
+        filter_driver_shim::require::skip(
+            filter_driver_shim::require::Feature::Fuse,
+            "nbdfuse did not come up",
+        );
         return;
     }
     let loopdev = run(Command::new("losetup").args(["-f", "--show"]).arg(&node))

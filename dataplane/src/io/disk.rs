@@ -685,7 +685,7 @@ mod tests {
         let dev = match LoopDevice::attach(&backing) {
             Ok(dev) => dev,
             Err(Skip(why)) => {
-                eprintln!("skipping block-device cases: {why}");
+                filter_driver_shim::require::skip(filter_driver_shim::require::Feature::Loop, why);
                 return;
             }
         };

@@ -622,7 +622,7 @@ mod tests {
     /// a plain ring can be created, the engine must come up too: a failure then is ours.
     fn make<B: IoBuffer>(queue_depth: usize, files: &[RawFd]) -> Option<UringEngine<B>> {
         if let Some(why) = uring_unavailable() {
-            eprintln!("skipping io_uring test: {why}");
+            filter_driver_shim::require::skip(filter_driver_shim::require::Feature::Uring, why);
             return None;
         }
         Some(UringEngine::new(queue_depth, files, None).unwrap())
@@ -671,7 +671,7 @@ mod tests {
     #[test]
     fn fixed_buffers_round_trip_and_wrong_index_faults() {
         if let Some(why) = uring_unavailable() {
-            eprintln!("skipping io_uring test: {why}");
+            filter_driver_shim::require::skip(filter_driver_shim::require::Feature::Uring, why);
             return;
         }
         let dir = tempfile::tempdir().unwrap();

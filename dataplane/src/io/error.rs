@@ -226,8 +226,8 @@ pub(super) fn uring_setup_hint(source: &io::Error) -> &'static str {
 pub(super) fn uring_register_hint(source: &io::Error) -> &'static str {
     match source.raw_os_error() {
         Some(libc::ENOMEM) => {
-            "registered buffers count against RLIMIT_MEMLOCK: raise `ulimit -l` or shrink \
-             the buffer pool"
+            "registered buffers count against RLIMIT_MEMLOCK: raise `ulimit -l` (systemd: \
+             `LimitMEMLOCK=`) or shrink the buffer pool"
         }
         Some(libc::EFAULT) => "a buffer address is not mapped memory",
         Some(libc::EOPNOTSUPP) => {

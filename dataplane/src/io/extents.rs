@@ -208,7 +208,7 @@ mod tests {
         let dev = match LoopDevice::attach(&backing) {
             Ok(dev) => dev,
             Err(Skip(why)) => {
-                eprintln!("skipping block-device extents: {why}");
+                filter_driver_shim::require::skip(filter_driver_shim::require::Feature::Loop, why);
                 return;
             }
         };

@@ -168,6 +168,76 @@ pub fn open_engine<B: IoBuffer>(
     }
 }
 
+/// What an engine will register, for a start-up probe: `slots` buffers of
+/// `slot_bytes` each, as one session's buffer pools.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProbeShape {
+    pub queue_depth: usize,
+    pub slots: usize,
+    pub slot_bytes: usize,
+}
+
+/// Checks at start-up, before anything is served, that the engine `kind` asks for can
+/// be built here with the buffers of `shape` registered — the things that fail only
+/// when the first session builds its engine: io_uring disabled or filtered, opcodes
+/// missing, or a locked-memory limit (RLIMIT_MEMLOCK) too low to pin the buffers.
+///
+/// `Uring` returns the error (with its likely fix) so the caller can refuse to start.
+/// `Auto` returns `Ok(Sync)` when io_uring cannot work, after a warning naming why,
+/// and `Ok(Uring)` when it can; `Sync` needs no probe.
+pub fn probe_engine(kind: EngineKind, shape: ProbeShape) -> Result<EngineKind, IoError> {
+    if kind == EngineKind::Sync {
+        return Ok(EngineKind::Sync);
+    }
+    // Any descriptor can be registered; the probe submits no request.
+    let null = match std::fs::File::open("/dev/null") {
+        Ok(file) => file,
+        Err(source) => {
+            let err = IoError::EngineFile {
+                disk: DiskId(0),
+                source,
+            };
+            return probe_failed(kind, err);
+        }
+    };
+    let mut bufs: Vec<AlignedBuf> = (0..shape.slots)
+        .map(|_| AlignedBuf::zeroed(shape.slot_bytes.max(DIRECT_IO_ALIGN)))
+        .collect();
+    let iovecs: Vec<libc::iovec> = bufs.iter_mut().map(AlignedBuf::iovec).collect();
+    // SAFETY: the buffers' memory lives in `bufs`, untouched, until after the probe
+    // engine is dropped at the end of the match below.
+    let fixed = unsafe { FixedBuffers::new(&iovecs) };
+    let probed = UringEngine::<AlignedBuf>::new(
+        shape.queue_depth,
+        &[std::os::fd::AsRawFd::as_raw_fd(&null)],
+        Some(fixed),
+    );
+    let result = match probed {
+        Ok(engine) => {
+            drop(engine);
+            Ok(EngineKind::Uring)
+        }
+        Err(err) => probe_failed(kind, err),
+    };
+    drop(bufs);
+    result
+}
+
+/// `Auto` never fails a start-up over the probe: sessions decide for themselves.
+fn probe_failed(kind: EngineKind, err: IoError) -> Result<EngineKind, IoError> {
+    match kind {
+        EngineKind::Auto => {
+            warn!(
+                %err,
+                "io_uring cannot work here; the synchronous engine will be used \
+                 (slower: one blocking system call per request)"
+            );
+            Ok(EngineKind::Sync)
+        }
+        _ => Err(err),
+    }
+}
+
 /// Checks what both engines require of their configuration.
 fn check_engine_config(queue_depth: usize, files: &[RawFd]) -> Result<(), IoError> {
     let reason = if queue_depth == 0 {
@@ -272,7 +342,10 @@ mod tests {
         match uring_unavailable() {
             None => assert_eq!(auto.name(), "io_uring"),
             Some(why) => {
-                eprintln!("io_uring unavailable ({why}); checking the fallback only");
+                filter_driver_shim::require::skip(
+                    filter_driver_shim::require::Feature::Uring,
+                    format!("{why}; checking the fallback only"),
+                );
                 assert_eq!(auto.name(), "sync");
             }
         }
@@ -282,6 +355,40 @@ mod tests {
         }
         let err = open_engine::<AlignedBuf>(EngineKind::Sync, 8, &[], None);
         assert!(matches!(err, Err(IoError::InvalidConfig { .. })));
+    }
+
+    #[test]
+    fn probe_answers_which_engine_sessions_will_get() {
+        let shape = ProbeShape {
+            queue_depth: 8,
+            slots: 4,
+            slot_bytes: 64 << 10,
+        };
+        assert_eq!(
+            probe_engine(EngineKind::Sync, shape).unwrap(),
+            EngineKind::Sync
+        );
+        match uring_unavailable() {
+            None => {
+                assert_eq!(
+                    probe_engine(EngineKind::Uring, shape).unwrap(),
+                    EngineKind::Uring
+                );
+                assert_eq!(
+                    probe_engine(EngineKind::Auto, shape).unwrap(),
+                    EngineKind::Uring
+                );
+            }
+            Some(why) => {
+                let err = probe_engine(EngineKind::Uring, shape).unwrap_err();
+                assert!(err.is_uring_unavailable(), "{err}");
+                assert_eq!(
+                    probe_engine(EngineKind::Auto, shape).unwrap(),
+                    EngineKind::Sync
+                );
+                filter_driver_shim::require::skip(filter_driver_shim::require::Feature::Uring, why);
+            }
+        }
     }
 
     /// Bytes of each differential-test disk: 1024 blocks, so random requests collide often.
@@ -311,7 +418,7 @@ mod tests {
     #[test]
     fn differential_uring_vs_sync() {
         if let Some(why) = uring_unavailable() {
-            eprintln!("skipping the differential test: {why}");
+            filter_driver_shim::require::skip(filter_driver_shim::require::Feature::Uring, why);
             return;
         }
         let seed = seed();

@@ -382,9 +382,9 @@ pub mod contract {
         std::fs::write(&path, vec![9u8; 4 * BLOCK]).unwrap();
         let disk = Disk::open_source(&path).unwrap();
         if !disk.is_direct() {
-            eprintln!(
-                "skipping: {} does not support O_DIRECT",
-                dir.path().display()
+            filter_driver_shim::require::skip(
+                filter_driver_shim::require::Feature::Direct,
+                format!("{} does not support O_DIRECT", dir.path().display()),
             );
             return;
         }
@@ -406,7 +406,13 @@ pub mod contract {
             )
         };
         if probed >= 0 {
-            eprintln!("skipping: this file system does not enforce O_DIRECT alignment");
+            filter_driver_shim::require::skip(
+                filter_driver_shim::require::Feature::Direct,
+                format!(
+                    "{} does not enforce O_DIRECT alignment",
+                    dir.path().display()
+                ),
+            );
             return;
         }
 

@@ -12,7 +12,9 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use super::lock::{EngineLock, EngineRole};
 use super::{ModeRequest, SourceError, SyncJob, SyncReport};
+use crate::io::{probe_engine, EngineKind, ProbeShape};
 use crate::protocol::{ErrorCode, ProtocolError};
 
 /// Longest wait between rounds after repeated failures.
@@ -34,12 +36,34 @@ fn base_lost(e: &SourceError) -> bool {
 
 /// Runs rounds until `stop` is set (checked between rounds and while waiting; a
 /// round in progress completes). `on_round` sees every round's outcome.
+///
+/// The engine lock of `state_dir` is taken first and held until this returns: while
+/// it runs, another `ferry source` or a `ferry sync` on the same state directory is
+/// refused, and if one already runs this returns its [`SourceError::Busy`] at once.
+/// A forced io_uring engine that cannot work here is an error at once too, rather than
+/// the same failure every round.
 pub fn run(
     job: &SyncJob,
     interval: Duration,
     stop: &AtomicBool,
     on_round: &mut dyn FnMut(Round<'_>),
-) {
+) -> Result<(), SourceError> {
+    let lock = EngineLock::acquire(&job.state_dir, EngineRole::Source)?;
+    if job.engine == EngineKind::Uring {
+        // At least the buffers of the reads in flight are registered; the pipeline
+        // adds a few per worker, so this is a lower bound on what a round needs.
+        let shape = ProbeShape {
+            queue_depth: job.queue_depth,
+            slots: job.queue_depth,
+            slot_bytes: job.io_size,
+        };
+        probe_engine(job.engine, shape).map_err(|e| {
+            SourceError::Config(format!(
+                "io_engine = \"uring\" cannot work here: {}",
+                crate::target::chain(&e)
+            ))
+        })?;
+    }
     let mut job = job.clone();
     job.require_shim = true;
     let requested = job.mode;
@@ -52,7 +76,7 @@ pub fn run(
         } else {
             requested
         };
-        let result = super::sync(&job);
+        let result = super::sync_locked(&job, &lock);
         match &result {
             Ok(_) => {
                 failures = 0;
@@ -80,6 +104,7 @@ pub fn run(
             std::thread::sleep((until - now).min(Duration::from_millis(50)));
         }
     }
+    Ok(())
 }
 
 /// `interval × 2^(failures-1)`, at least 100 ms, at most [`MAX_BACKOFF`].

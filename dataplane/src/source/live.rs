@@ -13,6 +13,7 @@
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::sync::{mpsc, Mutex};
 use std::time::Duration;
 
 use filter_driver_shim::epoch::EpochView;
@@ -22,6 +23,13 @@ use super::SourceError;
 
 /// How long the engine waits for a control reply (a commit syncs the bitmap file).
 const REPLY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The longest request the engine sends: `freeze disks=… whole=…` naming every disk of
+/// a session in both lists, comma-separated, with the newline.
+const FREEZE_LINE_BYTES_MAX: usize = "freeze disks= whole=\n".len()
+    + 2 * (crate::protocol::MAX_DISKS_PER_SESSION * (crate::protocol::MAX_NAME_LEN + 1));
+const _: () =
+    assert!(FREEZE_LINE_BYTES_MAX <= filter_driver_shim::control::MAX_LINE_BYTES as usize);
 
 /// A connection to a running shim's control socket.
 #[derive(Debug)]
@@ -72,7 +80,47 @@ pub struct LiveEpoch {
     pub id: String,
     /// How long guest writes were held for the freeze.
     pub pause_us: u64,
+    /// The shim aborts the epoch when its connection is silent this long (`None`: a
+    /// shim without the bound).
+    pub idle_timeout: Option<Duration>,
     pub disks: Vec<LiveDisk>,
+}
+
+/// Keepalives per idle bound: a `check` every quarter of it leaves three missed beats
+/// of slack to a loaded machine before the shim gives the epoch up.
+const KEEPALIVES_PER_IDLE_TIMEOUT: u32 = 4;
+
+/// Runs `work` — the epoch's reads, streaming and commit — while a thread sends
+/// `check` on `control` often enough that the shim never takes the epoch for
+/// abandoned, however long the work takes. `work` gets the connection behind a mutex
+/// for its own requests; the thread is stopped and joined before this returns.
+pub fn keep_alive<T>(
+    control: &mut ShimControl,
+    epoch: &LiveEpoch,
+    work: impl FnOnce(&Mutex<&mut ShimControl>) -> T,
+) -> T {
+    let shared = Mutex::new(control);
+    let Some(bound) = epoch.idle_timeout else {
+        return work(&shared);
+    };
+    let interval = bound / KEEPALIVES_PER_IDLE_TIMEOUT;
+    let (stop, stopped) = mpsc::channel::<()>();
+    std::thread::scope(|scope| {
+        let shared = &shared;
+        scope.spawn(move || {
+            while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(interval) {
+                let mut control = shared.lock().unwrap_or_else(|e| e.into_inner());
+                // A broken epoch is reported by the check before Commit; beats stop.
+                if let Err(e) = control.check(epoch) {
+                    tracing::debug!("epoch keepalive: {e}");
+                    break;
+                }
+            }
+        });
+        let out = work(shared);
+        drop(stop);
+        out
+    })
 }
 
 fn field<'a>(v: &'a Value, key: &str, what: &str) -> Result<&'a Value, SourceError> {
@@ -147,9 +195,20 @@ impl ShimControl {
                 self.path.display()
             ))
         };
-        self.writer
-            .write_all(format!("{line}\n").as_bytes())
-            .map_err(lost)?;
+        if let Err(e) = self.writer.write_all(format!("{line}\n").as_bytes()) {
+            // A shim that hung up may have said why first (an idle epoch aborted).
+            let mut last_words = String::new();
+            if self.reader.read_line(&mut last_words).is_ok() {
+                if let Ok(v) = serde_json::from_str::<Value>(&last_words) {
+                    if let Some(why) = v.get("error").and_then(Value::as_str) {
+                        return Err(SourceError::Shim(format!(
+                            "`{line}` refused: the shim closed the connection: {why}"
+                        )));
+                    }
+                }
+            }
+            return Err(lost(e));
+        }
         let mut reply = String::new();
         let n = self.reader.read_line(&mut reply).map_err(lost)?;
         if n == 0 {
@@ -211,6 +270,10 @@ impl ShimControl {
         Ok(LiveEpoch {
             id: string(&v, "epoch", what)?,
             pause_us: number(&v, "pause_us", what)?,
+            idle_timeout: v
+                .get("idle_timeout_ms")
+                .and_then(Value::as_u64)
+                .map(Duration::from_millis),
             disks,
         })
     }

@@ -8,6 +8,7 @@
 
 pub mod continuous;
 pub mod live;
+pub mod lock;
 pub mod pipeline;
 pub mod plan;
 
@@ -28,6 +29,7 @@ use crate::protocol::{
 };
 pub use crate::protocol::{hex16, parse_hex16};
 use crate::psk::Psk;
+use lock::{EngineLock, EngineRole};
 use pipeline::{DiskInfo, Output, PipelineConfig, PipelineStats};
 use plan::{Chunker, ExtentRegions, Geometry, PlanItem, Region};
 
@@ -312,11 +314,13 @@ struct OpenedDisk {
 /// it: frozen, read consistently while the guest writes on, committed to the shim
 /// after the target acknowledged it.
 pub fn sync(job: &SyncJob) -> Result<SyncReport, SourceError> {
-    crate::durable::ensure_dir(&job.state_dir).map_err(|e| SourceError::State {
-        path: job.state_dir.clone(),
-        problem: e.to_string(),
-    })?;
-    let _lock = EngineLock::acquire(&job.state_dir)?;
+    let lock = EngineLock::acquire(&job.state_dir, EngineRole::Sync)?;
+    sync_locked(job, &lock)
+}
+
+/// [`sync`] by an engine that already holds the state directory's lock (`ferry
+/// source` holds it for its whole life).
+pub fn sync_locked(job: &SyncJob, _lock: &EngineLock) -> Result<SyncReport, SourceError> {
     // An explicit `--bitmap` means the operator supplies the change set: no shim epoch.
     let explicit_bitmaps = job.disks.iter().any(|d| d.bitmap.is_some());
     let shim = match &job.shim_control {
@@ -476,17 +480,27 @@ fn sync_live(job: &SyncJob, mut control: live::ShimControl) -> Result<SyncReport
     }
     let view_refs: Vec<Option<&filter_driver_shim::epoch::EpochView>> =
         views.iter().map(Option::as_ref).collect();
-    let outcome = run_epoch(
-        job,
-        &mut disks,
-        &view_refs,
-        &mut || {
-            // Every read is done: if the shim kept the epoch intact until now, what was
-            // read is the frozen point in time.
-            control.check(&epoch)
-        },
-        Some(connection),
-    );
+    let outcome = live::keep_alive(&mut control, &epoch, |control| {
+        run_epoch(
+            job,
+            &mut disks,
+            &view_refs,
+            &mut || {
+                // Test-only: an engine slower than the shim's idle bound, which only its
+                // keepalives save from losing the epoch.
+                if filter_driver_shim::failpoint::hit("engine-stall-before-check") {
+                    std::thread::sleep(2 * epoch.idle_timeout.unwrap_or_default());
+                }
+                // Every read is done: if the shim kept the epoch intact until now, what
+                // was read is the frozen point in time.
+                control
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .check(&epoch)
+            },
+            Some(connection),
+        )
+    });
     let (number, stats, applied) = match outcome {
         Ok(done) => done,
         Err(e) => {
@@ -686,44 +700,6 @@ fn report(
             .collect(),
         shim_epoch: live.map(|e| e.id.clone()),
         freeze_pause_us: live.map(|e| e.pause_us),
-    }
-}
-
-/// An exclusive lock on the engine's state directory, so two engines (a `ferry sync`
-/// and a `ferry source`) never interleave epochs of the same disks.
-struct EngineLock {
-    _held: std::fs::File,
-}
-
-impl EngineLock {
-    /// How long a taken lock is waited for. Another engine holds it for a whole
-    /// epoch; but a process forked by this one (or by a thread of a test) holds the
-    /// descriptor for the moment between fork and exec, which must not fail a sync.
-    const PATIENCE: Duration = Duration::from_secs(2);
-
-    fn acquire(state_dir: &Path) -> Result<EngineLock, SourceError> {
-        let path = state_dir.join("engine.lock");
-        let deadline = Instant::now() + Self::PATIENCE;
-        let held = loop {
-            match crate::durable::lock(&path, crate::durable::LockMode::ExclusiveTry) {
-                Ok(None) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-                other => break other,
-            }
-        };
-        match held {
-            Ok(Some(file)) => Ok(EngineLock { _held: file }),
-            Ok(None) => Err(SourceError::Busy(format!(
-                "another ferry sync or ferry source is using {} (lock {})",
-                state_dir.display(),
-                path.display()
-            ))),
-            Err(e) => Err(SourceError::State {
-                path,
-                problem: format!("flock: {e}"),
-            }),
-        }
     }
 }
 

@@ -140,6 +140,14 @@ pub enum TargetError {
     },
     #[error("state {path}: {problem}")]
     State { path: PathBuf, problem: String },
+    /// The configured engine cannot run sessions here; found at start-up.
+    #[error("io_engine = \"{kind}\" cannot work here, where a session registers {registered_kib} KiB of buffers (io_engine = \"auto\" would fall back to the synchronous engine)")]
+    Engine {
+        kind: EngineKind,
+        registered_kib: usize,
+        #[source]
+        source: IoError,
+    },
     #[error("{0}")]
     Internal(String),
 }
@@ -222,6 +230,7 @@ impl Target {
                 r => tracing::warn!("recovered an interrupted epoch: {r:?}"),
             }
         }
+        probe_engine(&job)?;
         let listener = TcpListener::bind(&job.listen).map_err(|e| TargetError::Listen {
             addr: job.listen.clone(),
             source: e,
@@ -294,6 +303,32 @@ impl Target {
         }
         Ok(())
     }
+}
+
+/// Builds, once at start-up, the engine a session with the default batch size would
+/// build — ring, opcodes, registered buffers — so that an `io_engine = "uring"` that
+/// cannot work (io_uring disabled, RLIMIT_MEMLOCK too low to pin the buffers) stops the
+/// target with the likely fix instead of failing every session after `listening`.
+/// With `auto` a failing probe only warns: each session falls back on its own.
+fn probe_engine(job: &TargetJob) -> Result<(), TargetError> {
+    let slot_bytes = verify::frame_bound(
+        crate::config::DEFAULT_IO_SIZE_KIB as usize * 1024,
+        crate::io::DIRECT_IO_ALIGN,
+    )
+    .min(crate::protocol::MAX_FRAME_PAYLOAD);
+    let slots = session::RECV_SLOTS + session::SCRATCH_SLOTS;
+    let shape = crate::io::ProbeShape {
+        queue_depth: job.queue_depth,
+        slots,
+        slot_bytes,
+    };
+    crate::io::probe_engine(job.engine, shape)
+        .map(drop)
+        .map_err(|source| TargetError::Engine {
+            kind: job.engine,
+            registered_kib: slots * slot_bytes / 1024,
+            source,
+        })
 }
 
 /// The target's apply lock: sessions hold it shared while they stage and apply an

@@ -19,17 +19,17 @@ use super::verify::{self, Geometry};
 use super::{Shared, TargetError};
 use crate::io::{Disk, ReplicaState};
 use crate::protocol::{
-    auth, block_hash, is_zero, Commit, Committed, DiskManifest, DiskRun, ErrorCode,
-    FrameDeadline, FrameKind, FrameReader, FrameWriter, HashesHeader, OpenDisk, OpenDiskReply,
-    OpenHeader, SyncMode, TimedStream, MAX_DIFF_RUNS_PER_FRAME, MAX_DISKS_PER_SESSION,
-    MAX_FRAME_PAYLOAD, MAX_NAME_LEN, REPLICA_CREATED, REPLICA_EXISTING, ZERO_BLOCK_HASH,
+    auth, block_hash, is_zero, Commit, Committed, DiskManifest, DiskRun, ErrorCode, FrameDeadline,
+    FrameKind, FrameReader, FrameWriter, HashesHeader, OpenDisk, OpenDiskReply, OpenHeader,
+    SyncMode, TimedStream, MAX_DIFF_RUNS_PER_FRAME, MAX_DISKS_PER_SESSION, MAX_FRAME_PAYLOAD,
+    MAX_NAME_LEN, REPLICA_CREATED, REPLICA_EXISTING, ZERO_BLOCK_HASH,
 };
 
 /// Receive buffers per session: frames in flight between the socket and the disks.
 /// Eight 4 MiB frames keep a fast disk busy while bounding a session to ~66 MiB.
-const RECV_SLOTS: usize = 8;
+pub(super) const RECV_SLOTS: usize = 8;
 /// Scratch buffers (decompression, realignment), one per receive buffer at most.
-const SCRATCH_SLOTS: usize = RECV_SLOTS;
+pub(super) const SCRATCH_SLOTS: usize = RECV_SLOTS;
 /// Depth of the session → applier ring; every message but barriers holds a receive
 /// slot, so the pool bounds it anyway.
 const APPLY_RING_DEPTH: usize = 16;

@@ -1,7 +1,7 @@
 //! Test harness binary: runs the shim from command-line arguments.
 //!
 //! ```text
-//! ferry-shim-test [--control PATH] [--io-engine auto|uring|sync]
+//! ferry-shim-test [--control PATH [--freeze-idle-timeout-ms MS]] [--io-engine auto|uring|sync]
 //!                 --disk name=N,path=P,socket=S,state_dir=D[,block_size=B] ...
 //! ```
 //!
@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use filter_driver_shim::backing::IoEngine;
+use filter_driver_shim::control::ControlConfig;
 use filter_driver_shim::{Shim, ShimDisk, DEFAULT_BLOCK_SIZE};
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -66,9 +67,16 @@ fn main() -> ExitCode {
         let parsed = match (a.as_str(), value) {
             ("--disk", Some(v)) => parse_disk(&v).map(|d| disks.push(d)),
             ("--control", Some(v)) => {
-                control = Some(PathBuf::from(v));
+                control = Some(ControlConfig::new(PathBuf::from(v)));
                 Ok(())
             }
+            ("--freeze-idle-timeout-ms", Some(v)) => match (control.as_mut(), v.parse()) {
+                (Some(c), Ok(ms)) => {
+                    c.freeze_idle_timeout = Duration::from_millis(ms);
+                    Ok(())
+                }
+                _ => Err("--freeze-idle-timeout-ms needs --control first and milliseconds".into()),
+            },
             ("--io-engine", Some(v)) => v.parse().map(|e| engine = e),
             (other, _) => Err(format!("unexpected argument `{other}`")),
         };

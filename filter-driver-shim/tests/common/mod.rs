@@ -11,7 +11,10 @@ use std::time::Duration;
 macro_rules! require_tool {
     ($tool:expr) => {
         if !$crate::common::have_tool($tool) {
-            eprintln!("SKIP: `{}` is not installed", $tool);
+            filter_driver_shim::require::skip(
+                filter_driver_shim::require::Feature::Tools,
+                format!("`{}` is not installed", $tool),
+            );
             return;
         }
     };

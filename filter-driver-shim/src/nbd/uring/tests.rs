@@ -34,7 +34,7 @@ fn unavailable() -> bool {
     match available() {
         Ok(()) => false,
         Err(why) => {
-            eprintln!("skipping io_uring test: {why}");
+            crate::require::skip(crate::require::Feature::Uring, why);
             true
         }
     }
