@@ -43,6 +43,20 @@ pub struct PowerFailFs {
     model: Arc<Mutex<Model>>,
     mountpoint: PathBuf,
     session: Option<fuser::BackgroundSession>,
+    /// The mount's device number (`st_dev`), which [`PowerFailFs::restore`] keeps.
+    dev: u64,
+}
+
+/// How many mounts [`PowerFailFs::restore`] tries before giving up on getting the old
+/// device number back. The kernel hands out the lowest free anonymous device number,
+/// so the first try gets it unless another mount took it in the meantime, or a file of
+/// the old mount is still open somewhere (the old superblock, and its number, live
+/// until the last one is closed).
+const REMOUNT_TRIES: u32 = 20;
+
+fn mount_dev(mountpoint: &Path) -> io::Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    Ok(std::fs::metadata(mountpoint)?.dev())
 }
 
 impl PowerFailFs {
@@ -51,11 +65,14 @@ impl PowerFailFs {
     pub fn mount(mountpoint: &Path) -> io::Result<PowerFailFs> {
         let model = Arc::new(Mutex::new(Model::new()));
         let session = fuse::spawn(Arc::clone(&model), mountpoint)?;
-        Ok(PowerFailFs {
+        let mut fs = PowerFailFs {
             model,
             mountpoint: mountpoint.to_path_buf(),
             session: Some(session),
-        })
+            dev: 0,
+        };
+        fs.dev = mount_dev(mountpoint)?;
+        Ok(fs)
     }
 
     /// Mounts on `mountpoint`, or returns `None` after printing SKIP when FUSE is not
@@ -98,11 +115,30 @@ impl PowerFailFs {
     /// flight), waits for its session to end, and mounts the durable state afresh.
     /// Kill every process that used the old mount first; one still holding a file of
     /// it keeps the old kernel objects alive, never the new mount's.
+    ///
+    /// The new mount gets the old one's device number (`st_dev`), as a disk's file
+    /// system has the same one after a reboot: the shim records its image's device and
+    /// inode, and a different one means "another image", a resync that would hide
+    /// exactly the lost changes this file system is there to reveal.
     pub fn restore(&mut self) -> io::Result<()> {
         self.detach()?;
         self.lock().power_on();
-        self.session = Some(fuse::spawn(Arc::clone(&self.model), &self.mountpoint)?);
-        Ok(())
+        let mut got = Vec::new();
+        for _ in 0..REMOUNT_TRIES {
+            self.session = Some(fuse::spawn(Arc::clone(&self.model), &self.mountpoint)?);
+            let dev = mount_dev(&self.mountpoint)?;
+            if dev == self.dev {
+                return Ok(());
+            }
+            got.push(dev);
+            self.detach()?;
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        Err(io::Error::other(format!(
+            "remounting {} never got its device number {:#x} back (got {got:#x?})",
+            self.mountpoint.display(),
+            self.dev
+        )))
     }
 
     /// Counters since the mount was created.

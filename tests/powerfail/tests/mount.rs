@@ -51,6 +51,7 @@ fn system_calls_ferry_uses_work_and_a_cut_keeps_only_what_was_synced() {
     let mut o = File::create(&orphan).unwrap();
     o.write_all(b"lost name").unwrap();
     o.sync_all().unwrap();
+    drop(o);
 
     // O_DIRECT opens and moves aligned data.
     let direct = OpenOptions::new()
@@ -162,4 +163,19 @@ fn system_calls_ferry_uses_work_and_a_cut_keeps_only_what_was_synced() {
         .collect();
     names.sort();
     assert_eq!(names, ["kept", "rec"]);
+}
+
+#[test]
+fn a_restored_mount_keeps_its_device_number() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = scratch();
+    let mnt = dir.path().join("mnt");
+    fs::create_dir(&mnt).unwrap();
+    let Some(mut pfs) = PowerFailFs::mount_or_skip("powerfail_dev", &mnt) else {
+        return;
+    };
+    let before = fs::metadata(&mnt).unwrap().dev();
+    pfs.cut(CutMode::WritebackSome { seed: 1 });
+    pfs.restore().unwrap();
+    assert_eq!(fs::metadata(&mnt).unwrap().dev(), before);
 }
