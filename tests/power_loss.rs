@@ -47,7 +47,7 @@ const SECTORS: usize = (DISK_BYTES / SECTOR) as usize;
 const DISKS: [&str; 2] = ["os", "data"];
 /// Power cycles of the default run: short, and each still cuts under a writing guest
 /// during continuous epochs.
-const CUTS: u64 = 4;
+const CUTS: u64 = 6;
 const SOAK_CUTS: u64 = 30;
 /// How long the replicas may take to catch up after a restart. Generous: the machine is
 /// shared; a lost change never catches up, whatever the wait.
@@ -267,6 +267,7 @@ struct Rig {
     port: u16,
     source_config: PathBuf,
     source_state: PathBuf,
+    target_state: PathBuf,
     images: Vec<PathBuf>,
     replicas: Vec<PathBuf>,
     sockets: Vec<PathBuf>,
@@ -331,6 +332,7 @@ impl Rig {
             port: 0,
             source_config,
             source_state,
+            target_state,
             images,
             replicas,
             sockets,
@@ -348,7 +350,7 @@ impl Rig {
             rig.port = free_port();
             std::fs::write(
                 &rig.target_config,
-                target_toml(rig.port, &key, &target_state, &disks, ""),
+                target_toml(rig.port, &key, &rig.target_state, &disks, ""),
             )
             .unwrap();
             match TargetProc::spawn(&rig.target_config, rig.port) {
@@ -461,6 +463,23 @@ impl Rig {
             .collect()
     }
 
+    /// Waits (at most `limit`) until the target has an epoch's undo log open.
+    fn wait_for_undo_log(&self, limit: Duration) {
+        let undo = self.target_state.join("undo");
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            let open = std::fs::read_dir(&undo).is_ok_and(|entries| {
+                entries
+                    .filter_map(Result::ok)
+                    .any(|e| e.path().extension().is_some_and(|x| x == "undo"))
+            });
+            if open {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
     /// The shim's `status` reply.
     fn shim_status(&self) -> serde_json::Value {
         use std::io::{BufRead, BufReader, Write as _};
@@ -547,8 +566,18 @@ fn power_loss_under_a_writing_guest_and_continuous_epochs_loses_no_change() {
             assert!(Instant::now() < deadline, "cut {cut}: the guest stalled");
             std::thread::sleep(Duration::from_millis(2));
         }
-        std::thread::sleep(Duration::from_millis(rng.below(600)));
-        let mode = if rng.below(2) == 0 {
+        if rng.below(2) == 0 {
+            // Anywhere: between epochs, while one is frozen, shipped or applied.
+            std::thread::sleep(Duration::from_millis(rng.below(600)));
+        } else {
+            // While the target applies an epoch: its undo log exists from the session's
+            // start to the commit. A few milliseconds in, replica writes are under way.
+            rig.wait_for_undo_log(Duration::from_secs(5));
+            std::thread::sleep(Duration::from_millis(rng.below(20)));
+        }
+        // Most cuts keep a random part of what was not synced: only those reveal a
+        // write that reached the disk before the record that protects it.
+        let mode = if rng.below(3) == 0 {
             CutMode::DropUnsynced
         } else {
             CutMode::WritebackSome {
