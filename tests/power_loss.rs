@@ -456,6 +456,37 @@ impl Rig {
             .collect()
     }
 
+    /// The newest epoch the engine logged as durable on the target.
+    fn last_durable_epoch(&self) -> Option<u64> {
+        self.durable_epochs()
+            .iter()
+            .filter_map(|l| {
+                let rest = &l[l.find(" epoch=")? + 7..];
+                rest.split_whitespace().next()?.parse().ok()
+            })
+            .max()
+    }
+
+    /// The newest recovery point the target lists (`ferry points --json`): its epoch.
+    fn latest_point(&self) -> Option<u64> {
+        let run = run_ferry(
+            &[
+                "points".as_ref(),
+                "--config".as_ref(),
+                self.target_config.as_os_str(),
+                "--json".as_ref(),
+            ],
+            SYNC_TIMEOUT,
+        );
+        assert!(run.success(), "ferry points: {run:?}");
+        run.json()["points"]
+            .as_array()
+            .expect("points[] in ferry points --json")
+            .iter()
+            .filter_map(|p| p["id"].as_u64())
+            .max()
+    }
+
     fn read_all(paths: &[PathBuf]) -> Vec<Vec<u8>> {
         paths
             .iter()
@@ -607,6 +638,19 @@ fn power_loss_under_a_writing_guest_and_continuous_epochs_loses_no_change() {
         rig.start_target();
         let replicas = Rig::read_all(&rig.replicas);
         points.push(assert_point_in_time(cut, &replicas, &base, &log));
+        // And no older than the last epoch the engine heard acknowledged before the cut.
+        let acknowledged = rig.last_durable_epoch();
+        let latest = rig.latest_point();
+        assert!(
+            latest >= acknowledged,
+            "cut {cut}: epoch {acknowledged:?} was acknowledged as durable, but after the \
+             power cut the target's latest recovery point is {latest:?}"
+        );
+        eprintln!(
+            "power_loss: cut {cut}: replicas are write {} of the log, at epoch {latest:?} \
+             (last acknowledged {acknowledged:?})",
+            points.last().expect("pushed above")
+        );
 
         rig.start_shim();
         let status = rig.shim_status();

@@ -47,12 +47,20 @@ pub struct PowerFailFs {
     dev: u64,
 }
 
-/// How many mounts [`PowerFailFs::restore`] tries before giving up on getting the old
-/// device number back. The kernel hands out the lowest free anonymous device number,
-/// so the first try gets it unless another mount took it in the meantime, or a file of
-/// the old mount is still open somewhere (the old superblock, and its number, live
-/// until the last one is closed).
-const REMOUNT_TRIES: u32 = 20;
+/// How many mounts [`PowerFailFs::restore`] tries, `REMOUNT_RETRY` apart, before giving
+/// up on getting the old device number back. The kernel hands out the lowest free
+/// anonymous device number, so the first try gets it unless another mount took it in
+/// the meantime (any tmpfs, sysfs of an `ip netns exec`, FUSE mount of another test on
+/// this shared machine), or a file of the old mount is still open somewhere (the old
+/// superblock, and its number, live until the last one is closed). Ten seconds rides
+/// out short-lived mounts of other tests.
+const REMOUNT_TRIES: u32 = 200;
+const REMOUNT_RETRY: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// Whether a `FERRY_REQUIRE` value (a comma list such as `uring,loop,fuse`) asks for FUSE.
+pub fn fuse_required(ferry_require: &str) -> bool {
+    ferry_require.split(',').any(|w| w.trim() == "fuse")
+}
 
 fn mount_dev(mountpoint: &Path) -> io::Result<u64> {
     use std::os::unix::fs::MetadataExt;
@@ -80,10 +88,7 @@ impl PowerFailFs {
     /// contains `fuse`: then a missing FUSE is a failure (panic), so a green run
     /// cannot hide a power-loss test that never ran.
     pub fn mount_or_skip(test: &str, mountpoint: &Path) -> Option<PowerFailFs> {
-        let required = std::env::var("FERRY_REQUIRE")
-            .unwrap_or_default()
-            .split(',')
-            .any(|w| w.trim() == "fuse");
+        let required = fuse_required(&std::env::var("FERRY_REQUIRE").unwrap_or_default());
         match PowerFailFs::mount(mountpoint) {
             Ok(fs) => Some(fs),
             Err(e) if required => panic!(
@@ -132,12 +137,14 @@ impl PowerFailFs {
             }
             got.push(dev);
             self.detach()?;
-            std::thread::sleep(std::time::Duration::from_millis(50));
+            std::thread::sleep(REMOUNT_RETRY);
         }
         Err(io::Error::other(format!(
-            "remounting {} never got its device number {:#x} back (got {got:#x?})",
+            "remounting {} never got its device number {:#x} back in {REMOUNT_TRIES} tries \
+             (another mount holds it?); last got {:#x?}",
             self.mountpoint.display(),
-            self.dev
+            self.dev,
+            got.last()
         )))
     }
 
@@ -174,5 +181,16 @@ impl PowerFailFs {
 impl Drop for PowerFailFs {
     fn drop(&mut self) {
         let _ = self.detach();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn ferry_require_names_fuse_in_its_comma_list() {
+        assert!(super::fuse_required("fuse"));
+        assert!(super::fuse_required("uring, fuse,loop"));
+        assert!(!super::fuse_required(""));
+        assert!(!super::fuse_required("uring,loop,fusex"));
     }
 }
