@@ -138,6 +138,12 @@ pub enum EpochError {
     NotFrozen { disk: String },
     #[error("disk `{disk}`: a copy-before-write failed; the epoch cannot be read consistently")]
     Broken { disk: String },
+    #[error("disk `{disk}`: cannot make the epoch's content durable on the source (fdatasync); its bits stay set")]
+    SyncBacking {
+        disk: String,
+        #[source]
+        source: io::Error,
+    },
     #[error("disk `{disk}`: clearing the committed bits")]
     Tracker {
         disk: String,
@@ -286,11 +292,30 @@ pub(crate) fn finish(disks: &[Arc<ServedDisk>], commit: bool) -> Result<(), Epoc
         // Drained: no write still copies into the epoch being ended.
         let taken = d.export.gate.drain().take();
         let Some(f) = taken else { continue };
-        let result = if commit && !f.is_broken() {
-            d.export.tracker.commit(&f.bits)
+        // The epoch shipped what the guest had written, durable on the source or not
+        // (a write is acknowledged before it is flushed). Its bits may go only once the
+        // source holds that content durably too: after a power loss that dropped an
+        // unflushed write the block must differ from the replica *and* be marked, or
+        // the replica keeps a write the source no longer has and nothing resends the
+        // block (found by tests/power_loss.rs).
+        let synced = if commit && !f.is_broken() {
+            d.export
+                .backing
+                .sync_data()
+                .map_err(|source| EpochError::SyncBacking {
+                    disk: d.disk.name.clone(),
+                    source,
+                })
         } else {
-            d.export.tracker.abort(&f.bits)
+            Ok(())
         };
+        let result = match &synced {
+            Ok(()) if commit && !f.is_broken() => d.export.tracker.commit(&f.bits),
+            _ => d.export.tracker.abort(&f.bits),
+        };
+        if let Err(e) = synced {
+            first_error.get_or_insert(e);
+        }
         if f.copies() > 0 {
             tracing::debug!(disk = %d.disk.name, copies = f.copies(), "copy-before-write blocks this epoch");
         }
