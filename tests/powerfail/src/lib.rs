@@ -45,6 +45,82 @@ pub struct PowerFailFs {
     session: Option<fuser::BackgroundSession>,
     /// The mount's device number (`st_dev`), which [`PowerFailFs::restore`] keeps.
     dev: u64,
+    /// Held for the mount's life: one power-fail mount at a time on this host, so two
+    /// of them never take each other's device number while one is detached.
+    _exclusive: std::fs::File,
+}
+
+/// The lock file every [`PowerFailFs`] holds (flock, exclusive) while it exists.
+const HOST_LOCK: &str = "/tmp/ferry-powerfail.lock";
+
+fn host_lock() -> io::Result<std::fs::File> {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(HOST_LOCK)?;
+    loop {
+        // SAFETY: flock(2) on a descriptor owned by `file` for the call; no memory
+        // effects.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } == 0 {
+            return Ok(file);
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EINTR) {
+            return Err(e);
+        }
+    }
+}
+
+/// A tmpfs mounted only to hold one anonymous device number while
+/// [`PowerFailFs::restore`] waits for a higher one; unmounted when dropped.
+struct Placeholder(tempfile_dir::Dir);
+
+mod tempfile_dir {
+    /// A directory removed when dropped (after the placeholder's unmount).
+    pub struct Dir(pub std::path::PathBuf);
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir(&self.0);
+        }
+    }
+}
+
+impl Placeholder {
+    fn mount(n: usize) -> io::Result<Placeholder> {
+        let dir =
+            std::env::temp_dir().join(format!("ferry-powerfail-hold-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let dir = tempfile_dir::Dir(dir);
+        let target = CString::new(dir.0.as_os_str().as_bytes())
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        let fstype = CString::new("tmpfs").expect("no NUL");
+        // SAFETY: every pointer is a NUL-terminated string that outlives the call; the
+        // data argument may be null.
+        let rc = unsafe {
+            libc::mount(
+                fstype.as_ptr(),
+                target.as_ptr(),
+                fstype.as_ptr(),
+                0,
+                std::ptr::null(),
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Placeholder(dir))
+    }
+}
+
+impl Drop for Placeholder {
+    fn drop(&mut self) {
+        if let Ok(path) = CString::new(self.0 .0.as_os_str().as_bytes()) {
+            // SAFETY: `path` is a NUL-terminated string that outlives the call.
+            unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) };
+        }
+    }
 }
 
 /// How many mounts [`PowerFailFs::restore`] tries, `REMOUNT_RETRY` apart, before giving
@@ -71,6 +147,7 @@ impl PowerFailFs {
     /// Mounts an empty file system on `mountpoint` (an existing empty directory).
     /// Needs `/dev/fuse` and root (mount(2)) or fusermount3.
     pub fn mount(mountpoint: &Path) -> io::Result<PowerFailFs> {
+        let exclusive = host_lock()?;
         let model = Arc::new(Mutex::new(Model::new()));
         let session = fuse::spawn(Arc::clone(&model), mountpoint)?;
         let mut fs = PowerFailFs {
@@ -78,6 +155,7 @@ impl PowerFailFs {
             mountpoint: mountpoint.to_path_buf(),
             session: Some(session),
             dev: 0,
+            _exclusive: exclusive,
         };
         fs.dev = mount_dev(mountpoint)?;
         Ok(fs)
@@ -129,6 +207,9 @@ impl PowerFailFs {
         self.detach()?;
         self.lock().power_on();
         let mut got = Vec::new();
+        // Numbers below ours that came free meanwhile (another test's mount ended) are
+        // held by placeholders until ours comes back: the kernel hands out the lowest.
+        let mut held = Vec::new();
         for _ in 0..REMOUNT_TRIES {
             self.session = Some(fuse::spawn(Arc::clone(&self.model), &self.mountpoint)?);
             let dev = mount_dev(&self.mountpoint)?;
@@ -137,7 +218,11 @@ impl PowerFailFs {
             }
             got.push(dev);
             self.detach()?;
-            std::thread::sleep(REMOUNT_RETRY);
+            if dev < self.dev {
+                held.push(Placeholder::mount(held.len())?);
+            } else {
+                std::thread::sleep(REMOUNT_RETRY);
+            }
         }
         Err(io::Error::other(format!(
             "remounting {} never got its device number {:#x} back in {REMOUNT_TRIES} tries \
