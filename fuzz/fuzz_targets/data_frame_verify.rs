@@ -1,5 +1,4 @@
 //! A session geometry and a Data frame payload through the target's verifier.
-//! Built only with `--features verify-api` (see fuzz/README.md).
 //!
 //! The harness is `ferry_fuzz::targets::data_frame_verify`. Under `cargo fuzz` this is a libFuzzer
 //! target; any other build makes it a replayer of the files given as arguments.

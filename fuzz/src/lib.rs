@@ -46,29 +46,15 @@ pub struct Target {
 
 /// Every target this build has, in a fixed order.
 pub fn all() -> Vec<Target> {
-    let mut all = vec![targets::frame_decoder::target()];
-    #[cfg(feature = "verify-api")]
-    all.push(targets::data_frame_verify::target());
-    all.extend([
+    vec![
+        targets::frame_decoder::target(),
+        targets::data_frame_verify::target(),
         targets::bitmap_file::target(),
         targets::config_toml::target(),
         targets::handshake_server::target(),
         targets::nbd_request::target(),
         targets::nbd_option::target(),
-    ]);
-    all
-}
-
-/// Targets that exist but are not compiled into this build, with the reason.
-pub fn unavailable() -> Vec<(&'static str, &'static str)> {
-    let mut missing = Vec::new();
-    if cfg!(not(feature = "verify-api")) {
-        missing.push((
-            "data_frame_verify",
-            "needs `--features verify-api` and the dataplane change described in fuzz/README.md",
-        ));
-    }
-    missing
+    ]
 }
 
 /// A short, stable label for an error: its Display text up to the first quoted or

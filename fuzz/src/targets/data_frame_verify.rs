@@ -1,8 +1,8 @@
 //! The target writer's data-frame verifier: the last check between a peer's bytes and
 //! a replica disk.
 //!
-//! Needs `dataplane::target::verify` to be public (feature `verify-api`; README.md
-//! gives the one-line change). The harness drives it as the session does: the geometry
+//! `dataplane::target::verify` is public (hidden from the docs) for this harness alone.
+//! The harness drives it as the session does: the geometry
 //! of the opened disks, `needs_scratch` to decide whether a scratch slot is handed in,
 //! a scratch buffer of `MAX_FRAME_PAYLOAD` bytes reused without zeroing, one zstd
 //! decompressor for the whole session.

@@ -2,7 +2,6 @@
 
 pub mod bitmap_file;
 pub mod config_toml;
-#[cfg(feature = "verify-api")]
 pub mod data_frame_verify;
 pub mod frame_decoder;
 pub mod handshake_server;

@@ -114,11 +114,6 @@ fn main() -> ExitCode {
         opts.seed,
         opts.timeout
     );
-    for (name, why) in ferry_fuzz::unavailable() {
-        if opts.only.is_empty() {
-            println!("smoke: {name}: skipped: {why}");
-        }
-    }
     let mut findings = 0;
     for target in &targets {
         match fuzz_one(target, &opts, fuzz_dir) {
