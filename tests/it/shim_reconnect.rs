@@ -1,6 +1,6 @@
 //! `ferry shim --config` as a separate process, driven by a controlled guest workload:
 //!
-//! * an independent NBD client (`tests/common/nbd.rs`, written from the protocol
+//! * an independent NBD client (`tests/it/common/nbd.rs`, written from the protocol
 //!   specification) exercising every request type, checked against the backing file
 //!   and the shim's changed-block bitmap;
 //! * QEMU's NBD client (`qemu-io` with `reconnect-delay`) riding out a restart of the
@@ -17,8 +17,7 @@
 //! (and flushes) before it reads the next command, so the test knows exactly which
 //! writes were acknowledged when it stops the shim, without relying on sleeps.
 
-mod common;
-
+use crate::common;
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::FileExt;
@@ -28,8 +27,8 @@ use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::nbd::{self, connect_retry, nbd_errno, NbdClient};
-use common::{
+use crate::common::nbd::{self, connect_retry, nbd_errno, NbdClient};
+use crate::common::{
     create_sparse, drain, keygen, scratch_dir, source_toml, test_seed, toml_path, Rng, BLOCK,
 };
 use filter_driver_shim::bitmap::ChangedBlockBitmap;

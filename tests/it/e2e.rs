@@ -1,12 +1,10 @@
 //! End to end between real processes over real TCP: `ferry keygen`, `ferry target`,
 //! `ferry sync --json`. Every test compares the replicas' bytes with the sources'.
 
-mod common;
-
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-use common::*;
+use crate::common::*;
 
 /// Peak memory either process may use for any disk in these tests: buffers are fixed
 /// (queue depth × I/O size, a few frames in flight) and bitmaps are 1 bit per block,

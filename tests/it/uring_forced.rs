@@ -4,13 +4,11 @@
 //! fails instead — so a pass proves the io_uring data path ran on all three. Without
 //! io_uring the test skips, and fails when `FERRY_REQUIRE` includes `uring`.
 
-mod common;
-
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::nbd::{connect_retry, NbdClient};
-use common::*;
+use crate::common::nbd::{connect_retry, NbdClient};
+use crate::common::*;
 use filter_driver_shim::require::{self, Feature};
 
 const DISK_BYTES: u64 = 8 << 20;

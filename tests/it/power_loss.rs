@@ -29,16 +29,14 @@
 //! loaded machine does not replay). Short by default; `FERRY_SOAK=1` cuts 30 times.
 //! Without FUSE the test prints SKIP, unless `FERRY_REQUIRE` contains `fuse`.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::nbd::{connect_retry, NbdClient};
-use common::*;
+use crate::common::nbd::{connect_retry, NbdClient};
+use crate::common::*;
 use ferry_powerfail::{CutMode, PowerFailFs};
 
 const SECTOR: u64 = 4096;
@@ -563,6 +561,8 @@ fn tail(text: &str, lines: usize) -> String {
 
 #[test]
 fn power_loss_under_a_writing_guest_and_continuous_epochs_loses_no_change() {
+    // Held to the end: no other test of this binary mounts meanwhile (see the lock).
+    let _mounts = crate::common::exclusive_mounts();
     let seed = test_seed("power_loss");
     let cuts = if soak() { SOAK_CUTS } else { CUTS };
     let Some(mut rig) = Rig::new(seed) else {

@@ -3,13 +3,11 @@
 //! running one by pid — between its epochs too, not only during one. Once it stops,
 //! both work again.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 
 /// Bound on anything the test waits for; only turns a hang into a failure.
 const PATIENCE: Duration = Duration::from_secs(60);

@@ -6,8 +6,7 @@
 //! always an acknowledged point in time, every resume changed-block, and in the end
 //! equal to the sources.
 
-mod common;
-
+use crate::common;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -15,9 +14,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::nbd::{connect_retry, NbdClient};
-use common::proxy::{Dir, Fault, FaultProxy};
-use common::*;
+use crate::common::nbd::{connect_retry, NbdClient};
+use crate::common::proxy::{Dir, Fault, FaultProxy};
+use crate::common::*;
 
 const SECTOR: u64 = 4096;
 const DISK_BYTES: u64 = 8 << 20;

@@ -3,8 +3,7 @@
 //! shim user's alone whatever the umask, and an epoch frozen by a connection that then
 //! goes silent is aborted after `freeze_idle_timeout_ms`.
 
-mod common;
-
+use crate::common;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
@@ -13,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 
 /// How long a test waits for something that should happen in well under a second.
 const PATIENCE: Duration = Duration::from_secs(30);

@@ -10,16 +10,15 @@
 //! the epoch, a write before it missing, or the two disks cut at different instants
 //! all fail that check.
 
-mod common;
-
+use crate::common;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::nbd::{connect_retry, NbdClient};
-use common::*;
+use crate::common::nbd::{connect_retry, NbdClient};
+use crate::common::*;
 
 const SECTOR: u64 = 4096;
 const DISK_BYTES: u64 = 8 << 20;

@@ -5,8 +5,6 @@
 //! scratch directory (on /dev/shm when there is one), so tests run in parallel and
 //! never share a port, a replica or a state directory.
 
-#![allow(dead_code)]
-
 pub mod nbd;
 pub mod proxy;
 
@@ -37,6 +35,18 @@ pub fn ferry_bin() -> &'static str {
 /// `FERRY_SOAK=1` turns on the long variants.
 pub fn soak() -> bool {
     std::env::var("FERRY_SOAK").is_ok_and(|v| !v.is_empty() && v != "0")
+}
+
+/// Serialises the tests that mount a file system (tmpfs, FUSE, nbdfuse) within this
+/// binary; each holds the guard for its whole run. A new mount takes the lowest free
+/// anonymous device number, and the power-loss test must get its mount's number back
+/// when it remounts after a cut (the shim keys an image on device and inode): a tmpfs
+/// or FUSE mount of another test made in between would take it. Processes outside this
+/// binary can still do that; `PowerFailFs::restore` retries for a while.
+pub fn exclusive_mounts() -> std::sync::MutexGuard<'static, ()> {
+    static MOUNTS: Mutex<()> = Mutex::new(());
+    // A test that panicked while holding it left no mount behind (its guards unmount).
+    MOUNTS.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// A scratch directory on tmpfs when there is one (disk images are cheap there).
@@ -330,12 +340,7 @@ impl TargetProc {
 
     /// Peak resident memory of the target process so far (VmHWM).
     pub fn peak_rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .expect("VmHWM in /proc/<pid>/status")
+        vm_hwm_kib(self.pid()).expect("VmHWM in /proc/<pid>/status of a running target")
     }
 
     /// Kills the process and waits for it (a crash, as far as the target can tell).
@@ -358,7 +363,8 @@ pub struct Run {
     pub status: ExitStatus,
     pub stdout: String,
     pub stderr: String,
-    /// Peak resident memory of the process.
+    /// Peak resident memory of the process, as its own `VmHWM` last read before it
+    /// exited (see [`run_ferry`]).
     pub max_rss_kib: u64,
 }
 
@@ -380,6 +386,13 @@ impl Run {
 }
 
 /// Runs `ferry <args>` to completion, killing it after `timeout`.
+///
+/// The peak memory is the child's `VmHWM`, read from /proc every few milliseconds
+/// while it runs: `wait4`'s `ru_maxrss` would also count the memory of this test
+/// process, which the child shares between fork and exec and which the kernel carries
+/// over into the child's maximum at exec. With every test in one process that is
+/// hundreds of MiB. A peak reached in the child's last milliseconds can be missed; the
+/// data path allocates its buffers at start.
 // The child is reaped by wait4 (which clippy does not see), or by `wait` on timeout.
 #[allow(clippy::zombie_processes)]
 pub fn run_ferry(args: &[&std::ffi::OsStr], timeout: Duration) -> Run {
@@ -394,17 +407,19 @@ pub fn run_ferry(args: &[&std::ffi::OsStr], timeout: Duration) -> Run {
     let out = drain(child.stdout.take().unwrap());
     let err = drain(child.stderr.take().unwrap());
     let deadline = Instant::now() + timeout;
-    // wait4 rather than try_wait: it also reports the child's peak memory.
     let pid = child.id() as libc::pid_t;
-    let (status, max_rss_kib) = loop {
+    let mut max_rss_kib = 0;
+    let status = loop {
+        // Before the wait: once reaped, the pid may name another process.
+        if let Some(kib) = vm_hwm_kib(child.id()) {
+            max_rss_kib = max_rss_kib.max(kib);
+        }
         let mut raw = 0;
-        // SAFETY: an all-zero rusage is a valid value; wait4 writes it in full.
-        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-        // SAFETY: `raw` and `usage` are live locals for the duration of the call.
-        let rc = unsafe { libc::wait4(pid, &mut raw, libc::WNOHANG, &mut usage) };
+        // SAFETY: `raw` is a live local for the duration of the call; no rusage wanted.
+        let rc = unsafe { libc::wait4(pid, &mut raw, libc::WNOHANG, std::ptr::null_mut()) };
         if rc == pid {
             use std::os::unix::process::ExitStatusExt;
-            break (ExitStatus::from_raw(raw), usage.ru_maxrss as u64);
+            break ExitStatus::from_raw(raw);
         }
         assert!(rc == 0, "wait4: {}", std::io::Error::last_os_error());
         if Instant::now() > deadline {
@@ -432,6 +447,15 @@ pub fn run_ferry(args: &[&std::ffi::OsStr], timeout: Duration) -> Run {
         status,
         max_rss_kib,
     }
+}
+
+/// `VmHWM` of a live process (`None` once it has exited: a zombie has no memory).
+fn vm_hwm_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
 /// `ferry sync --config <config> --json <extra...>`.
