@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::common::shim::ShimProc;
 use crate::common::*;
 
 /// Bound on anything the test waits for; only turns a hang into a failure.
@@ -105,12 +106,7 @@ fn a_second_engine_on_one_state_dir_is_refused_naming_the_running_one() {
         ),
     )
     .unwrap();
-    let _shim = Kill(spawn(&["shim"], &config, &d.join("shim.log")));
-    wait_for(
-        "shim up",
-        || std::os::unix::net::UnixStream::connect(state.join("shim.ctl")).is_ok(),
-        || std::fs::read_to_string(d.join("shim.log")).unwrap_or_default(),
-    );
+    let _shim = ShimProc::start(&config, &state);
 
     let source_log = d.join("source.log");
     let mut first = Kill(spawn(&["source"], &config, &source_log));

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use crate::common::nbd::{connect_retry, NbdClient};
 use crate::common::proxy::{Dir, Fault, FaultProxy};
+use crate::common::shim::ShimProc;
 use crate::common::*;
 
 const SECTOR: u64 = 4096;
@@ -26,7 +27,7 @@ const SOURCE_IO_TIMEOUT_MS: u64 = 1500;
 /// A target, a proxy in front of it, a shim and a source config that goes through the
 /// proxy; disks named `os` and `data`, the first half random, the rest a hole.
 struct Rig {
-    shim: Option<Child>,
+    shim: Option<ShimProc>,
     proxy: FaultProxy,
     target: TargetProc,
     config: PathBuf,
@@ -35,15 +36,6 @@ struct Rig {
     disks: Vec<(String, PathBuf, PathBuf, PathBuf)>, // name, image, replica, socket
     initial: Vec<Vec<u8>>,
     dir: tempfile::TempDir,
-}
-
-impl Drop for Rig {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.shim.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
 }
 
 impl Rig {
@@ -103,36 +95,11 @@ impl Rig {
     }
 
     fn start_shim(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.path().join("shim.log"))
-            .unwrap();
-        let child = Command::new(ferry_bin())
-            .args(["shim", "--config"])
-            .arg(&self.config)
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn ferry shim");
-        self.shim = Some(child);
-        let ctl = self.state.join("shim.ctl");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::os::unix::net::UnixStream::connect(&ctl).is_err() {
-            assert!(Instant::now() < deadline, "shim did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.shim = Some(ShimProc::start(&self.config, &self.state));
     }
 
     fn shim_status(&self) -> serde_json::Value {
-        use std::io::{BufRead, BufReader, Write as _};
-        let mut s = std::os::unix::net::UnixStream::connect(self.state.join("shim.ctl")).unwrap();
-        s.write_all(b"status\n").unwrap();
-        let mut line = String::new();
-        BufReader::new(s).read_line(&mut line).unwrap();
-        serde_json::from_str(&line).unwrap()
+        self.shim.as_ref().expect("the shim runs").status()
     }
 
     fn replicas(&self) -> Vec<Vec<u8>> {

@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::common::nbd::{connect_retry, NbdClient};
+use crate::common::shim::ShimProc;
 use crate::common::*;
 
 const SECTOR: u64 = 4096;
@@ -34,22 +35,13 @@ struct Write {
 
 /// A scratch rig: target process, shim process, two disks, a source config.
 struct Rig {
-    shim: Option<Child>,
+    shim: Option<ShimProc>,
     target: TargetProc,
     config: PathBuf,
     state: PathBuf,
     disks: Vec<(String, PathBuf, PathBuf, PathBuf)>, // name, image, replica, socket
     initial: Vec<Vec<u8>>,
     dir: tempfile::TempDir,
-}
-
-impl Drop for Rig {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.shim.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
 }
 
 impl Rig {
@@ -115,52 +107,26 @@ impl Rig {
     }
 
     fn start_shim(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.path().join("shim.log"))
-            .unwrap();
-        let child = Command::new(ferry_bin())
-            .args(["shim", "--config"])
-            .arg(&self.config)
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn ferry shim");
-        self.shim = Some(child);
-        let ctl = self.state.join("shim.ctl");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::os::unix::net::UnixStream::connect(&ctl).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "shim did not start: {}",
-                self.shim_log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.shim = Some(ShimProc::start(&self.config, &self.state));
     }
 
     fn kill_shim(&mut self) {
-        if let Some(mut c) = self.shim.take() {
-            let _ = c.kill();
-            let _ = c.wait();
+        if let Some(shim) = self.shim.take() {
+            shim.kill9();
         }
     }
 
+    fn shim(&self) -> &ShimProc {
+        self.shim.as_ref().expect("the shim runs")
+    }
+
     fn shim_log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("shim.log")).unwrap_or_default()
+        self.shim.as_ref().map(ShimProc::log).unwrap_or_default()
     }
 
     /// The shim's `status` reply.
     fn shim_status(&self) -> serde_json::Value {
-        use std::io::{BufRead, BufReader, Write as _};
-        let mut s = std::os::unix::net::UnixStream::connect(self.state.join("shim.ctl")).unwrap();
-        s.write_all(b"status\n").unwrap();
-        let mut line = String::new();
-        BufReader::new(s).read_line(&mut line).unwrap();
-        serde_json::from_str(&line).unwrap()
+        self.shim().status()
     }
 
     fn replicas(&self) -> Vec<Vec<u8>> {
@@ -442,7 +408,7 @@ fn an_engine_killed_mid_epoch_gives_its_bits_back() {
     // Hold an epoch on a control connection and drop it: the shim must abort it.
     {
         use std::io::{BufRead, BufReader, Write as _};
-        let mut s = std::os::unix::net::UnixStream::connect(rig.state.join("shim.ctl")).unwrap();
+        let mut s = std::os::unix::net::UnixStream::connect(rig.shim().control_path()).unwrap();
         s.write_all(b"freeze\n").unwrap();
         let mut line = String::new();
         BufReader::new(s.try_clone().unwrap())
@@ -619,11 +585,7 @@ fn an_image_changed_behind_the_shim_forces_one_seeded_resync() {
     sync_ok(&rig.config, &[]);
     let before = rig.shim_status();
     // Clean stop, then a write nobody tracked.
-    if let Some(mut c) = rig.shim.take() {
-        // SAFETY: kill(2) with a pid of our own child, still unreaped.
-        unsafe { libc::kill(c.id() as libc::pid_t, libc::SIGTERM) };
-        assert!(c.wait().unwrap().success(), "{}", rig.shim_log());
-    }
+    rig.shim.take().expect("the shim runs").stop();
     std::thread::sleep(Duration::from_millis(20)); // mtime granularity
     {
         use std::os::unix::fs::FileExt;

@@ -36,6 +36,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::common::nbd::{connect_retry, NbdClient};
+use crate::common::shim::ShimProc;
 use crate::common::*;
 use ferry_powerfail::{CutMode, PowerFailFs};
 
@@ -258,7 +259,7 @@ fn assert_point_in_time(cut: u64, replicas: &[Vec<u8>], base: &[Vec<u8>], log: &
 /// Every file of the rig and its processes.
 struct Rig {
     // Processes first: they die before the mount goes.
-    shim: Option<Child>,
+    shim: Option<ShimProc>,
     source: Option<Child>,
     target: Option<TargetProc>,
     target_config: PathBuf,
@@ -404,24 +405,7 @@ impl Rig {
     }
 
     fn start_shim(&mut self) {
-        self.shim = Some(self.spawn_logged("shim", "shim.log"));
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !self
-            .sockets
-            .iter()
-            .all(|s| std::os::unix::net::UnixStream::connect(s).is_ok())
-            || std::os::unix::net::UnixStream::connect(self.source_state.join("shim.ctl")).is_err()
-        {
-            if let Some(status) = self.shim.as_mut().unwrap().try_wait().unwrap() {
-                panic!("the shim exited ({status}): {}", self.log("shim.log"));
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the shim did not start: {}",
-                self.log("shim.log")
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.shim = Some(ShimProc::start(&self.source_config, &self.source_state));
     }
 
     fn start_source(&mut self) {
@@ -436,7 +420,9 @@ impl Rig {
 
     fn kill_all(&mut self) {
         kill(&mut self.source);
-        kill(&mut self.shim);
+        if let Some(shim) = self.shim.take() {
+            shim.kill9();
+        }
         if let Some(mut t) = self.target.take() {
             t.kill();
         }
@@ -511,13 +497,11 @@ impl Rig {
 
     /// The shim's `status` reply.
     fn shim_status(&self) -> serde_json::Value {
-        use std::io::{BufRead, BufReader, Write as _};
-        let mut s =
-            std::os::unix::net::UnixStream::connect(self.source_state.join("shim.ctl")).unwrap();
-        s.write_all(b"status\n").unwrap();
-        let mut line = String::new();
-        BufReader::new(s).read_line(&mut line).unwrap();
-        serde_json::from_str(&line).unwrap()
+        self.shim.as_ref().expect("the shim runs").status()
+    }
+
+    fn shim_log(&self) -> String {
+        self.shim.as_ref().map(ShimProc::log).unwrap_or_default()
     }
 
     /// Waits until every replica equals its source image. Panics naming the blocks
@@ -659,7 +643,7 @@ fn power_loss_under_a_writing_guest_and_continuous_epochs_loses_no_change() {
                 d["resync_required"],
                 false,
                 "cut {cut}: tracking survived the power loss: {d}\n{}",
-                rig.log("shim.log")
+                rig.shim_log()
             );
         }
         rig.start_source();

@@ -7,6 +7,7 @@
 
 pub mod nbd;
 pub mod proxy;
+pub mod shim;
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
