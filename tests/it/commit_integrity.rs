@@ -53,20 +53,15 @@ impl Setup {
             .unwrap();
         mutate(&source, &mut rng);
         let config = d.join("target.toml");
-        let port = common::free_port();
-        std::fs::write(
-            &config,
+        let target = TargetProc::start_with(&config, &[("FERRY_FAILPOINTS", failpoints)], |port| {
             common::target_toml(
                 port,
                 &key,
                 &d.join("target-state"),
                 &[("vm", replica.as_path())],
                 "",
-            ),
-        )
-        .unwrap();
-        let target =
-            TargetProc::spawn_env(&config, port, &[("FERRY_FAILPOINTS", failpoints)]).unwrap();
+            )
+        });
         let source_cfg = d.join("source.toml");
         std::fs::write(
             &source_cfg,

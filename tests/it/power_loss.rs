@@ -343,25 +343,11 @@ impl Rig {
             .zip(&rig.replicas)
             .map(|(n, r)| (*n, r.as_path()))
             .collect();
-        // A free port, retried if another test takes it first.
-        let mut last = String::new();
-        for _ in 0..5 {
-            rig.port = free_port();
-            std::fs::write(
-                &rig.target_config,
-                target_toml(rig.port, &key, &rig.target_state, &disks, ""),
-            )
-            .unwrap();
-            match TargetProc::spawn(&rig.target_config, rig.port) {
-                Ok(t) => {
-                    rig.target = Some(t);
-                    break;
-                }
-                Err(e) if e.contains("in use") => last = e,
-                Err(e) => panic!("{e}"),
-            }
-        }
-        assert!(rig.target.is_some(), "no free port for the target: {last}");
+        let target = TargetProc::start_with(&rig.target_config, &[], |port| {
+            target_toml(port, &key, &rig.target_state, &disks, "")
+        });
+        rig.port = target.port;
+        rig.target = Some(target);
         let mut toml = format!(
             "[source]\ntarget = \"127.0.0.1:{}\"\npsk_file = {}\nstate_dir = {}\n\
              io_timeout_ms = 20000\nepoch_interval_ms = 150\nblock_size_kib = 16\n",

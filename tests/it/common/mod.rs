@@ -7,6 +7,7 @@
 
 pub mod nbd;
 pub mod proxy;
+pub mod rig;
 pub mod shim;
 
 use std::fs::{File, OpenOptions};
@@ -304,13 +305,25 @@ impl TargetProc {
     /// Writes a target config for `disks` into `dir` and starts a target on a free
     /// port, retrying with another port if the chosen one was taken meanwhile.
     pub fn start(dir: &Path, key: &Path, disks: &[(&str, &Path)], extra: &str) -> TargetProc {
-        let config = dir.join("target.toml");
         let state = dir.join("target-state");
+        TargetProc::start_with(&dir.join("target.toml"), &[], |port| {
+            target_toml(port, key, &state, disks, extra)
+        })
+    }
+
+    /// Writes `config_for(port)` to `config` for a free port and starts a target on it
+    /// with extra environment `env`, retrying with another port if the chosen one was
+    /// taken meanwhile.
+    pub fn start_with(
+        config: &Path,
+        env: &[(&str, &str)],
+        config_for: impl Fn(u16) -> String,
+    ) -> TargetProc {
         let mut last = String::new();
         for _ in 0..5 {
             let port = free_port();
-            std::fs::write(&config, target_toml(port, key, &state, disks, extra)).unwrap();
-            match TargetProc::spawn(&config, port) {
+            std::fs::write(config, config_for(port)).unwrap();
+            match TargetProc::spawn_env(config, port, env) {
                 Ok(t) => return t,
                 Err(e) if e.contains("in use") => last = e,
                 Err(e) => panic!("{e}"),

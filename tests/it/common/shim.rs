@@ -1,16 +1,18 @@
 //! `ferry shim --config` as a child process, the one way the tests start a shim: it is
 //! ready once its control socket answers `status`, which it does only after every NBD
-//! socket is bound; its log (stderr) is collected in memory; it is killed when dropped.
+//! socket is bound; its log (stderr) goes to a file of its own next to the config; it
+//! is killed when dropped.
 
+use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use super::{drain, ferry_bin};
+use super::ferry_bin;
 
 /// How long the shim may take to start serving, or to exit after SIGTERM. Generous:
 /// the machines are shared; it only turns a hang into a failure.
@@ -29,7 +31,10 @@ pub struct ShimOptions {
 pub struct ShimProc {
     child: Child,
     control: PathBuf,
-    stderr: Arc<Mutex<Vec<u8>>>,
+    /// This process's stderr. A file, not a pipe: what the shim logged before it
+    /// answered a request is there when the answer arrives (a pipe's reader thread
+    /// may not have caught up yet).
+    log: PathBuf,
 }
 
 /// Sends one control request line and returns the JSON reply.
@@ -76,6 +81,10 @@ impl ShimProc {
         state_dir: &Path,
         options: &ShimOptions,
     ) -> Result<ShimProc, (ExitStatus, String)> {
+        // One log file per process, so that a restarted shim's log is its own.
+        static STARTS: AtomicU64 = AtomicU64::new(0);
+        let n = STARTS.fetch_add(1, Ordering::Relaxed);
+        let log = config.with_file_name(format!("shim-{n}.log"));
         let mut cmd = Command::new(ferry_bin());
         cmd.args(["shim", "--config"])
             .arg(config)
@@ -83,7 +92,7 @@ impl ShimProc {
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::piped());
+            .stderr(File::create(&log).expect("create the shim's log file"));
         for var in &options.env_remove {
             cmd.env_remove(var);
         }
@@ -96,18 +105,15 @@ impl ShimProc {
                 });
             }
         }
-        let mut child = cmd.spawn().expect("spawn ferry shim");
-        let stderr = drain(child.stderr.take().unwrap());
+        let child = cmd.spawn().expect("spawn ferry shim");
         let mut shim = ShimProc {
             child,
             control: state_dir.join("shim.ctl"),
-            stderr,
+            log,
         };
         let deadline = Instant::now() + SHIM_TIMEOUT;
         loop {
             if let Some(status) = shim.child.try_wait().unwrap() {
-                // Give the drain thread a moment to collect the last words.
-                std::thread::sleep(Duration::from_millis(50));
                 return Err((status, shim.log()));
             }
             // A stale control socket from a killed shim refuses until the new one binds.
@@ -129,7 +135,7 @@ impl ShimProc {
 
     /// What the shim logged so far.
     pub fn log(&self) -> String {
-        String::from_utf8_lossy(&self.stderr.lock().unwrap()).into_owned()
+        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     /// The control socket.
@@ -169,7 +175,6 @@ impl ShimProc {
                 self.log()
             )
         });
-        std::thread::sleep(Duration::from_millis(50));
         assert!(
             status.success(),
             "ferry shim exited with {status} after SIGTERM: {}",
