@@ -1,14 +1,20 @@
-//! Helpers shared by the root package's integration tests: real `ferry` processes on
-//! loopback TCP, scratch disk images, byte comparison of replicas, seeded randomness.
+//! Helpers shared by the integration tests: real `ferry` processes on loopback TCP,
+//! scratch disk images, byte comparison of replicas, seeded randomness (`rng`); the
+//! shim as a process (`shim`), the live rig with its stamping guest (`rig`), the
+//! fault-injecting proxy (`proxy`) and the independent NBD client (`nbd`).
 //!
 //! Every test builds its own key, configs, target process and images in its own
 //! scratch directory (on /dev/shm when there is one), so tests run in parallel and
-//! never share a port, a replica or a state directory.
+//! never share a port, a replica or a state directory. Tests that mount a file system
+//! take [`exclusive_mounts`].
 
 pub mod nbd;
 pub mod proxy;
 pub mod rig;
+mod rng;
 pub mod shim;
+
+pub use rng::{test_seed, Rng};
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
@@ -66,65 +72,6 @@ pub fn scratch_dir() -> tempfile::TempDir {
         .prefix("ferry-test-")
         .tempdir()
         .expect("create a temporary directory")
-}
-
-// ---------------------------------------------------------------------------------
-// Randomness with a printed seed.
-
-/// SplitMix64: tiny, fast, good enough to generate test data and choices.
-#[derive(Debug, Clone)]
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Self {
-        Rng(seed)
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `0..n` (n > 0).
-    pub fn below(&mut self, n: u64) -> u64 {
-        assert!(n > 0);
-        ((self.next_u64() as u128 * n as u128) >> 64) as u64
-    }
-
-    pub fn fill(&mut self, buf: &mut [u8]) {
-        let mut chunks = buf.chunks_exact_mut(8);
-        for c in &mut chunks {
-            c.copy_from_slice(&self.next_u64().to_le_bytes());
-        }
-        let rest = chunks.into_remainder();
-        let last = self.next_u64().to_le_bytes();
-        rest.copy_from_slice(&last[..rest.len()]);
-    }
-
-    /// A non-zero byte.
-    pub fn nonzero_byte(&mut self) -> u8 {
-        1 + self.below(255) as u8
-    }
-}
-
-/// The seed for a randomised test: `FERRY_TEST_SEED` if set, else fresh. Printed so a
-/// failure can be replayed (the harness shows a failing test's output).
-pub fn test_seed(test: &str) -> u64 {
-    let seed = match std::env::var("FERRY_TEST_SEED") {
-        Ok(s) => s.parse().expect("FERRY_TEST_SEED must be a u64"),
-        Err(_) => {
-            let nanos = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64;
-            nanos ^ (std::process::id() as u64) << 32
-        }
-    };
-    eprintln!("{test}: seed {seed} (replay with FERRY_TEST_SEED={seed})");
-    seed
 }
 
 // ---------------------------------------------------------------------------------
