@@ -5,11 +5,11 @@
 //! recovery-point metadata never fails a commit. Real target processes, real TCP;
 //! failures are injected with test-only failpoints (`FERRY_FAILPOINTS`, debug builds).
 
-use crate::common;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::common;
 use crate::common::{file_hash, Rng, TargetProc};
 
 const DISK_BYTES: u64 = 8 << 20;

@@ -6,12 +6,12 @@
 //! device heals, the next sync finishes the rollback, replicates, and the replica
 //! equals the source.
 
-use crate::common;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::common;
 use crate::common::{file_hash, keygen, scratch_dir, source_toml, sync, sync_ok, test_seed, Rng};
 
 const DISK_BYTES: u64 = 8 << 20;

@@ -3,10 +3,10 @@
 //! the next sync succeeds once space returns. Needs root to mount a small tmpfs; skips
 //! with a message otherwise.
 
-use crate::common;
 use std::os::unix::fs::FileExt;
 use std::process::Command;
 
+use crate::common;
 use crate::common::{file_hash, Rng, TargetProc};
 
 const DISK_BYTES: u64 = 16 << 20;

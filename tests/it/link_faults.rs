@@ -6,12 +6,12 @@
 //! always an acknowledged point in time, every resume changed-block, and in the end
 //! equal to the sources.
 
-use crate::common;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use crate::common;
 use crate::common::nbd::NbdClient;
 use crate::common::proxy::{Dir, Fault};
 use crate::common::rig::{assert_point_in_time, modes, Guest, Rig, RigSpec};

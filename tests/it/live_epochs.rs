@@ -10,11 +10,11 @@
 //! the epoch, a write before it missing, or the two disks cut at different instants
 //! all fail that check.
 
-use crate::common;
 use std::process::Child;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use crate::common;
 use crate::common::rig::{assert_point_in_time, modes, Guest, Rig, RigSpec};
 use crate::common::*;
 

@@ -3,7 +3,6 @@
 //! shim user's alone whatever the umask, and an epoch frozen by a connection that then
 //! goes silent is aborted after `freeze_idle_timeout_ms`.
 
-use crate::common;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
@@ -11,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use crate::common;
 use crate::common::shim::{ShimOptions, ShimProc};
 use crate::common::*;
 

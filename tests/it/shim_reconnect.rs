@@ -17,7 +17,6 @@
 //! (and flushes) before it reads the next command, so the test knows exactly which
 //! writes were acknowledged when it stops the shim, without relying on sleeps.
 
-use crate::common;
 use std::collections::BTreeSet;
 use std::io::Write;
 use std::os::unix::fs::FileExt;
@@ -26,6 +25,7 @@ use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::common;
 use crate::common::nbd::{self, connect_retry, nbd_errno, NbdClient};
 use crate::common::shim::{wait_timeout, ShimProc};
 use crate::common::{
