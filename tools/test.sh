@@ -27,7 +27,7 @@ have ip        || need+=(iproute2)
 have socat     || need+=(socat)
 have rsync     || need+=(rsync)
 have zstd      || need+=(zstd)
-# ferry-powerfail (tests/power_loss.rs) mounts with mount(2) as root; others need fusermount3.
+# ferry-powerfail (tests/it/power_loss.rs) mounts with mount(2) as root; others need fusermount3.
 have fusermount3 || need+=(fuse3)
 if [ ${#need[@]} -gt 0 ]; then
   echo "tools/test.sh: installing ${need[*]}"

@@ -9,6 +9,14 @@ use std::os::unix::net::{UnixListener, UnixStream};
 
 use ferry_powerfail::{CutMode, PowerFailFs};
 
+/// Serialises the tests of this binary. A remount gets its old device number back only
+/// if that is the lowest free one: when another test's mount, made after this one, goes
+/// away first, a lower number is free and every remount takes that one instead.
+fn one_mount_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static MOUNTS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    MOUNTS.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn scratch() -> tempfile::TempDir {
     tempfile::Builder::new()
         .prefix("ferry-powerfail-")
@@ -18,6 +26,7 @@ fn scratch() -> tempfile::TempDir {
 
 #[test]
 fn system_calls_ferry_uses_work_and_a_cut_keeps_only_what_was_synced() {
+    let _mounts = one_mount_at_a_time();
     let dir = scratch();
     let mnt = dir.path().join("mnt");
     fs::create_dir(&mnt).unwrap();
@@ -168,6 +177,7 @@ fn system_calls_ferry_uses_work_and_a_cut_keeps_only_what_was_synced() {
 #[test]
 fn a_restored_mount_keeps_its_device_number() {
     use std::os::unix::fs::MetadataExt;
+    let _mounts = one_mount_at_a_time();
     let dir = scratch();
     let mnt = dir.path().join("mnt");
     fs::create_dir(&mnt).unwrap();

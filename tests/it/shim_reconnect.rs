@@ -1,6 +1,6 @@
 //! `ferry shim --config` as a separate process, driven by a controlled guest workload:
 //!
-//! * an independent NBD client (`tests/common/nbd.rs`, written from the protocol
+//! * an independent NBD client (`tests/it/common/nbd.rs`, written from the protocol
 //!   specification) exercising every request type, checked against the backing file
 //!   and the shim's changed-block bitmap;
 //! * QEMU's NBD client (`qemu-io` with `reconnect-delay`) riding out a restart of the
@@ -17,19 +17,18 @@
 //! (and flushes) before it reads the next command, so the test knows exactly which
 //! writes were acknowledged when it stops the shim, without relying on sleeps.
 
-mod common;
-
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::os::unix::fs::FileExt;
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::nbd::{self, connect_retry, nbd_errno, NbdClient};
-use common::{
+use crate::common;
+use crate::common::nbd::{self, connect_retry, nbd_errno, NbdClient};
+use crate::common::shim::{wait_timeout, ShimProc};
+use crate::common::{
     create_sparse, drain, keygen, scratch_dir, source_toml, test_seed, toml_path, Rng, BLOCK,
 };
 use filter_driver_shim::bitmap::ChangedBlockBitmap;
@@ -39,8 +38,6 @@ const DISK: &str = "vm1";
 const EINVAL: u32 = 22;
 const ENOSPC: u32 = 28;
 
-/// How long the shim may take to start serving, or to exit after SIGTERM.
-const SHIM_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long one `qemu-io` command may take (a reconnect included).
 const QEMU_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -87,134 +84,11 @@ fn text(buf: &Arc<Mutex<Vec<u8>>>) -> String {
     String::from_utf8_lossy(&buf.lock().unwrap()).into_owned()
 }
 
-fn wait_timeout(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return Some(status);
-        }
-        if Instant::now() > deadline {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-/// Sends one control request line and returns the JSON reply.
-fn control(path: &Path, request: &str) -> std::io::Result<serde_json::Value> {
-    let mut s = UnixStream::connect(path)?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    s.set_write_timeout(Some(Duration::from_secs(10)))?;
-    s.write_all(format!("{request}\n").as_bytes())?;
-    let mut line = String::new();
-    BufReader::new(s).read_line(&mut line)?;
-    serde_json::from_str(&line).map_err(|e| {
-        std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            format!("control reply {line:?}: {e}"),
-        )
-    })
-}
-
-/// A running `ferry shim --config`; killed when dropped.
-struct ShimProc {
-    child: Child,
-    control: PathBuf,
-    stderr: Arc<Mutex<Vec<u8>>>,
-}
-
-impl ShimProc {
-    /// Starts the shim and waits until its control socket answers, which it does only
-    /// once every NBD socket is bound.
-    fn start(s: &Setup) -> ShimProc {
-        let mut child = Command::new(common::ferry_bin())
-            .arg("shim")
-            .arg("--config")
-            .arg(&s.config)
-            .env("FERRY_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn ferry shim");
-        let stderr = drain(child.stderr.take().unwrap());
-        let mut shim = ShimProc {
-            child,
-            control: s.state_dir.join("shim.ctl"),
-            stderr,
-        };
-        let deadline = Instant::now() + SHIM_TIMEOUT;
-        loop {
-            if let Some(status) = shim.child.try_wait().unwrap() {
-                std::thread::sleep(Duration::from_millis(50));
-                panic!("ferry shim exited with {status}: {}", shim.stderr());
-            }
-            // A stale control socket from a killed shim refuses until the new one binds.
-            if let Ok(v) = control(&shim.control, "status") {
-                if v["ok"] == true {
-                    return shim;
-                }
-            }
-            if Instant::now() > deadline {
-                panic!(
-                    "ferry shim did not answer on {} within {SHIM_TIMEOUT:?}: {}",
-                    shim.control.display(),
-                    shim.stderr()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn stderr(&self) -> String {
-        text(&self.stderr)
-    }
-
-    /// The `status` object of the one disk.
-    fn disk_status(&self) -> serde_json::Value {
-        let v = control(&self.control, "status")
-            .unwrap_or_else(|e| panic!("status: {e}; shim log: {}", self.stderr()));
-        assert_eq!(v["ok"], true, "{v}");
-        let disks = v["disks"].as_array().unwrap_or_else(|| panic!("{v}"));
-        assert_eq!(disks.len(), 1, "{v}");
-        assert_eq!(disks[0]["name"], DISK, "{v}");
-        disks[0].clone()
-    }
-
-    /// SIGTERM; the shim must exit 0 within [`SHIM_TIMEOUT`]. Returns its log.
-    fn stop(mut self) -> String {
-        // SAFETY: kill(2) on the pid of our own child, which has not been reaped.
-        let rc = unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
-        assert_eq!(rc, 0, "kill: {}", std::io::Error::last_os_error());
-        let status = wait_timeout(&mut self.child, SHIM_TIMEOUT).unwrap_or_else(|| {
-            panic!(
-                "ferry shim did not exit within {SHIM_TIMEOUT:?} of SIGTERM: {}",
-                self.stderr()
-            )
-        });
-        std::thread::sleep(Duration::from_millis(50));
-        assert!(
-            status.success(),
-            "ferry shim exited with {status} after SIGTERM: {}",
-            self.stderr()
-        );
-        self.stderr()
-    }
-
-    /// kill -9 and reap. Returns its log.
-    fn kill9(mut self) -> String {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
-        self.stderr()
-    }
-}
-
-impl Drop for ShimProc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// The `status` object of the one disk, `vm1`.
+fn disk_status(shim: &ShimProc) -> serde_json::Value {
+    let d = shim.disk_status();
+    assert_eq!(d["name"], DISK, "{d}");
+    d
 }
 
 /// The dirty blocks of a bitmap file (no torn pages allowed: nothing here tears one),
@@ -297,7 +171,7 @@ impl Model {
 fn wait_connections(shim: &ShimProc, n: u64) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let st = shim.disk_status();
+        let st = disk_status(shim);
         if st["connections"].as_u64() == Some(n) {
             return;
         }
@@ -349,7 +223,7 @@ fn nbd_client_self_test_against_the_shim() {
         .unwrap();
     model.bytes[4 * MIB as usize..4 * MIB as usize + before.len()].copy_from_slice(&before);
 
-    let shim = ShimProc::start(&s);
+    let shim = ShimProc::start(&s.config, &s.state_dir);
     let mut c = NbdClient::connect(&s.socket, DISK).unwrap();
     eprintln!("connected: {c:?}");
 
@@ -494,7 +368,7 @@ fn nbd_client_self_test_against_the_shim() {
     model.check_all(&mut c);
 
     // The control socket counts exactly the blocks written, trimmed or zeroed.
-    let st = shim.disk_status();
+    let st = disk_status(&shim);
     assert_eq!(
         st["dirty_blocks"].as_u64(),
         Some(model.dirty.len() as u64),
@@ -541,7 +415,7 @@ fn largest_requests_pass_and_oversized_ones_are_refused_in_step() {
     ));
     let size = 40 * MIB;
     let s = setup(size);
-    let shim = ShimProc::start(&s);
+    let shim = ShimProc::start(&s.config, &s.state_dir);
     let mut c = NbdClient::connect(&s.socket, DISK).unwrap();
     let max = c.block_sizes().expect("NBD_INFO_BLOCK_SIZE").maximum as usize;
     assert_eq!(max, 32 << 20);
@@ -561,7 +435,7 @@ fn largest_requests_pass_and_oversized_ones_are_refused_in_step() {
     model.check_all(&mut c);
     c.disconnect().unwrap();
     assert_eq!(
-        shim.disk_status()["dirty_blocks"].as_u64(),
+        disk_status(&shim)["dirty_blocks"].as_u64(),
         Some(model.dirty.len() as u64)
     );
     shim.stop();
@@ -726,8 +600,8 @@ fn qemu_rides_out_restart(stop: Stop, guest: Guest) {
         return;
     }
     let s = setup(64 * MIB);
-    let shim = ShimProc::start(&s);
-    let st = shim.disk_status();
+    let shim = ShimProc::start(&s.config, &s.state_dir);
+    let st = disk_status(&shim);
     let generation = st["generation_id"].as_str().unwrap().to_string();
     let (required, reason) = (st["resync_required"].clone(), st["resync_reason"].clone());
     assert_eq!(st["dirty_blocks"].as_u64(), Some(0), "{st}");
@@ -736,7 +610,7 @@ fn qemu_rides_out_restart(stop: Stop, guest: Guest) {
     q.send("write -P 0x11 0 64k");
     q.expect(WROTE_0, QEMU_TIMEOUT);
     // Acknowledged, so tracked.
-    assert_eq!(shim.disk_status()["dirty_blocks"].as_u64(), Some(1));
+    assert_eq!(disk_status(&shim)["dirty_blocks"].as_u64(), Some(1));
 
     let log = match stop {
         Stop::Term => shim.stop(),
@@ -755,7 +629,7 @@ fn qemu_rides_out_restart(stop: Stop, guest: Guest) {
             q.output()
         );
     }
-    let shim = ShimProc::start(&s);
+    let shim = ShimProc::start(&s.config, &s.state_dir);
     if guest == Guest::Idle {
         q.send("write -P 0x22 64k 64k");
     }
@@ -772,18 +646,18 @@ fn qemu_rides_out_restart(stop: Stop, guest: Guest) {
     );
 
     // The restarted shim continued the same lineage: no new generation, no new reason.
-    let st = shim.disk_status();
+    let st = disk_status(&shim);
     assert_eq!(
         st["generation_id"].as_str(),
         Some(generation.as_str()),
         "tracking generation changed across a {stop:?} restart: {st}\n{}",
-        shim.stderr()
+        shim.log()
     );
     assert_eq!(st["resync_required"], required, "{st}");
     assert_eq!(st["resync_reason"], reason, "{st}");
     assert_eq!(st["tracking_failed"], false, "{st}");
     assert_eq!(st["dirty_blocks"].as_u64(), Some(2), "{st}");
-    let log = shim.stderr();
+    let log = shim.log();
     assert!(
         !log.contains("CHANGE TRACKING CANNOT BE TRUSTED"),
         "restart after {stop:?} drew a new generation:\n{log}"
@@ -836,8 +710,8 @@ fn qemu_rides_out_kill9_restart_while_writing() {
 #[test]
 fn sequential_writer_survives_kill9_with_every_acknowledged_block_tracked() {
     let s = setup(32 * MIB);
-    let shim = ShimProc::start(&s);
-    let generation = shim.disk_status()["generation_id"]
+    let shim = ShimProc::start(&s.config, &s.state_dir);
+    let generation = disk_status(&shim)["generation_id"]
         .as_str()
         .unwrap()
         .to_string();
@@ -857,7 +731,7 @@ fn sequential_writer_survives_kill9_with_every_acknowledged_block_tracked() {
     let expected: BTreeSet<u64> = (0..acked).map(|i| i * 3).collect();
     assert_eq!(dirty, expected, "bitmap after kill -9");
 
-    let shim = ShimProc::start(&s);
+    let shim = ShimProc::start(&s.config, &s.state_dir);
     let mut c = connect_retry(&s.socket, DISK, Duration::from_secs(20)).unwrap();
     for i in 0..acked {
         let mut buf = [0u8; 1000];
@@ -866,7 +740,7 @@ fn sequential_writer_survives_kill9_with_every_acknowledged_block_tracked() {
     }
     c.write(BLOCK, &[0x77; 10]).unwrap();
     c.disconnect().unwrap();
-    let st = shim.disk_status();
+    let st = disk_status(&shim);
     assert_eq!(st["generation_id"].as_str(), Some(generation.as_str()));
     assert_eq!(st["dirty_blocks"].as_u64(), Some(acked + 1), "{st}");
     shim.stop();
@@ -882,8 +756,8 @@ fn sequential_writer_survives_kill9_with_every_acknowledged_block_tracked() {
 #[test]
 fn second_start_fails_without_disturbing_the_running_shim() {
     let s = setup(16 * MIB);
-    let shim = ShimProc::start(&s);
-    let generation = shim.disk_status()["generation_id"]
+    let shim = ShimProc::start(&s.config, &s.state_dir);
+    let generation = disk_status(&shim)["generation_id"]
         .as_str()
         .unwrap()
         .to_string();
@@ -904,7 +778,7 @@ fn second_start_fails_without_disturbing_the_running_shim() {
 
     // The running shim still serves and tracks.
     c.write(5 * BLOCK, &[0x55; 4096]).unwrap();
-    let st = shim.disk_status();
+    let st = disk_status(&shim);
     assert_eq!(st["generation_id"].as_str(), Some(generation.as_str()));
     assert_eq!(st["dirty_blocks"].as_u64(), Some(2), "{st}");
     // Both acknowledged writes are tracked on disk, which is what a crash leaves.
@@ -916,8 +790,8 @@ fn second_start_fails_without_disturbing_the_running_shim() {
         BTreeSet::from([0, 5]),
         "an acknowledged write is missing from the bitmap file after a failed second start"
     );
-    let shim = ShimProc::start(&s);
-    let st = shim.disk_status();
+    let shim = ShimProc::start(&s.config, &s.state_dir);
+    let st = disk_status(&shim);
     assert_eq!(st["generation_id"].as_str(), Some(generation.as_str()));
     assert_eq!(st["dirty_blocks"].as_u64(), Some(2), "{st}");
     shim.stop();

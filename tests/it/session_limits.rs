@@ -2,13 +2,11 @@
 //! whose difference list is as long as a disk can make it, and session slots that
 //! unauthenticated peers cannot hold.
 
-mod common;
-
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use dataplane::protocol::{FrameKind, Hello, FRAME_MAGIC, PROTOCOL_VERSION_MAX};
 use dataplane::target::HANDSHAKE_DEADLINE;
 use zerocopy::IntoBytes;

@@ -5,14 +5,13 @@
 //! the previous one, or the new one if the sync was acknowledged — never a mix. Short by default; `FERRY_SOAK=1` runs
 //! many more cycles.
 
-mod common;
-
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{file_hash, Rng, TargetProc};
+use crate::common;
+use crate::common::{file_hash, Rng, TargetProc};
 
 const DISK_BYTES: u64 = 48 << 20;
 const BLOCK: u64 = 64 << 10;

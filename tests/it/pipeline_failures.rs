@@ -7,14 +7,12 @@
 //!   message of the run (one message per planned read or zero run, counted over all
 //!   workers).
 
-mod common;
-
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 
 const DISK_BYTES: u64 = 4 << 20;
 const IO_KIB: u64 = 64;

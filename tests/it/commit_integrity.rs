@@ -5,13 +5,12 @@
 //! recovery-point metadata never fails a commit. Real target processes, real TCP;
 //! failures are injected with test-only failpoints (`FERRY_FAILPOINTS`, debug builds).
 
-mod common;
-
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::{file_hash, Rng, TargetProc};
+use crate::common;
+use crate::common::{file_hash, Rng, TargetProc};
 
 const DISK_BYTES: u64 = 8 << 20;
 const BLOCK: u64 = 64 << 10;
@@ -54,20 +53,15 @@ impl Setup {
             .unwrap();
         mutate(&source, &mut rng);
         let config = d.join("target.toml");
-        let port = common::free_port();
-        std::fs::write(
-            &config,
+        let target = TargetProc::start_with(&config, &[("FERRY_FAILPOINTS", failpoints)], |port| {
             common::target_toml(
                 port,
                 &key,
                 &d.join("target-state"),
                 &[("vm", replica.as_path())],
                 "",
-            ),
-        )
-        .unwrap();
-        let target =
-            TargetProc::spawn_env(&config, port, &[("FERRY_FAILPOINTS", failpoints)]).unwrap();
+            )
+        });
         let source_cfg = d.join("source.toml");
         std::fs::write(
             &source_cfg,

@@ -4,26 +4,15 @@
 //! fails instead — so a pass proves the io_uring data path ran on all three. Without
 //! io_uring the test skips, and fails when `FERRY_REQUIRE` includes `uring`.
 
-mod common;
+use std::time::Duration;
 
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
-
-use common::nbd::{connect_retry, NbdClient};
-use common::*;
+use crate::common::nbd::{connect_retry, NbdClient};
+use crate::common::shim::{ShimOptions, ShimProc};
+use crate::common::*;
 use filter_driver_shim::require::{self, Feature};
 
 const DISK_BYTES: u64 = 8 << 20;
 const PATIENCE: Duration = Duration::from_secs(30);
-
-struct Kill(Child);
-
-impl Drop for Kill {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn write_random(nbd: &mut NbdClient, rng: &mut Rng, writes: usize) {
     for _ in 0..writes {
@@ -66,26 +55,14 @@ fn shim_source_and_target_replicate_with_io_uring_forced() {
         ),
     )
     .unwrap();
-    let shim_log = d.join("shim.log");
-    let shim = Kill(
-        Command::new(ferry_bin())
-            .args(["shim", "--config"])
-            .arg(&config)
-            // The environment would override the config; this test is about the config.
-            .env_remove("FERRY_SHIM_IO_ENGINE")
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&shim_log).unwrap())
-            .spawn()
-            .expect("spawn ferry shim"),
-    );
-    let log = || std::fs::read_to_string(&shim_log).unwrap_or_default();
-    let deadline = Instant::now() + PATIENCE;
-    while std::os::unix::net::UnixStream::connect(state.join("shim.ctl")).is_err() {
-        assert!(Instant::now() < deadline, "shim did not start: {}", log());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let options = ShimOptions {
+        // The environment would override the config; this test is about the config.
+        env_remove: vec!["FERRY_SHIM_IO_ENGINE"],
+        ..ShimOptions::default()
+    };
+    let shim = ShimProc::start_with(&config, &state, &options)
+        .unwrap_or_else(|(status, log)| panic!("shim exited with {status}: {log}"));
+    let log = || shim.log();
     assert!(
         log().contains("io_engine=uring"),
         "the shim serves with io_uring: {}",

@@ -1,5 +1,4 @@
 //! The NBD client the tests drive the shim with: `filter_driver_shim::nbd::client`,
 //! written from the protocol specification, independent of the shim's server code.
 
-#[allow(unused_imports)] // each test binary uses a different part of it
 pub use filter_driver_shim::nbd::client::*;

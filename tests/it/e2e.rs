@@ -1,27 +1,57 @@
 //! End to end between real processes over real TCP: `ferry keygen`, `ferry target`,
 //! `ferry sync --json`. Every test compares the replicas' bytes with the sources'.
 
-mod common;
-
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-use common::*;
+use crate::common::*;
 
 /// Peak memory either process may use for any disk in these tests: buffers are fixed
 /// (queue depth × I/O size, a few frames in flight) and bitmaps are 1 bit per block,
 /// so this does not depend on the disk's size.
 const MEMORY_BOUND_KIB: u64 = 256 << 10;
 
+/// The start of most tests here: the test's generator with its seed printed, a scratch
+/// directory, and the named disks of a source/target [`Pair`] in it (no images yet).
+fn setup<const N: usize>(test: &str, names: [&str; N]) -> (Rng, tempfile::TempDir, [PairDisk; N]) {
+    let rng = Rng::new(test_seed(test));
+    let dir = scratch_dir();
+    let disks = names.map(|name| PairDisk::new(dir.path(), name));
+    (rng, dir, disks)
+}
+
+/// Flips every byte of each `(offset, len)` range of the image at `path`.
+fn flip(path: &Path, ranges: &[(u64, usize)], rng: &mut Rng) {
+    let f = open_rw(path);
+    for &(offset, len) in ranges {
+        flip_range(&f, offset, len, rng);
+    }
+}
+
+/// Writes `<disk>.cbt` into the pair's directory: a bitmap of `blocks` with the
+/// generation and epoch of the source's state file for `disk`. Returns the `--bitmap`
+/// argument for it and that epoch.
+fn bitmap_on_state(
+    pair: &Pair,
+    disk: &str,
+    size: u64,
+    blocks: impl IntoIterator<Item = u64>,
+) -> (String, u64) {
+    let (generation, epoch) = read_source_state(&pair.source_state, disk);
+    let bitmap = pair.path().join(format!("{disk}.cbt"));
+    write_bitmap(&bitmap, size, BLOCK as u32, generation, epoch, blocks);
+    (format!("{disk}={}", bitmap.display()), epoch)
+}
+
 /// Full sync of two disks — one mixed image with data, text, written zeros and holes,
 /// one whose size is not a multiple of the block (nor of 512 bytes) — into replicas the
 /// target creates; then an unchanged re-sync moves no data.
 #[test]
 fn full_sync_of_two_disks_is_byte_identical() {
-    let mut rng = Rng::new(test_seed("full_sync_of_two_disks_is_byte_identical"));
-    let dir = scratch_dir();
-    let a = PairDisk::new(dir.path(), "vm1-os");
-    let b = PairDisk::new(dir.path(), "vm1-data");
+    let (mut rng, dir, [a, b]) = setup(
+        "full_sync_of_two_disks_is_byte_identical",
+        ["vm1-os", "vm1-data"],
+    );
     let size_a = 24 << 20;
     let size_b = (5 << 20) + 12_345;
     make_mixed_image(&a.source, size_a, &mut rng);
@@ -86,9 +116,7 @@ fn full_sync_of_two_disks_is_byte_identical() {
 /// blocks travel (seeded compare), well under 5% of the image.
 #[test]
 fn seeded_resync_of_1gib_sends_only_changed_blocks() {
-    let mut rng = Rng::new(test_seed("seeded_resync_of_1gib_sends_only_changed_blocks"));
-    let dir = scratch_dir();
-    let d = PairDisk::new(dir.path(), "big");
+    let (mut rng, dir, [d]) = setup("seeded_resync_of_1gib_sends_only_changed_blocks", ["big"]);
     let size: u64 = 1 << 30;
     {
         // Three quarters data (random and text), one quarter holes, in 4 MiB runs.
@@ -149,9 +177,7 @@ fn seeded_resync_of_1gib_sends_only_changed_blocks() {
 /// generation/epoch come from the source's state file, sync with `--bitmap`.
 #[test]
 fn changed_block_sync_sends_exactly_the_bitmap() {
-    let mut rng = Rng::new(test_seed("changed_block_sync_sends_exactly_the_bitmap"));
-    let dir = scratch_dir();
-    let d = PairDisk::new(dir.path(), "cbt");
+    let (mut rng, dir, [d]) = setup("changed_block_sync_sends_exactly_the_bitmap", ["cbt"]);
     let size = (32 << 20) + 3000;
     make_mixed_image(&d.source, size, &mut rng);
     let pair = Pair::start(dir, vec![d.clone()], "", "");
@@ -186,17 +212,8 @@ fn changed_block_sync_sends_exactly_the_bitmap() {
             .unwrap();
         drop(f);
 
-        let (generation, epoch) = read_source_state(&pair.source_state, "cbt");
-        let bitmap = pair.path().join(format!("cbt-{round}.cbt"));
-        write_bitmap(
-            &bitmap,
-            size,
-            BLOCK as u32,
-            generation,
-            epoch,
-            dirty.iter().copied().chain([zeroed]),
-        );
-        let spec = format!("cbt={}", bitmap.display());
+        let (spec, epoch) =
+            bitmap_on_state(&pair, "cbt", size, dirty.iter().copied().chain([zeroed]));
         let args: Vec<&str> = if round == 0 {
             vec!["--bitmap", &spec]
         } else {
@@ -232,19 +249,13 @@ fn changed_block_sync_sends_exactly_the_bitmap() {
 /// Also when the source's own state was tampered with: then the target refuses.
 #[test]
 fn changed_block_sync_with_a_stale_bitmap_is_refused() {
-    let mut rng = Rng::new(test_seed(
-        "changed_block_sync_with_a_stale_bitmap_is_refused",
-    ));
-    let dir = scratch_dir();
-    let d = PairDisk::new(dir.path(), "cbt");
+    let (mut rng, dir, [d]) = setup("changed_block_sync_with_a_stale_bitmap_is_refused", ["cbt"]);
     let size = 8 << 20;
     make_mixed_image(&d.source, size, &mut rng);
     let mut pair = Pair::start(dir, vec![d.clone()], "", "");
     pair.sync_ok(&[]);
     pair.sync_ok(&[]); // epoch 2
-    let f = open_rw(&d.source);
-    flip_range(&f, 3 * BLOCK + 17, 100, &mut rng);
-    drop(f);
+    flip(&d.source, &[(3 * BLOCK + 17, 100)], &mut rng);
     let (generation, epoch) = read_source_state(&pair.source_state, "cbt");
     assert!(epoch >= 2, "epoch {epoch}");
     let before = fingerprint(&d.replica);
@@ -333,9 +344,7 @@ fn changed_block_sync_with_a_stale_bitmap_is_refused() {
 /// complete without reading or sending the holes; the replica matches.
 #[test]
 fn sparse_100gib_image_syncs_quickly_and_matches() {
-    let mut rng = Rng::new(test_seed("sparse_100gib_image_syncs_quickly_and_matches"));
-    let dir = scratch_dir();
-    let d = PairDisk::new(dir.path(), "sparse");
+    let (mut rng, dir, [d]) = setup("sparse_100gib_image_syncs_quickly_and_matches", ["sparse"]);
     let size: u64 = 100 << 30;
     let f = create_sparse(&d.source, size);
     let mut mib = vec![0u8; 1 << 20];
@@ -385,10 +394,11 @@ fn sparse_100gib_image_syncs_quickly_and_matches() {
     );
     assert_same_sparse(&d.source, &d.replica, &mut rng);
 
-    let f = open_rw(&d.source);
-    flip_range(&f, (50 << 30) + 999, 5000, &mut rng);
-    flip_range(&f, 12_345 + (37 << 30), 10, &mut rng);
-    drop(f);
+    flip(
+        &d.source,
+        &[((50 << 30) + 999, 5000), (12_345 + (37 << 30), 10)],
+        &mut rng,
+    );
     let run = pair.sync(&[]);
     assert!(run.success(), "{run:?}");
     let seeded = run.json();
@@ -412,10 +422,10 @@ fn sparse_100gib_image_syncs_quickly_and_matches() {
 /// the source is refused with both sizes named and nothing written.
 #[test]
 fn block_devices_sync_and_a_small_replica_device_is_refused() {
-    let mut rng = Rng::new(test_seed(
+    let (mut rng, dir, []) = setup(
         "block_devices_sync_and_a_small_replica_device_is_refused",
-    ));
-    let dir = scratch_dir();
+        [],
+    );
     let src_file = dir.path().join("src.backing");
     let rep_file = dir.path().join("rep.backing");
     let small_file = dir.path().join("small.backing");
@@ -511,12 +521,10 @@ fn block_devices_sync_and_a_small_replica_device_is_refused() {
 /// included) and reports it; a replica file larger than the source is refused.
 #[test]
 fn target_creates_and_sizes_a_missing_replica_and_refuses_a_larger_one() {
-    let mut rng = Rng::new(test_seed(
+    let (mut rng, dir, [d, big]) = setup(
         "target_creates_and_sizes_a_missing_replica_and_refuses_a_larger_one",
-    ));
-    let dir = scratch_dir();
-    let d = PairDisk::new(dir.path(), "new");
-    let big = PairDisk::new(dir.path(), "big");
+        ["new", "big"],
+    );
     let size = (6 << 20) + 4096 + 512;
     let f = create_sparse(&d.source, size);
     let mut data = vec![0u8; 100_000];
@@ -565,11 +573,10 @@ fn target_creates_and_sizes_a_missing_replica_and_refuses_a_larger_one() {
 /// holds as holes and zero blocks (the replica was not created in this session).
 #[test]
 fn forced_full_sync_onto_a_garbage_replica_zeroes_the_holes() {
-    let mut rng = Rng::new(test_seed(
+    let (mut rng, dir, [d]) = setup(
         "forced_full_sync_onto_a_garbage_replica_zeroes_the_holes",
-    ));
-    let dir = scratch_dir();
-    let d = PairDisk::new(dir.path(), "g");
+        ["g"],
+    );
     let size = (12 << 20) + 777;
     make_mixed_image(&d.source, size, &mut rng);
     let mut garbage = vec![0u8; size as usize];
@@ -624,9 +631,7 @@ fn json_report_counts_only_what_travelled() {
 /// based on the epoch acknowledged before the restart is accepted afterwards.
 #[test]
 fn changed_block_sync_after_a_target_restart() {
-    let mut rng = Rng::new(test_seed("changed_block_sync_after_a_target_restart"));
-    let dir = scratch_dir();
-    let d = PairDisk::new(dir.path(), "r");
+    let (mut rng, dir, [d]) = setup("changed_block_sync_after_a_target_restart", ["r"]);
     let size = 8 << 20;
     make_mixed_image(&d.source, size, &mut rng);
     let mut pair = Pair::start(dir, vec![d.clone()], "", "");
@@ -634,13 +639,8 @@ fn changed_block_sync_after_a_target_restart() {
     let (config, port) = (pair.target.config.clone(), pair.target.port);
     pair.target.kill();
     pair.target = TargetProc::spawn(&config, port).unwrap_or_else(|e| panic!("restart: {e}"));
-    let f = open_rw(&d.source);
-    flip_range(&f, 7 * BLOCK + 1, 10, &mut rng);
-    drop(f);
-    let (generation, epoch) = read_source_state(&pair.source_state, "r");
-    let bitmap = pair.path().join("r.cbt");
-    write_bitmap(&bitmap, size, BLOCK as u32, generation, epoch, [7]);
-    let spec = format!("r={}", bitmap.display());
+    flip(&d.source, &[(7 * BLOCK + 1, 10)], &mut rng);
+    let (spec, _) = bitmap_on_state(&pair, "r", size, [7]);
     let report = pair.sync_ok(&["--mode", "changed", "--bitmap", &spec]);
     assert_eq!(mode_of(&report, "r"), "changed", "{report}");
     assert_eq!(u64_field(&report, "blocks_sent"), 1, "{report}");
@@ -652,11 +652,10 @@ fn changed_block_sync_after_a_target_restart() {
 /// same bitmap replayed against the restarted target brings the replica up to date.
 #[test]
 fn target_killed_mid_sync_then_the_same_change_set_completes() {
-    let mut rng = Rng::new(test_seed(
+    let (mut rng, dir, [d]) = setup(
         "target_killed_mid_sync_then_the_same_change_set_completes",
-    ));
-    let dir = scratch_dir();
-    let d = PairDisk::new(dir.path(), "k");
+        ["k"],
+    );
     let size: u64 = 384 << 20;
     let f = create_sparse(&d.source, size);
     let mut chunk = vec![0u8; 4 << 20];
@@ -677,17 +676,7 @@ fn target_killed_mid_sync_then_the_same_change_set_completes() {
         f.write_all_at(&chunk, off).unwrap();
     }
     drop(f);
-    let (generation, epoch) = read_source_state(&pair.source_state, "k");
-    let bitmap = pair.path().join("k.cbt");
-    write_bitmap(
-        &bitmap,
-        size,
-        BLOCK as u32,
-        generation,
-        epoch,
-        0..size / BLOCK,
-    );
-    let spec = format!("k={}", bitmap.display());
+    let (spec, _) = bitmap_on_state(&pair, "k", size, 0..size / BLOCK);
 
     let config = pair.source_config.clone();
     let args = [
@@ -733,10 +722,7 @@ fn target_killed_mid_sync_then_the_same_change_set_completes() {
 /// by two sessions (one may be refused as busy) and ends up identical.
 #[test]
 fn concurrent_sessions() {
-    let mut rng = Rng::new(test_seed("concurrent_sessions"));
-    let dir = scratch_dir();
-    let a = PairDisk::new(dir.path(), "a");
-    let b = PairDisk::new(dir.path(), "b");
+    let (mut rng, dir, [a, b]) = setup("concurrent_sessions", ["a", "b"]);
     make_mixed_image(&a.source, 48 << 20, &mut rng);
     make_mixed_image(&b.source, 40 << 20, &mut rng);
     let pair = Pair::start(dir, vec![a.clone(), b.clone()], "", "");
@@ -764,9 +750,7 @@ fn concurrent_sessions() {
     }
     pair.assert_replicas_identical();
 
-    let f = open_rw(&a.source);
-    flip_range(&f, 0, 20 << 20, &mut rng);
-    drop(f);
+    flip(&a.source, &[(0, 20 << 20)], &mut rng);
     let (c1, c2) = (config("s1", &a), config("s2", &a));
     let t1 = std::thread::spawn(move || sync(&c1, &["--mode", "seeded"]));
     let t2 = std::thread::spawn(move || sync(&c2, &["--mode", "seeded"]));

@@ -2,13 +2,12 @@
 //! as images that hash exactly like the source did at that epoch, replication goes on
 //! meanwhile, and retention merges the oldest points away.
 
-mod common;
-
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{file_hash, Rng, TargetProc};
+use crate::common;
+use crate::common::{file_hash, Rng, TargetProc};
 
 const DISK_BYTES: u64 = 16 << 20;
 const BLOCK: u64 = 64 << 10;

@@ -3,13 +3,12 @@
 //! running one by pid — between its epochs too, not only during one. Once it stops,
 //! both work again.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::shim::ShimProc;
+use crate::common::*;
 
 /// Bound on anything the test waits for; only turns a hang into a failure.
 const PATIENCE: Duration = Duration::from_secs(60);
@@ -107,12 +106,7 @@ fn a_second_engine_on_one_state_dir_is_refused_naming_the_running_one() {
         ),
     )
     .unwrap();
-    let _shim = Kill(spawn(&["shim"], &config, &d.join("shim.log")));
-    wait_for(
-        "shim up",
-        || std::os::unix::net::UnixStream::connect(state.join("shim.ctl")).is_ok(),
-        || std::fs::read_to_string(d.join("shim.log")).unwrap_or_default(),
-    );
+    let _shim = ShimProc::start(&config, &state);
 
     let source_log = d.join("source.log");
     let mut first = Kill(spawn(&["source"], &config, &source_log));

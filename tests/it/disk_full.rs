@@ -3,12 +3,11 @@
 //! the next sync succeeds once space returns. Needs root to mount a small tmpfs; skips
 //! with a message otherwise.
 
-mod common;
-
 use std::os::unix::fs::FileExt;
 use std::process::Command;
 
-use common::{file_hash, Rng, TargetProc};
+use crate::common;
+use crate::common::{file_hash, Rng, TargetProc};
 
 const DISK_BYTES: u64 = 16 << 20;
 
@@ -22,6 +21,8 @@ impl Drop for Mount {
 
 #[test]
 fn enospc_is_reported_and_replication_resumes_when_space_returns() {
+    // Held to the end: no other test of this binary mounts meanwhile (see the lock).
+    let _mounts = common::exclusive_mounts();
     let dir = common::scratch_dir();
     let d = dir.path();
     let small = d.join("small");
@@ -119,6 +120,8 @@ fn inodes_used(path: &std::path::Path) -> u64 {
 /// space returns and later epochs commit, a restart must not take their bytes back.
 #[test]
 fn a_commit_mark_refused_by_a_full_state_dir_never_rolls_back_later_epochs() {
+    // Held to the end: no other test of this binary mounts meanwhile (see the lock).
+    let _mounts = common::exclusive_mounts();
     let dir = common::scratch_dir();
     let d = dir.path();
     let small = d.join("state");

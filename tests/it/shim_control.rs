@@ -3,32 +3,25 @@
 //! shim user's alone whatever the umask, and an epoch frozen by a connection that then
 //! goes silent is aborted after `freeze_idle_timeout_ms`.
 
-mod common;
-
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common;
+use crate::common::shim::{ShimOptions, ShimProc};
+use crate::common::*;
 
 /// How long a test waits for something that should happen in well under a second.
 const PATIENCE: Duration = Duration::from_secs(30);
 
+/// A running shim and the scratch directory it works in (dropped after the process).
 struct Shim {
-    child: Child,
+    proc: ShimProc,
     dir: tempfile::TempDir,
     state: PathBuf,
-}
-
-impl Drop for Shim {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// A source config for one 4 MiB disk, with `extra` in `[source]`, its key made if
@@ -59,28 +52,17 @@ fn config_to(dir: &Path, state: &Path, target: &str, extra: &str) -> PathBuf {
     path
 }
 
-/// `ferry shim --config` under `umask`, logging to `<dir>/shim.log`.
-fn spawn_shim(dir: &Path, config: &Path, umask: libc::mode_t) -> Child {
-    let log = std::fs::File::create(dir.join("shim.log")).unwrap();
-    let mut cmd = Command::new(ferry_bin());
-    cmd.args(["shim", "--config"])
-        .arg(config)
-        .env("NO_COLOR", "1")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log);
-    // SAFETY: umask(2) is async-signal-safe and touches only the child's own state.
-    unsafe {
-        cmd.pre_exec(move || {
-            libc::umask(umask);
-            Ok(())
-        });
-    }
-    cmd.spawn().expect("spawn ferry shim")
-}
-
-fn log_of(dir: &Path) -> String {
-    std::fs::read_to_string(dir.join("shim.log")).unwrap_or_default()
+/// `ferry shim --config` under `umask`; `Err((status, log))` if it exits before it serves.
+fn try_start(
+    config: &Path,
+    state: &Path,
+    umask: libc::mode_t,
+) -> Result<ShimProc, (std::process::ExitStatus, String)> {
+    let options = ShimOptions {
+        umask: Some(umask),
+        ..ShimOptions::default()
+    };
+    ShimProc::start_with(config, state, &options)
 }
 
 /// Starts a shim whose state_dir is `<dir>/state` and waits for its control socket.
@@ -96,21 +78,9 @@ fn start_in(dir: tempfile::TempDir, state: PathBuf, extra: &str, umask: libc::mo
 }
 
 fn start_with(dir: tempfile::TempDir, state: PathBuf, config: &Path, umask: libc::mode_t) -> Shim {
-    let child = spawn_shim(dir.path(), config, umask);
-    let mut shim = Shim { child, dir, state };
-    let deadline = Instant::now() + PATIENCE;
-    while UnixStream::connect(shim.state.join("shim.ctl")).is_err() {
-        if let Some(status) = shim.child.try_wait().unwrap() {
-            panic!("shim exited with {status}: {}", log_of(shim.dir.path()));
-        }
-        assert!(
-            Instant::now() < deadline,
-            "shim did not start: {}",
-            log_of(shim.dir.path())
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    shim
+    let proc = try_start(config, &state, umask)
+        .unwrap_or_else(|(status, log)| panic!("shim exited with {status}: {log}"));
+    Shim { proc, dir, state }
 }
 
 impl Shim {
@@ -127,7 +97,7 @@ impl Shim {
     }
 
     fn log(&self) -> String {
-        log_of(self.dir.path())
+        self.proc.log()
     }
 }
 
@@ -221,22 +191,9 @@ fn an_open_existing_state_dir_is_tightened_and_a_writable_one_refused() {
     std::fs::create_dir(&state).unwrap();
     std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o777)).unwrap();
     let config = config(dir.path(), &state, "");
-    let mut child = spawn_shim(dir.path(), &config, 0o022);
-    let deadline = Instant::now() + PATIENCE;
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!(
-                "a shim with a world-writable state_dir ran: {}",
-                log_of(dir.path())
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
+    let Err((status, log)) = try_start(&config, &state, 0o022) else {
+        panic!("a shim with a world-writable state_dir ran");
     };
-    let log = log_of(dir.path());
     assert!(!status.success(), "{log}");
     assert!(
         log.contains(&state.display().to_string()) && log.contains("other users can write it"),

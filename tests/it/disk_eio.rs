@@ -6,14 +6,13 @@
 //! device heals, the next sync finishes the rollback, replicates, and the replica
 //! equals the source.
 
-mod common;
-
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{file_hash, keygen, scratch_dir, source_toml, sync, sync_ok, test_seed, Rng};
+use crate::common;
+use crate::common::{file_hash, keygen, scratch_dir, source_toml, sync, sync_ok, test_seed, Rng};
 
 const DISK_BYTES: u64 = 8 << 20;
 
@@ -71,6 +70,8 @@ fn state_epoch(state: &Path) -> u64 {
 
 #[test]
 fn eio_on_the_replica_is_reported_never_acknowledged_and_healed_by_the_next_sync() {
+    // Held to the end: no other test of this binary mounts meanwhile (see the lock).
+    let _mounts = common::exclusive_mounts();
     let mut rng = Rng::new(test_seed("disk_eio"));
     let dir = scratch_dir();
     let d = dir.path();

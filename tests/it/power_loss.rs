@@ -29,16 +29,15 @@
 //! loaded machine does not replay). Short by default; `FERRY_SOAK=1` cuts 30 times.
 //! Without FUSE the test prints SKIP, unless `FERRY_REQUIRE` contains `fuse`.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::nbd::{connect_retry, NbdClient};
-use common::*;
+use crate::common::nbd::{connect_retry, NbdClient};
+use crate::common::shim::ShimProc;
+use crate::common::*;
 use ferry_powerfail::{CutMode, PowerFailFs};
 
 const SECTOR: u64 = 4096;
@@ -260,7 +259,7 @@ fn assert_point_in_time(cut: u64, replicas: &[Vec<u8>], base: &[Vec<u8>], log: &
 /// Every file of the rig and its processes.
 struct Rig {
     // Processes first: they die before the mount goes.
-    shim: Option<Child>,
+    shim: Option<ShimProc>,
     source: Option<Child>,
     target: Option<TargetProc>,
     target_config: PathBuf,
@@ -344,25 +343,11 @@ impl Rig {
             .zip(&rig.replicas)
             .map(|(n, r)| (*n, r.as_path()))
             .collect();
-        // A free port, retried if another test takes it first.
-        let mut last = String::new();
-        for _ in 0..5 {
-            rig.port = free_port();
-            std::fs::write(
-                &rig.target_config,
-                target_toml(rig.port, &key, &rig.target_state, &disks, ""),
-            )
-            .unwrap();
-            match TargetProc::spawn(&rig.target_config, rig.port) {
-                Ok(t) => {
-                    rig.target = Some(t);
-                    break;
-                }
-                Err(e) if e.contains("in use") => last = e,
-                Err(e) => panic!("{e}"),
-            }
-        }
-        assert!(rig.target.is_some(), "no free port for the target: {last}");
+        let target = TargetProc::start_with(&rig.target_config, &[], |port| {
+            target_toml(port, &key, &rig.target_state, &disks, "")
+        });
+        rig.port = target.port;
+        rig.target = Some(target);
         let mut toml = format!(
             "[source]\ntarget = \"127.0.0.1:{}\"\npsk_file = {}\nstate_dir = {}\n\
              io_timeout_ms = 20000\nepoch_interval_ms = 150\nblock_size_kib = 16\n",
@@ -406,24 +391,7 @@ impl Rig {
     }
 
     fn start_shim(&mut self) {
-        self.shim = Some(self.spawn_logged("shim", "shim.log"));
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !self
-            .sockets
-            .iter()
-            .all(|s| std::os::unix::net::UnixStream::connect(s).is_ok())
-            || std::os::unix::net::UnixStream::connect(self.source_state.join("shim.ctl")).is_err()
-        {
-            if let Some(status) = self.shim.as_mut().unwrap().try_wait().unwrap() {
-                panic!("the shim exited ({status}): {}", self.log("shim.log"));
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the shim did not start: {}",
-                self.log("shim.log")
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.shim = Some(ShimProc::start(&self.source_config, &self.source_state));
     }
 
     fn start_source(&mut self) {
@@ -438,7 +406,9 @@ impl Rig {
 
     fn kill_all(&mut self) {
         kill(&mut self.source);
-        kill(&mut self.shim);
+        if let Some(shim) = self.shim.take() {
+            shim.kill9();
+        }
         if let Some(mut t) = self.target.take() {
             t.kill();
         }
@@ -513,13 +483,11 @@ impl Rig {
 
     /// The shim's `status` reply.
     fn shim_status(&self) -> serde_json::Value {
-        use std::io::{BufRead, BufReader, Write as _};
-        let mut s =
-            std::os::unix::net::UnixStream::connect(self.source_state.join("shim.ctl")).unwrap();
-        s.write_all(b"status\n").unwrap();
-        let mut line = String::new();
-        BufReader::new(s).read_line(&mut line).unwrap();
-        serde_json::from_str(&line).unwrap()
+        self.shim.as_ref().expect("the shim runs").status()
+    }
+
+    fn shim_log(&self) -> String {
+        self.shim.as_ref().map(ShimProc::log).unwrap_or_default()
     }
 
     /// Waits until every replica equals its source image. Panics naming the blocks
@@ -563,6 +531,8 @@ fn tail(text: &str, lines: usize) -> String {
 
 #[test]
 fn power_loss_under_a_writing_guest_and_continuous_epochs_loses_no_change() {
+    // Held to the end: no other test of this binary mounts meanwhile (see the lock).
+    let _mounts = crate::common::exclusive_mounts();
     let seed = test_seed("power_loss");
     let cuts = if soak() { SOAK_CUTS } else { CUTS };
     let Some(mut rig) = Rig::new(seed) else {
@@ -659,7 +629,7 @@ fn power_loss_under_a_writing_guest_and_continuous_epochs_loses_no_change() {
                 d["resync_required"],
                 false,
                 "cut {cut}: tracking survived the power loss: {d}\n{}",
-                rig.log("shim.log")
+                rig.shim_log()
             );
         }
         rig.start_source();

@@ -12,13 +12,11 @@
 //! same kind of scenario through the real `ferry` binary. `FERRY_SOAK=1` runs many
 //! more cases; `FERRY_TEST_SEED` replays the binary cases.
 
-mod common;
-
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use common::Rng as SeedRng;
-use common::*;
+use crate::common::Rng as SeedRng;
+use crate::common::*;
 use dataplane::config::Config;
 use dataplane::protocol::{ErrorCode, ProtocolError};
 use dataplane::source::{self, ModeRequest, SyncJob};

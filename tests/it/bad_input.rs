@@ -7,14 +7,12 @@
 //! hash and the target's replica records are compared before and after); afterwards
 //! the same target process must still serve a correct sync.
 
-mod common;
-
 use std::io::Write;
 use std::net::{Shutdown, TcpStream};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use dataplane::protocol::{
     auth, block_hash, BlockRecord, Challenge, Codec, Commit, DataHeader, DiskManifest, DiskRun,
     ErrorCode, FrameHeader, FrameKind, FrameReader, FrameWriter, Hello, ManifestBuilder, OpenDisk,

@@ -2,13 +2,11 @@
 //! are refused with an error that names them; the examples in `docs/examples/` work on
 //! loopback.
 
-mod common;
-
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 
 /// How long `ferry target` may take to refuse a bad config. A target that accepted it
 /// would run forever; the helper kills it and fails the test after this long.

@@ -9,7 +9,7 @@
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -99,7 +99,6 @@ struct State {
     upstream: SocketAddr,
     inner: Mutex<Inner>,
     stop: AtomicBool,
-    bytes: [AtomicU64; 2],
 }
 
 /// What a pump may do next.
@@ -131,7 +130,6 @@ impl FaultProxy {
             upstream,
             inner: Mutex::new(Inner::default()),
             stop: AtomicBool::new(false),
-            bytes: [AtomicU64::new(0), AtomicU64::new(0)],
         });
         let s = Arc::clone(&state);
         let accept = std::thread::spawn(move || accept_loop(listener, s));
@@ -160,12 +158,6 @@ impl FaultProxy {
     /// Faults that struck so far.
     pub fn strikes(&self) -> u64 {
         self.state.inner.lock().unwrap().strikes
-    }
-
-    /// Whether the armed fault has struck (false once a one-shot fault is consumed
-    /// and nothing else is armed).
-    pub fn armed(&self) -> bool {
-        self.state.inner.lock().unwrap().fault.is_some()
     }
 
     /// Cuts every live connection now.
@@ -199,11 +191,6 @@ impl FaultProxy {
     /// Connections forwarded to the target so far, as the target saw their peers.
     pub fn upstream_peers(&self) -> Vec<SocketAddr> {
         self.state.inner.lock().unwrap().upstream_peers.clone()
-    }
-
-    /// Bytes forwarded in `dir` since the proxy started.
-    pub fn bytes(&self, dir: Dir) -> u64 {
-        self.state.bytes[dir.index()].load(Ordering::Relaxed)
     }
 }
 
@@ -304,7 +291,6 @@ fn step(state: &State, dir: Dir, closed: bool, cap: usize) -> Step {
 
 /// Counts `n` bytes moved in `dir`; returns the fault if they reached its trigger.
 fn account(state: &State, dir: Dir, n: u64) -> Option<Fault> {
-    state.bytes[dir.index()].fetch_add(n, Ordering::Relaxed);
     let mut i = state.inner.lock().unwrap();
     i.moved[dir.index()] += n;
     let fault = i.fault?;

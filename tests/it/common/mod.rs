@@ -1,14 +1,20 @@
-//! Helpers shared by the root package's integration tests: real `ferry` processes on
-//! loopback TCP, scratch disk images, byte comparison of replicas, seeded randomness.
+//! Helpers shared by the integration tests: real `ferry` processes on loopback TCP,
+//! scratch disk images, byte comparison of replicas, seeded randomness (`rng`); the
+//! shim as a process (`shim`), the live rig with its stamping guest (`rig`), the
+//! fault-injecting proxy (`proxy`) and the independent NBD client (`nbd`).
 //!
 //! Every test builds its own key, configs, target process and images in its own
 //! scratch directory (on /dev/shm when there is one), so tests run in parallel and
-//! never share a port, a replica or a state directory.
-
-#![allow(dead_code)]
+//! never share a port, a replica or a state directory. Tests that mount a file system
+//! take [`exclusive_mounts`].
 
 pub mod nbd;
 pub mod proxy;
+pub mod rig;
+mod rng;
+pub mod shim;
+
+pub use rng::{test_seed, Rng};
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
@@ -39,6 +45,18 @@ pub fn soak() -> bool {
     std::env::var("FERRY_SOAK").is_ok_and(|v| !v.is_empty() && v != "0")
 }
 
+/// Serialises the tests that mount a file system (tmpfs, FUSE, nbdfuse) within this
+/// binary; each holds the guard for its whole run. A new mount takes the lowest free
+/// anonymous device number, and the power-loss test must get its mount's number back
+/// when it remounts after a cut (the shim keys an image on device and inode): a tmpfs
+/// or FUSE mount of another test made in between would take it. Processes outside this
+/// binary can still do that; `PowerFailFs::restore` retries for a while.
+pub fn exclusive_mounts() -> std::sync::MutexGuard<'static, ()> {
+    static MOUNTS: Mutex<()> = Mutex::new(());
+    // A test that panicked while holding it left no mount behind (its guards unmount).
+    MOUNTS.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// A scratch directory on tmpfs when there is one (disk images are cheap there).
 pub fn scratch_dir() -> tempfile::TempDir {
     let shm = Path::new("/dev/shm");
@@ -54,65 +72,6 @@ pub fn scratch_dir() -> tempfile::TempDir {
         .prefix("ferry-test-")
         .tempdir()
         .expect("create a temporary directory")
-}
-
-// ---------------------------------------------------------------------------------
-// Randomness with a printed seed.
-
-/// SplitMix64: tiny, fast, good enough to generate test data and choices.
-#[derive(Debug, Clone)]
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Self {
-        Rng(seed)
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `0..n` (n > 0).
-    pub fn below(&mut self, n: u64) -> u64 {
-        assert!(n > 0);
-        ((self.next_u64() as u128 * n as u128) >> 64) as u64
-    }
-
-    pub fn fill(&mut self, buf: &mut [u8]) {
-        let mut chunks = buf.chunks_exact_mut(8);
-        for c in &mut chunks {
-            c.copy_from_slice(&self.next_u64().to_le_bytes());
-        }
-        let rest = chunks.into_remainder();
-        let last = self.next_u64().to_le_bytes();
-        rest.copy_from_slice(&last[..rest.len()]);
-    }
-
-    /// A non-zero byte.
-    pub fn nonzero_byte(&mut self) -> u8 {
-        1 + self.below(255) as u8
-    }
-}
-
-/// The seed for a randomised test: `FERRY_TEST_SEED` if set, else fresh. Printed so a
-/// failure can be replayed (the harness shows a failing test's output).
-pub fn test_seed(test: &str) -> u64 {
-    let seed = match std::env::var("FERRY_TEST_SEED") {
-        Ok(s) => s.parse().expect("FERRY_TEST_SEED must be a u64"),
-        Err(_) => {
-            let nanos = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64;
-            nanos ^ (std::process::id() as u64) << 32
-        }
-    };
-    eprintln!("{test}: seed {seed} (replay with FERRY_TEST_SEED={seed})");
-    seed
 }
 
 // ---------------------------------------------------------------------------------
@@ -293,13 +252,25 @@ impl TargetProc {
     /// Writes a target config for `disks` into `dir` and starts a target on a free
     /// port, retrying with another port if the chosen one was taken meanwhile.
     pub fn start(dir: &Path, key: &Path, disks: &[(&str, &Path)], extra: &str) -> TargetProc {
-        let config = dir.join("target.toml");
         let state = dir.join("target-state");
+        TargetProc::start_with(&dir.join("target.toml"), &[], |port| {
+            target_toml(port, key, &state, disks, extra)
+        })
+    }
+
+    /// Writes `config_for(port)` to `config` for a free port and starts a target on it
+    /// with extra environment `env`, retrying with another port if the chosen one was
+    /// taken meanwhile.
+    pub fn start_with(
+        config: &Path,
+        env: &[(&str, &str)],
+        config_for: impl Fn(u16) -> String,
+    ) -> TargetProc {
         let mut last = String::new();
         for _ in 0..5 {
             let port = free_port();
-            std::fs::write(&config, target_toml(port, key, &state, disks, extra)).unwrap();
-            match TargetProc::spawn(&config, port) {
+            std::fs::write(config, config_for(port)).unwrap();
+            match TargetProc::spawn_env(config, port, env) {
                 Ok(t) => return t,
                 Err(e) if e.contains("in use") => last = e,
                 Err(e) => panic!("{e}"),
@@ -330,12 +301,7 @@ impl TargetProc {
 
     /// Peak resident memory of the target process so far (VmHWM).
     pub fn peak_rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .expect("VmHWM in /proc/<pid>/status")
+        vm_hwm_kib(self.pid()).expect("VmHWM in /proc/<pid>/status of a running target")
     }
 
     /// Kills the process and waits for it (a crash, as far as the target can tell).
@@ -358,7 +324,8 @@ pub struct Run {
     pub status: ExitStatus,
     pub stdout: String,
     pub stderr: String,
-    /// Peak resident memory of the process.
+    /// Peak resident memory of the process, as its own `VmHWM` last read before it
+    /// exited (see [`run_ferry`]).
     pub max_rss_kib: u64,
 }
 
@@ -380,6 +347,13 @@ impl Run {
 }
 
 /// Runs `ferry <args>` to completion, killing it after `timeout`.
+///
+/// The peak memory is the child's `VmHWM`, read from /proc every few milliseconds
+/// while it runs: `wait4`'s `ru_maxrss` would also count the memory of this test
+/// process, which the child shares between fork and exec and which the kernel carries
+/// over into the child's maximum at exec. With every test in one process that is
+/// hundreds of MiB. A peak reached in the child's last milliseconds can be missed; the
+/// data path allocates its buffers at start.
 // The child is reaped by wait4 (which clippy does not see), or by `wait` on timeout.
 #[allow(clippy::zombie_processes)]
 pub fn run_ferry(args: &[&std::ffi::OsStr], timeout: Duration) -> Run {
@@ -394,17 +368,19 @@ pub fn run_ferry(args: &[&std::ffi::OsStr], timeout: Duration) -> Run {
     let out = drain(child.stdout.take().unwrap());
     let err = drain(child.stderr.take().unwrap());
     let deadline = Instant::now() + timeout;
-    // wait4 rather than try_wait: it also reports the child's peak memory.
     let pid = child.id() as libc::pid_t;
-    let (status, max_rss_kib) = loop {
+    let mut max_rss_kib = 0;
+    let status = loop {
+        // Before the wait: once reaped, the pid may name another process.
+        if let Some(kib) = vm_hwm_kib(child.id()) {
+            max_rss_kib = max_rss_kib.max(kib);
+        }
         let mut raw = 0;
-        // SAFETY: an all-zero rusage is a valid value; wait4 writes it in full.
-        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-        // SAFETY: `raw` and `usage` are live locals for the duration of the call.
-        let rc = unsafe { libc::wait4(pid, &mut raw, libc::WNOHANG, &mut usage) };
+        // SAFETY: `raw` is a live local for the duration of the call; no rusage wanted.
+        let rc = unsafe { libc::wait4(pid, &mut raw, libc::WNOHANG, std::ptr::null_mut()) };
         if rc == pid {
             use std::os::unix::process::ExitStatusExt;
-            break (ExitStatus::from_raw(raw), usage.ru_maxrss as u64);
+            break ExitStatus::from_raw(raw);
         }
         assert!(rc == 0, "wait4: {}", std::io::Error::last_os_error());
         if Instant::now() > deadline {
@@ -432,6 +408,15 @@ pub fn run_ferry(args: &[&std::ffi::OsStr], timeout: Duration) -> Run {
         status,
         max_rss_kib,
     }
+}
+
+/// `VmHWM` of a live process (`None` once it has exited: a zombie has no memory).
+fn vm_hwm_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
 /// `ferry sync --config <config> --json <extra...>`.

@@ -4,15 +4,13 @@
 //! exec when the test runs as root, where the limit would not bind), so the kernel
 //! refuses to pin a session's registered buffers with ENOMEM.
 
-mod common;
-
 use std::io::Read;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 
 const PATIENCE: Duration = Duration::from_secs(30);
 /// Far below one session's registered buffers (about 4 MiB at the default batch).

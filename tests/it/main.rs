@@ -1,0 +1,28 @@
+//! ferry's integration tests, one binary: real `ferry` processes (target, source, shim)
+//! over loopback TCP and Unix sockets, one module per area. Shared helpers live in
+//! `common/`; every test builds its own scratch directory, key, ports and processes, so
+//! the tests of all modules run in parallel threads of this one process.
+//!
+//! Run one module with `cargo test --test it e2e::`, one test by its name.
+
+mod common;
+
+mod atomic_epochs;
+mod bad_input;
+mod commit_integrity;
+mod config_cli;
+mod differential;
+mod disk_eio;
+mod disk_full;
+mod e2e;
+mod engine_lock;
+mod io_engine_probe;
+mod link_faults;
+mod live_epochs;
+mod pipeline_failures;
+mod power_loss;
+mod recovery_points;
+mod session_limits;
+mod shim_control;
+mod shim_reconnect;
+mod uring_forced;
