@@ -593,7 +593,7 @@ fn poll_readable(listener: &UnixListener, timeout_ms: i32) -> bool {
 /// once; `uring` without io_uring refuses to start.
 fn resolve_engine(disk: &ShimDisk) -> Result<IoEngine, ShimError> {
     static FALLBACK_LOGGED: std::sync::Once = std::sync::Once::new();
-    match (disk.io_engine, nbd::uring::available()) {
+    match (disk.io_engine, nbd::engine::uring::available()) {
         (IoEngine::Sync, _) => Ok(IoEngine::Sync),
         (IoEngine::Auto | IoEngine::Uring, Ok(())) => Ok(IoEngine::Uring),
         (IoEngine::Uring, Err(reason)) => Err(ShimError::IoEngine {
