@@ -7,7 +7,7 @@
 //!
 //! Two engines drive the data path of a connection ([`IoEngine`]): a pool of worker
 //! threads calling the methods below, or one thread per connection with an io_uring
-//! (`nbd::uring`) that issues the same operations on [`Backing::as_raw_fd`].
+//! (`nbd::engine::uring`) that issues the same operations on [`Backing::as_raw_fd`].
 
 use std::fmt;
 use std::fs::{File, OpenOptions};

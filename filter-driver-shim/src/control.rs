@@ -39,7 +39,8 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use crate::bitmap::GenerationId;
-use crate::shim::{self, DiskStatus, FrozenEpoch, ServedDisk};
+use crate::disk::{DiskStatus, ServedDisk};
+use crate::group::{self, FrozenEpoch};
 
 /// How often a waiting connection looks at the stop flag.
 const POLL: Duration = Duration::from_millis(200);
@@ -300,7 +301,7 @@ impl Client<'_> {
                         disks: chosen.clone(),
                     });
                 }
-                match shim::freeze(&chosen, id, &whole) {
+                match group::freeze(&chosen, id, &whole) {
                     Ok(frozen) => {
                         let us = frozen.pause.as_micros() as u64;
                         let mut p = self.state.pauses.lock().unwrap_or_else(|e| e.into_inner());
@@ -323,13 +324,13 @@ impl Client<'_> {
                     Err(reply) => return reply,
                 };
                 let result = match cmd {
-                    "check" => shim::check(&frozen),
+                    "check" => group::check(&frozen),
                     // A broken epoch is never committed: its bits go back and the
                     // engine hears why.
-                    "commit" => shim::check(&frozen)
-                        .and_then(|()| shim::finish(&frozen, true))
-                        .or_else(|e| shim::finish(&frozen, false).and(Err(e))),
-                    _ => shim::finish(&frozen, false),
+                    "commit" => group::check(&frozen)
+                        .and_then(|()| group::finish(&frozen, true))
+                        .or_else(|e| group::finish(&frozen, false).and(Err(e))),
+                    _ => group::finish(&frozen, false),
                 };
                 if cmd != "check" {
                     *self.owner() = None;
@@ -380,7 +381,7 @@ impl Client<'_> {
             bound.as_millis()
         );
         tracing::warn!("{why}");
-        if let Err(e) = shim::finish(&o.disks, false) {
+        if let Err(e) = group::finish(&o.disks, false) {
             tracing::error!(error = %chain(&e), "aborting an idle epoch");
         }
         Some(why)
@@ -392,7 +393,7 @@ impl Client<'_> {
         if owner.as_ref().is_some_and(|o| o.client == self.id) {
             let o = owner.take().expect("checked");
             tracing::warn!(epoch = %format_args!("{:016x}", o.epoch), "control connection closed with an epoch frozen: aborting it (its blocks go in the next epoch)");
-            if let Err(e) = shim::finish(&o.disks, false) {
+            if let Err(e) = group::finish(&o.disks, false) {
                 tracing::error!(error = %chain(&e), "aborting an abandoned epoch");
             }
         }

@@ -6,12 +6,14 @@
 //! on-disk format (`docs/bitmap-format.md`) — lives here and never depends on
 //! `dataplane`.
 //!
-//! * [`nbd`] — the NBD server (protocol, handshake, per-connection pipeline).
+//! * [`nbd`] — the NBD server (protocol, handshake, per-connection pipeline, I/O engines).
 //! * [`tracker`] — write-intent change tracking over the bitmap file.
 //! * [`backing`] — the backing image or block device.
 //! * [`pool`] — bounded, reusable I/O buffers.
-//! * [`shim`] — [`ShimDisk`], [`Shim`], [`serve`]: the running shim.
+//! * [`shim`] — [`Shim`], [`serve`]: the running shim (start-up, accept loops, shutdown).
+//! * [`disk`] — [`ShimDisk`] (what to serve) and the disk as the running shim serves it.
 //! * [`control`] — the control socket protocol.
+//! * [`group`] — epochs across the disks of one freeze: freeze, check, commit or abort.
 //! * [`epoch`] — frozen epochs: copy-before-write and the state map shared with the engine.
 //! * [`failpoint`] — test-only fault injection (debug builds only).
 //! * [`require`] — `FERRY_REQUIRE`: the tests' skips for missing features, made failures.
@@ -19,8 +21,10 @@
 pub mod backing;
 pub mod bitmap;
 pub mod control;
+pub mod disk;
 pub mod epoch;
 pub mod failpoint;
+pub mod group;
 pub mod nbd;
 pub mod pool;
 pub mod require;
@@ -28,5 +32,6 @@ pub mod shim;
 pub mod tracker;
 
 pub use bitmap::{BitmapError, ChangedBlockBitmap, FileState, GenerationId, Recovery};
-pub use shim::{serve, DiskStatus, Shim, ShimDisk, ShimError, MAX_CONNECTIONS_PER_DISK};
+pub use disk::{DiskStatus, ShimDisk};
+pub use shim::{serve, Shim, ShimError, MAX_CONNECTIONS_PER_DISK};
 pub use tracker::{ResyncReason, TrackerStatus, DEFAULT_BLOCK_SIZE};

@@ -8,17 +8,17 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::thread::{self, JoinHandle};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::backing::{Backing, IoEngine};
-use crate::bitmap::GenerationId;
 use crate::control;
-use crate::epoch::{EpochFiles, FrozenDisk};
+use crate::disk::{DiskStatus, ServedDisk, ShimDisk};
+use crate::group;
 use crate::nbd::{self, proto::TRANSMISSION_FLAGS, Export, ExportInfo, Stream};
-use crate::tracker::{ResyncReason, Tracker, TrackerConfig, TrackerError, TrackerStatus};
+use crate::tracker::{Tracker, TrackerConfig, TrackerError};
 
 /// Concurrent NBD connections per disk. QEMU uses one, nbdcopy up to four; the bound
 /// caps threads (each connection has `2 + IO_WORKERS` with the thread pool, 4 with
@@ -26,46 +26,6 @@ use crate::tracker::{ResyncReason, Tracker, TrackerConfig, TrackerError, Tracker
 pub const MAX_CONNECTIONS_PER_DISK: usize = 16;
 /// How often accept loops look at the stop flag when no client arrives.
 const ACCEPT_POLL_MS: i32 = 100;
-
-/// One protected disk as the shim serves it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ShimDisk {
-    /// Stable id; also the NBD export name (the default export "" selects it too).
-    pub name: String,
-    /// Backing image file or block device.
-    pub path: PathBuf,
-    /// Unix socket the NBD export listens on.
-    pub nbd_socket: PathBuf,
-    /// Changed-block bitmap file (`docs/bitmap-format.md`).
-    pub bitmap_path: PathBuf,
-    /// Sidecar state file recording the image identity and generation.
-    pub state_path: PathBuf,
-    /// Tracking granularity in bytes: a power of two, 512 ..= 1 GiB.
-    pub block_size: u32,
-    /// How the backing store is driven (`[source] io_engine`); `Auto` by default.
-    pub io_engine: IoEngine,
-}
-
-impl ShimDisk {
-    /// The usual layout: `<state_dir>/<name>.cbt` and `<state_dir>/<name>.shim-state`.
-    pub fn in_state_dir(
-        name: &str,
-        path: impl Into<PathBuf>,
-        nbd_socket: impl Into<PathBuf>,
-        state_dir: &Path,
-        block_size: u32,
-    ) -> ShimDisk {
-        ShimDisk {
-            name: name.to_string(),
-            path: path.into(),
-            nbd_socket: nbd_socket.into(),
-            bitmap_path: state_dir.join(format!("{name}.cbt")),
-            state_path: state_dir.join(format!("{name}.shim-state")),
-            block_size,
-            io_engine: IoEngine::Auto,
-        }
-    }
-}
 
 /// Errors starting or stopping the shim; each names the disk and what failed.
 #[derive(Debug, thiserror::Error)]
@@ -112,241 +72,6 @@ pub enum ShimError {
         #[source]
         source: io::Error,
     },
-}
-
-/// Errors of the epoch protocol; each says what the engine asked and why not.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum EpochError {
-    #[error("disk `{disk}`: cannot prepare the epoch's files")]
-    Prepare {
-        disk: String,
-        #[source]
-        source: io::Error,
-    },
-    #[error("disk `{disk}`: cannot write the frozen bitmap")]
-    SaveBits {
-        disk: String,
-        #[source]
-        source: crate::bitmap::BitmapError,
-    },
-    #[error("`whole=` names `{0}`, which this shim does not serve")]
-    UnknownDisk(String),
-    #[error("an epoch is already frozen")]
-    AlreadyFrozen,
-    #[error("disk `{disk}`: no epoch is frozen")]
-    NotFrozen { disk: String },
-    #[error("disk `{disk}`: a copy-before-write failed; the epoch cannot be read consistently")]
-    Broken { disk: String },
-    #[error("disk `{disk}`: cannot make the epoch's content durable on the source (fdatasync); its bits stay set")]
-    SyncBacking {
-        disk: String,
-        #[source]
-        source: io::Error,
-    },
-    #[error("disk `{disk}`: clearing the committed bits")]
-    Tracker {
-        disk: String,
-        #[source]
-        source: TrackerError,
-    },
-}
-
-/// One disk of a frozen epoch, as the freeze reply describes it.
-#[derive(Clone, Debug)]
-pub struct FrozenDiskInfo {
-    pub name: String,
-    pub path: PathBuf,
-    pub generation_id: GenerationId,
-    pub resync_required: Option<ResyncReason>,
-    pub block_size: u32,
-    pub disk_size: u64,
-    pub frozen_blocks: u64,
-    pub whole_disk: bool,
-    pub files: EpochFiles,
-}
-
-/// A frozen epoch across every disk of the shim.
-#[derive(Clone, Debug)]
-pub struct FrozenEpoch {
-    pub id: u64,
-    /// How long guest writes were held: from asking for the gates until releasing them.
-    pub pause: Duration,
-    pub disks: Vec<FrozenDiskInfo>,
-}
-
-/// Freezes an epoch across `disks` (a consistency group: the cut is one instant for
-/// all of them). Writes in flight drain, every disk's active bits become the epoch's,
-/// copy-before-write starts, and writes resume; the pause holds no I/O but the drain.
-/// Disks named in `whole` preserve every block, not just the frozen ones (their
-/// epoch will be a seeded or full sync that reads the whole disk).
-pub(crate) fn freeze(
-    disks: &[Arc<ServedDisk>],
-    id: u64,
-    whole: &[String],
-) -> Result<FrozenEpoch, EpochError> {
-    if let Some(unknown) = whole
-        .iter()
-        .find(|w| !disks.iter().any(|d| &d.disk.name == *w))
-    {
-        return Err(EpochError::UnknownDisk(unknown.clone()));
-    }
-    if disks.iter().any(|d| d.export.gate.frozen().is_some()) {
-        return Err(EpochError::AlreadyFrozen);
-    }
-    let mut prepared = Vec::with_capacity(disks.len());
-    for d in disks {
-        let files = EpochFiles::new(d.epoch_dir(), &d.disk.name, id);
-        files.remove();
-        let blank = d.export.tracker.blank();
-        let whole_disk = whole.contains(&d.disk.name);
-        match FrozenDisk::prepare(files.clone(), &blank, whole_disk) {
-            Ok(f) => prepared.push(f),
-            Err(source) => {
-                files.remove();
-                for p in &prepared {
-                    p.files.remove();
-                }
-                return Err(EpochError::Prepare {
-                    disk: d.disk.name.clone(),
-                    source,
-                });
-            }
-        }
-    }
-
-    // The pause: every gate held at once, so the cut is one instant for the group.
-    let started = Instant::now();
-    let gates: Vec<_> = disks.iter().map(|d| d.export.gate.drain()).collect();
-    let mut frozen = Vec::with_capacity(disks.len());
-    for ((d, gate), mut f) in disks.iter().zip(&gates).zip(prepared) {
-        debug_assert!(
-            gate.frozen().is_none(),
-            "the control socket allows one epoch at a time"
-        );
-        d.export.tracker.freeze(&mut f.bits);
-        let f = Arc::new(f);
-        gate.install(Arc::clone(&f));
-        frozen.push(f);
-    }
-    drop(gates);
-    let pause = started.elapsed();
-
-    let mut infos = Vec::with_capacity(disks.len());
-    for (d, f) in disks.iter().zip(&frozen) {
-        if let Err(source) = f.bits.save(&f.files.bitmap) {
-            let _ = finish(disks, false);
-            return Err(EpochError::SaveBits {
-                disk: d.disk.name.clone(),
-                source,
-            });
-        }
-        let status = d.export.tracker.status();
-        infos.push(FrozenDiskInfo {
-            name: d.disk.name.clone(),
-            path: d.disk.path.clone(),
-            generation_id: status.generation_id,
-            resync_required: status.resync_required,
-            block_size: status.block_size,
-            disk_size: d.export.info.size_bytes,
-            frozen_blocks: f.bits.count(),
-            whole_disk: f.whole_disk,
-            files: f.files.clone(),
-        });
-    }
-    tracing::debug!(epoch = %format_args!("{id:016x}"), pause_us = pause.as_micros() as u64, "epoch frozen");
-    Ok(FrozenEpoch {
-        id,
-        pause,
-        disks: infos,
-    })
-}
-
-/// Whether every disk still holds its frozen epoch intact (no copy failed).
-pub(crate) fn check(disks: &[Arc<ServedDisk>]) -> Result<(), EpochError> {
-    for d in disks {
-        let gate = d.export.gate.frozen();
-        match gate.as_deref() {
-            None => {
-                return Err(EpochError::NotFrozen {
-                    disk: d.disk.name.clone(),
-                })
-            }
-            Some(f) if f.is_broken() => {
-                return Err(EpochError::Broken {
-                    disk: d.disk.name.clone(),
-                })
-            }
-            Some(_) => {}
-        }
-    }
-    Ok(())
-}
-
-/// Ends the frozen epoch on every disk: `commit` clears its bits (the target has it),
-/// otherwise they join the active bits again. Copy-before-write stops and the epoch's
-/// files go.
-pub(crate) fn finish(disks: &[Arc<ServedDisk>], commit: bool) -> Result<(), EpochError> {
-    let mut first_error = None;
-    for d in disks {
-        // Drained: no write still copies into the epoch being ended.
-        let taken = d.export.gate.drain().take();
-        let Some(f) = taken else { continue };
-        // The epoch shipped what the guest had written, durable on the source or not
-        // (a write is acknowledged before it is flushed). Its bits may go only once the
-        // source holds that content durably too: after a power loss that dropped an
-        // unflushed write the block must differ from the replica *and* be marked, or
-        // the replica keeps a write the source no longer has and nothing resends the
-        // block (found by tests/power_loss.rs).
-        let synced = if commit && !f.is_broken() {
-            d.export
-                .backing
-                .sync_data()
-                .map_err(|source| EpochError::SyncBacking {
-                    disk: d.disk.name.clone(),
-                    source,
-                })
-        } else {
-            Ok(())
-        };
-        let result = match &synced {
-            Ok(()) if commit && !f.is_broken() => d.export.tracker.commit(&f.bits),
-            _ => d.export.tracker.abort(&f.bits),
-        };
-        if let Err(e) = synced {
-            first_error.get_or_insert(e);
-        }
-        if f.copies() > 0 {
-            tracing::debug!(disk = %d.disk.name, copies = f.copies(), "copy-before-write blocks this epoch");
-        }
-        f.files.remove();
-        if let Err(source) = result {
-            first_error.get_or_insert(EpochError::Tracker {
-                disk: d.disk.name.clone(),
-                source,
-            });
-        }
-    }
-    first_error.map_or(Ok(()), Err)
-}
-
-/// Status of one disk for the control API.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct DiskStatus {
-    pub name: String,
-    pub path: PathBuf,
-    pub connections: usize,
-    pub tracker: TrackerStatus,
-}
-
-pub(crate) struct ServedDisk {
-    pub(crate) disk: ShimDisk,
-    pub(crate) export: Arc<Export>,
-    connections: AtomicUsize,
-    /// Live connections: a clone of each stream (to stop it) and its thread.
-    live: Mutex<Vec<(Stream, JoinHandle<()>)>>,
-    /// The disk's lock, held while this shim serves it.
-    _lock: fs::File,
 }
 
 /// Mode of a state directory: its bitmaps, state files and the control socket are the
@@ -444,40 +169,6 @@ fn lock_disk(disk: &ShimDisk) -> Result<fs::File, ShimError> {
         return Err(io("lock the disk")(err));
     }
     Ok(file)
-}
-
-impl ServedDisk {
-    /// Where this disk's epoch files live: beside its bitmap.
-    pub(crate) fn epoch_dir(&self) -> &Path {
-        self.disk
-            .bitmap_path
-            .parent()
-            .filter(|d| !d.as_os_str().is_empty())
-            .unwrap_or(Path::new("."))
-    }
-
-    /// Removes epoch files a crashed shim left behind.
-    fn remove_stale_epoch_files(&self) {
-        let Ok(entries) = fs::read_dir(self.epoch_dir()) else {
-            return;
-        };
-        for e in entries.flatten() {
-            if let Some(name) = e.file_name().to_str() {
-                if EpochFiles::is_epoch_file(&self.disk.name, name) {
-                    let _ = fs::remove_file(e.path());
-                }
-            }
-        }
-    }
-
-    pub(crate) fn status(&self) -> DiskStatus {
-        DiskStatus {
-            name: self.disk.name.clone(),
-            path: self.disk.path.clone(),
-            connections: self.connections.load(Ordering::Relaxed),
-            tracker: self.export.tracker.status(),
-        }
-    }
 }
 
 /// A running shim. Dropping it without [`Shim::shutdown`] leaves the state files
@@ -593,7 +284,7 @@ fn poll_readable(listener: &UnixListener, timeout_ms: i32) -> bool {
 /// once; `uring` without io_uring refuses to start.
 fn resolve_engine(disk: &ShimDisk) -> Result<IoEngine, ShimError> {
     static FALLBACK_LOGGED: std::sync::Once = std::sync::Once::new();
-    match (disk.io_engine, nbd::uring::available()) {
+    match (disk.io_engine, nbd::engine::uring::available()) {
         (IoEngine::Sync, _) => Ok(IoEngine::Sync),
         (IoEngine::Auto | IoEngine::Uring, Ok(())) => Ok(IoEngine::Uring),
         (IoEngine::Uring, Err(reason)) => Err(ShimError::IoEngine {
@@ -640,22 +331,17 @@ fn open_disk(disk: &ShimDisk) -> Result<ServedDisk, ShimError> {
         disk: disk.name.clone(),
         source,
     })?;
-    Ok(ServedDisk {
-        export: Arc::new(Export::new(
-            ExportInfo {
-                name: disk.name.clone(),
-                size_bytes: backing.size_bytes(),
-                transmission_flags: TRANSMISSION_FLAGS,
-            },
-            backing,
-            tracker,
-            engine,
-        )),
-        disk: disk.clone(),
-        connections: AtomicUsize::new(0),
-        live: Mutex::new(Vec::new()),
-        _lock: lock,
-    })
+    let export = Export::new(
+        ExportInfo {
+            name: disk.name.clone(),
+            size_bytes: backing.size_bytes(),
+            transmission_flags: TRANSMISSION_FLAGS,
+        },
+        backing,
+        tracker,
+        engine,
+    );
+    Ok(ServedDisk::new(disk.clone(), Arc::new(export), lock))
 }
 
 fn accept_loop(listener: UnixListener, served: Arc<ServedDisk>, stop: Arc<AtomicBool>) {
@@ -797,7 +483,7 @@ impl Shim {
             }
         }
         // An epoch still frozen is abandoned: its bits stay in the file.
-        let _ = finish(&self.disks, false);
+        let _ = group::finish(&self.disks, false);
         let mut first_error = None;
         for d in self.disks.iter() {
             let name = &d.disk.name;

@@ -27,7 +27,7 @@ fn write_random(nbd: &mut NbdClient, rng: &mut Rng, writes: usize) {
 
 #[test]
 fn shim_source_and_target_replicate_with_io_uring_forced() {
-    if let Err(why) = filter_driver_shim::nbd::uring::available() {
+    if let Err(why) = filter_driver_shim::nbd::engine::uring::available() {
         require::skip(Feature::Uring, why);
         return;
     }

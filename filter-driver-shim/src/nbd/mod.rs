@@ -3,26 +3,31 @@
 //!
 //! * [`proto`] — wire constants and the pure, fuzzed request/option decoders.
 //! * [`handshake`] — option haggling up to the transmission phase.
-//! * [`connection`] — the transmission phase: a reader thread decodes requests, a
-//!   fixed set of I/O workers runs them against the backing store (marking the
-//!   change tracker first for anything that writes), a writer thread serialises the
+//! * [`export`] — [`Export`]: one served disk, as every connection to it shares it.
+//! * [`connection`] — the transmission phase: a reader thread decodes requests and
+//!   hands them to the connection's I/O engine, a writer thread serialises the
 //!   replies. Queues between them are bounded, and so are the payload bytes in
 //!   flight, so a fast client meets back-pressure on its socket, never unbounded
 //!   buffering in the shim.
-//! * [`uring`] — the io_uring engine: one thread and one ring per connection instead
-//!   of the worker pool.
+//! * [`engine`] — the I/O engines behind one trait: [`engine::pool`] (a fixed set of
+//!   worker threads) and [`engine::uring`] (one thread and one ring per connection).
+//!   Both mark the change tracker first for anything that writes.
 //! * [`gate`] — the write gate a freeze drains.
+//! * [`client`] — a small NBD client sharing no code with the server: `ferry demo`'s
+//!   guest and the tests' sequential writer.
 
 pub mod client;
 pub mod connection;
+pub mod engine;
+pub mod export;
 pub mod gate;
 pub mod handshake;
 pub mod proto;
-pub mod uring;
 
 use std::io;
 
-pub use connection::{serve_connection, Export, Stream};
+pub use connection::{serve_connection, Stream};
+pub use export::Export;
 pub use handshake::{ExportInfo, Negotiated};
 
 /// Why a connection ended abnormally.

@@ -25,7 +25,7 @@
 //! (TRIM, WRITE_ZEROES) and zero writing. Smaller writes are copied into the page
 //! cache by the io thread itself, in the place of their SQE.
 //!
-//! **Write-intent order** is that of the thread pool (`connection::execute`):
+//! **Write-intent order** is that of the thread pool ([`super::pool::execute`]):
 //!
 //! ```text
 //! WRITE / WRITE_ZEROES:  enter gate → [preserve] → mark → (bits durable) → write … done
@@ -65,17 +65,16 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{fence, AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError, TrySendError};
-use std::sync::OnceLock;
-use std::thread;
+use std::sync::{Arc, OnceLock};
+use std::thread::{self, JoinHandle};
 
 use io_uring::{opcode, squeue, types, IoUring, Probe};
 
-use super::connection::{
-    block_status, io_refusal, tracker_refusal, Export, Job, Reply, JOB_QUEUE_DEPTH,
-};
-use super::gate::GatePass;
-use super::proto::{Command, Durability, Refusal, ZeroMode};
+use super::{block_status, io_refusal, tracker_refusal, Engine, Job, Reply, JOB_QUEUE_DEPTH};
 use crate::backing::{fallocate_unsupported, Backing, ZEROS, ZERO_CHUNK_BYTES};
+use crate::nbd::export::Export;
+use crate::nbd::gate::GatePass;
+use crate::nbd::proto::{Command, Durability, NbdErrno, Refusal, ZeroMode};
 use crate::pool::PooledBuf;
 use crate::tracker::MarkTicket;
 
@@ -167,13 +166,13 @@ fn probe() -> Result<(), String> {
 /// How the reader wakes the io thread when it sleeps in its ring: an eventfd the ring
 /// reads, written only if the io thread said it is going to sleep.
 #[derive(Debug)]
-pub(crate) struct Wake {
+struct Wake {
     fd: OwnedFd,
     sleeping: AtomicBool,
 }
 
 impl Wake {
-    pub(crate) fn new() -> io::Result<Wake> {
+    fn new() -> io::Result<Wake> {
         // SAFETY: eventfd(2) with constant flags; the descriptor it returns is ours.
         let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
         if fd < 0 {
@@ -188,7 +187,7 @@ impl Wake {
 
     /// Call after queueing a job or a mark result: wakes the io thread if it is asleep
     /// in its ring (or about to be).
-    pub(crate) fn notify(&self) {
+    fn notify(&self) {
         // Pairs with the fence in `IoLoop::block`: either the io thread sees what was
         // queued, or this thread sees `sleeping` (store-buffering is forbidden between
         // SeqCst fences).
@@ -199,7 +198,7 @@ impl Wake {
     }
 
     /// Makes the wake read complete (if one is armed, now; else when next armed).
-    pub(crate) fn ring(&self) {
+    fn ring(&self) {
         let one: u64 = 1;
         // SAFETY: writes 8 bytes from a live u64 to our eventfd. EAGAIN (the counter
         // at its maximum) means a wake is already pending: nothing to do.
@@ -214,7 +213,7 @@ impl Wake {
 }
 
 /// A ring set up for one connection, not yet running.
-pub(crate) struct Ring {
+struct Ring {
     ring: IoUring,
     /// Created disabled (single issuer): the io thread enables it.
     disabled: bool,
@@ -225,7 +224,7 @@ impl Ring {
     /// allows it (6.1+) the ring is single-issuer with deferred task work: completions
     /// are posted only when the io thread enters the kernel, which saves interrupting
     /// it. Created disabled, so the io thread that enables it becomes its issuer.
-    pub(crate) fn new(backing: &Backing, wake: &Wake) -> io::Result<Ring> {
+    fn new(backing: &Backing, wake: &Wake) -> io::Result<Ring> {
         let tuned = IoUring::builder()
             .dontfork()
             .setup_r_disabled()
@@ -246,11 +245,79 @@ impl Ring {
     }
 }
 
+/// Why a connection could not start its io_uring engine.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum StartError {
+    /// No ring for this connection now (memory locked for rings exhausted, say): the
+    /// thread pool can still serve it.
+    #[error("cannot set up an io_uring")]
+    Ring(#[source] io::Error),
+    /// The io thread could not be spawned.
+    #[error("cannot spawn the io_uring thread")]
+    Spawn(#[source] io::Error),
+}
+
+/// The io_uring engine of one connection: its io thread, the queue that feeds it, and
+/// the wake that tells the thread a job is queued when it sleeps in its ring.
+pub(crate) struct UringEngine {
+    jobs: SyncSender<Job>,
+    wake: Arc<Wake>,
+    io: JoinHandle<()>,
+}
+
+impl UringEngine {
+    /// Sets up a ring on `export`'s backing store and starts the io thread on it,
+    /// answering into `replies`. If the ring fails later, the thread logs it and calls
+    /// `on_failure`, which closes the connection.
+    pub(crate) fn start(
+        export: &Arc<Export>,
+        replies: SyncSender<Reply>,
+        on_failure: impl FnOnce() + Send + 'static,
+    ) -> Result<UringEngine, StartError> {
+        let wake = Arc::new(Wake::new().map_err(StartError::Ring)?);
+        let ring = Ring::new(&export.backing, &wake).map_err(StartError::Ring)?;
+        let (job_tx, job_rx) = mpsc::sync_channel::<Job>(JOB_QUEUE_DEPTH);
+        let io = {
+            let export = Arc::clone(export);
+            let wake = Arc::clone(&wake);
+            thread::Builder::new()
+                .name(format!("nbd-uring-{}", export.info.name))
+                .spawn(move || {
+                    if let Err(e) = run(ring, &export, job_rx, replies, &wake) {
+                        tracing::error!(disk = %export.info.name, error = %e, "io_uring engine failed: closing the connection");
+                        on_failure();
+                    }
+                })
+                .map_err(StartError::Spawn)?
+        };
+        Ok(UringEngine {
+            jobs: job_tx,
+            wake,
+            io,
+        })
+    }
+}
+
+impl Engine for UringEngine {
+    fn submit(&self, job: Job) -> Result<(), Job> {
+        self.jobs.send(job).map_err(|refused| refused.0)?;
+        self.wake.notify();
+        Ok(())
+    }
+
+    fn finish(self) {
+        drop(self.jobs);
+        // The io thread may be asleep in its ring: it notices the end only when woken.
+        self.wake.ring();
+        let _ = self.io.join();
+    }
+}
+
 /// Runs the io thread of one connection until the job queue is closed and every
 /// request has been answered, with its mark waiter beside it. An error means the ring
 /// failed; requests still in flight were waited for (or, if even that failed, their
 /// buffers leaked), and the caller closes the connection.
-pub(crate) fn run(
+fn run(
     ring: Ring,
     export: &Export,
     jobs: Receiver<Job>,
@@ -262,7 +329,7 @@ pub(crate) fn run(
 
 /// [`run`] recording every request's events into `trace` (ordering tests).
 #[cfg(test)]
-pub(crate) fn run_traced(
+fn run_traced(
     ring: Ring,
     export: &Export,
     jobs: Receiver<Job>,
@@ -903,7 +970,7 @@ impl<'a> IoLoop<'a> {
         if let Err(e) = self.tickets.try_send((slot, ticket)) {
             let (TrySendError::Full((slot, _)) | TrySendError::Disconnected((slot, _))) = e;
             let refusal = Refusal {
-                errno: super::proto::NbdErrno::Io,
+                errno: NbdErrno::Io,
                 reason: "change tracking failed; write not performed",
             };
             tracing::error!(disk = %self.export.info.name, "the mark waiter is gone; write refused");
