@@ -197,7 +197,7 @@ pub(crate) fn finish(disks: &[Arc<ServedDisk>], commit: bool) -> Result<(), Epoc
         // source holds that content durably too: after a power loss that dropped an
         // unflushed write the block must differ from the replica *and* be marked, or
         // the replica keeps a write the source no longer has and nothing resends the
-        // block (found by tests/power_loss.rs).
+        // block (found by tests/it/power_loss.rs).
         let synced = if commit && !f.is_broken() {
             d.export
                 .backing

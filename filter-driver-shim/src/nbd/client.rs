@@ -2,7 +2,7 @@
 //! (NetworkBlockDevice/nbd `doc/proto.md`) and sharing no code with this crate's
 //! server, so that tests driving the server through it check it independently.
 //! `ferry demo` uses it as its guest stand-in; the integration tests use it as a
-//! sequential writer (`tests/common/nbd.rs` re-exports it).
+//! sequential writer (`tests/it/common/nbd.rs` re-exports it).
 //!
 //! Scope: a Unix socket, the fixed newstyle handshake, `NBD_OPT_GO` with an export
 //! name, simple replies only (structured replies are never negotiated, so a structured
