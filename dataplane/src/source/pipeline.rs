@@ -187,19 +187,51 @@ impl Finished {
     }
 }
 
-/// The words of a panic, for the error that fails the epoch.
-fn panic_message(payload: &(dyn Any + Send)) -> String {
-    let words = payload
+/// A stage of the pipeline, as [`SourceError::Stage`] names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    Reader,
+    Worker(usize),
+    Sender,
+}
+
+impl std::fmt::Display for Stage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Reader => f.write_str("reader thread"),
+            Self::Worker(i) => write!(f, "worker thread {i}"),
+            Self::Sender => f.write_str("sender"),
+        }
+    }
+}
+
+/// How a stage failed without an error of its own.
+#[derive(Debug, thiserror::Error)]
+pub enum StageFailure {
+    /// `message` is the panic's payload, when it was a string.
+    #[error("panicked: {message}")]
+    Panicked { message: String },
+    /// Messages go round-robin, so every worker reaches the end of the plan together.
+    #[error("worker thread {worker} still had a frame after worker thread {finished} reached the end of the plan")]
+    StrayFrame { worker: usize, finished: usize },
+}
+
+/// The panic of `stage`, as the error that fails the epoch.
+fn panicked(stage: Stage, payload: &(dyn Any + Send)) -> SourceError {
+    let message = payload
         .downcast_ref::<&str>()
         .map(|s| s.to_string())
         .or_else(|| payload.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "no message".into());
-    format!("panicked: {words}")
+    SourceError::Stage {
+        stage,
+        source: StageFailure::Panicked { message },
+    }
 }
 
 /// Records a stage's outcome in `failure`: its error, or its panic as a stage error.
 fn record_outcome(
-    stage: &str,
+    stage: Stage,
     outcome: std::thread::Result<Result<(), SourceError>>,
     failure: &Failure,
 ) -> bool {
@@ -210,10 +242,7 @@ fn record_outcome(
             false
         }
         Err(panic) => {
-            failure.set(SourceError::Stage {
-                stage: stage.to_string(),
-                problem: panic_message(panic.as_ref()),
-            });
+            failure.set(panicked(stage, panic.as_ref()));
             false
         }
     }
@@ -246,7 +275,7 @@ where
     );
     let input_slots = cfg.queue_depth + cfg.workers * EXTRA_INPUT_SLOTS_PER_WORKER + 1;
     let (mut input_alloc, input_return) =
-        BufferPool::new(cfg.io_size, input_slots).map_err(SourceError::pool)?;
+        BufferPool::new(cfg.io_size, input_slots).map_err(SourceError::Pool)?;
     let out_size = (table_capacity(cfg) + cfg.io_size).next_multiple_of(PAYLOAD_ALIGN);
     let failure = Failure::default();
     let finished = Finished::new(cfg.workers);
@@ -259,7 +288,7 @@ where
         let (tx, rx) = spsc::channel::<ReadDone>(RING_DEPTH);
         let (otx, orx) = spsc::channel::<Encoded>(RING_DEPTH);
         let (oalloc, oret) =
-            BufferPool::new(out_size, OUTPUT_SLOTS_PER_WORKER).map_err(SourceError::pool)?;
+            BufferPool::new(out_size, OUTPUT_SLOTS_PER_WORKER).map_err(SourceError::Pool)?;
         to_workers.push(tx);
         from_workers.push(orx);
         worker_parts.push((rx, otx, oalloc));
@@ -289,13 +318,13 @@ where
                             failure,
                         )
                     }));
-                    if record_outcome("reader thread", outcome, failure) {
+                    if record_outcome(Stage::Reader, outcome, failure) {
                         finished.reader.store(true, Ordering::Release);
                     }
                     // Only now may the workers see their input abandoned.
                     drop(to_workers);
                 })
-                .map_err(|e| SourceError::Thread(e.to_string()))?
+                .map_err(SourceError::Thread)?
         };
         let mut workers = Vec::with_capacity(cfg.workers);
         for (i, (rx, mut otx, oalloc)) in worker_parts.into_iter().enumerate() {
@@ -307,13 +336,13 @@ where
                         let outcome = catch_unwind(AssertUnwindSafe(|| {
                             worker_loop(&cfg, disks, rx, &mut otx, oalloc, failure, finished)
                         }));
-                        if record_outcome(&format!("worker thread {i}"), outcome, failure) {
+                        if record_outcome(Stage::Worker(i), outcome, failure) {
                             finished.workers[i].store(true, Ordering::Release);
                         }
                         // Only now may the sender see this ring abandoned.
                         drop(otx);
                     })
-                    .map_err(|e| SourceError::Thread(e.to_string()))?,
+                    .map_err(SourceError::Thread)?,
             );
         }
         // The sender owns the return ends of every pool: when it stops, for whatever
@@ -335,17 +364,11 @@ where
         // The sender has dropped its ring ends; the cascade ends the other stages. Each
         // catches its own panics, so a failed join means one escaped even that.
         if let Err(panic) = reader.join() {
-            failure.set(SourceError::Stage {
-                stage: "reader thread".into(),
-                problem: panic_message(panic.as_ref()),
-            });
+            failure.set(panicked(Stage::Reader, panic.as_ref()));
         }
         for (i, w) in workers.into_iter().enumerate() {
             if let Err(panic) = w.join() {
-                failure.set(SourceError::Stage {
-                    stage: format!("worker thread {i}"),
-                    problem: panic_message(panic.as_ref()),
-                });
+                failure.set(panicked(Stage::Worker(i), panic.as_ref()));
             }
         }
         Ok::<(), SourceError>(())
@@ -524,10 +547,12 @@ where
                 // Hash reads of a seeded sync are not the last read of a block.
                 let last_read = cfg.output == Output::Data;
                 view.settle(offset, &mut slot.as_mut_slice()[..len as usize], last_read)
-                    .map_err(|e| {
-                        SourceError::Shim(format!(
-                            "disk #{disk}: cannot read the frozen copy at offset {offset}: {e}"
-                        ))
+                    .map_err(|source| {
+                        SourceError::Shim(super::ShimControlError::FrozenRead {
+                            disk,
+                            offset,
+                            source,
+                        })
                     })?;
             }
             *done = Some(slot);
@@ -556,10 +581,7 @@ fn worker_loop(
     finished: &Finished,
 ) -> Result<(), SourceError> {
     let mut compressor = match cfg.zstd_level {
-        Some(level) => Some(
-            zstd::bulk::Compressor::new(level)
-                .map_err(|e| SourceError::Compression(e.to_string()))?,
-        ),
+        Some(level) => Some(zstd::bulk::Compressor::new(level).map_err(SourceError::Compression)?),
         None => None,
     };
     let table_cap = table_capacity(cfg);
@@ -831,10 +853,11 @@ fn sender_loop<W: Write>(
                         output_returns[w].release(s);
                     }
                     return Err(SourceError::Stage {
-                        stage: "sender".into(),
-                        problem: format!(
-                            "worker thread {w} still had a frame after worker thread {next} reached the end of the plan"
-                        ),
+                        stage: Stage::Sender,
+                        source: StageFailure::StrayFrame {
+                            worker: w,
+                            finished: next,
+                        },
                     });
                 }
                 if !finished.workers[w].load(Ordering::Acquire) {
