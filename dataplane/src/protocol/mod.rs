@@ -52,8 +52,9 @@ pub enum ProtocolError {
     },
     #[error("malformed frame: {what}")]
     Malformed { what: &'static str },
-    #[error("malformed frame: {0}")]
-    Invalid(String),
+    /// The Committed frame names another epoch than the one committed.
+    #[error("malformed frame: target acknowledged epoch {acknowledged} while epoch {committed} was committed")]
+    WrongAck { acknowledged: u64, committed: u64 },
     #[error("authentication failed: {detail}")]
     AuthFailed { detail: &'static str },
     #[error(

@@ -1180,10 +1180,10 @@ fn run_session<R: std::io::Read, W: std::io::Write>(
         what: "committed frame has the wrong length",
     })?;
     if committed.epoch.get() != epoch {
-        return Err(ProtocolError::Invalid(format!(
-            "target acknowledged epoch {} while epoch {epoch} was committed",
-            committed.epoch.get()
-        ))
+        return Err(ProtocolError::WrongAck {
+            acknowledged: committed.epoch.get(),
+            committed: epoch,
+        }
         .into());
     }
     // The Open and Commit frames (headers and payloads) went on the wire too.
