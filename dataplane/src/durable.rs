@@ -36,6 +36,7 @@ pub enum StateOp {
     Retire,
     MergeAway,
     KeepAsPoint,
+    WriteRecords,
     Copy,
     ApplyToCopy,
 }
@@ -66,6 +67,7 @@ impl std::fmt::Display for StateOp {
             Self::Retire => "retire",
             Self::MergeAway => "merge away",
             Self::KeepAsPoint => "keep as recovery point",
+            Self::WriteRecords => "write replica records",
             Self::Copy => "copy",
             Self::ApplyToCopy => "apply to the copy",
         })
