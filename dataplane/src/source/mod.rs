@@ -138,7 +138,7 @@ pub enum SourceError {
     PeerInterrupted,
     /// The shim's control protocol failed or refused (see `live`).
     #[error("shim")]
-    Shim(#[source] ShimControlError),
+    Shim(#[from] ShimControlError),
     /// A replica already holds an epoch at least as new as the one being opened (the
     /// session is given up before anything is sent; [`sync`] retries above it).
     #[error("the target already holds epoch {held}")]
@@ -151,12 +151,6 @@ pub enum SourceError {
         /// The engine holding the lock, `command (pid N)`, when its note says.
         holder: Option<String>,
     },
-}
-
-impl From<ShimControlError> for SourceError {
-    fn from(e: ShimControlError) -> Self {
-        Self::Shim(e)
-    }
 }
 
 /// Why a changed-block bitmap cannot carry a sync of its disk.
@@ -188,7 +182,7 @@ pub enum BitmapProblem {
     Lineage {
         path: PathBuf,
         bitmap_epoch: u64,
-        bitmap_generation: String,
+        bitmap_generation: GenerationId,
         epoch: u64,
         generation: String,
     },
@@ -945,7 +939,7 @@ fn load_bitmap(
         return Err(bad(BitmapProblem::Lineage {
             path: path.to_path_buf(),
             bitmap_epoch: bitmap.epoch(),
-            bitmap_generation: bitmap.generation_id().to_string(),
+            bitmap_generation: bitmap.generation_id(),
             epoch: state.epoch,
             generation: state.generation.clone(),
         }));
