@@ -52,8 +52,9 @@ pub enum ProtocolError {
     },
     #[error("malformed frame: {what}")]
     Malformed { what: &'static str },
-    #[error("malformed frame: {0}")]
-    Invalid(String),
+    /// The Committed frame names another epoch than the one committed.
+    #[error("malformed frame: target acknowledged epoch {acknowledged} while epoch {committed} was committed")]
+    WrongAck { acknowledged: u64, committed: u64 },
     #[error("authentication failed: {detail}")]
     AuthFailed { detail: &'static str },
     #[error(
@@ -98,15 +99,25 @@ impl ProtocolError {
 }
 
 /// A lineage (generation) id as 32 lowercase hex digits, as state files store it.
-pub fn parse_hex16(s: &str) -> Result<[u8; 16], String> {
+pub fn parse_hex16(s: &str) -> Result<[u8; 16], NotHex16> {
     if s.len() != 32 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err(format!("generation {s:?} is not 32 hex digits"));
+        return Err(NotHex16 {
+            text: s.to_string(),
+        });
     }
     let mut out = [0u8; 16];
     for (i, o) in out.iter_mut().enumerate() {
         *o = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).expect("checked hex");
     }
     Ok(out)
+}
+
+/// A generation id that is not 32 hex digits (see [`parse_hex16`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("generation {text:?} is not 32 hex digits")]
+pub struct NotHex16 {
+    /// What was found instead.
+    pub text: String,
 }
 
 /// The inverse of [`parse_hex16`].

@@ -57,12 +57,7 @@ pub fn run(
             slots: job.queue_depth,
             slot_bytes: job.io_size,
         };
-        probe_engine(job.engine, shape).map_err(|e| {
-            SourceError::Config(format!(
-                "io_engine = \"uring\" cannot work here: {}",
-                crate::target::chain(&e)
-            ))
-        })?;
+        probe_engine(job.engine, shape).map_err(SourceError::Engine)?;
     }
     let mut job = job.clone();
     job.require_shim = true;

@@ -20,6 +20,93 @@ use filter_driver_shim::epoch::EpochView;
 use serde_json::Value;
 
 use super::SourceError;
+use crate::protocol::NotHex16;
+
+/// How a conversation with the shim's control socket failed, or what the shim's
+/// answers contradict.
+#[derive(Debug, thiserror::Error)]
+pub enum ShimControlError {
+    /// Continuous replication needs the shim's epochs.
+    #[error("no shim is listening on {}; start `ferry shim --config` with the same config first", socket.as_deref().unwrap_or(Path::new("(no control socket configured)")).display())]
+    NotListening { socket: Option<PathBuf> },
+    #[error("cannot connect to the shim's control socket {}", path.display())]
+    Connect {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Setting the connection up (timeouts, a second handle) failed.
+    #[error("control socket")]
+    Socket(#[source] std::io::Error),
+    #[error("the shim's control socket {} failed during `{request}` (did the shim stop?)", path.display())]
+    Lost {
+        path: PathBuf,
+        request: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The shim hung up, saying why first (an idle epoch aborted).
+    #[error("`{request}` refused: the shim closed the connection: {reason}")]
+    Closed { request: String, reason: String },
+    #[error("unreadable reply to `{request}`")]
+    Unreadable {
+        request: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The shim answered `"ok": false`; `reason` is its `error`.
+    #[error("`{request}` refused: {}", reason.as_deref().unwrap_or("no reason given"))]
+    Refused {
+        request: String,
+        reason: Option<String>,
+    },
+    #[error("{what} lacks `{key}`")]
+    MissingField {
+        what: &'static str,
+        key: &'static str,
+    },
+    #[error("{what}: `{key}` is not a {expected}")]
+    FieldType {
+        what: &'static str,
+        key: &'static str,
+        expected: &'static str,
+    },
+    #[error("{what}: generation_id")]
+    Generation {
+        what: &'static str,
+        #[source]
+        source: NotHex16,
+    },
+    #[error("disk {disk}: cannot open the epoch's files")]
+    EpochFiles {
+        disk: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("disk #{disk}: cannot read the frozen copy at offset {offset}")]
+    FrozenRead {
+        disk: u32,
+        offset: u64,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("disk {disk} is not served by the running shim; the shim and the engine must run from the same config")]
+    NotServed { disk: String },
+    #[error("disk {disk}: the shim serves {}, the config names {}", shim_path.display(), config_path.display())]
+    PathMismatch {
+        disk: String,
+        shim_path: PathBuf,
+        config_path: PathBuf,
+    },
+    #[error("freeze reply lacks disk {disk}")]
+    FreezeLacksDisk { disk: String },
+    #[error("disk {disk}: the shim serves {shim_bytes} bytes, the image has {image_bytes}")]
+    SizeMismatch {
+        disk: String,
+        shim_bytes: u64,
+        image_bytes: u64,
+    },
+}
 
 /// How long the engine waits for a control reply (a commit syncs the bitmap file).
 const REPLY_TIMEOUT: Duration = Duration::from_secs(60);
@@ -64,11 +151,12 @@ pub struct LiveDisk {
 impl LiveDisk {
     /// Maps the epoch's state map and opens its scratch file.
     pub fn view(&self) -> Result<EpochView, SourceError> {
-        EpochView::open(&self.map, &self.scratch, self.disk_size).map_err(|e| {
-            SourceError::Shim(format!(
-                "disk {}: cannot open the epoch's files: {e}",
-                self.shim.name
-            ))
+        EpochView::open(&self.map, &self.scratch, self.disk_size).map_err(|source| {
+            ShimControlError::EpochFiles {
+                disk: self.shim.name.clone(),
+                source,
+            }
+            .into()
         })
     }
 }
@@ -112,7 +200,7 @@ pub fn keep_alive<T>(
                 let mut control = shared.lock().unwrap_or_else(|e| e.into_inner());
                 // A broken epoch is reported by the check before Commit; beats stop.
                 if let Err(e) = control.check(epoch) {
-                    tracing::debug!("epoch keepalive: {e}");
+                    tracing::debug!("epoch keepalive: {}", crate::target::chain(&e));
                     break;
                 }
             }
@@ -123,32 +211,58 @@ pub fn keep_alive<T>(
     })
 }
 
-fn field<'a>(v: &'a Value, key: &str, what: &str) -> Result<&'a Value, SourceError> {
+fn field<'a>(
+    v: &'a Value,
+    key: &'static str,
+    what: &'static str,
+) -> Result<&'a Value, ShimControlError> {
     v.get(key)
-        .ok_or_else(|| SourceError::Shim(format!("{what} lacks `{key}`")))
+        .ok_or(ShimControlError::MissingField { what, key })
 }
 
-fn string(v: &Value, key: &str, what: &str) -> Result<String, SourceError> {
+fn string(v: &Value, key: &'static str, what: &'static str) -> Result<String, ShimControlError> {
     field(v, key, what)?
         .as_str()
         .map(str::to_string)
-        .ok_or_else(|| SourceError::Shim(format!("{what}: `{key}` is not a string")))
+        .ok_or(ShimControlError::FieldType {
+            what,
+            key,
+            expected: "string",
+        })
 }
 
-fn number(v: &Value, key: &str, what: &str) -> Result<u64, SourceError> {
+fn number(v: &Value, key: &'static str, what: &'static str) -> Result<u64, ShimControlError> {
     field(v, key, what)?
         .as_u64()
-        .ok_or_else(|| SourceError::Shim(format!("{what}: `{key}` is not a number")))
+        .ok_or(ShimControlError::FieldType {
+            what,
+            key,
+            expected: "number",
+        })
 }
 
-fn shim_disk(v: &Value) -> Result<ShimDisk, SourceError> {
+fn list<'a>(
+    v: &'a Value,
+    key: &'static str,
+    what: &'static str,
+) -> Result<&'a Vec<Value>, ShimControlError> {
+    field(v, key, what)?
+        .as_array()
+        .ok_or(ShimControlError::FieldType {
+            what,
+            key,
+            expected: "list",
+        })
+}
+
+fn shim_disk(v: &Value) -> Result<ShimDisk, ShimControlError> {
     let what = "shim disk entry";
     let generation = string(v, "generation_id", what)?;
     Ok(ShimDisk {
         name: string(v, "name", what)?,
         path: PathBuf::from(string(v, "path", what)?),
         generation: crate::protocol::parse_hex16(&generation)
-            .map_err(|e| SourceError::Shim(format!("{what}: generation_id: {e}")))?,
+            .map_err(|source| ShimControlError::Generation { what, source })?,
         resync_required: v
             .get("resync_reason")
             .and_then(Value::as_str)
@@ -170,14 +284,15 @@ impl ShimControl {
             {
                 return Ok(None)
             }
-            Err(e) => {
-                return Err(SourceError::Shim(format!(
-                    "cannot connect to the shim's control socket {}: {e}",
-                    path.display()
-                )))
+            Err(source) => {
+                return Err(ShimControlError::Connect {
+                    path: path.to_path_buf(),
+                    source,
+                }
+                .into())
             }
         };
-        let io = |e: std::io::Error| SourceError::Shim(format!("control socket: {e}"));
+        let io = ShimControlError::Socket;
         stream.set_read_timeout(Some(REPLY_TIMEOUT)).map_err(io)?;
         let writer = stream.try_clone().map_err(io)?;
         Ok(Some(ShimControl {
@@ -188,12 +303,11 @@ impl ShimControl {
     }
 
     /// Sends one request line and returns the reply if it says `"ok": true`.
-    fn request(&mut self, line: &str) -> Result<Value, SourceError> {
-        let lost = |e: std::io::Error| {
-            SourceError::Shim(format!(
-                "the shim's control socket {} failed during `{line}` (did the shim stop?): {e}",
-                self.path.display()
-            ))
+    fn request(&mut self, line: &str) -> Result<Value, ShimControlError> {
+        let lost = |source: std::io::Error| ShimControlError::Lost {
+            path: self.path.clone(),
+            request: line.to_string(),
+            source,
         };
         if let Err(e) = self.writer.write_all(format!("{line}\n").as_bytes()) {
             // A shim that hung up may have said why first (an idle epoch aborted).
@@ -201,9 +315,10 @@ impl ShimControl {
             if self.reader.read_line(&mut last_words).is_ok() {
                 if let Ok(v) = serde_json::from_str::<Value>(&last_words) {
                     if let Some(why) = v.get("error").and_then(Value::as_str) {
-                        return Err(SourceError::Shim(format!(
-                            "`{line}` refused: the shim closed the connection: {why}"
-                        )));
+                        return Err(ShimControlError::Closed {
+                            request: line.to_string(),
+                            reason: why.to_string(),
+                        });
                     }
                 }
             }
@@ -217,29 +332,28 @@ impl ShimControl {
                 "connection closed",
             )));
         }
-        let v: Value = serde_json::from_str(&reply)
-            .map_err(|e| SourceError::Shim(format!("unreadable reply to `{line}`: {e}")))?;
+        let v: Value =
+            serde_json::from_str(&reply).map_err(|source| ShimControlError::Unreadable {
+                request: line.to_string(),
+                source,
+            })?;
         if v.get("ok").and_then(Value::as_bool) == Some(true) {
             Ok(v)
         } else {
-            Err(SourceError::Shim(format!(
-                "`{line}` refused: {}",
-                v.get("error")
-                    .and_then(Value::as_str)
-                    .unwrap_or("no reason given")
-            )))
+            Err(ShimControlError::Refused {
+                request: line.to_string(),
+                reason: v.get("error").and_then(Value::as_str).map(str::to_string),
+            })
         }
     }
 
     /// The disks the shim serves.
     pub fn status(&mut self) -> Result<Vec<ShimDisk>, SourceError> {
         let v = self.request("status")?;
-        field(&v, "disks", "status reply")?
-            .as_array()
-            .ok_or_else(|| SourceError::Shim("status reply: `disks` is not a list".into()))?
+        Ok(list(&v, "disks", "status reply")?
             .iter()
             .map(shim_disk)
-            .collect()
+            .collect::<Result<_, _>>()?)
     }
 
     /// Freezes an epoch across `disks` (one consistency cut); `whole` names the disks
@@ -251,9 +365,7 @@ impl ShimControl {
         }
         let v = self.request(&line)?;
         let what = "freeze reply";
-        let disks = field(&v, "disks", what)?
-            .as_array()
-            .ok_or_else(|| SourceError::Shim("freeze reply: `disks` is not a list".into()))?
+        let disks = list(&v, "disks", what)?
             .iter()
             .map(|d| {
                 Ok(LiveDisk {
@@ -266,7 +378,7 @@ impl ShimControl {
                     scratch: PathBuf::from(string(d, "scratch", what)?),
                 })
             })
-            .collect::<Result<Vec<_>, SourceError>>()?;
+            .collect::<Result<Vec<_>, ShimControlError>>()?;
         Ok(LiveEpoch {
             id: string(&v, "epoch", what)?,
             pause_us: number(&v, "pause_us", what)?,
@@ -280,17 +392,17 @@ impl ShimControl {
 
     /// Confirms the epoch is still frozen and intact (call after the last read).
     pub fn check(&mut self, epoch: &LiveEpoch) -> Result<(), SourceError> {
-        self.request(&format!("check {}", epoch.id)).map(drop)
+        Ok(self.request(&format!("check {}", epoch.id)).map(drop)?)
     }
 
     /// The target acknowledged the epoch: the shim clears its bits.
     pub fn commit(&mut self, epoch: &LiveEpoch) -> Result<(), SourceError> {
-        self.request(&format!("commit {}", epoch.id)).map(drop)
+        Ok(self.request(&format!("commit {}", epoch.id)).map(drop)?)
     }
 
     /// Gives the epoch up: its bits go in the next one.
     pub fn abort(&mut self, epoch: &LiveEpoch) -> Result<(), SourceError> {
-        self.request(&format!("abort {}", epoch.id)).map(drop)
+        Ok(self.request(&format!("abort {}", epoch.id)).map(drop)?)
     }
 
     /// A checksum-compare resync of `disk` at `generation` is done.
@@ -298,7 +410,7 @@ impl ShimControl {
         self.request(&format!(
             "resync-done {disk} {}",
             crate::protocol::hex16(generation)
-        ))
-        .map(drop)
+        ))?;
+        Ok(())
     }
 }

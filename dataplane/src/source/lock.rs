@@ -15,7 +15,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use super::SourceError;
-use crate::durable::{self, LockMode};
+use crate::durable::{self, LockMode, StateOp};
 
 /// The lock file's name in the engine's `state_dir`.
 pub const ENGINE_LOCK_FILE: &str = "engine.lock";
@@ -88,14 +88,16 @@ impl EngineLock {
     /// Takes the lock of `state_dir` (created mode 0700 if missing) for `role`, or
     /// refuses with [`SourceError::Busy`] naming the engine that holds it.
     pub fn acquire(state_dir: &Path, role: EngineRole) -> Result<EngineLock, SourceError> {
-        durable::ensure_dir(state_dir).map_err(|e| SourceError::State {
+        durable::ensure_dir(state_dir).map_err(|source| SourceError::State {
             path: state_dir.to_path_buf(),
-            problem: e.to_string(),
+            op: StateOp::Create,
+            source,
         })?;
         let path = state_dir.join(ENGINE_LOCK_FILE);
-        let flock_error = |e: io::Error| SourceError::State {
+        let flock_error = |source: io::Error| SourceError::State {
             path: path.clone(),
-            problem: format!("flock: {e}"),
+            op: StateOp::Lock,
+            source,
         };
         let started = Instant::now();
         loop {
@@ -139,15 +141,11 @@ fn record_holder(file: &File, role: EngineRole) -> io::Result<()> {
 }
 
 fn busy(state_dir: &Path, path: &Path, holder: Option<&Holder>) -> SourceError {
-    let who = match holder {
-        Some(h) => format!("{} (pid {})", h.command, h.pid),
-        None => "another engine (pid not recorded)".to_string(),
-    };
-    SourceError::Busy(format!(
-        "{who} is running on {} (lock {}): one `ferry source` or `ferry sync` per state_dir at a time; stop it first",
-        state_dir.display(),
-        path.display()
-    ))
+    SourceError::Busy {
+        state_dir: state_dir.to_path_buf(),
+        lock: path.to_path_buf(),
+        holder: holder.map(|h| format!("{} (pid {})", h.command, h.pid)),
+    }
 }
 
 #[cfg(test)]
@@ -183,11 +181,14 @@ mod tests {
         );
         // The same process: waited for (a forked child's copy), then refused.
         let err = EngineLock::acquire(dir.path(), EngineRole::Sync).unwrap_err();
-        let msg = err.to_string();
-        assert!(
-            msg.contains(&format!("ferry source (pid {})", std::process::id())),
-            "{msg}"
+        let SourceError::Busy { holder, lock, .. } = &err else {
+            panic!("{err:?}");
+        };
+        assert_eq!(
+            holder.as_deref(),
+            Some(format!("ferry source (pid {})", std::process::id()).as_str())
         );
+        assert_eq!(lock, &dir.path().join(ENGINE_LOCK_FILE));
         drop(held);
         let again = EngineLock::acquire(dir.path(), EngineRole::Sync).unwrap();
         let note = std::fs::read_to_string(dir.path().join(ENGINE_LOCK_FILE)).unwrap();

@@ -16,21 +16,25 @@ use std::net::{TcpStream, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use filter_driver_shim::bitmap::{ChangedBlockBitmap, GenerationId};
+use filter_driver_shim::bitmap::{BitmapError, ChangedBlockBitmap, GenerationId};
+use ringbuf::pool::PoolError;
 use serde::{Deserialize, Serialize};
 use zerocopy::{FromBytes, IntoBytes};
 
-use crate::config::{Compression, Config};
+use crate::config::{Compression, Config, ConfigError};
+use crate::durable::StateOp;
 use crate::io::{self, Disk, EngineKind, IoError};
 use crate::protocol::{
     auth, Commit, Committed, DiskManifest, DiskRun, FrameDeadline, FrameKind, FrameReader,
     FrameWriter, ManifestBuilder, OpenDisk, OpenDiskReply, OpenHeader, ProtocolError, SyncMode,
     TimedStream, MAX_FRAME_PAYLOAD, MAX_NAME_LEN, MAX_REPLY_PAYLOAD, REPLICA_CREATED,
 };
-pub use crate::protocol::{hex16, parse_hex16};
-use crate::psk::Psk;
+pub use crate::protocol::{hex16, parse_hex16, NotHex16};
+use crate::psk::{Psk, PskError};
+pub use live::ShimControlError;
 use lock::{EngineLock, EngineRole};
 use pipeline::{DiskInfo, Output, PipelineConfig, PipelineStats};
+pub use pipeline::{Stage, StageFailure};
 use plan::{Chunker, ExtentRegions, Geometry, PlanItem, Region};
 
 /// Everything that can stop a sync.
@@ -64,42 +68,139 @@ pub enum SourceError {
     },
     #[error(transparent)]
     Protocol(#[from] ProtocolError),
-    #[error("disk {disk}: {problem}")]
-    Bitmap { disk: String, problem: String },
-    #[error("state file {path}: {problem}")]
-    State { path: PathBuf, problem: String },
-    #[error("buffer pool: {0}")]
-    Pool(String),
-    #[error("compression: {0}")]
-    Compression(String),
-    #[error("cannot start a thread: {0}")]
-    Thread(String),
-    #[error("{0}")]
-    Config(String),
+    /// The disk's changed-block bitmap cannot carry this sync.
+    #[error("disk {disk}")]
+    Bitmap {
+        disk: String,
+        #[source]
+        source: BitmapProblem,
+    },
+    /// A system call on a state file or the state directory failed.
+    #[error("state file {path}: {op}")]
+    State {
+        path: PathBuf,
+        op: StateOp,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A state file holds something else than a state record.
+    #[error("state file {path}: not a state record")]
+    StateContent {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A state file's generation is not a generation id.
+    #[error("state file {path}")]
+    StateGeneration {
+        path: PathBuf,
+        #[source]
+        source: NotHex16,
+    },
+    #[error("buffer pool")]
+    Pool(#[source] PoolError),
+    #[error("compression")]
+    Compression(#[source] std::io::Error),
+    #[error("cannot start a thread")]
+    Thread(#[source] std::io::Error),
+    /// The configuration has no usable `[source]` section.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The key file cannot be used.
+    #[error(transparent)]
+    Key(#[from] PskError),
+    /// The system gave no randomness for a new generation id.
+    #[error("no randomness")]
+    Randomness(#[source] std::io::Error),
+    #[error("disk name {disk:?} is too long")]
+    NameTooLong { disk: String },
+    /// The shim and the engine were started from configs with different block sizes.
+    #[error("disk {disk}: the shim tracks {shim_block_size}-byte blocks, the engine ships {block_size}-byte blocks; run both from the same config")]
+    BlockSizeMismatch {
+        disk: String,
+        shim_block_size: u64,
+        block_size: usize,
+    },
+    /// Continuous replication was asked for an io_uring engine that cannot run here.
+    #[error("io_engine = \"uring\" cannot work here")]
+    Engine(#[source] IoError),
     #[error("replication aborted")]
     Aborted,
     /// A stage of the source pipeline failed without an error of its own (it panicked,
     /// or stopped before the end of its input): the epoch is incomplete.
-    #[error("source pipeline: the {stage} failed: {problem}")]
-    Stage { stage: String, problem: String },
+    #[error("source pipeline: the {stage} failed")]
+    Stage {
+        stage: Stage,
+        #[source]
+        source: StageFailure,
+    },
     #[error("the target interrupted the session without saying why")]
     PeerInterrupted,
     /// The shim's control protocol failed or refused (see `live`).
-    #[error("shim: {0}")]
-    Shim(String),
+    #[error("shim")]
+    Shim(#[from] ShimControlError),
     /// A replica already holds an epoch at least as new as the one being opened (the
     /// session is given up before anything is sent; [`sync`] retries above it).
     #[error("the target already holds epoch {held}")]
     EpochBehind { held: u64 },
     /// Another engine holds the state directory.
-    #[error("{0}")]
-    Busy(String),
+    #[error("{} is running on {} (lock {}): one `ferry source` or `ferry sync` per state_dir at a time; stop it first", holder.as_deref().unwrap_or("another engine (pid not recorded)"), state_dir.display(), lock.display())]
+    Busy {
+        state_dir: PathBuf,
+        lock: PathBuf,
+        /// The engine holding the lock, `command (pid N)`, when its note says.
+        holder: Option<String>,
+    },
 }
 
-impl SourceError {
-    pub(crate) fn pool(e: impl std::fmt::Display) -> Self {
-        Self::Pool(e.to_string())
-    }
+/// Why a changed-block bitmap cannot carry a sync of its disk.
+#[derive(Debug, thiserror::Error)]
+pub enum BitmapProblem {
+    #[error("bitmap {}", path.display())]
+    Load {
+        path: PathBuf,
+        #[source]
+        source: BitmapError,
+    },
+    #[error("frozen bitmap {}", path.display())]
+    LoadFrozen {
+        path: PathBuf,
+        #[source]
+        source: BitmapError,
+    },
+    #[error("bitmap {} covers {bitmap_bytes} bytes in {bitmap_block_size}-byte blocks, the disk is {disk_bytes} bytes in {block_size}-byte blocks", path.display())]
+    Geometry {
+        path: PathBuf,
+        bitmap_bytes: u64,
+        bitmap_block_size: u32,
+        disk_bytes: u64,
+        block_size: usize,
+    },
+    #[error("bitmap {} has no base: this disk was never synced; a full or seeded sync comes first", path.display())]
+    NoBase { path: PathBuf },
+    #[error("bitmap {} tracks changes since epoch {bitmap_epoch} of lineage {bitmap_generation}, the replica was last synced at epoch {epoch} of lineage {generation}", path.display())]
+    Lineage {
+        path: PathBuf,
+        bitmap_epoch: u64,
+        bitmap_generation: GenerationId,
+        epoch: u64,
+        generation: String,
+    },
+    /// Changed mode was asked for a disk whose shim tracks another lineage than the
+    /// replica holds.
+    #[error("the shim tracks lineage {shim_generation} but the replica was last synced {}; a seeded sync comes first", match synced { Some((epoch, generation)) => format!("at epoch {epoch} of lineage {generation}"), None => "never".to_string() })]
+    ShimLineage {
+        shim_generation: String,
+        /// The replica's last epoch and lineage, if it was ever synced.
+        synced: Option<(u64, String)>,
+    },
+    #[error("changed mode needs a bitmap (--bitmap NAME=FILE)")]
+    Missing,
+    #[error("the frozen bitmap does not match the disk")]
+    FrozenMismatch,
+    /// Building or filling the bitmap of a seeded disk's differences failed.
+    #[error(transparent)]
+    Diff(BitmapError),
 }
 
 /// The shim's control socket, in `[source] state_dir`.
@@ -172,11 +273,8 @@ impl std::fmt::Debug for SyncJob {
 impl SyncJob {
     /// Resolves a sync job from the `[source]` section and the disks of `config`.
     pub fn from_config(config: &Config, mode: ModeRequest) -> Result<Self, SourceError> {
-        let source = config
-            .require_source("sync")
-            .map_err(|e| SourceError::Config(e.to_string()))?;
-        let psk = Psk::load(&source.psk_file)
-            .map_err(|e| SourceError::Config(crate::target::chain(&e)))?;
+        let source = config.require_source("sync")?;
+        let psk = Psk::load(&source.psk_file)?;
         Ok(SyncJob {
             target: source.target.clone(),
             psk: *psk.as_bytes(),
@@ -262,18 +360,20 @@ impl SourceDiskState {
         let path = Self::path(state_dir, disk);
         match std::fs::read(&path) {
             Ok(bytes) => {
-                let s: Self = serde_json::from_slice(&bytes).map_err(|e| SourceError::State {
-                    path: path.clone(),
-                    problem: e.to_string(),
-                })?;
+                let s: Self =
+                    serde_json::from_slice(&bytes).map_err(|source| SourceError::StateContent {
+                        path: path.clone(),
+                        source,
+                    })?;
                 s.generation_bytes()
-                    .map_err(|problem| SourceError::State { path, problem })?;
+                    .map_err(|source| SourceError::StateGeneration { path, source })?;
                 Ok(Some(s))
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(SourceError::State {
+            Err(source) => Err(SourceError::State {
                 path,
-                problem: e.to_string(),
+                op: StateOp::Read,
+                source,
             }),
         }
     }
@@ -281,13 +381,14 @@ impl SourceDiskState {
     pub fn save(&self, state_dir: &Path, disk: &str) -> Result<(), SourceError> {
         let path = Self::path(state_dir, disk);
         let bytes = serde_json::to_vec_pretty(self).expect("state serialises");
-        crate::durable::write_atomic(&path, &bytes).map_err(|e| SourceError::State {
+        crate::durable::write_atomic(&path, &bytes).map_err(|source| SourceError::State {
             path,
-            problem: e.to_string(),
+            op: StateOp::Write,
+            source,
         })
     }
 
-    pub fn generation_bytes(&self) -> Result<[u8; 16], String> {
+    pub fn generation_bytes(&self) -> Result<[u8; 16], NotHex16> {
         parse_hex16(&self.generation)
     }
 }
@@ -295,7 +396,7 @@ impl SourceDiskState {
 fn random_generation() -> Result<[u8; 16], SourceError> {
     GenerationId::random()
         .map(|g| *g.as_bytes())
-        .map_err(|e| SourceError::Config(format!("no randomness: {e}")))
+        .map_err(SourceError::Randomness)
 }
 
 struct OpenedDisk {
@@ -329,13 +430,10 @@ pub fn sync_locked(job: &SyncJob, _lock: &EngineLock) -> Result<SyncReport, Sour
     };
     match shim {
         Some(control) => sync_live(job, control),
-        None if job.require_shim => Err(SourceError::Shim(format!(
-            "no shim is listening on {}; start `ferry shim --config` with the same config first",
-            job.shim_control
-                .as_deref()
-                .unwrap_or(Path::new("(no control socket configured)"))
-                .display()
-        ))),
+        None if job.require_shim => Err(ShimControlError::NotListening {
+            socket: job.shim_control.clone(),
+        }
+        .into()),
         None => {
             let started = Instant::now();
             let mut disks = Vec::with_capacity(job.disks.len());
@@ -355,22 +453,18 @@ fn sync_live(job: &SyncJob, mut control: live::ShimControl) -> Result<SyncReport
     let served = control.status()?;
     let mut plans = Vec::with_capacity(job.disks.len());
     for spec in &job.disks {
-        let shim_disk = served
-            .iter()
-            .find(|d| d.name == spec.name)
-            .ok_or_else(|| {
-                SourceError::Shim(format!(
-                    "disk {} is not served by the running shim; the shim and the engine must run from the same config",
-                    spec.name
-                ))
-            })?;
+        let shim_disk = served.iter().find(|d| d.name == spec.name).ok_or_else(|| {
+            ShimControlError::NotServed {
+                disk: spec.name.clone(),
+            }
+        })?;
         if !same_file(&shim_disk.path, &spec.path) {
-            return Err(SourceError::Shim(format!(
-                "disk {}: the shim serves {}, the config names {}",
-                spec.name,
-                shim_disk.path.display(),
-                spec.path.display()
-            )));
+            return Err(ShimControlError::PathMismatch {
+                disk: spec.name.clone(),
+                shim_path: shim_disk.path.clone(),
+                config_path: spec.path.clone(),
+            }
+            .into());
         }
         let state = SourceDiskState::load(&job.state_dir, &spec.name)?;
         let lineage_ok = state
@@ -383,22 +477,19 @@ fn sync_live(job: &SyncJob, mut control: live::ShimControl) -> Result<SyncReport
             ModeRequest::Changed => {
                 return Err(SourceError::Bitmap {
                     disk: spec.name.clone(),
-                    problem: format!(
-                        "the shim tracks lineage {} but the replica was last synced {}; a seeded sync comes first",
-                        hex16(&shim_disk.generation),
-                        state.as_ref().map_or("never".to_string(), |s| format!(
-                            "at epoch {} of lineage {}",
-                            s.epoch, s.generation
-                        ))
-                    ),
+                    source: BitmapProblem::ShimLineage {
+                        shim_generation: hex16(&shim_disk.generation),
+                        synced: state.as_ref().map(|s| (s.epoch, s.generation.clone())),
+                    },
                 })
             }
         };
         if !whole && shim_disk.block_size != job.block_size as u64 {
-            return Err(SourceError::Config(format!(
-                "disk {}: the shim tracks {}-byte blocks, the engine ships {}-byte blocks; run both from the same config",
-                spec.name, shim_disk.block_size, job.block_size
-            )));
+            return Err(SourceError::BlockSizeMismatch {
+                disk: spec.name.clone(),
+                shim_block_size: shim_disk.block_size,
+                block_size: job.block_size,
+            });
         }
         if whole {
             if let Some(reason) = &shim_disk.resync_required {
@@ -426,19 +517,21 @@ fn sync_live(job: &SyncJob, mut control: live::ShimControl) -> Result<SyncReport
             .disks
             .iter()
             .find(|d| d.shim.name == spec.name)
-            .ok_or_else(|| SourceError::Shim(format!("freeze reply lacks disk {}", spec.name)))?;
+            .ok_or_else(|| ShimControlError::FreezeLacksDisk {
+                disk: spec.name.clone(),
+            })?;
         let disk = Disk::open_source(&spec.path).map_err(|e| SourceError::Open {
             disk: spec.name.clone(),
             path: spec.path.clone(),
             source: e,
         })?;
         if disk.size() != frozen.disk_size {
-            return Err(SourceError::Shim(format!(
-                "disk {}: the shim serves {} bytes, the image has {}",
-                spec.name,
-                frozen.disk_size,
-                disk.size()
-            )));
+            return Err(ShimControlError::SizeMismatch {
+                disk: spec.name.clone(),
+                shim_bytes: frozen.disk_size,
+                image_bytes: disk.size(),
+            }
+            .into());
         }
         let generation = frozen.shim.generation;
         let (bitmap, mode) = if *whole {
@@ -450,19 +543,18 @@ fn sync_live(job: &SyncJob, mut control: live::ShimControl) -> Result<SyncReport
             (None, mode)
         } else {
             let bitmap =
-                ChangedBlockBitmap::load(&frozen.bitmap).map_err(|e| SourceError::Bitmap {
+                ChangedBlockBitmap::load(&frozen.bitmap).map_err(|source| SourceError::Bitmap {
                     disk: spec.name.clone(),
-                    problem: format!(
-                        "frozen bitmap {}: {}",
-                        frozen.bitmap.display(),
-                        crate::target::chain(&e)
-                    ),
+                    source: BitmapProblem::LoadFrozen {
+                        path: frozen.bitmap.clone(),
+                        source,
+                    },
                 })?;
             if bitmap.disk_size() != disk.size() || *bitmap.generation_id().as_bytes() != generation
             {
                 return Err(SourceError::Bitmap {
                     disk: spec.name.clone(),
-                    problem: "the frozen bitmap does not match the disk".into(),
+                    source: BitmapProblem::FrozenMismatch,
                 });
             }
             (Some(bitmap), SyncMode::Changed)
@@ -510,8 +602,9 @@ fn sync_live(job: &SyncJob, mut control: live::ShimControl) -> Result<SyncReport
             drop(views);
             if let Err(abort) = control.abort(&epoch) {
                 tracing::warn!(
-                    "epoch {} failed and the shim did not confirm its abort ({abort}); closing the control connection aborts it",
-                    epoch.id
+                    "epoch {} failed and the shim did not confirm its abort ({}); closing the control connection aborts it",
+                    epoch.id,
+                    crate::target::chain(&abort)
                 );
             }
             return Err(e);
@@ -520,7 +613,10 @@ fn sync_live(job: &SyncJob, mut control: live::ShimControl) -> Result<SyncReport
     // The target holds the epoch (and the state files say so): the shim may forget
     // the bits. If this fails they stay, and the next epoch carries them again.
     if let Err(e) = control.commit(&epoch) {
-        tracing::warn!("epoch {number} is durable on the target but the shim did not clear its bits ({e}); the next epoch resends them");
+        tracing::warn!(
+            "epoch {number} is durable on the target but the shim did not clear its bits ({}); the next epoch resends them",
+            crate::target::chain(&e)
+        );
     }
     // A disk whose shim still owes a resync is now in sync at the shim's generation,
     // whatever mode carried it (a changed epoch means an earlier whole-disk epoch of
@@ -532,7 +628,11 @@ fn sync_live(job: &SyncJob, mut control: live::ShimControl) -> Result<SyncReport
             .any(|f| f.shim.name == d.spec.name && f.shim.resync_required.is_some());
         if owed {
             if let Err(e) = control.resync_done(&d.spec.name, &d.generation) {
-                tracing::warn!(disk = %d.spec.name, "cannot tell the shim the resync is done: {e}");
+                tracing::warn!(
+                    disk = %d.spec.name,
+                    "cannot tell the shim the resync is done: {}",
+                    crate::target::chain(&e)
+                );
             }
         }
     }
@@ -738,10 +838,9 @@ fn connect(addr: &str, timeout: Duration) -> Result<TcpStream, SourceError> {
 
 fn open_disk(job: &SyncJob, spec: &JobDisk) -> Result<OpenedDisk, SourceError> {
     if spec.name.len() > MAX_NAME_LEN {
-        return Err(SourceError::Config(format!(
-            "disk name {:?} is too long",
-            spec.name
-        )));
+        return Err(SourceError::NameTooLong {
+            disk: spec.name.clone(),
+        });
     }
     let disk = Disk::open_source(&spec.path).map_err(|e| SourceError::Open {
         disk: spec.name.clone(),
@@ -750,7 +849,14 @@ fn open_disk(job: &SyncJob, spec: &JobDisk) -> Result<OpenedDisk, SourceError> {
     })?;
     let state = SourceDiskState::load(&job.state_dir, &spec.name)?;
     let (generation, base_epoch) = match &state {
-        Some(s) => (s.generation_bytes().map_err(SourceError::Config)?, s.epoch),
+        Some(s) => (
+            s.generation_bytes()
+                .map_err(|source| SourceError::StateGeneration {
+                    path: SourceDiskState::path(&job.state_dir, &spec.name),
+                    source,
+                })?,
+            s.epoch,
+        ),
         None => (random_generation()?, 0),
     };
     let bitmap_path = spec
@@ -766,7 +872,10 @@ fn open_disk(job: &SyncJob, spec: &JobDisk) -> Result<OpenedDisk, SourceError> {
         match load_bitmap(&path, &spec.name, &disk, job.block_size, &state) {
             Ok(b) => bitmap = Some(b),
             Err(e) if job.mode == ModeRequest::Auto && spec.bitmap.is_none() => {
-                tracing::warn!("{e}; falling back to a seeded (checksum-compare) sync");
+                tracing::warn!(
+                    "{}; falling back to a seeded (checksum-compare) sync",
+                    crate::target::chain(&e)
+                );
             }
             Err(e) => return Err(e),
         }
@@ -775,7 +884,7 @@ fn open_disk(job: &SyncJob, spec: &JobDisk) -> Result<OpenedDisk, SourceError> {
         (ModeRequest::Changed, None) => {
             return Err(SourceError::Bitmap {
                 disk: spec.name.clone(),
-                problem: "changed mode needs a bitmap (--bitmap NAME=FILE)".into(),
+                source: BitmapProblem::Missing,
             })
         }
         (ModeRequest::Changed | ModeRequest::Auto, Some(_)) => SyncMode::Changed,
@@ -800,43 +909,40 @@ fn load_bitmap(
     block_size: usize,
     state: &Option<SourceDiskState>,
 ) -> Result<ChangedBlockBitmap, SourceError> {
-    let bad = |problem: String| SourceError::Bitmap {
+    let bad = |source: BitmapProblem| SourceError::Bitmap {
         disk: name.to_string(),
-        problem,
+        source,
     };
-    let bitmap = ChangedBlockBitmap::load(path).map_err(|e| {
-        bad(format!(
-            "bitmap {}: {}",
-            path.display(),
-            crate::target::chain(&e)
-        ))
+    let bitmap = ChangedBlockBitmap::load(path).map_err(|source| {
+        bad(BitmapProblem::Load {
+            path: path.to_path_buf(),
+            source,
+        })
     })?;
     if bitmap.disk_size() != disk.size() || bitmap.block_size() as usize != block_size {
-        return Err(bad(format!(
-            "bitmap {} covers {} bytes in {}-byte blocks, the disk is {} bytes in {}-byte blocks",
-            path.display(),
-            bitmap.disk_size(),
-            bitmap.block_size(),
-            disk.size(),
-            block_size
-        )));
+        return Err(bad(BitmapProblem::Geometry {
+            path: path.to_path_buf(),
+            bitmap_bytes: bitmap.disk_size(),
+            bitmap_block_size: bitmap.block_size(),
+            disk_bytes: disk.size(),
+            block_size,
+        }));
     }
     let Some(state) = state else {
-        return Err(bad(format!(
-            "bitmap {} has no base: this disk was never synced; a full or seeded sync comes first",
-            path.display()
-        )));
+        return Err(bad(BitmapProblem::NoBase {
+            path: path.to_path_buf(),
+        }));
     };
-    let generation = state.generation_bytes().map_err(bad)?;
-    if *bitmap.generation_id().as_bytes() != generation || bitmap.epoch() != state.epoch {
-        return Err(bad(format!(
-            "bitmap {} tracks changes since epoch {} of lineage {}, the replica was last synced at epoch {} of lineage {}",
-            path.display(),
-            bitmap.epoch(),
-            bitmap.generation_id(),
-            state.epoch,
-            state.generation
-        )));
+    // `SourceDiskState::load` checked the generation.
+    let generation = state.generation_bytes().ok();
+    if Some(*bitmap.generation_id().as_bytes()) != generation || bitmap.epoch() != state.epoch {
+        return Err(bad(BitmapProblem::Lineage {
+            path: path.to_path_buf(),
+            bitmap_epoch: bitmap.epoch(),
+            bitmap_generation: bitmap.generation_id(),
+            epoch: state.epoch,
+            generation: state.generation.clone(),
+        }));
     }
     Ok(bitmap)
 }
@@ -968,7 +1074,7 @@ fn run_session<R: std::io::Read, W: std::io::Write>(
                     )
                     .map_err(|e| SourceError::Bitmap {
                         disk: d.spec.name.clone(),
-                        problem: e.to_string(),
+                        source: BitmapProblem::Diff(e),
                     })?,
                 );
                 let _ = i;
@@ -1005,7 +1111,7 @@ fn run_session<R: std::io::Read, W: std::io::Write>(
                             .set_range(start * bs, (count * bs).min(d.disk.size() - start * bs))
                             .map_err(|e| SourceError::Bitmap {
                                 disk: d.spec.name.clone(),
-                                problem: e.to_string(),
+                                source: BitmapProblem::Diff(e),
                             })?;
                     }
                 }
@@ -1068,10 +1174,10 @@ fn run_session<R: std::io::Read, W: std::io::Write>(
         what: "committed frame has the wrong length",
     })?;
     if committed.epoch.get() != epoch {
-        return Err(ProtocolError::Invalid(format!(
-            "target acknowledged epoch {} while epoch {epoch} was committed",
-            committed.epoch.get()
-        ))
+        return Err(ProtocolError::WrongAck {
+            acknowledged: committed.epoch.get(),
+            committed: epoch,
+        }
         .into());
     }
     // The Open and Commit frames (headers and payloads) went on the wire too.

@@ -133,16 +133,44 @@ struct ReadDone {
     bytes: usize,
 }
 
-struct Encoded {
-    item: PlanItem,
-    input: Option<Slot>,
-    output: Option<Slot>,
-    /// Bytes of `output` that hold the frame table (Data) or whole payload (Hashes).
+/// What a worker hands the sender for one item of the plan.
+enum Encoded {
+    /// A hole: no buffers, sent as a zero run.
+    ZeroRun { disk: u32, offset: u64, len: u64 },
+    /// A completed read, encoded: `input` holds the `len` bytes read at `offset`,
+    /// `output` the frame table and packed payloads (Data) or the whole payload
+    /// (Hashes). Both slots go back to their pools once the sender is done.
+    Read {
+        disk: u32,
+        offset: u64,
+        len: u32,
+        input: Slot,
+        output: Slot,
+        frame: Frame,
+    },
+}
+
+/// What encoding one read produced.
+#[derive(Clone, Copy, Default)]
+struct Frame {
+    /// Bytes of the output slot that hold the frame table (Data) or whole payload
+    /// (Hashes).
     table_len: usize,
     records: usize,
     zero_blocks: u64,
     data_blocks: u64,
     logical_bytes: u64,
+}
+
+impl Encoded {
+    /// Gives the message's slots back: `input` to the reader's pool, `output` to the
+    /// pool of the worker that encoded it.
+    fn release(self, input_return: &mut PoolReturn, output_return: &mut PoolReturn) {
+        if let Encoded::Read { input, output, .. } = self {
+            input_return.release(input);
+            output_return.release(output);
+        }
+    }
 }
 
 /// Shared failure slot: the first error wins; all stages watch `stop`.
@@ -187,19 +215,51 @@ impl Finished {
     }
 }
 
-/// The words of a panic, for the error that fails the epoch.
-fn panic_message(payload: &(dyn Any + Send)) -> String {
-    let words = payload
+/// A stage of the pipeline, as [`SourceError::Stage`] names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    Reader,
+    Worker(usize),
+    Sender,
+}
+
+impl std::fmt::Display for Stage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Reader => f.write_str("reader thread"),
+            Self::Worker(i) => write!(f, "worker thread {i}"),
+            Self::Sender => f.write_str("sender"),
+        }
+    }
+}
+
+/// How a stage failed without an error of its own.
+#[derive(Debug, thiserror::Error)]
+pub enum StageFailure {
+    /// `message` is the panic's payload, when it was a string.
+    #[error("panicked: {message}")]
+    Panicked { message: String },
+    /// Messages go round-robin, so every worker reaches the end of the plan together.
+    #[error("worker thread {worker} still had a frame after worker thread {finished} reached the end of the plan")]
+    StrayFrame { worker: usize, finished: usize },
+}
+
+/// The panic of `stage`, as the error that fails the epoch.
+fn panicked(stage: Stage, payload: &(dyn Any + Send)) -> SourceError {
+    let message = payload
         .downcast_ref::<&str>()
         .map(|s| s.to_string())
         .or_else(|| payload.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "no message".into());
-    format!("panicked: {words}")
+    SourceError::Stage {
+        stage,
+        source: StageFailure::Panicked { message },
+    }
 }
 
 /// Records a stage's outcome in `failure`: its error, or its panic as a stage error.
 fn record_outcome(
-    stage: &str,
+    stage: Stage,
     outcome: std::thread::Result<Result<(), SourceError>>,
     failure: &Failure,
 ) -> bool {
@@ -210,10 +270,7 @@ fn record_outcome(
             false
         }
         Err(panic) => {
-            failure.set(SourceError::Stage {
-                stage: stage.to_string(),
-                problem: panic_message(panic.as_ref()),
-            });
+            failure.set(panicked(stage, panic.as_ref()));
             false
         }
     }
@@ -246,7 +303,7 @@ where
     );
     let input_slots = cfg.queue_depth + cfg.workers * EXTRA_INPUT_SLOTS_PER_WORKER + 1;
     let (mut input_alloc, input_return) =
-        BufferPool::new(cfg.io_size, input_slots).map_err(SourceError::pool)?;
+        BufferPool::new(cfg.io_size, input_slots).map_err(SourceError::Pool)?;
     let out_size = (table_capacity(cfg) + cfg.io_size).next_multiple_of(PAYLOAD_ALIGN);
     let failure = Failure::default();
     let finished = Finished::new(cfg.workers);
@@ -259,7 +316,7 @@ where
         let (tx, rx) = spsc::channel::<ReadDone>(RING_DEPTH);
         let (otx, orx) = spsc::channel::<Encoded>(RING_DEPTH);
         let (oalloc, oret) =
-            BufferPool::new(out_size, OUTPUT_SLOTS_PER_WORKER).map_err(SourceError::pool)?;
+            BufferPool::new(out_size, OUTPUT_SLOTS_PER_WORKER).map_err(SourceError::Pool)?;
         to_workers.push(tx);
         from_workers.push(orx);
         worker_parts.push((rx, otx, oalloc));
@@ -289,13 +346,13 @@ where
                             failure,
                         )
                     }));
-                    if record_outcome("reader thread", outcome, failure) {
+                    if record_outcome(Stage::Reader, outcome, failure) {
                         finished.reader.store(true, Ordering::Release);
                     }
                     // Only now may the workers see their input abandoned.
                     drop(to_workers);
                 })
-                .map_err(|e| SourceError::Thread(e.to_string()))?
+                .map_err(SourceError::Thread)?
         };
         let mut workers = Vec::with_capacity(cfg.workers);
         for (i, (rx, mut otx, oalloc)) in worker_parts.into_iter().enumerate() {
@@ -307,13 +364,13 @@ where
                         let outcome = catch_unwind(AssertUnwindSafe(|| {
                             worker_loop(&cfg, disks, rx, &mut otx, oalloc, failure, finished)
                         }));
-                        if record_outcome(&format!("worker thread {i}"), outcome, failure) {
+                        if record_outcome(Stage::Worker(i), outcome, failure) {
                             finished.workers[i].store(true, Ordering::Release);
                         }
                         // Only now may the sender see this ring abandoned.
                         drop(otx);
                     })
-                    .map_err(|e| SourceError::Thread(e.to_string()))?,
+                    .map_err(SourceError::Thread)?,
             );
         }
         // The sender owns the return ends of every pool: when it stops, for whatever
@@ -335,17 +392,11 @@ where
         // The sender has dropped its ring ends; the cascade ends the other stages. Each
         // catches its own panics, so a failed join means one escaped even that.
         if let Err(panic) = reader.join() {
-            failure.set(SourceError::Stage {
-                stage: "reader thread".into(),
-                problem: panic_message(panic.as_ref()),
-            });
+            failure.set(panicked(Stage::Reader, panic.as_ref()));
         }
         for (i, w) in workers.into_iter().enumerate() {
             if let Err(panic) = w.join() {
-                failure.set(SourceError::Stage {
-                    stage: format!("worker thread {i}"),
-                    problem: panic_message(panic.as_ref()),
-                });
+                failure.set(panicked(Stage::Worker(i), panic.as_ref()));
             }
         }
         Ok::<(), SourceError>(())
@@ -524,10 +575,12 @@ where
                 // Hash reads of a seeded sync are not the last read of a block.
                 let last_read = cfg.output == Output::Data;
                 view.settle(offset, &mut slot.as_mut_slice()[..len as usize], last_read)
-                    .map_err(|e| {
-                        SourceError::Shim(format!(
-                            "disk #{disk}: cannot read the frozen copy at offset {offset}: {e}"
-                        ))
+                    .map_err(|source| {
+                        SourceError::Shim(super::ShimControlError::FrozenRead {
+                            disk,
+                            offset,
+                            source,
+                        })
                     })?;
             }
             *done = Some(slot);
@@ -556,10 +609,7 @@ fn worker_loop(
     finished: &Finished,
 ) -> Result<(), SourceError> {
     let mut compressor = match cfg.zstd_level {
-        Some(level) => Some(
-            zstd::bulk::Compressor::new(level)
-                .map_err(|e| SourceError::Compression(e.to_string()))?,
-        ),
+        Some(level) => Some(zstd::bulk::Compressor::new(level).map_err(SourceError::Compression)?),
         None => None,
     };
     let table_cap = table_capacity(cfg);
@@ -571,22 +621,13 @@ fn worker_loop(
             panic!("failpoint source.worker.panic");
         }
         let encoded = match msg.item {
-            PlanItem::ZeroRun { .. } => Encoded {
-                item: msg.item,
-                input: None,
-                output: None,
-                table_len: 0,
-                records: 0,
-                zero_blocks: 0,
-                data_blocks: 0,
-                logical_bytes: 0,
-            },
-            PlanItem::Read { disk, offset, .. } => {
+            PlanItem::ZeroRun { disk, offset, len } => Encoded::ZeroRun { disk, offset, len },
+            PlanItem::Read { disk, offset, len } => {
                 let input = msg.slot.expect("reads carry a slot");
                 let mut output = out_alloc.alloc_wait().ok_or(SourceError::Aborted)?;
                 let info = &disks[disk as usize];
                 let data = &input.as_slice()[..msg.bytes];
-                let mut e = match cfg.output {
+                let frame = match cfg.output {
                     Output::Hashes => encode_hashes(cfg, disk, offset, data, output.as_mut_slice()),
                     Output::Data => encode_data(
                         cfg,
@@ -599,10 +640,14 @@ fn worker_loop(
                         compressor.as_mut(),
                     ),
                 };
-                e.item = msg.item;
-                e.input = Some(input);
-                e.output = Some(output);
-                e
+                Encoded::Read {
+                    disk,
+                    offset,
+                    len,
+                    input,
+                    output,
+                    frame,
+                }
             }
         };
         if tx.push_wait(encoded).is_err() {
@@ -617,30 +662,13 @@ fn worker_loop(
     Ok(())
 }
 
-fn blank() -> Encoded {
-    Encoded {
-        item: PlanItem::ZeroRun {
-            disk: 0,
-            offset: 0,
-            len: 0,
-        },
-        input: None,
-        output: None,
-        table_len: 0,
-        records: 0,
-        zero_blocks: 0,
-        data_blocks: 0,
-        logical_bytes: 0,
-    }
-}
-
 fn encode_hashes(
     cfg: &PipelineConfig,
     disk: u32,
     offset: u64,
     data: &[u8],
     out: &mut [u8],
-) -> Encoded {
+) -> Frame {
     let bs = cfg.block_size;
     let count = data.len().div_ceil(bs);
     let header = HashesHeader {
@@ -660,11 +688,11 @@ fn encode_hashes(
         };
         out[hlen + i * 16..hlen + (i + 1) * 16].copy_from_slice(&h);
     }
-    Encoded {
+    Frame {
         table_len: hlen + count * 16,
         records: count,
         zero_blocks,
-        ..blank()
+        ..Frame::default()
     }
 }
 
@@ -680,7 +708,7 @@ fn encode_data(
     out: &mut [u8],
     table_cap: usize,
     mut compressor: Option<&mut zstd::bulk::Compressor<'static>>,
-) -> Encoded {
+) -> Frame {
     let bs = cfg.block_size;
     let hlen = core::mem::size_of::<DataHeader>();
     let (table, packed) = out.split_at_mut(table_cap);
@@ -742,9 +770,9 @@ fn encode_data(
         records += 1;
     }
     if records == 0 {
-        return Encoded {
+        return Frame {
             zero_blocks,
-            ..blank()
+            ..Frame::default()
         };
     }
     // Second pass: final payload offsets in frame order. In a frame of raw blocks only,
@@ -785,13 +813,12 @@ fn encode_data(
     table[hlen + records * BLOCK_RECORD_LEN..table_len].fill(0);
     // The sender finds the packed compressed payloads at `table_cap` onwards, in
     // record order.
-    Encoded {
+    Frame {
         table_len,
         records,
         zero_blocks,
         data_blocks,
         logical_bytes: logical,
-        ..blank()
     }
 }
 
@@ -824,17 +851,13 @@ fn sender_loop<W: Write>(
             // Messages go round-robin, so every other ring must be at its end too.
             for (w, ring) in from_workers.iter_mut().enumerate() {
                 if let Some(stray) = ring.pop_wait() {
-                    if let Some(s) = stray.input {
-                        input_return.release(s);
-                    }
-                    if let Some(s) = stray.output {
-                        output_returns[w].release(s);
-                    }
+                    stray.release(&mut input_return, &mut output_returns[w]);
                     return Err(SourceError::Stage {
-                        stage: "sender".into(),
-                        problem: format!(
-                            "worker thread {w} still had a frame after worker thread {next} reached the end of the plan"
-                        ),
+                        stage: Stage::Sender,
+                        source: StageFailure::StrayFrame {
+                            worker: w,
+                            finished: next,
+                        },
                     });
                 }
                 if !finished.workers[w].load(Ordering::Acquire) {
@@ -856,12 +879,7 @@ fn sender_loop<W: Write>(
             };
             // SAFETY: `pfd` is a valid pollfd on our stack for the duration of the call.
             if unsafe { libc::poll(&mut pfd, 1, 0) } > 0 {
-                if let Some(s) = msg.input {
-                    input_return.release(s);
-                }
-                if let Some(s) = msg.output {
-                    output_returns[w].release(s);
-                }
+                msg.release(&mut input_return, &mut output_returns[w]);
                 return Err(SourceError::PeerInterrupted);
             }
         }
@@ -883,18 +901,17 @@ fn sender_loop<W: Write>(
                 add_to_manifest(m, &msg);
             }
         }
-        if let Some(s) = msg.input {
-            input_return.release(s);
-        }
-        if let Some(s) = msg.output {
-            output_returns[w].release(s);
-        }
+        let read = match &msg {
+            Encoded::Read { len, frame, .. } => Some((*len, *frame)),
+            Encoded::ZeroRun { .. } => None,
+        };
+        msg.release(&mut input_return, &mut output_returns[w]);
         let bytes = sent?;
         stats.bytes_sent += bytes as u64;
-        stats.zero_blocks += msg.zero_blocks;
-        stats.blocks_sent += msg.data_blocks;
-        stats.bytes_payload_logical += msg.logical_bytes;
-        if let PlanItem::Read { len, .. } = msg.item {
+        if let Some((len, frame)) = read {
+            stats.zero_blocks += frame.zero_blocks;
+            stats.blocks_sent += frame.data_blocks;
+            stats.bytes_payload_logical += frame.logical_bytes;
             stats.bytes_read += len as u64;
         }
     }
@@ -903,22 +920,24 @@ fn sender_loop<W: Write>(
 
 /// Adds what the Data-phase frame of `msg` carried to its disk's manifest.
 fn add_to_manifest(manifests: &mut [ManifestBuilder], msg: &Encoded) {
-    match msg.item {
-        PlanItem::ZeroRun { disk, offset, len } => manifests[disk as usize].zero_run(offset, len),
-        PlanItem::Read { disk, .. } if msg.records > 0 => {
-            let out = msg
-                .output
-                .as_ref()
-                .expect("data messages carry an output slot")
-                .as_slice();
+    match msg {
+        &Encoded::ZeroRun { disk, offset, len } => manifests[disk as usize].zero_run(offset, len),
+        Encoded::Read {
+            disk,
+            output,
+            frame,
+            ..
+        } if frame.records > 0 => {
+            let out = output.as_slice();
             let hlen = core::mem::size_of::<DataHeader>();
-            let records =
-                <[BlockRecord]>::ref_from_bytes(&out[hlen..hlen + msg.records * BLOCK_RECORD_LEN])
-                    .expect("the table holds `records` records");
-            let m = &mut manifests[disk as usize];
+            let records = <[BlockRecord]>::ref_from_bytes(
+                &out[hlen..hlen + frame.records * BLOCK_RECORD_LEN],
+            )
+            .expect("the table holds `records` records");
+            let m = &mut manifests[*disk as usize];
             records.iter().for_each(|r| m.record(r));
         }
-        PlanItem::Read { .. } => {}
+        Encoded::Read { .. } => {}
     }
 }
 
@@ -931,8 +950,8 @@ fn send_encoded<'a, W: Write>(
     parts: &mut Vec<&'a [u8]>,
 ) -> Result<usize, SourceError> {
     const HEADER: usize = crate::protocol::FRAME_HEADER_LEN;
-    match (msg.item, cfg.output) {
-        (PlanItem::ZeroRun { disk, offset, len }, Output::Data) => {
+    match (msg, cfg.output) {
+        (&Encoded::ZeroRun { disk, offset, len }, Output::Data) => {
             let run = DiskRun {
                 disk: disk.into(),
                 reserved: 0.into(),
@@ -942,7 +961,7 @@ fn send_encoded<'a, W: Write>(
             writer.send(FrameKind::Zero, &[run.as_bytes()])?;
             Ok(HEADER + run.as_bytes().len())
         }
-        (PlanItem::ZeroRun { disk, offset, len }, Output::Hashes) => {
+        (&Encoded::ZeroRun { disk, offset, len }, Output::Hashes) => {
             let bs = cfg.block_size as u64;
             let run = DiskRun {
                 disk: disk.into(),
@@ -953,37 +972,31 @@ fn send_encoded<'a, W: Write>(
             writer.send(FrameKind::HashZeroRun, &[run.as_bytes()])?;
             Ok(HEADER + run.as_bytes().len())
         }
-        (PlanItem::Read { .. }, _) if msg.records == 0 => Ok(0),
-        (PlanItem::Read { .. }, Output::Hashes) => {
-            let out = msg
-                .output
-                .as_ref()
-                .expect("hash messages carry an output slot");
-            writer.send(FrameKind::Hashes, &[&out.as_slice()[..msg.table_len]])?;
-            Ok(HEADER + msg.table_len)
+        (Encoded::Read { frame, .. }, _) if frame.records == 0 => Ok(0),
+        (Encoded::Read { output, frame, .. }, Output::Hashes) => {
+            writer.send(FrameKind::Hashes, &[&output.as_slice()[..frame.table_len]])?;
+            Ok(HEADER + frame.table_len)
         }
-        (PlanItem::Read { .. }, Output::Data) => {
-            let out = msg
-                .output
-                .as_ref()
-                .expect("data messages carry an output slot")
-                .as_slice();
-            let input = msg
-                .input
-                .as_ref()
-                .expect("data messages carry an input slot")
-                .as_slice();
-            parts.push(&out[..msg.table_len]);
+        (
+            Encoded::Read {
+                offset: chunk_offset,
+                input,
+                output,
+                frame,
+                ..
+            },
+            Output::Data,
+        ) => {
+            let out = output.as_slice();
+            let input = input.as_slice();
+            let chunk_offset = *chunk_offset;
+            parts.push(&out[..frame.table_len]);
             let hlen = core::mem::size_of::<DataHeader>();
-            let mut cursor = msg.table_len;
+            let mut cursor = frame.table_len;
             let mut packed = table_cap;
-            let chunk_offset = match msg.item {
-                PlanItem::Read { offset, .. } => offset,
-                PlanItem::ZeroRun { .. } => unreachable!(),
-            };
             // (index in parts, start, end in the input slot) of the last raw piece.
             let mut raw_run: Option<(usize, usize, usize)> = None;
-            for r in 0..msg.records {
+            for r in 0..frame.records {
                 let at = hlen + r * BLOCK_RECORD_LEN;
                 let rec = BlockRecord::ref_from_bytes(&out[at..at + BLOCK_RECORD_LEN])
                     .expect("record slice has the record's size");

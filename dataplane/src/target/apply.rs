@@ -14,7 +14,7 @@
 use std::os::fd::RawFd;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
 
 use ringbuf::pool::{PoolReturn, Slot};
 use ringbuf::spsc;
@@ -23,6 +23,55 @@ use super::undo::UndoLog;
 use super::verify::{records, Place, Placer};
 use crate::buffers::SlotView;
 use crate::io::{self, BlockEngine, Completion, Disk, DiskId, EngineKind, IoError};
+
+/// Why the applier stopped writing an epoch: the first failure, which every later
+/// barrier reports.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error("cannot start the I/O engine")]
+    EngineStart(#[source] IoError),
+    /// Waiting for completions failed: the engine itself is broken.
+    #[error("I/O engine failed")]
+    Engine(#[source] IoError),
+    /// A write the engine completed failed in the kernel.
+    #[error("replica write failed")]
+    Write(#[source] IoError),
+    /// The engine refused a write it was handed.
+    #[error("disk {disk}")]
+    Submit {
+        disk: String,
+        #[source]
+        source: IoError,
+    },
+    /// Writing the bytes about to be overwritten into the undo log failed.
+    #[error("disk {disk}: staging the epoch")]
+    Stage {
+        disk: String,
+        #[source]
+        source: super::TargetError,
+    },
+    /// The partial sector at the end of an odd-sized disk, written without O_DIRECT.
+    #[error("disk {disk}: write at {offset}")]
+    PartialSector {
+        disk: String,
+        offset: u64,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("disk {disk}")]
+    Zero {
+        disk: String,
+        #[source]
+        source: IoError,
+    },
+    /// The barrier's fdatasync of a replica failed.
+    #[error("disk {disk}")]
+    Sync {
+        disk: String,
+        #[source]
+        source: IoError,
+    },
+}
 
 /// Work for the applier, in arrival order.
 pub enum ApplyMsg {
@@ -37,7 +86,7 @@ pub enum ApplyMsg {
     Zero { disk: u32, offset: u64, len: u64 },
     /// Drain, fsync every disk, answer with the bytes applied so far.
     Barrier {
-        reply: mpsc::SyncSender<Result<u64, String>>,
+        reply: mpsc::SyncSender<Result<u64, Arc<ApplyError>>>,
     },
 }
 
@@ -91,7 +140,7 @@ pub fn applier_loop(
                 &mut rx,
                 &mut recv_return,
                 &mut scratch_return,
-                &format!("cannot start the I/O engine: {e}"),
+                Arc::new(ApplyError::EngineStart(e)),
             );
             return;
         }
@@ -203,12 +252,10 @@ pub fn applier_loop(
                             log_old(undo, file, disk, o, l, &mut undo_buf, false)
                         })
                         .and_then(|_| undo.sync());
-                    if let Err(e) = logged {
-                        inflight.error.get_or_insert_with(|| {
-                            format!(
-                                "disk {}: staging the epoch: {e}",
-                                disks.names[disk as usize]
-                            )
+                    if let Err(source) = logged {
+                        inflight.fail(|| ApplyError::Stage {
+                            disk: disks.names[disk as usize].clone(),
+                            source,
                         });
                         failed.store(true, Ordering::Release);
                         release(
@@ -225,9 +272,10 @@ pub fn applier_loop(
                     if inflight.error.is_some() {
                         break;
                     }
-                    if let Err(e) = disks.disks[disk as usize].zero_range(offset, len) {
-                        inflight.error.get_or_insert_with(|| {
-                            format!("disk {}: {e}", disks.names[disk as usize])
+                    if let Err(source) = disks.disks[disk as usize].zero_range(offset, len) {
+                        inflight.fail(|| ApplyError::Zero {
+                            disk: disks.names[disk as usize].clone(),
+                            source,
                         });
                         failed.store(true, Ordering::Release);
                     }
@@ -268,12 +316,13 @@ pub fn applier_loop(
                     if d.is_direct() && len % 512 != 0 {
                         // The partial sector at the end of an odd-sized disk.
                         let bytes = &slot.as_slice()[at..at + len];
-                        if let Err(e) = disks.buffered[disk as usize].write_all_at(bytes, offset) {
-                            inflight.error.get_or_insert_with(|| {
-                                format!(
-                                    "disk {}: write at {offset}: {e}",
-                                    disks.names[disk as usize]
-                                )
+                        if let Err(source) =
+                            disks.buffered[disk as usize].write_all_at(bytes, offset)
+                        {
+                            inflight.fail(|| ApplyError::PartialSector {
+                                disk: disks.names[disk as usize].clone(),
+                                offset,
+                                source,
                             });
                             failed.store(true, Ordering::Release);
                         }
@@ -303,9 +352,10 @@ pub fn applier_loop(
                                 break;
                             }
                             Err((IoError::QueueFull { .. }, v)) => view = Some(v),
-                            Err((e, _v)) => {
-                                inflight.error.get_or_insert_with(|| {
-                                    format!("disk {}: {e}", disks.names[disk as usize])
+                            Err((source, _v)) => {
+                                inflight.fail(|| ApplyError::Submit {
+                                    disk: disks.names[disk as usize].clone(),
+                                    source,
                                 });
                                 failed.store(true, Ordering::Release);
                                 break;
@@ -330,14 +380,12 @@ pub fn applier_loop(
             ApplyMsg::Zero { disk, offset, len } => {
                 if inflight.error.is_none() && undo.logs(disk) {
                     let file = &disks.buffered[disk as usize];
-                    if let Err(e) = log_old(undo, file, disk, offset, len, &mut undo_buf, true)
+                    if let Err(source) = log_old(undo, file, disk, offset, len, &mut undo_buf, true)
                         .and_then(|_| undo.sync())
                     {
-                        inflight.error.get_or_insert_with(|| {
-                            format!(
-                                "disk {}: staging the epoch: {e}",
-                                disks.names[disk as usize]
-                            )
+                        inflight.fail(|| ApplyError::Stage {
+                            disk: disks.names[disk as usize].clone(),
+                            source,
                         });
                         failed.store(true, Ordering::Release);
                     }
@@ -348,9 +396,10 @@ pub fn applier_loop(
                 if inflight.error.is_none() {
                     match disks.disks[disk as usize].zero_range(offset, len) {
                         Ok(()) => applied += len,
-                        Err(e) => {
-                            inflight.error.get_or_insert_with(|| {
-                                format!("disk {}: {e}", disks.names[disk as usize])
+                        Err(source) => {
+                            inflight.fail(|| ApplyError::Zero {
+                                disk: disks.names[disk as usize].clone(),
+                                source,
                             });
                             failed.store(true, Ordering::Release);
                         }
@@ -363,8 +412,11 @@ pub fn applier_loop(
                 }
                 if inflight.error.is_none() {
                     for (d, name) in disks.disks.iter().zip(disks.names) {
-                        if let Err(e) = d.sync_data() {
-                            inflight.error = Some(format!("disk {name}: {e}"));
+                        if let Err(source) = d.sync_data() {
+                            inflight.fail(|| ApplyError::Sync {
+                                disk: name.clone(),
+                                source,
+                            });
                             failed.store(true, Ordering::Release);
                             break;
                         }
@@ -372,7 +424,7 @@ pub fn applier_loop(
                 }
                 let _ = reply.send(match &inflight.error {
                     None => Ok(applied),
-                    Some(e) => Err(e.clone()),
+                    Some(e) => Err(Arc::clone(e)),
                 });
             }
         }
@@ -397,13 +449,21 @@ struct InFlight {
     /// and bounded by the receive pool, so the table never grows.
     frames: Vec<Option<InFlightFrame>>,
     completions: Vec<Completion<SlotView>>,
-    /// The first failure; once set, nothing more is written.
-    error: Option<String>,
+    /// The first failure; once set, nothing more is written. Shared with every
+    /// barrier that reports it.
+    error: Option<Arc<ApplyError>>,
     recv_return: PoolReturn,
     scratch_return: PoolReturn,
 }
 
 impl InFlight {
+    /// Records the first failure; later ones are consequences of it.
+    fn fail(&mut self, error: impl FnOnce() -> ApplyError) {
+        if self.error.is_none() {
+            self.error = Some(Arc::new(error()));
+        }
+    }
+
     /// Reaps until no write in flight overlaps `[start, end)` of `disk`, so that zeros
     /// applied there afterwards cannot be overtaken by an older write.
     fn settle(
@@ -439,15 +499,16 @@ impl InFlight {
     fn reap(&mut self, engine: &mut io::Engine<SlotView>, min: usize, failed: &AtomicBool) {
         self.completions.clear();
         if let Err(e) = engine.wait(min, &mut self.completions) {
-            self.error
-                .get_or_insert_with(|| format!("I/O engine failed: {e}"));
+            self.fail(|| ApplyError::Engine(e));
             failed.store(true, Ordering::Release);
             return;
         }
         for c in self.completions.drain(..) {
-            if let Err(e) = &c.result {
-                self.error
-                    .get_or_insert_with(|| format!("replica write failed: {e}"));
+            if let Err(e) = c.result {
+                // Not `fail`: `completions` is borrowed.
+                if self.error.is_none() {
+                    self.error = Some(Arc::new(ApplyError::Write(e)));
+                }
                 failed.store(true, Ordering::Release);
             }
             let _view_done = c.buf;
@@ -524,11 +585,13 @@ fn log_old(
             }
         }
         let n = ((end - pos) as usize).min(buf.len());
-        file.read_exact_at(&mut buf[..n], pos)
-            .map_err(|e| super::TargetError::State {
-                path: std::path::PathBuf::from(format!("replica of disk #{disk}")),
-                problem: format!("reading old bytes at {pos}: {e}"),
-            })?;
+        file.read_exact_at(&mut buf[..n], pos).map_err(|source| {
+            super::TargetError::ReadOldBytes {
+                disk,
+                offset: pos,
+                source,
+            }
+        })?;
         if crate::protocol::is_zero(&buf[..n]) {
             undo.append_zero(disk, pos, n as u64)?;
         } else {
@@ -543,7 +606,7 @@ fn fail_everything(
     rx: &mut spsc::Consumer<ApplyMsg>,
     recv_return: &mut PoolReturn,
     scratch_return: &mut PoolReturn,
-    why: &str,
+    why: Arc<ApplyError>,
 ) {
     while let Some(msg) = rx.pop_wait() {
         match msg {
@@ -552,7 +615,7 @@ fn fail_everything(
             }
             ApplyMsg::Zero { .. } => {}
             ApplyMsg::Barrier { reply } => {
-                let _ = reply.send(Err(why.to_string()));
+                let _ = reply.send(Err(Arc::clone(&why)));
             }
         }
     }

@@ -19,12 +19,19 @@ use std::net::TcpListener;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+
+use filter_driver_shim::bitmap::BitmapError;
+use ringbuf::pool::PoolError;
 use std::time::{Duration, Instant};
 
-use crate::config::Config;
+use crate::config::{Config, ConfigError};
+use crate::durable::StateOp;
 use crate::io::{EngineKind, IoError};
 use crate::protocol::{ErrorCode, ProtocolError};
-use crate::psk::Psk;
+use crate::psk::{Psk, PskError};
+pub use apply::ApplyError;
+pub use state::StateFileError;
+pub use undo::LogDamage;
 
 /// How long a connection has, from the moment it is accepted, to complete the whole
 /// handshake (Hello, Challenge, Auth, AuthOk). A real source needs a few round trips,
@@ -87,10 +94,8 @@ impl TargetJob {
 
     /// Resolves the target job from the `[target]` section and the disks of `config`.
     pub fn from_config(config: &Config) -> Result<Self, TargetError> {
-        let target = config
-            .require_target("target")
-            .map_err(|e| TargetError::Internal(e.to_string()))?;
-        let psk = Psk::load(&target.psk_file).map_err(|e| TargetError::Internal(chain(&e)))?;
+        let target = config.require_target("target")?;
+        let psk = Psk::load(&target.psk_file)?;
         Ok(TargetJob {
             listen: target.listen.to_string(),
             psk: *psk.as_bytes(),
@@ -138,8 +143,67 @@ pub enum TargetError {
         #[source]
         source: IoError,
     },
-    #[error("state {path}: {problem}")]
-    State { path: PathBuf, problem: String },
+    /// A system call on a state file or directory failed.
+    #[error("state {}: {op}", path.display())]
+    State {
+        path: PathBuf,
+        op: StateOp,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A state file (replica record, point metadata) holds something unusable.
+    #[error("state {}", path.display())]
+    StateFile {
+        path: PathBuf,
+        #[source]
+        source: StateFileError,
+    },
+    /// An undo log cannot be trusted: it is not applied.
+    #[error("state {}", path.display())]
+    UntrustedLog {
+        path: PathBuf,
+        #[source]
+        source: LogDamage,
+    },
+    /// An interrupted epoch's log names a disk the config no longer has.
+    #[error("state {}: disk {disk:?} of an interrupted epoch is no longer configured; restore its [[disk]] entry to recover", log.display())]
+    UnconfiguredDisk { log: PathBuf, disk: String },
+    /// Reading the bytes an epoch is about to overwrite, for its undo log, failed.
+    #[error("replica of disk #{disk}: reading old bytes at {offset}")]
+    ReadOldBytes {
+        disk: u32,
+        offset: u64,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Opening a point first settles interrupted epochs; this one cannot be settled.
+    #[error("state {}: an interrupted epoch cannot be settled, so no point can be opened", log.display())]
+    Unsettled {
+        log: PathBuf,
+        #[source]
+        source: Box<TargetError>,
+    },
+    /// A replica is suspect (see [`state::ReplicaRecord::suspect`]): no point opens.
+    #[error("state {}: the replicas are not at a known epoch ({why}); a full or seeded sync must verify them before any point opens", state_dir.display())]
+    NotAtKnownEpoch { state_dir: PathBuf, why: String },
+    #[error("state {}: no recovery point {point}; available: {}", dir.display(), available.iter().map(u64::to_string).collect::<Vec<_>>().join(", "))]
+    NoSuchPoint {
+        dir: PathBuf,
+        point: u64,
+        available: Vec<u64>,
+    },
+    /// A kept log on the way to the point is damaged; it was retired.
+    #[error("state {}: recovery point {point} (and every older one) cannot be restored, the log was retired", log.display())]
+    PointRetired {
+        log: PathBuf,
+        point: u64,
+        #[source]
+        source: LogDamage,
+    },
+    #[error("state {}: no acknowledged epoch for disk {disk:?}", replica.display())]
+    NoRecord { replica: PathBuf, disk: String },
+    #[error("state {}: copy: the replica is shorter than its recorded size", replica.display())]
+    ReplicaShort { replica: PathBuf },
     /// The configured engine cannot run sessions here; found at start-up.
     #[error("io_engine = \"{kind}\" cannot work here, where a session registers {registered_kib} KiB of buffers (io_engine = \"auto\" would fall back to the synchronous engine)")]
     Engine {
@@ -148,8 +212,33 @@ pub enum TargetError {
         #[source]
         source: IoError,
     },
-    #[error("{0}")]
-    Internal(String),
+    /// The configuration has no usable `[target]` section.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The key file cannot be used.
+    #[error(transparent)]
+    Key(#[from] PskError),
+    #[error("socket setup")]
+    Socket(#[source] std::io::Error),
+    #[error("buffer pool")]
+    Pool(#[source] PoolError),
+    #[error("zstd")]
+    Zstd(#[source] std::io::Error),
+    #[error("cannot start the applier")]
+    ApplierThread(#[source] std::io::Error),
+    /// The applier stopped taking work or answering (it failed or panicked).
+    #[error("applier gone")]
+    ApplierGone,
+    #[error("the applier thread panicked")]
+    ApplierPanicked,
+    /// A frame that needs a scratch buffer arrived without one (a bug).
+    #[error("scratch buffer missing")]
+    ScratchMissing,
+    #[error("diff bitmap")]
+    DiffBitmap(#[source] BitmapError),
+    /// Applying the epoch to the replicas failed (reported by the applier's barrier).
+    #[error(transparent)]
+    Apply(Arc<ApplyError>),
 }
 
 impl TargetError {
@@ -164,7 +253,7 @@ impl TargetError {
         match self {
             Self::Rejected { code, .. } => *code,
             Self::Protocol(p) | Self::Handshake(p) => p.code(),
-            Self::Io { .. } => ErrorCode::Io,
+            Self::Io { .. } | Self::Apply(_) => ErrorCode::Io,
             _ => ErrorCode::Internal,
         }
     }
@@ -195,9 +284,10 @@ pub struct Target {
 
 impl Target {
     pub fn bind(job: TargetJob) -> Result<Self, TargetError> {
-        crate::durable::ensure_dir(&job.state_dir).map_err(|e| TargetError::State {
+        crate::durable::ensure_dir(&job.state_dir).map_err(|source| TargetError::State {
             path: job.state_dir.clone(),
-            problem: e.to_string(),
+            op: StateOp::Create,
+            source,
         })?;
         // Finish or undo any epoch a previous run was applying when it died, before
         // anything can read or write a replica. A log that cannot be settled now keeps
@@ -209,8 +299,9 @@ impl Target {
             match r {
                 undo::Recovery::Pending { log, disks, error } => {
                     tracing::error!(
-                        "an interrupted epoch ({}) cannot be settled now: {error}; disk(s) {} stay out of service until a session for them settles it",
+                        "an interrupted epoch ({}) cannot be settled now: {}; disk(s) {} stay out of service until a session for them settles it",
                         log.display(),
+                        chain(&error),
                         disks.join(", ")
                     );
                     busy.extend(disks.iter().cloned());
@@ -227,7 +318,7 @@ impl Target {
                     set_aside.display(),
                     disks.join(", ")
                 ),
-                r => tracing::warn!("recovered an interrupted epoch: {r:?}"),
+                r => tracing::warn!("recovered an interrupted epoch: {r}"),
             }
         }
         probe_engine(&job)?;
@@ -339,9 +430,10 @@ pub fn apply_lock(
     exclusive: bool,
 ) -> Result<std::fs::File, TargetError> {
     use crate::durable::LockMode;
-    crate::durable::ensure_dir(state_dir).map_err(|e| TargetError::State {
+    crate::durable::ensure_dir(state_dir).map_err(|source| TargetError::State {
         path: state_dir.to_path_buf(),
-        problem: e.to_string(),
+        op: StateOp::Create,
+        source,
     })?;
     let path = state_dir.join("apply.lock");
     let mode = if exclusive {
@@ -352,9 +444,10 @@ pub fn apply_lock(
     match crate::durable::lock(&path, mode) {
         Ok(Some(file)) => Ok(file),
         Ok(None) => unreachable!("a waiting lock is always taken"),
-        Err(e) => Err(TargetError::State {
+        Err(source) => Err(TargetError::State {
             path,
-            problem: format!("flock: {e}"),
+            op: StateOp::Lock,
+            source,
         }),
     }
 }

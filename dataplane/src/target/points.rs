@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 use super::state::ReplicaRecord;
 use super::undo::{read_log, Damage, ReadMode, UndoDisk};
 use super::TargetError;
+use crate::durable::StateOp;
 
 /// How many points to keep and for how long.
 #[derive(Debug, Clone, Copy)]
@@ -76,10 +77,11 @@ pub fn points_dir(state_dir: &Path) -> PathBuf {
     state_dir.join("points")
 }
 
-fn state_err(path: &Path, what: &str, e: impl std::fmt::Display) -> TargetError {
+fn state_err(path: &Path, op: StateOp, source: io::Error) -> TargetError {
     TargetError::State {
         path: path.to_path_buf(),
-        problem: format!("{what}: {e}"),
+        op,
+        source,
     }
 }
 
@@ -100,7 +102,7 @@ pub(crate) fn keep_log(
     undo_bytes: u64,
 ) -> Result<(), TargetError> {
     let dir = points_dir(state_dir);
-    crate::durable::ensure_dir(&dir).map_err(|e| state_err(&dir, "create", e))?;
+    crate::durable::ensure_dir(&dir).map_err(|e| state_err(&dir, StateOp::Create, e))?;
     let meta = PointMeta {
         epoch,
         committed_unix_s: now_s(),
@@ -118,16 +120,16 @@ pub(crate) fn keep_log(
     let stem = log.file_stem().and_then(|s| s.to_str()).unwrap_or("log");
     let json = dir.join(format!("{stem}.json"));
     crate::durable::write_atomic(&json, &super::state::seal(&meta))
-        .map_err(|e| state_err(&json, "write", e))?;
+        .map_err(|e| state_err(&json, StateOp::Write, e))?;
     let kept = dir.join(format!("{stem}.undo"));
-    fs::rename(log, &kept).map_err(|e| state_err(log, "keep as recovery point", e))?;
+    fs::rename(log, &kept).map_err(|e| state_err(log, StateOp::KeepAsPoint, e))?;
     File::open(&dir)
         .and_then(|d| d.sync_all())
-        .map_err(|e| state_err(&dir, "fsync", e))?;
+        .map_err(|e| state_err(&dir, StateOp::Fsync, e))?;
     if let Some(parent) = log.parent() {
         File::open(parent)
             .and_then(|d| d.sync_all())
-            .map_err(|e| state_err(parent, "fsync", e))?;
+            .map_err(|e| state_err(parent, StateOp::Fsync, e))?;
     }
     Ok(())
 }
@@ -141,22 +143,27 @@ fn kept(state_dir: &Path) -> Result<Vec<PointMeta>, TargetError> {
     let entries = match fs::read_dir(&dir) {
         Ok(e) => e,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(metas),
-        Err(e) => return Err(state_err(&dir, "read", e)),
+        Err(e) => return Err(state_err(&dir, StateOp::Read, e)),
     };
     for entry in entries {
-        let path = entry.map_err(|e| state_err(&dir, "read", e))?.path();
+        let path = entry.map_err(|e| state_err(&dir, StateOp::Read, e))?.path();
         if path.extension().is_none_or(|x| x != "json") {
             continue;
         }
         let meta = fs::read(&path)
-            .map_err(|e| e.to_string())
-            .and_then(|b| super::state::unseal::<PointMeta>(&b));
+            .map_err(|e| state_err(&path, StateOp::Read, e))
+            .and_then(|b| {
+                super::state::unseal::<PointMeta>(&b).map_err(|source| TargetError::StateFile {
+                    path: path.clone(),
+                    source,
+                })
+            });
         let mut meta = match meta {
             Ok(m) => m,
             Err(problem) => {
                 tracing::warn!(
-                    "recovery point metadata {} is unreadable ({problem}); that point and the ones before it are not offered",
-                    path.display()
+                    "recovery point metadata is unreadable ({}); that point and the ones before it are not offered",
+                    super::chain(&problem)
                 );
                 continue;
             }
@@ -197,12 +204,12 @@ fn retire_one(dir: &Path, stem: &str) -> Result<(), TargetError> {
         match fs::rename(&p, dir.join(format!("{stem}.{ext}.retired"))) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(state_err(&p, "retire", e)),
+            Err(e) => return Err(state_err(&p, StateOp::Retire, e)),
         }
     }
     File::open(dir)
         .and_then(|d| d.sync_all())
-        .map_err(|e| state_err(dir, "fsync", e))
+        .map_err(|e| state_err(dir, StateOp::Fsync, e))
 }
 
 /// Merges away the oldest points beyond the retention (oldest first, so every kept
@@ -224,7 +231,7 @@ pub fn prune(state_dir: &Path, keep: &Retention) -> Result<(), TargetError> {
             match fs::remove_file(&p) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(state_err(&p, "merge away", e)),
+                Err(e) => return Err(state_err(&p, StateOp::MergeAway, e)),
             }
         }
         left -= 1;
@@ -327,43 +334,34 @@ pub fn materialize(
     // An epoch a crashed target left half-applied must be undone before anything is
     // copied; the caller's exclusive apply lock means no live session is applying one.
     for r in super::undo::recover(state_dir, replicas)? {
-        match &r {
+        match r {
             super::undo::Recovery::Pending { log, error, .. } => {
-                return Err(state_err(
+                return Err(TargetError::Unsettled {
                     log,
-                    "an interrupted epoch cannot be settled, so no point can be opened",
-                    error,
-                ))
+                    source: Box::new(error),
+                })
             }
             super::undo::Recovery::Distrusted { .. } => {
-                tracing::error!("an interrupted epoch's log cannot be trusted: {r:?}")
+                tracing::error!("an interrupted epoch's log cannot be trusted: {r}")
             }
-            _ => tracing::warn!("recovered an interrupted epoch before opening a point: {r:?}"),
+            _ => tracing::warn!("recovered an interrupted epoch before opening a point: {r}"),
         }
     }
     let names: Vec<String> = replicas.iter().map(|(n, _)| n.clone()).collect();
     let points = list(state_dir, &names)?;
     if let Some(why) = points.first().and_then(|p| p.suspect.as_ref()) {
-        return Err(TargetError::State {
-            path: state_dir.to_path_buf(),
-            problem: format!(
-                "the replicas are not at a known epoch ({why}); a full or seeded sync must verify them before any point opens"
-            ),
+        return Err(TargetError::NotAtKnownEpoch {
+            state_dir: state_dir.to_path_buf(),
+            why: why.clone(),
         });
     }
     let chosen = points
         .iter()
         .find(|p| p.id == point)
-        .ok_or_else(|| TargetError::State {
-            path: points_dir(state_dir),
-            problem: format!(
-                "no recovery point {point}; available: {}",
-                points
-                    .iter()
-                    .map(|p| p.id.to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
+        .ok_or_else(|| TargetError::NoSuchPoint {
+            dir: points_dir(state_dir),
+            point,
+            available: points.iter().map(|p| p.id).collect(),
         })?;
     let mut logs = Vec::new();
     if !chosen.latest {
@@ -379,34 +377,35 @@ pub fn materialize(
             let path = dir.join(format!("{}.undo", m.stem));
             let checked = match read_log(&path, ReadMode::Kept) {
                 Ok(log) => {
-                    let size = log.file_len().map_err(|e| state_err(&path, "stat", e))?;
+                    let size = log
+                        .file_len()
+                        .map_err(|e| state_err(&path, StateOp::Stat, e))?;
                     if size == m.undo_bytes {
                         Ok(log)
                     } else {
-                        Err(Damage::Untrusted(format!(
-                            "kept undo log is {size} bytes, its metadata says {}",
-                            m.undo_bytes
-                        )))
+                        Err(Damage::Untrusted(super::undo::LogDamage::KeptSize {
+                            size,
+                            recorded: m.undo_bytes,
+                        }))
                     }
                 }
                 Err(e) => Err(e),
             };
             match checked {
                 Ok(log) => logs.push((path, log)),
-                Err(Damage::Untrusted(problem)) => {
+                Err(Damage::Untrusted(source)) => {
                     retire_one(&dir, &m.stem)?;
-                    return Err(TargetError::State {
-                        path,
-                        problem: format!(
-                            "{problem}; recovery point {point} (and every older one) cannot be restored, the log was retired"
-                        ),
+                    return Err(TargetError::PointRetired {
+                        log: path,
+                        point,
+                        source,
                     });
                 }
                 Err(e) => return Err(e.into_error(&path)),
             }
         }
     }
-    crate::durable::ensure_dir(out_dir).map_err(|e| state_err(out_dir, "create", e))?;
+    crate::durable::ensure_dir(out_dir).map_err(|e| state_err(out_dir, StateOp::Create, e))?;
     let mut out = Vec::new();
     let mut files = Vec::new();
     for name in &chosen.disks {
@@ -415,7 +414,10 @@ pub fn materialize(
         };
         let size = ReplicaRecord::load(state_dir, name)?
             .map(|r| r.disk_size)
-            .ok_or_else(|| state_err(replica, "no acknowledged epoch for", name))?;
+            .ok_or_else(|| TargetError::NoRecord {
+                replica: replica.clone(),
+                disk: name.clone(),
+            })?;
         let dest = out_dir.join(format!("{name}.img"));
         sparse_copy(replica, &dest, size)?;
         files.push((
@@ -423,7 +425,7 @@ pub fn materialize(
             OpenOptions::new()
                 .write(true)
                 .open(&dest)
-                .map_err(|e| state_err(&dest, "open", e))?,
+                .map_err(|e| state_err(&dest, StateOp::Open, e))?,
         ));
         out.push((name.clone(), dest));
     }
@@ -434,10 +436,11 @@ pub fn materialize(
             .map(|d| files.iter().find(|(n, _)| *n == d.name).map(|(_, f)| f))
             .collect();
         log.apply_reversed(&targets)
-            .map_err(|e| state_err(path, "apply to the copy", e))?;
+            .map_err(|e| state_err(path, StateOp::ApplyToCopy, e))?;
     }
     for (_, f) in &files {
-        f.sync_all().map_err(|e| state_err(out_dir, "fsync", e))?;
+        f.sync_all()
+            .map_err(|e| state_err(out_dir, StateOp::Fsync, e))?;
     }
     Ok(out)
 }
@@ -446,14 +449,15 @@ pub fn materialize(
 /// reflinks where the file system can).
 fn sparse_copy(src: &Path, dest: &Path, len: u64) -> Result<(), TargetError> {
     use std::os::fd::AsRawFd;
-    let s = File::open(src).map_err(|e| state_err(src, "open", e))?;
+    let s = File::open(src).map_err(|e| state_err(src, StateOp::Open, e))?;
     let d = OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .open(dest)
-        .map_err(|e| state_err(dest, "create", e))?;
-    d.set_len(len).map_err(|e| state_err(dest, "size", e))?;
+        .map_err(|e| state_err(dest, StateOp::Create, e))?;
+    d.set_len(len)
+        .map_err(|e| state_err(dest, StateOp::Size, e))?;
     let (sfd, dfd) = (s.as_raw_fd(), d.as_raw_fd());
     let mut pos: u64 = 0;
     while pos < len {
@@ -496,18 +500,16 @@ fn sparse_copy(src: &Path, dest: &Path, len: u64) -> Result<(), TargetError> {
                     // copy through a buffer instead.
                     Some(libc::EINVAL | libc::EXDEV | libc::EOPNOTSUPP | libc::ENOSYS) => {
                         copy_buffered(&s, &d, at as u64, end)
-                            .map_err(|e| state_err(dest, "copy", e))?;
+                            .map_err(|e| state_err(dest, StateOp::Copy, e))?;
                         break;
                     }
-                    _ => return Err(state_err(dest, "copy", e)),
+                    _ => return Err(state_err(dest, StateOp::Copy, e)),
                 }
             }
             if n == 0 {
-                return Err(state_err(
-                    src,
-                    "copy",
-                    "the replica is shorter than its recorded size",
-                ));
+                return Err(TargetError::ReplicaShort {
+                    replica: src.to_path_buf(),
+                });
             }
             at += n as libc::off_t;
         }

@@ -77,7 +77,7 @@ pub fn run(
 ) -> Result<String, TargetError> {
     let job = &shared.job;
     let pending = Counted(&shared.pending);
-    let setup = |e: std::io::Error| TargetError::Internal(format!("socket setup: {e}"));
+    let setup = TargetError::Socket;
     crate::protocol::tune_socket(&stream, job.io_timeout).map_err(setup)?;
     let read_half = stream.try_clone().map_err(setup)?;
     let (read_deadline, write_deadline) = (
@@ -224,9 +224,9 @@ fn serve<R: std::io::Read, W: std::io::Write>(
     }
     let slot_size = verify::frame_bound(max_logical, min_block).min(MAX_FRAME_PAYLOAD);
     let (mut recv_alloc, recv_return) =
-        BufferPool::new(slot_size, RECV_SLOTS).map_err(|e| TargetError::Internal(e.to_string()))?;
-    let (mut scratch_alloc, scratch_return) = BufferPool::new(slot_size, SCRATCH_SLOTS)
-        .map_err(|e| TargetError::Internal(e.to_string()))?;
+        BufferPool::new(slot_size, RECV_SLOTS).map_err(TargetError::Pool)?;
+    let (mut scratch_alloc, scratch_return) =
+        BufferPool::new(slot_size, SCRATCH_SLOTS).map_err(TargetError::Pool)?;
     let mut iovecs = crate::buffers::IovecTable::new();
     iovecs.push_pool(recv_alloc.region());
     iovecs.push_pool(scratch_alloc.region());
@@ -234,8 +234,7 @@ fn serve<R: std::io::Read, W: std::io::Write>(
     let failed = AtomicBool::new(false);
     let names: Vec<String> = disks.iter().map(|d| d.name.clone()).collect();
     let geometries: Vec<Geometry> = disks.iter().map(|d| d.geometry).collect();
-    let mut decompressor =
-        zstd::bulk::Decompressor::new().map_err(|e| TargetError::Internal(format!("zstd: {e}")))?;
+    let mut decompressor = zstd::bulk::Decompressor::new().map_err(TargetError::Zstd)?;
     let mut received = Received::new(disks.len());
 
     let undo_disks = disks
@@ -277,7 +276,7 @@ fn serve<R: std::io::Read, W: std::io::Write>(
                     undo_ref,
                 )
             })
-            .map_err(|e| TargetError::Internal(format!("cannot start the applier: {e}")))?;
+            .map_err(TargetError::ApplierThread)?;
 
         let result = (|| -> Result<u64, TargetError> {
             loop {
@@ -285,8 +284,10 @@ fn serve<R: std::io::Read, W: std::io::Write>(
                     // The applier failed; the barrier below reports why.
                     let (reply, answer) = mpsc::sync_channel(1);
                     let _ = tx.push_wait(ApplyMsg::Barrier { reply });
-                    let why = answer.recv().ok().and_then(|r| r.err()).unwrap_or_default();
-                    return Err(TargetError::reject(ErrorCode::Io, why));
+                    return Err(match answer.recv() {
+                        Ok(Err(why)) => TargetError::Apply(why),
+                        _ => TargetError::ApplierGone,
+                    });
                 }
                 let Some(incoming) = reader.next_header()? else {
                     return Err(TargetError::reject(
@@ -296,18 +297,12 @@ fn serve<R: std::io::Read, W: std::io::Write>(
                 };
                 match incoming.kind {
                     FrameKind::Data => {
-                        let mut recv = recv_alloc
-                            .alloc_wait()
-                            .ok_or_else(|| TargetError::Internal("applier gone".into()))?;
+                        let mut recv = recv_alloc.alloc_wait().ok_or(TargetError::ApplierGone)?;
                         let payload_len = incoming.payload_len;
                         reader.read_payload(&incoming, recv.as_mut_slice())?;
                         let payload = &recv.as_slice()[..payload_len];
                         let mut scratch = if verify::needs_scratch(payload)? {
-                            Some(
-                                scratch_alloc
-                                    .alloc_wait()
-                                    .ok_or_else(|| TargetError::Internal("applier gone".into()))?,
-                            )
+                            Some(scratch_alloc.alloc_wait().ok_or(TargetError::ApplierGone)?)
                         } else {
                             None
                         };
@@ -326,7 +321,7 @@ fn serve<R: std::io::Read, W: std::io::Write>(
                             recv,
                             scratch,
                         })
-                        .map_err(|_| TargetError::Internal("applier gone".into()))?;
+                        .map_err(|_| TargetError::ApplierGone)?;
                     }
                     FrameKind::Zero => {
                         let payload = reader.read_payload(&incoming, &mut control)?;
@@ -360,7 +355,7 @@ fn serve<R: std::io::Read, W: std::io::Write>(
                         }
                         received.zero(disk, &names[disk as usize], offset, len)?;
                         tx.push_wait(ApplyMsg::Zero { disk, offset, len })
-                            .map_err(|_| TargetError::Internal("applier gone".into()))?;
+                            .map_err(|_| TargetError::ApplierGone)?;
                     }
                     FrameKind::Hashes => {
                         let payload = reader.read_payload(&incoming, control_big(&mut control))?;
@@ -409,11 +404,11 @@ fn serve<R: std::io::Read, W: std::io::Write>(
                         received.check_commit(&names, sent)?;
                         let (reply, answer) = mpsc::sync_channel(1);
                         tx.push_wait(ApplyMsg::Barrier { reply })
-                            .map_err(|_| TargetError::Internal("applier gone".into()))?;
+                            .map_err(|_| TargetError::ApplierGone)?;
                         let applied = answer
                             .recv()
-                            .map_err(|_| TargetError::Internal("applier gone".into()))?
-                            .map_err(|why| TargetError::reject(ErrorCode::Io, why))?;
+                            .map_err(|_| TargetError::ApplierGone)?
+                            .map_err(TargetError::Apply)?;
                         return Ok(applied);
                     }
                     other => {
@@ -427,7 +422,7 @@ fn serve<R: std::io::Read, W: std::io::Write>(
         })();
         drop(tx);
         if applier.join().is_err() {
-            return Err(TargetError::Internal("the applier thread panicked".into()));
+            return Err(TargetError::ApplierPanicked);
         }
         result
     });
@@ -470,9 +465,9 @@ fn serve<R: std::io::Read, W: std::io::Write>(
     let (log, log_disks) = (undo.path().to_path_buf(), undo.disk_names());
     match undo.roll_back(&replicas) {
         Ok(r @ Recovery::Distrusted { .. }) => tracing::error!(
-            "epoch {epoch} abandoned, and its undo log cannot be trusted: {r:?}; the disks need a checksum-compare resync, which the next sync does"
+            "epoch {epoch} abandoned, and its undo log cannot be trusted: {r}; the disks need a checksum-compare resync, which the next sync does"
         ),
-        Ok(r) => tracing::warn!("epoch {epoch} abandoned: {r:?}"),
+        Ok(r) => tracing::warn!("epoch {epoch} abandoned: {r}"),
         Err(re) => {
             tracing::error!(
                 "epoch {epoch} abandoned and its rollback failed: {}; its disks stay out of service until a later session completes the rollback",
@@ -721,7 +716,7 @@ fn finish_quarantined(shared: &Shared, names: &[String]) -> Result<(), TargetErr
         }
         match super::undo::recover_one(&job.state_dir, &quarantine[i].0, &replicas) {
             Ok(r) => {
-                tracing::warn!("settled an interrupted epoch: {r:?}");
+                tracing::warn!("settled an interrupted epoch: {r}");
                 let (_, disks) = quarantine.remove(i);
                 let mut busy = shared.busy.lock().unwrap_or_else(|p| p.into_inner());
                 for d in &disks {
@@ -802,7 +797,7 @@ fn compare_hashes(
         };
         if ours != theirs {
             diff.set(first + i as u64)
-                .map_err(|e| TargetError::Internal(format!("diff bitmap: {e}")))?;
+                .map_err(TargetError::DiffBitmap)?;
         }
     }
     Ok(())
@@ -862,7 +857,7 @@ fn compare_zero_run(
                 .as_mut()
                 .expect("seeded disks have a diff bitmap")
                 .set(block)
-                .map_err(|e| TargetError::Internal(format!("diff bitmap: {e}")))?;
+                .map_err(TargetError::DiffBitmap)?;
         }
         pos = start + bs;
     }

@@ -9,6 +9,19 @@ use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::xxh3_64;
 
 use super::TargetError;
+use crate::durable::StateOp;
+
+/// Why a sealed state file (see [`seal`]) cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum StateFileError {
+    #[error("not valid JSON")]
+    Json(#[source] serde_json::Error),
+    #[error("checksum mismatch (stored {stored}, content hashes to {computed:016x}): the file is damaged")]
+    Checksum { stored: String, computed: u64 },
+    /// Valid, checksummed JSON, but not the fields of this record.
+    #[error("unexpected content")]
+    Content(#[source] serde_json::Error),
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -39,11 +52,12 @@ impl ReplicaRecord {
         match std::fs::read(&path) {
             Ok(bytes) => unseal(&bytes)
                 .map(Some)
-                .map_err(|problem| TargetError::State { path, problem }),
+                .map_err(|source| TargetError::StateFile { path, source }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(TargetError::State {
+            Err(source) => Err(TargetError::State {
                 path,
-                problem: e.to_string(),
+                op: StateOp::Read,
+                source,
             }),
         }
     }
@@ -51,9 +65,10 @@ impl ReplicaRecord {
     pub fn save(&self, state_dir: &Path, disk: &str) -> Result<(), TargetError> {
         let path = Self::path(state_dir, disk);
         let bytes = seal(self);
-        crate::durable::write_atomic(&path, &bytes).map_err(|e| TargetError::State {
+        crate::durable::write_atomic(&path, &bytes).map_err(|source| TargetError::State {
             path,
-            problem: e.to_string(),
+            op: StateOp::Write,
+            source,
         })
     }
 }
@@ -77,18 +92,19 @@ pub(crate) fn seal<T: Serialize>(value: &T) -> Vec<u8> {
 
 /// Parses a file written by [`seal`], checking its checksum. A file without one
 /// (written by an older ferry) is accepted as it is.
-pub(crate) fn unseal<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
+pub(crate) fn unseal<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, StateFileError> {
     let mut map: serde_json::Map<String, serde_json::Value> =
-        serde_json::from_slice(bytes).map_err(|e| format!("not valid JSON: {e}"))?;
+        serde_json::from_slice(bytes).map_err(StateFileError::Json)?;
     if let Some(stored) = map.remove(CHECKSUM_KEY) {
         let sum = xxh3_64(&serde_json::to_vec(&map).expect("state serialises"));
         if stored.as_str() != Some(format!("{sum:016x}").as_str()) {
-            return Err(format!(
-                "checksum mismatch (stored {stored}, content hashes to {sum:016x}): the file is damaged"
-            ));
+            return Err(StateFileError::Checksum {
+                stored: stored.to_string(),
+                computed: sum,
+            });
         }
     }
-    serde_json::from_value(serde_json::Value::Object(map)).map_err(|e| e.to_string())
+    serde_json::from_value(serde_json::Value::Object(map)).map_err(StateFileError::Content)
 }
 
 #[cfg(test)]
@@ -110,10 +126,16 @@ mod tests {
         let path = ReplicaRecord::path(dir.path(), "a");
         let text = std::fs::read_to_string(&path).unwrap();
         std::fs::write(&path, text.replace("\"epoch\": 7", "\"epoch\": 8")).unwrap();
-        let err = ReplicaRecord::load(dir.path(), "a")
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("checksum mismatch"), "{err}");
-        assert!(err.contains("a.replica"), "{err}");
+        let err = ReplicaRecord::load(dir.path(), "a").unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                TargetError::StateFile {
+                    path: p,
+                    source: StateFileError::Checksum { .. },
+                } if *p == path
+            ),
+            "{err:?}"
+        );
     }
 }

@@ -47,6 +47,7 @@ use xxhash_rust::xxh3::xxh3_64;
 
 use super::state::ReplicaRecord;
 use super::TargetError;
+use crate::durable::StateOp;
 
 const MAGIC: &[u8; 8] = b"FRYUNDO2";
 /// The first format: no previous epochs, no synced lengths. Refused with a message.
@@ -98,17 +99,59 @@ pub struct UndoLog {
     dirty: bool,
 }
 
-fn io_err(path: &Path, what: &str, e: io::Error) -> TargetError {
+fn io_err(path: &Path, op: StateOp, source: io::Error) -> TargetError {
     TargetError::State {
         path: path.to_path_buf(),
-        problem: format!("{what}: {e}"),
+        op,
+        source,
     }
+}
+
+/// Why an undo log (or a kept recovery-point log) cannot be trusted. Such a log is
+/// never applied.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LogDamage {
+    #[error("undo log of format 1 (an older ferry) carries no previous epochs; it cannot be checked and is not applied")]
+    FormatV1,
+    #[error("undo log header is damaged")]
+    Header,
+    /// A committed log must parse to its end.
+    #[error("kept undo log is damaged at byte {bad_at} of {size}: it does not parse to its end")]
+    KeptTail { bad_at: u64, size: u64 },
+    /// A kept log's size differs from the one its metadata recorded.
+    #[error("kept undo log is {size} bytes, its metadata says {recorded}")]
+    KeptSize { size: u64, recorded: u64 },
+    #[error("undo log is damaged at byte {bad_at}, inside its synced part (an entry at byte {entry_at} was written after {synced_len} bytes were durable); the replicas may hold bytes it can no longer restore")]
+    SyncedPart {
+        bad_at: u64,
+        entry_at: u64,
+        synced_len: u64,
+    },
+    #[error("undo log entry at byte {entry_at} names disk #{disk} whose bytes are not logged")]
+    UnloggedDisk { entry_at: u64, disk: usize },
+    /// The torn tail's write reached the replica: the old bytes are gone.
+    #[error("undo log is damaged at byte {bad_at}, and the write its entry at byte {entry_at} covers (disk {disk:?}, offset {offset}, {len} bytes) reached the replica; the old bytes are lost")]
+    ReachedReplica {
+        bad_at: u64,
+        entry_at: u64,
+        disk: String,
+        offset: u64,
+        len: u64,
+    },
+    /// An uncommitted log that would take a replica back past its record's epoch.
+    #[error("uncommitted log of epoch {epoch} would take disk {disk:?} back to epoch {}, but its record says it holds {}; refusing to roll back (the log is stale)", prev_epoch.map_or("none".into(), |e| e.to_string()), held.map_or("no epoch".into(), |e| e.to_string()))]
+    Stale {
+        epoch: u64,
+        disk: String,
+        prev_epoch: Option<u64>,
+        held: Option<u64>,
+    },
 }
 
 fn sync_dir(dir: &Path) -> Result<(), TargetError> {
     File::open(dir)
         .and_then(|d| d.sync_all())
-        .map_err(|e| io_err(dir, "fsync directory", e))
+        .map_err(|e| io_err(dir, StateOp::FsyncDir, e))
 }
 
 /// How committing an epoch ended, when it did not end complete.
@@ -139,14 +182,14 @@ impl UndoLog {
     /// header is written to a temporary name and renamed into place once durable.
     pub fn create(state_dir: &Path, epoch: u64, disks: Vec<UndoDisk>) -> Result<Self, TargetError> {
         let dir = undo_dir(state_dir);
-        crate::durable::ensure_dir(&dir).map_err(|e| io_err(&dir, "create", e))?;
+        crate::durable::ensure_dir(&dir).map_err(|e| io_err(&dir, StateOp::Create, e))?;
         // Epochs count per disk lineage, so concurrent sessions for different disks can
         // apply the same epoch number: a random suffix keeps their logs apart.
         let mut nonce = [0u8; 4];
         getrandom::fill(&mut nonce).map_err(|e| {
             io_err(
                 &dir,
-                "draw a log name",
+                StateOp::DrawLogName,
                 std::io::Error::other(e.to_string()),
             )
         })?;
@@ -161,12 +204,12 @@ impl UndoLog {
             .create(true)
             .truncate(true)
             .open(&tmp)
-            .map_err(|e| io_err(&tmp, "create", e))?;
+            .map_err(|e| io_err(&tmp, StateOp::Create, e))?;
         let written = file
             .write_all(&header)
-            .map_err(|e| io_err(&tmp, "write header", e))
-            .and_then(|_| file.sync_all().map_err(|e| io_err(&tmp, "fsync", e)))
-            .and_then(|_| fs::rename(&tmp, &path).map_err(|e| io_err(&tmp, "rename", e)))
+            .map_err(|e| io_err(&tmp, StateOp::WriteHeader, e))
+            .and_then(|_| file.sync_all().map_err(|e| io_err(&tmp, StateOp::Fsync, e)))
+            .and_then(|_| fs::rename(&tmp, &path).map_err(|e| io_err(&tmp, StateOp::Rename, e)))
             .and_then(|_| sync_dir(&dir));
         if let Err(e) = written {
             // No replica was touched under this log: it can simply go.
@@ -214,7 +257,7 @@ impl UndoLog {
         self.file
             .write_all(&h)
             .and_then(|_| self.file.write_all(data))
-            .map_err(|e| io_err(&self.path, "append", e))?;
+            .map_err(|e| io_err(&self.path, StateOp::Append, e))?;
         self.len += (h.len() + data.len()) as u64;
         self.dirty = true;
         Ok(())
@@ -226,7 +269,7 @@ impl UndoLog {
         let h = self.entry_header(disk, offset, 0, FLAG_ZERO, len);
         self.file
             .write_all(&h)
-            .map_err(|e| io_err(&self.path, "append", e))?;
+            .map_err(|e| io_err(&self.path, StateOp::Append, e))?;
         self.len += h.len() as u64;
         self.dirty = true;
         Ok(())
@@ -237,7 +280,7 @@ impl UndoLog {
         if self.dirty {
             self.file
                 .sync_data()
-                .map_err(|e| io_err(&self.path, "fdatasync", e))?;
+                .map_err(|e| io_err(&self.path, StateOp::Fdatasync, e))?;
             self.dirty = false;
             self.synced_len = self.len;
         }
@@ -271,7 +314,7 @@ impl UndoLog {
             crate::durable::write_atomic(&self.marker, &self.epoch.to_le_bytes())
         };
         if let Err(e) = marked {
-            let error = io_err(&self.marker, "write commit mark", e);
+            let error = io_err(&self.marker, StateOp::WriteCommitMark, e);
             // The mark may have reached the directory (a failed directory fsync after
             // the rename): take it back, durably, before anything is rolled back —
             // a mark that surfaced after a rollback would roll the records forward
@@ -343,7 +386,7 @@ fn finish_commit(
     if failpoint::hit("target.commit.records") {
         return Err(io_err(
             state_dir,
-            "write replica records",
+            StateOp::WriteRecords,
             io::Error::from_raw_os_error(libc::ENOSPC),
         ));
     }
@@ -375,7 +418,7 @@ fn remove_marker(marker: &Path) -> Result<(), TargetError> {
     match fs::remove_file(marker) {
         Ok(()) => {}
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(io_err(marker, "remove", e)),
+        Err(e) => return Err(io_err(marker, StateOp::Remove, e)),
     }
     match marker.parent() {
         Some(dir) => sync_dir(dir),
@@ -384,11 +427,11 @@ fn remove_marker(marker: &Path) -> Result<(), TargetError> {
 }
 
 fn remove(path: &Path, marker: &Path) -> Result<(), TargetError> {
-    fs::remove_file(path).map_err(|e| io_err(path, "remove", e))?;
+    fs::remove_file(path).map_err(|e| io_err(path, StateOp::Remove, e))?;
     match fs::remove_file(marker) {
         Ok(()) => {}
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(io_err(marker, "remove", e)),
+        Err(e) => return Err(io_err(marker, StateOp::Remove, e)),
     }
     match path.parent() {
         Some(dir) => sync_dir(dir),
@@ -397,7 +440,7 @@ fn remove(path: &Path, marker: &Path) -> Result<(), TargetError> {
 }
 
 /// What [`recover`] did to one log.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum Recovery {
     /// The epoch had not committed: every disk was restored to its previous epoch.
     RolledBack {
@@ -414,15 +457,55 @@ pub enum Recovery {
         log: PathBuf,
         set_aside: PathBuf,
         disks: Vec<String>,
-        problem: String,
+        problem: LogDamage,
     },
     /// Recovery of this log failed for a reason that may pass (an I/O error, a full
     /// disk): `disks` must stay out of service until a retry succeeds.
     Pending {
         log: PathBuf,
         disks: Vec<String>,
-        error: String,
+        error: TargetError,
     },
+}
+
+impl std::fmt::Display for Recovery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::RolledBack {
+                epoch,
+                entries,
+                disks,
+            } => write!(
+                f,
+                "epoch {epoch} rolled back ({entries} undo entries) on disk(s) {}",
+                disks.join(", ")
+            ),
+            Self::RolledForward { epoch, disks } => write!(
+                f,
+                "epoch {epoch} rolled forward on disk(s) {}",
+                disks.join(", ")
+            ),
+            Self::Distrusted {
+                log,
+                set_aside,
+                disks,
+                problem,
+            } => write!(
+                f,
+                "undo log {} not applied: {problem}; set aside as {}, disk(s) {} need a checksum-compare resync",
+                log.display(),
+                set_aside.display(),
+                disks.join(", ")
+            ),
+            Self::Pending { log, disks, error } => write!(
+                f,
+                "undo log {} not settled: {}; disk(s) {} stay out of service",
+                log.display(),
+                super::chain(error),
+                disks.join(", ")
+            ),
+        }
+    }
 }
 
 /// Finishes or undoes every interrupted epoch found in `state_dir`. `replicas` maps
@@ -437,14 +520,14 @@ pub fn recover(
     let entries: Vec<PathBuf> = match fs::read_dir(&dir) {
         Ok(entries) => entries.filter_map(|e| e.ok().map(|e| e.path())).collect(),
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(io_err(&dir, "read", e)),
+        Err(e) => return Err(io_err(&dir, StateOp::Read, e)),
     };
     let has_ext = |p: &Path, x: &str| p.extension().is_some_and(|e| e == x);
     for p in &entries {
         // A log whose header never became durable: no replica was written under it.
         // A mark whose log is gone: the log was kept after its records were written.
         if has_ext(p, "tmp") || (has_ext(p, "committed") && !p.with_extension("undo").exists()) {
-            fs::remove_file(p).map_err(|e| io_err(p, "remove", e))?;
+            fs::remove_file(p).map_err(|e| io_err(p, StateOp::Remove, e))?;
         }
     }
     let mut logs: Vec<&PathBuf> = entries.iter().filter(|p| has_ext(p, "undo")).collect();
@@ -460,7 +543,7 @@ pub fn recover(
                 disks: read_log(path, ReadMode::Header)
                     .map(|l| l.disks.into_iter().map(|d| d.name).collect())
                     .unwrap_or_else(|_| replicas.iter().map(|(n, _)| n.clone()).collect()),
-                error: super::chain(&e),
+                error: e,
             }),
         }
     }
@@ -488,7 +571,7 @@ pub(crate) fn recover_one(
     let names: Vec<String> = log.disks.iter().map(|d| d.name.clone()).collect();
     if marker.exists() {
         let size = fs::metadata(path)
-            .map_err(|e| io_err(path, "stat", e))?
+            .map_err(|e| io_err(path, StateOp::Stat, e))?
             .len();
         finish_commit(state_dir, path, log.epoch, &log.disks, size)?;
         return Ok(Recovery::RolledForward {
@@ -508,22 +591,21 @@ pub(crate) fn recover_one(
         let record = ReplicaRecord::load(state_dir, &d.name)?;
         let held = record.as_ref().map(|r| r.epoch);
         if held != d.prev_epoch {
-            let problem = format!(
-                "uncommitted log of epoch {} would take disk {:?} back to epoch {}, but its record says it holds {}; refusing to roll back (the log is stale)",
-                log.epoch,
-                d.name,
-                d.prev_epoch.map_or("none".into(), |e| e.to_string()),
-                held.map_or("no epoch".into(), |e| e.to_string()),
-            );
+            let problem = LogDamage::Stale {
+                epoch: log.epoch,
+                disk: d.name.clone(),
+                prev_epoch: d.prev_epoch,
+                held,
+            };
             return distrust(state_dir, path, &logged, problem);
         }
     }
     let mut files = Vec::with_capacity(log.disks.len());
     for d in &log.disks {
         let Some((_, p)) = replicas.iter().find(|(n, _)| *n == d.name) else {
-            return Err(TargetError::State {
-                path: path.to_path_buf(),
-                problem: format!("disk {:?} of an interrupted epoch is no longer configured; restore its [[disk]] entry to recover", d.name),
+            return Err(TargetError::UnconfiguredDisk {
+                log: path.to_path_buf(),
+                disk: d.name.clone(),
             });
         };
         files.push(if d.logged {
@@ -532,7 +614,7 @@ pub(crate) fn recover_one(
                     .read(true)
                     .write(true)
                     .open(p)
-                    .map_err(|e| io_err(p, "open replica for rollback", e))?,
+                    .map_err(|e| io_err(p, StateOp::OpenReplicaForRollback, e))?,
             )
         } else {
             None
@@ -545,10 +627,10 @@ pub(crate) fn recover_one(
         Err(Damage::Untrusted(problem)) => return distrust(state_dir, path, &logged, problem),
     };
     log.apply_reversed(&refs)
-        .map_err(|e| io_err(path, "roll back", e))?;
+        .map_err(|e| io_err(path, StateOp::RollBack, e))?;
     for f in files.iter().flatten() {
         f.sync_data()
-            .map_err(|e| io_err(path, "fsync replica after rollback", e))?;
+            .map_err(|e| io_err(path, StateOp::FsyncReplicaAfterRollback, e))?;
     }
     remove(path, &marker)?;
     Ok(Recovery::RolledBack {
@@ -565,7 +647,7 @@ fn distrust(
     state_dir: &Path,
     path: &Path,
     disks: &[String],
-    problem: String,
+    problem: LogDamage,
 ) -> Result<Recovery, TargetError> {
     let reason = format!("{}: {problem}", path.display());
     for name in disks {
@@ -578,7 +660,7 @@ fn distrust(
     }
     super::points::retire(state_dir, disks, &reason)?;
     let set_aside = path.with_extension("damaged");
-    fs::rename(path, &set_aside).map_err(|e| io_err(path, "set aside", e))?;
+    fs::rename(path, &set_aside).map_err(|e| io_err(path, StateOp::SetAside, e))?;
     if let Some(dir) = path.parent() {
         sync_dir(dir)?;
     }
@@ -640,7 +722,7 @@ pub(crate) enum Damage {
     /// Reading failed; may pass.
     Io(TargetError),
     /// The log's content cannot be trusted; says why.
-    Untrusted(String),
+    Untrusted(LogDamage),
 }
 
 impl Damage {
@@ -648,9 +730,9 @@ impl Damage {
     pub(crate) fn into_error(self, path: &Path) -> TargetError {
         match self {
             Damage::Io(e) => e,
-            Damage::Untrusted(problem) => TargetError::State {
+            Damage::Untrusted(source) => TargetError::UntrustedLog {
                 path: path.to_path_buf(),
-                problem,
+                source,
             },
         }
     }
@@ -690,19 +772,17 @@ fn decode_entry(h: &[u8; ENTRY_HEADER_LEN], disks: usize) -> Option<EntryHeader>
 
 /// Opens a log and checks it as `mode` says (see the module doc for what is refused).
 pub(crate) fn read_log(path: &Path, mode: ReadMode<'_>) -> Result<LogContents, Damage> {
-    let io = |what: &str, e: io::Error| Damage::Io(io_err(path, what, e));
-    let file = File::open(path).map_err(|e| io("open", e))?;
-    let size = file.metadata().map_err(|e| io("stat", e))?.len();
+    let io = |op: StateOp, e: io::Error| Damage::Io(io_err(path, op, e));
+    let file = File::open(path).map_err(|e| io(StateOp::Open, e))?;
+    let size = file.metadata().map_err(|e| io(StateOp::Stat, e))?.len();
     let mut head = vec![0u8; HEADER_MAX.min(size as usize)];
     file.read_exact_at(&mut head, 0)
-        .map_err(|e| io("read", e))?;
+        .map_err(|e| io(StateOp::Read, e))?;
     if head.len() >= 8 && &head[..8] == MAGIC_V1 {
-        return Err(Damage::Untrusted(
-            "undo log of format 1 (an older ferry) carries no previous epochs; it cannot be checked and is not applied".into(),
-        ));
+        return Err(Damage::Untrusted(LogDamage::FormatV1));
     }
-    let (epoch, disks, header_len) = parse_header(&head)
-        .ok_or_else(|| Damage::Untrusted("undo log header is damaged".into()))?;
+    let (epoch, disks, header_len) =
+        parse_header(&head).ok_or(Damage::Untrusted(LogDamage::Header))?;
     let mut log = LogContents {
         file,
         epoch,
@@ -726,7 +806,7 @@ pub(crate) fn read_log(path: &Path, mode: ReadMode<'_>) -> Result<LogContents, D
         }
         log.file
             .read_exact_at(&mut h, pos)
-            .map_err(|e| io("read", e))?;
+            .map_err(|e| io(StateOp::Read, e))?;
         let Some(e) = decode_entry(&h, log.disks.len()) else {
             break Some(pos);
         };
@@ -746,7 +826,7 @@ pub(crate) fn read_log(path: &Path, mode: ReadMode<'_>) -> Result<LogContents, D
         buf.resize(e.len, 0);
         log.file
             .read_exact_at(&mut buf, start)
-            .map_err(|e| io("read", e))?;
+            .map_err(|e| io(StateOp::Read, e))?;
         if xxh3_64(&buf) != e.data_hash {
             break Some(pos);
         }
@@ -762,9 +842,7 @@ pub(crate) fn read_log(path: &Path, mode: ReadMode<'_>) -> Result<LogContents, D
         return Ok(log);
     };
     let Some(replicas) = replicas else {
-        return Err(Damage::Untrusted(format!(
-            "kept undo log is damaged at byte {bad_at} of {size}: it does not parse to its end"
-        )));
+        return Err(Damage::Untrusted(LogDamage::KeptTail { bad_at, size }));
     };
     check_torn_tail(&log, bad_at, size, replicas)?;
     Ok(log)
@@ -780,11 +858,11 @@ fn check_torn_tail(
     size: u64,
     replicas: &[Option<&File>],
 ) -> Result<(), Damage> {
-    let untrusted = |m: String| Damage::Untrusted(m);
+    let untrusted = Damage::Untrusted;
     let mut tail = vec![0u8; (size - bad_at) as usize];
     log.file
         .read_exact_at(&mut tail, bad_at)
-        .map_err(|e| Damage::Io(io_err(Path::new("undo log"), "read", e)))?;
+        .map_err(|e| Damage::Io(io_err(Path::new("undo log"), StateOp::Read, e)))?;
     let mut i = 0usize;
     let mut data = Vec::new();
     while i + ENTRY_HEADER_LEN <= tail.len() {
@@ -797,16 +875,17 @@ fn check_torn_tail(
         };
         let at = bad_at + i as u64;
         if e.synced_len > bad_at {
-            return Err(untrusted(format!(
-                "undo log is damaged at byte {bad_at}, inside its synced part (an entry at byte {at} was written after {} bytes were durable); the replicas may hold bytes it can no longer restore",
-                e.synced_len
-            )));
+            return Err(untrusted(LogDamage::SyncedPart {
+                bad_at,
+                entry_at: at,
+                synced_len: e.synced_len,
+            }));
         }
         let Some(replica) = replicas.get(e.disk).copied().flatten() else {
-            return Err(untrusted(format!(
-                "undo log entry at byte {at} names disk #{} whose bytes are not logged",
-                e.disk
-            )));
+            return Err(untrusted(LogDamage::UnloggedDisk {
+                entry_at: at,
+                disk: e.disk,
+            }));
         };
         let len = e.zero_len.unwrap_or(e.len as u64);
         // What the replica holds there now must be what the entry logged: then its
@@ -819,12 +898,15 @@ fn check_torn_tail(
                 .read_exact_at(&mut data, e.offset)
                 .map(|_| xxh3_64(&data) == e.data_hash)
         }
-        .map_err(|err| Damage::Io(io_err(Path::new("replica"), "read", err)))?;
+        .map_err(|err| Damage::Io(io_err(Path::new("replica"), StateOp::Read, err)))?;
         if !unchanged {
-            return Err(untrusted(format!(
-                "undo log is damaged at byte {bad_at}, and the write its entry at byte {at} covers (disk {:?}, offset {}, {len} bytes) reached the replica; the old bytes are lost",
-                log.disks[e.disk].name, e.offset
-            )));
+            return Err(untrusted(LogDamage::ReachedReplica {
+                bad_at,
+                entry_at: at,
+                disk: log.disks[e.disk].name.clone(),
+                offset: e.offset,
+                len,
+            }));
         }
         // Past its data (torn or not): bytes inside it are not entry headers.
         i += ENTRY_HEADER_LEN + e.len;

@@ -229,9 +229,7 @@ pub fn verify_data_within(
                     return Err(integrity());
                 }
                 if let Place::Scratch(s) = place {
-                    let scratch = scratch
-                        .as_deref_mut()
-                        .ok_or_else(|| TargetError::Internal("scratch buffer missing".into()))?;
+                    let scratch = scratch.as_deref_mut().ok_or(TargetError::ScratchMissing)?;
                     bounds(scratch.len(), s, len as usize)?;
                     scratch[s..s + len as usize].copy_from_slice(data);
                 }
@@ -241,9 +239,7 @@ pub fn verify_data_within(
                 let Place::Scratch(s) = place else {
                     unreachable!("compressed blocks always decompress into scratch")
                 };
-                let scratch = scratch
-                    .as_deref_mut()
-                    .ok_or_else(|| TargetError::Internal("scratch buffer missing".into()))?;
+                let scratch = scratch.as_deref_mut().ok_or(TargetError::ScratchMissing)?;
                 bounds(scratch.len(), s, len as usize)?;
                 let dst = &mut scratch[s..s + len as usize];
                 // The destination is exactly the block: a frame cannot make us inflate

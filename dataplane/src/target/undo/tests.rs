@@ -113,13 +113,16 @@ fn uncommitted_epoch_rolls_back_byte_for_byte_even_with_a_torn_tail() {
     log.file.write_all(&[0x55; 17]).unwrap();
     drop(log);
     let done = recover(fx.dir.path(), &fx.replicas()).unwrap();
-    assert_eq!(
-        done,
-        vec![Recovery::RolledBack {
-            epoch: 2,
-            entries: 3,
-            disks: vec!["a".into()]
-        }]
+    assert!(
+        matches!(
+            &done[..],
+            [Recovery::RolledBack {
+                epoch: 2,
+                entries: 3,
+                disks,
+            }] if disks == &["a"]
+        ),
+        "{done:?}"
     );
     assert_eq!(fx.now(), fx.old);
     assert!(
@@ -175,7 +178,14 @@ fn damage_inside_the_synced_part_is_refused_not_half_rolled_back() {
     else {
         panic!("{done:?}")
     };
-    assert!(problem.contains("damaged at byte"), "{problem}");
+    assert!(
+        matches!(
+            problem,
+            LogDamage::SyncedPart { bad_at, .. } | LogDamage::ReachedReplica { bad_at, .. }
+                if *bad_at == starts[1]
+        ),
+        "{problem:?}"
+    );
     assert!(set_aside.exists() && !path.exists());
     assert_eq!(fx.now(), after, "nothing applied from a damaged log");
     let why = fx
@@ -220,7 +230,10 @@ fn a_damaged_last_entry_whose_write_reached_the_replica_is_refused() {
     let [Recovery::Distrusted { problem, .. }] = &done[..] else {
         panic!("{done:?}")
     };
-    assert!(problem.contains("reached the replica"), "{problem}");
+    assert!(
+        matches!(problem, LogDamage::ReachedReplica { bad_at, disk, offset: 65536, .. } if *bad_at == last && disk == "a"),
+        "{problem:?}"
+    );
 }
 
 #[test]
@@ -236,7 +249,15 @@ fn a_stale_log_never_rolls_back_later_epochs() {
     let [Recovery::Distrusted { problem, .. }] = &done[..] else {
         panic!("{done:?}")
     };
-    assert!(problem.contains("stale"), "{problem}");
+    assert_eq!(
+        problem,
+        &LogDamage::Stale {
+            epoch: 2,
+            disk: "a".into(),
+            prev_epoch: Some(1),
+            held: Some(4)
+        }
+    );
     assert_eq!(fx.now(), after);
 }
 
@@ -248,12 +269,12 @@ fn committed_epoch_rolls_records_forward_and_keeps_its_point() {
     crate::durable::write_atomic(&log.marker, &9u64.to_le_bytes()).unwrap();
     drop(log);
     let done = recover(dir.path(), &[]).unwrap();
-    assert_eq!(
-        done,
-        vec![Recovery::RolledForward {
-            epoch: 9,
-            disks: vec!["a".into(), "b".into()]
-        }]
+    assert!(
+        matches!(
+            &done[..],
+            [Recovery::RolledForward { epoch: 9, disks }] if disks == &["a", "b"]
+        ),
+        "{done:?}"
     );
     for n in ["a", "b"] {
         assert_eq!(
@@ -307,6 +328,6 @@ fn a_kept_log_must_parse_to_its_end() {
     flip(&path, header_len(1) + ENTRY_HEADER_LEN as u64 + 3);
     assert!(matches!(
         read_log(&path, ReadMode::Kept),
-        Err(Damage::Untrusted(_))
+        Err(Damage::Untrusted(LogDamage::KeptTail { .. }))
     ));
 }
