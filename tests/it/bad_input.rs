@@ -887,10 +887,13 @@ fn aborted_session_leaves_replicas_at_the_last_epoch() {
     );
     raw.writer.flush().unwrap();
     std::thread::sleep(Duration::from_millis(300));
+    let failed = || fx.pair.target.stderr().matches("session failed").count();
+    let failed_before = failed();
     drop(raw);
-    // The target notices the close and rolls the epoch back; give it a moment.
+    // The target notices the close, rolls the epoch back and releases the disk (then
+    // logs the session's end); give it a moment.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while fingerprint(&fx.pair.disks[0].replica) != fx.before[0].1
+    while (fingerprint(&fx.pair.disks[0].replica) != fx.before[0].1 || failed() == failed_before)
         && std::time::Instant::now() < deadline
     {
         std::thread::sleep(Duration::from_millis(20));
