@@ -2,7 +2,7 @@
 # The filter shim (change tracking on) against qemu-nbd (no tracking), side by side,
 # on the same raw file, with the same fio jobs, in one run.
 #
-#   ferry shim   ferry-shim-test --disk name=bench,path=IMG,...,block_size=64 KiB:
+#   ferry shim   filter-driver-shim-test --disk name=bench,path=IMG,...,block_size=64 KiB:
 #                the code `ferry shim` runs (Shim::start), write-intent tracking on,
 #                its bitmap and state in a fresh STATE_DIR for every job
 #   qemu-nbd     qemu-nbd -f raw -t -k SOCK IMG (write-back page cache, its default)
@@ -29,8 +29,8 @@
 #        SHIM_ENGINES= (empty: one shim, its default engine)
 #        WORK=/dev/shm/ferry-shim-bench.$$  STATE_DIR=$WORK/state (put it on real
 #        storage to include bitmap fdatasync costs; tmpfs makes them free)
-#        SHIM=target/release/ferry-shim-test (built with `cargo build --release -p
-#        ferry-shim --bin ferry-shim-test` when missing or older than the shim's sources,
+#        SHIM=target/release/filter-driver-shim-test (built with `cargo build --release -p
+#        filter-driver-shim --bin filter-driver-shim-test` when missing or older than the shim's sources,
 #        unless SHIM is given)  KEEP=0 (KEEP=1 leaves WORK in place)
 # needs: fio with its nbd engine, qemu-nbd (qemu-utils), socat (optional: checks the
 #        shim's status after each run). Installs nothing.
@@ -83,10 +83,10 @@ command -v socat >/dev/null || { have_socat=0; echo "socat missing: the shim's s
 if [ -n "${SHIM:-}" ]; then
   shim=$SHIM
 else
-  shim=$root/target/release/ferry-shim-test
+  shim=$root/target/release/filter-driver-shim-test
   if [ ! -x "$shim" ] || [ -n "$(find "$root/filter-driver-shim" "$root/Cargo.lock" -newer "$shim" -type f -print -quit)" ]; then
     echo "building $shim (release)..."
-    (cd "$root" && cargo build --release -q -p ferry-shim --bin ferry-shim-test)
+    (cd "$root" && cargo build --release -q -p filter-driver-shim --bin filter-driver-shim-test)
   fi
 fi
 [ -x "$shim" ] || die "no shim binary at $shim"

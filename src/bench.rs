@@ -21,7 +21,7 @@ use dataplane::config::{
 };
 use dataplane::io::EngineKind;
 use dataplane::source::{self, JobDisk, ModeRequest, SyncReport};
-use dataplane::target::TargetDisk;
+use dataplane::writer::TargetDisk;
 use serde_json::json;
 
 use crate::chain;

@@ -25,7 +25,7 @@ use dataplane::config::{
 use dataplane::io::EngineKind;
 use dataplane::psk::Psk;
 use dataplane::source::{self, JobDisk, ModeRequest, SourceDiskState, SyncJob, SyncReport};
-use dataplane::target::{Target, TargetDisk, TargetJob};
+use dataplane::writer::{Target, TargetDisk, TargetJob};
 use filter_driver_shim::bitmap::{ChangedBlockBitmap, GenerationId};
 
 use crate::chain;
@@ -144,7 +144,7 @@ pub fn run() -> Result<(), String> {
     failures.extend(step.problems.iter().map(|p| format!("step 2: {p}")));
     steps.push(step);
 
-    // 3. Changes tracked by a changed-block bitmap of the replica's lineage and epoch,
+    // 3. Changes tracked by a changed-block bitmap of the replica's generation and epoch,
     //    as the filter shim keeps them: only the marked blocks are read and sent.
     let mut changed = 0;
     for (seed, (disk, (name, image))) in job.disks.iter_mut().zip(&disks).enumerate() {
@@ -329,7 +329,7 @@ fn print_summary(steps: &[Step], pairs: &[(PathBuf, PathBuf)]) {
     println!();
 }
 
-/// Writes a changed-block bitmap marking `blocks`, labelled with the lineage and epoch
+/// Writes a changed-block bitmap marking `blocks`, labelled with the generation and epoch
 /// the source recorded for `disk` at its last acknowledged sync, as the shim would.
 fn write_bitmap(
     state_dir: &Path,
@@ -399,7 +399,7 @@ impl Rig {
             engine: EngineKind::Auto,
             io_timeout: Duration::from_millis(DEFAULT_IO_TIMEOUT_MS),
             max_sessions: DEFAULT_MAX_SESSIONS as usize,
-            retention: dataplane::target::points::Retention {
+            retention: dataplane::writer::points::Retention {
                 points: 4,
                 minutes: 0,
             },

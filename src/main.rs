@@ -161,10 +161,7 @@ fn init_logging(default: tracing::Level) {
         .init();
 }
 
-/// Formats an error with its chain of sources.
-pub(crate) fn chain(e: &dyn std::error::Error) -> String {
-    dataplane::target::chain(e)
-}
+pub(crate) use dataplane::chain;
 
 fn keygen(out: Option<&std::path::Path>) -> Result<(), String> {
     let psk = dataplane::psk::Psk::generate().map_err(|e| chain(&e))?;
@@ -183,8 +180,8 @@ fn load(config: &std::path::Path) -> Result<Config, String> {
 
 fn target(config: &std::path::Path) -> Result<(), String> {
     let cfg = load(config)?;
-    let job = dataplane::target::TargetJob::from_config(&cfg).map_err(|e| chain(&e))?;
-    dataplane::target::run(job).map_err(|e| chain(&e))
+    let job = dataplane::writer::TargetJob::from_config(&cfg).map_err(|e| chain(&e))?;
+    dataplane::writer::run(job).map_err(|e| chain(&e))
 }
 
 fn sync(
@@ -375,7 +372,7 @@ fn points(config: &std::path::Path, json: bool) -> Result<(), String> {
     let target = cfg.require_target("points").map_err(|e| chain(&e))?;
     let names: Vec<String> = cfg.disks.iter().map(|d| d.name.clone()).collect();
     let points =
-        dataplane::target::points::list(&target.state_dir, &names).map_err(|e| chain(&e))?;
+        dataplane::writer::points::list(&target.state_dir, &names).map_err(|e| chain(&e))?;
     if json {
         println!("{}", serde_json::json!({ "points": points }));
         return Ok(());
@@ -414,7 +411,7 @@ fn failover(action: FailoverAction) -> Result<(), String> {
             let names: Vec<String> = cfg.disks.iter().map(|d| d.name.clone()).collect();
             let point = match point {
                 Some(p) => p,
-                None => dataplane::target::points::list(&target.state_dir, &names)
+                None => dataplane::writer::points::list(&target.state_dir, &names)
                     .map_err(|e| chain(&e))?
                     .first()
                     .map(|p| p.id)
@@ -433,8 +430,8 @@ fn failover(action: FailoverAction) -> Result<(), String> {
                 .map(|d| (d.name.clone(), d.path.clone()))
                 .collect();
             let _lock =
-                dataplane::target::apply_lock(&target.state_dir, true).map_err(|e| chain(&e))?;
-            let images = dataplane::target::points::materialize(
+                dataplane::writer::apply_lock(&target.state_dir, true).map_err(|e| chain(&e))?;
+            let images = dataplane::writer::points::materialize(
                 &target.state_dir,
                 point,
                 &replicas,

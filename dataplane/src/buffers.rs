@@ -1,6 +1,6 @@
 //! Pool slots as I/O buffers: the glue between `ringbuf`'s pool and the I/O engines.
 
-use ringbuf::pool::Slot;
+use ferry_ringbuf::pool::Slot;
 
 use crate::io::IoBuffer;
 
@@ -94,7 +94,7 @@ impl IovecTable {
     }
 
     /// Appends one iovec per slot of the pool behind `region`.
-    pub fn push_pool(&mut self, region: ringbuf::pool::PoolRegion) {
+    pub fn push_pool(&mut self, region: ferry_ringbuf::pool::PoolRegion) {
         self.0
             .extend((0..region.slot_count as u32).map(|i| libc::iovec {
                 iov_base: region.slot_ptr(i).cast(),

@@ -253,11 +253,11 @@ pub struct TargetConfig {
     pub io_engine: IoEngineKind,
     /// Every frame of an authenticated session must be received (or sent) within this
     /// time of its start; otherwise the session ends and its epoch is rolled back. The
-    /// handshake has its own deadline (`target::HANDSHAKE_DEADLINE`).
+    /// handshake has its own deadline (`writer::HANDSHAKE_DEADLINE`).
     #[serde(default = "default_io_timeout_ms")]
     pub io_timeout_ms: u64,
     /// Concurrent authenticated sessions; connections still in their handshake are
-    /// bounded apart (`target::MAX_PENDING_HANDSHAKES`).
+    /// bounded apart (`writer::MAX_PENDING_HANDSHAKES`).
     #[serde(default = "default_max_sessions")]
     pub max_sessions: u32,
     /// Recovery points kept: the newest this many acknowledged epochs before the

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use dataplane::io::EngineKind;
 use dataplane::source::{self, JobDisk, ModeRequest, SyncJob};
-use dataplane::target::{Target, TargetDisk, TargetJob};
+use dataplane::writer::{Target, TargetDisk, TargetJob};
 
 fn start_target(
     dir: &Path,
@@ -30,7 +30,7 @@ fn start_target(
         engine,
         io_timeout: Duration::from_secs(10),
         max_sessions: 2,
-        retention: dataplane::target::points::Retention {
+        retention: dataplane::writer::points::Retention {
             points: 4,
             minutes: 0,
         },

@@ -76,7 +76,7 @@ const _: () = assert!(HEADER_LEN <= PAGE_SIZE);
 const _: () = assert!(OFF_RESERVED == OFF_FLAGS + 4);
 const _: () = assert!(MIN_BLOCK_SIZE.is_power_of_two() && MAX_BLOCK_SIZE.is_power_of_two());
 
-/// Identifies a tracking lineage. A new one is drawn whenever tracking cannot be
+/// Identifies a tracking generation. A new one is drawn whenever tracking cannot be
 /// trusted (the image changed behind the shim's back, a resize, a lost bitmap), so a
 /// consumer holding bits of another generation knows its base is gone and must fall
 /// back to a checksum-compare resync.
@@ -84,7 +84,7 @@ const _: () = assert!(MIN_BLOCK_SIZE.is_power_of_two() && MAX_BLOCK_SIZE.is_powe
 pub struct GenerationId([u8; 16]);
 
 impl GenerationId {
-    /// The all-zero id. It never names a lineage; it is what an uninitialised id looks
+    /// The all-zero id. It never names a generation; it is what an uninitialised id looks
     /// like, so bitmaps refuse it.
     pub const NIL: GenerationId = GenerationId([0; 16]);
 
@@ -227,7 +227,7 @@ pub enum BitmapError {
         other_disk_size: u64,
         other_block_size: u32,
     },
-    /// Two bitmaps of different tracking lineages cannot be combined.
+    /// Two bitmaps of different tracking generations cannot be combined.
     #[error("generation differs: {ours} vs {theirs}")]
     GenerationMismatch {
         ours: GenerationId,
@@ -356,7 +356,7 @@ fn bits_mask(lo: u64, hi: u64) -> u64 {
 fn page_checksum(generation_id: &GenerationId, page: u64, payload: &[u8]) -> u64 {
     debug_assert_eq!(payload.len(), PAGE_PAYLOAD_BYTES);
     // The generation and the page index are hashed in so that a page of another
-    // lineage, or a page written to the wrong offset, fails verification.
+    // generation, or a page written to the wrong offset, fails verification.
     let mut hasher = Xxh3Default::new();
     hasher.update(generation_id.as_bytes());
     hasher.update(&page.to_le_bytes());
@@ -675,7 +675,7 @@ impl ChangedBlockBitmap {
         self.block_count
     }
 
-    /// The tracking lineage these bits belong to.
+    /// The tracking generation these bits belong to.
     pub fn generation_id(&self) -> GenerationId {
         self.generation_id
     }

@@ -321,7 +321,7 @@ impl Tracker {
         identity: Identity,
     ) -> Result<(ChangedBlockBitmap, Option<ResyncReason>), TrackerError> {
         let disk = &config.disk;
-        let new_lineage = |reason: ResyncReason| -> Result<_, TrackerError> {
+        let new_generation = |reason: ResyncReason| -> Result<_, TrackerError> {
             let generation = GenerationId::random().map_err(|source| TrackerError::Io {
                 disk: disk.clone(),
                 op: "draw a generation id for",
@@ -352,23 +352,23 @@ impl Tracker {
             Ok(r) => r,
             Err(why) => {
                 tracing::error!(disk = %disk, path = %config.state_path.display(), %why, "state file unreadable");
-                return new_lineage(ResyncReason::StateUnreadable);
+                return new_generation(ResyncReason::StateUnreadable);
             }
         };
         let bitmap_exists = config.bitmap_path.exists();
         let (bitmap, recovery) = match (bitmap_exists, &record) {
-            (false, None) => return new_lineage(ResyncReason::FirstStart),
-            (false, Some(_)) => return new_lineage(ResyncReason::BitmapMissing),
+            (false, None) => return new_generation(ResyncReason::FirstStart),
+            (false, Some(_)) => return new_generation(ResyncReason::BitmapMissing),
             (true, _) => match ChangedBlockBitmap::load_recovering(&config.bitmap_path) {
                 Ok(loaded) => loaded,
                 Err(e) => {
                     tracing::error!(disk = %disk, error = %e, source = ?std::error::Error::source(&e), "bitmap unreadable");
-                    return new_lineage(ResyncReason::BitmapUnreadable);
+                    return new_generation(ResyncReason::BitmapUnreadable);
                 }
             },
         };
         let Some(record) = record else {
-            return new_lineage(ResyncReason::StateMissing);
+            return new_generation(ResyncReason::StateMissing);
         };
         if !recovery.torn_pages.is_empty() {
             tracing::warn!(
@@ -378,25 +378,25 @@ impl Tracker {
             );
         }
         if record.generation_id != bitmap.generation_id() {
-            return new_lineage(ResyncReason::GenerationMismatch);
+            return new_generation(ResyncReason::GenerationMismatch);
         }
         if bitmap.disk_size() != identity.size_bytes
             || record.identity.size_bytes != identity.size_bytes
         {
             tracing::error!(disk = %disk, was = bitmap.disk_size(), now = identity.size_bytes, "image size changed");
-            return new_lineage(ResyncReason::Resized);
+            return new_generation(ResyncReason::Resized);
         }
         if bitmap.block_size() != config.block_size {
             tracing::error!(disk = %disk, was = bitmap.block_size(), now = config.block_size, "block size changed");
-            return new_lineage(ResyncReason::BlockSizeChanged);
+            return new_generation(ResyncReason::BlockSizeChanged);
         }
         let was = record.identity;
         if (was.dev, was.ino, was.rdev) != (identity.dev, identity.ino, identity.rdev) {
-            return new_lineage(ResyncReason::ImageReplaced);
+            return new_generation(ResyncReason::ImageReplaced);
         }
         match record.shutdown {
             Shutdown::Clean if was.mtime_ns != identity.mtime_ns => {
-                return new_lineage(ResyncReason::ImageModified);
+                return new_generation(ResyncReason::ImageModified);
             }
             Shutdown::Clean => {}
             Shutdown::Running => {

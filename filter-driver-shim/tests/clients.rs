@@ -590,7 +590,7 @@ fn ext4_through_nbdfuse_and_a_loop_device_fscks_clean() {
             .arg(env!("CARGO_MANIFEST_DIR"))
             .arg(mnt.join("src-copy")));
         run(Command::new("cp")
-            .arg(env!("CARGO_BIN_EXE_ferry-shim-test"))
+            .arg(env!("CARGO_BIN_EXE_filter-driver-shim-test"))
             .arg(mnt.join("bin")));
         run(&mut Command::new("sync"));
         run(Command::new("umount").arg(&mnt));
@@ -610,7 +610,7 @@ fn ext4_through_nbdfuse_and_a_loop_device_fscks_clean() {
         let copied = std::fs::read(mnt.join("bin")).unwrap();
         assert_eq!(
             copied,
-            std::fs::read(env!("CARGO_BIN_EXE_ferry-shim-test")).unwrap()
+            std::fs::read(env!("CARGO_BIN_EXE_filter-driver-shim-test")).unwrap()
         );
     });
     cleanup(&loopdev);

@@ -1,4 +1,4 @@
-//! Cross-thread throughput of `ringbuf::spsc` carrying `u64` descriptors.
+//! Cross-thread throughput of `ferry_ringbuf::spsc` carrying `u64` descriptors.
 //!
 //! One producer thread pushes, the bench thread pops; the time covers moving every
 //! item and the consumer seeing the last one. Three ways of waiting are measured:
@@ -12,7 +12,7 @@ use std::hint::black_box;
 use std::thread;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use ringbuf::spsc::{channel, Consumer, Producer, PushError};
+use ferry_ringbuf::spsc::{channel, Consumer, Producer, PushError};
 
 /// Descriptors moved per criterion iteration: enough that thread start-up (tens of
 /// microseconds) is well under 1% of an iteration.

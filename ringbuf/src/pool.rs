@@ -9,7 +9,7 @@
 //! side takes a lock or allocates.
 //!
 //! ```
-//! use ringbuf::pool::{BufferPool, SLOT_ALIGN};
+//! use ferry_ringbuf::pool::{BufferPool, SLOT_ALIGN};
 //!
 //! let (mut alloc, mut release) = BufferPool::new(64 * 1024, 32)?;
 //! // Register `region.slot_ptr(i)` (`region.slot_size` bytes each) for every slot
@@ -22,7 +22,7 @@
 //! // The completion thread gives the slot back.
 //! std::thread::spawn(move || release.release(slot)).join().unwrap();
 //! assert!(alloc.alloc_wait().is_some());
-//! # Ok::<(), ringbuf::pool::PoolError>(())
+//! # Ok::<(), ferry_ringbuf::pool::PoolError>(())
 //! ```
 //!
 //! # Ownership of the bytes

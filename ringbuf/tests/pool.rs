@@ -1,4 +1,4 @@
-//! Behaviour of `ringbuf::pool` through its public API.
+//! Behaviour of `ferry_ringbuf::pool` through its public API.
 #![cfg(not(loom))]
 
 use std::collections::HashSet;
@@ -6,7 +6,7 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::Duration;
 
-use ringbuf::pool::{
+use ferry_ringbuf::pool::{
     BufferPool, PoolAlloc, PoolError, PoolReturn, Slot, MAX_SLOT_COUNT, MAX_SLOT_SIZE, SLOT_ALIGN,
 };
 

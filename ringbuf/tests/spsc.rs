@@ -1,4 +1,4 @@
-//! Behaviour of `ringbuf::spsc` through its public API: single-threaded semantics,
+//! Behaviour of `ferry_ringbuf::spsc` through its public API: single-threaded semantics,
 //! blocking and abandonment across threads, and a two-thread stress run.
 //!
 //! Tests that loop shrink under Miri (`cfg!(miri)`); the loom models in
@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
-use ringbuf::spsc::{channel, Consumer, PopWait, Producer, PushError, MAX_CAPACITY};
+use ferry_ringbuf::spsc::{channel, Consumer, PopWait, Producer, PushError, MAX_CAPACITY};
 
 /// Items moved by each stress test.
 const STRESS_ITEMS: u64 = if cfg!(miri) { 100 } else { 1_000_000 };

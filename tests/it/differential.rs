@@ -20,7 +20,7 @@ use crate::common::*;
 use dataplane::config::Config;
 use dataplane::protocol::{ErrorCode, ProtocolError};
 use dataplane::source::{self, ModeRequest, SyncJob};
-use dataplane::target::{Target, TargetJob};
+use dataplane::writer::{Target, TargetJob};
 use filter_driver_shim::bitmap::{ChangedBlockBitmap, GenerationId};
 use proptest::prelude::*;
 use proptest::strategy::ValueTree;
@@ -242,7 +242,7 @@ impl Syncer for InProcess {
                     attempts += 1;
                     std::thread::sleep(std::time::Duration::from_millis(20));
                 }
-                Err(e) => panic!("{mode:?} sync failed: {}", dataplane::target::chain(&e)),
+                Err(e) => panic!("{mode:?} sync failed: {}", dataplane::chain(&e)),
             }
         };
         Outcome {
@@ -449,7 +449,7 @@ fn back_to_back_syncs_are_accepted() {
         match source::sync(&job) {
             Ok(_) => {}
             Err(e) if is_busy(&e) => busy += 1,
-            Err(e) => panic!("sync failed: {}", dataplane::target::chain(&e)),
+            Err(e) => panic!("sync failed: {}", dataplane::chain(&e)),
         }
     }
     assert_same_file(&image, &replica);

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use crate::common::*;
 use dataplane::protocol::{FrameKind, Hello, FRAME_MAGIC, PROTOCOL_VERSION_MAX};
-use dataplane::target::HANDSHAKE_DEADLINE;
+use dataplane::writer::HANDSHAKE_DEADLINE;
 use zerocopy::IntoBytes;
 
 /// A seeded sync where every other 4 KiB block of a 32 MiB disk differs: 4,096
@@ -162,7 +162,7 @@ fn pending_handshakes_are_bounded() {
     let disk = PairDisk::new(dir.path(), "d1");
     make_mixed_image(&disk.source, 1 << 20, &mut rng);
     let pair = Pair::start(dir, vec![disk], "", "");
-    let bound = dataplane::target::MAX_PENDING_HANDSHAKES;
+    let bound = dataplane::writer::MAX_PENDING_HANDSHAKES;
     let idle: Vec<TcpStream> = (0..bound + 8)
         .map(|_| TcpStream::connect(pair.target.addr()).unwrap())
         .collect();

@@ -645,7 +645,7 @@ fn qemu_rides_out_restart(stop: Stop, guest: Guest) {
         "{output}"
     );
 
-    // The restarted shim continued the same lineage: no new generation, no new reason.
+    // The restarted shim continued the same generation: no new generation, no new reason.
     let st = disk_status(&shim);
     assert_eq!(
         st["generation_id"].as_str(),

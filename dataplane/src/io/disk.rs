@@ -334,11 +334,6 @@ impl Disk {
         self.cache == CacheMode::Direct
     }
 
-    /// Whether I/O bypasses the page cache.
-    pub fn cache_mode(&self) -> CacheMode {
-        self.cache
-    }
-
     pub(super) fn error(&self, op: DiskOp, offset: Option<u64>, source: io::Error) -> IoError {
         IoError::Disk {
             op,

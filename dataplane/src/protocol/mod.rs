@@ -98,7 +98,7 @@ impl ProtocolError {
     }
 }
 
-/// A lineage (generation) id as 32 lowercase hex digits, as state files store it.
+/// A generation id as 32 lowercase hex digits, as state files store it.
 pub fn parse_hex16(s: &str) -> Result<[u8; 16], NotHex16> {
     if s.len() != 32 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(NotHex16 {

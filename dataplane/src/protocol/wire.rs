@@ -188,7 +188,7 @@ impl SyncMode {
 #[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
 #[repr(C)]
 pub struct OpenHeader {
-    /// Epoch this session will commit (monotonic per disk lineage).
+    /// Epoch this session will commit (monotonic per disk generation).
     pub epoch: U64,
     pub disk_count: U32,
     /// Most bytes of disk one Data frame of this session describes (the source's I/O
@@ -209,7 +209,7 @@ pub struct OpenDisk {
     pub block_size: U32,
     /// Source disk size in bytes.
     pub disk_size: U64,
-    /// Tracking lineage of the source disk.
+    /// Tracking generation of the source disk.
     pub generation: [u8; 16],
     /// For `Changed`: the epoch the replica must hold; otherwise zero.
     pub base_epoch: U64,
@@ -222,7 +222,7 @@ pub struct OpenDiskReply {
     /// 1 = the replica was created for this session (all zeros), 2 = it existed.
     pub state: u8,
     pub reserved: [u8; 7],
-    /// Lineage of the last epoch committed to this replica (zero if none).
+    /// Generation of the last epoch committed to this replica (zero if none).
     pub generation: [u8; 16],
     /// Last epoch committed to this replica (zero if none).
     pub epoch: U64,

@@ -200,7 +200,7 @@ pub fn keep_alive<T>(
                 let mut control = shared.lock().unwrap_or_else(|e| e.into_inner());
                 // A broken epoch is reported by the check before Commit; beats stop.
                 if let Err(e) = control.check(epoch) {
-                    tracing::debug!("epoch keepalive: {}", crate::target::chain(&e));
+                    tracing::debug!("epoch keepalive: {}", crate::chain(&e));
                     break;
                 }
             }

@@ -16,8 +16,8 @@ use std::net::{TcpStream, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use ferry_ringbuf::pool::PoolError;
 use filter_driver_shim::bitmap::{BitmapError, ChangedBlockBitmap, GenerationId};
-use ringbuf::pool::PoolError;
 use serde::{Deserialize, Serialize};
 use zerocopy::{FromBytes, IntoBytes};
 
@@ -604,7 +604,7 @@ fn sync_live(job: &SyncJob, mut control: live::ShimControl) -> Result<SyncReport
                 tracing::warn!(
                     "epoch {} failed and the shim did not confirm its abort ({}); closing the control connection aborts it",
                     epoch.id,
-                    crate::target::chain(&abort)
+                    crate::chain(&abort)
                 );
             }
             return Err(e);
@@ -615,7 +615,7 @@ fn sync_live(job: &SyncJob, mut control: live::ShimControl) -> Result<SyncReport
     if let Err(e) = control.commit(&epoch) {
         tracing::warn!(
             "epoch {number} is durable on the target but the shim did not clear its bits ({}); the next epoch resends them",
-            crate::target::chain(&e)
+            crate::chain(&e)
         );
     }
     // A disk whose shim still owes a resync is now in sync at the shim's generation,
@@ -631,7 +631,7 @@ fn sync_live(job: &SyncJob, mut control: live::ShimControl) -> Result<SyncReport
                 tracing::warn!(
                     disk = %d.spec.name,
                     "cannot tell the shim the resync is done: {}",
-                    crate::target::chain(&e)
+                    crate::chain(&e)
                 );
             }
         }
@@ -874,7 +874,7 @@ fn open_disk(job: &SyncJob, spec: &JobDisk) -> Result<OpenedDisk, SourceError> {
             Err(e) if job.mode == ModeRequest::Auto && spec.bitmap.is_none() => {
                 tracing::warn!(
                     "{}; falling back to a seeded (checksum-compare) sync",
-                    crate::target::chain(&e)
+                    crate::chain(&e)
                 );
             }
             Err(e) => return Err(e),

@@ -42,9 +42,9 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
+use ferry_ringbuf::pool::{BufferPool, PoolAlloc, PoolReturn, Slot};
+use ferry_ringbuf::spsc;
 use filter_driver_shim::epoch::EpochView;
-use ringbuf::pool::{BufferPool, PoolAlloc, PoolReturn, Slot};
-use ringbuf::spsc;
 use zerocopy::{FromBytes, IntoBytes};
 
 use super::plan::PlanItem;

@@ -44,7 +44,7 @@ impl ShimProcess {
         let socket = dir.join("vm1.sock");
         let control = dir.join("ctl.sock");
         let state_dir = dir.join("state");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_ferry-shim-test"))
+        let mut child = Command::new(env!("CARGO_BIN_EXE_filter-driver-shim-test"))
             .arg("--control")
             .arg(&control)
             .arg("--disk")
@@ -57,7 +57,7 @@ impl ShimProcess {
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
-            .expect("spawn ferry-shim-test");
+            .expect("spawn filter-driver-shim-test");
         let mut line = String::new();
         BufReader::new(child.stdout.take().unwrap())
             .read_line(&mut line)

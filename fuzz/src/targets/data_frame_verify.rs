@@ -1,7 +1,7 @@
 //! The target writer's data-frame verifier: the last check between a peer's bytes and
 //! a replica disk.
 //!
-//! `dataplane::target::verify` is public (hidden from the docs) for this harness alone.
+//! `dataplane::writer::verify` is public (hidden from the docs) for this harness alone.
 //! The harness drives it as the session does: the geometry
 //! of the opened disks, `needs_scratch` to decide whether a scratch slot is handed in,
 //! a scratch buffer of `MAX_FRAME_PAYLOAD` bytes reused without zeroing, one zstd
@@ -24,8 +24,8 @@ use dataplane::protocol::{
     block_hash, BlockRecord, Codec, DataHeader, ErrorCode, BLOCK_RECORD_LEN, MAX_FRAME_PAYLOAD,
     PAYLOAD_ALIGN, ZERO_BLOCK_HASH,
 };
-use dataplane::target::verify::{self, Geometry, Place, Placer, MAX_FRAME_LOGICAL};
-use dataplane::target::TargetError;
+use dataplane::writer::verify::{self, Geometry, Place, Placer, MAX_FRAME_LOGICAL};
+use dataplane::writer::TargetError;
 use zerocopy::{FromBytes, IntoBytes};
 
 use crate::Target;

@@ -32,7 +32,7 @@
 //! (measured in `park.rs`).
 //!
 //! ```
-//! use ringbuf::spsc;
+//! use ferry_ringbuf::spsc;
 //!
 //! let (mut tx, mut rx) = spsc::channel::<u64>(1024);
 //! let worker = std::thread::spawn(move || {

@@ -6,9 +6,9 @@ use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc;
 
+use ferry_ringbuf::pool::BufferPool;
+use ferry_ringbuf::spsc;
 use filter_driver_shim::bitmap::{ChangedBlockBitmap, GenerationId};
-use ringbuf::pool::BufferPool;
-use ringbuf::spsc;
 use zerocopy::{FromBytes, IntoBytes};
 
 use super::apply::{applier_loop, ApplyDisks, ApplyMsg};
@@ -122,7 +122,7 @@ pub fn run(
             e,
             TargetError::Protocol(crate::protocol::ProtocolError::Remote { .. })
         ) {
-            writer.send_error(e.code(), &super::chain(e));
+            writer.send_error(e.code(), &crate::chain(e));
             linger(writer.get_ref().get_ref());
         }
     }
@@ -439,7 +439,7 @@ fn serve<R: std::io::Read, W: std::io::Write>(
             Err(CommitFailure::Undecided { log, disks, error }) => {
                 tracing::error!(
                     "epoch {epoch}: {}; whether it committed is settled by the next session for disk(s) {} (they stay out of service until then)",
-                    super::chain(&error),
+                    crate::chain(&error),
                     disks.join(", ")
                 );
                 quarantine(shared, busy, log, disks);
@@ -450,7 +450,7 @@ fn serve<R: std::io::Read, W: std::io::Write>(
                 // these disks serve anything again (next session or next start).
                 tracing::error!(
                     "epoch {epoch} committed, but completing its records failed: {}; disk(s) {} stay out of service until a later session completes them",
-                    super::chain(&error),
+                    crate::chain(&error),
                     disks.join(", ")
                 );
                 quarantine(shared, busy, log, disks);
@@ -471,7 +471,7 @@ fn serve<R: std::io::Read, W: std::io::Write>(
         Err(re) => {
             tracing::error!(
                 "epoch {epoch} abandoned and its rollback failed: {}; its disks stay out of service until a later session completes the rollback",
-                super::chain(&re)
+                crate::chain(&re)
             );
             // The replicas are between epochs: keep their disks claimed and remember
             // the log.
@@ -634,12 +634,12 @@ fn open<'s>(
                 let held = record
                     .as_ref()
                     .map_or("no acknowledged epoch".to_string(), |r| {
-                        format!("epoch {} of lineage {}", r.epoch, r.generation)
+                        format!("epoch {} of generation {}", r.epoch, r.generation)
                     });
                 return Err(TargetError::reject(
                     ErrorCode::BaseMismatch,
                     format!(
-                        "disk {name}: the change set is based on epoch {} of lineage {}, but the replica holds {held}; run a seeded sync (--mode seeded)",
+                        "disk {name}: the change set is based on epoch {} of generation {}, but the replica holds {held}; run a seeded sync (--mode seeded)",
                         e.base_epoch.get(),
                         crate::protocol::hex16(&e.generation)
                     ),
@@ -658,7 +658,7 @@ fn open<'s>(
                 | crate::io::IoError::ReplicaSizeMismatch { .. } => ErrorCode::ReplicaTooSmall,
                 _ => ErrorCode::Io,
             };
-            TargetError::reject(code, format!("disk {name}: {}", super::chain(&source)))
+            TargetError::reject(code, format!("disk {name}: {}", crate::chain(&source)))
         })?;
         let buffered = std::fs::OpenOptions::new()
             .read(true)
@@ -729,7 +729,7 @@ fn finish_quarantined(shared: &Shared, names: &[String]) -> Result<(), TargetErr
                     format!(
                         "disk(s) {}: the replica is between epochs because settling an interrupted epoch failed: {}; the next session retries",
                         quarantine[i].1.join(", "),
-                        super::chain(&e)
+                        crate::chain(&e)
                     ),
                 ))
             }

@@ -163,7 +163,7 @@ fn kept(state_dir: &Path) -> Result<Vec<PointMeta>, TargetError> {
             Err(problem) => {
                 tracing::warn!(
                     "recovery point metadata is unreadable ({}); that point and the ones before it are not offered",
-                    super::chain(&problem)
+                    crate::chain(&problem)
                 );
                 continue;
             }

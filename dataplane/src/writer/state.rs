@@ -1,5 +1,5 @@
 //! What the target knows about each replica: the last epoch applied, and of which
-//! lineage. Written only after the replica was made durable, so after any crash it
+//! generation. Written only after the replica was made durable, so after any crash it
 //! never claims more than the disk holds.
 
 use std::path::{Path, PathBuf};
@@ -26,7 +26,7 @@ pub enum StateFileError {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ReplicaRecord {
-    /// Tracking lineage of the source disk, 32 hex digits.
+    /// Tracking generation of the source disk, 32 hex digits.
     pub generation: String,
     /// Last epoch acknowledged as durable.
     pub epoch: u64,

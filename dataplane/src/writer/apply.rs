@@ -16,8 +16,8 @@ use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 
-use ringbuf::pool::{PoolReturn, Slot};
-use ringbuf::spsc;
+use ferry_ringbuf::pool::{PoolReturn, Slot};
+use ferry_ringbuf::spsc;
 
 use super::undo::UndoLog;
 use super::verify::{records, Place, Placer};
@@ -625,8 +625,8 @@ fn fail_everything(
 mod tests {
     use super::*;
     use crate::protocol::{block_hash, BlockRecord, Codec, DataHeader, PAYLOAD_ALIGN};
-    use crate::target::undo::UndoDisk;
-    use ringbuf::pool::BufferPool;
+    use crate::writer::undo::UndoDisk;
+    use ferry_ringbuf::pool::BufferPool;
     use zerocopy::IntoBytes;
 
     const DISK_BYTES: u64 = 1 << 20;

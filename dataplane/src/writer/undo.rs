@@ -183,7 +183,7 @@ impl UndoLog {
     pub fn create(state_dir: &Path, epoch: u64, disks: Vec<UndoDisk>) -> Result<Self, TargetError> {
         let dir = undo_dir(state_dir);
         crate::durable::ensure_dir(&dir).map_err(|e| io_err(&dir, StateOp::Create, e))?;
-        // Epochs count per disk lineage, so concurrent sessions for different disks can
+        // Epochs count per disk generation, so concurrent sessions for different disks can
         // apply the same epoch number: a random suffix keeps their logs apart.
         let mut nonce = [0u8; 4];
         getrandom::fill(&mut nonce).map_err(|e| {
@@ -354,7 +354,7 @@ impl UndoLog {
         if let Err(e) = super::points::prune(&state_dir, keep) {
             tracing::warn!(
                 "epoch {epoch} committed; merging old recovery points away failed: {}",
-                super::chain(&e)
+                crate::chain(&e)
             );
         }
         Ok(())
@@ -501,7 +501,7 @@ impl std::fmt::Display for Recovery {
                 f,
                 "undo log {} not settled: {}; disk(s) {} stay out of service",
                 log.display(),
-                super::chain(error),
+                crate::chain(error),
                 disks.join(", ")
             ),
         }

@@ -1,7 +1,7 @@
 //! Test harness binary: runs the shim from command-line arguments.
 //!
 //! ```text
-//! ferry-shim-test [--control PATH [--freeze-idle-timeout-ms MS]] [--io-engine auto|uring|sync]
+//! filter-driver-shim-test [--control PATH [--freeze-idle-timeout-ms MS]] [--io-engine auto|uring|sync]
 //!                 --disk name=N,path=P,socket=S,state_dir=D[,block_size=B] ...
 //! ```
 //!
@@ -81,7 +81,7 @@ fn main() -> ExitCode {
             (other, _) => Err(format!("unexpected argument `{other}`")),
         };
         if let Err(e) = parsed {
-            eprintln!("ferry-shim-test: {e}");
+            eprintln!("filter-driver-shim-test: {e}");
             return ExitCode::from(2);
         }
     }
@@ -89,7 +89,7 @@ fn main() -> ExitCode {
         Ok(Some(e)) => engine = e,
         Ok(None) => {}
         Err(e) => {
-            eprintln!("ferry-shim-test: {e}");
+            eprintln!("filter-driver-shim-test: {e}");
             return ExitCode::from(2);
         }
     }
@@ -104,7 +104,10 @@ fn main() -> ExitCode {
     let shim = match Shim::start(disks, control) {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("ferry-shim-test: {e}: {:?}", std::error::Error::source(&e));
+            eprintln!(
+                "filter-driver-shim-test: {e}: {:?}",
+                std::error::Error::source(&e)
+            );
             return ExitCode::FAILURE;
         }
     };
@@ -115,7 +118,7 @@ fn main() -> ExitCode {
     match shim.shutdown() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("ferry-shim-test: {e}");
+            eprintln!("filter-driver-shim-test: {e}");
             ExitCode::FAILURE
         }
     }

@@ -20,8 +20,8 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+use ferry_ringbuf::pool::PoolError;
 use filter_driver_shim::bitmap::BitmapError;
-use ringbuf::pool::PoolError;
 use std::time::{Duration, Instant};
 
 use crate::config::{Config, ConfigError};
@@ -301,7 +301,7 @@ impl Target {
                     tracing::error!(
                         "an interrupted epoch ({}) cannot be settled now: {}; disk(s) {} stay out of service until a session for them settles it",
                         log.display(),
-                        chain(&error),
+                        crate::chain(&error),
                         disks.join(", ")
                     );
                     busy.extend(disks.iter().cloned());
@@ -381,9 +381,9 @@ impl Target {
                     match session::run(&shared, stream, accepted) {
                         Ok(summary) => tracing::info!("{peer}: {summary}"),
                         Err(e @ TargetError::Handshake(_)) => {
-                            tracing::warn!("{peer}: dropped: {}", chain(&e))
+                            tracing::warn!("{peer}: dropped: {}", crate::chain(&e))
                         }
-                        Err(e) => tracing::error!("{peer}: session failed: {}", chain(&e)),
+                        Err(e) => tracing::error!("{peer}: session failed: {}", crate::chain(&e)),
                     }
                 });
             if let Err(e) = spawned {
@@ -455,18 +455,6 @@ pub fn apply_lock(
 /// Runs the target in the foreground.
 pub fn run(job: TargetJob) -> Result<(), TargetError> {
     Target::bind(job)?.serve()
-}
-
-/// Formats an error with its sources, for logs.
-pub fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 #[cfg(test)]
