@@ -8,7 +8,12 @@ use crate::io::IoBuffer;
 // `Slot` value, so its address is stable across moves; the pool keeps that allocation
 // alive while any slot exists (it holds an `Arc` to it); and owning the `Slot` is the
 // only way to reach its bytes, so while the engine holds it nothing else touches them.
-// The pool is registered whole, one iovec per slot, so slot `i` is registered buffer `i`.
+// Its fixed index is the slot's index in its pool: registered buffer `i` is slot `i` of
+// the pool an [`IovecTable`] was built with ([`IovecTable::with_first_pool`]), the only
+// pool whose slots engines take whole. A slot of a later pool is reached through a
+// [`SlotView`], which carries the pool's [`FixedBase`]. (Were a slot of another pool
+// passed whole, the kernel would refuse the request with EFAULT: the index names a
+// registered buffer that does not contain the slot's bytes.)
 unsafe impl IoBuffer for Slot {
     fn as_ptr(&self) -> *const u8 {
         Slot::as_ptr(self)
@@ -37,14 +42,15 @@ pub struct SlotView {
 unsafe impl Send for SlotView {}
 
 impl SlotView {
-    /// A view of `slot[at..at + len]` registered as buffer `base_index + slot.index()`.
+    /// A view of `slot[at..at + len]` registered as buffer `base + slot.index()`, where
+    /// `base` is what [`IovecTable`] answered when the slot's pool was registered.
     ///
     /// # Safety
     ///
     /// The caller keeps `slot` alive, unmoved in ownership terms (not released to its
     /// pool, not written through), until every I/O using the view has completed and the
     /// view was dropped.
-    pub unsafe fn new(slot: &mut Slot, at: usize, len: usize, base_index: u16) -> Self {
+    pub unsafe fn new(slot: &mut Slot, at: usize, len: usize, base: FixedBase) -> Self {
         assert!(at + len <= slot.capacity(), "view past the end of its slot");
         SlotView {
             // SAFETY: `at + len <= capacity` was asserted, so the offset pointer stays in
@@ -53,7 +59,7 @@ impl SlotView {
             len,
             fixed_index: u16::try_from(slot.index())
                 .ok()
-                .and_then(|i| i.checked_add(base_index)),
+                .and_then(|i| i.checked_add(base.0)),
         }
     }
 }
@@ -77,8 +83,15 @@ unsafe impl IoBuffer for SlotView {
     }
 }
 
+/// Where a pool's slots start among the registered buffers: slot `i` of the pool is
+/// registered buffer `base + i`. Only [`IovecTable`] makes one, when it registers the
+/// pool, so a view's index cannot be computed by hand.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FixedBase(u16);
+
 /// The iovecs of one or more pools, in slot order, for io_uring buffer registration:
-/// slot `i` of the first pool is registered buffer `i`, the second pool follows.
+/// slot `i` of the first pool is registered buffer `i` (so its slots can be passed to an
+/// engine whole), each later pool follows at the [`FixedBase`] its registration returns.
 pub struct IovecTable(Vec<libc::iovec>);
 
 // SAFETY: the table holds only addresses and lengths of pool memory; it is never
@@ -89,17 +102,28 @@ unsafe impl Send for IovecTable {}
 unsafe impl Sync for IovecTable {}
 
 impl IovecTable {
-    pub fn new() -> Self {
-        IovecTable(Vec::new())
+    /// A table whose registered buffer `i` is slot `i` of the pool behind `first`.
+    pub fn with_first_pool(first: ferry_ringbuf::pool::PoolRegion) -> Self {
+        let mut table = IovecTable(Vec::new());
+        table.push_pool(first);
+        table
     }
 
-    /// Appends one iovec per slot of the pool behind `region`.
-    pub fn push_pool(&mut self, region: ferry_ringbuf::pool::PoolRegion) {
+    /// Appends one iovec per slot of the pool behind `region`; returns where its slots
+    /// start among the registered buffers.
+    pub fn push_pool(&mut self, region: ferry_ringbuf::pool::PoolRegion) -> FixedBase {
+        let base = FixedBase(u16::try_from(self.0.len()).unwrap_or(u16::MAX));
         self.0
             .extend((0..region.slot_count as u32).map(|i| libc::iovec {
                 iov_base: region.slot_ptr(i).cast(),
                 iov_len: region.slot_size,
             }));
+        base
+    }
+
+    /// Where the first pool's slots start: buffer 0.
+    pub fn first_base() -> FixedBase {
+        FixedBase(0)
     }
 
     /// For registration with an engine.
@@ -112,11 +136,5 @@ impl IovecTable {
     pub unsafe fn fixed(&self) -> crate::io::FixedBuffers<'_> {
         // SAFETY: forwarded to our caller, see above.
         unsafe { crate::io::FixedBuffers::new(&self.0) }
-    }
-}
-
-impl Default for IovecTable {
-    fn default() -> Self {
-        Self::new()
     }
 }

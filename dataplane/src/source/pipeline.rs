@@ -419,8 +419,7 @@ fn reader_loop<P>(
 where
     P: Iterator<Item = Result<PlanItem, SourceError>>,
 {
-    let mut iovecs = crate::buffers::IovecTable::new();
-    iovecs.push_pool(alloc.region());
+    let iovecs = crate::buffers::IovecTable::with_first_pool(alloc.region());
     // SAFETY: the pool behind `alloc` is borrowed for this whole function, so it outlives
     // the engine, which is dropped when this function returns; slots are only touched
     // through their `Slot` handles.

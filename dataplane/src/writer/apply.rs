@@ -119,6 +119,7 @@ pub fn applier_loop(
     disks: ApplyDisks<'_>,
     iovecs: &crate::buffers::IovecTable,
     recv_slots: usize,
+    scratch_base: crate::buffers::FixedBase,
     mut rx: spsc::Consumer<ApplyMsg>,
     mut recv_return: PoolReturn,
     mut scratch_return: PoolReturn,
@@ -153,7 +154,6 @@ pub fn applier_loop(
         scratch_return,
     };
     let mut applied: u64 = 0;
-    let scratch_base = recv_slots as u16;
 
     loop {
         // With writes in flight, inflight.completions must be reaped even when no new work
@@ -301,7 +301,11 @@ pub fn applier_loop(
                 for &(place, offset, len) in all {
                     let entry = inflight.frames[tag].as_mut().expect("entered above");
                     let (slot, at, base) = match place {
-                        Place::Recv(at) => (&mut entry.recv, at, 0u16),
+                        Place::Recv(at) => (
+                            &mut entry.recv,
+                            at,
+                            crate::buffers::IovecTable::first_base(),
+                        ),
                         Place::Scratch(at) => (
                             entry
                                 .scratch
@@ -686,9 +690,8 @@ mod tests {
         let slots = 4;
         let (mut recv_alloc, recv_return) = BufferPool::new(256 << 10, slots).unwrap();
         let (scratch_alloc, scratch_return) = BufferPool::new(256 << 10, slots).unwrap();
-        let mut iovecs = crate::buffers::IovecTable::new();
-        iovecs.push_pool(recv_alloc.region());
-        iovecs.push_pool(scratch_alloc.region());
+        let mut iovecs = crate::buffers::IovecTable::with_first_pool(recv_alloc.region());
+        let scratch_base = iovecs.push_pool(scratch_alloc.region());
         let mut undo = UndoLog::create(
             dir.path(),
             1,
@@ -738,6 +741,7 @@ mod tests {
             },
             &iovecs,
             slots,
+            scratch_base,
             rx,
             recv_return,
             scratch_return,

@@ -227,9 +227,8 @@ fn serve<R: std::io::Read, W: std::io::Write>(
         BufferPool::new(slot_size, RECV_SLOTS).map_err(TargetError::Pool)?;
     let (mut scratch_alloc, scratch_return) =
         BufferPool::new(slot_size, SCRATCH_SLOTS).map_err(TargetError::Pool)?;
-    let mut iovecs = crate::buffers::IovecTable::new();
-    iovecs.push_pool(recv_alloc.region());
-    iovecs.push_pool(scratch_alloc.region());
+    let mut iovecs = crate::buffers::IovecTable::with_first_pool(recv_alloc.region());
+    let scratch_base = iovecs.push_pool(scratch_alloc.region());
     let (mut tx, rx) = spsc::channel::<ApplyMsg>(APPLY_RING_DEPTH);
     let failed = AtomicBool::new(false);
     let names: Vec<String> = disks.iter().map(|d| d.name.clone()).collect();
@@ -269,6 +268,7 @@ fn serve<R: std::io::Read, W: std::io::Write>(
                     apply_disks,
                     iovecs_ref,
                     RECV_SLOTS,
+                    scratch_base,
                     rx,
                     recv_return,
                     scratch_return,
