@@ -27,7 +27,7 @@ use crate::io::{self, Disk, EngineKind, IoError};
 use crate::protocol::{
     auth, Commit, Committed, DiskManifest, DiskRun, FrameDeadline, FrameKind, FrameReader,
     FrameWriter, ManifestBuilder, OpenDisk, OpenDiskReply, OpenHeader, ProtocolError, SyncMode,
-    TimedStream, MAX_FRAME_PAYLOAD, MAX_NAME_LEN, MAX_REPLY_PAYLOAD, REPLICA_CREATED,
+    TimedStream, MAX_NAME_LEN, MAX_REPLY_PAYLOAD, REPLICA_CREATED,
 };
 pub use crate::protocol::{hex16, parse_hex16, NotHex16};
 use crate::psk::{Psk, PskError};
@@ -960,36 +960,81 @@ fn run_session<R: std::io::Read, W: std::io::Write>(
     watch_fd: std::os::fd::RawFd,
     before_commit: &mut dyn FnMut() -> Result<(), SourceError>,
 ) -> Result<(PipelineStats, u64), SourceError> {
-    // Open.
+    // Every reply the target sends fits, up to a DiffRuns frame of the most runs.
+    let mut buf = vec![0u8; MAX_REPLY_PAYLOAD];
+    open_epoch(job, disks, epoch, reader, writer, &mut buf)?;
+    let infos: Vec<DiskInfo<'_>> = disks
+        .iter()
+        .zip(views)
+        .map(|(d, view)| DiskInfo {
+            fd: d.disk.fd(),
+            disk_size: d.disk.size(),
+            replica_zeroed: d.replica_created,
+            frozen: *view,
+        })
+        .collect();
+    let mut total = PipelineStats::default();
+    if disks.iter().any(|d| d.mode == SyncMode::Seeded) {
+        let cfg = pipeline_config(job, Output::Hashes, watch_fd);
+        let hashes = seed_compare(job, &cfg, disks, &infos, reader, writer, &mut buf)?;
+        // Hashing sends no blocks: only the data phase counts what travelled.
+        add(&mut total, &hashes);
+        total.blocks_sent = 0;
+        total.zero_blocks = 0;
+    }
+    let cfg = pipeline_config(job, Output::Data, watch_fd);
+    let (stats, manifests) = stream_data(job, &cfg, disks, &infos, writer)?;
+    add(&mut total, &stats);
+    before_commit()?;
+    let bytes_applied = commit_epoch(epoch, &manifests, reader, writer, &mut buf)?;
+    // The Open and Commit frames (headers and payloads) went on the wire too.
+    total.bytes_sent += (2 * crate::protocol::FRAME_HEADER_LEN
+        + core::mem::size_of::<OpenHeader>()
+        + disks.len() * core::mem::size_of::<OpenDisk>()
+        + core::mem::size_of::<Commit>()
+        + manifests.as_bytes().len()) as u64;
+    Ok((total, bytes_applied))
+}
+
+/// Sends the Open frame and reads the target's per-disk replies: a replica the target
+/// just created turns a seeded disk into a full sync.
+fn open_epoch<R: std::io::Read, W: std::io::Write>(
+    job: &SyncJob,
+    disks: &mut [OpenedDisk],
+    epoch: u64,
+    reader: &mut FrameReader<R>,
+    writer: &mut FrameWriter<W>,
+    buf: &mut [u8],
+) -> Result<(), SourceError> {
     let header = OpenHeader {
         epoch: epoch.into(),
         disk_count: (disks.len() as u32).into(),
         max_batch_bytes: (job.io_size as u32).into(),
     };
-    let mut entries = Vec::with_capacity(disks.len());
-    for d in disks.iter() {
-        let mut name = [0u8; MAX_NAME_LEN];
-        name[..d.spec.name.len()].copy_from_slice(d.spec.name.as_bytes());
-        entries.push(OpenDisk {
-            name,
-            name_len: d.spec.name.len() as u8,
-            mode: d.mode as u8,
-            reserved: [0; 2],
-            block_size: (job.block_size as u32).into(),
-            disk_size: d.disk.size().into(),
-            generation: d.generation,
-            base_epoch: if d.mode == SyncMode::Changed {
-                d.base_epoch
-            } else {
-                0
+    let entries: Vec<OpenDisk> = disks
+        .iter()
+        .map(|d| {
+            let mut name = [0u8; MAX_NAME_LEN];
+            name[..d.spec.name.len()].copy_from_slice(d.spec.name.as_bytes());
+            OpenDisk {
+                name,
+                name_len: d.spec.name.len() as u8,
+                mode: d.mode as u8,
+                reserved: [0; 2],
+                block_size: (job.block_size as u32).into(),
+                disk_size: d.disk.size().into(),
+                generation: d.generation,
+                base_epoch: if d.mode == SyncMode::Changed {
+                    d.base_epoch
+                } else {
+                    0
+                }
+                .into(),
             }
-            .into(),
-        });
-    }
+        })
+        .collect();
     writer.send(FrameKind::Open, &[header.as_bytes(), entries.as_bytes()])?;
-    // Every reply the target sends fits, up to a DiffRuns frame of the most runs.
-    let mut buf = vec![0u8; MAX_REPLY_PAYLOAD];
-    let payload = reader.expect(FrameKind::OpenOk, &mut buf)?;
+    let payload = reader.expect(FrameKind::OpenOk, buf)?;
     let replies = <[OpenDiskReply]>::ref_from_bytes(payload)
         .ok()
         .filter(|r| r.len() == disks.len())
@@ -1014,8 +1059,11 @@ fn run_session<R: std::io::Read, W: std::io::Write>(
             d.mode = SyncMode::Full;
         }
     }
+    Ok(())
+}
 
-    let pipeline_cfg = |output| PipelineConfig {
+fn pipeline_config(job: &SyncJob, output: Output, watch_fd: std::os::fd::RawFd) -> PipelineConfig {
+    PipelineConfig {
         block_size: job.block_size,
         io_size: job.io_size,
         queue_depth: job.queue_depth,
@@ -1024,144 +1072,156 @@ fn run_session<R: std::io::Read, W: std::io::Write>(
         engine: job.engine,
         output,
         watch_fd: Some(watch_fd),
-    };
-    let infos: Vec<DiskInfo<'_>> = disks
-        .iter()
-        .zip(views)
-        .map(|(d, view)| DiskInfo {
-            fd: d.disk.fd(),
-            disk_size: d.disk.size(),
-            replica_zeroed: d.replica_created,
-            frozen: *view,
-        })
-        .collect();
-    let geometry = |i: usize, d: &OpenedDisk| Geometry {
+    }
+}
+
+fn geometry(job: &SyncJob, i: usize, d: &OpenedDisk) -> Geometry {
+    Geometry {
         disk: i as u32,
         disk_size: d.disk.size(),
         block_size: job.block_size as u64,
         io_size: job.io_size as u64,
-    };
+    }
+}
 
-    let mut total = PipelineStats::default();
-    // Seeded disks: send hashes, learn which blocks differ.
-    if disks.iter().any(|d| d.mode == SyncMode::Seeded) {
-        let plans: Vec<BoxedPlan<'_>> = disks
-            .iter()
-            .enumerate()
-            .filter(|(_, d)| d.mode == SyncMode::Seeded)
-            .map(|(i, d)| extent_plan(&d.disk, geometry(i, d), true))
-            .collect();
-        let stats = pipeline::run(
-            &pipeline_cfg(Output::Hashes),
-            &infos,
-            plans.into_iter().flatten(),
-            writer,
-            None,
-        )?;
-        add(&mut total, &stats);
-        // Hashing sends no blocks: only the data phase counts what travelled.
-        total.blocks_sent = 0;
-        total.zero_blocks = 0;
-        writer.send(FrameKind::HashesDone, &[])?;
-        for (i, d) in disks.iter_mut().enumerate() {
-            if d.mode == SyncMode::Seeded {
-                d.bitmap = Some(
-                    ChangedBlockBitmap::new(
-                        d.disk.size(),
-                        job.block_size as u32,
-                        GenerationId::from_bytes(d.generation),
-                        d.base_epoch,
-                    )
-                    .map_err(|e| SourceError::Bitmap {
-                        disk: d.spec.name.clone(),
-                        source: BitmapProblem::Diff(e),
-                    })?,
-                );
-                let _ = i;
-            }
-        }
-        loop {
-            match reader.read_frame(&mut buf)? {
-                Some((FrameKind::DiffRuns, payload)) => {
-                    let runs = <[DiskRun]>::ref_from_bytes(payload).map_err(|_| {
-                        ProtocolError::Malformed {
-                            what: "diff runs payload is not a whole number of runs",
-                        }
+/// Seeded disks: sends the hash of every block, then records the runs the target
+/// reports as different in each seeded disk's new bitmap.
+fn seed_compare<R: std::io::Read, W: std::io::Write>(
+    job: &SyncJob,
+    cfg: &PipelineConfig,
+    disks: &mut [OpenedDisk],
+    infos: &[DiskInfo<'_>],
+    reader: &mut FrameReader<R>,
+    writer: &mut FrameWriter<W>,
+    buf: &mut [u8],
+) -> Result<PipelineStats, SourceError> {
+    let plans: Vec<BoxedPlan<'_>> = disks
+        .iter()
+        .enumerate()
+        .filter(|(_, d)| d.mode == SyncMode::Seeded)
+        .map(|(i, d)| extent_plan(&d.disk, geometry(job, i, d), true))
+        .collect();
+    let stats = pipeline::run(cfg, infos, plans.into_iter().flatten(), writer, None)?;
+    writer.send(FrameKind::HashesDone, &[])?;
+    for d in disks.iter_mut().filter(|d| d.mode == SyncMode::Seeded) {
+        let bitmap = ChangedBlockBitmap::new(
+            d.disk.size(),
+            job.block_size as u32,
+            GenerationId::from_bytes(d.generation),
+            d.base_epoch,
+        )
+        .map_err(|e| SourceError::Bitmap {
+            disk: d.spec.name.clone(),
+            source: BitmapProblem::Diff(e),
+        })?;
+        d.bitmap = Some(bitmap);
+    }
+    loop {
+        match reader.read_frame(buf)? {
+            Some((FrameKind::DiffRuns, payload)) => {
+                let runs =
+                    <[DiskRun]>::ref_from_bytes(payload).map_err(|_| ProtocolError::Malformed {
+                        what: "diff runs payload is not a whole number of runs",
                     })?;
-                    for run in runs {
-                        let d = disks
-                            .get_mut(run.disk.get() as usize)
-                            .filter(|d| d.mode == SyncMode::Seeded)
-                            .ok_or(ProtocolError::Malformed {
-                                what: "diff run names a disk that is not being seeded",
-                            })?;
-                        let bs = job.block_size as u64;
-                        let bitmap = d.bitmap.as_mut().expect("seeded disks have a diff bitmap");
-                        let (start, count) = (run.start.get(), run.count.get());
-                        if start
-                            .checked_add(count)
-                            .is_none_or(|end| end > d.disk.size().div_ceil(bs))
-                        {
-                            return Err(ProtocolError::Malformed {
-                                what: "diff run past the end of the disk",
-                            }
-                            .into());
-                        }
-                        bitmap
-                            .set_range(start * bs, (count * bs).min(d.disk.size() - start * bs))
-                            .map_err(|e| SourceError::Bitmap {
-                                disk: d.spec.name.clone(),
-                                source: BitmapProblem::Diff(e),
-                            })?;
-                    }
+                for run in runs {
+                    mark_diff_run(job, disks, run)?;
                 }
-                Some((FrameKind::DiffDone, _)) => break,
-                Some((kind, _)) => {
-                    return Err(ProtocolError::Unexpected {
-                        expected: FrameKind::DiffDone,
-                        found: kind,
-                    }
-                    .into())
+            }
+            Some((FrameKind::DiffDone, _)) => return Ok(stats),
+            Some((kind, _)) => {
+                return Err(ProtocolError::Unexpected {
+                    expected: FrameKind::DiffDone,
+                    found: kind,
                 }
-                None => {
-                    return Err(ProtocolError::Truncated {
-                        what: "connection closed during the hash compare",
-                    }
-                    .into())
+                .into())
+            }
+            None => {
+                return Err(ProtocolError::Truncated {
+                    what: "connection closed during the hash compare",
                 }
+                .into())
             }
         }
     }
+}
 
-    // Data.
+/// Marks one run of blocks the target reported as different in its disk's bitmap.
+fn mark_diff_run(
+    job: &SyncJob,
+    disks: &mut [OpenedDisk],
+    run: &DiskRun,
+) -> Result<(), SourceError> {
+    let d = disks
+        .get_mut(run.disk.get() as usize)
+        .filter(|d| d.mode == SyncMode::Seeded)
+        .ok_or(ProtocolError::Malformed {
+            what: "diff run names a disk that is not being seeded",
+        })?;
+    let bs = job.block_size as u64;
+    let disk_size = d.disk.size();
+    let (start, count) = (run.start.get(), run.count.get());
+    if start
+        .checked_add(count)
+        .is_none_or(|end| end > disk_size.div_ceil(bs))
+    {
+        return Err(ProtocolError::Malformed {
+            what: "diff run past the end of the disk",
+        }
+        .into());
+    }
+    let bitmap = d.bitmap.as_mut().expect("seeded disks have a diff bitmap");
+    bitmap
+        .set_range(start * bs, (count * bs).min(disk_size - start * bs))
+        .map_err(|e| SourceError::Bitmap {
+            disk: d.spec.name.clone(),
+            source: BitmapProblem::Diff(e),
+        })
+}
+
+/// Streams every block to send (a bitmap's dirty blocks, or the whole disk) and returns
+/// what went on the wire per disk, for the target to check before it commits.
+fn stream_data<W: std::io::Write>(
+    job: &SyncJob,
+    cfg: &PipelineConfig,
+    disks: &[OpenedDisk],
+    infos: &[DiskInfo<'_>],
+    writer: &mut FrameWriter<W>,
+) -> Result<(PipelineStats, Vec<DiskManifest>), SourceError> {
     let plans: Vec<BoxedPlan<'_>> = disks
         .iter()
         .enumerate()
         .map(|(i, d)| match &d.bitmap {
-            Some(b) => bitmap_plan(b, geometry(i, d)),
-            None => extent_plan(&d.disk, geometry(i, d), !d.replica_created),
+            Some(b) => bitmap_plan(b, geometry(job, i, d)),
+            None => extent_plan(&d.disk, geometry(job, i, d), !d.replica_created),
         })
         .collect();
-    // What goes on the wire per disk, for the target to check before it commits.
     let mut manifests = vec![ManifestBuilder::new(); disks.len()];
     let stats = pipeline::run(
-        &pipeline_cfg(Output::Data),
-        &infos,
+        cfg,
+        infos,
         plans.into_iter().flatten(),
         writer,
         Some(&mut manifests),
     )?;
-    add(&mut total, &stats);
+    let manifests = manifests.iter().map(ManifestBuilder::finish).collect();
+    Ok((stats, manifests))
+}
 
-    // Commit and wait for durability.
-    before_commit()?;
-    let manifests: Vec<DiskManifest> = manifests.iter().map(ManifestBuilder::finish).collect();
+/// Sends Commit with the manifests and waits for the target's durable acknowledgement;
+/// returns the bytes the target applied.
+fn commit_epoch<R: std::io::Read, W: std::io::Write>(
+    epoch: u64,
+    manifests: &[DiskManifest],
+    reader: &mut FrameReader<R>,
+    writer: &mut FrameWriter<W>,
+    buf: &mut [u8],
+) -> Result<u64, SourceError> {
     writer.send(
         FrameKind::Commit,
         &[
             Commit {
                 epoch: epoch.into(),
-                disk_count: (disks.len() as u32).into(),
+                disk_count: (manifests.len() as u32).into(),
                 reserved: 0.into(),
             }
             .as_bytes(),
@@ -1169,7 +1229,7 @@ fn run_session<R: std::io::Read, W: std::io::Write>(
         ],
     )?;
     writer.flush()?;
-    let payload = reader.expect(FrameKind::Committed, &mut buf)?;
+    let payload = reader.expect(FrameKind::Committed, buf)?;
     let committed = Committed::read_from_bytes(payload).map_err(|_| ProtocolError::Malformed {
         what: "committed frame has the wrong length",
     })?;
@@ -1180,14 +1240,7 @@ fn run_session<R: std::io::Read, W: std::io::Write>(
         }
         .into());
     }
-    // The Open and Commit frames (headers and payloads) went on the wire too.
-    total.bytes_sent += (2 * crate::protocol::FRAME_HEADER_LEN
-        + core::mem::size_of::<OpenHeader>()
-        + disks.len() * core::mem::size_of::<OpenDisk>()
-        + core::mem::size_of::<Commit>()
-        + manifests.as_bytes().len()) as u64;
-    let _ = MAX_FRAME_PAYLOAD;
-    Ok((total, committed.bytes_applied.get()))
+    Ok(committed.bytes_applied.get())
 }
 
 fn add(total: &mut PipelineStats, s: &PipelineStats) {
