@@ -447,10 +447,64 @@ pub fn sync_locked(job: &SyncJob, _lock: &EngineLock) -> Result<SyncReport, Sour
     }
 }
 
-/// One sync as a live epoch of the running shim behind `control`.
-fn sync_live(job: &SyncJob, mut control: live::ShimControl) -> Result<SyncReport, SourceError> {
-    let started = Instant::now();
-    let served = control.status()?;
+/// How one disk goes in a live epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LivePlan {
+    /// The shim's frozen bitmap of changed blocks.
+    Changed,
+    /// The whole disk, full or by checksum compare.
+    Whole,
+}
+
+/// Decides how one disk goes in a live epoch from what the shim reports of it and the
+/// source's record of the replica: changed blocks only when the replica holds an epoch
+/// of the shim's tracking generation (and the operator did not ask for a whole disk).
+fn plan_live_disk(
+    mode: ModeRequest,
+    block_size: usize,
+    shim_disk: &live::ShimDisk,
+    state: Option<&SourceDiskState>,
+) -> Result<LivePlan, SourceError> {
+    let lineage_ok = state.is_some_and(|s| s.generation_bytes().ok() == Some(shim_disk.generation));
+    let plan = match mode {
+        ModeRequest::Full | ModeRequest::Seeded => LivePlan::Whole,
+        ModeRequest::Auto if lineage_ok => LivePlan::Changed,
+        ModeRequest::Auto => LivePlan::Whole,
+        ModeRequest::Changed if lineage_ok => LivePlan::Changed,
+        ModeRequest::Changed => {
+            return Err(SourceError::Bitmap {
+                disk: shim_disk.name.clone(),
+                source: BitmapProblem::ShimLineage {
+                    shim_generation: hex16(&shim_disk.generation),
+                    synced: state.map(|s| (s.epoch, s.generation.clone())),
+                },
+            })
+        }
+    };
+    if plan == LivePlan::Changed && shim_disk.block_size != block_size as u64 {
+        return Err(SourceError::BlockSizeMismatch {
+            disk: shim_disk.name.clone(),
+            shim_block_size: shim_disk.block_size,
+            block_size,
+        });
+    }
+    Ok(plan)
+}
+
+/// One configured disk of a live epoch, before the freeze.
+struct PlannedDisk<'a> {
+    spec: &'a JobDisk,
+    /// The source's record of what its replica holds.
+    state: Option<SourceDiskState>,
+    plan: LivePlan,
+}
+
+/// Each configured disk with its recorded state and [`plan_live_disk`]'s decision,
+/// after checking the shim serves it, from the same file.
+fn plan_live_disks<'a>(
+    job: &'a SyncJob,
+    served: &[live::ShimDisk],
+) -> Result<Vec<PlannedDisk<'a>>, SourceError> {
     let mut plans = Vec::with_capacity(job.disks.len());
     for spec in &job.disks {
         let shim_disk = served.iter().find(|d| d.name == spec.name).ok_or_else(|| {
@@ -467,42 +521,27 @@ fn sync_live(job: &SyncJob, mut control: live::ShimControl) -> Result<SyncReport
             .into());
         }
         let state = SourceDiskState::load(&job.state_dir, &spec.name)?;
-        let lineage_ok = state
-            .as_ref()
-            .is_some_and(|s| s.generation_bytes().ok() == Some(shim_disk.generation));
-        let whole = match job.mode {
-            ModeRequest::Full | ModeRequest::Seeded => true,
-            ModeRequest::Auto => !lineage_ok,
-            ModeRequest::Changed if lineage_ok => false,
-            ModeRequest::Changed => {
-                return Err(SourceError::Bitmap {
-                    disk: spec.name.clone(),
-                    source: BitmapProblem::ShimLineage {
-                        shim_generation: hex16(&shim_disk.generation),
-                        synced: state.as_ref().map(|s| (s.epoch, s.generation.clone())),
-                    },
-                })
-            }
-        };
-        if !whole && shim_disk.block_size != job.block_size as u64 {
-            return Err(SourceError::BlockSizeMismatch {
-                disk: spec.name.clone(),
-                shim_block_size: shim_disk.block_size,
-                block_size: job.block_size,
-            });
-        }
-        if whole {
+        let plan = plan_live_disk(job.mode, job.block_size, shim_disk, state.as_ref())?;
+        if plan == LivePlan::Whole {
             if let Some(reason) = &shim_disk.resync_required {
                 tracing::warn!(disk = %spec.name, %reason, "shim tracking restarted: checksum-compare resync of this disk");
             }
         }
-        plans.push((spec, state, whole));
+        plans.push(PlannedDisk { spec, state, plan });
     }
-    let names: Vec<&str> = plans.iter().map(|(s, _, _)| s.name.as_str()).collect();
+    Ok(plans)
+}
+
+/// One sync as a live epoch of the running shim behind `control`.
+fn sync_live(job: &SyncJob, mut control: live::ShimControl) -> Result<SyncReport, SourceError> {
+    let started = Instant::now();
+    let served = control.status()?;
+    let plans = plan_live_disks(job, &served)?;
+    let names: Vec<&str> = plans.iter().map(|p| p.spec.name.as_str()).collect();
     let whole: Vec<&str> = plans
         .iter()
-        .filter(|(_, _, w)| *w)
-        .map(|(s, _, _)| s.name.as_str())
+        .filter(|p| p.plan == LivePlan::Whole)
+        .map(|p| p.spec.name.as_str())
         .collect();
     // Reach the target before freezing: while it is unreachable the guest is never
     // paused for an epoch that cannot go anywhere.
@@ -512,7 +551,7 @@ fn sync_live(job: &SyncJob, mut control: live::ShimControl) -> Result<SyncReport
     let epoch = control.freeze(&names, &whole)?;
     let mut disks = Vec::with_capacity(plans.len());
     let mut views = Vec::with_capacity(plans.len());
-    for (spec, state, whole) in &plans {
+    for PlannedDisk { spec, state, plan } in &plans {
         let frozen = epoch
             .disks
             .iter()
@@ -520,55 +559,8 @@ fn sync_live(job: &SyncJob, mut control: live::ShimControl) -> Result<SyncReport
             .ok_or_else(|| ShimControlError::FreezeLacksDisk {
                 disk: spec.name.clone(),
             })?;
-        let disk = Disk::open_source(&spec.path).map_err(|e| SourceError::Open {
-            disk: spec.name.clone(),
-            path: spec.path.clone(),
-            source: e,
-        })?;
-        if disk.size() != frozen.disk_size {
-            return Err(ShimControlError::SizeMismatch {
-                disk: spec.name.clone(),
-                shim_bytes: frozen.disk_size,
-                image_bytes: disk.size(),
-            }
-            .into());
-        }
-        let generation = frozen.shim.generation;
-        let (bitmap, mode) = if *whole {
-            let mode = if job.mode == ModeRequest::Full {
-                SyncMode::Full
-            } else {
-                SyncMode::Seeded
-            };
-            (None, mode)
-        } else {
-            let bitmap =
-                ChangedBlockBitmap::load(&frozen.bitmap).map_err(|source| SourceError::Bitmap {
-                    disk: spec.name.clone(),
-                    source: BitmapProblem::LoadFrozen {
-                        path: frozen.bitmap.clone(),
-                        source,
-                    },
-                })?;
-            if bitmap.disk_size() != disk.size() || *bitmap.generation_id().as_bytes() != generation
-            {
-                return Err(SourceError::Bitmap {
-                    disk: spec.name.clone(),
-                    source: BitmapProblem::FrozenMismatch,
-                });
-            }
-            (Some(bitmap), SyncMode::Changed)
-        };
+        disks.push(open_frozen_disk(job, spec, state.as_ref(), *plan, frozen)?);
         views.push(Some(frozen.view()?));
-        disks.push(OpenedDisk {
-            spec: (*spec).clone(),
-            disk,
-            generation,
-            base_epoch: state.as_ref().map_or(0, |s| s.epoch),
-            bitmap,
-            mode,
-            replica_created: false,
-        });
     }
     let view_refs: Vec<Option<&filter_driver_shim::epoch::EpochView>> =
         views.iter().map(Option::as_ref).collect();
@@ -610,9 +602,84 @@ fn sync_live(job: &SyncJob, mut control: live::ShimControl) -> Result<SyncReport
             return Err(e);
         }
     };
+    release_live_epoch(&mut control, &epoch, number, &disks);
+    Ok(report(
+        &disks,
+        number,
+        &stats,
+        applied,
+        started,
+        Some(&epoch),
+    ))
+}
+
+/// Opens one disk of a frozen epoch and, for a changed-block sync, loads the shim's
+/// frozen bitmap of it.
+fn open_frozen_disk(
+    job: &SyncJob,
+    spec: &JobDisk,
+    state: Option<&SourceDiskState>,
+    plan: LivePlan,
+    frozen: &live::LiveDisk,
+) -> Result<OpenedDisk, SourceError> {
+    let disk = Disk::open_source(&spec.path).map_err(|e| SourceError::Open {
+        disk: spec.name.clone(),
+        path: spec.path.clone(),
+        source: e,
+    })?;
+    if disk.size() != frozen.disk_size {
+        return Err(ShimControlError::SizeMismatch {
+            disk: spec.name.clone(),
+            shim_bytes: frozen.disk_size,
+            image_bytes: disk.size(),
+        }
+        .into());
+    }
+    let generation = frozen.shim.generation;
+    let (bitmap, mode) = match plan {
+        LivePlan::Whole if job.mode == ModeRequest::Full => (None, SyncMode::Full),
+        LivePlan::Whole => (None, SyncMode::Seeded),
+        LivePlan::Changed => {
+            let bitmap =
+                ChangedBlockBitmap::load(&frozen.bitmap).map_err(|source| SourceError::Bitmap {
+                    disk: spec.name.clone(),
+                    source: BitmapProblem::LoadFrozen {
+                        path: frozen.bitmap.clone(),
+                        source,
+                    },
+                })?;
+            if bitmap.disk_size() != disk.size() || *bitmap.generation_id().as_bytes() != generation
+            {
+                return Err(SourceError::Bitmap {
+                    disk: spec.name.clone(),
+                    source: BitmapProblem::FrozenMismatch,
+                });
+            }
+            (Some(bitmap), SyncMode::Changed)
+        }
+    };
+    Ok(OpenedDisk {
+        spec: spec.clone(),
+        disk,
+        generation,
+        base_epoch: state.map_or(0, |s| s.epoch),
+        bitmap,
+        mode,
+        replica_created: false,
+    })
+}
+
+/// After the target acknowledged epoch `number`: lets the shim forget its bits and
+/// tells it which owed resyncs are done. Failures only warn: the next epoch resends.
+fn release_live_epoch(
+    control: &mut live::ShimControl,
+    epoch: &live::LiveEpoch,
+    number: u64,
+    disks: &[OpenedDisk],
+) {
     // The target holds the epoch (and the state files say so): the shim may forget
     // the bits. If this fails they stay, and the next epoch carries them again.
-    if let Err(e) = control.commit(&epoch) {
+    if let Err(e) = control.commit(epoch) {
         tracing::warn!(
             "epoch {number} is durable on the target but the shim did not clear its bits ({}); the next epoch resends them",
             crate::target::chain(&e)
@@ -621,7 +688,7 @@ fn sync_live(job: &SyncJob, mut control: live::ShimControl) -> Result<SyncReport
     // A disk whose shim still owes a resync is now in sync at the shim's generation,
     // whatever mode carried it (a changed epoch means an earlier whole-disk epoch of
     // this generation was acknowledged, and its `resync-done` may have been lost).
-    for d in &disks {
+    for d in disks {
         let owed = epoch
             .disks
             .iter()
@@ -636,14 +703,6 @@ fn sync_live(job: &SyncJob, mut control: live::ShimControl) -> Result<SyncReport
             }
         }
     }
-    Ok(report(
-        &disks,
-        number,
-        &stats,
-        applied,
-        started,
-        Some(&epoch),
-    ))
 }
 
 /// Whether two paths name the same file (or device).
@@ -1267,4 +1326,110 @@ fn bitmap_plan<'a>(bitmap: &'a ChangedBlockBitmap, g: Geometry) -> BoxedPlan<'a>
         .iter_runs()
         .map(|(first, count)| Ok::<_, SourceError>(Region::Data { first, count }));
     Box::new(Chunker::new(regions, g, false))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BLOCK: usize = 4096;
+    const GEN: [u8; 16] = [7; 16];
+
+    fn shim_disk(generation: [u8; 16], block_size: u64) -> live::ShimDisk {
+        live::ShimDisk {
+            name: "vda".into(),
+            path: PathBuf::from("/dev/null"),
+            generation,
+            resync_required: None,
+            block_size,
+        }
+    }
+
+    fn synced(generation: &[u8; 16]) -> SourceDiskState {
+        SourceDiskState {
+            generation: hex16(generation),
+            epoch: 3,
+        }
+    }
+
+    #[test]
+    fn same_generation_goes_changed() {
+        let state = synced(&GEN);
+        for mode in [ModeRequest::Auto, ModeRequest::Changed] {
+            let plan = plan_live_disk(mode, BLOCK, &shim_disk(GEN, 4096), Some(&state));
+            assert_eq!(plan.unwrap(), LivePlan::Changed, "{mode:?}");
+        }
+    }
+
+    #[test]
+    fn whole_disk_when_asked_whatever_the_state() {
+        let state = synced(&GEN);
+        for mode in [ModeRequest::Full, ModeRequest::Seeded] {
+            for state in [None, Some(&state)] {
+                let plan = plan_live_disk(mode, BLOCK, &shim_disk(GEN, 4096), state);
+                assert_eq!(plan.unwrap(), LivePlan::Whole, "{mode:?} {state:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn auto_goes_whole_without_the_shims_lineage() {
+        let other = synced(&[9; 16]);
+        let garbled = SourceDiskState {
+            generation: "not hex".into(),
+            epoch: 3,
+        };
+        for state in [None, Some(&other), Some(&garbled)] {
+            let plan = plan_live_disk(ModeRequest::Auto, BLOCK, &shim_disk(GEN, 4096), state);
+            assert_eq!(plan.unwrap(), LivePlan::Whole, "{state:?}");
+        }
+    }
+
+    #[test]
+    fn changed_without_the_shims_lineage_is_refused() {
+        let other = synced(&[9; 16]);
+        for state in [None, Some(&other)] {
+            let err = plan_live_disk(ModeRequest::Changed, BLOCK, &shim_disk(GEN, 4096), state)
+                .unwrap_err();
+            assert!(
+                matches!(
+                    &err,
+                    SourceError::Bitmap { disk, source: BitmapProblem::ShimLineage { synced, .. } }
+                        if disk == "vda" && *synced == state.map(|s| (s.epoch, s.generation.clone()))
+                ),
+                "{err:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn block_size_must_match_only_for_changed_blocks() {
+        let state = synced(&GEN);
+        let err = plan_live_disk(
+            ModeRequest::Auto,
+            BLOCK,
+            &shim_disk(GEN, 65536),
+            Some(&state),
+        )
+        .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                SourceError::BlockSizeMismatch {
+                    shim_block_size: 65536,
+                    block_size: BLOCK,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        // A whole-disk epoch reads the disk, not the shim's bitmap: any block size does.
+        let plan = plan_live_disk(
+            ModeRequest::Full,
+            BLOCK,
+            &shim_disk(GEN, 65536),
+            Some(&state),
+        );
+        assert_eq!(plan.unwrap(), LivePlan::Whole);
+    }
 }
