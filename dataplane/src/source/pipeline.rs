@@ -121,16 +121,24 @@ const OUTPUT_SLOTS_PER_WORKER: usize = RING_DEPTH + 2;
 #[derive(Clone, Copy)]
 enum Queued {
     /// A zero run: nothing to read, forwarded when its turn comes.
-    Zero(PlanItem),
+    Zero { disk: u32, offset: u64, len: u64 },
     /// A read with this tag, forwarded once completed and its turn comes.
     Read(usize),
 }
 
-struct ReadDone {
-    item: PlanItem,
-    /// The buffer holding `bytes` read bytes; `None` for zero runs.
-    slot: Option<Slot>,
-    bytes: usize,
+/// What the reader hands a worker for one item of the plan.
+enum ReadDone {
+    /// A hole: nothing was read.
+    ZeroRun { disk: u32, offset: u64, len: u64 },
+    /// A completed read: `slot` holds the `len` bytes read at `offset`, settled
+    /// against the frozen epoch. The slot goes back to the reader's pool once the
+    /// sender is done with it.
+    Read {
+        disk: u32,
+        offset: u64,
+        len: u32,
+        slot: Slot,
+    },
 }
 
 /// What a worker hands the sender for one item of the plan.
@@ -432,50 +440,122 @@ where
                 source: e,
             }
         })?;
-    // Tags index this table; it is sized once to the queue depth. A read keeps its tag
-    // from submission until it is forwarded; once completed, its buffer waits here.
-    let mut in_flight: Vec<Option<(PlanItem, Option<Slot>)>> =
-        (0..cfg.queue_depth).map(|_| None).collect();
-    let mut free_tags: Vec<usize> = (0..cfg.queue_depth).rev().collect();
-    // Everything taken from the plan and not yet forwarded, in plan order. Completions
-    // arrive in any order, and a zero run needs no read at all, but messages are
-    // forwarded strictly from the front: the sender's rotation then puts every disk's
-    // ranges on the wire in increasing offset order, as the protocol requires. Reads in
-    // it are bounded by the tags; regions alternate between data and holes, so twice the
-    // queue depth leaves room for a zero run after every read.
-    let order_window = 2 * cfg.queue_depth;
-    let mut order: VecDeque<Queued> = VecDeque::with_capacity(order_window);
+    let mut queue = ReadQueue::new(cfg.queue_depth);
     let mut completions: Vec<Completion<Slot>> = Vec::with_capacity(cfg.queue_depth);
-    let mut next_worker = 0usize;
     let mut plan = plan.peekable();
-    let workers = to_workers.len();
-
-    let mut forward = |msg: ReadDone, to_workers: &mut [spsc::Producer<ReadDone>]| {
-        let w = next_worker;
-        next_worker = (next_worker + 1) % workers;
-        to_workers[w]
-            .push_wait(msg)
-            .map_err(|_| SourceError::Aborted)
-    };
+    let mut next_worker = 0usize;
 
     let result = (|| loop {
         if failure.stopped() {
             return Err(SourceError::Aborted);
         }
-        // Fill the queue.
-        while order.len() < order_window {
+        queue.fill(&mut plan, &mut engine, alloc)?;
+        // Forward what is ready at the front, in plan order, round-robin.
+        while let Some(msg) = queue.pop_ready() {
+            to_workers[next_worker]
+                .push_wait(msg)
+                .map_err(|_| SourceError::Aborted)?;
+            next_worker = (next_worker + 1) % to_workers.len();
+        }
+        if engine.in_flight() == 0 {
+            // Nothing is being read, so nothing waits in the queue either.
+            debug_assert!(queue.is_empty());
+            if plan.peek().is_none() {
+                return Ok(());
+            }
+            continue;
+        }
+        completions.clear();
+        engine
+            .wait(1, &mut completions)
+            .map_err(|e| SourceError::Io {
+                disk: None,
+                source: e,
+            })?;
+        for c in completions.drain(..) {
+            queue.complete(c, cfg.output, frozen)?;
+        }
+    })();
+    if result.is_err() {
+        failure.stop.store(true, Ordering::Release);
+    }
+    // Reap whatever is still in flight so no buffer is freed under the kernel.
+    while engine.in_flight() > 0 {
+        completions.clear();
+        if engine.wait(1, &mut completions).is_err() {
+            break;
+        }
+    }
+    result
+}
+
+/// A read the reader submitted and has not yet forwarded, under its tag.
+struct TagRead {
+    disk: u32,
+    offset: u64,
+    len: u32,
+    /// The buffer, once the read completed and was settled; `None` while the engine
+    /// holds it.
+    done: Option<Slot>,
+}
+
+/// Everything the reader took from the plan and has not yet forwarded, in plan order.
+///
+/// Completions arrive in any order, and a zero run needs no read at all, but messages
+/// are forwarded strictly from the front: the sender's rotation then puts every disk's
+/// ranges on the wire in increasing offset order, as the protocol requires.
+struct ReadQueue {
+    /// Indexed by tag; sized once to the queue depth. A read keeps its tag from
+    /// submission until it is forwarded; once completed, its buffer waits here.
+    tags: Vec<Option<TagRead>>,
+    free_tags: Vec<usize>,
+    order: VecDeque<Queued>,
+    /// Bound of `order`. Reads in it are bounded by the tags; regions alternate between
+    /// data and holes, so twice the queue depth leaves room for a zero run after every
+    /// read.
+    order_window: usize,
+}
+
+impl ReadQueue {
+    fn new(queue_depth: usize) -> Self {
+        let order_window = 2 * queue_depth;
+        Self {
+            tags: (0..queue_depth).map(|_| None).collect(),
+            free_tags: (0..queue_depth).rev().collect(),
+            order: VecDeque::with_capacity(order_window),
+            order_window,
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.order.is_empty()
+    }
+
+    /// Takes items from the plan and submits their reads until the window, the tags or
+    /// the free slots run out.
+    fn fill<P, E>(
+        &mut self,
+        plan: &mut std::iter::Peekable<P>,
+        engine: &mut E,
+        alloc: &mut PoolAlloc,
+    ) -> Result<(), SourceError>
+    where
+        P: Iterator<Item = Result<PlanItem, SourceError>>,
+        E: BlockEngine<Slot>,
+    {
+        while self.order.len() < self.order_window {
             let item = match plan.peek() {
                 None => break,
                 Some(Err(_)) => return Err(plan.next().and_then(Result::err).expect("peeked")),
                 Some(Ok(item)) => *item,
             };
             match item {
-                PlanItem::ZeroRun { .. } => {
+                PlanItem::ZeroRun { disk, offset, len } => {
                     plan.next();
-                    order.push_back(Queued::Zero(item));
+                    self.order.push_back(Queued::Zero { disk, offset, len });
                 }
                 PlanItem::Read { disk, offset, len } => {
-                    let Some(tag) = free_tags.last().copied() else {
+                    let Some(tag) = self.free_tags.last().copied() else {
                         break;
                     };
                     // With nothing in flight, no read holds a slot (every completed one
@@ -491,9 +571,14 @@ where
                     plan.next();
                     // O_DIRECT wants whole sectors; the tail of a disk reads short.
                     let io_len = (len as usize).next_multiple_of(4096) as u32;
-                    free_tags.pop();
-                    in_flight[tag] = Some((item, None));
-                    order.push_back(Queued::Read(tag));
+                    self.free_tags.pop();
+                    self.tags[tag] = Some(TagRead {
+                        disk,
+                        offset,
+                        len,
+                        done: None,
+                    });
+                    self.order.push_back(Queued::Read(tag));
                     if let Err((e, slot)) =
                         engine.submit_read(io::DiskId(disk), slot, offset, io_len, tag as u64)
                     {
@@ -506,97 +591,71 @@ where
                 }
             }
         }
-        // Forward what is ready at the front, in plan order.
-        while let Some(front) = order.front() {
-            let msg = match *front {
-                Queued::Zero(item) => ReadDone {
-                    item,
-                    slot: None,
-                    bytes: 0,
-                },
-                Queued::Read(tag) => {
-                    let Some((item, Some(_))) = &in_flight[tag] else {
-                        break; // still being read
-                    };
-                    let PlanItem::Read { len, .. } = *item else {
-                        unreachable!("only reads hold a tag")
-                    };
-                    let (item, slot) = in_flight[tag].take().expect("checked above");
-                    free_tags.push(tag);
-                    ReadDone {
-                        item,
-                        slot,
-                        bytes: len as usize,
-                    }
+        Ok(())
+    }
+
+    /// The front of the queue, if it is a zero run or a completed read.
+    fn pop_ready(&mut self) -> Option<ReadDone> {
+        let msg = match *self.order.front()? {
+            Queued::Zero { disk, offset, len } => ReadDone::ZeroRun { disk, offset, len },
+            Queued::Read(tag) => {
+                // `None` while it is still being read.
+                self.tags[tag].as_ref()?.done.as_ref()?;
+                let read = self.tags[tag].take()?;
+                self.free_tags.push(tag);
+                ReadDone::Read {
+                    disk: read.disk,
+                    offset: read.offset,
+                    len: read.len,
+                    slot: read.done?,
                 }
-            };
-            order.pop_front();
-            forward(msg, to_workers)?;
-        }
-        if engine.in_flight() == 0 {
-            // Nothing is being read, so nothing waits in `order` either.
-            debug_assert!(order.is_empty());
-            if plan.peek().is_none() {
-                return Ok(());
             }
-            continue;
-        }
-        completions.clear();
-        engine
-            .wait(1, &mut completions)
-            .map_err(|e| SourceError::Io {
-                disk: None,
-                source: e,
-            })?;
-        for c in completions.drain(..) {
-            let tag = c.tag as usize;
-            let (item, done) = in_flight[tag]
-                .as_mut()
-                .expect("completion for an unknown tag");
-            debug_assert!(done.is_none(), "a tag completed twice");
-            let PlanItem::Read { disk, offset, len } = *item else {
-                unreachable!("only reads are submitted")
-            };
-            let bytes = c.result.map_err(|e| SourceError::Io {
-                disk: Some(disk),
-                source: e,
-            })? as usize;
-            if bytes < len as usize {
-                return Err(SourceError::ShortRead {
-                    disk,
-                    offset,
-                    expected: len,
-                    got: bytes,
-                });
-            }
-            let mut slot = c.buf.expect("a read completion hands its buffer back");
-            if let Some(view) = frozen[disk as usize] {
-                // Blocks written since the freeze come from the shim's scratch copy.
-                // Hash reads of a seeded sync are not the last read of a block.
-                let last_read = cfg.output == Output::Data;
-                view.settle(offset, &mut slot.as_mut_slice()[..len as usize], last_read)
-                    .map_err(|source| {
-                        SourceError::Shim(super::ShimControlError::FrozenRead {
-                            disk,
-                            offset,
-                            source,
-                        })
-                    })?;
-            }
-            *done = Some(slot);
-        }
-    })();
-    if result.is_err() {
-        failure.stop.store(true, Ordering::Release);
+        };
+        self.order.pop_front();
+        Some(msg)
     }
-    // Reap whatever is still in flight so no buffer is freed under the kernel.
-    while engine.in_flight() > 0 {
-        completions.clear();
-        if engine.wait(1, &mut completions).is_err() {
-            break;
+
+    /// Checks one completed read and settles its blocks against the frozen epoch.
+    fn complete(
+        &mut self,
+        c: Completion<Slot>,
+        output: Output,
+        frozen: &[Option<&EpochView>],
+    ) -> Result<(), SourceError> {
+        let read = self.tags[c.tag as usize]
+            .as_mut()
+            .expect("completion for an unknown tag");
+        debug_assert!(read.done.is_none(), "a tag completed twice");
+        let (disk, offset, len) = (read.disk, read.offset, read.len);
+        let bytes = c.result.map_err(|e| SourceError::Io {
+            disk: Some(disk),
+            source: e,
+        })? as usize;
+        if bytes < len as usize {
+            return Err(SourceError::ShortRead {
+                disk,
+                offset,
+                expected: len,
+                got: bytes,
+            });
         }
+        let mut slot = c.buf.expect("a read completion hands its buffer back");
+        if let Some(view) = frozen[disk as usize] {
+            // Blocks written since the freeze come from the shim's scratch copy.
+            // Hash reads of a seeded sync are not the last read of a block.
+            let last_read = output == Output::Data;
+            view.settle(offset, &mut slot.as_mut_slice()[..len as usize], last_read)
+                .map_err(|source| {
+                    SourceError::Shim(super::ShimControlError::FrozenRead {
+                        disk,
+                        offset,
+                        source,
+                    })
+                })?;
+        }
+        read.done = Some(slot);
+        Ok(())
     }
-    result
 }
 
 fn worker_loop(
@@ -620,13 +679,17 @@ fn worker_loop(
         if filter_driver_shim::failpoint::hit("source.worker.panic") {
             panic!("failpoint source.worker.panic");
         }
-        let encoded = match msg.item {
-            PlanItem::ZeroRun { disk, offset, len } => Encoded::ZeroRun { disk, offset, len },
-            PlanItem::Read { disk, offset, len } => {
-                let input = msg.slot.expect("reads carry a slot");
+        let encoded = match msg {
+            ReadDone::ZeroRun { disk, offset, len } => Encoded::ZeroRun { disk, offset, len },
+            ReadDone::Read {
+                disk,
+                offset,
+                len,
+                slot: input,
+            } => {
                 let mut output = out_alloc.alloc_wait().ok_or(SourceError::Aborted)?;
                 let info = &disks[disk as usize];
-                let data = &input.as_slice()[..msg.bytes];
+                let data = &input.as_slice()[..len as usize];
                 let frame = match cfg.output {
                     Output::Hashes => encode_hashes(cfg, disk, offset, data, output.as_mut_slice()),
                     Output::Data => encode_data(
