@@ -250,6 +250,25 @@ pub enum StageFailure {
     /// Messages go round-robin, so every worker reaches the end of the plan together.
     #[error("worker thread {worker} still had a frame after worker thread {finished} reached the end of the plan")]
     StrayFrame { worker: usize, finished: usize },
+    /// The pipeline ended cleanly, yet buffers of the stage's pool never came back.
+    #[error("{missing} of the {slots} buffers of its pool never came back after the last frame was sent")]
+    SlotsLost { missing: usize, slots: usize },
+}
+
+/// Fails the epoch if a slot of the pool behind `alloc` (the pool `stage` allocates
+/// from) is not free. Counts them by taking every free slot: the pool is not used again.
+fn check_all_slots_back(stage: Stage, mut alloc: PoolAlloc, failure: &Failure) {
+    let slots = alloc.slot_count();
+    let free = std::iter::from_fn(|| alloc.alloc()).count();
+    if free != slots {
+        failure.set(SourceError::Stage {
+            stage,
+            source: StageFailure::SlotsLost {
+                missing: slots - free,
+                slots,
+            },
+        });
+    }
 }
 
 /// The panic of `stage`, as the error that fails the epoch.
@@ -359,24 +378,26 @@ where
                     }
                     // Only now may the workers see their input abandoned.
                     drop(to_workers);
+                    input_alloc
                 })
                 .map_err(SourceError::Thread)?
         };
         let mut workers = Vec::with_capacity(cfg.workers);
-        for (i, (rx, mut otx, oalloc)) in worker_parts.into_iter().enumerate() {
+        for (i, (rx, mut otx, mut oalloc)) in worker_parts.into_iter().enumerate() {
             let cfg = cfg.clone();
             workers.push(
                 std::thread::Builder::new()
                     .name(format!("ferry-worker-{i}"))
                     .spawn_scoped(scope, move || {
                         let outcome = catch_unwind(AssertUnwindSafe(|| {
-                            worker_loop(&cfg, disks, rx, &mut otx, oalloc, failure, finished)
+                            worker_loop(&cfg, disks, rx, &mut otx, &mut oalloc, failure, finished)
                         }));
                         if record_outcome(Stage::Worker(i), outcome, failure) {
                             finished.workers[i].store(true, Ordering::Release);
                         }
                         // Only now may the sender see this ring abandoned.
                         drop(otx);
+                        oalloc
                     })
                     .map_err(SourceError::Thread)?,
             );
@@ -399,12 +420,23 @@ where
         }
         // The sender has dropped its ring ends; the cascade ends the other stages. Each
         // catches its own panics, so a failed join means one escaped even that.
-        if let Err(panic) = reader.join() {
-            failure.set(panicked(Stage::Reader, panic.as_ref()));
+        let mut pools = Vec::with_capacity(1 + cfg.workers);
+        match reader.join() {
+            Ok(alloc) => pools.push((Stage::Reader, alloc)),
+            Err(panic) => failure.set(panicked(Stage::Reader, panic.as_ref())),
         }
         for (i, w) in workers.into_iter().enumerate() {
-            if let Err(panic) = w.join() {
-                failure.set(panicked(Stage::Worker(i), panic.as_ref()));
+            match w.join() {
+                Ok(alloc) => pools.push((Stage::Worker(i), alloc)),
+                Err(panic) => failure.set(panicked(Stage::Worker(i), panic.as_ref())),
+            }
+        }
+        // Every stage has ended and the sender released what it was sent. After a
+        // failure, messages dropped in the rings take their slots with them; after a
+        // clean end, none may: a slot still out is a message that went missing.
+        if !failure.stopped() {
+            for (stage, alloc) in pools {
+                check_all_slots_back(stage, alloc, failure);
             }
         }
         Ok::<(), SourceError>(())
@@ -663,7 +695,7 @@ fn worker_loop(
     disks: &[DiskInfo<'_>],
     mut rx: spsc::Consumer<ReadDone>,
     tx: &mut spsc::Producer<Encoded>,
-    mut out_alloc: PoolAlloc,
+    out_alloc: &mut PoolAlloc,
     failure: &Failure,
     finished: &Finished,
 ) -> Result<(), SourceError> {
@@ -1117,6 +1149,34 @@ mod tests {
 
     const BLOCK: u64 = 4096;
     const IO: u64 = 4 * BLOCK;
+
+    #[test]
+    fn a_slot_still_out_at_a_clean_end_fails_the_epoch() {
+        let (mut alloc, mut release) = BufferPool::new(4096, 4).unwrap();
+        let back = alloc.alloc().unwrap();
+        release.release(back);
+        let failure = Failure::default();
+        check_all_slots_back(Stage::Reader, alloc, &failure);
+        assert!(!failure.stopped(), "every slot came back");
+
+        let (mut alloc, _release) = BufferPool::new(4096, 4).unwrap();
+        let _lost = alloc.alloc().unwrap();
+        check_all_slots_back(Stage::Worker(1), alloc, &failure);
+        let err = failure.take().expect("a slot is out");
+        assert!(
+            matches!(
+                err,
+                SourceError::Stage {
+                    stage: Stage::Worker(1),
+                    source: StageFailure::SlotsLost {
+                        missing: 1,
+                        slots: 4
+                    }
+                }
+            ),
+            "{err:?}"
+        );
+    }
 
     /// A plan over two disks that alternates reads and zero runs, as a fragmented image
     /// gives: per disk, `pieces` reads of `IO` bytes, each followed by a zero run.
