@@ -499,6 +499,13 @@ struct PlannedDisk<'a> {
     plan: LivePlan,
 }
 
+impl PlannedDisk<'_> {
+    /// The disk's name if it goes whole.
+    fn whole_name(&self) -> Option<&str> {
+        (self.plan == LivePlan::Whole).then_some(self.spec.name.as_str())
+    }
+}
+
 /// Each configured disk with its recorded state and [`plan_live_disk`]'s decision,
 /// after checking the shim serves it, from the same file.
 fn plan_live_disks<'a>(
@@ -538,11 +545,7 @@ fn sync_live(job: &SyncJob, mut control: live::ShimControl) -> Result<SyncReport
     let served = control.status()?;
     let plans = plan_live_disks(job, &served)?;
     let names: Vec<&str> = plans.iter().map(|p| p.spec.name.as_str()).collect();
-    let whole: Vec<&str> = plans
-        .iter()
-        .filter(|p| p.plan == LivePlan::Whole)
-        .map(|p| p.spec.name.as_str())
-        .collect();
+    let whole: Vec<&str> = plans.iter().filter_map(PlannedDisk::whole_name).collect();
     // Reach the target before freezing: while it is unreachable the guest is never
     // paused for an epoch that cannot go anywhere.
     let connection = open_connection(job)?;
@@ -551,16 +554,10 @@ fn sync_live(job: &SyncJob, mut control: live::ShimControl) -> Result<SyncReport
     let epoch = control.freeze(&names, &whole)?;
     let mut disks = Vec::with_capacity(plans.len());
     let mut views = Vec::with_capacity(plans.len());
-    for PlannedDisk { spec, state, plan } in &plans {
-        let frozen = epoch
-            .disks
-            .iter()
-            .find(|d| d.shim.name == spec.name)
-            .ok_or_else(|| ShimControlError::FreezeLacksDisk {
-                disk: spec.name.clone(),
-            })?;
-        disks.push(open_frozen_disk(job, spec, state.as_ref(), *plan, frozen)?);
-        views.push(Some(frozen.view()?));
+    for planned in &plans {
+        let (disk, view) = open_frozen_disk(job, planned, &epoch)?;
+        disks.push(disk);
+        views.push(Some(view));
     }
     let view_refs: Vec<Option<&filter_driver_shim::epoch::EpochView>> =
         views.iter().map(Option::as_ref).collect();
@@ -613,15 +610,21 @@ fn sync_live(job: &SyncJob, mut control: live::ShimControl) -> Result<SyncReport
     ))
 }
 
-/// Opens one disk of a frozen epoch and, for a changed-block sync, loads the shim's
-/// frozen bitmap of it.
+/// Opens one disk of a frozen epoch and the view of its frozen blocks; for a
+/// changed-block sync, loads the shim's frozen bitmap of it.
 fn open_frozen_disk(
     job: &SyncJob,
-    spec: &JobDisk,
-    state: Option<&SourceDiskState>,
-    plan: LivePlan,
-    frozen: &live::LiveDisk,
-) -> Result<OpenedDisk, SourceError> {
+    planned: &PlannedDisk<'_>,
+    epoch: &live::LiveEpoch,
+) -> Result<(OpenedDisk, filter_driver_shim::epoch::EpochView), SourceError> {
+    let PlannedDisk { spec, state, plan } = planned;
+    let frozen = epoch
+        .disks
+        .iter()
+        .find(|d| d.shim.name == spec.name)
+        .ok_or_else(|| ShimControlError::FreezeLacksDisk {
+            disk: spec.name.clone(),
+        })?;
     let disk = Disk::open_source(&spec.path).map_err(|e| SourceError::Open {
         disk: spec.name.clone(),
         path: spec.path.clone(),
@@ -658,15 +661,16 @@ fn open_frozen_disk(
             (Some(bitmap), SyncMode::Changed)
         }
     };
-    Ok(OpenedDisk {
-        spec: spec.clone(),
+    let opened = OpenedDisk {
+        spec: (*spec).clone(),
         disk,
         generation,
-        base_epoch: state.map_or(0, |s| s.epoch),
+        base_epoch: state.as_ref().map_or(0, |s| s.epoch),
         bitmap,
         mode,
         replica_created: false,
-    })
+    };
+    Ok((opened, frozen.view()?))
 }
 
 /// After the target acknowledged epoch `number`: lets the shim forget its bits and

@@ -511,14 +511,18 @@ where
     if result.is_err() {
         failure.stop.store(true, Ordering::Release);
     }
-    // Reap whatever is still in flight so no buffer is freed under the kernel.
+    reap_all(&mut engine, &mut completions);
+    result
+}
+
+/// Reaps whatever is still in flight so no buffer is freed under the kernel.
+fn reap_all<E: BlockEngine<Slot>>(engine: &mut E, completions: &mut Vec<Completion<Slot>>) {
     while engine.in_flight() > 0 {
         completions.clear();
-        if engine.wait(1, &mut completions).is_err() {
+        if engine.wait(1, completions).is_err() {
             break;
         }
     }
-    result
 }
 
 /// A read the reader submitted and has not yet forwarded, under its tag.
