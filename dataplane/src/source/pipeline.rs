@@ -255,6 +255,73 @@ pub enum StageFailure {
     SlotsLost { missing: usize, slots: usize },
 }
 
+/// A worker's ends: its input ring, its output ring and its output pool.
+struct WorkerEnds {
+    rx: spsc::Consumer<ReadDone>,
+    otx: spsc::Producer<Encoded>,
+    oalloc: PoolAlloc,
+}
+
+/// The rings and output pools between the reader, each worker and the sender.
+struct Rings {
+    to_workers: Vec<spsc::Producer<ReadDone>>,
+    from_workers: Vec<spsc::Consumer<Encoded>>,
+    worker_parts: Vec<WorkerEnds>,
+    /// Per worker, the return end of its output pool (the sender's).
+    output_returns: Vec<PoolReturn>,
+}
+
+impl Rings {
+    fn new(workers: usize, out_size: usize) -> Result<Self, SourceError> {
+        let mut rings = Self {
+            to_workers: Vec::with_capacity(workers),
+            from_workers: Vec::with_capacity(workers),
+            worker_parts: Vec::with_capacity(workers),
+            output_returns: Vec::with_capacity(workers),
+        };
+        for _ in 0..workers {
+            let (tx, rx) = spsc::channel::<ReadDone>(RING_DEPTH);
+            let (otx, orx) = spsc::channel::<Encoded>(RING_DEPTH);
+            let (oalloc, oret) =
+                BufferPool::new(out_size, OUTPUT_SLOTS_PER_WORKER).map_err(SourceError::Pool)?;
+            rings.to_workers.push(tx);
+            rings.from_workers.push(orx);
+            rings.worker_parts.push(WorkerEnds { rx, otx, oalloc });
+            rings.output_returns.push(oret);
+        }
+        Ok(rings)
+    }
+}
+
+/// Joins the reader and the workers once the sender has dropped its ring ends (the
+/// cascade ends the other stages), then checks their pools. Each stage catches its own
+/// panics, so a failed join means one escaped even that.
+fn join_stages(
+    reader: std::thread::ScopedJoinHandle<'_, PoolAlloc>,
+    workers: Vec<std::thread::ScopedJoinHandle<'_, PoolAlloc>>,
+    failure: &Failure,
+) {
+    let mut pools = Vec::with_capacity(1 + workers.len());
+    match reader.join() {
+        Ok(alloc) => pools.push((Stage::Reader, alloc)),
+        Err(panic) => failure.set(panicked(Stage::Reader, panic.as_ref())),
+    }
+    for (i, w) in workers.into_iter().enumerate() {
+        match w.join() {
+            Ok(alloc) => pools.push((Stage::Worker(i), alloc)),
+            Err(panic) => failure.set(panicked(Stage::Worker(i), panic.as_ref())),
+        }
+    }
+    // Every stage has ended and the sender released what it was sent. After a
+    // failure, messages dropped in the rings take their slots with them; after a
+    // clean end, none may: a slot still out is a message that went missing.
+    if !failure.stopped() {
+        for (stage, alloc) in pools {
+            check_all_slots_back(stage, alloc, failure);
+        }
+    }
+}
+
 /// Fails the epoch if a slot of the pool behind `alloc` (the pool `stage` allocates
 /// from) is not free. Counts them by taking every free slot: the pool is not used again.
 fn check_all_slots_back(stage: Stage, mut alloc: PoolAlloc, failure: &Failure) {
@@ -335,20 +402,12 @@ where
     let failure = Failure::default();
     let finished = Finished::new(cfg.workers);
 
-    let mut to_workers = Vec::with_capacity(cfg.workers);
-    let mut from_workers = Vec::with_capacity(cfg.workers);
-    let mut worker_parts = Vec::with_capacity(cfg.workers);
-    let mut output_returns = Vec::with_capacity(cfg.workers);
-    for _ in 0..cfg.workers {
-        let (tx, rx) = spsc::channel::<ReadDone>(RING_DEPTH);
-        let (otx, orx) = spsc::channel::<Encoded>(RING_DEPTH);
-        let (oalloc, oret) =
-            BufferPool::new(out_size, OUTPUT_SLOTS_PER_WORKER).map_err(SourceError::Pool)?;
-        to_workers.push(tx);
-        from_workers.push(orx);
-        worker_parts.push((rx, otx, oalloc));
-        output_returns.push(oret);
-    }
+    let Rings {
+        to_workers,
+        from_workers,
+        worker_parts,
+        output_returns,
+    } = Rings::new(cfg.workers, out_size)?;
 
     let mut stats = PipelineStats::default();
     std::thread::scope(|scope| {
@@ -383,7 +442,12 @@ where
                 .map_err(SourceError::Thread)?
         };
         let mut workers = Vec::with_capacity(cfg.workers);
-        for (i, (rx, mut otx, mut oalloc)) in worker_parts.into_iter().enumerate() {
+        for (i, ends) in worker_parts.into_iter().enumerate() {
+            let WorkerEnds {
+                rx,
+                mut otx,
+                mut oalloc,
+            } = ends;
             let cfg = cfg.clone();
             workers.push(
                 std::thread::Builder::new()
@@ -418,27 +482,7 @@ where
         if let Err(e) = result {
             failure.set(e);
         }
-        // The sender has dropped its ring ends; the cascade ends the other stages. Each
-        // catches its own panics, so a failed join means one escaped even that.
-        let mut pools = Vec::with_capacity(1 + cfg.workers);
-        match reader.join() {
-            Ok(alloc) => pools.push((Stage::Reader, alloc)),
-            Err(panic) => failure.set(panicked(Stage::Reader, panic.as_ref())),
-        }
-        for (i, w) in workers.into_iter().enumerate() {
-            match w.join() {
-                Ok(alloc) => pools.push((Stage::Worker(i), alloc)),
-                Err(panic) => failure.set(panicked(Stage::Worker(i), panic.as_ref())),
-            }
-        }
-        // Every stage has ended and the sender released what it was sent. After a
-        // failure, messages dropped in the rings take their slots with them; after a
-        // clean end, none may: a slot still out is a message that went missing.
-        if !failure.stopped() {
-            for (stage, alloc) in pools {
-                check_all_slots_back(stage, alloc, failure);
-            }
-        }
+        join_stages(reader, workers, failure);
         Ok::<(), SourceError>(())
     })?;
     if let Some(e) = failure.take() {
