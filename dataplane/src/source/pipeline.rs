@@ -967,6 +967,49 @@ fn encode_data(
 
 static ZERO_PAD: [u8; PAYLOAD_ALIGN] = [0; PAYLOAD_ALIGN];
 
+/// The sender's rotation reached the abandoned, drained ring of worker `at`: the end of
+/// the plan if every worker finished its input and left nothing behind.
+fn plan_ended(
+    at: usize,
+    from_workers: &mut [spsc::Consumer<Encoded>],
+    input_return: &mut PoolReturn,
+    output_returns: &mut [PoolReturn],
+    finished: &Finished,
+) -> Result<(), SourceError> {
+    // A worker that failed recorded why before dropping the ring.
+    if !finished.workers[at].load(Ordering::Acquire) {
+        return Err(SourceError::Aborted);
+    }
+    // Messages go round-robin, so every other ring must be at its end too.
+    for (w, ring) in from_workers.iter_mut().enumerate() {
+        if let Some(stray) = ring.pop_wait() {
+            stray.release(input_return, &mut output_returns[w]);
+            return Err(SourceError::Stage {
+                stage: Stage::Sender,
+                source: StageFailure::StrayFrame {
+                    worker: w,
+                    finished: at,
+                },
+            });
+        }
+        if !finished.workers[w].load(Ordering::Acquire) {
+            return Err(SourceError::Aborted);
+        }
+    }
+    Ok(())
+}
+
+/// Whether `fd` has something to read now (the peer spoke up mid-stream).
+fn readable(fd: RawFd) -> bool {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: `pfd` is a valid pollfd on our stack for the duration of the call.
+    unsafe { libc::poll(&mut pfd, 1, 0) > 0 }
+}
+
 #[allow(clippy::too_many_arguments)]
 fn sender_loop<W: Write>(
     cfg: &PipelineConfig,
@@ -985,46 +1028,22 @@ fn sender_loop<W: Write>(
     let mut parts: Vec<&[u8]> = Vec::with_capacity(2 * (cfg.io_size / cfg.block_size) + 4);
     loop {
         let Some(msg) = from_workers[next].pop_wait() else {
-            // The rotation reached an abandoned, drained ring. That is the end of the
-            // plan only if its worker finished its input; a worker that failed recorded
-            // why before dropping the ring.
-            if !finished.workers[next].load(Ordering::Acquire) {
-                return Err(SourceError::Aborted);
-            }
-            // Messages go round-robin, so every other ring must be at its end too.
-            for (w, ring) in from_workers.iter_mut().enumerate() {
-                if let Some(stray) = ring.pop_wait() {
-                    stray.release(&mut input_return, &mut output_returns[w]);
-                    return Err(SourceError::Stage {
-                        stage: Stage::Sender,
-                        source: StageFailure::StrayFrame {
-                            worker: w,
-                            finished: next,
-                        },
-                    });
-                }
-                if !finished.workers[w].load(Ordering::Acquire) {
-                    return Err(SourceError::Aborted);
-                }
-            }
-            break;
+            return plan_ended(
+                next,
+                &mut from_workers,
+                &mut input_return,
+                &mut output_returns,
+                finished,
+            );
         };
         let w = next;
         next = (next + 1) % workers;
         if failure.stopped() {
             return Err(SourceError::Aborted);
         }
-        if let Some(fd) = cfg.watch_fd {
-            let mut pfd = libc::pollfd {
-                fd,
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            // SAFETY: `pfd` is a valid pollfd on our stack for the duration of the call.
-            if unsafe { libc::poll(&mut pfd, 1, 0) } > 0 {
-                msg.release(&mut input_return, &mut output_returns[w]);
-                return Err(SourceError::PeerInterrupted);
-            }
+        if cfg.watch_fd.is_some_and(readable) {
+            msg.release(&mut input_return, &mut output_returns[w]);
+            return Err(SourceError::PeerInterrupted);
         }
         let sent = {
             // `parts` borrows from `msg`; reuse its allocation across frames by
@@ -1058,7 +1077,6 @@ fn sender_loop<W: Write>(
             stats.bytes_read += len as u64;
         }
     }
-    Ok(())
 }
 
 /// Adds what the Data-phase frame of `msg` carried to its disk's manifest.
