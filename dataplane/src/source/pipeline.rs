@@ -1148,62 +1148,82 @@ fn send_encoded<'a, W: Write>(
             },
             Output::Data,
         ) => {
-            let out = output.as_slice();
-            let input = input.as_slice();
-            let chunk_offset = *chunk_offset;
-            parts.push(&out[..frame.table_len]);
-            let hlen = core::mem::size_of::<DataHeader>();
-            let mut cursor = frame.table_len;
-            let mut packed = table_cap;
-            // (index in parts, start, end in the input slot) of the last raw piece.
-            let mut raw_run: Option<(usize, usize, usize)> = None;
-            for r in 0..frame.records {
-                let at = hlen + r * BLOCK_RECORD_LEN;
-                let rec = BlockRecord::ref_from_bytes(&out[at..at + BLOCK_RECORD_LEN])
-                    .expect("record slice has the record's size");
-                let stored = rec.stored_len.get() as usize;
-                let codec = Codec::from_u8(rec.codec);
-                let mut piece_start = usize::MAX;
-                let piece: &[u8] = match codec {
-                    Some(Codec::Raw) => {
-                        piece_start = (rec.offset.get() - chunk_offset) as usize;
-                        &input[piece_start..piece_start + stored]
-                    }
-                    Some(Codec::Zstd) => {
-                        let p = &out[packed..packed + stored];
-                        packed += stored;
-                        p
-                    }
-                    _ => continue,
-                };
-                let at_frame = rec.payload_offset.get() as usize;
-                debug_assert!(at_frame >= cursor && at_frame - cursor < PAYLOAD_ALIGN);
-                if at_frame > cursor {
-                    parts.push(&ZERO_PAD[..at_frame - cursor]);
-                    raw_run = None;
-                }
-                // Adjacent raw blocks are adjacent in the input slot too: send them as
-                // one piece.
-                match (raw_run, codec) {
-                    (Some((idx, start, end)), Some(Codec::Raw))
-                        if at_frame == cursor && piece_start == end =>
-                    {
-                        let new_end = end + stored;
-                        parts[idx] = &input[start..new_end];
-                        raw_run = Some((idx, start, new_end));
-                    }
-                    _ => {
-                        parts.push(piece);
-                        raw_run = (codec == Some(Codec::Raw))
-                            .then(|| (parts.len() - 1, piece_start, piece_start + stored));
-                    }
-                }
-                cursor = at_frame + stored;
-            }
+            let len = gather_data_frame(
+                output.as_slice(),
+                input.as_slice(),
+                *chunk_offset,
+                frame,
+                table_cap,
+                parts,
+            );
             writer.send(FrameKind::Data, parts)?;
-            Ok(HEADER + cursor)
+            Ok(HEADER + len)
         }
     }
+}
+
+/// Lays out a Data frame's payload as `parts`: the record table from `out`, then each
+/// record's payload at its offset in the frame, raw ones straight from the `input` slot
+/// read at `chunk_offset`, compressed ones from the packed area of `out`, zero padding
+/// between. Returns the payload's length.
+fn gather_data_frame<'a>(
+    out: &'a [u8],
+    input: &'a [u8],
+    chunk_offset: u64,
+    frame: &Frame,
+    table_cap: usize,
+    parts: &mut Vec<&'a [u8]>,
+) -> usize {
+    parts.push(&out[..frame.table_len]);
+    let hlen = core::mem::size_of::<DataHeader>();
+    let mut cursor = frame.table_len;
+    let mut packed = table_cap;
+    // (index in parts, start, end in the input slot) of the last raw piece.
+    let mut raw_run: Option<(usize, usize, usize)> = None;
+    for r in 0..frame.records {
+        let at = hlen + r * BLOCK_RECORD_LEN;
+        let rec = BlockRecord::ref_from_bytes(&out[at..at + BLOCK_RECORD_LEN])
+            .expect("record slice has the record's size");
+        let stored = rec.stored_len.get() as usize;
+        let codec = Codec::from_u8(rec.codec);
+        let mut piece_start = usize::MAX;
+        let piece: &[u8] = match codec {
+            Some(Codec::Raw) => {
+                piece_start = (rec.offset.get() - chunk_offset) as usize;
+                &input[piece_start..piece_start + stored]
+            }
+            Some(Codec::Zstd) => {
+                let p = &out[packed..packed + stored];
+                packed += stored;
+                p
+            }
+            _ => continue,
+        };
+        let at_frame = rec.payload_offset.get() as usize;
+        debug_assert!(at_frame >= cursor && at_frame - cursor < PAYLOAD_ALIGN);
+        if at_frame > cursor {
+            parts.push(&ZERO_PAD[..at_frame - cursor]);
+            raw_run = None;
+        }
+        // Adjacent raw blocks are adjacent in the input slot too: send them as
+        // one piece.
+        match (raw_run, codec) {
+            (Some((idx, start, end)), Some(Codec::Raw))
+                if at_frame == cursor && piece_start == end =>
+            {
+                let new_end = end + stored;
+                parts[idx] = &input[start..new_end];
+                raw_run = Some((idx, start, new_end));
+            }
+            _ => {
+                parts.push(piece);
+                raw_run = (codec == Some(Codec::Raw))
+                    .then(|| (parts.len() - 1, piece_start, piece_start + stored));
+            }
+        }
+        cursor = at_frame + stored;
+    }
+    cursor
 }
 
 #[cfg(test)]
