@@ -926,27 +926,7 @@ fn encode_data(
     // payloads could otherwise outgrow the frame bound the session announced (the
     // target copies an unaligned raw block to scratch).
     let table_len = (hlen + records * BLOCK_RECORD_LEN).next_multiple_of(PAYLOAD_ALIGN);
-    let packed_frame = packed_len > 0;
-    let mut cursor = table_len;
-    for r in 0..records {
-        let at = hlen + r * BLOCK_RECORD_LEN;
-        let rec = BlockRecord::mut_from_bytes(&mut table[at..at + BLOCK_RECORD_LEN])
-            .expect("record slice has the record's size");
-        match Codec::from_u8(rec.codec) {
-            Some(Codec::Raw) => {
-                if !packed_frame {
-                    cursor = cursor.next_multiple_of(PAYLOAD_ALIGN);
-                }
-                rec.payload_offset = (cursor as u32).into();
-                cursor += rec.stored_len.get() as usize;
-            }
-            Some(Codec::Zstd) => {
-                rec.payload_offset = (cursor as u32).into();
-                cursor += rec.stored_len.get() as usize;
-            }
-            _ => rec.payload_offset = 0.into(),
-        }
-    }
+    place_payloads(&mut table[hlen..], records, table_len, packed_len > 0);
     let header = DataHeader {
         disk: disk.into(),
         record_count: (records as u32).into(),
@@ -962,6 +942,31 @@ fn encode_data(
         zero_blocks,
         data_blocks,
         logical_bytes: logical,
+    }
+}
+
+/// Sets the payload offset of each of the `records` records in `records_table`, in frame
+/// order from `table_len`: raw payloads aligned to PAYLOAD_ALIGN unless `packed_frame`.
+fn place_payloads(records_table: &mut [u8], records: usize, table_len: usize, packed_frame: bool) {
+    let mut cursor = table_len;
+    for r in 0..records {
+        let at = r * BLOCK_RECORD_LEN;
+        let rec = BlockRecord::mut_from_bytes(&mut records_table[at..at + BLOCK_RECORD_LEN])
+            .expect("record slice has the record's size");
+        match Codec::from_u8(rec.codec) {
+            Some(Codec::Raw) => {
+                if !packed_frame {
+                    cursor = cursor.next_multiple_of(PAYLOAD_ALIGN);
+                }
+                rec.payload_offset = (cursor as u32).into();
+                cursor += rec.stored_len.get() as usize;
+            }
+            Some(Codec::Zstd) => {
+                rec.payload_offset = (cursor as u32).into();
+                cursor += rec.stored_len.get() as usize;
+            }
+            _ => rec.payload_offset = 0.into(),
+        }
     }
 }
 
