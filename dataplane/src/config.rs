@@ -83,6 +83,12 @@ pub const RETENTION_MINUTES_RANGE: std::ops::RangeInclusive<u64> = 0..=5_256_000
 pub const MAX_SESSIONS_RANGE: std::ops::RangeInclusive<u32> = 1..=64;
 /// Longest disk or group name. Names become file names in `state_dir`.
 pub const NAME_LEN_MAX: usize = 64;
+// A disk name travels in the Open frame's fixed name field, with its length in a `u8`,
+// and the target records it in each undo log header's fixed name field. The undo log is
+// an on-disk format: its field never changes with the other two, so all three agree.
+const _: () = assert!(NAME_LEN_MAX == crate::protocol::MAX_NAME_LEN);
+const _: () = assert!(crate::protocol::MAX_NAME_LEN == crate::target::undo::NAME_LEN);
+const _: () = assert!(crate::protocol::MAX_NAME_LEN <= u8::MAX as usize);
 /// Longest `nbd_socket` path: `sun_path` holds 108 bytes including the NUL.
 pub const UNIX_SOCKET_PATH_MAX: usize = 107;
 /// A config file larger than this is not a config file.

@@ -86,6 +86,14 @@ struct Pauses {
     total_us: u64,
 }
 
+/// What a `freeze` request asks for.
+struct FreezeRequest {
+    /// The disks to freeze, in the shim's order.
+    chosen: Vec<Arc<ServedDisk>>,
+    /// Names of those of them to go whole.
+    whole: Vec<String>,
+}
+
 /// Who holds the frozen epoch.
 struct Owner {
     epoch: u64,
@@ -216,151 +224,186 @@ impl Client<'_> {
 
     fn answer(&self, line: &str) -> Value {
         let mut words = line.split_ascii_whitespace();
-        let disks = &self.state.disks[..];
         match words.next().unwrap_or("") {
-            "status" => {
-                let p = *self.state.pauses.lock().unwrap_or_else(|e| e.into_inner());
-                let epoch = self.owner().as_ref().map(|o| {
-                    json!({
-                        "id": format!("{:016x}", o.epoch),
-                        "owned": o.client == self.id,
-                        "disks": o.disks.iter().map(|d| d.disk.name.clone()).collect::<Vec<_>>(),
-                    })
-                });
-                json!({
-                    "ok": true,
-                    "epoch": epoch,
-                    "pauses": {"count": p.count, "last_us": p.last_us, "max_us": p.max_us, "total_us": p.total_us},
-                    "disks": disks.iter().map(|d| disk_status_json(&d.status())).collect::<Vec<_>>(),
-                })
-            }
-            "freeze" => {
-                let mut whole = Vec::new();
-                let mut only: Option<Vec<String>> = None;
-                for w in words {
-                    let list = |l: &str| {
-                        l.split(',')
-                            .filter(|n| !n.is_empty())
-                            .map(str::to_string)
-                            .collect::<Vec<_>>()
-                    };
-                    if let Some(l) = w.strip_prefix("whole=") {
-                        whole.extend(list(l));
-                    } else if let Some(l) = w.strip_prefix("disks=") {
-                        only.get_or_insert_with(Vec::new).extend(list(l));
-                    } else {
-                        return err(format!("unknown freeze argument `{w}`"));
-                    }
-                }
-                let chosen: Vec<Arc<ServedDisk>> = match &only {
-                    None => disks.to_vec(),
-                    Some(names) => {
-                        if let Some(n) = names
-                            .iter()
-                            .find(|n| !disks.iter().any(|d| &d.disk.name == *n))
-                        {
-                            return err(format!(
-                                "`disks=` names `{n}`, which this shim does not serve"
-                            ));
-                        }
-                        disks
-                            .iter()
-                            .filter(|d| names.contains(&d.disk.name))
-                            .cloned()
-                            .collect()
-                    }
-                };
-                if chosen.is_empty() {
-                    return err("no disk to freeze");
-                }
-                if let Some(w) = whole
-                    .iter()
-                    .find(|w| !chosen.iter().any(|d| &d.disk.name == *w))
-                {
-                    return err(format!(
-                        "`whole=` names `{w}`, which is not among the disks to freeze"
-                    ));
-                }
-                let id = self.state.next_epoch.fetch_add(1, Ordering::Relaxed);
-                {
-                    let mut owner = self.owner();
-                    if let Some(o) = &*owner {
-                        return err(format!(
-                            "epoch {:016x} is already frozen{}; commit or abort it first",
-                            o.epoch,
-                            if o.client == self.id {
-                                " by this connection"
-                            } else {
-                                " by another control connection"
-                            }
-                        ));
-                    }
-                    *owner = Some(Owner {
-                        epoch: id,
-                        client: self.id,
-                        disks: chosen.clone(),
-                    });
-                }
-                match group::freeze(&chosen, id, &whole) {
-                    Ok(frozen) => {
-                        let us = frozen.pause.as_micros() as u64;
-                        let mut p = self.state.pauses.lock().unwrap_or_else(|e| e.into_inner());
-                        p.count += 1;
-                        p.last_us = us;
-                        p.max_us = p.max_us.max(us);
-                        p.total_us += us;
-                        frozen_json(&frozen, self.state.freeze_idle_timeout)
-                    }
-                    Err(e) => {
-                        *self.owner() = None;
-                        err(chain(&e))
-                    }
-                }
-            }
-            cmd @ ("check" | "commit" | "abort") => {
-                let token = words.next();
-                let frozen = match self.owned(token) {
-                    Ok(d) => d,
-                    Err(reply) => return reply,
-                };
-                let result = match cmd {
-                    "check" => group::check(&frozen),
-                    // A broken epoch is never committed: its bits go back and the
-                    // engine hears why.
-                    "commit" => group::check(&frozen)
-                        .and_then(|()| group::finish(&frozen, true))
-                        .or_else(|e| group::finish(&frozen, false).and(Err(e))),
-                    _ => group::finish(&frozen, false),
-                };
-                if cmd != "check" {
-                    *self.owner() = None;
-                    tracing::debug!(epoch = token.unwrap_or(""), cmd, "epoch finished");
-                }
-                match result {
-                    Ok(()) => json!({"ok": true}),
-                    Err(e) => err(chain(&e)),
-                }
-            }
-            "resync-done" => {
-                let (Some(name), Some(gen)) = (words.next(), words.next()) else {
-                    return err("usage: resync-done <disk> <generation>");
-                };
-                let Some(d) = disks.iter().find(|d| d.disk.name == name) else {
-                    return err(format!("no disk `{name}`"));
-                };
-                let Ok(generation) = gen.parse::<GenerationId>() else {
-                    return err(format!("`{gen}` is not a generation id (32 hex digits)"));
-                };
-                match d.export.tracker.resync_done(generation) {
-                    Ok(true) => json!({"ok": true}),
-                    Ok(false) => err(format!(
-                        "disk `{name}`: generation {gen} is not the current one; resync again"
-                    )),
-                    Err(e) => err(chain(&e)),
-                }
-            }
+            "status" => self.status(),
+            "freeze" => self.freeze(words),
+            cmd @ ("check" | "commit" | "abort") => self.finish(cmd, words.next()),
+            "resync-done" => self.resync_done(words.next(), words.next()),
             "" => err("empty request"),
             other => err(format!("unknown command `{other}`")),
+        }
+    }
+
+    /// `status`: the epoch frozen now, the freeze pauses so far and every disk.
+    fn status(&self) -> Value {
+        let disks = &self.state.disks[..];
+        let p = *self.state.pauses.lock().unwrap_or_else(|e| e.into_inner());
+        let epoch = self.owner().as_ref().map(|o| {
+            json!({
+                "id": format!("{:016x}", o.epoch),
+                "owned": o.client == self.id,
+                "disks": o.disks.iter().map(|d| d.disk.name.clone()).collect::<Vec<_>>(),
+            })
+        });
+        json!({
+            "ok": true,
+            "epoch": epoch,
+            "pauses": {"count": p.count, "last_us": p.last_us, "max_us": p.max_us, "total_us": p.total_us},
+            "disks": disks.iter().map(|d| disk_status_json(&d.status())).collect::<Vec<_>>(),
+        })
+    }
+
+    /// `freeze [disks=a,b] [whole=a]`: freezes an epoch of the named disks (all by
+    /// default), owned by this connection.
+    fn freeze(&self, words: std::str::SplitAsciiWhitespace<'_>) -> Value {
+        let FreezeRequest { chosen, whole } = match self.freeze_arguments(words) {
+            Ok(parsed) => parsed,
+            Err(reply) => return reply,
+        };
+        let id = self.state.next_epoch.fetch_add(1, Ordering::Relaxed);
+        if let Err(reply) = self.take_epoch(id, &chosen) {
+            return reply;
+        }
+        match group::freeze(&chosen, id, &whole) {
+            Ok(frozen) => {
+                let us = frozen.pause.as_micros() as u64;
+                let mut p = self.state.pauses.lock().unwrap_or_else(|e| e.into_inner());
+                p.count += 1;
+                p.last_us = us;
+                p.max_us = p.max_us.max(us);
+                p.total_us += us;
+                frozen_json(&frozen, self.state.freeze_idle_timeout)
+            }
+            Err(e) => {
+                *self.owner() = None;
+                err(chain(&e))
+            }
+        }
+    }
+
+    /// The disks `freeze` names (all served disks without `disks=`) and those of them
+    /// to go whole, or the error reply.
+    fn freeze_arguments(
+        &self,
+        words: std::str::SplitAsciiWhitespace<'_>,
+    ) -> Result<FreezeRequest, Value> {
+        let disks = &self.state.disks[..];
+        let mut whole = Vec::new();
+        let mut only: Option<Vec<String>> = None;
+        for w in words {
+            let list = |l: &str| {
+                l.split(',')
+                    .filter(|n| !n.is_empty())
+                    .map(str::to_string)
+                    .collect::<Vec<_>>()
+            };
+            if let Some(l) = w.strip_prefix("whole=") {
+                whole.extend(list(l));
+            } else if let Some(l) = w.strip_prefix("disks=") {
+                only.get_or_insert_with(Vec::new).extend(list(l));
+            } else {
+                return Err(err(format!("unknown freeze argument `{w}`")));
+            }
+        }
+        let chosen: Vec<Arc<ServedDisk>> = match &only {
+            None => disks.to_vec(),
+            Some(names) => {
+                if let Some(n) = names
+                    .iter()
+                    .find(|n| !disks.iter().any(|d| &d.disk.name == *n))
+                {
+                    return Err(err(format!(
+                        "`disks=` names `{n}`, which this shim does not serve"
+                    )));
+                }
+                disks
+                    .iter()
+                    .filter(|d| names.contains(&d.disk.name))
+                    .cloned()
+                    .collect()
+            }
+        };
+        if chosen.is_empty() {
+            return Err(err("no disk to freeze"));
+        }
+        if let Some(w) = whole
+            .iter()
+            .find(|w| !chosen.iter().any(|d| &d.disk.name == *w))
+        {
+            return Err(err(format!(
+                "`whole=` names `{w}`, which is not among the disks to freeze"
+            )));
+        }
+        Ok(FreezeRequest { chosen, whole })
+    }
+
+    /// Makes this connection the owner of epoch `id` of `chosen`, unless an epoch is
+    /// frozen already; then the error reply.
+    fn take_epoch(&self, id: u64, chosen: &[Arc<ServedDisk>]) -> Result<(), Value> {
+        let mut owner = self.owner();
+        if let Some(o) = &*owner {
+            return Err(err(format!(
+                "epoch {:016x} is already frozen{}; commit or abort it first",
+                o.epoch,
+                if o.client == self.id {
+                    " by this connection"
+                } else {
+                    " by another control connection"
+                }
+            )));
+        }
+        *owner = Some(Owner {
+            epoch: id,
+            client: self.id,
+            disks: chosen.to_vec(),
+        });
+        Ok(())
+    }
+
+    /// `check|commit|abort <epoch>`: checks or ends the epoch this connection owns.
+    fn finish(&self, cmd: &str, token: Option<&str>) -> Value {
+        let frozen = match self.owned(token) {
+            Ok(d) => d,
+            Err(reply) => return reply,
+        };
+        let result = match cmd {
+            "check" => group::check(&frozen),
+            // A broken epoch is never committed: its bits go back and the
+            // engine hears why.
+            "commit" => group::check(&frozen)
+                .and_then(|()| group::finish(&frozen, true))
+                .or_else(|e| group::finish(&frozen, false).and(Err(e))),
+            _ => group::finish(&frozen, false),
+        };
+        if cmd != "check" {
+            *self.owner() = None;
+            tracing::debug!(epoch = token.unwrap_or(""), cmd, "epoch finished");
+        }
+        match result {
+            Ok(()) => json!({"ok": true}),
+            Err(e) => err(chain(&e)),
+        }
+    }
+
+    /// `resync-done <disk> <generation>`: the engine holds a replica of the disk at
+    /// that generation.
+    fn resync_done(&self, name: Option<&str>, gen: Option<&str>) -> Value {
+        let disks = &self.state.disks[..];
+        let (Some(name), Some(gen)) = (name, gen) else {
+            return err("usage: resync-done <disk> <generation>");
+        };
+        let Some(d) = disks.iter().find(|d| d.disk.name == name) else {
+            return err(format!("no disk `{name}`"));
+        };
+        let Ok(generation) = gen.parse::<GenerationId>() else {
+            return err(format!("`{gen}` is not a generation id (32 hex digits)"));
+        };
+        match d.export.tracker.resync_done(generation) {
+            Ok(true) => json!({"ok": true}),
+            Ok(false) => err(format!(
+                "disk `{name}`: generation {gen} is not the current one; resync again"
+            )),
+            Err(e) => err(chain(&e)),
         }
     }
 

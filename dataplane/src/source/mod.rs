@@ -27,7 +27,7 @@ use crate::io::{self, Disk, EngineKind, IoError};
 use crate::protocol::{
     auth, Commit, Committed, DiskManifest, DiskRun, FrameDeadline, FrameKind, FrameReader,
     FrameWriter, ManifestBuilder, OpenDisk, OpenDiskReply, OpenHeader, ProtocolError, SyncMode,
-    TimedStream, MAX_FRAME_PAYLOAD, MAX_NAME_LEN, MAX_REPLY_PAYLOAD, REPLICA_CREATED,
+    TimedStream, MAX_NAME_LEN, MAX_REPLY_PAYLOAD, REPLICA_CREATED,
 };
 pub use crate::protocol::{hex16, parse_hex16, NotHex16};
 use crate::psk::{Psk, PskError};
@@ -447,10 +447,71 @@ pub fn sync_locked(job: &SyncJob, _lock: &EngineLock) -> Result<SyncReport, Sour
     }
 }
 
-/// One sync as a live epoch of the running shim behind `control`.
-fn sync_live(job: &SyncJob, mut control: live::ShimControl) -> Result<SyncReport, SourceError> {
-    let started = Instant::now();
-    let served = control.status()?;
+/// How one disk goes in a live epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LivePlan {
+    /// The shim's frozen bitmap of changed blocks.
+    Changed,
+    /// The whole disk, full or by checksum compare.
+    Whole,
+}
+
+/// Decides how one disk goes in a live epoch from what the shim reports of it and the
+/// source's record of the replica: changed blocks only when the replica holds an epoch
+/// of the shim's tracking generation (and the operator did not ask for a whole disk).
+fn plan_live_disk(
+    mode: ModeRequest,
+    block_size: usize,
+    shim_disk: &live::ShimDisk,
+    state: Option<&SourceDiskState>,
+) -> Result<LivePlan, SourceError> {
+    let lineage_ok = state.is_some_and(|s| s.generation_bytes().ok() == Some(shim_disk.generation));
+    let plan = match mode {
+        ModeRequest::Full | ModeRequest::Seeded => LivePlan::Whole,
+        ModeRequest::Auto if lineage_ok => LivePlan::Changed,
+        ModeRequest::Auto => LivePlan::Whole,
+        ModeRequest::Changed if lineage_ok => LivePlan::Changed,
+        ModeRequest::Changed => {
+            return Err(SourceError::Bitmap {
+                disk: shim_disk.name.clone(),
+                source: BitmapProblem::ShimLineage {
+                    shim_generation: hex16(&shim_disk.generation),
+                    synced: state.map(|s| (s.epoch, s.generation.clone())),
+                },
+            })
+        }
+    };
+    if plan == LivePlan::Changed && shim_disk.block_size != block_size as u64 {
+        return Err(SourceError::BlockSizeMismatch {
+            disk: shim_disk.name.clone(),
+            shim_block_size: shim_disk.block_size,
+            block_size,
+        });
+    }
+    Ok(plan)
+}
+
+/// One configured disk of a live epoch, before the freeze.
+struct PlannedDisk<'a> {
+    spec: &'a JobDisk,
+    /// The source's record of what its replica holds.
+    state: Option<SourceDiskState>,
+    plan: LivePlan,
+}
+
+impl PlannedDisk<'_> {
+    /// The disk's name if it goes whole.
+    fn whole_name(&self) -> Option<&str> {
+        (self.plan == LivePlan::Whole).then_some(self.spec.name.as_str())
+    }
+}
+
+/// Each configured disk with its recorded state and [`plan_live_disk`]'s decision,
+/// after checking the shim serves it, from the same file.
+fn plan_live_disks<'a>(
+    job: &'a SyncJob,
+    served: &[live::ShimDisk],
+) -> Result<Vec<PlannedDisk<'a>>, SourceError> {
     let mut plans = Vec::with_capacity(job.disks.len());
     for spec in &job.disks {
         let shim_disk = served.iter().find(|d| d.name == spec.name).ok_or_else(|| {
@@ -467,43 +528,24 @@ fn sync_live(job: &SyncJob, mut control: live::ShimControl) -> Result<SyncReport
             .into());
         }
         let state = SourceDiskState::load(&job.state_dir, &spec.name)?;
-        let lineage_ok = state
-            .as_ref()
-            .is_some_and(|s| s.generation_bytes().ok() == Some(shim_disk.generation));
-        let whole = match job.mode {
-            ModeRequest::Full | ModeRequest::Seeded => true,
-            ModeRequest::Auto => !lineage_ok,
-            ModeRequest::Changed if lineage_ok => false,
-            ModeRequest::Changed => {
-                return Err(SourceError::Bitmap {
-                    disk: spec.name.clone(),
-                    source: BitmapProblem::ShimLineage {
-                        shim_generation: hex16(&shim_disk.generation),
-                        synced: state.as_ref().map(|s| (s.epoch, s.generation.clone())),
-                    },
-                })
-            }
-        };
-        if !whole && shim_disk.block_size != job.block_size as u64 {
-            return Err(SourceError::BlockSizeMismatch {
-                disk: spec.name.clone(),
-                shim_block_size: shim_disk.block_size,
-                block_size: job.block_size,
-            });
-        }
-        if whole {
+        let plan = plan_live_disk(job.mode, job.block_size, shim_disk, state.as_ref())?;
+        if plan == LivePlan::Whole {
             if let Some(reason) = &shim_disk.resync_required {
                 tracing::warn!(disk = %spec.name, %reason, "shim tracking restarted: checksum-compare resync of this disk");
             }
         }
-        plans.push((spec, state, whole));
+        plans.push(PlannedDisk { spec, state, plan });
     }
-    let names: Vec<&str> = plans.iter().map(|(s, _, _)| s.name.as_str()).collect();
-    let whole: Vec<&str> = plans
-        .iter()
-        .filter(|(_, _, w)| *w)
-        .map(|(s, _, _)| s.name.as_str())
-        .collect();
+    Ok(plans)
+}
+
+/// One sync as a live epoch of the running shim behind `control`.
+fn sync_live(job: &SyncJob, mut control: live::ShimControl) -> Result<SyncReport, SourceError> {
+    let started = Instant::now();
+    let served = control.status()?;
+    let plans = plan_live_disks(job, &served)?;
+    let names: Vec<&str> = plans.iter().map(|p| p.spec.name.as_str()).collect();
+    let whole: Vec<&str> = plans.iter().filter_map(PlannedDisk::whole_name).collect();
     // Reach the target before freezing: while it is unreachable the guest is never
     // paused for an epoch that cannot go anywhere.
     let connection = open_connection(job)?;
@@ -512,63 +554,10 @@ fn sync_live(job: &SyncJob, mut control: live::ShimControl) -> Result<SyncReport
     let epoch = control.freeze(&names, &whole)?;
     let mut disks = Vec::with_capacity(plans.len());
     let mut views = Vec::with_capacity(plans.len());
-    for (spec, state, whole) in &plans {
-        let frozen = epoch
-            .disks
-            .iter()
-            .find(|d| d.shim.name == spec.name)
-            .ok_or_else(|| ShimControlError::FreezeLacksDisk {
-                disk: spec.name.clone(),
-            })?;
-        let disk = Disk::open_source(&spec.path).map_err(|e| SourceError::Open {
-            disk: spec.name.clone(),
-            path: spec.path.clone(),
-            source: e,
-        })?;
-        if disk.size() != frozen.disk_size {
-            return Err(ShimControlError::SizeMismatch {
-                disk: spec.name.clone(),
-                shim_bytes: frozen.disk_size,
-                image_bytes: disk.size(),
-            }
-            .into());
-        }
-        let generation = frozen.shim.generation;
-        let (bitmap, mode) = if *whole {
-            let mode = if job.mode == ModeRequest::Full {
-                SyncMode::Full
-            } else {
-                SyncMode::Seeded
-            };
-            (None, mode)
-        } else {
-            let bitmap =
-                ChangedBlockBitmap::load(&frozen.bitmap).map_err(|source| SourceError::Bitmap {
-                    disk: spec.name.clone(),
-                    source: BitmapProblem::LoadFrozen {
-                        path: frozen.bitmap.clone(),
-                        source,
-                    },
-                })?;
-            if bitmap.disk_size() != disk.size() || *bitmap.generation_id().as_bytes() != generation
-            {
-                return Err(SourceError::Bitmap {
-                    disk: spec.name.clone(),
-                    source: BitmapProblem::FrozenMismatch,
-                });
-            }
-            (Some(bitmap), SyncMode::Changed)
-        };
-        views.push(Some(frozen.view()?));
-        disks.push(OpenedDisk {
-            spec: (*spec).clone(),
-            disk,
-            generation,
-            base_epoch: state.as_ref().map_or(0, |s| s.epoch),
-            bitmap,
-            mode,
-            replica_created: false,
-        });
+    for planned in &plans {
+        let (disk, view) = open_frozen_disk(job, planned, &epoch)?;
+        disks.push(disk);
+        views.push(Some(view));
     }
     let view_refs: Vec<Option<&filter_driver_shim::epoch::EpochView>> =
         views.iter().map(Option::as_ref).collect();
@@ -610,9 +599,91 @@ fn sync_live(job: &SyncJob, mut control: live::ShimControl) -> Result<SyncReport
             return Err(e);
         }
     };
+    release_live_epoch(&mut control, &epoch, number, &disks);
+    Ok(report(
+        &disks,
+        number,
+        &stats,
+        applied,
+        started,
+        Some(&epoch),
+    ))
+}
+
+/// Opens one disk of a frozen epoch and the view of its frozen blocks; for a
+/// changed-block sync, loads the shim's frozen bitmap of it.
+fn open_frozen_disk(
+    job: &SyncJob,
+    planned: &PlannedDisk<'_>,
+    epoch: &live::LiveEpoch,
+) -> Result<(OpenedDisk, filter_driver_shim::epoch::EpochView), SourceError> {
+    let PlannedDisk { spec, state, plan } = planned;
+    let frozen = epoch
+        .disks
+        .iter()
+        .find(|d| d.shim.name == spec.name)
+        .ok_or_else(|| ShimControlError::FreezeLacksDisk {
+            disk: spec.name.clone(),
+        })?;
+    let disk = Disk::open_source(&spec.path).map_err(|e| SourceError::Open {
+        disk: spec.name.clone(),
+        path: spec.path.clone(),
+        source: e,
+    })?;
+    if disk.size() != frozen.disk_size {
+        return Err(ShimControlError::SizeMismatch {
+            disk: spec.name.clone(),
+            shim_bytes: frozen.disk_size,
+            image_bytes: disk.size(),
+        }
+        .into());
+    }
+    let generation = frozen.shim.generation;
+    let (bitmap, mode) = match plan {
+        LivePlan::Whole if job.mode == ModeRequest::Full => (None, SyncMode::Full),
+        LivePlan::Whole => (None, SyncMode::Seeded),
+        LivePlan::Changed => {
+            let bitmap =
+                ChangedBlockBitmap::load(&frozen.bitmap).map_err(|source| SourceError::Bitmap {
+                    disk: spec.name.clone(),
+                    source: BitmapProblem::LoadFrozen {
+                        path: frozen.bitmap.clone(),
+                        source,
+                    },
+                })?;
+            if bitmap.disk_size() != disk.size() || *bitmap.generation_id().as_bytes() != generation
+            {
+                return Err(SourceError::Bitmap {
+                    disk: spec.name.clone(),
+                    source: BitmapProblem::FrozenMismatch,
+                });
+            }
+            (Some(bitmap), SyncMode::Changed)
+        }
+    };
+    let opened = OpenedDisk {
+        spec: (*spec).clone(),
+        disk,
+        generation,
+        base_epoch: state.as_ref().map_or(0, |s| s.epoch),
+        bitmap,
+        mode,
+        replica_created: false,
+    };
+    Ok((opened, frozen.view()?))
+}
+
+/// After the target acknowledged epoch `number`: lets the shim forget its bits and
+/// tells it which owed resyncs are done. Failures only warn: the next epoch resends.
+fn release_live_epoch(
+    control: &mut live::ShimControl,
+    epoch: &live::LiveEpoch,
+    number: u64,
+    disks: &[OpenedDisk],
+) {
     // The target holds the epoch (and the state files say so): the shim may forget
     // the bits. If this fails they stay, and the next epoch carries them again.
-    if let Err(e) = control.commit(&epoch) {
+    if let Err(e) = control.commit(epoch) {
         tracing::warn!(
             "epoch {number} is durable on the target but the shim did not clear its bits ({}); the next epoch resends them",
             crate::chain(&e)
@@ -621,7 +692,7 @@ fn sync_live(job: &SyncJob, mut control: live::ShimControl) -> Result<SyncReport
     // A disk whose shim still owes a resync is now in sync at the shim's generation,
     // whatever mode carried it (a changed epoch means an earlier whole-disk epoch of
     // this generation was acknowledged, and its `resync-done` may have been lost).
-    for d in &disks {
+    for d in disks {
         let owed = epoch
             .disks
             .iter()
@@ -636,14 +707,6 @@ fn sync_live(job: &SyncJob, mut control: live::ShimControl) -> Result<SyncReport
             }
         }
     }
-    Ok(report(
-        &disks,
-        number,
-        &stats,
-        applied,
-        started,
-        Some(&epoch),
-    ))
 }
 
 /// Whether two paths name the same file (or device).
@@ -960,36 +1023,81 @@ fn run_session<R: std::io::Read, W: std::io::Write>(
     watch_fd: std::os::fd::RawFd,
     before_commit: &mut dyn FnMut() -> Result<(), SourceError>,
 ) -> Result<(PipelineStats, u64), SourceError> {
-    // Open.
+    // Every reply the target sends fits, up to a DiffRuns frame of the most runs.
+    let mut buf = vec![0u8; MAX_REPLY_PAYLOAD];
+    open_epoch(job, disks, epoch, reader, writer, &mut buf)?;
+    let infos: Vec<DiskInfo<'_>> = disks
+        .iter()
+        .zip(views)
+        .map(|(d, view)| DiskInfo {
+            fd: d.disk.fd(),
+            disk_size: d.disk.size(),
+            replica_zeroed: d.replica_created,
+            frozen: *view,
+        })
+        .collect();
+    let mut total = PipelineStats::default();
+    if disks.iter().any(|d| d.mode == SyncMode::Seeded) {
+        let cfg = pipeline_config(job, Output::Hashes, watch_fd);
+        let hashes = seed_compare(job, &cfg, disks, &infos, reader, writer, &mut buf)?;
+        // Hashing sends no blocks: only the data phase counts what travelled.
+        add(&mut total, &hashes);
+        total.blocks_sent = 0;
+        total.zero_blocks = 0;
+    }
+    let cfg = pipeline_config(job, Output::Data, watch_fd);
+    let (stats, manifests) = stream_data(job, &cfg, disks, &infos, writer)?;
+    add(&mut total, &stats);
+    before_commit()?;
+    let bytes_applied = commit_epoch(epoch, &manifests, reader, writer, &mut buf)?;
+    // The Open and Commit frames (headers and payloads) went on the wire too.
+    total.bytes_sent += (2 * crate::protocol::FRAME_HEADER_LEN
+        + core::mem::size_of::<OpenHeader>()
+        + disks.len() * core::mem::size_of::<OpenDisk>()
+        + core::mem::size_of::<Commit>()
+        + manifests.as_bytes().len()) as u64;
+    Ok((total, bytes_applied))
+}
+
+/// Sends the Open frame and reads the target's per-disk replies: a replica the target
+/// just created turns a seeded disk into a full sync.
+fn open_epoch<R: std::io::Read, W: std::io::Write>(
+    job: &SyncJob,
+    disks: &mut [OpenedDisk],
+    epoch: u64,
+    reader: &mut FrameReader<R>,
+    writer: &mut FrameWriter<W>,
+    buf: &mut [u8],
+) -> Result<(), SourceError> {
     let header = OpenHeader {
         epoch: epoch.into(),
         disk_count: (disks.len() as u32).into(),
         max_batch_bytes: (job.io_size as u32).into(),
     };
-    let mut entries = Vec::with_capacity(disks.len());
-    for d in disks.iter() {
-        let mut name = [0u8; MAX_NAME_LEN];
-        name[..d.spec.name.len()].copy_from_slice(d.spec.name.as_bytes());
-        entries.push(OpenDisk {
-            name,
-            name_len: d.spec.name.len() as u8,
-            mode: d.mode as u8,
-            reserved: [0; 2],
-            block_size: (job.block_size as u32).into(),
-            disk_size: d.disk.size().into(),
-            generation: d.generation,
-            base_epoch: if d.mode == SyncMode::Changed {
-                d.base_epoch
-            } else {
-                0
+    let entries: Vec<OpenDisk> = disks
+        .iter()
+        .map(|d| {
+            let mut name = [0u8; MAX_NAME_LEN];
+            name[..d.spec.name.len()].copy_from_slice(d.spec.name.as_bytes());
+            OpenDisk {
+                name,
+                name_len: d.spec.name.len() as u8,
+                mode: d.mode as u8,
+                reserved: [0; 2],
+                block_size: (job.block_size as u32).into(),
+                disk_size: d.disk.size().into(),
+                generation: d.generation,
+                base_epoch: if d.mode == SyncMode::Changed {
+                    d.base_epoch
+                } else {
+                    0
+                }
+                .into(),
             }
-            .into(),
-        });
-    }
+        })
+        .collect();
     writer.send(FrameKind::Open, &[header.as_bytes(), entries.as_bytes()])?;
-    // Every reply the target sends fits, up to a DiffRuns frame of the most runs.
-    let mut buf = vec![0u8; MAX_REPLY_PAYLOAD];
-    let payload = reader.expect(FrameKind::OpenOk, &mut buf)?;
+    let payload = reader.expect(FrameKind::OpenOk, buf)?;
     let replies = <[OpenDiskReply]>::ref_from_bytes(payload)
         .ok()
         .filter(|r| r.len() == disks.len())
@@ -1014,8 +1122,11 @@ fn run_session<R: std::io::Read, W: std::io::Write>(
             d.mode = SyncMode::Full;
         }
     }
+    Ok(())
+}
 
-    let pipeline_cfg = |output| PipelineConfig {
+fn pipeline_config(job: &SyncJob, output: Output, watch_fd: std::os::fd::RawFd) -> PipelineConfig {
+    PipelineConfig {
         block_size: job.block_size,
         io_size: job.io_size,
         queue_depth: job.queue_depth,
@@ -1024,144 +1135,156 @@ fn run_session<R: std::io::Read, W: std::io::Write>(
         engine: job.engine,
         output,
         watch_fd: Some(watch_fd),
-    };
-    let infos: Vec<DiskInfo<'_>> = disks
-        .iter()
-        .zip(views)
-        .map(|(d, view)| DiskInfo {
-            fd: d.disk.fd(),
-            disk_size: d.disk.size(),
-            replica_zeroed: d.replica_created,
-            frozen: *view,
-        })
-        .collect();
-    let geometry = |i: usize, d: &OpenedDisk| Geometry {
+    }
+}
+
+fn geometry(job: &SyncJob, i: usize, d: &OpenedDisk) -> Geometry {
+    Geometry {
         disk: i as u32,
         disk_size: d.disk.size(),
         block_size: job.block_size as u64,
         io_size: job.io_size as u64,
-    };
+    }
+}
 
-    let mut total = PipelineStats::default();
-    // Seeded disks: send hashes, learn which blocks differ.
-    if disks.iter().any(|d| d.mode == SyncMode::Seeded) {
-        let plans: Vec<BoxedPlan<'_>> = disks
-            .iter()
-            .enumerate()
-            .filter(|(_, d)| d.mode == SyncMode::Seeded)
-            .map(|(i, d)| extent_plan(&d.disk, geometry(i, d), true))
-            .collect();
-        let stats = pipeline::run(
-            &pipeline_cfg(Output::Hashes),
-            &infos,
-            plans.into_iter().flatten(),
-            writer,
-            None,
-        )?;
-        add(&mut total, &stats);
-        // Hashing sends no blocks: only the data phase counts what travelled.
-        total.blocks_sent = 0;
-        total.zero_blocks = 0;
-        writer.send(FrameKind::HashesDone, &[])?;
-        for (i, d) in disks.iter_mut().enumerate() {
-            if d.mode == SyncMode::Seeded {
-                d.bitmap = Some(
-                    ChangedBlockBitmap::new(
-                        d.disk.size(),
-                        job.block_size as u32,
-                        GenerationId::from_bytes(d.generation),
-                        d.base_epoch,
-                    )
-                    .map_err(|e| SourceError::Bitmap {
-                        disk: d.spec.name.clone(),
-                        source: BitmapProblem::Diff(e),
-                    })?,
-                );
-                let _ = i;
-            }
-        }
-        loop {
-            match reader.read_frame(&mut buf)? {
-                Some((FrameKind::DiffRuns, payload)) => {
-                    let runs = <[DiskRun]>::ref_from_bytes(payload).map_err(|_| {
-                        ProtocolError::Malformed {
-                            what: "diff runs payload is not a whole number of runs",
-                        }
+/// Seeded disks: sends the hash of every block, then records the runs the target
+/// reports as different in each seeded disk's new bitmap.
+fn seed_compare<R: std::io::Read, W: std::io::Write>(
+    job: &SyncJob,
+    cfg: &PipelineConfig,
+    disks: &mut [OpenedDisk],
+    infos: &[DiskInfo<'_>],
+    reader: &mut FrameReader<R>,
+    writer: &mut FrameWriter<W>,
+    buf: &mut [u8],
+) -> Result<PipelineStats, SourceError> {
+    let plans: Vec<BoxedPlan<'_>> = disks
+        .iter()
+        .enumerate()
+        .filter(|(_, d)| d.mode == SyncMode::Seeded)
+        .map(|(i, d)| extent_plan(&d.disk, geometry(job, i, d), true))
+        .collect();
+    let stats = pipeline::run(cfg, infos, plans.into_iter().flatten(), writer, None)?;
+    writer.send(FrameKind::HashesDone, &[])?;
+    for d in disks.iter_mut().filter(|d| d.mode == SyncMode::Seeded) {
+        let bitmap = ChangedBlockBitmap::new(
+            d.disk.size(),
+            job.block_size as u32,
+            GenerationId::from_bytes(d.generation),
+            d.base_epoch,
+        )
+        .map_err(|e| SourceError::Bitmap {
+            disk: d.spec.name.clone(),
+            source: BitmapProblem::Diff(e),
+        })?;
+        d.bitmap = Some(bitmap);
+    }
+    loop {
+        match reader.read_frame(buf)? {
+            Some((FrameKind::DiffRuns, payload)) => {
+                let runs =
+                    <[DiskRun]>::ref_from_bytes(payload).map_err(|_| ProtocolError::Malformed {
+                        what: "diff runs payload is not a whole number of runs",
                     })?;
-                    for run in runs {
-                        let d = disks
-                            .get_mut(run.disk.get() as usize)
-                            .filter(|d| d.mode == SyncMode::Seeded)
-                            .ok_or(ProtocolError::Malformed {
-                                what: "diff run names a disk that is not being seeded",
-                            })?;
-                        let bs = job.block_size as u64;
-                        let bitmap = d.bitmap.as_mut().expect("seeded disks have a diff bitmap");
-                        let (start, count) = (run.start.get(), run.count.get());
-                        if start
-                            .checked_add(count)
-                            .is_none_or(|end| end > d.disk.size().div_ceil(bs))
-                        {
-                            return Err(ProtocolError::Malformed {
-                                what: "diff run past the end of the disk",
-                            }
-                            .into());
-                        }
-                        bitmap
-                            .set_range(start * bs, (count * bs).min(d.disk.size() - start * bs))
-                            .map_err(|e| SourceError::Bitmap {
-                                disk: d.spec.name.clone(),
-                                source: BitmapProblem::Diff(e),
-                            })?;
-                    }
+                for run in runs {
+                    mark_diff_run(job, disks, run)?;
                 }
-                Some((FrameKind::DiffDone, _)) => break,
-                Some((kind, _)) => {
-                    return Err(ProtocolError::Unexpected {
-                        expected: FrameKind::DiffDone,
-                        found: kind,
-                    }
-                    .into())
+            }
+            Some((FrameKind::DiffDone, _)) => return Ok(stats),
+            Some((kind, _)) => {
+                return Err(ProtocolError::Unexpected {
+                    expected: FrameKind::DiffDone,
+                    found: kind,
                 }
-                None => {
-                    return Err(ProtocolError::Truncated {
-                        what: "connection closed during the hash compare",
-                    }
-                    .into())
+                .into())
+            }
+            None => {
+                return Err(ProtocolError::Truncated {
+                    what: "connection closed during the hash compare",
                 }
+                .into())
             }
         }
     }
+}
 
-    // Data.
+/// Marks one run of blocks the target reported as different in its disk's bitmap.
+fn mark_diff_run(
+    job: &SyncJob,
+    disks: &mut [OpenedDisk],
+    run: &DiskRun,
+) -> Result<(), SourceError> {
+    let d = disks
+        .get_mut(run.disk.get() as usize)
+        .filter(|d| d.mode == SyncMode::Seeded)
+        .ok_or(ProtocolError::Malformed {
+            what: "diff run names a disk that is not being seeded",
+        })?;
+    let bs = job.block_size as u64;
+    let disk_size = d.disk.size();
+    let (start, count) = (run.start.get(), run.count.get());
+    if start
+        .checked_add(count)
+        .is_none_or(|end| end > disk_size.div_ceil(bs))
+    {
+        return Err(ProtocolError::Malformed {
+            what: "diff run past the end of the disk",
+        }
+        .into());
+    }
+    let bitmap = d.bitmap.as_mut().expect("seeded disks have a diff bitmap");
+    bitmap
+        .set_range(start * bs, (count * bs).min(disk_size - start * bs))
+        .map_err(|e| SourceError::Bitmap {
+            disk: d.spec.name.clone(),
+            source: BitmapProblem::Diff(e),
+        })
+}
+
+/// Streams every block to send (a bitmap's dirty blocks, or the whole disk) and returns
+/// what went on the wire per disk, for the target to check before it commits.
+fn stream_data<W: std::io::Write>(
+    job: &SyncJob,
+    cfg: &PipelineConfig,
+    disks: &[OpenedDisk],
+    infos: &[DiskInfo<'_>],
+    writer: &mut FrameWriter<W>,
+) -> Result<(PipelineStats, Vec<DiskManifest>), SourceError> {
     let plans: Vec<BoxedPlan<'_>> = disks
         .iter()
         .enumerate()
         .map(|(i, d)| match &d.bitmap {
-            Some(b) => bitmap_plan(b, geometry(i, d)),
-            None => extent_plan(&d.disk, geometry(i, d), !d.replica_created),
+            Some(b) => bitmap_plan(b, geometry(job, i, d)),
+            None => extent_plan(&d.disk, geometry(job, i, d), !d.replica_created),
         })
         .collect();
-    // What goes on the wire per disk, for the target to check before it commits.
     let mut manifests = vec![ManifestBuilder::new(); disks.len()];
     let stats = pipeline::run(
-        &pipeline_cfg(Output::Data),
-        &infos,
+        cfg,
+        infos,
         plans.into_iter().flatten(),
         writer,
         Some(&mut manifests),
     )?;
-    add(&mut total, &stats);
+    let manifests = manifests.iter().map(ManifestBuilder::finish).collect();
+    Ok((stats, manifests))
+}
 
-    // Commit and wait for durability.
-    before_commit()?;
-    let manifests: Vec<DiskManifest> = manifests.iter().map(ManifestBuilder::finish).collect();
+/// Sends Commit with the manifests and waits for the target's durable acknowledgement;
+/// returns the bytes the target applied.
+fn commit_epoch<R: std::io::Read, W: std::io::Write>(
+    epoch: u64,
+    manifests: &[DiskManifest],
+    reader: &mut FrameReader<R>,
+    writer: &mut FrameWriter<W>,
+    buf: &mut [u8],
+) -> Result<u64, SourceError> {
     writer.send(
         FrameKind::Commit,
         &[
             Commit {
                 epoch: epoch.into(),
-                disk_count: (disks.len() as u32).into(),
+                disk_count: (manifests.len() as u32).into(),
                 reserved: 0.into(),
             }
             .as_bytes(),
@@ -1169,7 +1292,7 @@ fn run_session<R: std::io::Read, W: std::io::Write>(
         ],
     )?;
     writer.flush()?;
-    let payload = reader.expect(FrameKind::Committed, &mut buf)?;
+    let payload = reader.expect(FrameKind::Committed, buf)?;
     let committed = Committed::read_from_bytes(payload).map_err(|_| ProtocolError::Malformed {
         what: "committed frame has the wrong length",
     })?;
@@ -1180,14 +1303,7 @@ fn run_session<R: std::io::Read, W: std::io::Write>(
         }
         .into());
     }
-    // The Open and Commit frames (headers and payloads) went on the wire too.
-    total.bytes_sent += (2 * crate::protocol::FRAME_HEADER_LEN
-        + core::mem::size_of::<OpenHeader>()
-        + disks.len() * core::mem::size_of::<OpenDisk>()
-        + core::mem::size_of::<Commit>()
-        + manifests.as_bytes().len()) as u64;
-    let _ = MAX_FRAME_PAYLOAD;
-    Ok((total, committed.bytes_applied.get()))
+    Ok(committed.bytes_applied.get())
 }
 
 fn add(total: &mut PipelineStats, s: &PipelineStats) {
@@ -1214,4 +1330,110 @@ fn bitmap_plan<'a>(bitmap: &'a ChangedBlockBitmap, g: Geometry) -> BoxedPlan<'a>
         .iter_runs()
         .map(|(first, count)| Ok::<_, SourceError>(Region::Data { first, count }));
     Box::new(Chunker::new(regions, g, false))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BLOCK: usize = 4096;
+    const GEN: [u8; 16] = [7; 16];
+
+    fn shim_disk(generation: [u8; 16], block_size: u64) -> live::ShimDisk {
+        live::ShimDisk {
+            name: "vda".into(),
+            path: PathBuf::from("/dev/null"),
+            generation,
+            resync_required: None,
+            block_size,
+        }
+    }
+
+    fn synced(generation: &[u8; 16]) -> SourceDiskState {
+        SourceDiskState {
+            generation: hex16(generation),
+            epoch: 3,
+        }
+    }
+
+    #[test]
+    fn same_generation_goes_changed() {
+        let state = synced(&GEN);
+        for mode in [ModeRequest::Auto, ModeRequest::Changed] {
+            let plan = plan_live_disk(mode, BLOCK, &shim_disk(GEN, 4096), Some(&state));
+            assert_eq!(plan.unwrap(), LivePlan::Changed, "{mode:?}");
+        }
+    }
+
+    #[test]
+    fn whole_disk_when_asked_whatever_the_state() {
+        let state = synced(&GEN);
+        for mode in [ModeRequest::Full, ModeRequest::Seeded] {
+            for state in [None, Some(&state)] {
+                let plan = plan_live_disk(mode, BLOCK, &shim_disk(GEN, 4096), state);
+                assert_eq!(plan.unwrap(), LivePlan::Whole, "{mode:?} {state:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn auto_goes_whole_without_the_shims_lineage() {
+        let other = synced(&[9; 16]);
+        let garbled = SourceDiskState {
+            generation: "not hex".into(),
+            epoch: 3,
+        };
+        for state in [None, Some(&other), Some(&garbled)] {
+            let plan = plan_live_disk(ModeRequest::Auto, BLOCK, &shim_disk(GEN, 4096), state);
+            assert_eq!(plan.unwrap(), LivePlan::Whole, "{state:?}");
+        }
+    }
+
+    #[test]
+    fn changed_without_the_shims_lineage_is_refused() {
+        let other = synced(&[9; 16]);
+        for state in [None, Some(&other)] {
+            let err = plan_live_disk(ModeRequest::Changed, BLOCK, &shim_disk(GEN, 4096), state)
+                .unwrap_err();
+            assert!(
+                matches!(
+                    &err,
+                    SourceError::Bitmap { disk, source: BitmapProblem::ShimLineage { synced, .. } }
+                        if disk == "vda" && *synced == state.map(|s| (s.epoch, s.generation.clone()))
+                ),
+                "{err:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn block_size_must_match_only_for_changed_blocks() {
+        let state = synced(&GEN);
+        let err = plan_live_disk(
+            ModeRequest::Auto,
+            BLOCK,
+            &shim_disk(GEN, 65536),
+            Some(&state),
+        )
+        .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                SourceError::BlockSizeMismatch {
+                    shim_block_size: 65536,
+                    block_size: BLOCK,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        // A whole-disk epoch reads the disk, not the shim's bitmap: any block size does.
+        let plan = plan_live_disk(
+            ModeRequest::Full,
+            BLOCK,
+            &shim_disk(GEN, 65536),
+            Some(&state),
+        );
+        assert_eq!(plan.unwrap(), LivePlan::Whole);
+    }
 }

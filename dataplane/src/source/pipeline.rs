@@ -121,16 +121,24 @@ const OUTPUT_SLOTS_PER_WORKER: usize = RING_DEPTH + 2;
 #[derive(Clone, Copy)]
 enum Queued {
     /// A zero run: nothing to read, forwarded when its turn comes.
-    Zero(PlanItem),
+    Zero { disk: u32, offset: u64, len: u64 },
     /// A read with this tag, forwarded once completed and its turn comes.
     Read(usize),
 }
 
-struct ReadDone {
-    item: PlanItem,
-    /// The buffer holding `bytes` read bytes; `None` for zero runs.
-    slot: Option<Slot>,
-    bytes: usize,
+/// What the reader hands a worker for one item of the plan.
+enum ReadDone {
+    /// A hole: nothing was read.
+    ZeroRun { disk: u32, offset: u64, len: u64 },
+    /// A completed read: `slot` holds the `len` bytes read at `offset`, settled
+    /// against the frozen epoch. The slot goes back to the reader's pool once the
+    /// sender is done with it.
+    Read {
+        disk: u32,
+        offset: u64,
+        len: u32,
+        slot: Slot,
+    },
 }
 
 /// What a worker hands the sender for one item of the plan.
@@ -242,6 +250,92 @@ pub enum StageFailure {
     /// Messages go round-robin, so every worker reaches the end of the plan together.
     #[error("worker thread {worker} still had a frame after worker thread {finished} reached the end of the plan")]
     StrayFrame { worker: usize, finished: usize },
+    /// The pipeline ended cleanly, yet buffers of the stage's pool never came back.
+    #[error("{missing} of the {slots} buffers of its pool never came back after the last frame was sent")]
+    SlotsLost { missing: usize, slots: usize },
+}
+
+/// A worker's ends: its input ring, its output ring and its output pool.
+struct WorkerEnds {
+    rx: spsc::Consumer<ReadDone>,
+    otx: spsc::Producer<Encoded>,
+    oalloc: PoolAlloc,
+}
+
+/// The rings and output pools between the reader, each worker and the sender.
+struct Rings {
+    to_workers: Vec<spsc::Producer<ReadDone>>,
+    from_workers: Vec<spsc::Consumer<Encoded>>,
+    worker_parts: Vec<WorkerEnds>,
+    /// Per worker, the return end of its output pool (the sender's).
+    output_returns: Vec<PoolReturn>,
+}
+
+impl Rings {
+    fn new(workers: usize, out_size: usize) -> Result<Self, SourceError> {
+        let mut rings = Self {
+            to_workers: Vec::with_capacity(workers),
+            from_workers: Vec::with_capacity(workers),
+            worker_parts: Vec::with_capacity(workers),
+            output_returns: Vec::with_capacity(workers),
+        };
+        for _ in 0..workers {
+            let (tx, rx) = spsc::channel::<ReadDone>(RING_DEPTH);
+            let (otx, orx) = spsc::channel::<Encoded>(RING_DEPTH);
+            let (oalloc, oret) =
+                BufferPool::new(out_size, OUTPUT_SLOTS_PER_WORKER).map_err(SourceError::Pool)?;
+            rings.to_workers.push(tx);
+            rings.from_workers.push(orx);
+            rings.worker_parts.push(WorkerEnds { rx, otx, oalloc });
+            rings.output_returns.push(oret);
+        }
+        Ok(rings)
+    }
+}
+
+/// Joins the reader and the workers once the sender has dropped its ring ends (the
+/// cascade ends the other stages), then checks their pools. Each stage catches its own
+/// panics, so a failed join means one escaped even that.
+fn join_stages(
+    reader: std::thread::ScopedJoinHandle<'_, PoolAlloc>,
+    workers: Vec<std::thread::ScopedJoinHandle<'_, PoolAlloc>>,
+    failure: &Failure,
+) {
+    let mut pools = Vec::with_capacity(1 + workers.len());
+    match reader.join() {
+        Ok(alloc) => pools.push((Stage::Reader, alloc)),
+        Err(panic) => failure.set(panicked(Stage::Reader, panic.as_ref())),
+    }
+    for (i, w) in workers.into_iter().enumerate() {
+        match w.join() {
+            Ok(alloc) => pools.push((Stage::Worker(i), alloc)),
+            Err(panic) => failure.set(panicked(Stage::Worker(i), panic.as_ref())),
+        }
+    }
+    // Every stage has ended and the sender released what it was sent. After a
+    // failure, messages dropped in the rings take their slots with them; after a
+    // clean end, none may: a slot still out is a message that went missing.
+    if !failure.stopped() {
+        for (stage, alloc) in pools {
+            check_all_slots_back(stage, alloc, failure);
+        }
+    }
+}
+
+/// Fails the epoch if a slot of the pool behind `alloc` (the pool `stage` allocates
+/// from) is not free. Counts them by taking every free slot: the pool is not used again.
+fn check_all_slots_back(stage: Stage, mut alloc: PoolAlloc, failure: &Failure) {
+    let slots = alloc.slot_count();
+    let free = std::iter::from_fn(|| alloc.alloc()).count();
+    if free != slots {
+        failure.set(SourceError::Stage {
+            stage,
+            source: StageFailure::SlotsLost {
+                missing: slots - free,
+                slots,
+            },
+        });
+    }
 }
 
 /// The panic of `stage`, as the error that fails the epoch.
@@ -308,20 +402,12 @@ where
     let failure = Failure::default();
     let finished = Finished::new(cfg.workers);
 
-    let mut to_workers = Vec::with_capacity(cfg.workers);
-    let mut from_workers = Vec::with_capacity(cfg.workers);
-    let mut worker_parts = Vec::with_capacity(cfg.workers);
-    let mut output_returns = Vec::with_capacity(cfg.workers);
-    for _ in 0..cfg.workers {
-        let (tx, rx) = spsc::channel::<ReadDone>(RING_DEPTH);
-        let (otx, orx) = spsc::channel::<Encoded>(RING_DEPTH);
-        let (oalloc, oret) =
-            BufferPool::new(out_size, OUTPUT_SLOTS_PER_WORKER).map_err(SourceError::Pool)?;
-        to_workers.push(tx);
-        from_workers.push(orx);
-        worker_parts.push((rx, otx, oalloc));
-        output_returns.push(oret);
-    }
+    let Rings {
+        to_workers,
+        from_workers,
+        worker_parts,
+        output_returns,
+    } = Rings::new(cfg.workers, out_size)?;
 
     let mut stats = PipelineStats::default();
     std::thread::scope(|scope| {
@@ -351,24 +437,31 @@ where
                     }
                     // Only now may the workers see their input abandoned.
                     drop(to_workers);
+                    input_alloc
                 })
                 .map_err(SourceError::Thread)?
         };
         let mut workers = Vec::with_capacity(cfg.workers);
-        for (i, (rx, mut otx, oalloc)) in worker_parts.into_iter().enumerate() {
+        for (i, ends) in worker_parts.into_iter().enumerate() {
+            let WorkerEnds {
+                rx,
+                mut otx,
+                mut oalloc,
+            } = ends;
             let cfg = cfg.clone();
             workers.push(
                 std::thread::Builder::new()
                     .name(format!("ferry-worker-{i}"))
                     .spawn_scoped(scope, move || {
                         let outcome = catch_unwind(AssertUnwindSafe(|| {
-                            worker_loop(&cfg, disks, rx, &mut otx, oalloc, failure, finished)
+                            worker_loop(&cfg, disks, rx, &mut otx, &mut oalloc, failure, finished)
                         }));
                         if record_outcome(Stage::Worker(i), outcome, failure) {
                             finished.workers[i].store(true, Ordering::Release);
                         }
                         // Only now may the sender see this ring abandoned.
                         drop(otx);
+                        oalloc
                     })
                     .map_err(SourceError::Thread)?,
             );
@@ -389,16 +482,7 @@ where
         if let Err(e) = result {
             failure.set(e);
         }
-        // The sender has dropped its ring ends; the cascade ends the other stages. Each
-        // catches its own panics, so a failed join means one escaped even that.
-        if let Err(panic) = reader.join() {
-            failure.set(panicked(Stage::Reader, panic.as_ref()));
-        }
-        for (i, w) in workers.into_iter().enumerate() {
-            if let Err(panic) = w.join() {
-                failure.set(panicked(Stage::Worker(i), panic.as_ref()));
-            }
-        }
+        join_stages(reader, workers, failure);
         Ok::<(), SourceError>(())
     })?;
     if let Some(e) = failure.take() {
@@ -431,50 +515,126 @@ where
                 source: e,
             }
         })?;
-    // Tags index this table; it is sized once to the queue depth. A read keeps its tag
-    // from submission until it is forwarded; once completed, its buffer waits here.
-    let mut in_flight: Vec<Option<(PlanItem, Option<Slot>)>> =
-        (0..cfg.queue_depth).map(|_| None).collect();
-    let mut free_tags: Vec<usize> = (0..cfg.queue_depth).rev().collect();
-    // Everything taken from the plan and not yet forwarded, in plan order. Completions
-    // arrive in any order, and a zero run needs no read at all, but messages are
-    // forwarded strictly from the front: the sender's rotation then puts every disk's
-    // ranges on the wire in increasing offset order, as the protocol requires. Reads in
-    // it are bounded by the tags; regions alternate between data and holes, so twice the
-    // queue depth leaves room for a zero run after every read.
-    let order_window = 2 * cfg.queue_depth;
-    let mut order: VecDeque<Queued> = VecDeque::with_capacity(order_window);
+    let mut queue = ReadQueue::new(cfg.queue_depth);
     let mut completions: Vec<Completion<Slot>> = Vec::with_capacity(cfg.queue_depth);
-    let mut next_worker = 0usize;
     let mut plan = plan.peekable();
-    let workers = to_workers.len();
-
-    let mut forward = |msg: ReadDone, to_workers: &mut [spsc::Producer<ReadDone>]| {
-        let w = next_worker;
-        next_worker = (next_worker + 1) % workers;
-        to_workers[w]
-            .push_wait(msg)
-            .map_err(|_| SourceError::Aborted)
-    };
+    let mut next_worker = 0usize;
 
     let result = (|| loop {
         if failure.stopped() {
             return Err(SourceError::Aborted);
         }
-        // Fill the queue.
-        while order.len() < order_window {
+        queue.fill(&mut plan, &mut engine, alloc)?;
+        // Forward what is ready at the front, in plan order, round-robin.
+        while let Some(msg) = queue.pop_ready() {
+            to_workers[next_worker]
+                .push_wait(msg)
+                .map_err(|_| SourceError::Aborted)?;
+            next_worker = (next_worker + 1) % to_workers.len();
+        }
+        if engine.in_flight() == 0 {
+            // Nothing is being read, so nothing waits in the queue either.
+            debug_assert!(queue.is_empty());
+            if plan.peek().is_none() {
+                return Ok(());
+            }
+            continue;
+        }
+        completions.clear();
+        engine
+            .wait(1, &mut completions)
+            .map_err(|e| SourceError::Io {
+                disk: None,
+                source: e,
+            })?;
+        for c in completions.drain(..) {
+            queue.complete(c, cfg.output, frozen)?;
+        }
+    })();
+    if result.is_err() {
+        failure.stop.store(true, Ordering::Release);
+    }
+    reap_all(&mut engine, &mut completions);
+    result
+}
+
+/// Reaps whatever is still in flight so no buffer is freed under the kernel.
+fn reap_all<E: BlockEngine<Slot>>(engine: &mut E, completions: &mut Vec<Completion<Slot>>) {
+    while engine.in_flight() > 0 {
+        completions.clear();
+        if engine.wait(1, completions).is_err() {
+            break;
+        }
+    }
+}
+
+/// A read the reader submitted and has not yet forwarded, under its tag.
+struct TagRead {
+    disk: u32,
+    offset: u64,
+    len: u32,
+    /// The buffer, once the read completed and was settled; `None` while the engine
+    /// holds it.
+    done: Option<Slot>,
+}
+
+/// Everything the reader took from the plan and has not yet forwarded, in plan order.
+///
+/// Completions arrive in any order, and a zero run needs no read at all, but messages
+/// are forwarded strictly from the front: the sender's rotation then puts every disk's
+/// ranges on the wire in increasing offset order, as the protocol requires.
+struct ReadQueue {
+    /// Indexed by tag; sized once to the queue depth. A read keeps its tag from
+    /// submission until it is forwarded; once completed, its buffer waits here.
+    tags: Vec<Option<TagRead>>,
+    free_tags: Vec<usize>,
+    order: VecDeque<Queued>,
+    /// Bound of `order`. Reads in it are bounded by the tags; regions alternate between
+    /// data and holes, so twice the queue depth leaves room for a zero run after every
+    /// read.
+    order_window: usize,
+}
+
+impl ReadQueue {
+    fn new(queue_depth: usize) -> Self {
+        let order_window = 2 * queue_depth;
+        Self {
+            tags: (0..queue_depth).map(|_| None).collect(),
+            free_tags: (0..queue_depth).rev().collect(),
+            order: VecDeque::with_capacity(order_window),
+            order_window,
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.order.is_empty()
+    }
+
+    /// Takes items from the plan and submits their reads until the window, the tags or
+    /// the free slots run out.
+    fn fill<P, E>(
+        &mut self,
+        plan: &mut std::iter::Peekable<P>,
+        engine: &mut E,
+        alloc: &mut PoolAlloc,
+    ) -> Result<(), SourceError>
+    where
+        P: Iterator<Item = Result<PlanItem, SourceError>>,
+        E: BlockEngine<Slot>,
+    {
+        while self.order.len() < self.order_window {
             let item = match plan.peek() {
                 None => break,
                 Some(Err(_)) => return Err(plan.next().and_then(Result::err).expect("peeked")),
                 Some(Ok(item)) => *item,
             };
             match item {
-                PlanItem::ZeroRun { .. } => {
+                PlanItem::ZeroRun { disk, offset, len } => {
                     plan.next();
-                    order.push_back(Queued::Zero(item));
+                    self.order.push_back(Queued::Zero { disk, offset, len });
                 }
                 PlanItem::Read { disk, offset, len } => {
-                    let Some(tag) = free_tags.last().copied() else {
+                    let Some(tag) = self.free_tags.last().copied() else {
                         break;
                     };
                     // With nothing in flight, no read holds a slot (every completed one
@@ -490,9 +650,14 @@ where
                     plan.next();
                     // O_DIRECT wants whole sectors; the tail of a disk reads short.
                     let io_len = (len as usize).next_multiple_of(4096) as u32;
-                    free_tags.pop();
-                    in_flight[tag] = Some((item, None));
-                    order.push_back(Queued::Read(tag));
+                    self.free_tags.pop();
+                    self.tags[tag] = Some(TagRead {
+                        disk,
+                        offset,
+                        len,
+                        done: None,
+                    });
+                    self.order.push_back(Queued::Read(tag));
                     if let Err((e, slot)) =
                         engine.submit_read(io::DiskId(disk), slot, offset, io_len, tag as u64)
                     {
@@ -505,97 +670,71 @@ where
                 }
             }
         }
-        // Forward what is ready at the front, in plan order.
-        while let Some(front) = order.front() {
-            let msg = match *front {
-                Queued::Zero(item) => ReadDone {
-                    item,
-                    slot: None,
-                    bytes: 0,
-                },
-                Queued::Read(tag) => {
-                    let Some((item, Some(_))) = &in_flight[tag] else {
-                        break; // still being read
-                    };
-                    let PlanItem::Read { len, .. } = *item else {
-                        unreachable!("only reads hold a tag")
-                    };
-                    let (item, slot) = in_flight[tag].take().expect("checked above");
-                    free_tags.push(tag);
-                    ReadDone {
-                        item,
-                        slot,
-                        bytes: len as usize,
-                    }
+        Ok(())
+    }
+
+    /// The front of the queue, if it is a zero run or a completed read.
+    fn pop_ready(&mut self) -> Option<ReadDone> {
+        let msg = match *self.order.front()? {
+            Queued::Zero { disk, offset, len } => ReadDone::ZeroRun { disk, offset, len },
+            Queued::Read(tag) => {
+                // `None` while it is still being read.
+                self.tags[tag].as_ref()?.done.as_ref()?;
+                let read = self.tags[tag].take()?;
+                self.free_tags.push(tag);
+                ReadDone::Read {
+                    disk: read.disk,
+                    offset: read.offset,
+                    len: read.len,
+                    slot: read.done?,
                 }
-            };
-            order.pop_front();
-            forward(msg, to_workers)?;
-        }
-        if engine.in_flight() == 0 {
-            // Nothing is being read, so nothing waits in `order` either.
-            debug_assert!(order.is_empty());
-            if plan.peek().is_none() {
-                return Ok(());
             }
-            continue;
-        }
-        completions.clear();
-        engine
-            .wait(1, &mut completions)
-            .map_err(|e| SourceError::Io {
-                disk: None,
-                source: e,
-            })?;
-        for c in completions.drain(..) {
-            let tag = c.tag as usize;
-            let (item, done) = in_flight[tag]
-                .as_mut()
-                .expect("completion for an unknown tag");
-            debug_assert!(done.is_none(), "a tag completed twice");
-            let PlanItem::Read { disk, offset, len } = *item else {
-                unreachable!("only reads are submitted")
-            };
-            let bytes = c.result.map_err(|e| SourceError::Io {
-                disk: Some(disk),
-                source: e,
-            })? as usize;
-            if bytes < len as usize {
-                return Err(SourceError::ShortRead {
-                    disk,
-                    offset,
-                    expected: len,
-                    got: bytes,
-                });
-            }
-            let mut slot = c.buf.expect("a read completion hands its buffer back");
-            if let Some(view) = frozen[disk as usize] {
-                // Blocks written since the freeze come from the shim's scratch copy.
-                // Hash reads of a seeded sync are not the last read of a block.
-                let last_read = cfg.output == Output::Data;
-                view.settle(offset, &mut slot.as_mut_slice()[..len as usize], last_read)
-                    .map_err(|source| {
-                        SourceError::Shim(super::ShimControlError::FrozenRead {
-                            disk,
-                            offset,
-                            source,
-                        })
-                    })?;
-            }
-            *done = Some(slot);
-        }
-    })();
-    if result.is_err() {
-        failure.stop.store(true, Ordering::Release);
+        };
+        self.order.pop_front();
+        Some(msg)
     }
-    // Reap whatever is still in flight so no buffer is freed under the kernel.
-    while engine.in_flight() > 0 {
-        completions.clear();
-        if engine.wait(1, &mut completions).is_err() {
-            break;
+
+    /// Checks one completed read and settles its blocks against the frozen epoch.
+    fn complete(
+        &mut self,
+        c: Completion<Slot>,
+        output: Output,
+        frozen: &[Option<&EpochView>],
+    ) -> Result<(), SourceError> {
+        let read = self.tags[c.tag as usize]
+            .as_mut()
+            .expect("completion for an unknown tag");
+        debug_assert!(read.done.is_none(), "a tag completed twice");
+        let (disk, offset, len) = (read.disk, read.offset, read.len);
+        let bytes = c.result.map_err(|e| SourceError::Io {
+            disk: Some(disk),
+            source: e,
+        })? as usize;
+        if bytes < len as usize {
+            return Err(SourceError::ShortRead {
+                disk,
+                offset,
+                expected: len,
+                got: bytes,
+            });
         }
+        let mut slot = c.buf.expect("a read completion hands its buffer back");
+        if let Some(view) = frozen[disk as usize] {
+            // Blocks written since the freeze come from the shim's scratch copy.
+            // Hash reads of a seeded sync are not the last read of a block.
+            let last_read = output == Output::Data;
+            view.settle(offset, &mut slot.as_mut_slice()[..len as usize], last_read)
+                .map_err(|source| {
+                    SourceError::Shim(super::ShimControlError::FrozenRead {
+                        disk,
+                        offset,
+                        source,
+                    })
+                })?;
+        }
+        read.done = Some(slot);
+        Ok(())
     }
-    result
 }
 
 fn worker_loop(
@@ -603,7 +742,7 @@ fn worker_loop(
     disks: &[DiskInfo<'_>],
     mut rx: spsc::Consumer<ReadDone>,
     tx: &mut spsc::Producer<Encoded>,
-    mut out_alloc: PoolAlloc,
+    out_alloc: &mut PoolAlloc,
     failure: &Failure,
     finished: &Finished,
 ) -> Result<(), SourceError> {
@@ -619,13 +758,17 @@ fn worker_loop(
         if filter_driver_shim::failpoint::hit("source.worker.panic") {
             panic!("failpoint source.worker.panic");
         }
-        let encoded = match msg.item {
-            PlanItem::ZeroRun { disk, offset, len } => Encoded::ZeroRun { disk, offset, len },
-            PlanItem::Read { disk, offset, len } => {
-                let input = msg.slot.expect("reads carry a slot");
+        let encoded = match msg {
+            ReadDone::ZeroRun { disk, offset, len } => Encoded::ZeroRun { disk, offset, len },
+            ReadDone::Read {
+                disk,
+                offset,
+                len,
+                slot: input,
+            } => {
                 let mut output = out_alloc.alloc_wait().ok_or(SourceError::Aborted)?;
                 let info = &disks[disk as usize];
-                let data = &input.as_slice()[..msg.bytes];
+                let data = &input.as_slice()[..len as usize];
                 let frame = match cfg.output {
                     Output::Hashes => encode_hashes(cfg, disk, offset, data, output.as_mut_slice()),
                     Output::Data => encode_data(
@@ -782,27 +925,7 @@ fn encode_data(
     // payloads could otherwise outgrow the frame bound the session announced (the
     // target copies an unaligned raw block to scratch).
     let table_len = (hlen + records * BLOCK_RECORD_LEN).next_multiple_of(PAYLOAD_ALIGN);
-    let packed_frame = packed_len > 0;
-    let mut cursor = table_len;
-    for r in 0..records {
-        let at = hlen + r * BLOCK_RECORD_LEN;
-        let rec = BlockRecord::mut_from_bytes(&mut table[at..at + BLOCK_RECORD_LEN])
-            .expect("record slice has the record's size");
-        match Codec::from_u8(rec.codec) {
-            Some(Codec::Raw) => {
-                if !packed_frame {
-                    cursor = cursor.next_multiple_of(PAYLOAD_ALIGN);
-                }
-                rec.payload_offset = (cursor as u32).into();
-                cursor += rec.stored_len.get() as usize;
-            }
-            Some(Codec::Zstd) => {
-                rec.payload_offset = (cursor as u32).into();
-                cursor += rec.stored_len.get() as usize;
-            }
-            _ => rec.payload_offset = 0.into(),
-        }
-    }
+    place_payloads(&mut table[hlen..], records, table_len, packed_len > 0);
     let header = DataHeader {
         disk: disk.into(),
         record_count: (records as u32).into(),
@@ -821,7 +944,75 @@ fn encode_data(
     }
 }
 
+/// Sets the payload offset of each of the `records` records in `records_table`, in frame
+/// order from `table_len`: raw payloads aligned to PAYLOAD_ALIGN unless `packed_frame`.
+fn place_payloads(records_table: &mut [u8], records: usize, table_len: usize, packed_frame: bool) {
+    let mut cursor = table_len;
+    for r in 0..records {
+        let at = r * BLOCK_RECORD_LEN;
+        let rec = BlockRecord::mut_from_bytes(&mut records_table[at..at + BLOCK_RECORD_LEN])
+            .expect("record slice has the record's size");
+        match Codec::from_u8(rec.codec) {
+            Some(Codec::Raw) => {
+                if !packed_frame {
+                    cursor = cursor.next_multiple_of(PAYLOAD_ALIGN);
+                }
+                rec.payload_offset = (cursor as u32).into();
+                cursor += rec.stored_len.get() as usize;
+            }
+            Some(Codec::Zstd) => {
+                rec.payload_offset = (cursor as u32).into();
+                cursor += rec.stored_len.get() as usize;
+            }
+            _ => rec.payload_offset = 0.into(),
+        }
+    }
+}
+
 static ZERO_PAD: [u8; PAYLOAD_ALIGN] = [0; PAYLOAD_ALIGN];
+
+/// The sender's rotation reached the abandoned, drained ring of worker `at`: the end of
+/// the plan if every worker finished its input and left nothing behind.
+fn plan_ended(
+    at: usize,
+    from_workers: &mut [spsc::Consumer<Encoded>],
+    input_return: &mut PoolReturn,
+    output_returns: &mut [PoolReturn],
+    finished: &Finished,
+) -> Result<(), SourceError> {
+    // A worker that failed recorded why before dropping the ring.
+    if !finished.workers[at].load(Ordering::Acquire) {
+        return Err(SourceError::Aborted);
+    }
+    // Messages go round-robin, so every other ring must be at its end too.
+    for (w, ring) in from_workers.iter_mut().enumerate() {
+        if let Some(stray) = ring.pop_wait() {
+            stray.release(input_return, &mut output_returns[w]);
+            return Err(SourceError::Stage {
+                stage: Stage::Sender,
+                source: StageFailure::StrayFrame {
+                    worker: w,
+                    finished: at,
+                },
+            });
+        }
+        if !finished.workers[w].load(Ordering::Acquire) {
+            return Err(SourceError::Aborted);
+        }
+    }
+    Ok(())
+}
+
+/// Whether `fd` has something to read now (the peer spoke up mid-stream).
+fn readable(fd: RawFd) -> bool {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: `pfd` is a valid pollfd on our stack for the duration of the call.
+    unsafe { libc::poll(&mut pfd, 1, 0) > 0 }
+}
 
 #[allow(clippy::too_many_arguments)]
 fn sender_loop<W: Write>(
@@ -841,46 +1032,22 @@ fn sender_loop<W: Write>(
     let mut parts: Vec<&[u8]> = Vec::with_capacity(2 * (cfg.io_size / cfg.block_size) + 4);
     loop {
         let Some(msg) = from_workers[next].pop_wait() else {
-            // The rotation reached an abandoned, drained ring. That is the end of the
-            // plan only if its worker finished its input; a worker that failed recorded
-            // why before dropping the ring.
-            if !finished.workers[next].load(Ordering::Acquire) {
-                return Err(SourceError::Aborted);
-            }
-            // Messages go round-robin, so every other ring must be at its end too.
-            for (w, ring) in from_workers.iter_mut().enumerate() {
-                if let Some(stray) = ring.pop_wait() {
-                    stray.release(&mut input_return, &mut output_returns[w]);
-                    return Err(SourceError::Stage {
-                        stage: Stage::Sender,
-                        source: StageFailure::StrayFrame {
-                            worker: w,
-                            finished: next,
-                        },
-                    });
-                }
-                if !finished.workers[w].load(Ordering::Acquire) {
-                    return Err(SourceError::Aborted);
-                }
-            }
-            break;
+            return plan_ended(
+                next,
+                &mut from_workers,
+                &mut input_return,
+                &mut output_returns,
+                finished,
+            );
         };
         let w = next;
         next = (next + 1) % workers;
         if failure.stopped() {
             return Err(SourceError::Aborted);
         }
-        if let Some(fd) = cfg.watch_fd {
-            let mut pfd = libc::pollfd {
-                fd,
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            // SAFETY: `pfd` is a valid pollfd on our stack for the duration of the call.
-            if unsafe { libc::poll(&mut pfd, 1, 0) } > 0 {
-                msg.release(&mut input_return, &mut output_returns[w]);
-                return Err(SourceError::PeerInterrupted);
-            }
+        if cfg.watch_fd.is_some_and(readable) {
+            msg.release(&mut input_return, &mut output_returns[w]);
+            return Err(SourceError::PeerInterrupted);
         }
         let sent = {
             // `parts` borrows from `msg`; reuse its allocation across frames by
@@ -914,7 +1081,6 @@ fn sender_loop<W: Write>(
             stats.bytes_read += len as u64;
         }
     }
-    Ok(())
 }
 
 /// Adds what the Data-phase frame of `msg` carried to its disk's manifest.
@@ -986,62 +1152,82 @@ fn send_encoded<'a, W: Write>(
             },
             Output::Data,
         ) => {
-            let out = output.as_slice();
-            let input = input.as_slice();
-            let chunk_offset = *chunk_offset;
-            parts.push(&out[..frame.table_len]);
-            let hlen = core::mem::size_of::<DataHeader>();
-            let mut cursor = frame.table_len;
-            let mut packed = table_cap;
-            // (index in parts, start, end in the input slot) of the last raw piece.
-            let mut raw_run: Option<(usize, usize, usize)> = None;
-            for r in 0..frame.records {
-                let at = hlen + r * BLOCK_RECORD_LEN;
-                let rec = BlockRecord::ref_from_bytes(&out[at..at + BLOCK_RECORD_LEN])
-                    .expect("record slice has the record's size");
-                let stored = rec.stored_len.get() as usize;
-                let codec = Codec::from_u8(rec.codec);
-                let mut piece_start = usize::MAX;
-                let piece: &[u8] = match codec {
-                    Some(Codec::Raw) => {
-                        piece_start = (rec.offset.get() - chunk_offset) as usize;
-                        &input[piece_start..piece_start + stored]
-                    }
-                    Some(Codec::Zstd) => {
-                        let p = &out[packed..packed + stored];
-                        packed += stored;
-                        p
-                    }
-                    _ => continue,
-                };
-                let at_frame = rec.payload_offset.get() as usize;
-                debug_assert!(at_frame >= cursor && at_frame - cursor < PAYLOAD_ALIGN);
-                if at_frame > cursor {
-                    parts.push(&ZERO_PAD[..at_frame - cursor]);
-                    raw_run = None;
-                }
-                // Adjacent raw blocks are adjacent in the input slot too: send them as
-                // one piece.
-                match (raw_run, codec) {
-                    (Some((idx, start, end)), Some(Codec::Raw))
-                        if at_frame == cursor && piece_start == end =>
-                    {
-                        let new_end = end + stored;
-                        parts[idx] = &input[start..new_end];
-                        raw_run = Some((idx, start, new_end));
-                    }
-                    _ => {
-                        parts.push(piece);
-                        raw_run = (codec == Some(Codec::Raw))
-                            .then(|| (parts.len() - 1, piece_start, piece_start + stored));
-                    }
-                }
-                cursor = at_frame + stored;
-            }
+            let len = gather_data_frame(
+                output.as_slice(),
+                input.as_slice(),
+                *chunk_offset,
+                frame,
+                table_cap,
+                parts,
+            );
             writer.send(FrameKind::Data, parts)?;
-            Ok(HEADER + cursor)
+            Ok(HEADER + len)
         }
     }
+}
+
+/// Lays out a Data frame's payload as `parts`: the record table from `out`, then each
+/// record's payload at its offset in the frame, raw ones straight from the `input` slot
+/// read at `chunk_offset`, compressed ones from the packed area of `out`, zero padding
+/// between. Returns the payload's length.
+fn gather_data_frame<'a>(
+    out: &'a [u8],
+    input: &'a [u8],
+    chunk_offset: u64,
+    frame: &Frame,
+    table_cap: usize,
+    parts: &mut Vec<&'a [u8]>,
+) -> usize {
+    parts.push(&out[..frame.table_len]);
+    let hlen = core::mem::size_of::<DataHeader>();
+    let mut cursor = frame.table_len;
+    let mut packed = table_cap;
+    // (index in parts, start, end in the input slot) of the last raw piece.
+    let mut raw_run: Option<(usize, usize, usize)> = None;
+    for r in 0..frame.records {
+        let at = hlen + r * BLOCK_RECORD_LEN;
+        let rec = BlockRecord::ref_from_bytes(&out[at..at + BLOCK_RECORD_LEN])
+            .expect("record slice has the record's size");
+        let stored = rec.stored_len.get() as usize;
+        let codec = Codec::from_u8(rec.codec);
+        let mut piece_start = usize::MAX;
+        let piece: &[u8] = match codec {
+            Some(Codec::Raw) => {
+                piece_start = (rec.offset.get() - chunk_offset) as usize;
+                &input[piece_start..piece_start + stored]
+            }
+            Some(Codec::Zstd) => {
+                let p = &out[packed..packed + stored];
+                packed += stored;
+                p
+            }
+            _ => continue,
+        };
+        let at_frame = rec.payload_offset.get() as usize;
+        debug_assert!(at_frame >= cursor && at_frame - cursor < PAYLOAD_ALIGN);
+        if at_frame > cursor {
+            parts.push(&ZERO_PAD[..at_frame - cursor]);
+            raw_run = None;
+        }
+        // Adjacent raw blocks are adjacent in the input slot too: send them as
+        // one piece.
+        match (raw_run, codec) {
+            (Some((idx, start, end)), Some(Codec::Raw))
+                if at_frame == cursor && piece_start == end =>
+            {
+                let new_end = end + stored;
+                parts[idx] = &input[start..new_end];
+                raw_run = Some((idx, start, new_end));
+            }
+            _ => {
+                parts.push(piece);
+                raw_run = (codec == Some(Codec::Raw))
+                    .then(|| (parts.len() - 1, piece_start, piece_start + stored));
+            }
+        }
+        cursor = at_frame + stored;
+    }
+    cursor
 }
 
 #[cfg(test)]
@@ -1053,6 +1239,34 @@ mod tests {
 
     const BLOCK: u64 = 4096;
     const IO: u64 = 4 * BLOCK;
+
+    #[test]
+    fn a_slot_still_out_at_a_clean_end_fails_the_epoch() {
+        let (mut alloc, mut release) = BufferPool::new(4096, 4).unwrap();
+        let back = alloc.alloc().unwrap();
+        release.release(back);
+        let failure = Failure::default();
+        check_all_slots_back(Stage::Reader, alloc, &failure);
+        assert!(!failure.stopped(), "every slot came back");
+
+        let (mut alloc, _release) = BufferPool::new(4096, 4).unwrap();
+        let _lost = alloc.alloc().unwrap();
+        check_all_slots_back(Stage::Worker(1), alloc, &failure);
+        let err = failure.take().expect("a slot is out");
+        assert!(
+            matches!(
+                err,
+                SourceError::Stage {
+                    stage: Stage::Worker(1),
+                    source: StageFailure::SlotsLost {
+                        missing: 1,
+                        slots: 4
+                    }
+                }
+            ),
+            "{err:?}"
+        );
+    }
 
     /// A plan over two disks that alternates reads and zero runs, as a fragmented image
     /// gives: per disk, `pieces` reads of `IO` bytes, each followed by a zero run.

@@ -59,7 +59,7 @@ const ENTRY_HASHED_LEN: usize = 40;
 /// Entry flag: the range read as zeros; no data follows, the length is in the data-hash
 /// field.
 const FLAG_ZERO: u32 = 1;
-const NAME_LEN: usize = 64;
+pub(crate) const NAME_LEN: usize = 64;
 /// Per-disk header record: name length, name, generation, size, logged, previous epoch.
 const HEADER_DISK_LEN: usize = 1 + NAME_LEN + 16 + 8 + 1 + 8;
 /// `prev_epoch` of a disk that held no acknowledged epoch.

@@ -542,6 +542,182 @@ fn reply_cookie(reply: &Reply) -> u64 {
     }
 }
 
+/// Where the completion of one step leaves its request.
+enum StepEnd<'a> {
+    /// Submit this step: the rest of a short transfer, or a fallback.
+    Next(Step<'a>),
+    /// The change `op` at `offset` is complete, its gate pass dropped with its step.
+    Changed {
+        durability: Durability,
+        op: &'static str,
+        offset: u64,
+    },
+    /// The request is answered.
+    Reply(Reply),
+    /// The request failed; `op` at `offset` names it in the refusal.
+    Failed {
+        op: &'static str,
+        offset: u64,
+        error: io::Error,
+    },
+}
+
+/// A read step completed `res`: the rest of a short read, or the data.
+fn read_step_done<'a>(
+    cookie: u64,
+    buf: PooledBuf,
+    offset: u64,
+    done: usize,
+    res: i32,
+) -> StepEnd<'a> {
+    let failed = |error| StepEnd::Failed {
+        op: "read",
+        offset,
+        error,
+    };
+    if res < 0 {
+        return failed(os_error(res));
+    }
+    if res == 0 {
+        // The file shrank under us: what `read_exact_at` reports.
+        return failed(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "failed to fill whole buffer",
+        ));
+    }
+    let done = done + res as usize;
+    if done < buf.len() {
+        return StepEnd::Next(Step::Read { buf, offset, done });
+    }
+    StepEnd::Reply(Reply::Read {
+        cookie,
+        offset,
+        data: buf,
+    })
+}
+
+/// A write step completed `res`: the rest of a short write, or the change is done.
+fn write_step_done(
+    buf: PooledBuf,
+    offset: u64,
+    done: usize,
+    durability: Durability,
+    pass: GatePass<'_>,
+    res: i32,
+) -> StepEnd<'_> {
+    let failed = |error| StepEnd::Failed {
+        op: "write",
+        offset,
+        error,
+    };
+    if res < 0 {
+        return failed(os_error(res));
+    }
+    if res == 0 {
+        return failed(io::Error::new(
+            io::ErrorKind::WriteZero,
+            "failed to write whole buffer",
+        ));
+    }
+    let done = done + res as usize;
+    if done < buf.len() {
+        return StepEnd::Next(Step::Write {
+            buf,
+            offset,
+            done,
+            durability,
+            _pass: pass,
+        });
+    }
+    drop((buf, pass));
+    StepEnd::Changed {
+        durability,
+        op: "write",
+        offset,
+    }
+}
+
+/// A trim or write-zeroes fallocate completed `res`: done, or zeros written instead
+/// where the store cannot zero a range by itself.
+fn fallocate_step_done(
+    what: Alloc,
+    offset: u64,
+    len: u64,
+    durability: Durability,
+    pass: GatePass<'_>,
+    res: i32,
+) -> StepEnd<'_> {
+    let (op, fallback) = match what {
+        Alloc::Trim => ("trim", false),
+        Alloc::Zeroes(_) => ("write zeroes", true),
+    };
+    if res < 0 && !fallocate_unsupported(-res) {
+        return StepEnd::Failed {
+            op,
+            offset,
+            error: os_error(res),
+        };
+    }
+    if res < 0 && fallback {
+        // The store cannot zero a range by itself: write zeros.
+        return StepEnd::Next(Step::ZeroFill {
+            offset,
+            len,
+            done: 0,
+            durability,
+            _pass: pass,
+        });
+    }
+    // Done, or a TRIM the store cannot do (a hint: success).
+    drop(pass);
+    StepEnd::Changed {
+        durability,
+        op,
+        offset,
+    }
+}
+
+/// A piece of zeros was written (`res`): the next piece, or the change is done.
+fn zero_fill_step_done(
+    offset: u64,
+    len: u64,
+    done: u64,
+    durability: Durability,
+    pass: GatePass<'_>,
+    res: i32,
+) -> StepEnd<'_> {
+    let failed = |error| StepEnd::Failed {
+        op: "write zeroes",
+        offset,
+        error,
+    };
+    if res < 0 {
+        return failed(os_error(res));
+    }
+    if res == 0 {
+        return failed(io::Error::new(
+            io::ErrorKind::WriteZero,
+            "failed to write whole buffer",
+        ));
+    }
+    let done = done + res as u64;
+    if done < len {
+        return StepEnd::Next(Step::ZeroFill {
+            offset,
+            len,
+            done,
+            durability,
+            _pass: pass,
+        });
+    }
+    drop(pass);
+    StepEnd::Changed {
+        durability,
+        op: "write zeroes",
+        offset,
+    }
+}
+
 fn os_error(res: i32) -> io::Error {
     io::Error::from_raw_os_error(-res)
 }
@@ -1217,148 +1393,65 @@ impl<'a> IoLoop<'a> {
             return Outcome::Continue(op);
         }
         op.retries = 0;
-        let export = self.export;
         let cookie = op.cookie;
-        let failed = |op: &'static str, offset: u64, e: io::Error| {
-            Outcome::Done(Reply::Done {
-                cookie,
-                result: Err(io_refusal(export, op, offset, &e)),
-            })
-        };
-        // A change is complete (and its pass dropped with its step): sync or reply.
-        let changed = |durability: Durability, op: &'static str, offset: u64| {
-            if durability == Durability::ForceUnitAccess {
-                Outcome::Continue(Op {
-                    cookie,
-                    retries: 0,
-                    parked: false,
-                    step: Step::Sync { op, offset },
-                })
-            } else {
-                Outcome::Done(Reply::Done {
-                    cookie,
-                    result: Ok(()),
-                })
-            }
-        };
-        match op.step {
-            Step::Read { buf, offset, done } => {
-                if res < 0 {
-                    return failed("read", offset, os_error(res));
-                }
-                if res == 0 {
-                    // The file shrank under us: what `read_exact_at` reports.
-                    let eof =
-                        io::Error::new(io::ErrorKind::UnexpectedEof, "failed to fill whole buffer");
-                    return failed("read", offset, eof);
-                }
-                let done = done + res as usize;
-                if done < buf.len() {
-                    op.step = Step::Read { buf, offset, done };
-                    return Outcome::Continue(op);
-                }
-                Outcome::Done(Reply::Read {
-                    cookie,
-                    offset,
-                    data: buf,
-                })
-            }
+        let end = match op.step {
+            Step::Read { buf, offset, done } => read_step_done(cookie, buf, offset, done, res),
             Step::Write {
                 buf,
                 offset,
                 done,
                 durability,
                 _pass,
-            } => {
-                if res < 0 {
-                    return failed("write", offset, os_error(res));
-                }
-                if res == 0 {
-                    let short =
-                        io::Error::new(io::ErrorKind::WriteZero, "failed to write whole buffer");
-                    return failed("write", offset, short);
-                }
-                let done = done + res as usize;
-                if done < buf.len() {
-                    op.step = Step::Write {
-                        buf,
-                        offset,
-                        done,
-                        durability,
-                        _pass,
-                    };
-                    return Outcome::Continue(op);
-                }
-                drop((buf, _pass));
-                changed(durability, "write", offset)
-            }
+            } => write_step_done(buf, offset, done, durability, _pass, res),
             Step::Fallocate {
                 what,
                 offset,
                 len,
                 durability,
                 pass,
-            } => {
-                let (name, fallback) = match what {
-                    Alloc::Trim => ("trim", false),
-                    Alloc::Zeroes(_) => ("write zeroes", true),
-                };
-                if res < 0 && !fallocate_unsupported(-res) {
-                    return failed(name, offset, os_error(res));
-                }
-                if res < 0 && fallback {
-                    // The store cannot zero a range by itself: write zeros.
-                    op.step = Step::ZeroFill {
-                        offset,
-                        len,
-                        done: 0,
-                        durability,
-                        _pass: pass,
-                    };
-                    return Outcome::Continue(op);
-                }
-                // Done, or a TRIM the store cannot do (a hint: success).
-                drop(pass);
-                changed(durability, name, offset)
-            }
+            } => fallocate_step_done(what, offset, len, durability, pass, res),
             Step::ZeroFill {
                 offset,
                 len,
                 done,
                 durability,
                 _pass,
-            } => {
-                if res < 0 {
-                    return failed("write zeroes", offset, os_error(res));
-                }
-                if res == 0 {
-                    let short =
-                        io::Error::new(io::ErrorKind::WriteZero, "failed to write whole buffer");
-                    return failed("write zeroes", offset, short);
-                }
-                let done = done + res as u64;
-                if done < len {
-                    op.step = Step::ZeroFill {
-                        offset,
-                        len,
-                        done,
-                        durability,
-                        _pass,
-                    };
-                    return Outcome::Continue(op);
-                }
-                drop(_pass);
-                changed(durability, "write zeroes", offset)
+            } => zero_fill_step_done(offset, len, done, durability, _pass, res),
+            Step::Sync { op, offset } if res < 0 => StepEnd::Failed {
+                op,
+                offset,
+                error: os_error(res),
+            },
+            Step::Sync { .. } => StepEnd::Reply(Reply::Done {
+                cookie,
+                result: Ok(()),
+            }),
+        };
+        match end {
+            StepEnd::Next(step) => {
+                op.step = step;
+                Outcome::Continue(op)
             }
-            Step::Sync { op, offset } => {
-                if res < 0 {
-                    return failed(op, offset, os_error(res));
-                }
-                Outcome::Done(Reply::Done {
-                    cookie,
-                    result: Ok(()),
-                })
-            }
+            // A change is complete (and its pass dropped with its step): sync or reply.
+            StepEnd::Changed {
+                durability: Durability::ForceUnitAccess,
+                op,
+                offset,
+            } => Outcome::Continue(Op {
+                cookie,
+                retries: 0,
+                parked: false,
+                step: Step::Sync { op, offset },
+            }),
+            StepEnd::Changed { .. } => Outcome::Done(Reply::Done {
+                cookie,
+                result: Ok(()),
+            }),
+            StepEnd::Reply(reply) => Outcome::Done(reply),
+            StepEnd::Failed { op, offset, error } => Outcome::Done(Reply::Done {
+                cookie,
+                result: Err(io_refusal(self.export, op, offset, &error)),
+            }),
         }
     }
 
