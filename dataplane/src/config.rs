@@ -87,7 +87,7 @@ pub const NAME_LEN_MAX: usize = 64;
 // and the target records it in each undo log header's fixed name field. The undo log is
 // an on-disk format: its field never changes with the other two, so all three agree.
 const _: () = assert!(NAME_LEN_MAX == crate::protocol::MAX_NAME_LEN);
-const _: () = assert!(crate::protocol::MAX_NAME_LEN == crate::target::undo::NAME_LEN);
+const _: () = assert!(crate::protocol::MAX_NAME_LEN == crate::writer::undo::NAME_LEN);
 const _: () = assert!(crate::protocol::MAX_NAME_LEN <= u8::MAX as usize);
 /// Longest `nbd_socket` path: `sun_path` holds 108 bytes including the NUL.
 pub const UNIX_SOCKET_PATH_MAX: usize = 107;
