@@ -245,7 +245,7 @@ fn changed_block_sync_sends_exactly_the_bitmap() {
     }
 }
 
-/// A bitmap of the wrong epoch or lineage is refused, loudly, and nothing is written.
+/// A bitmap of the wrong epoch or generation is refused, loudly, and nothing is written.
 /// Also when the source's own state was tampered with: then the target refuses.
 #[test]
 fn changed_block_sync_with_a_stale_bitmap_is_refused() {
@@ -267,7 +267,7 @@ fn changed_block_sync_with_a_stale_bitmap_is_refused() {
     let cases = [
         ("older epoch", generation, epoch - 1, "epoch"),
         ("newer epoch", generation, epoch + 1, "epoch"),
-        ("other lineage", other, epoch, "lineage"),
+        ("other generation", other, epoch, "generation"),
     ];
     for (what, gen, ep, word) in cases {
         let bitmap = pair.path().join("stale.cbt");

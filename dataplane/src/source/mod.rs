@@ -178,20 +178,20 @@ pub enum BitmapProblem {
     },
     #[error("bitmap {} has no base: this disk was never synced; a full or seeded sync comes first", path.display())]
     NoBase { path: PathBuf },
-    #[error("bitmap {} tracks changes since epoch {bitmap_epoch} of lineage {bitmap_generation}, the replica was last synced at epoch {epoch} of lineage {generation}", path.display())]
-    Lineage {
+    #[error("bitmap {} tracks changes since epoch {bitmap_epoch} of generation {bitmap_generation}, the replica was last synced at epoch {epoch} of generation {generation}", path.display())]
+    Generation {
         path: PathBuf,
         bitmap_epoch: u64,
         bitmap_generation: GenerationId,
         epoch: u64,
         generation: String,
     },
-    /// Changed mode was asked for a disk whose shim tracks another lineage than the
+    /// Changed mode was asked for a disk whose shim tracks another generation than the
     /// replica holds.
-    #[error("the shim tracks lineage {shim_generation} but the replica was last synced {}; a seeded sync comes first", match synced { Some((epoch, generation)) => format!("at epoch {epoch} of lineage {generation}"), None => "never".to_string() })]
-    ShimLineage {
+    #[error("the shim tracks generation {shim_generation} but the replica was last synced {}; a seeded sync comes first", match synced { Some((epoch, generation)) => format!("at epoch {epoch} of generation {generation}"), None => "never".to_string() })]
+    ShimGeneration {
         shim_generation: String,
-        /// The replica's last epoch and lineage, if it was ever synced.
+        /// The replica's last epoch and generation, if it was ever synced.
         synced: Option<(u64, String)>,
     },
     #[error("changed mode needs a bitmap (--bitmap NAME=FILE)")]
@@ -345,7 +345,7 @@ pub struct SyncReport {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SourceDiskState {
-    /// Tracking lineage, 32 hex digits.
+    /// Tracking generation, 32 hex digits.
     pub generation: String,
     /// Last epoch the target acknowledged for this disk.
     pub epoch: u64,
@@ -465,16 +465,17 @@ fn plan_live_disk(
     shim_disk: &live::ShimDisk,
     state: Option<&SourceDiskState>,
 ) -> Result<LivePlan, SourceError> {
-    let lineage_ok = state.is_some_and(|s| s.generation_bytes().ok() == Some(shim_disk.generation));
+    let generation_ok =
+        state.is_some_and(|s| s.generation_bytes().ok() == Some(shim_disk.generation));
     let plan = match mode {
         ModeRequest::Full | ModeRequest::Seeded => LivePlan::Whole,
-        ModeRequest::Auto if lineage_ok => LivePlan::Changed,
+        ModeRequest::Auto if generation_ok => LivePlan::Changed,
         ModeRequest::Auto => LivePlan::Whole,
-        ModeRequest::Changed if lineage_ok => LivePlan::Changed,
+        ModeRequest::Changed if generation_ok => LivePlan::Changed,
         ModeRequest::Changed => {
             return Err(SourceError::Bitmap {
                 disk: shim_disk.name.clone(),
-                source: BitmapProblem::ShimLineage {
+                source: BitmapProblem::ShimGeneration {
                     shim_generation: hex16(&shim_disk.generation),
                     synced: state.map(|s| (s.epoch, s.generation.clone())),
                 },
@@ -999,7 +1000,7 @@ fn load_bitmap(
     // `SourceDiskState::load` checked the generation.
     let generation = state.generation_bytes().ok();
     if Some(*bitmap.generation_id().as_bytes()) != generation || bitmap.epoch() != state.epoch {
-        return Err(bad(BitmapProblem::Lineage {
+        return Err(bad(BitmapProblem::Generation {
             path: path.to_path_buf(),
             bitmap_epoch: bitmap.epoch(),
             bitmap_generation: bitmap.generation_id(),
@@ -1377,7 +1378,7 @@ mod tests {
     }
 
     #[test]
-    fn auto_goes_whole_without_the_shims_lineage() {
+    fn auto_goes_whole_without_the_shims_generation() {
         let other = synced(&[9; 16]);
         let garbled = SourceDiskState {
             generation: "not hex".into(),
@@ -1390,7 +1391,7 @@ mod tests {
     }
 
     #[test]
-    fn changed_without_the_shims_lineage_is_refused() {
+    fn changed_without_the_shims_generation_is_refused() {
         let other = synced(&[9; 16]);
         for state in [None, Some(&other)] {
             let err = plan_live_disk(ModeRequest::Changed, BLOCK, &shim_disk(GEN, 4096), state)
@@ -1398,7 +1399,7 @@ mod tests {
             assert!(
                 matches!(
                     &err,
-                    SourceError::Bitmap { disk, source: BitmapProblem::ShimLineage { synced, .. } }
+                    SourceError::Bitmap { disk, source: BitmapProblem::ShimGeneration { synced, .. } }
                         if disk == "vda" && *synced == state.map(|s| (s.epoch, s.generation.clone()))
                 ),
                 "{err:?}"
