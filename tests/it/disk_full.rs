@@ -13,6 +13,39 @@ const DISK_BYTES: u64 = 16 << 20;
 
 struct Mount(std::path::PathBuf);
 
+impl Mount {
+    /// A tmpfs mounted with `options` (e.g. `size=22m`) on the new directory `dir`, or
+    /// `None` after a SKIP where mounting needs root we do not have (a failure instead
+    /// under `FERRY_REQUIRE=root`).
+    fn tmpfs(dir: &std::path::Path, options: &str) -> Option<Mount> {
+        std::fs::create_dir(dir).unwrap();
+        let mounted = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", options, "tmpfs"])
+            .arg(dir)
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        if !mounted {
+            filter_driver_shim::require::skip(
+                filter_driver_shim::require::Feature::Root,
+                "cannot mount a small tmpfs here (needs root)",
+            );
+            return None;
+        }
+        Some(Mount(dir.to_path_buf()))
+    }
+
+    /// Remounts with new `options` (e.g. `size=80m`).
+    fn remount(&self, options: &str) {
+        let ok = Command::new("mount")
+            .args(["-o", &format!("remount,{options}")])
+            .arg(&self.0)
+            .status()
+            .unwrap();
+        assert!(ok.success(), "remount {options}");
+    }
+}
+
 impl Drop for Mount {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg("-l").arg(&self.0).status();
@@ -26,21 +59,9 @@ fn enospc_is_reported_and_replication_resumes_when_space_returns() {
     let dir = common::scratch_dir();
     let d = dir.path();
     let small = d.join("small");
-    std::fs::create_dir(&small).unwrap();
-    let mounted = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=22m", "tmpfs"])
-        .arg(&small)
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    if !mounted {
-        filter_driver_shim::require::skip(
-            filter_driver_shim::require::Feature::Root,
-            "cannot mount a small tmpfs here (needs root)",
-        );
+    let Some(mount) = Mount::tmpfs(&small, "size=22m") else {
         return;
-    }
-    let _mount = Mount(small.clone());
+    };
     let mut rng = Rng::new(common::test_seed("disk_full"));
     let key = d.join("ferry.key");
     common::keygen(&key);
@@ -91,12 +112,7 @@ fn enospc_is_reported_and_replication_resumes_when_space_returns() {
     );
 
     // Space returns: the next sync succeeds and nothing was lost.
-    let grown = Command::new("mount")
-        .args(["-o", "remount,size=80m"])
-        .arg(&small)
-        .status()
-        .unwrap();
-    assert!(grown.success());
+    mount.remount("size=80m");
     common::sync_ok(&cfg, &[]);
     assert_eq!(file_hash(&replica), file_hash(&source));
 }
@@ -125,21 +141,9 @@ fn a_commit_mark_refused_by_a_full_state_dir_never_rolls_back_later_epochs() {
     let dir = common::scratch_dir();
     let d = dir.path();
     let small = d.join("state");
-    std::fs::create_dir(&small).unwrap();
-    let mounted = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=64m", "tmpfs"])
-        .arg(&small)
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    if !mounted {
-        filter_driver_shim::require::skip(
-            filter_driver_shim::require::Feature::Root,
-            "cannot mount a small tmpfs here (needs root)",
-        );
+    let Some(mount) = Mount::tmpfs(&small, "size=64m") else {
         return;
-    }
-    let _mount = Mount(small.clone());
+    };
     let mut rng = Rng::new(common::test_seed("commit_mark_enospc"));
     let key = d.join("ferry.key");
     common::keygen(&key);
@@ -178,15 +182,7 @@ fn a_commit_mark_refused_by_a_full_state_dir_never_rolls_back_later_epochs() {
 
     // Room for one more inode: the next undo log. Its commit mark finds none.
     let limit = inodes_used(&small) + 1;
-    let remount = |opts: String| {
-        let ok = Command::new("mount")
-            .args(["-o", &opts])
-            .arg(&small)
-            .status()
-            .unwrap();
-        assert!(ok.success(), "remount {opts}");
-    };
-    remount(format!("remount,nr_inodes={limit}"));
+    mount.remount(&format!("nr_inodes={limit}"));
     rewrite(&mut rng);
     let run = common::sync(&cfg, &[]);
     assert!(!run.success(), "an epoch without its commit mark: {run:?}");
@@ -200,7 +196,7 @@ fn a_commit_mark_refused_by_a_full_state_dir_never_rolls_back_later_epochs() {
         "the epoch was rolled back at once"
     );
 
-    remount("remount,nr_inodes=100000".into());
+    mount.remount("nr_inodes=100000");
     for _ in 0..2 {
         rewrite(&mut rng);
         common::sync_ok(&cfg, &[]);

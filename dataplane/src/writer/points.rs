@@ -123,13 +123,9 @@ pub(crate) fn keep_log(
         .map_err(|e| state_err(&json, StateOp::Write, e))?;
     let kept = dir.join(format!("{stem}.undo"));
     fs::rename(log, &kept).map_err(|e| state_err(log, StateOp::KeepAsPoint, e))?;
-    File::open(&dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| state_err(&dir, StateOp::Fsync, e))?;
+    crate::durable::sync_dir(&dir).map_err(|e| state_err(&dir, StateOp::Fsync, e))?;
     if let Some(parent) = log.parent() {
-        File::open(parent)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| state_err(parent, StateOp::Fsync, e))?;
+        crate::durable::sync_dir(parent).map_err(|e| state_err(parent, StateOp::Fsync, e))?;
     }
     Ok(())
 }
@@ -207,9 +203,7 @@ fn retire_one(dir: &Path, stem: &str) -> Result<(), TargetError> {
             Err(e) => return Err(state_err(&p, StateOp::Retire, e)),
         }
     }
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| state_err(dir, StateOp::Fsync, e))
+    crate::durable::sync_dir(dir).map_err(|e| state_err(dir, StateOp::Fsync, e))
 }
 
 /// Merges away the oldest points beyond the retention (oldest first, so every kept

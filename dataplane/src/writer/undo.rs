@@ -149,9 +149,7 @@ pub enum LogDamage {
 }
 
 fn sync_dir(dir: &Path) -> Result<(), TargetError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| io_err(dir, StateOp::FsyncDir, e))
+    crate::durable::sync_dir(dir).map_err(|e| io_err(dir, StateOp::FsyncDir, e))
 }
 
 /// How committing an epoch ended, when it did not end complete.
