@@ -66,6 +66,9 @@ const HEADER_DISK_LEN: usize = 1 + NAME_LEN + 16 + 8 + 1 + 8;
 const NO_EPOCH: u64 = u64::MAX;
 /// Largest single entry: one write of the applier (a frame's worth of blocks).
 const ENTRY_MAX: usize = 8 << 20;
+/// Bytes of a damaged log's tail read at a time while recovery looks for entries in it.
+const TAIL_WINDOW: usize = 1 << 20;
+const _: () = assert!(TAIL_WINDOW >= ENTRY_HEADER_LEN);
 
 /// Directory of in-progress undo logs under the target's state dir.
 pub fn undo_dir(state_dir: &Path) -> PathBuf {
@@ -857,21 +860,28 @@ fn check_torn_tail(
     replicas: &[Option<&File>],
 ) -> Result<(), Damage> {
     let untrusted = Damage::Untrusted;
-    let mut tail = vec![0u8; (size - bad_at) as usize];
-    log.file
-        .read_exact_at(&mut tail, bad_at)
-        .map_err(|e| Damage::Io(io_err(Path::new("undo log"), StateOp::Read, e)))?;
-    let mut i = 0usize;
+    // The tail is scanned through a bounded window, however long it is (a damaged entry
+    // near the start of a large log).
+    let mut window = vec![0u8; TAIL_WINDOW.min((size - bad_at) as usize)];
+    let (mut win_start, mut win_len) = (0u64, 0usize);
+    let mut at = bad_at;
     let mut data = Vec::new();
-    while i + ENTRY_HEADER_LEN <= tail.len() {
-        let h: &[u8; ENTRY_HEADER_LEN] = tail[i..i + ENTRY_HEADER_LEN]
+    while at + ENTRY_HEADER_LEN as u64 <= size {
+        if at < win_start || at + ENTRY_HEADER_LEN as u64 > win_start + win_len as u64 {
+            win_start = at;
+            win_len = ((size - at) as usize).min(window.len());
+            log.file
+                .read_exact_at(&mut window[..win_len], at)
+                .map_err(|e| Damage::Io(io_err(Path::new("undo log"), StateOp::Read, e)))?;
+        }
+        let i = (at - win_start) as usize;
+        let h: &[u8; ENTRY_HEADER_LEN] = window[i..i + ENTRY_HEADER_LEN]
             .try_into()
             .expect("sliced to the header length");
         let Some(e) = decode_entry(h, log.disks.len()) else {
-            i += 1;
+            at += 1;
             continue;
         };
-        let at = bad_at + i as u64;
         if e.synced_len > bad_at {
             return Err(untrusted(LogDamage::SyncedPart {
                 bad_at,
@@ -907,7 +917,7 @@ fn check_torn_tail(
             }));
         }
         // Past its data (torn or not): bytes inside it are not entry headers.
-        i += ENTRY_HEADER_LEN + e.len;
+        at += (ENTRY_HEADER_LEN + e.len) as u64;
     }
     Ok(())
 }

@@ -331,3 +331,51 @@ fn a_kept_log_must_parse_to_its_end() {
         Err(Damage::Untrusted(LogDamage::KeptTail { .. }))
     ));
 }
+
+#[test]
+fn a_tail_longer_than_the_scan_window_is_checked_to_its_end() {
+    for last_write_reached_the_replica in [false, true] {
+        let fx = Fixture::new();
+        let mut log = UndoLog::create(fx.dir.path(), 2, vec![disk("a")]).unwrap();
+        fx.applied_write(&mut log, 0, 4096, 0xEE);
+        let torn = log.len;
+        // More unsynced entries than one scan window holds (the crash came during
+        // their sync); none of their writes was issued...
+        let mut n = 0u64;
+        while log.len - torn < 2 * TAIL_WINDOW as u64 {
+            // Cycling over blocks 1..=13 of the 16 of the replica.
+            fx.unsynced_entry(&mut log, 65536 * (1 + n % 13), 65536);
+            n += 1;
+        }
+        // The last entry, past the first window, covers block 15, which no other entry
+        // touches...
+        let last = 15 * 65536;
+        fx.unsynced_entry(&mut log, last, 65536);
+        // ...and only if its write was issued can the log not be trusted.
+        if last_write_reached_the_replica {
+            fx.file.write_all_at(&[0x77; 65536], last).unwrap();
+        }
+        let path = log.path.clone();
+        drop(log);
+        flip(&path, torn + ENTRY_HEADER_LEN as u64 + 5);
+        let done = recover(fx.dir.path(), &fx.replicas()).unwrap();
+        if last_write_reached_the_replica {
+            assert!(
+                matches!(
+                    &done[..],
+                    [Recovery::Distrusted {
+                        problem: LogDamage::ReachedReplica { .. },
+                        ..
+                    }]
+                ),
+                "{done:?}"
+            );
+        } else {
+            assert!(
+                matches!(done[..], [Recovery::RolledBack { entries: 1, .. }]),
+                "{done:?}"
+            );
+            assert_eq!(fx.now(), fx.old);
+        }
+    }
+}
