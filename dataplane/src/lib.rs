@@ -2,7 +2,9 @@
 //! writer. The source engine and the target writer share only [`protocol`], [`io`]
 //! and the small common pieces ([`buffers`], [`durable`], [`config`], [`psk`], [`chain`]).
 //! The target writer lives in [`writer`] (not `target`: that name is Cargo's build
-//! directory, which tools skip).
+//! directory, which tools skip). What the shim shares with these processes —
+//! durable writes, io_uring probes, error chains, fault injection — is the `ferry-io`
+//! crate (`dataplane/io/`), which the shim links without linking this one.
 
 pub mod buffers;
 pub mod config;
@@ -13,17 +15,8 @@ pub mod psk;
 pub mod source;
 pub mod writer;
 
-/// Formats an error with its sources, one after another, for logs and for the peer.
-pub fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
+/// Formats an error with its sources on one line ([`ferry_io::chain`]).
+pub use ferry_io::chain;
 
 impl From<config::IoEngineKind> for io::EngineKind {
     fn from(k: config::IoEngineKind) -> Self {

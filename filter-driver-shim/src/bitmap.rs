@@ -15,10 +15,9 @@
 //! it covers is dirty" — a bounded superset, never a gap — and reports it.
 
 use std::fmt;
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::fs::File;
+use std::io::{self, Read};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use xxhash_rust::xxh3::{xxh3_64, Xxh3Default};
 
@@ -527,9 +526,6 @@ enum DecodeMode {
     Recover,
 }
 
-/// Temp-file names must not collide when one process saves twice concurrently.
-static TEMP_FILE_SEQUENCE: AtomicU64 = AtomicU64::new(0);
-
 fn io_error<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> BitmapError + 'a {
     move |source| BitmapError::Io {
         op,
@@ -546,43 +542,9 @@ fn invalid_file(path: &Path, source: BitmapError) -> BitmapError {
 }
 
 /// Replaces `path` with `bytes` so that after a crash it holds either the old or the
-/// new content, whole: temp file in the same directory, fsync, rename, fsync the
-/// directory so the rename itself is durable.
+/// new content, whole ([`ferry_io::durable::write_atomic`]).
 fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), BitmapError> {
-    let file_name = path.file_name().ok_or_else(|| BitmapError::Io {
-        op: "save bitmap to",
-        path: path.to_path_buf(),
-        source: io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"),
-    })?;
-    let dir = match path.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => dir,
-        _ => Path::new("."),
-    };
-    let tmp = dir.join(format!(
-        ".{}.tmp.{}.{}",
-        file_name.to_string_lossy(),
-        std::process::id(),
-        TEMP_FILE_SEQUENCE.fetch_add(1, Ordering::Relaxed)
-    ));
-    let written = (|| {
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&tmp)
-            .map_err(io_error("create", &tmp))?;
-        file.write_all(bytes).map_err(io_error("write", &tmp))?;
-        file.sync_all().map_err(io_error("fsync", &tmp))?;
-        fs::rename(&tmp, path).map_err(io_error("rename temp file onto", path))
-    })();
-    if let Err(e) = written {
-        // Best effort: the write error is what the caller needs; a leftover temp file
-        // is harmless (it is never loaded) and is overwritten by nothing.
-        let _ = fs::remove_file(&tmp);
-        return Err(e);
-    }
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_error("fsync directory", dir))
+    ferry_io::durable::write_atomic(path, bytes).map_err(io_error("save bitmap to", path))
 }
 
 /// Reads a bitmap file, checking its header before reading the rest so that a huge
@@ -1107,6 +1069,7 @@ impl std::iter::FusedIterator for Runs<'_> {}
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeSet;
+    use std::fs;
 
     use proptest::prelude::*;
 

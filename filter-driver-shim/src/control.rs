@@ -41,6 +41,7 @@ use serde_json::{json, Value};
 use crate::bitmap::GenerationId;
 use crate::disk::{DiskStatus, ServedDisk};
 use crate::group::{self, FrozenEpoch};
+use ferry_io::chain;
 
 /// How often a waiting connection looks at the stop flag.
 const POLL: Duration = Duration::from_millis(200);
@@ -180,17 +181,6 @@ fn frozen_json(e: &FrozenEpoch, idle_timeout: Duration) -> Value {
 
 fn err(msg: impl std::fmt::Display) -> Value {
     json!({"ok": false, "error": msg.to_string()})
-}
-
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(c) = src {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        src = c.source();
-    }
-    s
 }
 
 /// One control connection's view: which client it is and the epoch it owns.

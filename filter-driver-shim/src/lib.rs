@@ -15,19 +15,15 @@
 //! * [`control`] — the control socket protocol.
 //! * [`group`] — epochs across the disks of one freeze: freeze, check, commit or abort.
 //! * [`epoch`] — frozen epochs: copy-before-write and the state map shared with the engine.
-//! * [`failpoint`] — test-only fault injection (debug builds only).
-//! * [`require`] — `FERRY_REQUIRE`: the tests' skips for missing features, made failures.
 
 pub mod backing;
 pub mod bitmap;
 pub mod control;
 pub mod disk;
 pub mod epoch;
-pub mod failpoint;
 pub mod group;
 pub mod nbd;
 pub mod pool;
-pub mod require;
 pub mod shim;
 pub mod tracker;
 

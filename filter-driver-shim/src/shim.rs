@@ -59,8 +59,12 @@ pub enum ShimError {
     },
     #[error("disk `{disk}`: another shim running serves it (lock {} is held)", lock.display())]
     AlreadyServed { disk: String, lock: PathBuf },
-    #[error("disk `{disk}`: io_engine = \"uring\", but io_uring is unavailable: {reason}")]
-    IoEngine { disk: String, reason: String },
+    #[error("disk `{disk}`: io_engine = \"uring\", but io_uring is unavailable")]
+    IoEngine {
+        disk: String,
+        #[source]
+        source: std::sync::Arc<ferry_io::uring::UringError>,
+    },
     #[error("two disks share the name or socket `{0}`")]
     Duplicate(String),
     #[error("state directory {}: {problem}", dir.display())]
@@ -287,12 +291,13 @@ fn resolve_engine(disk: &ShimDisk) -> Result<IoEngine, ShimError> {
     match (disk.io_engine, nbd::engine::uring::available()) {
         (IoEngine::Sync, _) => Ok(IoEngine::Sync),
         (IoEngine::Auto | IoEngine::Uring, Ok(())) => Ok(IoEngine::Uring),
-        (IoEngine::Uring, Err(reason)) => Err(ShimError::IoEngine {
+        (IoEngine::Uring, Err(source)) => Err(ShimError::IoEngine {
             disk: disk.name.clone(),
-            reason,
+            source,
         }),
         (IoEngine::Auto, Err(reason)) => {
             FALLBACK_LOGGED.call_once(|| {
+                let reason = ferry_io::chain(&*reason);
                 tracing::warn!(%reason, "io_uring is unavailable: the backing stores are served by the thread pool (io_engine = \"sync\")");
             });
             Ok(IoEngine::Sync)

@@ -142,15 +142,10 @@ fn nbdcopy_in_and_out_is_byte_identical() {
     let src = dir.path().join("src.img");
     make_image(&src, 32 * MIB);
     let f = std::fs::OpenOptions::new().write(true).open(&src).unwrap();
-    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let mut rng = ferry_io::rng::Rng::new(0x9e37_79b9_7f4a_7c15);
     for chunk in [0u64, 3, 4, 17, 31] {
         let mut buf = vec![0u8; MIB as usize];
-        for b in buf.chunks_mut(8) {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            b.copy_from_slice(&x.to_le_bytes());
-        }
+        rng.fill(&mut buf);
         f.write_all_at(&buf, chunk * MIB).unwrap();
     }
     let shim = ShimProcess::start(dir.path(), &image, 65536);
@@ -168,10 +163,7 @@ fn fio_nbd_randwrite_verifies() {
     require_tool!("fio");
     let help = Command::new("fio").arg("--enghelp=nbd").output().unwrap();
     if !String::from_utf8_lossy(&help.stdout).contains("uri") {
-        filter_driver_shim::require::skip(
-            filter_driver_shim::require::Feature::Tools,
-            "fio has no nbd engine",
-        );
+        ferry_io::require::skip(ferry_io::require::Feature::Tools, "fio has no nbd engine");
         return;
     }
     let dir = scratch();
@@ -375,8 +367,8 @@ with open(os.environ["MODEL"], "wb") as f:
 fn nbdsh_commands_content_allocation_and_tracking() {
     require_tool!("nbdsh");
     let Some(mut nbdsh) = nbdsh() else {
-        filter_driver_shim::require::skip(
-            filter_driver_shim::require::Feature::Tools,
+        ferry_io::require::skip(
+            ferry_io::require::Feature::Tools,
             "nbdsh cannot import the nbd module",
         );
         return;
@@ -524,23 +516,20 @@ fn ext4_through_nbdfuse_and_a_loop_device_fscks_clean() {
     require_tool!("mkfs.ext4");
     require_tool!("losetup");
     if !std::path::Path::new("/dev/fuse").exists() {
-        filter_driver_shim::require::skip(
-            filter_driver_shim::require::Feature::Fuse,
-            "/dev/fuse is missing",
-        );
+        ferry_io::require::skip(ferry_io::require::Feature::Fuse, "/dev/fuse is missing");
         return;
     }
     if !std::path::Path::new("/dev/loop-control").exists() {
-        filter_driver_shim::require::skip(
-            filter_driver_shim::require::Feature::Loop,
+        ferry_io::require::skip(
+            ferry_io::require::Feature::Loop,
             "/dev/loop-control is missing",
         );
         return;
     }
     // SAFETY: geteuid(2) has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        filter_driver_shim::require::skip(
-            filter_driver_shim::require::Feature::Root,
+        ferry_io::require::skip(
+            ferry_io::require::Feature::Root,
             "loop devices and mount need root",
         );
         return;
@@ -568,10 +557,7 @@ fn ext4_through_nbdfuse_and_a_loop_device_fscks_clean() {
     if !node.exists() {
         let _ = fuse.kill();
         let _ = fuse.wait();
-        filter_driver_shim::require::skip(
-            filter_driver_shim::require::Feature::Fuse,
-            "nbdfuse did not come up",
-        );
+        ferry_io::require::skip(ferry_io::require::Feature::Fuse, "nbdfuse did not come up");
         return;
     }
     let loopdev = run(Command::new("losetup").args(["-f", "--show"]).arg(&node))

@@ -6,40 +6,17 @@ mod common;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use common::{make_image, scratch, ShimProcess};
+use ferry_io::rng::{test_seed, Rng};
 use filter_driver_shim::ChangedBlockBitmap;
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 #[test]
 fn kill9_under_writes_never_loses_an_acknowledged_block() {
     require_tool!("qemu-io");
-    let seed = std::env::var("FERRY_CRASH_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-                | 1
-        });
-    eprintln!("crash test seed {seed} (rerun with FERRY_CRASH_SEED={seed})");
-    let mut rng = Rng(seed);
+    let seed = test_seed("kill9_under_writes_never_loses_an_acknowledged_block");
+    let mut rng = Rng::new(seed);
     let dir = scratch();
     let image = dir.path().join("disk.img");
     let size: u64 = 256 << 20;

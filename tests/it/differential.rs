@@ -309,7 +309,7 @@ fn source_extra(s: &Scenario) -> String {
 /// without it would fall back to the synchronous engine in silence, and the
 /// comparison would prove nothing about the io_uring data path.
 fn engine_line() -> &'static str {
-    if filter_driver_shim::require::required(filter_driver_shim::require::Feature::Uring) {
+    if ferry_io::require::required(ferry_io::require::Feature::Uring) {
         "io_engine = \"uring\""
     } else {
         ""

@@ -26,8 +26,8 @@ impl Mount {
             .map(|s| s.success())
             .unwrap_or(false);
         if !mounted {
-            filter_driver_shim::require::skip(
-                filter_driver_shim::require::Feature::Root,
+            ferry_io::require::skip(
+                ferry_io::require::Feature::Root,
                 "cannot mount a small tmpfs here (needs root)",
             );
             return None;

@@ -443,7 +443,7 @@ fn block_devices_sync_and_a_small_replica_device_is_refused() {
                 .flatten()
                 .next()
                 .unwrap();
-            filter_driver_shim::require::skip(filter_driver_shim::require::Feature::Loop, why);
+            ferry_io::require::skip(ferry_io::require::Feature::Loop, why);
             return;
         }
     };

@@ -2,7 +2,7 @@
 //! plan were done.
 //!
 //! Failpoints used (debug builds only, armed through `FERRY_FAILPOINTS` in the
-//! environment of the `ferry sync` process, see `filter_driver_shim::failpoint`):
+//! environment of the `ferry sync` process, see `ferry_io::failpoint`):
 //! - `source.worker.panic@N`: a hash/compress worker panics when it takes the N-th
 //!   message of the run (one message per planned read or zero run, counted over all
 //!   workers).

@@ -183,8 +183,8 @@ fn a_point_of_a_block_device_replica_opens_whole() {
     let dev = match out {
         Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).trim().to_string(),
         other => {
-            filter_driver_shim::require::skip(
-                filter_driver_shim::require::Feature::Loop,
+            ferry_io::require::skip(
+                ferry_io::require::Feature::Loop,
                 format!("losetup -f --show: {other:?}"),
             );
             return;

@@ -593,8 +593,8 @@ const READ_1: &str = "read 65536/65536 bytes at offset 65536\n";
 
 fn qemu_rides_out_restart(stop: Stop, guest: Guest) {
     if !have_qemu_io() {
-        filter_driver_shim::require::skip(
-            filter_driver_shim::require::Feature::Tools,
+        ferry_io::require::skip(
+            ferry_io::require::Feature::Tools,
             "qemu-io is not installed",
         );
         return;

@@ -9,7 +9,7 @@ use std::time::Duration;
 use crate::common::nbd::{connect_retry, NbdClient};
 use crate::common::shim::{ShimOptions, ShimProc};
 use crate::common::*;
-use filter_driver_shim::require::{self, Feature};
+use ferry_io::require::{self, Feature};
 
 const DISK_BYTES: u64 = 8 << 20;
 const PATIENCE: Duration = Duration::from_secs(30);

@@ -680,7 +680,7 @@ mod tests {
         let dev = match LoopDevice::attach(&backing) {
             Ok(dev) => dev,
             Err(Skip(why)) => {
-                filter_driver_shim::require::skip(filter_driver_shim::require::Feature::Loop, why);
+                ferry_io::require::skip(ferry_io::require::Feature::Loop, why);
                 return;
             }
         };

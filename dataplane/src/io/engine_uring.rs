@@ -15,27 +15,27 @@
 use std::io;
 use std::os::fd::RawFd;
 
-use io_uring::{opcode, squeue, types, IoUring, Probe, SubmissionQueue, Submitter};
+use io_uring::{opcode, squeue, types, IoUring, SubmissionQueue, Submitter};
 use tracing::{debug, error};
 
 use super::engine::{
     after_transfer, check_request, is_transient, BlockEngine, Completion, Direction, DiskId,
     IoBuffer, IoOp, Progress, TRANSIENT_RETRIES_MAX,
 };
-use super::error::{uring_register_hint, uring_setup_hint};
 use super::{FixedBuffers, IoError, QUEUE_DEPTH_MAX};
+use ferry_io::uring::{self, Op, UringError};
 
 // Slot indices travel as SQE user data and live in a `u32` free list.
 const _: () = assert!(QUEUE_DEPTH_MAX <= u32::MAX as usize);
 
 /// Operations the engine issues, with the kernel that introduced each; checked at
 /// start-up so a missing one is reported by name instead of failing the first request.
-const REQUIRED_OPS: [(u8, &str, &str); 5] = [
-    (opcode::Read::CODE, "IORING_OP_READ", "5.6"),
-    (opcode::Write::CODE, "IORING_OP_WRITE", "5.6"),
-    (opcode::ReadFixed::CODE, "IORING_OP_READ_FIXED", "5.1"),
-    (opcode::WriteFixed::CODE, "IORING_OP_WRITE_FIXED", "5.1"),
-    (opcode::Fsync::CODE, "IORING_OP_FSYNC", "5.1"),
+const REQUIRED_OPS: [Op; 5] = [
+    Op::READ,
+    Op::WRITE,
+    Op::READ_FIXED,
+    Op::WRITE_FIXED,
+    Op::FSYNC,
 ];
 
 /// How the ring was set up.
@@ -145,10 +145,10 @@ impl<B: IoBuffer> UringEngine<B> {
         super::check_engine_config(queue_depth, files)?;
         let (ring, setup) = build_ring(queue_depth as u32)?;
         let submitter = ring.submitter();
-        probe_required_ops(&submitter)?;
+        uring::check_ops(&submitter, &REQUIRED_OPS)?;
         submitter
             .register_files(files)
-            .map_err(|source| register_error("file registration", source))?;
+            .map_err(|source| UringError::register("file registration", source))?;
         if let Some(iovecs) = fixed_buffers.map(|fixed| fixed.iovecs()) {
             if !iovecs.is_empty() {
                 // SAFETY: `FixedBuffers::new` obliged its caller to keep every iovec's
@@ -157,7 +157,7 @@ impl<B: IoBuffer> UringEngine<B> {
                 // it only through IoBuffers, which this engine owns while the kernel uses
                 // their bytes.
                 unsafe { submitter.register_buffers(iovecs) }
-                    .map_err(|source| register_error("buffer registration", source))?;
+                    .map_err(|source| UringError::register("buffer registration", source))?;
             }
         }
         debug!(
@@ -190,7 +190,7 @@ impl<B: IoBuffer> UringEngine<B> {
             self.ring
                 .submitter()
                 .register_enable_rings()
-                .map_err(|source| register_error("enabling the ring", source))?;
+                .map_err(|source| UringError::register("enabling the ring", source))?;
             self.state = RingState::Running;
         }
         Ok(())
@@ -448,48 +448,13 @@ fn build_ring(entries: u32) -> Result<(IoUring, RingSetup), IoError> {
         Err(err) if err.raw_os_error() == Some(libc::EINVAL) => {
             debug!("kernel refused a single-issuer ring with deferred task work (needs Linux 6.1); using default flags");
         }
-        Err(source) => return Err(setup_error(source)),
+        Err(source) => return Err(UringError::setup(source).into()),
     }
     IoUring::builder()
         .dontfork()
         .build(entries)
         .map(|ring| (ring, RingSetup::Plain))
-        .map_err(setup_error)
-}
-
-fn probe_required_ops(submitter: &Submitter<'_>) -> Result<(), IoError> {
-    let mut probe = Probe::new();
-    match submitter.register_probe(&mut probe) {
-        Ok(()) => {}
-        Err(err) if err.raw_os_error() == Some(libc::EINVAL) => {
-            return Err(IoError::UringUnsupported {
-                opcode: "IORING_REGISTER_PROBE",
-                kernel: "5.6",
-            })
-        }
-        Err(source) => return Err(register_error("opcode probe", source)),
-    }
-    for (code, opcode, kernel) in REQUIRED_OPS {
-        if !probe.is_supported(code) {
-            return Err(IoError::UringUnsupported { opcode, kernel });
-        }
-    }
-    Ok(())
-}
-
-fn setup_error(source: io::Error) -> IoError {
-    IoError::UringSetup {
-        hint: uring_setup_hint(&source),
-        source,
-    }
-}
-
-fn register_error(what: &'static str, source: io::Error) -> IoError {
-    IoError::UringRegister {
-        what,
-        hint: uring_register_hint(&source),
-        source,
-    }
+        .map_err(|e| UringError::setup(e).into())
 }
 
 impl<B: IoBuffer> BlockEngine<B> for UringEngine<B> {
@@ -622,7 +587,7 @@ mod tests {
     /// a plain ring can be created, the engine must come up too: a failure then is ours.
     fn make<B: IoBuffer>(queue_depth: usize, files: &[RawFd]) -> Option<UringEngine<B>> {
         if let Some(why) = uring_unavailable() {
-            filter_driver_shim::require::skip(filter_driver_shim::require::Feature::Uring, why);
+            ferry_io::require::skip(ferry_io::require::Feature::Uring, why);
             return None;
         }
         Some(UringEngine::new(queue_depth, files, None).unwrap())
@@ -671,7 +636,7 @@ mod tests {
     #[test]
     fn fixed_buffers_round_trip_and_wrong_index_faults() {
         if let Some(why) = uring_unavailable() {
-            filter_driver_shim::require::skip(filter_driver_shim::require::Feature::Uring, why);
+            ferry_io::require::skip(ferry_io::require::Feature::Uring, why);
             return;
         }
         let dir = tempfile::tempdir().unwrap();

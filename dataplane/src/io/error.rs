@@ -10,6 +10,9 @@ use std::fmt;
 use std::io;
 use std::path::PathBuf;
 
+use ferry_io::uring::UringError;
+use ferry_io::Errno;
+
 use super::disk::DiskOp;
 use super::engine::{DiskId, IoOp};
 
@@ -138,32 +141,9 @@ pub enum IoError {
         source: io::Error,
     },
 
-    /// `io_uring_setup` failed.
-    #[error("io_uring setup failed: {}; {hint}", Errno(.source))]
-    UringSetup {
-        hint: &'static str,
-        #[source]
-        source: io::Error,
-    },
-
-    /// Registering files, buffers or the opcode probe with the ring failed.
-    #[error("io_uring {what} failed: {}; {hint}", Errno(.source))]
-    UringRegister {
-        what: &'static str,
-        hint: &'static str,
-        #[source]
-        source: io::Error,
-    },
-
-    /// The running kernel's io_uring lacks an operation the engine needs.
-    #[error(
-        "io_uring on this kernel lacks {opcode}, which needs Linux {kernel} or newer; \
-         upgrade the kernel or use the sync engine"
-    )]
-    UringUnsupported {
-        opcode: &'static str,
-        kernel: &'static str,
-    },
+    /// io_uring cannot serve the engine here (setup, registration, a missing opcode).
+    #[error(transparent)]
+    Uring(#[from] UringError),
 
     /// `io_uring_enter` (submitting or waiting) failed.
     #[error("io_uring_enter failed: {}{}", Errno(.source), enter_hint(.source))]
@@ -180,9 +160,8 @@ impl IoError {
             IoError::Disk { source, .. }
             | IoError::Request { source, .. }
             | IoError::EngineFile { source, .. }
-            | IoError::UringSetup { source, .. }
-            | IoError::UringRegister { source, .. }
             | IoError::Submit { source } => source.raw_os_error(),
+            IoError::Uring(e) => e.raw_os_error(),
             _ => None,
         }
     }
@@ -190,57 +169,7 @@ impl IoError {
     /// Whether the error says io_uring cannot be used here at all, so that falling back
     /// to the synchronous engine is the right reaction.
     pub fn is_uring_unavailable(&self) -> bool {
-        matches!(
-            self,
-            IoError::UringSetup { .. }
-                | IoError::UringRegister { .. }
-                | IoError::UringUnsupported { .. }
-        )
-    }
-}
-
-/// The likely fix for an `io_uring_setup` failure.
-pub(super) fn uring_setup_hint(source: &io::Error) -> &'static str {
-    match source.raw_os_error() {
-        Some(libc::EPERM) => {
-            "io_uring is disabled or filtered for this process: run \
-             `sysctl kernel.io_uring_disabled=0` (or add the user to kernel.io_uring_group), \
-             allow io_uring in the container's seccomp profile, or use the sync engine"
-        }
-        Some(libc::ENOSYS) => {
-            "this kernel is built without io_uring (CONFIG_IO_URING); use the sync engine"
-        }
-        Some(libc::ENOMEM) => {
-            "the locked-memory limit is too low for the rings: raise `ulimit -l` \
-             (RLIMIT_MEMLOCK) or lower the queue depth"
-        }
-        Some(libc::EMFILE) | Some(libc::ENFILE) => "out of file descriptors: raise `ulimit -n`",
-        Some(libc::EINVAL) => {
-            "the kernel rejected the ring parameters; Linux 5.6 or newer is needed"
-        }
-        _ => "use the sync engine if io_uring cannot be made to work here",
-    }
-}
-
-/// The likely fix for a failed `io_uring_register` call.
-pub(super) fn uring_register_hint(source: &io::Error) -> &'static str {
-    match source.raw_os_error() {
-        Some(libc::ENOMEM) => {
-            "registered buffers count against RLIMIT_MEMLOCK: raise `ulimit -l` (systemd: \
-             `LimitMEMLOCK=`) or shrink the buffer pool"
-        }
-        Some(libc::EFAULT) => "a buffer address is not mapped memory",
-        Some(libc::EOPNOTSUPP) => {
-            "registered buffers must be anonymous or huge-page memory, not file-backed"
-        }
-        Some(libc::EINVAL) => {
-            "too many entries (16384 buffers at most, each up to 1 GiB) or an empty buffer"
-        }
-        Some(libc::EMFILE) | Some(libc::ENFILE) => {
-            "each registered file counts against RLIMIT_NOFILE: raise `ulimit -n`"
-        }
-        Some(libc::EBADF) => "a disk's file descriptor is closed",
-        _ => "use the sync engine if io_uring cannot be made to work here",
+        matches!(self, IoError::Uring(_))
     }
 }
 
@@ -288,18 +217,6 @@ fn disk_hint(op: DiskOp, source: &io::Error) -> &'static str {
     }
 }
 
-/// Formats an errno symbolically, e.g. `EIO (errno 5)`.
-struct Errno<'a>(&'a io::Error);
-
-impl fmt::Display for Errno<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.0.raw_os_error() {
-            Some(code) => write!(f, "{:?} (errno {code})", nix::errno::Errno::from_raw(code)),
-            None => write!(f, "{:?}", self.0.kind()),
-        }
-    }
-}
-
 struct OffsetSuffix(Option<u64>);
 
 impl fmt::Display for OffsetSuffix {
@@ -317,10 +234,7 @@ mod tests {
 
     #[test]
     fn display_names_operation_errno_and_fix() {
-        let err = IoError::UringSetup {
-            hint: uring_setup_hint(&io::Error::from_raw_os_error(libc::EPERM)),
-            source: io::Error::from_raw_os_error(libc::EPERM),
-        };
+        let err = IoError::from(UringError::setup(io::Error::from_raw_os_error(libc::EPERM)));
         let text = err.to_string();
         assert!(text.contains("EPERM (errno 1)"), "{text}");
         assert!(text.contains("sysctl kernel.io_uring_disabled=0"), "{text}");

@@ -342,8 +342,8 @@ mod tests {
         match uring_unavailable() {
             None => assert_eq!(auto.name(), "io_uring"),
             Some(why) => {
-                filter_driver_shim::require::skip(
-                    filter_driver_shim::require::Feature::Uring,
+                ferry_io::require::skip(
+                    ferry_io::require::Feature::Uring,
                     format!("{why}; checking the fallback only"),
                 );
                 assert_eq!(auto.name(), "sync");
@@ -386,7 +386,7 @@ mod tests {
                     probe_engine(EngineKind::Auto, shape).unwrap(),
                     EngineKind::Sync
                 );
-                filter_driver_shim::require::skip(filter_driver_shim::require::Feature::Uring, why);
+                ferry_io::require::skip(ferry_io::require::Feature::Uring, why);
             }
         }
     }
@@ -418,7 +418,7 @@ mod tests {
     #[test]
     fn differential_uring_vs_sync() {
         if let Some(why) = uring_unavailable() {
-            filter_driver_shim::require::skip(filter_driver_shim::require::Feature::Uring, why);
+            ferry_io::require::skip(ferry_io::require::Feature::Uring, why);
             return;
         }
         let seed = seed();

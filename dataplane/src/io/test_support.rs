@@ -25,44 +25,14 @@ pub fn uring_unavailable() -> Option<String> {
     }
 }
 
-/// The seed of a randomized test: `FERRY_TEST_SEED` if set, else fresh.
+/// The seed of a randomized test: `FERRY_TEST_SEED` if set, else fresh; printed with
+/// the test's name (the test harness names each test's thread after it).
 pub fn seed() -> u64 {
-    if let Ok(text) = std::env::var("FERRY_TEST_SEED") {
-        return text.parse().expect("FERRY_TEST_SEED must be a u64");
-    }
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    now.as_nanos() as u64 ^ u64::from(std::process::id())
+    ferry_io::rng::test_seed(std::thread::current().name().unwrap_or("test"))
 }
 
-/// SplitMix64: tiny, fast and good enough to drive tests reproducibly.
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Rng {
-        Rng(seed)
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    pub fn below(&mut self, bound: u64) -> u64 {
-        self.next_u64() % bound
-    }
-
-    pub fn fill(&mut self, bytes: &mut [u8]) {
-        for chunk in bytes.chunks_mut(8) {
-            let word = self.next_u64().to_le_bytes();
-            chunk.copy_from_slice(&word[..chunk.len()]);
-        }
-    }
-}
+/// The seeded generator of all of ferry's tests.
+pub use ferry_io::rng::Rng;
 
 /// A loop device over a file, detached on drop.
 pub struct LoopDevice {
@@ -382,8 +352,8 @@ pub mod contract {
         std::fs::write(&path, vec![9u8; 4 * BLOCK]).unwrap();
         let disk = Disk::open_source(&path).unwrap();
         if !disk.is_direct() {
-            filter_driver_shim::require::skip(
-                filter_driver_shim::require::Feature::Direct,
+            ferry_io::require::skip(
+                ferry_io::require::Feature::Direct,
                 format!("{} does not support O_DIRECT", dir.path().display()),
             );
             return;
@@ -406,8 +376,8 @@ pub mod contract {
             )
         };
         if probed >= 0 {
-            filter_driver_shim::require::skip(
-                filter_driver_shim::require::Feature::Direct,
+            ferry_io::require::skip(
+                ferry_io::require::Feature::Direct,
                 format!(
                     "{} does not enforce O_DIRECT alignment",
                     dir.path().display()

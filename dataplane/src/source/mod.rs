@@ -570,7 +570,7 @@ fn sync_live(job: &SyncJob, mut control: live::ShimControl) -> Result<SyncReport
             &mut || {
                 // Test-only: an engine slower than the shim's idle bound, which only its
                 // keepalives save from losing the epoch.
-                if filter_driver_shim::failpoint::hit("engine-stall-before-check") {
+                if ferry_io::failpoint::hit("engine-stall-before-check") {
                     std::thread::sleep(2 * epoch.idle_timeout.unwrap_or_default());
                 }
                 // Every read is done: if the shim kept the epoch intact until now, what

@@ -30,7 +30,7 @@
 //! is checked. Anything else fails the epoch, naming the stage, and the Commit frame is
 //! never sent.
 //!
-//! Failpoints (debug builds, `FERRY_FAILPOINTS`, see `filter_driver_shim::failpoint`):
+//! Failpoints (debug builds, `FERRY_FAILPOINTS`, see `ferry_io::failpoint`):
 //! `source.worker.panic` panics a worker when it takes its N-th message (one per planned
 //! read or zero run, counted over all workers).
 
@@ -755,7 +755,7 @@ fn worker_loop(
         if failure.stopped() {
             return Err(SourceError::Aborted);
         }
-        if filter_driver_shim::failpoint::hit("source.worker.panic") {
+        if ferry_io::failpoint::hit("source.worker.panic") {
             panic!("failpoint source.worker.panic");
         }
         let encoded = match msg {

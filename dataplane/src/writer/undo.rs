@@ -42,7 +42,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use filter_driver_shim::failpoint;
+use ferry_io::failpoint;
 use xxhash_rust::xxh3::xxh3_64;
 
 use super::state::ReplicaRecord;

@@ -10,8 +10,8 @@
 //! everything before it. Written atomically (temp file, fsync, rename, fsync dir).
 
 use std::fmt::Write as _;
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::fs;
+use std::io;
 use std::path::Path;
 
 use xxhash_rust::xxh3::xxh3_64;
@@ -163,35 +163,9 @@ pub fn read(path: &Path) -> Result<Option<StateRecord>, String> {
 }
 
 /// Replaces the state file atomically: after a crash it holds the old or the new
-/// record, whole.
+/// record, whole ([`ferry_io::durable::write_atomic`]).
 pub fn write(path: &Path, record: &StateRecord) -> io::Result<()> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    let name = path
-        .file_name()
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))?;
-    let tmp = dir.join(format!(
-        ".{}.tmp.{}",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
-    let result = (|| {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp)?;
-        f.write_all(record.encode().as_bytes())?;
-        f.sync_all()?;
-        fs::rename(&tmp, path)
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result?;
-    File::open(dir)?.sync_all()
+    ferry_io::durable::write_atomic(path, record.encode().as_bytes())
 }
 
 #[cfg(test)]

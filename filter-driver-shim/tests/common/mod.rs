@@ -11,8 +11,8 @@ use std::time::Duration;
 macro_rules! require_tool {
     ($tool:expr) => {
         if !$crate::common::have_tool($tool) {
-            filter_driver_shim::require::skip(
-                filter_driver_shim::require::Feature::Tools,
+            ferry_io::require::skip(
+                ferry_io::require::Feature::Tools,
                 format!("`{}` is not installed", $tool),
             );
             return;

@@ -23,6 +23,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::ffi::{OsStr, OsString};
 use std::time::SystemTime;
 
+use ferry_io::rng::Rng;
+
 /// The inode number of the root directory (FUSE's fixed root id).
 pub const ROOT: u64 = 1;
 
@@ -183,27 +185,6 @@ impl Tree {
                 }
             }
         }
-    }
-}
-
-/// SplitMix64, for the choices of [`CutMode::WritebackSome`].
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn coin(&mut self) -> bool {
-        self.next() & 1 == 1
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        ((u128::from(self.next()) * u128::from(n)) >> 64) as u64
     }
 }
 
@@ -530,7 +511,7 @@ impl Model {
         let mut report = CutReport::default();
         let mut rng = match mode {
             CutMode::DropUnsynced => None,
-            CutMode::WritebackSome { seed } => Some(Rng(seed)),
+            CutMode::WritebackSome { seed } => Some(Rng::new(seed)),
         };
         let mut inos: Vec<u64> = self.nodes.keys().copied().collect();
         inos.sort_unstable();
@@ -550,7 +531,7 @@ impl Model {
                             let file_offset = offset + at as u64;
                             let page_end = (file_offset / PAGE_BYTES + 1) * PAGE_BYTES;
                             let take = ((page_end - file_offset) as usize).min(data.len() - at);
-                            if rng.coin() {
+                            if rng.next_u64() & 1 == 1 {
                                 report.pages_kept += 1;
                                 apply(
                                     &mut n.durable,
@@ -566,7 +547,7 @@ impl Model {
                         }
                     }
                     op => {
-                        if rng.coin() {
+                        if rng.next_u64() & 1 == 1 {
                             report.pages_kept += 1;
                             apply(&mut n.durable, &op);
                         } else {

@@ -68,7 +68,8 @@ use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError, TrySendError};
 use std::sync::{Arc, OnceLock};
 use std::thread::{self, JoinHandle};
 
-use io_uring::{opcode, squeue, types, IoUring, Probe};
+use ferry_io::uring::{self as uring_probe, UringError};
+use io_uring::{opcode, squeue, types, IoUring};
 
 use super::{block_status, io_refusal, tracker_refusal, Engine, Job, Reply, JOB_QUEUE_DEPTH};
 use crate::backing::{fallocate_unsupported, Backing, ZEROS, ZERO_CHUNK_BYTES};
@@ -109,58 +110,20 @@ const WAKE_TAG: u64 = u64::MAX;
 /// Consecutive EINTR/EAGAIN completions of one SQE before the request fails.
 const TRANSIENT_RETRIES: u32 = 16;
 
-/// Operations the engine issues, with the kernel that introduced each.
-const REQUIRED_OPS: [(u8, &str, &str); 5] = [
-    (opcode::Nop::CODE, "IORING_OP_NOP", "5.1"),
-    (opcode::Read::CODE, "IORING_OP_READ", "5.6"),
-    (opcode::Write::CODE, "IORING_OP_WRITE", "5.6"),
-    (opcode::Fsync::CODE, "IORING_OP_FSYNC", "5.1"),
-    (opcode::Fallocate::CODE, "IORING_OP_FALLOCATE", "5.6"),
-];
+/// Operations the engine issues.
+const REQUIRED_OPS: [uring_probe::Op; 5] = {
+    use uring_probe::Op;
+    [Op::NOP, Op::READ, Op::WRITE, Op::FSYNC, Op::FALLOCATE]
+};
 
-/// Whether io_uring can serve the shim's data path here: a ring can be created (not
-/// disabled by `kernel.io_uring_disabled`, a seccomp filter or a container runtime),
-/// it runs a request, and the kernel has every opcode the engine uses. Probed once per
-/// process; the answer is cached.
-pub fn available() -> Result<(), String> {
-    static PROBED: OnceLock<Result<(), String>> = OnceLock::new();
-    PROBED.get_or_init(probe).clone()
-}
-
-fn probe() -> Result<(), String> {
-    let mut ring = IoUring::new(4).map_err(|e| {
-        let hint = match e.raw_os_error() {
-            Some(libc::ENOSYS) => " (the kernel has no io_uring, or a seccomp filter hides it)",
-            Some(libc::EPERM) => " (disabled: kernel.io_uring_disabled, or a seccomp filter)",
-            Some(libc::ENOMEM) => " (locked-memory limit too low for a ring)",
-            _ => "",
-        };
-        format!("cannot create an io_uring: {e}{hint}")
-    })?;
-    let mut probe = Probe::new();
-    ring.submitter()
-        .register_probe(&mut probe)
-        .map_err(|e| format!("cannot probe io_uring opcodes (needs Linux 5.6): {e}"))?;
-    for (code, name, kernel) in REQUIRED_OPS {
-        if !probe.is_supported(code) {
-            return Err(format!("the kernel lacks {name} (Linux {kernel})"));
-        }
-    }
-    // A filter may allow io_uring_setup and still refuse io_uring_enter.
-    let nop = opcode::Nop::new().build().user_data(7);
-    // SAFETY: a NOP refers to no memory.
-    unsafe { ring.submission().push(&nop) }.map_err(|_| "io_uring SQ full".to_string())?;
-    ring.submit_and_wait(1)
-        .map_err(|e| format!("io_uring_enter failed: {e}"))?;
-    let completed = ring
-        .completion()
-        .next()
-        .map(|c| (c.user_data(), c.result()));
-    match completed {
-        Some((7, res)) if res >= 0 => Ok(()),
-        Some((_, res)) => Err(format!("io_uring NOP failed: {}", os_error(res))),
-        None => Err("io_uring NOP did not complete".into()),
-    }
+/// Whether io_uring can serve the shim's data path here (see [`ferry_io::uring::usable`]:
+/// a ring can be created, it has every opcode the engine uses and runs a request).
+/// Probed once per process; the answer is cached.
+pub fn available() -> Result<(), Arc<UringError>> {
+    static PROBED: OnceLock<Result<(), Arc<UringError>>> = OnceLock::new();
+    PROBED
+        .get_or_init(|| uring_probe::usable(&REQUIRED_OPS).map_err(Arc::new))
+        .clone()
 }
 
 /// How the reader wakes the io thread when it sleeps in its ring: an eventfd the ring

@@ -35,7 +35,7 @@ fn unavailable() -> bool {
     match available() {
         Ok(()) => false,
         Err(why) => {
-            crate::require::skip(crate::require::Feature::Uring, why);
+            ferry_io::require::skip(ferry_io::require::Feature::Uring, ferry_io::chain(&*why));
             true
         }
     }

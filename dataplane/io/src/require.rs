@@ -7,8 +7,8 @@
 //! feature (CI), `FERRY_REQUIRE=uring,loop,...` makes every skip for that feature fail
 //! the test instead; `.ci/run` sets it.
 //!
-//! Every skip in the test suites goes through [`skip`], which is why this lives in the
-//! shim crate: every crate's tests depend on it, and it depends on nothing.
+//! Every skip in the test suites goes through [`skip`], which is why this lives in
+//! `ferry-io`: every crate's tests depend on it.
 
 use std::fmt;
 

@@ -8,9 +8,8 @@
 //!
 //! Compiled in only with debug assertions (the builds `cargo test` uses); in a release
 //! build [`hit`] is a constant `false` and the variable is ignored, so the product
-//! never carries a way to make itself fail. This module lives in the shim crate because
-//! the shim is the one crate every process of ferry links (the dataplane depends on
-//! it, never the reverse).
+//! never carries a way to make itself fail. It lives in `ferry-io`, the one crate every
+//! process of ferry links.
 
 /// Whether the failpoint `name` fires at this hit.
 #[cfg(debug_assertions)]
