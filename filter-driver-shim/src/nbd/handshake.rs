@@ -191,11 +191,11 @@ impl<S: Read + Write> Haggle<'_, S> {
 
     /// One option with its data, by kind.
     fn answer(&mut self, option: u32, data: &[u8]) -> Result<Next, ProtocolError> {
-        let s = &mut *self.s;
         match option {
             OPT_EXPORT_NAME => return self.export_name(data),
             OPT_ABORT => {
                 // The client may already be gone; that is fine.
+                let s = &mut *self.s;
                 let _ = send_reply(s, option, REP_ACK, &[]).and_then(|()| s.flush());
                 return Ok(Next::Done(None));
             }
@@ -203,8 +203,8 @@ impl<S: Read + Write> Haggle<'_, S> {
             OPT_INFO | OPT_GO => return self.info_or_go(option, data),
             OPT_STRUCTURED_REPLY => self.structured_reply(data)?,
             OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => self.meta_context(option, data)?,
-            OPT_STARTTLS => send_error(s, option, REP_ERR_POLICY, "TLS is not offered here")?,
-            _ => send_error(s, option, REP_ERR_UNSUP, "unknown option")?,
+            OPT_STARTTLS => send_error(self.s, option, REP_ERR_POLICY, "TLS is not offered here")?,
+            _ => send_error(self.s, option, REP_ERR_UNSUP, "unknown option")?,
         }
         Ok(Next::Options)
     }
