@@ -80,11 +80,30 @@ pub struct FrozenEpoch {
 /// copy-before-write starts, and writes resume; the pause holds no I/O but the drain.
 /// Disks named in `whole` preserve every block, not just the frozen ones (their
 /// epoch will be a seeded or full sync that reads the whole disk).
+///
+/// In this order: the request is checked, every disk's files are prepared (before the
+/// pause, so the pause does no file I/O), the cut is made, then each frozen bitmap is
+/// saved; a save that fails aborts the whole epoch.
 pub(crate) fn freeze(
     disks: &[Arc<ServedDisk>],
     id: u64,
     whole: &[String],
 ) -> Result<FrozenEpoch, EpochError> {
+    check_freeze(disks, whole)?;
+    let prepared = prepare(disks, id, whole)?;
+    let (frozen, pause) = cut(disks, prepared);
+    let infos = save_frozen_bits(disks, &frozen)?;
+    tracing::debug!(epoch = %format_args!("{id:016x}"), pause_us = pause.as_micros() as u64, "epoch frozen");
+    Ok(FrozenEpoch {
+        id,
+        pause,
+        disks: infos,
+    })
+}
+
+/// Refuses a freeze that names a disk not served in `whole`, or that comes while an
+/// epoch is frozen, in that order.
+fn check_freeze(disks: &[Arc<ServedDisk>], whole: &[String]) -> Result<(), EpochError> {
     if let Some(unknown) = whole
         .iter()
         .find(|w| !disks.iter().any(|d| &d.disk.name == *w))
@@ -94,6 +113,17 @@ pub(crate) fn freeze(
     if disks.iter().any(|d| d.export.gate.frozen().is_some()) {
         return Err(EpochError::AlreadyFrozen);
     }
+    Ok(())
+}
+
+/// Each disk's epoch map and scratch files, fresh (any left under their names are
+/// removed first), and its empty frozen bits. If one disk fails, the files of every
+/// disk prepared so far are removed.
+fn prepare(
+    disks: &[Arc<ServedDisk>],
+    id: u64,
+    whole: &[String],
+) -> Result<Vec<FrozenDisk>, EpochError> {
     let mut prepared = Vec::with_capacity(disks.len());
     for d in disks {
         let files = EpochFiles::new(d.epoch_dir(), &d.disk.name, id);
@@ -114,8 +144,14 @@ pub(crate) fn freeze(
             }
         }
     }
+    Ok(prepared)
+}
 
-    // The pause: every gate held at once, so the cut is one instant for the group.
+/// The pause: every gate held at once, so the cut is one instant for the group. Each
+/// disk's active bits move into its frozen epoch, which is installed in its gate
+/// (copy-before-write starts), then every gate opens. Returns the frozen disks and how
+/// long writes were held.
+fn cut(disks: &[Arc<ServedDisk>], prepared: Vec<FrozenDisk>) -> (Vec<Arc<FrozenDisk>>, Duration) {
     let started = Instant::now();
     let gates: Vec<_> = disks.iter().map(|d| d.export.gate.drain()).collect();
     let mut frozen = Vec::with_capacity(disks.len());
@@ -130,10 +166,18 @@ pub(crate) fn freeze(
         frozen.push(f);
     }
     drop(gates);
-    let pause = started.elapsed();
+    (frozen, started.elapsed())
+}
 
+/// After the cut: each disk's frozen bits saved to its epoch bitmap file, and the
+/// freeze reply's description of the disk. A save that fails aborts the epoch on
+/// every disk (its bits join the active ones again) before the error is returned.
+fn save_frozen_bits(
+    disks: &[Arc<ServedDisk>],
+    frozen: &[Arc<FrozenDisk>],
+) -> Result<Vec<FrozenDiskInfo>, EpochError> {
     let mut infos = Vec::with_capacity(disks.len());
-    for (d, f) in disks.iter().zip(&frozen) {
+    for (d, f) in disks.iter().zip(frozen) {
         if let Err(source) = f.bits.save(&f.files.bitmap) {
             let _ = finish(disks, false);
             return Err(EpochError::SaveBits {
@@ -154,12 +198,7 @@ pub(crate) fn freeze(
             files: f.files.clone(),
         });
     }
-    tracing::debug!(epoch = %format_args!("{id:016x}"), pause_us = pause.as_micros() as u64, "epoch frozen");
-    Ok(FrozenEpoch {
-        id,
-        pause,
-        disks: infos,
-    })
+    Ok(infos)
 }
 
 /// Whether every disk still holds its frozen epoch intact (no copy failed).

@@ -315,60 +315,55 @@ impl Tracker {
         })
     }
 
-    /// Decides whether the tracking found on disk can be continued.
+    /// Decides whether the tracking found on disk can be continued: it can when a
+    /// bitmap and its state file are both readable ([`Tracker::history`]) and nothing
+    /// about the image broke their continuity ([`Tracker::broken_continuity`]).
+    /// Otherwise a new generation starts, for the first reason found. Reads only; the
+    /// caller saves what this returns.
     fn recover(
         config: &TrackerConfig,
         identity: Identity,
     ) -> Result<(ChangedBlockBitmap, Option<ResyncReason>), TrackerError> {
-        let disk = &config.disk;
-        let new_generation = |reason: ResyncReason| -> Result<_, TrackerError> {
-            let generation = GenerationId::random().map_err(|source| TrackerError::Io {
-                disk: disk.clone(),
-                op: "draw a generation id for",
-                path: config.bitmap_path.clone(),
-                source,
-            })?;
-            if reason == ResyncReason::FirstStart {
-                tracing::warn!(
-                    disk = %disk, %generation,
-                    "no tracking history: starting a new generation; the replica needs a full or seeded sync"
-                );
-            } else {
-                tracing::error!(
-                    disk = %disk, %generation, reason = %reason,
-                    "CHANGE TRACKING CANNOT BE TRUSTED: new generation drawn; a checksum-compare resync of this disk is required"
-                );
-            }
-            let bitmap =
-                ChangedBlockBitmap::new(identity.size_bytes, config.block_size, generation, 0)
-                    .map_err(|source| TrackerError::Bitmap {
-                        disk: disk.clone(),
-                        source,
-                    })?;
-            Ok((bitmap, Some(reason)))
+        let (bitmap, record) = match Self::history(config) {
+            Ok(found) => found,
+            Err(reason) => return Self::new_generation(config, identity, reason),
         };
+        if let Some(reason) = Self::broken_continuity(config, identity, &bitmap, &record) {
+            return Self::new_generation(config, identity, reason);
+        }
+        if let Some(reason) = record.resync {
+            tracing::error!(disk = %config.disk, reason = %reason, "a checksum-compare resync is still owed from an earlier start");
+        }
+        Ok((bitmap, record.resync))
+    }
 
+    /// The bitmap and state file a previous shim left, both readable (torn bitmap
+    /// pages already turned into dirty blocks), or why there is no history to continue.
+    /// The state file is read first, so an unreadable one is reported as such whether
+    /// or not the bitmap exists.
+    fn history(config: &TrackerConfig) -> Result<(ChangedBlockBitmap, StateRecord), ResyncReason> {
+        let disk = &config.disk;
         let record = match state::read(&config.state_path) {
             Ok(r) => r,
             Err(why) => {
                 tracing::error!(disk = %disk, path = %config.state_path.display(), %why, "state file unreadable");
-                return new_generation(ResyncReason::StateUnreadable);
+                return Err(ResyncReason::StateUnreadable);
             }
         };
         let bitmap_exists = config.bitmap_path.exists();
         let (bitmap, recovery) = match (bitmap_exists, &record) {
-            (false, None) => return new_generation(ResyncReason::FirstStart),
-            (false, Some(_)) => return new_generation(ResyncReason::BitmapMissing),
+            (false, None) => return Err(ResyncReason::FirstStart),
+            (false, Some(_)) => return Err(ResyncReason::BitmapMissing),
             (true, _) => match ChangedBlockBitmap::load_recovering(&config.bitmap_path) {
                 Ok(loaded) => loaded,
                 Err(e) => {
                     tracing::error!(disk = %disk, error = %e, source = ?std::error::Error::source(&e), "bitmap unreadable");
-                    return new_generation(ResyncReason::BitmapUnreadable);
+                    return Err(ResyncReason::BitmapUnreadable);
                 }
             },
         };
         let Some(record) = record else {
-            return new_generation(ResyncReason::StateMissing);
+            return Err(ResyncReason::StateMissing);
         };
         if !recovery.torn_pages.is_empty() {
             tracing::warn!(
@@ -377,26 +372,39 @@ impl Tracker {
                 "bitmap pages torn by a crash: their blocks are marked dirty (a bounded superset)"
             );
         }
+        Ok((bitmap, record))
+    }
+
+    /// Why the found `bitmap` and `record` no longer describe the image, checked in
+    /// this order: generation, size, block size, device and inode, then (after a clean
+    /// shutdown only) mtime. `None`: tracking continues.
+    fn broken_continuity(
+        config: &TrackerConfig,
+        identity: Identity,
+        bitmap: &ChangedBlockBitmap,
+        record: &StateRecord,
+    ) -> Option<ResyncReason> {
+        let disk = &config.disk;
         if record.generation_id != bitmap.generation_id() {
-            return new_generation(ResyncReason::GenerationMismatch);
+            return Some(ResyncReason::GenerationMismatch);
         }
         if bitmap.disk_size() != identity.size_bytes
             || record.identity.size_bytes != identity.size_bytes
         {
             tracing::error!(disk = %disk, was = bitmap.disk_size(), now = identity.size_bytes, "image size changed");
-            return new_generation(ResyncReason::Resized);
+            return Some(ResyncReason::Resized);
         }
         if bitmap.block_size() != config.block_size {
             tracing::error!(disk = %disk, was = bitmap.block_size(), now = config.block_size, "block size changed");
-            return new_generation(ResyncReason::BlockSizeChanged);
+            return Some(ResyncReason::BlockSizeChanged);
         }
         let was = record.identity;
         if (was.dev, was.ino, was.rdev) != (identity.dev, identity.ino, identity.rdev) {
-            return new_generation(ResyncReason::ImageReplaced);
+            return Some(ResyncReason::ImageReplaced);
         }
         match record.shutdown {
             Shutdown::Clean if was.mtime_ns != identity.mtime_ns => {
-                return new_generation(ResyncReason::ImageModified);
+                return Some(ResyncReason::ImageModified);
             }
             Shutdown::Clean => {}
             Shutdown::Running => {
@@ -409,10 +417,40 @@ impl Tracker {
                 );
             }
         }
-        if let Some(reason) = record.resync {
-            tracing::error!(disk = %disk, reason = %reason, "a checksum-compare resync is still owed from an earlier start");
+        None
+    }
+
+    /// A new generation with an empty bitmap, owing a resync for `reason` (logged: a
+    /// warning on a first start, an error otherwise).
+    fn new_generation(
+        config: &TrackerConfig,
+        identity: Identity,
+        reason: ResyncReason,
+    ) -> Result<(ChangedBlockBitmap, Option<ResyncReason>), TrackerError> {
+        let disk = &config.disk;
+        let generation = GenerationId::random().map_err(|source| TrackerError::Io {
+            disk: disk.clone(),
+            op: "draw a generation id for",
+            path: config.bitmap_path.clone(),
+            source,
+        })?;
+        if reason == ResyncReason::FirstStart {
+            tracing::warn!(
+                disk = %disk, %generation,
+                "no tracking history: starting a new generation; the replica needs a full or seeded sync"
+            );
+        } else {
+            tracing::error!(
+                disk = %disk, %generation, reason = %reason,
+                "CHANGE TRACKING CANNOT BE TRUSTED: new generation drawn; a checksum-compare resync of this disk is required"
+            );
         }
-        Ok((bitmap, record.resync))
+        let bitmap = ChangedBlockBitmap::new(identity.size_bytes, config.block_size, generation, 0)
+            .map_err(|source| TrackerError::Bitmap {
+                disk: disk.clone(),
+                source,
+            })?;
+        Ok((bitmap, Some(reason)))
     }
 
     fn lock(&self) -> MutexGuard<'_, TrackState> {

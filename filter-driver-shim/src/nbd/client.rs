@@ -238,172 +238,19 @@ impl NbdClient {
         })
     }
 
+    /// The whole fixed-newstyle handshake: the server's greeting, one `NBD_OPT_GO`,
+    /// its replies, then the checks on what the replies said.
     fn handshake(mut sock: UnixStream, export: &str) -> io::Result<NbdClient> {
-        // S: NBDMAGIC, IHAVEOPT, 16-bit handshake flags.
-        let magic = read_u64(&mut sock)?;
-        if magic != NBDMAGIC {
-            return Err(protocol_error(format!(
-                "greeting magic {magic:#018x}, expected NBDMAGIC"
-            )));
-        }
-        let magic = read_u64(&mut sock)?;
-        if magic == CLISERV_MAGIC {
-            return Err(protocol_error("oldstyle negotiation; expected newstyle"));
-        }
-        if magic != IHAVEOPT {
-            return Err(protocol_error(format!(
-                "second greeting magic {magic:#018x}, expected IHAVEOPT"
-            )));
-        }
-        let hs_flags = read_u16(&mut sock)?;
-        if hs_flags & FLAG_FIXED_NEWSTYLE == 0 {
-            return Err(protocol_error(format!(
-                "handshake flags {hs_flags:#x} lack NBD_FLAG_FIXED_NEWSTYLE"
-            )));
-        }
-        // C: client flags. NO_ZEROES only when offered (the spec forbids it otherwise);
-        // after NBD_OPT_GO no zero padding is sent either way.
-        let mut client_flags = FLAG_C_FIXED_NEWSTYLE;
-        if hs_flags & FLAG_NO_ZEROES != 0 {
-            client_flags |= FLAG_C_NO_ZEROES;
-        }
-        // C: NBD_OPT_GO: name length, name, number of info requests, the requests.
-        let name = export.as_bytes();
-        let mut data = Vec::with_capacity(4 + name.len() + 2 + 4);
-        data.extend_from_slice(&(name.len() as u32).to_be_bytes());
-        data.extend_from_slice(name);
-        data.extend_from_slice(&2u16.to_be_bytes());
-        data.extend_from_slice(&INFO_NAME.to_be_bytes());
-        data.extend_from_slice(&INFO_BLOCK_SIZE.to_be_bytes());
-        let mut msg = Vec::with_capacity(4 + 16 + data.len());
-        msg.extend_from_slice(&client_flags.to_be_bytes());
-        msg.extend_from_slice(&IHAVEOPT.to_be_bytes());
-        msg.extend_from_slice(&OPT_GO.to_be_bytes());
-        msg.extend_from_slice(&(data.len() as u32).to_be_bytes());
-        msg.extend_from_slice(&data);
-        sock.write_all(&msg)?;
-
-        // S: option replies until NBD_REP_ACK or an error.
-        let mut export_info: Option<(u64, u16)> = None;
-        let mut block_sizes = None;
-        let mut info_name = None;
-        loop {
-            let magic = read_u64(&mut sock)?;
-            if magic != OPT_REPLY_MAGIC {
-                return Err(protocol_error(format!(
-                    "option reply magic {magic:#018x}, expected {OPT_REPLY_MAGIC:#x}"
-                )));
-            }
-            let option = read_u32(&mut sock)?;
-            let reply = read_u32(&mut sock)?;
-            let len = read_u32(&mut sock)?;
-            if option != OPT_GO {
-                return Err(protocol_error(format!(
-                    "reply for option {option}, but NBD_OPT_GO ({OPT_GO}) was sent"
-                )));
-            }
-            if len > MAX_OPTION_REPLY {
-                return Err(protocol_error(format!(
-                    "option reply of {len} bytes (type {reply:#x})"
-                )));
-            }
-            let mut payload = vec![0u8; len as usize];
-            sock.read_exact(&mut payload)?;
-            match reply {
-                REP_ACK => {
-                    if len != 0 {
-                        return Err(protocol_error(format!("NBD_REP_ACK with {len} bytes")));
-                    }
-                    break;
-                }
-                REP_INFO => {
-                    if payload.len() < 2 {
-                        return Err(protocol_error("NBD_REP_INFO shorter than its type"));
-                    }
-                    let kind = u16::from_be_bytes([payload[0], payload[1]]);
-                    let body = &payload[2..];
-                    match kind {
-                        INFO_EXPORT => {
-                            if body.len() != 10 {
-                                return Err(protocol_error(format!(
-                                    "NBD_INFO_EXPORT of {} bytes, expected 12",
-                                    payload.len()
-                                )));
-                            }
-                            let size = u64::from_be_bytes(body[..8].try_into().unwrap());
-                            let flags = u16::from_be_bytes([body[8], body[9]]);
-                            export_info = Some((size, flags));
-                        }
-                        INFO_NAME => {
-                            info_name = Some(String::from_utf8_lossy(body).into_owned());
-                        }
-                        INFO_BLOCK_SIZE => {
-                            if body.len() != 12 {
-                                return Err(protocol_error(format!(
-                                    "NBD_INFO_BLOCK_SIZE of {} bytes, expected 14",
-                                    payload.len()
-                                )));
-                            }
-                            let word = |i: usize| {
-                                u32::from_be_bytes(body[4 * i..4 * i + 4].try_into().unwrap())
-                            };
-                            block_sizes = Some(BlockSizes {
-                                minimum: word(0),
-                                preferred: word(1),
-                                maximum: word(2),
-                            });
-                        }
-                        // The spec: a client MUST ignore information types it does not
-                        // recognise.
-                        _ => {}
-                    }
-                }
-                r if r & REP_FLAG_ERROR != 0 => {
-                    let refused = OptionRefused {
-                        reply: r,
-                        message: String::from_utf8_lossy(&payload).into_owned(),
-                    };
-                    let kind = if r == REP_FLAG_ERROR | 6 {
-                        io::ErrorKind::NotFound
-                    } else {
-                        io::ErrorKind::Other
-                    };
-                    return Err(io::Error::new(kind, refused));
-                }
-                r => {
-                    return Err(protocol_error(format!(
-                        "unexpected reply type {r:#x} to NBD_OPT_GO"
-                    )))
-                }
-            }
-        }
-        let (size, flags) = export_info
-            .ok_or_else(|| protocol_error("NBD_REP_ACK to NBD_OPT_GO without NBD_INFO_EXPORT"))?;
-        if flags & flags::HAS_FLAGS == 0 {
-            return Err(protocol_error(format!(
-                "transmission flags {flags:#x} lack NBD_FLAG_HAS_FLAGS"
-            )));
-        }
-        if let Some(b) = block_sizes {
-            // Minimum: a power of two, at most 64 KiB. Preferred: a power of two, at
-            // least the minimum. Maximum: a multiple of the minimum, or 0xffffffff.
-            if !b.minimum.is_power_of_two()
-                || b.minimum > 64 << 10
-                || !b.preferred.is_power_of_two()
-                || b.preferred < b.minimum
-                || (b.maximum != u32::MAX && b.maximum % b.minimum != 0)
-            {
-                return Err(protocol_error(format!(
-                    "NBD_INFO_BLOCK_SIZE {b:?} breaks the spec's constraints"
-                )));
-            }
-        }
+        let hs_flags = read_greeting(&mut sock)?;
+        send_opt_go(&mut sock, hs_flags, export)?;
+        let info = GoInfo::read_replies(&mut sock)?;
+        let (size, flags, block_sizes) = info.checked()?;
         Ok(NbdClient {
             sock,
             size,
             flags,
             block_sizes,
-            name: info_name,
+            name: info.name,
             next_cookie: 1,
         })
     }
@@ -599,6 +446,209 @@ fn nonzero(len: u32) -> io::Result<()> {
         ));
     }
     Ok(())
+}
+
+/// S: NBDMAGIC, IHAVEOPT, 16-bit handshake flags. Returns the handshake flags once
+/// they are known to offer fixed newstyle.
+fn read_greeting(sock: &mut UnixStream) -> io::Result<u16> {
+    let magic = read_u64(sock)?;
+    if magic != NBDMAGIC {
+        return Err(protocol_error(format!(
+            "greeting magic {magic:#018x}, expected NBDMAGIC"
+        )));
+    }
+    let magic = read_u64(sock)?;
+    if magic == CLISERV_MAGIC {
+        return Err(protocol_error("oldstyle negotiation; expected newstyle"));
+    }
+    if magic != IHAVEOPT {
+        return Err(protocol_error(format!(
+            "second greeting magic {magic:#018x}, expected IHAVEOPT"
+        )));
+    }
+    let hs_flags = read_u16(sock)?;
+    if hs_flags & FLAG_FIXED_NEWSTYLE == 0 {
+        return Err(protocol_error(format!(
+            "handshake flags {hs_flags:#x} lack NBD_FLAG_FIXED_NEWSTYLE"
+        )));
+    }
+    Ok(hs_flags)
+}
+
+/// C: the client flags, then `NBD_OPT_GO` (name length, name, number of info
+/// requests, the requests), in one write.
+fn send_opt_go(sock: &mut UnixStream, hs_flags: u16, export: &str) -> io::Result<()> {
+    // NO_ZEROES only when offered (the spec forbids it otherwise); after NBD_OPT_GO no
+    // zero padding is sent either way.
+    let mut client_flags = FLAG_C_FIXED_NEWSTYLE;
+    if hs_flags & FLAG_NO_ZEROES != 0 {
+        client_flags |= FLAG_C_NO_ZEROES;
+    }
+    let name = export.as_bytes();
+    let mut data = Vec::with_capacity(4 + name.len() + 2 + 4);
+    data.extend_from_slice(&(name.len() as u32).to_be_bytes());
+    data.extend_from_slice(name);
+    data.extend_from_slice(&2u16.to_be_bytes());
+    data.extend_from_slice(&INFO_NAME.to_be_bytes());
+    data.extend_from_slice(&INFO_BLOCK_SIZE.to_be_bytes());
+    let mut msg = Vec::with_capacity(4 + 16 + data.len());
+    msg.extend_from_slice(&client_flags.to_be_bytes());
+    msg.extend_from_slice(&IHAVEOPT.to_be_bytes());
+    msg.extend_from_slice(&OPT_GO.to_be_bytes());
+    msg.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    msg.extend_from_slice(&data);
+    sock.write_all(&msg)
+}
+
+/// S: one option reply's header and payload. Checks the magic, that it answers
+/// `NBD_OPT_GO` and that its length is bounded, in that order, before reading the
+/// payload. Returns the reply type and the payload.
+fn read_option_reply(sock: &mut UnixStream) -> io::Result<(u32, Vec<u8>)> {
+    let magic = read_u64(sock)?;
+    if magic != OPT_REPLY_MAGIC {
+        return Err(protocol_error(format!(
+            "option reply magic {magic:#018x}, expected {OPT_REPLY_MAGIC:#x}"
+        )));
+    }
+    let option = read_u32(sock)?;
+    let reply = read_u32(sock)?;
+    let len = read_u32(sock)?;
+    if option != OPT_GO {
+        return Err(protocol_error(format!(
+            "reply for option {option}, but NBD_OPT_GO ({OPT_GO}) was sent"
+        )));
+    }
+    if len > MAX_OPTION_REPLY {
+        return Err(protocol_error(format!(
+            "option reply of {len} bytes (type {reply:#x})"
+        )));
+    }
+    let mut payload = vec![0u8; len as usize];
+    sock.read_exact(&mut payload)?;
+    Ok((reply, payload))
+}
+
+/// An `NBD_REP_ERR_*` reply as the error `connect` returns: `NotFound` for
+/// `NBD_REP_ERR_UNKNOWN` (no such export), `Other` for the rest.
+fn option_refused(reply: u32, payload: &[u8]) -> io::Error {
+    let refused = OptionRefused {
+        reply,
+        message: String::from_utf8_lossy(payload).into_owned(),
+    };
+    let kind = if reply == REP_FLAG_ERROR | 6 {
+        io::ErrorKind::NotFound
+    } else {
+        io::ErrorKind::Other
+    };
+    io::Error::new(kind, refused)
+}
+
+/// What the `NBD_REP_INFO` replies to `NBD_OPT_GO` said, gathered until `NBD_REP_ACK`.
+#[derive(Default)]
+struct GoInfo {
+    export: Option<(u64, u16)>,
+    block_sizes: Option<BlockSizes>,
+    name: Option<String>,
+}
+
+impl GoInfo {
+    /// S: option replies until `NBD_REP_ACK` (returns what was gathered) or an error
+    /// reply (returns it as an error).
+    fn read_replies(sock: &mut UnixStream) -> io::Result<GoInfo> {
+        let mut info = GoInfo::default();
+        loop {
+            let (reply, payload) = read_option_reply(sock)?;
+            match reply {
+                REP_ACK => {
+                    if !payload.is_empty() {
+                        return Err(protocol_error(format!(
+                            "NBD_REP_ACK with {} bytes",
+                            payload.len()
+                        )));
+                    }
+                    return Ok(info);
+                }
+                REP_INFO => info.record(&payload)?,
+                r if r & REP_FLAG_ERROR != 0 => return Err(option_refused(r, &payload)),
+                r => {
+                    return Err(protocol_error(format!(
+                        "unexpected reply type {r:#x} to NBD_OPT_GO"
+                    )))
+                }
+            }
+        }
+    }
+
+    /// One `NBD_REP_INFO` payload: its 16-bit type, then a body of that type's length.
+    fn record(&mut self, payload: &[u8]) -> io::Result<()> {
+        if payload.len() < 2 {
+            return Err(protocol_error("NBD_REP_INFO shorter than its type"));
+        }
+        let kind = u16::from_be_bytes([payload[0], payload[1]]);
+        let body = &payload[2..];
+        match kind {
+            INFO_EXPORT => {
+                if body.len() != 10 {
+                    return Err(protocol_error(format!(
+                        "NBD_INFO_EXPORT of {} bytes, expected 12",
+                        payload.len()
+                    )));
+                }
+                let size = u64::from_be_bytes(body[..8].try_into().unwrap());
+                let flags = u16::from_be_bytes([body[8], body[9]]);
+                self.export = Some((size, flags));
+            }
+            INFO_NAME => {
+                self.name = Some(String::from_utf8_lossy(body).into_owned());
+            }
+            INFO_BLOCK_SIZE => {
+                if body.len() != 12 {
+                    return Err(protocol_error(format!(
+                        "NBD_INFO_BLOCK_SIZE of {} bytes, expected 14",
+                        payload.len()
+                    )));
+                }
+                let word =
+                    |i: usize| u32::from_be_bytes(body[4 * i..4 * i + 4].try_into().unwrap());
+                self.block_sizes = Some(BlockSizes {
+                    minimum: word(0),
+                    preferred: word(1),
+                    maximum: word(2),
+                });
+            }
+            // The spec: a client MUST ignore information types it does not recognise.
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// After `NBD_REP_ACK`: the export's size and transmission flags (required, with
+    /// `NBD_FLAG_HAS_FLAGS`) and the block sizes, if sent, within the spec's bounds.
+    fn checked(&self) -> io::Result<(u64, u16, Option<BlockSizes>)> {
+        let (size, flags) = self
+            .export
+            .ok_or_else(|| protocol_error("NBD_REP_ACK to NBD_OPT_GO without NBD_INFO_EXPORT"))?;
+        if flags & flags::HAS_FLAGS == 0 {
+            return Err(protocol_error(format!(
+                "transmission flags {flags:#x} lack NBD_FLAG_HAS_FLAGS"
+            )));
+        }
+        if let Some(b) = self.block_sizes {
+            // Minimum: a power of two, at most 64 KiB. Preferred: a power of two, at
+            // least the minimum. Maximum: a multiple of the minimum, or 0xffffffff.
+            if !b.minimum.is_power_of_two()
+                || b.minimum > 64 << 10
+                || !b.preferred.is_power_of_two()
+                || b.preferred < b.minimum
+                || (b.maximum != u32::MAX && b.maximum % b.minimum != 0)
+            {
+                return Err(protocol_error(format!(
+                    "NBD_INFO_BLOCK_SIZE {b:?} breaks the spec's constraints"
+                )));
+            }
+        }
+        Ok((size, flags, self.block_sizes))
+    }
 }
 
 fn read_u64(r: &mut impl Read) -> io::Result<u64> {

@@ -177,6 +177,9 @@ fn transmit(
     result
 }
 
+/// The reader's loop: one request at a time, each refused (with its payload drained)
+/// or handed to `engine` as a job, until a DISC, a clean hang-up, or a writer or engine
+/// that is gone.
 fn read_requests(
     stream: Stream,
     session: &Session,
@@ -187,11 +190,8 @@ fn read_requests(
     let mut reader = BufReader::with_capacity(SOCKET_READ_BUFFER_BYTES, stream);
     let mut header = [0u8; REQUEST_HEADER_BYTES];
     loop {
-        match reader.read_exact(&mut header) {
-            Ok(()) => {}
-            // Hung up between requests (or we shut the socket to stop): a clean end.
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
-            Err(e) => return Err(e.into()),
+        if !read_header(&mut reader, &mut header)? {
+            return Ok(());
         }
         let Decoded::Request {
             cookie,
@@ -202,53 +202,11 @@ fn read_requests(
             unreachable!("a whole header was read");
         };
         let sent = match command {
-            Err(refusal) => {
-                // The payload of a refused write is read and dropped, through a small
-                // stack buffer, so the stream stays in step and nothing is written.
-                let drained = io::copy(
-                    &mut (&mut reader).take(u64::from(payload_bytes)),
-                    &mut io::sink(),
-                )?;
-                if drained != u64::from(payload_bytes) {
-                    return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into());
-                }
-                reply_tx
-                    .send(Reply::Done {
-                        cookie,
-                        result: Err(refusal),
-                    })
-                    .is_ok()
-            }
+            Err(refusal) => refuse(&mut reader, reply_tx, cookie, payload_bytes, refusal)?,
             Ok(Command::Disconnect) => return Ok(()),
-            Ok(command @ Command::Write { length, .. }) => {
-                let mut payload = pool.get(length as usize);
-                reader.read_exact(&mut payload)?;
-                engine
-                    .submit(Job {
-                        cookie,
-                        command,
-                        payload: Some(payload),
-                    })
-                    .is_ok()
-            }
             Ok(command) => {
-                // Buffers for replies are reserved here too, so only this thread ever
-                // waits for the in-flight budget; a worker waiting for it while
-                // holding queued writes back could deadlock the connection.
-                let payload = match command {
-                    Command::Read { length, .. } => Some(pool.get(length as usize)),
-                    Command::BlockStatus { one_extent, .. } => {
-                        Some(pool.get(block_status_bytes(one_extent)))
-                    }
-                    _ => None,
-                };
-                engine
-                    .submit(Job {
-                        cookie,
-                        command,
-                        payload,
-                    })
-                    .is_ok()
+                let job = job(&mut reader, pool, cookie, command)?;
+                engine.submit(job).is_ok()
             }
         };
         if !sent {
@@ -256,6 +214,67 @@ fn read_requests(
             return Ok(());
         }
     }
+}
+
+/// One whole request header into `header`: `Ok(false)` when the client hung up between
+/// requests (or we shut the socket to stop), a clean end.
+fn read_header(reader: &mut impl Read, header: &mut [u8]) -> io::Result<bool> {
+    match reader.read_exact(header) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// A refused request: its payload (a refused write's) is read and dropped, through a
+/// small stack buffer, so the stream stays in step and nothing is written; then the
+/// refusal goes to the writer. Returns whether the writer took it.
+fn refuse(
+    reader: &mut impl Read,
+    reply_tx: &SyncSender<Reply>,
+    cookie: u64,
+    payload_bytes: u32,
+    refusal: Refusal,
+) -> Result<bool, ProtocolError> {
+    let drained = io::copy(&mut reader.take(u64::from(payload_bytes)), &mut io::sink())?;
+    if drained != u64::from(payload_bytes) {
+        return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into());
+    }
+    Ok(reply_tx
+        .send(Reply::Done {
+            cookie,
+            result: Err(refusal),
+        })
+        .is_ok())
+}
+
+/// The job for an accepted command: a write with its payload read from the stream, a
+/// read or block status with the buffer for its reply.
+///
+/// Buffers for replies are reserved here too, so only the reader ever waits for the
+/// in-flight budget; a worker waiting for it while holding queued writes back could
+/// deadlock the connection.
+fn job(
+    reader: &mut impl Read,
+    pool: &Arc<BufferPool>,
+    cookie: u64,
+    command: Command,
+) -> io::Result<Job> {
+    let payload = match command {
+        Command::Write { length, .. } => {
+            let mut payload = pool.get(length as usize);
+            reader.read_exact(&mut payload)?;
+            Some(payload)
+        }
+        Command::Read { length, .. } => Some(pool.get(length as usize)),
+        Command::BlockStatus { one_extent, .. } => Some(pool.get(block_status_bytes(one_extent))),
+        _ => None,
+    };
+    Ok(Job {
+        cookie,
+        command,
+        payload,
+    })
 }
 
 fn write_reply<W: Write>(w: &mut W, reply: Reply, structured: bool) -> io::Result<()> {

@@ -88,6 +88,20 @@ pub fn negotiate<S: Read + Write>(
     s: &mut S,
     export: &ExportInfo,
 ) -> Result<Option<Negotiated>, ProtocolError> {
+    let no_zeroes = greet(s)?;
+    let mut haggle = Haggle {
+        s,
+        export,
+        no_zeroes,
+        structured: false,
+        meta_selected: false,
+    };
+    haggle.options()
+}
+
+/// S: `NBDMAGIC`, `IHAVEOPT` and the handshake flags; C: the client flags. Returns
+/// whether the client asked for `NO_ZEROES`; unknown client flags end the handshake.
+fn greet<S: Read + Write>(s: &mut S) -> Result<bool, ProtocolError> {
     let mut hello = [0u8; 18];
     hello[0..8].copy_from_slice(&NBD_MAGIC.to_be_bytes());
     hello[8..16].copy_from_slice(&IHAVEOPT.to_be_bytes());
@@ -100,138 +114,209 @@ pub fn negotiate<S: Read + Write>(
     if client_flags & !KNOWN_CLIENT_FLAGS != 0 {
         return Err(ProtocolError::ClientFlags(client_flags));
     }
-    let no_zeroes = client_flags & FLAG_C_NO_ZEROES != 0;
+    Ok(client_flags & FLAG_C_NO_ZEROES != 0)
+}
 
-    let mut structured = false;
-    // The meta context selection and the export name it was made for.
-    let mut meta_selected = false;
-    let mut data = Vec::new();
-    loop {
+/// Where the negotiation stands after one option.
+enum Next {
+    /// Read the next option.
+    Options,
+    /// The handshake is over: `Some` enters transmission, `None` the client aborted.
+    Done(Option<Negotiated>),
+}
+
+/// The option haggling of one handshake: what the client has asked for so far, and
+/// one method per option kind.
+struct Haggle<'a, S> {
+    s: &'a mut S,
+    export: &'a ExportInfo,
+    no_zeroes: bool,
+    structured: bool,
+    /// Whether `base:allocation` is selected (by the last `SET_META_CONTEXT`).
+    meta_selected: bool,
+}
+
+impl<S: Read + Write> Haggle<'_, S> {
+    /// Options until one ends the handshake. Every option that does not end it is
+    /// answered and flushed before the next is read.
+    fn options(&mut self) -> Result<Option<Negotiated>, ProtocolError> {
+        let mut data = Vec::new();
+        loop {
+            let (option, len) = self.read_option_header()?;
+            if len > MAX_OPTION_BYTES {
+                self.refuse_oversized(option, len)?;
+                continue;
+            }
+            data.clear();
+            data.resize(len as usize, 0);
+            self.s.read_exact(&mut data)?;
+            if let Next::Done(outcome) = self.answer(option, &data)? {
+                return Ok(outcome);
+            }
+            self.s.flush()?;
+        }
+    }
+
+    /// C: `IHAVEOPT`, the option and its data length.
+    fn read_option_header(&mut self) -> Result<(u32, u32), ProtocolError> {
         let mut oh = [0u8; 16];
-        s.read_exact(&mut oh)?;
+        self.s.read_exact(&mut oh)?;
         let magic = u64::from_be_bytes(oh[0..8].try_into().expect("8 bytes"));
         if magic != IHAVEOPT {
             return Err(ProtocolError::OptionMagic(magic));
         }
         let option = u32::from_be_bytes(oh[8..12].try_into().expect("4 bytes"));
         let len = u32::from_be_bytes(oh[12..16].try_into().expect("4 bytes"));
-        if len > MAX_OPTION_BYTES {
-            if option == OPT_EXPORT_NAME {
-                // EXPORT_NAME has no option replies: hanging up is the only refusal.
-                return Err(ProtocolError::UnknownExport);
-            }
-            let drained = io::copy(&mut (&mut *s).take(u64::from(len)), &mut io::sink())?;
-            if drained < u64::from(len) {
-                return Err(ProtocolError::Io(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "client hung up inside an oversized option",
-                )));
-            }
-            send_error(s, option, REP_ERR_TOO_BIG, "option data too long")?;
-            s.flush()?;
-            continue;
+        Ok((option, len))
+    }
+
+    /// An option longer than [`MAX_OPTION_BYTES`]: its data is drained, never held,
+    /// and it is refused with `NBD_REP_ERR_TOO_BIG` (flushed here).
+    fn refuse_oversized(&mut self, option: u32, len: u32) -> Result<(), ProtocolError> {
+        if option == OPT_EXPORT_NAME {
+            // EXPORT_NAME has no option replies: hanging up is the only refusal.
+            return Err(ProtocolError::UnknownExport);
         }
-        data.clear();
-        data.resize(len as usize, 0);
-        s.read_exact(&mut data)?;
+        let drained = io::copy(&mut (&mut *self.s).take(u64::from(len)), &mut io::sink())?;
+        if drained < u64::from(len) {
+            return Err(ProtocolError::Io(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "client hung up inside an oversized option",
+            )));
+        }
+        send_error(self.s, option, REP_ERR_TOO_BIG, "option data too long")?;
+        self.s.flush()?;
+        Ok(())
+    }
+
+    /// One option with its data, by kind.
+    fn answer(&mut self, option: u32, data: &[u8]) -> Result<Next, ProtocolError> {
         match option {
-            OPT_EXPORT_NAME => {
-                if !export.matches(&data) {
-                    // The spec leaves no way to say "no" here but hanging up.
-                    return Err(ProtocolError::UnknownExport);
-                }
-                let mut reply = [0u8; 10 + 124];
-                reply[0..8].copy_from_slice(&export.size_bytes.to_be_bytes());
-                reply[8..10].copy_from_slice(&export.transmission_flags.to_be_bytes());
-                let n = if no_zeroes { 10 } else { reply.len() };
-                s.write_all(&reply[..n])?;
-                s.flush()?;
-                return Ok(Some(Negotiated {
-                    structured,
-                    base_allocation: structured && meta_selected,
-                }));
-            }
+            OPT_EXPORT_NAME => return self.export_name(data),
             OPT_ABORT => {
                 // The client may already be gone; that is fine.
+                let s = &mut *self.s;
                 let _ = send_reply(s, option, REP_ACK, &[]).and_then(|()| s.flush());
-                return Ok(None);
+                return Ok(Next::Done(None));
             }
-            OPT_LIST => {
-                if !data.is_empty() {
-                    send_error(s, option, REP_ERR_INVALID, "LIST takes no data")?;
-                } else {
-                    let mut server = Vec::with_capacity(4 + export.name.len());
-                    server.extend_from_slice(&(export.name.len() as u32).to_be_bytes());
-                    server.extend_from_slice(export.name.as_bytes());
-                    send_reply(s, option, REP_SERVER, &server)?;
-                    send_reply(s, option, REP_ACK, &[])?;
-                }
-            }
-            OPT_INFO | OPT_GO => match parse_info_request(&data) {
-                Err(e) => send_error(s, option, REP_ERR_INVALID, e.0)?,
-                Ok(req) if !export.matches(req.export_name) => {
-                    send_error(s, option, REP_ERR_UNKNOWN, "no such export")?
-                }
-                Ok(req) => {
-                    send_info_replies(s, option, export, &req.requests)?;
-                    if option == OPT_GO {
-                        s.flush()?;
-                        return Ok(Some(Negotiated {
-                            structured,
-                            base_allocation: structured && meta_selected,
-                        }));
-                    }
-                }
-            },
-            OPT_STRUCTURED_REPLY => {
-                if !data.is_empty() {
-                    send_error(s, option, REP_ERR_INVALID, "STRUCTURED_REPLY takes no data")?;
-                } else {
-                    structured = true;
-                    send_reply(s, option, REP_ACK, &[])?;
-                }
-            }
-            OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
-                let set = option == OPT_SET_META_CONTEXT;
-                if set {
-                    // SET replaces the selection even when it fails.
-                    meta_selected = false;
-                }
-                if !structured {
-                    send_error(
-                        s,
-                        option,
-                        REP_ERR_INVALID,
-                        "negotiate structured replies first",
-                    )?;
-                } else {
-                    match parse_meta_context_request(&data) {
-                        Err(e) => send_error(s, option, REP_ERR_INVALID, e.0)?,
-                        Ok(req) if !export.matches(req.export_name) => {
-                            send_error(s, option, REP_ERR_UNKNOWN, "no such export")?
-                        }
-                        Ok(req) => {
-                            let wanted = |q: &&[u8]| {
-                                *q == BASE_ALLOCATION.as_bytes() || (!set && *q == b"base:")
-                            };
-                            let hit = if set {
-                                req.queries.iter().any(wanted)
-                            } else {
-                                req.queries.is_empty() || req.queries.iter().any(wanted)
-                            };
-                            if hit {
-                                send_meta_context(s, option)?;
-                                meta_selected |= set;
-                            }
-                            send_reply(s, option, REP_ACK, &[])?;
-                        }
-                    }
-                }
-            }
-            OPT_STARTTLS => send_error(s, option, REP_ERR_POLICY, "TLS is not offered here")?,
-            _ => send_error(s, option, REP_ERR_UNSUP, "unknown option")?,
+            OPT_LIST => self.list(data)?,
+            OPT_INFO | OPT_GO => return self.info_or_go(option, data),
+            OPT_STRUCTURED_REPLY => self.structured_reply(data)?,
+            OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => self.meta_context(option, data)?,
+            OPT_STARTTLS => send_error(self.s, option, REP_ERR_POLICY, "TLS is not offered here")?,
+            _ => send_error(self.s, option, REP_ERR_UNSUP, "unknown option")?,
         }
-        s.flush()?;
+        Ok(Next::Options)
+    }
+
+    /// What was agreed, for the options that enter transmission.
+    fn negotiated(&self) -> Negotiated {
+        Negotiated {
+            structured: self.structured,
+            base_allocation: self.structured && self.meta_selected,
+        }
+    }
+
+    /// `NBD_OPT_EXPORT_NAME`: the old way in. Answered with size and flags (and the
+    /// zero padding unless `NO_ZEROES`), and transmission begins.
+    fn export_name(&mut self, data: &[u8]) -> Result<Next, ProtocolError> {
+        if !self.export.matches(data) {
+            // The spec leaves no way to say "no" here but hanging up.
+            return Err(ProtocolError::UnknownExport);
+        }
+        let mut reply = [0u8; 10 + 124];
+        reply[0..8].copy_from_slice(&self.export.size_bytes.to_be_bytes());
+        reply[8..10].copy_from_slice(&self.export.transmission_flags.to_be_bytes());
+        let n = if self.no_zeroes { 10 } else { reply.len() };
+        self.s.write_all(&reply[..n])?;
+        self.s.flush()?;
+        Ok(Next::Done(Some(self.negotiated())))
+    }
+
+    /// `NBD_OPT_LIST`: the one export.
+    fn list(&mut self, data: &[u8]) -> io::Result<()> {
+        let option = OPT_LIST;
+        if !data.is_empty() {
+            return send_error(self.s, option, REP_ERR_INVALID, "LIST takes no data");
+        }
+        let name = &self.export.name;
+        let mut server = Vec::with_capacity(4 + name.len());
+        server.extend_from_slice(&(name.len() as u32).to_be_bytes());
+        server.extend_from_slice(name.as_bytes());
+        send_reply(self.s, option, REP_SERVER, &server)?;
+        send_reply(self.s, option, REP_ACK, &[])
+    }
+
+    /// `NBD_OPT_INFO` and `NBD_OPT_GO`: the export's information; a `GO` that
+    /// succeeds enters transmission (flushed here), anything else goes on.
+    fn info_or_go(&mut self, option: u32, data: &[u8]) -> Result<Next, ProtocolError> {
+        match parse_info_request(data) {
+            Err(e) => send_error(self.s, option, REP_ERR_INVALID, e.0)?,
+            Ok(req) if !self.export.matches(req.export_name) => {
+                send_error(self.s, option, REP_ERR_UNKNOWN, "no such export")?
+            }
+            Ok(req) => {
+                send_info_replies(self.s, option, self.export, &req.requests)?;
+                if option == OPT_GO {
+                    self.s.flush()?;
+                    return Ok(Next::Done(Some(self.negotiated())));
+                }
+            }
+        }
+        Ok(Next::Options)
+    }
+
+    /// `NBD_OPT_STRUCTURED_REPLY`: always granted when sent without data.
+    fn structured_reply(&mut self, data: &[u8]) -> io::Result<()> {
+        let option = OPT_STRUCTURED_REPLY;
+        if !data.is_empty() {
+            return send_error(
+                self.s,
+                option,
+                REP_ERR_INVALID,
+                "STRUCTURED_REPLY takes no data",
+            );
+        }
+        self.structured = true;
+        send_reply(self.s, option, REP_ACK, &[])
+    }
+
+    /// `NBD_OPT_LIST_META_CONTEXT` and `NBD_OPT_SET_META_CONTEXT`: only
+    /// `base:allocation` exists, and only after structured replies.
+    fn meta_context(&mut self, option: u32, data: &[u8]) -> io::Result<()> {
+        let set = option == OPT_SET_META_CONTEXT;
+        if set {
+            // SET replaces the selection even when it fails.
+            self.meta_selected = false;
+        }
+        if !self.structured {
+            return send_error(
+                self.s,
+                option,
+                REP_ERR_INVALID,
+                "negotiate structured replies first",
+            );
+        }
+        match parse_meta_context_request(data) {
+            Err(e) => send_error(self.s, option, REP_ERR_INVALID, e.0),
+            Ok(req) if !self.export.matches(req.export_name) => {
+                send_error(self.s, option, REP_ERR_UNKNOWN, "no such export")
+            }
+            Ok(req) => {
+                let wanted =
+                    |q: &&[u8]| *q == BASE_ALLOCATION.as_bytes() || (!set && *q == b"base:");
+                let hit = if set {
+                    req.queries.iter().any(wanted)
+                } else {
+                    req.queries.is_empty() || req.queries.iter().any(wanted)
+                };
+                if hit {
+                    send_meta_context(self.s, option)?;
+                    self.meta_selected |= set;
+                }
+                send_reply(self.s, option, REP_ACK, &[])
+            }
+        }
     }
 }
 

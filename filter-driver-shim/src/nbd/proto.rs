@@ -290,118 +290,168 @@ const fn refuse(errno: NbdErrno, reason: &'static str) -> Refusal {
 
 /// Checks a request against the session: flags, payload size and range. Pure, total
 /// and allocation-free; this is what decides that a request never touches the disk.
+///
+/// Every request gets the checks of [`Vetted::new`] (a known command, allowed flags)
+/// exactly once, first; then its command's own checks, in the order each method keeps.
 pub fn validate_request(header: &RequestHeader, session: &Session) -> Result<Command, Refusal> {
-    let RequestHeader {
-        flags,
-        kind,
-        offset,
-        length,
-        ..
-    } = *header;
-    let allowed = match kind {
-        CMD_READ | CMD_WRITE | CMD_DISC | CMD_FLUSH | CMD_TRIM | CMD_CACHE => CMD_FLAG_FUA,
-        CMD_WRITE_ZEROES => CMD_FLAG_FUA | CMD_FLAG_NO_HOLE,
-        CMD_BLOCK_STATUS => CMD_FLAG_FUA | CMD_FLAG_REQ_ONE,
-        _ => return Err(refuse(NbdErrno::Inval, "unknown command")),
-    };
-    if flags & !allowed != 0 {
-        // DF and FAST_ZERO are never advertised, so they land here too.
-        return Err(refuse(NbdErrno::Inval, "command flag not valid here"));
-    }
-    let durability = if flags & CMD_FLAG_FUA != 0 {
-        Durability::ForceUnitAccess
-    } else {
-        Durability::Cached
-    };
-    let in_range = offset
-        .checked_add(u64::from(length))
-        .is_some_and(|end| end <= session.export_size);
-    match kind {
-        CMD_READ => {
-            if length > MAX_PAYLOAD_BYTES {
-                return Err(refuse(
-                    NbdErrno::Inval,
-                    "read longer than the maximum payload",
-                ));
-            }
-            if !in_range {
-                return Err(refuse(NbdErrno::Inval, "read past the end of the export"));
-            }
-            Ok(Command::Read { offset, length })
-        }
-        CMD_WRITE => {
-            if length > MAX_PAYLOAD_BYTES {
-                return Err(refuse(
-                    NbdErrno::Inval,
-                    "write longer than the maximum payload",
-                ));
-            }
-            if !in_range {
-                return Err(refuse(NbdErrno::NoSpc, "write past the end of the export"));
-            }
-            Ok(Command::Write {
-                offset,
-                length,
-                durability,
-            })
-        }
+    let req = Vetted::new(header, session)?;
+    match header.kind {
+        CMD_READ => req.read(),
+        CMD_WRITE => req.write(),
         CMD_DISC => Ok(Command::Disconnect),
         CMD_FLUSH => Ok(Command::Flush),
-        CMD_TRIM => {
-            if !in_range {
-                return Err(refuse(NbdErrno::Inval, "trim past the end of the export"));
-            }
-            Ok(Command::Trim {
-                offset,
-                length,
-                durability,
-            })
+        CMD_TRIM => req.trim(),
+        CMD_CACHE => req.cache(),
+        CMD_WRITE_ZEROES => req.write_zeroes(),
+        CMD_BLOCK_STATUS => req.block_status(session),
+        _ => unreachable!("unknown kinds are refused by Vetted::new"),
+    }
+}
+
+/// A request whose command is known and whose flags are allowed for that command,
+/// with what every command's own checks share.
+struct Vetted {
+    flags: u16,
+    offset: u64,
+    length: u32,
+    durability: Durability,
+    /// `offset + length` neither overflows nor passes the end of the export.
+    in_range: bool,
+}
+
+impl Vetted {
+    /// The checks common to every request, in this order: the command is known
+    /// (`EINVAL` "unknown command"), then its flags are allowed for it.
+    fn new(header: &RequestHeader, session: &Session) -> Result<Vetted, Refusal> {
+        let RequestHeader {
+            flags,
+            kind,
+            offset,
+            length,
+            ..
+        } = *header;
+        let allowed = match kind {
+            CMD_READ | CMD_WRITE | CMD_DISC | CMD_FLUSH | CMD_TRIM | CMD_CACHE => CMD_FLAG_FUA,
+            CMD_WRITE_ZEROES => CMD_FLAG_FUA | CMD_FLAG_NO_HOLE,
+            CMD_BLOCK_STATUS => CMD_FLAG_FUA | CMD_FLAG_REQ_ONE,
+            _ => return Err(refuse(NbdErrno::Inval, "unknown command")),
+        };
+        if flags & !allowed != 0 {
+            // DF and FAST_ZERO are never advertised, so they land here too.
+            return Err(refuse(NbdErrno::Inval, "command flag not valid here"));
         }
-        CMD_CACHE => {
-            if !in_range {
-                return Err(refuse(NbdErrno::Inval, "cache past the end of the export"));
-            }
-            Ok(Command::Cache)
+        let durability = if flags & CMD_FLAG_FUA != 0 {
+            Durability::ForceUnitAccess
+        } else {
+            Durability::Cached
+        };
+        let in_range = offset
+            .checked_add(u64::from(length))
+            .is_some_and(|end| end <= session.export_size);
+        Ok(Vetted {
+            flags,
+            offset,
+            length,
+            durability,
+            in_range,
+        })
+    }
+
+    /// `NBD_CMD_READ`: payload size, then range.
+    fn read(&self) -> Result<Command, Refusal> {
+        if self.length > MAX_PAYLOAD_BYTES {
+            return Err(refuse(
+                NbdErrno::Inval,
+                "read longer than the maximum payload",
+            ));
         }
-        CMD_WRITE_ZEROES => {
-            if !in_range {
-                return Err(refuse(
-                    NbdErrno::NoSpc,
-                    "write zeroes past the end of the export",
-                ));
-            }
-            let mode = if flags & CMD_FLAG_NO_HOLE != 0 {
-                ZeroMode::Allocate
-            } else {
-                ZeroMode::MayPunch
-            };
-            Ok(Command::WriteZeroes {
-                offset,
-                length,
-                mode,
-                durability,
-            })
+        if !self.in_range {
+            return Err(refuse(NbdErrno::Inval, "read past the end of the export"));
         }
-        CMD_BLOCK_STATUS => {
-            if !session.structured || !session.base_allocation {
-                return Err(refuse(NbdErrno::Inval, "no metadata context was selected"));
-            }
-            if length == 0 {
-                return Err(refuse(NbdErrno::Inval, "block status of zero bytes"));
-            }
-            if !in_range {
-                return Err(refuse(
-                    NbdErrno::Inval,
-                    "block status past the end of the export",
-                ));
-            }
-            Ok(Command::BlockStatus {
-                offset,
-                length,
-                one_extent: flags & CMD_FLAG_REQ_ONE != 0,
-            })
+        Ok(Command::Read {
+            offset: self.offset,
+            length: self.length,
+        })
+    }
+
+    /// `NBD_CMD_WRITE`: payload size, then range (`ENOSPC` past the end).
+    fn write(&self) -> Result<Command, Refusal> {
+        if self.length > MAX_PAYLOAD_BYTES {
+            return Err(refuse(
+                NbdErrno::Inval,
+                "write longer than the maximum payload",
+            ));
         }
-        _ => unreachable!("unknown kinds returned above"),
+        if !self.in_range {
+            return Err(refuse(NbdErrno::NoSpc, "write past the end of the export"));
+        }
+        Ok(Command::Write {
+            offset: self.offset,
+            length: self.length,
+            durability: self.durability,
+        })
+    }
+
+    /// `NBD_CMD_TRIM`: range only (no payload).
+    fn trim(&self) -> Result<Command, Refusal> {
+        if !self.in_range {
+            return Err(refuse(NbdErrno::Inval, "trim past the end of the export"));
+        }
+        Ok(Command::Trim {
+            offset: self.offset,
+            length: self.length,
+            durability: self.durability,
+        })
+    }
+
+    /// `NBD_CMD_CACHE`: range only; the hint itself is ignored.
+    fn cache(&self) -> Result<Command, Refusal> {
+        if !self.in_range {
+            return Err(refuse(NbdErrno::Inval, "cache past the end of the export"));
+        }
+        Ok(Command::Cache)
+    }
+
+    /// `NBD_CMD_WRITE_ZEROES`: range only (`ENOSPC` past the end).
+    fn write_zeroes(&self) -> Result<Command, Refusal> {
+        if !self.in_range {
+            return Err(refuse(
+                NbdErrno::NoSpc,
+                "write zeroes past the end of the export",
+            ));
+        }
+        let mode = if self.flags & CMD_FLAG_NO_HOLE != 0 {
+            ZeroMode::Allocate
+        } else {
+            ZeroMode::MayPunch
+        };
+        Ok(Command::WriteZeroes {
+            offset: self.offset,
+            length: self.length,
+            mode,
+            durability: self.durability,
+        })
+    }
+
+    /// `NBD_CMD_BLOCK_STATUS`: a selected context, then a nonzero length, then range.
+    fn block_status(&self, session: &Session) -> Result<Command, Refusal> {
+        if !session.structured || !session.base_allocation {
+            return Err(refuse(NbdErrno::Inval, "no metadata context was selected"));
+        }
+        if self.length == 0 {
+            return Err(refuse(NbdErrno::Inval, "block status of zero bytes"));
+        }
+        if !self.in_range {
+            return Err(refuse(
+                NbdErrno::Inval,
+                "block status past the end of the export",
+            ));
+        }
+        Ok(Command::BlockStatus {
+            offset: self.offset,
+            length: self.length,
+            one_extent: self.flags & CMD_FLAG_REQ_ONE != 0,
+        })
     }
 }
 
