@@ -346,6 +346,7 @@ impl Tracker {
         let record = match state::read(&config.state_path) {
             Ok(r) => r,
             Err(why) => {
+                let why = ferry_io::chain(&why);
                 tracing::error!(disk = %disk, path = %config.state_path.display(), %why, "state file unreadable");
                 return Err(ResyncReason::StateUnreadable);
             }

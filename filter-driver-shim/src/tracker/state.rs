@@ -69,35 +69,27 @@ impl StateRecord {
     }
 
     /// Parses a state file; any deviation is an error naming what is wrong.
-    pub fn decode(text: &str) -> Result<StateRecord, String> {
-        let body_end = text
-            .rfind("checksum ")
-            .ok_or_else(|| "no checksum line".to_string())?;
-        let (body, tail) = text.split_at(body_end);
-        let stored = tail
-            .strip_prefix("checksum ")
-            .and_then(|t| t.strip_suffix('\n'))
-            .and_then(|t| u64::from_str_radix(t, 16).ok())
-            .ok_or_else(|| "malformed checksum line".to_string())?;
-        let computed = xxh3_64(body.as_bytes());
-        if stored != computed {
-            return Err(format!(
-                "checksum mismatch: stored {stored:016x}, computed {computed:016x}"
-            ));
-        }
+    pub fn decode(text: &str) -> Result<StateRecord, StateFileError> {
+        use StateFileError as E;
+        let body = checked_body(text)?;
         let mut lines = body.lines();
         if lines.next() != Some(HEADER) {
-            return Err(format!("first line is not `{HEADER}`"));
+            return Err(E::Header);
         }
-        let mut field = |key: &str| -> Result<&str, String> {
-            let line = lines.next().ok_or_else(|| format!("missing `{key}`"))?;
+        let mut field = |key: &'static str| -> Result<&str, StateFileError> {
+            let line = lines.next().ok_or(E::Missing { key })?;
             line.strip_prefix(key)
                 .and_then(|v| v.strip_prefix(' '))
-                .ok_or_else(|| format!("expected `{key}`, found `{line}`"))
+                .ok_or_else(|| E::Unexpected {
+                    key,
+                    found: line.to_string(),
+                })
         };
-        fn num<T: std::str::FromStr>(key: &str, v: &str) -> Result<T, String> {
-            v.parse()
-                .map_err(|_| format!("`{key}` is not a number: `{v}`"))
+        fn num<T: std::str::FromStr>(key: &'static str, v: &str) -> Result<T, StateFileError> {
+            v.parse().map_err(|_| E::NotANumber {
+                key,
+                value: v.to_string(),
+            })
         }
         let generation_id = parse_generation(field("generation")?)?;
         let block_size = num("block_size", field("block_size")?)?;
@@ -111,17 +103,16 @@ impl StateRecord {
         let shutdown = match field("shutdown")? {
             "clean" => Shutdown::Clean,
             "running" => Shutdown::Running,
-            other => return Err(format!("unknown shutdown state `{other}`")),
+            other => return Err(E::Shutdown(other.to_string())),
         };
         let resync = match field("resync")? {
             "none" => None,
-            other => Some(
-                ResyncReason::from_token(other)
-                    .ok_or_else(|| format!("unknown resync reason `{other}`"))?,
-            ),
+            other => {
+                Some(ResyncReason::from_token(other).ok_or_else(|| E::Resync(other.to_string()))?)
+            }
         };
         if lines.next().is_some() {
-            return Err("unexpected trailing lines".to_string());
+            return Err(E::TrailingLines);
         }
         Ok(StateRecord {
             generation_id,
@@ -133,32 +124,84 @@ impl StateRecord {
     }
 }
 
-fn parse_generation(hex: &str) -> Result<GenerationId, String> {
+/// Why a state file cannot be used; the shim then starts a new generation owing a
+/// resync (`state-unreadable`) and logs this.
+#[derive(Debug, thiserror::Error)]
+pub enum StateFileError {
+    #[error("cannot read it")]
+    Read(#[source] io::Error),
+    #[error("{0} bytes is too long for a state file")]
+    TooLong(usize),
+    #[error("not UTF-8")]
+    NotUtf8,
+    #[error("no checksum line")]
+    NoChecksum,
+    #[error("malformed checksum line")]
+    MalformedChecksum,
+    #[error("checksum mismatch: stored {stored:016x}, computed {computed:016x}")]
+    ChecksumMismatch { stored: u64, computed: u64 },
+    #[error("first line is not `{HEADER}`")]
+    Header,
+    #[error("missing `{key}`")]
+    Missing { key: &'static str },
+    #[error("expected `{key}`, found `{found}`")]
+    Unexpected { key: &'static str, found: String },
+    #[error("`{key}` is not a number: `{value}`")]
+    NotANumber { key: &'static str, value: String },
+    #[error("generation `{0}` is not 32 hex digits")]
+    Generation(String),
+    #[error("generation is all zeros")]
+    NilGeneration,
+    #[error("unknown shutdown state `{0}`")]
+    Shutdown(String),
+    #[error("unknown resync reason `{0}`")]
+    Resync(String),
+    #[error("unexpected trailing lines")]
+    TrailingLines,
+}
+
+/// The text before the checksum line, if the checksum matches it.
+fn checked_body(text: &str) -> Result<&str, StateFileError> {
+    let body_end = text.rfind("checksum ").ok_or(StateFileError::NoChecksum)?;
+    let (body, tail) = text.split_at(body_end);
+    let stored = tail
+        .strip_prefix("checksum ")
+        .and_then(|t| t.strip_suffix('\n'))
+        .and_then(|t| u64::from_str_radix(t, 16).ok())
+        .ok_or(StateFileError::MalformedChecksum)?;
+    let computed = xxh3_64(body.as_bytes());
+    if stored != computed {
+        return Err(StateFileError::ChecksumMismatch { stored, computed });
+    }
+    Ok(body)
+}
+
+fn parse_generation(hex: &str) -> Result<GenerationId, StateFileError> {
+    let bad = || StateFileError::Generation(hex.to_string());
     if hex.len() != 32 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err(format!("generation `{hex}` is not 32 hex digits"));
+        return Err(bad());
     }
     let mut bytes = [0u8; 16];
     for (i, b) in bytes.iter_mut().enumerate() {
-        *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16)
-            .map_err(|_| format!("generation `{hex}` is not hex"))?;
+        *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).map_err(|_| bad())?;
     }
     let id = GenerationId::from_bytes(bytes);
     if id.is_nil() {
-        return Err("generation is all zeros".to_string());
+        return Err(StateFileError::NilGeneration);
     }
     Ok(id)
 }
 
-/// Reads the state file: `Ok(None)` if absent, `Err(reason)` if unreadable or invalid.
-pub fn read(path: &Path) -> Result<Option<StateRecord>, String> {
+/// Reads the state file: `Ok(None)` if absent.
+pub fn read(path: &Path) -> Result<Option<StateRecord>, StateFileError> {
     match fs::read(path) {
-        Ok(bytes) if bytes.len() > 4096 => Err(format!("{} bytes is too long", bytes.len())),
+        Ok(bytes) if bytes.len() > 4096 => Err(StateFileError::TooLong(bytes.len())),
         Ok(bytes) => {
-            let text = String::from_utf8(bytes).map_err(|_| "not UTF-8".to_string())?;
+            let text = String::from_utf8(bytes).map_err(|_| StateFileError::NotUtf8)?;
             StateRecord::decode(&text).map(Some)
         }
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(e.to_string()),
+        Err(e) => Err(StateFileError::Read(e)),
     }
 }
 
