@@ -172,7 +172,7 @@ fn serve<R: std::io::Read, W: std::io::Write>(
         undo: undo_disks,
     } = DiskSet::from(opened);
     let (max_logical, slot_size) = batch_shape(announced, &disks)?;
-    let pools = Pools::new(slot_size)?;
+    let mut pools = Pools::new(slot_size)?;
     let (tx, rx) = spsc::channel::<ApplyMsg>(APPLY_RING_DEPTH);
     let failed = AtomicBool::new(false);
     let names: Vec<String> = disks.iter().map(|d| d.name.clone()).collect();
@@ -182,8 +182,8 @@ fn serve<R: std::io::Read, W: std::io::Write>(
         received: Received::new(disks.len()),
         reader,
         control,
-        recv_alloc: pools.recv,
-        scratch_alloc: pools.scratch,
+        recv_alloc: &mut pools.recv,
+        scratch_alloc: &mut pools.scratch,
         tx,
         failed: &failed,
         disks,
@@ -370,8 +370,9 @@ struct Receiver<'a, R> {
     reader: &'a mut FrameReader<R>,
     /// Buffer for frames that do not go to the applier.
     control: Vec<u8>,
-    recv_alloc: PoolAlloc,
-    scratch_alloc: PoolAlloc,
+    /// Borrowed: the pools outlive the applier, which registered their memory.
+    recv_alloc: &'a mut PoolAlloc,
+    scratch_alloc: &'a mut PoolAlloc,
     tx: spsc::Producer<ApplyMsg>,
     /// Set by the applier when it failed.
     failed: &'a AtomicBool,
