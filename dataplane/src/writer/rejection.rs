@@ -318,3 +318,85 @@ impl From<Rejection> for TargetError {
         TargetError::Rejected(r)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What the source is told: the chain of the session's error, as `run` sends it.
+    fn told(r: Rejection) -> (ErrorCode, String) {
+        let e = TargetError::from(r);
+        (e.code(), crate::chain(&e))
+    }
+
+    /// A rejection with a cause tells the peer the same words as the single formatted
+    /// message it replaced: its own text, then the cause's chain.
+    #[test]
+    fn a_cause_is_told_after_the_reason_as_before() {
+        let (code, text) = told(Rejection::OpenReplica {
+            disk: "d".into(),
+            source: IoError::ReplicaTooSmall {
+                path: "/r".into(),
+                device_bytes: 1,
+                required_bytes: 2,
+            },
+        });
+        assert_eq!(code, ErrorCode::ReplicaTooSmall);
+        assert!(text.starts_with("disk d: "), "{text}");
+        let (code, text) = told(Rejection::ReadReplica {
+            disk: "d".into(),
+            offset: 4096,
+            source: std::io::Error::other("boom"),
+        });
+        assert_eq!(code, ErrorCode::Io);
+        assert_eq!(text, "disk d: read at 4096: boom");
+    }
+
+    #[test]
+    fn texts_keep_their_words() {
+        assert_eq!(
+            told(Rejection::UnknownDisk {
+                name: "x".into(),
+                configured: vec!["a".into(), "b".into()],
+            }),
+            (
+                ErrorCode::UnknownDisk,
+                "unknown disk \"x\": this target is configured for a, b".to_string()
+            )
+        );
+        assert_eq!(
+            told(Rejection::BaseMismatch {
+                disk: "d".into(),
+                base_epoch: 3,
+                generation: [0xab; 16],
+                held: None,
+            })
+            .1,
+            format!(
+                "disk d: the change set is based on epoch 3 of generation {}, but the replica holds no acknowledged epoch; run a seeded sync (--mode seeded)",
+                "ab".repeat(16)
+            )
+        );
+        assert_eq!(
+            told(Rejection::RecordOutside {
+                disk: "d".into(),
+                record: 2,
+                why: RecordRange::PastEnd {
+                    offset: 8,
+                    disk_size: 4,
+                },
+            }),
+            (
+                ErrorCode::OutOfRange,
+                "disk d: record 2: offset 8 is past the end of the disk (4 bytes)".to_string()
+            )
+        );
+        assert_eq!(
+            told(Rejection::MalformedData(MalformedData::NoRecords)),
+            (
+                ErrorCode::Protocol,
+                "malformed data frame: no records".to_string()
+            )
+        );
+    }
+}
