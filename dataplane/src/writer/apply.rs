@@ -110,30 +110,42 @@ struct InFlightFrame {
     end: u64,
 }
 
+/// The session's buffers as the applier sees them: the registered iovec table, the
+/// pools' return ends, and where the scratch pool starts in the table.
+pub struct ApplyBuffers<'a> {
+    pub iovecs: &'a crate::buffers::IovecTable,
+    /// Receive slots: in-flight frames are indexed by their receive slot.
+    pub recv_slots: usize,
+    pub scratch_base: crate::buffers::FixedBase,
+    pub recv_return: PoolReturn,
+    pub scratch_return: PoolReturn,
+}
+
 /// Runs until the session drops its end of the ring. Slots are released to their
 /// pools here, and only here.
-#[allow(clippy::too_many_arguments)]
 pub fn applier_loop(
     kind: EngineKind,
     queue_depth: usize,
     disks: ApplyDisks<'_>,
-    iovecs: &crate::buffers::IovecTable,
-    recv_slots: usize,
-    scratch_base: crate::buffers::FixedBase,
+    buffers: ApplyBuffers<'_>,
     mut rx: spsc::Consumer<ApplyMsg>,
-    mut recv_return: PoolReturn,
-    mut scratch_return: PoolReturn,
     failed: &AtomicBool,
     undo: &mut UndoLog,
 ) {
-    // Old bytes on their way into the undo log; one frame's worth at most.
-    let mut undo_buf: Vec<u8> = vec![0u8; UNDO_CHUNK];
+    let ApplyBuffers {
+        iovecs,
+        recv_slots,
+        scratch_base,
+        mut recv_return,
+        mut scratch_return,
+    } = buffers;
     let fds: Vec<RawFd> = disks.disks.iter().map(|d| d.fd()).collect();
     // SAFETY: the session owns both pools for longer than this function runs, and the
-    // engine is dropped before this function returns; slot memory is reached only
-    // through slots and views of slots held in `frames` while in flight.
+    // engine (held by the `Applier` below) is dropped before this function returns;
+    // slot memory is reached only through slots and views of slots held in
+    // `InFlight::frames` while in flight.
     let fixed = unsafe { iovecs.fixed() };
-    let mut engine = match io::open_engine::<SlotView>(kind, queue_depth, &fds, Some(fixed)) {
+    let engine = match io::open_engine::<SlotView>(kind, queue_depth, &fds, Some(fixed)) {
         Ok(e) => e,
         Err(e) => {
             failed.store(true, Ordering::Release);
@@ -146,302 +158,358 @@ pub fn applier_loop(
             return;
         }
     };
-    let mut inflight = InFlight {
-        frames: (0..recv_slots).map(|_| None).collect(),
-        completions: Vec::with_capacity(queue_depth),
-        error: None,
-        recv_return,
-        scratch_return,
+    let mut applier = Applier {
+        inflight: InFlight {
+            frames: (0..recv_slots).map(|_| None).collect(),
+            completions: Vec::with_capacity(queue_depth),
+            error: None,
+            recv_return,
+            scratch_return,
+        },
+        engine,
+        disks,
+        scratch_base,
+        failed,
+        undo,
+        undo_buf: vec![0u8; UNDO_CHUNK],
+        applied: 0,
     };
-    let mut applied: u64 = 0;
-
-    loop {
-        // With writes in flight, inflight.completions must be reaped even when no new work
-        // arrives: they return the receive buffers the session is waiting for.
-        let msg = if engine.in_flight() > 0 {
-            match rx.pop() {
-                Some(m) => m,
-                None if rx.is_abandoned() && rx.is_empty() => break,
-                None => {
-                    inflight.reap(&mut engine, 1, failed);
-                    continue;
-                }
-            }
-        } else {
-            match rx.pop_wait() {
-                Some(m) => m,
-                None => break,
-            }
-        };
+    while let Some(msg) = applier.next(&mut rx) {
         match msg {
             ApplyMsg::Data {
                 disk,
                 recv,
                 scratch,
-            } => {
-                if inflight.error.is_some() {
-                    release(
-                        &mut inflight.recv_return,
-                        &mut inflight.scratch_return,
-                        recv,
-                        scratch,
-                    );
+            } => applier.data(disk, recv, scratch),
+            ApplyMsg::Zero { disk, offset, len } => applier.zero(disk, offset, len),
+            ApplyMsg::Barrier { reply } => applier.barrier(reply),
+        }
+    }
+    applier.drain();
+}
+
+/// The writes of one data frame, in record order, neighbours coalesced: the first 64
+/// inline, the rare rest spilled; and the zero blocks, applied apart.
+struct FrameWrites {
+    inline: [(Place, u64, usize); 64],
+    n: usize,
+    spill: Vec<(Place, u64, usize)>,
+    zeros: Vec<(u64, u64)>,
+}
+
+impl FrameWrites {
+    /// Plans the writes of a verified frame; returns them with the bytes of disk the
+    /// frame covers (zero blocks included).
+    fn plan(payload: &[u8]) -> (Self, u64) {
+        let mut w = FrameWrites {
+            inline: [(Place::Zero, 0, 0); 64],
+            n: 0,
+            spill: Vec::new(),
+            zeros: Vec::new(),
+        };
+        let mut covered = 0u64;
+        let (_, recs) = records(payload).expect("the session verified this frame");
+        let mut placer = Placer::new();
+        let mut last: Option<(Place, u64, usize)> = None;
+        for rec in recs {
+            let place = placer.place(rec);
+            let offset = rec.offset.get();
+            let len = rec.length.get() as usize;
+            covered += len as u64;
+            if place == Place::Zero {
+                w.zeros.push((offset, len as u64));
+                continue;
+            }
+            if let Some((p, o, l)) = last.as_mut() {
+                let contiguous = *o + *l as u64 == offset
+                    && match (*p, place) {
+                        (Place::Recv(a), Place::Recv(b))
+                        | (Place::Scratch(a), Place::Scratch(b)) => a + *l == b,
+                        _ => false,
+                    }
+                    && *l % 4096 == 0;
+                if contiguous {
+                    *l += len;
                     continue;
                 }
-                let tag = recv.index() as usize;
-                // Collect the writes first (coalescing neighbours), then submit.
-                let mut writes: [(Place, u64, usize); 64] = [(Place::Zero, 0, 0); 64];
-                let mut nwrites = 0usize;
-                let mut spill: Vec<(Place, u64, usize)> = Vec::new();
-                let mut zeros: Vec<(u64, u64)> = Vec::new();
-                {
-                    let payload = recv.as_slice();
-                    let (_, recs) = records(payload).expect("the session verified this frame");
-                    let mut placer = Placer::new();
-                    let mut last: Option<(Place, u64, usize)> = None;
-                    for rec in recs {
-                        let place = placer.place(rec);
-                        let offset = rec.offset.get();
-                        let len = rec.length.get() as usize;
-                        applied += len as u64;
-                        if place == Place::Zero {
-                            zeros.push((offset, len as u64));
-                            continue;
-                        }
-                        if let Some((p, o, l)) = last.as_mut() {
-                            let contiguous = *o + *l as u64 == offset
-                                && match (*p, place) {
-                                    (Place::Recv(a), Place::Recv(b))
-                                    | (Place::Scratch(a), Place::Scratch(b)) => a + *l == b,
-                                    _ => false,
-                                }
-                                && *l % 4096 == 0;
-                            if contiguous {
-                                *l += len;
-                                continue;
-                            }
-                            let w = (*p, *o, *l);
-                            if nwrites < writes.len() {
-                                writes[nwrites] = w;
-                                nwrites += 1;
-                            } else {
-                                spill.push(w);
-                            }
-                        }
-                        last = Some((place, offset, len));
-                    }
-                    if let Some(w) = last {
-                        if nwrites < writes.len() {
-                            writes[nwrites] = w;
-                            nwrites += 1;
-                        } else {
-                            spill.push(w);
-                        }
-                    }
-                }
-                // Atomic epochs: the bytes about to be overwritten are durable in the
-                // undo log before any write of this frame is issued.
-                if undo.logs(disk) {
-                    let file = &disks.buffered[disk as usize];
-                    let logged = writes[..nwrites]
-                        .iter()
-                        .chain(spill.iter())
-                        .map(|&(_, o, l)| (o, l as u64))
-                        .chain(zeros.iter().copied())
-                        .try_for_each(|(o, l)| {
-                            log_old(undo, file, disk, o, l, &mut undo_buf, false)
-                        })
-                        .and_then(|_| undo.sync());
-                    if let Err(source) = logged {
-                        inflight.fail(|| ApplyError::Stage {
-                            disk: disks.names[disk as usize].clone(),
-                            source,
-                        });
-                        failed.store(true, Ordering::Release);
-                        release(
-                            &mut inflight.recv_return,
-                            &mut inflight.scratch_return,
-                            recv,
-                            scratch,
-                        );
-                        continue;
-                    }
-                }
-                for (offset, len) in zeros {
-                    inflight.settle(&mut engine, disk, offset, offset + len, failed);
-                    if inflight.error.is_some() {
-                        break;
-                    }
-                    if let Err(source) = disks.disks[disk as usize].zero_range(offset, len) {
-                        inflight.fail(|| ApplyError::Zero {
-                            disk: disks.names[disk as usize].clone(),
-                            source,
-                        });
-                        failed.store(true, Ordering::Release);
-                    }
-                }
-                // The frame enters the table before its first write, holding one extra
-                // reference for the submission itself, so a completion reaped while
-                // the queue is full can never release the buffers under us.
-                let (start, end) = writes[..nwrites]
-                    .iter()
-                    .chain(spill.iter())
-                    .fold((u64::MAX, 0), |(s, e), &(_, o, l)| {
-                        (s.min(o), e.max(o + l as u64))
-                    });
-                inflight.frames[tag] = Some(InFlightFrame {
-                    recv,
-                    scratch,
-                    pending: 1,
-                    disk,
-                    start,
-                    end,
-                });
-                let all = writes[..nwrites].iter().chain(spill.iter());
-                for &(place, offset, len) in all {
-                    let entry = inflight.frames[tag].as_mut().expect("entered above");
-                    let (slot, at, base) = match place {
-                        Place::Recv(at) => (
-                            &mut entry.recv,
-                            at,
-                            crate::buffers::IovecTable::first_base(),
-                        ),
-                        Place::Scratch(at) => (
-                            entry
-                                .scratch
-                                .as_mut()
-                                .expect("scratch placement without a scratch slot"),
-                            at,
-                            scratch_base,
-                        ),
-                        Place::Zero => unreachable!("zero blocks are not written"),
-                    };
-                    let d = &disks.disks[disk as usize];
-                    if d.is_direct() && len % 512 != 0 {
-                        // The partial sector at the end of an odd-sized disk.
-                        let bytes = &slot.as_slice()[at..at + len];
-                        if let Err(source) =
-                            disks.buffered[disk as usize].write_all_at(bytes, offset)
-                        {
-                            inflight.fail(|| ApplyError::PartialSector {
-                                disk: disks.names[disk as usize].clone(),
-                                offset,
-                                source,
-                            });
-                            failed.store(true, Ordering::Release);
-                        }
-                        continue;
-                    }
-                    // SAFETY: the slot stays in `inflight.frames[tag]` until `pending` reaches
-                    // zero, which happens only after the last write using this view was
-                    // reaped (and the submission reference below was dropped).
-                    let view = unsafe { SlotView::new(slot, at, len, base) };
-                    let mut view = Some(view);
-                    loop {
-                        if engine.in_flight() >= engine.queue_depth() {
-                            inflight.reap(&mut engine, 1, failed);
-                        }
-                        match engine.submit_write(
-                            DiskId(disk),
-                            view.take().expect("view present"),
-                            offset,
-                            len as u32,
-                            tag as u64,
-                        ) {
-                            Ok(()) => {
-                                inflight.frames[tag]
-                                    .as_mut()
-                                    .expect("held by the submission reference")
-                                    .pending += 1;
-                                break;
-                            }
-                            Err((IoError::QueueFull { .. }, v)) => view = Some(v),
-                            Err((source, _v)) => {
-                                inflight.fail(|| ApplyError::Submit {
-                                    disk: disks.names[disk as usize].clone(),
-                                    source,
-                                });
-                                failed.store(true, Ordering::Release);
-                                break;
-                            }
-                        }
-                    }
-                }
-                let entry = inflight.frames[tag]
-                    .as_mut()
-                    .expect("held by the submission reference");
-                entry.pending -= 1;
-                if entry.pending == 0 {
-                    let f = inflight.frames[tag].take().expect("checked above");
-                    release(
-                        &mut inflight.recv_return,
-                        &mut inflight.scratch_return,
-                        f.recv,
-                        f.scratch,
-                    );
-                }
+                w.push((*p, *o, *l));
             }
-            ApplyMsg::Zero { disk, offset, len } => {
-                if inflight.error.is_none() && undo.logs(disk) {
-                    let file = &disks.buffered[disk as usize];
-                    if let Err(source) = log_old(undo, file, disk, offset, len, &mut undo_buf, true)
-                        .and_then(|_| undo.sync())
-                    {
-                        inflight.fail(|| ApplyError::Stage {
-                            disk: disks.names[disk as usize].clone(),
-                            source,
-                        });
-                        failed.store(true, Ordering::Release);
-                    }
-                }
-                if inflight.error.is_none() {
-                    inflight.settle(&mut engine, disk, offset, offset + len, failed);
-                }
-                if inflight.error.is_none() {
-                    match disks.disks[disk as usize].zero_range(offset, len) {
-                        Ok(()) => applied += len,
-                        Err(source) => {
-                            inflight.fail(|| ApplyError::Zero {
-                                disk: disks.names[disk as usize].clone(),
-                                source,
-                            });
-                            failed.store(true, Ordering::Release);
-                        }
-                    }
-                }
+            last = Some((place, offset, len));
+        }
+        if let Some(last) = last {
+            w.push(last);
+        }
+        (w, covered)
+    }
+
+    fn push(&mut self, write: (Place, u64, usize)) {
+        if self.n < self.inline.len() {
+            self.inline[self.n] = write;
+            self.n += 1;
+        } else {
+            self.spill.push(write);
+        }
+    }
+
+    /// Every write, in order.
+    fn iter(&self) -> impl Iterator<Item = &(Place, u64, usize)> {
+        self.inline[..self.n].iter().chain(self.spill.iter())
+    }
+
+    /// The bytes of the disk the writes cover, from the first's offset to the last's
+    /// end.
+    fn span(&self) -> (u64, u64) {
+        self.iter().fold((u64::MAX, 0), |(s, e), &(_, o, l)| {
+            (s.min(o), e.max(o + l as u64))
+        })
+    }
+}
+
+/// The applier's state for one session: the engine, the frames in flight, and the
+/// undo log the old bytes go to first.
+struct Applier<'a> {
+    // Declared before `engine`, so dropped first, as before the split.
+    inflight: InFlight,
+    engine: io::Engine<SlotView>,
+    disks: ApplyDisks<'a>,
+    scratch_base: crate::buffers::FixedBase,
+    failed: &'a AtomicBool,
+    undo: &'a mut UndoLog,
+    /// Old bytes on their way into the undo log; one frame's worth at most.
+    undo_buf: Vec<u8>,
+    /// Bytes of disk applied so far this epoch.
+    applied: u64,
+}
+
+impl Applier<'_> {
+    /// The next message, or `None` once the session dropped its end and everything was
+    /// taken. With writes in flight, completions are reaped while waiting: they return
+    /// the receive buffers the session is waiting for.
+    fn next(&mut self, rx: &mut spsc::Consumer<ApplyMsg>) -> Option<ApplyMsg> {
+        loop {
+            if self.engine.in_flight() == 0 {
+                return rx.pop_wait();
             }
-            ApplyMsg::Barrier { reply } => {
-                while engine.in_flight() > 0 && !failed.load(Ordering::Acquire) {
-                    inflight.reap(&mut engine, 1, failed);
-                }
-                if inflight.error.is_none() {
-                    for (d, name) in disks.disks.iter().zip(disks.names) {
-                        if let Err(source) = d.sync_data() {
-                            inflight.fail(|| ApplyError::Sync {
-                                disk: name.clone(),
-                                source,
-                            });
-                            failed.store(true, Ordering::Release);
-                            break;
-                        }
-                    }
-                }
-                let _ = reply.send(match &inflight.error {
-                    None => Ok(applied),
-                    Some(e) => Err(Arc::clone(e)),
-                });
+            match rx.pop() {
+                Some(m) => return Some(m),
+                None if rx.is_abandoned() && rx.is_empty() => return None,
+                None => self.inflight.reap(&mut self.engine, 1, self.failed),
             }
         }
     }
-    // Reap everything before the buffers can go away.
-    while engine.in_flight() > 0 {
-        let before = engine.in_flight();
-        inflight.reap(&mut engine, 1, failed);
-        if engine.in_flight() == before && inflight.error.is_some() {
-            // The engine itself failed; waiting again would not help. Leak the slots
-            // rather than free memory the kernel may still write.
-            std::mem::forget(inflight.frames);
+
+    /// Records the first failure and tells the session.
+    fn fail(&mut self, error: impl FnOnce() -> ApplyError) {
+        self.inflight.fail(error);
+        self.failed.store(true, Ordering::Release);
+    }
+
+    fn name(&self, disk: u32) -> String {
+        self.disks.names[disk as usize].clone()
+    }
+
+    /// A verified data frame: its old bytes into the undo log, its zero blocks applied,
+    /// then its writes submitted. After a failure, its buffers only go back.
+    fn data(&mut self, disk: u32, recv: Slot, scratch: Option<Slot>) {
+        if self.inflight.error.is_some() {
+            self.inflight.release(recv, scratch);
             return;
+        }
+        let (writes, covered) = FrameWrites::plan(recv.as_slice());
+        self.applied += covered;
+        // Atomic epochs: the bytes about to be overwritten are durable in the undo log
+        // before any write of this frame is issued.
+        if !self.stage_frame(disk, &writes) {
+            self.inflight.release(recv, scratch);
+            return;
+        }
+        for &(offset, len) in &writes.zeros {
+            self.inflight
+                .settle(&mut self.engine, disk, offset, offset + len, self.failed);
+            if self.inflight.error.is_some() {
+                break;
+            }
+            if let Err(source) = self.disks.disks[disk as usize].zero_range(offset, len) {
+                let disk = self.name(disk);
+                self.fail(|| ApplyError::Zero { disk, source });
+            }
+        }
+        self.submit_frame(disk, recv, scratch, &writes);
+    }
+
+    /// Logs the old bytes under every write and zero block of a frame and syncs the
+    /// log; false (with the failure recorded) if that failed.
+    fn stage_frame(&mut self, disk: u32, writes: &FrameWrites) -> bool {
+        if !self.undo.logs(disk) {
+            return true;
+        }
+        let file = &self.disks.buffered[disk as usize];
+        let (undo, buf) = (&mut *self.undo, &mut self.undo_buf);
+        let logged = writes
+            .iter()
+            .map(|&(_, o, l)| (o, l as u64))
+            .chain(writes.zeros.iter().copied())
+            .try_for_each(|(o, l)| log_old(undo, file, disk, o, l, buf, false))
+            .and_then(|_| undo.sync());
+        match logged {
+            Ok(()) => true,
+            Err(source) => {
+                let disk = self.name(disk);
+                self.fail(|| ApplyError::Stage { disk, source });
+                false
+            }
+        }
+    }
+
+    /// Enters the frame in the table, submits its writes, then drops the submission's
+    /// reference; the frame's buffers go back when its last write completed.
+    fn submit_frame(&mut self, disk: u32, recv: Slot, scratch: Option<Slot>, writes: &FrameWrites) {
+        let tag = recv.index() as usize;
+        // The frame enters the table before its first write, holding one extra
+        // reference for the submission itself, so a completion reaped while the queue
+        // is full can never release the buffers under us.
+        let (start, end) = writes.span();
+        self.inflight.frames[tag] = Some(InFlightFrame {
+            recv,
+            scratch,
+            pending: 1,
+            disk,
+            start,
+            end,
+        });
+        for &(place, offset, len) in writes.iter() {
+            self.submit_write(tag, disk, place, offset, len);
+        }
+        self.inflight.finish_one(tag);
+    }
+
+    /// Submits one write of the frame in slot `tag`, reaping first while the queue is
+    /// full. The partial sector at the end of an odd-sized disk is written at once
+    /// through the buffered handle instead.
+    fn submit_write(&mut self, tag: usize, disk: u32, place: Place, offset: u64, len: usize) {
+        let scratch_base = self.scratch_base;
+        let entry = self.inflight.frames[tag].as_mut().expect("entered above");
+        let (slot, at, base) = match place {
+            Place::Recv(at) => (
+                &mut entry.recv,
+                at,
+                crate::buffers::IovecTable::first_base(),
+            ),
+            Place::Scratch(at) => (
+                entry
+                    .scratch
+                    .as_mut()
+                    .expect("scratch placement without a scratch slot"),
+                at,
+                scratch_base,
+            ),
+            Place::Zero => unreachable!("zero blocks are not written"),
+        };
+        if self.disks.disks[disk as usize].is_direct() && !len.is_multiple_of(512) {
+            let bytes = &slot.as_slice()[at..at + len];
+            if let Err(source) = self.disks.buffered[disk as usize].write_all_at(bytes, offset) {
+                let disk = self.name(disk);
+                self.fail(|| ApplyError::PartialSector {
+                    disk,
+                    offset,
+                    source,
+                });
+            }
+            return;
+        }
+        // SAFETY: the slot stays in `inflight.frames[tag]` until `pending` reaches zero,
+        // which happens only after the last write using this view was reaped (and the
+        // submission reference, dropped by `submit_frame`, was dropped).
+        let mut view = Some(unsafe { SlotView::new(slot, at, len, base) });
+        loop {
+            if self.engine.in_flight() >= self.engine.queue_depth() {
+                self.inflight.reap(&mut self.engine, 1, self.failed);
+            }
+            let v = view.take().expect("view present");
+            match self
+                .engine
+                .submit_write(DiskId(disk), v, offset, len as u32, tag as u64)
+            {
+                Ok(()) => {
+                    self.inflight.frames[tag]
+                        .as_mut()
+                        .expect("held by the submission reference")
+                        .pending += 1;
+                    return;
+                }
+                Err((IoError::QueueFull { .. }, v)) => view = Some(v),
+                Err((source, _v)) => {
+                    let disk = self.name(disk);
+                    self.fail(|| ApplyError::Submit { disk, source });
+                    return;
+                }
+            }
+        }
+    }
+
+    /// A zero range: its old bytes into the undo log, every overlapping write reaped,
+    /// then the range zeroed.
+    fn zero(&mut self, disk: u32, offset: u64, len: u64) {
+        if self.inflight.error.is_none() && self.undo.logs(disk) {
+            let file = &self.disks.buffered[disk as usize];
+            if let Err(source) =
+                log_old(self.undo, file, disk, offset, len, &mut self.undo_buf, true)
+                    .and_then(|_| self.undo.sync())
+            {
+                let disk = self.name(disk);
+                self.fail(|| ApplyError::Stage { disk, source });
+            }
+        }
+        if self.inflight.error.is_none() {
+            self.inflight
+                .settle(&mut self.engine, disk, offset, offset + len, self.failed);
+        }
+        if self.inflight.error.is_none() {
+            match self.disks.disks[disk as usize].zero_range(offset, len) {
+                Ok(()) => self.applied += len,
+                Err(source) => {
+                    let disk = self.name(disk);
+                    self.fail(|| ApplyError::Zero { disk, source });
+                }
+            }
+        }
+    }
+
+    /// Drains every write, fsyncs every disk, and answers with the bytes applied or the
+    /// first failure.
+    fn barrier(&mut self, reply: mpsc::SyncSender<Result<u64, Arc<ApplyError>>>) {
+        while self.engine.in_flight() > 0 && !self.failed.load(Ordering::Acquire) {
+            self.inflight.reap(&mut self.engine, 1, self.failed);
+        }
+        if self.inflight.error.is_none() {
+            for (d, name) in self.disks.disks.iter().zip(self.disks.names) {
+                if let Err(source) = d.sync_data() {
+                    self.inflight.fail(|| ApplyError::Sync {
+                        disk: name.clone(),
+                        source,
+                    });
+                    self.failed.store(true, Ordering::Release);
+                    break;
+                }
+            }
+        }
+        let _ = reply.send(match &self.inflight.error {
+            None => Ok(self.applied),
+            Some(e) => Err(Arc::clone(e)),
+        });
+    }
+
+    /// Reaps everything before the buffers can go away.
+    fn drain(mut self) {
+        while self.engine.in_flight() > 0 {
+            let before = self.engine.in_flight();
+            self.inflight.reap(&mut self.engine, 1, self.failed);
+            if self.engine.in_flight() == before && self.inflight.error.is_some() {
+                // The engine itself failed; waiting again would not help. Leak the slots
+                // rather than free memory the kernel may still write.
+                std::mem::forget(std::mem::take(&mut self.inflight.frames));
+                return;
+            }
         }
     }
 }
@@ -461,6 +529,26 @@ struct InFlight {
 }
 
 impl InFlight {
+    /// Returns a frame's buffers to their pools.
+    fn release(&mut self, recv: Slot, scratch: Option<Slot>) {
+        release(
+            &mut self.recv_return,
+            &mut self.scratch_return,
+            recv,
+            scratch,
+        );
+    }
+
+    /// Drops one reference of the frame in slot `tag`; the last one releases it.
+    fn finish_one(&mut self, tag: usize) {
+        finish(
+            &mut self.frames,
+            &mut self.recv_return,
+            &mut self.scratch_return,
+            tag,
+        );
+    }
+
     /// Records the first failure; later ones are consequences of it.
     fn fail(&mut self, error: impl FnOnce() -> ApplyError) {
         if self.error.is_none() {
@@ -516,20 +604,32 @@ impl InFlight {
                 failed.store(true, Ordering::Release);
             }
             let _view_done = c.buf;
-            let entry = self.frames[c.tag as usize]
-                .as_mut()
-                .expect("completion for a frame in flight");
-            entry.pending -= 1;
-            if entry.pending == 0 {
-                let f = self.frames[c.tag as usize].take().expect("checked above");
-                release(
-                    &mut self.recv_return,
-                    &mut self.scratch_return,
-                    f.recv,
-                    f.scratch,
-                );
-            }
+            // Not `finish_one`: `completions` is borrowed.
+            finish(
+                &mut self.frames,
+                &mut self.recv_return,
+                &mut self.scratch_return,
+                c.tag as usize,
+            );
         }
+    }
+}
+
+/// Drops one reference of the frame in slot `tag` (a completed write, or the
+/// submission's own); the last one returns its buffers to their pools.
+fn finish(
+    frames: &mut [Option<InFlightFrame>],
+    recv_return: &mut PoolReturn,
+    scratch_return: &mut PoolReturn,
+    tag: usize,
+) {
+    let entry = frames[tag]
+        .as_mut()
+        .expect("a frame in flight holds a reference");
+    entry.pending -= 1;
+    if entry.pending == 0 {
+        let f = frames[tag].take().expect("checked above");
+        release(recv_return, scratch_return, f.recv, f.scratch);
     }
 }
 
@@ -739,12 +839,14 @@ mod tests {
                 buffered: &buffered,
                 names: &names,
             },
-            &iovecs,
-            slots,
-            scratch_base,
+            ApplyBuffers {
+                iovecs: &iovecs,
+                recv_slots: slots,
+                scratch_base,
+                recv_return,
+                scratch_return,
+            },
             rx,
-            recv_return,
-            scratch_return,
             &failed,
             &mut undo,
         );

@@ -8,6 +8,7 @@
 mod apply;
 pub mod points;
 mod received;
+pub mod rejection;
 mod session;
 pub mod state;
 pub mod undo;
@@ -30,6 +31,7 @@ use crate::io::{EngineKind, IoError};
 use crate::protocol::{ErrorCode, ProtocolError};
 use crate::psk::{Psk, PskError};
 pub use apply::ApplyError;
+pub use rejection::Rejection;
 pub use state::StateFileError;
 pub use undo::LogDamage;
 
@@ -134,9 +136,9 @@ pub enum TargetError {
     /// The peer did not complete the handshake (or failed to authenticate).
     #[error("handshake")]
     Handshake(#[source] ProtocolError),
-    /// The peer sent something we refuse; the peer was told `message`.
-    #[error("{message}")]
-    Rejected { code: ErrorCode, message: String },
+    /// The peer sent something we refuse; the peer was told why, with its code.
+    #[error(transparent)]
+    Rejected(Rejection),
     #[error("disk {disk}: replica I/O failed")]
     Io {
         disk: String,
@@ -242,16 +244,9 @@ pub enum TargetError {
 }
 
 impl TargetError {
-    pub(crate) fn reject(code: ErrorCode, message: impl Into<String>) -> Self {
-        Self::Rejected {
-            code,
-            message: message.into(),
-        }
-    }
-
     fn code(&self) -> ErrorCode {
         match self {
-            Self::Rejected { code, .. } => *code,
+            Self::Rejected(r) => r.code(),
             Self::Protocol(p) | Self::Handshake(p) => p.code(),
             Self::Io { .. } | Self::Apply(_) => ErrorCode::Io,
             _ => ErrorCode::Internal,

@@ -18,7 +18,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 
 use super::state::ReplicaRecord;
-use super::undo::{read_log, Damage, ReadMode, UndoDisk};
+use super::undo::{read_log, Damage, LogContents, ReadMode, UndoDisk};
 use super::TargetError;
 use crate::durable::StateOp;
 
@@ -245,13 +245,27 @@ pub fn list(state_dir: &Path, disks: &[String]) -> Result<Vec<RecoveryPoint>, Ta
             records.push((name.clone(), r));
         }
     }
-    let Some(latest) = records.iter().map(|(_, r)| r.epoch).max() else {
+    let Some(latest) = latest_point(&records) else {
         return Ok(Vec::new());
     };
-    let suspect = records
-        .iter()
-        .find_map(|(n, r)| r.suspect.as_ref().map(|s| format!("disk {n:?}: {s}")));
-    let mut points = vec![RecoveryPoint {
+    if latest.suspect.is_some() {
+        return Ok(vec![latest]);
+    }
+    // Only logs of these disks: several groups may share a state dir, and their epoch
+    // numbers are independent.
+    let metas: Vec<PointMeta> = kept(state_dir)?
+        .into_iter()
+        .filter(|m| m.disks.iter().all(|d| disks.contains(&d.name)))
+        .collect();
+    let mut points = vec![latest];
+    points.extend(older_points(&records, &metas));
+    Ok(points)
+}
+
+/// The replicas as they are now, from their records (none without a record).
+fn latest_point(records: &[(String, ReplicaRecord)]) -> Option<RecoveryPoint> {
+    let latest = records.iter().map(|(_, r)| r.epoch).max()?;
+    Some(RecoveryPoint {
         id: latest,
         committed_unix_s: records.iter().map(|(_, r)| r.committed_unix_s).max(),
         disks: records
@@ -261,17 +275,17 @@ pub fn list(state_dir: &Path, disks: &[String]) -> Result<Vec<RecoveryPoint>, Ta
             .collect(),
         latest: true,
         bytes: 0,
-        suspect: suspect.clone(),
-    }];
-    if suspect.is_some() {
-        return Ok(points);
-    }
-    // Only logs of these disks: several groups may share a state dir, and their epoch
-    // numbers are independent.
-    let metas: Vec<PointMeta> = kept(state_dir)?
-        .into_iter()
-        .filter(|m| m.disks.iter().all(|d| disks.contains(&d.name)))
-        .collect();
+        suspect: records
+            .iter()
+            .find_map(|(n, r)| r.suspect.as_ref().map(|s| format!("disk {n:?}: {s}"))),
+    })
+}
+
+/// The points behind the latest, newest first: walks back from the disks' epochs now
+/// (`records`) through the kept logs (`metas`, oldest first) while they are
+/// continuous.
+fn older_points(records: &[(String, ReplicaRecord)], metas: &[PointMeta]) -> Vec<RecoveryPoint> {
+    let mut points = Vec::new();
     // The epoch each disk is at, walking back from now through the kept logs.
     let mut at: std::collections::HashMap<&str, u64> =
         records.iter().map(|(n, r)| (n.as_str(), r.epoch)).collect();
@@ -313,7 +327,7 @@ pub fn list(state_dir: &Path, disks: &[String]) -> Result<Vec<RecoveryPoint>, Ta
             suspect: None,
         });
     }
-    Ok(points)
+    points
 }
 
 /// Writes the replicas as they were at recovery point `point` into `out_dir`, one image
@@ -325,22 +339,7 @@ pub fn materialize(
     replicas: &[(String, PathBuf)],
     out_dir: &Path,
 ) -> Result<Vec<(String, PathBuf)>, TargetError> {
-    // An epoch a crashed target left half-applied must be undone before anything is
-    // copied; the caller's exclusive apply lock means no live session is applying one.
-    for r in super::undo::recover(state_dir, replicas)? {
-        match r {
-            super::undo::Recovery::Pending { log, error, .. } => {
-                return Err(TargetError::Unsettled {
-                    log,
-                    source: Box::new(error),
-                })
-            }
-            super::undo::Recovery::Distrusted { .. } => {
-                tracing::error!("an interrupted epoch's log cannot be trusted: {r}")
-            }
-            _ => tracing::warn!("recovered an interrupted epoch before opening a point: {r}"),
-        }
-    }
+    settle_interrupted(state_dir, replicas)?;
     let names: Vec<String> = replicas.iter().map(|(n, _)| n.clone()).collect();
     let points = list(state_dir, &names)?;
     if let Some(why) = points.first().and_then(|p| p.suspect.as_ref()) {
@@ -357,48 +356,11 @@ pub fn materialize(
             point,
             available: points.iter().map(|p| p.id).collect(),
         })?;
-    let mut logs = Vec::new();
-    if !chosen.latest {
-        // Every log on the way is read whole and checked before the first is applied:
-        // a damaged one is refused, naming it, and taken out of service so the points
-        // behind it are no longer offered — never a wrong image.
-        let dir = points_dir(state_dir);
-        for m in kept(state_dir)?
-            .iter()
-            .rev()
-            .filter(|m| m.epoch > point && m.disks.iter().all(|d| names.contains(&d.name)))
-        {
-            let path = dir.join(format!("{}.undo", m.stem));
-            let checked = match read_log(&path, ReadMode::Kept) {
-                Ok(log) => {
-                    let size = log
-                        .file_len()
-                        .map_err(|e| state_err(&path, StateOp::Stat, e))?;
-                    if size == m.undo_bytes {
-                        Ok(log)
-                    } else {
-                        Err(Damage::Untrusted(super::undo::LogDamage::KeptSize {
-                            size,
-                            recorded: m.undo_bytes,
-                        }))
-                    }
-                }
-                Err(e) => Err(e),
-            };
-            match checked {
-                Ok(log) => logs.push((path, log)),
-                Err(Damage::Untrusted(source)) => {
-                    retire_one(&dir, &m.stem)?;
-                    return Err(TargetError::PointRetired {
-                        log: path,
-                        point,
-                        source,
-                    });
-                }
-                Err(e) => return Err(e.into_error(&path)),
-            }
-        }
-    }
+    let logs = if chosen.latest {
+        Vec::new()
+    } else {
+        logs_back_to(state_dir, point, &names)?
+    };
     crate::durable::ensure_dir(out_dir).map_err(|e| state_err(out_dir, StateOp::Create, e))?;
     let mut out = Vec::new();
     let mut files = Vec::new();
@@ -406,21 +368,8 @@ pub fn materialize(
         let Some((_, replica)) = replicas.iter().find(|(n, _)| n == name) else {
             continue;
         };
-        let size = ReplicaRecord::load(state_dir, name)?
-            .map(|r| r.disk_size)
-            .ok_or_else(|| TargetError::NoRecord {
-                replica: replica.clone(),
-                disk: name.clone(),
-            })?;
-        let dest = out_dir.join(format!("{name}.img"));
-        sparse_copy(replica, &dest, size)?;
-        files.push((
-            name.clone(),
-            OpenOptions::new()
-                .write(true)
-                .open(&dest)
-                .map_err(|e| state_err(&dest, StateOp::Open, e))?,
-        ));
+        let (dest, file) = copy_replica(state_dir, name, replica, out_dir)?;
+        files.push((name.clone(), file));
         out.push((name.clone(), dest));
     }
     for (path, log) in &logs {
@@ -437,6 +386,96 @@ pub fn materialize(
             .map_err(|e| state_err(out_dir, StateOp::Fsync, e))?;
     }
     Ok(out)
+}
+
+/// An epoch a crashed target left half-applied must be undone before anything is
+/// copied; the caller's exclusive apply lock means no live session is applying one.
+fn settle_interrupted(state_dir: &Path, replicas: &[(String, PathBuf)]) -> Result<(), TargetError> {
+    for r in super::undo::recover(state_dir, replicas)? {
+        match r {
+            super::undo::Recovery::Pending { log, error, .. } => {
+                return Err(TargetError::Unsettled {
+                    log,
+                    source: Box::new(error),
+                })
+            }
+            super::undo::Recovery::Distrusted { .. } => {
+                tracing::error!("an interrupted epoch's log cannot be trusted: {r}")
+            }
+            _ => tracing::warn!("recovered an interrupted epoch before opening a point: {r}"),
+        }
+    }
+    Ok(())
+}
+
+/// The kept logs of `names` newer than `point`, newest first, each read whole and
+/// checked before the first is applied: a damaged one is refused, naming it, and taken
+/// out of service so the points behind it are no longer offered — never a wrong image.
+fn logs_back_to(
+    state_dir: &Path,
+    point: u64,
+    names: &[String],
+) -> Result<Vec<(PathBuf, LogContents)>, TargetError> {
+    let dir = points_dir(state_dir);
+    let mut logs = Vec::new();
+    for m in kept(state_dir)?
+        .iter()
+        .rev()
+        .filter(|m| m.epoch > point && m.disks.iter().all(|d| names.contains(&d.name)))
+    {
+        let path = dir.join(format!("{}.undo", m.stem));
+        match read_kept(&path, m) {
+            Ok(log) => logs.push((path, log)),
+            Err(Damage::Untrusted(source)) => {
+                retire_one(&dir, &m.stem)?;
+                return Err(TargetError::PointRetired {
+                    log: path,
+                    point,
+                    source,
+                });
+            }
+            Err(e) => return Err(e.into_error(&path)),
+        }
+    }
+    Ok(logs)
+}
+
+/// Reads the kept log at `path` whole; its size must be the one `m` recorded.
+fn read_kept(path: &Path, m: &PointMeta) -> Result<LogContents, Damage> {
+    let log = read_log(path, ReadMode::Kept)?;
+    let size = log
+        .file_len()
+        .map_err(|e| Damage::Io(state_err(path, StateOp::Stat, e)))?;
+    if size != m.undo_bytes {
+        return Err(Damage::Untrusted(super::undo::LogDamage::KeptSize {
+            size,
+            recorded: m.undo_bytes,
+        }));
+    }
+    Ok(log)
+}
+
+/// Copies the replica of disk `name` to `<out_dir>/<name>.img` at its recorded size;
+/// the copy's path and a handle to write the undo logs into it.
+fn copy_replica(
+    state_dir: &Path,
+    name: &str,
+    replica: &Path,
+    out_dir: &Path,
+) -> Result<(PathBuf, File), TargetError> {
+    let size = ReplicaRecord::load(state_dir, name)?
+        .map(|r| r.disk_size)
+        .ok_or_else(|| TargetError::NoRecord {
+            replica: replica.to_path_buf(),
+            disk: name.to_string(),
+        })?;
+    let dest = out_dir.join(format!("{name}.img"));
+    sparse_copy(replica, &dest, size)?;
+    let file = OpenOptions::new()
+        .write(true)
+        .open(&dest)
+        .map_err(|e| state_err(&dest, StateOp::Open, e))?;
+    Ok((dest, file))
 }
 
 /// Copies `src` to `dest` keeping holes (SEEK_DATA/SEEK_HOLE, copy_file_range, which

@@ -7,9 +7,10 @@
 //! first. One "next allowed offset" per disk checks that in constant memory; inside a
 //! frame the verifier already checked it record by record.
 
-use crate::protocol::manifest::{self, ManifestBuilder};
-use crate::protocol::{BlockRecord, DiskManifest, ErrorCode};
+use crate::protocol::manifest::ManifestBuilder;
+use crate::protocol::{BlockRecord, DiskManifest};
 
+use super::rejection::{RangeKind, Rejection};
 use super::TargetError;
 
 pub struct Received {
@@ -41,7 +42,7 @@ impl Received {
             return Ok(());
         };
         let end = last.offset.get() + u64::from(last.length.get());
-        self.admit(disk, name, "data frame", first.offset.get(), end)?;
+        self.admit(disk, name, RangeKind::DataFrame, first.offset.get(), end)?;
         let m = &mut self.manifests[disk as usize];
         records.iter().for_each(|r| m.record(r));
         Ok(())
@@ -56,7 +57,7 @@ impl Received {
         offset: u64,
         len: u64,
     ) -> Result<(), TargetError> {
-        self.admit(disk, name, "zero range", offset, offset + len)?;
+        self.admit(disk, name, RangeKind::ZeroRange, offset, offset + len)?;
         self.manifests[disk as usize].zero_run(offset, len);
         Ok(())
     }
@@ -65,18 +66,20 @@ impl Received {
         &mut self,
         disk: u32,
         name: &str,
-        what: &str,
+        kind: RangeKind,
         start: u64,
         end: u64,
     ) -> Result<(), TargetError> {
         let next = &mut self.next_offset[disk as usize];
         if start < *next {
-            return Err(TargetError::reject(
-                ErrorCode::Protocol,
-                format!(
-                    "disk {name}: {what} [{start}, {end}) overlaps or goes back behind a range this session already sent (up to {next}); ranges of a disk must come in increasing offset order"
-                ),
-            ));
+            return Err(Rejection::OutOfOrder {
+                disk: name.to_string(),
+                kind,
+                start,
+                end,
+                next: *next,
+            }
+            .into());
         }
         *next = end;
         Ok(())
@@ -87,26 +90,21 @@ impl Received {
     /// be committed.
     pub fn check_commit(&self, names: &[String], sent: &[DiskManifest]) -> Result<(), TargetError> {
         if sent.len() != self.manifests.len() {
-            return Err(TargetError::reject(
-                ErrorCode::Protocol,
-                format!(
-                    "commit carries {} disk manifests, the session opened {} disks",
-                    sent.len(),
-                    self.manifests.len()
-                ),
-            ));
+            return Err(Rejection::ManifestCount {
+                sent: sent.len(),
+                opened: self.manifests.len(),
+            }
+            .into());
         }
         for ((theirs, ours), name) in sent.iter().zip(&self.manifests).zip(names) {
             let ours = ours.finish();
             if *theirs != ours {
-                return Err(TargetError::reject(
-                    ErrorCode::Integrity,
-                    format!(
-                        "disk {name}: the epoch's manifest does not match what arrived: the source sent {}, the target received {}; the epoch is not committed",
-                        manifest::describe(theirs),
-                        manifest::describe(&ours)
-                    ),
-                ));
+                return Err(Rejection::ManifestMismatch {
+                    disk: name.clone(),
+                    sent: *theirs,
+                    received: ours,
+                }
+                .into());
             }
         }
         Ok(())
@@ -116,7 +114,7 @@ impl Received {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::{block_hash, Codec};
+    use crate::protocol::{block_hash, Codec, ErrorCode};
 
     fn rec(offset: u64, fill: u8) -> BlockRecord {
         BlockRecord {
@@ -147,7 +145,7 @@ mod tests {
             let e = result.unwrap_err();
             assert_eq!(e.code(), ErrorCode::Protocol, "{what}");
             assert!(
-                e.to_string().contains("increasing offset order"),
+                matches!(&e, TargetError::Rejected(Rejection::OutOfOrder { disk, .. }) if disk == "a"),
                 "{what}: {e}"
             );
         }
@@ -168,11 +166,16 @@ mod tests {
         }
         let e = r.check_commit(&names, &[sent.finish()]).unwrap_err();
         assert_eq!(e.code(), ErrorCode::Integrity);
-        assert!(e.to_string().contains("source sent 3 data blocks"), "{e}");
-        assert!(
-            e.to_string().contains("target received 2 data blocks"),
-            "{e}"
-        );
+        let TargetError::Rejected(Rejection::ManifestMismatch {
+            sent: theirs,
+            received: ours,
+            ..
+        }) = &e
+        else {
+            panic!("not a manifest mismatch: {e}");
+        };
+        assert_eq!(theirs.data_blocks.get(), 3, "{e}");
+        assert_eq!(ours.data_blocks.get(), 2, "{e}");
 
         let mut all = Received::new(1);
         for (i, fill) in [1u8, 2, 3].into_iter().enumerate() {
@@ -181,5 +184,9 @@ mod tests {
         all.check_commit(&names, &[sent.finish()]).unwrap();
         let e = all.check_commit(&names, &[]).unwrap_err();
         assert_eq!(e.code(), ErrorCode::Protocol);
+        assert!(matches!(
+            e,
+            TargetError::Rejected(Rejection::ManifestCount { sent: 0, opened: 1 })
+        ));
     }
 }

@@ -6,21 +6,22 @@ use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc;
 
-use ferry_ringbuf::pool::BufferPool;
+use ferry_ringbuf::pool::{BufferPool, PoolAlloc, PoolReturn};
 use ferry_ringbuf::spsc;
 use filter_driver_shim::bitmap::{ChangedBlockBitmap, GenerationId};
 use zerocopy::{FromBytes, IntoBytes};
 
-use super::apply::{applier_loop, ApplyDisks, ApplyMsg};
+use super::apply::{applier_loop, ApplyBuffers, ApplyDisks, ApplyMsg};
 use super::received::Received;
+use super::rejection::{Held, Rejection, SeedFrame};
 use super::state::ReplicaRecord;
 use super::undo::{CommitFailure, Recovery, UndoDisk, UndoLog};
 use super::verify::{self, Geometry};
 use super::{Shared, TargetError};
 use crate::io::{Disk, ReplicaState};
 use crate::protocol::{
-    auth, block_hash, is_zero, Commit, Committed, DiskManifest, DiskRun, ErrorCode, FrameDeadline,
-    FrameKind, FrameReader, FrameWriter, HashesHeader, OpenDisk, OpenDiskReply, OpenHeader,
+    auth, block_hash, is_zero, Commit, Committed, DiskManifest, DiskRun, FrameDeadline, FrameKind,
+    FrameReader, FrameWriter, HashesHeader, Incoming, OpenDisk, OpenDiskReply, OpenHeader,
     SyncMode, TimedStream, MAX_DIFF_RUNS_PER_FRAME, MAX_DISKS_PER_SESSION, MAX_FRAME_PAYLOAD,
     MAX_NAME_LEN, REPLICA_CREATED, REPLICA_EXISTING, ZERO_BLOCK_HASH,
 };
@@ -109,10 +110,10 @@ pub fn run(
     let active = shared.sessions.fetch_add(1, Ordering::AcqRel);
     let _slot = Counted(&shared.sessions);
     let result = if active >= job.max_sessions {
-        Err(TargetError::reject(
-            ErrorCode::Busy,
-            format!("target is at its limit of {} sessions", job.max_sessions),
-        ))
+        Err(Rejection::SessionLimit {
+            max: job.max_sessions,
+        }
+        .into())
     } else {
         serve(shared, &mut reader, &mut writer)
     };
@@ -150,6 +151,8 @@ fn linger(stream: &TcpStream) {
     }
 }
 
+/// Serves an authenticated session: Open, then the epoch's frames until Commit, then
+/// the epoch committed (and acknowledged) or rolled back.
 fn serve<R: std::io::Read, W: std::io::Write>(
     shared: &Shared,
     reader: &mut FrameReader<R>,
@@ -158,55 +161,110 @@ fn serve<R: std::io::Read, W: std::io::Write>(
     let job = &shared.job;
     let mut control = vec![0u8; 64 << 10];
     let payload = reader.expect(FrameKind::Open, &mut control)?;
-    let announced = OpenHeader::ref_from_prefix(payload)
-        .map(|(h, _)| h.max_batch_bytes.get() as usize)
-        .unwrap_or(0);
-    let (epoch, mut disks, guard) = open(shared, payload)?;
-    // Held until the epoch is committed or rolled back; released before the source
-    // hears "Committed", so its next sync never finds the disks still claimed.
-    let busy = guard;
-    let replies: Vec<OpenDiskReply> = disks
-        .iter()
-        .map(|(_, created, record)| OpenDiskReply {
-            state: if *created {
-                REPLICA_CREATED
-            } else {
-                REPLICA_EXISTING
-            },
-            reserved: [0; 7],
-            generation: record
-                .as_ref()
-                .and_then(|r| crate::protocol::parse_hex16(&r.generation).ok())
-                .unwrap_or([0; 16]),
-            epoch: record.as_ref().map_or(0, |r| r.epoch).into(),
-        })
-        .collect();
+    let announced = announced_batch(payload);
+    let (epoch, opened, busy) = open(shared, payload)?;
+    let replies: Vec<OpenDiskReply> = opened.iter().map(OpenedDisk::reply).collect();
     writer.send(FrameKind::OpenOk, &[replies.as_bytes()])?;
-    // The replica handles are shared with the applier (which writes) and the hash
-    // compare (which reads through the buffered handles); the rest is session state.
-    // Replicas that hold an acknowledged epoch get their overwritten bytes logged, so the
-    // epoch applies atomically; a replica without one has no epoch to protect.
-    let prev_epochs: Vec<Option<u64>> = disks
-        .iter()
-        .map(|(_, _, record)| record.as_ref().map(|r| r.epoch))
-        .collect();
-    let logged: Vec<bool> = disks
-        .iter()
-        .map(|(_, created, record)| !created && record.is_some())
-        .collect();
-    let mut disk_handles = Vec::with_capacity(disks.len());
-    let mut buffered = Vec::with_capacity(disks.len());
-    let mut meta = Vec::with_capacity(disks.len());
-    for (d, _, _) in disks.drain(..) {
-        disk_handles.push(d.0);
-        buffered.push(d.1);
-        meta.push(d.2);
-    }
-    let mut disks: Vec<SessionDisk> = meta;
+    let DiskSet {
+        handles,
+        buffered,
+        disks,
+        undo: undo_disks,
+    } = DiskSet::from(opened);
+    let (max_logical, slot_size) = batch_shape(announced, &disks)?;
+    let mut pools = Pools::new(slot_size)?;
+    let (tx, rx) = spsc::channel::<ApplyMsg>(APPLY_RING_DEPTH);
+    let failed = AtomicBool::new(false);
+    let names: Vec<String> = disks.iter().map(|d| d.name.clone()).collect();
+    let receiver = Receiver {
+        geometries: disks.iter().map(|d| d.geometry).collect(),
+        decompressor: zstd::bulk::Decompressor::new().map_err(TargetError::Zstd)?,
+        received: Received::new(disks.len()),
+        reader,
+        control,
+        recv_alloc: &mut pools.recv,
+        scratch_alloc: &mut pools.scratch,
+        tx,
+        failed: &failed,
+        disks,
+        buffered: &buffered,
+        names: &names,
+        max_logical,
+        epoch,
+    };
+    let apply_lock = super::apply_lock(&job.state_dir, false)?;
+    let mut undo = UndoLog::create(&job.state_dir, epoch, undo_disks)?;
+    let applier = Applier {
+        disks: ApplyDisks {
+            disks: &handles,
+            buffered: &buffered,
+            names: &names,
+        },
+        buffers: ApplyBuffers {
+            iovecs: &pools.iovecs,
+            recv_slots: RECV_SLOTS,
+            scratch_base: pools.scratch_base,
+            recv_return: pools.recv_return,
+            scratch_return: pools.scratch_return,
+        },
+        rx,
+        failed: &failed,
+        undo: &mut undo,
+    };
+    let outcome = receive_epoch(job, receiver, applier, writer);
+    let staged = Staged {
+        shared,
+        epoch,
+        names,
+        busy,
+        apply_lock,
+        undo,
+    };
+    staged.settle(writer, outcome)
+}
 
-    // Buffers sized to what the source announced: with the default 256 KiB batches a
-    // session holds ~5 MiB instead of ~66 MiB, and sets up (and pins for io_uring)
-    // correspondingly faster. A frame larger than announced is refused as oversized.
+/// The batch size the Open frame announces; 0 (none announced) if it is too short,
+/// which [`open`] then refuses.
+fn announced_batch(payload: &[u8]) -> usize {
+    OpenHeader::ref_from_prefix(payload)
+        .map(|(h, _)| h.max_batch_bytes.get() as usize)
+        .unwrap_or(0)
+}
+
+/// The opened disks, regrouped by who uses what. The replica handles are shared with
+/// the applier (which writes) and the hash compare (which reads through the buffered
+/// handles); the rest is session state.
+struct DiskSet {
+    handles: Vec<Disk>,
+    buffered: Vec<std::fs::File>,
+    disks: Vec<SessionDisk>,
+    /// The disks as the epoch's undo log records them.
+    undo: Vec<UndoDisk>,
+}
+
+impl From<Vec<OpenedDisk>> for DiskSet {
+    fn from(opened: Vec<OpenedDisk>) -> Self {
+        let mut set = DiskSet {
+            handles: Vec::with_capacity(opened.len()),
+            buffered: Vec::with_capacity(opened.len()),
+            disks: Vec::with_capacity(opened.len()),
+            undo: opened.iter().map(OpenedDisk::undo_disk).collect(),
+        };
+        for o in opened {
+            set.handles.push(o.disk);
+            set.buffered.push(o.buffered);
+            set.disks.push(o.session);
+        }
+        set
+    }
+}
+
+/// The largest logical batch a frame may carry and the receive slot size for it.
+///
+/// Buffers are sized to what the source announced: with the default 256 KiB batches a
+/// session holds ~5 MiB instead of ~66 MiB, and sets up (and pins for io_uring)
+/// correspondingly faster. A frame larger than announced is refused as oversized.
+fn batch_shape(announced: usize, disks: &[SessionDisk]) -> Result<(usize, usize), TargetError> {
     let max_logical = match announced {
         0 => verify::MAX_FRAME_LOGICAL,
         n => n.min(verify::MAX_FRAME_LOGICAL),
@@ -217,225 +275,309 @@ fn serve<R: std::io::Read, W: std::io::Write>(
         .min()
         .unwrap_or(4096);
     if max_logical % 4096 != 0 || max_logical < min_block {
-        return Err(TargetError::reject(
-            ErrorCode::Protocol,
-            format!("announced batch of {max_logical} bytes is not a multiple of 4096 of at least one block ({min_block})"),
-        ));
+        return Err(Rejection::BadBatch {
+            announced: max_logical,
+            min_block,
+        }
+        .into());
     }
     let slot_size = verify::frame_bound(max_logical, min_block).min(MAX_FRAME_PAYLOAD);
-    let (mut recv_alloc, recv_return) =
-        BufferPool::new(slot_size, RECV_SLOTS).map_err(TargetError::Pool)?;
-    let (mut scratch_alloc, scratch_return) =
-        BufferPool::new(slot_size, SCRATCH_SLOTS).map_err(TargetError::Pool)?;
-    let mut iovecs = crate::buffers::IovecTable::with_first_pool(recv_alloc.region());
-    let scratch_base = iovecs.push_pool(scratch_alloc.region());
-    let (mut tx, rx) = spsc::channel::<ApplyMsg>(APPLY_RING_DEPTH);
-    let failed = AtomicBool::new(false);
-    let names: Vec<String> = disks.iter().map(|d| d.name.clone()).collect();
-    let geometries: Vec<Geometry> = disks.iter().map(|d| d.geometry).collect();
-    let mut decompressor = zstd::bulk::Decompressor::new().map_err(TargetError::Zstd)?;
-    let mut received = Received::new(disks.len());
+    Ok((max_logical, slot_size))
+}
 
-    let undo_disks = disks
-        .iter()
-        .zip(&logged)
-        .zip(&prev_epochs)
-        .map(|((d, &logged), &prev_epoch)| UndoDisk {
-            name: d.name.clone(),
-            generation: d.generation,
-            disk_size: d.geometry.disk_size,
-            logged,
-            prev_epoch,
+/// A session's buffer pools: receive slots for frames, scratch slots for blocks that
+/// are decompressed or realigned, and the iovec table that registers both.
+struct Pools {
+    recv: PoolAlloc,
+    recv_return: PoolReturn,
+    scratch: PoolAlloc,
+    scratch_return: PoolReturn,
+    iovecs: crate::buffers::IovecTable,
+    scratch_base: crate::buffers::FixedBase,
+}
+
+impl Pools {
+    fn new(slot_size: usize) -> Result<Self, TargetError> {
+        let (recv, recv_return) =
+            BufferPool::new(slot_size, RECV_SLOTS).map_err(TargetError::Pool)?;
+        let (scratch, scratch_return) =
+            BufferPool::new(slot_size, SCRATCH_SLOTS).map_err(TargetError::Pool)?;
+        let mut iovecs = crate::buffers::IovecTable::with_first_pool(recv.region());
+        let scratch_base = iovecs.push_pool(scratch.region());
+        Ok(Self {
+            recv,
+            recv_return,
+            scratch,
+            scratch_return,
+            iovecs,
+            scratch_base,
         })
-        .collect();
-    let apply_lock = super::apply_lock(&job.state_dir, false)?;
-    let mut undo = UndoLog::create(&job.state_dir, epoch, undo_disks)?;
-    let undo_ref = &mut undo;
-    let outcome = std::thread::scope(|scope| -> Result<u64, TargetError> {
-        let failed_ref = &failed;
-        let apply_disks = ApplyDisks {
-            disks: &disk_handles,
-            buffered: &buffered,
-            names: &names,
-        };
-        let iovecs_ref = &iovecs;
-        let applier = std::thread::Builder::new()
+    }
+}
+
+/// What the applier thread is started with (see [`applier_loop`]).
+struct Applier<'a> {
+    disks: ApplyDisks<'a>,
+    buffers: ApplyBuffers<'a>,
+    rx: spsc::Consumer<ApplyMsg>,
+    failed: &'a AtomicBool,
+    undo: &'a mut UndoLog,
+}
+
+/// Runs the applier on its own thread while `receiver` takes the epoch's frames;
+/// the bytes applied once the Commit's barrier found every replica durable.
+fn receive_epoch<R: std::io::Read, W: std::io::Write>(
+    job: &super::TargetJob,
+    mut receiver: Receiver<'_, R>,
+    applier: Applier<'_>,
+    writer: &mut FrameWriter<W>,
+) -> Result<u64, TargetError> {
+    std::thread::scope(|scope| {
+        let Applier {
+            disks,
+            buffers,
+            rx,
+            failed,
+            undo,
+        } = applier;
+        let thread = std::thread::Builder::new()
             .name("ferry-applier".into())
             .spawn_scoped(scope, move || {
                 applier_loop(
                     job.engine,
                     job.queue_depth,
-                    apply_disks,
-                    iovecs_ref,
-                    RECV_SLOTS,
-                    scratch_base,
+                    disks,
+                    buffers,
                     rx,
-                    recv_return,
-                    scratch_return,
-                    failed_ref,
-                    undo_ref,
+                    failed,
+                    undo,
                 )
             })
             .map_err(TargetError::ApplierThread)?;
-
-        let result = (|| -> Result<u64, TargetError> {
-            loop {
-                if failed.load(Ordering::Acquire) {
-                    // The applier failed; the barrier below reports why.
-                    let (reply, answer) = mpsc::sync_channel(1);
-                    let _ = tx.push_wait(ApplyMsg::Barrier { reply });
-                    return Err(match answer.recv() {
-                        Ok(Err(why)) => TargetError::Apply(why),
-                        _ => TargetError::ApplierGone,
-                    });
-                }
-                let Some(incoming) = reader.next_header()? else {
-                    return Err(TargetError::reject(
-                        ErrorCode::Protocol,
-                        "source closed the connection before committing",
-                    ));
-                };
-                match incoming.kind {
-                    FrameKind::Data => {
-                        let mut recv = recv_alloc.alloc_wait().ok_or(TargetError::ApplierGone)?;
-                        let payload_len = incoming.payload_len;
-                        reader.read_payload(&incoming, recv.as_mut_slice())?;
-                        let payload = &recv.as_slice()[..payload_len];
-                        let mut scratch = if verify::needs_scratch(payload)? {
-                            Some(scratch_alloc.alloc_wait().ok_or(TargetError::ApplierGone)?)
-                        } else {
-                            None
-                        };
-                        let (disk, _) = verify::verify_data_within(
-                            payload,
-                            &geometries,
-                            &names,
-                            scratch.as_mut().map(|s| s.as_mut_slice()),
-                            &mut decompressor,
-                            max_logical,
-                        )?;
-                        let (_, records) = verify::records(payload)?;
-                        received.data(disk, &names[disk as usize], records)?;
-                        tx.push_wait(ApplyMsg::Data {
-                            disk,
-                            recv,
-                            scratch,
-                        })
-                        .map_err(|_| TargetError::ApplierGone)?;
-                    }
-                    FrameKind::Zero => {
-                        let payload = reader.read_payload(&incoming, &mut control)?;
-                        let run = DiskRun::read_from_bytes(payload).map_err(|_| {
-                            TargetError::reject(
-                                ErrorCode::Protocol,
-                                "zero frame has the wrong length",
-                            )
-                        })?;
-                        let disk = run.disk.get();
-                        let g = geometries.get(disk as usize).ok_or_else(|| {
-                            TargetError::reject(
-                                ErrorCode::UnknownDisk,
-                                format!(
-                                    "zero frame names disk #{disk}, the session opened {}",
-                                    geometries.len()
-                                ),
-                            )
-                        })?;
-                        let (offset, len) = (run.start.get(), run.count.get());
-                        if offset % g.block_size != 0
-                            || offset.checked_add(len).is_none_or(|end| end > g.disk_size)
-                        {
-                            return Err(TargetError::reject(
-                                ErrorCode::OutOfRange,
-                                format!(
-                                    "disk {}: zero range at {offset} of {len} bytes is outside the disk ({} bytes) or unaligned",
-                                    names[disk as usize], g.disk_size
-                                ),
-                            ));
-                        }
-                        received.zero(disk, &names[disk as usize], offset, len)?;
-                        tx.push_wait(ApplyMsg::Zero { disk, offset, len })
-                            .map_err(|_| TargetError::ApplierGone)?;
-                    }
-                    FrameKind::Hashes => {
-                        let payload = reader.read_payload(&incoming, control_big(&mut control))?;
-                        compare_hashes(&mut disks, &buffered, payload)?;
-                    }
-                    FrameKind::HashZeroRun => {
-                        let payload = reader.read_payload(&incoming, &mut control)?;
-                        let run = DiskRun::read_from_bytes(payload).map_err(|_| {
-                            TargetError::reject(
-                                ErrorCode::Protocol,
-                                "hash zero run frame has the wrong length",
-                            )
-                        })?;
-                        compare_zero_run(&mut disks, &buffered, &run)?;
-                    }
-                    FrameKind::HashesDone => {
-                        reader.read_payload(&incoming, &mut control)?;
-                        send_diff(&disks, writer)?;
-                    }
-                    FrameKind::Commit => {
-                        let payload = reader.read_payload(&incoming, &mut control)?;
-                        let (commit, sent) = Commit::ref_from_prefix(payload)
-                            .ok()
-                            .and_then(|(c, rest)| {
-                                let sent = <[DiskManifest]>::ref_from_bytes(rest).ok()?;
-                                (sent.len() == c.disk_count.get() as usize).then_some((c, sent))
-                            })
-                            .ok_or_else(|| {
-                                TargetError::reject(
-                                    ErrorCode::Protocol,
-                                    "commit frame has the wrong length for its disk count",
-                                )
-                            })?;
-                        if commit.epoch.get() != epoch {
-                            return Err(TargetError::reject(
-                                ErrorCode::Protocol,
-                                format!(
-                                    "commit of epoch {} in a session opened for epoch {epoch}",
-                                    commit.epoch.get()
-                                ),
-                            ));
-                        }
-                        // Everything received was verified and handed to the applier in
-                        // order; before anything may call the epoch committed, it must
-                        // be exactly what the source sent.
-                        received.check_commit(&names, sent)?;
-                        let (reply, answer) = mpsc::sync_channel(1);
-                        tx.push_wait(ApplyMsg::Barrier { reply })
-                            .map_err(|_| TargetError::ApplierGone)?;
-                        let applied = answer
-                            .recv()
-                            .map_err(|_| TargetError::ApplierGone)?
-                            .map_err(TargetError::Apply)?;
-                        return Ok(applied);
-                    }
-                    other => {
-                        return Err(TargetError::reject(
-                            ErrorCode::Protocol,
-                            format!("unexpected {other:?} frame during replication"),
-                        ))
-                    }
-                }
-            }
-        })();
-        drop(tx);
-        if applier.join().is_err() {
+        let result = receiver.receive(writer);
+        // Dropping the ring's sending end stops the applier once it drained.
+        drop(receiver);
+        if thread.join().is_err() {
             return Err(TargetError::ApplierPanicked);
         }
         result
-    });
-    let replicas = job.replicas();
-    let (undo, error) = match outcome {
+    })
+}
+
+/// The receiving side of a session: reads frames, verifies them and hands them, in
+/// order, to the applier.
+struct Receiver<'a, R> {
+    reader: &'a mut FrameReader<R>,
+    /// Buffer for frames that do not go to the applier.
+    control: Vec<u8>,
+    /// Borrowed: the pools outlive the applier, which registered their memory.
+    recv_alloc: &'a mut PoolAlloc,
+    scratch_alloc: &'a mut PoolAlloc,
+    tx: spsc::Producer<ApplyMsg>,
+    /// Set by the applier when it failed.
+    failed: &'a AtomicBool,
+    disks: Vec<SessionDisk>,
+    buffered: &'a [std::fs::File],
+    geometries: Vec<Geometry>,
+    names: &'a [String],
+    decompressor: zstd::bulk::Decompressor<'static>,
+    received: Received,
+    max_logical: usize,
+    epoch: u64,
+}
+
+impl<R: std::io::Read> Receiver<'_, R> {
+    /// Takes frames until Commit; the bytes applied once the epoch is durable.
+    fn receive<W: std::io::Write>(
+        &mut self,
+        writer: &mut FrameWriter<W>,
+    ) -> Result<u64, TargetError> {
+        loop {
+            if self.failed.load(Ordering::Acquire) {
+                return Err(self.applier_failure());
+            }
+            let Some(incoming) = self.reader.next_header()? else {
+                return Err(Rejection::ClosedBeforeCommit.into());
+            };
+            match incoming.kind {
+                FrameKind::Data => self.data(&incoming)?,
+                FrameKind::Zero => self.zero(&incoming)?,
+                FrameKind::Hashes => {
+                    let buf = control_big(&mut self.control);
+                    let payload = self.reader.read_payload(&incoming, buf)?;
+                    compare_hashes(&mut self.disks, self.buffered, payload)?;
+                }
+                FrameKind::HashZeroRun => {
+                    let payload = self.reader.read_payload(&incoming, &mut self.control)?;
+                    let run = DiskRun::read_from_bytes(payload)
+                        .map_err(|_| Rejection::HashZeroRunLength)?;
+                    compare_zero_run(&mut self.disks, self.buffered, &run)?;
+                }
+                FrameKind::HashesDone => {
+                    self.reader.read_payload(&incoming, &mut self.control)?;
+                    send_diff(&self.disks, writer)?;
+                }
+                FrameKind::Commit => return self.commit(&incoming),
+                other => return Err(Rejection::UnexpectedFrame { kind: other }.into()),
+            }
+        }
+    }
+
+    /// Why the applier failed, as its barrier reports it.
+    fn applier_failure(&mut self) -> TargetError {
+        let (reply, answer) = mpsc::sync_channel(1);
+        let _ = self.tx.push_wait(ApplyMsg::Barrier { reply });
+        match answer.recv() {
+            Ok(Err(why)) => TargetError::Apply(why),
+            _ => TargetError::ApplierGone,
+        }
+    }
+
+    fn push(&mut self, msg: ApplyMsg) -> Result<(), TargetError> {
+        self.tx.push_wait(msg).map_err(|_| TargetError::ApplierGone)
+    }
+
+    /// A Data frame: received into a slot, verified whole, checked for order, then
+    /// handed to the applier with its slots.
+    fn data(&mut self, incoming: &Incoming) -> Result<(), TargetError> {
+        let mut recv = self
+            .recv_alloc
+            .alloc_wait()
+            .ok_or(TargetError::ApplierGone)?;
+        let payload_len = incoming.payload_len;
+        self.reader.read_payload(incoming, recv.as_mut_slice())?;
+        let payload = &recv.as_slice()[..payload_len];
+        let mut scratch = if verify::needs_scratch(payload)? {
+            Some(
+                self.scratch_alloc
+                    .alloc_wait()
+                    .ok_or(TargetError::ApplierGone)?,
+            )
+        } else {
+            None
+        };
+        let (disk, _) = verify::verify_data_within(
+            payload,
+            &self.geometries,
+            self.names,
+            scratch.as_mut().map(|s| s.as_mut_slice()),
+            &mut self.decompressor,
+            self.max_logical,
+        )?;
+        let (_, records) = verify::records(payload)?;
+        self.received
+            .data(disk, &self.names[disk as usize], records)?;
+        self.push(ApplyMsg::Data {
+            disk,
+            recv,
+            scratch,
+        })
+    }
+
+    /// A Zero frame: a range inside its disk, in order, handed to the applier.
+    fn zero(&mut self, incoming: &Incoming) -> Result<(), TargetError> {
+        let payload = self.reader.read_payload(incoming, &mut self.control)?;
+        let run = DiskRun::read_from_bytes(payload).map_err(|_| Rejection::ZeroLength)?;
+        let disk = run.disk.get();
+        let g = self
+            .geometries
+            .get(disk as usize)
+            .ok_or(Rejection::ZeroUnknownDisk {
+                disk,
+                opened: self.geometries.len(),
+            })?;
+        let (offset, len) = (run.start.get(), run.count.get());
+        if offset % g.block_size != 0 || offset.checked_add(len).is_none_or(|end| end > g.disk_size)
+        {
+            return Err(Rejection::ZeroOutside {
+                disk: self.names[disk as usize].clone(),
+                offset,
+                len,
+                disk_size: g.disk_size,
+            }
+            .into());
+        }
+        self.received
+            .zero(disk, &self.names[disk as usize], offset, len)?;
+        self.push(ApplyMsg::Zero { disk, offset, len })
+    }
+
+    /// The Commit frame: checked against what arrived, then the applier's barrier makes
+    /// every replica durable.
+    fn commit(&mut self, incoming: &Incoming) -> Result<u64, TargetError> {
+        let payload = self.reader.read_payload(incoming, &mut self.control)?;
+        let (commit, sent) = Commit::ref_from_prefix(payload)
+            .ok()
+            .and_then(|(c, rest)| {
+                let sent = <[DiskManifest]>::ref_from_bytes(rest).ok()?;
+                (sent.len() == c.disk_count.get() as usize).then_some((c, sent))
+            })
+            .ok_or(Rejection::CommitLength)?;
+        if commit.epoch.get() != self.epoch {
+            return Err(Rejection::CommitEpoch {
+                got: commit.epoch.get(),
+                session: self.epoch,
+            }
+            .into());
+        }
+        // Everything received was verified and handed to the applier in order; before
+        // anything may call the epoch committed, it must be exactly what the source
+        // sent.
+        self.received.check_commit(self.names, sent)?;
+        let (reply, answer) = mpsc::sync_channel(1);
+        self.push(ApplyMsg::Barrier { reply })?;
+        answer
+            .recv()
+            .map_err(|_| TargetError::ApplierGone)?
+            .map_err(TargetError::Apply)
+    }
+}
+
+/// An epoch whose frames were received (or that failed): what committing it or rolling
+/// it back needs.
+struct Staged<'s> {
+    shared: &'s Shared,
+    epoch: u64,
+    names: Vec<String>,
+    /// The session's claim on its disks, held until the epoch is committed or rolled
+    /// back; released before the source hears "Committed", so its next sync never
+    /// finds the disks still claimed.
+    busy: BusyGuard<'s>,
+    /// Held until the epoch is committed or rolled back.
+    apply_lock: std::fs::File,
+    undo: UndoLog,
+}
+
+impl Staged<'_> {
+    /// Commits an epoch whose replicas are durable and tells the source; rolls back one
+    /// that failed (or whose commit mark did not become durable).
+    fn settle<W: std::io::Write>(
+        self,
+        writer: &mut FrameWriter<W>,
+        outcome: Result<u64, TargetError>,
+    ) -> Result<String, TargetError> {
+        let Staged {
+            shared,
+            epoch,
+            names,
+            busy,
+            apply_lock,
+            undo,
+        } = self;
+        let applied = match outcome {
+            Ok(applied) => applied,
+            Err(e) => return Err(abandon(shared, busy, undo, epoch, e)),
+        };
         // The replicas are durable; the commit mark is the commit point of the epoch.
-        Ok(applied) => match undo.commit(&job.retention).map_err(|f| *f) {
+        match undo.commit(&shared.job.retention).map_err(|f| *f) {
             Ok(()) => {
                 drop(apply_lock);
                 drop(busy);
-                return acknowledge(writer, epoch, applied, &names);
+                acknowledge(writer, epoch, applied, &names)
             }
-            Err(CommitFailure::NotCommitted { log, error }) => (log, error),
+            Err(CommitFailure::NotCommitted { log, error }) => {
+                Err(abandon(shared, busy, log, epoch, error))
+            }
             Err(CommitFailure::Undecided { log, disks, error }) => {
                 tracing::error!(
                     "epoch {epoch}: {}; whether it committed is settled by the next session for disk(s) {} (they stay out of service until then)",
@@ -443,7 +585,7 @@ fn serve<R: std::io::Read, W: std::io::Write>(
                     disks.join(", ")
                 );
                 quarantine(shared, busy, log, disks);
-                return Err(error);
+                Err(error)
             }
             Err(CommitFailure::Unfinished { log, disks, error }) => {
                 // Committed: say so. The records and the kept log are completed before
@@ -455,15 +597,23 @@ fn serve<R: std::io::Read, W: std::io::Write>(
                 );
                 quarantine(shared, busy, log, disks);
                 drop(apply_lock);
-                return acknowledge(writer, epoch, applied, &names);
+                acknowledge(writer, epoch, applied, &names)
             }
-        },
-        Err(e) => (undo, e),
-    };
-    // Put every replica of the session back at its previous epoch before the disks are
-    // released to another session.
+        }
+    }
+}
+
+/// Puts every replica of an abandoned epoch back at its previous epoch before the
+/// disks are released to another session; `error` is why it was abandoned.
+fn abandon(
+    shared: &Shared,
+    busy: BusyGuard<'_>,
+    undo: UndoLog,
+    epoch: u64,
+    error: TargetError,
+) -> TargetError {
     let (log, log_disks) = (undo.path().to_path_buf(), undo.disk_names());
-    match undo.roll_back(&replicas) {
+    match undo.roll_back(&shared.job.replicas()) {
         Ok(r @ Recovery::Distrusted { .. }) => tracing::error!(
             "epoch {epoch} abandoned, and its undo log cannot be trusted: {r}; the disks need a checksum-compare resync, which the next sync does"
         ),
@@ -478,7 +628,7 @@ fn serve<R: std::io::Read, W: std::io::Write>(
             quarantine(shared, busy, log, log_disks);
         }
     }
-    Err(error)
+    error
 }
 
 /// Tells the source its epoch is durable.
@@ -528,177 +678,247 @@ fn control_big(control: &mut Vec<u8>) -> &mut Vec<u8> {
     control
 }
 
-type Opened = (
-    (Disk, std::fs::File, SessionDisk),
-    bool,
-    Option<ReplicaRecord>,
-);
+/// A disk the session opened: its handles, what the session knows of it, and what the
+/// target knew of its replica before.
+struct OpenedDisk {
+    disk: Disk,
+    /// A buffered handle, for the hash compare and odd-sized writes.
+    buffered: std::fs::File,
+    session: SessionDisk,
+    /// The replica was created by this session.
+    created: bool,
+    /// The replica's last acknowledged epoch, if it has one.
+    record: Option<ReplicaRecord>,
+}
 
+impl OpenedDisk {
+    /// What the source is told of this replica.
+    fn reply(&self) -> OpenDiskReply {
+        OpenDiskReply {
+            state: if self.created {
+                REPLICA_CREATED
+            } else {
+                REPLICA_EXISTING
+            },
+            reserved: [0; 7],
+            generation: self
+                .record
+                .as_ref()
+                .and_then(|r| crate::protocol::parse_hex16(&r.generation).ok())
+                .unwrap_or([0; 16]),
+            epoch: self.record.as_ref().map_or(0, |r| r.epoch).into(),
+        }
+    }
+
+    /// The disk as the epoch's undo log records it. Replicas that hold an acknowledged
+    /// epoch get their overwritten bytes logged, so the epoch applies atomically; a
+    /// replica without one has no epoch to protect.
+    fn undo_disk(&self) -> UndoDisk {
+        UndoDisk {
+            name: self.session.name.clone(),
+            generation: self.session.generation,
+            disk_size: self.session.geometry.disk_size,
+            logged: !self.created && self.record.is_some(),
+            prev_epoch: self.record.as_ref().map(|r| r.epoch),
+        }
+    }
+}
+
+/// Handles an Open frame: claims the named disks and opens their replicas; the
+/// session's epoch, the disks in Open order, and the claim.
 fn open<'s>(
     shared: &'s Shared,
     payload: &[u8],
-) -> Result<(u64, Vec<Opened>, BusyGuard<'s>), TargetError> {
+) -> Result<(u64, Vec<OpenedDisk>, BusyGuard<'s>), TargetError> {
     let job = &shared.job;
-    let proto = |m: String| TargetError::reject(ErrorCode::Protocol, m);
-    let (header, rest) = OpenHeader::ref_from_prefix(payload)
-        .map_err(|_| proto("open frame shorter than its header".into()))?;
+    let (epoch, entries) = parse_open(payload)?;
+    // Claim the disks first so two sources never write one replica.
+    let names = entry_names(job, entries)?;
+    finish_quarantined(shared, &names)?;
+    let guard = claim(shared, &names)?;
+    let opened = entries
+        .iter()
+        .zip(&names)
+        .map(|(e, name)| open_disk(job, e, name))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((epoch, opened, guard))
+}
+
+/// The Open frame's epoch and disk entries, their count checked.
+fn parse_open(payload: &[u8]) -> Result<(u64, &[OpenDisk]), TargetError> {
+    let (header, rest) = OpenHeader::ref_from_prefix(payload).map_err(|_| Rejection::OpenShort)?;
     let count = header.disk_count.get() as usize;
     if count == 0 || count > MAX_DISKS_PER_SESSION {
-        return Err(proto(format!(
-            "open names {count} disks; 1..={MAX_DISKS_PER_SESSION} allowed"
-        )));
+        return Err(Rejection::DiskCount { count }.into());
     }
     let entries = <[OpenDisk]>::ref_from_bytes(rest)
         .ok()
         .filter(|e| e.len() == count)
-        .ok_or_else(|| proto("open frame length does not match its disk count".into()))?;
-    let epoch = header.epoch.get();
+        .ok_or(Rejection::OpenLength)?;
+    Ok((header.epoch.get(), entries))
+}
 
-    // Claim the disks first so two sources never write one replica.
-    let mut names = Vec::with_capacity(count);
+/// The entries' disk names: valid, configured here, and each named once.
+fn entry_names(job: &super::TargetJob, entries: &[OpenDisk]) -> Result<Vec<String>, TargetError> {
+    let mut names = Vec::with_capacity(entries.len());
     for e in entries {
         let len = e.name_len as usize;
         let name = (len <= MAX_NAME_LEN)
             .then(|| std::str::from_utf8(&e.name[..len]).ok())
             .flatten()
-            .ok_or_else(|| proto("disk name is not valid UTF-8 or too long".into()))?;
+            .ok_or(Rejection::BadDiskName)?;
         if !job.disks.iter().any(|d| d.name == name) {
-            return Err(TargetError::reject(
-                ErrorCode::UnknownDisk,
-                format!(
-                    "unknown disk {name:?}: this target is configured for {}",
-                    job.disks
-                        .iter()
-                        .map(|d| d.name.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
-            ));
+            return Err(Rejection::UnknownDisk {
+                name: name.to_string(),
+                configured: job.disks.iter().map(|d| d.name.clone()).collect(),
+            }
+            .into());
         }
         if names.iter().any(|n| n == name) {
-            return Err(proto(format!("disk {name:?} opened twice")));
+            return Err(Rejection::OpenedTwice {
+                name: name.to_string(),
+            }
+            .into());
         }
         names.push(name.to_string());
     }
-    finish_quarantined(shared, &names)?;
-    let guard = {
-        let mut busy = shared.busy.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = names.iter().find(|n| busy.contains(*n)) {
-            return Err(TargetError::reject(
-                ErrorCode::Busy,
-                format!("disk {n:?} is being replicated by another session"),
-            ));
-        }
-        busy.extend(names.iter().cloned());
-        BusyGuard {
-            shared,
-            names: names.clone(),
-        }
-    };
+    Ok(names)
+}
 
-    let mut opened = Vec::with_capacity(count);
-    for (e, name) in entries.iter().zip(&names) {
-        let block_size = e.block_size.get() as u64;
-        if !block_size.is_power_of_two() || !(4096..=(1 << 20)).contains(&block_size) {
-            return Err(proto(format!(
-                "disk {name}: block size {block_size} is not a power of two in 4096..=1048576"
-            )));
-        }
-        let disk_size = e.disk_size.get();
-        if disk_size == 0 {
-            return Err(proto(format!("disk {name}: size is zero")));
-        }
-        let mode = SyncMode::from_u8(e.mode)
-            .ok_or_else(|| proto(format!("disk {name}: unknown sync mode {}", e.mode)))?;
-        let record = ReplicaRecord::load(&job.state_dir, name)?;
-        if let (SyncMode::Changed, Some(why)) =
-            (mode, record.as_ref().and_then(|r| r.suspect.as_ref()))
-        {
-            return Err(TargetError::reject(
-                ErrorCode::BaseMismatch,
-                format!(
-                    "disk {name}: the replica cannot be shown to hold an acknowledged epoch ({why}); a changed-block epoch would build on unknown bytes — run a seeded sync (--mode seeded), which compares checksums and repairs it"
-                ),
-            ));
-        }
-        if mode == SyncMode::Changed {
-            let ok = record.as_ref().is_some_and(|r| {
-                crate::protocol::parse_hex16(&r.generation).ok() == Some(e.generation)
-                    // A change set since an older epoch covers every change since the
-                    // replica's newer one (a source that died before recording an
-                    // acknowledgement resends from its last recorded epoch).
-                    && r.epoch >= e.base_epoch.get()
-                    && r.disk_size == disk_size
-            });
-            if !ok {
-                let held = record
-                    .as_ref()
-                    .map_or("no acknowledged epoch".to_string(), |r| {
-                        format!("epoch {} of generation {}", r.epoch, r.generation)
-                    });
-                return Err(TargetError::reject(
-                    ErrorCode::BaseMismatch,
-                    format!(
-                        "disk {name}: the change set is based on epoch {} of generation {}, but the replica holds {held}; run a seeded sync (--mode seeded)",
-                        e.base_epoch.get(),
-                        crate::protocol::hex16(&e.generation)
-                    ),
-                ));
-            }
-        }
-        let path = &job
-            .disks
-            .iter()
-            .find(|d| &d.name == name)
-            .expect("checked above")
-            .path;
-        let (disk, state) = Disk::open_replica(path, disk_size).map_err(|source| {
-            let code = match source {
-                crate::io::IoError::ReplicaTooSmall { .. }
-                | crate::io::IoError::ReplicaSizeMismatch { .. } => ErrorCode::ReplicaTooSmall,
-                _ => ErrorCode::Io,
-            };
-            TargetError::reject(code, format!("disk {name}: {}", crate::chain(&source)))
-        })?;
-        let buffered = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(path)
-            .map_err(|e| {
-                TargetError::reject(
-                    ErrorCode::Io,
-                    format!("disk {name}: open {}: {e}", path.display()),
-                )
-            })?;
-        let diff = if mode == SyncMode::Seeded {
-            let gen = GenerationId::from_bytes(e.generation);
-            Some(
-                ChangedBlockBitmap::new(disk_size, block_size as u32, gen, 0)
-                    .map_err(|err| proto(format!("disk {name}: {err}")))?,
-            )
-        } else {
-            None
-        };
-        opened.push((
-            (
-                disk,
-                buffered,
-                SessionDisk {
-                    name: name.clone(),
-                    geometry: Geometry {
-                        disk_size,
-                        block_size,
-                    },
-                    mode,
-                    generation: e.generation,
-                    diff,
-                },
-            ),
-            state == ReplicaState::Created,
-            record,
-        ));
+/// Claims `names` for this session, unless another session holds one of them.
+fn claim<'s>(shared: &'s Shared, names: &[String]) -> Result<BusyGuard<'s>, TargetError> {
+    let mut busy = shared.busy.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(n) = names.iter().find(|n| busy.contains(*n)) {
+        return Err(Rejection::DiskBusy { name: n.clone() }.into());
     }
-    Ok((epoch, opened, guard))
+    busy.extend(names.iter().cloned());
+    Ok(BusyGuard {
+        shared,
+        names: names.to_vec(),
+    })
+}
+
+/// Opens one claimed disk: its announced shape checked, its base checked against the
+/// replica's record, its replica opened (or created).
+fn open_disk(job: &super::TargetJob, e: &OpenDisk, name: &str) -> Result<OpenedDisk, TargetError> {
+    let (geometry, mode) = entry_shape(e, name)?;
+    let record = ReplicaRecord::load(&job.state_dir, name)?;
+    check_base(e, name, mode, geometry.disk_size, record.as_ref())?;
+    let path = &job
+        .disks
+        .iter()
+        .find(|d| d.name == name)
+        .expect("checked by entry_names")
+        .path;
+    let (disk, state) =
+        Disk::open_replica(path, geometry.disk_size).map_err(|source| Rejection::OpenReplica {
+            disk: name.to_string(),
+            source,
+        })?;
+    let buffered = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(|source| Rejection::OpenBuffered {
+            disk: name.to_string(),
+            path: path.clone(),
+            source,
+        })?;
+    let diff = if mode == SyncMode::Seeded {
+        let gen = GenerationId::from_bytes(e.generation);
+        let bitmap =
+            ChangedBlockBitmap::new(geometry.disk_size, geometry.block_size as u32, gen, 0)
+                .map_err(|source| Rejection::DiffShape {
+                    disk: name.to_string(),
+                    source,
+                })?;
+        Some(bitmap)
+    } else {
+        None
+    };
+    Ok(OpenedDisk {
+        disk,
+        buffered,
+        session: SessionDisk {
+            name: name.to_string(),
+            geometry,
+            mode,
+            generation: e.generation,
+            diff,
+        },
+        created: state == ReplicaState::Created,
+        record,
+    })
+}
+
+/// The disk's announced geometry and sync mode, checked.
+fn entry_shape(e: &OpenDisk, name: &str) -> Result<(Geometry, SyncMode), TargetError> {
+    let block_size = e.block_size.get() as u64;
+    if !block_size.is_power_of_two() || !(4096..=(1 << 20)).contains(&block_size) {
+        return Err(Rejection::BlockSize {
+            disk: name.to_string(),
+            block_size,
+        }
+        .into());
+    }
+    let disk_size = e.disk_size.get();
+    if disk_size == 0 {
+        return Err(Rejection::ZeroSize {
+            disk: name.to_string(),
+        }
+        .into());
+    }
+    let mode = SyncMode::from_u8(e.mode).ok_or_else(|| Rejection::UnknownMode {
+        disk: name.to_string(),
+        mode: e.mode,
+    })?;
+    let geometry = Geometry {
+        disk_size,
+        block_size,
+    };
+    Ok((geometry, mode))
+}
+
+/// A changed-block epoch builds on the replica's bytes: they must be the acknowledged
+/// epoch the change set starts from (or a later one) of the same generation and size.
+fn check_base(
+    e: &OpenDisk,
+    name: &str,
+    mode: SyncMode,
+    disk_size: u64,
+    record: Option<&ReplicaRecord>,
+) -> Result<(), TargetError> {
+    if mode != SyncMode::Changed {
+        return Ok(());
+    }
+    if let Some(why) = record.and_then(|r| r.suspect.as_ref()) {
+        return Err(Rejection::Suspect {
+            disk: name.to_string(),
+            why: why.clone(),
+        }
+        .into());
+    }
+    let ok = record.is_some_and(|r| {
+        crate::protocol::parse_hex16(&r.generation).ok() == Some(e.generation)
+            // A change set since an older epoch covers every change since the
+            // replica's newer one (a source that died before recording an
+            // acknowledgement resends from its last recorded epoch).
+            && r.epoch >= e.base_epoch.get()
+            && r.disk_size == disk_size
+    });
+    if ok {
+        return Ok(());
+    }
+    Err(Rejection::BaseMismatch {
+        disk: name.to_string(),
+        base_epoch: e.base_epoch.get(),
+        generation: e.generation,
+        held: record.map(|r| Held {
+            epoch: r.epoch,
+            generation: r.generation.clone(),
+        }),
+    }
+    .into())
 }
 
 /// Completes the rollback of every quarantined epoch that holds one of `names` (its
@@ -724,34 +944,26 @@ fn finish_quarantined(shared: &Shared, names: &[String]) -> Result<(), TargetErr
                 }
             }
             Err(e) => {
-                return Err(TargetError::reject(
-                    ErrorCode::Io,
-                    format!(
-                        "disk(s) {}: the replica is between epochs because settling an interrupted epoch failed: {}; the next session retries",
-                        quarantine[i].1.join(", "),
-                        crate::chain(&e)
-                    ),
-                ))
+                return Err(Rejection::Unsettled {
+                    disks: quarantine[i].1.clone(),
+                    error: Box::new(e),
+                }
+                .into())
             }
         }
     }
     Ok(())
 }
 
-fn seeded<'a>(
-    disks: &'a mut [SessionDisk],
+fn seeded(
+    disks: &mut [SessionDisk],
     disk: u32,
-    what: &str,
-) -> Result<&'a mut SessionDisk, TargetError> {
+    frame: SeedFrame,
+) -> Result<&mut SessionDisk, TargetError> {
     disks
         .get_mut(disk as usize)
         .filter(|d| d.mode == SyncMode::Seeded)
-        .ok_or_else(|| {
-            TargetError::reject(
-                ErrorCode::Protocol,
-                format!("{what} for disk #{disk}, which is not being seeded"),
-            )
-        })
+        .ok_or(TargetError::Rejected(Rejection::NotSeeded { frame, disk }))
 }
 
 fn compare_hashes(
@@ -759,11 +971,10 @@ fn compare_hashes(
     files: &[std::fs::File],
     payload: &[u8],
 ) -> Result<(), TargetError> {
-    let (header, hashes) = HashesHeader::ref_from_prefix(payload).map_err(|_| {
-        TargetError::reject(ErrorCode::Protocol, "hashes frame shorter than its header")
-    })?;
+    let (header, hashes) =
+        HashesHeader::ref_from_prefix(payload).map_err(|_| Rejection::HashesShort)?;
     let file = files.get(header.disk.get() as usize);
-    let d = seeded(disks, header.disk.get(), "hashes")?;
+    let d = seeded(disks, header.disk.get(), SeedFrame::Hashes)?;
     let file = file.expect("seeded() checked the index");
     let bs = d.geometry.block_size;
     let count = header.block_count.get() as u64;
@@ -773,20 +984,23 @@ fn compare_hashes(
         || first.checked_add(count).is_none_or(|end| end > blocks)
         || count * bs > verify::MAX_FRAME_LOGICAL as u64
     {
-        return Err(TargetError::reject(
-            ErrorCode::OutOfRange,
-            format!("disk {}: hashes for blocks {first}+{count} do not fit the frame or the disk ({blocks} blocks)", d.name),
-        ));
+        return Err(Rejection::HashesOutside {
+            disk: d.name.clone(),
+            first,
+            count,
+            blocks,
+        }
+        .into());
     }
     let start = first * bs;
     let len = ((first + count) * bs).min(d.geometry.disk_size) - start;
     let mut buf = vec![0u8; len as usize];
-    file.read_exact_at(&mut buf, start).map_err(|e| {
-        TargetError::reject(
-            ErrorCode::Io,
-            format!("disk {}: read at {start}: {e}", d.name),
-        )
-    })?;
+    file.read_exact_at(&mut buf, start)
+        .map_err(|source| Rejection::ReadReplica {
+            disk: d.name.clone(),
+            offset: start,
+            source,
+        })?;
     let diff = d.diff.as_mut().expect("seeded disks have a diff bitmap");
     for (i, block) in buf.chunks(bs as usize).enumerate() {
         let theirs = &hashes[i * 16..i * 16 + 16];
@@ -809,19 +1023,19 @@ fn compare_zero_run(
     run: &DiskRun,
 ) -> Result<(), TargetError> {
     let file = files.get(run.disk.get() as usize);
-    let d = seeded(disks, run.disk.get(), "hash zero run")?;
+    let d = seeded(disks, run.disk.get(), SeedFrame::HashZeroRun)?;
     let file = file.expect("seeded() checked the index");
     let bs = d.geometry.block_size;
     let blocks = d.geometry.disk_size.div_ceil(bs);
     let (first, count) = (run.start.get(), run.count.get());
     if first.checked_add(count).is_none_or(|end| end > blocks) {
-        return Err(TargetError::reject(
-            ErrorCode::OutOfRange,
-            format!(
-                "disk {}: zero run {first}+{count} is past the disk's {blocks} blocks",
-                d.name
-            ),
-        ));
+        return Err(Rejection::ZeroRunOutside {
+            disk: d.name.clone(),
+            first,
+            count,
+            blocks,
+        }
+        .into());
     }
     let end_byte = ((first + count) * bs).min(d.geometry.disk_size);
     let mut pos = first * bs;
@@ -846,12 +1060,12 @@ fn compare_zero_run(
         let block = data / bs;
         let start = block * bs;
         let len = bs.min(d.geometry.disk_size - start) as usize;
-        file.read_exact_at(&mut buf[..len], start).map_err(|e| {
-            TargetError::reject(
-                ErrorCode::Io,
-                format!("disk {}: read at {start}: {e}", d.name),
-            )
-        })?;
+        file.read_exact_at(&mut buf[..len], start)
+            .map_err(|source| Rejection::ReadReplica {
+                disk: d.name.clone(),
+                offset: start,
+                source,
+            })?;
         if !is_zero(&buf[..len]) {
             d.diff
                 .as_mut()

@@ -586,41 +586,10 @@ pub(crate) fn recover_one(
         .filter(|d| d.logged)
         .map(|d| d.name.clone())
         .collect();
-    // A log may only take a replica back to the epoch it held when the log began: a
-    // log left behind by a failed commit must never roll back later epochs.
-    for d in log.disks.iter().filter(|d| d.logged) {
-        let record = ReplicaRecord::load(state_dir, &d.name)?;
-        let held = record.as_ref().map(|r| r.epoch);
-        if held != d.prev_epoch {
-            let problem = LogDamage::Stale {
-                epoch: log.epoch,
-                disk: d.name.clone(),
-                prev_epoch: d.prev_epoch,
-                held,
-            };
-            return distrust(state_dir, path, &logged, problem);
-        }
+    if let Some(problem) = stale(state_dir, &log)? {
+        return distrust(state_dir, path, &logged, problem);
     }
-    let mut files = Vec::with_capacity(log.disks.len());
-    for d in &log.disks {
-        let Some((_, p)) = replicas.iter().find(|(n, _)| *n == d.name) else {
-            return Err(TargetError::UnconfiguredDisk {
-                log: path.to_path_buf(),
-                disk: d.name.clone(),
-            });
-        };
-        files.push(if d.logged {
-            Some(
-                OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .open(p)
-                    .map_err(|e| io_err(p, StateOp::OpenReplicaForRollback, e))?,
-            )
-        } else {
-            None
-        });
-    }
+    let files = open_for_rollback(path, &log.disks, replicas)?;
     let refs: Vec<Option<&File>> = files.iter().map(Option::as_ref).collect();
     let log = match read_log(path, ReadMode::Live { replicas: &refs }) {
         Ok(log) => log,
@@ -639,6 +608,55 @@ pub(crate) fn recover_one(
         entries: log.entries.len(),
         disks: names,
     })
+}
+
+/// A log may only take a replica back to the epoch it held when the log began: a log
+/// left behind by a failed commit must never roll back later epochs. Why this one
+/// would, if it would.
+fn stale(state_dir: &Path, log: &LogContents) -> Result<Option<LogDamage>, TargetError> {
+    for d in log.disks.iter().filter(|d| d.logged) {
+        let record = ReplicaRecord::load(state_dir, &d.name)?;
+        let held = record.as_ref().map(|r| r.epoch);
+        if held != d.prev_epoch {
+            return Ok(Some(LogDamage::Stale {
+                epoch: log.epoch,
+                disk: d.name.clone(),
+                prev_epoch: d.prev_epoch,
+                held,
+            }));
+        }
+    }
+    Ok(None)
+}
+
+/// Opens, for writing, the replica of every disk of the log (at `path`) that has
+/// logged bytes; `None` for the others. Every disk must still be configured.
+fn open_for_rollback(
+    path: &Path,
+    disks: &[UndoDisk],
+    replicas: &[(String, PathBuf)],
+) -> Result<Vec<Option<File>>, TargetError> {
+    let mut files = Vec::with_capacity(disks.len());
+    for d in disks {
+        let Some((_, p)) = replicas.iter().find(|(n, _)| *n == d.name) else {
+            return Err(TargetError::UnconfiguredDisk {
+                log: path.to_path_buf(),
+                disk: d.name.clone(),
+            });
+        };
+        files.push(if d.logged {
+            Some(
+                OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(p)
+                    .map_err(|e| io_err(p, StateOp::OpenReplicaForRollback, e))?,
+            )
+        } else {
+            None
+        });
+    }
+    Ok(files)
 }
 
 /// Sets a log that must not be applied aside (`.damaged`, kept for inspection), marks
@@ -795,50 +813,7 @@ pub(crate) fn read_log(path: &Path, mode: ReadMode<'_>) -> Result<LogContents, D
         ReadMode::Live { replicas } => Some(replicas),
         ReadMode::Kept => None,
     };
-    let mut buf = Vec::new();
-    let mut pos = header_len as u64;
-    let mut h = [0u8; ENTRY_HEADER_LEN];
-    let bad_at = loop {
-        if pos == size {
-            break None;
-        }
-        if pos + ENTRY_HEADER_LEN as u64 > size {
-            break Some(pos);
-        }
-        log.file
-            .read_exact_at(&mut h, pos)
-            .map_err(|e| io(StateOp::Read, e))?;
-        let Some(e) = decode_entry(&h, log.disks.len()) else {
-            break Some(pos);
-        };
-        let start = pos + ENTRY_HEADER_LEN as u64;
-        if let Some(len) = e.zero_len {
-            log.entries.push(Entry::Zero {
-                disk: e.disk,
-                offset: e.offset,
-                len,
-            });
-            pos = start;
-            continue;
-        }
-        if start + e.len as u64 > size {
-            break Some(pos);
-        }
-        buf.resize(e.len, 0);
-        log.file
-            .read_exact_at(&mut buf, start)
-            .map_err(|e| io(StateOp::Read, e))?;
-        if xxh3_64(&buf) != e.data_hash {
-            break Some(pos);
-        }
-        log.entries.push(Entry::Data {
-            disk: e.disk,
-            offset: e.offset,
-            start,
-            len: e.len,
-        });
-        pos = start + e.len as u64;
-    };
+    let bad_at = log.index_entries(path, header_len as u64, size)?;
     let Some(bad_at) = bad_at else {
         return Ok(log);
     };
@@ -847,6 +822,62 @@ pub(crate) fn read_log(path: &Path, mode: ReadMode<'_>) -> Result<LogContents, D
     };
     check_torn_tail(&log, bad_at, size, replicas)?;
     Ok(log)
+}
+
+impl LogContents {
+    /// Indexes the entries from `pos` to `size`, each checked against its hash; where
+    /// the first entry that does not check out starts, if any.
+    fn index_entries(
+        &mut self,
+        path: &Path,
+        mut pos: u64,
+        size: u64,
+    ) -> Result<Option<u64>, Damage> {
+        let io = |op: StateOp, e: io::Error| Damage::Io(io_err(path, op, e));
+        let mut buf = Vec::new();
+        let mut h = [0u8; ENTRY_HEADER_LEN];
+        loop {
+            if pos == size {
+                return Ok(None);
+            }
+            if pos + ENTRY_HEADER_LEN as u64 > size {
+                return Ok(Some(pos));
+            }
+            self.file
+                .read_exact_at(&mut h, pos)
+                .map_err(|e| io(StateOp::Read, e))?;
+            let Some(e) = decode_entry(&h, self.disks.len()) else {
+                return Ok(Some(pos));
+            };
+            let start = pos + ENTRY_HEADER_LEN as u64;
+            if let Some(len) = e.zero_len {
+                self.entries.push(Entry::Zero {
+                    disk: e.disk,
+                    offset: e.offset,
+                    len,
+                });
+                pos = start;
+                continue;
+            }
+            if start + e.len as u64 > size {
+                return Ok(Some(pos));
+            }
+            buf.resize(e.len, 0);
+            self.file
+                .read_exact_at(&mut buf, start)
+                .map_err(|e| io(StateOp::Read, e))?;
+            if xxh3_64(&buf) != e.data_hash {
+                return Ok(Some(pos));
+            }
+            self.entries.push(Entry::Data {
+                disk: e.disk,
+                offset: e.offset,
+                start,
+                len: e.len,
+            });
+            pos = start + e.len as u64;
+        }
+    }
 }
 
 /// Shows that everything from `bad_at` on is a torn tail: bytes written after the last

@@ -4,10 +4,10 @@
 use zerocopy::FromBytes;
 
 use crate::protocol::{
-    block_hash, BlockRecord, Codec, DataHeader, ErrorCode, BLOCK_RECORD_LEN, PAYLOAD_ALIGN,
-    ZERO_BLOCK_HASH,
+    block_hash, BlockRecord, Codec, DataHeader, BLOCK_RECORD_LEN, PAYLOAD_ALIGN, ZERO_BLOCK_HASH,
 };
 
+use super::rejection::{MalformedData, RecordRange, Rejection};
 use super::TargetError;
 
 /// The shape of one disk of the session, as opened.
@@ -70,20 +70,19 @@ impl Placer {
 
 /// The parsed table of a data frame.
 pub fn records(payload: &[u8]) -> Result<(u32, &[BlockRecord]), TargetError> {
-    let bad =
-        |m: &str| TargetError::reject(ErrorCode::Protocol, format!("malformed data frame: {m}"));
+    let bad = |why: MalformedData| TargetError::from(Rejection::MalformedData(why));
     let (header, rest) =
-        DataHeader::ref_from_prefix(payload).map_err(|_| bad("shorter than its header"))?;
+        DataHeader::ref_from_prefix(payload).map_err(|_| bad(MalformedData::Short))?;
     let count = header.record_count.get() as usize;
     if count == 0 {
-        return Err(bad("no records"));
+        return Err(bad(MalformedData::NoRecords));
     }
     let table_bytes = count
         .checked_mul(BLOCK_RECORD_LEN)
         .filter(|&n| n <= rest.len())
-        .ok_or_else(|| bad("record table longer than the frame"))?;
+        .ok_or_else(|| bad(MalformedData::TableTooLong))?;
     let records = <[BlockRecord]>::ref_from_bytes(&rest[..table_bytes])
-        .map_err(|_| bad("record table misaligned"))?;
+        .map_err(|_| bad(MalformedData::TableMisaligned))?;
     Ok((header.disk.get(), records))
 }
 
@@ -118,143 +117,212 @@ pub fn verify_data_within(
     max_logical: usize,
 ) -> Result<(u32, usize), TargetError> {
     let (disk, recs) = records(payload)?;
-    let geometry = disks.get(disk as usize).ok_or_else(|| {
-        TargetError::reject(
-            ErrorCode::UnknownDisk,
-            format!(
-                "data frame names disk #{disk}, but the session opened {} disk(s)",
-                disks.len()
-            ),
-        )
+    let geometry = *disks.get(disk as usize).ok_or(Rejection::DataUnknownDisk {
+        disk,
+        opened: disks.len(),
     })?;
-    let name = &disk_names[disk as usize];
-    let table_end = core::mem::size_of::<DataHeader>() + recs.len() * BLOCK_RECORD_LEN;
-    let mut logical = 0usize;
-    let mut scratch = scratch;
-    let mut placer = Placer::new();
-    let mut previous_end = 0u64;
+    let mut frame = FrameCheck {
+        payload,
+        table_end: core::mem::size_of::<DataHeader>() + recs.len() * BLOCK_RECORD_LEN,
+        geometry,
+        name: &disk_names[disk as usize],
+        max_logical,
+        logical: 0,
+        previous_end: 0,
+        placer: Placer::new(),
+        scratch,
+        decompressor,
+    };
     for (i, rec) in recs.iter().enumerate() {
+        frame.check_range(i, rec)?;
+        frame.check_block(i, rec)?;
+    }
+    Ok((disk, frame.placer.scratch_used()))
+}
+
+/// One data frame being verified, record by record, in order.
+struct FrameCheck<'a> {
+    payload: &'a [u8],
+    /// Where the record table ends: no payload may start before it.
+    table_end: usize,
+    geometry: Geometry,
+    name: &'a str,
+    max_logical: usize,
+    /// Bytes of disk the records checked so far describe.
+    logical: usize,
+    /// Where the previous record's block ended.
+    previous_end: u64,
+    placer: Placer,
+    scratch: Option<&'a mut [u8]>,
+    decompressor: &'a mut zstd::bulk::Decompressor<'static>,
+}
+
+impl<'a> FrameCheck<'a> {
+    /// Checks where record `i` lies: after the previous block, on a block of the disk,
+    /// and within what the session announced per frame.
+    fn check_range(&mut self, i: usize, rec: &BlockRecord) -> Result<(), TargetError> {
         let offset = rec.offset.get();
+        let len = rec.length.get() as u64;
         // Blocks travel in disk order, each once: a repeated or out-of-order block would
         // make the replica's content depend on write completion order.
-        if i > 0 && offset < previous_end {
-            return Err(TargetError::reject(
-                ErrorCode::Protocol,
-                format!("disk {name}: record {i}: block at {offset} repeats or goes back (previous block ended at {previous_end})"),
-            ));
-        }
-        previous_end = offset.saturating_add(rec.length.get() as u64);
-        let len = rec.length.get() as u64;
-        let stored = rec.stored_len.get() as usize;
-        let at = rec.payload_offset.get() as usize;
-        let out_of_range = |what: String| {
-            TargetError::reject(
-                ErrorCode::OutOfRange,
-                format!("disk {name}: record {i}: {what}"),
-            )
-        };
-        if offset >= geometry.disk_size {
-            return Err(out_of_range(format!(
-                "offset {offset} is past the end of the disk ({} bytes)",
-                geometry.disk_size
-            )));
-        }
-        if offset % geometry.block_size != 0 {
-            return Err(out_of_range(format!(
-                "offset {offset} is not a multiple of the block size {}",
-                geometry.block_size
-            )));
-        }
-        let expected_len = geometry.block_size.min(geometry.disk_size - offset);
-        if len != expected_len {
-            return Err(out_of_range(format!(
-                "block at {offset} claims {len} bytes, the block there has {expected_len}"
-            )));
-        }
-        logical += len as usize;
-        if logical > max_logical {
-            return Err(out_of_range(format!(
-                "frame describes more than the {max_logical} bytes of blocks the session announced"
-            )));
-        }
-        let codec = Codec::from_u8(rec.codec).ok_or_else(|| {
-            TargetError::reject(
-                ErrorCode::Protocol,
-                format!("disk {name}: record {i}: unknown codec {}", rec.codec),
-            )
-        })?;
-        let payload_of = || -> Result<&[u8], TargetError> {
-            if at < table_end || at.checked_add(stored).is_none_or(|end| end > payload.len()) {
-                return Err(TargetError::reject(
-                    ErrorCode::Protocol,
-                    format!(
-                        "disk {name}: record {i}: payload [{at}, +{stored}) lies outside the frame"
-                    ),
-                ));
+        if i > 0 && offset < self.previous_end {
+            return Err(Rejection::GoesBack {
+                disk: self.name.to_string(),
+                record: i,
+                offset,
+                previous_end: self.previous_end,
             }
-            Ok(&payload[at..at + stored])
+            .into());
+        }
+        self.previous_end = offset.saturating_add(len);
+        let g = self.geometry;
+        let why = if offset >= g.disk_size {
+            Some(RecordRange::PastEnd {
+                offset,
+                disk_size: g.disk_size,
+            })
+        } else if !offset.is_multiple_of(g.block_size) {
+            Some(RecordRange::Unaligned {
+                offset,
+                block_size: g.block_size,
+            })
+        } else if len != g.block_size.min(g.disk_size - offset) {
+            Some(RecordRange::Length {
+                offset,
+                len,
+                expected: g.block_size.min(g.disk_size - offset),
+            })
+        } else {
+            self.logical += len as usize;
+            (self.logical > self.max_logical).then_some(RecordRange::OverAnnounced {
+                max_logical: self.max_logical,
+            })
         };
-        let integrity = || {
-            TargetError::reject(
-                ErrorCode::Integrity,
-                format!("disk {name}: block at offset {offset} fails its hash check: corrupted in transit"),
-            )
-        };
-        let place = placer.place(rec);
+        match why {
+            Some(why) => Err(Rejection::RecordOutside {
+                disk: self.name.to_string(),
+                record: i,
+                why,
+            }
+            .into()),
+            None => Ok(()),
+        }
+    }
+
+    /// Checks record `i`'s encoding and its block's hash, leaving the block's bytes
+    /// where [`Placer`] says.
+    fn check_block(&mut self, i: usize, rec: &BlockRecord) -> Result<(), TargetError> {
+        let codec = Codec::from_u8(rec.codec).ok_or_else(|| Rejection::UnknownCodec {
+            disk: self.name.to_string(),
+            record: i,
+            codec: rec.codec,
+        })?;
+        let place = self.placer.place(rec);
+        let stored = rec.stored_len.get() as usize;
         match codec {
             Codec::Zero => {
                 if rec.hash != ZERO_BLOCK_HASH {
-                    return Err(integrity());
+                    return Err(self.integrity(rec));
                 }
                 if stored != 0 {
-                    return Err(TargetError::reject(
-                        ErrorCode::Protocol,
-                        format!(
-                            "disk {name}: record {i}: zero block carries {stored} payload bytes"
-                        ),
-                    ));
+                    return Err(Rejection::ZeroCarriesPayload {
+                        disk: self.name.to_string(),
+                        record: i,
+                        stored,
+                    }
+                    .into());
                 }
+                Ok(())
             }
-            Codec::Raw => {
-                if stored as u64 != len {
-                    return Err(TargetError::reject(
-                        ErrorCode::Protocol,
-                        format!(
-                            "disk {name}: record {i}: raw block of {len} bytes stores {stored}"
-                        ),
-                    ));
-                }
-                let data = payload_of()?;
-                if block_hash(data) != rec.hash {
-                    return Err(integrity());
-                }
-                if let Place::Scratch(s) = place {
-                    let scratch = scratch.as_deref_mut().ok_or(TargetError::ScratchMissing)?;
-                    bounds(scratch.len(), s, len as usize)?;
-                    scratch[s..s + len as usize].copy_from_slice(data);
-                }
-            }
-            Codec::Zstd => {
-                let data = payload_of()?;
-                let Place::Scratch(s) = place else {
-                    unreachable!("compressed blocks always decompress into scratch")
-                };
-                let scratch = scratch.as_deref_mut().ok_or(TargetError::ScratchMissing)?;
-                bounds(scratch.len(), s, len as usize)?;
-                let dst = &mut scratch[s..s + len as usize];
-                // The destination is exactly the block: a frame cannot make us inflate
-                // more than the block size.
-                match decompressor.decompress_to_buffer(data, dst) {
-                    Ok(n) if n as u64 == len => {}
-                    _ => return Err(integrity()),
-                }
-                if block_hash(dst) != rec.hash {
-                    return Err(integrity());
-                }
-            }
+            Codec::Raw => self.check_raw(i, rec, place),
+            Codec::Zstd => self.check_zstd(i, rec, place),
         }
     }
-    Ok((disk, placer.scratch_used()))
+
+    fn check_raw(&mut self, i: usize, rec: &BlockRecord, place: Place) -> Result<(), TargetError> {
+        let len = rec.length.get() as usize;
+        let stored = rec.stored_len.get() as usize;
+        if stored != len {
+            return Err(Rejection::RawLength {
+                disk: self.name.to_string(),
+                record: i,
+                len: len as u64,
+                stored,
+            }
+            .into());
+        }
+        let data = self.payload_of(i, rec)?;
+        if block_hash(data) != rec.hash {
+            return Err(self.integrity(rec));
+        }
+        if let Place::Scratch(s) = place {
+            let scratch = self.scratch_at(s, len)?;
+            scratch.copy_from_slice(data);
+        }
+        Ok(())
+    }
+
+    fn check_zstd(&mut self, i: usize, rec: &BlockRecord, place: Place) -> Result<(), TargetError> {
+        let len = rec.length.get() as usize;
+        let data = self.payload_of(i, rec)?;
+        let Place::Scratch(s) = place else {
+            unreachable!("compressed blocks always decompress into scratch")
+        };
+        let integrity = self.integrity(rec);
+        let decompressor = &mut *self.decompressor;
+        let dst = match self.scratch.as_deref_mut() {
+            Some(scratch) => {
+                bounds(scratch.len(), s, len)?;
+                &mut scratch[s..s + len]
+            }
+            None => return Err(TargetError::ScratchMissing),
+        };
+        // The destination is exactly the block: a frame cannot make us inflate more
+        // than the block size.
+        match decompressor.decompress_to_buffer(data, dst) {
+            Ok(n) if n == len => {}
+            _ => return Err(integrity),
+        }
+        if block_hash(dst) != rec.hash {
+            return Err(integrity);
+        }
+        Ok(())
+    }
+
+    /// Record `i`'s stored bytes, which must lie in the frame after the record table.
+    fn payload_of(&self, i: usize, rec: &BlockRecord) -> Result<&'a [u8], TargetError> {
+        let stored = rec.stored_len.get() as usize;
+        let at = rec.payload_offset.get() as usize;
+        let payload = self.payload;
+        if at < self.table_end || at.checked_add(stored).is_none_or(|end| end > payload.len()) {
+            return Err(Rejection::PayloadOutside {
+                disk: self.name.to_string(),
+                record: i,
+                at,
+                stored,
+            }
+            .into());
+        }
+        Ok(&payload[at..at + stored])
+    }
+
+    /// `len` bytes of scratch at `at`.
+    fn scratch_at(&mut self, at: usize, len: usize) -> Result<&mut [u8], TargetError> {
+        let scratch = self
+            .scratch
+            .as_deref_mut()
+            .ok_or(TargetError::ScratchMissing)?;
+        bounds(scratch.len(), at, len)?;
+        Ok(&mut scratch[at..at + len])
+    }
+
+    fn integrity(&self, rec: &BlockRecord) -> TargetError {
+        Rejection::HashMismatch {
+            disk: self.name.to_string(),
+            offset: rec.offset.get(),
+        }
+        .into()
+    }
 }
 
 /// The largest Data frame payload a session announcing `max_logical` bytes per frame
@@ -279,10 +347,7 @@ pub fn needs_scratch(payload: &[u8]) -> Result<bool, TargetError> {
 
 fn bounds(cap: usize, at: usize, len: usize) -> Result<(), TargetError> {
     if at + len > cap {
-        return Err(TargetError::reject(
-            ErrorCode::OutOfRange,
-            format!("frame needs more than the {cap}-byte staging buffer"),
-        ));
+        return Err(Rejection::StagingTooSmall { cap }.into());
     }
     Ok(())
 }
@@ -329,7 +394,13 @@ mod tests {
     fn zero_records_must_carry_the_zero_hash() {
         assert!(check(&frame(&[(0, Codec::Zero, ZERO_BLOCK_HASH)])).is_ok());
         let e = check(&frame(&[(0, Codec::Zero, [7; 16])])).unwrap_err();
-        assert!(e.to_string().contains("hash"), "{e}");
+        assert!(
+            matches!(
+                e,
+                TargetError::Rejected(Rejection::HashMismatch { offset: 0, .. })
+            ),
+            "{e}"
+        );
     }
 
     #[test]
@@ -341,7 +412,10 @@ mod tests {
             [(8192, Codec::Zero, z), (0, Codec::Zero, z)],
         ] {
             let e = check(&frame(&recs)).unwrap_err();
-            assert!(e.to_string().contains("repeats or goes back"), "{e}");
+            assert!(
+                matches!(e, TargetError::Rejected(Rejection::GoesBack { .. })),
+                "{e}"
+            );
         }
     }
 }

@@ -189,15 +189,16 @@ fn verify_one(
 
 fn rejected(stage: &str, e: TargetError) -> String {
     match &e {
-        TargetError::Rejected { code, .. } => assert!(
+        TargetError::Rejected(r) => assert!(
             matches!(
-                code,
+                r.code(),
                 ErrorCode::Protocol
                     | ErrorCode::UnknownDisk
                     | ErrorCode::OutOfRange
                     | ErrorCode::Integrity
             ),
-            "a frame was rejected with code {code:?}: {e}"
+            "a frame was rejected with code {:?}: {e}",
+            r.code()
         ),
         other => panic!("verifying a data frame failed other than by rejecting it: {other:?}"),
     }
