@@ -444,6 +444,7 @@ impl Rig {
             mode,
             shim_control: None,
             require_shim: false,
+            discard_replica_changes: false,
         }
     }
 }

@@ -72,6 +72,7 @@ fn job(
         mode: ModeRequest::Auto,
         shim_control: None,
         require_shim: false,
+        discard_replica_changes: false,
     }
 }
 

@@ -428,6 +428,13 @@ fn create_if_missing(path: &Path) -> Result<bool, IoError> {
     }
 }
 
+/// Tells a file from a block device and measures it, by path (opened read-only for the
+/// call).
+pub fn identify_path(path: &Path) -> Result<(DiskKind, u64), IoError> {
+    let file = File::open(path).map_err(|source| disk_error(DiskOp::Open, path, source))?;
+    identify(&file, path)
+}
+
 /// Tells a file from a block device and measures it.
 fn identify(file: &File, path: &Path) -> Result<(DiskKind, u64), IoError> {
     let meta = file

@@ -36,7 +36,7 @@ use std::str::FromStr;
 use tracing::warn;
 
 pub use aligned::AlignedBuf;
-pub use disk::{CacheMode, Disk, DiskKind, DiskOp, ReplicaState};
+pub use disk::{identify_path, CacheMode, Disk, DiskKind, DiskOp, ReplicaState};
 pub use engine::{BlockEngine, Completion, DiskId, IoBuffer, IoOp, TRANSIENT_RETRIES_MAX};
 pub use engine_sync::SyncEngine;
 pub use engine_uring::{RingSetup, UringEngine};

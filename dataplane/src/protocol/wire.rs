@@ -204,7 +204,9 @@ pub struct OpenDisk {
     pub name_len: u8,
     /// [`SyncMode`] as u8.
     pub mode: u8,
-    pub reserved: [u8; 2],
+    /// `OPEN_*` flags. A target that predates a flag ignores it.
+    pub flags: u8,
+    pub reserved: u8,
     /// Replication block size in bytes (power of two, 4 KiB ..= 1 MiB).
     pub block_size: U32,
     /// Source disk size in bytes.
@@ -227,6 +229,11 @@ pub struct OpenDiskReply {
     /// Last epoch committed to this replica (zero if none).
     pub epoch: U64,
 }
+
+/// [`OpenDisk::flags`]: the operator chose to discard whatever was written to the
+/// replica by anything but the target (split brain, see the writer's `stamp`); only a
+/// full or seeded sync, which repairs every block, may carry it.
+pub const OPEN_DISCARD_REPLICA_CHANGES: u8 = 1;
 
 pub const REPLICA_CREATED: u8 = 1;
 pub const REPLICA_EXISTING: u8 = 2;
@@ -396,6 +403,11 @@ pub enum ErrorCode {
     ReplicaTooSmall = 9,
     Version = 10,
     Internal = 11,
+    /// The replica was written by something other than the target since its last
+    /// epoch (split brain): the operator must choose.
+    ReplicaChanged = 12,
+    /// The target's site was promoted by a failover: it takes no replication.
+    Fenced = 13,
 }
 
 impl ErrorCode {
@@ -412,6 +424,8 @@ impl ErrorCode {
             8 => BaseMismatch,
             9 => ReplicaTooSmall,
             10 => Version,
+            12 => ReplicaChanged,
+            13 => Fenced,
             _ => Internal,
         }
     }

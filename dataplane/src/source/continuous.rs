@@ -8,6 +8,13 @@
 //! [`MAX_BACKOFF`]. When the target reports that the replica no longer holds the base
 //! the change set builds on (it was replaced or reset), the next round is a seeded
 //! (checksum-compare) sync.
+//!
+//! Two refusals end the loop instead, because retrying cannot help and only the
+//! operator can choose: the replica was changed by something other than the target
+//! (split brain: resync with `--discard-replica-changes`, or fail over), and the
+//! target's site was promoted by a failover (this site is no longer the primary).
+//! With `discard_replica_changes` the first rounds are seeded syncs carrying the
+//! operator's choice, until one succeeds; later rounds are ordinary again.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -34,12 +41,26 @@ fn base_lost(e: &SourceError) -> bool {
     )
 }
 
+/// Whether the target's refusal needs the operator: retrying would be refused the same
+/// way for good.
+pub fn needs_operator(e: &SourceError) -> bool {
+    matches!(
+        e,
+        SourceError::Protocol(ProtocolError::Remote {
+            code: ErrorCode::ReplicaChanged | ErrorCode::Fenced,
+            ..
+        })
+    )
+}
+
 /// Runs rounds until `stop` is set (checked between rounds and while waiting; a
 /// round in progress completes). `on_round` sees every round's outcome.
 ///
 /// The engine lock of `state_dir` is taken first and held until this returns: while
 /// it runs, another `ferry source` or a `ferry sync` on the same state directory is
 /// refused, and if one already runs this returns its [`SourceError::Busy`] at once.
+/// A round the target refuses for a reason only the operator can resolve (see
+/// [`needs_operator`]) ends the loop with that error, after `on_round` saw it.
 /// A forced io_uring engine that cannot work here is an error at once too, rather than
 /// the same failure every round.
 pub fn run(
@@ -64,18 +85,21 @@ pub fn run(
     let requested = job.mode;
     let mut failures: u32 = 0;
     let mut reseed = false;
+    let mut discard = job.discard_replica_changes;
     while !stop.load(Ordering::Acquire) {
         let started = Instant::now();
-        job.mode = if reseed {
+        job.mode = if reseed || discard {
             ModeRequest::Seeded
         } else {
             requested
         };
+        job.discard_replica_changes = discard;
         let result = super::sync_locked(&job, &lock);
         match &result {
             Ok(_) => {
                 failures = 0;
                 reseed = false;
+                discard = false;
             }
             Err(e) => {
                 failures = failures.saturating_add(1);
@@ -85,6 +109,11 @@ pub fn run(
             }
         }
         on_round(&result);
+        if let Err(e) = result {
+            if needs_operator(&e) {
+                return Err(e);
+            }
+        }
         let wait = if failures == 0 {
             interval.saturating_sub(started.elapsed())
         } else {

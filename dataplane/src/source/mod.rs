@@ -27,7 +27,7 @@ use crate::io::{self, Disk, EngineKind, IoError};
 use crate::protocol::{
     auth, Commit, Committed, DiskManifest, DiskRun, FrameDeadline, FrameKind, FrameReader,
     FrameWriter, ManifestBuilder, OpenDisk, OpenDiskReply, OpenHeader, ProtocolError, SyncMode,
-    TimedStream, MAX_NAME_LEN, MAX_REPLY_PAYLOAD, REPLICA_CREATED,
+    TimedStream, MAX_NAME_LEN, MAX_REPLY_PAYLOAD, OPEN_DISCARD_REPLICA_CHANGES, REPLICA_CREATED,
 };
 pub use crate::protocol::{hex16, parse_hex16, NotHex16};
 use crate::psk::{Psk, PskError};
@@ -249,6 +249,10 @@ pub struct SyncJob {
     /// Fail instead of reading the disks directly when no shim listens
     /// (continuous replication needs the shim's epochs).
     pub require_shim: bool,
+    /// The operator chose to discard what was written to the replicas by anything but
+    /// the target (split brain): the target accepts them for this sync, which must
+    /// compare every block (`mode` seeded or full).
+    pub discard_replica_changes: bool,
 }
 
 impl std::fmt::Debug for SyncJob {
@@ -302,6 +306,7 @@ impl SyncJob {
             mode,
             shim_control: Some(source.state_dir.join(SHIM_CONTROL_SOCKET)),
             require_shim: false,
+            discard_replica_changes: false,
         })
     }
 }
@@ -1084,7 +1089,12 @@ fn open_epoch<R: std::io::Read, W: std::io::Write>(
                 name,
                 name_len: d.spec.name.len() as u8,
                 mode: d.mode as u8,
-                reserved: [0; 2],
+                flags: if job.discard_replica_changes {
+                    OPEN_DISCARD_REPLICA_CHANGES
+                } else {
+                    0
+                },
+                reserved: 0,
                 block_size: (job.block_size as u32).into(),
                 disk_size: d.disk.size().into(),
                 generation: d.generation,

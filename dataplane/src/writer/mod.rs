@@ -10,6 +10,7 @@ pub mod points;
 mod received;
 pub mod rejection;
 mod session;
+pub mod stamp;
 pub mod state;
 pub mod undo;
 #[doc(hidden)] // Public only so fuzz/ can drive it; not an API.

@@ -125,6 +125,16 @@ pub enum Rejection {
         generation: [u8; 16],
         held: Option<Held>,
     },
+    /// Split brain: see [`super::stamp`].
+    #[error("disk {disk}: the replica {} was changed by something other than this target since it applied epoch {epoch} ({}); applying more epochs would leave it different from every acknowledged epoch (split brain). Choose: rerun the source with --discard-replica-changes to resync it from the source (a seeded sync; the replica's own changes are lost), or fail over to the replica as it is", path.display(), super::stamp::describe(changes))]
+    ReplicaChanged {
+        disk: String,
+        path: PathBuf,
+        epoch: u64,
+        changes: Vec<super::stamp::StampChange>,
+    },
+    #[error("disk {disk}: discarding the replica's changes needs a full or seeded sync, which compares every block, not a changed-block epoch")]
+    DiscardNeedsResync { disk: String },
     /// The replica cannot be opened at the announced size.
     #[error("disk {disk}")]
     OpenReplica {
@@ -270,6 +280,7 @@ impl Rejection {
                 ErrorCode::UnknownDisk
             }
             Suspect { .. } | BaseMismatch { .. } => ErrorCode::BaseMismatch,
+            ReplicaChanged { .. } => ErrorCode::ReplicaChanged,
             OpenReplica { source, .. } => match source {
                 IoError::ReplicaTooSmall { .. } | IoError::ReplicaSizeMismatch { .. } => {
                     ErrorCode::ReplicaTooSmall
@@ -291,6 +302,7 @@ impl Rejection {
             | BlockSize { .. }
             | ZeroSize { .. }
             | UnknownMode { .. }
+            | DiscardNeedsResync { .. }
             | DiffShape { .. }
             | BadBatch { .. }
             | ClosedBeforeCommit

@@ -14,6 +14,7 @@ use zerocopy::{FromBytes, IntoBytes};
 use super::apply::{applier_loop, ApplyBuffers, ApplyDisks, ApplyMsg};
 use super::received::Received;
 use super::rejection::{Held, Rejection, SeedFrame};
+use super::stamp::{ReplicaStamp, StampChange};
 use super::state::ReplicaRecord;
 use super::undo::{CommitFailure, Recovery, UndoDisk, UndoLog};
 use super::verify::{self, Geometry};
@@ -23,7 +24,8 @@ use crate::protocol::{
     auth, block_hash, is_zero, Commit, Committed, DiskManifest, DiskRun, FrameDeadline, FrameKind,
     FrameReader, FrameWriter, HashesHeader, Incoming, OpenDisk, OpenDiskReply, OpenHeader,
     SyncMode, TimedStream, MAX_DIFF_RUNS_PER_FRAME, MAX_DISKS_PER_SESSION, MAX_FRAME_PAYLOAD,
-    MAX_NAME_LEN, REPLICA_CREATED, REPLICA_EXISTING, ZERO_BLOCK_HASH,
+    MAX_NAME_LEN, OPEN_DISCARD_REPLICA_CHANGES, REPLICA_CREATED, REPLICA_EXISTING,
+    ZERO_BLOCK_HASH,
 };
 
 /// Receive buffers per session: frames in flight between the socket and the disks.
@@ -569,7 +571,7 @@ impl Staged<'_> {
             Err(e) => return Err(abandon(shared, busy, undo, epoch, e)),
         };
         // The replicas are durable; the commit mark is the commit point of the epoch.
-        match undo.commit(&shared.job.retention).map_err(|f| *f) {
+        match undo.commit(&shared.job.retention, &shared.job.replicas()).map_err(|f| *f) {
             Ok(()) => {
                 drop(apply_lock);
                 drop(busy);
@@ -803,13 +805,14 @@ fn claim<'s>(shared: &'s Shared, names: &[String]) -> Result<BusyGuard<'s>, Targ
 fn open_disk(job: &super::TargetJob, e: &OpenDisk, name: &str) -> Result<OpenedDisk, TargetError> {
     let (geometry, mode) = entry_shape(e, name)?;
     let record = ReplicaRecord::load(&job.state_dir, name)?;
-    check_base(e, name, mode, geometry.disk_size, record.as_ref())?;
     let path = &job
         .disks
         .iter()
         .find(|d| d.name == name)
         .expect("checked by entry_names")
         .path;
+    check_untouched(e, name, mode, path, record.as_ref())?;
+    check_base(e, name, mode, geometry.disk_size, record.as_ref())?;
     let (disk, state) =
         Disk::open_replica(path, geometry.disk_size).map_err(|source| Rejection::OpenReplica {
             disk: name.to_string(),
@@ -877,6 +880,57 @@ fn entry_shape(e: &OpenDisk, name: &str) -> Result<(Geometry, SyncMode), TargetE
         block_size,
     };
     Ok((geometry, mode))
+}
+
+/// Refuses a replica written by anything but this target since its last epoch (split
+/// brain, see [`super::stamp`]), unless the source says to discard those changes with a
+/// sync that compares every block.
+fn check_untouched(
+    e: &OpenDisk,
+    name: &str,
+    mode: SyncMode,
+    path: &std::path::Path,
+    record: Option<&ReplicaRecord>,
+) -> Result<(), TargetError> {
+    let discard = e.flags & OPEN_DISCARD_REPLICA_CHANGES != 0;
+    if discard && mode == SyncMode::Changed {
+        return Err(Rejection::DiscardNeedsResync {
+            disk: name.to_string(),
+        }
+        .into());
+    }
+    let Some(record) = record else {
+        return Ok(());
+    };
+    let now = ReplicaStamp::take(path).map_err(|source| TargetError::Io {
+        disk: name.to_string(),
+        source,
+    })?;
+    let changes = match (&record.stamp, &now) {
+        (Some(stamp), _) => stamp.changes(now.as_ref()),
+        // A record from an older ferry has no stamp; a replica gone missing is still
+        // seen.
+        (None, None) => vec![StampChange::Missing],
+        (None, Some(_)) => Vec::new(),
+    };
+    if changes.is_empty() {
+        return Ok(());
+    }
+    if discard {
+        tracing::warn!(
+            disk = name,
+            "discarding changes made to the replica outside ferry ({}): this sync compares every block and repairs them",
+            super::stamp::describe(&changes)
+        );
+        return Ok(());
+    }
+    Err(Rejection::ReplicaChanged {
+        disk: name.to_string(),
+        path: path.to_path_buf(),
+        epoch: record.epoch,
+        changes,
+    }
+    .into())
 }
 
 /// A changed-block epoch builds on the replica's bytes: they must be the acknowledged

@@ -40,6 +40,12 @@ pub struct ReplicaRecord {
     /// this disk are refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub suspect: Option<String>,
+    /// What the replica looked like when the writer last left it (after this epoch's
+    /// commit, or after a rollback to it); a session refuses a replica that no longer
+    /// matches (see [`super::stamp`]). `None`: recorded by an older ferry, or the
+    /// replica could not be found when the record was written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stamp: Option<super::stamp::ReplicaStamp>,
 }
 
 impl ReplicaRecord {
@@ -120,6 +126,7 @@ mod tests {
             disk_size: 1 << 20,
             committed_unix_s: 1,
             suspect: None,
+            stamp: None,
         };
         r.save(dir.path(), "a").unwrap();
         assert_eq!(ReplicaRecord::load(dir.path(), "a").unwrap(), Some(r));

@@ -303,7 +303,11 @@ impl UndoLog {
     /// recovery point (see [`super::points`]) and removes the mark. `keep` prunes the
     /// points beyond the retention (a failure to prune is logged, not returned: the
     /// epoch is committed whatever happens to older points).
-    pub fn commit(self, keep: &super::points::Retention) -> Result<(), Box<CommitFailure>> {
+    pub fn commit(
+        self,
+        keep: &super::points::Retention,
+        replicas: &[(String, PathBuf)],
+    ) -> Result<(), Box<CommitFailure>> {
         if failpoint::hit("target.commit.crash") {
             // A crash at the last instant before the commit point: every replica write
             // and every log entry is durable, the mark is not.
@@ -345,7 +349,7 @@ impl UndoLog {
             ..
         } = self;
         drop(file);
-        finish_commit(&state_dir, &path, epoch, &disks, size).map_err(|error| {
+        finish_commit(&state_dir, &path, epoch, &disks, size, replicas).map_err(|error| {
             Box::new(CommitFailure::Unfinished {
                 disks: disks.iter().map(|d| d.name.clone()).collect(),
                 log: path.clone(),
@@ -383,6 +387,7 @@ fn finish_commit(
     epoch: u64,
     disks: &[UndoDisk],
     size: u64,
+    replicas: &[(String, PathBuf)],
 ) -> Result<(), TargetError> {
     if failpoint::hit("target.commit.records") {
         return Err(io_err(
@@ -391,14 +396,21 @@ fn finish_commit(
             io::Error::from_raw_os_error(libc::ENOSPC),
         ));
     }
-    write_records(state_dir, epoch, disks)?;
+    write_records(state_dir, epoch, disks, replicas)?;
     if log.exists() {
         super::points::keep_log(state_dir, epoch, log, disks, size)?;
     }
     remove_marker(&log.with_extension("committed"))
 }
 
-fn write_records(state_dir: &Path, epoch: u64, disks: &[UndoDisk]) -> Result<(), TargetError> {
+/// Records `epoch` as the one every disk of the log holds, each with its replica's
+/// stamp (the replicas are durable: the commit mark follows their sync).
+fn write_records(
+    state_dir: &Path,
+    epoch: u64,
+    disks: &[UndoDisk],
+    replicas: &[(String, PathBuf)],
+) -> Result<(), TargetError> {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
@@ -409,8 +421,39 @@ fn write_records(state_dir: &Path, epoch: u64, disks: &[UndoDisk]) -> Result<(),
             disk_size: d.disk_size,
             committed_unix_s: now,
             suspect: None,
+            stamp: stamp_of(replicas, &d.name)?,
         }
         .save(state_dir, &d.name)?;
+    }
+    Ok(())
+}
+
+/// The stamp of disk `name`'s replica now (`None` if it is not configured or gone).
+fn stamp_of(
+    replicas: &[(String, PathBuf)],
+    name: &str,
+) -> Result<Option<super::stamp::ReplicaStamp>, TargetError> {
+    let Some((_, path)) = replicas.iter().find(|(n, _)| n == name) else {
+        return Ok(None);
+    };
+    super::stamp::ReplicaStamp::take(path).map_err(|source| TargetError::Io {
+        disk: name.to_string(),
+        source,
+    })
+}
+
+/// After a rollback wrote `disks`' replicas back to the epoch their records hold: the
+/// records get the replicas' new stamps (the rollback's writes are the writer's own).
+fn restamp(
+    state_dir: &Path,
+    disks: &[UndoDisk],
+    replicas: &[(String, PathBuf)],
+) -> Result<(), TargetError> {
+    for d in disks.iter().filter(|d| d.logged) {
+        if let Some(mut r) = ReplicaRecord::load(state_dir, &d.name)? {
+            r.stamp = stamp_of(replicas, &d.name)?;
+            r.save(state_dir, &d.name)?;
+        }
     }
     Ok(())
 }
@@ -574,7 +617,7 @@ pub(crate) fn recover_one(
         let size = fs::metadata(path)
             .map_err(|e| io_err(path, StateOp::Stat, e))?
             .len();
-        finish_commit(state_dir, path, log.epoch, &log.disks, size)?;
+        finish_commit(state_dir, path, log.epoch, &log.disks, size, replicas)?;
         return Ok(Recovery::RolledForward {
             epoch: log.epoch,
             disks: names,
@@ -602,6 +645,7 @@ pub(crate) fn recover_one(
         f.sync_data()
             .map_err(|e| io_err(path, StateOp::FsyncReplicaAfterRollback, e))?;
     }
+    restamp(state_dir, &log.disks, replicas)?;
     remove(path, &marker)?;
     Ok(Recovery::RolledBack {
         epoch: log.epoch,

@@ -19,6 +19,7 @@ fn record(dir: &Path, name: &str, epoch: u64) {
         disk_size: 1 << 20,
         committed_unix_s: 1,
         suspect: None,
+        stamp: None,
     }
     .save(dir, name)
     .unwrap();

@@ -1,0 +1,243 @@
+//! What a replica looked like when the writer last left it, to catch writes by anything
+//! else (split brain) before an epoch builds on them.
+//!
+//! After every epoch the writer commits, and after every rollback it performs, the
+//! replica's record gets a [`ReplicaStamp`]: what `stat` says of it once its bytes are
+//! durable. A session that opens the replica compares the stamp with what `stat` says
+//! now; a difference means something other than this writer changed the replica (a VM
+//! booted from it, `qemu-io`, `dd`, a restored backup), so the bytes are no longer the
+//! acknowledged epoch the record names. Applying another epoch on top would leave the
+//! replica different from every epoch for good, so the session is refused, naming what
+//! changed, until the operator chooses: discard the replica's changes (a seeded sync
+//! compares every block and repairs them) or fail over to the replica as it is.
+//!
+//! What can be known:
+//! * **Image files:** size, device and inode (a file replaced by another), the
+//!   modification time (`st_mtime`: content writes) and the change time (`st_ctime`:
+//!   writes, truncation, permission and owner changes, renames onto it). Both times have
+//!   the file system's timestamp granularity: a foreign write in the same clock tick as
+//!   the writer's own last write (a few milliseconds on kernels without multigrain
+//!   timestamps) leaves them equal and goes unseen, as does a write that lands while
+//!   an epoch is being applied (the stamp is taken after it).
+//! * **Block devices:** only the device number and size. Writes to a block device do
+//!   not change the times of its device node, so a foreign write cannot be seen from
+//!   `stat`; the operator guide says so, and a seeded sync (`--discard-replica-changes`)
+//!   is the way to make sure.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::io::{DiskKind, IoError};
+
+/// What backs a replica, as its stamp records it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StampKind {
+    File,
+    BlockDevice,
+}
+
+/// `stat` of a replica after the writer left it: see the module documentation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplicaStamp {
+    pub kind: StampKind,
+    pub size: u64,
+    /// `st_dev` and `st_ino` for a file; `st_rdev` and 0 for a block device.
+    pub dev: u64,
+    pub ino: u64,
+    /// Nanoseconds since the epoch; 0 for a block device (not meaningful).
+    pub mtime_ns: i128,
+    pub ctime_ns: i128,
+}
+
+/// One way a replica differs from its stamp.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StampChange {
+    /// The replica's path no longer names anything.
+    Missing,
+    Kind { was: StampKind, now: StampKind },
+    Size { was: u64, now: u64 },
+    /// Another file (or device) now has the replica's path.
+    Replaced,
+    Modified { was_ns: i128, now_ns: i128 },
+    /// Only the change time moved: permissions, owner, or a write whose modification
+    /// time was restored.
+    Changed { was_ns: i128, now_ns: i128 },
+}
+
+impl std::fmt::Display for StampChange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Missing => f.write_str("the replica is gone"),
+            Self::Kind { was, now } => write!(f, "it was a {} and is now a {}", kind(*was), kind(*now)),
+            Self::Size { was, now } => write!(f, "its size went from {was} to {now} bytes"),
+            Self::Replaced => f.write_str("another file now has its path (device or inode differ)"),
+            Self::Modified { was_ns, now_ns } => write!(
+                f,
+                "it was modified at {} (the writer left it at {})",
+                Utc(*now_ns),
+                Utc(*was_ns)
+            ),
+            Self::Changed { was_ns, now_ns } => write!(
+                f,
+                "its inode was changed at {} (the writer left it at {})",
+                Utc(*now_ns),
+                Utc(*was_ns)
+            ),
+        }
+    }
+}
+
+fn kind(k: StampKind) -> &'static str {
+    match k {
+        StampKind::File => "file",
+        StampKind::BlockDevice => "block device",
+    }
+}
+
+/// A time in nanoseconds since the epoch, as seconds with nanoseconds (UTC).
+struct Utc(i128);
+
+impl std::fmt::Display for Utc {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (s, ns) = (self.0.div_euclid(1_000_000_000), self.0.rem_euclid(1_000_000_000));
+        write!(f, "{s}.{ns:09} s after the Unix epoch")
+    }
+}
+
+impl ReplicaStamp {
+    /// Stamps the replica at `path` now. `Ok(None)` if nothing is there.
+    pub fn take(path: &Path) -> Result<Option<ReplicaStamp>, IoError> {
+        let meta = match std::fs::metadata(path) {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => {
+                return Err(IoError::Disk {
+                    op: crate::io::DiskOp::Stat,
+                    path: path.to_path_buf(),
+                    offset: None,
+                    source,
+                })
+            }
+        };
+        let (kind, size) = crate::io::identify_path(path)?;
+        let ns = |s: i64, n: i64| i128::from(s) * 1_000_000_000 + i128::from(n);
+        Ok(Some(match kind {
+            DiskKind::File => ReplicaStamp {
+                kind: StampKind::File,
+                size,
+                dev: meta.dev(),
+                ino: meta.ino(),
+                mtime_ns: ns(meta.mtime(), meta.mtime_nsec()),
+                ctime_ns: ns(meta.ctime(), meta.ctime_nsec()),
+            },
+            DiskKind::BlockDevice => ReplicaStamp {
+                kind: StampKind::BlockDevice,
+                size,
+                dev: meta.rdev(),
+                ino: 0,
+                mtime_ns: 0,
+                ctime_ns: 0,
+            },
+        }))
+    }
+
+    /// How `now` (what `stat` says of the replica now, `None` if it is gone) differs
+    /// from this stamp; empty if it does not.
+    pub fn changes(&self, now: Option<&ReplicaStamp>) -> Vec<StampChange> {
+        let Some(now) = now else {
+            return vec![StampChange::Missing];
+        };
+        if now.kind != self.kind {
+            return vec![StampChange::Kind {
+                was: self.kind,
+                now: now.kind,
+            }];
+        }
+        let mut changes = Vec::new();
+        if (now.dev, now.ino) != (self.dev, self.ino) {
+            changes.push(StampChange::Replaced);
+        }
+        if now.size != self.size {
+            changes.push(StampChange::Size {
+                was: self.size,
+                now: now.size,
+            });
+        }
+        if now.mtime_ns != self.mtime_ns {
+            changes.push(StampChange::Modified {
+                was_ns: self.mtime_ns,
+                now_ns: now.mtime_ns,
+            });
+        } else if now.ctime_ns != self.ctime_ns {
+            changes.push(StampChange::Changed {
+                was_ns: self.ctime_ns,
+                now_ns: now.ctime_ns,
+            });
+        }
+        changes
+    }
+}
+
+/// The changes, joined for a message: "a; b; c".
+pub fn describe(changes: &[StampChange]) -> String {
+    changes
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::FileExt;
+
+    #[test]
+    fn a_write_a_replacement_a_truncation_and_a_removal_are_each_seen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("replica.img");
+        std::fs::write(&path, vec![0u8; 1 << 16]).unwrap();
+        let stamp = ReplicaStamp::take(&path).unwrap().unwrap();
+        assert!(stamp.changes(Some(&stamp)).is_empty());
+        assert!(stamp
+            .changes(ReplicaStamp::take(&path).unwrap().as_ref())
+            .is_empty());
+
+        // A write: the modification time moves (set explicitly: the test must not
+        // depend on the clock ticking between two writes).
+        let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        f.write_all_at(b"foreign", 4096).unwrap();
+        f.set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_secs(12345))
+            .unwrap();
+        let now = ReplicaStamp::take(&path).unwrap();
+        let changes = stamp.changes(now.as_ref());
+        assert!(
+            matches!(changes.as_slice(), [StampChange::Modified { .. }]),
+            "{changes:?}"
+        );
+        assert!(describe(&changes).contains("modified at 12345.000000000 s"));
+
+        f.set_len(1 << 17).unwrap();
+        let changes = stamp.changes(ReplicaStamp::take(&path).unwrap().as_ref());
+        assert!(changes.contains(&StampChange::Size {
+            was: 1 << 16,
+            now: 1 << 17
+        }));
+
+        let other = dir.path().join("other.img");
+        std::fs::write(&other, vec![0u8; 1 << 16]).unwrap();
+        std::fs::rename(&other, &path).unwrap();
+        let changes = stamp.changes(ReplicaStamp::take(&path).unwrap().as_ref());
+        assert!(changes.contains(&StampChange::Replaced), "{changes:?}");
+
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(
+            stamp.changes(ReplicaStamp::take(&path).unwrap().as_ref()),
+            vec![StampChange::Missing]
+        );
+    }
+}
