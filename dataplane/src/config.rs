@@ -133,7 +133,22 @@ pub enum ConfigError {
     },
     /// A section or entry the file needs is missing.
     #[error("{}: {problem}", path.display())]
-    Missing { path: PathBuf, problem: String },
+    Missing { path: PathBuf, problem: MissingPart },
+}
+
+/// What a config file lacks, for [`ConfigError::Missing`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MissingPart {
+    #[error("no [[disk]] entries; at least one disk must be configured")]
+    Disks,
+    #[error("neither [source] nor [target] is present; a config needs at least one")]
+    SourceAndTarget,
+    /// `command` needs a section the file does not have.
+    #[error("`{command}` needs a [{section}] section")]
+    Section {
+        command: String,
+        section: &'static str,
+    },
 }
 
 /// Whether and how the source compresses blocks, as read from `compression` and
@@ -599,7 +614,7 @@ impl Validator<'_> {
         if disks.is_empty() {
             return Err(ConfigError::Missing {
                 path: self.path.to_path_buf(),
-                problem: "no [[disk]] entries; at least one disk must be configured".into(),
+                problem: MissingPart::Disks,
             });
         }
         let mut names = HashSet::new();
@@ -704,8 +719,7 @@ impl Config {
         if config.source.is_none() && config.target.is_none() {
             return Err(ConfigError::Missing {
                 path: path.to_path_buf(),
-                problem: "neither [source] nor [target] is present; a config needs at least one"
-                    .into(),
+                problem: MissingPart::SourceAndTarget,
             });
         }
         if let Some(source) = &mut config.source {
@@ -736,7 +750,10 @@ impl Config {
     pub fn require_source(&self, command: &str) -> Result<&SourceConfig, ConfigError> {
         self.source.as_ref().ok_or_else(|| ConfigError::Missing {
             path: self.origin.clone(),
-            problem: format!("`{command}` needs a [source] section"),
+            problem: MissingPart::Section {
+                command: command.to_string(),
+                section: "source",
+            },
         })
     }
 
@@ -744,7 +761,10 @@ impl Config {
     pub fn require_target(&self, command: &str) -> Result<&TargetConfig, ConfigError> {
         self.target.as_ref().ok_or_else(|| ConfigError::Missing {
             path: self.origin.clone(),
-            problem: format!("`{command}` needs a [target] section"),
+            problem: MissingPart::Section {
+                command: command.to_string(),
+                section: "target",
+            },
         })
     }
 
