@@ -418,8 +418,6 @@ where
             failure: &failure,
             finished: &finished,
         };
-        let failure = &failure;
-        let finished = &finished;
         let reader = stages.spawn_reader(plan, input_alloc, to_workers)?;
         let workers = worker_parts
             .into_iter()
@@ -435,14 +433,14 @@ where
             output_returns,
             writer,
             &mut stats,
-            failure,
-            finished,
+            &failure,
+            &finished,
             manifests,
         );
         if let Err(e) = result {
             failure.set(e);
         }
-        join_stages(reader, workers, failure);
+        join_stages(reader, workers, &failure);
         Ok::<(), SourceError>(())
     })?;
     if let Some(e) = failure.take() {
