@@ -25,8 +25,9 @@ use dataplane::writer::TargetDisk;
 use serde_json::json;
 
 use crate::demo::rig::{compare_files, mib, DemoError, Rig};
-use crate::error::{CliError, IoFailure, UsageError};
+use crate::error::{CliError, UsageError};
 use crate::imagegen::{self, ImageInfo, ImageKind, MIB};
+use crate::io_failure::IoFailure;
 
 /// The disk name used on both sides.
 const DISK_NAME: &str = "bench-os";

@@ -6,7 +6,7 @@
 //! the library's and [`CliError::category`] can look inside them.
 
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use dataplane::config::ConfigError;
@@ -16,8 +16,10 @@ use dataplane::source::SourceError;
 use dataplane::writer::TargetError;
 use filter_driver_shim::ShimError;
 
+use crate::demo::rig::CompareError;
 use crate::demo::DemoError;
 use crate::imagegen::ImageError;
+use crate::io_failure::IoFailure;
 
 /// What kind of failure ended the command: what an operator or a supervising script
 /// does next depends on it.
@@ -113,64 +115,6 @@ pub enum UsageError {
     NoRuns,
 }
 
-/// A local file operation that failed: what was being done, to which path.
-#[derive(Debug, thiserror::Error)]
-#[error("{action} {}{at}", path.display())]
-pub struct IoFailure {
-    /// What was being done, worded to precede the path: "cannot create".
-    pub action: &'static str,
-    pub path: PathBuf,
-    pub at: Where,
-    #[source]
-    pub source: io::Error,
-}
-
-impl IoFailure {
-    /// A closure for `map_err`: `action` on `path`.
-    pub fn on<'p>(
-        action: &'static str,
-        path: &'p Path,
-    ) -> impl FnOnce(io::Error) -> IoFailure + 'p {
-        Self::at(action, path, Where::Whole)
-    }
-
-    /// A closure for `map_err`: `action` on `path`, at `at`.
-    pub fn at<'p>(
-        action: &'static str,
-        path: &'p Path,
-        at: Where,
-    ) -> impl FnOnce(io::Error) -> IoFailure + 'p {
-        move |source| IoFailure {
-            action,
-            path: path.to_path_buf(),
-            at,
-            source,
-        }
-    }
-}
-
-/// Which part of a file an [`IoFailure`] concerns.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Where {
-    Whole,
-    Offset(u64),
-    /// Setting the file's length.
-    Size(u64),
-    /// Renaming it to this path.
-    To(PathBuf),
-}
-
-impl std::fmt::Display for Where {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Where::Whole => Ok(()),
-            Where::Offset(offset) => write!(f, " at offset {offset}"),
-            Where::Size(bytes) => write!(f, " to {bytes} bytes"),
-            Where::To(path) => write!(f, " to {}", path.display()),
-        }
-    }
-}
-
 impl From<DemoError> for CliError {
     fn from(e: DemoError) -> Self {
         CliError::Demo(Box::new(e))
@@ -188,8 +132,49 @@ impl CliError {
             CliError::Shim(_) | CliError::Io(_) | CliError::FailoverCleanup { .. } => Category::Io,
             CliError::ShimEngineEnv(_) | CliError::Usage(_) => Category::Usage,
             CliError::NoRecoveryPoints | CliError::FailoverOpen { .. } => Category::Usage,
-            CliError::Demo(_) | CliError::Image(_) => Category::Internal,
+            CliError::Demo(e) => demo_category(e),
+            CliError::Image(e) => image_category(e),
         }
+    }
+}
+
+fn demo_category(e: &DemoError) -> Category {
+    use DemoError as E;
+    match e {
+        E::Key(k) => key_category(k),
+        E::TargetStart(t) => target_category(t),
+        E::Sync { source, .. } | E::FullSync(source) | E::DiskState { source, .. } => {
+            source_category(source)
+        }
+        E::Compare(CompareError::Length { .. } | CompareError::Differs { .. })
+        | E::NoState { .. }
+        | E::StateGeneration { .. }
+        | E::Failed { .. } => Category::DataIntegrity,
+        E::Compare(_)
+        | E::BitmapSave { .. }
+        | E::ShimStart(_)
+        | E::ShimShutdown(_)
+        | E::GuestAttach { .. }
+        | E::GuestWrite { .. }
+        | E::GuestFlush(_)
+        | E::Io(_) => Category::Io,
+        E::Image(i) => image_category(i),
+        E::TargetAddr(_)
+        | E::TargetThread(_)
+        | E::BlockSize { .. }
+        | E::BitmapNew { .. }
+        | E::BitmapMark { .. } => Category::Internal,
+    }
+}
+
+fn image_category(e: &ImageError) -> Category {
+    match e {
+        ImageError::Size { .. }
+        | ImageError::Fill { .. }
+        | ImageError::ZeroBlockSize
+        | ImageError::Fraction { .. } => Category::Usage,
+        ImageError::Spawn { .. } | ImageError::Io(_) => Category::Io,
+        ImageError::Mke2fs { .. } | ImageError::TempName(_) => Category::Internal,
     }
 }
 
@@ -271,7 +256,10 @@ fn code_category(code: ErrorCode) -> Category {
 
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
     use super::*;
+    use crate::io_failure::Where;
 
     #[test]
     fn library_errors_keep_their_words_and_get_a_category() {

@@ -18,7 +18,7 @@ use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus};
 
-use crate::error::{IoFailure, Where};
+use crate::io_failure::{IoFailure, Where};
 
 /// One mebibyte, the unit image sizes are given in.
 pub const MIB: u64 = 1 << 20;

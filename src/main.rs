@@ -5,6 +5,7 @@ mod bench;
 mod demo;
 mod error;
 mod imagegen;
+mod io_failure;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -163,7 +164,7 @@ fn init_logging(default: tracing::Level) {
         .init();
 }
 
-pub(crate) use dataplane::chain;
+use dataplane::chain;
 
 fn keygen(out: Option<&std::path::Path>) -> Result<(), CliError> {
     let psk = dataplane::psk::Psk::generate()?;

@@ -17,7 +17,7 @@ use filter_driver_shim::nbd::client::NbdClient;
 use filter_driver_shim::{Shim, ShimDisk};
 
 use super::rig::{compare_files, mib, DemoError};
-use crate::chain;
+use dataplane::chain;
 
 /// How often the replication loop takes an epoch.
 const EPOCH_INTERVAL: Duration = Duration::from_millis(300);

@@ -25,9 +25,10 @@ use filter_driver_shim::{ChangedBlockBitmap, GenerationId};
 pub use rig::DemoError;
 use rig::{compare_files, mib, Rig};
 
-use crate::chain;
-use crate::error::IoFailure;
+use dataplane::chain;
+
 use crate::imagegen::{self, ImageInfo, TempDir};
+use crate::io_failure::IoFailure;
 
 /// The OS disk: big enough to hold a real tree of files, small enough to build and
 /// replicate in seconds.

@@ -18,9 +18,10 @@ use dataplane::source::{JobDisk, ModeRequest, NotHex16, SourceError, SyncJob};
 use dataplane::writer::{Target, TargetDisk, TargetError, TargetJob};
 use filter_driver_shim::{BitmapError, ShimError};
 
-use crate::chain;
-use crate::error::IoFailure;
+use dataplane::chain;
+
 use crate::imagegen::{ImageError, MIB};
+use crate::io_failure::IoFailure;
 
 /// Why the demo or the benchmark could not run, or found a replica wrong.
 #[derive(Debug, thiserror::Error)]
