@@ -212,7 +212,7 @@ fn target_category(e: &TargetError) -> Category {
     match e {
         E::Listen { .. } | E::Socket(_) => Category::Io,
         E::Protocol(p) | E::Handshake(p) => protocol_category(p),
-        E::Rejected { code, .. } => code_category(*code),
+        E::Rejected(r) => code_category(r.code()),
         E::Config(_) | E::UnconfiguredDisk { .. } | E::Engine { .. } => Category::Config,
         E::Key(k) => key_category(k),
         E::Io { .. } | E::State { .. } | E::ReadOldBytes { .. } => Category::Io,
