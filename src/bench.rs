@@ -24,9 +24,10 @@ use dataplane::source::{self, JobDisk, ModeRequest, SyncReport};
 use dataplane::writer::TargetDisk;
 use serde_json::json;
 
-use crate::chain;
-use crate::demo::{compare_files, mib, Rig};
+use crate::demo::rig::{compare_files, mib, DemoError, Rig};
+use crate::error::{CliError, UsageError};
 use crate::imagegen::{self, ImageInfo, ImageKind, MIB};
+use crate::io_failure::IoFailure;
 
 /// The disk name used on both sides.
 const DISK_NAME: &str = "bench-os";
@@ -123,7 +124,7 @@ struct Settings {
 }
 
 impl Settings {
-    fn from_args(args: &BenchArgs) -> Result<Settings, String> {
+    fn from_args(args: &BenchArgs) -> Result<Settings, UsageError> {
         let block_kib = args
             .block_size_kib
             .unwrap_or(DEFAULT_BLOCK_SIZE_KIB as usize);
@@ -133,34 +134,41 @@ impl Settings {
         let in_range = |v: usize, r: &std::ops::RangeInclusive<u32>| {
             u32::try_from(v).is_ok_and(|v| r.contains(&v))
         };
+        let out_of_range = |flag, value: &dyn ToString, expected| UsageError::OutOfRange {
+            flag,
+            value: value.to_string(),
+            expected,
+        };
         if !block_kib.is_power_of_two() || !in_range(block_kib, &BLOCK_SIZE_KIB_RANGE) {
-            return Err(format!(
-                "--block-size-kib {block_kib}: expected a power of two in {}..={}",
+            let expected = format!(
+                "a power of two in {}..={}",
                 BLOCK_SIZE_KIB_RANGE.start(),
                 BLOCK_SIZE_KIB_RANGE.end()
-            ));
+            );
+            return Err(out_of_range("block-size-kib", &block_kib, expected));
         }
         if !io_kib.is_power_of_two() || io_kib < block_kib || io_kib > IO_SIZE_KIB_MAX as usize {
-            return Err(format!(
-                "--io-size-kib {io_kib}: expected a power of two from the block size ({block_kib}) to {IO_SIZE_KIB_MAX}"
-            ));
+            let expected =
+                format!("a power of two from the block size ({block_kib}) to {IO_SIZE_KIB_MAX}");
+            return Err(out_of_range("io-size-kib", &io_kib, expected));
         }
         if !in_range(queue_depth, &QUEUE_DEPTH_RANGE) {
-            return Err(format!(
-                "--queue-depth {queue_depth}: expected {QUEUE_DEPTH_RANGE:?}"
-            ));
+            let expected = format!("{QUEUE_DEPTH_RANGE:?}");
+            return Err(out_of_range("queue-depth", &queue_depth, expected));
         }
         if !in_range(workers, &WORKERS_RANGE) {
-            return Err(format!("--workers {workers}: expected {WORKERS_RANGE:?}"));
-        }
-        if !COMPRESSION_LEVEL_RANGE.contains(&args.level) {
-            return Err(format!(
-                "--level {}: expected {COMPRESSION_LEVEL_RANGE:?}",
-                args.level
+            return Err(out_of_range(
+                "workers",
+                &workers,
+                format!("{WORKERS_RANGE:?}"),
             ));
         }
+        if !COMPRESSION_LEVEL_RANGE.contains(&args.level) {
+            let expected = format!("{COMPRESSION_LEVEL_RANGE:?}");
+            return Err(out_of_range("level", &args.level, expected));
+        }
         if args.runs == 0 {
-            return Err("--runs must be at least 1".into());
+            return Err(UsageError::NoRuns);
         }
         Ok(Settings {
             block_size: block_kib * 1024,
@@ -197,145 +205,181 @@ impl Run {
     }
 }
 
-pub fn run(args: &BenchArgs) -> Result<(), String> {
+pub fn run(args: &BenchArgs) -> Result<(), CliError> {
     if let Some(path) = &args.make_image {
         let info = imagegen::make_os_image(path, args.size_mib, args.fill_percent)?;
         println!("{}: {}", path.display(), info.describe());
         return Ok(());
     }
     if let Some(path) = &args.mutate_image {
-        let block_size = args
-            .block_size_kib
-            .unwrap_or(DEFAULT_BLOCK_SIZE_KIB as usize)
-            * 1024;
-        let blocks =
-            imagegen::mutate_blocks(path, block_size, args.mutate_percent / 100.0, args.seed)?;
-        println!(
-            "{}: {} blocks of {} KiB changed (seed {})",
-            path.display(),
-            blocks.len(),
-            block_size / 1024,
-            args.seed
-        );
-        return Ok(());
+        return mutate_image(args, path);
     }
-
     let settings = Settings::from_args(args)?;
     let base = args.dir.clone().unwrap_or_else(default_dir);
     let work = base.join("ferry-bench");
-    fs::create_dir_all(&work)
-        .map_err(|e| format!("cannot create bench dir {}: {e}", work.display()))?;
+    fs::create_dir_all(&work).map_err(IoFailure::on("cannot create bench dir", &work))?;
     let image = cached_image(&work, args.size_mib, args.fill_percent, args.json)?;
-
-    let replica = work.join("replica.img");
-    let source_state = work.join("source-state");
-    let target_state = work.join("target-state");
-    let rig = Rig::start(
-        &target_state,
-        vec![TargetDisk {
-            name: DISK_NAME.into(),
-            path: replica.clone(),
-        }],
-        settings.queue_depth,
-    )?;
     let levels: Vec<Option<i32>> = match args.compression {
         CompressionChoice::None => vec![None],
         CompressionChoice::Zstd => vec![Some(args.level)],
         CompressionChoice::Both => vec![None, Some(args.level)],
     };
-    if !args.json {
-        println!("ferry bench: full sync over loopback TCP to a target writer in this process");
-        println!("  image   {} ({})", image.describe(), image.path.display());
-        println!(
-            "  engine  block {} KiB, io {} KiB, queue depth {}, {} worker(s), io engine {:?}",
-            settings.block_size / 1024,
-            settings.io_size / 1024,
-            settings.queue_depth,
-            settings.workers,
-            settings.engine
-        );
-        println!();
-        println!(
-            "  {:<10} {:>3} {:>8} {:>8} {:>13} {:>10} {:>10} {:>7} {:>7}  replica",
-            "compress",
-            "run",
-            "seconds",
-            "MB/s",
-            "on the wire",
-            "disk/wire",
-            "data/wire",
-            "user s",
-            "sys s"
-        );
-    }
-
-    let mut runs = Vec::new();
-    let outcome = (|| {
-        for number in 1..=args.runs {
-            for &zstd_level in &levels {
-                reset(&replica, &source_state, &target_state)?;
-                let mut job = rig.sync_job(
-                    &source_state,
-                    vec![JobDisk {
-                        name: DISK_NAME.into(),
-                        path: image.path.clone(),
-                        bitmap: None,
-                    }],
-                    ModeRequest::Full,
-                    zstd_level,
-                );
-                job.block_size = settings.block_size;
-                job.io_size = settings.io_size;
-                job.queue_depth = settings.queue_depth;
-                job.workers = settings.workers;
-                job.engine = settings.engine.into();
-                let before = CpuTime::now();
-                let report =
-                    source::sync(&job).map_err(|e| format!("full sync failed: {}", chain(&e)))?;
-                let cpu = CpuTime::now().since(&before);
-                compare_files(&image.path, &replica)?;
-                let run = Run {
-                    zstd_level,
-                    number,
-                    report,
-                    cpu,
-                };
-                if !args.json {
-                    print_run(&run);
-                }
-                runs.push(run);
-            }
-        }
-        Ok::<(), String>(())
-    })();
-    let cleaned = reset(&replica, &source_state, &target_state);
-    outcome?;
-    cleaned?;
-
+    let bench = Bench {
+        replica: work.join("replica.img"),
+        source_state: work.join("source-state"),
+        target_state: work.join("target-state"),
+        image,
+        settings,
+    };
+    let runs = bench.measure(args, &levels)?;
     if args.json {
-        println!("{}", json_summary(&image, &settings, &levels, &runs));
+        println!(
+            "{}",
+            json_summary(&bench.image, &bench.settings, &levels, &runs)
+        );
     } else {
-        println!();
-        for &level in &levels {
-            let rates = rates(&runs, level);
-            let name = compression_name(level);
-            println!(
-                "  {name:<10} median {:.0} MB/s, best {:.0} MB/s of disk covered over {} run(s)",
-                median(&rates),
-                rates.iter().cloned().fold(0.0, f64::max),
-                rates.len()
-            );
-        }
-        println!(
-            "  (MB/s = 10^6 disk bytes covered per second, connect to durable acknowledgement;"
-        );
-        println!("   user/sys = CPU seconds of source and target together; every replica verified byte for byte)");
-        println!(
-            "  the image stays in {} for the next run; delete it when done",
-            work.display()
-        );
+        print_results(&work, &levels, &runs);
     }
     Ok(())
+}
+
+/// `--mutate-image`: changes a share of the blocks of the image at `path`.
+fn mutate_image(args: &BenchArgs, path: &Path) -> Result<(), CliError> {
+    let block_size = args
+        .block_size_kib
+        .unwrap_or(DEFAULT_BLOCK_SIZE_KIB as usize)
+        * 1024;
+    let blocks = imagegen::mutate_blocks(path, block_size, args.mutate_percent / 100.0, args.seed)?;
+    println!(
+        "{}: {} blocks of {} KiB changed (seed {})",
+        path.display(),
+        blocks.len(),
+        block_size / 1024,
+        args.seed
+    );
+    Ok(())
+}
+
+/// One benchmark: the image, where its replica and both sides' state go, and the
+/// engine settings.
+struct Bench {
+    image: ImageInfo,
+    replica: PathBuf,
+    source_state: PathBuf,
+    target_state: PathBuf,
+    settings: Settings,
+}
+
+impl Bench {
+    /// Starts the target and runs every full sync, `args.runs` rounds of every level
+    /// in `levels`; the replica and state are deleted afterwards, whatever happened.
+    fn measure(&self, args: &BenchArgs, levels: &[Option<i32>]) -> Result<Vec<Run>, CliError> {
+        let rig = Rig::start(
+            &self.target_state,
+            vec![TargetDisk {
+                name: DISK_NAME.into(),
+                path: self.replica.clone(),
+            }],
+            self.settings.queue_depth,
+        )?;
+        if !args.json {
+            print_header(&self.image, &self.settings);
+        }
+        let mut runs = Vec::new();
+        let outcome = (|| {
+            for number in 1..=args.runs {
+                for &zstd_level in levels {
+                    let run = self.run_once(&rig, zstd_level, number)?;
+                    if !args.json {
+                        print_run(&run);
+                    }
+                    runs.push(run);
+                }
+            }
+            Ok::<(), CliError>(())
+        })();
+        let cleaned = reset(&self.replica, &self.source_state, &self.target_state);
+        outcome?;
+        cleaned?;
+        Ok(runs)
+    }
+
+    /// One full sync into a fresh replica, verified byte for byte.
+    fn run_once(&self, rig: &Rig, zstd_level: Option<i32>, number: u32) -> Result<Run, CliError> {
+        reset(&self.replica, &self.source_state, &self.target_state)?;
+        let mut job = rig.sync_job(
+            &self.source_state,
+            vec![JobDisk {
+                name: DISK_NAME.into(),
+                path: self.image.path.clone(),
+                bitmap: None,
+            }],
+            ModeRequest::Full,
+            zstd_level,
+        );
+        let settings = &self.settings;
+        job.block_size = settings.block_size;
+        job.io_size = settings.io_size;
+        job.queue_depth = settings.queue_depth;
+        job.workers = settings.workers;
+        job.engine = settings.engine.into();
+        let before = CpuTime::now();
+        let report = source::sync(&job).map_err(|e| DemoError::FullSync(Box::new(e)))?;
+        let cpu = CpuTime::now().since(&before);
+        compare_files(&self.image.path, &self.replica).map_err(DemoError::from)?;
+        Ok(Run {
+            zstd_level,
+            number,
+            report,
+            cpu,
+        })
+    }
+}
+
+fn print_header(image: &ImageInfo, settings: &Settings) {
+    println!("ferry bench: full sync over loopback TCP to a target writer in this process");
+    println!("  image   {} ({})", image.describe(), image.path.display());
+    println!(
+        "  engine  block {} KiB, io {} KiB, queue depth {}, {} worker(s), io engine {:?}",
+        settings.block_size / 1024,
+        settings.io_size / 1024,
+        settings.queue_depth,
+        settings.workers,
+        settings.engine
+    );
+    println!();
+    println!(
+        "  {:<10} {:>3} {:>8} {:>8} {:>13} {:>10} {:>10} {:>7} {:>7}  replica",
+        "compress",
+        "run",
+        "seconds",
+        "MB/s",
+        "on the wire",
+        "disk/wire",
+        "data/wire",
+        "user s",
+        "sys s"
+    );
+}
+
+fn print_results(work: &Path, levels: &[Option<i32>], runs: &[Run]) {
+    println!();
+    for &level in levels {
+        let rates = rates(runs, level);
+        let name = compression_name(level);
+        println!(
+            "  {name:<10} median {:.0} MB/s, best {:.0} MB/s of disk covered over {} run(s)",
+            median(&rates),
+            rates.iter().cloned().fold(0.0, f64::max),
+            rates.len()
+        );
+    }
+    println!("  (MB/s = 10^6 disk bytes covered per second, connect to durable acknowledgement;");
+    println!("   user/sys = CPU seconds of source and target together; every replica verified byte for byte)");
+    println!(
+        "  the image stays in {} for the next run; delete it when done",
+        work.display()
+    );
 }
 
 fn compression_name(zstd_level: Option<i32>) -> String {
@@ -456,7 +500,7 @@ fn cached_image(
     size_mib: u64,
     fill_percent: u32,
     quiet: bool,
-) -> Result<ImageInfo, String> {
+) -> Result<ImageInfo, CliError> {
     let path = work.join(format!("os-{size_mib}MiB-{fill_percent}pct.img"));
     let info_path = work.join(format!("os-{size_mib}MiB-{fill_percent}pct.info"));
     let cached = fs::metadata(&path)
@@ -501,24 +545,23 @@ fn cached_image(
         }
         ImageKind::Synthetic { reason } => format!("synthetic\n\n{reason}\n{}\n", info.data_bytes),
     };
-    fs::write(&info_path, text)
-        .map_err(|e| format!("cannot write {}: {e}", info_path.display()))?;
+    fs::write(&info_path, text).map_err(IoFailure::on("cannot write", &info_path))?;
     Ok(info)
 }
 
 /// Deletes the replica and both sides' state so that the next sync is a full one.
-fn reset(replica: &Path, source_state: &Path, target_state: &Path) -> Result<(), String> {
+fn reset(replica: &Path, source_state: &Path, target_state: &Path) -> Result<(), IoFailure> {
     remove_if_present(replica)?;
     remove_if_present(&source_state.join(format!("{DISK_NAME}.state")))?;
     remove_if_present(&target_state.join(format!("{DISK_NAME}.replica")))?;
     Ok(())
 }
 
-fn remove_if_present(path: &Path) -> Result<(), String> {
+fn remove_if_present(path: &Path) -> Result<(), IoFailure> {
     match fs::remove_file(path) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(format!("cannot remove {}: {e}", path.display())),
+        Err(e) => Err(IoFailure::on("cannot remove", path)(e)),
     }
 }
 

@@ -16,7 +16,9 @@ use std::fs::{self, File};
 use std::io::{self, Write};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, ExitStatus};
+
+use crate::io_failure::{IoFailure, Where};
 
 use ferry_io::rng::Rng;
 
@@ -101,9 +103,45 @@ impl ImageInfo {
     }
 }
 
+/// Why an image could not be made or changed.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    #[error("image size {size_mib} MiB is outside 8 MiB ..= 16 TiB")]
+    Size { size_mib: u64 },
+    #[error("fill {fill_percent}% leaves no room for file-system metadata; use at most 95%")]
+    Fill { fill_percent: u32 },
+    #[error("mutate: block size must not be zero")]
+    ZeroBlockSize,
+    #[error("mutate: fraction {fraction} is not between 0 and 1")]
+    Fraction { fraction: f64 },
+    #[error("cannot run {}", tool.display())]
+    Spawn {
+        tool: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// mke2fs ran and failed; `stderr` is what it said.
+    #[error("{} failed ({status}) building {} from {entries} staged files: {stderr}", tool.display(), out.display())]
+    Mke2fs {
+        tool: PathBuf,
+        status: ExitStatus,
+        out: PathBuf,
+        entries: u64,
+        stderr: String,
+    },
+    #[error("no randomness for a temp dir name: {0}")]
+    TempName(getrandom::Error),
+    #[error(transparent)]
+    Io(#[from] IoFailure),
+}
+
 /// Builds a realistic VM disk image of `size_mib` MiB at `out`, filled to about
 /// `fill_percent` with real OS files (see the module docs). Replaces `out`.
-pub fn make_os_image(out: &Path, size_mib: u64, fill_percent: u32) -> Result<ImageInfo, String> {
+pub fn make_os_image(
+    out: &Path,
+    size_mib: u64,
+    fill_percent: u32,
+) -> Result<ImageInfo, ImageError> {
     check_geometry(size_mib, fill_percent)?;
     let Some(mke2fs) = find_mke2fs() else {
         let reason = "mke2fs (e2fsprogs) was not found in PATH, /usr/sbin or /sbin".to_string();
@@ -115,6 +153,23 @@ pub fn make_os_image(out: &Path, size_mib: u64, fill_percent: u32) -> Result<Ima
     // Staging next to the image would be tidy, but hard links need the staging area on
     // the same file system as /usr, which the temp dir usually is and /dev/shm is not.
     let stage = TempDir::new("ferry-image-stage")?;
+    let (staged, sources) = stage_os_files(stage.path(), budget_bytes)?;
+
+    let tmp_out = with_suffix(out, ".partial");
+    drop(create_sized(&tmp_out, size_bytes)?);
+    run_mke2fs(&mke2fs, stage.path(), &staged, size_bytes, &tmp_out, out)?;
+    rename(&tmp_out, out)?;
+    Ok(ImageInfo {
+        path: out.to_path_buf(),
+        size_bytes,
+        data_bytes: staged.file_bytes,
+        kind: ImageKind::Ext4 { sources },
+    })
+}
+
+/// Stages the trees of [`OS_FILE_SOURCES`] that fit in `budget_bytes` under `stage`;
+/// returns what was staged and which trees.
+fn stage_os_files(stage: &Path, budget_bytes: u64) -> Result<(Staged, Vec<PathBuf>), ImageError> {
     let mut staged = Staged::default();
     let mut sources = Vec::new();
     let mut used_bytes = 0u64;
@@ -126,24 +181,26 @@ pub fn make_os_image(out: &Path, size_mib: u64, fill_percent: u32) -> Result<Ima
         if used_bytes + need_bytes > budget_bytes {
             continue;
         }
-        let dest = stage.path().join(src.to_string_lossy().replace('/', "_"));
+        let dest = stage.join(src.to_string_lossy().replace('/', "_"));
         stage_tree(src, &dest, &mut staged)?;
         used_bytes += need_bytes;
         sources.push(src.to_path_buf());
     }
+    Ok((staged, sources))
+}
 
-    let tmp_out = with_suffix(out, ".partial");
-    let file = File::create(&tmp_out)
-        .map_err(|e| format!("cannot create image {}: {e}", tmp_out.display()))?;
-    file.set_len(size_bytes).map_err(|e| {
-        format!(
-            "cannot size image {} to {size_bytes} bytes: {e}",
-            tmp_out.display()
-        )
-    })?;
-    drop(file);
-
-    let mut cmd = Command::new(&mke2fs);
+/// Formats `image` (already `size_bytes` long) as ext4 holding the files staged in
+/// `stage`, deterministically; removes `image` if mke2fs fails. `out` is the final
+/// name, for the message.
+fn run_mke2fs(
+    mke2fs: &Path,
+    stage: &Path,
+    staged: &Staged,
+    size_bytes: u64,
+    image: &Path,
+    out: &Path,
+) -> Result<(), ImageError> {
+    let mut cmd = Command::new(mke2fs);
     cmd.env("E2FSPROGS_FAKE_TIME", FS_FAKE_TIME)
         .args(["-q", "-F", "-t", "ext4", "-b"])
         .arg(FS_BLOCK_BYTES.to_string())
@@ -155,34 +212,42 @@ pub fn make_os_image(out: &Path, size_mib: u64, fill_percent: u32) -> Result<Ima
     if inodes_needed > size_bytes / FS_BYTES_PER_INODE {
         cmd.arg("-N").arg(inodes_needed.to_string());
     }
-    cmd.arg("-d").arg(stage.path()).arg(&tmp_out);
-    let output = cmd
-        .output()
-        .map_err(|e| format!("cannot run {}: {e}", mke2fs.display()))?;
-    if !output.status.success() {
-        let _ = fs::remove_file(&tmp_out);
-        return Err(format!(
-            "{} failed ({}) building {} from {} staged files: {}",
-            mke2fs.display(),
-            output.status,
-            out.display(),
-            staged.entries,
-            String::from_utf8_lossy(&output.stderr).trim()
-        ));
-    }
-    fs::rename(&tmp_out, out).map_err(|e| {
-        format!(
-            "cannot move {} to {}: {e}",
-            tmp_out.display(),
-            out.display()
-        )
+    cmd.arg("-d").arg(stage).arg(image);
+    let output = cmd.output().map_err(|source| ImageError::Spawn {
+        tool: mke2fs.to_path_buf(),
+        source,
     })?;
-    Ok(ImageInfo {
-        path: out.to_path_buf(),
-        size_bytes,
-        data_bytes: staged.file_bytes,
-        kind: ImageKind::Ext4 { sources },
-    })
+    if !output.status.success() {
+        let _ = fs::remove_file(image);
+        return Err(ImageError::Mke2fs {
+            tool: mke2fs.to_path_buf(),
+            status: output.status,
+            out: out.to_path_buf(),
+            entries: staged.entries,
+            stderr: String::from_utf8_lossy(&output.stderr).trim().to_string(),
+        });
+    }
+    Ok(())
+}
+
+/// Creates the image file `path` and sets its length.
+fn create_sized(path: &Path, size_bytes: u64) -> Result<File, IoFailure> {
+    let file = File::create(path).map_err(IoFailure::on("cannot create image", path))?;
+    file.set_len(size_bytes).map_err(IoFailure::at(
+        "cannot size image",
+        path,
+        Where::Size(size_bytes),
+    ))?;
+    Ok(file)
+}
+
+/// Renames a finished image into place.
+fn rename(from: &Path, to: &Path) -> Result<(), IoFailure> {
+    fs::rename(from, to).map_err(IoFailure::at(
+        "cannot move",
+        from,
+        Where::To(to.to_path_buf()),
+    ))
 }
 
 /// Builds a deterministic synthetic image: about `fill_percent` of its 64 KiB blocks
@@ -194,18 +259,11 @@ pub fn make_synthetic_image(
     fill_percent: u32,
     seed: u64,
     reason: String,
-) -> Result<ImageInfo, String> {
+) -> Result<ImageInfo, ImageError> {
     check_geometry(size_mib, fill_percent)?;
     let size_bytes = size_mib * MIB;
     let tmp_out = with_suffix(out, ".partial");
-    let file = File::create(&tmp_out)
-        .map_err(|e| format!("cannot create image {}: {e}", tmp_out.display()))?;
-    file.set_len(size_bytes).map_err(|e| {
-        format!(
-            "cannot size image {} to {size_bytes} bytes: {e}",
-            tmp_out.display()
-        )
-    })?;
+    let file = create_sized(&tmp_out, size_bytes)?;
     let mut block = vec![0u8; SYNTHETIC_BLOCK_BYTES];
     let mut data_bytes = 0u64;
     let block_count = size_bytes / SYNTHETIC_BLOCK_BYTES as u64;
@@ -220,24 +278,17 @@ pub fn make_synthetic_image(
             rng.fill(&mut block);
         }
         let offset = index * SYNTHETIC_BLOCK_BYTES as u64;
-        file.write_all_at(&block, offset).map_err(|e| {
-            format!(
-                "cannot write image {} at offset {offset}: {e}",
-                tmp_out.display()
-            )
-        })?;
+        file.write_all_at(&block, offset).map_err(IoFailure::at(
+            "cannot write image",
+            &tmp_out,
+            Where::Offset(offset),
+        ))?;
         data_bytes += SYNTHETIC_BLOCK_BYTES as u64;
     }
     file.sync_data()
-        .map_err(|e| format!("cannot flush image {}: {e}", tmp_out.display()))?;
+        .map_err(IoFailure::on("cannot flush image", &tmp_out))?;
     drop(file);
-    fs::rename(&tmp_out, out).map_err(|e| {
-        format!(
-            "cannot move {} to {}: {e}",
-            tmp_out.display(),
-            out.display()
-        )
-    })?;
+    rename(&tmp_out, out)?;
     Ok(ImageInfo {
         path: out.to_path_buf(),
         size_bytes,
@@ -256,40 +307,24 @@ pub fn mutate_blocks(
     block_size: usize,
     fraction: f64,
     seed: u64,
-) -> Result<Vec<u64>, String> {
+) -> Result<Vec<u64>, ImageError> {
     if block_size == 0 {
-        return Err("mutate: block size must not be zero".into());
+        return Err(ImageError::ZeroBlockSize);
     }
     if !(0.0..=1.0).contains(&fraction) {
-        return Err(format!(
-            "mutate: fraction {fraction} is not between 0 and 1"
-        ));
+        return Err(ImageError::Fraction { fraction });
     }
     let file = fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open(path)
-        .map_err(|e| format!("mutate: cannot open {}: {e}", path.display()))?;
+        .map_err(IoFailure::on("mutate: cannot open", path))?;
     let size_bytes = file
         .metadata()
-        .map_err(|e| format!("mutate: cannot stat {}: {e}", path.display()))?
+        .map_err(IoFailure::on("mutate: cannot stat", path))?
         .len();
-    let block_count = size_bytes.div_ceil(block_size as u64);
-    let mut wanted = (block_count as f64 * fraction).round() as u64;
-    if fraction > 0.0 && block_count > 0 {
-        wanted = wanted.max(1);
-    }
-    let wanted = wanted.min(block_count);
-
-    // Floyd's algorithm: `wanted` distinct indices in `wanted` draws, whatever the ratio.
     let mut rng = Rng::new(seed ^ 0x6d75_7461_7465_2121);
-    let mut chosen = BTreeSet::new();
-    for j in (block_count - wanted)..block_count {
-        let t = rng.below(j + 1);
-        if !chosen.insert(t) {
-            chosen.insert(j);
-        }
-    }
+    let chosen = choose_blocks(&mut rng, size_bytes.div_ceil(block_size as u64), fraction);
 
     let mut old = vec![0u8; block_size];
     let mut new = vec![0u8; block_size];
@@ -297,44 +332,63 @@ pub fn mutate_blocks(
         let offset = block * block_size as u64;
         let len = (size_bytes - offset).min(block_size as u64) as usize;
         let (old, new) = (&mut old[..len], &mut new[..len]);
-        file.read_exact_at(old, offset).map_err(|e| {
-            format!(
-                "mutate: cannot read {} at offset {offset}: {e}",
-                path.display()
-            )
-        })?;
-        // Half the writes look like file content, half like compressed or encrypted data.
-        if rng.below(2) == 0 {
-            fill_text(&mut rng, new);
-        } else {
-            rng.fill(new);
-        }
-        if new == old {
-            new[0] = !new[0];
-        }
-        file.write_all_at(new, offset).map_err(|e| {
-            format!(
-                "mutate: cannot write {} at offset {offset}: {e}",
-                path.display()
-            )
-        })?;
+        file.read_exact_at(old, offset).map_err(IoFailure::at(
+            "mutate: cannot read",
+            path,
+            Where::Offset(offset),
+        ))?;
+        fill_different(&mut rng, old, new);
+        file.write_all_at(new, offset).map_err(IoFailure::at(
+            "mutate: cannot write",
+            path,
+            Where::Offset(offset),
+        ))?;
     }
     file.sync_data()
-        .map_err(|e| format!("mutate: cannot flush {}: {e}", path.display()))?;
+        .map_err(IoFailure::on("mutate: cannot flush", path))?;
     Ok(chosen.into_iter().collect())
 }
 
-fn check_geometry(size_mib: u64, fill_percent: u32) -> Result<(), String> {
+/// Picks `fraction` of `block_count` block indices at random, at least one when
+/// `fraction` is above zero.
+fn choose_blocks(rng: &mut Rng, block_count: u64, fraction: f64) -> BTreeSet<u64> {
+    let mut wanted = (block_count as f64 * fraction).round() as u64;
+    if fraction > 0.0 && block_count > 0 {
+        wanted = wanted.max(1);
+    }
+    let wanted = wanted.min(block_count);
+
+    // Floyd's algorithm: `wanted` distinct indices in `wanted` draws, whatever the ratio.
+    let mut chosen = BTreeSet::new();
+    for j in (block_count - wanted)..block_count {
+        let t = rng.below(j + 1);
+        if !chosen.insert(t) {
+            chosen.insert(j);
+        }
+    }
+    chosen
+}
+
+/// Fills `new` with fresh bytes that differ from `old`.
+fn fill_different(rng: &mut Rng, old: &[u8], new: &mut [u8]) {
+    // Half the writes look like file content, half like compressed or encrypted data.
+    if rng.below(2) == 0 {
+        fill_text(rng, new);
+    } else {
+        rng.fill(new);
+    }
+    if new == old {
+        new[0] = !new[0];
+    }
+}
+
+fn check_geometry(size_mib: u64, fill_percent: u32) -> Result<(), ImageError> {
     // ext4 with a journal needs a few MiB; 8 MiB keeps the generator out of edge cases.
     if !(8..=(1 << 24)).contains(&size_mib) {
-        return Err(format!(
-            "image size {size_mib} MiB is outside 8 MiB ..= 16 TiB"
-        ));
+        return Err(ImageError::Size { size_mib });
     }
     if fill_percent > 95 {
-        return Err(format!(
-            "fill {fill_percent}% leaves no room for file-system metadata; use at most 95%"
-        ));
+        return Err(ImageError::Fill { fill_percent });
     }
     Ok(())
 }
@@ -394,11 +448,10 @@ struct Staged {
 /// (copied when linking is refused), symlinks recreated. Entries that cannot be read
 /// are left out, as `cp -a` would report and skip them; failing to write the staging
 /// area is an error.
-fn stage_tree(src: &Path, dest: &Path, staged: &mut Staged) -> Result<(), String> {
+fn stage_tree(src: &Path, dest: &Path, staged: &mut Staged) -> Result<(), IoFailure> {
     let mut stack = vec![(src.to_path_buf(), dest.to_path_buf())];
     while let Some((from_dir, to_dir)) = stack.pop() {
-        fs::create_dir_all(&to_dir)
-            .map_err(|e| format!("staging: cannot create {}: {e}", to_dir.display()))?;
+        fs::create_dir_all(&to_dir).map_err(IoFailure::on("staging: cannot create", &to_dir))?;
         let Ok(entries) = fs::read_dir(&from_dir) else {
             continue;
         };
@@ -421,7 +474,7 @@ fn stage_tree(src: &Path, dest: &Path, staged: &mut Staged) -> Result<(), String
                     continue;
                 };
                 std::os::unix::fs::symlink(&link, &to)
-                    .map_err(|e| format!("staging: cannot create symlink {}: {e}", to.display()))?;
+                    .map_err(IoFailure::on("staging: cannot create symlink", &to))?;
             } else {
                 // Sockets, FIFOs and device nodes are not disk content.
                 continue;
@@ -439,7 +492,7 @@ fn stage_file(
     to: &Path,
     meta: &fs::Metadata,
     staged: &mut Staged,
-) -> Result<bool, String> {
+) -> Result<bool, IoFailure> {
     if !staged.links_refused {
         match fs::hard_link(from, to) {
             Ok(()) => return Ok(true),
@@ -449,8 +502,7 @@ fn stage_file(
     let Ok(mut reader) = File::open(from) else {
         return Ok(false);
     };
-    let mut writer =
-        File::create(to).map_err(|e| format!("staging: cannot create {}: {e}", to.display()))?;
+    let mut writer = File::create(to).map_err(IoFailure::on("staging: cannot create", to))?;
     match io::copy(&mut reader, &mut writer) {
         Ok(_) => {}
         // The source vanished or cannot be read mid-way: leave it out.
@@ -460,18 +512,18 @@ fn stage_file(
             return Ok(false);
         }
         Err(e) => {
-            return Err(format!(
-                "staging: cannot copy {} to {}: {e}",
-                from.display(),
-                to.display()
-            ))
+            return Err(IoFailure::at(
+                "staging: cannot copy",
+                from,
+                Where::To(to.to_path_buf()),
+            )(e))
         }
     }
     writer
         .flush()
         .and_then(|()| writer.set_permissions(meta.permissions()))
         .and_then(|()| meta.modified().and_then(|t| writer.set_modified(t)))
-        .map_err(|e| format!("staging: cannot finish {}: {e}", to.display()))?;
+        .map_err(IoFailure::on("staging: cannot finish", to))?;
     Ok(true)
 }
 
@@ -482,22 +534,20 @@ pub struct TempDir {
 
 impl TempDir {
     /// Creates `<temp dir>/<prefix>-<pid>-<random>`.
-    pub fn new(prefix: &str) -> Result<TempDir, String> {
+    pub fn new(prefix: &str) -> Result<TempDir, ImageError> {
         Self::new_in(&std::env::temp_dir(), prefix)
     }
 
     /// Creates `<parent>/<prefix>-<pid>-<random>`.
-    pub fn new_in(parent: &Path, prefix: &str) -> Result<TempDir, String> {
+    pub fn new_in(parent: &Path, prefix: &str) -> Result<TempDir, ImageError> {
         let mut nonce = [0u8; 8];
-        getrandom::fill(&mut nonce)
-            .map_err(|e| format!("no randomness for a temp dir name: {e}"))?;
+        getrandom::fill(&mut nonce).map_err(ImageError::TempName)?;
         let path = parent.join(format!(
             "{prefix}-{}-{:016x}",
             std::process::id(),
             u64::from_le_bytes(nonce)
         ));
-        fs::create_dir(&path)
-            .map_err(|e| format!("cannot create temp dir {}: {e}", path.display()))?;
+        fs::create_dir(&path).map_err(IoFailure::on("cannot create temp dir", &path))?;
         Ok(TempDir { path })
     }
 

@@ -3,8 +3,9 @@
 
 mod bench;
 mod demo;
-mod demo_live;
+mod error;
 mod imagegen;
+mod io_failure;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -12,6 +13,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 use dataplane::config::Config;
 use dataplane::source::{self, ModeRequest};
+
+use crate::error::{CliError, UsageError};
 
 #[derive(Parser)]
 #[command(name = "ferry", version, about = "Disaster-recovery block replication")]
@@ -133,14 +136,14 @@ fn main() -> ExitCode {
         Command::Source { config } => source_loop(&config),
         Command::Points { config, json } => points(&config, json),
         Command::Failover { action } => failover(action),
-        Command::Demo => demo::run(),
+        Command::Demo => demo::run().map_err(CliError::from),
         Command::Bench(args) => bench::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(message) => {
-            eprintln!("ferry: error: {message}");
-            ExitCode::FAILURE
+        Err(error) => {
+            eprintln!("ferry: error: {}", chain(&error));
+            error.category().exit_code()
         }
     }
 }
@@ -161,12 +164,12 @@ fn init_logging(default: tracing::Level) {
         .init();
 }
 
-pub(crate) use dataplane::chain;
+use dataplane::chain;
 
-fn keygen(out: Option<&std::path::Path>) -> Result<(), String> {
-    let psk = dataplane::psk::Psk::generate().map_err(|e| chain(&e))?;
+fn keygen(out: Option<&std::path::Path>) -> Result<(), CliError> {
+    let psk = dataplane::psk::Psk::generate()?;
     match out {
-        Some(path) => psk.save_new(path).map_err(|e| chain(&e)),
+        Some(path) => Ok(psk.save_new(path)?),
         None => {
             print!("{}", psk.to_file_string());
             Ok(())
@@ -174,14 +177,14 @@ fn keygen(out: Option<&std::path::Path>) -> Result<(), String> {
     }
 }
 
-fn load(config: &std::path::Path) -> Result<Config, String> {
-    Config::load(config).map_err(|e| chain(&e))
+fn load(config: &std::path::Path) -> Result<Config, CliError> {
+    Ok(Config::load(config)?)
 }
 
-fn target(config: &std::path::Path) -> Result<(), String> {
+fn target(config: &std::path::Path) -> Result<(), CliError> {
     let cfg = load(config)?;
-    let job = dataplane::writer::TargetJob::from_config(&cfg).map_err(|e| chain(&e))?;
-    dataplane::writer::run(job).map_err(|e| chain(&e))
+    let job = dataplane::writer::TargetJob::from_config(&cfg)?;
+    Ok(dataplane::writer::run(job)?)
 }
 
 fn sync(
@@ -190,7 +193,7 @@ fn sync(
     mode: Mode,
     bitmaps: &[String],
     only: &[String],
-) -> Result<(), String> {
+) -> Result<(), CliError> {
     let cfg = load(config)?;
     let mode = match mode {
         Mode::Auto => ModeRequest::Auto,
@@ -198,35 +201,35 @@ fn sync(
         Mode::Seeded => ModeRequest::Seeded,
         Mode::Changed => ModeRequest::Changed,
     };
-    let mut job = source::SyncJob::from_config(&cfg, mode).map_err(|e| chain(&e))?;
+    let mut job = source::SyncJob::from_config(&cfg, mode)?;
     for spec in bitmaps {
         let (name, path) = spec
             .split_once('=')
-            .ok_or_else(|| format!("--bitmap {spec:?}: expected NAME=FILE"))?;
+            .ok_or_else(|| UsageError::BitmapSpec { spec: spec.clone() })?;
         let disk = job
             .disks
             .iter_mut()
             .find(|d| d.name == name)
-            .ok_or_else(|| {
-                format!(
-                    "--bitmap {spec:?}: no disk named {name:?} in {}",
-                    config.display()
-                )
+            .ok_or_else(|| UsageError::BitmapDisk {
+                spec: spec.clone(),
+                name: name.to_string(),
+                config: config.to_path_buf(),
             })?;
         disk.bitmap = Some(PathBuf::from(path));
     }
     if !only.is_empty() {
         for name in only {
             if !job.disks.iter().any(|d| &d.name == name) {
-                return Err(format!(
-                    "--disk {name:?}: no such disk in {}",
-                    config.display()
-                ));
+                return Err(UsageError::NoSuchDisk {
+                    name: name.clone(),
+                    config: config.to_path_buf(),
+                }
+                .into());
             }
         }
         job.disks.retain(|d| only.contains(&d.name));
     }
-    let report = source::sync(&job).map_err(|e| chain(&e))?;
+    let report = source::sync(&job)?;
     if json {
         println!(
             "{}",
@@ -276,13 +279,10 @@ fn install_stop_handlers() {
     }
 }
 
-fn source_loop(config: &std::path::Path) -> Result<(), String> {
+fn source_loop(config: &std::path::Path) -> Result<(), CliError> {
     let cfg = load(config)?;
-    let interval = cfg
-        .require_source("source")
-        .map_err(|e| chain(&e))?
-        .epoch_interval();
-    let job = source::SyncJob::from_config(&cfg, ModeRequest::Auto).map_err(|e| chain(&e))?;
+    let interval = cfg.require_source("source")?.epoch_interval();
+    let job = source::SyncJob::from_config(&cfg, ModeRequest::Auto)?;
     install_stop_handlers();
     tracing::info!(
         target = %job.target,
@@ -320,19 +320,19 @@ fn source_loop(config: &std::path::Path) -> Result<(), String> {
             );
         }
     });
-    result.map_err(|e| chain(&e))?;
+    result?;
     tracing::info!("continuous replication stopped");
     Ok(())
 }
 
-fn shim(config: &std::path::Path) -> Result<(), String> {
+fn shim(config: &std::path::Path) -> Result<(), CliError> {
     let cfg = load(config)?;
-    let source = cfg.require_source("shim").map_err(|e| chain(&e))?;
+    let source = cfg.require_source("shim")?;
     // `[source] io_engine` drives the shim's backing stores too; the environment
     // variable FERRY_SHIM_IO_ENGINE overrides it (forcing the fallback without editing
     // the config, and running the test suites once per engine).
     use filter_driver_shim::backing::IoEngine;
-    let engine = match IoEngine::from_env()? {
+    let engine = match IoEngine::from_env().map_err(CliError::ShimEngineEnv)? {
         Some(e) => e,
         None => match source.io_engine {
             dataplane::config::IoEngineKind::Auto => IoEngine::Auto,
@@ -342,12 +342,9 @@ fn shim(config: &std::path::Path) -> Result<(), String> {
     };
     let mut disks = Vec::with_capacity(cfg.disks.len());
     for d in &cfg.disks {
-        let socket = d.nbd_socket.as_ref().ok_or_else(|| {
-            format!(
-                "{}: disk {:?} has no nbd_socket; the shim needs one per disk",
-                config.display(),
-                d.name
-            )
+        let socket = d.nbd_socket.as_ref().ok_or_else(|| CliError::NoNbdSocket {
+            config: config.to_path_buf(),
+            disk: d.name.clone(),
         })?;
         let mut disk = filter_driver_shim::ShimDisk::in_state_dir(
             &d.name,
@@ -364,15 +361,14 @@ fn shim(config: &std::path::Path) -> Result<(), String> {
         path: source.state_dir.join(source::SHIM_CONTROL_SOCKET),
         freeze_idle_timeout: source.freeze_idle_timeout(),
     };
-    filter_driver_shim::serve(disks, Some(control), &STOP).map_err(|e| chain(&e))
+    Ok(filter_driver_shim::serve(disks, Some(control), &STOP)?)
 }
 
-fn points(config: &std::path::Path, json: bool) -> Result<(), String> {
+fn points(config: &std::path::Path, json: bool) -> Result<(), CliError> {
     let cfg = load(config)?;
-    let target = cfg.require_target("points").map_err(|e| chain(&e))?;
+    let target = cfg.require_target("points")?;
     let names: Vec<String> = cfg.disks.iter().map(|d| d.name.clone()).collect();
-    let points =
-        dataplane::writer::points::list(&target.state_dir, &names).map_err(|e| chain(&e))?;
+    let points = dataplane::writer::points::list(&target.state_dir, &names)?;
     if json {
         println!("{}", serde_json::json!({ "points": points }));
         return Ok(());
@@ -403,41 +399,35 @@ fn points(config: &std::path::Path, json: bool) -> Result<(), String> {
     Ok(())
 }
 
-fn failover(action: FailoverAction) -> Result<(), String> {
+fn failover(action: FailoverAction) -> Result<(), CliError> {
     match action {
         FailoverAction::Test { config, point } => {
             let cfg = load(&config)?;
-            let target = cfg.require_target("failover test").map_err(|e| chain(&e))?;
+            let target = cfg.require_target("failover test")?;
             let names: Vec<String> = cfg.disks.iter().map(|d| d.name.clone()).collect();
             let point = match point {
                 Some(p) => p,
-                None => dataplane::writer::points::list(&target.state_dir, &names)
-                    .map_err(|e| chain(&e))?
+                None => dataplane::writer::points::list(&target.state_dir, &names)?
                     .first()
                     .map(|p| p.id)
-                    .ok_or("no recovery points: no epoch has been acknowledged yet")?,
+                    .ok_or(CliError::NoRecoveryPoints)?,
             };
             let out_dir = target.state_dir.join("failover");
             if out_dir.exists() {
-                return Err(format!(
-                    "a test failover is already open in {}; run `ferry failover cleanup` first",
-                    out_dir.display()
-                ));
+                return Err(CliError::FailoverOpen { dir: out_dir });
             }
             let replicas: Vec<(String, PathBuf)> = cfg
                 .disks
                 .iter()
                 .map(|d| (d.name.clone(), d.path.clone()))
                 .collect();
-            let _lock =
-                dataplane::writer::apply_lock(&target.state_dir, true).map_err(|e| chain(&e))?;
+            let _lock = dataplane::writer::apply_lock(&target.state_dir, true)?;
             let images = dataplane::writer::points::materialize(
                 &target.state_dir,
                 point,
                 &replicas,
                 &out_dir,
-            )
-            .map_err(|e| chain(&e))?;
+            )?;
             println!("test failover of recovery point {point}: boot the test VM from these images");
             for (name, path) in images {
                 println!("  {name}: {}", path.display());
@@ -446,9 +436,7 @@ fn failover(action: FailoverAction) -> Result<(), String> {
         }
         FailoverAction::Cleanup { config } => {
             let cfg = load(&config)?;
-            let target = cfg
-                .require_target("failover cleanup")
-                .map_err(|e| chain(&e))?;
+            let target = cfg.require_target("failover cleanup")?;
             let out_dir = target.state_dir.join("failover");
             match std::fs::remove_dir_all(&out_dir) {
                 Ok(()) => {
@@ -459,7 +447,10 @@ fn failover(action: FailoverAction) -> Result<(), String> {
                     println!("no test failover is open");
                     Ok(())
                 }
-                Err(e) => Err(format!("{}: {e}", out_dir.display())),
+                Err(source) => Err(CliError::FailoverCleanup {
+                    dir: out_dir,
+                    source,
+                }),
             }
         }
     }

@@ -129,11 +129,55 @@ pub enum ConfigError {
         /// Dotted path of the key, e.g. `source.block_size_kib` or `disk[1].name`.
         key: String,
         value: String,
-        expected: String,
+        expected: Expected,
     },
     /// A section or entry the file needs is missing.
     #[error("{}: {problem}", path.display())]
-    Missing { path: PathBuf, problem: String },
+    Missing { path: PathBuf, problem: MissingPart },
+}
+
+/// What a key's value should have been, for [`ConfigError::Invalid`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Expected {
+    /// Every range of this file is a constant well inside `i64`.
+    #[error("a value in {start}..={end}")]
+    InRange { start: i64, end: i64 },
+    #[error("a power of two in {}..={}", BLOCK_SIZE_KIB_RANGE.start(), BLOCK_SIZE_KIB_RANGE.end())]
+    BlockSize,
+    /// Both are powers of two, so "a multiple of the block size" is "at least it".
+    #[error("a power of two from block_size_kib ({block_size_kib}) to {IO_SIZE_KIB_MAX}")]
+    IoSize { block_size_kib: u32 },
+    #[error("1 to {NAME_LEN_MAX} characters from [A-Za-z0-9._-], not \".\" or \"..\"")]
+    Name,
+    #[error("a non-empty path")]
+    NonEmptyPath,
+    #[error("host:port with a port in 1..=65535 (e.g. \"127.0.0.1:7410\" or \"[::1]:7410\")")]
+    HostPort,
+    #[error("a name not used by another [[disk]]")]
+    UniqueName,
+    #[error("a path not used by another [[disk]]")]
+    UniquePath,
+    #[error("a path of at most {UNIX_SOCKET_PATH_MAX} bytes (the Unix socket address limit)")]
+    SocketPathLength,
+    #[error("a socket not used by another [[disk]]")]
+    UniqueSocket,
+    #[error("a directory different from source.state_dir")]
+    DistinctStateDirs,
+}
+
+/// What a config file lacks, for [`ConfigError::Missing`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MissingPart {
+    #[error("no [[disk]] entries; at least one disk must be configured")]
+    Disks,
+    #[error("neither [source] nor [target] is present; a config needs at least one")]
+    SourceAndTarget,
+    /// `command` needs a section the file does not have.
+    #[error("`{command}` needs a [{section}] section")]
+    Section {
+        command: String,
+        section: &'static str,
+    },
 }
 
 /// Whether and how the source compresses blocks, as read from `compression` and
@@ -432,17 +476,17 @@ impl Validator<'_> {
         &self,
         key: impl Into<String>,
         value: impl ToString,
-        expected: impl Into<String>,
+        expected: Expected,
     ) -> ConfigError {
         ConfigError::Invalid {
             path: self.path.to_path_buf(),
             key: key.into(),
             value: value.to_string(),
-            expected: expected.into(),
+            expected,
         }
     }
 
-    fn range<T: PartialOrd + std::fmt::Display>(
+    fn range<T: PartialOrd + std::fmt::Display + Copy + TryInto<i64>>(
         &self,
         key: &str,
         value: T,
@@ -451,11 +495,9 @@ impl Validator<'_> {
         if range.contains(&value) {
             Ok(())
         } else {
-            Err(self.invalid(
-                key,
-                &value,
-                format!("a value in {}..={}", range.start(), range.end()),
-            ))
+            let bound = |b: T| b.try_into().unwrap_or(i64::MAX);
+            let (start, end) = (bound(*range.start()), bound(*range.end()));
+            Err(self.invalid(key, value, Expected::InRange { start, end }))
         }
     }
 
@@ -471,18 +513,14 @@ impl Validator<'_> {
             || value == "."
             || value == ".."
         {
-            return Err(self.invalid(
-                key,
-                format!("{value:?}"),
-                format!("1 to {NAME_LEN_MAX} characters from [A-Za-z0-9._-], not \".\" or \"..\""),
-            ));
+            return Err(self.invalid(key, format!("{value:?}"), Expected::Name));
         }
         Ok(())
     }
 
     fn path(&self, key: &str, value: &mut PathBuf, base_dir: &Path) -> Result<(), ConfigError> {
         if value.as_os_str().is_empty() {
-            return Err(self.invalid(key, "\"\"", "a non-empty path"));
+            return Err(self.invalid(key, "\"\"", Expected::NonEmptyPath));
         }
         *value = base_dir.join(&*value);
         Ok(())
@@ -501,11 +539,7 @@ impl Validator<'_> {
         };
         match parsed.map(|(_, port)| port.parse::<u16>()) {
             Some(Ok(port)) if port != 0 => Ok(()),
-            _ => Err(self.invalid(
-                key,
-                format!("{value:?}"),
-                "host:port with a port in 1..=65535 (e.g. \"127.0.0.1:7410\" or \"[::1]:7410\")",
-            )),
+            _ => Err(self.invalid(key, format!("{value:?}"), Expected::HostPort)),
         }
     }
 
@@ -518,11 +552,7 @@ impl Validator<'_> {
             return Err(self.invalid(
                 "source.block_size_kib",
                 s.block_size_kib,
-                format!(
-                    "a power of two in {}..={}",
-                    BLOCK_SIZE_KIB_RANGE.start(),
-                    BLOCK_SIZE_KIB_RANGE.end()
-                ),
+                Expected::BlockSize,
             ));
         }
         // Both are powers of two, so "a multiple of the block size" is "at least it".
@@ -533,10 +563,9 @@ impl Validator<'_> {
             return Err(self.invalid(
                 "source.io_size_kib",
                 s.io_size_kib,
-                format!(
-                    "a power of two from block_size_kib ({}) to {IO_SIZE_KIB_MAX}",
-                    s.block_size_kib
-                ),
+                Expected::IoSize {
+                    block_size_kib: s.block_size_kib,
+                },
             ));
         }
         self.range("source.queue_depth", s.queue_depth, &QUEUE_DEPTH_RANGE)?;
@@ -599,7 +628,7 @@ impl Validator<'_> {
         if disks.is_empty() {
             return Err(ConfigError::Missing {
                 path: self.path.to_path_buf(),
-                problem: "no [[disk]] entries; at least one disk must be configured".into(),
+                problem: MissingPart::Disks,
             });
         }
         let mut names = HashSet::new();
@@ -611,7 +640,7 @@ impl Validator<'_> {
                 return Err(self.invalid(
                     format!("disk[{i}].name"),
                     format!("{:?}", disk.name),
-                    "a name not used by another [[disk]]",
+                    Expected::UniqueName,
                 ));
             }
             self.path(&format!("disk[{i}].path"), &mut disk.path, base_dir)?;
@@ -619,25 +648,17 @@ impl Validator<'_> {
                 return Err(self.invalid(
                     format!("disk[{i}].path"),
                     disk.path.display(),
-                    "a path not used by another [[disk]]",
+                    Expected::UniquePath,
                 ));
             }
             if let Some(socket) = &mut disk.nbd_socket {
                 let key = format!("disk[{i}].nbd_socket");
                 self.path(&key, socket, base_dir)?;
                 if socket.as_os_str().len() > UNIX_SOCKET_PATH_MAX {
-                    return Err(self.invalid(
-                        key,
-                        socket.display(),
-                        format!("a path of at most {UNIX_SOCKET_PATH_MAX} bytes (the Unix socket address limit)"),
-                    ));
+                    return Err(self.invalid(key, socket.display(), Expected::SocketPathLength));
                 }
                 if !sockets.insert(socket.clone()) {
-                    return Err(self.invalid(
-                        key,
-                        socket.display(),
-                        "a socket not used by another [[disk]]",
-                    ));
+                    return Err(self.invalid(key, socket.display(), Expected::UniqueSocket));
                 }
             }
             if let Some(group) = &disk.group {
@@ -704,8 +725,7 @@ impl Config {
         if config.source.is_none() && config.target.is_none() {
             return Err(ConfigError::Missing {
                 path: path.to_path_buf(),
-                problem: "neither [source] nor [target] is present; a config needs at least one"
-                    .into(),
+                problem: MissingPart::SourceAndTarget,
             });
         }
         if let Some(source) = &mut config.source {
@@ -719,7 +739,7 @@ impl Config {
                 return Err(v.invalid(
                     "target.state_dir",
                     target.state_dir.display(),
-                    "a directory different from source.state_dir",
+                    Expected::DistinctStateDirs,
                 ));
             }
         }
@@ -736,7 +756,10 @@ impl Config {
     pub fn require_source(&self, command: &str) -> Result<&SourceConfig, ConfigError> {
         self.source.as_ref().ok_or_else(|| ConfigError::Missing {
             path: self.origin.clone(),
-            problem: format!("`{command}` needs a [source] section"),
+            problem: MissingPart::Section {
+                command: command.to_string(),
+                section: "source",
+            },
         })
     }
 
@@ -744,7 +767,10 @@ impl Config {
     pub fn require_target(&self, command: &str) -> Result<&TargetConfig, ConfigError> {
         self.target.as_ref().ok_or_else(|| ConfigError::Missing {
             path: self.origin.clone(),
-            problem: format!("`{command}` needs a [target] section"),
+            problem: MissingPart::Section {
+                command: command.to_string(),
+                section: "target",
+            },
         })
     }
 

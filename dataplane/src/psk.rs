@@ -49,7 +49,10 @@ pub enum PskError {
          followed by 64 lowercase hex characters (generate one with `ferry keygen`)",
         path.display()
     )]
-    Format { path: PathBuf, reason: String },
+    Format {
+        path: PathBuf,
+        reason: KeyFormatProblem,
+    },
     /// The key file could not be created or written.
     #[error("cannot write key file {}", path.display())]
     Write {
@@ -63,6 +66,27 @@ pub enum PskError {
         #[source]
         source: io::Error,
     },
+}
+
+/// Why a key file is not a ferry key. The texts never quote the content: a file with a
+/// typo in it is still mostly key.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KeyFormatProblem {
+    #[error("it is not a regular file")]
+    NotRegularFile,
+    #[error("it is more than {PSK_FILE_READ_LIMIT} bytes long; a key file is {PSK_FILE_LEN}")]
+    TooLong,
+    #[error("it has more than one line")]
+    MultipleLines,
+    #[error("the line ends with a carriage return (CRLF line ending)")]
+    CarriageReturn,
+    #[error("it does not start with `{PSK_FILE_PREFIX}`")]
+    BadPrefix,
+    #[error("the key has {found} characters, expected {}", 2 * PSK_LEN)]
+    WrongLength { found: usize },
+    /// `position` is 1-based.
+    #[error("character {position} of the key is not a lowercase hex digit")]
+    NotHex { position: usize },
 }
 
 /// Who besides the owner may access the key file, as found by [`Psk::load_with_access`].
@@ -152,14 +176,14 @@ impl Psk {
             path: path.to_path_buf(),
             source,
         };
-        let format_error = |reason: String| PskError::Format {
+        let format_error = |reason: KeyFormatProblem| PskError::Format {
             path: path.to_path_buf(),
             reason,
         };
         let file = File::open(path).map_err(read_error)?;
         let metadata = file.metadata().map_err(read_error)?;
         if !metadata.is_file() {
-            return Err(format_error("it is not a regular file".into()));
+            return Err(format_error(KeyFormatProblem::NotRegularFile));
         }
         let mode = metadata.permissions().mode() & 0o777;
         let access = if mode & 0o077 == 0 {
@@ -236,38 +260,29 @@ fn hex_value(c: u8) -> Option<u8> {
 
 /// Parses a key file's bytes. The error text never quotes the content: a file with a
 /// typo in it is still mostly key.
-fn parse_file_bytes(content: &[u8]) -> Result<Psk, String> {
+fn parse_file_bytes(content: &[u8]) -> Result<Psk, KeyFormatProblem> {
     if content.len() as u64 > PSK_FILE_READ_LIMIT {
-        return Err(format!(
-            "it is more than {PSK_FILE_READ_LIMIT} bytes long; a key file is {PSK_FILE_LEN}"
-        ));
+        return Err(KeyFormatProblem::TooLong);
     }
     // The final newline is optional so that `echo -n` and editors that strip it work.
     let line = content.strip_suffix(b"\n").unwrap_or(content);
     if line.contains(&b'\n') {
-        return Err("it has more than one line".into());
+        return Err(KeyFormatProblem::MultipleLines);
     }
     if line.ends_with(b"\r") {
-        return Err("the line ends with a carriage return (CRLF line ending)".into());
+        return Err(KeyFormatProblem::CarriageReturn);
     }
     let hex = line
         .strip_prefix(PSK_FILE_PREFIX.as_bytes())
-        .ok_or_else(|| format!("it does not start with `{PSK_FILE_PREFIX}`"))?;
+        .ok_or(KeyFormatProblem::BadPrefix)?;
     if hex.len() != 2 * PSK_LEN {
-        return Err(format!(
-            "the key has {} characters, expected {}",
-            hex.len(),
-            2 * PSK_LEN
-        ));
+        return Err(KeyFormatProblem::WrongLength { found: hex.len() });
     }
     let mut bytes = [0u8; PSK_LEN];
     for (i, pair) in hex.chunks_exact(2).enumerate() {
         let digit = |k: usize| {
-            hex_value(pair[k]).ok_or_else(|| {
-                format!(
-                    "character {} of the key is not a lowercase hex digit",
-                    2 * i + k + 1
-                )
+            hex_value(pair[k]).ok_or(KeyFormatProblem::NotHex {
+                position: 2 * i + k + 1,
             })
         };
         bytes[i] = digit(0)? << 4 | digit(1)?;

@@ -348,6 +348,28 @@ fn sync_flags_and_an_unreachable_target_give_clear_errors() {
     assert!(run.stderr.contains("missing.cbt"), "{}", run.stderr);
 }
 
+/// A command run on a config without the section it needs says which, names the file,
+/// and exits 1 (every failure exits 1 until the CLI's error categories get codes).
+#[test]
+fn commands_name_the_section_their_config_lacks() {
+    let s = Setup::new();
+    let port = free_port();
+    let source_only = s.write("source.toml", &s.source_text(port, "", ""));
+    let target_only = s.write("target.toml", &s.target_text(port, "", ""));
+    for (command, config, section) in [
+        (&["points"][..], &source_only, "target"),
+        (&["failover", "cleanup"][..], &source_only, "target"),
+        (&["shim"][..], &target_only, "source"),
+    ] {
+        let mut args: Vec<&OsStr> = command.iter().map(OsStr::new).collect();
+        args.extend(["--config".as_ref(), config.as_os_str()]);
+        let run = ferry(&args);
+        let needs = format!("`{}` needs a [{section}] section", command.join(" "));
+        assert_refused(&command.join(" "), &run, config, &[&needs]);
+        assert_eq!(run.status.code(), Some(1), "{command:?}: {run:?}");
+    }
+}
+
 #[test]
 fn keygen_prints_a_fresh_key_in_the_documented_format() {
     let dir = scratch_dir();

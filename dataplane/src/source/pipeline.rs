@@ -45,7 +45,7 @@ use std::sync::Mutex;
 use ferry_ringbuf::pool::{BufferPool, PoolAlloc, PoolReturn, Slot};
 use ferry_ringbuf::spsc;
 use filter_driver_shim::epoch::EpochView;
-use zerocopy::{FromBytes, IntoBytes};
+use zerocopy::{FromBytes, FromZeros, IntoBytes};
 
 use super::plan::PlanItem;
 use super::SourceError;
@@ -396,7 +396,7 @@ where
         cfg.io_size.is_multiple_of(cfg.block_size) && cfg.io_size.is_multiple_of(PAYLOAD_ALIGN)
     );
     let input_slots = cfg.queue_depth + cfg.workers * EXTRA_INPUT_SLOTS_PER_WORKER + 1;
-    let (mut input_alloc, input_return) =
+    let (input_alloc, input_return) =
         BufferPool::new(cfg.io_size, input_slots).map_err(SourceError::Pool)?;
     let out_size = (table_capacity(cfg) + cfg.io_size).next_multiple_of(PAYLOAD_ALIGN);
     let failure = Failure::default();
@@ -411,61 +411,19 @@ where
 
     let mut stats = PipelineStats::default();
     std::thread::scope(|scope| {
-        let failure = &failure;
-        let finished = &finished;
-        let reader = {
-            let engine_files: Vec<RawFd> = disks.iter().map(|d| d.fd).collect();
-            let frozen: Vec<Option<&EpochView>> = disks.iter().map(|d| d.frozen).collect();
-            let cfg = cfg.clone();
-            let mut to_workers = to_workers;
-            std::thread::Builder::new()
-                .name("ferry-reader".into())
-                .spawn_scoped(scope, move || {
-                    let outcome = catch_unwind(AssertUnwindSafe(|| {
-                        reader_loop(
-                            &cfg,
-                            &engine_files,
-                            &frozen,
-                            plan,
-                            &mut input_alloc,
-                            &mut to_workers,
-                            failure,
-                        )
-                    }));
-                    if record_outcome(Stage::Reader, outcome, failure) {
-                        finished.reader.store(true, Ordering::Release);
-                    }
-                    // Only now may the workers see their input abandoned.
-                    drop(to_workers);
-                    input_alloc
-                })
-                .map_err(SourceError::Thread)?
+        let stages = Stages {
+            scope,
+            cfg,
+            disks,
+            failure: &failure,
+            finished: &finished,
         };
-        let mut workers = Vec::with_capacity(cfg.workers);
-        for (i, ends) in worker_parts.into_iter().enumerate() {
-            let WorkerEnds {
-                rx,
-                mut otx,
-                mut oalloc,
-            } = ends;
-            let cfg = cfg.clone();
-            workers.push(
-                std::thread::Builder::new()
-                    .name(format!("ferry-worker-{i}"))
-                    .spawn_scoped(scope, move || {
-                        let outcome = catch_unwind(AssertUnwindSafe(|| {
-                            worker_loop(&cfg, disks, rx, &mut otx, &mut oalloc, failure, finished)
-                        }));
-                        if record_outcome(Stage::Worker(i), outcome, failure) {
-                            finished.workers[i].store(true, Ordering::Release);
-                        }
-                        // Only now may the sender see this ring abandoned.
-                        drop(otx);
-                        oalloc
-                    })
-                    .map_err(SourceError::Thread)?,
-            );
-        }
+        let reader = stages.spawn_reader(plan, input_alloc, to_workers)?;
+        let workers = worker_parts
+            .into_iter()
+            .enumerate()
+            .map(|(i, ends)| stages.spawn_worker(i, ends))
+            .collect::<Result<Vec<_>, _>>()?;
         // The sender owns the return ends of every pool: when it stops, for whatever
         // reason, dropping them wakes a reader or worker blocked on an empty pool.
         let result = sender_loop(
@@ -475,20 +433,99 @@ where
             output_returns,
             writer,
             &mut stats,
-            failure,
-            finished,
+            &failure,
+            &finished,
             manifests,
         );
         if let Err(e) = result {
             failure.set(e);
         }
-        join_stages(reader, workers, failure);
+        join_stages(reader, workers, &failure);
         Ok::<(), SourceError>(())
     })?;
     if let Some(e) = failure.take() {
         return Err(e);
     }
     Ok(stats)
+}
+
+/// What the stage threads of one [`run`] share, and how each is started: its loop
+/// under `catch_unwind`, its outcome recorded, its ring end dropped only after that
+/// (so the next stage sees an abandoned ring only once the reason is recorded), and
+/// its pool end handed back to [`join_stages`].
+struct Stages<'scope, 'env, 'd> {
+    scope: &'scope std::thread::Scope<'scope, 'env>,
+    cfg: &'scope PipelineConfig,
+    disks: &'scope [DiskInfo<'d>],
+    failure: &'scope Failure,
+    finished: &'scope Finished,
+}
+
+impl<'scope, 'd: 'scope> Stages<'scope, '_, 'd> {
+    fn spawn_reader<P>(
+        &self,
+        plan: P,
+        mut input_alloc: PoolAlloc,
+        mut to_workers: Vec<spsc::Producer<ReadDone>>,
+    ) -> Result<std::thread::ScopedJoinHandle<'scope, PoolAlloc>, SourceError>
+    where
+        P: Iterator<Item = Result<PlanItem, SourceError>> + Send + 'scope,
+    {
+        let engine_files: Vec<RawFd> = self.disks.iter().map(|d| d.fd).collect();
+        let frozen: Vec<Option<&EpochView>> = self.disks.iter().map(|d| d.frozen).collect();
+        let cfg = self.cfg.clone();
+        let (failure, finished) = (self.failure, self.finished);
+        std::thread::Builder::new()
+            .name("ferry-reader".into())
+            .spawn_scoped(self.scope, move || {
+                let outcome = catch_unwind(AssertUnwindSafe(|| {
+                    reader_loop(
+                        &cfg,
+                        &engine_files,
+                        &frozen,
+                        plan,
+                        &mut input_alloc,
+                        &mut to_workers,
+                        failure,
+                    )
+                }));
+                if record_outcome(Stage::Reader, outcome, failure) {
+                    finished.reader.store(true, Ordering::Release);
+                }
+                // Only now may the workers see their input abandoned.
+                drop(to_workers);
+                input_alloc
+            })
+            .map_err(SourceError::Thread)
+    }
+
+    fn spawn_worker(
+        &self,
+        i: usize,
+        ends: WorkerEnds,
+    ) -> Result<std::thread::ScopedJoinHandle<'scope, PoolAlloc>, SourceError> {
+        let WorkerEnds {
+            rx,
+            mut otx,
+            mut oalloc,
+        } = ends;
+        let cfg = self.cfg.clone();
+        let (disks, failure, finished) = (self.disks, self.failure, self.finished);
+        std::thread::Builder::new()
+            .name(format!("ferry-worker-{i}"))
+            .spawn_scoped(self.scope, move || {
+                let outcome = catch_unwind(AssertUnwindSafe(|| {
+                    worker_loop(&cfg, disks, rx, &mut otx, &mut oalloc, failure, finished)
+                }));
+                if record_outcome(Stage::Worker(i), outcome, failure) {
+                    finished.workers[i].store(true, Ordering::Release);
+                }
+                // Only now may the sender see this ring abandoned.
+                drop(otx);
+                oalloc
+            })
+            .map_err(SourceError::Thread)
+    }
 }
 
 fn reader_loop<P>(
@@ -854,78 +891,104 @@ fn encode_data(
     let bs = cfg.block_size;
     let hlen = core::mem::size_of::<DataHeader>();
     let (table, packed) = out.split_at_mut(table_cap);
-    let mut records = 0usize;
-    let mut zero_blocks = 0u64;
-    let mut data_blocks = 0u64;
-    let mut logical = 0u64;
+    let mut frame = Frame::default();
     // First pass fills records with payload offsets relative to the packed area; the
     // frame layout is fixed once the table length is known.
     let mut packed_len = 0usize;
     for (i, block) in data.chunks(bs).enumerate() {
         let block_offset = offset + (i * bs) as u64;
-        let (codec, stored, hash) = if is_zero(block) {
-            if replica_zeroed {
-                // The new replica already reads as zeros: nothing travels.
-                continue;
-            }
-            zero_blocks += 1;
-            (Codec::Zero, 0usize, ZERO_BLOCK_HASH)
-        } else {
-            data_blocks += 1;
-            logical += block.len() as u64;
-            let hash = block_hash(block);
-            let mut codec = Codec::Raw;
-            let mut stored = block.len();
-            if let Some(c) = compressor.as_deref_mut() {
-                // Keep compression only when it saves at least 1/16 of the block:
-                // less than that is not worth the target's decompression.
-                let limit = block.len() - block.len() / 16;
-                let dst = &mut packed[packed_len..packed_len + limit];
-                if let Ok(n) = c.compress_to_buffer(block, dst) {
-                    if n <= limit {
-                        codec = Codec::Zstd;
-                        stored = n;
-                    }
-                }
-            }
-            (codec, stored, hash)
+        let packed_rest = &mut packed[packed_len..];
+        let Some((codec, stored, hash)) = encode_block(
+            block,
+            replica_zeroed,
+            compressor.as_deref_mut(),
+            packed_rest,
+        ) else {
+            continue;
         };
-        let payload_offset = if codec == Codec::Zstd {
-            let at = packed_len;
+        if codec == Codec::Zero {
+            frame.zero_blocks += 1;
+        } else {
+            frame.data_blocks += 1;
+            frame.logical_bytes += block.len() as u64;
+        }
+        // Compressed payloads are packed in record order; raw ones stay in the input.
+        let mut payload_offset = usize::MAX;
+        if codec == Codec::Zstd {
+            payload_offset = packed_len;
             packed_len += stored;
-            at
-        } else {
-            usize::MAX
-        };
+        }
         let rec = BlockRecord {
             offset: block_offset.into(),
             length: (block.len() as u32).into(),
             stored_len: (stored as u32).into(),
             payload_offset: (payload_offset as u32).into(),
             codec: codec as u8,
-            reserved: [0; 3],
             hash,
-            reserved2: 0.into(),
+            ..BlockRecord::new_zeroed()
         };
-        let at = hlen + records * BLOCK_RECORD_LEN;
+        let at = hlen + frame.records * BLOCK_RECORD_LEN;
         table[at..at + BLOCK_RECORD_LEN].copy_from_slice(rec.as_bytes());
-        records += 1;
+        frame.records += 1;
     }
-    if records == 0 {
-        return Frame {
-            zero_blocks,
-            ..Frame::default()
-        };
+    if frame.records > 0 {
+        // The sender finds the packed compressed payloads at `table_cap` onwards, in
+        // record order.
+        frame.table_len = seal_table(table, disk, frame.records, packed_len > 0);
     }
-    // Second pass: final payload offsets in frame order. In a frame of raw blocks only,
-    // every payload lands on PAYLOAD_ALIGN (block lengths are multiples of it, bar the
-    // disk's last block, which comes last), so the target writes them with O_DIRECT
-    // straight from its receive buffer. As soon as one block is compressed, everything
-    // is packed: the target decompresses into scratch anyway, and padding between
-    // payloads could otherwise outgrow the frame bound the session announced (the
-    // target copies an unaligned raw block to scratch).
+    frame
+}
+
+/// How one block travels: its codec, stored length and hash; `None` when nothing needs
+/// to (a zero block of a new replica, which already reads as zeros). A compressed
+/// payload is written to the front of `packed`.
+fn encode_block(
+    block: &[u8],
+    replica_zeroed: bool,
+    compressor: Option<&mut zstd::bulk::Compressor<'static>>,
+    packed: &mut [u8],
+) -> Option<(Codec, usize, [u8; 16])> {
+    if is_zero(block) {
+        return (!replica_zeroed).then_some((Codec::Zero, 0, ZERO_BLOCK_HASH));
+    }
+    let hash = block_hash(block);
+    let (codec, stored) = try_compress(compressor, block, packed);
+    Some((codec, stored, hash))
+}
+
+/// Compresses `block` into the front of `packed` when that saves at least 1/16 of
+/// it (less is not worth the target's decompression); returns the block's codec and
+/// stored length, `Raw` and its own length otherwise.
+fn try_compress(
+    compressor: Option<&mut zstd::bulk::Compressor<'static>>,
+    block: &[u8],
+    packed: &mut [u8],
+) -> (Codec, usize) {
+    if let Some(c) = compressor {
+        let limit = block.len() - block.len() / 16;
+        if let Ok(n) = c.compress_to_buffer(block, &mut packed[..limit]) {
+            if n <= limit {
+                return (Codec::Zstd, n);
+            }
+        }
+    }
+    (Codec::Raw, block.len())
+}
+
+/// Second pass over a Data frame's table of `records` records (first pass done):
+/// final payload offsets in frame order, the header, zeroed padding. Returns the
+/// table's length as sent.
+///
+/// In a frame of raw blocks only, every payload lands on PAYLOAD_ALIGN (block lengths
+/// are multiples of it, bar the disk's last block, which comes last), so the target
+/// writes them with O_DIRECT straight from its receive buffer. As soon as one block is
+/// compressed (`packed`), everything is packed: the target decompresses into scratch
+/// anyway, and padding between payloads could otherwise outgrow the frame bound the
+/// session announced (the target copies an unaligned raw block to scratch).
+fn seal_table(table: &mut [u8], disk: u32, records: usize, packed: bool) -> usize {
+    let hlen = core::mem::size_of::<DataHeader>();
     let table_len = (hlen + records * BLOCK_RECORD_LEN).next_multiple_of(PAYLOAD_ALIGN);
-    place_payloads(&mut table[hlen..], records, table_len, packed_len > 0);
+    place_payloads(&mut table[hlen..], records, table_len, packed);
     let header = DataHeader {
         disk: disk.into(),
         record_count: (records as u32).into(),
@@ -933,15 +996,7 @@ fn encode_data(
     table[..hlen].copy_from_slice(header.as_bytes());
     // The table region is sent as is, padding included; make the padding zeros.
     table[hlen + records * BLOCK_RECORD_LEN..table_len].fill(0);
-    // The sender finds the packed compressed payloads at `table_cap` onwards, in
-    // record order.
-    Frame {
-        table_len,
-        records,
-        zero_blocks,
-        data_blocks,
-        logical_bytes: logical,
-    }
+    table_len
 }
 
 /// Sets the payload offset of each of the `records` records in `records_table`, in frame

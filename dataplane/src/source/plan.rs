@@ -64,6 +64,27 @@ impl<I> ExtentRegions<I> {
             done: false,
         }
     }
+
+    /// Once the extents are exhausted: the pending data region, then the hole up to
+    /// the disk's `total` blocks, then nothing.
+    fn tail(&mut self, total: u64) -> Option<Region> {
+        if let Some((first, end)) = self.pending.take() {
+            self.next_block = end;
+            return Some(Region::Data {
+                first,
+                count: end - first,
+            });
+        }
+        if self.next_block < total {
+            let first = self.next_block;
+            self.next_block = total;
+            return Some(Region::Hole {
+                first,
+                count: total - first,
+            });
+        }
+        None
+    }
 }
 
 impl<E, I: Iterator<Item = Result<(u64, u64), E>>> Iterator for ExtentRegions<I> {
@@ -77,22 +98,7 @@ impl<E, I: Iterator<Item = Result<(u64, u64), E>>> Iterator for ExtentRegions<I>
         let total = self.geometry.block_count();
         loop {
             if self.done {
-                if let Some((first, end)) = self.pending.take() {
-                    self.next_block = end;
-                    return Some(Ok(Region::Data {
-                        first,
-                        count: end - first,
-                    }));
-                }
-                if self.next_block < total {
-                    let first = self.next_block;
-                    self.next_block = total;
-                    return Some(Ok(Region::Hole {
-                        first,
-                        count: total - first,
-                    }));
-                }
-                return None;
+                return self.tail(total).map(Ok);
             }
             let (offset, len) = match self.extents.next() {
                 None => {

@@ -16,8 +16,8 @@ use dataplane::source::{self, ModeRequest, SyncJob, SyncReport};
 use filter_driver_shim::nbd::client::NbdClient;
 use filter_driver_shim::{Shim, ShimDisk};
 
-use crate::chain;
-use crate::demo::{compare_files, mib};
+use super::rig::{compare_files, mib, DemoError};
+use dataplane::chain;
 
 /// How often the replication loop takes an epoch.
 const EPOCH_INTERVAL: Duration = Duration::from_millis(300);
@@ -39,13 +39,23 @@ pub struct LiveOutcome {
     pub problems: Vec<String>,
 }
 
+/// One round of the replication loop as the demo keeps it.
+enum Round {
+    Acknowledged(SyncReport),
+    /// The failure's chain of messages, to be listed (the error itself is not `Clone`).
+    Failed(String),
+}
+
+/// Every round the replication loop reported, with when.
+type Rounds = Vec<(Instant, Round)>;
+
 /// Runs the step over `disks` (name, image) whose replicas are `pairs`.
 pub fn run(
     work: &Path,
     job: &SyncJob,
     disks: &[(String, PathBuf)],
     pairs: &[(PathBuf, PathBuf)],
-) -> Result<LiveOutcome, String> {
+) -> Result<LiveOutcome, DemoError> {
     let ctl = job.state_dir.join(source::SHIM_CONTROL_SOCKET);
     let shim_disks: Vec<ShimDisk> = disks
         .iter()
@@ -67,7 +77,7 @@ pub fn run(
         shim_disks,
         Some(filter_driver_shim::control::ControlConfig::new(ctl.clone())),
     )
-    .map_err(|e| format!("cannot start the shim: {}", chain(&e)))?;
+    .map_err(DemoError::ShimStart)?;
 
     let mut live_job = job.clone();
     live_job.mode = ModeRequest::Auto;
@@ -76,31 +86,55 @@ pub fn run(
         d.bitmap = None;
     }
 
+    let (guest, rounds) = replicate_while_guest_writes(&live_job, &sockets);
+    shim.shutdown().map_err(DemoError::ShimShutdown)?;
+    let (guest_writes, guest_bytes, guest_started) = guest?;
+    Ok(judge(
+        rounds,
+        guest_writes,
+        guest_bytes,
+        guest_started,
+        pairs,
+    ))
+}
+
+/// Runs `ferry source`'s loop on `live_job` while the guest writes to `sockets`, until
+/// an epoch frozen after the guest's last write is acknowledged (or two minutes pass).
+/// Returns the guest's outcome and every round the loop reported.
+fn replicate_while_guest_writes(
+    live_job: &SyncJob,
+    sockets: &[(PathBuf, String)],
+) -> (Result<(u64, u64, Instant), DemoError>, Rounds) {
     let stop = AtomicBool::new(false);
-    let rounds: Mutex<Vec<(Instant, Result<SyncReport, String>)>> = Mutex::new(Vec::new());
+    let rounds: Mutex<Rounds> = Mutex::new(Vec::new());
+    let push = |entry| {
+        rounds
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((Instant::now(), entry))
+    };
     let guest = std::thread::scope(|scope| {
         let replicator = scope.spawn(|| {
-            source::continuous::run(&live_job, EPOCH_INTERVAL, &stop, &mut |round| {
-                let entry = match round {
-                    Ok(r) => Ok(r.clone()),
-                    Err(e) => Err(chain(e)),
-                };
-                rounds
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .push((Instant::now(), entry));
+            source::continuous::run(live_job, EPOCH_INTERVAL, &stop, &mut |round| {
+                push(match round {
+                    Ok(r) => Round::Acknowledged(r.clone()),
+                    Err(e) => Round::Failed(chain(e)),
+                })
             })
         });
-        let guest = guest_writes(&sockets);
+        let guest = guest_writes(sockets);
         // One epoch frozen after the guest's last write carries everything.
         let stopped = Instant::now();
         let deadline = stopped + Duration::from_secs(120);
         loop {
-            let caught_up = rounds
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .iter()
-                .any(|(at, r)| r.is_ok() && *at > stopped + EPOCH_INTERVAL);
+            let caught_up =
+                rounds
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .iter()
+                    .any(|(at, r)| {
+                        matches!(r, Round::Acknowledged(_)) && *at > stopped + EPOCH_INTERVAL
+                    });
             if caught_up || Instant::now() > deadline || replicator.is_finished() {
                 break;
             }
@@ -110,18 +144,24 @@ pub fn run(
         // A replicator that could not start (another engine holds the state directory)
         // is reported like a failed epoch.
         if let Ok(Err(e)) = replicator.join() {
-            rounds
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push((Instant::now(), Err(chain(&e))));
+            push(Round::Failed(chain(&e)));
         }
         guest
     });
-    shim.shutdown()
-        .map_err(|e| format!("shim shutdown: {}", chain(&e)))?;
-    let (guest_writes, guest_bytes, guest_started) = guest?;
+    (
+        guest,
+        rounds.into_inner().unwrap_or_else(|e| e.into_inner()),
+    )
+}
 
-    let rounds = rounds.into_inner().unwrap_or_else(|e| e.into_inner());
+/// Sorts the rounds into epochs and failures and checks the replicas.
+fn judge(
+    rounds: Rounds,
+    guest_writes: u64,
+    guest_bytes: u64,
+    guest_started: Instant,
+    pairs: &[(PathBuf, PathBuf)],
+) -> LiveOutcome {
     let mut problems = Vec::new();
     let mut epochs = Vec::new();
     let mut failed_epochs = Vec::new();
@@ -129,12 +169,12 @@ pub fn run(
     let mut last_ok = guest_started;
     for (at, r) in rounds {
         match r {
-            Ok(report) => {
+            Round::Acknowledged(report) => {
                 worst_gap = worst_gap.max(at.saturating_duration_since(last_ok));
                 last_ok = at;
                 epochs.push(report);
             }
-            Err(e) => failed_epochs.push(e),
+            Round::Failed(e) => failed_epochs.push(e),
         }
     }
     if epochs.len() < 2 {
@@ -145,28 +185,30 @@ pub fn run(
     }
     for (source, replica) in pairs {
         if let Err(p) = compare_files(source, replica) {
-            problems.push(p);
+            problems.push(chain(&p));
         }
     }
-    Ok(LiveOutcome {
+    LiveOutcome {
         guest_writes,
         guest_bytes,
         epochs,
         failed_epochs,
         worst_gap,
         problems,
-    })
+    }
 }
 
 /// The guest: random writes of 4 KiB to 256 KiB to every disk for [`GUEST_SECONDS`].
 /// Returns (writes, bytes, start time).
-fn guest_writes(sockets: &[(PathBuf, String)]) -> Result<(u64, u64, Instant), String> {
+fn guest_writes(sockets: &[(PathBuf, String)]) -> Result<(u64, u64, Instant), DemoError> {
     let mut clients = Vec::with_capacity(sockets.len());
     for (socket, name) in sockets {
-        clients.push(
-            NbdClient::connect(socket, name)
-                .map_err(|e| format!("guest: cannot attach to {}: {e}", socket.display()))?,
-        );
+        clients.push(NbdClient::connect(socket, name).map_err(|source| {
+            DemoError::GuestAttach {
+                socket: socket.clone(),
+                source,
+            }
+        })?);
     }
     let started = Instant::now();
     let mut rng = 0x9e37_79b9_7f4a_7c15u64;
@@ -187,7 +229,7 @@ fn guest_writes(sockets: &[(PathBuf, String)]) -> Result<(u64, u64, Instant), St
             chunk.copy_from_slice(&next().to_le_bytes());
         }
         c.write(offset, &buf[..len as usize])
-            .map_err(|e| format!("guest write at {offset}: {e}"))?;
+            .map_err(|source| DemoError::GuestWrite { offset, source })?;
         writes += 1;
         bytes += len;
         std::thread::sleep(GUEST_PACE);
@@ -195,7 +237,7 @@ fn guest_writes(sockets: &[(PathBuf, String)]) -> Result<(u64, u64, Instant), St
     for mut c in clients {
         c.flush()
             .and_then(|()| c.disconnect())
-            .map_err(|e| format!("guest flush and disconnect: {e}"))?;
+            .map_err(DemoError::GuestFlush)?;
     }
     Ok((writes, bytes, started))
 }
