@@ -37,6 +37,9 @@ pub enum Category {
     DataIntegrity,
     /// A local file or disk could not be read or written.
     Io,
+    /// This site's role forbids the command: it was promoted or demoted by a failover
+    /// (fencing). Retrying cannot help; the DR runbook says what to run.
+    Role,
     /// A bug or resource exhaustion inside ferry.
     Internal,
 }
@@ -113,6 +116,8 @@ pub enum UsageError {
     },
     #[error("--runs must be at least 1")]
     NoRuns,
+    #[error("--discard-replica-changes needs a sync that compares every block: use --mode seeded (the default with it) or full, not changed")]
+    DiscardNeedsResync,
 }
 
 impl From<DemoError> for CliError {
@@ -249,8 +254,10 @@ fn code_category(code: ErrorCode) -> Category {
         ErrorCode::Protocol
         | ErrorCode::OutOfRange
         | ErrorCode::Integrity
-        | ErrorCode::BaseMismatch => Category::DataIntegrity,
-        _ => Category::Internal,
+        | ErrorCode::BaseMismatch
+        | ErrorCode::ReplicaChanged => Category::DataIntegrity,
+        ErrorCode::Fenced => Category::Role,
+        ErrorCode::Internal => Category::Internal,
     }
 }
 

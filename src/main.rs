@@ -55,12 +55,24 @@ enum Command {
         /// Sync only these disks (repeatable; default: all).
         #[arg(long = "disk", value_name = "NAME")]
         disks: Vec<String>,
+        /// The target refused a replica because something other than ferry wrote to
+        /// it (split brain): discard those writes, resyncing the replicas from this
+        /// site with a seeded sync that compares every block. What was written to the
+        /// replicas is lost.
+        #[arg(long)]
+        discard_replica_changes: bool,
     },
     /// Replicate continuously: one epoch of the running shim every
     /// `epoch_interval_ms`, until SIGTERM or SIGINT (the epoch in progress completes).
     Source {
         #[arg(long)]
         config: PathBuf,
+        /// The target refused a replica because something other than ferry wrote to
+        /// it (split brain): discard those writes, resyncing the replicas from this
+        /// site with a seeded sync that compares every block. What was written to the
+        /// replicas is lost.
+        #[arg(long)]
+        discard_replica_changes: bool,
     },
     /// Run the filter shim: serve every `[[disk]]` over NBD on its `nbd_socket` and
     /// track every write persistently (foreground; SIGTERM or SIGINT stops it cleanly).
@@ -131,9 +143,20 @@ fn main() -> ExitCode {
             mode,
             bitmaps,
             disks,
-        } => sync(&config, json, mode, &bitmaps, &disks),
+            discard_replica_changes,
+        } => sync(
+            &config,
+            json,
+            mode,
+            &bitmaps,
+            &disks,
+            discard_replica_changes,
+        ),
         Command::Shim { config } => shim(&config),
-        Command::Source { config } => source_loop(&config),
+        Command::Source {
+            config,
+            discard_replica_changes,
+        } => source_loop(&config, discard_replica_changes),
         Command::Points { config, json } => points(&config, json),
         Command::Failover { action } => failover(action),
         Command::Demo => demo::run().map_err(CliError::from),
@@ -193,15 +216,19 @@ fn sync(
     mode: Mode,
     bitmaps: &[String],
     only: &[String],
+    discard_replica_changes: bool,
 ) -> Result<(), CliError> {
     let cfg = load(config)?;
-    let mode = match mode {
-        Mode::Auto => ModeRequest::Auto,
-        Mode::Full => ModeRequest::Full,
-        Mode::Seeded => ModeRequest::Seeded,
-        Mode::Changed => ModeRequest::Changed,
+    let mode = match (mode, discard_replica_changes) {
+        (Mode::Changed, true) => return Err(UsageError::DiscardNeedsResync.into()),
+        (Mode::Auto, true) => ModeRequest::Seeded,
+        (Mode::Auto, false) => ModeRequest::Auto,
+        (Mode::Full, _) => ModeRequest::Full,
+        (Mode::Seeded, _) => ModeRequest::Seeded,
+        (Mode::Changed, false) => ModeRequest::Changed,
     };
     let mut job = source::SyncJob::from_config(&cfg, mode)?;
+    job.discard_replica_changes = discard_replica_changes;
     for spec in bitmaps {
         let (name, path) = spec
             .split_once('=')
@@ -279,10 +306,11 @@ fn install_stop_handlers() {
     }
 }
 
-fn source_loop(config: &std::path::Path) -> Result<(), CliError> {
+fn source_loop(config: &std::path::Path, discard_replica_changes: bool) -> Result<(), CliError> {
     let cfg = load(config)?;
     let interval = cfg.require_source("source")?.epoch_interval();
-    let job = source::SyncJob::from_config(&cfg, ModeRequest::Auto)?;
+    let mut job = source::SyncJob::from_config(&cfg, ModeRequest::Auto)?;
+    job.discard_replica_changes = discard_replica_changes;
     install_stop_handlers();
     tracing::info!(
         target = %job.target,
@@ -307,6 +335,12 @@ fn source_loop(config: &std::path::Path) -> Result<(), CliError> {
                 pause_us = r.freeze_pause_us.unwrap_or(0),
                 seconds = format_args!("{:.3}", r.seconds),
                 "epoch durable on the target"
+            );
+        }
+        Err(e) if source::continuous::needs_operator(e) => {
+            tracing::error!(
+                "replication stopped: the target refuses for a reason only an operator can resolve: {}",
+                chain(e)
             );
         }
         Err(e) => {

@@ -25,4 +25,5 @@ mod recovery_points;
 mod session_limits;
 mod shim_control;
 mod shim_reconnect;
+mod split_brain;
 mod uring_forced;

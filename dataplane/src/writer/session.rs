@@ -24,8 +24,7 @@ use crate::protocol::{
     auth, block_hash, is_zero, Commit, Committed, DiskManifest, DiskRun, FrameDeadline, FrameKind,
     FrameReader, FrameWriter, HashesHeader, Incoming, OpenDisk, OpenDiskReply, OpenHeader,
     SyncMode, TimedStream, MAX_DIFF_RUNS_PER_FRAME, MAX_DISKS_PER_SESSION, MAX_FRAME_PAYLOAD,
-    MAX_NAME_LEN, OPEN_DISCARD_REPLICA_CHANGES, REPLICA_CREATED, REPLICA_EXISTING,
-    ZERO_BLOCK_HASH,
+    MAX_NAME_LEN, OPEN_DISCARD_REPLICA_CHANGES, REPLICA_CREATED, REPLICA_EXISTING, ZERO_BLOCK_HASH,
 };
 
 /// Receive buffers per session: frames in flight between the socket and the disks.
@@ -571,7 +570,10 @@ impl Staged<'_> {
             Err(e) => return Err(abandon(shared, busy, undo, epoch, e)),
         };
         // The replicas are durable; the commit mark is the commit point of the epoch.
-        match undo.commit(&shared.job.retention, &shared.job.replicas()).map_err(|f| *f) {
+        match undo
+            .commit(&shared.job.retention, &shared.job.replicas())
+            .map_err(|f| *f)
+        {
             Ok(()) => {
                 drop(apply_lock);
                 drop(busy);

@@ -58,21 +58,35 @@ pub struct ReplicaStamp {
 pub enum StampChange {
     /// The replica's path no longer names anything.
     Missing,
-    Kind { was: StampKind, now: StampKind },
-    Size { was: u64, now: u64 },
+    Kind {
+        was: StampKind,
+        now: StampKind,
+    },
+    Size {
+        was: u64,
+        now: u64,
+    },
     /// Another file (or device) now has the replica's path.
     Replaced,
-    Modified { was_ns: i128, now_ns: i128 },
+    Modified {
+        was_ns: i128,
+        now_ns: i128,
+    },
     /// Only the change time moved: permissions, owner, or a write whose modification
     /// time was restored.
-    Changed { was_ns: i128, now_ns: i128 },
+    Changed {
+        was_ns: i128,
+        now_ns: i128,
+    },
 }
 
 impl std::fmt::Display for StampChange {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::Missing => f.write_str("the replica is gone"),
-            Self::Kind { was, now } => write!(f, "it was a {} and is now a {}", kind(*was), kind(*now)),
+            Self::Kind { was, now } => {
+                write!(f, "it was a {} and is now a {}", kind(*was), kind(*now))
+            }
             Self::Size { was, now } => write!(f, "its size went from {was} to {now} bytes"),
             Self::Replaced => f.write_str("another file now has its path (device or inode differ)"),
             Self::Modified { was_ns, now_ns } => write!(
@@ -103,7 +117,10 @@ struct Utc(i128);
 
 impl std::fmt::Display for Utc {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let (s, ns) = (self.0.div_euclid(1_000_000_000), self.0.rem_euclid(1_000_000_000));
+        let (s, ns) = (
+            self.0.div_euclid(1_000_000_000),
+            self.0.rem_euclid(1_000_000_000),
+        );
         write!(f, "{s}.{ns:09} s after the Unix epoch")
     }
 }

@@ -932,3 +932,21 @@ impl Drop for LoopDev {
 pub fn file_hash(p: &Path) -> u128 {
     xxhash_rust::xxh3::xxh3_128(&std::fs::read(p).unwrap())
 }
+
+/// Whether the external tool `name` runs here (`name --version` succeeds); when it
+/// does not, the caller's test skips through `FERRY_REQUIRE`'s `tools` switch.
+pub fn tool_or_skip(name: &str) -> bool {
+    let ok = std::process::Command::new(name)
+        .arg("--version")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        ferry_io::require::skip(
+            ferry_io::require::Feature::Tools,
+            format!("{name} is not installed"),
+        );
+    }
+    ok
+}
