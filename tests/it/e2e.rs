@@ -588,10 +588,18 @@ fn forced_full_sync_onto_a_garbage_replica_zeroes_the_holes() {
     assert_eq!(report["disks"][0]["replica_created"], false, "{report}");
     assert_same_file(&d.source, &d.replica);
 
-    // And seeded onto garbage finds every differing block.
+    // And seeded onto garbage finds every differing block. The garbage came from
+    // outside ferry after an acknowledged epoch: refused as split brain unless the
+    // operator discards it.
     rng.fill(&mut garbage);
     std::fs::write(&d.replica, &garbage).unwrap();
-    let report = pair.sync_ok(&["--mode", "seeded"]);
+    let refused = pair.sync(&["--mode", "seeded"]);
+    assert!(
+        !refused.success() && refused.stderr.contains("split brain"),
+        "{}",
+        refused.stderr
+    );
+    let report = pair.sync_ok(&["--mode", "seeded", "--discard-replica-changes"]);
     assert_eq!(mode_of(&report, "g"), "seeded", "{report}");
     assert_same_file(&d.source, &d.replica);
 }

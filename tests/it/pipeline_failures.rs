@@ -8,7 +8,7 @@
 //!   workers).
 
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -28,23 +28,6 @@ fn fill_random(path: &Path, rng: &mut Rng) {
         rng.fill(&mut buf);
         f.write_all_at(&buf, at).unwrap();
     }
-}
-
-/// Regular files directly in `dir`, with their fingerprints.
-fn state_of(dir: &Path) -> Vec<(PathBuf, Option<(u64, u128)>)> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.is_file())
-        .collect();
-    files.sort();
-    files
-        .into_iter()
-        .map(|p| {
-            let f = fingerprint(&p);
-            (p, f)
-        })
-        .collect()
 }
 
 /// `ferry sync --mode full` with `failpoints` armed in its environment.
@@ -116,7 +99,7 @@ fn a_worker_that_panics_fails_the_epoch_and_nothing_is_acknowledged() {
 
     fill_random(&disk.source, &mut rng);
     let replica_before = fingerprint(&disk.replica);
-    let state_before = state_of(&pair.target_state);
+    let state_before = target_state_fingerprints(&pair.target_state);
     for at in [READS / 4, READS - 1, READS] {
         let failpoints = format!("source.worker.panic@{at}");
         let (ok, stderr) = sync_with_failpoints(&pair.source_config, &failpoints);
@@ -144,7 +127,7 @@ fn a_worker_that_panics_fails_the_epoch_and_nothing_is_acknowledged() {
             "{failpoints}: the replica changed"
         );
         assert_eq!(
-            state_of(&pair.target_state),
+            target_state_fingerprints(&pair.target_state),
             state_before,
             "{failpoints}: the target's records changed"
         );

@@ -904,6 +904,11 @@ fn check_untouched(
     let Some(record) = record else {
         return Ok(());
     };
+    if record.suspect.is_some() {
+        // The writer itself left the replica between epochs (an undo log it could not
+        // trust); `check_base` admits only a sync that compares every block.
+        return Ok(());
+    }
     let now = ReplicaStamp::take(path).map_err(|source| TargetError::Io {
         disk: name.to_string(),
         source,

@@ -705,6 +705,39 @@ pub fn fingerprint(path: &Path) -> Option<(u64, u128)> {
     Some((size, hash_prefix(path, size)))
 }
 
+/// What the target's records say, file by file, for "nothing changed" checks: each
+/// file's size and hash, except that a replica record (`<disk>.replica`) counts by
+/// its content without the replica's stamp (a rollback restores the replica's bytes
+/// but not its modification time, so the writer restamps the record) and checksum.
+pub fn target_state_fingerprints(dir: &Path) -> Vec<(PathBuf, Option<(u64, u128)>)> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.is_file())
+        .collect();
+    files.sort();
+    files
+        .into_iter()
+        .map(|p| {
+            let f = if p.extension().is_some_and(|e| e == "replica") {
+                let mut v: serde_json::Value =
+                    serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+                let map = v.as_object_mut().expect("a record is a JSON object");
+                map.remove("stamp");
+                map.remove("xxh3");
+                let text = v.to_string();
+                Some((
+                    text.len() as u64,
+                    xxhash_rust::xxh3::xxh3_128(text.as_bytes()),
+                ))
+            } else {
+                fingerprint(&p)
+            };
+            (p, f)
+        })
+        .collect()
+}
+
 /// Panics, naming the first differing block, unless the first `len` bytes of `a` and
 /// `b` are identical.
 pub fn assert_same_prefix(a: &Path, b: &Path, len: u64) {
