@@ -75,6 +75,9 @@ pub enum CliError {
     NoNbdSocket { config: PathBuf, disk: String },
     #[error("no recovery points: no epoch has been acknowledged yet")]
     NoRecoveryPoints,
+    /// A promoted site offers no point (see `ferry points`).
+    #[error("no recovery point is offered: this site was promoted to recovery point {point} by a failover{}", if *committed { ", which was committed" } else { ", and the disks were written since (or the promotion is unfinished)" })]
+    SitePromoted { point: u64, committed: bool },
     #[error("a test failover is already open in {}; run `ferry failover cleanup` first", dir.display())]
     FailoverOpen { dir: PathBuf },
     /// Removing the test-failover images failed.
@@ -137,6 +140,7 @@ impl CliError {
             CliError::Shim(_) | CliError::Io(_) | CliError::FailoverCleanup { .. } => Category::Io,
             CliError::ShimEngineEnv(_) | CliError::Usage(_) => Category::Usage,
             CliError::NoRecoveryPoints | CliError::FailoverOpen { .. } => Category::Usage,
+            CliError::SitePromoted { .. } => Category::Role,
             CliError::Demo(e) => demo_category(e),
             CliError::Image(e) => image_category(e),
         }
@@ -227,7 +231,7 @@ fn target_category(e: &TargetError) -> Category {
         | E::NotAtKnownEpoch { .. }
         | E::PointRetired { .. }
         | E::ReplicaShort { .. } => Category::DataIntegrity,
-        E::NoSuchPoint { .. } | E::NoRecord { .. } => Category::Usage,
+        E::NoSuchPoint { .. } | E::NoRecord { .. } | E::Failover(_) => Category::Usage,
         _ => Category::Internal,
     }
 }

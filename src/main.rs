@@ -116,6 +116,26 @@ enum FailoverAction {
         #[arg(long)]
         config: PathBuf,
     },
+    /// On the secondary site, with the primary lost: take the replicas back in place
+    /// to a recovery point (default: the latest), promote them and fence this site's
+    /// target, which then refuses every source. Rerun after a crash to finish; rerun
+    /// with an older --point, before commit and while no VM wrote to the disks, to go
+    /// further back.
+    Unplanned {
+        /// The target's config (the replicas and `[target] state_dir`).
+        #[arg(long)]
+        config: PathBuf,
+        /// Recovery point id (an epoch, see `ferry points`); default: the latest.
+        #[arg(long)]
+        point: Option<u64>,
+    },
+    /// Make a failover final: discard the recovery points of the old lineage (they no
+    /// longer describe disks the VMs write) and end the replica records.
+    Commit {
+        /// The target's config.
+        #[arg(long)]
+        config: PathBuf,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -401,14 +421,23 @@ fn shim(config: &std::path::Path) -> Result<(), CliError> {
 fn points(config: &std::path::Path, json: bool) -> Result<(), CliError> {
     let cfg = load(config)?;
     let target = cfg.require_target("points")?;
-    let names: Vec<String> = cfg.disks.iter().map(|d| d.name.clone()).collect();
-    let points = dataplane::writer::points::list(&target.state_dir, &names)?;
+    let replicas: Vec<(String, PathBuf)> = cfg
+        .disks
+        .iter()
+        .map(|d| (d.name.clone(), d.path.clone()))
+        .collect();
+    let (site, points) = dataplane::writer::failover::offered_points(&target.state_dir, &replicas)?;
     if json {
-        println!("{}", serde_json::json!({ "points": points }));
+        println!("{}", serde_json::json!({ "site": site, "points": points }));
         return Ok(());
     }
+    if let Some(site) = &site {
+        println!("{}", describe_site(site));
+    }
     if points.is_empty() {
-        println!("no recovery points: no epoch has been acknowledged yet");
+        if site.is_none() {
+            println!("no recovery points: no epoch has been acknowledged yet");
+        }
         return Ok(());
     }
     println!(
@@ -438,10 +467,22 @@ fn failover(action: FailoverAction) -> Result<(), CliError> {
         FailoverAction::Test { config, point } => {
             let cfg = load(&config)?;
             let target = cfg.require_target("failover test")?;
-            let names: Vec<String> = cfg.disks.iter().map(|d| d.name.clone()).collect();
+            let replicas: Vec<(String, PathBuf)> = cfg
+                .disks
+                .iter()
+                .map(|d| (d.name.clone(), d.path.clone()))
+                .collect();
+            let (site, offered) =
+                dataplane::writer::failover::offered_points(&target.state_dir, &replicas)?;
+            if let (Some(site), true) = (&site, offered.is_empty()) {
+                return Err(CliError::SitePromoted {
+                    point: site.point,
+                    committed: site.committed,
+                });
+            }
             let point = match point {
                 Some(p) => p,
-                None => dataplane::writer::points::list(&target.state_dir, &names)?
+                None => offered
                     .first()
                     .map(|p| p.id)
                     .ok_or(CliError::NoRecoveryPoints)?,
@@ -450,11 +491,6 @@ fn failover(action: FailoverAction) -> Result<(), CliError> {
             if out_dir.exists() {
                 return Err(CliError::FailoverOpen { dir: out_dir });
             }
-            let replicas: Vec<(String, PathBuf)> = cfg
-                .disks
-                .iter()
-                .map(|d| (d.name.clone(), d.path.clone()))
-                .collect();
             let _lock = dataplane::writer::apply_lock(&target.state_dir, true)?;
             let images = dataplane::writer::points::materialize(
                 &target.state_dir,
@@ -468,6 +504,8 @@ fn failover(action: FailoverAction) -> Result<(), CliError> {
             }
             Ok(())
         }
+        FailoverAction::Unplanned { config, point } => failover_unplanned(&config, point),
+        FailoverAction::Commit { config } => failover_commit(&config),
         FailoverAction::Cleanup { config } => {
             let cfg = load(&config)?;
             let target = cfg.require_target("failover cleanup")?;
@@ -487,5 +525,81 @@ fn failover(action: FailoverAction) -> Result<(), CliError> {
                 }),
             }
         }
+    }
+}
+
+fn failover_unplanned(config: &std::path::Path, point: Option<u64>) -> Result<(), CliError> {
+    let job = dataplane::writer::TargetJob::from_config(&load(config)?)?;
+    println!(
+        "unplanned failover: fencing this site's target (it will refuse every source), then taking the replicas back to recovery point {} in place",
+        point.map_or("latest".to_string(), |p| p.to_string())
+    );
+    let done = dataplane::writer::failover::unplanned(&job, point)?;
+    if done.already {
+        println!(
+            "the site was already promoted to recovery point {}",
+            done.point
+        );
+    } else if done.undone.is_empty() {
+        println!(
+            "the replicas hold recovery point {} (the latest): nothing to undo",
+            done.point
+        );
+    } else {
+        let undone: Vec<String> = done.undone.iter().map(u64::to_string).collect();
+        println!(
+            "undid epoch(s) {}: the replicas hold recovery point {}",
+            undone.join(", "),
+            done.point
+        );
+    }
+    println!("promoted; boot the VMs here from these disks:");
+    for (disk, path) in &done.disks {
+        println!(
+            "  {}: {} (epoch {} of generation {})",
+            disk.name,
+            path.display(),
+            disk.epoch,
+            disk.generation
+        );
+    }
+    println!("this site's target refuses every source from now on; once the VMs run well, make it final with `ferry failover commit --config {}`", config.display());
+    Ok(())
+}
+
+fn failover_commit(config: &std::path::Path) -> Result<(), CliError> {
+    let job = dataplane::writer::TargetJob::from_config(&load(config)?)?;
+    let done = dataplane::writer::failover::commit(&job)?;
+    if done.already {
+        println!(
+            "the failover to recovery point {} was already committed",
+            done.point
+        );
+    } else {
+        println!(
+            "failover to recovery point {} committed: {} recovery point(s) of the old lineage discarded; the disks are this site's primary disks now",
+            done.point, done.discarded
+        );
+    }
+    Ok(())
+}
+
+/// One line on a promoted site, for `points` and `failover test`.
+fn describe_site(site: &dataplane::writer::role::SiteRecord) -> String {
+    use dataplane::writer::role::Role;
+    let since = dataplane::utc::Utc::from_unix_s(site.since_unix_s);
+    match (site.role, site.committed) {
+        (Role::Promoting, _) => format!(
+            "this site is being promoted (since {since}) to recovery point {}: rerun `ferry failover unplanned` to finish; no point is offered",
+            site.point
+        ),
+        (Role::Primary, true) => format!(
+            "this site is the primary since {since} (failover to recovery point {} committed): the recovery points of the old lineage were discarded",
+            site.point
+        ),
+        (Role::Primary, false) => format!(
+            "this site was promoted at {since} to recovery point {} (not committed); points are offered only while no VM has written to the disks",
+            site.point
+        ),
     }
 }

@@ -13,6 +13,7 @@ pub mod io;
 pub mod protocol;
 pub mod psk;
 pub mod source;
+pub mod utc;
 pub mod writer;
 
 /// Formats an error with its sources on one line ([`ferry_io::chain`]).

@@ -16,6 +16,7 @@ mod disk_eio;
 mod disk_full;
 mod e2e;
 mod engine_lock;
+mod failover;
 mod io_engine_probe;
 mod link_faults;
 mod live_epochs;

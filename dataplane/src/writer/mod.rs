@@ -6,9 +6,11 @@
 //! checksum, every record's bounds and every block's hash were checked.
 
 mod apply;
+pub mod failover;
 pub mod points;
 mod received;
 pub mod rejection;
+pub mod role;
 mod session;
 pub mod stamp;
 pub mod state;
@@ -242,6 +244,9 @@ pub enum TargetError {
     /// Applying the epoch to the replicas failed (reported by the applier's barrier).
     #[error(transparent)]
     Apply(Arc<ApplyError>),
+    /// A failover command refuses (see [`failover`]).
+    #[error(transparent)]
+    Failover(#[from] failover::FailoverError),
 }
 
 impl TargetError {

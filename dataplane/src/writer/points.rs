@@ -133,7 +133,7 @@ pub(crate) fn keep_log(
 /// Every kept log, oldest first. Metadata that cannot be read (damaged, or not ferry's)
 /// is skipped and logged: its point is no longer offered, and the chain of older points
 /// through it ends there (see [`list`]).
-fn kept(state_dir: &Path) -> Result<Vec<PointMeta>, TargetError> {
+pub(crate) fn kept(state_dir: &Path) -> Result<Vec<PointMeta>, TargetError> {
     let dir = points_dir(state_dir);
     let mut metas = Vec::new();
     let entries = match fs::read_dir(&dir) {
@@ -204,6 +204,22 @@ fn retire_one(dir: &Path, stem: &str) -> Result<(), TargetError> {
         }
     }
     crate::durable::sync_dir(dir).map_err(|e| state_err(dir, StateOp::Fsync, e))
+}
+
+/// Deletes the kept log `stem` and its metadata (its point is consumed or discarded),
+/// durably.
+pub(crate) fn remove_point(state_dir: &Path, stem: &str) -> Result<(), TargetError> {
+    let dir = points_dir(state_dir);
+    // The log first: metadata whose log is gone is never offered.
+    for ext in ["undo", "json"] {
+        let p = dir.join(format!("{stem}.{ext}"));
+        match fs::remove_file(&p) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(state_err(&p, StateOp::Remove, e)),
+        }
+    }
+    crate::durable::sync_dir(&dir).map_err(|e| state_err(&dir, StateOp::Fsync, e))
 }
 
 /// Merges away the oldest points beyond the retention (oldest first, so every kept
@@ -390,7 +406,10 @@ pub fn materialize(
 
 /// An epoch a crashed target left half-applied must be undone before anything is
 /// copied; the caller's exclusive apply lock means no live session is applying one.
-fn settle_interrupted(state_dir: &Path, replicas: &[(String, PathBuf)]) -> Result<(), TargetError> {
+pub(crate) fn settle_interrupted(
+    state_dir: &Path,
+    replicas: &[(String, PathBuf)],
+) -> Result<(), TargetError> {
     for r in super::undo::recover(state_dir, replicas)? {
         match r {
             super::undo::Recovery::Pending { log, error, .. } => {
@@ -411,7 +430,7 @@ fn settle_interrupted(state_dir: &Path, replicas: &[(String, PathBuf)]) -> Resul
 /// The kept logs of `names` newer than `point`, newest first, each read whole and
 /// checked before the first is applied: a damaged one is refused, naming it, and taken
 /// out of service so the points behind it are no longer offered — never a wrong image.
-fn logs_back_to(
+pub(crate) fn logs_back_to(
     state_dir: &Path,
     point: u64,
     names: &[String],

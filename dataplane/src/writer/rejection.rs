@@ -133,6 +133,14 @@ pub enum Rejection {
         epoch: u64,
         changes: Vec<super::stamp::StampChange>,
     },
+    /// The site was promoted by a failover (see [`super::role`]).
+    #[error("this target's site was promoted to primary by {how} at {} (recovery point {point}){}: it takes no replication, whichever source connects. The VMs run from these disks now; the site that sent this must not replicate to them (if it was the primary, it was failed over)", crate::utc::Utc::from_unix_s(*since_unix_s), if *promoting { ", still rolling its replicas back (rerun the failover to finish)" } else { "" })]
+    Fenced {
+        how: super::role::Transition,
+        since_unix_s: u64,
+        point: u64,
+        promoting: bool,
+    },
     #[error("disk {disk}: discarding the replica's changes needs a full or seeded sync, which compares every block, not a changed-block epoch")]
     DiscardNeedsResync { disk: String },
     /// The replica cannot be opened at the announced size.
@@ -281,6 +289,7 @@ impl Rejection {
             }
             Suspect { .. } | BaseMismatch { .. } => ErrorCode::BaseMismatch,
             ReplicaChanged { .. } => ErrorCode::ReplicaChanged,
+            Fenced { .. } => ErrorCode::Fenced,
             OpenReplica { source, .. } => match source {
                 IoError::ReplicaTooSmall { .. } | IoError::ReplicaSizeMismatch { .. } => {
                     ErrorCode::ReplicaTooSmall

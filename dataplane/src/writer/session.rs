@@ -160,6 +160,9 @@ fn serve<R: std::io::Read, W: std::io::Write>(
     writer: &mut FrameWriter<W>,
 ) -> Result<String, TargetError> {
     let job = &shared.job;
+    // A promoted site takes no epoch from anyone (checked again under the apply lock:
+    // a failover may promote it while this session opens).
+    super::role::fence(&job.state_dir)?;
     let mut control = vec![0u8; 64 << 10];
     let payload = reader.expect(FrameKind::Open, &mut control)?;
     let announced = announced_batch(payload);
@@ -194,6 +197,7 @@ fn serve<R: std::io::Read, W: std::io::Write>(
         epoch,
     };
     let apply_lock = super::apply_lock(&job.state_dir, false)?;
+    super::role::fence(&job.state_dir)?;
     let mut undo = UndoLog::create(&job.state_dir, epoch, undo_disks)?;
     let applier = Applier {
         disks: ApplyDisks {

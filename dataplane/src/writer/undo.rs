@@ -429,7 +429,7 @@ fn write_records(
 }
 
 /// The stamp of disk `name`'s replica now (`None` if it is not configured or gone).
-fn stamp_of(
+pub(crate) fn stamp_of(
     replicas: &[(String, PathBuf)],
     name: &str,
 ) -> Result<Option<super::stamp::ReplicaStamp>, TargetError> {
@@ -675,7 +675,7 @@ fn stale(state_dir: &Path, log: &LogContents) -> Result<Option<LogDamage>, Targe
 
 /// Opens, for writing, the replica of every disk of the log (at `path`) that has
 /// logged bytes; `None` for the others. Every disk must still be configured.
-fn open_for_rollback(
+pub(crate) fn open_for_rollback(
     path: &Path,
     disks: &[UndoDisk],
     replicas: &[(String, PathBuf)],

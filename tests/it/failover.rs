@@ -1,0 +1,170 @@
+//! Unplanned failover at the secondary site, with the primary lost: the replicas are
+//! taken back in place to a recovery point, byte for byte, and the site is fenced.
+//!
+//! A guest writes through the shim while one-shot syncs make epochs; after each, the
+//! replicas are recorded as the epoch holds them (the live-epoch tests show they are
+//! exact point-in-time cuts of the source). Then the primary is lost (shim gone), and
+//! `ferry failover unplanned` runs with the target still running: the latest point
+//! first, then every older point in turn (once with a crash in the middle of the
+//! rollback, then the rerun), each compared byte for byte. Sources are refused
+//! (fenced), a write to a promoted disk stops the point from moving further back, and
+//! `ferry failover commit` ends the old lineage's points.
+
+use std::ffi::OsStr;
+use std::os::unix::fs::FileExt;
+use std::process::Command;
+use std::time::Duration;
+
+use crate::common::rig::{Guest, Rig, RigSpec};
+use crate::common::*;
+
+const DISK_BYTES: u64 = 8 << 20;
+const EPOCHS: usize = 5;
+
+/// `ferry <args>` with `env`, to completion: (success, stdout, stderr).
+fn ferry(args: &[&OsStr], env: &[(&str, &str)]) -> (bool, String, String) {
+    let out = Command::new(ferry_bin())
+        .args(args)
+        .envs(env.iter().copied())
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("run ferry");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn unplanned(rig: &Rig, point: Option<u64>, env: &[(&str, &str)]) -> (bool, String, String) {
+    let point = point.map(|p| p.to_string());
+    let mut args: Vec<&OsStr> = vec![
+        "failover".as_ref(),
+        "unplanned".as_ref(),
+        "--config".as_ref(),
+        rig.target.config.as_os_str(),
+    ];
+    if let Some(p) = &point {
+        args.extend(["--point".as_ref(), OsStr::new(p)]);
+    }
+    ferry(&args, env)
+}
+
+fn target_cmd(rig: &Rig, args: &[&str]) -> (bool, String, String) {
+    let mut all: Vec<&OsStr> = args.iter().map(OsStr::new).collect();
+    all.extend(["--config".as_ref(), rig.target.config.as_os_str()]);
+    ferry(&all, &[])
+}
+
+#[test]
+fn unplanned_failover_takes_the_replicas_back_in_place_to_every_point_and_fences() {
+    let seed = test_seed("failover_unplanned");
+    let mut rig = Rig::new(seed, &RigSpec::two_disk_group(DISK_BYTES));
+    let mut guest = Guest::start(&rig, seed ^ 1, 24, Duration::ZERO);
+    guest.wait_for(30);
+    let mut epochs: Vec<(u64, Vec<Vec<u8>>)> = Vec::new();
+    for _ in 0..EPOCHS {
+        guest.wait_for(40);
+        let r = sync_ok(&rig.config, &[]);
+        epochs.push((u64_field(&r, "epoch"), rig.replicas()));
+    }
+    guest.stop();
+    // The primary is lost: its shim is gone (so are its writes after the last epoch).
+    rig.kill_shim();
+
+    let (ok, out, err) = unplanned(&rig, None, &[]);
+    assert!(ok, "{out}{err}");
+    let (latest, at_latest) = epochs.last().unwrap();
+    assert!(out.contains(&format!("recovery point {latest}")), "{out}");
+    assert!(out.contains("boot the VMs here"), "{out}");
+    assert!(
+        rig.replicas() == *at_latest,
+        "the latest point is the replicas as they were"
+    );
+    // Rerun: idempotent.
+    let (ok, out, err) = unplanned(&rig, None, &[]);
+    assert!(ok && out.contains("already promoted"), "{out}{err}");
+
+    // Fenced: a source (the old primary coming back) is refused, saying why.
+    let refused = sync(&rig.config, &[]);
+    assert!(!refused.success(), "{}", refused.stdout);
+    assert!(
+        refused
+            .stderr
+            .contains("promoted to primary by an unplanned failover")
+            && refused.stderr.contains("takes no replication"),
+        "{}",
+        refused.stderr
+    );
+    assert!(
+        rig.replicas() == *at_latest,
+        "nothing applied after the promotion"
+    );
+
+    // Every older point in turn, in place, byte for byte; the first through a crash
+    // in the middle of its rollback and a rerun.
+    let older: Vec<&(u64, Vec<Vec<u8>>)> = epochs.iter().rev().skip(1).collect();
+    for (i, (point, expected)) in older.iter().enumerate().take(older.len() - 1) {
+        if i == 0 {
+            let (ok, _, err) = unplanned(
+                &rig,
+                Some(*point),
+                &[("FERRY_FAILPOINTS", "failover.rollback.crash@1")],
+            );
+            assert!(!ok, "the failpoint aborts the rollback: {err}");
+            let (ok, out, _) = target_cmd(&rig, &["points"]);
+            assert!(ok && out.contains("being promoted"), "{out}");
+        }
+        let (ok, out, err) = unplanned(&rig, Some(*point), &[]);
+        assert!(ok, "point {point}: {out}{err}");
+        assert!(
+            rig.replicas() == *expected,
+            "the replicas are exactly recovery point {point}"
+        );
+    }
+
+    // A VM writes to a promoted disk: older points no longer describe it.
+    let (oldest, _) = older.last().unwrap();
+    let vm = open_rw(&rig.disks[0].replica);
+    vm.write_all_at(b"written by the VM after the failover", 4096)
+        .unwrap();
+    vm.set_modified(std::time::SystemTime::now() + Duration::from_secs(1))
+        .unwrap();
+    let (ok, _, err) = unplanned(&rig, Some(*oldest), &[]);
+    assert!(!ok && err.contains("written since the promotion"), "{err}");
+    let (ok, out, _) = target_cmd(&rig, &["points"]);
+    assert!(
+        ok && out.contains("promoted at") && !out.contains("(latest)"),
+        "{out}"
+    );
+
+    // Commit: the old lineage's points are gone, for good.
+    let (ok, out, err) = target_cmd(&rig, &["failover", "commit"]);
+    assert!(ok && out.contains("committed"), "{out}{err}");
+    let (ok, out, _) = target_cmd(&rig, &["points", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert!(ok && v["points"].as_array().unwrap().is_empty(), "{v}");
+    assert_eq!(v["site"]["committed"], true, "{v}");
+    let (ok, _, err) = target_cmd(&rig, &["failover", "test"]);
+    assert!(!ok && err.contains("promoted"), "{err}");
+    let (ok, out, _) = target_cmd(&rig, &["failover", "commit"]);
+    assert!(ok && out.contains("already committed"), "{out}");
+    // Still fenced after a restart of the target.
+    rig.restart_target().unwrap();
+    let refused = sync(&rig.config, &[]);
+    assert!(
+        refused.stderr.contains("takes no replication"),
+        "{}",
+        refused.stderr
+    );
+}
+
+#[test]
+fn failover_of_a_target_that_never_applied_an_epoch_says_so() {
+    let seed = test_seed("failover_nothing");
+    let rig = Rig::new(seed, &RigSpec::two_disk_group(DISK_BYTES));
+    let (ok, _, err) = unplanned(&rig, None, &[]);
+    assert!(!ok && err.contains("nothing to fail over to"), "{err}");
+    // Refused before anything: the site is not fenced.
+    sync_ok(&rig.config, &[]);
+}
