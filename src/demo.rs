@@ -26,7 +26,7 @@ use dataplane::io::EngineKind;
 use dataplane::psk::Psk;
 use dataplane::source::{self, JobDisk, ModeRequest, SourceDiskState, SyncJob, SyncReport};
 use dataplane::writer::{Target, TargetDisk, TargetJob};
-use filter_driver_shim::bitmap::{ChangedBlockBitmap, GenerationId};
+use filter_driver_shim_contract::bitmap::{ChangedBlockBitmap, GenerationId};
 
 use crate::chain;
 use crate::imagegen::{self, TempDir, MIB};

@@ -17,7 +17,10 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use ferry_ringbuf::pool::PoolError;
-use filter_driver_shim::bitmap::{BitmapError, ChangedBlockBitmap, GenerationId};
+use filter_driver_shim_contract::bitmap::{BitmapError, ChangedBlockBitmap};
+use filter_driver_shim_contract::control::{EpochId, StatusDisk};
+use filter_driver_shim_contract::epoch::EpochView;
+use filter_driver_shim_contract::GenerationId;
 use serde::{Deserialize, Serialize};
 use zerocopy::{FromBytes, IntoBytes};
 
@@ -190,7 +193,7 @@ pub enum BitmapProblem {
     /// replica holds.
     #[error("the shim tracks generation {shim_generation} but the replica was last synced {}; a seeded sync comes first", match synced { Some((epoch, generation)) => format!("at epoch {epoch} of generation {generation}"), None => "never".to_string() })]
     ShimGeneration {
-        shim_generation: String,
+        shim_generation: GenerationId,
         /// The replica's last epoch and generation, if it was ever synced.
         synced: Option<(u64, String)>,
     },
@@ -336,7 +339,7 @@ pub struct SyncReport {
     pub mb_per_s: f64,
     pub disks: Vec<DiskReport>,
     /// The shim's epoch this sync carried, when a shim served the disks.
-    pub shim_epoch: Option<String>,
+    pub shim_epoch: Option<EpochId>,
     /// How long the freeze held the guest's writes, in microseconds.
     pub freeze_pause_us: Option<u64>,
 }
@@ -393,16 +396,14 @@ impl SourceDiskState {
     }
 }
 
-fn random_generation() -> Result<[u8; 16], SourceError> {
-    GenerationId::random()
-        .map(|g| *g.as_bytes())
-        .map_err(SourceError::Randomness)
+fn random_generation() -> Result<GenerationId, SourceError> {
+    GenerationId::random().map_err(SourceError::Randomness)
 }
 
 struct OpenedDisk {
     spec: JobDisk,
     disk: Disk,
-    generation: [u8; 16],
+    generation: GenerationId,
     base_epoch: u64,
     bitmap: Option<ChangedBlockBitmap>,
     mode: SyncMode,
@@ -462,11 +463,11 @@ enum LivePlan {
 fn plan_live_disk(
     mode: ModeRequest,
     block_size: usize,
-    shim_disk: &live::ShimDisk,
+    shim_disk: &StatusDisk,
     state: Option<&SourceDiskState>,
 ) -> Result<LivePlan, SourceError> {
-    let generation_ok =
-        state.is_some_and(|s| s.generation_bytes().ok() == Some(shim_disk.generation));
+    let generation_ok = state
+        .is_some_and(|s| s.generation_bytes().ok() == Some(*shim_disk.generation_id.as_bytes()));
     let plan = match mode {
         ModeRequest::Full | ModeRequest::Seeded => LivePlan::Whole,
         ModeRequest::Auto if generation_ok => LivePlan::Changed,
@@ -476,16 +477,16 @@ fn plan_live_disk(
             return Err(SourceError::Bitmap {
                 disk: shim_disk.name.clone(),
                 source: BitmapProblem::ShimGeneration {
-                    shim_generation: hex16(&shim_disk.generation),
+                    shim_generation: shim_disk.generation_id,
                     synced: state.map(|s| (s.epoch, s.generation.clone())),
                 },
             })
         }
     };
-    if plan == LivePlan::Changed && shim_disk.block_size != block_size as u64 {
+    if plan == LivePlan::Changed && u64::from(shim_disk.block_size) != block_size as u64 {
         return Err(SourceError::BlockSizeMismatch {
             disk: shim_disk.name.clone(),
-            shim_block_size: shim_disk.block_size,
+            shim_block_size: u64::from(shim_disk.block_size),
             block_size,
         });
     }
@@ -511,7 +512,7 @@ impl PlannedDisk<'_> {
 /// after checking the shim serves it, from the same file.
 fn plan_live_disks<'a>(
     job: &'a SyncJob,
-    served: &[live::ShimDisk],
+    served: &[StatusDisk],
 ) -> Result<Vec<PlannedDisk<'a>>, SourceError> {
     let mut plans = Vec::with_capacity(job.disks.len());
     for spec in &job.disks {
@@ -531,7 +532,7 @@ fn plan_live_disks<'a>(
         let state = SourceDiskState::load(&job.state_dir, &spec.name)?;
         let plan = plan_live_disk(job.mode, job.block_size, shim_disk, state.as_ref())?;
         if plan == LivePlan::Whole {
-            if let Some(reason) = &shim_disk.resync_required {
+            if let Some(reason) = &shim_disk.resync_reason {
                 tracing::warn!(disk = %spec.name, %reason, "shim tracking restarted: checksum-compare resync of this disk");
             }
         }
@@ -560,8 +561,7 @@ fn sync_live(job: &SyncJob, mut control: live::ShimControl) -> Result<SyncReport
         disks.push(disk);
         views.push(Some(view));
     }
-    let view_refs: Vec<Option<&filter_driver_shim::epoch::EpochView>> =
-        views.iter().map(Option::as_ref).collect();
+    let view_refs: Vec<Option<&EpochView>> = views.iter().map(Option::as_ref).collect();
     let outcome = live::keep_alive(&mut control, &epoch, |control| {
         run_epoch(
             job,
@@ -617,12 +617,12 @@ fn open_frozen_disk(
     job: &SyncJob,
     planned: &PlannedDisk<'_>,
     epoch: &live::LiveEpoch,
-) -> Result<(OpenedDisk, filter_driver_shim::epoch::EpochView), SourceError> {
+) -> Result<(OpenedDisk, EpochView), SourceError> {
     let PlannedDisk { spec, state, plan } = planned;
     let frozen = epoch
         .disks
         .iter()
-        .find(|d| d.shim.name == spec.name)
+        .find(|d| d.name == spec.name)
         .ok_or_else(|| ShimControlError::FreezeLacksDisk {
             disk: spec.name.clone(),
         })?;
@@ -639,7 +639,7 @@ fn open_frozen_disk(
         }
         .into());
     }
-    let generation = frozen.shim.generation;
+    let generation = frozen.generation_id;
     let (bitmap, mode) = match plan {
         LivePlan::Whole if job.mode == ModeRequest::Full => (None, SyncMode::Full),
         LivePlan::Whole => (None, SyncMode::Seeded),
@@ -652,8 +652,7 @@ fn open_frozen_disk(
                         source,
                     },
                 })?;
-            if bitmap.disk_size() != disk.size() || *bitmap.generation_id().as_bytes() != generation
-            {
+            if bitmap.disk_size() != disk.size() || bitmap.generation_id() != generation {
                 return Err(SourceError::Bitmap {
                     disk: spec.name.clone(),
                     source: BitmapProblem::FrozenMismatch,
@@ -671,7 +670,7 @@ fn open_frozen_disk(
         mode,
         replica_created: false,
     };
-    Ok((opened, frozen.view()?))
+    Ok((opened, live::view(frozen)?))
 }
 
 /// After the target acknowledged epoch `number`: lets the shim forget its bits and
@@ -697,9 +696,9 @@ fn release_live_epoch(
         let owed = epoch
             .disks
             .iter()
-            .any(|f| f.shim.name == d.spec.name && f.shim.resync_required.is_some());
+            .any(|f| f.name == d.spec.name && f.resync_required);
         if owed {
-            if let Err(e) = control.resync_done(&d.spec.name, &d.generation) {
+            if let Err(e) = control.resync_done(&d.spec.name, d.generation) {
                 tracing::warn!(
                     disk = %d.spec.name,
                     "cannot tell the shim the resync is done: {}",
@@ -725,7 +724,7 @@ fn same_file(a: &Path, b: &Path) -> bool {
 fn run_epoch(
     job: &SyncJob,
     disks: &mut [OpenedDisk],
-    views: &[Option<&filter_driver_shim::epoch::EpochView>],
+    views: &[Option<&EpochView>],
     before_commit: &mut dyn FnMut() -> Result<(), SourceError>,
     mut connected: Option<Connection>,
 ) -> Result<(u64, PipelineStats, u64), SourceError> {
@@ -762,7 +761,7 @@ fn run_epoch(
 
     for d in disks.iter() {
         SourceDiskState {
-            generation: hex16(&d.generation),
+            generation: d.generation.to_string(),
             epoch,
         }
         .save(&job.state_dir, &d.spec.name)?;
@@ -809,7 +808,7 @@ fn open_connection(job: &SyncJob) -> Result<Connection, SourceError> {
 fn session_once(
     job: &SyncJob,
     disks: &mut [OpenedDisk],
-    views: &[Option<&filter_driver_shim::epoch::EpochView>],
+    views: &[Option<&EpochView>],
     epoch: u64,
     before_commit: &mut dyn FnMut() -> Result<(), SourceError>,
     conn: Connection,
@@ -862,7 +861,7 @@ fn report(
                 replica_created: d.replica_created,
             })
             .collect(),
-        shim_epoch: live.map(|e| e.id.clone()),
+        shim_epoch: live.map(|e| e.id),
         freeze_pause_us: live.map(|e| e.pause_us),
     }
 }
@@ -915,6 +914,7 @@ fn open_disk(job: &SyncJob, spec: &JobDisk) -> Result<OpenedDisk, SourceError> {
     let (generation, base_epoch) = match &state {
         Some(s) => (
             s.generation_bytes()
+                .map(GenerationId::from_bytes)
                 .map_err(|source| SourceError::StateGeneration {
                     path: SourceDiskState::path(&job.state_dir, &spec.name),
                     source,
@@ -998,8 +998,8 @@ fn load_bitmap(
         }));
     };
     // `SourceDiskState::load` checked the generation.
-    let generation = state.generation_bytes().ok();
-    if Some(*bitmap.generation_id().as_bytes()) != generation || bitmap.epoch() != state.epoch {
+    let generation = state.generation_bytes().ok().map(GenerationId::from_bytes);
+    if Some(bitmap.generation_id()) != generation || bitmap.epoch() != state.epoch {
         return Err(bad(BitmapProblem::Generation {
             path: path.to_path_buf(),
             bitmap_epoch: bitmap.epoch(),
@@ -1017,7 +1017,7 @@ type BoxedPlan<'a> = Box<dyn Iterator<Item = Result<PlanItem, SourceError>> + Se
 fn run_session<R: std::io::Read, W: std::io::Write>(
     job: &SyncJob,
     disks: &mut [OpenedDisk],
-    views: &[Option<&filter_driver_shim::epoch::EpochView>],
+    views: &[Option<&EpochView>],
     epoch: u64,
     reader: &mut FrameReader<R>,
     writer: &mut FrameWriter<W>,
@@ -1087,7 +1087,8 @@ fn open_epoch<R: std::io::Read, W: std::io::Write>(
                 reserved: [0; 2],
                 block_size: (job.block_size as u32).into(),
                 disk_size: d.disk.size().into(),
-                generation: d.generation,
+                // 16 bytes on the wire.
+                generation: *d.generation.as_bytes(),
                 base_epoch: if d.mode == SyncMode::Changed {
                     d.base_epoch
                 } else {
@@ -1171,7 +1172,7 @@ fn seed_compare<R: std::io::Read, W: std::io::Write>(
         let bitmap = ChangedBlockBitmap::new(
             d.disk.size(),
             job.block_size as u32,
-            GenerationId::from_bytes(d.generation),
+            d.generation,
             d.base_epoch,
         )
         .map_err(|e| SourceError::Bitmap {
@@ -1340,13 +1341,21 @@ mod tests {
     const BLOCK: usize = 4096;
     const GEN: [u8; 16] = [7; 16];
 
-    fn shim_disk(generation: [u8; 16], block_size: u64) -> live::ShimDisk {
-        live::ShimDisk {
+    fn shim_disk(generation: [u8; 16], block_size: u32) -> StatusDisk {
+        StatusDisk {
             name: "vda".into(),
             path: PathBuf::from("/dev/null"),
-            generation,
-            resync_required: None,
+            generation_id: GenerationId::from_bytes(generation),
             block_size,
+            block_count: 16,
+            dirty_blocks: 0,
+            frozen_blocks: None,
+            resync_required: false,
+            resync_reason: None,
+            bitmap_syncs: 0,
+            marks_waited: 0,
+            tracking_failed: false,
+            connections: 0,
         }
     }
 

@@ -21,6 +21,8 @@ use std::path::{Path, PathBuf};
 
 use xxhash_rust::xxh3::{xxh3_64, Xxh3Default};
 
+pub use crate::generation::GenerationId;
+
 /// First eight bytes of every bitmap file.
 pub const MAGIC: [u8; 8] = *b"FERRYCBT";
 /// The format version this code writes and the only one it reads.
@@ -74,94 +76,6 @@ const _: () = assert!(OFF_HEADER_CHECKSUM + 8 == HEADER_LEN);
 const _: () = assert!(HEADER_LEN <= PAGE_SIZE);
 const _: () = assert!(OFF_RESERVED == OFF_FLAGS + 4);
 const _: () = assert!(MIN_BLOCK_SIZE.is_power_of_two() && MAX_BLOCK_SIZE.is_power_of_two());
-
-/// Identifies a tracking generation. A new one is drawn whenever tracking cannot be
-/// trusted (the image changed behind the shim's back, a resize, a lost bitmap), so a
-/// consumer holding bits of another generation knows its base is gone and must fall
-/// back to a checksum-compare resync.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct GenerationId([u8; 16]);
-
-impl GenerationId {
-    /// The all-zero id. It never names a generation; it is what an uninitialised id looks
-    /// like, so bitmaps refuse it.
-    pub const NIL: GenerationId = GenerationId([0; 16]);
-
-    /// Draws 16 bytes from the kernel's CSPRNG.
-    pub fn random() -> io::Result<GenerationId> {
-        let mut bytes = [0u8; 16];
-        let mut filled = 0;
-        while filled < bytes.len() {
-            let rest = &mut bytes[filled..];
-            // SAFETY: `rest` is an exclusive borrow of `rest.len()` initialised bytes that
-            // outlives the call; getrandom(2) writes at most that many bytes into it and
-            // keeps no reference after it returns.
-            let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
-            if n < 0 {
-                let err = io::Error::last_os_error();
-                // A signal before any byte was produced: retry on purpose.
-                if err.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(err);
-            }
-            filled += n as usize;
-        }
-        let id = GenerationId(bytes);
-        if id == GenerationId::NIL {
-            // 2^-128: a kernel that returns zeros is broken, not unlucky.
-            return Err(io::Error::other("getrandom returned all zeros"));
-        }
-        Ok(id)
-    }
-
-    /// Wraps raw bytes, e.g. read from the wire.
-    pub const fn from_bytes(bytes: [u8; 16]) -> GenerationId {
-        GenerationId(bytes)
-    }
-
-    /// The raw bytes.
-    pub const fn as_bytes(&self) -> &[u8; 16] {
-        &self.0
-    }
-
-    /// Whether this is [`GenerationId::NIL`].
-    pub fn is_nil(&self) -> bool {
-        *self == GenerationId::NIL
-    }
-}
-
-impl fmt::Display for GenerationId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for b in self.0 {
-            write!(f, "{b:02x}")?;
-        }
-        Ok(())
-    }
-}
-
-impl std::str::FromStr for GenerationId {
-    type Err = String;
-
-    /// Parses the 32 lowercase or uppercase hex digits [`Display`](fmt::Display) prints.
-    fn from_str(s: &str) -> Result<GenerationId, String> {
-        if s.len() != 32 || !s.is_ascii() {
-            return Err(format!("`{s}` is not 32 hex digits"));
-        }
-        let mut bytes = [0u8; 16];
-        for (i, b) in bytes.iter_mut().enumerate() {
-            *b = u8::from_str_radix(&s[2 * i..2 * i + 2], 16)
-                .map_err(|_| format!("`{s}` is not 32 hex digits"))?;
-        }
-        Ok(GenerationId(bytes))
-    }
-}
-
-impl fmt::Debug for GenerationId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "GenerationId({self})")
-    }
-}
 
 /// How a bitmap file was written, recorded in the header's [`FLAG_LIVE`] bit.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -464,7 +378,7 @@ impl Header {
         }
         let mut generation = [0u8; 16];
         generation.copy_from_slice(&page[OFF_GENERATION..OFF_GENERATION + 16]);
-        let generation_id = GenerationId(generation);
+        let generation_id = GenerationId::from_bytes(generation);
         if generation_id.is_nil() {
             return Err(field_error("generation_id", "a non-zero id", "all zeros"));
         }
