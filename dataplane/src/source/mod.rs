@@ -32,7 +32,7 @@ use crate::protocol::{
     FrameWriter, ManifestBuilder, OpenDisk, OpenDiskReply, OpenHeader, ProtocolError, SyncMode,
     TimedStream, MAX_NAME_LEN, MAX_REPLY_PAYLOAD, REPLICA_CREATED,
 };
-pub use crate::protocol::{hex16, parse_hex16, NotHex16};
+use crate::protocol::{parse_hex16, NotHex16};
 use crate::psk::{Psk, PskError};
 pub use live::ShimControlError;
 use lock::{EngineLock, EngineRole};
@@ -1339,13 +1339,13 @@ mod tests {
     use super::*;
 
     const BLOCK: usize = 4096;
-    const GEN: [u8; 16] = [7; 16];
+    const GEN: GenerationId = GenerationId::from_bytes([7; 16]);
 
-    fn shim_disk(generation: [u8; 16], block_size: u32) -> StatusDisk {
+    fn shim_disk(generation: GenerationId, block_size: u32) -> StatusDisk {
         StatusDisk {
             name: "vda".into(),
             path: PathBuf::from("/dev/null"),
-            generation_id: GenerationId::from_bytes(generation),
+            generation_id: generation,
             block_size,
             block_count: 16,
             dirty_blocks: 0,
@@ -1359,16 +1359,16 @@ mod tests {
         }
     }
 
-    fn synced(generation: &[u8; 16]) -> SourceDiskState {
+    fn synced(generation: GenerationId) -> SourceDiskState {
         SourceDiskState {
-            generation: hex16(generation),
+            generation: generation.to_string(),
             epoch: 3,
         }
     }
 
     #[test]
     fn same_generation_goes_changed() {
-        let state = synced(&GEN);
+        let state = synced(GEN);
         for mode in [ModeRequest::Auto, ModeRequest::Changed] {
             let plan = plan_live_disk(mode, BLOCK, &shim_disk(GEN, 4096), Some(&state));
             assert_eq!(plan.unwrap(), LivePlan::Changed, "{mode:?}");
@@ -1377,7 +1377,7 @@ mod tests {
 
     #[test]
     fn whole_disk_when_asked_whatever_the_state() {
-        let state = synced(&GEN);
+        let state = synced(GEN);
         for mode in [ModeRequest::Full, ModeRequest::Seeded] {
             for state in [None, Some(&state)] {
                 let plan = plan_live_disk(mode, BLOCK, &shim_disk(GEN, 4096), state);
@@ -1388,7 +1388,7 @@ mod tests {
 
     #[test]
     fn auto_goes_whole_without_the_shims_generation() {
-        let other = synced(&[9; 16]);
+        let other = synced(GenerationId::from_bytes([9; 16]));
         let garbled = SourceDiskState {
             generation: "not hex".into(),
             epoch: 3,
@@ -1401,7 +1401,7 @@ mod tests {
 
     #[test]
     fn changed_without_the_shims_generation_is_refused() {
-        let other = synced(&[9; 16]);
+        let other = synced(GenerationId::from_bytes([9; 16]));
         for state in [None, Some(&other)] {
             let err = plan_live_disk(ModeRequest::Changed, BLOCK, &shim_disk(GEN, 4096), state)
                 .unwrap_err();
@@ -1418,7 +1418,7 @@ mod tests {
 
     #[test]
     fn block_size_must_match_only_for_changed_blocks() {
-        let state = synced(&GEN);
+        let state = synced(GEN);
         let err = plan_live_disk(
             ModeRequest::Auto,
             BLOCK,

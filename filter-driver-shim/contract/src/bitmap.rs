@@ -318,16 +318,37 @@ impl Header {
         page_file_offset(self.page_count)
     }
 
-    /// Validates the header page (`page.len() == PAGE_SIZE`).
+    /// Validates the header page (`page.len() == PAGE_SIZE`). The checks run in the
+    /// order the format lists the fields, so a file wrong in several ways always names
+    /// the same one.
     fn parse(page: &[u8]) -> Result<Header, BitmapError> {
         assert_eq!(page.len(), PAGE_SIZE);
+        Self::check_identity(page)?;
+        let (disk_size, block_size, block_count, page_count) = Self::parse_geometry(page)?;
+        let generation_id = Self::parse_generation(page)?;
+        let epoch = read_u64(page, OFF_EPOCH);
+        let state = Self::parse_flags(page)?;
+        Self::check_zeros(page)?;
+        Ok(Header {
+            disk_size,
+            block_size,
+            block_count,
+            page_count,
+            generation_id,
+            epoch,
+            state,
+        })
+    }
+
+    /// Magic, format version, header length, then the header checksum. Version and
+    /// length come before the checksum so that a newer format is reported as such
+    /// rather than as corruption.
+    fn check_identity(page: &[u8]) -> Result<(), BitmapError> {
         let mut magic = [0u8; 8];
         magic.copy_from_slice(&page[OFF_MAGIC..OFF_MAGIC + 8]);
         if magic != MAGIC {
             return Err(BitmapError::BadMagic { found: magic });
         }
-        // Version and length come before the checksum so that a newer format is
-        // reported as such rather than as corruption.
         let version = read_u32(page, OFF_VERSION);
         if version != FORMAT_VERSION {
             return Err(field_error("format_version", FORMAT_VERSION, version));
@@ -341,7 +362,12 @@ impl Header {
         if stored != computed {
             return Err(BitmapError::HeaderChecksum { stored, computed });
         }
+        Ok(())
+    }
 
+    /// Page size, block size, disk size, and the block and page counts they imply:
+    /// `(disk_size, block_size, block_count, page_count)`.
+    fn parse_geometry(page: &[u8]) -> Result<(u64, u32, u64, u64), BitmapError> {
         let page_size = read_u32(page, OFF_PAGE_SIZE);
         if page_size as usize != PAGE_SIZE {
             return Err(field_error("page_size", PAGE_SIZE, page_size));
@@ -376,13 +402,21 @@ impl Header {
                 page_count,
             ));
         }
+        Ok((disk_size, block_size, block_count, page_count))
+    }
+
+    fn parse_generation(page: &[u8]) -> Result<GenerationId, BitmapError> {
         let mut generation = [0u8; 16];
         generation.copy_from_slice(&page[OFF_GENERATION..OFF_GENERATION + 16]);
         let generation_id = GenerationId::from_bytes(generation);
         if generation_id.is_nil() {
             return Err(field_error("generation_id", "a non-zero id", "all zeros"));
         }
-        let epoch = read_u64(page, OFF_EPOCH);
+        Ok(generation_id)
+    }
+
+    /// The flags: known bits only; [`FLAG_LIVE`] is the file's state.
+    fn parse_flags(page: &[u8]) -> Result<FileState, BitmapError> {
         let flags = read_u32(page, OFF_FLAGS);
         if flags & !KNOWN_FLAGS != 0 {
             return Err(field_error(
@@ -391,11 +425,15 @@ impl Header {
                 format_args!("{flags:#x}"),
             ));
         }
-        let state = if flags & FLAG_LIVE != 0 {
+        Ok(if flags & FLAG_LIVE != 0 {
             FileState::Live
         } else {
             FileState::Sealed
-        };
+        })
+    }
+
+    /// The reserved bytes and the rest of the header page are zero.
+    fn check_zeros(page: &[u8]) -> Result<(), BitmapError> {
         if let Some(i) = page[OFF_RESERVED..OFF_HEADER_CHECKSUM]
             .iter()
             .position(|&b| b != 0)
@@ -421,15 +459,7 @@ impl Header {
                 ),
             ));
         }
-        Ok(Header {
-            disk_size,
-            block_size,
-            block_count,
-            page_count,
-            generation_id,
-            epoch,
-            state,
-        })
+        Ok(())
     }
 }
 
@@ -816,6 +846,9 @@ impl ChangedBlockBitmap {
         Self::decode(bytes, DecodeMode::Recover)
     }
 
+    /// Checks the header and the file's length, then reads every bit page: a bad
+    /// checksum is an error, or in `Recover` mode on a live file a torn page whose
+    /// blocks all become dirty.
     fn decode(
         bytes: &[u8],
         mode: DecodeMode,
@@ -840,8 +873,6 @@ impl ChangedBlockBitmap {
             header.generation_id,
             header.epoch,
         )?;
-        let word_count = bitmap.words.len();
-        let last_mask = last_word_mask(bitmap.block_count);
         let mut torn_pages = Vec::new();
         for (page, chunk) in bytes[PAGE_SIZE..].chunks_exact(PAGE_SIZE).enumerate() {
             let page = page as u64;
@@ -859,25 +890,7 @@ impl ChangedBlockBitmap {
                     computed,
                 });
             }
-            let first_word = page as usize * WORDS_PER_PAGE;
-            for (i, raw) in payload.chunks_exact(WORD_BYTES).enumerate() {
-                let word = read_u64(raw, 0);
-                let index = first_word + i;
-                let allowed = match index.cmp(&(word_count - 1)) {
-                    std::cmp::Ordering::Less => u64::MAX,
-                    std::cmp::Ordering::Equal => last_mask,
-                    std::cmp::Ordering::Greater => 0,
-                };
-                if word & !allowed != 0 {
-                    return Err(BitmapError::PaddingBitsSet {
-                        page,
-                        block_count: bitmap.block_count,
-                    });
-                }
-                if index < word_count {
-                    bitmap.words[index] = word;
-                }
-            }
+            bitmap.load_page(page, payload)?;
         }
         for &page in &torn_pages {
             let first = page * BLOCKS_PER_PAGE;
@@ -892,6 +905,33 @@ impl ChangedBlockBitmap {
                 torn_pages,
             },
         ))
+    }
+
+    /// Takes the words of verified bit page `page` from its `payload`, refusing bits
+    /// set past the last block (the writer was wrong about the geometry).
+    fn load_page(&mut self, page: u64, payload: &[u8]) -> Result<(), BitmapError> {
+        let word_count = self.words.len();
+        let last_mask = last_word_mask(self.block_count);
+        let first_word = page as usize * WORDS_PER_PAGE;
+        for (i, raw) in payload.chunks_exact(WORD_BYTES).enumerate() {
+            let word = read_u64(raw, 0);
+            let index = first_word + i;
+            let allowed = match index.cmp(&(word_count - 1)) {
+                std::cmp::Ordering::Less => u64::MAX,
+                std::cmp::Ordering::Equal => last_mask,
+                std::cmp::Ordering::Greater => 0,
+            };
+            if word & !allowed != 0 {
+                return Err(BitmapError::PaddingBitsSet {
+                    page,
+                    block_count: self.block_count,
+                });
+            }
+            if index < word_count {
+                self.words[index] = word;
+            }
+        }
+        Ok(())
     }
 
     /// Atomically replaces `path` with this bitmap as a sealed file.

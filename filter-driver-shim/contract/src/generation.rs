@@ -92,7 +92,8 @@ impl std::str::FromStr for GenerationId {
         let bad = || NotAGeneration {
             text: s.to_string(),
         };
-        if s.len() != 32 || !s.is_ascii() {
+        // Hex digits only: `u8::from_str_radix` alone would take a `+` sign.
+        if s.len() != 32 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(bad());
         }
         let mut bytes = [0u8; 16];
@@ -119,5 +120,37 @@ impl<'de> Deserialize<'de> for GenerationId {
 impl fmt::Debug for GenerationId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "GenerationId({self})")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_and_json_are_the_32_hex_digits() {
+        let g = GenerationId::from_bytes([0xab; 16]);
+        let text = "ab".repeat(16);
+        assert_eq!(g.to_string(), text);
+        assert_eq!(text.parse::<GenerationId>(), Ok(g));
+        assert_eq!(text.to_uppercase().parse::<GenerationId>(), Ok(g));
+        let json = serde_json::to_string(&g).unwrap();
+        assert_eq!(json, format!("\"{text}\""));
+        assert_eq!(serde_json::from_str::<GenerationId>(&json).unwrap(), g);
+    }
+
+    #[test]
+    fn anything_else_is_refused() {
+        for bad in [
+            "",
+            "ab",
+            &"ab".repeat(17),
+            &format!("+a{}", "ab".repeat(15)),
+            &"zz".repeat(16),
+        ] {
+            let e = bad.parse::<GenerationId>().unwrap_err();
+            assert_eq!(e.to_string(), format!("`{bad}` is not 32 hex digits"));
+            assert!(serde_json::from_str::<GenerationId>(&format!("\"{bad}\"")).is_err());
+        }
     }
 }

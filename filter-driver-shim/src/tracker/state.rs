@@ -134,15 +134,7 @@ impl StateRecord {
 }
 
 fn parse_generation(hex: &str) -> Result<GenerationId, String> {
-    if hex.len() != 32 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err(format!("generation `{hex}` is not 32 hex digits"));
-    }
-    let mut bytes = [0u8; 16];
-    for (i, b) in bytes.iter_mut().enumerate() {
-        *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16)
-            .map_err(|_| format!("generation `{hex}` is not hex"))?;
-    }
-    let id = GenerationId::from_bytes(bytes);
+    let id: GenerationId = hex.parse().map_err(|e| format!("generation {e}"))?;
     if id.is_nil() {
         return Err("generation is all zeros".to_string());
     }
