@@ -140,7 +140,7 @@ impl ControlState {
 }
 
 /// One disk's line of the `status` reply.
-pub fn status_disk(s: &DiskStatus) -> StatusDisk {
+fn status_disk(s: &DiskStatus) -> StatusDisk {
     let t = &s.tracker;
     StatusDisk {
         name: s.name.clone(),

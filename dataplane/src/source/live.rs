@@ -315,3 +315,82 @@ impl ShimControl {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::{BufRead, BufReader, Write};
+
+    use super::*;
+
+    /// A control connection to a fake shim that answers each request line with the
+    /// next of `replies`; returns the lines it received once the connection closes.
+    fn fake_shim(replies: &[&str]) -> (ShimControl, std::thread::JoinHandle<Vec<String>>) {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let replies: Vec<String> = replies.iter().map(|r| format!("{r}\n")).collect();
+        let shim = std::thread::spawn(move || {
+            let mut writer = theirs.try_clone().unwrap();
+            let mut seen = Vec::new();
+            let mut lines = BufReader::new(theirs).lines();
+            for reply in replies {
+                let Some(Ok(line)) = lines.next() else { break };
+                seen.push(line);
+                writer.write_all(reply.as_bytes()).unwrap();
+            }
+            seen
+        });
+        let control = ShimControl {
+            path: PathBuf::from("fake.ctl"),
+            reader: BufReader::new(ours.try_clone().unwrap()),
+            writer: ours,
+        };
+        (control, shim)
+    }
+
+    #[test]
+    fn a_reply_lacking_a_field_is_unreadable_and_names_it() {
+        let (mut control, shim) = fake_shim(&[r#"{"ok":true,"epoch":null,"disks":[]}"#]);
+        let err = control
+            .request::<StatusReply>(&Request::Status)
+            .unwrap_err();
+        let ShimControlError::Unreadable { request, source } = &err else {
+            panic!("{err:?}");
+        };
+        assert_eq!(request, "status");
+        assert!(source.to_string().contains("`pauses`"), "{source}");
+        drop(control);
+        assert_eq!(shim.join().unwrap(), ["status"]);
+    }
+
+    #[test]
+    fn a_refusal_keeps_the_shims_reason() {
+        let (mut control, _shim) =
+            fake_shim(&[r#"{"ok":false,"error":"epoch 0000000000000001 is not frozen"}"#]);
+        let err = control
+            .request::<Done>(&Request::Check(EpochId::new(1)))
+            .unwrap_err();
+        assert!(
+            matches!(&err, ShimControlError::Refused { request, reason: Some(r) }
+                if request == "check 0000000000000001" && r.contains("is not frozen")),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn freeze_sends_the_line_and_reads_the_typed_reply() {
+        let reply = r#"{"ok":true,"epoch":"00000000000000ab","pause_us":5,"idle_timeout_ms":4000,"disks":[{"name":"vda","path":"/i","generation_id":"07070707070707070707070707070707","resync_required":true,"resync_reason":"image-modified","block_size":4096,"disk_size":8192,"frozen_blocks":1,"whole_disk":true,"bitmap":"/b","map":"/m","scratch":"/s","added_later":1}]}"#;
+        let (mut control, shim) = fake_shim(&[reply]);
+        let epoch = control.freeze(&["vda"], &["vda"]).unwrap();
+        assert_eq!(epoch.id, EpochId::new(0xab));
+        assert_eq!(epoch.idle_timeout, Some(Duration::from_millis(4000)));
+        assert_eq!(
+            epoch.disks[0].generation_id,
+            GenerationId::from_bytes([7; 16])
+        );
+        assert_eq!(
+            epoch.disks[0].resync_reason.as_deref(),
+            Some("image-modified")
+        );
+        drop(control);
+        assert_eq!(shim.join().unwrap(), ["freeze disks=vda whole=vda"]);
+    }
+}

@@ -14,7 +14,9 @@
 //!
 //! * Replies may **gain** fields: no reply type denies unknown fields, so an older
 //!   engine reads a newer shim's reply. A field the engine needs and an older shim may
-//!   lack is an `Option` with `#[serde(default)]` (as [`FreezeReply::idle_timeout_ms`]).
+//!   lack is an `Option` (serde reads a missing `Option` as `None`; it is marked
+//!   `#[serde(default)]` to say so, as [`FreezeReply::idle_timeout_ms`]). Any other
+//!   missing field makes the reply unreadable, naming the field.
 //! * Fields are never renamed or removed and their types never change; that would be
 //!   a new field.
 //! * New *values* of a text field are compatible where the engine treats it as text
