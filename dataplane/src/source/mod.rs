@@ -27,12 +27,12 @@ use zerocopy::{FromBytes, IntoBytes};
 use crate::config::{Compression, Config, ConfigError};
 use crate::durable::StateOp;
 use crate::io::{self, Disk, EngineKind, IoError};
+use crate::protocol::NotHex16;
 use crate::protocol::{
     auth, Commit, Committed, DiskManifest, DiskRun, FrameDeadline, FrameKind, FrameReader,
     FrameWriter, ManifestBuilder, OpenDisk, OpenDiskReply, OpenHeader, ProtocolError, SyncMode,
     TimedStream, MAX_NAME_LEN, MAX_REPLY_PAYLOAD, REPLICA_CREATED,
 };
-use crate::protocol::{parse_hex16, NotHex16};
 use crate::psk::{Psk, PskError};
 pub use live::ShimControlError;
 use lock::{EngineLock, EngineRole};
@@ -86,19 +86,13 @@ pub enum SourceError {
         #[source]
         source: std::io::Error,
     },
-    /// A state file holds something else than a state record.
+    /// A state file holds something else than a state record (the source names the
+    /// field: a generation that is not 32 hex digits, a missing epoch).
     #[error("state file {path}: not a state record")]
     StateContent {
         path: PathBuf,
         #[source]
         source: serde_json::Error,
-    },
-    /// A state file's generation is not a generation id.
-    #[error("state file {path}")]
-    StateGeneration {
-        path: PathBuf,
-        #[source]
-        source: NotHex16,
     },
     #[error("buffer pool")]
     Pool(#[source] PoolError),
@@ -187,7 +181,7 @@ pub enum BitmapProblem {
         bitmap_epoch: u64,
         bitmap_generation: GenerationId,
         epoch: u64,
-        generation: String,
+        generation: GenerationId,
     },
     /// Changed mode was asked for a disk whose shim tracks another generation than the
     /// replica holds.
@@ -195,7 +189,7 @@ pub enum BitmapProblem {
     ShimGeneration {
         shim_generation: GenerationId,
         /// The replica's last epoch and generation, if it was ever synced.
-        synced: Option<(u64, String)>,
+        synced: Option<(u64, GenerationId)>,
     },
     #[error("changed mode needs a bitmap (--bitmap NAME=FILE)")]
     Missing,
@@ -348,8 +342,8 @@ pub struct SyncReport {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SourceDiskState {
-    /// Tracking generation, 32 hex digits.
-    pub generation: String,
+    /// Tracking generation (32 hex digits in the file).
+    pub generation: GenerationId,
     /// Last epoch the target acknowledged for this disk.
     pub epoch: u64,
 }
@@ -363,13 +357,8 @@ impl SourceDiskState {
         let path = Self::path(state_dir, disk);
         match std::fs::read(&path) {
             Ok(bytes) => {
-                let s: Self =
-                    serde_json::from_slice(&bytes).map_err(|source| SourceError::StateContent {
-                        path: path.clone(),
-                        source,
-                    })?;
-                s.generation_bytes()
-                    .map_err(|source| SourceError::StateGeneration { path, source })?;
+                let s: Self = serde_json::from_slice(&bytes)
+                    .map_err(|source| SourceError::StateContent { path, source })?;
                 Ok(Some(s))
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
@@ -391,8 +380,10 @@ impl SourceDiskState {
         })
     }
 
+    /// The generation's bytes; always `Ok` now that the record holds a
+    /// [`GenerationId`]. Kept for `src/demo.rs` until it reads [`Self::generation`].
     pub fn generation_bytes(&self) -> Result<[u8; 16], NotHex16> {
-        parse_hex16(&self.generation)
+        Ok(*self.generation.as_bytes())
     }
 }
 
@@ -466,8 +457,7 @@ fn plan_live_disk(
     shim_disk: &StatusDisk,
     state: Option<&SourceDiskState>,
 ) -> Result<LivePlan, SourceError> {
-    let generation_ok = state
-        .is_some_and(|s| s.generation_bytes().ok() == Some(*shim_disk.generation_id.as_bytes()));
+    let generation_ok = state.is_some_and(|s| s.generation == shim_disk.generation_id);
     let plan = match mode {
         ModeRequest::Full | ModeRequest::Seeded => LivePlan::Whole,
         ModeRequest::Auto if generation_ok => LivePlan::Changed,
@@ -478,7 +468,7 @@ fn plan_live_disk(
                 disk: shim_disk.name.clone(),
                 source: BitmapProblem::ShimGeneration {
                     shim_generation: shim_disk.generation_id,
-                    synced: state.map(|s| (s.epoch, s.generation.clone())),
+                    synced: state.map(|s| (s.epoch, s.generation)),
                 },
             })
         }
@@ -761,7 +751,7 @@ fn run_epoch(
 
     for d in disks.iter() {
         SourceDiskState {
-            generation: d.generation.to_string(),
+            generation: d.generation,
             epoch,
         }
         .save(&job.state_dir, &d.spec.name)?;
@@ -912,15 +902,7 @@ fn open_disk(job: &SyncJob, spec: &JobDisk) -> Result<OpenedDisk, SourceError> {
     })?;
     let state = SourceDiskState::load(&job.state_dir, &spec.name)?;
     let (generation, base_epoch) = match &state {
-        Some(s) => (
-            s.generation_bytes()
-                .map(GenerationId::from_bytes)
-                .map_err(|source| SourceError::StateGeneration {
-                    path: SourceDiskState::path(&job.state_dir, &spec.name),
-                    source,
-                })?,
-            s.epoch,
-        ),
+        Some(s) => (s.generation, s.epoch),
         None => (random_generation()?, 0),
     };
     let bitmap_path = spec
@@ -997,15 +979,13 @@ fn load_bitmap(
             path: path.to_path_buf(),
         }));
     };
-    // `SourceDiskState::load` checked the generation.
-    let generation = state.generation_bytes().ok().map(GenerationId::from_bytes);
-    if Some(bitmap.generation_id()) != generation || bitmap.epoch() != state.epoch {
+    if bitmap.generation_id() != state.generation || bitmap.epoch() != state.epoch {
         return Err(bad(BitmapProblem::Generation {
             path: path.to_path_buf(),
             bitmap_epoch: bitmap.epoch(),
             bitmap_generation: bitmap.generation_id(),
             epoch: state.epoch,
-            generation: state.generation.clone(),
+            generation: state.generation,
         }));
     }
     Ok(bitmap)
@@ -1361,7 +1341,7 @@ mod tests {
 
     fn synced(generation: GenerationId) -> SourceDiskState {
         SourceDiskState {
-            generation: generation.to_string(),
+            generation,
             epoch: 3,
         }
     }
@@ -1387,13 +1367,26 @@ mod tests {
     }
 
     #[test]
+    fn a_state_file_keeps_its_text_and_refuses_a_garbled_generation() {
+        let text = r#"{"generation":"07070707070707070707070707070707","epoch":3}"#;
+        let state: SourceDiskState = serde_json::from_str(text).unwrap();
+        assert_eq!((state.generation, state.epoch), (GEN, 3));
+        assert_eq!(serde_json::to_string(&state).unwrap(), text);
+        let dir = tempfile::tempdir().unwrap();
+        let garbled = r#"{"generation":"not hex","epoch":3}"#;
+        std::fs::write(SourceDiskState::path(dir.path(), "vda"), garbled).unwrap();
+        let err = SourceDiskState::load(dir.path(), "vda").unwrap_err();
+        assert!(
+            matches!(&err, SourceError::StateContent { source, .. }
+                if source.to_string().contains("is not 32 hex digits")),
+            "{err:?}"
+        );
+    }
+
+    #[test]
     fn auto_goes_whole_without_the_shims_generation() {
         let other = synced(GenerationId::from_bytes([9; 16]));
-        let garbled = SourceDiskState {
-            generation: "not hex".into(),
-            epoch: 3,
-        };
-        for state in [None, Some(&other), Some(&garbled)] {
+        for state in [None, Some(&other)] {
             let plan = plan_live_disk(ModeRequest::Auto, BLOCK, &shim_disk(GEN, 4096), state);
             assert_eq!(plan.unwrap(), LivePlan::Whole, "{state:?}");
         }
@@ -1409,7 +1402,7 @@ mod tests {
                 matches!(
                     &err,
                     SourceError::Bitmap { disk, source: BitmapProblem::ShimGeneration { synced, .. } }
-                        if disk == "vda" && *synced == state.map(|s| (s.epoch, s.generation.clone()))
+                        if disk == "vda" && *synced == state.map(|s| (s.epoch, s.generation))
                 ),
                 "{err:?}"
             );
