@@ -157,7 +157,6 @@ fn demo_category(e: &DemoError) -> Category {
         }
         E::Compare(CompareError::Length { .. } | CompareError::Differs { .. })
         | E::NoState { .. }
-        | E::StateGeneration { .. }
         | E::Failed { .. } => Category::DataIntegrity,
         E::Compare(_)
         | E::BitmapSave { .. }
@@ -205,11 +204,9 @@ fn source_category(e: &SourceError) -> Category {
         }
         E::Key(k) => key_category(k),
         E::Open { .. } | E::Io { .. } | E::State { .. } => Category::Io,
-        E::ShortRead { .. }
-        | E::Bitmap { .. }
-        | E::StateContent { .. }
-        | E::StateGeneration { .. }
-        | E::EpochBehind { .. } => Category::DataIntegrity,
+        E::ShortRead { .. } | E::Bitmap { .. } | E::StateContent { .. } | E::EpochBehind { .. } => {
+            Category::DataIntegrity
+        }
         E::Busy { .. } => Category::Usage,
         E::Stage { .. } => Category::Retryable,
         _ => Category::Internal,

@@ -7,7 +7,7 @@
 //! | request | reply |
 //! |---------|-------|
 //! | `status` | `{"ok":true,"epoch":null or {"id","owned","disks"},"pauses":{"count","last_us","max_us","total_us"},"disks":[{"name","path","generation_id","block_size","block_count","dirty_blocks","frozen_blocks","resync_required","resync_reason","bitmap_syncs","marks_waited","tracking_failed","connections"}]}` |
-//! | `freeze [disks=NAME,…] [whole=NAME,…]` | `{"ok":true,"epoch":"<16 hex>","pause_us":N,"disks":[{"name","path","generation_id","resync_required","resync_reason","block_size","disk_size","frozen_blocks","whole_disk","bitmap","map","scratch"}]}` |
+//! | `freeze [disks=NAME,…] [whole=NAME,…]` | `{"ok":true,"epoch":"<16 hex>","pause_us":N,"idle_timeout_ms":N,"disks":[{"name","path","generation_id","resync_required","resync_reason","block_size","disk_size","frozen_blocks","whole_disk","bitmap","map","scratch"}]}` |
 //! | `check <epoch>` | `{"ok":true}` if the epoch is still frozen and intact on every disk |
 //! | `commit <epoch>` | `{"ok":true}` once the committed bits are cleared durably |
 //! | `abort <epoch>` | `{"ok":true}`; the epoch's bits join the active bits again |
@@ -27,6 +27,10 @@
 //! sends no request for [`ControlConfig::freeze_idle_timeout`] is aborted; the freeze
 //! reply tells the engine the bound (`idle_timeout_ms`) so it can send `check` well
 //! within it.
+//!
+//! Requests and replies are the types of [`filter_driver_shim_contract::control`]
+//! ([`Request`], [`StatusReply`], [`FreezeReply`], [`Done`], [`Refusal`]), which the
+//! engine deserializes too; this module only decides the answers.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -36,9 +40,14 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
+pub use filter_driver_shim_contract::control::MAX_LINE_BYTES;
+use filter_driver_shim_contract::control::{
+    Done, EpochId, EpochStatus, FreezeDisk, FreezeReply, Pauses, Refusal, Request, StatusDisk,
+    StatusReply,
+};
+use filter_driver_shim_contract::GenerationId;
+use serde::Serialize;
 
-use crate::bitmap::GenerationId;
 use crate::disk::{DiskStatus, ServedDisk};
 use crate::group::{self, FrozenEpoch};
 use ferry_io::chain;
@@ -47,11 +56,6 @@ use ferry_io::chain;
 const POLL: Duration = Duration::from_millis(200);
 /// Concurrent control connections; more are refused with an error line.
 const MAX_CLIENTS: usize = 16;
-/// Longest request line accepted, newline included, however it arrives. The longest
-/// request the engine sends, a `freeze` naming each of a session's 256 disks (64-byte
-/// names) in `disks=` and `whole=`, is about 33 KB (the engine checks that at compile
-/// time); the bound keeps a client from growing a connection's buffer at will.
-pub const MAX_LINE_BYTES: u64 = 64 << 10;
 /// Default [`ControlConfig::freeze_idle_timeout`]: four default `io_timeout_ms`.
 pub const DEFAULT_FREEZE_IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 /// Mode of the control socket: only the shim's user may connect (`freeze` holds the
@@ -78,15 +82,6 @@ impl ControlConfig {
     }
 }
 
-/// Freeze pause statistics since the shim started.
-#[derive(Default, Debug, Clone, Copy)]
-struct Pauses {
-    count: u64,
-    last_us: u64,
-    max_us: u64,
-    total_us: u64,
-}
-
 /// What a `freeze` request asks for.
 struct FreezeRequest {
     /// The disks to freeze, in the shim's order.
@@ -95,9 +90,17 @@ struct FreezeRequest {
     whole: Vec<String>,
 }
 
+/// How `check`, `commit` and `abort` end (or not) the epoch they name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Finish {
+    Check,
+    Commit,
+    Abort,
+}
+
 /// Who holds the frozen epoch.
 struct Owner {
-    epoch: u64,
+    epoch: EpochId,
     client: u64,
     disks: Vec<Arc<ServedDisk>>,
 }
@@ -121,7 +124,7 @@ impl ControlState {
     ) -> ControlState {
         // Epoch ids differ across shim restarts, so an engine holding an id from a
         // previous shim can never have it confirmed by this one.
-        let base = crate::bitmap::GenerationId::random()
+        let base = GenerationId::random()
             .map(|g| u64::from_le_bytes(g.as_bytes()[..8].try_into().expect("8 bytes")))
             .unwrap_or(0x5eed);
         ControlState {
@@ -136,51 +139,71 @@ impl ControlState {
     }
 }
 
-/// JSON of one disk's status.
-pub fn disk_status_json(s: &DiskStatus) -> Value {
+/// One disk's line of the `status` reply.
+fn status_disk(s: &DiskStatus) -> StatusDisk {
     let t = &s.tracker;
-    json!({
-        "name": s.name,
-        "path": s.path,
-        "generation_id": t.generation_id.to_string(),
-        "block_size": t.block_size,
-        "block_count": t.block_count,
-        "dirty_blocks": t.dirty_blocks,
-        "frozen_blocks": t.frozen_blocks,
-        "resync_required": t.resync_required.is_some(),
-        "resync_reason": t.resync_required.map(|r| r.as_str()),
-        "bitmap_syncs": t.bitmap_syncs,
-        "marks_waited": t.marks_waited,
-        "tracking_failed": t.failed,
-        "connections": s.connections,
-    })
+    StatusDisk {
+        name: s.name.clone(),
+        path: s.path.clone(),
+        generation_id: t.generation_id,
+        block_size: t.block_size,
+        block_count: t.block_count,
+        dirty_blocks: t.dirty_blocks,
+        frozen_blocks: t.frozen_blocks,
+        resync_required: t.resync_required.is_some(),
+        resync_reason: t.resync_required.map(|r| r.as_str().to_string()),
+        bitmap_syncs: t.bitmap_syncs,
+        marks_waited: t.marks_waited,
+        tracking_failed: t.failed,
+        connections: s.connections as u64,
+    }
 }
 
-fn frozen_json(e: &FrozenEpoch, idle_timeout: Duration) -> Value {
-    json!({
-        "ok": true,
-        "epoch": format!("{:016x}", e.id),
-        "pause_us": e.pause.as_micros() as u64,
-        "idle_timeout_ms": idle_timeout.as_millis() as u64,
-        "disks": e.disks.iter().map(|d| json!({
-            "name": d.name,
-            "path": d.path,
-            "generation_id": d.generation_id.to_string(),
-            "resync_required": d.resync_required.is_some(),
-            "resync_reason": d.resync_required.map(|r| r.as_str()),
-            "block_size": d.block_size,
-            "disk_size": d.disk_size,
-            "frozen_blocks": d.frozen_blocks,
-            "whole_disk": d.whole_disk,
-            "bitmap": d.files.bitmap,
-            "map": d.files.map,
-            "scratch": d.files.scratch,
-        })).collect::<Vec<_>>(),
-    })
+/// The `freeze` reply for `e`.
+fn freeze_reply(e: &FrozenEpoch, idle_timeout: Duration) -> FreezeReply {
+    FreezeReply {
+        ok: Default::default(),
+        epoch: EpochId::new(e.id),
+        pause_us: e.pause.as_micros() as u64,
+        idle_timeout_ms: Some(idle_timeout.as_millis() as u64),
+        disks: e
+            .disks
+            .iter()
+            .map(|d| FreezeDisk {
+                name: d.name.clone(),
+                path: d.path.clone(),
+                generation_id: d.generation_id,
+                resync_required: d.resync_required.is_some(),
+                resync_reason: d.resync_required.map(|r| r.as_str().to_string()),
+                block_size: d.block_size,
+                disk_size: d.disk_size,
+                frozen_blocks: d.frozen_blocks,
+                whole_disk: d.whole_disk,
+                bitmap: d.files.bitmap.clone(),
+                map: d.files.map.clone(),
+                scratch: d.files.scratch.clone(),
+            })
+            .collect(),
+    }
 }
 
-fn err(msg: impl std::fmt::Display) -> Value {
-    json!({"ok": false, "error": msg.to_string()})
+/// A reply, ready to be sent: a success of its request's reply type or a refusal.
+type Reply = Result<String, Refusal>;
+
+/// The JSON line of a success reply.
+fn ok(reply: &impl Serialize) -> Reply {
+    // Reply types are plain structs of strings, numbers and paths: serializing them
+    // fails only for a path that is not UTF-8, which is refused with the reason.
+    serde_json::to_string(reply).map_err(|e| Refusal::new(format_args!("reply: {e}")))
+}
+
+fn err(msg: impl std::fmt::Display) -> Refusal {
+    Refusal::new(msg)
+}
+
+/// The JSON line of `refusal`.
+fn refusal_line(refusal: &Refusal) -> String {
+    serde_json::to_string(refusal).unwrap_or_else(|_| r#"{"ok":false,"error":"?"}"#.to_string())
 }
 
 /// One control connection's view: which client it is and the epoch it owns.
@@ -194,79 +217,76 @@ impl Client<'_> {
         self.state.owner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The disks of the epoch this client owns, if it is `token`.
-    fn owned(&self, token: Option<&str>) -> Result<Vec<Arc<ServedDisk>>, Value> {
-        let Some(token) = token else {
-            return Err(err("missing epoch id"));
-        };
-        let id = u64::from_str_radix(token, 16)
-            .map_err(|_| err(format!("`{token}` is not an epoch id (16 hex digits)")))?;
+    /// The disks of the epoch this client owns, if it is `id`.
+    fn owned(&self, id: EpochId) -> Result<Vec<Arc<ServedDisk>>, Refusal> {
         match &*self.owner() {
             Some(o) if o.epoch == id && o.client == self.id => Ok(o.disks.clone()),
             Some(o) if o.epoch == id => Err(err(format!(
-                "epoch {token} belongs to another control connection"
+                "epoch {id} belongs to another control connection"
             ))),
             _ => Err(err(format!(
-                "epoch {token} is not frozen (aborted, finished, or frozen by a previous shim)"
+                "epoch {id} is not frozen (aborted, finished, or frozen by a previous shim)"
             ))),
         }
     }
 
-    fn answer(&self, line: &str) -> Value {
-        let mut words = line.split_ascii_whitespace();
-        match words.next().unwrap_or("") {
-            "status" => self.status(),
-            "freeze" => self.freeze(words),
-            cmd @ ("check" | "commit" | "abort") => self.finish(cmd, words.next()),
-            "resync-done" => self.resync_done(words.next(), words.next()),
-            "" => err("empty request"),
-            other => err(format!("unknown command `{other}`")),
+    /// The reply line to one request line.
+    fn answer(&self, line: &str) -> String {
+        let reply = match line.parse::<Request>() {
+            Ok(request) => self.dispatch(request),
+            Err(e) => Err(err(e)),
+        };
+        reply.unwrap_or_else(|refusal| refusal_line(&refusal))
+    }
+
+    fn dispatch(&self, request: Request) -> Reply {
+        match request {
+            Request::Status => ok(&self.status()),
+            Request::Freeze { disks, whole } => ok(&self.freeze(disks, whole)?),
+            Request::Check(id) => self.finish(Finish::Check, id),
+            Request::Commit(id) => self.finish(Finish::Commit, id),
+            Request::Abort(id) => self.finish(Finish::Abort, id),
+            Request::ResyncDone { disk, generation } => self.resync_done(&disk, generation),
         }
     }
 
     /// `status`: the epoch frozen now, the freeze pauses so far and every disk.
-    fn status(&self) -> Value {
+    fn status(&self) -> StatusReply {
         let disks = &self.state.disks[..];
-        let p = *self.state.pauses.lock().unwrap_or_else(|e| e.into_inner());
-        let epoch = self.owner().as_ref().map(|o| {
-            json!({
-                "id": format!("{:016x}", o.epoch),
-                "owned": o.client == self.id,
-                "disks": o.disks.iter().map(|d| d.disk.name.clone()).collect::<Vec<_>>(),
-            })
+        let pauses = *self.state.pauses.lock().unwrap_or_else(|e| e.into_inner());
+        let epoch = self.owner().as_ref().map(|o| EpochStatus {
+            id: o.epoch,
+            owned: o.client == self.id,
+            disks: o.disks.iter().map(|d| d.disk.name.clone()).collect(),
         });
-        json!({
-            "ok": true,
-            "epoch": epoch,
-            "pauses": {"count": p.count, "last_us": p.last_us, "max_us": p.max_us, "total_us": p.total_us},
-            "disks": disks.iter().map(|d| disk_status_json(&d.status())).collect::<Vec<_>>(),
-        })
+        StatusReply {
+            ok: Default::default(),
+            epoch,
+            pauses,
+            disks: disks.iter().map(|d| status_disk(&d.status())).collect(),
+        }
     }
 
     /// `freeze [disks=a,b] [whole=a]`: freezes an epoch of the named disks (all by
     /// default), owned by this connection.
-    fn freeze(&self, words: std::str::SplitAsciiWhitespace<'_>) -> Value {
-        let FreezeRequest { chosen, whole } = match self.freeze_arguments(words) {
-            Ok(parsed) => parsed,
-            Err(reply) => return reply,
-        };
-        let id = self.state.next_epoch.fetch_add(1, Ordering::Relaxed);
-        if let Err(reply) = self.take_epoch(id, &chosen) {
-            return reply;
-        }
-        match group::freeze(&chosen, id, &whole) {
+    fn freeze(
+        &self,
+        disks: Option<Vec<String>>,
+        whole: Vec<String>,
+    ) -> Result<FreezeReply, Refusal> {
+        let FreezeRequest { chosen, whole } = self.freeze_arguments(disks, whole)?;
+        let id = EpochId::new(self.state.next_epoch.fetch_add(1, Ordering::Relaxed));
+        self.take_epoch(id, &chosen)?;
+        match group::freeze(&chosen, id.get(), &whole) {
             Ok(frozen) => {
                 let us = frozen.pause.as_micros() as u64;
                 let mut p = self.state.pauses.lock().unwrap_or_else(|e| e.into_inner());
-                p.count += 1;
-                p.last_us = us;
-                p.max_us = p.max_us.max(us);
-                p.total_us += us;
-                frozen_json(&frozen, self.state.freeze_idle_timeout)
+                p.add(us);
+                Ok(freeze_reply(&frozen, self.state.freeze_idle_timeout))
             }
             Err(e) => {
                 *self.owner() = None;
-                err(chain(&e))
+                Err(err(chain(&e)))
             }
         }
     }
@@ -275,26 +295,10 @@ impl Client<'_> {
     /// to go whole, or the error reply.
     fn freeze_arguments(
         &self,
-        words: std::str::SplitAsciiWhitespace<'_>,
-    ) -> Result<FreezeRequest, Value> {
+        only: Option<Vec<String>>,
+        whole: Vec<String>,
+    ) -> Result<FreezeRequest, Refusal> {
         let disks = &self.state.disks[..];
-        let mut whole = Vec::new();
-        let mut only: Option<Vec<String>> = None;
-        for w in words {
-            let list = |l: &str| {
-                l.split(',')
-                    .filter(|n| !n.is_empty())
-                    .map(str::to_string)
-                    .collect::<Vec<_>>()
-            };
-            if let Some(l) = w.strip_prefix("whole=") {
-                whole.extend(list(l));
-            } else if let Some(l) = w.strip_prefix("disks=") {
-                only.get_or_insert_with(Vec::new).extend(list(l));
-            } else {
-                return Err(err(format!("unknown freeze argument `{w}`")));
-            }
-        }
         let chosen: Vec<Arc<ServedDisk>> = match &only {
             None => disks.to_vec(),
             Some(names) => {
@@ -329,11 +333,11 @@ impl Client<'_> {
 
     /// Makes this connection the owner of epoch `id` of `chosen`, unless an epoch is
     /// frozen already; then the error reply.
-    fn take_epoch(&self, id: u64, chosen: &[Arc<ServedDisk>]) -> Result<(), Value> {
+    fn take_epoch(&self, id: EpochId, chosen: &[Arc<ServedDisk>]) -> Result<(), Refusal> {
         let mut owner = self.owner();
         if let Some(o) = &*owner {
             return Err(err(format!(
-                "epoch {:016x} is already frozen{}; commit or abort it first",
+                "epoch {} is already frozen{}; commit or abort it first",
                 o.epoch,
                 if o.client == self.id {
                     " by this connection"
@@ -351,49 +355,40 @@ impl Client<'_> {
     }
 
     /// `check|commit|abort <epoch>`: checks or ends the epoch this connection owns.
-    fn finish(&self, cmd: &str, token: Option<&str>) -> Value {
-        let frozen = match self.owned(token) {
-            Ok(d) => d,
-            Err(reply) => return reply,
-        };
-        let result = match cmd {
-            "check" => group::check(&frozen),
+    fn finish(&self, how: Finish, id: EpochId) -> Reply {
+        let frozen = self.owned(id)?;
+        let result = match how {
+            Finish::Check => group::check(&frozen),
             // A broken epoch is never committed: its bits go back and the
             // engine hears why.
-            "commit" => group::check(&frozen)
+            Finish::Commit => group::check(&frozen)
                 .and_then(|()| group::finish(&frozen, true))
                 .or_else(|e| group::finish(&frozen, false).and(Err(e))),
-            _ => group::finish(&frozen, false),
+            Finish::Abort => group::finish(&frozen, false),
         };
-        if cmd != "check" {
+        if how != Finish::Check {
             *self.owner() = None;
-            tracing::debug!(epoch = token.unwrap_or(""), cmd, "epoch finished");
+            tracing::debug!(epoch = %id, cmd = ?how, "epoch finished");
         }
         match result {
-            Ok(()) => json!({"ok": true}),
-            Err(e) => err(chain(&e)),
+            Ok(()) => ok(&Done::default()),
+            Err(e) => Err(err(chain(&e))),
         }
     }
 
     /// `resync-done <disk> <generation>`: the engine holds a replica of the disk at
     /// that generation.
-    fn resync_done(&self, name: Option<&str>, gen: Option<&str>) -> Value {
+    fn resync_done(&self, name: &str, generation: GenerationId) -> Reply {
         let disks = &self.state.disks[..];
-        let (Some(name), Some(gen)) = (name, gen) else {
-            return err("usage: resync-done <disk> <generation>");
-        };
         let Some(d) = disks.iter().find(|d| d.disk.name == name) else {
-            return err(format!("no disk `{name}`"));
-        };
-        let Ok(generation) = gen.parse::<GenerationId>() else {
-            return err(format!("`{gen}` is not a generation id (32 hex digits)"));
+            return Err(err(format!("no disk `{name}`")));
         };
         match d.export.tracker.resync_done(generation) {
-            Ok(true) => json!({"ok": true}),
-            Ok(false) => err(format!(
-                "disk `{name}`: generation {gen} is not the current one; resync again"
-            )),
-            Err(e) => err(chain(&e)),
+            Ok(true) => ok(&Done::default()),
+            Ok(false) => Err(err(format!(
+                "disk `{name}`: generation {generation} is not the current one; resync again"
+            ))),
+            Err(e) => Err(err(chain(&e))),
         }
     }
 
@@ -408,7 +403,7 @@ impl Client<'_> {
         // Only an epoch of this connection; another's idles on its own clock.
         let o = owner.take_if(|o| o.client == self.id)?;
         let why = format!(
-            "epoch {:016x} aborted: its control connection sent no request for {} ms (freeze_idle_timeout_ms = {}); its blocks go in the next epoch",
+            "epoch {} aborted: its control connection sent no request for {} ms (freeze_idle_timeout_ms = {}); its blocks go in the next epoch",
             o.epoch,
             idle.as_millis(),
             bound.as_millis()
@@ -425,7 +420,7 @@ impl Client<'_> {
         let mut owner = self.owner();
         if owner.as_ref().is_some_and(|o| o.client == self.id) {
             let o = owner.take().expect("checked");
-            tracing::warn!(epoch = %format_args!("{:016x}", o.epoch), "control connection closed with an epoch frozen: aborting it (its blocks go in the next epoch)");
+            tracing::warn!(epoch = %o.epoch, "control connection closed with an epoch frozen: aborting it (its blocks go in the next epoch)");
             if let Err(e) = group::finish(&o.disks, false) {
                 tracing::error!(error = %chain(&e), "aborting an abandoned epoch");
             }
@@ -444,9 +439,9 @@ fn handle(stream: UnixStream, client: &Client<'_>, stop: &AtomicBool) -> io::Res
     let mut last_request = Instant::now();
     loop {
         if line.len() as u64 >= MAX_LINE_BYTES {
-            let reply = err(format!(
+            let reply = refusal_line(&err(format!(
                 "request line too long: the limit is {MAX_LINE_BYTES} bytes; closing the connection"
-            ));
+            )));
             writer.write_all(format!("{reply}\n").as_bytes())?;
             return Ok(());
         }
@@ -469,7 +464,7 @@ fn handle(stream: UnixStream, client: &Client<'_>, stop: &AtomicBool) -> io::Res
                     return Ok(());
                 }
                 if let Some(why) = client.abort_if_idle(last_request.elapsed()) {
-                    writer.write_all(format!("{}\n", err(why)).as_bytes())?;
+                    writer.write_all(format!("{}\n", refusal_line(&err(why))).as_bytes())?;
                     return Ok(());
                 }
                 continue;
@@ -477,11 +472,10 @@ fn handle(stream: UnixStream, client: &Client<'_>, stop: &AtomicBool) -> io::Res
             Err(e) => return Err(e),
         }
         last_request = Instant::now();
-        let answer = match std::str::from_utf8(&line) {
+        let mut reply = match std::str::from_utf8(&line) {
             Ok(text) => client.answer(text),
-            Err(_) => err("request is not text (the protocol is ASCII lines)"),
+            Err(_) => refusal_line(&err("request is not text (the protocol is ASCII lines)")),
         };
-        let mut reply = answer.to_string();
         reply.push('\n');
         line.clear();
         writer.write_all(reply.as_bytes())?;
@@ -500,9 +494,8 @@ pub(crate) fn serve(listener: UnixListener, state: Arc<ControlState>, stop: Arc<
             Ok((mut stream, _)) => {
                 let _ = stream.set_nonblocking(false);
                 if state.clients.load(Ordering::Acquire) >= MAX_CLIENTS {
-                    let _ = stream.write_all(
-                        format!("{{\"ok\":false,\"error\":\"{MAX_CLIENTS} control connections already open\"}}\n").as_bytes(),
-                    );
+                    let busy = err(format!("{MAX_CLIENTS} control connections already open"));
+                    let _ = stream.write_all(format!("{}\n", refusal_line(&busy)).as_bytes());
                     continue;
                 }
                 state.clients.fetch_add(1, Ordering::AcqRel);

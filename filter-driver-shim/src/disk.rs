@@ -9,9 +9,9 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use crate::backing::IoEngine;
-use crate::epoch::EpochFiles;
 use crate::nbd::{Export, Stream};
 use crate::tracker::TrackerStatus;
+use filter_driver_shim_contract::epoch::EpochFiles;
 
 /// One protected disk as the shim serves it.
 #[derive(Clone, Debug, PartialEq, Eq)]

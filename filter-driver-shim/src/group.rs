@@ -11,8 +11,9 @@ use std::time::{Duration, Instant};
 
 use crate::bitmap::GenerationId;
 use crate::disk::ServedDisk;
-use crate::epoch::{EpochFiles, FrozenDisk};
+use crate::epoch::FrozenDisk;
 use crate::tracker::{ResyncReason, TrackerError};
+use filter_driver_shim_contract::epoch::EpochFiles;
 
 /// Errors of the epoch protocol; each says what the engine asked and why not.
 #[derive(Debug, thiserror::Error)]

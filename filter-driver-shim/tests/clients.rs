@@ -8,7 +8,7 @@ use std::os::unix::fs::FileExt;
 use std::process::Command;
 
 use common::{make_image, run, scratch, ShimProcess};
-use filter_driver_shim::ChangedBlockBitmap;
+use filter_driver_shim_contract::bitmap::ChangedBlockBitmap;
 
 const MIB: u64 = 1 << 20;
 

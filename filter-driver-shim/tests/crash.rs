@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use common::{make_image, scratch, ShimProcess};
 use ferry_io::rng::{test_seed, Rng};
-use filter_driver_shim::ChangedBlockBitmap;
+use filter_driver_shim_contract::bitmap::ChangedBlockBitmap;
 
 #[test]
 fn kill9_under_writes_never_loses_an_acknowledged_block() {

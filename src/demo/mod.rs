@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use dataplane::config::{DEFAULT_COMPRESSION_LEVEL, DEFAULT_QUEUE_DEPTH};
 use dataplane::source::{self, JobDisk, ModeRequest, SourceDiskState, SyncJob, SyncReport};
 use dataplane::writer::TargetDisk;
-use filter_driver_shim::{ChangedBlockBitmap, GenerationId};
+use filter_driver_shim_contract::bitmap::ChangedBlockBitmap;
 
 pub use rig::DemoError;
 use rig::{compare_files, mib, Rig};
@@ -409,23 +409,13 @@ fn write_bitmap(
             disk: disk.to_string(),
             path: SourceDiskState::path(state_dir, disk),
         })?;
-    let generation = state
-        .generation_bytes()
-        .map_err(|source| DemoError::StateGeneration {
+    let generation = state.generation;
+    let block_size = u32::try_from(block_size).map_err(|_| DemoError::BlockSize { block_size })?;
+    let mut bitmap = ChangedBlockBitmap::new(disk_size, block_size, generation, state.epoch)
+        .map_err(|source| DemoError::BitmapNew {
             disk: disk.to_string(),
             source,
         })?;
-    let block_size = u32::try_from(block_size).map_err(|_| DemoError::BlockSize { block_size })?;
-    let mut bitmap = ChangedBlockBitmap::new(
-        disk_size,
-        block_size,
-        GenerationId::from_bytes(generation),
-        state.epoch,
-    )
-    .map_err(|source| DemoError::BitmapNew {
-        disk: disk.to_string(),
-        source,
-    })?;
     for &block in blocks {
         bitmap.set(block).map_err(|source| DemoError::BitmapMark {
             disk: disk.to_string(),

@@ -14,9 +14,10 @@ use dataplane::config::{
 };
 use dataplane::io::EngineKind;
 use dataplane::psk::{Psk, PskError};
-use dataplane::source::{JobDisk, ModeRequest, NotHex16, SourceError, SyncJob};
+use dataplane::source::{JobDisk, ModeRequest, SourceError, SyncJob};
 use dataplane::writer::{Target, TargetDisk, TargetError, TargetJob};
-use filter_driver_shim::{BitmapError, ShimError};
+use filter_driver_shim::ShimError;
+use filter_driver_shim_contract::bitmap::BitmapError;
 
 use dataplane::chain;
 
@@ -54,12 +55,6 @@ pub enum DemoError {
     },
     #[error("disk {disk}: no state file {} after a successful sync", path.display())]
     NoState { disk: String, path: PathBuf },
-    #[error("disk {disk}: state file")]
-    StateGeneration {
-        disk: String,
-        #[source]
-        source: NotHex16,
-    },
     #[error("block size {block_size} does not fit a bitmap")]
     BlockSize { block_size: usize },
     #[error("disk {disk}: cannot make a bitmap")]

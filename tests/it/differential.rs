@@ -21,7 +21,7 @@ use dataplane::config::Config;
 use dataplane::protocol::{ErrorCode, ProtocolError};
 use dataplane::source::{self, ModeRequest, SyncJob};
 use dataplane::writer::{Target, TargetJob};
-use filter_driver_shim::bitmap::{ChangedBlockBitmap, GenerationId};
+use filter_driver_shim_contract::bitmap::{ChangedBlockBitmap, GenerationId};
 use proptest::prelude::*;
 use proptest::strategy::ValueTree;
 use proptest::test_runner::{RngAlgorithm, TestRng, TestRunner};

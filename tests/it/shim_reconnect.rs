@@ -31,7 +31,7 @@ use crate::common::shim::{wait_timeout, ShimProc};
 use crate::common::{
     create_sparse, drain, keygen, scratch_dir, source_toml, test_seed, toml_path, Rng, BLOCK,
 };
-use filter_driver_shim::bitmap::ChangedBlockBitmap;
+use filter_driver_shim_contract::bitmap::ChangedBlockBitmap;
 
 const MIB: u64 = 1 << 20;
 const DISK: &str = "vm1";

@@ -98,18 +98,16 @@ impl ProtocolError {
     }
 }
 
-/// A generation id as 32 lowercase hex digits, as state files store it.
+/// A generation id as 32 hex digits, as state files store it, parsed by
+/// [`GenerationId`](filter_driver_shim_contract::GenerationId) (the one parser). For
+/// the records that still hold the text (the writer's, the source's state file); on the
+/// wire a generation is the 16 bytes of `GenerationId::as_bytes`.
 pub fn parse_hex16(s: &str) -> Result<[u8; 16], NotHex16> {
-    if s.len() != 32 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err(NotHex16 {
+    s.parse::<filter_driver_shim_contract::GenerationId>()
+        .map(|g| *g.as_bytes())
+        .map_err(|_| NotHex16 {
             text: s.to_string(),
-        });
-    }
-    let mut out = [0u8; 16];
-    for (i, o) in out.iter_mut().enumerate() {
-        *o = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).expect("checked hex");
-    }
-    Ok(out)
+        })
 }
 
 /// A generation id that is not 32 hex digits (see [`parse_hex16`]).

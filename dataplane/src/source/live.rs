@@ -8,7 +8,11 @@
 //! target's acknowledgement tells the shim to clear the bits. If the engine dies at
 //! any point the control connection closes and the shim puts the bits back.
 //!
-//! The protocol is described in `filter_driver_shim::control` and docs/shim.md.
+//! The requests and replies are the types of [`filter_driver_shim_contract::control`]
+//! (described there, in the shim's `control` module and in docs/shim.md): this module
+//! writes [`Request`]s and deserializes the shim's JSON into the reply types, so a
+//! field the shim renames fails to compile, and a reply that lacks one is an
+//! [`ShimControlError::Unreadable`] naming it.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -16,11 +20,17 @@ use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Mutex};
 use std::time::Duration;
 
-use filter_driver_shim::epoch::EpochView;
+use filter_driver_shim_contract::control::{
+    Done, EpochId, FreezeDisk, FreezeReply, Outcome, Request, StatusDisk, StatusReply,
+    MAX_LINE_BYTES,
+};
+use filter_driver_shim_contract::epoch::EpochView;
+use filter_driver_shim_contract::GenerationId;
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
 use serde_json::Value;
 
 use super::SourceError;
-use crate::protocol::NotHex16;
 
 /// How a conversation with the shim's control socket failed, or what the shim's
 /// answers contradict.
@@ -48,6 +58,8 @@ pub enum ShimControlError {
     /// The shim hung up, saying why first (an idle epoch aborted).
     #[error("`{request}` refused: the shim closed the connection: {reason}")]
     Closed { request: String, reason: String },
+    /// The reply is not JSON, or not the request's reply type (the source names the
+    /// missing or mistyped field).
     #[error("unreadable reply to `{request}`")]
     Unreadable {
         request: String,
@@ -59,23 +71,6 @@ pub enum ShimControlError {
     Refused {
         request: String,
         reason: Option<String>,
-    },
-    #[error("{what} lacks `{key}`")]
-    MissingField {
-        what: &'static str,
-        key: &'static str,
-    },
-    #[error("{what}: `{key}` is not a {expected}")]
-    FieldType {
-        what: &'static str,
-        key: &'static str,
-        expected: &'static str,
-    },
-    #[error("{what}: generation_id")]
-    Generation {
-        what: &'static str,
-        #[source]
-        source: NotHex16,
     },
     #[error("disk {disk}: cannot open the epoch's files")]
     EpochFiles {
@@ -115,8 +110,7 @@ const REPLY_TIMEOUT: Duration = Duration::from_secs(60);
 /// a session in both lists, comma-separated, with the newline.
 const FREEZE_LINE_BYTES_MAX: usize = "freeze disks= whole=\n".len()
     + 2 * (crate::protocol::MAX_DISKS_PER_SESSION * (crate::protocol::MAX_NAME_LEN + 1));
-const _: () =
-    assert!(FREEZE_LINE_BYTES_MAX <= filter_driver_shim::control::MAX_LINE_BYTES as usize);
+const _: () = assert!(FREEZE_LINE_BYTES_MAX <= MAX_LINE_BYTES as usize);
 
 /// A connection to a running shim's control socket.
 #[derive(Debug)]
@@ -126,52 +120,38 @@ pub struct ShimControl {
     writer: UnixStream,
 }
 
-/// One disk as the shim reports it.
-#[derive(Debug, Clone)]
-pub struct ShimDisk {
-    pub name: String,
-    pub path: PathBuf,
-    pub generation: [u8; 16],
-    pub resync_required: Option<String>,
-    pub block_size: u64,
+/// Maps the state map and opens the scratch file of `disk`, one disk of a frozen epoch.
+pub fn view(disk: &FreezeDisk) -> Result<EpochView, SourceError> {
+    EpochView::open(&disk.map, &disk.scratch, disk.disk_size).map_err(|source| {
+        ShimControlError::EpochFiles {
+            disk: disk.name.clone(),
+            source,
+        }
+        .into()
+    })
 }
 
-/// One disk of a frozen epoch.
-#[derive(Debug, Clone)]
-pub struct LiveDisk {
-    pub shim: ShimDisk,
-    pub disk_size: u64,
-    pub frozen_blocks: u64,
-    pub whole_disk: bool,
-    pub bitmap: PathBuf,
-    pub map: PathBuf,
-    pub scratch: PathBuf,
-}
-
-impl LiveDisk {
-    /// Maps the epoch's state map and opens its scratch file.
-    pub fn view(&self) -> Result<EpochView, SourceError> {
-        EpochView::open(&self.map, &self.scratch, self.disk_size).map_err(|source| {
-            ShimControlError::EpochFiles {
-                disk: self.shim.name.clone(),
-                source,
-            }
-            .into()
-        })
-    }
-}
-
-/// An epoch frozen by this connection.
+/// An epoch frozen by this connection: the shim's `freeze` reply.
 #[derive(Debug, Clone)]
 pub struct LiveEpoch {
-    /// The shim's id for it (16 hex digits).
-    pub id: String,
+    pub id: EpochId,
     /// How long guest writes were held for the freeze.
     pub pause_us: u64,
     /// The shim aborts the epoch when its connection is silent this long (`None`: a
     /// shim without the bound).
     pub idle_timeout: Option<Duration>,
-    pub disks: Vec<LiveDisk>,
+    pub disks: Vec<FreezeDisk>,
+}
+
+impl From<FreezeReply> for LiveEpoch {
+    fn from(r: FreezeReply) -> LiveEpoch {
+        LiveEpoch {
+            id: r.epoch,
+            pause_us: r.pause_us,
+            idle_timeout: r.idle_timeout_ms.map(Duration::from_millis),
+            disks: r.disks,
+        }
+    }
 }
 
 /// Keepalives per idle bound: a `check` every quarter of it leaves three missed beats
@@ -211,66 +191,6 @@ pub fn keep_alive<T>(
     })
 }
 
-fn field<'a>(
-    v: &'a Value,
-    key: &'static str,
-    what: &'static str,
-) -> Result<&'a Value, ShimControlError> {
-    v.get(key)
-        .ok_or(ShimControlError::MissingField { what, key })
-}
-
-fn string(v: &Value, key: &'static str, what: &'static str) -> Result<String, ShimControlError> {
-    field(v, key, what)?
-        .as_str()
-        .map(str::to_string)
-        .ok_or(ShimControlError::FieldType {
-            what,
-            key,
-            expected: "string",
-        })
-}
-
-fn number(v: &Value, key: &'static str, what: &'static str) -> Result<u64, ShimControlError> {
-    field(v, key, what)?
-        .as_u64()
-        .ok_or(ShimControlError::FieldType {
-            what,
-            key,
-            expected: "number",
-        })
-}
-
-fn list<'a>(
-    v: &'a Value,
-    key: &'static str,
-    what: &'static str,
-) -> Result<&'a Vec<Value>, ShimControlError> {
-    field(v, key, what)?
-        .as_array()
-        .ok_or(ShimControlError::FieldType {
-            what,
-            key,
-            expected: "list",
-        })
-}
-
-fn shim_disk(v: &Value) -> Result<ShimDisk, ShimControlError> {
-    let what = "shim disk entry";
-    let generation = string(v, "generation_id", what)?;
-    Ok(ShimDisk {
-        name: string(v, "name", what)?,
-        path: PathBuf::from(string(v, "path", what)?),
-        generation: crate::protocol::parse_hex16(&generation)
-            .map_err(|source| ShimControlError::Generation { what, source })?,
-        resync_required: v
-            .get("resync_reason")
-            .and_then(Value::as_str)
-            .map(str::to_string),
-        block_size: number(v, "block_size", what)?,
-    })
-}
-
 impl ShimControl {
     /// Connects to the shim's control socket; `None` when no shim is listening there.
     pub fn connect(path: &Path) -> Result<Option<ShimControl>, SourceError> {
@@ -302,8 +222,9 @@ impl ShimControl {
         }))
     }
 
-    /// Sends one request line and returns the reply if it says `"ok": true`.
-    fn request(&mut self, line: &str) -> Result<Value, ShimControlError> {
+    /// Sends `request` and reads the reply into `T` if it says `"ok": true`.
+    fn request<T: DeserializeOwned>(&mut self, request: &Request) -> Result<T, ShimControlError> {
+        let line = &request.to_string();
         let lost = |source: std::io::Error| ShimControlError::Lost {
             path: self.path.clone(),
             request: line.to_string(),
@@ -313,13 +234,15 @@ impl ShimControl {
             // A shim that hung up may have said why first (an idle epoch aborted).
             let mut last_words = String::new();
             if self.reader.read_line(&mut last_words).is_ok() {
-                if let Ok(v) = serde_json::from_str::<Value>(&last_words) {
-                    if let Some(why) = v.get("error").and_then(Value::as_str) {
-                        return Err(ShimControlError::Closed {
-                            request: line.to_string(),
-                            reason: why.to_string(),
-                        });
-                    }
+                if let Ok(Outcome {
+                    error: Some(reason),
+                    ..
+                }) = serde_json::from_str(&last_words)
+                {
+                    return Err(ShimControlError::Closed {
+                        request: line.to_string(),
+                        reason,
+                    });
                 }
             }
             return Err(lost(e));
@@ -332,85 +255,142 @@ impl ShimControl {
                 "connection closed",
             )));
         }
-        let v: Value =
-            serde_json::from_str(&reply).map_err(|source| ShimControlError::Unreadable {
+        let unreadable = |source| ShimControlError::Unreadable {
+            request: line.to_string(),
+            source,
+        };
+        // Whether it was done first: a refusal is not the request's reply type.
+        let v: Value = serde_json::from_str(&reply).map_err(unreadable)?;
+        let outcome = Outcome::deserialize(&v).map_err(unreadable)?;
+        if !outcome.ok {
+            return Err(ShimControlError::Refused {
                 request: line.to_string(),
-                source,
-            })?;
-        if v.get("ok").and_then(Value::as_bool) == Some(true) {
-            Ok(v)
-        } else {
-            Err(ShimControlError::Refused {
-                request: line.to_string(),
-                reason: v.get("error").and_then(Value::as_str).map(str::to_string),
-            })
+                reason: outcome.error,
+            });
         }
+        T::deserialize(v).map_err(unreadable)
     }
 
     /// The disks the shim serves.
-    pub fn status(&mut self) -> Result<Vec<ShimDisk>, SourceError> {
-        let v = self.request("status")?;
-        Ok(list(&v, "disks", "status reply")?
-            .iter()
-            .map(shim_disk)
-            .collect::<Result<_, _>>()?)
+    pub fn status(&mut self) -> Result<Vec<StatusDisk>, SourceError> {
+        let reply: StatusReply = self.request(&Request::Status)?;
+        Ok(reply.disks)
     }
 
     /// Freezes an epoch across `disks` (one consistency cut); `whole` names the disks
     /// whose every block must be preserved (their sync reads the whole disk).
     pub fn freeze(&mut self, disks: &[&str], whole: &[&str]) -> Result<LiveEpoch, SourceError> {
-        let mut line = format!("freeze disks={}", disks.join(","));
-        if !whole.is_empty() {
-            line.push_str(&format!(" whole={}", whole.join(",")));
-        }
-        let v = self.request(&line)?;
-        let what = "freeze reply";
-        let disks = list(&v, "disks", what)?
-            .iter()
-            .map(|d| {
-                Ok(LiveDisk {
-                    shim: shim_disk(d)?,
-                    disk_size: number(d, "disk_size", what)?,
-                    frozen_blocks: number(d, "frozen_blocks", what)?,
-                    whole_disk: field(d, "whole_disk", what)?.as_bool().unwrap_or(false),
-                    bitmap: PathBuf::from(string(d, "bitmap", what)?),
-                    map: PathBuf::from(string(d, "map", what)?),
-                    scratch: PathBuf::from(string(d, "scratch", what)?),
-                })
-            })
-            .collect::<Result<Vec<_>, ShimControlError>>()?;
-        Ok(LiveEpoch {
-            id: string(&v, "epoch", what)?,
-            pause_us: number(&v, "pause_us", what)?,
-            idle_timeout: v
-                .get("idle_timeout_ms")
-                .and_then(Value::as_u64)
-                .map(Duration::from_millis),
-            disks,
-        })
+        let request = Request::Freeze {
+            disks: Some(disks.iter().map(|d| d.to_string()).collect()),
+            whole: whole.iter().map(|d| d.to_string()).collect(),
+        };
+        let reply: FreezeReply = self.request(&request)?;
+        Ok(reply.into())
     }
 
     /// Confirms the epoch is still frozen and intact (call after the last read).
     pub fn check(&mut self, epoch: &LiveEpoch) -> Result<(), SourceError> {
-        Ok(self.request(&format!("check {}", epoch.id)).map(drop)?)
+        self.request::<Done>(&Request::Check(epoch.id))?;
+        Ok(())
     }
 
     /// The target acknowledged the epoch: the shim clears its bits.
     pub fn commit(&mut self, epoch: &LiveEpoch) -> Result<(), SourceError> {
-        Ok(self.request(&format!("commit {}", epoch.id)).map(drop)?)
+        self.request::<Done>(&Request::Commit(epoch.id))?;
+        Ok(())
     }
 
     /// Gives the epoch up: its bits go in the next one.
     pub fn abort(&mut self, epoch: &LiveEpoch) -> Result<(), SourceError> {
-        Ok(self.request(&format!("abort {}", epoch.id)).map(drop)?)
+        self.request::<Done>(&Request::Abort(epoch.id))?;
+        Ok(())
     }
 
     /// A checksum-compare resync of `disk` at `generation` is done.
-    pub fn resync_done(&mut self, disk: &str, generation: &[u8; 16]) -> Result<(), SourceError> {
-        self.request(&format!(
-            "resync-done {disk} {}",
-            crate::protocol::hex16(generation)
-        ))?;
+    pub fn resync_done(&mut self, disk: &str, generation: GenerationId) -> Result<(), SourceError> {
+        self.request::<Done>(&Request::ResyncDone {
+            disk: disk.to_string(),
+            generation,
+        })?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{BufRead, BufReader, Write};
+
+    use super::*;
+
+    /// A control connection to a fake shim that answers each request line with the
+    /// next of `replies`; returns the lines it received once the connection closes.
+    fn fake_shim(replies: &[&str]) -> (ShimControl, std::thread::JoinHandle<Vec<String>>) {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let replies: Vec<String> = replies.iter().map(|r| format!("{r}\n")).collect();
+        let shim = std::thread::spawn(move || {
+            let mut writer = theirs.try_clone().unwrap();
+            let mut seen = Vec::new();
+            let mut lines = BufReader::new(theirs).lines();
+            for reply in replies {
+                let Some(Ok(line)) = lines.next() else { break };
+                seen.push(line);
+                writer.write_all(reply.as_bytes()).unwrap();
+            }
+            seen
+        });
+        let control = ShimControl {
+            path: PathBuf::from("fake.ctl"),
+            reader: BufReader::new(ours.try_clone().unwrap()),
+            writer: ours,
+        };
+        (control, shim)
+    }
+
+    #[test]
+    fn a_reply_lacking_a_field_is_unreadable_and_names_it() {
+        let (mut control, shim) = fake_shim(&[r#"{"ok":true,"epoch":null,"disks":[]}"#]);
+        let err = control
+            .request::<StatusReply>(&Request::Status)
+            .unwrap_err();
+        let ShimControlError::Unreadable { request, source } = &err else {
+            panic!("{err:?}");
+        };
+        assert_eq!(request, "status");
+        assert!(source.to_string().contains("`pauses`"), "{source}");
+        drop(control);
+        assert_eq!(shim.join().unwrap(), ["status"]);
+    }
+
+    #[test]
+    fn a_refusal_keeps_the_shims_reason() {
+        let (mut control, _shim) =
+            fake_shim(&[r#"{"ok":false,"error":"epoch 0000000000000001 is not frozen"}"#]);
+        let err = control
+            .request::<Done>(&Request::Check(EpochId::new(1)))
+            .unwrap_err();
+        assert!(
+            matches!(&err, ShimControlError::Refused { request, reason: Some(r) }
+                if request == "check 0000000000000001" && r.contains("is not frozen")),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn freeze_sends_the_line_and_reads_the_typed_reply() {
+        let reply = r#"{"ok":true,"epoch":"00000000000000ab","pause_us":5,"idle_timeout_ms":4000,"disks":[{"name":"vda","path":"/i","generation_id":"07070707070707070707070707070707","resync_required":true,"resync_reason":"image-modified","block_size":4096,"disk_size":8192,"frozen_blocks":1,"whole_disk":true,"bitmap":"/b","map":"/m","scratch":"/s","added_later":1}]}"#;
+        let (mut control, shim) = fake_shim(&[reply]);
+        let epoch = control.freeze(&["vda"], &["vda"]).unwrap();
+        assert_eq!(epoch.id, EpochId::new(0xab));
+        assert_eq!(epoch.idle_timeout, Some(Duration::from_millis(4000)));
+        assert_eq!(
+            epoch.disks[0].generation_id,
+            GenerationId::from_bytes([7; 16])
+        );
+        assert_eq!(
+            epoch.disks[0].resync_reason.as_deref(),
+            Some("image-modified")
+        );
+        drop(control);
+        assert_eq!(shim.join().unwrap(), ["freeze disks=vda whole=vda"]);
     }
 }

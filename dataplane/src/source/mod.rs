@@ -17,7 +17,10 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use ferry_ringbuf::pool::PoolError;
-use filter_driver_shim::bitmap::{BitmapError, ChangedBlockBitmap, GenerationId};
+use filter_driver_shim_contract::bitmap::{BitmapError, ChangedBlockBitmap};
+use filter_driver_shim_contract::control::{EpochId, StatusDisk};
+use filter_driver_shim_contract::epoch::EpochView;
+use filter_driver_shim_contract::GenerationId;
 use serde::{Deserialize, Serialize};
 use zerocopy::{FromBytes, IntoBytes};
 
@@ -29,7 +32,6 @@ use crate::protocol::{
     FrameWriter, ManifestBuilder, OpenDisk, OpenDiskReply, OpenHeader, ProtocolError, SyncMode,
     TimedStream, MAX_NAME_LEN, MAX_REPLY_PAYLOAD, OPEN_DISCARD_REPLICA_CHANGES, REPLICA_CREATED,
 };
-pub use crate::protocol::{hex16, parse_hex16, NotHex16};
 use crate::psk::{Psk, PskError};
 pub use live::ShimControlError;
 use lock::{EngineLock, EngineRole};
@@ -83,19 +85,13 @@ pub enum SourceError {
         #[source]
         source: std::io::Error,
     },
-    /// A state file holds something else than a state record.
+    /// A state file holds something else than a state record (the source names the
+    /// field: a generation that is not 32 hex digits, a missing epoch).
     #[error("state file {path}: not a state record")]
     StateContent {
         path: PathBuf,
         #[source]
         source: serde_json::Error,
-    },
-    /// A state file's generation is not a generation id.
-    #[error("state file {path}")]
-    StateGeneration {
-        path: PathBuf,
-        #[source]
-        source: NotHex16,
     },
     #[error("buffer pool")]
     Pool(#[source] PoolError),
@@ -184,15 +180,15 @@ pub enum BitmapProblem {
         bitmap_epoch: u64,
         bitmap_generation: GenerationId,
         epoch: u64,
-        generation: String,
+        generation: GenerationId,
     },
     /// Changed mode was asked for a disk whose shim tracks another generation than the
     /// replica holds.
     #[error("the shim tracks generation {shim_generation} but the replica was last synced {}; a seeded sync comes first", match synced { Some((epoch, generation)) => format!("at epoch {epoch} of generation {generation}"), None => "never".to_string() })]
     ShimGeneration {
-        shim_generation: String,
+        shim_generation: GenerationId,
         /// The replica's last epoch and generation, if it was ever synced.
-        synced: Option<(u64, String)>,
+        synced: Option<(u64, GenerationId)>,
     },
     #[error("changed mode needs a bitmap (--bitmap NAME=FILE)")]
     Missing,
@@ -341,7 +337,7 @@ pub struct SyncReport {
     pub mb_per_s: f64,
     pub disks: Vec<DiskReport>,
     /// The shim's epoch this sync carried, when a shim served the disks.
-    pub shim_epoch: Option<String>,
+    pub shim_epoch: Option<EpochId>,
     /// How long the freeze held the guest's writes, in microseconds.
     pub freeze_pause_us: Option<u64>,
 }
@@ -350,8 +346,8 @@ pub struct SyncReport {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SourceDiskState {
-    /// Tracking generation, 32 hex digits.
-    pub generation: String,
+    /// Tracking generation (32 hex digits in the file).
+    pub generation: GenerationId,
     /// Last epoch the target acknowledged for this disk.
     pub epoch: u64,
 }
@@ -365,13 +361,8 @@ impl SourceDiskState {
         let path = Self::path(state_dir, disk);
         match std::fs::read(&path) {
             Ok(bytes) => {
-                let s: Self =
-                    serde_json::from_slice(&bytes).map_err(|source| SourceError::StateContent {
-                        path: path.clone(),
-                        source,
-                    })?;
-                s.generation_bytes()
-                    .map_err(|source| SourceError::StateGeneration { path, source })?;
+                let s: Self = serde_json::from_slice(&bytes)
+                    .map_err(|source| SourceError::StateContent { path, source })?;
                 Ok(Some(s))
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
@@ -392,22 +383,16 @@ impl SourceDiskState {
             source,
         })
     }
-
-    pub fn generation_bytes(&self) -> Result<[u8; 16], NotHex16> {
-        parse_hex16(&self.generation)
-    }
 }
 
-fn random_generation() -> Result<[u8; 16], SourceError> {
-    GenerationId::random()
-        .map(|g| *g.as_bytes())
-        .map_err(SourceError::Randomness)
+fn random_generation() -> Result<GenerationId, SourceError> {
+    GenerationId::random().map_err(SourceError::Randomness)
 }
 
 struct OpenedDisk {
     spec: JobDisk,
     disk: Disk,
-    generation: [u8; 16],
+    generation: GenerationId,
     base_epoch: u64,
     bitmap: Option<ChangedBlockBitmap>,
     mode: SyncMode,
@@ -467,11 +452,10 @@ enum LivePlan {
 fn plan_live_disk(
     mode: ModeRequest,
     block_size: usize,
-    shim_disk: &live::ShimDisk,
+    shim_disk: &StatusDisk,
     state: Option<&SourceDiskState>,
 ) -> Result<LivePlan, SourceError> {
-    let generation_ok =
-        state.is_some_and(|s| s.generation_bytes().ok() == Some(shim_disk.generation));
+    let generation_ok = state.is_some_and(|s| s.generation == shim_disk.generation_id);
     let plan = match mode {
         ModeRequest::Full | ModeRequest::Seeded => LivePlan::Whole,
         ModeRequest::Auto if generation_ok => LivePlan::Changed,
@@ -481,16 +465,16 @@ fn plan_live_disk(
             return Err(SourceError::Bitmap {
                 disk: shim_disk.name.clone(),
                 source: BitmapProblem::ShimGeneration {
-                    shim_generation: hex16(&shim_disk.generation),
-                    synced: state.map(|s| (s.epoch, s.generation.clone())),
+                    shim_generation: shim_disk.generation_id,
+                    synced: state.map(|s| (s.epoch, s.generation)),
                 },
             })
         }
     };
-    if plan == LivePlan::Changed && shim_disk.block_size != block_size as u64 {
+    if plan == LivePlan::Changed && u64::from(shim_disk.block_size) != block_size as u64 {
         return Err(SourceError::BlockSizeMismatch {
             disk: shim_disk.name.clone(),
-            shim_block_size: shim_disk.block_size,
+            shim_block_size: u64::from(shim_disk.block_size),
             block_size,
         });
     }
@@ -516,7 +500,7 @@ impl PlannedDisk<'_> {
 /// after checking the shim serves it, from the same file.
 fn plan_live_disks<'a>(
     job: &'a SyncJob,
-    served: &[live::ShimDisk],
+    served: &[StatusDisk],
 ) -> Result<Vec<PlannedDisk<'a>>, SourceError> {
     let mut plans = Vec::with_capacity(job.disks.len());
     for spec in &job.disks {
@@ -536,7 +520,7 @@ fn plan_live_disks<'a>(
         let state = SourceDiskState::load(&job.state_dir, &spec.name)?;
         let plan = plan_live_disk(job.mode, job.block_size, shim_disk, state.as_ref())?;
         if plan == LivePlan::Whole {
-            if let Some(reason) = &shim_disk.resync_required {
+            if let Some(reason) = &shim_disk.resync_reason {
                 tracing::warn!(disk = %spec.name, %reason, "shim tracking restarted: checksum-compare resync of this disk");
             }
         }
@@ -565,8 +549,7 @@ fn sync_live(job: &SyncJob, mut control: live::ShimControl) -> Result<SyncReport
         disks.push(disk);
         views.push(Some(view));
     }
-    let view_refs: Vec<Option<&filter_driver_shim::epoch::EpochView>> =
-        views.iter().map(Option::as_ref).collect();
+    let view_refs: Vec<Option<&EpochView>> = views.iter().map(Option::as_ref).collect();
     let outcome = live::keep_alive(&mut control, &epoch, |control| {
         run_epoch(
             job,
@@ -622,12 +605,12 @@ fn open_frozen_disk(
     job: &SyncJob,
     planned: &PlannedDisk<'_>,
     epoch: &live::LiveEpoch,
-) -> Result<(OpenedDisk, filter_driver_shim::epoch::EpochView), SourceError> {
+) -> Result<(OpenedDisk, EpochView), SourceError> {
     let PlannedDisk { spec, state, plan } = planned;
     let frozen = epoch
         .disks
         .iter()
-        .find(|d| d.shim.name == spec.name)
+        .find(|d| d.name == spec.name)
         .ok_or_else(|| ShimControlError::FreezeLacksDisk {
             disk: spec.name.clone(),
         })?;
@@ -644,7 +627,7 @@ fn open_frozen_disk(
         }
         .into());
     }
-    let generation = frozen.shim.generation;
+    let generation = frozen.generation_id;
     let (bitmap, mode) = match plan {
         LivePlan::Whole if job.mode == ModeRequest::Full => (None, SyncMode::Full),
         LivePlan::Whole => (None, SyncMode::Seeded),
@@ -657,8 +640,7 @@ fn open_frozen_disk(
                         source,
                     },
                 })?;
-            if bitmap.disk_size() != disk.size() || *bitmap.generation_id().as_bytes() != generation
-            {
+            if bitmap.disk_size() != disk.size() || bitmap.generation_id() != generation {
                 return Err(SourceError::Bitmap {
                     disk: spec.name.clone(),
                     source: BitmapProblem::FrozenMismatch,
@@ -676,7 +658,7 @@ fn open_frozen_disk(
         mode,
         replica_created: false,
     };
-    Ok((opened, frozen.view()?))
+    Ok((opened, live::view(frozen)?))
 }
 
 /// After the target acknowledged epoch `number`: lets the shim forget its bits and
@@ -702,9 +684,9 @@ fn release_live_epoch(
         let owed = epoch
             .disks
             .iter()
-            .any(|f| f.shim.name == d.spec.name && f.shim.resync_required.is_some());
+            .any(|f| f.name == d.spec.name && f.resync_required);
         if owed {
-            if let Err(e) = control.resync_done(&d.spec.name, &d.generation) {
+            if let Err(e) = control.resync_done(&d.spec.name, d.generation) {
                 tracing::warn!(
                     disk = %d.spec.name,
                     "cannot tell the shim the resync is done: {}",
@@ -730,7 +712,7 @@ fn same_file(a: &Path, b: &Path) -> bool {
 fn run_epoch(
     job: &SyncJob,
     disks: &mut [OpenedDisk],
-    views: &[Option<&filter_driver_shim::epoch::EpochView>],
+    views: &[Option<&EpochView>],
     before_commit: &mut dyn FnMut() -> Result<(), SourceError>,
     mut connected: Option<Connection>,
 ) -> Result<(u64, PipelineStats, u64), SourceError> {
@@ -767,7 +749,7 @@ fn run_epoch(
 
     for d in disks.iter() {
         SourceDiskState {
-            generation: hex16(&d.generation),
+            generation: d.generation,
             epoch,
         }
         .save(&job.state_dir, &d.spec.name)?;
@@ -814,7 +796,7 @@ fn open_connection(job: &SyncJob) -> Result<Connection, SourceError> {
 fn session_once(
     job: &SyncJob,
     disks: &mut [OpenedDisk],
-    views: &[Option<&filter_driver_shim::epoch::EpochView>],
+    views: &[Option<&EpochView>],
     epoch: u64,
     before_commit: &mut dyn FnMut() -> Result<(), SourceError>,
     conn: Connection,
@@ -867,7 +849,7 @@ fn report(
                 replica_created: d.replica_created,
             })
             .collect(),
-        shim_epoch: live.map(|e| e.id.clone()),
+        shim_epoch: live.map(|e| e.id),
         freeze_pause_us: live.map(|e| e.pause_us),
     }
 }
@@ -918,14 +900,7 @@ fn open_disk(job: &SyncJob, spec: &JobDisk) -> Result<OpenedDisk, SourceError> {
     })?;
     let state = SourceDiskState::load(&job.state_dir, &spec.name)?;
     let (generation, base_epoch) = match &state {
-        Some(s) => (
-            s.generation_bytes()
-                .map_err(|source| SourceError::StateGeneration {
-                    path: SourceDiskState::path(&job.state_dir, &spec.name),
-                    source,
-                })?,
-            s.epoch,
-        ),
+        Some(s) => (s.generation, s.epoch),
         None => (random_generation()?, 0),
     };
     let bitmap_path = spec
@@ -1002,15 +977,13 @@ fn load_bitmap(
             path: path.to_path_buf(),
         }));
     };
-    // `SourceDiskState::load` checked the generation.
-    let generation = state.generation_bytes().ok();
-    if Some(*bitmap.generation_id().as_bytes()) != generation || bitmap.epoch() != state.epoch {
+    if bitmap.generation_id() != state.generation || bitmap.epoch() != state.epoch {
         return Err(bad(BitmapProblem::Generation {
             path: path.to_path_buf(),
             bitmap_epoch: bitmap.epoch(),
             bitmap_generation: bitmap.generation_id(),
             epoch: state.epoch,
-            generation: state.generation.clone(),
+            generation: state.generation,
         }));
     }
     Ok(bitmap)
@@ -1022,7 +995,7 @@ type BoxedPlan<'a> = Box<dyn Iterator<Item = Result<PlanItem, SourceError>> + Se
 fn run_session<R: std::io::Read, W: std::io::Write>(
     job: &SyncJob,
     disks: &mut [OpenedDisk],
-    views: &[Option<&filter_driver_shim::epoch::EpochView>],
+    views: &[Option<&EpochView>],
     epoch: u64,
     reader: &mut FrameReader<R>,
     writer: &mut FrameWriter<W>,
@@ -1097,7 +1070,8 @@ fn open_epoch<R: std::io::Read, W: std::io::Write>(
                 reserved: 0,
                 block_size: (job.block_size as u32).into(),
                 disk_size: d.disk.size().into(),
-                generation: d.generation,
+                // 16 bytes on the wire.
+                generation: *d.generation.as_bytes(),
                 base_epoch: if d.mode == SyncMode::Changed {
                     d.base_epoch
                 } else {
@@ -1181,7 +1155,7 @@ fn seed_compare<R: std::io::Read, W: std::io::Write>(
         let bitmap = ChangedBlockBitmap::new(
             d.disk.size(),
             job.block_size as u32,
-            GenerationId::from_bytes(d.generation),
+            d.generation,
             d.base_epoch,
         )
         .map_err(|e| SourceError::Bitmap {
@@ -1348,28 +1322,36 @@ mod tests {
     use super::*;
 
     const BLOCK: usize = 4096;
-    const GEN: [u8; 16] = [7; 16];
+    const GEN: GenerationId = GenerationId::from_bytes([7; 16]);
 
-    fn shim_disk(generation: [u8; 16], block_size: u64) -> live::ShimDisk {
-        live::ShimDisk {
+    fn shim_disk(generation: GenerationId, block_size: u32) -> StatusDisk {
+        StatusDisk {
             name: "vda".into(),
             path: PathBuf::from("/dev/null"),
-            generation,
-            resync_required: None,
+            generation_id: generation,
             block_size,
+            block_count: 16,
+            dirty_blocks: 0,
+            frozen_blocks: None,
+            resync_required: false,
+            resync_reason: None,
+            bitmap_syncs: 0,
+            marks_waited: 0,
+            tracking_failed: false,
+            connections: 0,
         }
     }
 
-    fn synced(generation: &[u8; 16]) -> SourceDiskState {
+    fn synced(generation: GenerationId) -> SourceDiskState {
         SourceDiskState {
-            generation: hex16(generation),
+            generation,
             epoch: 3,
         }
     }
 
     #[test]
     fn same_generation_goes_changed() {
-        let state = synced(&GEN);
+        let state = synced(GEN);
         for mode in [ModeRequest::Auto, ModeRequest::Changed] {
             let plan = plan_live_disk(mode, BLOCK, &shim_disk(GEN, 4096), Some(&state));
             assert_eq!(plan.unwrap(), LivePlan::Changed, "{mode:?}");
@@ -1378,7 +1360,7 @@ mod tests {
 
     #[test]
     fn whole_disk_when_asked_whatever_the_state() {
-        let state = synced(&GEN);
+        let state = synced(GEN);
         for mode in [ModeRequest::Full, ModeRequest::Seeded] {
             for state in [None, Some(&state)] {
                 let plan = plan_live_disk(mode, BLOCK, &shim_disk(GEN, 4096), state);
@@ -1388,13 +1370,26 @@ mod tests {
     }
 
     #[test]
+    fn a_state_file_keeps_its_text_and_refuses_a_garbled_generation() {
+        let text = r#"{"generation":"07070707070707070707070707070707","epoch":3}"#;
+        let state: SourceDiskState = serde_json::from_str(text).unwrap();
+        assert_eq!((state.generation, state.epoch), (GEN, 3));
+        assert_eq!(serde_json::to_string(&state).unwrap(), text);
+        let dir = tempfile::tempdir().unwrap();
+        let garbled = r#"{"generation":"not hex","epoch":3}"#;
+        std::fs::write(SourceDiskState::path(dir.path(), "vda"), garbled).unwrap();
+        let err = SourceDiskState::load(dir.path(), "vda").unwrap_err();
+        assert!(
+            matches!(&err, SourceError::StateContent { source, .. }
+                if source.to_string().contains("is not 32 hex digits")),
+            "{err:?}"
+        );
+    }
+
+    #[test]
     fn auto_goes_whole_without_the_shims_generation() {
-        let other = synced(&[9; 16]);
-        let garbled = SourceDiskState {
-            generation: "not hex".into(),
-            epoch: 3,
-        };
-        for state in [None, Some(&other), Some(&garbled)] {
+        let other = synced(GenerationId::from_bytes([9; 16]));
+        for state in [None, Some(&other)] {
             let plan = plan_live_disk(ModeRequest::Auto, BLOCK, &shim_disk(GEN, 4096), state);
             assert_eq!(plan.unwrap(), LivePlan::Whole, "{state:?}");
         }
@@ -1402,7 +1397,7 @@ mod tests {
 
     #[test]
     fn changed_without_the_shims_generation_is_refused() {
-        let other = synced(&[9; 16]);
+        let other = synced(GenerationId::from_bytes([9; 16]));
         for state in [None, Some(&other)] {
             let err = plan_live_disk(ModeRequest::Changed, BLOCK, &shim_disk(GEN, 4096), state)
                 .unwrap_err();
@@ -1410,7 +1405,7 @@ mod tests {
                 matches!(
                     &err,
                     SourceError::Bitmap { disk, source: BitmapProblem::ShimGeneration { synced, .. } }
-                        if disk == "vda" && *synced == state.map(|s| (s.epoch, s.generation.clone()))
+                        if disk == "vda" && *synced == state.map(|s| (s.epoch, s.generation))
                 ),
                 "{err:?}"
             );
@@ -1419,7 +1414,7 @@ mod tests {
 
     #[test]
     fn block_size_must_match_only_for_changed_blocks() {
-        let state = synced(&GEN);
+        let state = synced(GEN);
         let err = plan_live_disk(
             ModeRequest::Auto,
             BLOCK,

@@ -44,7 +44,7 @@ use std::sync::Mutex;
 
 use ferry_ringbuf::pool::{BufferPool, PoolAlloc, PoolReturn, Slot};
 use ferry_ringbuf::spsc;
-use filter_driver_shim::epoch::EpochView;
+use filter_driver_shim_contract::epoch::EpochView;
 use zerocopy::{FromBytes, FromZeros, IntoBytes};
 
 use super::plan::PlanItem;

@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use ferry_ringbuf::pool::PoolError;
-use filter_driver_shim::bitmap::BitmapError;
+use filter_driver_shim_contract::bitmap::BitmapError;
 use std::time::{Duration, Instant};
 
 use crate::config::{Config, ConfigError};

@@ -5,7 +5,7 @@
 
 use std::path::PathBuf;
 
-use filter_driver_shim::bitmap::BitmapError;
+use filter_driver_shim_contract::bitmap::BitmapError;
 
 use super::TargetError;
 use crate::io::IoError;

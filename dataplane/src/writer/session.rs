@@ -8,7 +8,7 @@ use std::sync::mpsc;
 
 use ferry_ringbuf::pool::{BufferPool, PoolAlloc, PoolReturn};
 use ferry_ringbuf::spsc;
-use filter_driver_shim::bitmap::{ChangedBlockBitmap, GenerationId};
+use filter_driver_shim_contract::bitmap::{ChangedBlockBitmap, GenerationId};
 use zerocopy::{FromBytes, IntoBytes};
 
 use super::apply::{applier_loop, ApplyBuffers, ApplyDisks, ApplyMsg};

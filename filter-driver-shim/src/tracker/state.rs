@@ -177,15 +177,9 @@ fn checked_body(text: &str) -> Result<&str, StateFileError> {
 }
 
 fn parse_generation(hex: &str) -> Result<GenerationId, StateFileError> {
-    let bad = || StateFileError::Generation(hex.to_string());
-    if hex.len() != 32 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err(bad());
-    }
-    let mut bytes = [0u8; 16];
-    for (i, b) in bytes.iter_mut().enumerate() {
-        *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).map_err(|_| bad())?;
-    }
-    let id = GenerationId::from_bytes(bytes);
+    let id: GenerationId = hex
+        .parse()
+        .map_err(|_| StateFileError::Generation(hex.to_string()))?;
     if id.is_nil() {
         return Err(StateFileError::NilGeneration);
     }

@@ -26,7 +26,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use filter_driver_shim::bitmap::{ChangedBlockBitmap, GenerationId};
+use filter_driver_shim_contract::bitmap::{ChangedBlockBitmap, GenerationId};
 
 /// The replication block the tests assume unless they configure another.
 pub const BLOCK: u64 = 64 << 10;

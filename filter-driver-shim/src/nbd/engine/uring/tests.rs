@@ -16,13 +16,14 @@ use std::time::{Duration, Instant};
 use super::*;
 use crate::backing::IoEngine;
 use crate::bitmap::ChangedBlockBitmap;
-use crate::epoch::{EpochFiles, FrozenDisk};
+use crate::epoch::FrozenDisk;
 use crate::nbd::connection::REPLY_QUEUE_DEPTH;
 use crate::nbd::engine::pool::execute;
 use crate::nbd::handshake::ExportInfo;
 use crate::nbd::proto::{NbdErrno, TRANSMISSION_FLAGS};
 use crate::pool::BufferPool;
 use crate::tracker::{Tracker, TrackerConfig};
+use filter_driver_shim_contract::epoch::EpochFiles;
 
 const KIB: u64 = 1 << 10;
 const MIB: u64 = 1 << 20;

@@ -21,6 +21,8 @@ use std::path::{Path, PathBuf};
 
 use xxhash_rust::xxh3::{xxh3_64, Xxh3Default};
 
+pub use crate::generation::GenerationId;
+
 /// First eight bytes of every bitmap file.
 pub const MAGIC: [u8; 8] = *b"FERRYCBT";
 /// The format version this code writes and the only one it reads.
@@ -74,94 +76,6 @@ const _: () = assert!(OFF_HEADER_CHECKSUM + 8 == HEADER_LEN);
 const _: () = assert!(HEADER_LEN <= PAGE_SIZE);
 const _: () = assert!(OFF_RESERVED == OFF_FLAGS + 4);
 const _: () = assert!(MIN_BLOCK_SIZE.is_power_of_two() && MAX_BLOCK_SIZE.is_power_of_two());
-
-/// Identifies a tracking generation. A new one is drawn whenever tracking cannot be
-/// trusted (the image changed behind the shim's back, a resize, a lost bitmap), so a
-/// consumer holding bits of another generation knows its base is gone and must fall
-/// back to a checksum-compare resync.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct GenerationId([u8; 16]);
-
-impl GenerationId {
-    /// The all-zero id. It never names a generation; it is what an uninitialised id looks
-    /// like, so bitmaps refuse it.
-    pub const NIL: GenerationId = GenerationId([0; 16]);
-
-    /// Draws 16 bytes from the kernel's CSPRNG.
-    pub fn random() -> io::Result<GenerationId> {
-        let mut bytes = [0u8; 16];
-        let mut filled = 0;
-        while filled < bytes.len() {
-            let rest = &mut bytes[filled..];
-            // SAFETY: `rest` is an exclusive borrow of `rest.len()` initialised bytes that
-            // outlives the call; getrandom(2) writes at most that many bytes into it and
-            // keeps no reference after it returns.
-            let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
-            if n < 0 {
-                let err = io::Error::last_os_error();
-                // A signal before any byte was produced: retry on purpose.
-                if err.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(err);
-            }
-            filled += n as usize;
-        }
-        let id = GenerationId(bytes);
-        if id == GenerationId::NIL {
-            // 2^-128: a kernel that returns zeros is broken, not unlucky.
-            return Err(io::Error::other("getrandom returned all zeros"));
-        }
-        Ok(id)
-    }
-
-    /// Wraps raw bytes, e.g. read from the wire.
-    pub const fn from_bytes(bytes: [u8; 16]) -> GenerationId {
-        GenerationId(bytes)
-    }
-
-    /// The raw bytes.
-    pub const fn as_bytes(&self) -> &[u8; 16] {
-        &self.0
-    }
-
-    /// Whether this is [`GenerationId::NIL`].
-    pub fn is_nil(&self) -> bool {
-        *self == GenerationId::NIL
-    }
-}
-
-impl fmt::Display for GenerationId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for b in self.0 {
-            write!(f, "{b:02x}")?;
-        }
-        Ok(())
-    }
-}
-
-impl std::str::FromStr for GenerationId {
-    type Err = String;
-
-    /// Parses the 32 lowercase or uppercase hex digits [`Display`](fmt::Display) prints.
-    fn from_str(s: &str) -> Result<GenerationId, String> {
-        if s.len() != 32 || !s.is_ascii() {
-            return Err(format!("`{s}` is not 32 hex digits"));
-        }
-        let mut bytes = [0u8; 16];
-        for (i, b) in bytes.iter_mut().enumerate() {
-            *b = u8::from_str_radix(&s[2 * i..2 * i + 2], 16)
-                .map_err(|_| format!("`{s}` is not 32 hex digits"))?;
-        }
-        Ok(GenerationId(bytes))
-    }
-}
-
-impl fmt::Debug for GenerationId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "GenerationId({self})")
-    }
-}
 
 /// How a bitmap file was written, recorded in the header's [`FLAG_LIVE`] bit.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -404,16 +318,37 @@ impl Header {
         page_file_offset(self.page_count)
     }
 
-    /// Validates the header page (`page.len() == PAGE_SIZE`).
+    /// Validates the header page (`page.len() == PAGE_SIZE`). The checks run in the
+    /// order the format lists the fields, so a file wrong in several ways always names
+    /// the same one.
     fn parse(page: &[u8]) -> Result<Header, BitmapError> {
         assert_eq!(page.len(), PAGE_SIZE);
+        Self::check_identity(page)?;
+        let (disk_size, block_size, block_count, page_count) = Self::parse_geometry(page)?;
+        let generation_id = Self::parse_generation(page)?;
+        let epoch = read_u64(page, OFF_EPOCH);
+        let state = Self::parse_flags(page)?;
+        Self::check_zeros(page)?;
+        Ok(Header {
+            disk_size,
+            block_size,
+            block_count,
+            page_count,
+            generation_id,
+            epoch,
+            state,
+        })
+    }
+
+    /// Magic, format version, header length, then the header checksum. Version and
+    /// length come before the checksum so that a newer format is reported as such
+    /// rather than as corruption.
+    fn check_identity(page: &[u8]) -> Result<(), BitmapError> {
         let mut magic = [0u8; 8];
         magic.copy_from_slice(&page[OFF_MAGIC..OFF_MAGIC + 8]);
         if magic != MAGIC {
             return Err(BitmapError::BadMagic { found: magic });
         }
-        // Version and length come before the checksum so that a newer format is
-        // reported as such rather than as corruption.
         let version = read_u32(page, OFF_VERSION);
         if version != FORMAT_VERSION {
             return Err(field_error("format_version", FORMAT_VERSION, version));
@@ -427,7 +362,12 @@ impl Header {
         if stored != computed {
             return Err(BitmapError::HeaderChecksum { stored, computed });
         }
+        Ok(())
+    }
 
+    /// Page size, block size, disk size, and the block and page counts they imply:
+    /// `(disk_size, block_size, block_count, page_count)`.
+    fn parse_geometry(page: &[u8]) -> Result<(u64, u32, u64, u64), BitmapError> {
         let page_size = read_u32(page, OFF_PAGE_SIZE);
         if page_size as usize != PAGE_SIZE {
             return Err(field_error("page_size", PAGE_SIZE, page_size));
@@ -462,13 +402,21 @@ impl Header {
                 page_count,
             ));
         }
+        Ok((disk_size, block_size, block_count, page_count))
+    }
+
+    fn parse_generation(page: &[u8]) -> Result<GenerationId, BitmapError> {
         let mut generation = [0u8; 16];
         generation.copy_from_slice(&page[OFF_GENERATION..OFF_GENERATION + 16]);
-        let generation_id = GenerationId(generation);
+        let generation_id = GenerationId::from_bytes(generation);
         if generation_id.is_nil() {
             return Err(field_error("generation_id", "a non-zero id", "all zeros"));
         }
-        let epoch = read_u64(page, OFF_EPOCH);
+        Ok(generation_id)
+    }
+
+    /// The flags: known bits only; [`FLAG_LIVE`] is the file's state.
+    fn parse_flags(page: &[u8]) -> Result<FileState, BitmapError> {
         let flags = read_u32(page, OFF_FLAGS);
         if flags & !KNOWN_FLAGS != 0 {
             return Err(field_error(
@@ -477,11 +425,15 @@ impl Header {
                 format_args!("{flags:#x}"),
             ));
         }
-        let state = if flags & FLAG_LIVE != 0 {
+        Ok(if flags & FLAG_LIVE != 0 {
             FileState::Live
         } else {
             FileState::Sealed
-        };
+        })
+    }
+
+    /// The reserved bytes and the rest of the header page are zero.
+    fn check_zeros(page: &[u8]) -> Result<(), BitmapError> {
         if let Some(i) = page[OFF_RESERVED..OFF_HEADER_CHECKSUM]
             .iter()
             .position(|&b| b != 0)
@@ -507,15 +459,7 @@ impl Header {
                 ),
             ));
         }
-        Ok(Header {
-            disk_size,
-            block_size,
-            block_count,
-            page_count,
-            generation_id,
-            epoch,
-            state,
-        })
+        Ok(())
     }
 }
 
@@ -902,6 +846,9 @@ impl ChangedBlockBitmap {
         Self::decode(bytes, DecodeMode::Recover)
     }
 
+    /// Checks the header and the file's length, then reads every bit page: a bad
+    /// checksum is an error, or in `Recover` mode on a live file a torn page whose
+    /// blocks all become dirty.
     fn decode(
         bytes: &[u8],
         mode: DecodeMode,
@@ -926,8 +873,6 @@ impl ChangedBlockBitmap {
             header.generation_id,
             header.epoch,
         )?;
-        let word_count = bitmap.words.len();
-        let last_mask = last_word_mask(bitmap.block_count);
         let mut torn_pages = Vec::new();
         for (page, chunk) in bytes[PAGE_SIZE..].chunks_exact(PAGE_SIZE).enumerate() {
             let page = page as u64;
@@ -945,25 +890,7 @@ impl ChangedBlockBitmap {
                     computed,
                 });
             }
-            let first_word = page as usize * WORDS_PER_PAGE;
-            for (i, raw) in payload.chunks_exact(WORD_BYTES).enumerate() {
-                let word = read_u64(raw, 0);
-                let index = first_word + i;
-                let allowed = match index.cmp(&(word_count - 1)) {
-                    std::cmp::Ordering::Less => u64::MAX,
-                    std::cmp::Ordering::Equal => last_mask,
-                    std::cmp::Ordering::Greater => 0,
-                };
-                if word & !allowed != 0 {
-                    return Err(BitmapError::PaddingBitsSet {
-                        page,
-                        block_count: bitmap.block_count,
-                    });
-                }
-                if index < word_count {
-                    bitmap.words[index] = word;
-                }
-            }
+            bitmap.load_page(page, payload)?;
         }
         for &page in &torn_pages {
             let first = page * BLOCKS_PER_PAGE;
@@ -978,6 +905,33 @@ impl ChangedBlockBitmap {
                 torn_pages,
             },
         ))
+    }
+
+    /// Takes the words of verified bit page `page` from its `payload`, refusing bits
+    /// set past the last block (the writer was wrong about the geometry).
+    fn load_page(&mut self, page: u64, payload: &[u8]) -> Result<(), BitmapError> {
+        let word_count = self.words.len();
+        let last_mask = last_word_mask(self.block_count);
+        let first_word = page as usize * WORDS_PER_PAGE;
+        for (i, raw) in payload.chunks_exact(WORD_BYTES).enumerate() {
+            let word = read_u64(raw, 0);
+            let index = first_word + i;
+            let allowed = match index.cmp(&(word_count - 1)) {
+                std::cmp::Ordering::Less => u64::MAX,
+                std::cmp::Ordering::Equal => last_mask,
+                std::cmp::Ordering::Greater => 0,
+            };
+            if word & !allowed != 0 {
+                return Err(BitmapError::PaddingBitsSet {
+                    page,
+                    block_count: self.block_count,
+                });
+            }
+            if index < word_count {
+                self.words[index] = word;
+            }
+        }
+        Ok(())
     }
 
     /// Atomically replaces `path` with this bitmap as a sealed file.
