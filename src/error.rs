@@ -208,6 +208,8 @@ fn source_category(e: &SourceError) -> Category {
             Category::DataIntegrity
         }
         E::Busy { .. } => Category::Usage,
+        E::Demoted { .. } | E::NotPromoted { .. } => Category::Role,
+        E::SiteRecord { .. } => Category::DataIntegrity,
         E::Stage { .. } => Category::Retryable,
         _ => Category::Internal,
     }

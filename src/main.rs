@@ -116,6 +116,16 @@ enum FailoverAction {
         #[arg(long)]
         config: PathBuf,
     },
+    /// On the primary site: hand the disks over to the secondary with no data loss.
+    /// Stop `ferry source` and shut the VMs down first. The shim then refuses every
+    /// write, a final epoch carries everything acknowledged, the target promotes its
+    /// site and this site is demoted (`ferry source` and `ferry sync` refuse to run,
+    /// `ferry shim` serves the disks read-only).
+    Planned {
+        /// The primary's config (the same as `ferry source` and `ferry shim` use).
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// On the secondary site, with the primary lost: take the replicas back in place
     /// to a recovery point (default: the latest), promote them and fence this site's
     /// target, which then refuses every source. Rerun after a crash to finish; rerun
@@ -394,6 +404,8 @@ fn shim(config: &std::path::Path) -> Result<(), CliError> {
             dataplane::config::IoEngineKind::Sync => IoEngine::Sync,
         },
     };
+    // A site demoted by a planned failover serves its disks read-only.
+    let demoted = source::failover::Demotion::load(&source.state_dir)?.is_some();
     let mut disks = Vec::with_capacity(cfg.disks.len());
     for d in &cfg.disks {
         let socket = d.nbd_socket.as_ref().ok_or_else(|| CliError::NoNbdSocket {
@@ -408,6 +420,7 @@ fn shim(config: &std::path::Path) -> Result<(), CliError> {
             source.block_size_bytes(),
         );
         disk.io_engine = engine;
+        disk.writes_refused = demoted;
         disks.push(disk);
     }
     install_stop_handlers();
@@ -504,6 +517,7 @@ fn failover(action: FailoverAction) -> Result<(), CliError> {
             }
             Ok(())
         }
+        FailoverAction::Planned { config } => failover_planned(&config),
         FailoverAction::Unplanned { config, point } => failover_unplanned(&config, point),
         FailoverAction::Commit { config } => failover_commit(&config),
         FailoverAction::Cleanup { config } => {
@@ -602,4 +616,35 @@ fn describe_site(site: &dataplane::writer::role::SiteRecord) -> String {
             site.point
         ),
     }
+}
+
+fn failover_planned(config: &std::path::Path) -> Result<(), CliError> {
+    let cfg = load(config)?;
+    let job = source::SyncJob::from_config(&cfg, ModeRequest::Auto)?;
+    println!(
+        "planned failover to {}: the shim refuses every write from now on (shut the VMs down first), a final epoch carries everything acknowledged, then the target promotes its replicas",
+        job.target
+    );
+    let done = source::failover::planned(&job)?;
+    let d = &done.demotion;
+    match &done.report {
+        None => println!(
+            "this site was already demoted (at {}, final epoch {})",
+            dataplane::utc::Utc::from_unix_s(d.since_unix_s),
+            d.epoch
+        ),
+        Some(r) => println!(
+            "final epoch {} acknowledged ({} bytes sent) and the target at {} promoted; no acknowledged write was left behind",
+            r.epoch, r.bytes_sent, d.target
+        ),
+    }
+    println!("boot the VMs at the secondary site from its replicas of:");
+    for disk in &d.disks {
+        println!(
+            "  {} (generation {}, epoch {})",
+            disk.name, disk.generation, d.epoch
+        );
+    }
+    println!("this site is demoted: `ferry source` and `ferry sync` refuse to run here, and `ferry shim` serves these disks read-only");
+    Ok(())
 }

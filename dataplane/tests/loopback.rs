@@ -73,6 +73,7 @@ fn job(
         shim_control: None,
         require_shim: false,
         discard_replica_changes: false,
+        promote: false,
     }
 }
 

@@ -156,6 +156,7 @@ fn status_disk(s: &DiskStatus) -> StatusDisk {
         marks_waited: t.marks_waited,
         tracking_failed: t.failed,
         connections: s.connections as u64,
+        writes_refused: s.writes_refused,
     }
 }
 
@@ -247,7 +248,20 @@ impl Client<'_> {
             Request::Commit(id) => self.finish(Finish::Commit, id),
             Request::Abort(id) => self.finish(Finish::Abort, id),
             Request::ResyncDone { disk, generation } => self.resync_done(&disk, generation),
+            Request::Demote => self.demote(),
         }
+    }
+
+    /// `demote`: every disk refuses writes from now on (see `nbd::gate`).
+    fn demote(&self) -> Reply {
+        for d in self.state.disks.iter() {
+            d.export.gate.seal();
+        }
+        tracing::warn!(
+            disks = self.state.disks.len(),
+            "demoted by a planned failover: every write is refused from now on"
+        );
+        ok(&Done::default())
     }
 
     /// `status`: the epoch frozen now, the freeze pauses so far and every disk.

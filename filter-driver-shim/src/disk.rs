@@ -30,6 +30,10 @@ pub struct ShimDisk {
     pub block_size: u32,
     /// How the backing store is driven (`[source] io_engine`); `Auto` by default.
     pub io_engine: IoEngine,
+    /// Refuse every write from the start: the site was demoted by a planned failover
+    /// (the VMs run from the replicas elsewhere). Reads are served; changes tracked
+    /// before the demotion stay in the bitmap, for the way back.
+    pub writes_refused: bool,
 }
 
 impl ShimDisk {
@@ -49,6 +53,7 @@ impl ShimDisk {
             state_path: state_dir.join(format!("{name}.shim-state")),
             block_size,
             io_engine: IoEngine::Auto,
+            writes_refused: false,
         }
     }
 }
@@ -60,6 +65,8 @@ pub struct DiskStatus {
     pub path: PathBuf,
     pub connections: usize,
     pub tracker: TrackerStatus,
+    /// Writes are refused (the site was demoted by a planned failover).
+    pub writes_refused: bool,
 }
 
 /// One disk of the running shim: what its accept loop, its connections, the control
@@ -116,6 +123,7 @@ impl ServedDisk {
             path: self.disk.path.clone(),
             connections: self.connections.load(Ordering::Relaxed),
             tracker: self.export.tracker.status(),
+            writes_refused: self.export.gate.is_sealed(),
         }
     }
 }

@@ -346,6 +346,10 @@ fn open_disk(disk: &ShimDisk) -> Result<ServedDisk, ShimError> {
         tracker,
         engine,
     );
+    if disk.writes_refused {
+        export.gate.seal();
+        tracing::warn!(disk = %disk.name, "this site was demoted by a planned failover: writes are refused");
+    }
     Ok(ServedDisk::new(disk.clone(), Arc::new(export), lock))
 }
 

@@ -209,6 +209,7 @@ impl Rig {
             shim_control: None,
             require_shim: false,
             discard_replica_changes: false,
+            promote: false,
         }
     }
 }

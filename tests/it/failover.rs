@@ -168,3 +168,91 @@ fn failover_of_a_target_that_never_applied_an_epoch_says_so() {
     // Refused before anything: the site is not fenced.
     sync_ok(&rig.config, &[]);
 }
+
+/// `ferry failover planned` with a guest still writing: nothing acknowledged is left
+/// behind, nothing is acknowledged after the cut, the target is promoted and this site
+/// demoted — across a shim restart too.
+#[test]
+fn planned_failover_hands_over_every_acknowledged_write_and_demotes_the_primary() {
+    let seed = test_seed("failover_planned");
+    let mut rig = Rig::new(seed, &RigSpec::two_disk_group(DISK_BYTES));
+    let mut source = rig.start_source();
+    rig.wait_first_epoch(Duration::from_secs(60));
+    let mut guest = Guest::until_refused(&rig, seed ^ 1, 24);
+    guest.wait_for(100);
+    // Continuous replication stops first (its epoch in progress completes).
+    // SAFETY: signalling our own child process, which has not been reaped.
+    unsafe { libc::kill(source.id() as libc::pid_t, libc::SIGTERM) };
+    let status = crate::common::shim::wait_timeout(&mut source, Duration::from_secs(60))
+        .expect("ferry source stops on SIGTERM");
+    assert!(status.success(), "{}", rig.log("source.log"));
+    guest.wait_for(50);
+
+    let planned = |rig: &Rig| {
+        ferry(
+            &[
+                "failover".as_ref(),
+                "planned".as_ref(),
+                "--config".as_ref(),
+                rig.config.as_os_str(),
+            ],
+            &[],
+        )
+    };
+    let (ok, out, err) = planned(&rig);
+    assert!(ok, "{out}{err}");
+    assert!(
+        out.contains("promoted") && out.contains("boot the VMs"),
+        "{out}"
+    );
+    // The guest was refused from the cut on; every write it saw acknowledged is on
+    // the promoted replicas, and nothing else: they equal the primary's disks.
+    guest.stop();
+    let refused = guest.refused.lock().unwrap().clone();
+    assert!(refused.is_some_and(|e| e.contains("EPERM") || e.contains("ermission")));
+    let acknowledged = guest.acknowledged();
+    assert_eq!(
+        crate::common::rig::assert_point_in_time(
+            &rig.replicas(),
+            &rig.initial,
+            &acknowledged,
+            "planned failover"
+        ),
+        acknowledged.len() as u64,
+        "every acknowledged write reached the promoted replicas"
+    );
+    assert!(
+        rig.replicas() == rig.images(),
+        "zero data loss: replicas equal the disks at the cut"
+    );
+
+    // The secondary is the primary now; this site is demoted, idempotently.
+    let (ok, out, _) = target_cmd(&rig, &["points"]);
+    assert!(ok && out.contains("promoted at"), "{out}");
+    let refused = sync(&rig.config, &[]);
+    assert!(
+        !refused.success() && refused.stderr.contains("demoted by a planned failover"),
+        "{}",
+        refused.stderr
+    );
+    let (ok, out, err) = planned(&rig);
+    assert!(ok && out.contains("already demoted"), "{out}{err}");
+    // A restarted shim keeps refusing writes.
+    rig.kill_shim();
+    rig.start_shim();
+    let status = rig.shim_status();
+    for d in status["disks"].as_array().unwrap() {
+        assert_eq!(d["writes_refused"], true, "{d}");
+    }
+    let mut nbd = crate::common::nbd::connect_retry(
+        &rig.disks[0].socket,
+        &rig.disks[0].name,
+        Duration::from_secs(10),
+    )
+    .unwrap();
+    assert!(
+        nbd.write(0, &[0x55; 4096]).is_err(),
+        "a demoted shim refuses writes"
+    );
+    assert!(rig.replicas() == rig.images());
+}

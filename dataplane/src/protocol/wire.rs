@@ -234,6 +234,12 @@ pub struct OpenDiskReply {
 /// replica by anything but the target (split brain, see the writer's `stamp`); only a
 /// full or seeded sync, which repairs every block, may carry it.
 pub const OPEN_DISCARD_REPLICA_CHANGES: u8 = 1;
+/// [`OpenDisk::flags`]: the final epoch of a planned failover. Carried by every disk of
+/// the session, which must name every disk the target is configured with; once the
+/// epoch commits, the target promotes its site (and is fenced) before acknowledging.
+/// A target that predates the flag ignores it, so the source checks afterwards that
+/// the target refuses sessions.
+pub const OPEN_PROMOTE: u8 = 2;
 
 pub const REPLICA_CREATED: u8 = 1;
 pub const REPLICA_EXISTING: u8 = 2;

@@ -49,7 +49,7 @@ pub fn needs_operator(e: &SourceError) -> bool {
         SourceError::Protocol(ProtocolError::Remote {
             code: ErrorCode::ReplicaChanged | ErrorCode::Fenced,
             ..
-        })
+        }) | SourceError::Demoted { .. }
     )
 }
 

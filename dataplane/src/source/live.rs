@@ -306,6 +306,12 @@ impl ShimControl {
         Ok(())
     }
 
+    /// Demotes the shim (planned failover): every write is refused from now on.
+    pub fn demote(&mut self) -> Result<(), SourceError> {
+        self.request::<Done>(&Request::Demote)?;
+        Ok(())
+    }
+
     /// A checksum-compare resync of `disk` at `generation` is done.
     pub fn resync_done(&mut self, disk: &str, generation: GenerationId) -> Result<(), SourceError> {
         self.request::<Done>(&Request::ResyncDone {

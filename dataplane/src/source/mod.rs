@@ -7,6 +7,7 @@
 //! only after the target acknowledged the epoch as durable.
 
 pub mod continuous;
+pub mod failover;
 pub mod live;
 pub mod lock;
 pub mod pipeline;
@@ -147,6 +148,23 @@ pub enum SourceError {
         /// The engine holding the lock, `command (pid N)`, when its note says.
         holder: Option<String>,
     },
+    /// This site handed its disks over in a planned failover (see [`failover`]).
+    #[error("this site was demoted by a planned failover at {} (final epoch {epoch}, the replicas at {target} were promoted): the VMs run at the secondary site now and this site replicates nothing", crate::utc::Utc::from_unix_s(*since_unix_s))]
+    Demoted {
+        since_unix_s: u64,
+        target: String,
+        epoch: u64,
+    },
+    #[error("state {}", path.display())]
+    SiteRecord {
+        path: PathBuf,
+        #[source]
+        source: crate::writer::state::StateFileError,
+    },
+    /// The final epoch was acknowledged but the target still takes sessions: it did
+    /// not promote (a target that predates planned failover ignores the request).
+    #[error("the target at {target} acknowledged the final epoch {epoch} but did not promote its site (is it an older ferry?); this site is demoted (writes refused by the shim) but not handed over — upgrade the target and rerun, or fail over there with `ferry failover unplanned`")]
+    NotPromoted { target: String, epoch: u64 },
 }
 
 /// Why a changed-block bitmap cannot carry a sync of its disk.
@@ -249,6 +267,9 @@ pub struct SyncJob {
     /// the target (split brain): the target accepts them for this sync, which must
     /// compare every block (`mode` seeded or full).
     pub discard_replica_changes: bool,
+    /// The final epoch of a planned failover (see [`failover`]): the target promotes
+    /// its site once it commits.
+    pub promote: bool,
 }
 
 impl std::fmt::Debug for SyncJob {
@@ -303,6 +324,7 @@ impl SyncJob {
             shim_control: Some(source.state_dir.join(SHIM_CONTROL_SOCKET)),
             require_shim: false,
             discard_replica_changes: false,
+            promote: false,
         })
     }
 }
@@ -412,6 +434,7 @@ pub fn sync(job: &SyncJob) -> Result<SyncReport, SourceError> {
 /// [`sync`] by an engine that already holds the state directory's lock (`ferry
 /// source` holds it for its whole life).
 pub fn sync_locked(job: &SyncJob, _lock: &EngineLock) -> Result<SyncReport, SourceError> {
+    failover::refuse_if_demoted(&job.state_dir)?;
     // An explicit `--bitmap` means the operator supplies the change set: no shim epoch.
     let explicit_bitmaps = job.disks.iter().any(|d| d.bitmap.is_some());
     let shim = match &job.shim_control {
@@ -435,6 +458,18 @@ pub fn sync_locked(job: &SyncJob, _lock: &EngineLock) -> Result<SyncReport, Sour
             Ok(report(&disks, epoch, &stats, applied, started, None))
         }
     }
+}
+
+/// The `OPEN_*` flags every disk of `job`'s session carries.
+fn open_flags(job: &SyncJob) -> u8 {
+    let mut flags = 0;
+    if job.discard_replica_changes {
+        flags |= OPEN_DISCARD_REPLICA_CHANGES;
+    }
+    if job.promote {
+        flags |= crate::protocol::OPEN_PROMOTE;
+    }
+    flags
 }
 
 /// How one disk goes in a live epoch.
@@ -1062,11 +1097,7 @@ fn open_epoch<R: std::io::Read, W: std::io::Write>(
                 name,
                 name_len: d.spec.name.len() as u8,
                 mode: d.mode as u8,
-                flags: if job.discard_replica_changes {
-                    OPEN_DISCARD_REPLICA_CHANGES
-                } else {
-                    0
-                },
+                flags: open_flags(job),
                 reserved: 0,
                 block_size: (job.block_size as u32).into(),
                 disk_size: d.disk.size().into(),
@@ -1339,6 +1370,7 @@ mod tests {
             marks_waited: 0,
             tracking_failed: false,
             connections: 0,
+            writes_refused: false,
         }
     }
 

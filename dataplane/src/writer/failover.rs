@@ -293,6 +293,28 @@ fn promoted_disks(
     Ok(disks)
 }
 
+/// Promotes the site after the final epoch of a planned failover committed (the
+/// caller holds the apply lock and the session's claim on every disk): the replicas
+/// hold `epoch`, which is the latest point; nothing is rolled back. Durable before the
+/// source hears that the epoch committed.
+pub(crate) fn promote_planned(job: &TargetJob, epoch: u64) -> Result<(), TargetError> {
+    let disks = promoted_disks(&job.state_dir, &job.replicas())?;
+    SiteRecord {
+        role: Role::Primary,
+        how: Transition::PlannedFailover,
+        since_unix_s: now_s(),
+        point: epoch,
+        disks: disks.into_iter().map(|(d, _)| d).collect(),
+        committed: false,
+    }
+    .save(&job.state_dir)?;
+    tracing::warn!(
+        epoch,
+        "planned failover: this site is promoted to primary and refuses every source from now on"
+    );
+    Ok(())
+}
+
 /// What [`commit`] did.
 #[derive(Debug, Clone)]
 pub struct Committed {

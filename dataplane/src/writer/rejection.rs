@@ -141,6 +141,8 @@ pub enum Rejection {
         point: u64,
         promoting: bool,
     },
+    #[error("a planned failover's final epoch must carry every disk of this target, and mark each for promotion; missing: {}", missing.join(", "))]
+    PromoteNeedsAllDisks { missing: Vec<String> },
     #[error("disk {disk}: discarding the replica's changes needs a full or seeded sync, which compares every block, not a changed-block epoch")]
     DiscardNeedsResync { disk: String },
     /// The replica cannot be opened at the announced size.
@@ -312,6 +314,7 @@ impl Rejection {
             | ZeroSize { .. }
             | UnknownMode { .. }
             | DiscardNeedsResync { .. }
+            | PromoteNeedsAllDisks { .. }
             | DiffShape { .. }
             | BadBatch { .. }
             | ClosedBeforeCommit

@@ -44,12 +44,15 @@ pub enum Role {
 pub enum Transition {
     /// `ferry failover unplanned`: the primary was lost.
     UnplannedFailover,
+    /// `ferry failover planned` at the primary: a final epoch, then promotion.
+    PlannedFailover,
 }
 
 impl std::fmt::Display for Transition {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             Self::UnplannedFailover => "an unplanned failover",
+            Self::PlannedFailover => "a planned failover",
         })
     }
 }

@@ -24,7 +24,8 @@ use crate::protocol::{
     auth, block_hash, is_zero, Commit, Committed, DiskManifest, DiskRun, FrameDeadline, FrameKind,
     FrameReader, FrameWriter, HashesHeader, Incoming, OpenDisk, OpenDiskReply, OpenHeader,
     SyncMode, TimedStream, MAX_DIFF_RUNS_PER_FRAME, MAX_DISKS_PER_SESSION, MAX_FRAME_PAYLOAD,
-    MAX_NAME_LEN, OPEN_DISCARD_REPLICA_CHANGES, REPLICA_CREATED, REPLICA_EXISTING, ZERO_BLOCK_HASH,
+    MAX_NAME_LEN, OPEN_DISCARD_REPLICA_CHANGES, OPEN_PROMOTE, REPLICA_CREATED, REPLICA_EXISTING,
+    ZERO_BLOCK_HASH,
 };
 
 /// Receive buffers per session: frames in flight between the socket and the disks.
@@ -167,6 +168,7 @@ fn serve<R: std::io::Read, W: std::io::Write>(
     let payload = reader.expect(FrameKind::Open, &mut control)?;
     let announced = announced_batch(payload);
     let (epoch, opened, busy) = open(shared, payload)?;
+    let promote = promotion(job, payload)?;
     let replies: Vec<OpenDiskReply> = opened.iter().map(OpenedDisk::reply).collect();
     writer.send(FrameKind::OpenOk, &[replies.as_bytes()])?;
     let DiskSet {
@@ -224,6 +226,7 @@ fn serve<R: std::io::Read, W: std::io::Write>(
         busy,
         apply_lock,
         undo,
+        promote,
     };
     staged.settle(writer, outcome)
 }
@@ -551,6 +554,8 @@ struct Staged<'s> {
     /// Held until the epoch is committed or rolled back.
     apply_lock: std::fs::File,
     undo: UndoLog,
+    /// The final epoch of a planned failover: promote the site once it commits.
+    promote: bool,
 }
 
 impl Staged<'_> {
@@ -568,6 +573,7 @@ impl Staged<'_> {
             busy,
             apply_lock,
             undo,
+            promote,
         } = self;
         let applied = match outcome {
             Ok(applied) => applied,
@@ -579,6 +585,9 @@ impl Staged<'_> {
             .map_err(|f| *f)
         {
             Ok(()) => {
+                if promote {
+                    super::failover::promote_planned(&shared.job, epoch)?;
+                }
                 drop(apply_lock);
                 drop(busy);
                 acknowledge(writer, epoch, applied, &names)
@@ -750,6 +759,38 @@ fn open<'s>(
         .map(|(e, name)| open_disk(job, e, name))
         .collect::<Result<Vec<_>, _>>()?;
     Ok((epoch, opened, guard))
+}
+
+/// Whether the Open frame asks for the planned failover's promotion: every entry or
+/// none carries [`OPEN_PROMOTE`], and with it every configured disk is named.
+fn promotion(job: &super::TargetJob, payload: &[u8]) -> Result<bool, TargetError> {
+    let (_, entries) = parse_open(payload)?;
+    let flagged = entries
+        .iter()
+        .filter(|e| e.flags & OPEN_PROMOTE != 0)
+        .count();
+    if flagged == 0 {
+        return Ok(false);
+    }
+    let named = entry_names(job, entries)?;
+    let missing: Vec<String> = job
+        .disks
+        .iter()
+        .map(|d| d.name.clone())
+        .filter(|n| !named.contains(n))
+        .chain(
+            entries
+                .iter()
+                .zip(&named)
+                .filter(|(e, _)| e.flags & OPEN_PROMOTE == 0)
+                .map(|(_, n)| n.clone()),
+        )
+        .collect();
+    if missing.is_empty() {
+        Ok(true)
+    } else {
+        Err(Rejection::PromoteNeedsAllDisks { missing }.into())
+    }
 }
 
 /// The Open frame's epoch and disk entries, their count checked.

@@ -123,6 +123,11 @@ pub enum Request {
         disk: String,
         generation: GenerationId,
     },
+    /// `demote`: the site is being failed over (planned): every disk's writes are
+    /// refused from now on (`EPERM`), for good in this shim process; writes already
+    /// in flight complete. The next freeze is then a cut after which no write is ever
+    /// acknowledged.
+    Demote,
 }
 
 /// Why a line is not a [`Request`]. The messages are the shim's error replies.
@@ -161,6 +166,7 @@ impl FromStr for Request {
             "commit" => Ok(Request::Commit(epoch(words.next())?)),
             "abort" => Ok(Request::Abort(epoch(words.next())?)),
             "resync-done" => parse_resync_done(words.next(), words.next()),
+            "demote" => Ok(Request::Demote),
             "" => Err(RequestError::Empty),
             other => Err(RequestError::UnknownCommand(other.to_string())),
         }
@@ -223,6 +229,7 @@ impl fmt::Display for Request {
             Request::ResyncDone { disk, generation } => {
                 write!(f, "resync-done {disk} {generation}")
             }
+            Request::Demote => f.write_str("demote"),
         }
     }
 }
@@ -349,6 +356,10 @@ pub struct StatusDisk {
     pub tracking_failed: bool,
     /// NBD connections open now.
     pub connections: u64,
+    /// Writes are refused: the site was demoted by a planned failover. `false` from a
+    /// shim that predates demotion.
+    #[serde(default)]
+    pub writes_refused: bool,
 }
 
 /// The reply to `freeze`.

@@ -14,6 +14,11 @@
 //!  writer:  enter ──► [copy-before-write] ──► mark ──► write … completes ──► leave
 //!  freeze:           close ──► wait writers == 0 ──► swap epoch ──► open
 //! ```
+//!
+//! A gate can also be **sealed** (the disk's site was demoted by a planned failover):
+//! from then on every writer is refused at entry, under the same lock a drain takes,
+//! so the next drain (the final epoch's freeze) is a cut after which no write is ever
+//! acknowledged. Writers already inside finish and are drained as usual.
 
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
@@ -35,7 +40,13 @@ struct GateState {
     closed: bool,
     /// The frozen epoch, if any. Changed only by a drain, with no writer inside.
     frozen: Option<Arc<FrozenDisk>>,
+    /// Writers are refused (see the module documentation).
+    sealed: bool,
 }
+
+/// A writer refused by a sealed gate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sealed;
 
 /// A writer inside the gate. Dropping it leaves the gate. While it lives, the frozen
 /// epoch it saw at entry stays installed.
@@ -68,31 +79,49 @@ impl WriteGate {
         self.changed.wait(st).unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Enters, waiting while the gate is closed.
-    pub fn enter(&self) -> GatePass<'_> {
+    /// Enters, waiting while the gate is closed; refused once it is sealed.
+    pub fn enter(&self) -> Result<GatePass<'_>, Sealed> {
         let mut st = self.lock();
-        while st.closed {
+        while st.closed && !st.sealed {
             st = self.wait(st);
         }
-        st.writers += 1;
-        GatePass {
-            gate: self,
-            frozen: st.frozen.clone(),
-        }
-    }
-
-    /// Enters if the gate is open; `None` while a drain is closing or holding it. For
-    /// a thread that must not block while writes it started are still inside.
-    pub fn try_enter(&self) -> Option<GatePass<'_>> {
-        let mut st = self.lock();
-        if st.closed {
-            return None;
+        if st.sealed {
+            return Err(Sealed);
         }
         st.writers += 1;
-        Some(GatePass {
+        Ok(GatePass {
             gate: self,
             frozen: st.frozen.clone(),
         })
+    }
+
+    /// Enters if the gate is open; `Ok(None)` while a drain is closing or holding it.
+    /// For a thread that must not block while writes it started are still inside.
+    pub fn try_enter(&self) -> Result<Option<GatePass<'_>>, Sealed> {
+        let mut st = self.lock();
+        if st.sealed {
+            return Err(Sealed);
+        }
+        if st.closed {
+            return Ok(None);
+        }
+        st.writers += 1;
+        Ok(Some(GatePass {
+            gate: self,
+            frozen: st.frozen.clone(),
+        }))
+    }
+
+    /// Seals the gate: every writer from now on is refused (writers waiting at a
+    /// closed gate are woken to be refused). Permanent for this process.
+    pub fn seal(&self) {
+        self.lock().sealed = true;
+        self.changed.notify_all();
+    }
+
+    /// Whether the gate is sealed.
+    pub fn is_sealed(&self) -> bool {
+        self.lock().sealed
     }
 
     fn leave(&self) {
@@ -179,8 +208,8 @@ mod tests {
     #[test]
     fn drain_waits_for_passes_and_closed_gate_holds_new_writers() {
         let gate = WriteGate::new();
-        let a = gate.enter();
-        let b = gate.try_enter().expect("open gate");
+        let a = gate.enter().unwrap();
+        let b = gate.try_enter().unwrap().expect("open gate");
         assert_eq!(gate.writers(), 2);
         let drained = AtomicBool::new(false);
         let entered_late = AtomicBool::new(false);
@@ -195,11 +224,11 @@ mod tests {
                 assert!(!entered_late.load(Ordering::SeqCst));
             });
             // Wait until the drain has closed the gate.
-            while gate.try_enter().map(drop).is_some() {
+            while gate.try_enter().unwrap().map(drop).is_some() {
                 std::thread::yield_now();
             }
             s.spawn(|| {
-                let _p = gate.enter();
+                let _p = gate.enter().unwrap();
                 assert!(
                     drained.load(Ordering::SeqCst),
                     "a writer got in before the drain"
@@ -218,7 +247,36 @@ mod tests {
         });
         assert!(entered_late.load(Ordering::SeqCst));
         assert_eq!(gate.writers(), 0);
-        assert!(gate.try_enter().is_some(), "open again");
+        assert!(gate.try_enter().unwrap().is_some(), "open again");
+    }
+
+    #[test]
+    fn a_sealed_gate_refuses_new_writers_and_wakes_waiting_ones() {
+        let gate = WriteGate::new();
+        let inside = gate.enter().unwrap();
+        let refused = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            // A drain closes the gate and waits for the writer inside.
+            s.spawn(|| drop(gate.drain()));
+            while gate.try_enter().unwrap().map(drop).is_some() {
+                std::thread::yield_now();
+            }
+            // A writer waits at the closed gate, then is refused once it is sealed.
+            let waiter = s.spawn(|| refused.store(gate.enter().is_err(), Ordering::SeqCst));
+            std::thread::sleep(Duration::from_millis(20));
+            gate.seal();
+            waiter.join().unwrap();
+            drop(inside);
+        });
+        assert!(
+            refused.load(Ordering::SeqCst),
+            "a waiting writer was refused"
+        );
+        assert!(gate.is_sealed());
+        assert_eq!(gate.try_enter().unwrap_err(), Sealed);
+        assert_eq!(gate.writers(), 0);
+        // A drain still works on a sealed gate (the final epoch's freeze).
+        drop(gate.drain());
     }
 
     #[test]

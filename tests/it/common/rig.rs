@@ -264,6 +264,8 @@ pub struct Guest {
     done: Arc<AtomicU64>,
     /// Writes that failed and were retried on a new connection.
     pub retries: Arc<AtomicU64>,
+    /// The error that stopped a guest started with [`Guest::until_refused`].
+    pub refused: Arc<Mutex<Option<String>>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -271,7 +273,29 @@ impl Guest {
     /// Starts writing: each write covers 1 to `max_sectors` sectors at a random place,
     /// `pace` apart (back to back when zero).
     pub fn start(rig: &Rig, seed: u64, max_sectors: u64, pace: Duration) -> Guest {
+        Guest::spawn(rig, seed, max_sectors, pace, true)
+    }
+
+    /// Like [`Guest::start`], but the first write the shim refuses ends the guest (the
+    /// error is kept in [`Guest::refused`]) instead of being retried. Every write is
+    /// logged before it is issued, so the refused one is the log's last;
+    /// [`Guest::acknowledged`] leaves it out.
+    pub fn until_refused(rig: &Rig, seed: u64, max_sectors: u64) -> Guest {
+        Guest::spawn(rig, seed, max_sectors, Duration::ZERO, false)
+    }
+
+    /// The writes the shim acknowledged (the log without a refused last write).
+    pub fn acknowledged(&self) -> Vec<Write> {
+        let mut log = self.log();
+        if self.refused.lock().unwrap().is_some() {
+            log.pop();
+        }
+        log
+    }
+
+    fn spawn(rig: &Rig, seed: u64, max_sectors: u64, pace: Duration, retry: bool) -> Guest {
         let log = Arc::new(Mutex::new(Vec::new()));
+        let refused = Arc::new(Mutex::new(None));
         let stop = Arc::new(AtomicBool::new(false));
         let done = Arc::new(AtomicU64::new(0));
         let retries = Arc::new(AtomicU64::new(0));
@@ -284,6 +308,7 @@ impl Guest {
         let thread = {
             let (log, stop, done, retries) =
                 (log.clone(), stop.clone(), done.clone(), retries.clone());
+            let refused = refused.clone();
             std::thread::spawn(move || {
                 let mut rng = Rng::new(seed);
                 let connect = |i: usize| {
@@ -309,7 +334,11 @@ impl Guest {
                         buf.extend_from_slice(&seq.to_le_bytes());
                     }
                     log.lock().unwrap().push(w);
-                    while clients[disk].write(w.offset, &buf).is_err() {
+                    while let Err(e) = clients[disk].write(w.offset, &buf) {
+                        if !retry {
+                            *refused.lock().unwrap() = Some(e.to_string());
+                            return;
+                        }
                         retries.fetch_add(1, Ordering::Relaxed);
                         clients[disk] = connect(disk);
                     }
@@ -325,6 +354,7 @@ impl Guest {
             stop,
             done,
             retries,
+            refused,
             thread: Some(thread),
         }
     }

@@ -34,6 +34,7 @@ fn status_reply() -> StatusReply {
             marks_waited: 1,
             tracking_failed: false,
             connections: 2,
+            writes_refused: false,
         }],
     }
 }
@@ -89,6 +90,7 @@ fn every_request_round_trips_through_its_line() {
         Request::Check(EpochId::new(0x0123_4567_89ab_cdef)),
         Request::Commit(EpochId::new(1)),
         Request::Abort(EpochId::new(u64::MAX)),
+        Request::Demote,
         Request::ResyncDone {
             disk: "vda".into(),
             generation: gen(),
@@ -198,6 +200,7 @@ fn reply_field_names() {
                 "marks_waited": 1,
                 "tracking_failed": false,
                 "connections": 2,
+                "writes_refused": false,
             }],
         })
     );

@@ -102,6 +102,16 @@ pub(crate) fn io_refusal(
     }
 }
 
+/// The NBD error for a change refused because the disk's site was demoted by a planned
+/// failover (its gate is sealed): the VMs run from the replicas now.
+pub(crate) fn sealed_refusal(export: &Export, op: &'static str) -> Refusal {
+    tracing::debug!(disk = %export.info.name, op, "write refused: this site was demoted by a planned failover");
+    Refusal {
+        errno: NbdErrno::Perm,
+        reason: "the disk's site was demoted by a planned failover; writes are refused",
+    }
+}
+
 /// The NBD error for a change that could not be tracked: the change is not made.
 pub(crate) fn tracker_refusal(export: &Export, err: &TrackerError) -> Refusal {
     tracing::error!(disk = %export.info.name, error = %err, source = ?std::error::Error::source(err), "change tracking failed; write refused");

@@ -9,7 +9,9 @@ use std::sync::mpsc::{self, Receiver, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 
-use super::{block_status, io_refusal, tracker_refusal, Engine, Job, Reply, JOB_QUEUE_DEPTH};
+use super::{
+    block_status, io_refusal, sealed_refusal, tracker_refusal, Engine, Job, Reply, JOB_QUEUE_DEPTH,
+};
 use crate::nbd::export::Export;
 use crate::nbd::proto::{Command, Durability, Refusal, ZeroMode};
 use crate::pool::PooledBuf;
@@ -154,7 +156,10 @@ fn write(
     durability: Durability,
 ) -> Result<(), Refusal> {
     {
-        let gate = export.gate.enter();
+        let gate = export
+            .gate
+            .enter()
+            .map_err(|_| sealed_refusal(export, "write"))?;
         if let Some(frozen) = gate.frozen() {
             frozen.preserve(&export.backing, offset, u64::from(length));
         }
@@ -172,7 +177,10 @@ fn write(
 /// changes).
 fn trim(export: &Export, offset: u64, length: u32, durability: Durability) -> Result<(), Refusal> {
     {
-        let gate = export.gate.enter();
+        let gate = export
+            .gate
+            .enter()
+            .map_err(|_| sealed_refusal(export, "trim"))?;
         if gate.frozen().is_none() {
             mark(export, offset, length)?;
             export
@@ -195,7 +203,10 @@ fn write_zeroes(
 ) -> Result<(), Refusal> {
     let backing = &export.backing;
     {
-        let gate = export.gate.enter();
+        let gate = export
+            .gate
+            .enter()
+            .map_err(|_| sealed_refusal(export, "write zeroes"))?;
         if let Some(frozen) = gate.frozen() {
             frozen.preserve(backing, offset, u64::from(length));
         }

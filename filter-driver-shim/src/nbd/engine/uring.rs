@@ -71,10 +71,12 @@ use std::thread::{self, JoinHandle};
 use ferry_io::uring::{self as uring_probe, UringError};
 use io_uring::{opcode, squeue, types, IoUring};
 
-use super::{block_status, io_refusal, tracker_refusal, Engine, Job, Reply, JOB_QUEUE_DEPTH};
+use super::{
+    block_status, io_refusal, sealed_refusal, tracker_refusal, Engine, Job, Reply, JOB_QUEUE_DEPTH,
+};
 use crate::backing::{fallocate_unsupported, Backing, ZEROS, ZERO_CHUNK_BYTES};
 use crate::nbd::export::Export;
-use crate::nbd::gate::GatePass;
+use crate::nbd::gate::{GatePass, Sealed};
 use crate::nbd::proto::{Command, Durability, NbdErrno, Refusal, ZeroMode};
 use crate::pool::PooledBuf;
 use crate::tracker::MarkTicket;
@@ -1041,17 +1043,30 @@ impl<'a> IoLoop<'a> {
     /// Enters the write gate. If a freeze is draining it, first reaps every request of
     /// ours inside it (they complete on their own), then waits at the gate with
     /// nothing of ours inside, so the drain never waits for this thread. Returns
-    /// `None` (the request already answered) only if the ring failed meanwhile.
+    /// `None` (the request already answered) if the ring failed meanwhile or the gate
+    /// is sealed (the write refused).
     fn enter_gate(&mut self, cookie: u64) -> Option<GatePass<'a>> {
         let gate = &self.export.gate;
+        let sealed = |this: &mut Self| {
+            this.deliver(Reply::Done {
+                cookie,
+                result: Err(sealed_refusal(this.export, "write")),
+            });
+            None
+        };
         let pass = loop {
-            if let Some(pass) = gate.try_enter() {
-                break pass;
+            match gate.try_enter() {
+                Ok(Some(pass)) => break pass,
+                Ok(None) => {}
+                Err(Sealed) => return sealed(self),
             }
             if self.gated == 0 {
                 // Nothing of ours inside: wait at the gate, replies handed over first.
                 self.push_backlog();
-                break gate.enter();
+                match gate.enter() {
+                    Ok(pass) => break pass,
+                    Err(Sealed) => return sealed(self),
+                }
             }
             // Ours are inside (in the kernel, or waiting for their marks): they
             // finish on their own; the gate then drains without us.
