@@ -78,6 +78,9 @@ pub enum CliError {
     /// A promoted site offers no point (see `ferry points`).
     #[error("no recovery point is offered: this site was promoted to recovery point {point} by a failover{}", if *committed { ", which was committed" } else { ", and the disks were written since (or the promotion is unfinished)" })]
     SitePromoted { point: u64, committed: bool },
+    /// Split brain: no recovery point describes a replica changed outside ferry.
+    #[error("disk {disk}: the replica was changed outside ferry ({how}); no recovery point describes it any more (see `ferry points`)")]
+    ChangedOutside { disk: String, how: String },
     #[error("a test failover is already open in {}; run `ferry failover cleanup` first", dir.display())]
     FailoverOpen { dir: PathBuf },
     /// Removing the test-failover images failed.
@@ -141,6 +144,7 @@ impl CliError {
             CliError::ShimEngineEnv(_) | CliError::Usage(_) => Category::Usage,
             CliError::NoRecoveryPoints | CliError::FailoverOpen { .. } => Category::Usage,
             CliError::SitePromoted { .. } => Category::Role,
+            CliError::ChangedOutside { .. } => Category::DataIntegrity,
             CliError::Demo(e) => demo_category(e),
             CliError::Image(e) => image_category(e),
         }

@@ -88,7 +88,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Test failover: open a recovery point as writable disk images, or discard them.
+    /// Failover: test a recovery point on copies, hand the disks over (planned), promote
+    /// the replicas when the primary is lost (unplanned), make a failover final.
     Failover {
         #[command(subcommand)]
         action: FailoverAction,
@@ -439,16 +440,27 @@ fn points(config: &std::path::Path, json: bool) -> Result<(), CliError> {
         .iter()
         .map(|d| (d.name.clone(), d.path.clone()))
         .collect();
-    let (site, points) = dataplane::writer::failover::offered_points(&target.state_dir, &replicas)?;
+    let offered = dataplane::writer::failover::offered_points(&target.state_dir, &replicas)?;
+    let (site, points) = (&offered.site, &offered.points);
     if json {
-        println!("{}", serde_json::json!({ "site": site, "points": points }));
+        let changed = offered
+            .changed
+            .as_ref()
+            .map(|(d, how)| serde_json::json!({"disk": d, "how": how}));
+        println!(
+            "{}",
+            serde_json::json!({ "site": site, "points": points, "changed_outside": changed })
+        );
         return Ok(());
     }
-    if let Some(site) = &site {
+    if let Some(site) = site {
         println!("{}", describe_site(site));
     }
+    if let Some((disk, how)) = &offered.changed {
+        println!("disk {disk}: the replica was changed outside ferry ({how}); no recovery point describes it any more");
+    }
     if points.is_empty() {
-        if site.is_none() {
+        if site.is_none() && offered.changed.is_none() {
             println!("no recovery points: no epoch has been acknowledged yet");
         }
         return Ok(());
@@ -457,7 +469,7 @@ fn points(config: &std::path::Path, json: bool) -> Result<(), CliError> {
         "{:>8}  {:>20}  {:>14}  disks",
         "point", "acknowledged (unix)", "undo bytes"
     );
-    for p in &points {
+    for p in points {
         println!(
             "{:>8}  {:>20}  {:>14}  {}{}",
             p.id,
@@ -485,17 +497,21 @@ fn failover(action: FailoverAction) -> Result<(), CliError> {
                 .iter()
                 .map(|d| (d.name.clone(), d.path.clone()))
                 .collect();
-            let (site, offered) =
+            let offered =
                 dataplane::writer::failover::offered_points(&target.state_dir, &replicas)?;
-            if let (Some(site), true) = (&site, offered.is_empty()) {
+            if let (Some(site), true) = (&offered.site, offered.points.is_empty()) {
                 return Err(CliError::SitePromoted {
                     point: site.point,
                     committed: site.committed,
                 });
             }
+            if let Some((disk, how)) = offered.changed {
+                return Err(CliError::ChangedOutside { disk, how });
+            }
             let point = match point {
                 Some(p) => p,
                 None => offered
+                    .points
                     .first()
                     .map(|p| p.id)
                     .ok_or(CliError::NoRecoveryPoints)?,
@@ -544,11 +560,8 @@ fn failover(action: FailoverAction) -> Result<(), CliError> {
 
 fn failover_unplanned(config: &std::path::Path, point: Option<u64>) -> Result<(), CliError> {
     let job = dataplane::writer::TargetJob::from_config(&load(config)?)?;
-    println!(
-        "unplanned failover: fencing this site's target (it will refuse every source), then taking the replicas back to recovery point {} in place",
-        point.map_or("latest".to_string(), |p| p.to_string())
-    );
     let done = dataplane::writer::failover::unplanned(&job, point)?;
+    println!("unplanned failover: this site's target is fenced (it refuses every source)");
     if done.already {
         println!(
             "the site was already promoted to recovery point {}",

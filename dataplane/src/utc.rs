@@ -21,11 +21,15 @@ impl std::fmt::Display for Utc {
         let (y, m, d) = civil_from_days(days);
         write!(
             f,
-            "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}.{nanos:09} UTC",
+            "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
             rem / 3600,
             rem % 3600 / 60,
             rem % 60
-        )
+        )?;
+        if nanos != 0 {
+            write!(f, ".{nanos:09}")?;
+        }
+        f.write_str(" UTC")
     }
 }
 
@@ -51,14 +55,18 @@ mod tests {
 
     #[test]
     fn dates_across_leap_days_and_the_epoch() {
-        assert_eq!(Utc(0).to_string(), "1970-01-01 00:00:00.000000000 UTC");
+        assert_eq!(Utc(0).to_string(), "1970-01-01 00:00:00 UTC");
         assert_eq!(
             Utc(951_782_400_000_000_000).to_string(),
-            "2000-02-29 00:00:00.000000000 UTC"
+            "2000-02-29 00:00:00 UTC"
         );
         assert_eq!(
             Utc::from_unix_s(1_796_535_923).to_string(),
-            "2026-12-06 05:45:23.000000000 UTC"
+            "2026-12-06 05:45:23 UTC"
+        );
+        assert_eq!(
+            Utc(1_500_000_000).to_string(),
+            "1970-01-01 00:00:01.500000000 UTC"
         );
         assert_eq!(Utc(-1).to_string(), "1969-12-31 23:59:59.999999999 UTC");
     }

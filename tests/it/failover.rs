@@ -114,6 +114,10 @@ fn unplanned_failover_takes_the_replicas_back_in_place_to_every_point_and_fences
             assert!(!ok, "the failpoint aborts the rollback: {err}");
             let (ok, out, _) = target_cmd(&rig, &["points"]);
             assert!(ok && out.contains("being promoted"), "{out}");
+            // The interrupted promotion's point binds: the epoch half undone cannot be
+            // chosen any more.
+            let (ok, _, err) = unplanned(&rig, Some(*latest), &[]);
+            assert!(!ok && err.contains("is newer"), "{err}");
         }
         let (ok, out, err) = unplanned(&rig, Some(*point), &[]);
         assert!(ok, "point {point}: {out}{err}");

@@ -73,6 +73,38 @@ fn a_replica_written_outside_ferry_is_refused_until_the_operator_chooses() {
         foreign.iter().all(|&b| b == 0x77),
         "the foreign write was overwritten"
     );
+    // No recovery point describes the replica any more, and a failover can take it
+    // only as it is.
+    let target_config = rig.target.config.to_str().unwrap();
+    let points = run_ferry(
+        &[
+            "points".as_ref(),
+            "--config".as_ref(),
+            target_config.as_ref(),
+        ],
+        Duration::from_secs(30),
+    );
+    assert!(
+        points.stdout.contains("changed outside ferry"),
+        "{}",
+        points.stdout
+    );
+    let older = run_ferry(
+        &[
+            "failover".as_ref(),
+            "unplanned".as_ref(),
+            "--config".as_ref(),
+            target_config.as_ref(),
+            "--point".as_ref(),
+            "1".as_ref(),
+        ],
+        Duration::from_secs(30),
+    );
+    assert!(
+        !older.success() && older.stderr.contains("only as it is"),
+        "{}",
+        older.stderr
+    );
     // Refused again on a rerun, as long as the operator has not chosen.
     let again = sync(&rig.config, &[]);
     assert!(!again.success(), "{}", again.stderr);

@@ -43,6 +43,12 @@ pub enum FailoverError {
         disk: String,
         changes: Vec<super::stamp::StampChange>,
     },
+    #[error("disk {disk}: the replica was changed outside ferry since epoch {latest} ({}): it can be failed over only as it is (the latest point: omit --point); an older point would mix those changes with old bytes", describe(changes))]
+    ChangedOutside {
+        disk: String,
+        latest: u64,
+        changes: Vec<super::stamp::StampChange>,
+    },
     #[error("the site is not promoted: run `ferry failover unplanned` first")]
     NotPromoted,
     #[error("the site is still being promoted (to recovery point {point}): rerun `ferry failover unplanned` to finish first")]
@@ -80,17 +86,29 @@ pub fn unplanned(job: &TargetJob, point: Option<u64>) -> Result<Promotion, Targe
         return Ok(done);
     }
     points::settle_interrupted(state_dir, &replicas)?;
-    if site.as_ref().is_some_and(|s| s.role == Role::Promoting) {
-        forget_consumed(state_dir, &names)?;
-    }
-    let point = match point.or(site
+    // An interrupted promotion is finished first: its point binds (logs newer than it
+    // may be undone already), though the rerun may go further back.
+    let resuming = site
         .as_ref()
         .filter(|s| s.role == Role::Promoting)
-        .map(|s| s.point))
-    {
-        Some(p) => p,
-        None => latest(state_dir, &names)?,
+        .map(|s| s.point);
+    if resuming.is_some() {
+        forget_consumed(state_dir, &names)?;
+    }
+    let point = match (point, resuming) {
+        (Some(requested), Some(promoted)) if requested > promoted => {
+            return Err(FailoverError::Newer {
+                promoted,
+                requested,
+            }
+            .into())
+        }
+        (Some(p), _) | (None, Some(p)) => p,
+        (None, None) => latest(state_dir, &names)?,
     };
+    if site.is_none() {
+        check_changed_outside(state_dir, &replicas, &names, point)?;
+    }
     check_offered(state_dir, &names, point)?;
     SiteRecord {
         role: Role::Promoting,
@@ -171,6 +189,34 @@ fn standing(job: &TargetJob, site: &SiteRecord) -> Result<Promotion, TargetError
         undone: Vec::new(),
         already: true,
     })
+}
+
+/// A replica changed outside ferry (split brain, see [`super::stamp`]) can be failed
+/// over only as it is; logged when it is.
+fn check_changed_outside(
+    state_dir: &Path,
+    replicas: &[(String, PathBuf)],
+    names: &[String],
+    point: u64,
+) -> Result<(), TargetError> {
+    let Some((disk, changes)) = first_change(state_dir, replicas)? else {
+        return Ok(());
+    };
+    let latest = latest(state_dir, names)?;
+    if point != latest {
+        return Err(FailoverError::ChangedOutside {
+            disk,
+            latest,
+            changes,
+        }
+        .into());
+    }
+    tracing::warn!(
+        disk,
+        "failing over to a replica changed outside ferry since epoch {latest} ({}): it is promoted as it is",
+        describe(&changes)
+    );
+    Ok(())
 }
 
 /// The newest point: the replicas as they are.
@@ -371,22 +417,40 @@ pub fn commit(job: &TargetJob) -> Result<Committed, TargetError> {
     })
 }
 
-/// The recovery points the site can still offer, with its role: all of them at a
-/// replica site; at a promoted one only while the replicas are untouched since the
-/// promotion and the failover is not committed (after that, none describes them).
+/// What a site can offer to restore.
+#[derive(Debug)]
+pub struct Offered {
+    pub site: Option<SiteRecord>,
+    /// Newest first; empty when none describes the replicas any more.
+    pub points: Vec<points::RecoveryPoint>,
+    /// A replica changed outside ferry (or by the VMs after a promotion): which, and
+    /// how. No point is offered then: each would mix those changes with old bytes.
+    pub changed: Option<(String, String)>,
+}
+
+/// The recovery points the site can still offer, with its role: none while a
+/// promotion is unfinished or after it was committed, and none while a replica no
+/// longer matches its stamp (split brain, or VMs writing to promoted disks).
 pub fn offered_points(
     state_dir: &Path,
     replicas: &[(String, PathBuf)],
-) -> Result<(Option<SiteRecord>, Vec<points::RecoveryPoint>), TargetError> {
+) -> Result<Offered, TargetError> {
     let names: Vec<String> = replicas.iter().map(|(n, _)| n.clone()).collect();
     let site = SiteRecord::load(state_dir)?;
-    if let Some(s) = &site {
-        if s.committed || s.role == Role::Promoting || first_change(state_dir, replicas)?.is_some()
-        {
-            return Ok((site, Vec::new()));
-        }
-    }
-    Ok((site, points::list(state_dir, &names)?))
+    let changed = first_change(state_dir, replicas)?.map(|(d, c)| (d, describe(&c)));
+    let closed = site
+        .as_ref()
+        .is_some_and(|s| s.committed || s.role == Role::Promoting);
+    let points = if closed || changed.is_some() {
+        Vec::new()
+    } else {
+        points::list(state_dir, &names)?
+    };
+    Ok(Offered {
+        site,
+        points,
+        changed,
+    })
 }
 
 /// The first replica that no longer matches the stamp its record holds, and how.

@@ -169,6 +169,11 @@ fn serve<R: std::io::Read, W: std::io::Write>(
     let announced = announced_batch(payload);
     let (epoch, opened, busy) = open(shared, payload)?;
     let promote = promotion(job, payload)?;
+    let discarded: Vec<String> = opened
+        .iter()
+        .filter(|o| o.discarded)
+        .map(|o| o.session.name.clone())
+        .collect();
     let replies: Vec<OpenDiskReply> = opened.iter().map(OpenedDisk::reply).collect();
     writer.send(FrameKind::OpenOk, &[replies.as_bytes()])?;
     let DiskSet {
@@ -227,6 +232,7 @@ fn serve<R: std::io::Read, W: std::io::Write>(
         apply_lock,
         undo,
         promote,
+        discarded,
     };
     staged.settle(writer, outcome)
 }
@@ -556,6 +562,8 @@ struct Staged<'s> {
     undo: UndoLog,
     /// The final epoch of a planned failover: promote the site once it commits.
     promote: bool,
+    /// Disks whose changes made outside ferry this epoch discards.
+    discarded: Vec<String>,
 }
 
 impl Staged<'_> {
@@ -574,6 +582,7 @@ impl Staged<'_> {
             apply_lock,
             undo,
             promote,
+            discarded,
         } = self;
         let applied = match outcome {
             Ok(applied) => applied,
@@ -585,6 +594,20 @@ impl Staged<'_> {
             .map_err(|f| *f)
         {
             Ok(()) => {
+                if !discarded.is_empty() {
+                    // The recovery points of these disks (this epoch's included) would
+                    // bring the changes made outside ferry back, under an epoch's name.
+                    if let Err(e) = super::points::retire(
+                        &shared.job.state_dir,
+                        &discarded,
+                        "the replica was changed outside ferry before a later epoch discarded those changes",
+                    ) {
+                        tracing::error!(
+                            "epoch {epoch} committed, but retiring the recovery points it made wrong failed (do not restore them): {}",
+                            crate::chain(&e)
+                        );
+                    }
+                }
                 if promote {
                     super::failover::promote_planned(&shared.job, epoch)?;
                 }
@@ -706,6 +729,8 @@ struct OpenedDisk {
     created: bool,
     /// The replica's last acknowledged epoch, if it has one.
     record: Option<ReplicaRecord>,
+    /// Changes made to the replica outside ferry are being discarded by this session.
+    discarded: bool,
 }
 
 impl OpenedDisk {
@@ -858,7 +883,7 @@ fn open_disk(job: &super::TargetJob, e: &OpenDisk, name: &str) -> Result<OpenedD
         .find(|d| d.name == name)
         .expect("checked by entry_names")
         .path;
-    check_untouched(e, name, mode, path, record.as_ref())?;
+    let discarded = check_untouched(e, name, mode, path, record.as_ref())?;
     check_base(e, name, mode, geometry.disk_size, record.as_ref())?;
     let (disk, state) =
         Disk::open_replica(path, geometry.disk_size).map_err(|source| Rejection::OpenReplica {
@@ -898,6 +923,7 @@ fn open_disk(job: &super::TargetJob, e: &OpenDisk, name: &str) -> Result<OpenedD
         },
         created: state == ReplicaState::Created,
         record,
+        discarded,
     })
 }
 
@@ -931,14 +957,15 @@ fn entry_shape(e: &OpenDisk, name: &str) -> Result<(Geometry, SyncMode), TargetE
 
 /// Refuses a replica written by anything but this target since its last epoch (split
 /// brain, see [`super::stamp`]), unless the source says to discard those changes with a
-/// sync that compares every block.
+/// sync that compares every block; then `true` (changes were found and are being
+/// discarded).
 fn check_untouched(
     e: &OpenDisk,
     name: &str,
     mode: SyncMode,
     path: &std::path::Path,
     record: Option<&ReplicaRecord>,
-) -> Result<(), TargetError> {
+) -> Result<bool, TargetError> {
     let discard = e.flags & OPEN_DISCARD_REPLICA_CHANGES != 0;
     if discard && mode == SyncMode::Changed {
         return Err(Rejection::DiscardNeedsResync {
@@ -947,12 +974,12 @@ fn check_untouched(
         .into());
     }
     let Some(record) = record else {
-        return Ok(());
+        return Ok(false);
     };
     if record.suspect.is_some() {
         // The writer itself left the replica between epochs (an undo log it could not
         // trust); `check_base` admits only a sync that compares every block.
-        return Ok(());
+        return Ok(false);
     }
     let now = ReplicaStamp::take(path).map_err(|source| TargetError::Io {
         disk: name.to_string(),
@@ -966,7 +993,7 @@ fn check_untouched(
         (None, Some(_)) => Vec::new(),
     };
     if changes.is_empty() {
-        return Ok(());
+        return Ok(false);
     }
     if discard {
         tracing::warn!(
@@ -974,7 +1001,7 @@ fn check_untouched(
             "discarding changes made to the replica outside ferry ({}): this sync compares every block and repairs them",
             super::stamp::describe(&changes)
         );
-        return Ok(());
+        return Ok(true);
     }
     Err(Rejection::ReplicaChanged {
         disk: name.to_string(),

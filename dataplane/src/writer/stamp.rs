@@ -225,13 +225,9 @@ mod tests {
             "{changes:?}"
         );
         assert!(
-            describe(&changes).contains("modified at 1970-01-01 03:25:45.000000000 UTC"),
+            describe(&changes).contains("modified at 1970-01-01 03:25:45 UTC"),
             "{}",
             describe(&changes)
-        );
-        assert_eq!(
-            Utc(951_782_400_000_000_000).to_string(),
-            "2000-02-29 00:00:00.000000000 UTC"
         );
 
         f.set_len(1 << 17).unwrap();
