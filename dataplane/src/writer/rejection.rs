@@ -143,6 +143,9 @@ pub enum Rejection {
     },
     #[error("a planned failover's final epoch must carry every disk of this target, and mark each for promotion; missing: {}", missing.join(", "))]
     PromoteNeedsAllDisks { missing: Vec<String> },
+    /// Another program holds a lock on the replica (see [`super::stamp::hold`]).
+    #[error("disk {disk}: the replica {} is in use by another program (it holds a lock on it, as QEMU does for an image it opened): the target does not write a replica something else may be writing; retrying", path.display())]
+    ReplicaInUse { disk: String, path: PathBuf },
     #[error("disk {disk}: discarding the replica's changes needs a full or seeded sync, which compares every block, not a changed-block epoch")]
     DiscardNeedsResync { disk: String },
     /// The replica cannot be opened at the announced size.
@@ -285,7 +288,7 @@ impl Rejection {
     pub fn code(&self) -> ErrorCode {
         use Rejection::*;
         match self {
-            SessionLimit { .. } | DiskBusy { .. } => ErrorCode::Busy,
+            SessionLimit { .. } | DiskBusy { .. } | ReplicaInUse { .. } => ErrorCode::Busy,
             UnknownDisk { .. } | ZeroUnknownDisk { .. } | DataUnknownDisk { .. } => {
                 ErrorCode::UnknownDisk
             }

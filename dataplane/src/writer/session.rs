@@ -225,6 +225,7 @@ fn serve<R: std::io::Read, W: std::io::Write>(
     };
     let outcome = receive_epoch(job, receiver, applier, writer);
     let staged = Staged {
+        replicas: (handles, buffered),
         shared,
         epoch,
         names,
@@ -550,6 +551,9 @@ impl<R: std::io::Read> Receiver<'_, R> {
 /// An epoch whose frames were received (or that failed): what committing it or rolling
 /// it back needs.
 struct Staged<'s> {
+    /// The replicas' handles; the buffered ones hold the replicas' locks (see
+    /// [`super::stamp::hold`]) until they are dropped.
+    replicas: (Vec<Disk>, Vec<std::fs::File>),
     shared: &'s Shared,
     epoch: u64,
     names: Vec<String>,
@@ -575,6 +579,7 @@ impl Staged<'_> {
         outcome: Result<u64, TargetError>,
     ) -> Result<String, TargetError> {
         let Staged {
+            replicas,
             shared,
             epoch,
             names,
@@ -611,6 +616,10 @@ impl Staged<'_> {
                 if promote {
                     super::failover::promote_planned(&shared.job, epoch)?;
                 }
+                // Released only once a write after this instant gets a later time
+                // than the replicas' stamps.
+                super::stamp::wait_for_clock_tick();
+                drop(replicas);
                 drop(apply_lock);
                 drop(busy);
                 acknowledge(writer, epoch, applied, &names)
@@ -899,6 +908,18 @@ fn open_disk(job: &super::TargetJob, e: &OpenDisk, name: &str) -> Result<OpenedD
             path: path.clone(),
             source,
         })?;
+    let held = super::stamp::hold(&buffered).map_err(|source| Rejection::OpenBuffered {
+        disk: name.to_string(),
+        path: path.clone(),
+        source,
+    })?;
+    if !held {
+        return Err(Rejection::ReplicaInUse {
+            disk: name.to_string(),
+            path: path.clone(),
+        }
+        .into());
+    }
     let diff = if mode == SyncMode::Seeded {
         let gen = GenerationId::from_bytes(e.generation);
         let bitmap =

@@ -11,6 +11,17 @@
 //! changed, until the operator chooses: discard the replica's changes (a seeded sync
 //! compares every block and repairs them) or fail over to the replica as it is.
 //!
+//! A stamp cannot tell the writer's own writes from another program's while a session
+//! is applying an epoch, so during a session the writer also **holds** the replica: an
+//! exclusive open-file-description lock over the whole file ([`hold`]). Programs that
+//! lock images before writing them — QEMU and its tools (`qemu-io`, `qemu-img`, a VM
+//! booted from the replica) — then cannot open it for the session's duration; one that
+//! holds such a lock already makes the session fail (retried: the program may be a
+//! passing reader). Programs that ignore locks (`dd`) are caught by the stamp between
+//! sessions only. Before the lock is released the writer waits for the file system's
+//! clock to tick past the stamp ([`wait_for_clock_tick`]), so a write right after the
+//! session cannot carry the stamp's time.
+//!
 //! What can be known:
 //! * **Image files:** size, device and inode (a file replaced by another), the
 //!   modification time (`st_mtime`: content writes) and the change time (`st_ctime`:
@@ -113,6 +124,52 @@ fn kind(k: StampKind) -> &'static str {
     }
 }
 
+/// Takes an exclusive open-file-description lock (`F_OFD_SETLK`, `F_WRLCK`) over all
+/// of `file`, held until the file is closed. `Ok(false)` if another open file holds a
+/// conflicting lock (a QEMU process has the image open).
+pub fn hold(file: &std::fs::File) -> std::io::Result<bool> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: `flock` is plain data; all-zero is a valid value of it.
+    let mut lock: libc::flock = unsafe { std::mem::zeroed() };
+    lock.l_type = libc::F_WRLCK as libc::c_short;
+    lock.l_whence = libc::SEEK_SET as libc::c_short;
+    lock.l_start = 0;
+    // Zero length: to the end of the file, however it grows.
+    lock.l_len = 0;
+    // SAFETY: fcntl(F_OFD_SETLK) reads the `flock` we pass for the duration of the call;
+    // the descriptor is open (borrowed from `file`).
+    let rc = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &lock) };
+    if rc == 0 {
+        return Ok(true);
+    }
+    let e = std::io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::EAGAIN) | Some(libc::EACCES) => Ok(false),
+        _ => Err(e),
+    }
+}
+
+/// Waits until the coarse real-time clock — the one file timestamps are taken from —
+/// has moved past the time this is called, so that any later change to a file gets a
+/// later timestamp than a stamp taken before the call. A few milliseconds at most (one
+/// clock tick); usually none.
+pub fn wait_for_clock_tick() {
+    let now = || {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: clock_gettime writes one timespec we own, for the call's duration.
+        unsafe { libc::clock_gettime(libc::CLOCK_REALTIME_COARSE, &mut ts) };
+        (ts.tv_sec, ts.tv_nsec)
+    };
+    let start = now();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_millis(50);
+    while now() <= start && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_micros(500));
+    }
+}
+
 impl ReplicaStamp {
     /// Stamps the replica at `path` now. `Ok(None)` if nothing is there.
     pub fn take(path: &Path) -> Result<Option<ReplicaStamp>, IoError> {
@@ -200,6 +257,29 @@ pub fn describe(changes: &[StampChange]) -> String {
 mod tests {
     use super::*;
     use std::os::unix::fs::FileExt;
+
+    #[test]
+    fn a_held_replica_cannot_be_held_again_until_released() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("replica.img");
+        std::fs::write(&path, vec![0u8; 4096]).unwrap();
+        let open = || {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&path)
+                .unwrap()
+        };
+        let (first, second) = (open(), open());
+        assert!(hold(&first).unwrap());
+        assert!(
+            !hold(&second).unwrap(),
+            "the lock is exclusive, even in one process"
+        );
+        drop(first);
+        assert!(hold(&second).unwrap(), "closing the file released it");
+        wait_for_clock_tick();
+    }
 
     #[test]
     fn a_write_a_replacement_a_truncation_and_a_removal_are_each_seen() {
