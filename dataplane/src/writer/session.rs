@@ -40,7 +40,7 @@ struct SessionDisk {
     name: String,
     geometry: Geometry,
     mode: SyncMode,
-    generation: [u8; 16],
+    generation: GenerationId,
     /// Blocks whose replica content differs from the source's hashes (seeded).
     diff: Option<ChangedBlockBitmap>,
 }
@@ -712,8 +712,7 @@ impl OpenedDisk {
             generation: self
                 .record
                 .as_ref()
-                .and_then(|r| crate::protocol::parse_hex16(&r.generation).ok())
-                .unwrap_or([0; 16]),
+                .map_or([0; 16], |r| *r.generation.as_bytes()),
             epoch: self.record.as_ref().map_or(0, |r| r.epoch).into(),
         }
     }
@@ -852,7 +851,7 @@ fn open_disk(job: &super::TargetJob, e: &OpenDisk, name: &str) -> Result<OpenedD
             name: name.to_string(),
             geometry,
             mode,
-            generation: e.generation,
+            generation: GenerationId::from_bytes(e.generation),
             diff,
         },
         created: state == ReplicaState::Created,
@@ -964,7 +963,7 @@ fn check_base(
         .into());
     }
     let ok = record.is_some_and(|r| {
-        crate::protocol::parse_hex16(&r.generation).ok() == Some(e.generation)
+        r.generation == GenerationId::from_bytes(e.generation)
             // A change set since an older epoch covers every change since the
             // replica's newer one (a source that died before recording an
             // acknowledgement resends from its last recorded epoch).
@@ -977,10 +976,10 @@ fn check_base(
     Err(Rejection::BaseMismatch {
         disk: name.to_string(),
         base_epoch: e.base_epoch.get(),
-        generation: e.generation,
+        generation: GenerationId::from_bytes(e.generation),
         held: record.map(|r| Held {
             epoch: r.epoch,
-            generation: r.generation.clone(),
+            generation: r.generation,
         }),
     }
     .into())
