@@ -386,7 +386,7 @@ fn shim(config: &std::path::Path) -> Result<(), CliError> {
     // variable FERRY_SHIM_IO_ENGINE overrides it (forcing the fallback without editing
     // the config, and running the test suites once per engine).
     use filter_driver_shim::backing::IoEngine;
-    let engine = match IoEngine::from_env().map_err(CliError::ShimEngineEnv)? {
+    let engine = match IoEngine::from_env()? {
         Some(e) => e,
         None => match source.io_engine {
             dataplane::config::IoEngineKind::Auto => IoEngine::Auto,
