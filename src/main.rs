@@ -276,7 +276,12 @@ fn sync(
         }
         job.disks.retain(|d| only.contains(&d.name));
     }
-    let report = source::sync(&job)?;
+    print_sync_report(&source::sync(&job)?, json);
+    Ok(())
+}
+
+/// What `ferry sync` prints on success: the report as one JSON line, or in words.
+fn print_sync_report(report: &source::SyncReport, json: bool) {
     if json {
         println!(
             "{}",
@@ -301,7 +306,6 @@ fn sync(
             report.epoch, report.blocks_sent, report.bytes_sent, report.seconds, report.mb_per_s
         );
     }
-    Ok(())
 }
 
 /// Set by SIGTERM/SIGINT; the shim polls it and shuts down cleanly (its clean-shutdown

@@ -160,21 +160,14 @@ fn serve<R: std::io::Read, W: std::io::Write>(
     writer: &mut FrameWriter<W>,
 ) -> Result<String, TargetError> {
     let job = &shared.job;
-    // A promoted site takes no epoch from anyone (checked again under the apply lock:
-    // a failover may promote it while this session opens).
-    super::role::fence(&job.state_dir)?;
     let mut control = vec![0u8; 64 << 10];
-    let payload = reader.expect(FrameKind::Open, &mut control)?;
-    let announced = announced_batch(payload);
-    let (epoch, opened, busy) = open(shared, payload)?;
-    let replies: Vec<OpenDiskReply> = opened.iter().map(OpenedDisk::reply).collect();
-    writer.send(FrameKind::OpenOk, &[replies.as_bytes()])?;
+    let (epoch, announced, opened, busy) = handshake(shared, reader, writer, &mut control)?;
     let DiskSet {
         handles,
         buffered,
         disks,
         undo: undo_disks,
-    } = DiskSet::from(opened);
+    } = opened;
     let (max_logical, slot_size) = batch_shape(announced, &disks)?;
     let mut pools = Pools::new(slot_size)?;
     let (tx, rx) = spsc::channel::<ApplyMsg>(APPLY_RING_DEPTH);
@@ -226,6 +219,26 @@ fn serve<R: std::io::Read, W: std::io::Write>(
         undo,
     };
     staged.settle(writer, outcome)
+}
+
+/// Handles the session's Open frame (read into `control`): claims and opens the disks
+/// and tells the source what each replica holds. Returns the epoch, the batch size the
+/// source announced, the disks and their claim.
+fn handshake<'s, R: std::io::Read, W: std::io::Write>(
+    shared: &'s Shared,
+    reader: &mut FrameReader<R>,
+    writer: &mut FrameWriter<W>,
+    control: &mut [u8],
+) -> Result<(u64, usize, DiskSet, BusyGuard<'s>), TargetError> {
+    // A promoted site takes no epoch from anyone (checked again under the apply lock:
+    // a failover may promote it while this session opens).
+    super::role::fence(&shared.job.state_dir)?;
+    let payload = reader.expect(FrameKind::Open, control)?;
+    let announced = announced_batch(payload);
+    let (epoch, opened, busy) = open(shared, payload)?;
+    let replies: Vec<OpenDiskReply> = opened.iter().map(OpenedDisk::reply).collect();
+    writer.send(FrameKind::OpenOk, &[replies.as_bytes()])?;
+    Ok((epoch, announced, DiskSet::from(opened), busy))
 }
 
 /// The batch size the Open frame announces; 0 (none announced) if it is too short,
