@@ -14,6 +14,7 @@ use dataplane::protocol::{ErrorCode, ProtocolError};
 use dataplane::psk::PskError;
 use dataplane::source::SourceError;
 use dataplane::writer::TargetError;
+use filter_driver_shim::backing::IoEngineEnvError;
 use filter_driver_shim::ShimError;
 
 use crate::demo::rig::CompareError;
@@ -65,10 +66,9 @@ pub enum CliError {
     Target(#[from] TargetError),
     #[error(transparent)]
     Shim(#[from] ShimError),
-    /// `FERRY_SHIM_IO_ENGINE` holds a value the shim does not know; the text is the
-    /// shim's own (`IoEngine::from_env`).
-    #[error("{0}")]
-    ShimEngineEnv(String),
+    /// `FERRY_SHIM_IO_ENGINE` holds a value the shim does not know (`IoEngine::from_env`).
+    #[error(transparent)]
+    ShimEngineEnv(#[from] IoEngineEnvError),
     #[error(transparent)]
     Usage(#[from] UsageError),
     #[error("{}: disk {disk:?} has no nbd_socket; the shim needs one per disk", config.display())]

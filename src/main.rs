@@ -287,7 +287,12 @@ fn sync(
         }
         job.disks.retain(|d| only.contains(&d.name));
     }
-    let report = source::sync(&job)?;
+    print_sync_report(&source::sync(&job)?, json);
+    Ok(())
+}
+
+/// What `ferry sync` prints on success: the report as one JSON line, or in words.
+fn print_sync_report(report: &source::SyncReport, json: bool) {
     if json {
         println!(
             "{}",
@@ -312,7 +317,6 @@ fn sync(
             report.epoch, report.blocks_sent, report.bytes_sent, report.seconds, report.mb_per_s
         );
     }
-    Ok(())
 }
 
 /// Set by SIGTERM/SIGINT; the shim polls it and shuts down cleanly (its clean-shutdown
@@ -397,7 +401,7 @@ fn shim(config: &std::path::Path) -> Result<(), CliError> {
     // variable FERRY_SHIM_IO_ENGINE overrides it (forcing the fallback without editing
     // the config, and running the test suites once per engine).
     use filter_driver_shim::backing::IoEngine;
-    let engine = match IoEngine::from_env().map_err(CliError::ShimEngineEnv)? {
+    let engine = match IoEngine::from_env()? {
         Some(e) => e,
         None => match source.io_engine {
             dataplane::config::IoEngineKind::Auto => IoEngine::Auto,

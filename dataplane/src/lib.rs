@@ -1,10 +1,13 @@
-//! ferry's data plane: the io_uring source engine, the wire protocol and the target
-//! writer. The source engine and the target writer share only [`protocol`], [`io`]
-//! and the small common pieces ([`buffers`], [`durable`], [`config`], [`psk`], [`chain`]).
-//! The target writer lives in [`writer`] (not `target`: that name is Cargo's build
-//! directory, which tools skip). What the shim shares with these processes —
-//! durable writes, io_uring probes, error chains, fault injection — is the `ferry-io`
-//! crate (`dataplane/io/`), which the shim links without linking this one.
+//! ferry's data plane: the io_uring source engine ([`source`]), the wire protocol
+//! ([`protocol`]) and the target writer ([`writer`]; not `target`: that name is Cargo's
+//! build directory, which tools skip). The source engine and the target writer share
+//! only [`protocol`], [`io`] and the small common pieces ([`buffers`], [`durable`],
+//! [`config`], [`psk`], [`chain`]); [`utc`] prints times for the writer and the CLI.
+//!
+//! Two crates hold what this one shares with the shim, which it never links: the
+//! contract (`filter-driver-shim-contract`: the bitmap format, `GenerationId`, the
+//! epoch view, the control protocol's types) and `ferry-io` (`dataplane/io/`: durable
+//! writes, io_uring probes, error chains, fault injection, `FERRY_REQUIRE`).
 
 pub mod buffers;
 pub mod config;

@@ -44,15 +44,12 @@ impl IoEngine {
     pub const ENV: &'static str = "FERRY_SHIM_IO_ENGINE";
 
     /// The engine named by [`IoEngine::ENV`], if set.
-    pub fn from_env() -> Result<Option<IoEngine>, String> {
+    pub fn from_env() -> Result<Option<IoEngine>, IoEngineEnvError> {
         match std::env::var(Self::ENV) {
             Ok(v) if v.trim().is_empty() => Ok(None),
-            Ok(v) => v
-                .parse()
-                .map(Some)
-                .map_err(|e| format!("{}: {e}", Self::ENV)),
+            Ok(v) => v.parse().map(Some).map_err(IoEngineEnvError::Unknown),
             Err(std::env::VarError::NotPresent) => Ok(None),
-            Err(e) => Err(format!("{}: {e}", Self::ENV)),
+            Err(e) => Err(IoEngineEnvError::Unreadable(e)),
         }
     }
 
@@ -72,17 +69,37 @@ impl fmt::Display for IoEngine {
 }
 
 impl std::str::FromStr for IoEngine {
-    type Err = String;
-    fn from_str(s: &str) -> Result<IoEngine, String> {
+    type Err = UnknownIoEngine;
+    fn from_str(s: &str) -> Result<IoEngine, UnknownIoEngine> {
         match s.trim() {
             "auto" => Ok(IoEngine::Auto),
             "uring" | "io_uring" => Ok(IoEngine::Uring),
             "sync" => Ok(IoEngine::Sync),
-            other => Err(format!(
-                "unknown I/O engine `{other}` (auto, uring or sync)"
-            )),
+            other => Err(UnknownIoEngine {
+                value: other.to_string(),
+            }),
         }
     }
+}
+
+/// A name that is no [`IoEngine`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown I/O engine `{value}` (auto, uring or sync)")]
+pub struct UnknownIoEngine {
+    /// The name as given, trimmed.
+    pub value: String,
+}
+
+/// [`IoEngine::ENV`] is set but names no engine. The `Display` text is the variable's
+/// name; the reason is the source, so the chain reads
+/// `FERRY_SHIM_IO_ENGINE: unknown I/O engine ...`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IoEngineEnvError {
+    #[error("FERRY_SHIM_IO_ENGINE")]
+    Unknown(#[source] UnknownIoEngine),
+    /// Not Unicode.
+    #[error("FERRY_SHIM_IO_ENGINE")]
+    Unreadable(#[source] std::env::VarError),
 }
 
 /// Whether the backing store is a regular file or a block device.
@@ -331,5 +348,24 @@ impl AsRawFd for Backing {
     /// connection's ring). Valid as long as the `Backing` lives.
     fn as_raw_fd(&self) -> RawFd {
         self.file.as_raw_fd()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn engine_names_parse_and_an_unknown_one_is_named_in_the_old_words() {
+        assert_eq!(" io_uring ".parse::<IoEngine>(), Ok(IoEngine::Uring));
+        assert_eq!("sync".parse::<IoEngine>(), Ok(IoEngine::Sync));
+        let e = " fast ".parse::<IoEngine>().unwrap_err();
+        assert_eq!(e.value, "fast");
+        let env = IoEngineEnvError::Unknown(e);
+        let source = std::error::Error::source(&env).map(ToString::to_string);
+        assert_eq!(
+            format!("{env}: {}", source.unwrap_or_default()),
+            "FERRY_SHIM_IO_ENGINE: unknown I/O engine `fast` (auto, uring or sync)"
+        );
     }
 }

@@ -338,6 +338,28 @@ pub mod contract {
         assert_eq!(std::fs::read(&path).unwrap(), vec![3u8; 4 * BLOCK]);
     }
 
+    /// Whether the file system holding `path` refuses a misaligned O_DIRECT read (tmpfs,
+    /// for one, does not, and then there is nothing to test).
+    fn enforces_direct_alignment(path: &std::path::Path) -> bool {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(path)
+            .unwrap();
+        let mut probe = Misaligned::new(BLOCK);
+        // SAFETY: `probe` owns BLOCK writable bytes at its (misaligned) address for the
+        // duration of this call.
+        let probed = unsafe {
+            libc::pread(
+                file.as_raw_fd(),
+                IoBuffer::as_mut_ptr(&mut probe).cast(),
+                BLOCK,
+                0,
+            )
+        };
+        probed < 0
+    }
+
     /// On a file system that enforces O_DIRECT alignment, a misaligned buffer fails with
     /// EINVAL (and a hint), while the same request with an aligned buffer succeeds.
     pub fn misaligned_direct_io_fails_cleanly<E, M>(
@@ -358,24 +380,7 @@ pub mod contract {
             );
             return;
         }
-        // Does this file system enforce alignment at all? (tmpfs does not.)
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(&path)
-            .unwrap();
-        let mut probe = Misaligned::new(BLOCK);
-        // SAFETY: `probe` owns BLOCK writable bytes at its (misaligned) address for the
-        // duration of this call.
-        let probed = unsafe {
-            libc::pread(
-                file.as_raw_fd(),
-                IoBuffer::as_mut_ptr(&mut probe).cast(),
-                BLOCK,
-                0,
-            )
-        };
-        if probed >= 0 {
+        if !enforces_direct_alignment(&path) {
             ferry_io::require::skip(
                 ferry_io::require::Feature::Direct,
                 format!(

@@ -133,8 +133,14 @@ pub fn describe(m: &DiskManifest) -> String {
         m.zero_blocks.get(),
         m.zero_runs.get(),
         m.bytes_logical.get(),
-        super::hex16(&m.digest)
+        hex(&m.digest)
     )
+}
+
+/// A digest as lowercase hex digits, for messages. (Generation ids, the other 16-byte
+/// field of the wire, print through `GenerationId`'s `Display`.)
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]

@@ -97,28 +97,3 @@ impl ProtocolError {
         }
     }
 }
-
-/// A generation id as 32 hex digits, as state files store it, parsed by
-/// [`GenerationId`](filter_driver_shim_contract::GenerationId) (the one parser). For
-/// the records that still hold the text (the writer's, the source's state file); on the
-/// wire a generation is the 16 bytes of `GenerationId::as_bytes`.
-pub fn parse_hex16(s: &str) -> Result<[u8; 16], NotHex16> {
-    s.parse::<filter_driver_shim_contract::GenerationId>()
-        .map(|g| *g.as_bytes())
-        .map_err(|_| NotHex16 {
-            text: s.to_string(),
-        })
-}
-
-/// A generation id that is not 32 hex digits (see [`parse_hex16`]).
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("generation {text:?} is not 32 hex digits")]
-pub struct NotHex16 {
-    /// What was found instead.
-    pub text: String,
-}
-
-/// The inverse of [`parse_hex16`].
-pub fn hex16(b: &[u8; 16]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}

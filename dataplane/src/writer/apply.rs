@@ -797,7 +797,7 @@ mod tests {
             1,
             vec![UndoDisk {
                 name: "r".into(),
-                generation: [1; 16],
+                generation: filter_driver_shim_contract::GenerationId::from_bytes([1; 16]),
                 disk_size: DISK_BYTES,
                 logged: false,
                 prev_epoch: None,

@@ -6,11 +6,12 @@
 use std::path::PathBuf;
 
 use filter_driver_shim_contract::bitmap::BitmapError;
+use filter_driver_shim_contract::GenerationId;
 
 use super::TargetError;
 use crate::io::IoError;
 use crate::protocol::manifest::describe;
-use crate::protocol::{hex16, DiskManifest, ErrorCode, FrameKind, MAX_DISKS_PER_SESSION};
+use crate::protocol::{DiskManifest, ErrorCode, FrameKind, MAX_DISKS_PER_SESSION};
 
 /// A range of a disk a session admits, for the order check.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,8 +79,7 @@ pub enum RecordRange {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Held {
     pub epoch: u64,
-    /// As stored in the replica record (hex).
-    pub generation: String,
+    pub generation: GenerationId,
 }
 
 /// Something a source sent that the target refuses. The source is told the `Display`
@@ -118,11 +118,11 @@ pub enum Rejection {
     UnknownMode { disk: String, mode: u8 },
     #[error("disk {disk}: the replica cannot be shown to hold an acknowledged epoch ({why}); a changed-block epoch would build on unknown bytes — run a seeded sync (--mode seeded), which compares checksums and repairs it")]
     Suspect { disk: String, why: String },
-    #[error("disk {disk}: the change set is based on epoch {base_epoch} of generation {}, but the replica holds {}; run a seeded sync (--mode seeded)", hex16(generation), held.as_ref().map_or("no acknowledged epoch".to_string(), |h| format!("epoch {} of generation {}", h.epoch, h.generation)))]
+    #[error("disk {disk}: the change set is based on epoch {base_epoch} of generation {generation}, but the replica holds {}; run a seeded sync (--mode seeded)", held.as_ref().map_or("no acknowledged epoch".to_string(), |h| format!("epoch {} of generation {}", h.epoch, h.generation)))]
     BaseMismatch {
         disk: String,
         base_epoch: u64,
-        generation: [u8; 16],
+        generation: GenerationId,
         held: Option<Held>,
     },
     /// Split brain: see [`super::stamp`].
@@ -395,7 +395,7 @@ mod tests {
             told(Rejection::BaseMismatch {
                 disk: "d".into(),
                 base_epoch: 3,
-                generation: [0xab; 16],
+                generation: GenerationId::from_bytes([0xab; 16]),
                 held: None,
             })
             .1,

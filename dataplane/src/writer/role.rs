@@ -21,6 +21,7 @@
 
 use std::path::{Path, PathBuf};
 
+use filter_driver_shim_contract::GenerationId;
 use serde::{Deserialize, Serialize};
 
 use super::rejection::Rejection;
@@ -62,8 +63,8 @@ impl std::fmt::Display for Transition {
 #[serde(deny_unknown_fields)]
 pub struct PromotedDisk {
     pub name: String,
-    /// The source's tracking generation of that epoch, 32 hex digits.
-    pub generation: String,
+    /// The source's tracking generation of that epoch (32 hex digits in the file).
+    pub generation: GenerationId,
     pub epoch: u64,
 }
 
@@ -146,7 +147,7 @@ mod tests {
             point: 7,
             disks: vec![PromotedDisk {
                 name: "os".into(),
-                generation: "ab".repeat(16),
+                generation: GenerationId::from_bytes([0xab; 16]),
                 epoch: 7,
             }],
             committed: false,

@@ -41,7 +41,7 @@ struct SessionDisk {
     name: String,
     geometry: Geometry,
     mode: SyncMode,
-    generation: [u8; 16],
+    generation: GenerationId,
     /// Blocks whose replica content differs from the source's hashes (seeded).
     diff: Option<ChangedBlockBitmap>,
 }
@@ -161,28 +161,16 @@ fn serve<R: std::io::Read, W: std::io::Write>(
     writer: &mut FrameWriter<W>,
 ) -> Result<String, TargetError> {
     let job = &shared.job;
-    // A promoted site takes no epoch from anyone (checked again under the apply lock:
-    // a failover may promote it while this session opens).
-    super::role::fence(&job.state_dir)?;
     let mut control = vec![0u8; 64 << 10];
-    let payload = reader.expect(FrameKind::Open, &mut control)?;
-    let announced = announced_batch(payload);
-    let (epoch, opened, busy) = open(shared, payload)?;
-    let promote = promotion(job, payload)?;
-    let discarded: Vec<String> = opened
-        .iter()
-        .filter(|o| o.discarded)
-        .map(|o| o.session.name.clone())
-        .collect();
-    let replies: Vec<OpenDiskReply> = opened.iter().map(OpenedDisk::reply).collect();
-    writer.send(FrameKind::OpenOk, &[replies.as_bytes()])?;
+    let opening = handshake(shared, reader, writer, &mut control)?;
+    let epoch = opening.epoch;
     let DiskSet {
         handles,
         buffered,
         disks,
         undo: undo_disks,
-    } = DiskSet::from(opened);
-    let (max_logical, slot_size) = batch_shape(announced, &disks)?;
+    } = opening.disks;
+    let (max_logical, slot_size) = batch_shape(opening.announced, &disks)?;
     let mut pools = Pools::new(slot_size)?;
     let (tx, rx) = spsc::channel::<ApplyMsg>(APPLY_RING_DEPTH);
     let failed = AtomicBool::new(false);
@@ -203,9 +191,7 @@ fn serve<R: std::io::Read, W: std::io::Write>(
         max_logical,
         epoch,
     };
-    let apply_lock = super::apply_lock(&job.state_dir, false)?;
-    super::role::fence(&job.state_dir)?;
-    let mut undo = UndoLog::create(&job.state_dir, epoch, undo_disks)?;
+    let (apply_lock, mut undo) = stage(job, epoch, undo_disks)?;
     let applier = Applier {
         disks: ApplyDisks {
             disks: &handles,
@@ -229,13 +215,71 @@ fn serve<R: std::io::Read, W: std::io::Write>(
         shared,
         epoch,
         names,
-        busy,
+        busy: opening.busy,
         apply_lock,
         undo,
-        promote,
-        discarded,
+        promote: opening.promote,
+        discarded: opening.discarded,
     };
     staged.settle(writer, outcome)
+}
+
+/// Takes the apply lock (shared with other sessions; a failover takes it alone), checks
+/// again that the site is not promoted, and creates the epoch's undo log.
+fn stage(
+    job: &super::TargetJob,
+    epoch: u64,
+    disks: Vec<UndoDisk>,
+) -> Result<(std::fs::File, UndoLog), TargetError> {
+    let apply_lock = super::apply_lock(&job.state_dir, false)?;
+    super::role::fence(&job.state_dir)?;
+    let undo = UndoLog::create(&job.state_dir, epoch, disks)?;
+    Ok((apply_lock, undo))
+}
+
+/// What the session's Open frame opened.
+struct Opening<'s> {
+    epoch: u64,
+    /// The batch size the source announced.
+    announced: usize,
+    disks: DiskSet,
+    busy: BusyGuard<'s>,
+    /// The final epoch of a planned failover (see [`promotion`]).
+    promote: bool,
+    /// Disks whose changes made outside ferry this epoch discards.
+    discarded: Vec<String>,
+}
+
+/// Handles the session's Open frame (read into `control`): claims and opens the disks
+/// and tells the source what each replica holds.
+fn handshake<'s, R: std::io::Read, W: std::io::Write>(
+    shared: &'s Shared,
+    reader: &mut FrameReader<R>,
+    writer: &mut FrameWriter<W>,
+    control: &mut [u8],
+) -> Result<Opening<'s>, TargetError> {
+    // A promoted site takes no epoch from anyone (checked again under the apply lock:
+    // a failover may promote it while this session opens).
+    super::role::fence(&shared.job.state_dir)?;
+    let payload = reader.expect(FrameKind::Open, control)?;
+    let announced = announced_batch(payload);
+    let (epoch, opened, busy) = open(shared, payload)?;
+    let promote = promotion(&shared.job, payload)?;
+    let discarded = opened
+        .iter()
+        .filter(|o| o.discarded)
+        .map(|o| o.session.name.clone())
+        .collect();
+    let replies: Vec<OpenDiskReply> = opened.iter().map(OpenedDisk::reply).collect();
+    writer.send(FrameKind::OpenOk, &[replies.as_bytes()])?;
+    Ok(Opening {
+        epoch,
+        announced,
+        disks: DiskSet::from(opened),
+        busy,
+        promote,
+        discarded,
+    })
 }
 
 /// The batch size the Open frame announces; 0 (none announced) if it is too short,
@@ -599,23 +643,7 @@ impl Staged<'_> {
             .map_err(|f| *f)
         {
             Ok(()) => {
-                if !discarded.is_empty() {
-                    // The recovery points of these disks (this epoch's included) would
-                    // bring the changes made outside ferry back, under an epoch's name.
-                    if let Err(e) = super::points::retire(
-                        &shared.job.state_dir,
-                        &discarded,
-                        "the replica was changed outside ferry before a later epoch discarded those changes",
-                    ) {
-                        tracing::error!(
-                            "epoch {epoch} committed, but retiring the recovery points it made wrong failed (do not restore them): {}",
-                            crate::chain(&e)
-                        );
-                    }
-                }
-                if promote {
-                    super::failover::promote_planned(&shared.job, epoch)?;
-                }
+                after_commit(shared, epoch, &discarded, promote)?;
                 // Released only once a write after this instant gets a later time
                 // than the replicas' stamps.
                 super::stamp::wait_for_clock_tick();
@@ -650,6 +678,35 @@ impl Staged<'_> {
             }
         }
     }
+}
+
+/// What a committed epoch asked for besides its data: recovery points made wrong by
+/// discarding outside changes go, and a planned failover's final epoch promotes the
+/// site (durably, before the source hears the epoch committed).
+fn after_commit(
+    shared: &Shared,
+    epoch: u64,
+    discarded: &[String],
+    promote: bool,
+) -> Result<(), TargetError> {
+    if !discarded.is_empty() {
+        // The recovery points of these disks (this epoch's included) would bring the
+        // changes made outside ferry back, under an epoch's name.
+        if let Err(e) = super::points::retire(
+            &shared.job.state_dir,
+            discarded,
+            "the replica was changed outside ferry before a later epoch discarded those changes",
+        ) {
+            tracing::error!(
+                "epoch {epoch} committed, but retiring the recovery points it made wrong failed (do not restore them): {}",
+                crate::chain(&e)
+            );
+        }
+    }
+    if promote {
+        super::failover::promote_planned(&shared.job, epoch)?;
+    }
+    Ok(())
 }
 
 /// Puts every replica of an abandoned epoch back at its previous epoch before the
@@ -755,8 +812,7 @@ impl OpenedDisk {
             generation: self
                 .record
                 .as_ref()
-                .and_then(|r| crate::protocol::parse_hex16(&r.generation).ok())
-                .unwrap_or([0; 16]),
+                .map_or([0; 16], |r| *r.generation.as_bytes()),
             epoch: self.record.as_ref().map_or(0, |r| r.epoch).into(),
         }
     }
@@ -939,7 +995,7 @@ fn open_disk(job: &super::TargetJob, e: &OpenDisk, name: &str) -> Result<OpenedD
             name: name.to_string(),
             geometry,
             mode,
-            generation: e.generation,
+            generation: GenerationId::from_bytes(e.generation),
             diff,
         },
         created: state == ReplicaState::Created,
@@ -1053,7 +1109,7 @@ fn check_base(
         .into());
     }
     let ok = record.is_some_and(|r| {
-        crate::protocol::parse_hex16(&r.generation).ok() == Some(e.generation)
+        r.generation == GenerationId::from_bytes(e.generation)
             // A change set since an older epoch covers every change since the
             // replica's newer one (a source that died before recording an
             // acknowledgement resends from its last recorded epoch).
@@ -1066,10 +1122,10 @@ fn check_base(
     Err(Rejection::BaseMismatch {
         disk: name.to_string(),
         base_epoch: e.base_epoch.get(),
-        generation: e.generation,
+        generation: GenerationId::from_bytes(e.generation),
         held: record.map(|r| Held {
             epoch: r.epoch,
-            generation: r.generation.clone(),
+            generation: r.generation,
         }),
     }
     .into())

@@ -4,6 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
+use filter_driver_shim_contract::GenerationId;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::xxh3_64;
@@ -26,8 +27,8 @@ pub enum StateFileError {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ReplicaRecord {
-    /// Tracking generation of the source disk, 32 hex digits.
-    pub generation: String,
+    /// Tracking generation of the source disk (32 hex digits in the file).
+    pub generation: GenerationId,
     /// Last epoch acknowledged as durable.
     pub epoch: u64,
     /// Source disk size at that epoch, bytes.
@@ -117,11 +118,37 @@ pub(crate) fn unseal<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, StateFileEr
 mod tests {
     use super::*;
 
+    /// A record as the writer wrote it while it held the generation as a hex `String`
+    /// (these bytes are that code's output): it still loads, and saving it again gives
+    /// the same bytes, so switching to `GenerationId` changed no file.
+    #[test]
+    fn a_record_written_with_a_hex_string_reads_and_writes_the_same_bytes() {
+        const OLD: &str = r#"{
+  "committed_unix_s": 1,
+  "disk_size": 1048576,
+  "epoch": 7,
+  "generation": "0123456789abcdeffedcba9876543210",
+  "xxh3": "e660a76e588bc3ae"
+}"#;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(ReplicaRecord::path(dir.path(), "a"), OLD).unwrap();
+        let r = ReplicaRecord::load(dir.path(), "a").unwrap().unwrap();
+        let bytes = [
+            0x01, 0x23, 0x45, 0x67, 0x89, 0xab, 0xcd, 0xef, 0xfe, 0xdc, 0xba, 0x98, 0x76, 0x54,
+            0x32, 0x10,
+        ];
+        assert_eq!(r.generation, GenerationId::from_bytes(bytes));
+        assert_eq!((r.epoch, r.disk_size, r.committed_unix_s), (7, 1 << 20, 1));
+        r.save(dir.path(), "b").unwrap();
+        let again = std::fs::read_to_string(ReplicaRecord::path(dir.path(), "b")).unwrap();
+        assert_eq!(again, OLD);
+    }
+
     #[test]
     fn sealed_records_round_trip_and_damage_is_named() {
         let dir = tempfile::tempdir().unwrap();
         let r = ReplicaRecord {
-            generation: "00".repeat(16),
+            generation: GenerationId::from_bytes([0x5a; 16]),
             epoch: 7,
             disk_size: 1 << 20,
             committed_unix_s: 1,

@@ -43,6 +43,7 @@ use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use ferry_io::failpoint;
+use filter_driver_shim_contract::GenerationId;
 use xxhash_rust::xxh3::xxh3_64;
 
 use super::state::ReplicaRecord;
@@ -79,7 +80,7 @@ pub fn undo_dir(state_dir: &Path) -> PathBuf {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UndoDisk {
     pub name: String,
-    pub generation: [u8; 16],
+    pub generation: GenerationId,
     pub disk_size: u64,
     /// Whether this disk's old bytes are logged (it holds an acknowledged epoch).
     pub logged: bool,
@@ -416,7 +417,7 @@ fn write_records(
         .map_or(0, |d| d.as_secs());
     for d in disks {
         ReplicaRecord {
-            generation: crate::protocol::hex16(&d.generation),
+            generation: d.generation,
             epoch,
             disk_size: d.disk_size,
             committed_unix_s: now,
@@ -745,7 +746,7 @@ fn encode_header(epoch: u64, disks: &[UndoDisk]) -> Vec<u8> {
         name[..d.name.len()].copy_from_slice(d.name.as_bytes());
         header.push(d.name.len() as u8);
         header.extend_from_slice(&name);
-        header.extend_from_slice(&d.generation);
+        header.extend_from_slice(d.generation.as_bytes());
         header.extend_from_slice(&d.disk_size.to_le_bytes());
         header.push(d.logged as u8);
         header.extend_from_slice(&d.prev_epoch.unwrap_or(NO_EPOCH).to_le_bytes());
@@ -1125,7 +1126,7 @@ fn parse_header(bytes: &[u8]) -> Option<(u64, Vec<UndoDisk>, usize)> {
         let len = (d[0] as usize).min(NAME_LEN);
         let name = std::str::from_utf8(&d[1..1 + len]).ok()?.to_string();
         let at = 1 + NAME_LEN;
-        let generation: [u8; 16] = d[at..at + 16].try_into().ok()?;
+        let generation = GenerationId::from_bytes(d[at..at + 16].try_into().ok()?);
         let disk_size = u64::from_le_bytes(d[at + 16..at + 24].try_into().ok()?);
         let logged = d[at + 24] != 0;
         let prev = u64::from_le_bytes(d[at + 25..at + 33].try_into().ok()?);

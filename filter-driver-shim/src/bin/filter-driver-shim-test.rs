@@ -17,7 +17,7 @@ use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use filter_driver_shim::backing::IoEngine;
+use filter_driver_shim::backing::{IoEngine, IoEngineEnvError, UnknownIoEngine};
 use filter_driver_shim::control::ControlConfig;
 use filter_driver_shim::{Shim, ShimDisk, DEFAULT_BLOCK_SIZE};
 
@@ -28,28 +28,63 @@ extern "C" fn on_signal(_: libc::c_int) {
     STOP.store(true, Ordering::Release);
 }
 
-fn parse_disk(spec: &str) -> Result<ShimDisk, String> {
+/// A command line (or environment) this harness cannot run with; printed with its
+/// chain, exit status 2.
+#[derive(Debug, thiserror::Error)]
+enum ArgError {
+    #[error("`{0}` is not key=value")]
+    NotKeyValue(String),
+    #[error("bad block_size `{0}`")]
+    BlockSize(String),
+    #[error("unknown key `{0}`")]
+    UnknownKey(String),
+    #[error("missing {0}")]
+    Missing(&'static str),
+    #[error("--freeze-idle-timeout-ms needs --control first and milliseconds")]
+    FreezeIdleTimeout,
+    #[error("unexpected argument `{0}`")]
+    Unexpected(String),
+    #[error(transparent)]
+    Engine(#[from] UnknownIoEngine),
+    #[error(transparent)]
+    EngineEnv(#[from] IoEngineEnvError),
+}
+
+/// `e` and its sources, joined by `: `.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        text.push_str(&format!(": {c}"));
+        cur = c.source();
+    }
+    text
+}
+
+fn parse_disk(spec: &str) -> Result<ShimDisk, ArgError> {
     let (mut name, mut path, mut socket, mut state_dir) = (None, None, None, None);
     let mut block_size = DEFAULT_BLOCK_SIZE;
     for kv in spec.split(',') {
         let (k, v) = kv
             .split_once('=')
-            .ok_or_else(|| format!("`{kv}` is not key=value"))?;
+            .ok_or_else(|| ArgError::NotKeyValue(kv.to_string()))?;
         match k {
             "name" => name = Some(v.to_string()),
             "path" => path = Some(PathBuf::from(v)),
             "socket" => socket = Some(PathBuf::from(v)),
             "state_dir" => state_dir = Some(PathBuf::from(v)),
-            "block_size" => block_size = v.parse().map_err(|_| format!("bad block_size `{v}`"))?,
-            _ => return Err(format!("unknown key `{k}`")),
+            "block_size" => {
+                block_size = v.parse().map_err(|_| ArgError::BlockSize(v.to_string()))?
+            }
+            _ => return Err(ArgError::UnknownKey(k.to_string())),
         }
     }
-    let name = name.ok_or("missing name")?;
+    let name = name.ok_or(ArgError::Missing("name"))?;
     Ok(ShimDisk::in_state_dir(
         &name,
-        path.ok_or("missing path")?,
-        socket.ok_or("missing socket")?,
-        &state_dir.ok_or("missing state_dir")?,
+        path.ok_or(ArgError::Missing("path"))?,
+        socket.ok_or(ArgError::Missing("socket"))?,
+        &state_dir.ok_or(ArgError::Missing("state_dir"))?,
         block_size,
     ))
 }
@@ -75,13 +110,13 @@ fn main() -> ExitCode {
                     c.freeze_idle_timeout = Duration::from_millis(ms);
                     Ok(())
                 }
-                _ => Err("--freeze-idle-timeout-ms needs --control first and milliseconds".into()),
+                _ => Err(ArgError::FreezeIdleTimeout),
             },
-            ("--io-engine", Some(v)) => v.parse().map(|e| engine = e),
-            (other, _) => Err(format!("unexpected argument `{other}`")),
+            ("--io-engine", Some(v)) => v.parse().map(|e| engine = e).map_err(ArgError::from),
+            (other, _) => Err(ArgError::Unexpected(other.to_string())),
         };
         if let Err(e) = parsed {
-            eprintln!("filter-driver-shim-test: {e}");
+            eprintln!("filter-driver-shim-test: {}", chain(&e));
             return ExitCode::from(2);
         }
     }
@@ -89,7 +124,7 @@ fn main() -> ExitCode {
         Ok(Some(e)) => engine = e,
         Ok(None) => {}
         Err(e) => {
-            eprintln!("filter-driver-shim-test: {e}");
+            eprintln!("filter-driver-shim-test: {}", chain(&ArgError::from(e)));
             return ExitCode::from(2);
         }
     }

@@ -5,7 +5,7 @@ use super::*;
 fn disk(name: &str) -> UndoDisk {
     UndoDisk {
         name: name.into(),
-        generation: [3; 16],
+        generation: GenerationId::from_bytes([3; 16]),
         disk_size: 1 << 20,
         logged: true,
         prev_epoch: Some(1),
@@ -14,7 +14,7 @@ fn disk(name: &str) -> UndoDisk {
 
 fn record(dir: &Path, name: &str, epoch: u64) {
     ReplicaRecord {
-        generation: crate::protocol::hex16(&[3; 16]),
+        generation: GenerationId::from_bytes([3; 16]),
         epoch,
         disk_size: 1 << 20,
         committed_unix_s: 1,
