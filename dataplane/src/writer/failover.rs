@@ -462,6 +462,11 @@ fn first_change(
         let Some(record) = ReplicaRecord::load(state_dir, name)? else {
             continue;
         };
+        if record.suspect.is_some() {
+            // Not a known epoch already (the writer's own interrupted epoch): the
+            // suspect mark says so, and only a comparing sync clears it.
+            continue;
+        }
         let now = super::stamp::ReplicaStamp::take(path).map_err(|source| TargetError::Io {
             disk: name.clone(),
             source,

@@ -6,8 +6,10 @@
 //! re-encodes to exactly the input bytes (the format has no slack), and its `count`
 //! and runs agree with each other.
 
-use filter_driver_shim::bitmap::{BLOCKS_PER_PAGE, HEADER_LEN, MAGIC, PAGE_SIZE};
-use filter_driver_shim::{ChangedBlockBitmap, FileState, GenerationId};
+use filter_driver_shim_contract::bitmap::{
+    ChangedBlockBitmap, FileState, BLOCKS_PER_PAGE, HEADER_LEN, MAGIC, PAGE_SIZE,
+};
+use filter_driver_shim_contract::generation::GenerationId;
 use xxhash_rust::xxh3::{xxh3_64, Xxh3Default};
 
 use crate::Target;
