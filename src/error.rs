@@ -212,7 +212,7 @@ fn source_category(e: &SourceError) -> Category {
             Category::DataIntegrity
         }
         E::Busy { .. } => Category::Usage,
-        E::Demoted { .. } | E::NotPromoted { .. } => Category::Role,
+        E::Demoted { .. } | E::NotPromoted { .. } | E::NotDemoted { .. } => Category::Role,
         E::SiteRecord { .. } => Category::DataIntegrity,
         E::Stage { .. } => Category::Retryable,
         _ => Category::Internal,

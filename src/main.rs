@@ -644,11 +644,15 @@ fn failover_planned(config: &std::path::Path) -> Result<(), CliError> {
     );
     let done = source::failover::planned(&job)?;
     let d = &done.demotion;
+    let epoch = d.epoch.map_or("unknown".to_string(), |e| e.to_string());
     match &done.report {
+        None if done.already => println!(
+            "this site was already demoted (begun at {}, final epoch {epoch})",
+            dataplane::utc::Utc::from_unix_s(d.since_unix_s)
+        ),
         None => println!(
-            "this site was already demoted (at {}, final epoch {})",
-            dataplane::utc::Utc::from_unix_s(d.since_unix_s),
-            d.epoch
+            "the target at {} was found promoted already (an earlier run's answer was lost, or a failover there): this site's demotion is complete; its last acknowledged epoch is {epoch}",
+            d.target
         ),
         Some(r) => println!(
             "final epoch {} acknowledged ({} bytes sent) and the target at {} promoted; no acknowledged write was left behind",
@@ -658,8 +662,8 @@ fn failover_planned(config: &std::path::Path) -> Result<(), CliError> {
     println!("boot the VMs at the secondary site from its replicas of:");
     for disk in &d.disks {
         println!(
-            "  {} (generation {}, epoch {})",
-            disk.name, disk.generation, d.epoch
+            "  {} (generation {}, epoch {epoch})",
+            disk.name, disk.generation
         );
     }
     println!("this site is demoted: `ferry source` and `ferry sync` refuse to run here, and `ferry shim` serves these disks read-only");

@@ -105,12 +105,11 @@ fn unplanned_failover_takes_the_replicas_back_in_place_to_every_point_and_fences
     // in the middle of its rollback and a rerun.
     let older: Vec<&(u64, Vec<Vec<u8>>)> = epochs.iter().rev().skip(1).collect();
     for (i, (point, expected)) in older.iter().enumerate().take(older.len() - 1) {
-        if i == 0 {
-            let (ok, _, err) = unplanned(
-                &rig,
-                Some(*point),
-                &[("FERRY_FAILPOINTS", "failover.rollback.crash@1")],
-            );
+        if i < 2 {
+            // The first time with the log's bytes undone and no record moved back;
+            // the second with one disk's record moved back and the other's not.
+            let failpoint = ["failover.rollback.crash@1", "failover.records.crash@1"][i];
+            let (ok, _, err) = unplanned(&rig, Some(*point), &[("FERRY_FAILPOINTS", failpoint)]);
             assert!(!ok, "the failpoint aborts the rollback: {err}");
             let (ok, out, _) = target_cmd(&rig, &["points"]);
             assert!(ok && out.contains("being promoted"), "{out}");
@@ -203,10 +202,22 @@ fn planned_failover_hands_over_every_acknowledged_write_and_demotes_the_primary(
             &[],
         )
     };
+    // The first run dies once the target promoted, before this site recorded it; the
+    // rerun finds the target promoted and completes the demotion.
+    let (ok, _, err) = ferry(
+        &[
+            "failover".as_ref(),
+            "planned".as_ref(),
+            "--config".as_ref(),
+            rig.config.as_os_str(),
+        ],
+        &[("FERRY_FAILPOINTS", "source.planned.crash")],
+    );
+    assert!(!ok, "the failpoint aborts the handover: {err}");
     let (ok, out, err) = planned(&rig);
     assert!(ok, "{out}{err}");
     assert!(
-        out.contains("promoted") && out.contains("boot the VMs"),
+        out.contains("found promoted already") && out.contains("boot the VMs"),
         "{out}"
     );
     // The guest was refused from the cut on; every write it saw acknowledged is on

@@ -2,21 +2,27 @@
 //! no data loss.
 //!
 //! 1. The engine lock is taken (a running `ferry source` must be stopped first: the
-//!    final epoch must be the last one).
+//!    final epoch must be the last one), and the demotion is recorded as begun
+//!    (`<state_dir>/demoted.json` without a final epoch): from here on a restarted shim
+//!    serves the disks read-only, so no write can be acknowledged behind the cut.
 //! 2. The shim is **demoted**: every write is refused from now on (`EPERM`); writes in
-//!    flight complete. The VMs should be shut down before (then nothing is refused).
+//!    flight complete. Every disk must then report its writes refused. The VMs should
+//!    be shut down before (then nothing is refused).
 //! 3. A final live epoch carries every acknowledged write (the freeze drains the
 //!    writes in flight, and no write is accepted after it) with [`OPEN_PROMOTE`] on
 //!    every disk: once it commits, the target promotes its site (fenced from then on)
 //!    before acknowledging.
 //! 4. The promotion is checked: a further session must be refused as fenced (a target
 //!    that predates the flag would have acknowledged without promoting).
-//! 5. This site records its demotion (`<state_dir>/demoted.json`): `ferry source` and
-//!    `ferry sync` refuse to run, and `ferry shim` starts with writes refused. The
-//!    shim's bitmap keeps what it tracked, for the way back.
+//! 5. This site records its demotion complete, with the final epoch: `ferry source`
+//!    and `ferry sync` refuse to run (they already did once it was begun), and
+//!    `ferry shim` starts with writes refused. The shim's bitmap keeps what it
+//!    tracked, for the way back.
 //!
-//! Rerunning after a failure is safe: each step is idempotent, and a demoted site
-//! reports the demotion it recorded.
+//! Rerunning after a failure is safe: each step is idempotent, and a completed
+//! demotion is reported as it was recorded. A rerun whose final epoch is refused as
+//! fenced finds the target promoted already (by the earlier run, whose answer was
+//! lost, or by a failover there) and completes the demotion without a final epoch.
 //!
 //! [`OPEN_PROMOTE`]: crate::protocol::OPEN_PROMOTE
 
@@ -39,8 +45,12 @@ pub struct Demotion {
     pub since_unix_s: u64,
     /// The target that was promoted.
     pub target: String,
-    /// The final epoch: the cut the promoted replicas hold.
-    pub epoch: u64,
+    /// The final epoch, the cut the promoted replicas hold; `None` while the handover
+    /// is in progress (or when the target was found promoted already).
+    pub epoch: Option<u64>,
+    /// The handover finished (the target is promoted).
+    #[serde(default)]
+    pub complete: bool,
     /// Each disk's tracking generation at the cut.
     pub disks: Vec<DemotedDisk>,
 }
@@ -93,6 +103,7 @@ pub fn refuse_if_demoted(state_dir: &Path) -> Result<(), SourceError> {
             since_unix_s: d.since_unix_s,
             target: d.target,
             epoch: d.epoch,
+            complete: d.complete,
         }),
     }
 }
@@ -101,19 +112,72 @@ pub fn refuse_if_demoted(state_dir: &Path) -> Result<(), SourceError> {
 #[derive(Debug)]
 pub struct Handover {
     pub demotion: Demotion,
-    /// The final epoch's report; `None` when the site was demoted already.
+    /// The final epoch's report; `None` when the site was demoted already or the
+    /// target was found promoted.
     pub report: Option<SyncReport>,
+    /// The demotion was complete before this run: nothing was done.
+    pub already: bool,
 }
 
 /// Runs the planned failover of `job`'s disks; see the module documentation.
 pub fn planned(job: &SyncJob) -> Result<Handover, SourceError> {
-    if let Some(demotion) = Demotion::load(&job.state_dir)? {
+    let begun = Demotion::load(&job.state_dir)?;
+    if let Some(demotion) = begun.clone().filter(|d| d.complete) {
         return Ok(Handover {
             demotion,
             report: None,
+            already: true,
         });
     }
     let lock = EngineLock::acquire(&job.state_dir, EngineRole::Sync)?;
+    let mut demotion = begun.unwrap_or_else(|| Demotion {
+        since_unix_s: now_s(),
+        target: job.target.clone(),
+        epoch: None,
+        complete: false,
+        disks: Vec::new(),
+    });
+    demotion.save(&job.state_dir)?;
+    demote_shim(job)?;
+    let mut last = job.clone();
+    last.require_shim = true;
+    last.mode = ModeRequest::Auto;
+    last.promote = true;
+    let report = match super::sync_locked(&last, &lock) {
+        Ok(report) => {
+            if ferry_io::failpoint::hit("source.planned.crash") {
+                // A crash once the target promoted, before this site recorded it.
+                std::process::abort();
+            }
+            check_fenced(job, &lock, report.epoch)?;
+            Some(report)
+        }
+        Err(e) if fenced(&e) => {
+            tracing::warn!("the target is promoted already (an earlier run's answer was lost, or a failover there): completing this site's demotion without a final epoch");
+            None
+        }
+        Err(e) => return Err(e),
+    };
+    let (disks, last_acknowledged) = demoted_disks(job)?;
+    demotion.epoch = report.as_ref().map(|r| r.epoch).or(last_acknowledged);
+    demotion.disks = disks;
+    demotion.complete = true;
+    demotion.save(&job.state_dir)?;
+    Ok(Handover {
+        demotion,
+        report,
+        already: false,
+    })
+}
+
+fn now_s() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Seals the shim's write gates and checks that every disk now refuses writes.
+fn demote_shim(job: &SyncJob) -> Result<(), SourceError> {
     let socket = job.shim_control.clone();
     let mut control = socket
         .as_deref()
@@ -122,50 +186,58 @@ pub fn planned(job: &SyncJob) -> Result<Handover, SourceError> {
         .flatten()
         .ok_or(live::ShimControlError::NotListening { socket })?;
     control.demote()?;
-    drop(control);
-    let mut last = job.clone();
-    last.require_shim = true;
-    last.mode = ModeRequest::Auto;
-    last.promote = true;
-    let report = super::sync_locked(&last, &lock)?;
-    check_fenced(job, &lock)?;
-    let mut disks = Vec::with_capacity(report.disks.len());
-    for d in &report.disks {
+    let open: Vec<String> = control
+        .status()?
+        .into_iter()
+        .filter(|d| !d.writes_refused)
+        .map(|d| d.name)
+        .collect();
+    if open.is_empty() {
+        Ok(())
+    } else {
+        Err(SourceError::NotDemoted { disks: open })
+    }
+}
+
+/// Each disk's tracking generation as the source's records hold it, and the newest
+/// epoch they say the target acknowledged.
+fn demoted_disks(job: &SyncJob) -> Result<(Vec<DemotedDisk>, Option<u64>), SourceError> {
+    let mut disks = Vec::with_capacity(job.disks.len());
+    let mut last = None;
+    for d in &job.disks {
         if let Some(state) = super::SourceDiskState::load(&job.state_dir, &d.name)? {
             disks.push(DemotedDisk {
                 name: d.name.clone(),
                 generation: state.generation,
             });
+            last = last.max(Some(state.epoch));
         }
     }
-    let demotion = Demotion {
-        since_unix_s: SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs()),
-        target: job.target.clone(),
-        epoch: report.epoch,
-        disks,
-    };
-    demotion.save(&job.state_dir)?;
-    Ok(Handover {
-        demotion,
-        report: Some(report),
-    })
+    Ok((disks, last))
 }
 
-/// The target must now refuse a session as fenced.
-fn check_fenced(job: &SyncJob, lock: &EngineLock) -> Result<(), SourceError> {
+fn fenced(e: &SourceError) -> bool {
+    matches!(
+        e,
+        SourceError::Protocol(ProtocolError::Remote {
+            code: ErrorCode::Fenced,
+            ..
+        })
+    )
+}
+
+/// The target must now refuse a session as fenced (after the final epoch `epoch`).
+fn check_fenced(job: &SyncJob, lock: &EngineLock, epoch: u64) -> Result<(), SourceError> {
     let mut probe = job.clone();
     probe.require_shim = true;
     probe.mode = ModeRequest::Auto;
+    // Past this site's own begun demotion; a promoted target refuses it at once.
+    probe.promote = true;
     match super::sync_locked(&probe, lock) {
-        Err(SourceError::Protocol(ProtocolError::Remote {
-            code: ErrorCode::Fenced,
-            ..
-        })) => Ok(()),
-        Ok(report) => Err(SourceError::NotPromoted {
+        Err(e) if fenced(&e) => Ok(()),
+        Ok(_) => Err(SourceError::NotPromoted {
             target: job.target.clone(),
-            epoch: report.epoch,
+            epoch,
         }),
         Err(e) => Err(e),
     }

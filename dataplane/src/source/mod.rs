@@ -149,12 +149,16 @@ pub enum SourceError {
         holder: Option<String>,
     },
     /// This site handed its disks over in a planned failover (see [`failover`]).
-    #[error("this site was demoted by a planned failover at {} (final epoch {epoch}, the replicas at {target} were promoted): the VMs run at the secondary site now and this site replicates nothing", crate::utc::Utc::from_unix_s(*since_unix_s))]
+    #[error("this site was demoted by a planned failover begun at {}{}: the VMs run at the secondary site now and this site replicates nothing", crate::utc::Utc::from_unix_s(*since_unix_s), demotion_state(*complete, *epoch, target))]
     Demoted {
         since_unix_s: u64,
         target: String,
-        epoch: u64,
+        epoch: Option<u64>,
+        complete: bool,
     },
+    /// After `demote`, the shim still accepts writes on some disks.
+    #[error("the shim still accepts writes on disk(s) {} after `demote`; the planned failover stops before its final epoch", disks.join(", "))]
+    NotDemoted { disks: Vec<String> },
     #[error("state {}", path.display())]
     SiteRecord {
         path: PathBuf,
@@ -165,6 +169,17 @@ pub enum SourceError {
     /// not promote (a target that predates planned failover ignores the request).
     #[error("the target at {target} acknowledged the final epoch {epoch} but did not promote its site (is it an older ferry?); this site is demoted (writes refused by the shim) but not handed over — upgrade the target and rerun, or fail over there with `ferry failover unplanned`")]
     NotPromoted { target: String, epoch: u64 },
+}
+
+/// The end of [`SourceError::Demoted`]'s message.
+fn demotion_state(complete: bool, epoch: Option<u64>, target: &str) -> String {
+    match (complete, epoch) {
+        (false, _) => format!(
+            " and not finished (rerun `ferry failover planned` to hand the disks over to {target})"
+        ),
+        (true, Some(e)) => format!(" (final epoch {e}; the replicas at {target} were promoted)"),
+        (true, None) => format!(" (the replicas at {target} were found promoted already)"),
+    }
 }
 
 /// Why a changed-block bitmap cannot carry a sync of its disk.
@@ -434,7 +449,10 @@ pub fn sync(job: &SyncJob) -> Result<SyncReport, SourceError> {
 /// [`sync`] by an engine that already holds the state directory's lock (`ferry
 /// source` holds it for its whole life).
 pub fn sync_locked(job: &SyncJob, _lock: &EngineLock) -> Result<SyncReport, SourceError> {
-    failover::refuse_if_demoted(&job.state_dir)?;
+    if !job.promote {
+        // A planned failover's own final epoch runs once its demotion is begun.
+        failover::refuse_if_demoted(&job.state_dir)?;
+    }
     // An explicit `--bitmap` means the operator supplies the change set: no shim epoch.
     let explicit_bitmaps = job.disks.iter().any(|d| d.bitmap.is_some());
     let shim = match &job.shim_control {

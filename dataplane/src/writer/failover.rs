@@ -95,36 +95,41 @@ pub fn unplanned(job: &TargetJob, point: Option<u64>) -> Result<Promotion, Targe
     if resuming.is_some() {
         forget_consumed(state_dir, &names)?;
     }
+    let since = site.as_ref().map_or_else(now_s, |s| s.since_unix_s);
+    let how = site
+        .as_ref()
+        .map_or(Transition::UnplannedFailover, |s| s.how);
+    let mut undone = match resuming {
+        Some(bound) => resume(state_dir, bound, point, &names, &replicas)?,
+        None => Vec::new(),
+    };
     let point = match (point, resuming) {
-        (Some(requested), Some(promoted)) if requested > promoted => {
-            return Err(FailoverError::Newer {
-                promoted,
-                requested,
-            }
-            .into())
-        }
         (Some(p), _) | (None, Some(p)) => p,
         (None, None) => latest(state_dir, &names)?,
     };
     if site.is_none() {
         check_changed_outside(state_dir, &replicas, &names, point)?;
     }
-    check_offered(state_dir, &names, point)?;
-    SiteRecord {
-        role: Role::Promoting,
-        how: Transition::UnplannedFailover,
-        since_unix_s: site.as_ref().map_or_else(now_s, |s| s.since_unix_s),
-        point,
-        disks: Vec::new(),
-        committed: false,
+    if resuming != Some(point) {
+        check_offered(state_dir, &names, point)?;
+        SiteRecord {
+            role: Role::Promoting,
+            how,
+            since_unix_s: since,
+            point,
+            disks: Vec::new(),
+            committed: false,
+        }
+        .save(state_dir)?;
+        undone.extend(roll_back_to(state_dir, point, &names, &replicas)?);
     }
-    .save(state_dir)?;
-    let undone = roll_back_to(state_dir, point, &names, &replicas)?;
+    // Any later write to the promoted disks gets a later time than their stamps.
+    super::stamp::wait_for_clock_tick();
     let disks = promoted_disks(state_dir, &replicas)?;
     SiteRecord {
         role: Role::Primary,
-        how: Transition::UnplannedFailover,
-        since_unix_s: site.as_ref().map_or_else(now_s, |s| s.since_unix_s),
+        how,
+        since_unix_s: since,
         point,
         disks: disks.iter().map(|(d, _)| d.clone()).collect(),
         committed: false,
@@ -136,6 +141,27 @@ pub fn unplanned(job: &TargetJob, point: Option<u64>) -> Result<Promotion, Targe
         undone,
         already: false,
     })
+}
+
+/// Finishes an interrupted promotion to `bound` (its point binds: `requested` may not
+/// be newer), without asking `points::list`: a crash between two disks' records leaves
+/// a log half recorded, which breaks the chain of points until it is applied again
+/// (applying it again is harmless). The epochs undone.
+fn resume(
+    state_dir: &Path,
+    bound: u64,
+    requested: Option<u64>,
+    names: &[String],
+    replicas: &[(String, PathBuf)],
+) -> Result<Vec<u64>, TargetError> {
+    if let Some(requested) = requested.filter(|&q| q > bound) {
+        return Err(FailoverError::Newer {
+            promoted: bound,
+            requested,
+        }
+        .into());
+    }
+    roll_back_to(state_dir, bound, names, replicas)
 }
 
 /// With the site promoted already: the promotion as it stands if `point` asks for
@@ -296,7 +322,11 @@ fn roll_back_to(
             // A crash with this log's bytes undone but its records not yet moved back.
             std::process::abort();
         }
-        for d in &log.disks {
+        for (i, d) in log.disks.iter().enumerate() {
+            if i == 1 && failpoint::hit("failover.records.crash") {
+                // A crash with one disk's record moved back and the others not.
+                std::process::abort();
+            }
             if let Some(mut r) = ReplicaRecord::load(state_dir, &d.name)? {
                 if let Some(prev) = d.prev_epoch {
                     r.epoch = prev;

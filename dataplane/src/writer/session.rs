@@ -192,6 +192,9 @@ fn serve<R: std::io::Read, W: std::io::Write>(
         epoch,
     };
     let (apply_lock, mut undo) = stage(job, epoch, undo_disks)?;
+    if !opening.discarded.is_empty() {
+        undo.not_a_point()?;
+    }
     let applier = Applier {
         disks: ApplyDisks {
             disks: &handles,
@@ -219,7 +222,6 @@ fn serve<R: std::io::Read, W: std::io::Write>(
         apply_lock,
         undo,
         promote: opening.promote,
-        discarded: opening.discarded,
     };
     staged.settle(writer, outcome)
 }
@@ -610,8 +612,6 @@ struct Staged<'s> {
     undo: UndoLog,
     /// The final epoch of a planned failover: promote the site once it commits.
     promote: bool,
-    /// Disks whose changes made outside ferry this epoch discards.
-    discarded: Vec<String>,
 }
 
 impl Staged<'_> {
@@ -631,7 +631,6 @@ impl Staged<'_> {
             apply_lock,
             undo,
             promote,
-            discarded,
         } = self;
         let applied = match outcome {
             Ok(applied) => applied,
@@ -643,7 +642,7 @@ impl Staged<'_> {
             .map_err(|f| *f)
         {
             Ok(()) => {
-                after_commit(shared, epoch, &discarded, promote)?;
+                after_commit(shared, epoch, promote)?;
                 // Released only once a write after this instant gets a later time
                 // than the replicas' stamps.
                 super::stamp::wait_for_clock_tick();
@@ -680,29 +679,9 @@ impl Staged<'_> {
     }
 }
 
-/// What a committed epoch asked for besides its data: recovery points made wrong by
-/// discarding outside changes go, and a planned failover's final epoch promotes the
-/// site (durably, before the source hears the epoch committed).
-fn after_commit(
-    shared: &Shared,
-    epoch: u64,
-    discarded: &[String],
-    promote: bool,
-) -> Result<(), TargetError> {
-    if !discarded.is_empty() {
-        // The recovery points of these disks (this epoch's included) would bring the
-        // changes made outside ferry back, under an epoch's name.
-        if let Err(e) = super::points::retire(
-            &shared.job.state_dir,
-            discarded,
-            "the replica was changed outside ferry before a later epoch discarded those changes",
-        ) {
-            tracing::error!(
-                "epoch {epoch} committed, but retiring the recovery points it made wrong failed (do not restore them): {}",
-                crate::chain(&e)
-            );
-        }
-    }
+/// What a committed epoch asked for besides its data: a planned failover's final epoch
+/// promotes the site (durably, before the source hears the epoch committed).
+fn after_commit(shared: &Shared, epoch: u64, promote: bool) -> Result<(), TargetError> {
     if promote {
         super::failover::promote_planned(&shared.job, epoch)?;
     }
@@ -948,34 +927,33 @@ fn open_disk(job: &super::TargetJob, e: &OpenDisk, name: &str) -> Result<OpenedD
         .find(|d| d.name == name)
         .expect("checked by entry_names")
         .path;
+    // Held before anything is checked or changed: a program that locks images cannot
+    // slip a write in between the check and the session's own writes.
+    let existing = open_held(name, path)?;
     let discarded = check_untouched(e, name, mode, path, record.as_ref())?;
+    if discarded {
+        // Before anything is written: these points would bring the changes made
+        // outside ferry back under an epoch's name.
+        super::points::retire(
+            &job.state_dir,
+            &[name.to_string()],
+            "the replica was changed outside ferry, and a later epoch discards those changes",
+        )?;
+    }
     check_base(e, name, mode, geometry.disk_size, record.as_ref())?;
     let (disk, state) =
         Disk::open_replica(path, geometry.disk_size).map_err(|source| Rejection::OpenReplica {
             disk: name.to_string(),
             source,
         })?;
-    let buffered = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .map_err(|source| Rejection::OpenBuffered {
+    let buffered = match existing {
+        Some(f) => f,
+        None => open_held(name, path)?.ok_or_else(|| Rejection::OpenBuffered {
             disk: name.to_string(),
             path: path.clone(),
-            source,
-        })?;
-    let held = super::stamp::hold(&buffered).map_err(|source| Rejection::OpenBuffered {
-        disk: name.to_string(),
-        path: path.clone(),
-        source,
-    })?;
-    if !held {
-        return Err(Rejection::ReplicaInUse {
-            disk: name.to_string(),
-            path: path.clone(),
-        }
-        .into());
-    }
+            source: std::io::ErrorKind::NotFound.into(),
+        })?,
+    };
     let diff = if mode == SyncMode::Seeded {
         let gen = GenerationId::from_bytes(e.generation);
         let bitmap =
@@ -1002,6 +980,33 @@ fn open_disk(job: &super::TargetJob, e: &OpenDisk, name: &str) -> Result<OpenedD
         record,
         discarded,
     })
+}
+
+/// The replica at `path` opened for reading and writing and held (see
+/// [`super::stamp::hold`]); `None` if there is none yet.
+fn open_held(name: &str, path: &std::path::Path) -> Result<Option<std::fs::File>, TargetError> {
+    let failed = |source| Rejection::OpenBuffered {
+        disk: name.to_string(),
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(failed(e).into()),
+    };
+    if !super::stamp::hold(&file).map_err(failed)? {
+        return Err(Rejection::ReplicaInUse {
+            disk: name.to_string(),
+            path: path.to_path_buf(),
+        }
+        .into());
+    }
+    Ok(Some(file))
 }
 
 /// The disk's announced geometry and sync mode, checked.

@@ -23,17 +23,18 @@
 //! session cannot carry the stamp's time.
 //!
 //! What can be known:
-//! * **Image files:** size, device and inode (a file replaced by another), the
-//!   modification time (`st_mtime`: content writes) and the change time (`st_ctime`:
-//!   writes, truncation, permission and owner changes, renames onto it). Both times have
-//!   the file system's timestamp granularity: a foreign write in the same clock tick as
-//!   the writer's own last write (a few milliseconds on kernels without multigrain
-//!   timestamps) leaves them equal and goes unseen, as does a write that lands while
-//!   an epoch is being applied (the stamp is taken after it).
-//! * **Block devices:** only the device number and size. Writes to a block device do
-//!   not change the times of its device node, so a foreign write cannot be seen from
-//!   `stat`; the operator guide says so, and a seeded sync (`--discard-replica-changes`)
-//!   is the way to make sure.
+//! * **Image files:** size, inode (a file replaced by another), the modification time
+//!   (`st_mtime`: content writes) and the change time (`st_ctime`: writes, truncation,
+//!   permission and owner changes, renames onto it); a time counts as changed only when
+//!   it moved forward (a power loss may bring an older one back). The device number is
+//!   not compared: device-mapper minors can change across a reboot. The times have the
+//!   file system's granularity, which the clock-tick wait above accounts for; a
+//!   program that ignores locks and writes while an epoch is being applied is absorbed
+//!   by the stamp taken after it.
+//! * **Block devices:** only the size. Writes to a block device do not change the
+//!   times of its device node, so a foreign write cannot be seen from `stat`; the
+//!   operator guide says so, and a seeded sync (`--discard-replica-changes`) is the way
+//!   to make sure. The lock still keeps QEMU out during sessions.
 
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
@@ -57,7 +58,9 @@ pub enum StampKind {
 pub struct ReplicaStamp {
     pub kind: StampKind,
     pub size: u64,
-    /// `st_dev` and `st_ino` for a file; `st_rdev` and 0 for a block device.
+    /// `st_dev` and `st_ino` for a file; `st_rdev` and 0 for a block device. Only the
+    /// inode is compared (see [`ReplicaStamp::changes`]); the device is kept for the
+    /// operator reading the record.
     pub dev: u64,
     pub ino: u64,
     /// Nanoseconds since the epoch; 0 for a block device (not meaningful).
@@ -220,7 +223,10 @@ impl ReplicaStamp {
             }];
         }
         let mut changes = Vec::new();
-        if (now.dev, now.ino) != (self.dev, self.ino) {
+        // The inode, not the device number: device-mapper (LVM) minors, and with them
+        // `st_dev`/`st_rdev`, may change across a reboot. A file renamed onto the path
+        // has another inode (and a new change time).
+        if now.ino != self.ino {
             changes.push(StampChange::Replaced);
         }
         if now.size != self.size {
@@ -229,12 +235,15 @@ impl ReplicaStamp {
                 now: now.size,
             });
         }
-        if now.mtime_ns != self.mtime_ns {
+        // Only a later time is a change: a power loss may bring back an older one (the
+        // replicas are synced with fdatasync, which need not persist the times), and no
+        // write makes a file's times go back.
+        if now.mtime_ns > self.mtime_ns {
             changes.push(StampChange::Modified {
                 was_ns: self.mtime_ns,
                 now_ns: now.mtime_ns,
             });
-        } else if now.ctime_ns != self.ctime_ns {
+        } else if now.ctime_ns > self.ctime_ns {
             changes.push(StampChange::Changed {
                 was_ns: self.ctime_ns,
                 now_ns: now.ctime_ns,
@@ -296,7 +305,8 @@ mod tests {
         // depend on the clock ticking between two writes).
         let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
         f.write_all_at(b"foreign", 4096).unwrap();
-        f.set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_secs(12345))
+        // 2100-01-01: later than any stamp this test takes.
+        f.set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_secs(4_102_444_800))
             .unwrap();
         let now = ReplicaStamp::take(&path).unwrap();
         let changes = stamp.changes(now.as_ref());
@@ -305,10 +315,17 @@ mod tests {
             "{changes:?}"
         );
         assert!(
-            describe(&changes).contains("modified at 1970-01-01 03:25:45 UTC"),
+            describe(&changes).contains("modified at 2100-01-01 00:00:00 UTC"),
             "{}",
             describe(&changes)
         );
+        // A time that went back (a power loss undoing an unsynced time update) is
+        // not a change; a time moved forward is.
+        let later = ReplicaStamp::take(&path).unwrap().unwrap();
+        let mut earlier = later;
+        earlier.mtime_ns += 1;
+        earlier.ctime_ns += 1;
+        assert!(earlier.changes(Some(&later)).is_empty());
 
         f.set_len(1 << 17).unwrap();
         let changes = stamp.changes(ReplicaStamp::take(&path).unwrap().as_ref());

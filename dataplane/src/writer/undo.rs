@@ -233,6 +233,15 @@ impl UndoLog {
         })
     }
 
+    /// Marks, durably, that this log must not be kept as a recovery point when its epoch
+    /// commits: the bytes it saves include changes made to a replica outside ferry
+    /// (the session discards them), so restoring it would bring them back under an
+    /// epoch's name.
+    pub fn not_a_point(&self) -> Result<(), TargetError> {
+        let marker = no_point_marker(&self.path);
+        crate::durable::write_atomic(&marker, b"").map_err(|e| io_err(&marker, StateOp::Create, e))
+    }
+
     /// Whether old bytes of `disk` must be logged before it is overwritten.
     pub fn logs(&self, disk: u32) -> bool {
         self.disks.get(disk as usize).is_some_and(|d| d.logged)
@@ -398,7 +407,14 @@ fn finish_commit(
         ));
     }
     write_records(state_dir, epoch, disks, replicas)?;
-    if log.exists() {
+    let no_point = no_point_marker(log);
+    if no_point.exists() {
+        // Its old bytes include changes made outside ferry: not a recovery point.
+        if log.exists() {
+            fs::remove_file(log).map_err(|e| io_err(log, StateOp::Remove, e))?;
+        }
+        remove_marker(&no_point)?;
+    } else if log.exists() {
         super::points::keep_log(state_dir, epoch, log, disks, size)?;
     }
     remove_marker(&log.with_extension("committed"))
@@ -471,8 +487,19 @@ fn remove_marker(marker: &Path) -> Result<(), TargetError> {
     }
 }
 
+/// Beside an undo log: the log must not become a recovery point when its epoch commits
+/// (see [`UndoLog::not_a_point`]).
+fn no_point_marker(log: &Path) -> PathBuf {
+    log.with_extension("nopoint")
+}
+
 fn remove(path: &Path, marker: &Path) -> Result<(), TargetError> {
     fs::remove_file(path).map_err(|e| io_err(path, StateOp::Remove, e))?;
+    match fs::remove_file(no_point_marker(path)) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_err(path, StateOp::Remove, e)),
+    }
     match fs::remove_file(marker) {
         Ok(()) => {}
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
