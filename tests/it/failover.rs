@@ -271,3 +271,35 @@ fn planned_failover_hands_over_every_acknowledged_write_and_demotes_the_primary(
     );
     assert!(rig.replicas() == rig.images());
 }
+
+/// With the target process stopped (the secondary host rebooted, say), the failover
+/// works the same, and the target started afterwards is fenced.
+#[test]
+fn unplanned_failover_with_the_target_stopped_is_fenced_when_it_starts() {
+    let seed = test_seed("failover_target_stopped");
+    let mut rig = Rig::new(seed, &RigSpec::two_disk_group(DISK_BYTES));
+    let mut guest = Guest::start(&rig, seed ^ 1, 24, Duration::ZERO);
+    guest.wait_for(30);
+    let first = u64_field(&sync_ok(&rig.config, &[]), "epoch");
+    let at_first = rig.replicas();
+    guest.wait_for(40);
+    sync_ok(&rig.config, &[]);
+    guest.stop();
+    rig.kill_shim();
+    rig.target.kill();
+
+    let (ok, out, err) = unplanned(&rig, Some(first), &[]);
+    assert!(ok, "{out}{err}");
+    assert!(
+        rig.replicas() == at_first,
+        "recovery point {first}, byte for byte"
+    );
+    rig.restart_target().unwrap();
+    let refused = sync(&rig.config, &[]);
+    assert!(
+        !refused.success() && refused.stderr.contains("takes no replication"),
+        "{}",
+        refused.stderr
+    );
+    assert!(rig.replicas() == at_first);
+}

@@ -296,7 +296,12 @@ impl Target {
         // serve.
         let mut quarantine = Vec::new();
         let mut busy = HashSet::new();
-        for r in undo::recover(&job.state_dir, &job.replicas())? {
+        // Under the apply lock, like an epoch: a failover running meanwhile takes it
+        // alone.
+        let settle_lock = apply_lock(&job.state_dir, false)?;
+        let recovered = undo::recover(&job.state_dir, &job.replicas())?;
+        drop(settle_lock);
+        for r in recovered {
             match r {
                 undo::Recovery::Pending { log, disks, error } => {
                     tracing::error!(

@@ -1149,7 +1149,12 @@ fn finish_quarantined(shared: &Shared, names: &[String]) -> Result<(), TargetErr
             i += 1;
             continue;
         }
-        match super::undo::recover_one(&job.state_dir, &quarantine[i].0, &replicas) {
+        // Settling writes replicas: under the apply lock, like an epoch (a failover
+        // takes it alone).
+        let settled = super::apply_lock(&job.state_dir, false).and_then(|_lock| {
+            super::undo::recover_one(&job.state_dir, &quarantine[i].0, &replicas)
+        });
+        match settled {
             Ok(r) => {
                 tracing::warn!("settled an interrupted epoch: {r}");
                 let (_, disks) = quarantine.remove(i);
