@@ -6,6 +6,11 @@
 //! continuous-replication loop of `ferry source` takes an epoch every
 //! [`EPOCH_INTERVAL`]. When the guest stops, one more epoch carries its last writes;
 //! then the replicas must equal the sources byte for byte.
+//!
+//! Then a planned failover hands the disks over: the guest writes a little more with
+//! no replication running, `ferry failover planned` demotes the shim and sends a final
+//! epoch that promotes the target; the promoted replicas must equal the sources byte
+//! for byte, and a write after the cut must be refused.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -36,6 +41,17 @@ pub struct LiveOutcome {
     pub failed_epochs: Vec<String>,
     /// Longest time between two acknowledged epochs while the guest wrote.
     pub worst_gap: Duration,
+    pub problems: Vec<String>,
+    pub handover: Handover,
+}
+
+/// What the planned failover saw.
+#[derive(Default)]
+pub struct Handover {
+    /// Guest writes after the last live epoch, carried only by the final one.
+    pub writes_before: u64,
+    pub final_epoch: Option<u64>,
+    pub bytes_sent: u64,
     pub problems: Vec<String>,
 }
 
@@ -87,15 +103,46 @@ pub fn run(
     }
 
     let (guest, rounds) = replicate_while_guest_writes(&live_job, &sockets);
-    shim.shutdown().map_err(DemoError::ShimShutdown)?;
     let (guest_writes, guest_bytes, guest_started) = guest?;
-    Ok(judge(
-        rounds,
-        guest_writes,
-        guest_bytes,
-        guest_started,
-        pairs,
-    ))
+    let mut outcome = judge(rounds, guest_writes, guest_bytes, guest_started, pairs);
+    outcome.handover = hand_over(&live_job, &sockets, pairs)?;
+    shim.shutdown().map_err(DemoError::ShimShutdown)?;
+    Ok(outcome)
+}
+
+/// The planned failover: a burst of guest writes with no replication running, then
+/// `ferry failover planned`; checks the cut.
+fn hand_over(
+    job: &SyncJob,
+    sockets: &[(PathBuf, String)],
+    pairs: &[(PathBuf, PathBuf)],
+) -> Result<Handover, DemoError> {
+    let (writes_before, _, _) = guest_writes(sockets, Duration::from_millis(500), 7)?;
+    let mut h = Handover {
+        writes_before,
+        ..Handover::default()
+    };
+    match source::failover::planned(job) {
+        Ok(done) => {
+            h.final_epoch = done.demotion.epoch;
+            h.bytes_sent = done.report.map_or(0, |r| r.bytes_sent);
+        }
+        Err(e) => h.problems.push(format!("planned failover: {}", chain(&e))),
+    }
+    let (socket, name) = &sockets[0];
+    let refused = NbdClient::connect(socket, name)
+        .and_then(|mut c| c.write(0, &[0x5a; 4096]))
+        .is_err();
+    if !refused {
+        h.problems
+            .push("a guest write after the cut was accepted".to_string());
+    }
+    for (source, replica) in pairs {
+        if let Err(p) = compare_files(source, replica) {
+            h.problems.push(chain(&p));
+        }
+    }
+    Ok(h)
 }
 
 /// Runs `ferry source`'s loop on `live_job` while the guest writes to `sockets`, until
@@ -122,7 +169,7 @@ fn replicate_while_guest_writes(
                 })
             })
         });
-        let guest = guest_writes(sockets);
+        let guest = guest_writes(sockets, Duration::from_secs(GUEST_SECONDS), 1);
         // One epoch frozen after the guest's last write carries everything.
         let stopped = Instant::now();
         let deadline = stopped + Duration::from_secs(120);
@@ -195,12 +242,17 @@ fn judge(
         failed_epochs,
         worst_gap,
         problems,
+        handover: Handover::default(),
     }
 }
 
-/// The guest: random writes of 4 KiB to 256 KiB to every disk for [`GUEST_SECONDS`].
-/// Returns (writes, bytes, start time).
-fn guest_writes(sockets: &[(PathBuf, String)]) -> Result<(u64, u64, Instant), DemoError> {
+/// The guest: random writes of 4 KiB to 256 KiB to every disk for `duration`, drawn
+/// from `seed`. Returns (writes, bytes, start time).
+fn guest_writes(
+    sockets: &[(PathBuf, String)],
+    duration: Duration,
+    seed: u64,
+) -> Result<(u64, u64, Instant), DemoError> {
     let mut clients = Vec::with_capacity(sockets.len());
     for (socket, name) in sockets {
         clients.push(NbdClient::connect(socket, name).map_err(|source| {
@@ -211,23 +263,15 @@ fn guest_writes(sockets: &[(PathBuf, String)]) -> Result<(u64, u64, Instant), De
         })?);
     }
     let started = Instant::now();
-    let mut rng = 0x9e37_79b9_7f4a_7c15u64;
-    let mut next = move || {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        rng
-    };
+    let mut rng = ferry_io::rng::Rng::new(seed);
     let mut buf = vec![0u8; MAX_WRITE_BYTES as usize];
     let (mut writes, mut bytes) = (0u64, 0u64);
-    while started.elapsed() < Duration::from_secs(GUEST_SECONDS) {
+    while started.elapsed() < duration {
         let c = &mut clients[(writes as usize) % sockets.len()];
         let sectors = c.size() / 4096;
-        let len = 4096 * (1 + next() % (MAX_WRITE_BYTES / 4096));
-        let offset = 4096 * (next() % (sectors - len / 4096 + 1));
-        for chunk in buf[..len as usize].chunks_exact_mut(8) {
-            chunk.copy_from_slice(&next().to_le_bytes());
-        }
+        let len = 4096 * (1 + rng.below(MAX_WRITE_BYTES / 4096));
+        let offset = 4096 * rng.below(sectors - len / 4096 + 1);
+        rng.fill(&mut buf[..len as usize]);
         c.write(offset, &buf[..len as usize])
             .map_err(|source| DemoError::GuestWrite { offset, source })?;
         writes += 1;
@@ -280,6 +324,17 @@ pub fn print(number: usize, o: &LiveOutcome) {
         );
     }
     for p in &o.problems {
+        println!("  FAILED: {p}");
+    }
+    let h = &o.handover;
+    println!(
+        "step {} (planned failover): {} more guest writes with replication stopped; the shim refused writes from the cut, final epoch {} carried them ({}) and the target promoted its replicas",
+        number + 1,
+        h.writes_before,
+        h.final_epoch.map_or("?".to_string(), |e| e.to_string()),
+        mib(h.bytes_sent)
+    );
+    for p in &h.problems {
         println!("  FAILED: {p}");
     }
 }

@@ -239,11 +239,22 @@ impl Outcome {
     ) -> Result<(), DemoError> {
         self.failures
             .extend(live.problems.iter().map(|p| format!("step 4: {p}")));
+        self.failures.extend(
+            live.handover
+                .problems
+                .iter()
+                .map(|p| format!("step 5: {p}")),
+        );
         print_summary(&self.steps, pairs);
         if live.problems.is_empty() {
             println!(
                 "  step 4: replicas byte-for-byte identical to the sources after {} live epochs",
                 live.epochs.len()
+            );
+        }
+        if live.handover.problems.is_empty() {
+            println!(
+                "  step 5: promoted replicas byte-for-byte identical to the primary's disks at the cut; a write after it was refused"
             );
         }
         if self.failures.is_empty() {
