@@ -191,10 +191,7 @@ fn serve<R: std::io::Read, W: std::io::Write>(
         max_logical,
         epoch,
     };
-    let (apply_lock, mut undo) = stage(job, epoch, undo_disks)?;
-    if !opening.discarded.is_empty() {
-        undo.not_a_point()?;
-    }
+    let mut undo = undo_log(job, epoch, undo_disks, !opening.discarded.is_empty())?;
     let applier = Applier {
         disks: ApplyDisks {
             disks: &handles,
@@ -219,28 +216,33 @@ fn serve<R: std::io::Read, W: std::io::Write>(
         epoch,
         names,
         busy: opening.busy,
-        apply_lock,
+        apply_lock: opening.apply_lock,
         undo,
         promote: opening.promote,
     };
     staged.settle(writer, outcome)
 }
 
-/// Takes the apply lock (shared with other sessions; a failover takes it alone), checks
-/// again that the site is not promoted, and creates the epoch's undo log.
-fn stage(
+/// The epoch's undo log, durable; marked never to become a recovery point when the
+/// session discards changes made to a replica outside ferry.
+fn undo_log(
     job: &super::TargetJob,
     epoch: u64,
     disks: Vec<UndoDisk>,
-) -> Result<(std::fs::File, UndoLog), TargetError> {
-    let apply_lock = super::apply_lock(&job.state_dir, false)?;
-    super::role::fence(&job.state_dir)?;
+    discards: bool,
+) -> Result<UndoLog, TargetError> {
     let undo = UndoLog::create(&job.state_dir, epoch, disks)?;
-    Ok((apply_lock, undo))
+    if discards {
+        undo.not_a_point()?;
+    }
+    Ok(undo)
 }
 
 /// What the session's Open frame opened.
 struct Opening<'s> {
+    /// The apply lock, shared with other sessions (a failover takes it alone), held
+    /// from before the replicas are opened until the epoch is settled.
+    apply_lock: std::fs::File,
     epoch: u64,
     /// The batch size the source announced.
     announced: usize,
@@ -260,10 +262,12 @@ fn handshake<'s, R: std::io::Read, W: std::io::Write>(
     writer: &mut FrameWriter<W>,
     control: &mut [u8],
 ) -> Result<Opening<'s>, TargetError> {
-    // A promoted site takes no epoch from anyone (checked again under the apply lock:
-    // a failover may promote it while this session opens).
+    // A promoted site takes no epoch from anyone: refused at once, and checked again
+    // under the apply lock, which a failover holds while it promotes the site.
     super::role::fence(&shared.job.state_dir)?;
     let payload = reader.expect(FrameKind::Open, control)?;
+    let apply_lock = super::apply_lock(&shared.job.state_dir, false)?;
+    super::role::fence(&shared.job.state_dir)?;
     let announced = announced_batch(payload);
     let (epoch, opened, busy) = open(shared, payload)?;
     let promote = promotion(&shared.job, payload)?;
@@ -275,6 +279,7 @@ fn handshake<'s, R: std::io::Read, W: std::io::Write>(
     let replies: Vec<OpenDiskReply> = opened.iter().map(OpenedDisk::reply).collect();
     writer.send(FrameKind::OpenOk, &[replies.as_bytes()])?;
     Ok(Opening {
+        apply_lock,
         epoch,
         announced,
         disks: DiskSet::from(opened),
