@@ -303,3 +303,66 @@ fn unplanned_failover_with_the_target_stopped_is_fenced_when_it_starts() {
     );
     assert!(rig.replicas() == at_first);
 }
+
+/// kill -9 of `ferry failover unplanned` at random moments, again and again: every
+/// rerun resumes, and the replicas end exactly at the chosen point.
+#[test]
+fn unplanned_failover_killed_at_random_moments_ends_byte_exact() {
+    let seed = test_seed("failover_kill9");
+    let mut rng = Rng::new(seed);
+    let mut rig = Rig::new(seed, &RigSpec::two_disk_group(DISK_BYTES));
+    let mut guest = Guest::start(&rig, seed ^ 1, 24, Duration::ZERO);
+    guest.wait_for(30);
+    let first = u64_field(&sync_ok(&rig.config, &[]), "epoch");
+    let at_first = rig.replicas();
+    for _ in 0..4 {
+        guest.wait_for(60);
+        sync_ok(&rig.config, &[]);
+    }
+    guest.stop();
+    rig.kill_shim();
+
+    let kills = if soak() { 40 } else { 8 };
+    let mut states = Vec::new();
+    for _ in 0..kills {
+        let mut child = Command::new(ferry_bin())
+            .args([
+                "failover",
+                "unplanned",
+                "--point",
+                &first.to_string(),
+                "--config",
+            ])
+            .arg(&rig.target.config)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn ferry failover unplanned");
+        std::thread::sleep(Duration::from_micros(rng.below(40_000)));
+        let _ = child.kill();
+        let _ = child.wait();
+        let site = std::fs::read_to_string(rig.target_state.join("site.json")).unwrap_or_default();
+        states.push(if site.contains("\"promoting\"") {
+            'p'
+        } else if site.contains("\"primary\"") {
+            'P'
+        } else {
+            '-'
+        });
+    }
+    // What the kills interrupted: '-' before the promotion began, 'p' in the middle of
+    // it, 'P' after it.
+    eprintln!("kills: {}", states.iter().collect::<String>());
+    let (ok, out, err) = unplanned(&rig, Some(first), &[]);
+    assert!(ok, "{out}{err}");
+    assert!(
+        rig.replicas() == at_first,
+        "after {kills} kills, recovery point {first} byte for byte"
+    );
+    let refused = sync(&rig.config, &[]);
+    assert!(
+        refused.stderr.contains("takes no replication"),
+        "{}",
+        refused.stderr
+    );
+}
