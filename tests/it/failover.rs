@@ -366,3 +366,51 @@ fn unplanned_failover_killed_at_random_moments_ends_byte_exact() {
         refused.stderr
     );
 }
+
+/// kill -9 of `ferry failover planned` at random moments, with a guest writing: every
+/// rerun resumes, and in the end every acknowledged write is on the promoted replicas.
+#[test]
+fn planned_failover_killed_at_random_moments_loses_no_acknowledged_write() {
+    let seed = test_seed("planned_kill9");
+    let mut rng = Rng::new(seed);
+    let rig = Rig::new(seed, &RigSpec::two_disk_group(DISK_BYTES));
+    sync_ok(&rig.config, &[]);
+    let mut guest = Guest::until_refused(&rig, seed ^ 1, 24);
+    guest.wait_for(50);
+    let kills = if soak() { 30 } else { 6 };
+    for _ in 0..kills {
+        let mut child = Command::new(ferry_bin())
+            .args(["failover", "planned", "--config"])
+            .arg(&rig.config)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn ferry failover planned");
+        std::thread::sleep(Duration::from_micros(rng.below(150_000)));
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    let (ok, out, err) = ferry(
+        &[
+            "failover".as_ref(),
+            "planned".as_ref(),
+            "--config".as_ref(),
+            rig.config.as_os_str(),
+        ],
+        &[],
+    );
+    assert!(ok, "{out}{err}");
+    guest.stop();
+    let acknowledged = guest.acknowledged();
+    assert_eq!(
+        crate::common::rig::assert_point_in_time(
+            &rig.replicas(),
+            &rig.initial,
+            &acknowledged,
+            "planned failover after kills"
+        ),
+        acknowledged.len() as u64,
+        "every acknowledged write reached the promoted replicas"
+    );
+    assert!(rig.replicas() == rig.images());
+}
