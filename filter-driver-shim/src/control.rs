@@ -6,12 +6,13 @@
 //!
 //! | request | reply |
 //! |---------|-------|
-//! | `status` | `{"ok":true,"epoch":null or {"id","owned","disks"},"pauses":{"count","last_us","max_us","total_us"},"disks":[{"name","path","generation_id","block_size","block_count","dirty_blocks","frozen_blocks","resync_required","resync_reason","bitmap_syncs","marks_waited","tracking_failed","connections"}]}` |
+//! | `status` | `{"ok":true,"epoch":null or {"id","owned","disks"},"pauses":{"count","last_us","max_us","total_us"},"disks":[{"name","path","generation_id","block_size","block_count","dirty_blocks","frozen_blocks","resync_required","resync_reason","bitmap_syncs","marks_waited","tracking_failed","connections","writes_refused"}]}` |
 //! | `freeze [disks=NAME,…] [whole=NAME,…]` | `{"ok":true,"epoch":"<16 hex>","pause_us":N,"idle_timeout_ms":N,"disks":[{"name","path","generation_id","resync_required","resync_reason","block_size","disk_size","frozen_blocks","whole_disk","bitmap","map","scratch"}]}` |
 //! | `check <epoch>` | `{"ok":true}` if the epoch is still frozen and intact on every disk |
 //! | `commit <epoch>` | `{"ok":true}` once the committed bits are cleared durably |
 //! | `abort <epoch>` | `{"ok":true}`; the epoch's bits join the active bits again |
 //! | `resync-done <disk> <generation>` | `{"ok":true}`; `resync_required` clears if the generation is current |
+//! | `demote` | `{"ok":true}`; every disk refuses writes from now on (planned failover; see `nbd::gate`) |
 //! | anything else | `{"ok":false,"error":"…"}` |
 //!
 //! An epoch belongs to the connection that froze it: `check`, `commit` and `abort`
