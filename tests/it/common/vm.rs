@@ -11,14 +11,16 @@
 //! `tools` switch.
 
 use std::fs::File;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use ferry_io::require::{skip, Feature};
 
-use super::{drain, scratch_dir, tool_or_skip};
+use super::{scratch_dir, tool_or_skip};
 
 /// The QEMU binary; `tools/test.sh` installs it (`qemu-system-x86`).
 const QEMU: &str = "qemu-system-x86_64";
@@ -375,33 +377,20 @@ pub fn boot(kernel: &Kernel, drive: &str, step: &str, timeout: Duration) -> Boot
     let initrd = dir.path().join("initrd.cpio");
     write_initramfs(&initrd, kernel, step);
     let started = Instant::now();
-    let mut child = Command::new(QEMU)
-        .args(["-accel", "tcg", "-m", "256", "-smp", "1", "-nodefaults"])
-        .args(["-no-reboot", "-display", "none", "-serial", "stdio"])
-        .arg("-kernel")
-        .arg(&kernel.bzimage)
-        .arg("-initrd")
-        .arg(&initrd)
-        // panic=-1: a kernel panic reboots, which -no-reboot turns into an exit.
-        .args(["-append", "console=ttyS0 panic=-1 quiet"])
-        .args(["-drive", &format!("{drive},if=virtio")])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+    let mut child = qemu(kernel, &initrd, drive)
         .spawn()
         .unwrap_or_else(|e| panic!("spawn {QEMU}: {e}"));
-    let stdout = drain(child.stdout.take().unwrap());
-    let stderr = drain(child.stderr.take().unwrap());
+    let stdout = read_all(child.stdout.take());
+    let stderr = read_all(child.stderr.take());
     let status = super::shim::wait_timeout(&mut child, timeout);
     let took = started.elapsed();
     if status.is_none() {
         let _ = child.kill();
         let _ = child.wait();
     }
-    // Give the drain threads a moment to collect the last words.
-    std::thread::sleep(Duration::from_millis(50));
-    let serial = String::from_utf8_lossy(&stdout.lock().unwrap()).into_owned();
-    let errors = String::from_utf8_lossy(&stderr.lock().unwrap()).into_owned();
+    // QEMU has exited: both pipes are at their end.
+    let text = |t: JoinHandle<Vec<u8>>| String::from_utf8_lossy(&t.join().unwrap()).into_owned();
+    let (serial, errors) = (text(stdout), text(stderr));
     let boot = Boot { serial, took };
     let done = boot.lines().any(|l| l == DONE);
     assert!(
@@ -410,6 +399,37 @@ pub fn boot(kernel: &Kernel, drive: &str, step: &str, timeout: Duration) -> Boot
         boot.serial
     );
     boot
+}
+
+/// The QEMU command line: one CPU in TCG, the serial console on stdout, no other
+/// devices but the virtio disk `drive`.
+fn qemu(kernel: &Kernel, initrd: &Path, drive: &str) -> Command {
+    let mut cmd = Command::new(QEMU);
+    cmd.args(["-accel", "tcg", "-m", "256", "-smp", "1", "-nodefaults"])
+        .args(["-no-reboot", "-display", "none", "-serial", "stdio"])
+        .arg("-kernel")
+        .arg(&kernel.bzimage)
+        .arg("-initrd")
+        .arg(initrd)
+        // panic=-1: a kernel panic reboots, which -no-reboot turns into an exit.
+        .args(["-append", "console=ttyS0 panic=-1 quiet"])
+        .args(["-drive", &format!("{drive},if=virtio")])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    cmd
+}
+
+/// Reads a child's stream to its end on a thread (so the child never blocks on a full
+/// pipe); joining the thread gives everything it wrote.
+fn read_all(stream: Option<impl Read + Send + 'static>) -> JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut all = Vec::new();
+        if let Some(mut s) = stream {
+            let _ = s.read_to_end(&mut all);
+        }
+        all
+    })
 }
 
 /// Makes `path` a fresh ext4 file system of `size` bytes.
