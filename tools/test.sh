@@ -29,14 +29,51 @@ have rsync     || need+=(rsync)
 have zstd      || need+=(zstd)
 # ferry-powerfail (tests/it/power_loss.rs) mounts with mount(2) as root; others need fusermount3.
 have fusermount3 || need+=(fuse3)
+# The real guest (tests/it/vm_boot.rs) runs from an initramfs of busybox-static; its
+# kernel comes from `apt-get download linux-image-amd64` (see tests/it/common/vm.rs).
+dpkg -s busybox-static >/dev/null 2>&1 || need+=(busybox-static)
+
+if [ "$(id -u)" -eq 0 ]; then SUDO=; else SUDO=sudo; fi
+export DEBIAN_FRONTEND=noninteractive
+apt_install() {
+  $SUDO apt-get install -y -q "$@" >/dev/null 2>&1 || {
+    $SUDO apt-get update -q >/dev/null 2>&1 || true
+    $SUDO apt-get install -y -q "$@"
+  }
+}
+# The real guest's emulator. qemu-system-x86 and qemu-utils must be of one version: a
+# newer qemu-utils (from backports, say) breaks the distribution's qemu-system-common,
+# and installing the emulator alone would take qemu-utils (qemu-io, qemu-img, qemu-nbd)
+# away. So both are installed in one command at the emulator's version (the suite
+# passes with the distribution's qemu-utils 7.2), without the emulator's recommended
+# audio and video libraries.
+if ! have qemu-system-x86_64; then
+  candidate() { apt-cache policy "$1" | awk '/Candidate:/ { print $2 }'; }
+  qemu=$(candidate qemu-system-x86)
+  if [ -z "$qemu" ] || [ "$qemu" = "(none)" ]; then
+    $SUDO apt-get update -q >/dev/null 2>&1 || true
+    qemu=$(candidate qemu-system-x86)
+  fi
+  echo "tools/test.sh: installing qemu-system-x86 and qemu-utils $qemu"
+  apt_install --no-install-recommends --allow-downgrades qemu-system-x86 "qemu-utils=$qemu"
+fi
 if [ ${#need[@]} -gt 0 ]; then
   echo "tools/test.sh: installing ${need[*]}"
-  if [ "$(id -u)" -eq 0 ]; then SUDO=; else SUDO=sudo; fi
-  export DEBIAN_FRONTEND=noninteractive
-  $SUDO apt-get install -y -q "${need[@]}" >/dev/null 2>&1 || {
-    $SUDO apt-get update -q >/dev/null 2>&1 || true
-    $SUDO apt-get install -y -q "${need[@]}"
-  }
+  apt_install "${need[@]}"
+fi
+# Every tool the suite runs must be here now (one package's install can remove another's).
+missing=()
+for tool in qemu-img qemu-io qemu-nbd qemu-system-x86_64 nbdinfo nbdsh nbdkit fio ip socat \
+  rsync zstd fusermount3; do
+  have "$tool" || missing+=("$tool")
+done
+for tool in mke2fs mkfs.ext4 e2fsck; do
+  have "$tool" || [ -x "/sbin/$tool" ] || [ -x "/usr/sbin/$tool" ] || missing+=("$tool")
+done
+[ -x /bin/busybox ] || missing+=(/bin/busybox)
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "tools/test.sh: still missing after installing: ${missing[*]}" >&2
+  exit 1
 fi
 
 export CARGO_TERM_COLOR=never

@@ -28,3 +28,4 @@ mod shim_control;
 mod shim_reconnect;
 mod split_brain;
 mod uring_forced;
+mod vm_boot;

@@ -156,6 +156,23 @@ impl Rig {
         rig
     }
 
+    /// A rig whose disks hold what `make(image, disk_bytes)` writes (a file system for
+    /// a real guest, say) instead of random bytes. The shim stops while `make` runs and
+    /// starts again on the new content, before any source ran: the first epoch copies
+    /// it whole.
+    pub fn with_images(spec: &RigSpec, make: impl Fn(&Path, u64)) -> Rig {
+        let mut rig = Rig::new(0, spec);
+        if let Some(shim) = rig.shim.take() {
+            shim.stop();
+        }
+        for d in &rig.disks {
+            make(&d.image, spec.disk_bytes);
+        }
+        rig.initial = rig.images();
+        rig.start_shim();
+        rig
+    }
+
     pub fn start_shim(&mut self) {
         self.shim = Some(ShimProc::start(&self.config, &self.state));
     }
