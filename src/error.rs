@@ -46,10 +46,25 @@ pub enum Category {
 }
 
 impl Category {
-    /// The process exit status for a failure of this category. Every category exits 1
-    /// for now; giving each its own code is a change to this one function.
+    /// The process exit status for a failure of this category, so that a script or a
+    /// service manager can tell what to do next (retry, or stop and call a person).
+    /// The table is documented in docs/operator-guide.md, "Exit codes"; 2 is also what
+    /// the argument parser uses for a malformed command line.
+    pub fn code(self) -> u8 {
+        match self {
+            Category::Internal => 1,
+            Category::Usage => 2,
+            Category::Config => 3,
+            Category::Auth => 4,
+            Category::Retryable => 5,
+            Category::DataIntegrity => 6,
+            Category::Io => 7,
+            Category::Role => 8,
+        }
+    }
+
     pub fn exit_code(self) -> ExitCode {
-        ExitCode::FAILURE
+        ExitCode::from(self.code())
     }
 }
 
@@ -274,6 +289,23 @@ mod tests {
 
     use super::*;
     use crate::io_failure::Where;
+
+    #[test]
+    fn every_category_has_its_own_exit_code() {
+        let all = [
+            Category::Internal,
+            Category::Usage,
+            Category::Config,
+            Category::Auth,
+            Category::Retryable,
+            Category::DataIntegrity,
+            Category::Io,
+            Category::Role,
+        ];
+        let codes: std::collections::HashSet<u8> = all.iter().map(|c| c.code()).collect();
+        assert_eq!(codes.len(), all.len());
+        assert!(!codes.contains(&0));
+    }
 
     #[test]
     fn library_errors_keep_their_words_and_get_a_category() {

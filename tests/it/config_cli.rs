@@ -366,7 +366,11 @@ fn commands_name_the_section_their_config_lacks() {
         let run = ferry(&args);
         let needs = format!("`{}` needs a [{section}] section", command.join(" "));
         assert_refused(&command.join(" "), &run, config, &[&needs]);
-        assert_eq!(run.status.code(), Some(1), "{command:?}: {run:?}");
+        assert_eq!(
+            run.status.code(),
+            Some(3),
+            "a configuration error: {command:?}: {run:?}"
+        );
     }
 }
 

@@ -87,7 +87,12 @@ fn unplanned_failover_takes_the_replicas_back_in_place_to_every_point_and_fences
 
     // Fenced: a source (the old primary coming back) is refused, saying why.
     let refused = sync(&rig.config, &[]);
-    assert!(!refused.success(), "{}", refused.stdout);
+    assert_eq!(
+        refused.status.code(),
+        Some(8),
+        "a role refusal: {}",
+        refused.stderr
+    );
     assert!(
         refused
             .stderr
@@ -245,8 +250,9 @@ fn planned_failover_hands_over_every_acknowledged_write_and_demotes_the_primary(
     let (ok, out, _) = target_cmd(&rig, &["points"]);
     assert!(ok && out.contains("promoted at"), "{out}");
     let refused = sync(&rig.config, &[]);
+    assert_eq!(refused.status.code(), Some(8), "a role refusal");
     assert!(
-        !refused.success() && refused.stderr.contains("demoted by a planned failover"),
+        refused.stderr.contains("demoted by a planned failover"),
         "{}",
         refused.stderr
     );

@@ -70,7 +70,7 @@ fn a_replica_written_outside_ferry_is_refused_until_the_operator_chooses() {
     let status = wait_timeout(&mut source, Duration::from_secs(60))
         .unwrap_or_else(|| panic!("ferry source kept going: {}", rig.log("source.log")));
     let log = rig.log("source.log");
-    assert!(!status.success(), "{log}");
+    assert_eq!(status.code(), Some(6), "a data-integrity refusal: {log}");
     for words in [
         "split brain",
         "was changed by something other than this target",
@@ -121,7 +121,12 @@ fn a_replica_written_outside_ferry_is_refused_until_the_operator_chooses() {
     );
     // Refused again on a rerun, as long as the operator has not chosen.
     let again = sync(&rig.config, &[]);
-    assert!(!again.success(), "{}", again.stderr);
+    assert_eq!(
+        again.status.code(),
+        Some(6),
+        "a data-integrity refusal: {}",
+        again.stderr
+    );
     assert!(again.stderr.contains("split brain"), "{}", again.stderr);
 
     // The operator discards the replica's changes: a seeded sync repairs every block.
