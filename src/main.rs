@@ -470,15 +470,16 @@ fn points(config: &std::path::Path, json: bool) -> Result<(), CliError> {
         return Ok(());
     }
     println!(
-        "{:>8}  {:>20}  {:>14}  disks",
-        "point", "acknowledged (unix)", "undo bytes"
+        "{:>8}  {:>23}  {:>14}  disks",
+        "point", "acknowledged", "undo bytes"
     );
     for p in points {
         println!(
-            "{:>8}  {:>20}  {:>14}  {}{}",
+            "{:>8}  {:>23}  {:>14}  {}{}",
             p.id,
-            p.committed_unix_s
-                .map_or("?".to_string(), |t| t.to_string()),
+            p.committed_unix_s.map_or("?".to_string(), |t| {
+                dataplane::utc::Utc::from_unix_s(t).to_string()
+            }),
             p.bytes,
             p.disks.join(","),
             if p.latest { "  (latest)" } else { "" }
@@ -564,8 +565,12 @@ fn failover(action: FailoverAction) -> Result<(), CliError> {
 
 fn failover_unplanned(config: &std::path::Path, point: Option<u64>) -> Result<(), CliError> {
     let job = dataplane::writer::TargetJob::from_config(&load(config)?)?;
+    println!(
+        "unplanned failover of {} disk(s) to recovery point {}: the site is fenced first (its target refuses every source from then on), then the replicas are taken back in place",
+        job.disks.len(),
+        point.map_or("latest".to_string(), |p| p.to_string())
+    );
     let done = dataplane::writer::failover::unplanned(&job, point)?;
-    println!("unplanned failover: this site's target is fenced (it refuses every source)");
     if done.already {
         println!(
             "the site was already promoted to recovery point {}",
