@@ -227,7 +227,10 @@ fn source_category(e: &SourceError) -> Category {
             Category::DataIntegrity
         }
         E::Busy { .. } => Category::Usage,
-        E::Demoted { .. } | E::NotPromoted { .. } | E::NotDemoted { .. } => Category::Role,
+        E::Demoted { .. }
+        | E::NotPromoted { .. }
+        | E::NotDemoted { .. }
+        | E::PromotedElsewhere { .. } => Category::Role,
         E::SiteRecord { .. } => Category::DataIntegrity,
         E::Stage { .. } => Category::Retryable,
         _ => Category::Internal,
@@ -249,8 +252,20 @@ fn target_category(e: &TargetError) -> Category {
         | E::NotAtKnownEpoch { .. }
         | E::PointRetired { .. }
         | E::ReplicaShort { .. } => Category::DataIntegrity,
-        E::NoSuchPoint { .. } | E::NoRecord { .. } | E::Failover(_) => Category::Usage,
+        E::NoSuchPoint { .. } | E::NoRecord { .. } => Category::Usage,
+        E::Failover(f) => failover_category(f),
         _ => Category::Internal,
+    }
+}
+
+fn failover_category(e: &dataplane::writer::failover::FailoverError) -> Category {
+    use dataplane::writer::failover::FailoverError as E;
+    match e {
+        E::ChangedOutside { .. } | E::WrittenSincePromotion { .. } | E::ChainBroken { .. } => {
+            Category::DataIntegrity
+        }
+        E::NotPromoted | E::StillPromoting { .. } | E::Committed { .. } => Category::Role,
+        E::NoPoint | E::Newer { .. } => Category::Usage,
     }
 }
 

@@ -420,3 +420,34 @@ fn planned_failover_killed_at_random_moments_loses_no_acknowledged_write() {
     );
     assert!(rig.replicas() == rig.images());
 }
+
+/// A planned failover that finds the target promoted by an unplanned failover there
+/// says so and exits as a role refusal: it cannot vouch for writes after that point.
+/// This site is demoted all the same.
+#[test]
+fn planned_failover_after_an_unplanned_one_does_not_claim_the_handover() {
+    let seed = test_seed("planned_after_unplanned");
+    let rig = Rig::new(seed, &RigSpec::two_disk_group(DISK_BYTES));
+    sync_ok(&rig.config, &[]);
+    let (ok, out, err) = unplanned(&rig, None, &[]);
+    assert!(ok, "{out}{err}");
+    let planned = |rig: &Rig| {
+        Command::new(ferry_bin())
+            .args(["failover", "planned", "--config"])
+            .arg(&rig.config)
+            .output()
+            .expect("run ferry failover planned")
+    };
+    let first = planned(&rig);
+    let err = String::from_utf8_lossy(&first.stderr);
+    assert_eq!(first.status.code(), Some(8), "{err}");
+    assert!(err.contains("not by this handover"), "{err}");
+    let again = planned(&rig);
+    let out = String::from_utf8_lossy(&again.stdout);
+    assert!(
+        again.status.success() && out.contains("already demoted"),
+        "{out}"
+    );
+    let refused = sync(&rig.config, &[]);
+    assert_eq!(refused.status.code(), Some(8), "{}", refused.stderr);
+}

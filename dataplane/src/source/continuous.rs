@@ -50,6 +50,9 @@ pub fn needs_operator(e: &SourceError) -> bool {
             code: ErrorCode::ReplicaChanged | ErrorCode::Fenced,
             ..
         }) | SourceError::Demoted { .. }
+            // A damaged state file does not mend itself.
+            | SourceError::SiteRecord { .. }
+            | SourceError::StateContent { .. }
     )
 }
 

@@ -153,13 +153,29 @@ pub fn planned(job: &SyncJob) -> Result<Handover, SourceError> {
             Some(report)
         }
         Err(e) if fenced(&e) => {
-            tracing::warn!("the target is promoted already (an earlier run's answer was lost, or a failover there): completing this site's demotion without a final epoch");
+            tracing::warn!("the target is promoted already: completing this site's demotion without a final epoch");
+            let (disks, _) = demoted_disks(job)?;
+            demotion.disks = disks;
+            demotion.complete = true;
+            match promoted_by_planned_failover(&e) {
+                // This handover's final epoch, whose answer was lost.
+                Some(point) => demotion.epoch = Some(point),
+                None => {
+                    demotion.save(&job.state_dir)?;
+                    return Err(SourceError::PromotedElsewhere {
+                        target: job.target.clone(),
+                        source: Box::new(e),
+                    });
+                }
+            }
             None
         }
         Err(e) => return Err(e),
     };
-    let (disks, last_acknowledged) = demoted_disks(job)?;
-    demotion.epoch = report.as_ref().map(|r| r.epoch).or(last_acknowledged);
+    let (disks, _) = demoted_disks(job)?;
+    if let Some(r) = &report {
+        demotion.epoch = Some(r.epoch);
+    }
     demotion.disks = disks;
     demotion.complete = true;
     demotion.save(&job.state_dir)?;
@@ -216,6 +232,21 @@ fn demoted_disks(job: &SyncJob) -> Result<(Vec<DemotedDisk>, Option<u64>), Sourc
     Ok((disks, last))
 }
 
+/// The point of a promotion by a planned failover — this handover's, since only the
+/// primary's final epoch promotes that way — as the target's refusal names it; `None`
+/// when the target was promoted otherwise (a failover at the secondary). The refusal's
+/// words are `Rejection::Fenced`'s, which `tests/it/failover.rs` exercises both ways.
+fn promoted_by_planned_failover(e: &SourceError) -> Option<u64> {
+    let SourceError::Protocol(ProtocolError::Remote { message, .. }) = e else {
+        return None;
+    };
+    if !message.contains("by a planned failover") {
+        return None;
+    }
+    let rest = message.split("(recovery point ").nth(1)?;
+    rest.split(')').next()?.parse().ok()
+}
+
 fn fenced(e: &SourceError) -> bool {
     matches!(
         e,
@@ -240,5 +271,38 @@ fn check_fenced(job: &SyncJob, lock: &EngineLock, epoch: u64) -> Result<(), Sour
             epoch,
         }),
         Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::writer::rejection::Rejection;
+    use crate::writer::role::Transition;
+
+    fn refusal(how: Transition) -> SourceError {
+        let message = Rejection::Fenced {
+            how,
+            since_unix_s: 1_796_535_923,
+            point: 42,
+            promoting: false,
+        }
+        .to_string();
+        SourceError::Protocol(ProtocolError::Remote {
+            code: ErrorCode::Fenced,
+            message,
+        })
+    }
+
+    #[test]
+    fn the_target_s_refusal_tells_this_handover_from_a_failover_there() {
+        assert_eq!(
+            promoted_by_planned_failover(&refusal(Transition::PlannedFailover)),
+            Some(42)
+        );
+        assert_eq!(
+            promoted_by_planned_failover(&refusal(Transition::UnplannedFailover)),
+            None
+        );
     }
 }

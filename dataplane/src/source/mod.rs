@@ -156,6 +156,15 @@ pub enum SourceError {
         epoch: Option<u64>,
         complete: bool,
     },
+    /// A planned failover found the target promoted by a failover at the secondary, not
+    /// by its own final epoch: the writes acknowledged here after that failover's point
+    /// are not on the promoted replicas. This site is demoted all the same.
+    #[error("the target at {target} was promoted by a failover there, not by this handover: writes acknowledged here after its recovery point are not on its disks; this site is demoted")]
+    PromotedElsewhere {
+        target: String,
+        #[source]
+        source: Box<SourceError>,
+    },
     /// After `demote`, the shim still accepts writes on some disks.
     #[error("the shim still accepts writes on disk(s) {} after `demote`; the planned failover stops before its final epoch", disks.join(", "))]
     NotDemoted { disks: Vec<String> },

@@ -49,6 +49,15 @@ pub enum FailoverError {
         latest: u64,
         changes: Vec<super::stamp::StampChange>,
     },
+    /// A kept log does not follow from what the replicas hold: one between it and them
+    /// is missing (retired as damaged), so the point cannot be reached.
+    #[error("disk {disk}: the undo log of epoch {log_epoch} does not apply to the replica, which holds epoch {held:?}: a log between them is missing (retired as damaged?), so recovery point {point} cannot be reached; choose a newer point")]
+    ChainBroken {
+        disk: String,
+        log_epoch: u64,
+        held: Option<u64>,
+        point: u64,
+    },
     #[error("the site is not promoted: run `ferry failover unplanned` first")]
     NotPromoted,
     #[error("the site is still being promoted (to recovery point {point}): rerun `ferry failover unplanned` to finish first")]
@@ -123,9 +132,36 @@ pub fn unplanned(job: &TargetJob, point: Option<u64>) -> Result<Promotion, Targe
         .save(state_dir)?;
         undone.extend(roll_back_to(state_dir, point, &names, &replicas)?);
     }
-    // Any later write to the promoted disks gets a later time than their stamps.
+    let disks = record_primary(state_dir, &replicas, point, how, since)?;
+    Ok(Promotion {
+        point,
+        disks,
+        undone,
+        already: false,
+    })
+}
+
+/// Records the site primary at `point`, once every disk's record says it holds it (or
+/// refuses: the promotion is then not recorded). Any later write to the promoted disks
+/// gets a later time than their stamps.
+fn record_primary(
+    state_dir: &Path,
+    replicas: &[(String, PathBuf)],
+    point: u64,
+    how: Transition,
+    since: u64,
+) -> Result<Vec<(PromotedDisk, PathBuf)>, TargetError> {
     super::stamp::wait_for_clock_tick();
-    let disks = promoted_disks(state_dir, &replicas)?;
+    let disks = promoted_disks(state_dir, replicas)?;
+    if let Some((d, _)) = disks.iter().find(|(d, _)| d.epoch != point) {
+        return Err(FailoverError::ChainBroken {
+            disk: d.name.clone(),
+            log_epoch: point,
+            held: Some(d.epoch),
+            point,
+        }
+        .into());
+    }
     SiteRecord {
         role: Role::Primary,
         how,
@@ -135,12 +171,7 @@ pub fn unplanned(job: &TargetJob, point: Option<u64>) -> Result<Promotion, Targe
         committed: false,
     }
     .save(state_dir)?;
-    Ok(Promotion {
-        point,
-        disks,
-        undone,
-        already: false,
-    })
+    Ok(disks)
 }
 
 /// Finishes an interrupted promotion to `bound` (its point binds: `requested` may not
@@ -303,6 +334,7 @@ fn roll_back_to(
     let logs = points::logs_back_to(state_dir, point, names)?;
     let mut undone = Vec::new();
     for (path, log) in &logs {
+        check_applies(state_dir, log, point)?;
         let files = super::undo::open_for_rollback(path, &log.disks, replicas)?;
         let refs: Vec<Option<&std::fs::File>> = files.iter().map(Option::as_ref).collect();
         log.apply_reversed(&refs)
@@ -343,6 +375,29 @@ fn roll_back_to(
         undone.push(log.epoch);
     }
     Ok(undone)
+}
+
+/// A log applies to a replica that holds its epoch, or the epoch before it (applied
+/// already by an interrupted run: applying it again is harmless). Anything else means a
+/// log between it and the replica is missing.
+fn check_applies(
+    state_dir: &Path,
+    log: &super::undo::LogContents,
+    point: u64,
+) -> Result<(), TargetError> {
+    for d in &log.disks {
+        let held = ReplicaRecord::load(state_dir, &d.name)?.map(|r| r.epoch);
+        if held != Some(log.epoch) && held != d.prev_epoch {
+            return Err(FailoverError::ChainBroken {
+                disk: d.name.clone(),
+                log_epoch: log.epoch,
+                held,
+                point,
+            }
+            .into());
+        }
+    }
+    Ok(())
 }
 
 /// Each configured disk's replica and the lineage its record says it holds.

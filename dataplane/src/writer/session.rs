@@ -233,7 +233,17 @@ fn undo_log(
 ) -> Result<UndoLog, TargetError> {
     let undo = UndoLog::create(&job.state_dir, epoch, disks)?;
     if discards {
-        undo.not_a_point()?;
+        if let Err(e) = undo.not_a_point() {
+            // Nothing was written under this log yet: it goes, rather than outlive the
+            // session unmarked.
+            if let Err(r) = undo.roll_back(&job.replicas()) {
+                tracing::error!(
+                    "an unused undo log could not be removed: {}",
+                    crate::chain(&r)
+                );
+            }
+            return Err(e);
+        }
     }
     Ok(undo)
 }

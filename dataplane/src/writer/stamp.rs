@@ -30,7 +30,8 @@
 //!   not compared: device-mapper minors can change across a reboot. The times have the
 //!   file system's granularity, which the clock-tick wait above accounts for; a
 //!   program that ignores locks and writes while an epoch is being applied is absorbed
-//!   by the stamp taken after it.
+//!   by the stamp taken after it. A file system snapshot rolled back under the replica
+//!   (ZFS, btrfs, LVM) restores the same inode with older times and goes unseen.
 //! * **Block devices:** only the size. Writes to a block device do not change the
 //!   times of its device node, so a foreign write cannot be seen from `stat`; the
 //!   operator guide says so, and a seeded sync (`--discard-replica-changes`) is the way

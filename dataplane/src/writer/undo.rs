@@ -673,7 +673,11 @@ pub(crate) fn recover_one(
         f.sync_data()
             .map_err(|e| io_err(path, StateOp::FsyncReplicaAfterRollback, e))?;
     }
-    restamp(state_dir, &log.disks, replicas)?;
+    // A discarding epoch's log brought back changes made outside ferry: the stamp stays
+    // as it was, so the next session still sees them and asks the operator again.
+    if !no_point_marker(path).exists() {
+        restamp(state_dir, &log.disks, replicas)?;
+    }
     remove(path, &marker)?;
     Ok(Recovery::RolledBack {
         epoch: log.epoch,
