@@ -12,7 +12,7 @@
 
 use std::ffi::OsStr;
 use std::os::unix::fs::FileExt;
-use std::process::Command;
+use std::process::{Command, ExitStatus};
 use std::time::Duration;
 
 use crate::common::rig::{Guest, Rig, RigSpec};
@@ -21,8 +21,8 @@ use crate::common::*;
 const DISK_BYTES: u64 = 8 << 20;
 const EPOCHS: usize = 5;
 
-/// `ferry <args>` with `env`, to completion: (success, stdout, stderr).
-fn ferry(args: &[&OsStr], env: &[(&str, &str)]) -> (bool, String, String) {
+/// `ferry <args>` with `env`, to completion: (exit status, stdout, stderr).
+fn ferry_status(args: &[&OsStr], env: &[(&str, &str)]) -> (ExitStatus, String, String) {
     let out = Command::new(ferry_bin())
         .args(args)
         .envs(env.iter().copied())
@@ -30,10 +30,56 @@ fn ferry(args: &[&OsStr], env: &[(&str, &str)]) -> (bool, String, String) {
         .output()
         .expect("run ferry");
     (
-        out.status.success(),
+        out.status,
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// [`ferry_status`] with the status as success or failure.
+fn ferry(args: &[&OsStr], env: &[(&str, &str)]) -> (bool, String, String) {
+    let (status, out, err) = ferry_status(args, env);
+    (status.success(), out, err)
+}
+
+/// The arguments of `ferry failover planned` for the rig's primary.
+fn planned_args(rig: &Rig) -> [&OsStr; 4] {
+    [
+        "failover".as_ref(),
+        "planned".as_ref(),
+        "--config".as_ref(),
+        rig.config.as_os_str(),
+    ]
+}
+
+/// `ferry failover planned` on the rig's primary, with `env`.
+fn planned(rig: &Rig, env: &[(&str, &str)]) -> (ExitStatus, String, String) {
+    ferry_status(&planned_args(rig), env)
+}
+
+/// Starts `ferry <args>` `times` times, each killed with SIGKILL after a random wait
+/// of up to `max_wait`; `after` runs after each kill.
+fn kill_at_random(
+    args: &[&OsStr],
+    times: usize,
+    max_wait: Duration,
+    rng: &mut Rng,
+    mut after: impl FnMut(),
+) {
+    for _ in 0..times {
+        let mut child = Command::new(ferry_bin())
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn ferry");
+        std::thread::sleep(Duration::from_micros(
+            rng.below(max_wait.as_micros() as u64),
+        ));
+        let _ = child.kill();
+        let _ = child.wait();
+        after();
+    }
 }
 
 fn unplanned(rig: &Rig, point: Option<u64>, env: &[(&str, &str)]) -> (bool, String, String) {
@@ -196,31 +242,15 @@ fn planned_failover_hands_over_every_acknowledged_write_and_demotes_the_primary(
     assert!(status.success(), "{}", rig.log("source.log"));
     guest.wait_for(50);
 
-    let planned = |rig: &Rig| {
-        ferry(
-            &[
-                "failover".as_ref(),
-                "planned".as_ref(),
-                "--config".as_ref(),
-                rig.config.as_os_str(),
-            ],
-            &[],
-        )
-    };
     // The first run dies once the target promoted, before this site recorded it; the
     // rerun finds the target promoted and completes the demotion.
-    let (ok, _, err) = ferry(
-        &[
-            "failover".as_ref(),
-            "planned".as_ref(),
-            "--config".as_ref(),
-            rig.config.as_os_str(),
-        ],
-        &[("FERRY_FAILPOINTS", "source.planned.crash")],
+    let (status, _, err) = planned(&rig, &[("FERRY_FAILPOINTS", "source.planned.crash")]);
+    assert!(
+        !status.success(),
+        "the failpoint aborts the handover: {err}"
     );
-    assert!(!ok, "the failpoint aborts the handover: {err}");
-    let (ok, out, err) = planned(&rig);
-    assert!(ok, "{out}{err}");
+    let (status, out, err) = planned(&rig, &[]);
+    assert!(status.success(), "{out}{err}");
     assert!(
         out.contains("found promoted already") && out.contains("boot the VMs"),
         "{out}"
@@ -256,8 +286,11 @@ fn planned_failover_hands_over_every_acknowledged_write_and_demotes_the_primary(
         "{}",
         refused.stderr
     );
-    let (ok, out, err) = planned(&rig);
-    assert!(ok && out.contains("already demoted"), "{out}{err}");
+    let (status, out, err) = planned(&rig, &[]);
+    assert!(
+        status.success() && out.contains("already demoted"),
+        "{out}{err}"
+    );
     // A restarted shim keeps refusing writes.
     rig.kill_shim();
     rig.start_shim();
@@ -330,23 +363,13 @@ fn unplanned_failover_killed_at_random_moments_ends_byte_exact() {
 
     let kills = if soak() { 40 } else { 8 };
     let mut states = Vec::new();
-    for _ in 0..kills {
-        let mut child = Command::new(ferry_bin())
-            .args([
-                "failover",
-                "unplanned",
-                "--point",
-                &first.to_string(),
-                "--config",
-            ])
-            .arg(&rig.target.config)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("spawn ferry failover unplanned");
-        std::thread::sleep(Duration::from_micros(rng.below(40_000)));
-        let _ = child.kill();
-        let _ = child.wait();
+    let point = first.to_string();
+    let args: Vec<&OsStr> = ["failover", "unplanned", "--point", &point, "--config"]
+        .map(OsStr::new)
+        .into_iter()
+        .chain([rig.target.config.as_os_str()])
+        .collect();
+    kill_at_random(&args, kills, Duration::from_millis(40), &mut rng, || {
         let site = std::fs::read_to_string(rig.target_state.join("site.json")).unwrap_or_default();
         states.push(if site.contains("\"promoting\"") {
             'p'
@@ -355,7 +378,7 @@ fn unplanned_failover_killed_at_random_moments_ends_byte_exact() {
         } else {
             '-'
         });
-    }
+    });
     // What the kills interrupted: '-' before the promotion began, 'p' in the middle of
     // it, 'P' after it.
     eprintln!("kills: {}", states.iter().collect::<String>());
@@ -384,28 +407,15 @@ fn planned_failover_killed_at_random_moments_loses_no_acknowledged_write() {
     let mut guest = Guest::until_refused(&rig, seed ^ 1, 24);
     guest.wait_for(50);
     let kills = if soak() { 30 } else { 6 };
-    for _ in 0..kills {
-        let mut child = Command::new(ferry_bin())
-            .args(["failover", "planned", "--config"])
-            .arg(&rig.config)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("spawn ferry failover planned");
-        std::thread::sleep(Duration::from_micros(rng.below(150_000)));
-        let _ = child.kill();
-        let _ = child.wait();
-    }
-    let (ok, out, err) = ferry(
-        &[
-            "failover".as_ref(),
-            "planned".as_ref(),
-            "--config".as_ref(),
-            rig.config.as_os_str(),
-        ],
-        &[],
+    kill_at_random(
+        &planned_args(&rig),
+        kills,
+        Duration::from_millis(150),
+        &mut rng,
+        || {},
     );
-    assert!(ok, "{out}{err}");
+    let (status, out, err) = planned(&rig, &[]);
+    assert!(status.success(), "{out}{err}");
     guest.stop();
     let acknowledged = guest.acknowledged();
     assert_eq!(
@@ -431,23 +441,11 @@ fn planned_failover_after_an_unplanned_one_does_not_claim_the_handover() {
     sync_ok(&rig.config, &[]);
     let (ok, out, err) = unplanned(&rig, None, &[]);
     assert!(ok, "{out}{err}");
-    let planned = |rig: &Rig| {
-        Command::new(ferry_bin())
-            .args(["failover", "planned", "--config"])
-            .arg(&rig.config)
-            .output()
-            .expect("run ferry failover planned")
-    };
-    let first = planned(&rig);
-    let err = String::from_utf8_lossy(&first.stderr);
-    assert_eq!(first.status.code(), Some(8), "{err}");
+    let (status, _, err) = planned(&rig, &[]);
+    assert_eq!(status.code(), Some(8), "{err}");
     assert!(err.contains("not by this handover"), "{err}");
-    let again = planned(&rig);
-    let out = String::from_utf8_lossy(&again.stdout);
-    assert!(
-        again.status.success() && out.contains("already demoted"),
-        "{out}"
-    );
+    let (status, out, _) = planned(&rig, &[]);
+    assert!(status.success() && out.contains("already demoted"), "{out}");
     let refused = sync(&rig.config, &[]);
     assert_eq!(refused.status.code(), Some(8), "{}", refused.stderr);
 }
