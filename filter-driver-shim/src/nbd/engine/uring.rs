@@ -527,26 +527,6 @@ enum StepEnd<'a> {
     },
 }
 
-/// The bytes a read or write step moved, from its completion's `res`: the errno of a
-/// negative one, `at_end` for none (nothing more can be moved).
-fn moved(res: i32, at_end: fn() -> io::Error) -> Result<usize, io::Error> {
-    match res {
-        r if r < 0 => Err(os_error(r)),
-        0 => Err(at_end()),
-        n => Ok(n as usize),
-    }
-}
-
-/// What `read_exact_at` reports when the file shrank under a read.
-fn short_read() -> io::Error {
-    io::Error::new(io::ErrorKind::UnexpectedEof, "failed to fill whole buffer")
-}
-
-/// What `write_all_at` reports when a write moves nothing.
-fn short_write() -> io::Error {
-    io::Error::new(io::ErrorKind::WriteZero, "failed to write whole buffer")
-}
-
 /// A read step completed `res`: the rest of a short read, or the data.
 fn read_step_done<'a>(
     cookie: u64,
@@ -555,16 +535,22 @@ fn read_step_done<'a>(
     done: usize,
     res: i32,
 ) -> StepEnd<'a> {
-    let done = match moved(res, short_read) {
-        Ok(n) => done + n,
-        Err(error) => {
-            return StepEnd::Failed {
-                op: "read",
-                offset,
-                error,
-            }
-        }
+    let failed = |error| StepEnd::Failed {
+        op: "read",
+        offset,
+        error,
     };
+    if res < 0 {
+        return failed(os_error(res));
+    }
+    if res == 0 {
+        // The file shrank under us: what `read_exact_at` reports.
+        return failed(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "failed to fill whole buffer",
+        ));
+    }
+    let done = done + res as usize;
     if done < buf.len() {
         return StepEnd::Next(Step::Read { buf, offset, done });
     }
@@ -584,16 +570,21 @@ fn write_step_done(
     pass: GatePass<'_>,
     res: i32,
 ) -> StepEnd<'_> {
-    let done = match moved(res, short_write) {
-        Ok(n) => done + n,
-        Err(error) => {
-            return StepEnd::Failed {
-                op: "write",
-                offset,
-                error,
-            }
-        }
+    let failed = |error| StepEnd::Failed {
+        op: "write",
+        offset,
+        error,
     };
+    if res < 0 {
+        return failed(os_error(res));
+    }
+    if res == 0 {
+        return failed(io::Error::new(
+            io::ErrorKind::WriteZero,
+            "failed to write whole buffer",
+        ));
+    }
+    let done = done + res as usize;
     if done < buf.len() {
         return StepEnd::Next(Step::Write {
             buf,
@@ -660,16 +651,21 @@ fn zero_fill_step_done(
     pass: GatePass<'_>,
     res: i32,
 ) -> StepEnd<'_> {
-    let done = match moved(res, short_write) {
-        Ok(n) => done + n as u64,
-        Err(error) => {
-            return StepEnd::Failed {
-                op: "write zeroes",
-                offset,
-                error,
-            }
-        }
+    let failed = |error| StepEnd::Failed {
+        op: "write zeroes",
+        offset,
+        error,
     };
+    if res < 0 {
+        return failed(os_error(res));
+    }
+    if res == 0 {
+        return failed(io::Error::new(
+            io::ErrorKind::WriteZero,
+            "failed to write whole buffer",
+        ));
+    }
+    let done = done + res as u64;
     if done < len {
         return StepEnd::Next(Step::ZeroFill {
             offset,
