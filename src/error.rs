@@ -113,6 +113,8 @@ pub enum CliError {
     Demo(Box<DemoError>),
     #[error(transparent)]
     Image(#[from] ImageError),
+    #[error(transparent)]
+    Dr(#[from] crate::dr::DrError),
 }
 
 /// A command line that cannot be acted on.
@@ -162,6 +164,7 @@ impl CliError {
             CliError::ChangedOutside { .. } => Category::DataIntegrity,
             CliError::Demo(e) => demo_category(e),
             CliError::Image(e) => image_category(e),
+            CliError::Dr(e) => dr_category(e),
         }
     }
 }
@@ -191,6 +194,15 @@ fn demo_category(e: &DemoError) -> Category {
         | E::BlockSize { .. }
         | E::BitmapNew { .. }
         | E::BitmapMark { .. } => Category::Internal,
+    }
+}
+
+fn dr_category(e: &crate::dr::DrError) -> Category {
+    use crate::dr::DrError as E;
+    match e {
+        E::ReplicaSite { .. } | E::NotDemoted | E::NeverReplicated { .. } => Category::Role,
+        E::ShimRunning { .. } => Category::Usage,
+        E::Image { .. } | E::Tracking { .. } | E::Remove { .. } => Category::Io,
     }
 }
 
@@ -233,6 +245,11 @@ fn source_category(e: &SourceError) -> Category {
         | E::PromotedElsewhere { .. } => Category::Role,
         E::SiteRecord { .. } => Category::DataIntegrity,
         E::Stage { .. } => Category::Retryable,
+        E::Reprotect(dataplane::source::reprotect::ReprotectError::UnrelatedLineage { .. }) => {
+            Category::DataIntegrity
+        }
+        E::Reprotect(_) => Category::Role,
+        E::Target(t) => target_category(t),
         _ => Category::Internal,
     }
 }
@@ -254,6 +271,7 @@ fn target_category(e: &TargetError) -> Category {
         | E::ReplicaShort { .. } => Category::DataIntegrity,
         E::NoSuchPoint { .. } | E::NoRecord { .. } => Category::Usage,
         E::Failover(f) => failover_category(f),
+        E::ChangeSet(_) => Category::DataIntegrity,
         _ => Category::Internal,
     }
 }

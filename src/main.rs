@@ -3,6 +3,7 @@
 
 mod bench;
 mod demo;
+mod dr;
 mod error;
 mod imagegen;
 mod io_failure;
@@ -93,6 +94,34 @@ enum Command {
     Failover {
         #[command(subcommand)]
         action: FailoverAction,
+    },
+    /// At the new primary after a failover (committed): replicate back to the old
+    /// primary, sending only the blocks that can differ (written here since the
+    /// promotion, rolled back by the failover, written there after its last
+    /// acknowledged epoch). The old primary runs `ferry become-replica` and
+    /// `ferry target` first; the shim must be running here.
+    Reprotect {
+        /// This site's config: `[source]` (target = the old primary's `[target]
+        /// listen`, the shim's state_dir) and `[target]` (the promoted site's state).
+        #[arg(long)]
+        config: PathBuf,
+        /// Print one JSON object summarising the run.
+        #[arg(long)]
+        json: bool,
+    },
+    /// At the old primary after a failover (VMs, shim and engine stopped): make this
+    /// site's disks the replicas of the other site's. Its target records what each disk
+    /// holds and the blocks written here since the last epoch the other site has, which
+    /// `ferry reprotect` there sends back.
+    BecomeReplica {
+        /// This site's config, with both `[source]` (its shim's state) and `[target]`.
+        #[arg(long)]
+        config: PathBuf,
+        /// This site was not demoted by a planned failover (the other site failed over
+        /// while it was down): proceed; writes made here after the last epoch the other
+        /// site holds are overwritten by reverse replication.
+        #[arg(long)]
+        force: bool,
     },
     /// Show replication working end to end on sample disks, on loopback.
     Demo,
@@ -190,6 +219,8 @@ fn main() -> ExitCode {
         } => source_loop(&config, discard_replica_changes),
         Command::Points { config, json } => points(&config, json),
         Command::Failover { action } => failover(action),
+        Command::Reprotect { config, json } => dr::reprotect(&config, json),
+        Command::BecomeReplica { config, force } => dr::become_replica(&config, force),
         Command::Demo => demo::run().map_err(CliError::from),
         Command::Bench(args) => bench::run(&args),
     };
@@ -250,6 +281,7 @@ fn sync(
     discard_replica_changes: bool,
 ) -> Result<(), CliError> {
     let cfg = load(config)?;
+    dr::refuse_if_replica(&cfg, "sync")?;
     let mode = match (mode, discard_replica_changes) {
         (Mode::Changed, true) => return Err(UsageError::DiscardNeedsResync.into()),
         (Mode::Auto, true) => ModeRequest::Seeded,
@@ -292,7 +324,7 @@ fn sync(
 }
 
 /// What `ferry sync` prints on success: the report as one JSON line, or in words.
-fn print_sync_report(report: &source::SyncReport, json: bool) {
+pub(crate) fn print_sync_report(report: &source::SyncReport, json: bool) {
     if json {
         println!(
             "{}",
@@ -343,6 +375,7 @@ fn install_stop_handlers() {
 
 fn source_loop(config: &std::path::Path, discard_replica_changes: bool) -> Result<(), CliError> {
     let cfg = load(config)?;
+    dr::refuse_if_replica(&cfg, "source")?;
     let interval = cfg.require_source("source")?.epoch_interval();
     let mut job = source::SyncJob::from_config(&cfg, ModeRequest::Auto)?;
     job.discard_replica_changes = discard_replica_changes;
@@ -396,6 +429,7 @@ fn source_loop(config: &std::path::Path, discard_replica_changes: bool) -> Resul
 
 fn shim(config: &std::path::Path) -> Result<(), CliError> {
     let cfg = load(config)?;
+    dr::refuse_if_replica(&cfg, "shim")?;
     let source = cfg.require_source("shim")?;
     // `[source] io_engine` drives the shim's backing stores too; the environment
     // variable FERRY_SHIM_IO_ENGINE overrides it (forcing the fallback without editing

@@ -74,6 +74,7 @@ fn job(
         require_shim: false,
         discard_replica_changes: false,
         promote: false,
+        reprotect: None,
     }
 }
 

@@ -43,8 +43,8 @@ use std::time::{Duration, Instant};
 
 pub use filter_driver_shim_contract::control::MAX_LINE_BYTES;
 use filter_driver_shim_contract::control::{
-    Done, EpochId, EpochStatus, FreezeDisk, FreezeReply, Pauses, Refusal, Request, StatusDisk,
-    StatusReply,
+    Done, EpochId, EpochStatus, FreezeDisk, FreezeReply, ImageAtBirth, Pauses, Refusal, Request,
+    StatusDisk, StatusReply,
 };
 use filter_driver_shim_contract::GenerationId;
 use serde::Serialize;
@@ -158,6 +158,11 @@ fn status_disk(s: &DiskStatus) -> StatusDisk {
         tracking_failed: t.failed,
         connections: s.connections as u64,
         writes_refused: s.writes_refused,
+        generation_born: t.born.map(|b| ImageAtBirth {
+            size_bytes: b.size_bytes,
+            ino: b.ino,
+            mtime_ns: b.mtime_ns,
+        }),
     }
 }
 

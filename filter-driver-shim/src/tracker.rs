@@ -175,6 +175,9 @@ pub struct TrackerStatus {
     pub marks_waited: u64,
     /// Whether a bitmap write failed and writes are being refused.
     pub failed: bool,
+    /// The image's identity when this generation was drawn (`None`: drawn by an older
+    /// shim).
+    pub born: Option<Identity>,
 }
 
 struct TrackState {
@@ -207,6 +210,15 @@ struct TrackState {
     marks_waited: u64,
 }
 
+/// The tracking found at start (or inspected): its bits, whether a resync is owed and
+/// why, and the image's identity when its generation was drawn.
+#[derive(Debug)]
+pub struct Recovered {
+    pub bitmap: ChangedBlockBitmap,
+    pub resync: Option<ResyncReason>,
+    pub born: Option<Identity>,
+}
+
 /// Bits set by [`Tracker::mark_begin`] that are not durable yet: the group-commit
 /// batch holding them.
 #[must_use = "the write may start only after `Tracker::mark_wait` returned"]
@@ -219,6 +231,8 @@ pub struct Tracker {
     file: File,
     disk_size: u64,
     identity: Identity,
+    /// See [`TrackerStatus::born`].
+    born: Option<Identity>,
     state: Mutex<TrackState>,
     batch_durable: Condvar,
 }
@@ -263,7 +277,11 @@ impl Tracker {
             source,
         };
 
-        let (bitmap, resync) = Self::recover(&config, identity)?;
+        let Recovered {
+            bitmap,
+            resync,
+            born,
+        } = Self::recover(&config, identity)?;
         bitmap
             .save_with_state(&config.bitmap_path, FileState::Live)
             .map_err(bitmap_err)?;
@@ -273,6 +291,7 @@ impl Tracker {
             identity,
             shutdown: Shutdown::Running,
             resync,
+            born,
         };
         state::write(&config.state_path, &record)
             .map_err(io_err("write state file", &config.state_path))?;
@@ -293,6 +312,7 @@ impl Tracker {
         Ok(Tracker {
             disk_size: identity.size_bytes,
             identity,
+            born,
             file,
             state: Mutex::new(TrackState {
                 persisted: bitmap.clone(),
@@ -320,10 +340,7 @@ impl Tracker {
     /// about the image broke their continuity ([`Tracker::broken_continuity`]).
     /// Otherwise a new generation starts, for the first reason found. Reads only; the
     /// caller saves what this returns.
-    fn recover(
-        config: &TrackerConfig,
-        identity: Identity,
-    ) -> Result<(ChangedBlockBitmap, Option<ResyncReason>), TrackerError> {
+    fn recover(config: &TrackerConfig, identity: Identity) -> Result<Recovered, TrackerError> {
         let (bitmap, record) = match Self::history(config) {
             Ok(found) => found,
             Err(reason) => return Self::new_generation(config, identity, reason),
@@ -334,7 +351,20 @@ impl Tracker {
         if let Some(reason) = record.resync {
             tracing::error!(disk = %config.disk, reason = %reason, "a checksum-compare resync is still owed from an earlier start");
         }
-        Ok((bitmap, record.resync))
+        Ok(Recovered {
+            bitmap,
+            resync: record.resync,
+            born: record.born,
+        })
+    }
+
+    /// What the tracking a stopped shim left in `config`'s files says, as a shim
+    /// starting now on an image with `identity` would take it: its bits (active and
+    /// frozen together), or a new empty generation owing a resync, and why. Reads
+    /// only. For `ferry become-replica`, which hands the bits of a demoted primary to
+    /// its target so reverse replication sends them back.
+    pub fn inspect(config: &TrackerConfig, identity: Identity) -> Result<Recovered, TrackerError> {
+        Self::recover(config, identity)
     }
 
     /// The bitmap and state file a previous shim left, both readable (torn bitmap
@@ -427,7 +457,7 @@ impl Tracker {
         config: &TrackerConfig,
         identity: Identity,
         reason: ResyncReason,
-    ) -> Result<(ChangedBlockBitmap, Option<ResyncReason>), TrackerError> {
+    ) -> Result<Recovered, TrackerError> {
         let disk = &config.disk;
         let generation = GenerationId::random().map_err(|source| TrackerError::Io {
             disk: disk.clone(),
@@ -451,7 +481,11 @@ impl Tracker {
                 disk: disk.clone(),
                 source,
             })?;
-        Ok((bitmap, Some(reason)))
+        Ok(Recovered {
+            bitmap,
+            resync: Some(reason),
+            born: Some(identity),
+        })
     }
 
     fn lock(&self) -> MutexGuard<'_, TrackState> {
@@ -626,6 +660,7 @@ impl Tracker {
             bitmap_syncs: st.bitmap_syncs,
             marks_waited: st.marks_waited,
             failed: st.failed,
+            born: self.born,
         }
     }
 
@@ -721,6 +756,7 @@ impl Tracker {
             identity: self.identity,
             shutdown: Shutdown::Running,
             resync: None,
+            born: self.born,
         };
         let path = self.config.state_path.clone();
         state::write(&path, &record).map_err(self.io_err("write state file", &path))?;
@@ -739,6 +775,7 @@ impl Tracker {
             identity,
             shutdown: Shutdown::Clean,
             resync: st.resync,
+            born: self.born,
         };
         let path = self.config.state_path.clone();
         state::write(&path, &record).map_err(self.io_err("write state file", &path))

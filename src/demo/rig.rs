@@ -210,6 +210,7 @@ impl Rig {
             require_shim: false,
             discard_replica_changes: false,
             promote: false,
+            reprotect: None,
         }
     }
 }

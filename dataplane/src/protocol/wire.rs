@@ -164,6 +164,14 @@ pub enum SyncMode {
     /// Only the blocks of a changed-block bitmap travel; the replica must hold the
     /// bitmap's base epoch.
     Changed = 3,
+    /// Reverse replication after a failover (`ferry reprotect`): the source's changed
+    /// blocks since the promotion (and those a failover rolled back), plus the blocks
+    /// the target reports it wrote itself since the lineage point (its old primary's
+    /// bits, sent as DiffRuns), travel; with hashes when either side cannot vouch for
+    /// its set. `generation` is the source's new tracking generation, which the replica
+    /// takes; the source checks the replica's reply names the lineage it was promoted
+    /// from.
+    Reprotect = 4,
 }
 
 impl SyncMode {
@@ -172,6 +180,7 @@ impl SyncMode {
             1 => Some(Self::Full),
             2 => Some(Self::Seeded),
             3 => Some(Self::Changed),
+            4 => Some(Self::Reprotect),
             _ => None,
         }
     }
@@ -180,6 +189,7 @@ impl SyncMode {
             Self::Full => "full",
             Self::Seeded => "seeded",
             Self::Changed => "changed",
+            Self::Reprotect => "reprotect",
         }
     }
 }
@@ -213,7 +223,8 @@ pub struct OpenDisk {
     pub disk_size: U64,
     /// Tracking generation of the source disk.
     pub generation: [u8; 16],
-    /// For `Changed`: the epoch the replica must hold; otherwise zero.
+    /// For `Changed`: the epoch the replica must hold; for `Reprotect`: the lineage
+    /// point the source was promoted at; otherwise zero.
     pub base_epoch: U64,
 }
 
@@ -243,6 +254,10 @@ pub const OPEN_PROMOTE: u8 = 2;
 
 pub const REPLICA_CREATED: u8 = 1;
 pub const REPLICA_EXISTING: u8 = 2;
+/// In answer to a [`SyncMode::Reprotect`] disk only: the replica exists and holds the
+/// lineage, but what was written to it since is not known (its primary's bits were
+/// lost): the source must send the hash of every block.
+pub const REPLICA_COMPARE: u8 = 3;
 
 /// Hashes payload: `HashesHeader` then `block_count` × 16-byte block hashes.
 #[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]

@@ -12,6 +12,7 @@ pub mod live;
 pub mod lock;
 pub mod pipeline;
 pub mod plan;
+pub mod reprotect;
 
 use std::net::{TcpStream, ToSocketAddrs};
 use std::path::{Path, PathBuf};
@@ -178,6 +179,11 @@ pub enum SourceError {
     /// not promote (a target that predates planned failover ignores the request).
     #[error("the target at {target} acknowledged the final epoch {epoch} but did not promote its site (is it an older ferry?); this site is demoted (writes refused by the shim) but not handed over — upgrade the target and rerun, or fail over there with `ferry failover unplanned`")]
     NotPromoted { target: String, epoch: u64 },
+    #[error(transparent)]
+    Reprotect(#[from] reprotect::ReprotectError),
+    /// This site's target state (its role, its change sets) could not be used.
+    #[error(transparent)]
+    Target(Box<crate::writer::TargetError>),
 }
 
 /// The end of [`SourceError::Demoted`]'s message.
@@ -294,6 +300,10 @@ pub struct SyncJob {
     /// The final epoch of a planned failover (see [`failover`]): the target promotes
     /// its site once it commits.
     pub promote: bool,
+    /// Reverse replication after a failover (see [`reprotect`]): what each disk was
+    /// promoted from. A disk whose replica already holds the shim's generation (the
+    /// reverse epoch committed) goes as a changed-block epoch.
+    pub reprotect: Option<Vec<reprotect::ReprotectDisk>>,
 }
 
 impl std::fmt::Debug for SyncJob {
@@ -349,6 +359,7 @@ impl SyncJob {
             require_shim: false,
             discard_replica_changes: false,
             promote: false,
+            reprotect: None,
         })
     }
 }
@@ -443,6 +454,10 @@ struct OpenedDisk {
     bitmap: Option<ChangedBlockBitmap>,
     mode: SyncMode,
     replica_created: bool,
+    /// Reverse replication: the lineage the replica must answer with.
+    lineage: Option<GenerationId>,
+    /// Reverse replication: hash every block (one side's change set is not known).
+    compare: bool,
 }
 
 /// Runs one sync session to completion; returns after the target's acknowledgement.
@@ -533,14 +548,62 @@ fn plan_live_disk(
             })
         }
     };
-    if plan == LivePlan::Changed && u64::from(shim_disk.block_size) != block_size as u64 {
+    if plan == LivePlan::Changed {
+        check_block_size(block_size, shim_disk)?;
+    }
+    Ok(plan)
+}
+
+/// The shim's bits are of `block_size` blocks.
+fn check_block_size(block_size: usize, shim_disk: &StatusDisk) -> Result<(), SourceError> {
+    if u64::from(shim_disk.block_size) != block_size as u64 {
         return Err(SourceError::BlockSizeMismatch {
             disk: shim_disk.name.clone(),
             shim_block_size: u64::from(shim_disk.block_size),
             block_size,
         });
     }
-    Ok(plan)
+    Ok(())
+}
+
+/// A disk of a reverse replication epoch (see [`reprotect`]).
+struct Reverse<'a> {
+    disk: &'a reprotect::ReprotectDisk,
+    /// The shim's bits cover every write since the promotion.
+    tracked: bool,
+}
+
+/// Whether `spec` goes in reverse replication: `job` reprotects it and its replica
+/// does not hold the shim's generation yet.
+fn reverse<'a>(
+    job: &'a SyncJob,
+    spec: &JobDisk,
+    shim_disk: &StatusDisk,
+    state: Option<&SourceDiskState>,
+) -> Result<Option<Reverse<'a>>, SourceError> {
+    let Some(disk) = job.reprotect.iter().flatten().find(|d| d.name == spec.name) else {
+        return Ok(None);
+    };
+    if state.is_some_and(|s| s.generation == shim_disk.generation_id) {
+        tracing::info!(disk = %spec.name, "reverse replication of this disk is done already: a changed-block epoch");
+        return Ok(None);
+    }
+    check_block_size(job.block_size, shim_disk)?;
+    let tracked = disk.tracked_since_promotion(shim_disk.generation_born.as_ref());
+    if tracked {
+        tracing::info!(
+            disk = %spec.name,
+            dirty_blocks = shim_disk.dirty_blocks,
+            "reverse replication: the shim has tracked every write since the promotion at epoch {}",
+            disk.point
+        );
+    } else {
+        tracing::warn!(
+            disk = %spec.name,
+            "reverse replication: the shim's tracking began after the promoted replica was changed (or on a block device), so its bits may miss writes: comparing every block (seeded)"
+        );
+    }
+    Ok(Some(Reverse { disk, tracked }))
 }
 
 /// One configured disk of a live epoch, before the freeze.
@@ -549,6 +612,7 @@ struct PlannedDisk<'a> {
     /// The source's record of what its replica holds.
     state: Option<SourceDiskState>,
     plan: LivePlan,
+    reverse: Option<Reverse<'a>>,
 }
 
 impl PlannedDisk<'_> {
@@ -580,13 +644,22 @@ fn plan_live_disks<'a>(
             .into());
         }
         let state = SourceDiskState::load(&job.state_dir, &spec.name)?;
-        let plan = plan_live_disk(job.mode, job.block_size, shim_disk, state.as_ref())?;
+        let reverse = reverse(job, spec, shim_disk, state.as_ref())?;
+        let plan = match reverse {
+            Some(_) => LivePlan::Changed,
+            None => plan_live_disk(job.mode, job.block_size, shim_disk, state.as_ref())?,
+        };
         if plan == LivePlan::Whole {
             if let Some(reason) = &shim_disk.resync_reason {
                 tracing::warn!(disk = %spec.name, %reason, "shim tracking restarted: checksum-compare resync of this disk");
             }
         }
-        plans.push(PlannedDisk { spec, state, plan });
+        plans.push(PlannedDisk {
+            spec,
+            state,
+            plan,
+            reverse,
+        });
     }
     Ok(plans)
 }
@@ -668,7 +741,12 @@ fn open_frozen_disk(
     planned: &PlannedDisk<'_>,
     epoch: &live::LiveEpoch,
 ) -> Result<(OpenedDisk, EpochView), SourceError> {
-    let PlannedDisk { spec, state, plan } = planned;
+    let PlannedDisk {
+        spec,
+        state,
+        plan,
+        reverse,
+    } = planned;
     let frozen = epoch
         .disks
         .iter()
@@ -711,7 +789,7 @@ fn open_frozen_disk(
             (Some(bitmap), SyncMode::Changed)
         }
     };
-    let opened = OpenedDisk {
+    let mut opened = OpenedDisk {
         spec: (*spec).clone(),
         disk,
         generation,
@@ -719,8 +797,48 @@ fn open_frozen_disk(
         bitmap,
         mode,
         replica_created: false,
+        lineage: None,
+        compare: false,
     };
+    if let Some(r) = reverse {
+        reverse_disk(&mut opened, r)?;
+    }
     Ok((opened, live::view(frozen)?))
+}
+
+/// Turns a changed-block disk into one of reverse replication: the blocks rolled back
+/// by the failover join the shim's bits.
+fn reverse_disk(d: &mut OpenedDisk, r: &Reverse<'_>) -> Result<(), SourceError> {
+    let bitmap = d
+        .bitmap
+        .as_mut()
+        .expect("reverse disks go as changed blocks");
+    if let Some(undone) = &r.disk.undone {
+        let bs = u64::from(undone.block_size());
+        let size = undone.disk_size().min(d.disk.size());
+        for (first, count) in undone.iter_runs() {
+            let start = first * bs;
+            if start >= size {
+                break;
+            }
+            bitmap
+                .set_range(start, (count * bs).min(size - start))
+                .map_err(|e| SourceError::Bitmap {
+                    disk: d.spec.name.clone(),
+                    source: BitmapProblem::Diff(e),
+                })?;
+        }
+        tracing::info!(
+            disk = %d.spec.name,
+            blocks = undone.count(),
+            "reverse replication: the blocks the failover rolled back go too"
+        );
+    }
+    d.mode = SyncMode::Reprotect;
+    d.base_epoch = r.disk.point;
+    d.lineage = Some(r.disk.lineage);
+    d.compare = !r.tracked;
+    Ok(())
 }
 
 /// After the target acknowledged epoch `number`: lets the shim forget its bits and
@@ -1005,6 +1123,8 @@ fn open_disk(job: &SyncJob, spec: &JobDisk) -> Result<OpenedDisk, SourceError> {
         bitmap,
         mode,
         replica_created: false,
+        lineage: None,
+        compare: false,
     })
 }
 
@@ -1078,7 +1198,10 @@ fn run_session<R: std::io::Read, W: std::io::Write>(
         })
         .collect();
     let mut total = PipelineStats::default();
-    if disks.iter().any(|d| d.mode == SyncMode::Seeded) {
+    if disks
+        .iter()
+        .any(|d| matches!(d.mode, SyncMode::Seeded | SyncMode::Reprotect))
+    {
         let cfg = pipeline_config(job, Output::Hashes, watch_fd);
         let hashes = seed_compare(job, &cfg, disks, &infos, reader, writer, &mut buf)?;
         // Hashing sends no blocks: only the data phase counts what travelled.
@@ -1130,7 +1253,7 @@ fn open_epoch<R: std::io::Read, W: std::io::Write>(
                 disk_size: d.disk.size().into(),
                 // 16 bytes on the wire.
                 generation: *d.generation.as_bytes(),
-                base_epoch: if d.mode == SyncMode::Changed {
+                base_epoch: if matches!(d.mode, SyncMode::Changed | SyncMode::Reprotect) {
                     d.base_epoch
                 } else {
                     0
@@ -1147,6 +1270,24 @@ fn open_epoch<R: std::io::Read, W: std::io::Write>(
         .ok_or(ProtocolError::Malformed {
             what: "open reply does not match the disks opened",
         })?;
+    // Reverse replication onto anything but the lineage this site was promoted from
+    // would leave the replica different from both: stop before a block travels.
+    for (d, r) in disks.iter_mut().zip(replies) {
+        let Some(lineage) = d.lineage else { continue };
+        let held = GenerationId::from_bytes(r.generation);
+        if held != lineage {
+            return Err(reprotect::ReprotectError::UnrelatedLineage {
+                disk: d.spec.name.clone(),
+                promoted: lineage,
+                replica: held,
+            }
+            .into());
+        }
+        if r.state == crate::protocol::REPLICA_COMPARE && !d.compare {
+            tracing::warn!(disk = %d.spec.name, "reverse replication: the old primary does not know what was written to its disk since epoch {}: comparing every block (seeded)", r.epoch.get());
+            d.compare = true;
+        }
+    }
     // A replica may already hold this epoch number: the target acknowledged an epoch
     // the engine died before recording. Epoch numbers name recovery points, so they
     // must not repeat: start again above it.
@@ -1204,7 +1345,7 @@ fn seed_compare<R: std::io::Read, W: std::io::Write>(
     let plans: Vec<BoxedPlan<'_>> = disks
         .iter()
         .enumerate()
-        .filter(|(_, d)| d.mode == SyncMode::Seeded)
+        .filter(|(_, d)| d.mode == SyncMode::Seeded || d.compare)
         .map(|(i, d)| extent_plan(&d.disk, geometry(job, i, d), true))
         .collect();
     let stats = pipeline::run(cfg, infos, plans.into_iter().flatten(), writer, None)?;
@@ -1259,7 +1400,7 @@ fn mark_diff_run(
 ) -> Result<(), SourceError> {
     let d = disks
         .get_mut(run.disk.get() as usize)
-        .filter(|d| d.mode == SyncMode::Seeded)
+        .filter(|d| matches!(d.mode, SyncMode::Seeded | SyncMode::Reprotect))
         .ok_or(ProtocolError::Malformed {
             what: "diff run names a disk that is not being seeded",
         })?;
@@ -1398,6 +1539,7 @@ mod tests {
             tracking_failed: false,
             connections: 0,
             writes_refused: false,
+            generation_born: None,
         }
     }
 

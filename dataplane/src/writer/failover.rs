@@ -335,6 +335,9 @@ fn roll_back_to(
     let mut undone = Vec::new();
     for (path, log) in &logs {
         check_applies(state_dir, log, point)?;
+        // The old primary holds these blocks at newer epochs: reverse replication
+        // must send them back (see `super::reprotect`).
+        super::reprotect::record_undone(state_dir, log)?;
         let files = super::undo::open_for_rollback(path, &log.disks, replicas)?;
         let refs: Vec<Option<&std::fs::File>> = files.iter().map(Option::as_ref).collect();
         log.apply_reversed(&refs)
@@ -417,6 +420,7 @@ fn promoted_disks(
                 name: name.clone(),
                 generation: record.generation,
                 epoch: record.epoch,
+                stamp: record.stamp,
             },
             path.clone(),
         ));

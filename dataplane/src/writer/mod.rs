@@ -10,6 +10,7 @@ pub mod failover;
 pub mod points;
 mod received;
 pub mod rejection;
+pub mod reprotect;
 pub mod role;
 mod session;
 pub mod stamp;
@@ -244,6 +245,8 @@ pub enum TargetError {
     /// Applying the epoch to the replicas failed (reported by the applier's barrier).
     #[error(transparent)]
     Apply(Arc<ApplyError>),
+    #[error(transparent)]
+    ChangeSet(reprotect::ChangeSetError),
     /// A failover command refuses (see [`failover`]).
     #[error(transparent)]
     Failover(#[from] failover::FailoverError),

@@ -125,6 +125,15 @@ pub enum Rejection {
         generation: GenerationId,
         held: Option<Held>,
     },
+    /// Reverse replication onto a disk this site never held as a replica.
+    #[error("disk {disk}: reverse replication needs a replica prepared by `ferry become-replica` at this site (it records what the disk holds and what was written to it since); this target has no record of it")]
+    NotPrepared { disk: String },
+    #[error("disk {disk}: reverse replication of a {source_bytes}-byte disk onto a replica recorded as {replica_bytes} bytes")]
+    ReprotectSize {
+        disk: String,
+        source_bytes: u64,
+        replica_bytes: u64,
+    },
     /// Split brain: see [`super::stamp`].
     #[error("disk {disk}: the replica {} was changed by something other than this target since it applied epoch {epoch} ({}); applying more epochs would leave it different from every acknowledged epoch (split brain). Choose: rerun the source with --discard-replica-changes to resync it from the source (a seeded sync; the replica's own changes are lost), or fail over to the replica as it is", path.display(), super::stamp::describe(changes))]
     ReplicaChanged {
@@ -292,7 +301,9 @@ impl Rejection {
             UnknownDisk { .. } | ZeroUnknownDisk { .. } | DataUnknownDisk { .. } => {
                 ErrorCode::UnknownDisk
             }
-            Suspect { .. } | BaseMismatch { .. } => ErrorCode::BaseMismatch,
+            Suspect { .. } | BaseMismatch { .. } | NotPrepared { .. } | ReprotectSize { .. } => {
+                ErrorCode::BaseMismatch
+            }
             ReplicaChanged { .. } => ErrorCode::ReplicaChanged,
             Fenced { .. } => ErrorCode::Fenced,
             OpenReplica { source, .. } => match source {

@@ -13,7 +13,8 @@
 //!   replica ──failover unplanned──▶ promoting ──(logs applied)──▶ primary ──commit──▶ primary (committed)
 //!      ▲                               │ crash: rerun resumes          │ --point older (replicas untouched):
 //!      │                               ▼                               ▼ back to promoting
-//!   (reprotect: not yet)            fenced                          fenced
+//!   become-replica (after reprotect   fenced                          fenced
+//!   ran the other way, see reprotect)
 //! ```
 //!
 //! The record keeps, per disk, the lineage the replica held when promoted (source
@@ -66,6 +67,11 @@ pub struct PromotedDisk {
     /// The source's tracking generation of that epoch (32 hex digits in the file).
     pub generation: GenerationId,
     pub epoch: u64,
+    /// The replica's stamp when it was promoted (see [`super::stamp`]): a tracking
+    /// generation born on an image that still matched it has seen every write since,
+    /// so reverse replication can trust its bits. `None` from an older ferry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stamp: Option<super::stamp::ReplicaStamp>,
 }
 
 /// `<state_dir>/site.json`. Absent: the site is a replica.
@@ -149,6 +155,7 @@ mod tests {
                 name: "os".into(),
                 generation: GenerationId::from_bytes([0xab; 16]),
                 epoch: 7,
+                stamp: None,
             }],
             committed: false,
         };

@@ -24,8 +24,8 @@ use crate::protocol::{
     auth, block_hash, is_zero, Commit, Committed, DiskManifest, DiskRun, FrameDeadline, FrameKind,
     FrameReader, FrameWriter, HashesHeader, Incoming, OpenDisk, OpenDiskReply, OpenHeader,
     SyncMode, TimedStream, MAX_DIFF_RUNS_PER_FRAME, MAX_DISKS_PER_SESSION, MAX_FRAME_PAYLOAD,
-    MAX_NAME_LEN, OPEN_DISCARD_REPLICA_CHANGES, OPEN_PROMOTE, REPLICA_CREATED, REPLICA_EXISTING,
-    ZERO_BLOCK_HASH,
+    MAX_NAME_LEN, OPEN_DISCARD_REPLICA_CHANGES, OPEN_PROMOTE, REPLICA_COMPARE, REPLICA_CREATED,
+    REPLICA_EXISTING, ZERO_BLOCK_HASH,
 };
 
 /// Receive buffers per session: frames in flight between the socket and the disks.
@@ -191,7 +191,10 @@ fn serve<R: std::io::Read, W: std::io::Write>(
         max_logical,
         epoch,
     };
-    let mut undo = undo_log(job, epoch, undo_disks, !opening.discarded.is_empty())?;
+    // Neither discarding a replica's own changes nor reverse replication leaves a log
+    // whose old bytes are an epoch anyone acknowledged.
+    let not_a_point = !opening.discarded.is_empty() || !opening.reprotected.is_empty();
+    let mut undo = undo_log(job, epoch, undo_disks, not_a_point)?;
     let applier = Applier {
         disks: ApplyDisks {
             disks: &handles,
@@ -219,6 +222,7 @@ fn serve<R: std::io::Read, W: std::io::Write>(
         apply_lock: opening.apply_lock,
         undo,
         promote: opening.promote,
+        reprotected: opening.reprotected,
     };
     staged.settle(writer, outcome)
 }
@@ -262,6 +266,8 @@ struct Opening<'s> {
     promote: bool,
     /// Disks whose changes made outside ferry this epoch discards.
     discarded: Vec<String>,
+    /// Disks this epoch reverse-replicates onto (see [`super::reprotect`]).
+    reprotected: Vec<String>,
 }
 
 /// Handles the session's Open frame (read into `control`): claims and opens the disks
@@ -286,6 +292,11 @@ fn handshake<'s, R: std::io::Read, W: std::io::Write>(
         .filter(|o| o.discarded)
         .map(|o| o.session.name.clone())
         .collect();
+    let reprotected = opened
+        .iter()
+        .filter(|o| o.session.mode == SyncMode::Reprotect)
+        .map(|o| o.session.name.clone())
+        .collect();
     let replies: Vec<OpenDiskReply> = opened.iter().map(OpenedDisk::reply).collect();
     writer.send(FrameKind::OpenOk, &[replies.as_bytes()])?;
     Ok(Opening {
@@ -296,6 +307,7 @@ fn handshake<'s, R: std::io::Read, W: std::io::Write>(
         busy,
         promote,
         discarded,
+        reprotected,
     })
 }
 
@@ -627,6 +639,8 @@ struct Staged<'s> {
     undo: UndoLog,
     /// The final epoch of a planned failover: promote the site once it commits.
     promote: bool,
+    /// Disks whose change sets (`.owed`) this epoch consumes once it commits.
+    reprotected: Vec<String>,
 }
 
 impl Staged<'_> {
@@ -646,6 +660,7 @@ impl Staged<'_> {
             apply_lock,
             undo,
             promote,
+            reprotected,
         } = self;
         let applied = match outcome {
             Ok(applied) => applied,
@@ -657,7 +672,7 @@ impl Staged<'_> {
             .map_err(|f| *f)
         {
             Ok(()) => {
-                after_commit(shared, epoch, promote)?;
+                after_commit(shared, epoch, promote, &reprotected)?;
                 // Released only once a write after this instant gets a later time
                 // than the replicas' stamps.
                 super::stamp::wait_for_clock_tick();
@@ -696,9 +711,20 @@ impl Staged<'_> {
 
 /// What a committed epoch asked for besides its data: a planned failover's final epoch
 /// promotes the site (durably, before the source hears the epoch committed).
-fn after_commit(shared: &Shared, epoch: u64, promote: bool) -> Result<(), TargetError> {
+fn after_commit(
+    shared: &Shared,
+    epoch: u64,
+    promote: bool,
+    reprotected: &[String],
+) -> Result<(), TargetError> {
     if promote {
         super::failover::promote_planned(&shared.job, epoch)?;
+    }
+    // The replicas now hold the source's lineage: what was owed is delivered. (Left
+    // behind by a crash, a set names the old lineage and is ignored.)
+    let state_dir = &shared.job.state_dir;
+    for name in reprotected {
+        super::reprotect::remove_set(state_dir, &super::reprotect::owed_path(state_dir, name))?;
     }
     Ok(())
 }
@@ -791,6 +817,9 @@ struct OpenedDisk {
     record: Option<ReplicaRecord>,
     /// Changes made to the replica outside ferry are being discarded by this session.
     discarded: bool,
+    /// Reverse replication, and the target cannot say what was written to the replica
+    /// since its lineage point: the source must compare every block.
+    compare: bool,
 }
 
 impl OpenedDisk {
@@ -799,6 +828,8 @@ impl OpenedDisk {
         OpenDiskReply {
             state: if self.created {
                 REPLICA_CREATED
+            } else if self.compare {
+                REPLICA_COMPARE
             } else {
                 REPLICA_EXISTING
             },
@@ -969,17 +1000,26 @@ fn open_disk(job: &super::TargetJob, e: &OpenDisk, name: &str) -> Result<OpenedD
             source: std::io::ErrorKind::NotFound.into(),
         })?,
     };
-    let diff = if mode == SyncMode::Seeded {
-        let gen = GenerationId::from_bytes(e.generation);
-        let bitmap =
-            ChangedBlockBitmap::new(geometry.disk_size, geometry.block_size as u32, gen, 0)
-                .map_err(|source| Rejection::DiffShape {
-                    disk: name.to_string(),
-                    source,
-                })?;
-        Some(bitmap)
-    } else {
-        None
+    let (diff, compare) = match mode {
+        SyncMode::Seeded | SyncMode::Reprotect => {
+            let gen = GenerationId::from_bytes(e.generation);
+            let mut bitmap =
+                ChangedBlockBitmap::new(geometry.disk_size, geometry.block_size as u32, gen, 0)
+                    .map_err(|source| Rejection::DiffShape {
+                        disk: name.to_string(),
+                        source,
+                    })?;
+            let compare = if mode == SyncMode::Reprotect {
+                let record = record
+                    .as_ref()
+                    .expect("check_base: reprotect needs a record");
+                !owe(&job.state_dir, name, record, &mut bitmap)?
+            } else {
+                false
+            };
+            (Some(bitmap), compare)
+        }
+        SyncMode::Full | SyncMode::Changed => (None, false),
     };
     Ok(OpenedDisk {
         disk,
@@ -994,7 +1034,49 @@ fn open_disk(job: &super::TargetJob, e: &OpenDisk, name: &str) -> Result<OpenedD
         created: state == ReplicaState::Created,
         record,
         discarded,
+        compare,
     })
+}
+
+/// Reverse replication: marks in `diff` the blocks written to the replica since its
+/// lineage point (its `.owed` set, see [`super::reprotect`]), which the source must
+/// send back. `false` when they are not known.
+fn owe(
+    state_dir: &std::path::Path,
+    name: &str,
+    record: &ReplicaRecord,
+    diff: &mut ChangedBlockBitmap,
+) -> Result<bool, TargetError> {
+    if record.suspect.is_some() {
+        return Ok(false);
+    }
+    let path = super::reprotect::owed_path(state_dir, name);
+    let owed = match super::reprotect::load_change_set(&path, record.generation) {
+        Ok(Some(owed)) => owed,
+        Ok(None) => return Ok(false),
+        Err(e) => {
+            tracing::warn!(
+                disk = name,
+                "{}: comparing every block instead",
+                crate::chain(&e)
+            );
+            return Ok(false);
+        }
+    };
+    let bs = u64::from(owed.block_size());
+    for (first, count) in owed.iter_runs() {
+        let start = first * bs;
+        let len = (count * bs).min(owed.disk_size() - start);
+        diff.set_range(start, len)
+            .map_err(TargetError::DiffBitmap)?;
+    }
+    tracing::info!(
+        disk = name,
+        blocks = owed.count(),
+        "reverse replication: the source sends back the blocks written here since epoch {}",
+        record.epoch
+    );
+    Ok(true)
 }
 
 /// The replica at `path` opened for reading and writing and held (see
@@ -1118,6 +1200,21 @@ fn check_base(
     disk_size: u64,
     record: Option<&ReplicaRecord>,
 ) -> Result<(), TargetError> {
+    if mode == SyncMode::Reprotect {
+        return match record {
+            None => Err(Rejection::NotPrepared {
+                disk: name.to_string(),
+            }
+            .into()),
+            Some(r) if r.disk_size != disk_size => Err(Rejection::ReprotectSize {
+                disk: name.to_string(),
+                source_bytes: disk_size,
+                replica_bytes: r.disk_size,
+            }
+            .into()),
+            Some(_) => Ok(()),
+        };
+    }
     if mode != SyncMode::Changed {
         return Ok(());
     }
@@ -1197,7 +1294,7 @@ fn seeded(
 ) -> Result<&mut SessionDisk, TargetError> {
     disks
         .get_mut(disk as usize)
-        .filter(|d| d.mode == SyncMode::Seeded)
+        .filter(|d| d.diff.is_some())
         .ok_or(TargetError::Rejected(Rejection::NotSeeded { frame, disk }))
 }
 

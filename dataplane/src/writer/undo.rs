@@ -1063,6 +1063,25 @@ fn range_is_zero(file: &File, offset: u64, len: u64) -> io::Result<bool> {
 }
 
 impl LogContents {
+    /// The byte ranges `(offset, len)` of disk `disk` (its index in the log) whose old
+    /// bytes the log holds.
+    pub(crate) fn ranges(&self, disk: usize) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.entries.iter().filter_map(move |e| match *e {
+            Entry::Data {
+                disk: d,
+                offset,
+                len,
+                ..
+            } if d == disk => Some((offset, len as u64)),
+            Entry::Zero {
+                disk: d,
+                offset,
+                len,
+            } if d == disk => Some((offset, len)),
+            _ => None,
+        })
+    }
+
     /// The log file's length in bytes.
     pub(crate) fn file_len(&self) -> io::Result<u64> {
         self.file.metadata().map(|m| m.len())

@@ -360,6 +360,21 @@ pub struct StatusDisk {
     /// shim that predates demotion.
     #[serde(default)]
     pub writes_refused: bool,
+    /// The image as it was when the shim drew this tracking generation (`null` from a
+    /// shim that predates the field, or for a generation an older shim drew).
+    #[serde(default)]
+    pub generation_born: Option<ImageAtBirth>,
+}
+
+/// What a disk's image looked like when a tracking generation was drawn: a generation
+/// whose birth matches the stamp a replica had when it was promoted has tracked every
+/// write made to it since (reverse replication relies on this).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageAtBirth {
+    pub size_bytes: u64,
+    pub ino: u64,
+    /// Modification time, nanoseconds since the Unix epoch.
+    pub mtime_ns: i128,
 }
 
 /// The reply to `freeze`.

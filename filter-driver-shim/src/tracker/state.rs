@@ -41,6 +41,11 @@ pub struct StateRecord {
     pub shutdown: Shutdown,
     /// A checksum-compare resync is owed to the consumer and has not been done.
     pub resync: Option<ResyncReason>,
+    /// The image's identity when this generation was drawn (an optional last line,
+    /// `born <size> <dev> <ino> <mtime_ns>`; absent in files of an older shim). Reverse
+    /// replication compares it with the replica's stamp at promotion: equal, the
+    /// generation's bits cover every write since then (see `ferry reprotect`).
+    pub born: Option<Identity>,
 }
 
 impl StateRecord {
@@ -63,6 +68,13 @@ impl StateRecord {
         let _ = writeln!(s, "shutdown {shutdown}");
         let resync = self.resync.map_or("none", ResyncReason::as_str);
         let _ = writeln!(s, "resync {resync}");
+        if let Some(b) = &self.born {
+            let _ = writeln!(
+                s,
+                "born {} {} {} {}",
+                b.size_bytes, b.dev, b.ino, b.mtime_ns
+            );
+        }
         let checksum = xxh3_64(s.as_bytes());
         let _ = writeln!(s, "checksum {checksum:016x}");
         s
@@ -111,6 +123,10 @@ impl StateRecord {
                 Some(ResyncReason::from_token(other).ok_or_else(|| E::Resync(other.to_string()))?)
             }
         };
+        let born = match lines.next() {
+            None => None,
+            Some(line) => Some(parse_born(line)?),
+        };
         if lines.next().is_some() {
             return Err(E::TrailingLines);
         }
@@ -120,8 +136,35 @@ impl StateRecord {
             identity,
             shutdown,
             resync,
+            born,
         })
     }
+}
+
+/// The optional `born <size> <dev> <ino> <mtime_ns>` line.
+fn parse_born(line: &str) -> Result<Identity, StateFileError> {
+    let unexpected = || StateFileError::Unexpected {
+        key: "born",
+        found: line.to_string(),
+    };
+    let mut parts = line
+        .strip_prefix("born ")
+        .ok_or_else(unexpected)?
+        .split(' ');
+    let mut next = || parts.next().ok_or_else(unexpected);
+    let (size, dev, ino, mtime) = (next()?, next()?, next()?, next()?);
+    let number = |v: &str| v.parse::<u64>().map_err(|_| unexpected());
+    let born = Identity {
+        size_bytes: number(size)?,
+        dev: number(dev)?,
+        ino: number(ino)?,
+        rdev: 0,
+        mtime_ns: mtime.parse().map_err(|_| unexpected())?,
+    };
+    if parts.next().is_some() {
+        return Err(unexpected());
+    }
+    Ok(born)
 }
 
 /// Why a state file cannot be used; the shim then starts a new generation owing a
@@ -222,7 +265,27 @@ mod tests {
             },
             shutdown: Shutdown::Running,
             resync: Some(ResyncReason::ImageModified),
+            born: None,
         }
+    }
+
+    #[test]
+    fn the_birth_line_is_optional_and_round_trips() {
+        let mut r = record();
+        assert!(!r.encode().contains("born"));
+        r.born = Some(Identity {
+            size_bytes: 1 << 30,
+            dev: 2049,
+            ino: 99,
+            rdev: 0,
+            mtime_ns: 1_700_000_000_000_000_001,
+        });
+        let text = r.encode();
+        assert!(
+            text.contains("born 1073741824 2049 99 1700000000000000001\n"),
+            "{text}"
+        );
+        assert_eq!(StateRecord::decode(&text).unwrap(), r);
     }
 
     #[test]

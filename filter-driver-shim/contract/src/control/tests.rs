@@ -35,6 +35,11 @@ fn status_reply() -> StatusReply {
             tracking_failed: false,
             connections: 2,
             writes_refused: false,
+            generation_born: Some(ImageAtBirth {
+                size_bytes: 1 << 20,
+                ino: 12,
+                mtime_ns: 1_796_535_923_000_000_001,
+            }),
         }],
     }
 }
@@ -201,6 +206,7 @@ fn reply_field_names() {
                 "tracking_failed": false,
                 "connections": 2,
                 "writes_refused": false,
+                "generation_born": {"size_bytes": 1048576, "ino": 12, "mtime_ns": 1_796_535_923_000_000_001_i128},
             }],
         })
     );
