@@ -129,14 +129,16 @@ pub fn become_replica(config: &Path, force: bool) -> Result<(), CliError> {
     }
     let _apply = dataplane::writer::apply_lock(&job.state_dir, true)?;
     let demoted = Demotion::load(sa)?.is_some_and(|d| d.complete);
-    if !demoted && !force {
+    if !demoted && !force && !handed_over_already(&cfg, sa, &job.state_dir)? {
         return Err(DrError::NotDemoted.into());
     }
     let mut handed = Vec::new();
     for d in &cfg.disks {
         let Some(state) = SourceDiskState::load(sa, &d.name)? else {
             if ReplicaRecord::load(&job.state_dir, &d.name)?.is_some() {
+                // An interrupted run handed it over and removed its lineage last.
                 println!("disk {}: handed over already", d.name);
+                consume_tracking(sa, &d.name)?;
                 continue;
             }
             return Err(DrError::NeverReplicated {
@@ -155,13 +157,7 @@ pub fn become_replica(config: &Path, force: bool) -> Result<(), CliError> {
     }
     dataplane::writer::reprotect::hand_over(&job, &handed)?;
     for d in &handed {
-        for path in [
-            SourceDiskState::path(sa, &d.name),
-            sa.join(format!("{}.cbt", d.name)),
-            sa.join(format!("{}.shim-state", d.name)),
-        ] {
-            remove(&path)?;
-        }
+        consume_tracking(sa, &d.name)?;
     }
     remove(&SiteRecord::path(&job.state_dir))?;
     remove(&Demotion::path(sa))?;
@@ -191,6 +187,22 @@ pub fn become_replica(config: &Path, force: bool) -> Result<(), CliError> {
         config.display()
     );
     Ok(())
+}
+
+/// A rerun after a run that finished (its last step removes the demotion record):
+/// every disk's lineage moved to the target, which is not promoted.
+fn handed_over_already(cfg: &Config, sa: &Path, ta: &Path) -> Result<bool, CliError> {
+    if SiteRecord::load(ta)?.is_some() {
+        return Ok(false);
+    }
+    for d in &cfg.disks {
+        if SourceDiskState::load(sa, &d.name)?.is_some()
+            || ReplicaRecord::load(ta, &d.name)?.is_none()
+        {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 /// One disk's lineage and the bits its stopped shim left.
@@ -234,6 +246,20 @@ fn hand_over_disk(
         disk_size: identity.size_bytes,
         owed,
     })
+}
+
+/// Removes what the shim and the engine kept of disk `name` in `state_dir`: the
+/// tracking first, the lineage (which says the disk is not handed over yet) last. A
+/// shim started here later begins a new generation.
+fn consume_tracking(state_dir: &Path, name: &str) -> Result<(), CliError> {
+    for path in [
+        state_dir.join(format!("{name}.cbt")),
+        state_dir.join(format!("{name}.shim-state")),
+        SourceDiskState::path(state_dir, name),
+    ] {
+        remove(&path)?;
+    }
+    Ok(())
 }
 
 fn remove(path: &Path) -> Result<(), CliError> {

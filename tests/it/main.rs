@@ -23,6 +23,7 @@ mod live_epochs;
 mod pipeline_failures;
 mod power_loss;
 mod recovery_points;
+mod reprotect;
 mod session_limits;
 mod shim_control;
 mod shim_reconnect;

@@ -1275,6 +1275,13 @@ fn open_epoch<R: std::io::Read, W: std::io::Write>(
     for (d, r) in disks.iter_mut().zip(replies) {
         let Some(lineage) = d.lineage else { continue };
         let held = GenerationId::from_bytes(r.generation);
+        if held == d.generation {
+            // An earlier run's reverse epoch committed there and its answer was lost:
+            // the replica holds this site's generation, and the shim's bits (not yet
+            // released) cover every write since.
+            tracing::info!(disk = %d.spec.name, "the reverse epoch was acknowledged before (epoch {}); continuing from it", r.epoch.get());
+            continue;
+        }
         if held != lineage {
             return Err(reprotect::ReprotectError::UnrelatedLineage {
                 disk: d.spec.name.clone(),

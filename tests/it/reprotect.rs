@@ -1,0 +1,455 @@
+//! The DR round trip between two sites, each with one config holding both a `[source]`
+//! and a `[target]` over its own disks: protect → test failover → planned failover →
+//! writes on the new primary → reprotect → failback (planned the other way, then
+//! reprotect forward) → writes → unplanned failover to an older point → commit →
+//! reprotect; with kill -9 of the commands, the shims and the targets at random
+//! moments. At every step the disks are compared byte for byte, no full or seeded
+//! resync runs after the first sync, and what reverse replication sends and reads is
+//! bounded by what changed: after 1% of the blocks of a 1 GiB disk written on each
+//! side, less than 3% of the disk travels and less than 5% is read.
+
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use crate::common::nbd::connect_retry;
+use crate::common::shim::ShimProc;
+use crate::common::*;
+
+/// The big disk: the bar of issue 10 is stated for 1 GiB.
+const OS_BYTES: u64 = 1 << 30;
+const DATA_BYTES: u64 = 16 << 20;
+const BLOCK: u64 = 64 << 10;
+const TIMEOUT: Duration = Duration::from_secs(300);
+
+/// One site: its config (both roles), its disks, its processes.
+struct Site {
+    name: &'static str,
+    config: PathBuf,
+    source_state: PathBuf,
+    target_state: PathBuf,
+    port: u16,
+    /// (name, image, NBD socket, size)
+    disks: Vec<(&'static str, PathBuf, PathBuf, u64)>,
+    target: Option<TargetProc>,
+    shim: Option<ShimProc>,
+}
+
+impl Site {
+    fn new(dir: &Path, name: &'static str, key: &Path, port: u16, peer_port: u16) -> Site {
+        let root = dir.join(name);
+        std::fs::create_dir_all(&root).unwrap();
+        let disks: Vec<(&'static str, PathBuf, PathBuf, u64)> =
+            [("os", OS_BYTES), ("data", DATA_BYTES)]
+                .iter()
+                .map(|&(n, size)| {
+                    (
+                        n,
+                        root.join(format!("{n}.img")),
+                        root.join(format!("{n}.sock")),
+                        size,
+                    )
+                })
+                .collect();
+        let source_state = root.join("source-state");
+        let target_state = root.join("target-state");
+        let mut toml = format!(
+            "[source]\ntarget = \"127.0.0.1:{peer_port}\"\npsk_file = {key}\nstate_dir = {}\nio_timeout_ms = 20000\nepoch_interval_ms = 200\n\n\
+             [target]\nlisten = \"127.0.0.1:{port}\"\npsk_file = {key}\nstate_dir = {}\nio_timeout_ms = 20000\n",
+            toml_path(&source_state),
+            toml_path(&target_state),
+            key = toml_path(key),
+        );
+        for (n, image, socket, _) in &disks {
+            toml.push_str(&format!(
+                "\n[[disk]]\nname = \"{n}\"\npath = {}\nnbd_socket = {}\ngroup = \"vm1\"\n",
+                toml_path(image),
+                toml_path(socket)
+            ));
+        }
+        let config = root.join(format!("{name}.toml"));
+        std::fs::write(&config, toml).unwrap();
+        Site {
+            name,
+            config,
+            source_state,
+            target_state,
+            port,
+            disks,
+            target: None,
+            shim: None,
+        }
+    }
+
+    fn start_target(&mut self) {
+        self.target = Some(
+            TargetProc::spawn(&self.config, self.port)
+                .unwrap_or_else(|e| panic!("site {}: target: {e}", self.name)),
+        );
+    }
+
+    fn kill_target(&mut self) {
+        if let Some(mut t) = self.target.take() {
+            t.kill();
+        }
+    }
+
+    fn start_shim(&mut self) {
+        self.shim = Some(ShimProc::start(&self.config, &self.source_state));
+    }
+
+    fn stop_shim(&mut self) {
+        if let Some(s) = self.shim.take() {
+            s.stop();
+        }
+    }
+
+    fn kill_shim(&mut self) {
+        if let Some(s) = self.shim.take() {
+            s.kill9();
+        }
+    }
+
+    /// `ferry <args> --config <this site's config>`.
+    fn ferry(&self, args: &[&str]) -> Run {
+        let mut all: Vec<&OsStr> = args.iter().map(OsStr::new).collect();
+        all.extend(["--config".as_ref(), self.config.as_os_str()]);
+        run_ferry(&all, TIMEOUT)
+    }
+
+    fn ferry_ok(&self, args: &[&str]) -> Run {
+        let run = self.ferry(args);
+        assert!(
+            run.success(),
+            "site {}: ferry {args:?} failed ({}):\n{}\n{}",
+            self.name,
+            run.status,
+            run.stdout,
+            run.stderr
+        );
+        run
+    }
+
+    /// Starts `ferry <args> --config …` `times` times, each killed with SIGKILL after a
+    /// random wait of up to `max_wait`.
+    fn kill_at_random(&self, args: &[&str], times: usize, max_wait: Duration, rng: &mut Rng) {
+        for _ in 0..times {
+            let mut child = Command::new(ferry_bin())
+                .args(args)
+                .arg("--config")
+                .arg(&self.config)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("spawn ferry");
+            std::thread::sleep(Duration::from_micros(
+                rng.below(max_wait.as_micros() as u64),
+            ));
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// The guest writes `fraction` of each disk's blocks, 64 KiB of random bytes each,
+    /// through the shim with a real NBD client; the blocks written.
+    fn write(&self, rng: &mut Rng, fraction: f64) -> u64 {
+        let mut written = 0;
+        for (name, _, socket, size) in &self.disks {
+            let mut nbd =
+                connect_retry(socket, name, Duration::from_secs(30)).expect("connect the guest");
+            let blocks = size / BLOCK;
+            let n = ((blocks as f64 * fraction).ceil() as u64).max(1);
+            let mut buf = vec![0u8; BLOCK as usize];
+            for _ in 0..n {
+                rng.fill(&mut buf);
+                nbd.write(rng.below(blocks) * BLOCK, &buf)
+                    .expect("guest write");
+            }
+            nbd.flush().expect("guest flush");
+            nbd.disconnect().ok();
+            written += n;
+        }
+        written
+    }
+
+    fn hashes(&self) -> Vec<u128> {
+        self.disks.iter().map(|(_, p, _, _)| file_hash(p)).collect()
+    }
+}
+
+/// Fresh sites `a` (primary, random content in a few regions) and `b` (no disks yet).
+fn sites(dir: &Path, seed: u64) -> (Site, Site) {
+    let key = dir.join("ferry.key");
+    keygen(&key);
+    let (pa, pb) = (free_port(), free_port());
+    let a = Site::new(dir, "a", &key, pa, pb);
+    let b = Site::new(dir, "b", &key, pb, pa);
+    let mut rng = Rng::new(seed);
+    for (_, image, _, size) in &a.disks {
+        let f = create_sparse(image, *size);
+        let mut buf = vec![0u8; 4 << 20];
+        for region in 0..4 {
+            rng.fill(&mut buf);
+            use std::os::unix::fs::FileExt;
+            f.write_all_at(&buf, region * (size / 4)).unwrap();
+        }
+    }
+    (a, b)
+}
+
+/// Every disk of `x` equals the same disk of `y`, byte for byte.
+fn assert_same(x: &Site, y: &Site, when: &str) {
+    for ((n, px, _, _), (_, py, _, _)) in x.disks.iter().zip(&y.disks) {
+        assert_eq!(
+            file_hash(px),
+            file_hash(py),
+            "{when}: disk {n} differs between site {} and site {}",
+            x.name,
+            y.name
+        );
+    }
+}
+
+fn modes_of(report: &serde_json::Value) -> Vec<String> {
+    report["disks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["mode"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// A reprotect's report: every disk went as reverse replication (no full or seeded
+/// resync), and what it sent and read is bounded.
+fn check_reprotect(report: &serde_json::Value, sent_below: f64, read_below: f64, when: &str) {
+    // "changed": a killed earlier run's reverse epoch committed and was recorded.
+    assert!(
+        modes_of(report)
+            .iter()
+            .all(|m| m == "reprotect" || m == "changed"),
+        "{when}: {report}"
+    );
+    let total = (OS_BYTES + DATA_BYTES) as f64;
+    let sent = u64_field(report, "bytes_sent") as f64;
+    let read = u64_field(report, "bytes_read") as f64;
+    eprintln!(
+        "{when}: sent {:.3}% and read {:.3}% of the disks",
+        100.0 * sent / total,
+        100.0 * read / total
+    );
+    assert!(
+        sent < sent_below * total,
+        "{when}: reprotect sent {sent} bytes, {:.2}% of the disks: {report}",
+        100.0 * sent / total
+    );
+    assert!(
+        read < read_below * total,
+        "{when}: reprotect read {read} bytes, {:.2}% of the disks: {report}",
+        100.0 * read / total
+    );
+}
+
+#[test]
+fn round_trip_with_failback_and_unplanned_failover_moves_only_deltas() {
+    let seed = test_seed("reprotect_round_trip");
+    let mut rng = Rng::new(seed ^ 7);
+    let dir = scratch_dir();
+    let (mut a, mut b) = sites(dir.path(), seed);
+    let rounds = if soak() { 4 } else { 1 };
+
+    // Protect: A is the primary, B the replica.
+    b.start_target();
+    a.start_shim();
+    let first = a.ferry_ok(&["sync", "--json"]).json();
+    assert!(modes_of(&first).iter().all(|m| m == "full"), "{first}");
+    // B's shim may not start while B is the replica.
+    let refused = ShimProc::start_with(&b.config, &b.source_state, &Default::default());
+    let (status, log) = refused
+        .err()
+        .expect("a replica site's shim refuses to start");
+    assert_eq!(status.code(), Some(8), "{log}");
+    assert!(log.contains("is the replica"), "{log}");
+
+    for round in 0..rounds {
+        a.write(&mut rng, 0.01);
+        let r = a.ferry_ok(&["sync", "--json"]).json();
+        assert!(modes_of(&r).iter().all(|m| m == "changed"), "{r}");
+
+        // Test failover at B: images of the latest point, equal to A now.
+        let test = b.ferry_ok(&["failover", "test"]);
+        for (n, image, _, _) in &a.disks {
+            let copy = test
+                .stdout
+                .lines()
+                .find_map(|l| l.trim().strip_prefix(&format!("{n}: ")))
+                .unwrap_or_else(|| panic!("no image of {n}: {}", test.stdout));
+            assert_eq!(
+                file_hash(Path::new(copy)),
+                file_hash(image),
+                "test failover of {n}"
+            );
+        }
+        b.ferry_ok(&["failover", "cleanup"]);
+
+        // Planned failover A → B (the guest stopped; its last writes ride the final
+        // epoch), with the command killed at random moments first.
+        a.write(&mut rng, 0.005);
+        a.kill_at_random(
+            &["failover", "planned"],
+            2,
+            Duration::from_millis(400),
+            &mut rng,
+        );
+        a.ferry_ok(&["failover", "planned"]);
+        a.stop_shim();
+        b.kill_target();
+        assert_same(&a, &b, "after the planned failover");
+        b.ferry_ok(&["failover", "commit"]);
+
+        // The old primary becomes the replica (killed at random first), the new one
+        // runs its VM and reprotects.
+        a.kill_at_random(&["become-replica"], 2, Duration::from_millis(150), &mut rng);
+        a.ferry_ok(&["become-replica"]);
+        a.start_target();
+        b.start_shim();
+        b.write(&mut rng, 0.01);
+        let r = b.ferry_ok(&["reprotect", "--json"]).json();
+        check_reprotect(&r, 0.03, 0.05, &format!("round {round}: reprotect B → A"));
+        b.stop_shim();
+        assert_same(&a, &b, "after reprotect B → A");
+        b.start_shim();
+
+        // Failback: more writes at B, a changed epoch, then planned failover B → A and
+        // reprotect forward.
+        b.write(&mut rng, 0.005);
+        let r = b.ferry_ok(&["sync", "--json"]).json();
+        assert!(modes_of(&r).iter().all(|m| m == "changed"), "{r}");
+        b.write(&mut rng, 0.005);
+        b.ferry_ok(&["failover", "planned"]);
+        b.stop_shim();
+        a.kill_target();
+        assert_same(&a, &b, "after the planned failback");
+        a.ferry_ok(&["failover", "commit"]);
+        b.ferry_ok(&["become-replica"]);
+        b.start_target();
+        a.start_shim();
+        a.write(&mut rng, 0.01);
+        a.kill_at_random(&["reprotect"], 2, Duration::from_millis(600), &mut rng);
+        // The replica's target is killed once at a random moment of a reverse epoch.
+        let mut child = Command::new(ferry_bin())
+            .args(["reprotect", "--config"])
+            .arg(&a.config)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_micros(rng.below(300_000)));
+        b.kill_target();
+        let _ = child.wait();
+        b.start_target();
+        let r = a.ferry_ok(&["reprotect", "--json"]).json();
+        check_reprotect(&r, 0.03, 0.05, &format!("round {round}: reprotect A → B"));
+        a.stop_shim();
+        assert_same(&a, &b, "after reprotect A → B (failback complete)");
+        a.start_shim();
+    }
+
+    // Unplanned failover to an older point: epochs at A, each recorded; A is lost
+    // (shim killed, writes after the last epoch stay on A's disks).
+    let mut points = Vec::new();
+    for _ in 0..3 {
+        a.write(&mut rng, 0.004);
+        let r = a.ferry_ok(&["sync", "--json"]).json();
+        assert!(modes_of(&r).iter().all(|m| m == "changed"), "{r}");
+        points.push((u64_field(&r, "epoch"), a.hashes()));
+    }
+    a.write(&mut rng, 0.004);
+    a.kill_shim();
+    let (older, at_older) = &points[0];
+    b.ferry_ok(&["failover", "unplanned", "--point", &older.to_string()]);
+    b.kill_target();
+    assert_eq!(&b.hashes(), at_older, "the older point, byte for byte");
+    b.ferry_ok(&["failover", "commit"]);
+    b.start_shim();
+    b.write(&mut rng, 0.01);
+
+    // A comes back: not demoted, so become-replica needs --force, and says why.
+    let refused = a.ferry(&["become-replica"]);
+    assert_eq!(refused.status.code(), Some(8), "{}", refused.stderr);
+    assert!(refused.stderr.contains("--force"), "{}", refused.stderr);
+    a.ferry_ok(&["become-replica", "--force"]);
+    a.start_target();
+    let r = b.ferry_ok(&["reprotect", "--json"]).json();
+    // Written at B: 1%; at A after B's point: 2 epochs × 0.4% + 0.4%; rolled back: the
+    // same. Less than 5% travels.
+    check_reprotect(&r, 0.05, 0.07, "reprotect after the unplanned failover");
+    b.stop_shim();
+    assert_same(&a, &b, "after reprotect following the unplanned failover");
+
+    // Replication goes on as changed-block epochs; A is the replica now and refuses to
+    // run an engine of its own.
+    b.start_shim();
+    b.write(&mut rng, 0.002);
+    let r = b.ferry_ok(&["sync", "--json"]).json();
+    assert!(modes_of(&r).iter().all(|m| m == "changed"), "{r}");
+    b.stop_shim();
+    assert_same(&a, &b, "a changed epoch after reprotect");
+    let refused = a.ferry(&["sync", "--json"]);
+    assert_eq!(refused.status.code(), Some(8), "{}", refused.stderr);
+}
+
+#[test]
+fn reprotect_refuses_an_unrelated_replica_and_an_uncommitted_failover() {
+    let seed = test_seed("reprotect_refusals");
+    let mut rng = Rng::new(seed);
+    let dir = scratch_dir();
+    let (mut a, mut b) = sites(dir.path(), seed);
+    b.start_target();
+    a.start_shim();
+    a.ferry_ok(&["sync", "--json"]);
+    a.ferry_ok(&["failover", "planned"]);
+    a.stop_shim();
+    b.kill_target();
+    b.start_shim();
+    // Not committed: refused, saying so.
+    let r = b.ferry(&["reprotect"]);
+    assert_eq!(r.status.code(), Some(8), "{}", r.stderr);
+    assert!(r.stderr.contains("ferry failover commit"), "{}", r.stderr);
+    b.ferry_ok(&["failover", "commit"]);
+    // The old primary was not prepared: refused before anything is written.
+    a.start_target();
+    let before = a.hashes();
+    let r = b.ferry(&["reprotect"]);
+    assert!(!r.success(), "{}", r.stdout);
+    assert!(r.stderr.contains("become-replica"), "{}", r.stderr);
+    a.kill_target();
+    assert_eq!(a.hashes(), before);
+    // Prepared, but its record names another lineage (a hand-made record): refused as
+    // unrelated data, nothing written.
+    a.ferry_ok(&["become-replica"]);
+    for (n, _, _, _) in &a.disks {
+        let path = a.target_state.join(format!("{n}.replica"));
+        let text = std::fs::read_to_string(&path).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let generation = v["generation"].as_str().unwrap().to_string();
+        let other: String = generation.chars().rev().collect();
+        // The record is sealed: rewrite it through its own checksum rule by removing
+        // the checksum (an unsealed record is accepted as written by an older ferry).
+        let mut map = v.as_object().unwrap().clone();
+        map.remove("xxh3");
+        map.insert("generation".into(), other.into());
+        std::fs::write(&path, serde_json::to_vec(&map).unwrap()).unwrap();
+    }
+    a.start_target();
+    b.write(&mut rng, 0.01);
+    let r = b.ferry(&["reprotect"]);
+    assert_eq!(r.status.code(), Some(6), "{}", r.stderr);
+    assert!(r.stderr.contains("unrelated data"), "{}", r.stderr);
+    a.kill_target();
+    assert_eq!(
+        a.hashes(),
+        before,
+        "nothing was written to the unrelated replica"
+    );
+}
