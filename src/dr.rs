@@ -57,6 +57,10 @@ pub enum DrError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Source(#[from] dataplane::source::SourceError),
+    #[error(transparent)]
+    Target(#[from] dataplane::writer::TargetError),
 }
 
 /// Refuses `command` at a site whose target holds replicas of the configured disks
@@ -119,55 +123,16 @@ pub fn become_replica(config: &Path, force: bool) -> Result<(), CliError> {
     let cfg = Config::load(config)?;
     let source_cfg = cfg.require_source("become-replica")?;
     let job = TargetJob::from_config(&cfg)?;
-    let sa = &source_cfg.state_dir;
-    // No engine, no shim, no target session: nothing else writes the disks or the
-    // records while they change hands.
-    let _engine = EngineLock::acquire(sa, EngineRole::Sync)?;
-    let socket = sa.join(source::SHIM_CONTROL_SOCKET);
-    if source::live::ShimControl::connect(&socket)?.is_some() {
-        return Err(DrError::ShimRunning { socket }.into());
+    let handed = hand_site_over(
+        &source_cfg.state_dir,
+        &job,
+        source_cfg.block_size_bytes(),
+        force,
+    )?;
+    for d in &handed.already {
+        println!("disk {d}: handed over already");
     }
-    let _apply = dataplane::writer::apply_lock(&job.state_dir, true)?;
-    let demoted = Demotion::load(sa)?.is_some_and(|d| d.complete);
-    if !demoted && !force && !handed_over_already(&cfg, sa, &job.state_dir)? {
-        return Err(DrError::NotDemoted.into());
-    }
-    let mut handed = Vec::new();
-    for d in &cfg.disks {
-        let Some(state) = SourceDiskState::load(sa, &d.name)? else {
-            if ReplicaRecord::load(&job.state_dir, &d.name)?.is_some() {
-                // An interrupted run handed it over and removed its lineage last.
-                println!("disk {}: handed over already", d.name);
-                consume_tracking(sa, &d.name)?;
-                continue;
-            }
-            return Err(DrError::NeverReplicated {
-                disk: d.name.clone(),
-                state_dir: sa.clone(),
-            }
-            .into());
-        };
-        handed.push(hand_over_disk(
-            &d.name,
-            &d.path,
-            sa,
-            source_cfg.block_size_bytes(),
-            &state,
-        )?);
-    }
-    dataplane::writer::reprotect::hand_over(&job, &handed)?;
-    for d in &handed {
-        consume_tracking(sa, &d.name)?;
-    }
-    remove(&SiteRecord::path(&job.state_dir))?;
-    remove(&Demotion::path(sa))?;
-    for dir in [sa, &job.state_dir] {
-        ferry_io::durable::sync_dir(dir).map_err(|source| DrError::Remove {
-            path: dir.clone(),
-            source,
-        })?;
-    }
-    for d in &handed {
+    for d in &handed.now {
         match &d.owed {
             Ok(set) => println!(
                 "disk {}: replica of epoch {} (generation {}); {} block(s) written here since are owed back by reverse replication",
@@ -189,13 +154,79 @@ pub fn become_replica(config: &Path, force: bool) -> Result<(), CliError> {
     Ok(())
 }
 
+/// What [`hand_site_over`] did.
+pub struct HandedSite {
+    /// The disks handed over by this run, with what each owes.
+    pub now: Vec<HandedOver>,
+    /// Disks an interrupted earlier run handed over.
+    pub already: Vec<String>,
+}
+
+/// The work of `ferry become-replica` for the site whose shim and engine keep their
+/// state in `source_state` and whose target is `job` (over the same disk paths).
+pub fn hand_site_over(
+    source_state: &Path,
+    job: &TargetJob,
+    block_size: u32,
+    force: bool,
+) -> Result<HandedSite, DrError> {
+    let sa = source_state;
+    // No engine, no shim, no target session: nothing else writes the disks or the
+    // records while they change hands.
+    let _engine = EngineLock::acquire(sa, EngineRole::Sync)?;
+    let socket = sa.join(source::SHIM_CONTROL_SOCKET);
+    if source::live::ShimControl::connect(&socket)?.is_some() {
+        return Err(DrError::ShimRunning { socket });
+    }
+    let _apply = dataplane::writer::apply_lock(&job.state_dir, true)?;
+    let demoted = Demotion::load(sa)?.is_some_and(|d| d.complete);
+    if !demoted && !force && !handed_over_already(job, sa)? {
+        return Err(DrError::NotDemoted);
+    }
+    let mut handed = HandedSite {
+        now: Vec::new(),
+        already: Vec::new(),
+    };
+    for d in &job.disks {
+        let Some(state) = SourceDiskState::load(sa, &d.name)? else {
+            if ReplicaRecord::load(&job.state_dir, &d.name)?.is_some() {
+                // An interrupted run handed it over and removed its lineage last.
+                consume_tracking(sa, &d.name)?;
+                handed.already.push(d.name.clone());
+                continue;
+            }
+            return Err(DrError::NeverReplicated {
+                disk: d.name.clone(),
+                state_dir: sa.to_path_buf(),
+            });
+        };
+        handed
+            .now
+            .push(hand_over_disk(&d.name, &d.path, sa, block_size, &state)?);
+    }
+    dataplane::writer::reprotect::hand_over(job, &handed.now)?;
+    for d in &handed.now {
+        consume_tracking(sa, &d.name)?;
+    }
+    remove(&SiteRecord::path(&job.state_dir))?;
+    remove(&Demotion::path(sa))?;
+    for dir in [sa, job.state_dir.as_path()] {
+        ferry_io::durable::sync_dir(dir).map_err(|source| DrError::Remove {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+    }
+    Ok(handed)
+}
+
 /// A rerun after a run that finished (its last step removes the demotion record):
 /// every disk's lineage moved to the target, which is not promoted.
-fn handed_over_already(cfg: &Config, sa: &Path, ta: &Path) -> Result<bool, CliError> {
+fn handed_over_already(job: &TargetJob, sa: &Path) -> Result<bool, DrError> {
+    let ta = &job.state_dir;
     if SiteRecord::load(ta)?.is_some() {
         return Ok(false);
     }
-    for d in &cfg.disks {
+    for d in &job.disks {
         if SourceDiskState::load(sa, &d.name)?.is_some()
             || ReplicaRecord::load(ta, &d.name)?.is_none()
         {
@@ -212,7 +243,7 @@ fn hand_over_disk(
     state_dir: &Path,
     block_size: u32,
     state: &SourceDiskState,
-) -> Result<HandedOver, CliError> {
+) -> Result<HandedOver, DrError> {
     let image = |source| DrError::Image {
         disk: name.to_string(),
         path: path.to_path_buf(),
@@ -251,7 +282,7 @@ fn hand_over_disk(
 /// Removes what the shim and the engine kept of disk `name` in `state_dir`: the
 /// tracking first, the lineage (which says the disk is not handed over yet) last. A
 /// shim started here later begins a new generation.
-fn consume_tracking(state_dir: &Path, name: &str) -> Result<(), CliError> {
+fn consume_tracking(state_dir: &Path, name: &str) -> Result<(), DrError> {
     for path in [
         state_dir.join(format!("{name}.cbt")),
         state_dir.join(format!("{name}.shim-state")),
@@ -262,14 +293,13 @@ fn consume_tracking(state_dir: &Path, name: &str) -> Result<(), CliError> {
     Ok(())
 }
 
-fn remove(path: &Path) -> Result<(), CliError> {
+fn remove(path: &Path) -> Result<(), DrError> {
     match std::fs::remove_file(path) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(source) => Err(DrError::Remove {
             path: path.to_path_buf(),
             source,
-        }
-        .into()),
+        }),
     }
 }

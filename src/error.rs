@@ -113,8 +113,9 @@ pub enum CliError {
     Demo(Box<DemoError>),
     #[error(transparent)]
     Image(#[from] ImageError),
+    /// Boxed: it can carry a whole source or target error.
     #[error(transparent)]
-    Dr(#[from] crate::dr::DrError),
+    Dr(Box<crate::dr::DrError>),
 }
 
 /// A command line that cannot be acted on.
@@ -141,6 +142,12 @@ pub enum UsageError {
     NoRuns,
     #[error("--discard-replica-changes needs a sync that compares every block: use --mode seeded (the default with it) or full, not changed")]
     DiscardNeedsResync,
+}
+
+impl From<crate::dr::DrError> for CliError {
+    fn from(e: crate::dr::DrError) -> Self {
+        CliError::Dr(Box::new(e))
+    }
 }
 
 impl From<DemoError> for CliError {
@@ -183,6 +190,7 @@ fn demo_category(e: &DemoError) -> Category {
         E::Compare(_)
         | E::BitmapSave { .. }
         | E::ShimStart(_)
+        | E::Failback { .. }
         | E::ShimShutdown(_)
         | E::GuestAttach { .. }
         | E::GuestWrite { .. }
@@ -203,6 +211,8 @@ fn dr_category(e: &crate::dr::DrError) -> Category {
         E::ReplicaSite { .. } | E::NotDemoted | E::NeverReplicated { .. } => Category::Role,
         E::ShimRunning { .. } => Category::Usage,
         E::Image { .. } | E::Tracking { .. } | E::Remove { .. } => Category::Io,
+        E::Source(s) => source_category(s),
+        E::Target(t) => target_category(t),
     }
 }
 

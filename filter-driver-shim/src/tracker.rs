@@ -468,7 +468,7 @@ impl Tracker {
         if reason == ResyncReason::FirstStart {
             tracing::warn!(
                 disk = %disk, %generation,
-                "no tracking history: starting a new generation; the replica needs a full or seeded sync"
+                "no tracking history: starting a new generation; a replica that never held this disk needs a full or seeded sync (a promoted replica's reverse replication does not)"
             );
         } else {
             tracing::error!(

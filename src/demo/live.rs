@@ -248,7 +248,7 @@ fn judge(
 
 /// The guest: random writes of 4 KiB to 256 KiB to every disk for `duration`, drawn
 /// from `seed`. Returns (writes, bytes, start time).
-fn guest_writes(
+pub(super) fn guest_writes(
     sockets: &[(PathBuf, String)],
     duration: Duration,
     seed: u64,

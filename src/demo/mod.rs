@@ -12,6 +12,7 @@
 //! defaults) is in [`rig`], shared with the live step and with `ferry bench`; this
 //! module uses both, and neither uses this one.
 
+mod failback;
 mod live;
 pub mod rig;
 
@@ -82,7 +83,22 @@ pub fn run() -> Result<(), DemoError> {
     //    engine replicates continuously, one epoch every few hundred milliseconds.
     let live = live::run(work.path(), &job, &machine.names(), pairs)?;
     live::print(4, &live);
-    outcome.finish(live, pairs)
+
+    // 6, 7. The VM runs at the secondary site, which replicates back to the primary
+    //    (delta only); then it goes home (failback), delta only again.
+    let back = failback::run(
+        work.path(),
+        &job,
+        &rig,
+        machine.names(),
+        machine
+            .replicas
+            .iter()
+            .map(|r| (r.name.clone(), r.path.clone()))
+            .collect(),
+    )?;
+    failback::print(&back);
+    outcome.finish(live, back, pairs)
 }
 
 /// The demo's protected machine: its sample disks and where their replicas go.
@@ -235,6 +251,7 @@ impl Outcome {
     fn finish(
         mut self,
         live: live::LiveOutcome,
+        back: failback::Failback,
         pairs: &[(PathBuf, PathBuf)],
     ) -> Result<(), DemoError> {
         self.failures
@@ -244,6 +261,11 @@ impl Outcome {
                 .problems
                 .iter()
                 .map(|p| format!("step 5: {p}")),
+        );
+        self.failures.extend(
+            back.problems
+                .iter()
+                .map(|(step, p)| format!("step {step}: {p}")),
         );
         print_summary(&self.steps, pairs);
         if live.problems.is_empty() {
@@ -255,6 +277,21 @@ impl Outcome {
         if live.handover.problems.is_empty() {
             println!(
                 "  step 5: promoted replicas byte-for-byte identical to the primary's disks at the cut; a write after it was refused"
+            );
+        }
+        if back.problems.is_empty() {
+            let pct = |r: &Option<SyncReport>| {
+                r.as_ref().map_or(0.0, |r| {
+                    100.0 * r.bytes_sent as f64 / r.bytes_logical.max(1) as f64
+                })
+            };
+            println!(
+                "  step 6: the primary's disks byte-for-byte identical to the promoted ones after reverse replication ({:.2}% of the disks sent)",
+                pct(&back.reprotect)
+            );
+            println!(
+                "  step 7: after failback and reprotect forward, both sites byte-for-byte identical ({:.2}% sent); no full or seeded resync in the round trip",
+                pct(&back.forward)
             );
         }
         if self.failures.is_empty() {

@@ -79,6 +79,13 @@ pub enum DemoError {
     },
     #[error("cannot start the shim")]
     ShimStart(#[source] ShimError),
+    /// A step of reverse replication or failback failed; `step` names it.
+    #[error("{step}")]
+    Failback {
+        step: &'static str,
+        #[source]
+        source: Box<crate::dr::DrError>,
+    },
     #[error("shim shutdown")]
     ShimShutdown(#[source] ShimError),
     #[error("guest: cannot attach to {}", socket.display())]
@@ -145,6 +152,8 @@ pub enum CompareError {
 pub(crate) struct Rig {
     pub addr: SocketAddr,
     pub psk: [u8; 32],
+    /// What the target serves (for the failover commands, which act on its state).
+    pub job: TargetJob,
 }
 
 impl Rig {
@@ -156,7 +165,17 @@ impl Rig {
         queue_depth: usize,
     ) -> Result<Rig, DemoError> {
         let psk = Psk::generate().map_err(DemoError::Key)?;
-        let psk = *psk.as_bytes();
+        Rig::start_with_key(state_dir, disks, queue_depth, *psk.as_bytes())
+    }
+
+    /// [`Rig::start`] with the key `psk` (the other site's target, in the demo's
+    /// failback).
+    pub fn start_with_key(
+        state_dir: &Path,
+        disks: Vec<TargetDisk>,
+        queue_depth: usize,
+        psk: [u8; 32],
+    ) -> Result<Rig, DemoError> {
         let job = TargetJob {
             listen: "127.0.0.1:0".into(),
             psk,
@@ -171,7 +190,7 @@ impl Rig {
                 minutes: 0,
             },
         };
-        let target = Target::bind(job).map_err(DemoError::TargetStart)?;
+        let target = Target::bind(job.clone()).map_err(DemoError::TargetStart)?;
         let addr = target.local_addr().map_err(DemoError::TargetAddr)?;
         std::thread::Builder::new()
             .name("ferry-target".into())
@@ -181,7 +200,7 @@ impl Rig {
                 }
             })
             .map_err(DemoError::TargetThread)?;
-        Ok(Rig { addr, psk })
+        Ok(Rig { addr, psk, job })
     }
 
     /// A sync job against this target with the product's defaults.

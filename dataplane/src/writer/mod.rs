@@ -392,6 +392,11 @@ impl Target {
                         Err(e @ TargetError::Handshake(_)) => {
                             tracing::warn!("{peer}: dropped: {}", crate::chain(&e))
                         }
+                        // A promoted site refusing a source is its role working, not
+                        // a failure here; the source reports it as one.
+                        Err(e @ TargetError::Rejected(Rejection::Fenced { .. })) => {
+                            tracing::warn!("{peer}: refused: {}", crate::chain(&e))
+                        }
                         Err(e) => tracing::error!("{peer}: session failed: {}", crate::chain(&e)),
                     }
                 });
