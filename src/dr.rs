@@ -205,6 +205,10 @@ pub fn hand_site_over(
             .push(hand_over_disk(&d.name, &d.path, sa, block_size, &state)?);
     }
     dataplane::writer::reprotect::hand_over(job, &handed.now)?;
+    if ferry_io::failpoint::hit("become-replica.crash") {
+        // A crash with the records written and this site's tracking still in place.
+        std::process::abort();
+    }
     for d in &handed.now {
         consume_tracking(sa, &d.name)?;
     }

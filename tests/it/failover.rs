@@ -96,6 +96,28 @@ fn unplanned(rig: &Rig, point: Option<u64>, env: &[(&str, &str)]) -> (bool, Stri
     ferry(&args, env)
 }
 
+/// Every block where the replicas at the point (`now`) differ from the latest epoch
+/// is in the disk's `.undone` set, which reverse replication sends back.
+fn assert_undone_covers(rig: &Rig, latest: &[Vec<u8>], now: &[Vec<u8>]) {
+    use filter_driver_shim_contract::bitmap::ChangedBlockBitmap;
+    for (d, (was, is)) in rig.disks.iter().zip(latest.iter().zip(now)) {
+        let path = rig.target_state.join(format!("{}.undone", d.name));
+        let set =
+            ChangedBlockBitmap::load(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let bs = set.block_size() as usize;
+        for (block, (a, b)) in was.chunks(bs).zip(is.chunks(bs)).enumerate() {
+            if a != b {
+                assert!(
+                    set.test(block as u64).unwrap(),
+                    "disk {}: block {block} was rolled back but is not in {}",
+                    d.name,
+                    path.display()
+                );
+            }
+        }
+    }
+}
+
 fn target_cmd(rig: &Rig, args: &[&str]) -> (bool, String, String) {
     let mut all: Vec<&OsStr> = args.iter().map(OsStr::new).collect();
     all.extend(["--config".as_ref(), rig.target.config.as_os_str()]);
@@ -156,10 +178,16 @@ fn unplanned_failover_takes_the_replicas_back_in_place_to_every_point_and_fences
     // in the middle of its rollback and a rerun.
     let older: Vec<&(u64, Vec<Vec<u8>>)> = epochs.iter().rev().skip(1).collect();
     for (i, (point, expected)) in older.iter().enumerate().take(older.len() - 1) {
-        if i < 2 {
+        if i < 3 {
             // The first time with the log's bytes undone and no record moved back;
-            // the second with one disk's record moved back and the other's not.
-            let failpoint = ["failover.rollback.crash@1", "failover.records.crash@1"][i];
+            // the second with one disk's record moved back and the other's not; the
+            // third with the state directory full when the rolled-back blocks are
+            // recorded for reverse replication (nothing undone yet).
+            let failpoint = [
+                "failover.rollback.crash@1",
+                "failover.records.crash@1",
+                "failover.undone.fail@1",
+            ][i];
             let (ok, _, err) = unplanned(&rig, Some(*point), &[("FERRY_FAILPOINTS", failpoint)]);
             assert!(!ok, "the failpoint aborts the rollback: {err}");
             let (ok, out, _) = target_cmd(&rig, &["points"]);
@@ -175,6 +203,7 @@ fn unplanned_failover_takes_the_replicas_back_in_place_to_every_point_and_fences
             rig.replicas() == *expected,
             "the replicas are exactly recovery point {point}"
         );
+        assert_undone_covers(&rig, at_latest, expected);
     }
 
     // A VM writes to a promoted disk: older points no longer describe it.

@@ -132,6 +132,11 @@ pub fn plan(job: &SyncJob, target_state_dir: &Path) -> Result<Vec<ReprotectDisk>
 /// it is acknowledged, removes the rollback sets it delivered.
 pub fn run(job: &SyncJob, target_state_dir: &Path) -> Result<SyncReport, SourceError> {
     let report = super::sync(job)?;
+    if ferry_io::failpoint::hit("reprotect.undone.crash") {
+        // A crash with the reverse epoch acknowledged and recorded, the rollback sets
+        // still there.
+        std::process::abort();
+    }
     for d in &job.disks {
         crate::writer::reprotect::remove_set(
             target_state_dir,

@@ -102,6 +102,14 @@ pub(crate) fn record_undone(state_dir: &Path, log: &LogContents) -> Result<(), T
                     })
                 })?;
         }
+        if ferry_io::failpoint::hit("failover.undone.fail") {
+            // The state directory filled up: the set is not saved, the log not applied.
+            return Err(TargetError::State {
+                path,
+                op: StateOp::Write,
+                source: std::io::Error::from_raw_os_error(libc::ENOSPC),
+            });
+        }
         save(&set, &path)?;
     }
     Ok(())
@@ -149,6 +157,13 @@ pub fn hand_over(job: &TargetJob, disks: &[HandedOver]) -> Result<(), TargetErro
     for d in disks {
         let path = owed_path(&job.state_dir, &d.name);
         let suspect = match &d.owed {
+            Ok(_) if ferry_io::failpoint::hit("become-replica.owed.fail") => {
+                return Err(TargetError::State {
+                    path,
+                    op: StateOp::Write,
+                    source: std::io::Error::from_raw_os_error(libc::ENOSPC),
+                });
+            }
             Ok(set) => {
                 save(set, &path)?;
                 None

@@ -723,6 +723,11 @@ fn after_commit(
     // The replicas now hold the source's lineage: what was owed is delivered. (Left
     // behind by a crash, a set names the old lineage and is ignored.)
     let state_dir = &shared.job.state_dir;
+    if !reprotected.is_empty() && ferry_io::failpoint::hit("target.reprotect.owed.crash") {
+        // A crash with the reverse epoch committed, its change sets still there and
+        // the source not told.
+        std::process::abort();
+    }
     for name in reprotected {
         super::reprotect::remove_set(state_dir, &super::reprotect::owed_path(state_dir, name))?;
     }
