@@ -7,6 +7,7 @@ mod dr;
 mod error;
 mod imagegen;
 mod io_failure;
+mod logging;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -20,6 +21,9 @@ use crate::error::{CliError, UsageError};
 #[derive(Parser)]
 #[command(name = "ferry", version, about = "Disaster-recovery block replication")]
 struct Cli {
+    /// How log lines are written to stderr (the level comes from FERRY_LOG or RUST_LOG).
+    #[arg(long, value_enum, global = true, default_value_t = logging::LogFormat::Text)]
+    log_format: logging::LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -189,11 +193,15 @@ enum Mode {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // The demo narrates on stdout; its in-process target and shim log only problems.
-    init_logging(if matches!(cli.command, Command::Demo) {
+    let default_level = if matches!(cli.command, Command::Demo) {
         tracing::Level::WARN
     } else {
         tracing::Level::INFO
-    });
+    };
+    if let Err(e) = logging::init(default_level, cli.log_format) {
+        eprintln!("ferry: error: {e}");
+        return error::Category::Usage.exit_code();
+    }
     let result = match cli.command {
         Command::Keygen { out } => keygen(out.as_deref()),
         Command::Target { config } => target(&config),
@@ -231,22 +239,6 @@ fn main() -> ExitCode {
             error.category().exit_code()
         }
     }
-}
-
-fn init_logging(default: tracing::Level) {
-    let level = match std::env::var("FERRY_LOG").as_deref() {
-        Ok("trace") => tracing::Level::TRACE,
-        Ok("debug") => tracing::Level::DEBUG,
-        Ok("info") => tracing::Level::INFO,
-        Ok("warn") => tracing::Level::WARN,
-        Ok("error") => tracing::Level::ERROR,
-        _ => default,
-    };
-    tracing_subscriber::fmt()
-        .with_max_level(level)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .init();
 }
 
 use dataplane::chain;

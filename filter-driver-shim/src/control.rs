@@ -388,7 +388,12 @@ impl Client<'_> {
         };
         if how != Finish::Check {
             *self.owner() = None;
-            tracing::debug!(epoch = %id, cmd = ?how, "epoch finished");
+            let how = if how == Finish::Commit {
+                "committed"
+            } else {
+                "aborted"
+            };
+            tracing::debug!(epoch = %id, "epoch {how}");
         }
         match result {
             Ok(()) => ok(&Done::default()),

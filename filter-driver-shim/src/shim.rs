@@ -382,7 +382,8 @@ fn accept_loop(listener: UnixListener, served: Arc<ServedDisk>, stop: Arc<Atomic
             .name(format!("nbd-r-{}", served.disk.name))
             .spawn(move || {
                 if let Err(e) = nbd::serve_connection(stream, export) {
-                    tracing::warn!(disk = %counter.disk.name, error = %e, source = ?std::error::Error::source(&e), "NBD connection ended with an error");
+                    let why = ferry_io::chain(&e);
+                    tracing::warn!(disk = %counter.disk.name, %why, "NBD connection ended with an error");
                 }
                 counter.connections.fetch_sub(1, Ordering::Relaxed);
             });

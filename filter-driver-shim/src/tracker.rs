@@ -306,7 +306,7 @@ impl Tracker {
             generation = %bitmap.generation_id(),
             dirty_blocks = bitmap.count(),
             block_count = bitmap.block_count(),
-            resync_required = ?resync,
+            resync_owed = resync.map_or("no", ResyncReason::as_str),
             "change tracking live"
         );
         Ok(Tracker {
@@ -388,7 +388,8 @@ impl Tracker {
             (true, _) => match ChangedBlockBitmap::load_recovering(&config.bitmap_path) {
                 Ok(loaded) => loaded,
                 Err(e) => {
-                    tracing::error!(disk = %disk, error = %e, source = ?std::error::Error::source(&e), "bitmap unreadable");
+                    let why = ferry_io::chain(&e);
+                    tracing::error!(disk = %disk, %why, "bitmap unreadable");
                     return Err(ResyncReason::BitmapUnreadable);
                 }
             },
@@ -399,7 +400,12 @@ impl Tracker {
         if !recovery.torn_pages.is_empty() {
             tracing::warn!(
                 disk = %disk,
-                torn_pages = ?recovery.torn_pages,
+                torn_pages = %recovery
+                    .torn_pages
+                    .iter()
+                    .map(u64::to_string)
+                    .collect::<Vec<_>>()
+                    .join(","),
                 "bitmap pages torn by a crash: their blocks are marked dirty (a bounded superset)"
             );
         }

@@ -529,3 +529,82 @@ fn docs_examples_work_on_loopback_in_a_temp_copy() {
     assert_same_file(&image, &data.join("replica-vm1-os.img"));
     target.assert_alive();
 }
+
+/// The first line `ferry target` logs with `extra` arguments and environment (stderr is
+/// a pipe, not a terminal, and `NO_COLOR` is unset).
+fn first_target_log_line(args: &[&str], env: &[(&str, &str)]) -> String {
+    use std::io::BufRead;
+    let dir = scratch_dir();
+    let key = dir.path().join("ferry.key");
+    keygen(&key);
+    let image = dir.path().join("a.img");
+    let config = dir.path().join("target.toml");
+    std::fs::write(
+        &config,
+        target_toml(0, &key, &dir.path().join("state"), &[("a", &image)], ""),
+    )
+    .unwrap();
+    let mut child = std::process::Command::new(ferry_bin())
+        .args(args)
+        .args(["target", "--config"])
+        .arg(&config)
+        .envs(env.iter().copied())
+        .env_remove("NO_COLOR")
+        .env_remove("FERRY_LOG")
+        .env_remove("RUST_LOG")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stderr.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    line
+}
+
+#[test]
+fn logs_carry_no_colour_codes_off_a_terminal_and_can_be_json() {
+    let text = first_target_log_line(&[], &[]);
+    assert!(text.contains("listening on"), "{text:?}");
+    assert!(
+        !text.contains('\u{1b}'),
+        "ANSI codes in a piped log: {text:?}"
+    );
+    let json = first_target_log_line(&["--log-format", "json"], &[]);
+    let v: serde_json::Value = serde_json::from_str(json.trim())
+        .unwrap_or_else(|e| panic!("not one JSON object per line ({e}): {json:?}"));
+    assert_eq!(v["level"], "INFO", "{v}");
+    assert!(
+        v["fields"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("listening on")),
+        "{v}"
+    );
+    // A filter in the other variable's syntax is accepted too.
+    let filtered = first_target_log_line(&[], &[("RUST_LOG", "info,dataplane=debug")]);
+    assert!(filtered.contains("listening on"), "{filtered:?}");
+}
+
+#[test]
+fn an_invalid_log_filter_is_refused_with_a_usage_error() {
+    for (var, value) in [("FERRY_LOG", "bogus"), ("RUST_LOG", "dataplane=loud")] {
+        let out = std::process::Command::new(ferry_bin())
+            .args(["keygen"])
+            .env_remove("FERRY_LOG")
+            .env_remove("RUST_LOG")
+            .env(var, value)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{var}={value}: {err}");
+        assert!(
+            err.contains(var) && err.contains("is not a log level"),
+            "{var}={value}: {err}"
+        );
+        assert!(out.stdout.is_empty(), "nothing done: {:?}", out.stdout);
+    }
+}

@@ -77,7 +77,11 @@ pub fn client_handshake<R: Read, W: Write>(
     }
     let expected = proof(key, SERVER_LABEL, &client_nonce, &challenge.nonce);
     if !proofs_match(&expected, &challenge.proof) {
-        writer.send_error(ErrorCode::Auth, "target failed to prove the pre-shared key");
+        // The target logs this: it says what the source found, in the target's terms.
+        writer.send_error(
+            ErrorCode::Auth,
+            "the source refused this target: it does not hold the source's pre-shared key (check psk_file on both sides)",
+        );
         return Err(ProtocolError::AuthFailed {
             detail:
                 "the target does not hold the same pre-shared key (check psk_file on both sides)",

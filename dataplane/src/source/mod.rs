@@ -390,7 +390,8 @@ pub struct SyncReport {
     /// Bytes the target applied (data written plus ranges zeroed).
     pub bytes_applied: u64,
     pub seconds: f64,
-    /// `bytes_logical / seconds`, in MB/s (10^6).
+    /// MB/s (10^6 bytes): of disk covered when every disk went whole (full or
+    /// seeded), of bytes read otherwise (changed blocks).
     pub mb_per_s: f64,
     pub disks: Vec<DiskReport>,
     /// The shim's epoch this sync carried, when a shim served the disks.
@@ -650,8 +651,14 @@ fn plan_live_disks<'a>(
             None => plan_live_disk(job.mode, job.block_size, shim_disk, state.as_ref())?,
         };
         if plan == LivePlan::Whole {
-            if let Some(reason) = &shim_disk.resync_reason {
-                tracing::warn!(disk = %spec.name, %reason, "shim tracking restarted: checksum-compare resync of this disk");
+            match (&shim_disk.resync_reason, &state) {
+                (_, None) => {
+                    tracing::info!(disk = %spec.name, "first sync of this disk: the whole disk goes (full into a new replica, checksum compare into an existing one)")
+                }
+                (Some(reason), Some(_)) => {
+                    tracing::warn!(disk = %spec.name, %reason, "shim tracking restarted: checksum-compare resync of this disk")
+                }
+                (None, Some(_)) => {}
             }
         }
         plans.push(PlannedDisk {
@@ -1019,7 +1026,7 @@ fn report(
         bytes_read: stats.bytes_read,
         bytes_applied: applied,
         seconds,
-        mb_per_s: bytes_logical as f64 / seconds.max(1e-9) / 1e6,
+        mb_per_s: rate_bytes(disks, stats) as f64 / seconds.max(1e-9) / 1e6,
         disks: disks
             .iter()
             .map(|d| DiskReport {
@@ -1031,6 +1038,20 @@ fn report(
             .collect(),
         shim_epoch: live.map(|e| e.id),
         freeze_pause_us: live.map(|e| e.pause_us),
+    }
+}
+
+/// The bytes a sync's rate is reported over: the disks it covered when every disk went
+/// whole (full or seeded), the bytes it read when only changed blocks went (an empty
+/// changed-block epoch moves nothing, at no rate).
+fn rate_bytes(disks: &[OpenedDisk], stats: &PipelineStats) -> u64 {
+    let whole = disks
+        .iter()
+        .all(|d| matches!(d.mode, SyncMode::Full | SyncMode::Seeded));
+    if whole {
+        disks.iter().map(|d| d.disk.size()).sum()
+    } else {
+        stats.bytes_read
     }
 }
 

@@ -114,7 +114,8 @@ pub(crate) fn sealed_refusal(export: &Export, op: &'static str) -> Refusal {
 
 /// The NBD error for a change that could not be tracked: the change is not made.
 pub(crate) fn tracker_refusal(export: &Export, err: &TrackerError) -> Refusal {
-    tracing::error!(disk = %export.info.name, error = %err, source = ?std::error::Error::source(err), "change tracking failed; write refused");
+    let why = ferry_io::chain(err);
+    tracing::error!(disk = %export.info.name, %why, "change tracking failed; write refused");
     match err {
         TrackerError::OutOfRange { .. } => Refusal {
             errno: NbdErrno::Inval,
