@@ -8,216 +8,34 @@
 //! bounded by what changed: after 1% of the blocks of a 1 GiB disk written on each
 //! side, less than 3% of the disk travels and less than 5% is read.
 
-use std::ffi::OsStr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use crate::common::nbd::connect_retry;
 use crate::common::shim::ShimProc;
+use crate::common::sites::{self, assert_same, modes_of, Site};
 use crate::common::*;
 
 /// The big disk: the bar of issue 10 is stated for 1 GiB.
 const OS_BYTES: u64 = 1 << 30;
 const DATA_BYTES: u64 = 16 << 20;
-const BLOCK: u64 = 64 << 10;
-const TIMEOUT: Duration = Duration::from_secs(300);
-
-/// One site: its config (both roles), its disks, its processes.
-struct Site {
-    name: &'static str,
-    config: PathBuf,
-    source_state: PathBuf,
-    target_state: PathBuf,
-    port: u16,
-    /// (name, image, NBD socket, size)
-    disks: Vec<(&'static str, PathBuf, PathBuf, u64)>,
-    target: Option<TargetProc>,
-    shim: Option<ShimProc>,
-}
-
-impl Site {
-    fn new(dir: &Path, name: &'static str, key: &Path, port: u16, peer_port: u16) -> Site {
-        let root = dir.join(name);
-        std::fs::create_dir_all(&root).unwrap();
-        let disks: Vec<(&'static str, PathBuf, PathBuf, u64)> =
-            [("os", OS_BYTES), ("data", DATA_BYTES)]
-                .iter()
-                .map(|&(n, size)| {
-                    (
-                        n,
-                        root.join(format!("{n}.img")),
-                        root.join(format!("{n}.sock")),
-                        size,
-                    )
-                })
-                .collect();
-        let source_state = root.join("source-state");
-        let target_state = root.join("target-state");
-        let mut toml = format!(
-            "[source]\ntarget = \"127.0.0.1:{peer_port}\"\npsk_file = {key}\nstate_dir = {}\nio_timeout_ms = 20000\nepoch_interval_ms = 200\n\n\
-             [target]\nlisten = \"127.0.0.1:{port}\"\npsk_file = {key}\nstate_dir = {}\nio_timeout_ms = 20000\n",
-            toml_path(&source_state),
-            toml_path(&target_state),
-            key = toml_path(key),
-        );
-        for (n, image, socket, _) in &disks {
-            toml.push_str(&format!(
-                "\n[[disk]]\nname = \"{n}\"\npath = {}\nnbd_socket = {}\ngroup = \"vm1\"\n",
-                toml_path(image),
-                toml_path(socket)
-            ));
-        }
-        let config = root.join(format!("{name}.toml"));
-        std::fs::write(&config, toml).unwrap();
-        Site {
-            name,
-            config,
-            source_state,
-            target_state,
-            port,
-            disks,
-            target: None,
-            shim: None,
-        }
-    }
-
-    fn start_target(&mut self) {
-        self.target = Some(
-            TargetProc::spawn(&self.config, self.port)
-                .unwrap_or_else(|e| panic!("site {}: target: {e}", self.name)),
-        );
-    }
-
-    fn kill_target(&mut self) {
-        if let Some(mut t) = self.target.take() {
-            t.kill();
-        }
-    }
-
-    fn start_shim(&mut self) {
-        self.shim = Some(ShimProc::start(&self.config, &self.source_state));
-    }
-
-    fn stop_shim(&mut self) {
-        if let Some(s) = self.shim.take() {
-            s.stop();
-        }
-    }
-
-    fn kill_shim(&mut self) {
-        if let Some(s) = self.shim.take() {
-            s.kill9();
-        }
-    }
-
-    /// `ferry <args> --config <this site's config>`.
-    fn ferry(&self, args: &[&str]) -> Run {
-        let mut all: Vec<&OsStr> = args.iter().map(OsStr::new).collect();
-        all.extend(["--config".as_ref(), self.config.as_os_str()]);
-        run_ferry(&all, TIMEOUT)
-    }
-
-    fn ferry_ok(&self, args: &[&str]) -> Run {
-        let run = self.ferry(args);
-        assert!(
-            run.success(),
-            "site {}: ferry {args:?} failed ({}):\n{}\n{}",
-            self.name,
-            run.status,
-            run.stdout,
-            run.stderr
-        );
-        run
-    }
-
-    /// Starts `ferry <args> --config …` `times` times, each killed with SIGKILL after a
-    /// random wait of up to `max_wait`.
-    fn kill_at_random(&self, args: &[&str], times: usize, max_wait: Duration, rng: &mut Rng) {
-        for _ in 0..times {
-            let mut child = Command::new(ferry_bin())
-                .args(args)
-                .arg("--config")
-                .arg(&self.config)
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .spawn()
-                .expect("spawn ferry");
-            std::thread::sleep(Duration::from_micros(
-                rng.below(max_wait.as_micros() as u64),
-            ));
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    /// The guest writes `fraction` of each disk's blocks, 64 KiB of random bytes each,
-    /// through the shim with a real NBD client; the blocks written.
-    fn write(&self, rng: &mut Rng, fraction: f64) -> u64 {
-        let mut written = 0;
-        for (name, _, socket, size) in &self.disks {
-            let mut nbd =
-                connect_retry(socket, name, Duration::from_secs(30)).expect("connect the guest");
-            let blocks = size / BLOCK;
-            let n = ((blocks as f64 * fraction).ceil() as u64).max(1);
-            let mut buf = vec![0u8; BLOCK as usize];
-            for _ in 0..n {
-                rng.fill(&mut buf);
-                nbd.write(rng.below(blocks) * BLOCK, &buf)
-                    .expect("guest write");
-            }
-            nbd.flush().expect("guest flush");
-            nbd.disconnect().ok();
-            written += n;
-        }
-        written
-    }
-
-    fn hashes(&self) -> Vec<u128> {
-        self.disks.iter().map(|(_, p, _, _)| file_hash(p)).collect()
-    }
-}
 
 /// Fresh sites `a` (primary, random content in a few regions) and `b` (no disks yet).
 fn sites(dir: &Path, seed: u64) -> (Site, Site) {
-    let key = dir.join("ferry.key");
-    keygen(&key);
-    let (pa, pb) = (free_port(), free_port());
-    let a = Site::new(dir, "a", &key, pa, pb);
-    let b = Site::new(dir, "b", &key, pb, pa);
     let mut rng = Rng::new(seed);
-    for (_, image, _, size) in &a.disks {
-        let f = create_sparse(image, *size);
-        let mut buf = vec![0u8; 4 << 20];
-        for region in 0..4 {
-            rng.fill(&mut buf);
-            use std::os::unix::fs::FileExt;
-            f.write_all_at(&buf, region * (size / 4)).unwrap();
-        }
-    }
-    (a, b)
-}
-
-/// Every disk of `x` equals the same disk of `y`, byte for byte.
-fn assert_same(x: &Site, y: &Site, when: &str) {
-    for ((n, px, _, _), (_, py, _, _)) in x.disks.iter().zip(&y.disks) {
-        assert_eq!(
-            file_hash(px),
-            file_hash(py),
-            "{when}: disk {n} differs between site {} and site {}",
-            x.name,
-            y.name
-        );
-    }
-}
-
-fn modes_of(report: &serde_json::Value) -> Vec<String> {
-    report["disks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|d| d["mode"].as_str().unwrap().to_string())
-        .collect()
+    sites::pair(
+        dir,
+        &[("os", OS_BYTES), ("data", DATA_BYTES)],
+        |image, size| {
+            let f = create_sparse(image, size);
+            let mut buf = vec![0u8; 4 << 20];
+            for region in 0..4 {
+                rng.fill(&mut buf);
+                use std::os::unix::fs::FileExt;
+                f.write_all_at(&buf, region * (size / 4)).unwrap();
+            }
+        },
+    )
 }
 
 /// A reprotect's report: every disk went as reverse replication (no full or seeded
@@ -278,7 +96,8 @@ fn round_trip_with_failback_and_unplanned_failover_moves_only_deltas() {
 
         // Test failover at B: images of the latest point, equal to A now.
         let test = b.ferry_ok(&["failover", "test"]);
-        for (n, image, _, _) in &a.disks {
+        for d in &a.disks {
+            let n = d.name;
             let copy = test
                 .stdout
                 .lines()
@@ -286,7 +105,7 @@ fn round_trip_with_failback_and_unplanned_failover_moves_only_deltas() {
                 .unwrap_or_else(|| panic!("no image of {n}: {}", test.stdout));
             assert_eq!(
                 file_hash(Path::new(copy)),
-                file_hash(image),
+                file_hash(&d.image),
                 "test failover of {n}"
             );
         }
@@ -428,8 +247,8 @@ fn reprotect_refuses_an_unrelated_replica_and_an_uncommitted_failover() {
     // Prepared, but its record names another lineage (a hand-made record): refused as
     // unrelated data, nothing written.
     a.ferry_ok(&["become-replica"]);
-    for (n, _, _, _) in &a.disks {
-        let path = a.target_state.join(format!("{n}.replica"));
+    for d in &a.disks {
+        let path = a.target_state.join(format!("{}.replica", d.name));
         let text = std::fs::read_to_string(&path).unwrap();
         let v: serde_json::Value = serde_json::from_str(&text).unwrap();
         let generation = v["generation"].as_str().unwrap().to_string();

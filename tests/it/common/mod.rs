@@ -13,6 +13,7 @@ pub mod proxy;
 pub mod rig;
 mod rng;
 pub mod shim;
+pub mod sites;
 pub mod vm;
 
 pub use rng::{test_seed, Rng};

@@ -369,6 +369,15 @@ impl Cpio {
     }
 }
 
+/// The `-drive` options (without `if=`) of a disk served over NBD on the unix socket
+/// `socket` under the export name `export`, as the shim serves it.
+pub fn nbd_drive(socket: &Path, export: &str) -> String {
+    format!(
+        "file.driver=nbd,file.server.type=unix,file.server.path={},file.export={export},format=raw",
+        socket.display()
+    )
+}
+
 /// Boots a guest whose `/dev/vda` is `drive` (the `-drive` options without `if=`)
 /// and whose step is the shell script `step`; panics with the serial output unless
 /// the guest prints [`DONE`] and QEMU exits within `timeout`.
