@@ -272,3 +272,96 @@ fn reprotect_refuses_an_unrelated_replica_and_an_uncommitted_failover() {
         "nothing was written to the unrelated replica"
     );
 }
+
+#[test]
+fn reverse_replication_survives_a_crash_or_a_full_disk_at_every_durable_step() {
+    let seed = test_seed("reprotect_faults");
+    let mut rng = Rng::new(seed ^ 3);
+    let dir = scratch_dir();
+    let (mut a, mut b) = sites::pair(
+        dir.path(),
+        &[("os", 16 << 20), ("data", 4 << 20)],
+        |image, size| {
+            let f = create_sparse(image, size);
+            let mut buf = vec![0u8; (size / 2) as usize];
+            rng.fill(&mut buf);
+            use std::os::unix::fs::FileExt;
+            f.write_all_at(&buf, 0).unwrap();
+        },
+    );
+    let mut rng = Rng::new(seed ^ 4);
+    b.start_target();
+    a.start_shim();
+    a.ferry_ok(&["sync", "--json"]);
+    a.write(&mut rng, 0.05);
+    a.ferry_ok(&["failover", "planned"]);
+    a.stop_shim();
+    b.kill_target();
+    b.ferry_ok(&["failover", "commit"]);
+    let tracking = |site: &Site| -> Vec<bool> {
+        site.disks
+            .iter()
+            .flat_map(|d| {
+                [
+                    site.source_state.join(format!("{}.state", d.name)),
+                    site.source_state.join(format!("{}.cbt", d.name)),
+                ]
+            })
+            .map(|p| p.exists())
+            .collect()
+    };
+    let before = tracking(&a);
+    assert!(before.iter().all(|&e| e), "the primary's lineage and bits");
+
+    // The state directory fills up while the owed blocks are saved: refused, nothing
+    // of the primary's tracking consumed, no replica record.
+    let (status, _, err) = a.ferry_env(
+        &["become-replica"],
+        &[("FERRY_FAILPOINTS", "become-replica.owed.fail")],
+    );
+    assert_eq!(status.code(), Some(7), "{err}");
+    assert!(err.contains("No space left"), "{err}");
+    assert_eq!(tracking(&a), before, "nothing consumed");
+    // A crash after the records, before the tracking is consumed: the rerun finishes.
+    let (status, _, _) = a.ferry_env(
+        &["become-replica"],
+        &[("FERRY_FAILPOINTS", "become-replica.crash")],
+    );
+    assert!(!status.success());
+    assert_eq!(tracking(&a), before, "nothing consumed before the crash");
+    a.ferry_ok(&["become-replica"]);
+    assert!(tracking(&a).iter().all(|&e| !e), "consumed");
+
+    // The replica's target crashes right after committing the reverse epoch, before it
+    // removes its owed sets and before the source hears: the rerun continues from it.
+    a.start_target_env(&[("FERRY_FAILPOINTS", "target.reprotect.owed.crash")]);
+    b.start_shim();
+    b.write(&mut rng, 0.05);
+    let (status, out, err) = b.ferry_env(&["reprotect"], &[]);
+    assert!(!status.success(), "{out}{err}");
+    a.wait_target_gone();
+    a.start_target();
+    // The source crashes after the reverse epoch was acknowledged and recorded, before
+    // it removes its rolled-back sets: the rerun is a changed-block epoch.
+    let (status, _, err) = b.ferry_env(
+        &["reprotect"],
+        &[("FERRY_FAILPOINTS", "reprotect.undone.crash")],
+    );
+    assert!(!status.success(), "{err}");
+    let r = b.ferry_ok(&["reprotect", "--json"]).json();
+    assert!(
+        modes_of(&r).iter().all(|m| m == "changed"),
+        "the reverse epoch was recorded before the crash: {r}"
+    );
+    b.write(&mut rng, 0.02);
+    b.ferry_ok(&["sync", "--json"]);
+    b.stop_shim();
+    assert_same(&a, &b, "after every crash and rerun");
+    for d in &a.disks {
+        assert!(
+            !a.target_state.join(format!("{}.owed", d.name)).exists(),
+            "the owed set of {} was delivered and removed",
+            d.name
+        );
+    }
+}

@@ -301,6 +301,11 @@ impl TargetProc {
         self.child.id()
     }
 
+    /// Whether the process has not exited yet.
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
     /// Peak resident memory of the target process so far (VmHWM).
     pub fn peak_rss_kib(&self) -> u64 {
         vm_hwm_kib(self.pid()).expect("VmHWM in /proc/<pid>/status of a running target")

@@ -97,10 +97,52 @@ impl Site {
     }
 
     pub fn start_target(&mut self) {
+        self.start_target_env(&[]);
+    }
+
+    /// Starts the site's target with extra environment (`FERRY_FAILPOINTS`, say).
+    pub fn start_target_env(&mut self, env: &[(&str, &str)]) {
         self.target = Some(
-            TargetProc::spawn(&self.config, self.port)
+            TargetProc::spawn_env(&self.config, self.port, env)
                 .unwrap_or_else(|e| panic!("site {}: target: {e}", self.name)),
         );
+    }
+
+    /// Waits for the site's target to exit by itself (a failpoint aborted it).
+    pub fn wait_target_gone(&mut self) {
+        if let Some(mut t) = self.target.take() {
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            while t.is_running() {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "site {}: the target did not stop",
+                    self.name
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+
+    /// `ferry <args> --config <this site's config>` with extra environment: (exit
+    /// status, stdout, stderr).
+    pub fn ferry_env(
+        &self,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> (std::process::ExitStatus, String, String) {
+        let out = std::process::Command::new(ferry_bin())
+            .args(args)
+            .arg("--config")
+            .arg(&self.config)
+            .envs(env.iter().copied())
+            .env("NO_COLOR", "1")
+            .output()
+            .expect("run ferry");
+        (
+            out.status,
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
     }
 
     pub fn kill_target(&mut self) {
