@@ -8,6 +8,8 @@ mod error;
 mod imagegen;
 mod io_failure;
 mod logging;
+mod reporting;
+mod status;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -84,6 +86,21 @@ enum Command {
     Shim {
         #[arg(long)]
         config: PathBuf,
+    },
+    /// How replication stands at this site: role, RPO, the epoch in flight, pending
+    /// changes, recent throughput, the last error; the target's replicas and points.
+    /// Reads only.
+    Status {
+        /// This site's config (either side, or both).
+        #[arg(long)]
+        config: PathBuf,
+        /// Print one JSON object (documented in the operator guide; fields are only
+        /// ever added).
+        #[arg(long)]
+        json: bool,
+        /// Print again every second until interrupted.
+        #[arg(long)]
+        watch: bool,
     },
     /// List the recovery points of the target's replicas.
     Points {
@@ -226,6 +243,11 @@ fn main() -> ExitCode {
             discard_replica_changes,
         } => source_loop(&config, discard_replica_changes),
         Command::Points { config, json } => points(&config, json),
+        Command::Status {
+            config,
+            json,
+            watch,
+        } => status::run(&config, json, watch),
         Command::Failover { action } => failover(action),
         Command::Reprotect { config, json } => dr::reprotect(&config, json),
         Command::BecomeReplica { config, force } => dr::become_replica(&config, force),
@@ -311,7 +333,12 @@ fn sync(
         }
         job.disks.retain(|d| only.contains(&d.name));
     }
-    print_sync_report(&source::sync(&job)?, json);
+    let progress = source::progress::Progress::new();
+    job.progress = Some(progress.clone());
+    let watcher = reporting::Watcher::for_sync(progress);
+    let report = source::sync(&job);
+    drop(watcher);
+    print_sync_report(&report?, json);
     Ok(())
 }
 
@@ -378,10 +405,36 @@ fn source_loop(config: &std::path::Path, discard_replica_changes: bool) -> Resul
         interval_ms = interval.as_millis() as u64,
         "continuous replication starting"
     );
-    let mut last_ok: Option<std::time::Instant> = None;
-    let result = source::continuous::run(&job, interval, &STOP, &mut |round| match round {
+    let progress = source::progress::Progress::new();
+    job.progress = Some(progress.clone());
+    let reporter = reporting::Reporter::new(job.state_dir.clone(), interval);
+    let watcher = reporting::Watcher::for_source(progress, reporter.clone());
+    let result = source::continuous::run(&job, interval, &STOP, &mut |round| {
+        let behind = reporter.since_last_success_s();
+        reporter.round(
+            round,
+            round
+                .as_ref()
+                .err()
+                .is_some_and(source::continuous::needs_operator),
+        );
+        log_round(round, behind)
+    });
+    drop(watcher);
+    match &result {
+        Ok(()) => reporter.stopped("stopped by a signal"),
+        Err(e) => reporter.stopped(&chain(e)),
+    }
+    result?;
+    tracing::info!("continuous replication stopped");
+    Ok(())
+}
+
+/// Logs one round of `ferry source`; `behind`: seconds since the last acknowledged
+/// epoch before it, if there was one (this run or an earlier one).
+fn log_round(round: source::continuous::Round<'_>, behind: Option<f64>) {
+    match round {
         Ok(r) => {
-            last_ok = Some(std::time::Instant::now());
             let modes: Vec<String> = r
                 .disks
                 .iter()
@@ -403,20 +456,18 @@ fn source_loop(config: &std::path::Path, discard_replica_changes: bool) -> Resul
                 chain(e)
             );
         }
-        Err(e) => {
-            let behind = last_ok.map(|t| t.elapsed().as_secs_f64());
-            tracing::error!(
-                since_last_epoch_s = behind
-                    .map(|s| format!("{s:.1}"))
-                    .unwrap_or_else(|| "never".into()),
+        Err(e) => match behind {
+            Some(s) => tracing::error!(
+                since_last_epoch_s = format_args!("{s:.1}"),
                 "epoch failed (nothing is lost; the next one carries its blocks): {}",
                 chain(e)
-            );
-        }
-    });
-    result?;
-    tracing::info!("continuous replication stopped");
-    Ok(())
+            ),
+            None => tracing::error!(
+                "epoch failed (nothing is lost; the next one carries its blocks; no epoch was acknowledged yet): {}",
+                chain(e)
+            ),
+        },
+    }
 }
 
 fn shim(config: &std::path::Path) -> Result<(), CliError> {

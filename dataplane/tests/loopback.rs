@@ -75,6 +75,7 @@ fn job(
         discard_replica_changes: false,
         promote: false,
         reprotect: None,
+        progress: None,
     }
 }
 

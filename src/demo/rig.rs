@@ -230,6 +230,7 @@ impl Rig {
             discard_replica_changes: false,
             promote: false,
             reprotect: None,
+            progress: None,
         }
     }
 }

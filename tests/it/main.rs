@@ -28,5 +28,6 @@ mod session_limits;
 mod shim_control;
 mod shim_reconnect;
 mod split_brain;
+mod status;
 mod uring_forced;
 mod vm_boot;
