@@ -9,6 +9,7 @@ mod imagegen;
 mod io_failure;
 mod logging;
 mod reporting;
+mod signals;
 mod status;
 
 use std::path::PathBuf;
@@ -283,6 +284,12 @@ fn load(config: &std::path::Path) -> Result<Config, CliError> {
 fn target(config: &std::path::Path) -> Result<(), CliError> {
     let cfg = load(config)?;
     let job = dataplane::writer::TargetJob::from_config(&cfg)?;
+    signals::install(
+        || {
+            "stopping now: an epoch being applied is rolled back at the next start (nothing acknowledged is lost)".to_string()
+        },
+        true,
+    );
     Ok(dataplane::writer::run(job)?)
 }
 
@@ -370,35 +377,12 @@ pub(crate) fn print_sync_report(report: &source::SyncReport, json: bool) {
     }
 }
 
-/// Set by SIGTERM/SIGINT; the shim polls it and shuts down cleanly (its clean-shutdown
-/// record is what lets the next start trust the bitmap without a resync).
-static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-extern "C" fn request_stop(_signal: libc::c_int) {
-    // Only an atomic store: async-signal-safe.
-    STOP.store(true, std::sync::atomic::Ordering::SeqCst);
-}
-
-fn install_stop_handlers() {
-    for signal in [libc::SIGTERM, libc::SIGINT] {
-        // SAFETY: the handler only stores to a static atomic, which is async-signal-safe;
-        // `request_stop` has the signature signal(2) expects.
-        unsafe {
-            libc::signal(
-                signal,
-                request_stop as extern "C" fn(libc::c_int) as libc::sighandler_t,
-            );
-        }
-    }
-}
-
 fn source_loop(config: &std::path::Path, discard_replica_changes: bool) -> Result<(), CliError> {
     let cfg = load(config)?;
     dr::refuse_if_replica(&cfg, "source")?;
     let interval = cfg.require_source("source")?.epoch_interval();
     let mut job = source::SyncJob::from_config(&cfg, ModeRequest::Auto)?;
     job.discard_replica_changes = discard_replica_changes;
-    install_stop_handlers();
     tracing::info!(
         target = %job.target,
         disks = job.disks.len(),
@@ -407,9 +391,24 @@ fn source_loop(config: &std::path::Path, discard_replica_changes: bool) -> Resul
     );
     let progress = source::progress::Progress::new();
     job.progress = Some(progress.clone());
+    let in_flight = progress.clone();
+    signals::install(
+        move || {
+            let s = in_flight.snapshot();
+            if s.phase == source::progress::Phase::Idle {
+                "no epoch in flight; stopping".to_string()
+            } else {
+                format!(
+                    "finishing {} before stopping (a second SIGINT aborts it safely)",
+                    reporting::describe(&s)
+                )
+            }
+        },
+        false,
+    );
     let reporter = reporting::Reporter::new(job.state_dir.clone(), interval);
     let watcher = reporting::Watcher::for_source(progress, reporter.clone());
-    let result = source::continuous::run(&job, interval, &STOP, &mut |round| {
+    let result = source::continuous::run(&job, interval, &signals::STOP, &mut |round| {
         let behind = reporter.since_last_success_s();
         reporter.round(
             round,
@@ -505,12 +504,22 @@ fn shim(config: &std::path::Path) -> Result<(), CliError> {
         disk.writes_refused = demoted;
         disks.push(disk);
     }
-    install_stop_handlers();
+    signals::install(
+        || {
+            "closing the NBD connections, syncing the disks and the bitmaps, then stopping"
+                .to_string()
+        },
+        false,
+    );
     let control = filter_driver_shim::control::ControlConfig {
         path: source.state_dir.join(source::SHIM_CONTROL_SOCKET),
         freeze_idle_timeout: source.freeze_idle_timeout(),
     };
-    Ok(filter_driver_shim::serve(disks, Some(control), &STOP)?)
+    Ok(filter_driver_shim::serve(
+        disks,
+        Some(control),
+        &signals::STOP,
+    )?)
 }
 
 fn points(config: &std::path::Path, json: bool) -> Result<(), CliError> {

@@ -6,6 +6,7 @@
 //! changed-block bitmap) — and streams the blocks through the [`pipeline`]. It returns
 //! only after the target acknowledged the epoch as durable.
 
+pub mod abort;
 pub mod continuous;
 pub mod failover;
 pub mod live;
@@ -1007,6 +1008,7 @@ fn session_once(
         mut writer,
     } = conn;
     let watch_fd = std::os::fd::AsRawFd::as_raw_fd(writer.get_ref());
+    let published = abort::publish(watch_fd);
     let result = run_session(
         job,
         disks,
@@ -1017,6 +1019,7 @@ fn session_once(
         watch_fd,
         before_commit,
     );
+    drop(published);
     // The target may have said why it stopped; prefer its words.
     result.map_err(|e| explain(e, &mut reader))
 }
