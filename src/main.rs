@@ -2,6 +2,7 @@
 //! call into the crates, report.
 
 mod bench;
+mod check;
 mod demo;
 mod dr;
 mod error;
@@ -42,12 +43,14 @@ enum Command {
     },
     /// Run the target writer in the foreground.
     Target {
+        /// The config file (TOML; every key is in docs/config.md).
         #[arg(long)]
         config: PathBuf,
     },
     /// Bring every configured disk's replica up to date, once; exit 0 only after the
     /// target acknowledged it as durable.
     Sync {
+        /// The config file (TOML; every key is in docs/config.md).
         #[arg(long)]
         config: PathBuf,
         /// Print one JSON object summarising the run.
@@ -73,6 +76,7 @@ enum Command {
     /// Replicate continuously: one epoch of the running shim every
     /// `epoch_interval_ms`, until SIGTERM or SIGINT (the epoch in progress completes).
     Source {
+        /// The config file (TOML; every key is in docs/config.md).
         #[arg(long)]
         config: PathBuf,
         /// The target refused a replica because something other than ferry wrote to
@@ -85,6 +89,7 @@ enum Command {
     /// Run the filter shim: serve every `[[disk]]` over NBD on its `nbd_socket` and
     /// track every write persistently (foreground; SIGTERM or SIGINT stops it cleanly).
     Shim {
+        /// The config file (TOML; every key is in docs/config.md).
         #[arg(long)]
         config: PathBuf,
     },
@@ -103,8 +108,20 @@ enum Command {
         #[arg(long)]
         watch: bool,
     },
+    /// Validate a config without using it: the file, the key (format and mode), the
+    /// state directories, every disk; with --connect, reach the target and
+    /// authenticate (nothing is opened). Exit 0 when usable.
+    Check {
+        /// The config to check (either side, or both).
+        #[arg(long)]
+        config: PathBuf,
+        /// Also reach the target named in [source] and authenticate.
+        #[arg(long)]
+        connect: bool,
+    },
     /// List the recovery points of the target's replicas.
     Points {
+        /// The config file (TOML; every key is in docs/config.md).
         #[arg(long)]
         config: PathBuf,
         /// Print one JSON object.
@@ -145,6 +162,18 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Print a shell completion script: `ferry completions bash >
+    /// /etc/bash_completion.d/ferry`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write man pages (ferry.1 and one per subcommand) into a directory.
+    Manpages {
+        /// Where to write them (created if missing).
+        #[arg(long)]
+        out_dir: PathBuf,
+    },
     /// Show replication working end to end on sample disks, on loopback.
     Demo,
     /// Measure full-sync throughput on this machine.
@@ -157,6 +186,7 @@ enum FailoverAction {
     /// `<state_dir>/failover/`, as image files a test VM can boot from and write to.
     /// Replication goes on; it waits only while the images are being made.
     Test {
+        /// The config file (TOML; every key is in docs/config.md).
         #[arg(long)]
         config: PathBuf,
         /// Recovery point id (an epoch, see `ferry points`); default: the latest.
@@ -165,6 +195,7 @@ enum FailoverAction {
     },
     /// Discard the test-failover images and everything written to them.
     Cleanup {
+        /// The config file (TOML; every key is in docs/config.md).
         #[arg(long)]
         config: PathBuf,
     },
@@ -244,6 +275,7 @@ fn main() -> ExitCode {
             discard_replica_changes,
         } => source_loop(&config, discard_replica_changes),
         Command::Points { config, json } => points(&config, json),
+        Command::Check { config, connect } => check::run(&config, connect),
         Command::Status {
             config,
             json,
@@ -252,6 +284,12 @@ fn main() -> ExitCode {
         Command::Failover { action } => failover(action),
         Command::Reprotect { config, json } => dr::reprotect(&config, json),
         Command::BecomeReplica { config, force } => dr::become_replica(&config, force),
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(shell, &mut Cli::command(), "ferry", &mut std::io::stdout());
+            Ok(())
+        }
+        Command::Manpages { out_dir } => manpages(&out_dir),
         Command::Demo => demo::run().map_err(CliError::from),
         Command::Bench(args) => bench::run(&args),
     };
@@ -275,6 +313,29 @@ fn keygen(out: Option<&std::path::Path>) -> Result<(), CliError> {
             Ok(())
         }
     }
+}
+
+/// `ferry manpages`: ferry.1 and ferry-<subcommand>.1.
+fn manpages(out_dir: &std::path::Path) -> Result<(), CliError> {
+    use clap::CommandFactory;
+    std::fs::create_dir_all(out_dir)
+        .map_err(io_failure::IoFailure::on("cannot create", out_dir))?;
+    let cmd = Cli::command();
+    let mut pages = vec![("ferry".to_string(), cmd.clone())];
+    for sub in cmd.get_subcommands() {
+        pages.push((format!("ferry-{}", sub.get_name()), sub.clone()));
+    }
+    for (name, page) in pages {
+        let path = out_dir.join(format!("{name}.1"));
+        let mut bytes = Vec::new();
+        clap_mangen::Man::new(page)
+            .title(name.clone())
+            .render(&mut bytes)
+            .and_then(|()| std::fs::write(&path, bytes))
+            .map_err(io_failure::IoFailure::on("cannot write", &path))?;
+        println!("{}", path.display());
+    }
+    Ok(())
 }
 
 fn load(config: &std::path::Path) -> Result<Config, CliError> {

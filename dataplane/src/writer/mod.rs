@@ -247,6 +247,10 @@ pub enum TargetError {
     Apply(Arc<ApplyError>),
     #[error(transparent)]
     ChangeSet(reprotect::ChangeSetError),
+    /// The source authenticated and closed the connection without opening an epoch
+    /// (`ferry check --connect` does).
+    #[error("authenticated and closed without an epoch (a connection check)")]
+    ClosedBeforeOpen,
     /// A failover command refuses (see [`failover`]).
     #[error(transparent)]
     Failover(#[from] failover::FailoverError),
@@ -394,6 +398,9 @@ impl Target {
                         }
                         // A promoted site refusing a source is its role working, not
                         // a failure here; the source reports it as one.
+                        Err(e @ TargetError::ClosedBeforeOpen) => {
+                            tracing::info!("{peer}: {e}")
+                        }
                         Err(e @ TargetError::Rejected(Rejection::Fenced { .. })) => {
                             tracing::warn!("{peer}: refused: {}", crate::chain(&e))
                         }

@@ -281,7 +281,18 @@ fn handshake<'s, R: std::io::Read, W: std::io::Write>(
     // A promoted site takes no epoch from anyone: refused at once, and checked again
     // under the apply lock, which a failover holds while it promotes the site.
     super::role::fence(&shared.job.state_dir)?;
-    let payload = reader.expect(FrameKind::Open, control)?;
+    let payload = match reader.read_frame(control)? {
+        Some((FrameKind::Open, payload)) => payload,
+        Some((found, _)) => {
+            return Err(crate::protocol::ProtocolError::Unexpected {
+                expected: FrameKind::Open,
+                found,
+            }
+            .into())
+        }
+        // Authenticated, then closed: a probe (`ferry check --connect`), not a failure.
+        None => return Err(TargetError::ClosedBeforeOpen),
+    };
     let apply_lock = super::apply_lock(&shared.job.state_dir, false)?;
     super::role::fence(&shared.job.state_dir)?;
     let announced = announced_batch(payload);
