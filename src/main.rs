@@ -147,6 +147,11 @@ enum Command {
         /// Print one JSON object summarising the run.
         #[arg(long)]
         json: bool,
+        /// The old primary's disks were written by something other than ferry after
+        /// `become-replica` (the target refuses them as changed): discard those writes;
+        /// their blocks are found by comparing every block of those disks.
+        #[arg(long)]
+        discard_replica_changes: bool,
     },
     /// At the old primary after a failover (VMs, shim and engine stopped): make this
     /// site's disks the replicas of the other site's. Its target records what each disk
@@ -282,7 +287,11 @@ fn main() -> ExitCode {
             watch,
         } => status::run(&config, json, watch),
         Command::Failover { action } => failover(action),
-        Command::Reprotect { config, json } => dr::reprotect(&config, json),
+        Command::Reprotect {
+            config,
+            json,
+            discard_replica_changes,
+        } => dr::reprotect(&config, json, discard_replica_changes),
         Command::BecomeReplica { config, force } => dr::become_replica(&config, force),
         Command::Completions { shell } => {
             use clap::CommandFactory;
@@ -789,6 +798,7 @@ fn describe_site(site: &dataplane::writer::role::SiteRecord) -> String {
 
 fn failover_planned(config: &std::path::Path) -> Result<(), CliError> {
     let cfg = load(config)?;
+    dr::refuse_if_replica(&cfg, "failover planned")?;
     let job = source::SyncJob::from_config(&cfg, ModeRequest::Auto)?;
     println!(
         "planned failover to {}: the shim refuses every write from now on (shut the VMs down first), a final epoch carries everything acknowledged, then the target promotes its replicas",

@@ -73,6 +73,10 @@ pub struct TargetJob {
     pub max_sessions: usize,
     /// Recovery points kept (see [`points`]).
     pub retention: points::Retention,
+    /// The `[source] state_dir` of a site whose config has both roles: a disk this
+    /// site's own engine replicates (it has a lineage there) is the primary's disk, and
+    /// this target refuses to write it.
+    pub own_source_state: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for TargetJob {
@@ -122,6 +126,7 @@ impl TargetJob {
                 points: target.retention_points,
                 minutes: target.retention_minutes,
             },
+            own_source_state: config.source.as_ref().map(|s| s.state_dir.clone()),
         })
     }
 }

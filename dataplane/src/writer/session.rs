@@ -982,6 +982,16 @@ fn claim<'s>(shared: &'s Shared, names: &[String]) -> Result<BusyGuard<'s>, Targ
 /// replica's record, its replica opened (or created).
 fn open_disk(job: &super::TargetJob, e: &OpenDisk, name: &str) -> Result<OpenedDisk, TargetError> {
     let (geometry, mode) = entry_shape(e, name)?;
+    if let Some(sa) = &job.own_source_state {
+        let lineage = crate::source::SourceDiskState::path(sa, name);
+        if lineage.exists() {
+            return Err(Rejection::PrimaryHere {
+                disk: name.to_string(),
+                lineage,
+            }
+            .into());
+        }
+    }
     let record = ReplicaRecord::load(&job.state_dir, name)?;
     let path = &job
         .disks
@@ -1029,7 +1039,8 @@ fn open_disk(job: &super::TargetJob, e: &OpenDisk, name: &str) -> Result<OpenedD
                 let record = record
                     .as_ref()
                     .expect("check_base: reprotect needs a record");
-                !owe(&job.state_dir, name, record, &mut bitmap)?
+                // Changes made outside ferry are in no set: only a compare finds them.
+                discarded || !owe(&job.state_dir, name, record, &mut bitmap)?
             } else {
                 false
             };
