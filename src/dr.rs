@@ -32,6 +32,8 @@ pub enum DrError {
         disks: Vec<String>,
         state_dir: PathBuf,
     },
+    #[error("this site is being promoted to recovery point {point} (a failover is rolling its disks back): `ferry {command}` waits until `ferry failover unplanned` has finished")]
+    Promoting { command: &'static str, point: u64 },
     #[error("the shim is running ({}): stop it (and the VMs) first; become-replica hands its change tracking over to this site's target", socket.display())]
     ShimRunning { socket: PathBuf },
     #[error("this site was not demoted by a planned failover: if the other site failed over while this one was down, rerun with --force — reverse replication then overwrites every write made here after the last epoch the other site holds (they are listed per disk below as blocks owed)")]
@@ -69,8 +71,17 @@ pub fn refuse_if_replica(cfg: &Config, command: &'static str) -> Result<(), CliE
     let Some(target) = &cfg.target else {
         return Ok(());
     };
-    if SiteRecord::load(&target.state_dir)?.is_some() {
-        return Ok(());
+    match SiteRecord::load(&target.state_dir)? {
+        // A failover is rolling the disks back: nothing else may touch them yet.
+        Some(site) if site.role == dataplane::writer::role::Role::Promoting => {
+            return Err(DrError::Promoting {
+                command,
+                point: site.point,
+            }
+            .into())
+        }
+        Some(_) => return Ok(()),
+        None => {}
     }
     let mut disks = Vec::new();
     for d in &cfg.disks {

@@ -211,7 +211,9 @@ fn demo_category(e: &DemoError) -> Category {
 fn dr_category(e: &crate::dr::DrError) -> Category {
     use crate::dr::DrError as E;
     match e {
-        E::ReplicaSite { .. } | E::NotDemoted | E::NeverReplicated { .. } => Category::Role,
+        E::ReplicaSite { .. } | E::Promoting { .. } | E::NotDemoted | E::NeverReplicated { .. } => {
+            Category::Role
+        }
         E::ShimRunning { .. } => Category::Usage,
         E::Image { .. } | E::Tracking { .. } | E::Remove { .. } => Category::Io,
         E::Source(s) => source_category(s),

@@ -400,6 +400,20 @@ fn a_replica_written_after_become_replica_is_refused_until_its_changes_are_disca
     );
     a.kill_target();
     a.ferry_ok(&["become-replica"]);
+    // The replica's file went missing: refused, not recreated as zeros and patched.
+    let aside = a.disks[0].image.with_extension("aside");
+    std::fs::rename(&a.disks[0].image, &aside).unwrap();
+    a.start_target();
+    let r = b.ferry(&["reprotect"]);
+    assert!(!r.success(), "{}", r.stdout);
+    assert!(
+        r.stderr.contains("is missing") || r.stderr.contains("the replica is gone"),
+        "{}",
+        r.stderr
+    );
+    assert!(!a.disks[0].image.exists(), "not created");
+    a.kill_target();
+    std::fs::rename(&aside, &a.disks[0].image).unwrap();
     // Something writes the old primary's disk behind ferry's back.
     {
         use std::os::unix::fs::FileExt;

@@ -1353,6 +1353,10 @@ fn open_epoch<R: std::io::Read, W: std::io::Write>(
     for (d, r) in disks.iter_mut().zip(replies) {
         let Some(lineage) = d.lineage else { continue };
         let held = GenerationId::from_bytes(r.generation);
+        if r.state == crate::protocol::REPLICA_COMPARE && !d.compare {
+            tracing::warn!(disk = %d.spec.name, "reverse replication: the old primary does not know what was written to its disk since epoch {}: comparing every block (seeded)", r.epoch.get());
+            d.compare = true;
+        }
         if held == d.generation {
             // An earlier run's reverse epoch committed there and its answer was lost:
             // the replica holds this site's generation, and the shim's bits (not yet
@@ -1367,10 +1371,6 @@ fn open_epoch<R: std::io::Read, W: std::io::Write>(
                 replica: held,
             }
             .into());
-        }
-        if r.state == crate::protocol::REPLICA_COMPARE && !d.compare {
-            tracing::warn!(disk = %d.spec.name, "reverse replication: the old primary does not know what was written to its disk since epoch {}: comparing every block (seeded)", r.epoch.get());
-            d.compare = true;
         }
     }
     // A replica may already hold this epoch number: the target acknowledged an epoch

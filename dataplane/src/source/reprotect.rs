@@ -112,11 +112,9 @@ pub fn plan(job: &SyncJob, target_state_dir: &Path) -> Result<Vec<ReprotectDisk>
                 disk: spec.name.clone(),
                 promoted: site.disks.iter().map(|d| d.name.clone()).collect(),
             })?;
-        let undone = load_change_set(
-            &undone_path(target_state_dir, &spec.name),
-            promoted.generation,
-        )
-        .map_err(|e| SourceError::Target(Box::new(TargetError::ChangeSet(e))))?;
+        // Whatever generation each undone log was of (see the writer's reprotect).
+        let undone = load_change_set(&undone_path(target_state_dir, &spec.name), None)
+            .map_err(|e| SourceError::Target(Box::new(TargetError::ChangeSet(e))))?;
         disks.push(ReprotectDisk {
             name: spec.name.clone(),
             lineage: promoted.generation,

@@ -128,6 +128,8 @@ pub enum Rejection {
     /// Reverse replication onto a disk this site never held as a replica.
     #[error("disk {disk}: reverse replication needs a replica prepared by `ferry become-replica` at this site (it records what the disk holds and what was written to it since); this target has no record of it")]
     NotPrepared { disk: String },
+    #[error("disk {disk}: reverse replication needs the replica {} the record describes, and it is missing; restore it, or resync with `ferry sync --mode full` from the primary", path.display())]
+    ReprotectMissing { disk: String, path: PathBuf },
     #[error("disk {disk}: reverse replication of a {source_bytes}-byte disk onto a replica recorded as {replica_bytes} bytes")]
     ReprotectSize {
         disk: String,
@@ -304,9 +306,11 @@ impl Rejection {
             UnknownDisk { .. } | ZeroUnknownDisk { .. } | DataUnknownDisk { .. } => {
                 ErrorCode::UnknownDisk
             }
-            Suspect { .. } | BaseMismatch { .. } | NotPrepared { .. } | ReprotectSize { .. } => {
-                ErrorCode::BaseMismatch
-            }
+            Suspect { .. }
+            | BaseMismatch { .. }
+            | NotPrepared { .. }
+            | ReprotectMissing { .. }
+            | ReprotectSize { .. } => ErrorCode::BaseMismatch,
             ReplicaChanged { .. } => ErrorCode::ReplicaChanged,
             Fenced { .. } | PrimaryHere { .. } => ErrorCode::Fenced,
             OpenReplica { source, .. } => match source {

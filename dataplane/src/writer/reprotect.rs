@@ -6,9 +6,12 @@
 //! generation) they belong to:
 //!
 //! * `<disk>.undone` — at a **promoted** site: the blocks an unplanned failover rolled
-//!   back (the union of every undo log it applied). The old primary holds those blocks
-//!   at newer epochs, so reverse replication must send them. Written, durably, before
-//!   each log is removed; applying a log again unions the same blocks.
+//!   back (the union of every undo log it applied, whatever source generation each
+//!   log was of: a rollback across a resync of the source still undid them). The old
+//!   primary holds those blocks at newer epochs, so reverse replication must send
+//!   them. Written, durably, before each log is removed; applying a log again unions
+//!   the same blocks. A set left by an earlier promotion only adds blocks: it is
+//!   removed once a reverse replication delivered it.
 //! * `<disk>.owed` — at a site that **became the replica** (`ferry become-replica`):
 //!   the blocks its own shim tracked and never had acknowledged (written after the last
 //!   epoch the other side holds). The target reports them to the reprotecting source
@@ -52,11 +55,12 @@ pub fn owed_path(state_dir: &Path, disk: &str) -> PathBuf {
     state_dir.join(format!("{disk}.owed"))
 }
 
-/// The change set at `path` if it exists and belongs to `lineage`; `Ok(None)` when
-/// there is none (or only one of another lineage, which says nothing about this one).
+/// The change set at `path` if it exists and, when `lineage` is given, belongs to it;
+/// `Ok(None)` when there is none (or only one of another lineage, which says nothing
+/// about this one).
 pub fn load_change_set(
     path: &Path,
-    lineage: GenerationId,
+    lineage: Option<GenerationId>,
 ) -> Result<Option<ChangedBlockBitmap>, ChangeSetError> {
     if !path.exists() {
         return Ok(None);
@@ -65,7 +69,29 @@ pub fn load_change_set(
         path: path.to_path_buf(),
         source,
     })?;
-    Ok((set.generation_id() == lineage).then_some(set))
+    Ok(lineage
+        .is_none_or(|g| set.generation_id() == g)
+        .then_some(set))
+}
+
+/// `set` widened to a set of `disk_size` bytes (every block it marks, clipped).
+fn resized(
+    set: ChangedBlockBitmap,
+    disk_size: u64,
+    epoch: u64,
+) -> Result<ChangedBlockBitmap, BitmapError> {
+    if set.disk_size() == disk_size {
+        return Ok(set);
+    }
+    let mut wider = ChangedBlockBitmap::new(disk_size, UNDONE_BLOCK, set.generation_id(), epoch)?;
+    let bs = u64::from(set.block_size());
+    for (first, count) in set.iter_runs() {
+        let start = first * bs;
+        if start < disk_size {
+            wider.set_range(start, (count * bs).min(disk_size - start))?;
+        }
+    }
+    Ok(wider)
 }
 
 fn save(set: &ChangedBlockBitmap, path: &Path) -> Result<(), TargetError> {
@@ -82,17 +108,17 @@ fn save(set: &ChangedBlockBitmap, path: &Path) -> Result<(), TargetError> {
 pub(crate) fn record_undone(state_dir: &Path, log: &LogContents) -> Result<(), TargetError> {
     for (i, d) in log.disks.iter().enumerate() {
         let path = undone_path(state_dir, &d.name);
-        let existing = load_change_set(&path, d.generation).map_err(TargetError::ChangeSet)?;
-        let mut set = match existing.filter(|s| s.disk_size() == d.disk_size) {
-            Some(s) => s,
-            None => ChangedBlockBitmap::new(d.disk_size, UNDONE_BLOCK, d.generation, log.epoch)
-                .map_err(|source| {
-                    TargetError::ChangeSet(ChangeSetError {
-                        path: path.clone(),
-                        source,
-                    })
-                })?,
+        let existing = load_change_set(&path, None).map_err(TargetError::ChangeSet)?;
+        let set = match existing {
+            Some(s) => resized(s, d.disk_size, log.epoch),
+            None => ChangedBlockBitmap::new(d.disk_size, UNDONE_BLOCK, d.generation, log.epoch),
         };
+        let mut set = set.map_err(|source| {
+            TargetError::ChangeSet(ChangeSetError {
+                path: path.clone(),
+                source,
+            })
+        })?;
         for (offset, len) in log.ranges(i) {
             set.set_range(offset, len.min(d.disk_size.saturating_sub(offset)))
                 .map_err(|source| {
@@ -189,4 +215,34 @@ pub fn hand_over(job: &TargetJob, disks: &[HandedOver]) -> Result<(), TargetErro
     // Any write after this instant gets a later time than the stamps just taken.
     super::stamp::wait_for_clock_tick();
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sets_load_with_or_without_a_lineage_and_widen_to_a_new_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.undone");
+        let g = GenerationId::from_bytes([1; 16]);
+        assert!(load_change_set(&path, None).unwrap().is_none());
+        let mut set = ChangedBlockBitmap::new(1 << 20, 4096, g, 3).unwrap();
+        set.set_range(8192, 4096).unwrap();
+        set.save(&path).unwrap();
+        assert!(
+            load_change_set(&path, Some(GenerationId::from_bytes([2; 16])))
+                .unwrap()
+                .is_none()
+        );
+        let any = load_change_set(&path, None).unwrap().unwrap();
+        assert_eq!(any.count(), 1);
+        let wider = resized(any, 2 << 20, 4).unwrap();
+        assert_eq!(wider.disk_size(), 2 << 20);
+        assert!(
+            wider.test(0).unwrap(),
+            "block 8192..12288 of 4 KiB lies in the first 64 KiB block"
+        );
+        assert_eq!(wider.count(), 1);
+    }
 }

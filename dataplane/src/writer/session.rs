@@ -983,8 +983,15 @@ fn claim<'s>(shared: &'s Shared, names: &[String]) -> Result<BusyGuard<'s>, Targ
 fn open_disk(job: &super::TargetJob, e: &OpenDisk, name: &str) -> Result<OpenedDisk, TargetError> {
     let (geometry, mode) = entry_shape(e, name)?;
     if let Some(sa) = &job.own_source_state {
-        let lineage = crate::source::SourceDiskState::path(sa, name);
-        if lineage.exists() {
+        // The engine's lineage, or the shim's tracking (a primary that never had an
+        // epoch acknowledged yet).
+        let lineage = [
+            crate::source::SourceDiskState::path(sa, name),
+            sa.join(format!("{name}.shim-state")),
+        ]
+        .into_iter()
+        .find(|p| p.exists());
+        if let Some(lineage) = lineage {
             return Err(Rejection::PrimaryHere {
                 disk: name.to_string(),
                 lineage,
@@ -1013,6 +1020,14 @@ fn open_disk(job: &super::TargetJob, e: &OpenDisk, name: &str) -> Result<OpenedD
         )?;
     }
     check_base(e, name, mode, geometry.disk_size, record.as_ref())?;
+    if mode == SyncMode::Reprotect && existing.is_none() {
+        // Created now it would be all zeros, and a delta would leave it so.
+        return Err(Rejection::ReprotectMissing {
+            disk: name.to_string(),
+            path: path.clone(),
+        }
+        .into());
+    }
     let (disk, state) =
         Disk::open_replica(path, geometry.disk_size).map_err(|source| Rejection::OpenReplica {
             disk: name.to_string(),
@@ -1040,7 +1055,7 @@ fn open_disk(job: &super::TargetJob, e: &OpenDisk, name: &str) -> Result<OpenedD
                     .as_ref()
                     .expect("check_base: reprotect needs a record");
                 // Changes made outside ferry are in no set: only a compare finds them.
-                discarded || !owe(&job.state_dir, name, record, &mut bitmap)?
+                discarded || !owe(&job.state_dir, name, record, gen, &mut bitmap)?
             } else {
                 false
             };
@@ -1072,13 +1087,19 @@ fn owe(
     state_dir: &std::path::Path,
     name: &str,
     record: &ReplicaRecord,
+    source_generation: GenerationId,
     diff: &mut ChangedBlockBitmap,
 ) -> Result<bool, TargetError> {
     if record.suspect.is_some() {
         return Ok(false);
     }
+    if record.generation == source_generation {
+        // An earlier reverse epoch committed here and its answer was lost: the replica
+        // holds the source's own generation, whose bits cover every change since.
+        return Ok(true);
+    }
     let path = super::reprotect::owed_path(state_dir, name);
-    let owed = match super::reprotect::load_change_set(&path, record.generation) {
+    let owed = match super::reprotect::load_change_set(&path, Some(record.generation)) {
         Ok(Some(owed)) => owed,
         Ok(None) => return Ok(false),
         Err(e) => {
