@@ -261,6 +261,7 @@ fn load(config: &std::path::Path) -> Result<Config, CliError> {
 fn target(config: &std::path::Path) -> Result<(), CliError> {
     let cfg = load(config)?;
     let job = dataplane::writer::TargetJob::from_config(&cfg)?;
+    let _metrics = dataplane::metrics::serve_target(&cfg);
     Ok(dataplane::writer::run(job)?)
 }
 
@@ -372,6 +373,7 @@ fn source_loop(config: &std::path::Path, discard_replica_changes: bool) -> Resul
     let mut job = source::SyncJob::from_config(&cfg, ModeRequest::Auto)?;
     job.discard_replica_changes = discard_replica_changes;
     install_stop_handlers();
+    let _metrics = dataplane::metrics::serve_source(&cfg);
     tracing::info!(
         target = %job.target,
         disks = job.disks.len(),
