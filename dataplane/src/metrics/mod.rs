@@ -143,3 +143,47 @@ pub(crate) fn unix_now() -> f64 {
         .map(|d| d.as_secs_f64())
         .unwrap_or(0.0)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The names Prometheus sees, as docs/metrics.md writes them (counters with
+    /// `_total`, histograms by their family name).
+    fn exposed() -> Vec<String> {
+        let mut registry = Registry::with_prefix(PREFIX);
+        SourceMetrics::new().register(registry.sub_registry_with_prefix("source"));
+        TargetMetrics::new().register(registry.sub_registry_with_prefix("target"));
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        text.lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .map(|l| match l.split_once(' ') {
+                Some((name, "counter")) => format!("{name}_total"),
+                Some((name, _)) => name.to_string(),
+                None => panic!("{l}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn docs_list_every_metric_and_no_other() {
+        let doc = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/metrics.md"));
+        let mut documented: Vec<String> = doc
+            .lines()
+            .filter_map(|l| l.strip_prefix("| `ferry_"))
+            .filter_map(|l| l.split_once('`'))
+            .map(|(name, _)| format!("ferry_{name}"))
+            .collect();
+        let mut exposed = exposed();
+        documented.sort();
+        exposed.sort();
+        assert_eq!(documented, exposed);
+        for name in &exposed {
+            assert!(
+                name.starts_with("ferry_source_") || name.starts_with("ferry_target_"),
+                "{name}"
+            );
+        }
+    }
+}
