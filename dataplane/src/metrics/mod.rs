@@ -152,8 +152,11 @@ mod tests {
     /// `_total`, histograms by their family name).
     fn exposed() -> Vec<String> {
         let mut registry = Registry::with_prefix(PREFIX);
-        SourceMetrics::new().register(registry.sub_registry_with_prefix("source"));
-        TargetMetrics::new().register(registry.sub_registry_with_prefix("target"));
+        let (source, target) = (SourceMetrics::new(), TargetMetrics::new());
+        source.touch_all();
+        target.touch_all();
+        source.register(registry.sub_registry_with_prefix("source"));
+        target.register(registry.sub_registry_with_prefix("target"));
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
         text.lines()
