@@ -11,7 +11,7 @@ use prometheus_client::registry::{Registry, Unit};
 
 use super::{group, reason, unix_now, Named, Reason};
 use crate::config::{Config, TargetConfig};
-use crate::protocol::{ErrorCode, ProtocolError};
+use crate::protocol::ErrorCode;
 use crate::writer::{points, TargetError};
 
 /// Every `reason` a refused session is counted under (see [`refusal_reason`]).
@@ -36,8 +36,13 @@ pub fn refusal_reason(e: &TargetError) -> Option<&'static str> {
             ErrorCode::Auth => "auth",
             _ => "other",
         }),
-        TargetError::Handshake(ProtocolError::AuthFailed { .. }) => Some("auth"),
-        TargetError::Handshake(ProtocolError::Version { .. }) => Some("other"),
+        // Whichever side found that the keys differ (the source checks first and
+        // tells the target), and a source of an unsupported protocol version.
+        TargetError::Handshake(p) => match p.code() {
+            ErrorCode::Auth => Some("auth"),
+            ErrorCode::Version => Some("other"),
+            _ => None,
+        },
         _ => None,
     }
 }
@@ -119,7 +124,7 @@ impl TargetMetrics {
         );
         registry.register(
             "sessions_refused",
-            "Sessions the target refused, by reason (auth: the handshake failed to authenticate)",
+            "Sessions the target refused, by reason (auth: the handshake found the keys differ)",
             self.refused.clone(),
         );
         registry.register_with_unit(
@@ -202,6 +207,7 @@ impl TargetMetrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::ProtocolError;
     use crate::writer::Rejection;
 
     #[test]
@@ -213,10 +219,18 @@ mod tests {
         m.ended::<()>(&Err(TargetError::Handshake(ProtocolError::AuthFailed {
             detail: "x",
         })));
+        m.ended::<()>(&Err(TargetError::Handshake(ProtocolError::Remote {
+            code: ErrorCode::Auth,
+            message: String::new(),
+        })));
+        m.ended::<()>(&Err(TargetError::Handshake(ProtocolError::TimedOut {
+            op: "read",
+            after_ms: 1,
+        })));
         m.ended::<()>(&Err(TargetError::ApplierGone));
         m.ended(&Ok(()));
         assert_eq!(m.refused.get_or_create(&reason("busy")).get(), 1);
-        assert_eq!(m.refused.get_or_create(&reason("auth")).get(), 1);
+        assert_eq!(m.refused.get_or_create(&reason("auth")).get(), 2);
         assert_eq!(m.refused.get_or_create(&reason("other")).get(), 0);
         {
             let _s = m.session();
