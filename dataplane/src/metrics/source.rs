@@ -200,7 +200,7 @@ impl SourceMetrics {
         );
         registry.register_with_unit(
             "epoch_duration",
-            "Duration of each acknowledged epoch, from connecting to the target's acknowledgement",
+            "Duration of each acknowledged epoch, from its start (the shim's status, connecting, the freeze) to the target's acknowledgement",
             Unit::Seconds,
             self.epoch_duration.clone(),
         );
