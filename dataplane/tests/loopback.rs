@@ -34,6 +34,7 @@ fn start_target(
             points: 4,
             minutes: 0,
         },
+        own_source_state: None,
     };
     let target = Target::bind(job).unwrap();
     let addr = target.local_addr().unwrap().to_string();
@@ -75,6 +76,7 @@ fn job(
         discard_replica_changes: false,
         promote: false,
         reprotect: None,
+        progress: None,
     }
 }
 

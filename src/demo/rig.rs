@@ -189,6 +189,7 @@ impl Rig {
                 points: 4,
                 minutes: 0,
             },
+            own_source_state: None,
         };
         let target = Target::bind(job.clone()).map_err(DemoError::TargetStart)?;
         let addr = target.local_addr().map_err(DemoError::TargetAddr)?;
@@ -230,6 +231,7 @@ impl Rig {
             discard_replica_changes: false,
             promote: false,
             reprotect: None,
+            progress: None,
         }
     }
 }

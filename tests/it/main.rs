@@ -28,6 +28,8 @@ mod reprotect;
 mod session_limits;
 mod shim_control;
 mod shim_reconnect;
+mod signals;
 mod split_brain;
+mod status;
 mod uring_forced;
 mod vm_boot;

@@ -253,6 +253,7 @@ fn metrics_are_served_and_move_with_replication() {
             0.0
         );
         assert!(value(s, "ferry_source_compression_ratio") > 0.0);
+        assert!(value(s, "ferry_source_epoch_remaining_bytes") >= 0.0);
         for d in ["os", "data"] {
             value(s, &format!("ferry_source_pending_bytes{{disk=\"{d}\"}}"));
             value(s, &format!("ferry_source_inflight_bytes{{disk=\"{d}\"}}"));

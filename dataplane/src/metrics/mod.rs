@@ -17,11 +17,12 @@ pub mod source;
 pub mod target;
 
 use std::net::SocketAddr;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use prometheus_client::registry::Registry;
 
 use crate::config::Config;
+use crate::source::progress::Progress;
 pub use http::MetricsServer;
 pub use source::SourceMetrics;
 pub use target::TargetMetrics;
@@ -58,13 +59,14 @@ pub fn target() -> &'static TargetMetrics {
     TARGET.get_or_init(TargetMetrics::new)
 }
 
-/// Serves the source metrics on `[source] metrics_listen`, if set. A failure to listen
-/// is logged and replication goes on without metrics: monitoring must not be what
-/// stops a DR copy (the scrape target being down is what an alert sees).
-pub fn serve_source(config: &Config) -> Option<MetricsServer> {
+/// Serves the source metrics on `[source] metrics_listen`, if set; `progress` is the
+/// continuous loop's (read at scrape time). A failure to listen is logged and
+/// replication goes on without metrics: monitoring must not be what stops a DR copy
+/// (the scrape target being down is what an alert sees).
+pub fn serve_source(config: &Config, progress: Option<Arc<Progress>>) -> Option<MetricsServer> {
     let source = config.source.as_ref()?;
     let addr = source.metrics_listen?;
-    let scrape = source::Scrape::new(config, source);
+    let scrape = source::Scrape::new(config, source, progress);
     let mut registry = Registry::with_prefix(PREFIX);
     let metrics = self::source();
     metrics.register(registry.sub_registry_with_prefix("source"));

@@ -5,6 +5,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use filter_driver_shim_contract::control::{Request, StatusReply};
@@ -18,6 +19,7 @@ use super::{disk, group, reason, unix_now, Named, Reason};
 use crate::config::{Config, SourceConfig};
 use crate::protocol::{ErrorCode, ProtocolError};
 use crate::source::continuous::needs_operator;
+use crate::source::progress::{Phase, Progress};
 use crate::source::{SourceError, SyncReport, SHIM_CONTROL_SOCKET};
 
 /// A gauge of seconds or a ratio.
@@ -99,6 +101,7 @@ pub struct SourceMetrics {
     rpo: Family<Named, F64Gauge>,
     pending: Family<Named, Gauge>,
     inflight: Family<Named, Gauge>,
+    remaining: Gauge,
     shim_up: Gauge,
     /// Unix seconds (`f64` bits) when the newest acknowledged epoch's round began, an
     /// upper bound of its cut; 0: none yet.
@@ -110,18 +113,20 @@ pub struct SourceMetrics {
     created: f64,
 }
 
-/// What a scrape reads besides the counters: the config's groups and disks, and the
-/// shim's control socket.
+/// What a scrape reads besides the counters: the config's groups and disks, the
+/// shim's control socket and the engine's progress.
 pub struct Scrape {
     groups: Vec<Named>,
     disks: Vec<String>,
     block_size: u64,
     shim_socket: PathBuf,
+    progress: Option<Arc<Progress>>,
 }
 
 impl Scrape {
-    pub fn new(config: &Config, source: &SourceConfig) -> Scrape {
+    pub fn new(config: &Config, source: &SourceConfig, progress: Option<Arc<Progress>>) -> Scrape {
         Scrape {
+            progress,
             groups: config.groups().keys().map(|g| group(g)).collect(),
             disks: config.disks.iter().map(|d| d.name.clone()).collect(),
             block_size: u64::from(source.block_size_kib) * 1024,
@@ -145,6 +150,7 @@ impl SourceMetrics {
             rpo: Family::default(),
             pending: Family::default(),
             inflight: Family::default(),
+            remaining: Gauge::default(),
             shim_up: Gauge::default(),
             newest_cut: AtomicU64::new(0),
             last_ack: AtomicU64::new(0),
@@ -228,6 +234,12 @@ impl SourceMetrics {
             Unit::Bytes,
             self.inflight.clone(),
         );
+        registry.register_with_unit(
+            "epoch_remaining",
+            "Bytes of disk the epoch in flight has still to compare or send in its current phase (0 when idle, connecting or committing)",
+            Unit::Bytes,
+            self.remaining.clone(),
+        );
         registry.register(
             "shim_up",
             "Whether the shim answered this scrape's status request (1) or not (0)",
@@ -286,6 +298,14 @@ impl SourceMetrics {
             // One `ferry source` carries every disk of its config in each epoch.
             self.rpo.get_or_create(g).set((now - since).max(0.0));
             self.last_success.get_or_create(g).set(ack);
+        }
+        if let Some(progress) = &scrape.progress {
+            let s = progress.snapshot();
+            let left = match s.phase {
+                Phase::Comparing | Phase::Sending => s.total_bytes.saturating_sub(s.done_bytes),
+                Phase::Idle | Phase::Connecting | Phase::Committing => 0,
+            };
+            self.remaining.set(i64::try_from(left).unwrap_or(i64::MAX));
         }
         match shim_status(&scrape.shim_socket) {
             Ok(status) => {

@@ -73,6 +73,10 @@ pub struct TargetJob {
     pub max_sessions: usize,
     /// Recovery points kept (see [`points`]).
     pub retention: points::Retention,
+    /// The `[source] state_dir` of a site whose config has both roles: a disk this
+    /// site's own engine replicates (it has a lineage there) is the primary's disk, and
+    /// this target refuses to write it.
+    pub own_source_state: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for TargetJob {
@@ -122,6 +126,7 @@ impl TargetJob {
                 points: target.retention_points,
                 minutes: target.retention_minutes,
             },
+            own_source_state: config.source.as_ref().map(|s| s.state_dir.clone()),
         })
     }
 }
@@ -247,6 +252,10 @@ pub enum TargetError {
     Apply(Arc<ApplyError>),
     #[error(transparent)]
     ChangeSet(reprotect::ChangeSetError),
+    /// The source authenticated and closed the connection without opening an epoch
+    /// (`ferry check --connect` does).
+    #[error("authenticated and closed without an epoch (a connection check)")]
+    ClosedBeforeOpen,
     /// A failover command refuses (see [`failover`]).
     #[error(transparent)]
     Failover(#[from] failover::FailoverError),
@@ -396,6 +405,9 @@ impl Target {
                         }
                         // A promoted site refusing a source is its role working, not
                         // a failure here; the source reports it as one.
+                        Err(e @ TargetError::ClosedBeforeOpen) => {
+                            tracing::info!("{peer}: {e}")
+                        }
                         Err(e @ TargetError::Rejected(Rejection::Fenced { .. })) => {
                             tracing::warn!("{peer}: refused: {}", crate::chain(&e))
                         }
