@@ -230,6 +230,7 @@ impl Reporter {
                             bytes_payload: r.bytes_payload,
                             blocks_sent: r.blocks_sent,
                             freeze_pause_us: r.freeze_pause_us,
+                            throttled_s: r.throttled_s,
                             modes: r
                                 .disks
                                 .iter()

@@ -41,6 +41,9 @@ pub struct StatusReport {
 pub struct SourceSide {
     /// Where replication goes.
     pub target: String,
+    /// The bandwidth limit in force now (`max_rate`, `max_rate_schedule`), bytes per
+    /// second; `null`: none.
+    pub max_rate_bytes_per_s: Option<f64>,
     pub engine: EngineView,
     /// The shim answers on its control socket.
     pub shim_running: bool,
@@ -227,6 +230,7 @@ fn source_side(cfg: &Config) -> Result<Option<SourceSide>, CliError> {
     }
     Ok(Some(SourceSide {
         target: src.target.clone(),
+        max_rate_bytes_per_s: src.limit().now().map(|r| r.0),
         engine: engine_view(&src.state_dir),
         shim_running: shim.is_some(),
         groups,
@@ -409,6 +413,18 @@ fn render_source(out: &mut String, s: &SourceSide) {
             human_bytes(l.bytes_sent)
         )),
         _ => out.push_str("  RPO unknown: no epoch acknowledged yet\n"),
+    }
+    if let Some(rate) = s.max_rate_bytes_per_s {
+        let held = e.last_acknowledged.as_ref().map_or(0.0, |l| l.throttled_s);
+        out.push_str(&format!(
+            "  bandwidth limit now {:.1} Mbit/s{}\n",
+            rate * 8.0 / 1e6,
+            if held > 0.0 {
+                format!(": it held the last epoch back {held:.1} s (epochs grow instead; the guest is not slowed)")
+            } else {
+                String::new()
+            }
+        ));
     }
     if let Some(f) = &e.in_flight {
         let pct = if f.total_bytes > 0 {

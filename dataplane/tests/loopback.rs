@@ -77,6 +77,7 @@ fn job(
         promote: false,
         reprotect: None,
         progress: None,
+        throttle: None,
     }
 }
 

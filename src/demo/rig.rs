@@ -232,6 +232,7 @@ impl Rig {
             promote: false,
             reprotect: None,
             progress: None,
+            throttle: None,
         }
     }
 }

@@ -703,3 +703,25 @@ fn completions_and_man_pages_are_generated() {
     assert!(page.contains(".TH") && page.contains("RPO"), "{page}");
     assert!(out.join("ferry.1").exists());
 }
+
+/// The systemd units shipped in `packaging/systemd/` are the ones the operator guide
+/// shows, byte for byte: a fix to one is a fix to both.
+#[test]
+fn shipped_unit_files_are_the_operator_guides() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let guide = std::fs::read_to_string(root.join("docs/operator-guide.md")).unwrap();
+    let dir = root.join("packaging/systemd");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let unit = std::fs::read_to_string(&path).unwrap();
+        assert!(
+            guide.contains(&format!("```ini\n{unit}```")),
+            "{} differs from its block in docs/operator-guide.md",
+            path.display()
+        );
+        assert!(unit.starts_with("[Unit]"), "{}", path.display());
+        seen += 1;
+    }
+    assert_eq!(seen, 5, "target, shim, source, sync service and timer");
+}

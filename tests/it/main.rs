@@ -9,6 +9,7 @@ mod common;
 
 mod atomic_epochs;
 mod bad_input;
+mod bandwidth;
 mod commit_integrity;
 mod config_cli;
 mod differential;

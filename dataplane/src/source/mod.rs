@@ -15,6 +15,7 @@ pub mod pipeline;
 pub mod plan;
 pub mod progress;
 pub mod reprotect;
+pub mod throttle;
 
 use std::net::{TcpStream, ToSocketAddrs};
 use std::path::{Path, PathBuf};
@@ -308,6 +309,8 @@ pub struct SyncJob {
     pub reprotect: Option<Vec<reprotect::ReprotectDisk>>,
     /// Where the engine reports how far each sync is (see [`progress`]).
     pub progress: Option<std::sync::Arc<progress::Progress>>,
+    /// The bandwidth limit, shared by every sync of the engine (see [`throttle`]).
+    pub throttle: Option<std::sync::Arc<throttle::Throttle>>,
 }
 
 impl std::fmt::Debug for SyncJob {
@@ -365,6 +368,10 @@ impl SyncJob {
             promote: false,
             reprotect: None,
             progress: None,
+            throttle: {
+                let limit = source.limit();
+                (!limit.is_unlimited()).then(|| std::sync::Arc::new(throttle::Throttle::new(limit)))
+            },
         })
     }
 }
@@ -389,6 +396,8 @@ pub struct SyncReport {
     /// Uncompressed bytes of the blocks whose data travelled (with `bytes_sent`, the
     /// compression ratio).
     pub bytes_payload: u64,
+    /// Seconds the bandwidth limit (`max_rate`) held this sync back.
+    pub throttled_s: f64,
     /// Blocks whose data travelled.
     pub blocks_sent: u64,
     /// Blocks that travelled as zero records (no data).
@@ -1054,6 +1063,7 @@ fn report(
         bytes_logical,
         bytes_sent: stats.bytes_sent,
         bytes_payload: stats.bytes_payload_logical,
+        throttled_s: stats.throttled_s,
         blocks_sent: stats.blocks_sent,
         zero_blocks_sent: stats.zero_blocks,
         bytes_read: stats.bytes_read,
@@ -1394,6 +1404,7 @@ fn pipeline_config(job: &SyncJob, output: Output, watch_fd: std::os::fd::RawFd) 
         engine: job.engine,
         output,
         watch_fd: Some(watch_fd),
+        throttle: job.throttle.clone(),
     }
 }
 
@@ -1578,6 +1589,7 @@ fn add(total: &mut PipelineStats, s: &PipelineStats) {
     total.zero_blocks += s.zero_blocks;
     total.bytes_read += s.bytes_read;
     total.bytes_payload_logical += s.bytes_payload_logical;
+    total.throttled_s += s.throttled_s;
 }
 
 fn extent_plan<'a>(disk: &'a Disk, g: Geometry, emit_holes: bool) -> BoxedPlan<'a> {

@@ -75,6 +75,9 @@ pub struct EpochSummary {
     pub freeze_pause_us: Option<u64>,
     /// `disk=mode` for each disk.
     pub modes: Vec<String>,
+    /// Seconds the bandwidth limit (`max_rate`) held this epoch back.
+    #[serde(default)]
+    pub throttled_s: f64,
 }
 
 /// A failed round.
