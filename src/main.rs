@@ -354,6 +354,7 @@ fn load(config: &std::path::Path) -> Result<Config, CliError> {
 fn target(config: &std::path::Path) -> Result<(), CliError> {
     let cfg = load(config)?;
     let job = dataplane::writer::TargetJob::from_config(&cfg)?;
+    let _metrics = dataplane::metrics::serve_target(&cfg);
     signals::install(
         || {
             "stopping now: an epoch being applied is rolled back at the next start (nothing acknowledged is lost)".to_string()
@@ -461,6 +462,7 @@ fn source_loop(config: &std::path::Path, discard_replica_changes: bool) -> Resul
     );
     let progress = source::progress::Progress::new();
     job.progress = Some(progress.clone());
+    let _metrics = dataplane::metrics::serve_source(&cfg, Some(progress.clone()));
     let in_flight = progress.clone();
     signals::install(
         move || {

@@ -166,6 +166,12 @@ pub enum Expected {
     UniqueSocket,
     #[error("a directory different from source.state_dir")]
     DistinctStateDirs,
+    /// A metrics address is scraped, so it must be known in advance.
+    #[error("ip:port with a port in 1..=65535 (e.g. \"127.0.0.1:9410\"): Prometheus scrapes a fixed address")]
+    MetricsPort,
+    /// Two listeners of one host cannot share an address.
+    #[error("an address different from {other}")]
+    DistinctAddress { other: &'static str },
 }
 
 /// What a config file lacks, for [`ConfigError::Missing`].
@@ -291,6 +297,10 @@ pub struct SourceConfig {
     /// see [`SourceConfig::freeze_idle_timeout`].
     #[serde(default)]
     pub freeze_idle_timeout_ms: Option<u64>,
+    /// `ferry source`: serve Prometheus metrics over HTTP (`GET /metrics`) on this
+    /// `ip:port`; none when unset (see `docs/metrics.md`).
+    #[serde(default)]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// `[target]`: the secondary site's writer.
@@ -328,6 +338,10 @@ pub struct TargetConfig {
     /// Recovery points older than this are merged away too; 0 keeps them by count only.
     #[serde(default)]
     pub retention_minutes: u64,
+    /// `ferry target`: serve Prometheus metrics over HTTP (`GET /metrics`) on this
+    /// `ip:port`; none when unset (see `docs/metrics.md`).
+    #[serde(default)]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// `[[disk]]`: one protected disk.
@@ -635,7 +649,19 @@ impl Validator<'_> {
                 )
             })?;
         }
+        self.metrics_listen("source.metrics_listen", s.metrics_listen)?;
         Ok(())
+    }
+
+    /// A metrics address needs a fixed port: port 0 would listen where no scraper
+    /// looks.
+    fn metrics_listen(&self, key: &str, value: Option<SocketAddr>) -> Result<(), ConfigError> {
+        match value {
+            Some(addr) if addr.port() == 0 => {
+                Err(self.invalid(key, format!("\"{addr}\""), Expected::MetricsPort))
+            }
+            _ => Ok(()),
+        }
     }
 
     fn target(&self, t: &mut TargetConfig, base_dir: &Path) -> Result<(), ConfigError> {
@@ -659,6 +685,16 @@ impl Validator<'_> {
             t.retention_minutes,
             &RETENTION_MINUTES_RANGE,
         )?;
+        self.metrics_listen("target.metrics_listen", t.metrics_listen)?;
+        if let Some(addr) = t.metrics_listen.filter(|a| *a == t.listen) {
+            return Err(self.invalid(
+                "target.metrics_listen",
+                format!("\"{addr}\""),
+                Expected::DistinctAddress {
+                    other: "target.listen",
+                },
+            ));
+        }
         Ok(())
     }
 
@@ -780,6 +816,18 @@ impl Config {
                     Expected::DistinctStateDirs,
                 ));
             }
+            if let Some(addr) = target
+                .metrics_listen
+                .filter(|a| source.metrics_listen == Some(*a))
+            {
+                return Err(v.invalid(
+                    "target.metrics_listen",
+                    format!("\"{addr}\""),
+                    Expected::DistinctAddress {
+                        other: "source.metrics_listen",
+                    },
+                ));
+            }
         }
         v.disks(&mut config.disks, base_dir)?;
         Ok(config)
@@ -859,6 +907,7 @@ io_engine = "sync"
 connect_timeout_ms = 1000
 io_timeout_ms = 2000
 epoch_interval_ms = 100
+metrics_listen = "127.0.0.1:9410"
 
 [target]
 listen = "[::1]:0"
@@ -869,6 +918,7 @@ workers = 3
 io_engine = "uring"
 io_timeout_ms = 45000
 max_sessions = 64
+metrics_listen = "[::1]:9411"
 
 [[disk]]
 name = "vm1-os"
@@ -921,6 +971,7 @@ path = "/dev/vg0/standalone"
         assert_eq!(s.connect_timeout(), Duration::from_secs(5));
         assert_eq!(s.io_timeout(), Duration::from_secs(30));
         assert_eq!(s.epoch_interval(), Duration::from_secs(5));
+        assert_eq!(s.metrics_listen, None);
         assert!(config.target.is_none());
         assert!(config.require_target("ferry target").is_err());
         assert_eq!(config.disks[0].group_name(), DEFAULT_GROUP);
@@ -944,8 +995,10 @@ path = "/dev/vg0/standalone"
         assert_eq!(s.connect_timeout_ms, 1000);
         assert_eq!(s.io_timeout_ms, 2000);
         assert_eq!(s.epoch_interval_ms, 100);
+        assert_eq!(s.metrics_listen, Some("127.0.0.1:9410".parse().unwrap()));
         let t = config.require_target("ferry target").unwrap();
         assert_eq!(t.listen, "[::1]:0".parse::<SocketAddr>().unwrap());
+        assert_eq!(t.metrics_listen, Some("[::1]:9411".parse().unwrap()));
         assert_eq!((t.queue_depth, t.workers, t.max_sessions), (8, 3, 64));
         assert_eq!(t.io_engine, IoEngineKind::Uring);
         assert_eq!(t.io_timeout(), Duration::from_secs(45));
@@ -969,6 +1022,40 @@ path = "/dev/vg0/standalone"
             Path::new("/dev/vg0/standalone")
         );
         assert!(config.disk("nope").is_none());
+    }
+
+    #[test]
+    fn metrics_listen_needs_a_fixed_distinct_address() {
+        let msg = expect_invalid(
+            &with_source_line("metrics_listen = \"127.0.0.1:0\""),
+            "source.metrics_listen",
+        );
+        assert!(msg.contains("Prometheus scrapes a fixed address"), "{msg}");
+        let target_port_0 = FULL.replace(
+            "metrics_listen = \"[::1]:9411\"",
+            "metrics_listen = \"[::1]:0\"",
+        );
+        expect_invalid(&target_port_0, "target.metrics_listen");
+        // The target's own listener and its metrics cannot share an address.
+        let same_as_listen = FULL.replace("\nlisten = \"[::1]:0\"", "\nlisten = \"[::1]:9411\"");
+        let msg = expect_invalid(&same_as_listen, "target.metrics_listen");
+        assert!(msg.contains("different from target.listen"), "{msg}");
+        // Nor can the source's and the target's metrics of one host.
+        let shared = FULL.replace(
+            "metrics_listen = \"[::1]:9411\"",
+            "metrics_listen = \"127.0.0.1:9410\"",
+        );
+        let msg = expect_invalid(&shared, "target.metrics_listen");
+        assert!(
+            msg.contains("different from source.metrics_listen"),
+            "{msg}"
+        );
+        // Not an ip:port: the parser names the key.
+        let err = parse(&with_source_line("metrics_listen = \"localhost:9410\"")).unwrap_err();
+        assert!(
+            matches!(&err, ConfigError::Parse { .. }) && err.to_string().contains("metrics_listen"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -13,6 +13,7 @@ pub mod buffers;
 pub mod config;
 pub mod durable;
 pub mod io;
+pub mod metrics;
 pub mod protocol;
 pub mod psk;
 pub mod source;

@@ -21,6 +21,7 @@ mod failover;
 mod io_engine_probe;
 mod link_faults;
 mod live_epochs;
+mod metrics;
 mod pipeline_failures;
 mod power_loss;
 mod recovery_points;

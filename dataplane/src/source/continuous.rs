@@ -98,6 +98,7 @@ pub fn run(
         };
         job.discard_replica_changes = discard;
         let result = super::sync_locked(&job, &lock);
+        crate::metrics::source().round(started, &result);
         match &result {
             Ok(_) => {
                 failures = 0;

@@ -396,7 +396,9 @@ impl Target {
                 .name(format!("ferry-session-{peer}"))
                 .spawn(move || {
                     let peer = peer_for_thread;
-                    match session::run(&shared, stream, accepted) {
+                    let result = session::run(&shared, stream, accepted);
+                    crate::metrics::target().ended(&result);
+                    match result {
                         Ok(summary) => tracing::info!("{peer}: {summary}"),
                         Err(e @ TargetError::Handshake(_)) => {
                             tracing::warn!("{peer}: dropped: {}", crate::chain(&e))

@@ -111,6 +111,7 @@ pub fn run(
 
     let active = shared.sessions.fetch_add(1, Ordering::AcqRel);
     let _slot = Counted(&shared.sessions);
+    let _active = crate::metrics::target().session();
     let result = if active >= job.max_sessions {
         Err(Rejection::SessionLimit {
             max: job.max_sessions,
@@ -780,6 +781,7 @@ fn acknowledge<W: std::io::Write>(
     applied: u64,
     names: &[String],
 ) -> Result<String, TargetError> {
+    crate::metrics::target().committed(applied);
     writer.send(
         FrameKind::Committed,
         &[Committed {
