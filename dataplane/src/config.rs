@@ -79,6 +79,12 @@ pub const DEFAULT_RETENTION_POINTS: u32 = 24;
 pub const RETENTION_POINTS_RANGE: std::ops::RangeInclusive<u32> = 0..=100_000;
 /// Allowed `retention_minutes` (up to ten years).
 pub const RETENTION_MINUTES_RANGE: std::ops::RangeInclusive<u64> = 0..=5_256_000;
+/// Most intervals in `target.keep`.
+pub const KEEP_GRID_MAX: usize = 16;
+/// Allowed count of one `target.keep` interval.
+pub const KEEP_COUNT_RANGE: std::ops::RangeInclusive<u32> = 1..=100_000;
+/// Longest span `target.keep` may cover, in seconds (ten years, as `retention_minutes`).
+pub const KEEP_SPAN_MAX_S: u64 = 5_256_000 * 60;
 /// Allowed `max_sessions`.
 pub const MAX_SESSIONS_RANGE: std::ops::RangeInclusive<u32> = 1..=64;
 /// Longest disk or group name. Names become file names in `state_dir`.
@@ -163,6 +169,9 @@ pub enum Expected {
     UniqueSocket,
     #[error("a directory different from source.state_dir")]
     DistinctStateDirs,
+    /// `target.keep`; `problem` says what is wrong with the part shown.
+    #[error("{problem} (the form is \"1m:60, 1h:24, 1d:14\": up to {KEEP_GRID_MAX} comma-separated INTERVAL:COUNT, INTERVAL a number with s, m, h, d or w, COUNT in {}..={}, intervals not shorter than the one before)", KEEP_COUNT_RANGE.start(), KEEP_COUNT_RANGE.end())]
+    KeepGrid { problem: &'static str },
 }
 
 /// What a config file lacks, for [`ConfigError::Missing`].
@@ -317,6 +326,16 @@ pub struct TargetConfig {
     /// Recovery points older than this are merged away too; 0 keeps them by count only.
     #[serde(default)]
     pub retention_minutes: u64,
+    /// A time grid of recovery points, e.g. `"1m:60, 1h:24, 1d:14"`: every minute for
+    /// an hour, then hourly for a day, then daily for two weeks; points off the grid
+    /// are merged away. Parsed into [`TargetConfig::keep_grid`]. With it,
+    /// `retention_points` caps the grid only when set in the file.
+    #[serde(default)]
+    pub keep: Option<String>,
+    /// `keep` parsed: `(interval in seconds, how many)`, newest first; empty without
+    /// `keep`.
+    #[serde(skip)]
+    pub keep_grid: Vec<(u64, u32)>,
 }
 
 /// `[[disk]]`: one protected disk.
@@ -435,6 +454,64 @@ impl DiskConfig {
     pub fn group_name(&self) -> &str {
         self.group.as_deref().unwrap_or(DEFAULT_GROUP)
     }
+}
+
+/// Parses `target.keep` (`"1m:60, 1h:24"`) into `(interval seconds, count)`; on error
+/// the offending part (the whole value if none) and what is wrong with it.
+pub fn parse_keep(text: &str) -> Result<Vec<(u64, u32)>, (String, &'static str)> {
+    let mut grid: Vec<(u64, u32)> = Vec::new();
+    let mut span = 0u64;
+    if text.trim().is_empty() {
+        return Err((text.to_string(), "no interval"));
+    }
+    for part in text.split(',') {
+        let item = part.trim();
+        let bad = |problem| Err((item.to_string(), problem));
+        let Some((interval, count)) = item.split_once(':') else {
+            return bad("an interval without `:COUNT`");
+        };
+        let (interval, count) = (interval.trim(), count.trim());
+        let digits = interval.trim_end_matches(|c: char| c.is_ascii_alphabetic());
+        let unit = match &interval[digits.len()..] {
+            "s" => 1,
+            "m" => 60,
+            "h" => 3_600,
+            "d" => 86_400,
+            "w" => 604_800,
+            "" => return bad("an interval without a unit"),
+            _ => return bad("an unknown unit"),
+        };
+        let every = match digits.parse::<u64>() {
+            Ok(n) if n > 0 => n.saturating_mul(unit),
+            Ok(_) => return bad("an interval of zero"),
+            Err(_) => return bad("an interval that is not a whole number"),
+        };
+        let count = match count.parse::<u32>() {
+            Ok(n) if KEEP_COUNT_RANGE.contains(&n) => n,
+            _ => return bad("a count out of range"),
+        };
+        if grid.last().is_some_and(|&(prev, _)| every < prev) {
+            return bad("an interval shorter than the one before it");
+        }
+        if grid.len() == KEEP_GRID_MAX {
+            return bad("too many intervals");
+        }
+        span = span.saturating_add(every.saturating_mul(u64::from(count)));
+        if span > KEEP_SPAN_MAX_S {
+            return bad("a grid longer than ten years");
+        }
+        grid.push((every, count));
+    }
+    Ok(grid)
+}
+
+/// Whether the TOML `text` (known to parse) sets `key` in table `table`.
+fn sets_key(text: &str, table: &str, key: &str) -> bool {
+    toml::from_str::<toml::Table>(text).is_ok_and(|t| {
+        t.get(table)
+            .and_then(|v| v.as_table())
+            .is_some_and(|t| t.contains_key(key))
+    })
 }
 
 /// Converts a byte offset in `text` into a 1-based line and column and that line.
@@ -621,6 +698,15 @@ impl Validator<'_> {
             t.retention_minutes,
             &RETENTION_MINUTES_RANGE,
         )?;
+        if let Some(keep) = &t.keep {
+            t.keep_grid = parse_keep(keep).map_err(|(part, problem)| {
+                self.invalid(
+                    "target.keep",
+                    format!("{part:?}"),
+                    Expected::KeepGrid { problem },
+                )
+            })?;
+        }
         Ok(())
     }
 
@@ -733,6 +819,10 @@ impl Config {
         }
         if let Some(target) = &mut config.target {
             v.target(target, base_dir)?;
+            if !target.keep_grid.is_empty() && !sets_key(text, "target", "retention_points") {
+                // The grid alone decides; the default count would cut it short.
+                target.retention_points = *RETENTION_POINTS_RANGE.end();
+            }
         }
         if let (Some(source), Some(target)) = (&config.source, &config.target) {
             if source.state_dir == target.state_dir {

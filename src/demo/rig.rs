@@ -188,6 +188,7 @@ impl Rig {
             retention: dataplane::writer::points::Retention {
                 points: 4,
                 minutes: 0,
+                grid: Vec::new(),
             },
         };
         let target = Target::bind(job.clone()).map_err(DemoError::TargetStart)?;

@@ -121,6 +121,7 @@ impl TargetJob {
             retention: points::Retention {
                 points: target.retention_points,
                 minutes: target.retention_minutes,
+                grid: target.keep_grid.clone(),
             },
         })
     }
