@@ -170,7 +170,7 @@ pub enum Expected {
     #[error("a directory different from source.state_dir")]
     DistinctStateDirs,
     /// `target.keep`; `problem` says what is wrong with the part shown.
-    #[error("{problem} (the form is \"1m:60, 1h:24, 1d:14\": up to {KEEP_GRID_MAX} comma-separated INTERVAL:COUNT, INTERVAL a number with s, m, h, d or w, COUNT in {}..={}, intervals not shorter than the one before)", KEEP_COUNT_RANGE.start(), KEEP_COUNT_RANGE.end())]
+    #[error("comma-separated INTERVAL:COUNT like \"1m:60, 1h:24, 1d:14\" (INTERVAL a whole number with s, m, h, d or w, not shorter than the one before; COUNT in {}..={}; at most {KEEP_GRID_MAX} of them, ten years in all), but this part has {problem}", KEEP_COUNT_RANGE.start(), KEEP_COUNT_RANGE.end())]
     KeepGrid { problem: &'static str },
 }
 
@@ -494,11 +494,11 @@ pub fn parse_keep(text: &str) -> Result<Vec<(u64, u32)>, (String, &'static str)>
             return bad("an interval shorter than the one before it");
         }
         if grid.len() == KEEP_GRID_MAX {
-            return bad("too many intervals");
+            return bad("one interval too many");
         }
         span = span.saturating_add(every.saturating_mul(u64::from(count)));
         if span > KEEP_SPAN_MAX_S {
-            return bad("a grid longer than ten years");
+            return bad("the grid run past ten years");
         }
         grid.push((every, count));
     }
@@ -940,6 +940,59 @@ path = "/dev/vg0/standalone"
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::from_str(text, BASE)
+    }
+
+    const DISK: &str = "[[disk]]\nname = \"vm\"\npath = \"vm.img\"\n";
+
+    #[test]
+    fn keep_grids_parse_and_bad_parts_are_named() {
+        assert_eq!(
+            super::parse_keep("1m:60, 1h:24, 1d:14"),
+            Ok(vec![(60, 60), (3_600, 24), (86_400, 14)])
+        );
+        assert_eq!(super::parse_keep("1s:3"), Ok(vec![(1, 3)]));
+        for (text, part) in [
+            ("1m:60, 1x:5", "1x:5"),
+            ("1m", "1m"),
+            ("m:5", "m:5"),
+            ("0s:5", "0s:5"),
+            ("1h:24, 1m:60", "1m:60"),
+            ("1m:0", "1m:0"),
+            ("", ""),
+            ("1m:60,", ""),
+        ] {
+            let got = super::parse_keep(text);
+            assert_eq!(
+                got.as_ref().map_err(|e| e.0.as_str()),
+                Err(part),
+                "{text:?}"
+            );
+        }
+        let err = parse(&format!(
+            "[target]\nlisten = \"0.0.0.0:7410\"\npsk_file = \"k\"\nstate_dir = \"s\"\nkeep = \"1m:60, 1q:2\"\n{DISK}"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("`target.keep` = \"1q:2\""), "{err}");
+        assert!(err.contains("this part has an unknown unit"), "{err}");
+    }
+
+    #[test]
+    fn keep_alone_lifts_the_count_and_an_explicit_count_caps_it() {
+        let cfg = |extra: &str| {
+            parse(&format!(
+                "[target]\nlisten = \"0.0.0.0:7410\"\npsk_file = \"k\"\nstate_dir = \"s\"\n{extra}\n{DISK}"
+            ))
+            .unwrap()
+            .target
+            .unwrap()
+        };
+        let t = cfg("keep = \"1m:60\"");
+        assert_eq!(t.keep_grid, vec![(60, 60)]);
+        assert_eq!(t.retention_points, *RETENTION_POINTS_RANGE.end());
+        let t = cfg("keep = \"1m:60\"\nretention_points = 24");
+        assert_eq!(t.retention_points, 24);
+        assert_eq!(cfg("").retention_points, DEFAULT_RETENTION_POINTS);
     }
 
     /// MINIMAL_SOURCE with `line` added to `[source]`.

@@ -950,7 +950,10 @@ pub(crate) fn logs_back_to(
     {
         let path = dir.join(format!("{}.undo", m.stem));
         match read_kept(&path, m) {
-            Ok(log) => logs.push((path, log)),
+            Ok(mut log) => {
+                log.last_epoch = m.last();
+                logs.push((path, log));
+            }
             Err(Damage::Untrusted(source)) => {
                 retire_one(&dir, &m.stem)?;
                 return Err(TargetError::PointRetired {
@@ -1089,4 +1092,81 @@ fn copy_buffered(src: &File, dest: &File, from: u64, to: u64) -> io::Result<()> 
         at += n as u64;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn link(until: u64, tagged_epoch: Option<u64>) -> (Link, Option<Tag>) {
+        let epoch = until;
+        let point = RecoveryPoint {
+            id: epoch,
+            first_epoch: epoch,
+            last_epoch: epoch,
+            committed_unix_s: None,
+            until_unix_s: Some(until),
+            disks: vec!["a".into()],
+            latest: false,
+            bytes: 0,
+            log_bytes: 0,
+            tag: None,
+            suspect: None,
+        };
+        let tag = tagged_epoch.map(|e| Tag {
+            name: format!("t{e}"),
+            epoch: e,
+            disks: vec!["a".into()],
+        });
+        (
+            Link {
+                meta: 0,
+                point: Some(point),
+            },
+            tag,
+        )
+    }
+
+    #[test]
+    fn grid_buckets_run_back_from_now() {
+        let grid = [(60, 2), (3_600, 1)];
+        assert_eq!(grid_bucket(&grid, 0), Some((0, 0)));
+        assert_eq!(grid_bucket(&grid, 59), Some((0, 0)));
+        assert_eq!(grid_bucket(&grid, 61), Some((0, 1)));
+        assert_eq!(grid_bucket(&grid, 120), Some((1, 0)));
+        assert_eq!(grid_bucket(&grid, 120 + 3_599), Some((1, 0)));
+        assert_eq!(grid_bucket(&grid, 120 + 3_600), None);
+    }
+
+    #[test]
+    fn the_grid_keeps_the_oldest_point_of_each_interval_and_every_tagged_one() {
+        let now = 10_000;
+        // Newest first: ages 10, 30, 50 (first minute), 70, 90 (second), 500 (off).
+        let (links, tags): (Vec<Link>, Vec<Option<Tag>>) = [10, 30, 50, 70, 90, 500]
+            .iter()
+            .map(|age| link(now - age, (*age == 500).then_some(now - age)))
+            .unzip();
+        let tags = Tags {
+            tags: tags.into_iter().flatten().collect(),
+        };
+        let keep = Retention {
+            points: u32::MAX,
+            minutes: 0,
+            grid: vec![(60, 2)],
+        };
+        assert_eq!(
+            decide(&keep, &links, &tags, now),
+            vec![false, false, true, false, true, true]
+        );
+        // By count: the newest two untagged, and the tagged one.
+        let keep = Retention {
+            points: 2,
+            minutes: 0,
+            grid: Vec::new(),
+        };
+        assert_eq!(
+            decide(&keep, &links, &tags, now),
+            vec![true, true, false, false, false, true]
+        );
+    }
 }

@@ -913,6 +913,9 @@ const HEADER_MAX: usize = 20 + crate::protocol::MAX_DISKS_PER_SESSION * HEADER_D
 pub(crate) struct LogContents {
     file: File,
     pub epoch: u64,
+    /// The newest epoch whose bytes this log restores from: a kept log's point may
+    /// cover a run of epochs that changed nothing (see `super::points`); else `epoch`.
+    pub last_epoch: u64,
     pub disks: Vec<UndoDisk>,
     pub entries: Vec<Entry>,
 }
@@ -998,6 +1001,7 @@ pub(crate) fn read_log(path: &Path, mode: ReadMode<'_>) -> Result<LogContents, D
     let mut log = LogContents {
         file,
         epoch,
+        last_epoch: epoch,
         disks,
         entries: Vec::new(),
     };
