@@ -45,10 +45,13 @@ impl std::fmt::Display for Local {
         let Ok(t) = libc::time_t::try_from(self.0) else {
             return Utc::from_unix_s(self.0).fmt(f);
         };
-        // SAFETY: `tm` is plain old data that localtime_r fills; both pointers are
-        // valid for the call, and localtime_r does not keep them.
+        // SAFETY: `tm` is plain old data (integers and a pointer); all zeros is a
+        // valid value of it.
         let mut tm: libc::tm = unsafe { std::mem::zeroed() };
-        if unsafe { libc::localtime_r(&t, &mut tm) }.is_null() {
+        // SAFETY: both pointers are valid for the call, and localtime_r (the reentrant
+        // form) keeps neither.
+        let filled = unsafe { libc::localtime_r(&t, &mut tm) };
+        if filled.is_null() {
             return Utc::from_unix_s(self.0).fmt(f);
         }
         let off = tm.tm_gmtoff;
