@@ -391,6 +391,7 @@ fn empty_epochs_do_not_consume_points() {
     let mut rng = Rng::new(common::test_seed("empty_epochs"));
     let t = OneDisk::start("retention_points = 3", &mut rng);
     assert_eq!(t.sync(), 1);
+    let at_1 = file_hash(&t.source);
     mutate(&t.source, &mut rng);
     assert_eq!(t.sync(), 2);
     let written = file_hash(&t.source);
@@ -410,20 +411,41 @@ fn empty_epochs_do_not_consume_points() {
     assert_eq!(t.open(2), written);
     assert_eq!(t.open(17), written);
 
-    // A changed epoch ends the run: it becomes an older point, listed under epoch 2.
+    // A changed epoch ends the run: the latest (32) becomes an older point covering
+    // epochs 2 to 32.
     mutate(&t.source, &mut rng);
     assert_eq!(t.sync(), 33);
     let now = file_hash(&t.source);
     let points = t.points();
     let run = points
         .iter()
-        .find(|p| p["id"] == 2)
-        .expect("point 2 listed");
-    assert_eq!(run["first_epoch"], 2);
-    assert_eq!(run["last_epoch"], 32);
-    assert_eq!(t.open(2), written, "point 2 after the run ended");
-    assert_eq!(t.open(32), written, "point 2 opened as epoch 32");
+        .find(|p| p["id"] == 32)
+        .expect("point 32 listed");
+    assert_eq!(run["first_epoch"], 2, "{points:?}");
+    assert_eq!(run["last_epoch"], 32, "{points:?}");
+    assert_eq!(t.open(32), written, "point 32 after the run ended");
+    assert_eq!(t.open(2), written, "point 32 opened as epoch 2");
     assert_eq!(t.open(33), now);
+    let human = ferry(&["points", "--config", &t.tcfg]);
+    assert!(human.stdout.contains(" 2-32 "), "{}", human.stdout);
+
+    // An unplanned failover takes the replica back in place, through the run, to
+    // exactly what each point names.
+    let mut t = t;
+    t.target.kill();
+    let replica = t.dir.path().join("vm.replica");
+    for (point, expected) in [(32u64, written), (1, at_1)] {
+        let run = ferry(&[
+            "failover",
+            "unplanned",
+            "--config",
+            &t.tcfg,
+            "--point",
+            &point.to_string(),
+        ]);
+        assert!(run.success(), "point {point}: {run:?}");
+        assert_eq!(file_hash(&replica), expected, "replica at point {point}");
+    }
 }
 
 /// `keep = "1h:1"`: one point per hour, the oldest in it. Every newer point of the hour

@@ -11,8 +11,10 @@
 //! (an idle changed-block epoch) restores nothing, so its empty log is not kept:
 //! instead the newest kept log's record notes that the epochs after it, up to this
 //! one, held its bytes ([`PointMeta::through`]). A point therefore names the epochs
-//! `first..=last` it covers; `ferry points` lists it under its oldest epoch (the latest
-//! under the epoch the replicas hold), and any epoch of the run opens it.
+//! `first..=last` it covers; `ferry points` lists it under its newest epoch (the
+//! latest under the epoch the replicas hold: the latest epoch E becomes point E once a
+//! newer epoch changes something), and any epoch of the run opens it in a test
+//! failover.
 //!
 //! Retention merges points away. Merging the oldest is deleting its log. Merging a
 //! point in the middle folds the log that restores it into the next newer kept log:
@@ -99,8 +101,9 @@ pub struct PointDisk {
 /// A state the replicas can be restored to.
 #[derive(Debug, Clone, Serialize)]
 pub struct RecoveryPoint {
-    /// The epoch this point is listed under: the oldest of the run it covers, or for
-    /// the latest point the epoch the replicas hold.
+    /// The epoch this point is listed under: the newest of the run it covers (for the
+    /// latest point, the epoch the replicas hold), so the latest epoch E becomes point
+    /// E once a newer epoch changes something.
     pub id: u64,
     /// The run of epochs that held these bytes: any of them opens this point.
     pub first_epoch: u64,
@@ -678,7 +681,7 @@ fn walk(records: &[(String, ReplicaRecord)], metas: &[PointMeta]) -> Vec<Link> {
                     && o.disks.iter().zip(&m.disks).all(|(a, b)| a.name == b.name)
             });
             RecoveryPoint {
-                id: older.map_or(prev, |o| o.epoch.min(prev)),
+                id: prev,
                 first_epoch: older.map_or(prev, |o| o.epoch.min(prev)),
                 last_epoch: prev,
                 committed_unix_s: older.map(|o| o.committed_unix_s),
