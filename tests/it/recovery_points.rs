@@ -602,3 +602,84 @@ fn points_show_age_size_and_a_half_applied_epoch() {
     let human = ferry(&["points", "--config", &t.tcfg]);
     assert!(!human.stdout.contains("half-applied"), "{}", human.stdout);
 }
+
+impl OneDisk {
+    /// Restarts the target, with `env` (e.g. a failpoint).
+    fn restart(&mut self, env: &[(&str, &str)]) {
+        let port = self.target.port;
+        self.target.kill();
+        self.target = TargetProc::spawn_env(Path::new(&self.tcfg), port, env).unwrap();
+    }
+
+    /// `ferry points` says nothing is half-applied.
+    fn assert_settled(&self) {
+        let human = ferry(&["points", "--config", &self.tcfg]);
+        assert!(human.success(), "{human:?}");
+        assert!(!human.stdout.contains("half-applied"), "{}", human.stdout);
+    }
+}
+
+/// A target that dies after extending the newest point to an empty epoch, before the
+/// empty log is gone: started again, it finishes that commit, and the point opens as
+/// before.
+#[test]
+fn a_crash_while_an_empty_epoch_extends_a_point_is_finished_at_start() {
+    let mut rng = Rng::new(common::test_seed("extend_crash"));
+    let mut t = OneDisk::start("", &mut rng);
+    assert_eq!(t.sync(), 1);
+    mutate(&t.source, &mut rng);
+    assert_eq!(t.sync(), 2);
+    let written = file_hash(&t.source);
+    let logs = t.kept_logs();
+    t.restart(&[("FERRY_FAILPOINTS", "target.commit.extend.crash")]);
+    assert!(!common::sync(&t.source_cfg, &[]).success());
+    t.restart(&[]);
+    t.assert_settled();
+    let points = t.points();
+    assert_eq!(points[0]["first_epoch"], 2, "{points:?}");
+    assert_eq!(points[0]["last_epoch"], 3, "{points:?}");
+    assert_eq!(t.kept_logs(), logs, "the empty log was kept");
+    for _ in 0..3 {
+        t.sync();
+    }
+    mutate(&t.source, &mut rng);
+    let latest = t.sync();
+    assert_eq!(t.open(2), written);
+    assert_eq!(t.open(latest - 1), written);
+    assert_eq!(t.open(latest), file_hash(&t.source));
+}
+
+/// A target that dies in the middle of merging points away (the merged log whole, the
+/// logs it replaces still there): started again, the replaced logs are out of service
+/// and then deleted, and every point opens exactly.
+#[test]
+fn a_crash_in_the_middle_of_a_merge_leaves_every_point_exact() {
+    let mut rng = Rng::new(common::test_seed("merge_crash"));
+    let mut t = OneDisk::start("keep = \"1h:1\"", &mut rng);
+    let mut at = vec![0u128];
+    for epoch in 1..=3u64 {
+        if epoch > 1 {
+            mutate(&t.source, &mut rng);
+        }
+        assert_eq!(t.sync(), epoch);
+        at.push(file_hash(&t.source));
+    }
+    t.restart(&[("FERRY_FAILPOINTS", "points.merge.crash")]);
+    mutate(&t.source, &mut rng);
+    // The epoch commits, then the target dies merging: no acknowledgement.
+    assert!(!common::sync(&t.source_cfg, &[]).success());
+    let committed = file_hash(&t.source);
+    t.restart(&[]);
+    t.assert_settled();
+    let ids = t.ids();
+    assert_eq!(ids.len(), 2, "the latest and point 1: {ids:?}");
+    assert_eq!(ids[1], 1);
+    assert_eq!(t.open(1), at[1]);
+    assert_eq!(t.open(ids[0]), committed);
+    mutate(&t.source, &mut rng);
+    let latest = t.sync();
+    assert_eq!(t.ids(), vec![latest, 1]);
+    assert_eq!(t.kept_logs(), 1, "the replaced logs were deleted");
+    assert_eq!(t.open(1), at[1]);
+    assert_eq!(t.open(latest), file_hash(&t.source));
+}
