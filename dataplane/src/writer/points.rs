@@ -373,6 +373,7 @@ pub fn prune(state_dir: &Path, keep: &Retention, disks: &[String]) -> Result<(),
         // Replaced by a merged log that is whole: an interrupted merge's leftovers.
         remove_point(state_dir, stem)?;
     }
+    clean_merge_leftovers(state_dir, disks)?;
     let metas: Vec<PointMeta> = metas
         .into_iter()
         .filter(|m| m.disks.iter().all(|d| disks.contains(&d.name)))
@@ -413,6 +414,70 @@ pub fn prune(state_dir: &Path, keep: &Retention, disks: &[String]) -> Result<(),
     }
     Ok(())
 }
+
+/// Removes what a merge of `disks`' points left when it was interrupted before its
+/// commit point: a merged log that never became whole (`.undo.part`) and its record.
+/// A part without a record may be another group's merge in progress: it goes only
+/// when it is older than [`LEFTOVER_AGE`].
+fn clean_merge_leftovers(state_dir: &Path, disks: &[String]) -> Result<(), TargetError> {
+    let dir = points_dir(state_dir);
+    let entries = match fs::read_dir(&dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(state_err(&dir, StateOp::Read, e)),
+    };
+    let mut gone = false;
+    for entry in entries {
+        let path = entry.map_err(|e| state_err(&dir, StateOp::Read, e))?.path();
+        let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+            continue;
+        };
+        let (stem, part) = if let Some(stem) = name.strip_suffix(".undo.part") {
+            (stem, true)
+        } else if let Some(stem) = name.strip_suffix(".json") {
+            (stem, false)
+        } else {
+            continue;
+        };
+        let undo = dir.join(format!("{stem}.undo"));
+        let json = dir.join(format!("{stem}.json"));
+        if undo.exists() || stem == TAGS.trim_end_matches(".json") {
+            continue;
+        }
+        let meta = fs::read(&json)
+            .ok()
+            .and_then(|b| super::state::unseal::<PointMeta>(&b).ok());
+        let ours = match &meta {
+            // Only a merge's record names logs it replaces: a kept log's record is
+            // written before its log arrives, and must stay.
+            Some(m) => {
+                !m.replaces.is_empty() && m.disks.iter().all(|d| disks.contains(&d.name))
+            }
+            None => {
+                part && fs::metadata(&path)
+                    .and_then(|m| m.modified())
+                    .is_ok_and(|t| t.elapsed().is_ok_and(|age| age > LEFTOVER_AGE))
+            }
+        };
+        if !ours {
+            continue;
+        }
+        for p in [dir.join(format!("{stem}.undo.part")), json] {
+            match fs::remove_file(&p) {
+                Ok(()) => gone = true,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(state_err(&p, StateOp::Remove, e)),
+            }
+        }
+    }
+    if gone {
+        crate::durable::sync_dir(&dir).map_err(|e| state_err(&dir, StateOp::Fsync, e))?;
+    }
+    Ok(())
+}
+
+/// How old a merged log's part must be before a merge of another group removes it.
+const LEFTOVER_AGE: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// Which points of `links` (newest first) `keep` keeps: every tagged one, and of the
 /// others those within the count, the age and the grid.
@@ -1128,6 +1193,51 @@ mod tests {
             },
             tag,
         )
+    }
+
+    fn meta(epoch: u64, replaces: &[&str]) -> PointMeta {
+        PointMeta {
+            epoch,
+            committed_unix_s: 0,
+            disks: vec![PointDisk {
+                name: "a".into(),
+                prev_epoch: Some(epoch - 1),
+            }],
+            undo_bytes: 0,
+            through: None,
+            replaces: replaces.iter().map(|s| s.to_string()).collect(),
+            stem: String::new(),
+        }
+    }
+
+    #[test]
+    fn an_interrupted_merge_leaves_nothing_behind_and_a_kept_log_on_its_way_stays() {
+        let state = tempfile::tempdir().unwrap();
+        let dir = points_dir(state.path());
+        fs::create_dir_all(&dir).unwrap();
+        let put = |name: &str, bytes: &[u8]| fs::write(dir.join(name), bytes).unwrap();
+        // A merge that died before its rename, of this group and of another one.
+        put("m.undo.part", b"x");
+        put("m.json", &super::super::state::seal(&meta(5, &["r1", "r2"])));
+        let mut other = meta(5, &["r3"]);
+        other.disks[0].name = "b".into();
+        put("o.undo.part", b"x");
+        put("o.json", &super::super::state::seal(&other));
+        // A kept log's record, written before its log is renamed in.
+        put("k.json", &super::super::state::seal(&meta(6, &[])));
+        // A part of some merge just started (no record yet).
+        put("n.undo.part", b"x");
+        Tags::default().save(state.path()).unwrap();
+        clean_merge_leftovers(state.path(), &["a".to_string()]).unwrap();
+        let mut left: Vec<String> = fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(
+            left,
+            ["k.json", "n.undo.part", "o.json", "o.undo.part", "tags.json"]
+        );
     }
 
     #[test]
