@@ -551,19 +551,19 @@ fn points_show_age_size_and_a_half_applied_epoch() {
     t.sync();
     let human = ferry(&["points", "--config", &t.tcfg]);
     assert!(human.success(), "{human:?}");
-    for word in [
-        "age",
-        "size",
-        "acknowledged (local time)",
-        "MiB",
-        "(latest)",
-    ] {
+    for word in ["age", "size", "acknowledged (local time)", "(latest)"] {
         assert!(
             human.stdout.contains(word),
             "{word:?} missing:\n{}",
             human.stdout
         );
     }
+    // Sizes in binary units: point 1 keeps the bytes epoch 2 overwrote.
+    assert!(
+        human.stdout.contains(" KiB ") || human.stdout.contains(" MiB "),
+        "{}",
+        human.stdout
+    );
     // Ages read like "3s" or "1m 02s".
     let row = human.stdout.lines().nth(1).unwrap();
     assert!(

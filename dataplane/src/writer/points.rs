@@ -69,6 +69,10 @@ pub struct PointMeta {
     /// bytes of `epoch` through them (`None`: only at `epoch`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub through: Option<u64>,
+    /// When the epoch this log restores was acknowledged, once the log holding that
+    /// epoch (which records it) is merged away.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prev_committed_unix_s: Option<u64>,
     /// The kept logs (file name stems) this merged log replaces: once this log exists,
     /// they are ignored and deleted.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -189,6 +193,7 @@ pub(crate) fn keep_log(
             .collect(),
         undo_bytes,
         through: None,
+        prev_committed_unix_s: None,
         replaces: Vec::new(),
         stem: String::new(),
     };
@@ -389,6 +394,17 @@ pub fn prune(state_dir: &Path, keep: &Retention, disks: &[String]) -> Result<(),
     // Every log older than the one restoring the oldest kept point goes, oldest first.
     let oldest_kept = kept_points.iter().rposition(|&k| k);
     let first_needed = oldest_kept.map_or(usize::MAX, |k| links[k].meta);
+    if let Some(k) = oldest_kept {
+        // The log that records when the oldest kept point was acknowledged goes: its
+        // time moves to the log that restores the point first.
+        let lead = &metas[links[k].meta];
+        let when = links[k].point.as_ref().and_then(|p| p.committed_unix_s);
+        if lead.prev_committed_unix_s.is_none() && when.is_some() && first_needed > 0 {
+            let mut lead = lead.clone();
+            lead.prev_committed_unix_s = when;
+            save_meta(state_dir, &lead)?;
+        }
+    }
     for m in &metas[..first_needed.min(metas.len())] {
         remove_meta(state_dir, m, StateOp::MergeAway)?;
     }
@@ -450,9 +466,7 @@ fn clean_merge_leftovers(state_dir: &Path, disks: &[String]) -> Result<(), Targe
         let ours = match &meta {
             // Only a merge's record names logs it replaces: a kept log's record is
             // written before its log arrives, and must stay.
-            Some(m) => {
-                !m.replaces.is_empty() && m.disks.iter().all(|d| disks.contains(&d.name))
-            }
+            Some(m) => !m.replaces.is_empty() && m.disks.iter().all(|d| disks.contains(&d.name)),
             None => {
                 part && fs::metadata(&path)
                     .and_then(|m| m.modified())
@@ -618,6 +632,7 @@ fn merge(state_dir: &Path, run: &[&PointMeta]) -> Result<(), TargetError> {
             .collect(),
         undo_bytes: size,
         through: newest.through,
+        prev_committed_unix_s: oldest.prev_committed_unix_s,
         replaces: run.iter().map(|m| m.stem.clone()).collect(),
         stem: stem.clone(),
     };
@@ -749,7 +764,9 @@ fn walk(records: &[(String, ReplicaRecord)], metas: &[PointMeta]) -> Vec<Link> {
                 id: prev,
                 first_epoch: older.map_or(prev, |o| o.epoch.min(prev)),
                 last_epoch: prev,
-                committed_unix_s: older.map(|o| o.committed_unix_s),
+                committed_unix_s: older
+                    .map(|o| o.committed_unix_s)
+                    .or(m.prev_committed_unix_s),
                 until_unix_s: Some(m.committed_unix_s),
                 disks: m.disks.iter().map(|d| d.name.clone()).collect(),
                 latest: false,
@@ -1205,6 +1222,7 @@ mod tests {
             }],
             undo_bytes: 0,
             through: None,
+            prev_committed_unix_s: None,
             replaces: replaces.iter().map(|s| s.to_string()).collect(),
             stem: String::new(),
         }
@@ -1218,7 +1236,10 @@ mod tests {
         let put = |name: &str, bytes: &[u8]| fs::write(dir.join(name), bytes).unwrap();
         // A merge that died before its rename, of this group and of another one.
         put("m.undo.part", b"x");
-        put("m.json", &super::super::state::seal(&meta(5, &["r1", "r2"])));
+        put(
+            "m.json",
+            &super::super::state::seal(&meta(5, &["r1", "r2"])),
+        );
         let mut other = meta(5, &["r3"]);
         other.disks[0].name = "b".into();
         put("o.undo.part", b"x");
@@ -1236,7 +1257,13 @@ mod tests {
         left.sort();
         assert_eq!(
             left,
-            ["k.json", "n.undo.part", "o.json", "o.undo.part", "tags.json"]
+            [
+                "k.json",
+                "n.undo.part",
+                "o.json",
+                "o.undo.part",
+                "tags.json"
+            ]
         );
     }
 
