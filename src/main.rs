@@ -621,6 +621,8 @@ fn target_disks(
 
 fn points_tag(config: &std::path::Path, id: u64, name: &str) -> Result<(), CliError> {
     let (state_dir, names) = target_disks(config, "points tag")?;
+    // No epoch commits (and merges points away) between the check and the tag.
+    let _lock = dataplane::writer::apply_lock(&state_dir, true)?;
     let t = dataplane::writer::points::tag(&state_dir, &names, id, name)?;
     if let Some(from) = t.moved_from {
         println!("tag {} moved from point {from}", t.name);
@@ -634,6 +636,7 @@ fn points_tag(config: &std::path::Path, id: u64, name: &str) -> Result<(), CliEr
 
 fn points_untag(config: &std::path::Path, which: &str) -> Result<(), CliError> {
     let (state_dir, names) = target_disks(config, "points untag")?;
+    let _lock = dataplane::writer::apply_lock(&state_dir, true)?;
     match dataplane::writer::points::untag(&state_dir, &names, which)? {
         Some(t) => println!(
             "recovery point {} untagged ({}): retention may merge it away",

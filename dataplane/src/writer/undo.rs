@@ -381,7 +381,9 @@ impl UndoLog {
 }
 
 /// Everything after the commit mark, idempotent: records, then the log kept as a
-/// recovery point, then the mark removed. Each step is durable before the next.
+/// recovery point (for an epoch that changed no block: the newest point extended to
+/// it and the empty log removed, see `super::points`), then the mark removed. Each
+/// step is durable before the next.
 fn finish_commit(
     state_dir: &Path,
     log: &Path,
