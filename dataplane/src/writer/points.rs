@@ -333,28 +333,49 @@ pub(crate) fn retire(state_dir: &Path, disks: &[String], why: &str) -> Result<()
 }
 
 fn retire_one(dir: &Path, stem: &str) -> Result<(), TargetError> {
-    for ext in ["undo", "json"] {
-        let p = dir.join(format!("{stem}.{ext}"));
-        match fs::rename(&p, dir.join(format!("{stem}.{ext}.retired"))) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(state_err(&p, StateOp::Retire, e)),
+    // The logs a merged log replaced first: without it they would be in service again.
+    let mut stems = replaced_by(dir, stem);
+    stems.push(stem.to_string());
+    for stem in &stems {
+        for ext in ["undo", "json"] {
+            let p = dir.join(format!("{stem}.{ext}"));
+            match fs::rename(&p, dir.join(format!("{stem}.{ext}.retired"))) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(state_err(&p, StateOp::Retire, e)),
+            }
         }
     }
     crate::durable::sync_dir(dir).map_err(|e| state_err(dir, StateOp::Fsync, e))
+}
+
+/// The logs the (merged) kept log `stem` replaces, as its record lists them; none if
+/// it cannot be read.
+fn replaced_by(dir: &Path, stem: &str) -> Vec<String> {
+    fs::read(dir.join(format!("{stem}.json")))
+        .ok()
+        .and_then(|b| super::state::unseal::<PointMeta>(&b).ok())
+        .map(|m| m.replaces)
+        .unwrap_or_default()
 }
 
 /// Deletes the kept log `stem` and its metadata (its point is consumed or discarded),
 /// durably.
 pub(crate) fn remove_point(state_dir: &Path, stem: &str) -> Result<(), TargetError> {
     let dir = points_dir(state_dir);
-    // The log first: metadata whose log is gone is never offered.
-    for ext in ["undo", "json"] {
-        let p = dir.join(format!("{stem}.{ext}"));
-        match fs::remove_file(&p) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(state_err(&p, StateOp::Remove, e)),
+    // The logs a merged log replaced first (left by an interrupted merge): without the
+    // merged log they would be in service again. Then the log before its metadata:
+    // metadata whose log is gone is never offered.
+    let mut stems = replaced_by(&dir, stem);
+    stems.push(stem.to_string());
+    for stem in &stems {
+        for ext in ["undo", "json"] {
+            let p = dir.join(format!("{stem}.{ext}"));
+            match fs::remove_file(&p) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(state_err(&p, StateOp::Remove, e)),
+            }
         }
     }
     crate::durable::sync_dir(&dir).map_err(|e| state_err(&dir, StateOp::Fsync, e))
