@@ -90,11 +90,12 @@ pub fn refuse_if_replica(cfg: &Config, command: &'static str) -> Result<(), CliE
 }
 
 /// `ferry reprotect`: see [`dataplane::source::reprotect`].
-pub fn reprotect(config: &Path, json: bool) -> Result<(), CliError> {
+pub fn reprotect(config: &Path, json: bool, discard_replica_changes: bool) -> Result<(), CliError> {
     let cfg = Config::load(config)?;
     let target = cfg.require_target("reprotect")?;
     let mut job = source::SyncJob::from_config(&cfg, ModeRequest::Auto)?;
     job.require_shim = true;
+    job.discard_replica_changes = discard_replica_changes;
     let disks = source::reprotect::plan(&job, &target.state_dir)?;
     if !json {
         println!(

@@ -113,6 +113,8 @@ pub enum CliError {
     Demo(Box<DemoError>),
     #[error(transparent)]
     Image(#[from] ImageError),
+    #[error(transparent)]
+    Check(crate::check::CheckFailed),
     /// Boxed: it can carry a whole source or target error.
     #[error(transparent)]
     Dr(Box<crate::dr::DrError>),
@@ -172,6 +174,7 @@ impl CliError {
             CliError::Demo(e) => demo_category(e),
             CliError::Image(e) => image_category(e),
             CliError::Dr(e) => dr_category(e),
+            CliError::Check(c) => c.category,
         }
     }
 }

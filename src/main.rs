@@ -2,12 +2,16 @@
 //! call into the crates, report.
 
 mod bench;
+mod check;
 mod demo;
 mod dr;
 mod error;
 mod imagegen;
 mod io_failure;
 mod logging;
+mod reporting;
+mod signals;
+mod status;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -39,12 +43,14 @@ enum Command {
     },
     /// Run the target writer in the foreground.
     Target {
+        /// The config file (TOML; every key is in docs/config.md).
         #[arg(long)]
         config: PathBuf,
     },
     /// Bring every configured disk's replica up to date, once; exit 0 only after the
     /// target acknowledged it as durable.
     Sync {
+        /// The config file (TOML; every key is in docs/config.md).
         #[arg(long)]
         config: PathBuf,
         /// Print one JSON object summarising the run.
@@ -70,6 +76,7 @@ enum Command {
     /// Replicate continuously: one epoch of the running shim every
     /// `epoch_interval_ms`, until SIGTERM or SIGINT (the epoch in progress completes).
     Source {
+        /// The config file (TOML; every key is in docs/config.md).
         #[arg(long)]
         config: PathBuf,
         /// The target refused a replica because something other than ferry wrote to
@@ -82,8 +89,35 @@ enum Command {
     /// Run the filter shim: serve every `[[disk]]` over NBD on its `nbd_socket` and
     /// track every write persistently (foreground; SIGTERM or SIGINT stops it cleanly).
     Shim {
+        /// The config file (TOML; every key is in docs/config.md).
         #[arg(long)]
         config: PathBuf,
+    },
+    /// How replication stands at this site: role, RPO, the epoch in flight, pending
+    /// changes, recent throughput, the last error; the target's replicas and points.
+    /// Reads only.
+    Status {
+        /// This site's config (either side, or both).
+        #[arg(long)]
+        config: PathBuf,
+        /// Print one JSON object (documented in the operator guide; fields are only
+        /// ever added).
+        #[arg(long)]
+        json: bool,
+        /// Print again every second until interrupted.
+        #[arg(long)]
+        watch: bool,
+    },
+    /// Validate a config without using it: the file, the key (format and mode), the
+    /// state directories, every disk; with --connect, reach the target and
+    /// authenticate (nothing is opened). Exit 0 when usable.
+    Check {
+        /// The config to check (either side, or both).
+        #[arg(long)]
+        config: PathBuf,
+        /// Also reach the target named in [source] and authenticate.
+        #[arg(long)]
+        connect: bool,
     },
     /// List the recovery points of the target's replicas (`ferry points [list]`), or
     /// keep one from retention by tagging it (`tag`, `untag`).
@@ -91,6 +125,7 @@ enum Command {
     Points {
         #[command(subcommand)]
         action: Option<PointsAction>,
+        /// The config file (TOML; every key is in docs/config.md).
         #[arg(long, required = true)]
         config: Option<PathBuf>,
         /// Print one JSON object.
@@ -116,6 +151,11 @@ enum Command {
         /// Print one JSON object summarising the run.
         #[arg(long)]
         json: bool,
+        /// The old primary's disks were written by something other than ferry after
+        /// `become-replica` (the target refuses them as changed): discard those writes;
+        /// their blocks are found by comparing every block of those disks.
+        #[arg(long)]
+        discard_replica_changes: bool,
     },
     /// At the old primary after a failover (VMs, shim and engine stopped): make this
     /// site's disks the replicas of the other site's. Its target records what each disk
@@ -131,6 +171,18 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Print a shell completion script: `ferry completions bash >
+    /// /etc/bash_completion.d/ferry`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write man pages (ferry.1 and one per subcommand) into a directory.
+    Manpages {
+        /// Where to write them (created if missing).
+        #[arg(long)]
+        out_dir: PathBuf,
+    },
     /// Show replication working end to end on sample disks, on loopback.
     Demo,
     /// Measure full-sync throughput on this machine.
@@ -141,6 +193,7 @@ enum Command {
 enum PointsAction {
     /// List the recovery points (the default).
     List {
+        /// The config file (TOML; every key is in docs/config.md).
         #[arg(long)]
         config: PathBuf,
         /// Print one JSON object.
@@ -149,6 +202,7 @@ enum PointsAction {
     },
     /// Name a recovery point: retention keeps it until it is untagged.
     Tag {
+        /// The config file (TOML; every key is in docs/config.md).
         #[arg(long)]
         config: PathBuf,
         /// The point, as `ferry points` lists it (any epoch of its run).
@@ -159,6 +213,7 @@ enum PointsAction {
     },
     /// Remove a tag: retention may merge the point away again.
     Untag {
+        /// The config file (TOML; every key is in docs/config.md).
         #[arg(long)]
         config: PathBuf,
         /// The tag's name, or the tagged point's id.
@@ -185,6 +240,7 @@ enum FailoverAction {
     /// `<state_dir>/failover/`, as image files a test VM can boot from and write to.
     /// Replication goes on; it waits only while the images are being made.
     Test {
+        /// The config file (TOML; every key is in docs/config.md).
         #[arg(long)]
         config: PathBuf,
         /// Recovery point id (an epoch, see `ferry points`); default: the latest.
@@ -193,6 +249,7 @@ enum FailoverAction {
     },
     /// Discard the test-failover images and everything written to them.
     Cleanup {
+        /// The config file (TOML; every key is in docs/config.md).
         #[arg(long)]
         config: PathBuf,
     },
@@ -283,9 +340,25 @@ fn main() -> ExitCode {
             // clap requires --config without a subcommand.
             (None, None) => Err(CliError::NoRecoveryPoints),
         },
+        Command::Check { config, connect } => check::run(&config, connect),
+        Command::Status {
+            config,
+            json,
+            watch,
+        } => status::run(&config, json, watch),
         Command::Failover { action } => failover(action),
-        Command::Reprotect { config, json } => dr::reprotect(&config, json),
+        Command::Reprotect {
+            config,
+            json,
+            discard_replica_changes,
+        } => dr::reprotect(&config, json, discard_replica_changes),
         Command::BecomeReplica { config, force } => dr::become_replica(&config, force),
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(shell, &mut Cli::command(), "ferry", &mut std::io::stdout());
+            Ok(())
+        }
+        Command::Manpages { out_dir } => manpages(&out_dir),
         Command::Demo => demo::run().map_err(CliError::from),
         Command::Bench(args) => bench::run(&args),
     };
@@ -311,6 +384,29 @@ fn keygen(out: Option<&std::path::Path>) -> Result<(), CliError> {
     }
 }
 
+/// `ferry manpages`: ferry.1 and ferry-<subcommand>.1.
+fn manpages(out_dir: &std::path::Path) -> Result<(), CliError> {
+    use clap::CommandFactory;
+    std::fs::create_dir_all(out_dir)
+        .map_err(io_failure::IoFailure::on("cannot create", out_dir))?;
+    let cmd = Cli::command();
+    let mut pages = vec![("ferry".to_string(), cmd.clone())];
+    for sub in cmd.get_subcommands() {
+        pages.push((format!("ferry-{}", sub.get_name()), sub.clone()));
+    }
+    for (name, page) in pages {
+        let path = out_dir.join(format!("{name}.1"));
+        let mut bytes = Vec::new();
+        clap_mangen::Man::new(page)
+            .title(name.clone())
+            .render(&mut bytes)
+            .and_then(|()| std::fs::write(&path, bytes))
+            .map_err(io_failure::IoFailure::on("cannot write", &path))?;
+        println!("{}", path.display());
+    }
+    Ok(())
+}
+
 fn load(config: &std::path::Path) -> Result<Config, CliError> {
     Ok(Config::load(config)?)
 }
@@ -318,6 +414,12 @@ fn load(config: &std::path::Path) -> Result<Config, CliError> {
 fn target(config: &std::path::Path) -> Result<(), CliError> {
     let cfg = load(config)?;
     let job = dataplane::writer::TargetJob::from_config(&cfg)?;
+    signals::install(
+        || {
+            "stopping now: an epoch being applied is rolled back at the next start (nothing acknowledged is lost)".to_string()
+        },
+        true,
+    );
     Ok(dataplane::writer::run(job)?)
 }
 
@@ -368,7 +470,12 @@ fn sync(
         }
         job.disks.retain(|d| only.contains(&d.name));
     }
-    print_sync_report(&source::sync(&job)?, json);
+    let progress = source::progress::Progress::new();
+    job.progress = Some(progress.clone());
+    let watcher = reporting::Watcher::for_sync(progress);
+    let report = source::sync(&job);
+    drop(watcher);
+    print_sync_report(&report?, json);
     Ok(())
 }
 
@@ -400,45 +507,63 @@ pub(crate) fn print_sync_report(report: &source::SyncReport, json: bool) {
     }
 }
 
-/// Set by SIGTERM/SIGINT; the shim polls it and shuts down cleanly (its clean-shutdown
-/// record is what lets the next start trust the bitmap without a resync).
-static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-extern "C" fn request_stop(_signal: libc::c_int) {
-    // Only an atomic store: async-signal-safe.
-    STOP.store(true, std::sync::atomic::Ordering::SeqCst);
-}
-
-fn install_stop_handlers() {
-    for signal in [libc::SIGTERM, libc::SIGINT] {
-        // SAFETY: the handler only stores to a static atomic, which is async-signal-safe;
-        // `request_stop` has the signature signal(2) expects.
-        unsafe {
-            libc::signal(
-                signal,
-                request_stop as extern "C" fn(libc::c_int) as libc::sighandler_t,
-            );
-        }
-    }
-}
-
 fn source_loop(config: &std::path::Path, discard_replica_changes: bool) -> Result<(), CliError> {
     let cfg = load(config)?;
     dr::refuse_if_replica(&cfg, "source")?;
     let interval = cfg.require_source("source")?.epoch_interval();
     let mut job = source::SyncJob::from_config(&cfg, ModeRequest::Auto)?;
     job.discard_replica_changes = discard_replica_changes;
-    install_stop_handlers();
     tracing::info!(
         target = %job.target,
         disks = job.disks.len(),
         interval_ms = interval.as_millis() as u64,
         "continuous replication starting"
     );
-    let mut last_ok: Option<std::time::Instant> = None;
-    let result = source::continuous::run(&job, interval, &STOP, &mut |round| match round {
+    let progress = source::progress::Progress::new();
+    job.progress = Some(progress.clone());
+    let in_flight = progress.clone();
+    signals::install(
+        move || {
+            let s = in_flight.snapshot();
+            if s.phase == source::progress::Phase::Idle {
+                "no epoch in flight; stopping".to_string()
+            } else {
+                format!(
+                    "finishing {} before stopping (a second SIGINT aborts it safely)",
+                    reporting::describe(&s)
+                )
+            }
+        },
+        false,
+    );
+    let reporter = reporting::Reporter::new(job.state_dir.clone(), interval);
+    let watcher = reporting::Watcher::for_source(progress, reporter.clone());
+    let result = source::continuous::run(&job, interval, &signals::STOP, &mut |round| {
+        let behind = reporter.since_last_success_s();
+        reporter.round(
+            round,
+            round
+                .as_ref()
+                .err()
+                .is_some_and(source::continuous::needs_operator),
+        );
+        log_round(round, behind)
+    });
+    drop(watcher);
+    match &result {
+        Ok(()) => reporter.stopped("stopped by a signal"),
+        Err(e) => reporter.stopped(&chain(e)),
+    }
+    result?;
+    tracing::info!("continuous replication stopped");
+    Ok(())
+}
+
+/// Logs one round of `ferry source`; `behind`: seconds since the last acknowledged
+/// epoch before it, if there was one (this run or an earlier one).
+fn log_round(round: source::continuous::Round<'_>, behind: Option<f64>) {
+    match round {
         Ok(r) => {
-            last_ok = Some(std::time::Instant::now());
             let modes: Vec<String> = r
                 .disks
                 .iter()
@@ -460,20 +585,18 @@ fn source_loop(config: &std::path::Path, discard_replica_changes: bool) -> Resul
                 chain(e)
             );
         }
-        Err(e) => {
-            let behind = last_ok.map(|t| t.elapsed().as_secs_f64());
-            tracing::error!(
-                since_last_epoch_s = behind
-                    .map(|s| format!("{s:.1}"))
-                    .unwrap_or_else(|| "never".into()),
+        Err(e) => match behind {
+            Some(s) => tracing::error!(
+                since_last_epoch_s = format_args!("{s:.1}"),
                 "epoch failed (nothing is lost; the next one carries its blocks): {}",
                 chain(e)
-            );
-        }
-    });
-    result?;
-    tracing::info!("continuous replication stopped");
-    Ok(())
+            ),
+            None => tracing::error!(
+                "epoch failed (nothing is lost; the next one carries its blocks; no epoch was acknowledged yet): {}",
+                chain(e)
+            ),
+        },
+    }
 }
 
 fn shim(config: &std::path::Path) -> Result<(), CliError> {
@@ -511,12 +634,22 @@ fn shim(config: &std::path::Path) -> Result<(), CliError> {
         disk.writes_refused = demoted;
         disks.push(disk);
     }
-    install_stop_handlers();
+    signals::install(
+        || {
+            "closing the NBD connections, syncing the disks and the bitmaps, then stopping"
+                .to_string()
+        },
+        false,
+    );
     let control = filter_driver_shim::control::ControlConfig {
         path: source.state_dir.join(source::SHIM_CONTROL_SOCKET),
         freeze_idle_timeout: source.freeze_idle_timeout(),
     };
-    Ok(filter_driver_shim::serve(disks, Some(control), &STOP)?)
+    Ok(filter_driver_shim::serve(
+        disks,
+        Some(control),
+        &signals::STOP,
+    )?)
 }
 
 fn points(config: &std::path::Path, json: bool) -> Result<(), CliError> {
@@ -797,6 +930,7 @@ fn describe_site(site: &dataplane::writer::role::SiteRecord) -> String {
 
 fn failover_planned(config: &std::path::Path) -> Result<(), CliError> {
     let cfg = load(config)?;
+    dr::refuse_if_replica(&cfg, "failover planned")?;
     let job = source::SyncJob::from_config(&cfg, ModeRequest::Auto)?;
     println!(
         "planned failover to {}: the shim refuses every write from now on (shut the VMs down first), a final epoch carries everything acknowledged, then the target promotes its replicas",

@@ -159,6 +159,9 @@ pub enum Expected {
     NonEmptyPath,
     #[error("host:port with a port in 1..=65535 (e.g. \"127.0.0.1:7410\" or \"[::1]:7410\")")]
     HostPort,
+    /// A rate or a schedule rule; the error says what form.
+    #[error("{0}")]
+    Rate(crate::source::throttle::RateError),
     #[error("a name not used by another [[disk]]")]
     UniqueName,
     #[error("a path not used by another [[disk]]")]
@@ -284,6 +287,14 @@ pub struct SourceConfig {
     /// Time between epochs in continuous replication.
     #[serde(default = "default_epoch_interval_ms")]
     pub epoch_interval_ms: u64,
+    /// Most bytes per second on the wire, e.g. `"200Mbit"`; unset: no limit. See
+    /// [`crate::source::throttle`].
+    #[serde(default)]
+    pub max_rate: Option<String>,
+    /// Rules `"DAYS HH:MM-HH:MM = RATE"` (local time) that override `max_rate` while
+    /// they apply; the first matching rule wins.
+    #[serde(default)]
+    pub max_rate_schedule: Vec<String>,
     /// `ferry shim`: an epoch whose control connection sends no request for this long
     /// is aborted. Default: [`FREEZE_IDLE_TIMEOUT_PER_IO_TIMEOUT`] × `io_timeout_ms`;
     /// see [`SourceConfig::freeze_idle_timeout`].
@@ -421,6 +432,19 @@ impl SourceConfig {
     /// `io_timeout_ms` as a duration.
     pub fn io_timeout(&self) -> Duration {
         Duration::from_millis(self.io_timeout_ms)
+    }
+
+    /// The bandwidth limit of `max_rate` and `max_rate_schedule` (checked at load).
+    pub fn limit(&self) -> crate::source::throttle::Limit {
+        use crate::source::throttle::{Limit, Rate, Rule};
+        Limit {
+            default: self.max_rate.as_deref().and_then(|r| Rate::parse(r).ok()),
+            rules: self
+                .max_rate_schedule
+                .iter()
+                .filter_map(|r| Rule::parse(r).ok())
+                .collect(),
+        }
     }
 
     /// `epoch_interval_ms` as a duration.
@@ -673,6 +697,20 @@ impl Validator<'_> {
                 ms,
                 &FREEZE_IDLE_TIMEOUT_MS_RANGE,
             )?;
+        }
+        if let Some(rate) = &s.max_rate {
+            crate::source::throttle::Rate::parse(rate).map_err(|e| {
+                self.invalid("source.max_rate", format!("{rate:?}"), Expected::Rate(e))
+            })?;
+        }
+        for (i, rule) in s.max_rate_schedule.iter().enumerate() {
+            crate::source::throttle::Rule::parse(rule).map_err(|e| {
+                self.invalid(
+                    format!("source.max_rate_schedule[{i}]"),
+                    format!("{rule:?}"),
+                    Expected::Rate(e),
+                )
+            })?;
         }
         Ok(())
     }

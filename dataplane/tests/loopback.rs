@@ -35,6 +35,7 @@ fn start_target(
             minutes: 0,
             grid: Vec::new(),
         },
+        own_source_state: None,
     };
     let target = Target::bind(job).unwrap();
     let addr = target.local_addr().unwrap().to_string();
@@ -76,6 +77,8 @@ fn job(
         discard_replica_changes: false,
         promote: false,
         reprotect: None,
+        progress: None,
+        throttle: None,
     }
 }
 

@@ -46,6 +46,7 @@ use filter_driver_shim_contract::control::{
     Done, EpochId, EpochStatus, FreezeDisk, FreezeReply, ImageAtBirth, Pauses, Refusal, Request,
     StatusDisk, StatusReply,
 };
+use filter_driver_shim_contract::engine_status::EngineStatus;
 use filter_driver_shim_contract::GenerationId;
 use serde::Serialize;
 
@@ -116,12 +117,16 @@ pub(crate) struct ControlState {
     clients: AtomicUsize,
     pauses: Mutex<Pauses>,
     freeze_idle_timeout: Duration,
+    /// The directory of the control socket: the engine reports itself there (see
+    /// [`EngineStatus`]), and `status` passes it on.
+    state_dir: Option<PathBuf>,
 }
 
 impl ControlState {
     pub(crate) fn new(
         disks: Arc<Vec<Arc<ServedDisk>>>,
         freeze_idle_timeout: Duration,
+        state_dir: Option<PathBuf>,
     ) -> ControlState {
         // Epoch ids differ across shim restarts, so an engine holding an id from a
         // previous shim can never have it confirmed by this one.
@@ -136,6 +141,7 @@ impl ControlState {
             clients: AtomicUsize::new(0),
             pauses: Mutex::new(Pauses::default()),
             freeze_idle_timeout,
+            state_dir,
         }
     }
 }
@@ -284,6 +290,7 @@ impl Client<'_> {
             epoch,
             pauses,
             disks: disks.iter().map(|d| status_disk(&d.status())).collect(),
+            engine: self.state.state_dir.as_deref().and_then(EngineStatus::load),
         }
     }
 

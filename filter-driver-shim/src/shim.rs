@@ -450,7 +450,11 @@ impl Shim {
                 thread::Builder::new()
                     .name("shim-control".into())
                     .spawn(move || {
-                        let state = control::ControlState::new(disks, control.freeze_idle_timeout);
+                        let state = control::ControlState::new(
+                            disks,
+                            control.freeze_idle_timeout,
+                            control.path.parent().map(Path::to_path_buf),
+                        );
                         control::serve(listener, Arc::new(state), stop)
                     })
                     .map_err(|source| ShimError::Io {

@@ -190,6 +190,7 @@ impl Rig {
                 minutes: 0,
                 grid: Vec::new(),
             },
+            own_source_state: None,
         };
         let target = Target::bind(job.clone()).map_err(DemoError::TargetStart)?;
         let addr = target.local_addr().map_err(DemoError::TargetAddr)?;
@@ -231,6 +232,8 @@ impl Rig {
             discard_replica_changes: false,
             promote: false,
             reprotect: None,
+            progress: None,
+            throttle: None,
         }
     }
 }

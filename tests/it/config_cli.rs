@@ -608,3 +608,120 @@ fn an_invalid_log_filter_is_refused_with_a_usage_error() {
         assert!(out.stdout.is_empty(), "nothing done: {:?}", out.stdout);
     }
 }
+
+#[test]
+fn check_validates_a_config_and_connect_authenticates_without_opening_anything() {
+    let s = Setup::new();
+    let target = TargetProc::start(s.dir.path(), &s.key, &[("a", &s.path("a.replica"))], "");
+    let source = s.write("source.toml", &s.source_text(target.port, "", ""));
+    let check = |config: &Path, connect: bool| {
+        let mut args: Vec<&OsStr> = vec!["check".as_ref(), "--config".as_ref(), config.as_os_str()];
+        if connect {
+            args.push("--connect".as_ref());
+        }
+        ferry(&args)
+    };
+    let run = check(&source, true);
+    assert!(run.success(), "{}{}", run.stdout, run.stderr);
+    assert!(
+        run.stdout.contains("reached and authenticated"),
+        "{}",
+        run.stdout
+    );
+    assert!(
+        run.stdout.contains("the config is usable"),
+        "{}",
+        run.stdout
+    );
+    // Nothing was opened: no replica, no record.
+    assert!(!s.path("a.replica").exists());
+    assert!(
+        target.stderr().contains("a connection check"),
+        "{}",
+        target.stderr()
+    );
+    // The target's own config checks too.
+    let run = check(&target.config, false);
+    assert!(run.success(), "{}{}", run.stdout, run.stderr);
+    assert!(
+        run.stdout.contains("created at the first sync"),
+        "{}",
+        run.stdout
+    );
+
+    // A key others can read: usable, with a warning.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&s.key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let run = check(&source, false);
+    assert!(
+        run.success() && run.stdout.contains("warn key"),
+        "{}",
+        run.stdout
+    );
+    std::fs::set_permissions(&s.key, std::fs::Permissions::from_mode(0o600)).unwrap();
+
+    // A missing disk: a failure naming it (local I/O, exit 7).
+    let missing = s.write(
+        "missing.toml",
+        &s.source_text(target.port, "", "")
+            .replace("a.img", "nope.img"),
+    );
+    let run = check(&missing, false);
+    assert_eq!(run.status.code(), Some(7), "{}{}", run.stdout, run.stderr);
+    assert!(run.stdout.contains("FAIL disk a"), "{}", run.stdout);
+
+    // Another key: authentication fails (exit 4).
+    let other = s.path("other.key");
+    keygen(&other);
+    let wrong = s.write(
+        "wrong.toml",
+        &s.source_text(target.port, "", "")
+            .replace(&toml_path(&s.key), &toml_path(&other)),
+    );
+    let run = check(&wrong, true);
+    assert_eq!(run.status.code(), Some(4), "{}{}", run.stdout, run.stderr);
+    // Nobody listening: retryable (exit 5).
+    let nobody = s.write("nobody.toml", &s.source_text(free_port(), "", ""));
+    let run = check(&nobody, true);
+    assert_eq!(run.status.code(), Some(5), "{}{}", run.stdout, run.stderr);
+}
+
+#[test]
+fn completions_and_man_pages_are_generated() {
+    let run = ferry(&["completions".as_ref(), "bash".as_ref()]);
+    assert!(
+        run.success() && run.stdout.contains("_ferry()"),
+        "{}",
+        run.stderr
+    );
+    assert!(run.stdout.contains("reprotect") && run.stdout.contains("status"));
+    let dir = scratch_dir();
+    let out = dir.path().join("man");
+    let run = ferry(&["manpages".as_ref(), "--out-dir".as_ref(), out.as_os_str()]);
+    assert!(run.success(), "{}", run.stderr);
+    let page = std::fs::read_to_string(out.join("ferry-status.1")).unwrap();
+    assert!(page.contains(".TH") && page.contains("RPO"), "{page}");
+    assert!(out.join("ferry.1").exists());
+}
+
+/// The systemd units shipped in `packaging/systemd/` are the ones the operator guide
+/// shows, byte for byte: a fix to one is a fix to both.
+#[test]
+fn shipped_unit_files_are_the_operator_guides() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let guide = std::fs::read_to_string(root.join("docs/operator-guide.md")).unwrap();
+    let dir = root.join("packaging/systemd");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let unit = std::fs::read_to_string(&path).unwrap();
+        assert!(
+            guide.contains(&format!("```ini\n{unit}```")),
+            "{} differs from its block in docs/operator-guide.md",
+            path.display()
+        );
+        assert!(unit.starts_with("[Unit]"), "{}", path.display());
+        seen += 1;
+    }
+    assert_eq!(seen, 5, "target, shim, source, sync service and timer");
+}

@@ -9,6 +9,7 @@ mod common;
 
 mod atomic_epochs;
 mod bad_input;
+mod bandwidth;
 mod commit_integrity;
 mod config_cli;
 mod differential;
@@ -27,6 +28,8 @@ mod reprotect;
 mod session_limits;
 mod shim_control;
 mod shim_reconnect;
+mod signals;
 mod split_brain;
+mod status;
 mod uring_forced;
 mod vm_boot;

@@ -365,3 +365,62 @@ fn reverse_replication_survives_a_crash_or_a_full_disk_at_every_durable_step() {
         );
     }
 }
+
+#[test]
+fn a_replica_written_after_become_replica_is_refused_until_its_changes_are_discarded() {
+    let seed = test_seed("reprotect_discard");
+    let mut rng = Rng::new(seed);
+    let dir = scratch_dir();
+    let (mut a, mut b) = sites::pair(dir.path(), &[("os", 8 << 20)], |image, size| {
+        let f = create_sparse(image, size);
+        let mut buf = vec![0u8; (size / 2) as usize];
+        rng.fill(&mut buf);
+        use std::os::unix::fs::FileExt;
+        f.write_all_at(&buf, 0).unwrap();
+    });
+    let mut rng = Rng::new(seed ^ 9);
+    b.start_target();
+    a.start_shim();
+    a.ferry_ok(&["sync", "--json"]);
+    a.ferry_ok(&["failover", "planned"]);
+    a.stop_shim();
+    b.kill_target();
+    b.ferry_ok(&["failover", "commit"]);
+    // Before become-replica, the old primary's target refuses: its disks are still
+    // the primary's.
+    a.start_target();
+    b.start_shim();
+    b.write(&mut rng, 0.05);
+    let r = b.ferry(&["reprotect"]);
+    assert_eq!(r.status.code(), Some(8), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("this site is its primary"),
+        "{}",
+        r.stderr
+    );
+    a.kill_target();
+    a.ferry_ok(&["become-replica"]);
+    // Something writes the old primary's disk behind ferry's back.
+    {
+        use std::os::unix::fs::FileExt;
+        let f = open_rw(&a.disks[0].image);
+        f.write_all_at(&[0x77; 65536], 3 << 20).unwrap();
+        f.set_modified(std::time::SystemTime::now() + Duration::from_secs(2))
+            .unwrap();
+    }
+    a.start_target();
+    let r = b.ferry(&["reprotect"]);
+    assert!(!r.success(), "{}", r.stdout);
+    assert!(
+        r.stderr
+            .contains("was changed by something other than this target"),
+        "{}",
+        r.stderr
+    );
+    let r = b
+        .ferry_ok(&["reprotect", "--json", "--discard-replica-changes"])
+        .json();
+    assert!(modes_of(&r).iter().all(|m| m == "reprotect"), "{r}");
+    b.stop_shim();
+    assert_same(&a, &b, "after discarding the replica's own changes");
+}

@@ -6,13 +6,16 @@
 //! changed-block bitmap) — and streams the blocks through the [`pipeline`]. It returns
 //! only after the target acknowledged the epoch as durable.
 
+pub mod abort;
 pub mod continuous;
 pub mod failover;
 pub mod live;
 pub mod lock;
 pub mod pipeline;
 pub mod plan;
+pub mod progress;
 pub mod reprotect;
+pub mod throttle;
 
 use std::net::{TcpStream, ToSocketAddrs};
 use std::path::{Path, PathBuf};
@@ -304,6 +307,10 @@ pub struct SyncJob {
     /// promoted from. A disk whose replica already holds the shim's generation (the
     /// reverse epoch committed) goes as a changed-block epoch.
     pub reprotect: Option<Vec<reprotect::ReprotectDisk>>,
+    /// Where the engine reports how far each sync is (see [`progress`]).
+    pub progress: Option<std::sync::Arc<progress::Progress>>,
+    /// The bandwidth limit, shared by every sync of the engine (see [`throttle`]).
+    pub throttle: Option<std::sync::Arc<throttle::Throttle>>,
 }
 
 impl std::fmt::Debug for SyncJob {
@@ -360,6 +367,11 @@ impl SyncJob {
             discard_replica_changes: false,
             promote: false,
             reprotect: None,
+            progress: None,
+            throttle: {
+                let limit = source.limit();
+                (!limit.is_unlimited()).then(|| std::sync::Arc::new(throttle::Throttle::new(limit)))
+            },
         })
     }
 }
@@ -381,6 +393,11 @@ pub struct SyncReport {
     pub bytes_logical: u64,
     /// Bytes put on the wire (frames, headers included).
     pub bytes_sent: u64,
+    /// Uncompressed bytes of the blocks whose data travelled (with `bytes_sent`, the
+    /// compression ratio).
+    pub bytes_payload: u64,
+    /// Seconds the bandwidth limit (`max_rate`) held this sync back.
+    pub throttled_s: f64,
     /// Blocks whose data travelled.
     pub blocks_sent: u64,
     /// Blocks that travelled as zero records (no data).
@@ -474,6 +491,10 @@ pub fn sync(job: &SyncJob) -> Result<SyncReport, SourceError> {
 /// [`sync`] by an engine that already holds the state directory's lock (`ferry
 /// source` holds it for its whole life).
 pub fn sync_locked(job: &SyncJob, _lock: &EngineLock) -> Result<SyncReport, SourceError> {
+    let _tracking = progress::Tracking(job.progress.as_deref());
+    if let Some(p) = &job.progress {
+        p.begin();
+    }
     if !job.promote {
         // A planned failover's own final epoch runs once its demotion is begun.
         failover::refuse_if_demoted(&job.state_dir)?;
@@ -907,6 +928,9 @@ fn run_epoch(
     let mut busy_retries = 0;
     let (epoch, stats, applied) = loop {
         let epoch = disks.iter().map(|d| d.base_epoch).max().unwrap_or(0) + 1;
+        if let Some(p) = &job.progress {
+            p.set_epoch(epoch);
+        }
         let conn = match connected.take() {
             Some(c) => c,
             None => open_connection(job)?,
@@ -979,6 +1003,21 @@ fn open_connection(job: &SyncJob) -> Result<Connection, SourceError> {
     Ok(Connection { reader, writer })
 }
 
+/// Reaches the target of `job` and authenticates, then closes the connection without
+/// opening anything (`ferry check --connect`); the protocol version agreed.
+pub fn probe_target(job: &SyncJob) -> Result<u16, SourceError> {
+    let stream = connect(&job.target, job.connect_timeout)?;
+    let setup = |e| SourceError::Connect {
+        addr: job.target.clone(),
+        source: e,
+    };
+    crate::protocol::tune_socket(&stream, job.io_timeout).map_err(setup)?;
+    let read_half = stream.try_clone().map_err(setup)?;
+    let mut reader = FrameReader::new(std::io::BufReader::new(read_half));
+    let mut writer = FrameWriter::new(stream);
+    Ok(auth::client_handshake(&mut reader, &mut writer, &job.psk)?)
+}
+
 /// One session on `conn`: stream the epoch, wait for the acknowledgement.
 fn session_once(
     job: &SyncJob,
@@ -993,6 +1032,7 @@ fn session_once(
         mut writer,
     } = conn;
     let watch_fd = std::os::fd::AsRawFd::as_raw_fd(writer.get_ref());
+    let published = abort::publish(watch_fd);
     let result = run_session(
         job,
         disks,
@@ -1003,6 +1043,7 @@ fn session_once(
         watch_fd,
         before_commit,
     );
+    drop(published);
     // The target may have said why it stopped; prefer its words.
     result.map_err(|e| explain(e, &mut reader))
 }
@@ -1021,6 +1062,8 @@ fn report(
         epoch,
         bytes_logical,
         bytes_sent: stats.bytes_sent,
+        bytes_payload: stats.bytes_payload_logical,
+        throttled_s: stats.throttled_s,
         blocks_sent: stats.blocks_sent,
         zero_blocks_sent: stats.zero_blocks,
         bytes_read: stats.bytes_read,
@@ -1223,6 +1266,14 @@ fn run_session<R: std::io::Read, W: std::io::Write>(
         .iter()
         .any(|d| matches!(d.mode, SyncMode::Seeded | SyncMode::Reprotect))
     {
+        if let Some(p) = &job.progress {
+            let compared = disks
+                .iter()
+                .filter(|d| d.mode == SyncMode::Seeded || d.compare)
+                .map(|d| d.disk.size())
+                .sum();
+            p.enter(progress::Phase::Comparing, compared);
+        }
         let cfg = pipeline_config(job, Output::Hashes, watch_fd);
         let hashes = seed_compare(job, &cfg, disks, &infos, reader, writer, &mut buf)?;
         // Hashing sends no blocks: only the data phase counts what travelled.
@@ -1231,8 +1282,14 @@ fn run_session<R: std::io::Read, W: std::io::Write>(
         total.zero_blocks = 0;
     }
     let cfg = pipeline_config(job, Output::Data, watch_fd);
+    if let Some(p) = &job.progress {
+        p.enter(progress::Phase::Sending, data_bytes(job, disks));
+    }
     let (stats, manifests) = stream_data(job, &cfg, disks, &infos, writer)?;
     add(&mut total, &stats);
+    if let Some(p) = &job.progress {
+        p.enter(progress::Phase::Committing, 0);
+    }
     before_commit()?;
     let bytes_applied = commit_epoch(epoch, &manifests, reader, writer, &mut buf)?;
     // The Open and Commit frames (headers and payloads) went on the wire too.
@@ -1347,6 +1404,7 @@ fn pipeline_config(job: &SyncJob, output: Output, watch_fd: std::os::fd::RawFd) 
         engine: job.engine,
         output,
         watch_fd: Some(watch_fd),
+        throttle: job.throttle.clone(),
     }
 }
 
@@ -1376,7 +1434,8 @@ fn seed_compare<R: std::io::Read, W: std::io::Write>(
         .filter(|(_, d)| d.mode == SyncMode::Seeded || d.compare)
         .map(|(i, d)| extent_plan(&d.disk, geometry(job, i, d), true))
         .collect();
-    let stats = pipeline::run(cfg, infos, plans.into_iter().flatten(), writer, None)?;
+    let plan = progress::counted(plans.into_iter().flatten(), job.progress.as_deref());
+    let stats = pipeline::run(cfg, infos, plan, writer, None)?;
     writer.send(FrameKind::HashesDone, &[])?;
     for d in disks.iter_mut().filter(|d| d.mode == SyncMode::Seeded) {
         let bitmap = ChangedBlockBitmap::new(
@@ -1453,6 +1512,17 @@ fn mark_diff_run(
         })
 }
 
+/// Bytes of disk the data phase covers: each bitmap's blocks, or the whole disk.
+fn data_bytes(job: &SyncJob, disks: &[OpenedDisk]) -> u64 {
+    disks
+        .iter()
+        .map(|d| match &d.bitmap {
+            Some(b) => (b.count() * job.block_size as u64).min(d.disk.size()),
+            None => d.disk.size(),
+        })
+        .sum()
+}
+
 /// Streams every block to send (a bitmap's dirty blocks, or the whole disk) and returns
 /// what went on the wire per disk, for the target to check before it commits.
 fn stream_data<W: std::io::Write>(
@@ -1471,13 +1541,8 @@ fn stream_data<W: std::io::Write>(
         })
         .collect();
     let mut manifests = vec![ManifestBuilder::new(); disks.len()];
-    let stats = pipeline::run(
-        cfg,
-        infos,
-        plans.into_iter().flatten(),
-        writer,
-        Some(&mut manifests),
-    )?;
+    let plan = progress::counted(plans.into_iter().flatten(), job.progress.as_deref());
+    let stats = pipeline::run(cfg, infos, plan, writer, Some(&mut manifests))?;
     let manifests = manifests.iter().map(ManifestBuilder::finish).collect();
     Ok((stats, manifests))
 }
@@ -1524,6 +1589,7 @@ fn add(total: &mut PipelineStats, s: &PipelineStats) {
     total.zero_blocks += s.zero_blocks;
     total.bytes_read += s.bytes_read;
     total.bytes_payload_logical += s.bytes_payload_logical;
+    total.throttled_s += s.throttled_s;
 }
 
 fn extent_plan<'a>(disk: &'a Disk, g: Geometry, emit_holes: bool) -> BoxedPlan<'a> {

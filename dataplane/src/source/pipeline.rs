@@ -90,6 +90,8 @@ pub struct PipelineConfig {
     /// The session's socket: checked for readability before each frame, since the
     /// target speaks during a stream only to say why it stopped.
     pub watch_fd: Option<RawFd>,
+    /// The bandwidth limit the sender pays every frame into.
+    pub throttle: Option<std::sync::Arc<super::throttle::Throttle>>,
 }
 
 /// Counters the sender keeps.
@@ -105,6 +107,8 @@ pub struct PipelineStats {
     pub bytes_read: u64,
     /// Uncompressed bytes of the blocks that travelled.
     pub bytes_payload_logical: u64,
+    /// Seconds the sender slept for the bandwidth limit.
+    pub throttled_s: f64,
 }
 
 /// Slots in the reader's pool beyond the queue depth: enough for every worker to hold
@@ -1129,6 +1133,13 @@ fn sender_loop<W: Write>(
         msg.release(&mut input_return, &mut output_returns[w]);
         let bytes = sent?;
         stats.bytes_sent += bytes as u64;
+        if let Some(t) = &cfg.throttle {
+            // After the frame, not before: the frame's deadline does not run while
+            // the sender sleeps off what it cost.
+            let before = t.held_s();
+            t.paid(bytes);
+            stats.throttled_s += t.held_s() - before;
+        }
         if let Some((len, frame)) = read {
             stats.zero_blocks += frame.zero_blocks;
             stats.blocks_sent += frame.data_blocks;
@@ -1393,6 +1404,7 @@ mod tests {
                     engine,
                     output: Output::Data,
                     watch_fd: None,
+                    throttle: None,
                 };
                 let mut writer = FrameWriter::new(Vec::new());
                 let mut manifests = vec![ManifestBuilder::new(); 2];

@@ -73,6 +73,10 @@ pub struct TargetJob {
     pub max_sessions: usize,
     /// Recovery points kept (see [`points`]).
     pub retention: points::Retention,
+    /// The `[source] state_dir` of a site whose config has both roles: a disk this
+    /// site's own engine replicates (it has a lineage there) is the primary's disk, and
+    /// this target refuses to write it.
+    pub own_source_state: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for TargetJob {
@@ -123,6 +127,7 @@ impl TargetJob {
                 minutes: target.retention_minutes,
                 grid: target.keep_grid.clone(),
             },
+            own_source_state: config.source.as_ref().map(|s| s.state_dir.clone()),
         })
     }
 }
@@ -248,6 +253,10 @@ pub enum TargetError {
     Apply(Arc<ApplyError>),
     #[error(transparent)]
     ChangeSet(reprotect::ChangeSetError),
+    /// The source authenticated and closed the connection without opening an epoch
+    /// (`ferry check --connect` does).
+    #[error("authenticated and closed without an epoch (a connection check)")]
+    ClosedBeforeOpen,
     /// A failover command refuses (see [`failover`]).
     #[error(transparent)]
     Failover(#[from] failover::FailoverError),
@@ -395,6 +404,9 @@ impl Target {
                         }
                         // A promoted site refusing a source is its role working, not
                         // a failure here; the source reports it as one.
+                        Err(e @ TargetError::ClosedBeforeOpen) => {
+                            tracing::info!("{peer}: {e}")
+                        }
                         Err(e @ TargetError::Rejected(Rejection::Fenced { .. })) => {
                             tracing::warn!("{peer}: refused: {}", crate::chain(&e))
                         }

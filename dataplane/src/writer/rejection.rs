@@ -150,6 +150,9 @@ pub enum Rejection {
         point: u64,
         promoting: bool,
     },
+    /// A site with both roles: its own engine replicates this disk out.
+    #[error("disk {disk}: this site is its primary (its engine replicates it: {}); a target writes only a replica — the site that sent this must not replicate here unless this site failed over or became the replica (`ferry become-replica`)", lineage.display())]
+    PrimaryHere { disk: String, lineage: PathBuf },
     #[error("a planned failover's final epoch must carry every disk of this target, and mark each for promotion; missing: {}", missing.join(", "))]
     PromoteNeedsAllDisks { missing: Vec<String> },
     /// Another program holds a lock on the replica (see [`super::stamp::hold`]).
@@ -305,7 +308,7 @@ impl Rejection {
                 ErrorCode::BaseMismatch
             }
             ReplicaChanged { .. } => ErrorCode::ReplicaChanged,
-            Fenced { .. } => ErrorCode::Fenced,
+            Fenced { .. } | PrimaryHere { .. } => ErrorCode::Fenced,
             OpenReplica { source, .. } => match source {
                 IoError::ReplicaTooSmall { .. } | IoError::ReplicaSizeMismatch { .. } => {
                     ErrorCode::ReplicaTooSmall

@@ -11,14 +11,24 @@
 //!
 //! ```text
 //!   replica ──failover unplanned──▶ promoting ──(logs applied)──▶ primary ──commit──▶ primary (committed)
-//!      ▲                               │ crash: rerun resumes          │ --point older (replicas untouched):
-//!      │                               ▼                               ▼ back to promoting
-//!   become-replica (after reprotect   fenced                          fenced
-//!   ran the other way, see reprotect)
+//!    ▲  │                            │ crash: rerun resumes        ▲  │ --point older                 │
+//!    │  │                            ▼                             │  ▼ back to promoting             │
+//!    │  │                          fenced                          │ fenced                           │
+//!    │  └── final epoch of failover planned, committed ────────────┘                                  │
+//!    │                                                                                                │
+//!    └── become-replica, after a failover to the other site: site.json removed ───────────────────────┘
 //! ```
 //!
+//! A site is the replica while this record is absent and its target holds replica
+//! records; `ferry become-replica` (at the old primary, once the other site was failed
+//! over to) removes the record and writes those, and `ferry reprotect` from the other
+//! site then replicates back into its disks. Each site goes once round the cycle in a
+//! failover-and-failback round trip.
+//!
 //! The record keeps, per disk, the lineage the replica held when promoted (source
-//! generation and epoch): reverse replication will start from it.
+//! generation and epoch) and the replica's stamp then: `ferry reprotect` starts from
+//! that lineage, and trusts the shim's bits when their generation was born on an image
+//! that still matched the stamp.
 
 use std::path::{Path, PathBuf};
 

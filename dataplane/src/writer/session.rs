@@ -281,7 +281,18 @@ fn handshake<'s, R: std::io::Read, W: std::io::Write>(
     // A promoted site takes no epoch from anyone: refused at once, and checked again
     // under the apply lock, which a failover holds while it promotes the site.
     super::role::fence(&shared.job.state_dir)?;
-    let payload = reader.expect(FrameKind::Open, control)?;
+    let payload = match reader.read_frame(control)? {
+        Some((FrameKind::Open, payload)) => payload,
+        Some((found, _)) => {
+            return Err(crate::protocol::ProtocolError::Unexpected {
+                expected: FrameKind::Open,
+                found,
+            }
+            .into())
+        }
+        // Authenticated, then closed: a probe (`ferry check --connect`), not a failure.
+        None => return Err(TargetError::ClosedBeforeOpen),
+    };
     let apply_lock = super::apply_lock(&shared.job.state_dir, false)?;
     super::role::fence(&shared.job.state_dir)?;
     let announced = announced_batch(payload);
@@ -971,6 +982,16 @@ fn claim<'s>(shared: &'s Shared, names: &[String]) -> Result<BusyGuard<'s>, Targ
 /// replica's record, its replica opened (or created).
 fn open_disk(job: &super::TargetJob, e: &OpenDisk, name: &str) -> Result<OpenedDisk, TargetError> {
     let (geometry, mode) = entry_shape(e, name)?;
+    if let Some(sa) = &job.own_source_state {
+        let lineage = crate::source::SourceDiskState::path(sa, name);
+        if lineage.exists() {
+            return Err(Rejection::PrimaryHere {
+                disk: name.to_string(),
+                lineage,
+            }
+            .into());
+        }
+    }
     let record = ReplicaRecord::load(&job.state_dir, name)?;
     let path = &job
         .disks
@@ -1018,7 +1039,8 @@ fn open_disk(job: &super::TargetJob, e: &OpenDisk, name: &str) -> Result<OpenedD
                 let record = record
                     .as_ref()
                     .expect("check_base: reprotect needs a record");
-                !owe(&job.state_dir, name, record, &mut bitmap)?
+                // Changes made outside ferry are in no set: only a compare finds them.
+                discarded || !owe(&job.state_dir, name, record, &mut bitmap)?
             } else {
                 false
             };

@@ -293,13 +293,17 @@ pub struct Done {
 }
 
 /// The reply to `status`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StatusReply {
     pub ok: True,
     /// The epoch frozen now, if one is (JSON `null` otherwise).
     pub epoch: Option<EpochStatus>,
     pub pauses: Pauses,
     pub disks: Vec<StatusDisk>,
+    /// What the engine replicating these disks last reported (its
+    /// `engine-status.json` in the shim's state directory), if it ever ran.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub engine: Option<crate::engine_status::EngineStatus>,
 }
 
 /// The frozen epoch as `status` reports it.

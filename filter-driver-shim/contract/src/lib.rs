@@ -15,6 +15,7 @@
 
 pub mod bitmap;
 pub mod control;
+pub mod engine_status;
 pub mod epoch;
 pub mod generation;
 

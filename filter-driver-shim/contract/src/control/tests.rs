@@ -41,6 +41,7 @@ fn status_reply() -> StatusReply {
                 mtime_ns: 1_796_535_923_000_000_001,
             }),
         }],
+        engine: None,
     }
 }
 
@@ -155,6 +156,13 @@ fn every_reply_round_trips_through_its_json() {
     round_trip(&status_reply());
     round_trip(&StatusReply {
         epoch: None,
+        ..status_reply()
+    });
+    round_trip(&StatusReply {
+        engine: Some(crate::engine_status::EngineStatus {
+            pid: 42,
+            ..Default::default()
+        }),
         ..status_reply()
     });
     round_trip(&freeze_reply());

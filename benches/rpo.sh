@@ -1,0 +1,121 @@
+#!/usr/bin/env bash
+# RPO under load, at the shipped defaults: a guest (fio's nbd engine) writes through
+# `ferry shim` at a set rate while `ferry source` replicates to `ferry target` on
+# loopback; the RPO is computed from the engine's own records, not guessed.
+#
+#   RPO at an instant = now - the start of the newest acknowledged epoch (its point in
+#   time is its freeze, which follows the start at once). It peaks just before each
+#   acknowledgement: at the acknowledgement of epoch k it is ack(k) - start(k-1). The
+#   script reads every `epoch durable on the target` event of `ferry source
+#   --log-format json` (timestamp = acknowledgement, `seconds` = duration, so start =
+#   ack - seconds) and reports the peaks' p50, p99 and max, and whether the RPO grew
+#   from the first half of the run to the second (a replica falling behind).
+#
+# usage: benches/rpo.sh
+# env:   RATE=50m (fio rate, bytes/s)  BS=4k  RUNTIME=60 (seconds)  SIZE_MIB=1024
+#        INTERVAL_MS=1000 (epoch_interval_ms; the only setting that is not a default)
+#        WORK=/dev/shm/ferry-rpo.$$  FERRY=target/release/ferry  KEEP=0
+# needs: fio with its nbd engine, python3. Installs nothing.
+set -Eeuo pipefail
+
+rate=${RATE:-50m}
+bs=${BS:-4k}
+runtime=${RUNTIME:-60}
+size_mib=${SIZE_MIB:-1024}
+interval_ms=${INTERVAL_MS:-1000}
+root=$(cd "$(dirname "$0")/.." && pwd)
+shm=/dev/shm
+[ -d "$shm" ] || shm=${TMPDIR:-/tmp}
+work=${WORK:-$shm/ferry-rpo.$$}
+ferry=${FERRY:-$root/target/release/ferry}
+
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
+  if [ "${KEEP:-0}" != 1 ] && [ -d "$work" ]; then rm -rf "$work"; fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+die() { echo "rpo.sh: $*" >&2; KEEP=1; exit 1; }
+
+command -v fio >/dev/null || die "fio is missing (apt-get install fio)"
+fio --enghelp=nbd 2>/dev/null | grep -q uri || die "this fio has no nbd engine"
+command -v python3 >/dev/null || die "python3 is missing"
+if [ -z "${FERRY:-}" ]; then
+  (cd "$root" && cargo build --release -q --bin ferry) || die "cannot build ferry"
+fi
+
+mkdir -p "$work"
+"$ferry" keygen --out "$work/ferry.key"
+truncate -s "${size_mib}M" "$work/disk.img"
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+cat > "$work/target.toml" <<EOF
+[target]
+listen = "127.0.0.1:$port"
+psk_file = "$work/ferry.key"
+state_dir = "$work/target-state"
+[[disk]]
+name = "disk"
+path = "$work/replica.img"
+EOF
+cat > "$work/source.toml" <<EOF
+[source]
+target = "127.0.0.1:$port"
+psk_file = "$work/ferry.key"
+state_dir = "$work/source-state"
+epoch_interval_ms = $interval_ms
+[[disk]]
+name = "disk"
+path = "$work/disk.img"
+nbd_socket = "$work/disk.sock"
+EOF
+
+"$ferry" target --config "$work/target.toml" 2> "$work/target.log" &
+pids+=($!)
+"$ferry" shim --config "$work/source.toml" 2> "$work/shim.log" &
+pids+=($!)
+for _ in $(seq 100); do [ -S "$work/disk.sock" ] && grep -q listening "$work/target.log" && break; sleep 0.1; done
+[ -S "$work/disk.sock" ] || die "the shim did not start: $(tail -3 "$work/shim.log")"
+"$ferry" sync --config "$work/source.toml" > /dev/null 2> "$work/first-sync.log" \
+  || die "first sync failed: $(tail -3 "$work/first-sync.log")"
+"$ferry" --log-format json source --config "$work/source.toml" 2> "$work/source.log" &
+pids+=($!)
+sleep 2
+
+echo "rpo.sh: fio randwrite bs=$bs rate=$rate for ${runtime}s through the shim; epoch_interval_ms=$interval_ms, everything else at its default"
+fio --name=guest --ioengine=nbd --uri="nbd+unix:///disk?socket=$work/disk.sock" \
+  --rw=randwrite --bs="$bs" --iodepth=16 --rate="$rate" --time_based --runtime="$runtime" \
+  --size="${size_mib}M" --output-format=terse > "$work/fio.out" 2> "$work/fio.err" \
+  || die "fio failed: $(tail -3 "$work/fio.err")"
+sleep "$(( (interval_ms * 3 + 999) / 1000 ))"
+
+python3 - "$work/source.log" "$runtime" <<'EOF'
+import json, sys, datetime
+log, runtime = sys.argv[1], float(sys.argv[2])
+epochs = []
+for line in open(log):
+    try:
+        e = json.loads(line)
+    except ValueError:
+        continue
+    f = e.get("fields", {})
+    if f.get("message") != "epoch durable on the target":
+        continue
+    ack = datetime.datetime.fromisoformat(e["timestamp"].replace("Z", "+00:00")).timestamp()
+    secs = float(f["seconds"])
+    epochs.append((ack - secs, ack, int(f["bytes_sent"])))
+if len(epochs) < 3:
+    sys.exit(f"rpo.sh: only {len(epochs)} epochs in {log}")
+# Peaks: just before each acknowledgement, the previous epoch's start is the newest
+# durable point.
+peaks = [epochs[k][1] - epochs[k - 1][0] for k in range(1, len(epochs))]
+def pct(xs, p):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
+half = len(peaks) // 2
+first, second = max(peaks[:half] or [0]), max(peaks[half:] or [0])
+print(f"RPO over {len(epochs)} epochs: p50 {pct(peaks, 50):.2f} s, p99 {pct(peaks, 99):.2f} s, max {max(peaks):.2f} s; "
+      f"worst in the first half {first:.2f} s, second half {second:.2f} s ({'growing' if second > 1.5 * first else 'steady'}); "
+      f"epoch duration median {pct([a - s for s, a, _ in epochs], 50):.2f} s")
+EOF
