@@ -119,11 +119,15 @@ enum Command {
         #[arg(long)]
         connect: bool,
     },
-    /// List the recovery points of the target's replicas.
+    /// List the recovery points of the target's replicas (`ferry points [list]`), or
+    /// keep one from retention by tagging it (`tag`, `untag`).
+    #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
     Points {
+        #[command(subcommand)]
+        action: Option<PointsAction>,
         /// The config file (TOML; every key is in docs/config.md).
-        #[arg(long)]
-        config: PathBuf,
+        #[arg(long, required = true)]
+        config: Option<PathBuf>,
         /// Print one JSON object.
         #[arg(long)]
         json: bool,
@@ -183,6 +187,51 @@ enum Command {
     Demo,
     /// Measure full-sync throughput on this machine.
     Bench(bench::BenchArgs),
+}
+
+#[derive(Subcommand)]
+enum PointsAction {
+    /// List the recovery points (the default).
+    List {
+        /// The config file (TOML; every key is in docs/config.md).
+        #[arg(long)]
+        config: PathBuf,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Name a recovery point: retention keeps it until it is untagged.
+    Tag {
+        /// The config file (TOML; every key is in docs/config.md).
+        #[arg(long)]
+        config: PathBuf,
+        /// The point, as `ferry points` lists it (any epoch of its run).
+        id: u64,
+        /// 1 to 64 characters from [A-Za-z0-9._-], not only digits.
+        #[arg(value_parser = tag_name)]
+        name: String,
+    },
+    /// Remove a tag: retention may merge the point away again.
+    Untag {
+        /// The config file (TOML; every key is in docs/config.md).
+        #[arg(long)]
+        config: PathBuf,
+        /// The tag's name, or the tagged point's id.
+        which: String,
+    },
+}
+
+/// A tag name: a file-name-safe word that cannot be mistaken for a point id.
+fn tag_name(s: &str) -> Result<String, String> {
+    let ok = (1..=64).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+        && !s.bytes().all(|b| b.is_ascii_digit());
+    if ok {
+        Ok(s.to_string())
+    } else {
+        Err("expected 1 to 64 characters from [A-Za-z0-9._-], not only digits".into())
+    }
 }
 
 #[derive(Subcommand)]
@@ -279,7 +328,18 @@ fn main() -> ExitCode {
             config,
             discard_replica_changes,
         } => source_loop(&config, discard_replica_changes),
-        Command::Points { config, json } => points(&config, json),
+        Command::Points {
+            action,
+            config,
+            json,
+        } => match (action, config) {
+            (Some(PointsAction::List { config, json }), _) => points(&config, json),
+            (None, Some(config)) => points(&config, json),
+            (Some(PointsAction::Tag { config, id, name }), _) => points_tag(&config, id, &name),
+            (Some(PointsAction::Untag { config, which }), _) => points_untag(&config, &which),
+            // clap requires --config without a subcommand.
+            (None, None) => Err(CliError::NoRecoveryPoints),
+        },
         Command::Check { config, connect } => check::run(&config, connect),
         Command::Status {
             config,
@@ -604,6 +664,7 @@ fn points(config: &std::path::Path, json: bool) -> Result<(), CliError> {
         .collect();
     let offered = dataplane::writer::failover::offered_points(&target.state_dir, &replicas)?;
     let (site, points) = (&offered.site, &offered.points);
+    let half_applied = dataplane::writer::points::interrupted(&target.state_dir)?;
     if json {
         let changed = offered
             .changed
@@ -611,7 +672,12 @@ fn points(config: &std::path::Path, json: bool) -> Result<(), CliError> {
             .map(|(d, how)| serde_json::json!({"disk": d, "how": how}));
         println!(
             "{}",
-            serde_json::json!({ "site": site, "points": points, "changed_outside": changed })
+            serde_json::json!({
+                "site": site,
+                "points": points,
+                "changed_outside": changed,
+                "half_applied": half_applied,
+            })
         );
         return Ok(());
     }
@@ -621,31 +687,97 @@ fn points(config: &std::path::Path, json: bool) -> Result<(), CliError> {
     if let Some((disk, how)) = &offered.changed {
         println!("disk {disk}: the replica was changed outside ferry ({how}); no recovery point describes it any more");
     }
+    for log in &half_applied {
+        println!(
+            "warning: an epoch is half-applied: undo log {} (being applied now, or left by a target that stopped; `ferry target` rolls it back or forward when it starts)",
+            log.display()
+        );
+    }
     if points.is_empty() {
         if site.is_none() && offered.changed.is_none() {
             println!("no recovery points: no epoch has been acknowledged yet");
         }
         return Ok(());
     }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
     println!(
-        "{:>8}  {:>23}  {:>14}  disks",
-        "point", "acknowledged", "undo bytes"
+        "{:>8}  {:>13}  {:<30}  {:>9}  {:>10}  {:>12}  disks",
+        "point", "epochs", "acknowledged (local time)", "age", "size", "restore reads"
     );
     for p in points {
+        let epochs = if p.first_epoch == p.last_epoch {
+            p.first_epoch.to_string()
+        } else {
+            format!("{}-{}", p.first_epoch, p.last_epoch)
+        };
+        let (at, age) = match p.committed_unix_s {
+            Some(t) => (
+                dataplane::utc::Local(t).to_string(),
+                dataplane::utc::Age(now.saturating_sub(t)).to_string(),
+            ),
+            None => ("?".to_string(), "?".to_string()),
+        };
         println!(
-            "{:>8}  {:>23}  {:>14}  {}{}",
+            "{:>8}  {:>13}  {:<30}  {:>9}  {:>10}  {:>12}  {}{}{}",
             p.id,
-            p.committed_unix_s.map_or("?".to_string(), |t| {
-                dataplane::utc::Utc::from_unix_s(t).to_string()
-            }),
-            p.bytes,
+            epochs,
+            at,
+            age,
+            dataplane::utc::Bytes(p.log_bytes).to_string(),
+            dataplane::utc::Bytes(p.bytes).to_string(),
             p.disks.join(","),
-            if p.latest { "  (latest)" } else { "" }
+            if p.latest { "  (latest)" } else { "" },
+            p.tag
+                .as_ref()
+                .map_or(String::new(), |t| format!("  tag {t}")),
         );
         if let Some(why) = &p.suspect {
             println!("          not a known epoch: {why}");
             println!("          (a seeded sync verifies and repairs the replicas; older points were retired)");
         }
+    }
+    Ok(())
+}
+
+/// The configured disks of `config`'s target: its state dir and disk names.
+fn target_disks(
+    config: &std::path::Path,
+    command: &str,
+) -> Result<(PathBuf, Vec<String>), CliError> {
+    let cfg = load(config)?;
+    let target = cfg.require_target(command)?;
+    Ok((
+        target.state_dir.clone(),
+        cfg.disks.iter().map(|d| d.name.clone()).collect(),
+    ))
+}
+
+fn points_tag(config: &std::path::Path, id: u64, name: &str) -> Result<(), CliError> {
+    let (state_dir, names) = target_disks(config, "points tag")?;
+    // No epoch commits (and merges points away) between the check and the tag.
+    let _lock = dataplane::writer::apply_lock(&state_dir, true)?;
+    let t = dataplane::writer::points::tag(&state_dir, &names, id, name)?;
+    if let Some(from) = t.moved_from {
+        println!("tag {} moved from point {from}", t.name);
+    }
+    println!(
+        "recovery point {} tagged {}: retention keeps it until `ferry points untag`",
+        t.point, t.name
+    );
+    Ok(())
+}
+
+fn points_untag(config: &std::path::Path, which: &str) -> Result<(), CliError> {
+    let (state_dir, names) = target_disks(config, "points untag")?;
+    let _lock = dataplane::writer::apply_lock(&state_dir, true)?;
+    match dataplane::writer::points::untag(&state_dir, &names, which)? {
+        Some(t) => println!(
+            "recovery point {} untagged ({}): retention may merge it away",
+            t.point, t.name
+        ),
+        None => println!("no recovery point is tagged {which}"),
     }
     Ok(())
 }

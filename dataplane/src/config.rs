@@ -79,6 +79,12 @@ pub const DEFAULT_RETENTION_POINTS: u32 = 24;
 pub const RETENTION_POINTS_RANGE: std::ops::RangeInclusive<u32> = 0..=100_000;
 /// Allowed `retention_minutes` (up to ten years).
 pub const RETENTION_MINUTES_RANGE: std::ops::RangeInclusive<u64> = 0..=5_256_000;
+/// Most intervals in `target.keep`.
+pub const KEEP_GRID_MAX: usize = 16;
+/// Allowed count of one `target.keep` interval.
+pub const KEEP_COUNT_RANGE: std::ops::RangeInclusive<u32> = 1..=100_000;
+/// Longest span `target.keep` may cover, in seconds (ten years, as `retention_minutes`).
+pub const KEEP_SPAN_MAX_S: u64 = 5_256_000 * 60;
 /// Allowed `max_sessions`.
 pub const MAX_SESSIONS_RANGE: std::ops::RangeInclusive<u32> = 1..=64;
 /// Longest disk or group name. Names become file names in `state_dir`.
@@ -172,6 +178,9 @@ pub enum Expected {
     /// Two listeners of one host cannot share an address.
     #[error("an address different from {other}")]
     DistinctAddress { other: &'static str },
+    /// `target.keep`; `problem` says what is wrong with the part shown.
+    #[error("comma-separated INTERVAL:COUNT like \"1m:60, 1h:24, 1d:14\" (INTERVAL a whole number with s, m, h, d or w, not shorter than the one before; COUNT in {}..={}; at most {KEEP_GRID_MAX} of them, ten years in all), but this part has {problem}", KEEP_COUNT_RANGE.start(), KEEP_COUNT_RANGE.end())]
+    KeepGrid { problem: &'static str },
 }
 
 /// What a config file lacks, for [`ConfigError::Missing`].
@@ -342,6 +351,16 @@ pub struct TargetConfig {
     /// `ip:port`; none when unset (see `docs/metrics.md`).
     #[serde(default)]
     pub metrics_listen: Option<SocketAddr>,
+    /// A time grid of recovery points, e.g. `"1m:60, 1h:24, 1d:14"`: every minute for
+    /// an hour, then hourly for a day, then daily for two weeks; points off the grid
+    /// are merged away. Parsed into [`TargetConfig::keep_grid`]. With it,
+    /// `retention_points` caps the grid only when set in the file.
+    #[serde(default)]
+    pub keep: Option<String>,
+    /// `keep` parsed: `(interval in seconds, how many)`, newest first; empty without
+    /// `keep`.
+    #[serde(skip)]
+    pub keep_grid: Vec<(u64, u32)>,
 }
 
 /// `[[disk]]`: one protected disk.
@@ -473,6 +492,64 @@ impl DiskConfig {
     pub fn group_name(&self) -> &str {
         self.group.as_deref().unwrap_or(DEFAULT_GROUP)
     }
+}
+
+/// Parses `target.keep` (`"1m:60, 1h:24"`) into `(interval seconds, count)`; on error
+/// the offending part (the whole value if none) and what is wrong with it.
+pub fn parse_keep(text: &str) -> Result<Vec<(u64, u32)>, (String, &'static str)> {
+    let mut grid: Vec<(u64, u32)> = Vec::new();
+    let mut span = 0u64;
+    if text.trim().is_empty() {
+        return Err((text.to_string(), "no interval"));
+    }
+    for part in text.split(',') {
+        let item = part.trim();
+        let bad = |problem| Err((item.to_string(), problem));
+        let Some((interval, count)) = item.split_once(':') else {
+            return bad("an interval without `:COUNT`");
+        };
+        let (interval, count) = (interval.trim(), count.trim());
+        let digits = interval.trim_end_matches(|c: char| c.is_ascii_alphabetic());
+        let unit = match &interval[digits.len()..] {
+            "s" => 1,
+            "m" => 60,
+            "h" => 3_600,
+            "d" => 86_400,
+            "w" => 604_800,
+            "" => return bad("an interval without a unit"),
+            _ => return bad("an unknown unit"),
+        };
+        let every = match digits.parse::<u64>() {
+            Ok(n) if n > 0 => n.saturating_mul(unit),
+            Ok(_) => return bad("an interval of zero"),
+            Err(_) => return bad("an interval that is not a whole number"),
+        };
+        let count = match count.parse::<u32>() {
+            Ok(n) if KEEP_COUNT_RANGE.contains(&n) => n,
+            _ => return bad("a count out of range"),
+        };
+        if grid.last().is_some_and(|&(prev, _)| every < prev) {
+            return bad("an interval shorter than the one before it");
+        }
+        if grid.len() == KEEP_GRID_MAX {
+            return bad("one interval too many");
+        }
+        span = span.saturating_add(every.saturating_mul(u64::from(count)));
+        if span > KEEP_SPAN_MAX_S {
+            return bad("the grid run past ten years");
+        }
+        grid.push((every, count));
+    }
+    Ok(grid)
+}
+
+/// Whether the TOML `text` (known to parse) sets `key` in table `table`.
+fn sets_key(text: &str, table: &str, key: &str) -> bool {
+    toml::from_str::<toml::Table>(text).is_ok_and(|t| {
+        t.get(table)
+            .and_then(|v| v.as_table())
+            .is_some_and(|t| t.contains_key(key))
+    })
 }
 
 /// Converts a byte offset in `text` into a 1-based line and column and that line.
@@ -695,6 +772,15 @@ impl Validator<'_> {
                 },
             ));
         }
+        if let Some(keep) = &t.keep {
+            t.keep_grid = parse_keep(keep).map_err(|(part, problem)| {
+                self.invalid(
+                    "target.keep",
+                    format!("{part:?}"),
+                    Expected::KeepGrid { problem },
+                )
+            })?;
+        }
         Ok(())
     }
 
@@ -807,6 +893,10 @@ impl Config {
         }
         if let Some(target) = &mut config.target {
             v.target(target, base_dir)?;
+            if !target.keep_grid.is_empty() && !sets_key(text, "target", "retention_points") {
+                // The grid alone decides; the default count would cut it short.
+                target.retention_points = *RETENTION_POINTS_RANGE.end();
+            }
         }
         if let (Some(source), Some(target)) = (&config.source, &config.target) {
             if source.state_dir == target.state_dir {
@@ -938,6 +1028,59 @@ path = "/dev/vg0/standalone"
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::from_str(text, BASE)
+    }
+
+    const DISK: &str = "[[disk]]\nname = \"vm\"\npath = \"vm.img\"\n";
+
+    #[test]
+    fn keep_grids_parse_and_bad_parts_are_named() {
+        assert_eq!(
+            super::parse_keep("1m:60, 1h:24, 1d:14"),
+            Ok(vec![(60, 60), (3_600, 24), (86_400, 14)])
+        );
+        assert_eq!(super::parse_keep("1s:3"), Ok(vec![(1, 3)]));
+        for (text, part) in [
+            ("1m:60, 1x:5", "1x:5"),
+            ("1m", "1m"),
+            ("m:5", "m:5"),
+            ("0s:5", "0s:5"),
+            ("1h:24, 1m:60", "1m:60"),
+            ("1m:0", "1m:0"),
+            ("", ""),
+            ("1m:60,", ""),
+        ] {
+            let got = super::parse_keep(text);
+            assert_eq!(
+                got.as_ref().map_err(|e| e.0.as_str()),
+                Err(part),
+                "{text:?}"
+            );
+        }
+        let err = parse(&format!(
+            "[target]\nlisten = \"0.0.0.0:7410\"\npsk_file = \"k\"\nstate_dir = \"s\"\nkeep = \"1m:60, 1q:2\"\n{DISK}"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("`target.keep` = \"1q:2\""), "{err}");
+        assert!(err.contains("this part has an unknown unit"), "{err}");
+    }
+
+    #[test]
+    fn keep_alone_lifts_the_count_and_an_explicit_count_caps_it() {
+        let cfg = |extra: &str| {
+            parse(&format!(
+                "[target]\nlisten = \"0.0.0.0:7410\"\npsk_file = \"k\"\nstate_dir = \"s\"\n{extra}\n{DISK}"
+            ))
+            .unwrap()
+            .target
+            .unwrap()
+        };
+        let t = cfg("keep = \"1m:60\"");
+        assert_eq!(t.keep_grid, vec![(60, 60)]);
+        assert_eq!(t.retention_points, *RETENTION_POINTS_RANGE.end());
+        let t = cfg("keep = \"1m:60\"\nretention_points = 24");
+        assert_eq!(t.retention_points, 24);
+        assert_eq!(cfg("").retention_points, DEFAULT_RETENTION_POINTS);
     }
 
     /// MINIMAL_SOURCE with `line` added to `[source]`.

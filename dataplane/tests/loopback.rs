@@ -33,6 +33,7 @@ fn start_target(
         retention: dataplane::writer::points::Retention {
             points: 4,
             minutes: 0,
+            grid: Vec::new(),
         },
         own_source_state: None,
     };

@@ -188,6 +188,7 @@ impl Rig {
             retention: dataplane::writer::points::Retention {
                 points: 4,
                 minutes: 0,
+                grid: Vec::new(),
             },
             own_source_state: None,
         };

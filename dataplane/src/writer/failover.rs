@@ -380,7 +380,8 @@ fn roll_back_to(
     Ok(undone)
 }
 
-/// A log applies to a replica that holds its epoch, or the epoch before it (applied
+/// A log applies to a replica that holds its epoch (or a later one that changed
+/// nothing, see `points::PointMeta::through`), or the epoch before it (applied
 /// already by an interrupted run: applying it again is harmless). Anything else means a
 /// log between it and the replica is missing.
 fn check_applies(
@@ -390,7 +391,8 @@ fn check_applies(
 ) -> Result<(), TargetError> {
     for d in &log.disks {
         let held = ReplicaRecord::load(state_dir, &d.name)?.map(|r| r.epoch);
-        if held != Some(log.epoch) && held != d.prev_epoch {
+        let at_log = held.is_some_and(|h| (log.epoch..=log.last_epoch).contains(&h));
+        if !at_log && held != d.prev_epoch {
             return Err(FailoverError::ChainBroken {
                 disk: d.name.clone(),
                 log_epoch: log.epoch,

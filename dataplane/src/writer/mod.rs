@@ -125,6 +125,7 @@ impl TargetJob {
             retention: points::Retention {
                 points: target.retention_points,
                 minutes: target.retention_minutes,
+                grid: target.keep_grid.clone(),
             },
             own_source_state: config.source.as_ref().map(|s| s.state_dir.clone()),
         })

@@ -248,17 +248,7 @@ impl UndoLog {
     }
 
     fn entry_header(&self, disk: u32, offset: u64, len: u32, flags: u32, word: u64) -> [u8; 48] {
-        let mut h = [0u8; ENTRY_HEADER_LEN];
-        h[0..4].copy_from_slice(&ENTRY_MAGIC.to_le_bytes());
-        h[4..8].copy_from_slice(&disk.to_le_bytes());
-        h[8..16].copy_from_slice(&offset.to_le_bytes());
-        h[16..20].copy_from_slice(&len.to_le_bytes());
-        h[20..24].copy_from_slice(&flags.to_le_bytes());
-        h[24..32].copy_from_slice(&word.to_le_bytes());
-        h[32..40].copy_from_slice(&self.synced_len.to_le_bytes());
-        let eh = xxh3_64(&h[..ENTRY_HASHED_LEN]);
-        h[40..48].copy_from_slice(&eh.to_le_bytes());
-        h
+        encode_entry(disk, offset, len, flags, word, self.synced_len)
     }
 
     /// Appends the old bytes of `[offset, offset + data.len())` of `disk`.
@@ -366,7 +356,8 @@ impl UndoLog {
                 error,
             })
         })?;
-        if let Err(e) = super::points::prune(&state_dir, keep) {
+        let names: Vec<String> = disks.iter().map(|d| d.name.clone()).collect();
+        if let Err(e) = super::points::prune(&state_dir, keep, &names) {
             tracing::warn!(
                 "epoch {epoch} committed; merging old recovery points away failed: {}",
                 crate::chain(&e)
@@ -390,7 +381,9 @@ impl UndoLog {
 }
 
 /// Everything after the commit mark, idempotent: records, then the log kept as a
-/// recovery point, then the mark removed. Each step is durable before the next.
+/// recovery point (for an epoch that changed no block: the newest point extended to
+/// it and the empty log removed, see `super::points`), then the mark removed. Each
+/// step is durable before the next.
 fn finish_commit(
     state_dir: &Path,
     log: &Path,
@@ -415,7 +408,23 @@ fn finish_commit(
         }
         remove_marker(&no_point)?;
     } else if log.exists() {
-        super::points::keep_log(state_dir, epoch, log, disks, size)?;
+        // An epoch that changed no block restores nothing: its log is not a point of
+        // its own when the newest kept one can be extended to it (see
+        // `super::points`). The extension is durable before the log goes.
+        let empty = size == header_len(disks.len())
+            && disks.iter().all(|d| d.logged && d.prev_epoch.is_some());
+        if empty && super::points::extend_through(state_dir, epoch, disks)? {
+            if failpoint::hit("target.commit.extend.crash") {
+                // A crash with the point extended and the empty log still there.
+                std::process::abort();
+            }
+            fs::remove_file(log).map_err(|e| io_err(log, StateOp::Remove, e))?;
+            if let Some(dir) = log.parent() {
+                sync_dir(dir)?;
+            }
+        } else {
+            super::points::keep_log(state_dir, epoch, log, disks, size)?;
+        }
     }
     remove_marker(&log.with_extension("committed"))
 }
@@ -767,6 +776,116 @@ fn distrust(
     })
 }
 
+/// Bytes of the header of a log of `disks` disks: a log this long has no entries.
+fn header_len(disks: usize) -> u64 {
+    (20 + disks * HEADER_DISK_LEN + 8) as u64
+}
+
+fn encode_entry(disk: u32, offset: u64, len: u32, flags: u32, word: u64, synced: u64) -> [u8; 48] {
+    let mut h = [0u8; ENTRY_HEADER_LEN];
+    h[0..4].copy_from_slice(&ENTRY_MAGIC.to_le_bytes());
+    h[4..8].copy_from_slice(&disk.to_le_bytes());
+    h[8..16].copy_from_slice(&offset.to_le_bytes());
+    h[16..20].copy_from_slice(&len.to_le_bytes());
+    h[20..24].copy_from_slice(&flags.to_le_bytes());
+    h[24..32].copy_from_slice(&word.to_le_bytes());
+    h[32..40].copy_from_slice(&synced.to_le_bytes());
+    let eh = xxh3_64(&h[..ENTRY_HASHED_LEN]);
+    h[40..48].copy_from_slice(&eh.to_le_bytes());
+    h
+}
+
+/// Writes, durably, the kept log at `path` that merges `parts` (committed logs of the
+/// same disks, oldest first): a header for `epoch` and `disks`, then the entries of
+/// every part in order. Applied newest first, it does what applying the parts newest
+/// first does; an entry whose range the older parts cover whole is left out (their
+/// bytes are written over it anyway). The log's size.
+pub(crate) fn write_merged(
+    path: &Path,
+    epoch: u64,
+    disks: &[UndoDisk],
+    parts: &[&LogContents],
+) -> Result<u64, TargetError> {
+    let io = |op: StateOp| move |e: io::Error| io_err(path, op, e);
+    let header = encode_header(epoch, disks);
+    let mut out = io::BufWriter::new(
+        OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)
+            .map_err(io(StateOp::Create))?,
+    );
+    out.write_all(&header).map_err(io(StateOp::WriteHeader))?;
+    let mut len = header.len() as u64;
+    // Per disk, the ranges the older parts cover, sorted and coalesced.
+    let mut covered: Vec<Vec<(u64, u64)>> = vec![Vec::new(); disks.len()];
+    let mut buf = Vec::new();
+    for part in parts {
+        let mut added: Vec<Vec<(u64, u64)>> = vec![Vec::new(); disks.len()];
+        for entry in &part.entries {
+            let (disk, offset, size) = match *entry {
+                Entry::Data {
+                    disk, offset, len, ..
+                } => (disk, offset, len as u64),
+                Entry::Zero { disk, offset, len } => (disk, offset, len),
+            };
+            if disk >= disks.len() {
+                continue;
+            }
+            added[disk].push((offset, offset + size));
+            if covers(&covered[disk], offset, offset + size) {
+                continue;
+            }
+            let h = match *entry {
+                Entry::Data { start, len: n, .. } => {
+                    buf.resize(n, 0);
+                    part.file
+                        .read_exact_at(&mut buf, start)
+                        .map_err(io(StateOp::Read))?;
+                    encode_entry(disk as u32, offset, n as u32, 0, xxh3_64(&buf), len)
+                }
+                Entry::Zero { .. } => {
+                    buf.clear();
+                    encode_entry(disk as u32, offset, 0, FLAG_ZERO, size, len)
+                }
+            };
+            out.write_all(&h)
+                .and_then(|_| out.write_all(&buf))
+                .map_err(io(StateOp::Append))?;
+            len += (h.len() + buf.len()) as u64;
+        }
+        for (c, a) in covered.iter_mut().zip(added) {
+            c.extend(a);
+            coalesce(c);
+        }
+    }
+    let file = out
+        .into_inner()
+        .map_err(|e| io_err(path, StateOp::Append, e.into_error()))?;
+    file.sync_all().map_err(io(StateOp::Fsync))?;
+    Ok(len)
+}
+
+/// Sorts and joins overlapping or touching ranges.
+fn coalesce(ranges: &mut Vec<(u64, u64)>) {
+    ranges.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
+    for &(s, e) in ranges.iter() {
+        match out.last_mut() {
+            Some(last) if s <= last.1 => last.1 = last.1.max(e),
+            _ => out.push((s, e)),
+        }
+    }
+    *ranges = out;
+}
+
+/// Whether coalesced `ranges` contain `[start, end)` whole.
+fn covers(ranges: &[(u64, u64)], start: u64, end: u64) -> bool {
+    let i = ranges.partition_point(|r| r.0 <= start);
+    i > 0 && ranges[i - 1].1 >= end
+}
+
 fn encode_header(epoch: u64, disks: &[UndoDisk]) -> Vec<u8> {
     let mut header = Vec::with_capacity(24 + disks.len() * HEADER_DISK_LEN);
     header.extend_from_slice(MAGIC);
@@ -796,6 +915,9 @@ const HEADER_MAX: usize = 20 + crate::protocol::MAX_DISKS_PER_SESSION * HEADER_D
 pub(crate) struct LogContents {
     file: File,
     pub epoch: u64,
+    /// The newest epoch whose bytes this log restores from: a kept log's point may
+    /// cover a run of epochs that changed nothing (see `super::points`); else `epoch`.
+    pub last_epoch: u64,
     pub disks: Vec<UndoDisk>,
     pub entries: Vec<Entry>,
 }
@@ -881,6 +1003,7 @@ pub(crate) fn read_log(path: &Path, mode: ReadMode<'_>) -> Result<LogContents, D
     let mut log = LogContents {
         file,
         epoch,
+        last_epoch: epoch,
         disks,
         entries: Vec::new(),
     };
