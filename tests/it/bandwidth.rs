@@ -14,12 +14,20 @@ const RATE: f64 = 2e6;
 #[test]
 fn a_sync_stays_under_max_rate_and_the_guest_is_not_held_to_it() {
     let seed = test_seed("bandwidth");
-    let mut spec = RigSpec::two_disk_group(8 << 20);
+    let mut spec = RigSpec::two_disk_group(16 << 20);
     spec.source_extra
         .push_str("max_rate = \"16Mbit\"\ncompression = \"none\"\n");
     let rig = Rig::new(seed, &spec);
-    // The first sync: 2 × 4 MiB of random data at most at the rate.
-    let r = sync_ok(&rig.config, &[]);
+    // The first sync: 2 × 8 MiB of random data at most at the rate, about 8 s.
+    let run = sync(&rig.config, &[]);
+    assert!(run.success(), "{}", run.stderr);
+    let r = run.json();
+    // Without a terminal, a sync longer than 5 s logs its progress.
+    assert!(
+        run.stderr.contains("sending: ") && run.stderr.contains("% of"),
+        "no progress line: {}",
+        run.stderr
+    );
     let seconds = r["seconds"].as_f64().unwrap();
     let sent = u64_field(&r, "bytes_sent") as f64;
     // The bucket holds a quarter second of the rate; one frame (256 KiB and headers)
