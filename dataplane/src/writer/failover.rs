@@ -51,7 +51,7 @@ pub enum FailoverError {
     },
     /// A kept log does not follow from what the replicas hold: one between it and them
     /// is missing (retired as damaged), so the point cannot be reached.
-    #[error("disk {disk}: the undo log of epoch {log_epoch} does not apply to the replica, which holds epoch {held:?}: a log between them is missing (retired as damaged?), so recovery point {point} cannot be reached; choose a newer point")]
+    #[error("disk {disk}: the undo log of epoch {log_epoch} does not apply to the replica, which holds {}: a log between them is missing (retired as damaged?), so recovery point {point} cannot be reached; choose a newer point", held.map_or("no acknowledged epoch".to_string(), |e| format!("epoch {e}")))]
     ChainBroken {
         disk: String,
         log_epoch: u64,
