@@ -420,7 +420,7 @@ fn print_summary(steps: &[Step], pairs: &[(PathBuf, PathBuf)]) {
             r.mb_per_s
         );
     }
-    println!("  (MB/s = disk bytes covered per second, 10^6 bytes; blocks are 64 KiB)");
+    println!("  (MB/s: 10^6 bytes per second of disk covered for full and seeded steps, of blocks read for changed-block steps; blocks are 64 KiB)");
     for (i, (source, replica)) in pairs.iter().enumerate() {
         let all = steps.iter().all(|s| s.verified_bytes[i].is_some());
         let bytes = steps.last().and_then(|s| s.verified_bytes[i]).unwrap_or(0);
