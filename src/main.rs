@@ -305,7 +305,18 @@ fn main() -> ExitCode {
         eprintln!("ferry: error: {e}");
         return error::Category::Usage.exit_code();
     }
-    let result = match cli.command {
+    match run(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("ferry: error: {}", chain(&error));
+            error.category().exit_code()
+        }
+    }
+}
+
+/// Runs one subcommand.
+fn run(command: Command) -> Result<(), CliError> {
+    match command {
         Command::Keygen { out } => keygen(out.as_deref()),
         Command::Target { config } => target(&config),
         Command::Sync {
@@ -361,13 +372,6 @@ fn main() -> ExitCode {
         Command::Manpages { out_dir } => manpages(&out_dir),
         Command::Demo => demo::run().map_err(CliError::from),
         Command::Bench(args) => bench::run(&args),
-    };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("ferry: error: {}", chain(&error));
-            error.category().exit_code()
-        }
     }
 }
 
@@ -699,6 +703,12 @@ fn points(config: &std::path::Path, json: bool) -> Result<(), CliError> {
         }
         return Ok(());
     }
+    print_points(points);
+    Ok(())
+}
+
+/// The table of `ferry points`.
+fn print_points(points: &[dataplane::writer::points::RecoveryPoint]) {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
@@ -738,7 +748,6 @@ fn points(config: &std::path::Path, json: bool) -> Result<(), CliError> {
             println!("          (a seeded sync verifies and repairs the replicas; older points were retired)");
         }
     }
-    Ok(())
 }
 
 /// The configured disks of `config`'s target: its state dir and disk names.

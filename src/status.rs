@@ -392,6 +392,19 @@ pub fn render(r: &StatusReport) -> String {
 }
 
 fn render_source(out: &mut String, s: &SourceSide) {
+    render_engine(out, s);
+    let shim = if s.shim_running {
+        "running"
+    } else {
+        "not running"
+    };
+    out.push_str(&format!("  shim: {shim}\n"));
+    render_groups(out, &s.groups);
+}
+
+/// The engine's lines: state, RPO, limit, the epoch in flight, recent epochs, the last
+/// error.
+fn render_engine(out: &mut String, s: &SourceSide) {
     let e = &s.engine;
     let engine = match (e.running, e.pid, &e.stopped) {
         (true, Some(pid), _) => format!(
@@ -426,6 +439,11 @@ fn render_source(out: &mut String, s: &SourceSide) {
             }
         ));
     }
+    render_activity(out, e);
+}
+
+/// The epoch in flight, the recent epochs and the last error.
+fn render_activity(out: &mut String, e: &EngineView) {
     if let Some(f) = &e.in_flight {
         let pct = if f.total_bytes > 0 {
             100.0 * f.done_bytes as f64 / f.total_bytes as f64
@@ -470,15 +488,11 @@ fn render_source(out: &mut String, s: &SourceSide) {
             err.message
         ));
     }
-    out.push_str(&format!(
-        "  shim: {}\n",
-        if s.shim_running {
-            "running"
-        } else {
-            "not running"
-        }
-    ));
-    for g in &s.groups {
+}
+
+/// Each group's disks: epoch, pending bytes, flags.
+fn render_groups(out: &mut String, groups: &[Group]) {
+    for g in groups {
         out.push_str(&format!("  group {}:\n", g.name));
         for d in &g.disks {
             let epoch = d

@@ -712,6 +712,13 @@ impl Validator<'_> {
                 &FREEZE_IDLE_TIMEOUT_MS_RANGE,
             )?;
         }
+        self.rates(s)?;
+        self.metrics_listen("source.metrics_listen", s.metrics_listen)?;
+        Ok(())
+    }
+
+    /// `max_rate` and every `max_rate_schedule` rule parse.
+    fn rates(&self, s: &SourceConfig) -> Result<(), ConfigError> {
         if let Some(rate) = &s.max_rate {
             crate::source::throttle::Rate::parse(rate).map_err(|e| {
                 self.invalid("source.max_rate", format!("{rate:?}"), Expected::Rate(e))
@@ -726,7 +733,6 @@ impl Validator<'_> {
                 )
             })?;
         }
-        self.metrics_listen("source.metrics_listen", s.metrics_listen)?;
         Ok(())
     }
 

@@ -397,6 +397,18 @@ fn accept_loop(listener: UnixListener, served: Arc<ServedDisk>, stop: Arc<Atomic
     }
 }
 
+/// No two disks share a name or a socket.
+fn check_unique(disks: &[ShimDisk]) -> Result<(), ShimError> {
+    for (i, a) in disks.iter().enumerate() {
+        for b in &disks[i + 1..] {
+            if a.name == b.name || a.nbd_socket == b.nbd_socket {
+                return Err(ShimError::Duplicate(a.name.clone()));
+            }
+        }
+    }
+    Ok(())
+}
+
 impl Shim {
     /// Opens every disk (validating or restarting its tracking), binds its NBD socket
     /// and, if given, the control socket (mode 0600), and starts serving.
@@ -404,13 +416,7 @@ impl Shim {
         disks: Vec<ShimDisk>,
         control: Option<control::ControlConfig>,
     ) -> Result<Shim, ShimError> {
-        for (i, a) in disks.iter().enumerate() {
-            for b in &disks[i + 1..] {
-                if a.name == b.name || a.nbd_socket == b.nbd_socket {
-                    return Err(ShimError::Duplicate(a.name.clone()));
-                }
-            }
-        }
+        check_unique(&disks)?;
         let mut served = Vec::with_capacity(disks.len());
         let mut listeners = Vec::with_capacity(disks.len());
         for disk in &disks {

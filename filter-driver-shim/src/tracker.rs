@@ -246,6 +246,18 @@ impl fmt::Debug for Tracker {
     }
 }
 
+/// Says that tracking of `disk` is live, from what state.
+fn log_live(disk: &str, bitmap: &ChangedBlockBitmap, resync: Option<ResyncReason>) {
+    tracing::info!(
+        disk = %disk,
+        generation = %bitmap.generation_id(),
+        dirty_blocks = bitmap.count(),
+        block_count = bitmap.block_count(),
+        resync_owed = resync.map_or("no", ResyncReason::as_str),
+        "change tracking live"
+    );
+}
+
 impl Tracker {
     fn io_err(&self, op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> TrackerError {
         let disk = self.config.disk.clone();
@@ -301,14 +313,7 @@ impl Tracker {
             .open(&config.bitmap_path)
             .map_err(io_err("open bitmap", &config.bitmap_path))?;
         let page_count = bitmap.page_count() as usize;
-        tracing::info!(
-            disk = %config.disk,
-            generation = %bitmap.generation_id(),
-            dirty_blocks = bitmap.count(),
-            block_count = bitmap.block_count(),
-            resync_owed = resync.map_or("no", ResyncReason::as_str),
-            "change tracking live"
-        );
+        log_live(&config.disk, &bitmap, resync);
         Ok(Tracker {
             disk_size: identity.size_bytes,
             identity,

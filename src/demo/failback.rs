@@ -143,79 +143,81 @@ pub fn run(
         source_state: work.join("b-source-state"),
     };
     let mut out = Failback::default();
-    let dr = |step: &'static str| {
-        move |e: DrError| DemoError::Failback {
-            step,
-            source: Box::new(e),
-        }
-    };
+    let bs = job.block_size as u32;
 
     // 6. Reprotect: B's failover is final, A becomes B's replica, B's VM writes, and
     //    only that travels back.
-    dataplane::writer::failover::commit(&rig_b.job).map_err(|e| dr("commit at B")(e.into()))?;
+    dataplane::writer::failover::commit(&rig_b.job).map_err(|e| failed("commit at B")(e.into()))?;
     let rig_a = Rig::start_with_key(
         &work.join("a-target-state"),
         a.target_disks(),
         rig_b.job.queue_depth,
         rig_b.psk,
     )?;
-    let handed =
-        crate::dr::hand_site_over(&a.source_state, &rig_a.job, job.block_size as u32, false)
-            .map_err(dr("become-replica at A"))?;
+    let handed = crate::dr::hand_site_over(&a.source_state, &rig_a.job, bs, false)
+        .map_err(failed("become-replica at A"))?;
     if let Some(d) = handed
         .now
         .iter()
         .find(|d| d.owed.as_ref().map_or(true, |s| s.count() > 0))
     {
-        out.problems.push((
-            6,
-            format!("disk {} of the demoted site owes blocks", d.name),
-        ));
+        let owes = format!("disk {} of the demoted site owes blocks", d.name);
+        out.problems.push((6, owes));
     }
     let (shim_b, sockets_b) = b.start_shim(work, "b", job.block_size)?;
     let (writes, bytes, _) = guest_writes(&sockets_b, GUEST_WRITES, 61)?;
     out.writes_b = (writes, bytes);
-    let mut job_b = b.live_job(job, &rig_a);
-    job_b.reprotect = Some(
-        source::reprotect::plan(&job_b, &rig_b.job.state_dir)
-            .map_err(|e| dr("reprotect at B")(e.into()))?,
-    );
-    let report = source::reprotect::run(&job_b, &rig_b.job.state_dir)
-        .map_err(|e| dr("reprotect at B")(e.into()))?;
+    let report = reprotect(&b, job, &rig_a, &rig_b.job.state_dir, "reprotect at B")?;
     check(&mut out.problems, 6, &report, &a, &b);
     out.reprotect = Some(report);
 
     // 7. Failback: more writes at B, planned failover B → A, B becomes A's replica,
     //    A's VM writes, and only that travels forward.
     out.writes_b_more = guest_writes(&sockets_b, GUEST_WRITES, 62)?.0;
-    job_b.reprotect = None;
-    let handover = source::failover::planned(&job_b)
-        .map_err(|e| dr("failback (planned failover at B)")(e.into()))?;
+    let handover = source::failover::planned(&b.live_job(job, &rig_a))
+        .map_err(|e| failed("failback (planned failover at B)")(e.into()))?;
     out.failback_epoch = handover.demotion.epoch;
     shim_b.shutdown().map_err(DemoError::ShimShutdown)?;
     for ((_, pa), (_, pb)) in a.disks.iter().zip(&b.disks) {
         if let Err(p) = compare_files(pb, pa) {
-            out.problems
-                .push((7, format!("after the failback: {}", chain(&p))));
+            let differs = format!("after the failback: {}", chain(&p));
+            out.problems.push((7, differs));
         }
     }
-    dataplane::writer::failover::commit(&rig_a.job).map_err(|e| dr("commit at A")(e.into()))?;
-    crate::dr::hand_site_over(&b.source_state, &rig_b.job, job.block_size as u32, false)
-        .map_err(dr("become-replica at B"))?;
+    dataplane::writer::failover::commit(&rig_a.job).map_err(|e| failed("commit at A")(e.into()))?;
+    crate::dr::hand_site_over(&b.source_state, &rig_b.job, bs, false)
+        .map_err(failed("become-replica at B"))?;
     let (shim_a, sockets_a) = a.start_shim(work, "a", job.block_size)?;
     let (writes, bytes, _) = guest_writes(&sockets_a, GUEST_WRITES, 71)?;
     out.writes_a = (writes, bytes);
-    let mut job_a = a.live_job(job, rig_b);
-    job_a.reprotect = Some(
-        source::reprotect::plan(&job_a, &rig_a.job.state_dir)
-            .map_err(|e| dr("reprotect at A")(e.into()))?,
-    );
-    let report = source::reprotect::run(&job_a, &rig_a.job.state_dir)
-        .map_err(|e| dr("reprotect at A")(e.into()))?;
+    let report = reprotect(&a, job, rig_b, &rig_a.job.state_dir, "reprotect at A")?;
     shim_a.shutdown().map_err(DemoError::ShimShutdown)?;
     check(&mut out.problems, 7, &report, &a, &b);
     out.forward = Some(report);
     Ok(out)
+}
+
+/// A failed DR step of the demo, named.
+fn failed(step: &'static str) -> impl FnOnce(DrError) -> DemoError {
+    move |e| DemoError::Failback {
+        step,
+        source: Box::new(e),
+    }
+}
+
+/// `ferry reprotect` at `site` (its shim running) to the target `to`, as the site
+/// whose target state `promoted` records its promotion.
+fn reprotect(
+    site: &SiteDisks,
+    job: &SyncJob,
+    to: &Rig,
+    promoted: &Path,
+    step: &'static str,
+) -> Result<SyncReport, DemoError> {
+    let mut live = site.live_job(job, to);
+    let plan = source::reprotect::plan(&live, promoted).map_err(|e| failed(step)(e.into()))?;
+    live.reprotect = Some(plan);
+    source::reprotect::run(&live, promoted).map_err(|e| failed(step)(e.into()))
 }
 
 /// After a reverse replication: every disk went as one (no full or seeded resync), and

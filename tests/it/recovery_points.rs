@@ -489,6 +489,32 @@ fn a_keep_grid_merges_points_away_and_the_rest_open_exactly() {
     assert_eq!(t.open(9), at[9]);
 }
 
+/// A grid of one-second slots keeps a point per second while epochs run for longer
+/// than the grid's first slot: a merged log is aged by the oldest epoch it replaces,
+/// so new points keep coming (ages from the newest part kept one point for ever).
+#[test]
+fn a_keep_grid_keeps_taking_new_points_after_merges() {
+    let mut rng = Rng::new(common::test_seed("keep_grid_ongoing"));
+    let t = OneDisk::start("keep = \"2s:3\"", &mut rng);
+    let mut at = vec![0u128];
+    for epoch in 1..=24u64 {
+        if epoch > 1 {
+            mutate(&t.source, &mut rng);
+        }
+        assert_eq!(t.sync(), epoch);
+        at.push(file_hash(&t.source));
+        std::thread::sleep(Duration::from_millis(150));
+    }
+    let ids = t.ids();
+    // The latest, and points of the last seconds: the newest of them from the last
+    // few epochs, not epoch 1 held for ever.
+    assert!(ids.len() >= 3, "{ids:?}");
+    assert!(ids[1] >= 16, "a recent point is kept: {ids:?}");
+    for &id in &ids {
+        assert_eq!(t.open(id), at[id as usize], "point {id}");
+    }
+}
+
 /// Retention by count (`retention_points = 1`) keeps a tagged point however many epochs
 /// follow — the points between are merged away around it — and it opens exactly; the
 /// tag survives a restart; untagged, the point goes. An id that is no point is refused.

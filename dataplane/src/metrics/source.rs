@@ -193,6 +193,11 @@ impl SourceMetrics {
             Unit::Bytes,
             self.sent_bytes.clone(),
         );
+        self.register_gauges(registry);
+    }
+
+    /// The rest of [`Self::register`]: ratios, histograms and gauges.
+    fn register_gauges(&self, registry: &mut Registry) {
         registry.register(
             "compression_ratio",
             "Bytes read per byte sent in the last acknowledged epoch that read any (compression, zero blocks, blocks the replica already held)",

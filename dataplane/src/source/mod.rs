@@ -1348,6 +1348,16 @@ fn open_epoch<R: std::io::Read, W: std::io::Write>(
         .ok_or(ProtocolError::Malformed {
             what: "open reply does not match the disks opened",
         })?;
+    check_replies(disks, replies, epoch)
+}
+
+/// The target's reply to the Open: the lineage of every reverse-replicated disk, an
+/// epoch number not used yet, and which replicas it created.
+fn check_replies(
+    disks: &mut [OpenedDisk],
+    replies: &[OpenDiskReply],
+    epoch: u64,
+) -> Result<(), SourceError> {
     // Reverse replication onto anything but the lineage this site was promoted from
     // would leave the replica different from both: stop before a block travels.
     for (d, r) in disks.iter_mut().zip(replies) {

@@ -1133,19 +1133,23 @@ fn sender_loop<W: Write>(
         msg.release(&mut input_return, &mut output_returns[w]);
         let bytes = sent?;
         stats.bytes_sent += bytes as u64;
-        if let Some(t) = &cfg.throttle {
-            // After the frame, not before: the frame's deadline does not run while
-            // the sender sleeps off what it cost.
-            let before = t.held_s();
-            t.paid(bytes);
-            stats.throttled_s += t.held_s() - before;
-        }
+        pay(cfg, bytes, stats);
         if let Some((len, frame)) = read {
             stats.zero_blocks += frame.zero_blocks;
             stats.blocks_sent += frame.data_blocks;
             stats.bytes_payload_logical += frame.logical_bytes;
             stats.bytes_read += len as u64;
         }
+    }
+}
+
+/// Pays the bandwidth limit for a frame of `bytes` just sent: after the frame, not
+/// before, so the frame's deadline does not run while the sender sleeps off its cost.
+fn pay(cfg: &PipelineConfig, bytes: usize, stats: &mut PipelineStats) {
+    if let Some(t) = &cfg.throttle {
+        let before = t.held_s();
+        t.paid(bytes);
+        stats.throttled_s += t.held_s() - before;
     }
 }
 

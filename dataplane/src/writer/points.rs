@@ -73,6 +73,11 @@ pub struct PointMeta {
     /// epoch (which records it) is merged away.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prev_committed_unix_s: Option<u64>,
+    /// When the replicas stopped holding the point this log restores (the commit of
+    /// the oldest epoch a merged log replaces; `None`: `committed_unix_s`, this log's
+    /// own epoch). Retention ages the point by it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restores_until_unix_s: Option<u64>,
     /// The kept logs (file name stems) this merged log replaces: once this log exists,
     /// they are ignored and deleted.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -194,6 +199,7 @@ pub(crate) fn keep_log(
         undo_bytes,
         through: None,
         prev_committed_unix_s: None,
+        restores_until_unix_s: None,
         replaces: Vec::new(),
         stem: String::new(),
     };
@@ -518,6 +524,16 @@ const LEFTOVER_AGE: std::time::Duration = std::time::Duration::from_secs(600);
 /// others those within the count, the age and the grid.
 fn decide(keep: &Retention, links: &[Link], tags: &Tags, now: u64) -> Vec<bool> {
     let mut verdict = vec![false; links.len()];
+    // A point acknowledged "in the future" means the clock went back: the grid would
+    // put every such point in its first slot and merge all but one away. Until the
+    // clock passes them again, the grid keeps what the count and age keep.
+    let clock_went_back = links
+        .iter()
+        .filter_map(|l| l.point.as_ref()?.until_unix_s)
+        .any(|t| t > now.saturating_add(60));
+    if clock_went_back && !keep.grid.is_empty() {
+        tracing::warn!("a recovery point is newer than the clock: the keep grid merges nothing until the clock passes it");
+    }
     // Grid bucket of each untagged point: the oldest point in a bucket stays.
     let mut oldest_in: HashMap<(usize, u64), usize> = HashMap::new();
     let mut rank = 0u64;
@@ -534,7 +550,7 @@ fn decide(keep: &Retention, links: &[Link], tags: &Tags, now: u64) -> Vec<bool> 
         if !(counted && young) {
             continue;
         }
-        if keep.grid.is_empty() {
+        if keep.grid.is_empty() || clock_went_back {
             verdict[k] = true;
             continue;
         }
@@ -654,6 +670,13 @@ fn merge(state_dir: &Path, run: &[&PointMeta]) -> Result<(), TargetError> {
         undo_bytes: size,
         through: newest.through,
         prev_committed_unix_s: oldest.prev_committed_unix_s,
+        // The merged log restores the point before its oldest part: the replicas
+        // stopped holding it when that part's epoch committed.
+        restores_until_unix_s: Some(
+            oldest
+                .restores_until_unix_s
+                .unwrap_or(oldest.committed_unix_s),
+        ),
         replaces: run.iter().map(|m| m.stem.clone()).collect(),
         stem: stem.clone(),
     };
@@ -788,7 +811,7 @@ fn walk(records: &[(String, ReplicaRecord)], metas: &[PointMeta]) -> Vec<Link> {
                 committed_unix_s: older
                     .map(|o| o.committed_unix_s)
                     .or(m.prev_committed_unix_s),
-                until_unix_s: Some(m.committed_unix_s),
+                until_unix_s: Some(m.restores_until_unix_s.unwrap_or(m.committed_unix_s)),
                 disks: m.disks.iter().map(|d| d.name.clone()).collect(),
                 latest: false,
                 bytes,
@@ -896,7 +919,9 @@ pub fn tag(
         .retain(|t| t.name != name && !(p.covers(t.epoch) && t.disks == p.disks));
     tags.tags.push(Tag {
         name: name.to_string(),
-        epoch: p.first_epoch,
+        // The point's id stays in its run while it exists; its first epoch does not
+        // (deleting the logs below the oldest kept point shortens its run).
+        epoch: p.id,
         disks: p.disks.clone(),
     });
     tags.save(state_dir)?;
@@ -1244,6 +1269,7 @@ mod tests {
             undo_bytes: 0,
             through: None,
             prev_committed_unix_s: None,
+            restores_until_unix_s: None,
             replaces: replaces.iter().map(|s| s.to_string()).collect(),
             stem: String::new(),
         }
@@ -1329,5 +1355,47 @@ mod tests {
             decide(&keep, &links, &tags, now),
             vec![true, true, false, false, false, true]
         );
+    }
+
+    #[test]
+    fn after_the_clock_went_back_the_grid_merges_nothing() {
+        let now = 10_000;
+        // Acknowledged up to an hour "in the future": the clock was set back.
+        let (links, _): (Vec<Link>, Vec<Option<Tag>>) = [3600, 1800, 10]
+            .iter()
+            .map(|ahead| link(now + ahead, None))
+            .unzip();
+        let keep = Retention {
+            points: u32::MAX,
+            minutes: 0,
+            grid: vec![(60, 60)],
+        };
+        let tags = Tags { tags: Vec::new() };
+        assert_eq!(decide(&keep, &links, &tags, now), vec![true, true, true]);
+    }
+
+    #[test]
+    fn a_merged_log_ages_its_point_by_its_oldest_part() {
+        // A merged log of epochs 5..=9 restores point 4: the replicas stopped holding
+        // it when epoch 5 committed (time 500), not epoch 9 (time 900).
+        let mut m = meta(9, &[]);
+        m.committed_unix_s = 900;
+        m.disks[0].prev_epoch = Some(4);
+        m.restores_until_unix_s = Some(500);
+        let older = meta(4, &[]);
+        let record = ReplicaRecord {
+            generation: filter_driver_shim_contract::GenerationId::from_bytes([7; 16]),
+            epoch: 9,
+            disk_size: 1 << 20,
+            committed_unix_s: 900,
+            suspect: None,
+            stamp: None,
+        };
+        let points: Vec<_> = walk(&[("a".to_string(), record)], &[older, m])
+            .into_iter()
+            .filter_map(|l| l.point)
+            .collect();
+        let p = points.iter().find(|p| p.id == 4).expect("point 4");
+        assert_eq!(p.until_unix_s, Some(500));
     }
 }

@@ -165,6 +165,7 @@ fn serve<R: std::io::Read, W: std::io::Write>(
     let mut control = vec![0u8; 64 << 10];
     let opening = handshake(shared, reader, writer, &mut control)?;
     let epoch = opening.epoch;
+    let not_a_point = opening.not_a_point();
     let DiskSet {
         handles,
         buffered,
@@ -192,9 +193,6 @@ fn serve<R: std::io::Read, W: std::io::Write>(
         max_logical,
         epoch,
     };
-    // Neither discarding a replica's own changes nor reverse replication leaves a log
-    // whose old bytes are an epoch anyone acknowledged.
-    let not_a_point = !opening.discarded.is_empty() || !opening.reprotected.is_empty();
     let mut undo = undo_log(job, epoch, undo_disks, not_a_point)?;
     let applier = Applier {
         disks: ApplyDisks {
@@ -269,6 +267,14 @@ struct Opening<'s> {
     discarded: Vec<String>,
     /// Disks this epoch reverse-replicates onto (see [`super::reprotect`]).
     reprotected: Vec<String>,
+}
+
+impl Opening<'_> {
+    /// Neither discarding a replica's own changes nor reverse replication leaves a log
+    /// whose old bytes are an epoch anyone acknowledged: it is no recovery point.
+    fn not_a_point(&self) -> bool {
+        !self.discarded.is_empty() || !self.reprotected.is_empty()
+    }
 }
 
 /// Handles the session's Open frame (read into `control`): claims and opens the disks
@@ -984,23 +990,7 @@ fn claim<'s>(shared: &'s Shared, names: &[String]) -> Result<BusyGuard<'s>, Targ
 /// replica's record, its replica opened (or created).
 fn open_disk(job: &super::TargetJob, e: &OpenDisk, name: &str) -> Result<OpenedDisk, TargetError> {
     let (geometry, mode) = entry_shape(e, name)?;
-    if let Some(sa) = &job.own_source_state {
-        // The engine's lineage, or the shim's tracking (a primary that never had an
-        // epoch acknowledged yet).
-        let lineage = [
-            crate::source::SourceDiskState::path(sa, name),
-            sa.join(format!("{name}.shim-state")),
-        ]
-        .into_iter()
-        .find(|p| p.exists());
-        if let Some(lineage) = lineage {
-            return Err(Rejection::PrimaryHere {
-                disk: name.to_string(),
-                lineage,
-            }
-            .into());
-        }
-    }
+    refuse_own_primary(job, name)?;
     let record = ReplicaRecord::load(&job.state_dir, name)?;
     let path = &job
         .disks
@@ -1043,28 +1033,7 @@ fn open_disk(job: &super::TargetJob, e: &OpenDisk, name: &str) -> Result<OpenedD
             source: std::io::ErrorKind::NotFound.into(),
         })?,
     };
-    let (diff, compare) = match mode {
-        SyncMode::Seeded | SyncMode::Reprotect => {
-            let gen = GenerationId::from_bytes(e.generation);
-            let mut bitmap =
-                ChangedBlockBitmap::new(geometry.disk_size, geometry.block_size as u32, gen, 0)
-                    .map_err(|source| Rejection::DiffShape {
-                        disk: name.to_string(),
-                        source,
-                    })?;
-            let compare = if mode == SyncMode::Reprotect {
-                let record = record
-                    .as_ref()
-                    .expect("check_base: reprotect needs a record");
-                // Changes made outside ferry are in no set: only a compare finds them.
-                discarded || !owe(&job.state_dir, name, record, gen, &mut bitmap)?
-            } else {
-                false
-            };
-            (Some(bitmap), compare)
-        }
-        SyncMode::Full | SyncMode::Changed => (None, false),
-    };
+    let (diff, compare) = session_diff(job, e, name, mode, geometry, record.as_ref(), discarded)?;
     Ok(OpenedDisk {
         disk,
         buffered,
@@ -1080,6 +1049,63 @@ fn open_disk(job: &super::TargetJob, e: &OpenDisk, name: &str) -> Result<OpenedD
         discarded,
         compare,
     })
+}
+
+/// A site with both roles: a disk its own engine replicates (it has a lineage there) or
+/// its own shim tracks is the primary's disk, never a replica to write.
+fn refuse_own_primary(job: &super::TargetJob, name: &str) -> Result<(), TargetError> {
+    let Some(sa) = &job.own_source_state else {
+        return Ok(());
+    };
+    let lineage = [
+        crate::source::SourceDiskState::path(sa, name),
+        sa.join(format!("{name}.shim-state")),
+    ]
+    .into_iter()
+    .find(|p| p.exists());
+    match lineage {
+        Some(lineage) => Err(Rejection::PrimaryHere {
+            disk: name.to_string(),
+            lineage,
+        }
+        .into()),
+        None => Ok(()),
+    }
+}
+
+/// The bitmap of blocks the session reports back to the source (seeded: differences
+/// found by the hash compare; reverse replication: also the blocks owed, see [`owe`]),
+/// and whether the source must compare every block.
+fn session_diff(
+    job: &super::TargetJob,
+    e: &OpenDisk,
+    name: &str,
+    mode: SyncMode,
+    geometry: Geometry,
+    record: Option<&ReplicaRecord>,
+    discarded: bool,
+) -> Result<(Option<ChangedBlockBitmap>, bool), TargetError> {
+    let diff_and_compare = match mode {
+        SyncMode::Seeded | SyncMode::Reprotect => {
+            let gen = GenerationId::from_bytes(e.generation);
+            let mut bitmap =
+                ChangedBlockBitmap::new(geometry.disk_size, geometry.block_size as u32, gen, 0)
+                    .map_err(|source| Rejection::DiffShape {
+                        disk: name.to_string(),
+                        source,
+                    })?;
+            let compare = if mode == SyncMode::Reprotect {
+                let record = record.expect("check_base: reprotect needs a record");
+                // Changes made outside ferry are in no set: only a compare finds them.
+                discarded || !owe(&job.state_dir, name, record, gen, &mut bitmap)?
+            } else {
+                false
+            };
+            (Some(bitmap), compare)
+        }
+        SyncMode::Full | SyncMode::Changed => (None, false),
+    };
+    Ok(diff_and_compare)
 }
 
 /// Reverse replication: marks in `diff` the blocks written to the replica since its
