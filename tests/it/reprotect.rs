@@ -332,11 +332,18 @@ fn reverse_replication_survives_a_crash_or_a_full_disk_at_every_durable_step() {
     a.ferry_ok(&["become-replica"]);
     assert!(tracking(&a).iter().all(|&e| !e), "consumed");
 
+    // The replica's target crashes with the reverse epoch written but not committed:
+    // its restart rolls the epoch back, restamping the replica (no split brain is
+    // claimed), and the owed blocks are still owed.
+    a.start_target_env(&[("FERRY_FAILPOINTS", "target.commit.crash")]);
+    b.start_shim();
+    b.write(&mut rng, 0.05);
+    let (status, out, err) = b.ferry_env(&["reprotect"], &[]);
+    assert!(!status.success(), "{out}{err}");
+    a.wait_target_gone();
     // The replica's target crashes right after committing the reverse epoch, before it
     // removes its owed sets and before the source hears: the rerun continues from it.
     a.start_target_env(&[("FERRY_FAILPOINTS", "target.reprotect.owed.crash")]);
-    b.start_shim();
-    b.write(&mut rng, 0.05);
     let (status, out, err) = b.ferry_env(&["reprotect"], &[]);
     assert!(!status.success(), "{out}{err}");
     a.wait_target_gone();

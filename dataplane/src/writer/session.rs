@@ -232,11 +232,11 @@ fn undo_log(
     job: &super::TargetJob,
     epoch: u64,
     disks: Vec<UndoDisk>,
-    discards: bool,
+    not_a_point: Option<NotAPoint>,
 ) -> Result<UndoLog, TargetError> {
     let undo = UndoLog::create(&job.state_dir, epoch, disks)?;
-    if discards {
-        if let Err(e) = undo.not_a_point() {
+    if let Some(why) = not_a_point {
+        if let Err(e) = undo.not_a_point(why == NotAPoint::Discards) {
             // Nothing was written under this log yet: it goes, rather than outlive the
             // session unmarked.
             if let Err(r) = undo.roll_back(&job.replicas()) {
@@ -269,11 +269,26 @@ struct Opening<'s> {
     reprotected: Vec<String>,
 }
 
+/// Why an epoch's log is no recovery point.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum NotAPoint {
+    /// It discards changes made outside ferry: its old bytes hold them.
+    Discards,
+    /// Reverse replication: its old bytes are the old primary's, no acknowledged epoch.
+    Reprotects,
+}
+
 impl Opening<'_> {
     /// Neither discarding a replica's own changes nor reverse replication leaves a log
     /// whose old bytes are an epoch anyone acknowledged: it is no recovery point.
-    fn not_a_point(&self) -> bool {
-        !self.discarded.is_empty() || !self.reprotected.is_empty()
+    fn not_a_point(&self) -> Option<NotAPoint> {
+        if !self.discarded.is_empty() {
+            Some(NotAPoint::Discards)
+        } else if !self.reprotected.is_empty() {
+            Some(NotAPoint::Reprotects)
+        } else {
+            None
+        }
     }
 }
 

@@ -237,9 +237,16 @@ impl UndoLog {
     /// commits: the bytes it saves include changes made to a replica outside ferry
     /// (the session discards them), so restoring it would bring them back under an
     /// epoch's name.
-    pub fn not_a_point(&self) -> Result<(), TargetError> {
+    ///
+    /// `discards`: the session discards changes made outside ferry, so a rollback of it
+    /// brings them back and the replica's stamp must stay as it was (the next session
+    /// sees them again). Otherwise (reverse replication) a rollback restores exactly
+    /// the bytes the record names, and the replica is restamped as after any rollback.
+    pub fn not_a_point(&self, discards: bool) -> Result<(), TargetError> {
         let marker = no_point_marker(&self.path);
-        crate::durable::write_atomic(&marker, b"").map_err(|e| io_err(&marker, StateOp::Create, e))
+        let content: &[u8] = if discards { b"" } else { REPROTECT_MARK };
+        crate::durable::write_atomic(&marker, content)
+            .map_err(|e| io_err(&marker, StateOp::Create, e))
     }
 
     /// Whether old bytes of `disk` must be logged before it is overwritten.
@@ -502,6 +509,16 @@ fn no_point_marker(log: &Path) -> PathBuf {
     log.with_extension("nopoint")
 }
 
+/// The content of a no-point marker of a reverse-replication epoch (an empty marker is
+/// a discarding epoch's, see [`UndoLog::not_a_point`]).
+const REPROTECT_MARK: &[u8] = b"reprotect";
+
+/// Whether rolling back the log at `log` brings back changes made outside ferry (its
+/// epoch discarded them), so the replica's stamp must stay as it was.
+fn brings_back_outside_changes(log: &Path) -> bool {
+    fs::read(no_point_marker(log)).is_ok_and(|content| content != REPROTECT_MARK)
+}
+
 fn remove(path: &Path, marker: &Path) -> Result<(), TargetError> {
     fs::remove_file(path).map_err(|e| io_err(path, StateOp::Remove, e))?;
     match fs::remove_file(no_point_marker(path)) {
@@ -684,7 +701,7 @@ pub(crate) fn recover_one(
     }
     // A discarding epoch's log brought back changes made outside ferry: the stamp stays
     // as it was, so the next session still sees them and asks the operator again.
-    if !no_point_marker(path).exists() {
+    if !brings_back_outside_changes(path) {
         restamp(state_dir, &log.disks, replicas)?;
     }
     remove(path, &marker)?;
