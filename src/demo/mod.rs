@@ -5,8 +5,10 @@
 //! replication workflow: initial full sync, a seeded re-sync after changes made behind
 //! ferry's back (checksum compare), and a changed-block sync driven by a tracking
 //! bitmap; then the shim serves both disks while a guest stand-in writes through it
-//! and the engine replicates continuously ([`live`]). After every step each replica is
-//! compared with its source byte for byte.
+//! and the engine replicates continuously ([`live`]), and a planned failover hands the
+//! disks over; then the secondary replicates back to the demoted primary and the VM
+//! goes home ([`failback`]). After every step each replica is compared with its source
+//! byte for byte.
 //!
 //! The loopback rig (an in-process target plus a [`SyncJob`] with the product
 //! defaults) is in [`rig`], shared with the live step and with `ferry bench`; this
