@@ -12,7 +12,7 @@
 
 use std::ffi::OsStr;
 use std::os::unix::fs::FileExt;
-use std::process::{Command, ExitStatus};
+use std::process::ExitStatus;
 use std::time::Duration;
 
 use crate::common::rig::{Guest, Rig, RigSpec};
@@ -20,21 +20,6 @@ use crate::common::*;
 
 const DISK_BYTES: u64 = 8 << 20;
 const EPOCHS: usize = 5;
-
-/// `ferry <args>` with `env`, to completion: (exit status, stdout, stderr).
-fn ferry_status(args: &[&OsStr], env: &[(&str, &str)]) -> (ExitStatus, String, String) {
-    let out = Command::new(ferry_bin())
-        .args(args)
-        .envs(env.iter().copied())
-        .env("NO_COLOR", "1")
-        .output()
-        .expect("run ferry");
-    (
-        out.status,
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
 
 /// [`ferry_status`] with the status as success or failure.
 fn ferry(args: &[&OsStr], env: &[(&str, &str)]) -> (bool, String, String) {
@@ -55,31 +40,6 @@ fn planned_args(rig: &Rig) -> [&OsStr; 4] {
 /// `ferry failover planned` on the rig's primary, with `env`.
 fn planned(rig: &Rig, env: &[(&str, &str)]) -> (ExitStatus, String, String) {
     ferry_status(&planned_args(rig), env)
-}
-
-/// Starts `ferry <args>` `times` times, each killed with SIGKILL after a random wait
-/// of up to `max_wait`; `after` runs after each kill.
-fn kill_at_random(
-    args: &[&OsStr],
-    times: usize,
-    max_wait: Duration,
-    rng: &mut Rng,
-    mut after: impl FnMut(),
-) {
-    for _ in 0..times {
-        let mut child = Command::new(ferry_bin())
-            .args(args)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("spawn ferry");
-        std::thread::sleep(Duration::from_micros(
-            rng.below(max_wait.as_micros() as u64),
-        ));
-        let _ = child.kill();
-        let _ = child.wait();
-        after();
-    }
 }
 
 fn unplanned(rig: &Rig, point: Option<u64>, env: &[(&str, &str)]) -> (bool, String, String) {

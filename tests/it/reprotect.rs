@@ -38,6 +38,17 @@ fn sites(dir: &Path, seed: u64) -> (Site, Site) {
     )
 }
 
+/// Makes each image sparse, its first half random from `rng`.
+fn half_random(rng: &mut Rng) -> impl FnMut(&Path, u64) + '_ {
+    |image, size| {
+        let f = create_sparse(image, size);
+        let mut buf = vec![0u8; (size / 2) as usize];
+        rng.fill(&mut buf);
+        use std::os::unix::fs::FileExt;
+        f.write_all_at(&buf, 0).unwrap();
+    }
+}
+
 /// A reprotect's report: every disk went as reverse replication (no full or seeded
 /// resync), and what it sent and read is bounded.
 fn check_reprotect(report: &serde_json::Value, sent_below: f64, read_below: f64, when: &str) {
@@ -281,13 +292,7 @@ fn reverse_replication_survives_a_crash_or_a_full_disk_at_every_durable_step() {
     let (mut a, mut b) = sites::pair(
         dir.path(),
         &[("os", 16 << 20), ("data", 4 << 20)],
-        |image, size| {
-            let f = create_sparse(image, size);
-            let mut buf = vec![0u8; (size / 2) as usize];
-            rng.fill(&mut buf);
-            use std::os::unix::fs::FileExt;
-            f.write_all_at(&buf, 0).unwrap();
-        },
+        half_random(&mut rng),
     );
     let mut rng = Rng::new(seed ^ 4);
     b.start_target();
@@ -378,13 +383,7 @@ fn a_replica_written_after_become_replica_is_refused_until_its_changes_are_disca
     let seed = test_seed("reprotect_discard");
     let mut rng = Rng::new(seed);
     let dir = scratch_dir();
-    let (mut a, mut b) = sites::pair(dir.path(), &[("os", 8 << 20)], |image, size| {
-        let f = create_sparse(image, size);
-        let mut buf = vec![0u8; (size / 2) as usize];
-        rng.fill(&mut buf);
-        use std::os::unix::fs::FileExt;
-        f.write_all_at(&buf, 0).unwrap();
-    });
+    let (mut a, mut b) = sites::pair(dir.path(), &[("os", 8 << 20)], half_random(&mut rng));
     let mut rng = Rng::new(seed ^ 9);
     b.start_target();
     a.start_shim();

@@ -426,6 +426,49 @@ fn vm_hwm_kib(pid: u32) -> Option<u64> {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
+/// `ferry <args>` with `env`, to completion: (exit status, stdout, stderr).
+pub fn ferry_status(
+    args: &[&std::ffi::OsStr],
+    env: &[(&str, &str)],
+) -> (ExitStatus, String, String) {
+    let out = std::process::Command::new(ferry_bin())
+        .args(args)
+        .envs(env.iter().copied())
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("run ferry");
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Starts `ferry <args>` `times` times, each killed with SIGKILL after a random wait
+/// of up to `max_wait`; `after` runs after each kill.
+pub fn kill_at_random(
+    args: &[&std::ffi::OsStr],
+    times: usize,
+    max_wait: Duration,
+    rng: &mut Rng,
+    mut after: impl FnMut(),
+) {
+    for _ in 0..times {
+        let mut child = std::process::Command::new(ferry_bin())
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn ferry");
+        std::thread::sleep(Duration::from_micros(
+            rng.below(max_wait.as_micros() as u64),
+        ));
+        let _ = child.kill();
+        let _ = child.wait();
+        after();
+    }
+}
+
 /// `ferry sync --config <config> --json <extra...>`.
 pub fn sync(config: &Path, extra: &[&str]) -> Run {
     let mut args: Vec<&std::ffi::OsStr> = vec![

@@ -8,14 +8,12 @@
 
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+
 use std::time::Duration;
 
 use super::nbd::connect_retry;
 use super::shim::ShimProc;
-use super::{
-    ferry_bin, file_hash, free_port, keygen, run_ferry, toml_path, Rng, Run, TargetProc, BLOCK,
-};
+use super::{file_hash, free_port, keygen, run_ferry, toml_path, Rng, Run, TargetProc, BLOCK};
 
 /// How long one `ferry` command of a site may take before the test gives up on it.
 pub const TIMEOUT: Duration = Duration::from_secs(300);
@@ -130,19 +128,14 @@ impl Site {
         args: &[&str],
         env: &[(&str, &str)],
     ) -> (std::process::ExitStatus, String, String) {
-        let out = std::process::Command::new(ferry_bin())
-            .args(args)
-            .arg("--config")
-            .arg(&self.config)
-            .envs(env.iter().copied())
-            .env("NO_COLOR", "1")
-            .output()
-            .expect("run ferry");
-        (
-            out.status,
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
+        super::ferry_status(&self.args(args), env)
+    }
+
+    /// `args` followed by `--config <this site's config>`.
+    fn args<'a>(&'a self, args: &'a [&'a str]) -> Vec<&'a OsStr> {
+        let mut all: Vec<&OsStr> = args.iter().map(OsStr::new).collect();
+        all.extend(["--config".as_ref(), self.config.as_os_str()]);
+        all
     }
 
     pub fn kill_target(&mut self) {
@@ -169,9 +162,7 @@ impl Site {
 
     /// `ferry <args> --config <this site's config>`.
     pub fn ferry(&self, args: &[&str]) -> Run {
-        let mut all: Vec<&OsStr> = args.iter().map(OsStr::new).collect();
-        all.extend(["--config".as_ref(), self.config.as_os_str()]);
-        run_ferry(&all, TIMEOUT)
+        run_ferry(&self.args(args), TIMEOUT)
     }
 
     /// As [`Site::ferry`]; panics with its output unless it succeeds.
@@ -191,21 +182,7 @@ impl Site {
     /// Starts `ferry <args> --config …` `times` times, each killed with SIGKILL after a
     /// random wait of up to `max_wait`.
     pub fn kill_at_random(&self, args: &[&str], times: usize, max_wait: Duration, rng: &mut Rng) {
-        for _ in 0..times {
-            let mut child = Command::new(ferry_bin())
-                .args(args)
-                .arg("--config")
-                .arg(&self.config)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("spawn ferry");
-            std::thread::sleep(Duration::from_micros(
-                rng.below(max_wait.as_micros() as u64),
-            ));
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        super::kill_at_random(&self.args(args), times, max_wait, rng, || {});
     }
 
     /// The guest writes `fraction` of each disk's blocks ([`BLOCK`]), random content
