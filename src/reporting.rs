@@ -22,19 +22,7 @@ const LOG_EVERY: Duration = Duration::from_secs(5);
 /// How often the watcher looks.
 const TICK: Duration = Duration::from_millis(200);
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
-fn mib(bytes: u64) -> String {
-    if bytes >= 10 << 30 {
-        format!("{:.1} GiB", bytes as f64 / (1u64 << 30) as f64)
-    } else {
-        format!("{:.1} MiB", bytes as f64 / (1u64 << 20) as f64)
-    }
-}
+use dataplane::source::progress::now_ms;
 
 /// One line about a sync in flight: `epoch 12 sending: 41% of 1.0 GiB, 812 MB/s, 1 s
 /// left`.
@@ -51,7 +39,7 @@ pub fn describe(s: &ProgressSnapshot) -> String {
         "epoch {} {}: {pct:.0}% of {}, {:.0} MB/s{eta}",
         s.epoch,
         s.phase.as_str(),
-        mib(s.total_bytes),
+        dataplane::utc::Bytes(s.total_bytes),
         s.rate_bytes_per_s / 1e6
     )
 }

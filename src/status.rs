@@ -123,11 +123,8 @@ pub struct ReplicaView {
     pub suspect: Option<String>,
 }
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
+use dataplane::source::progress::now_ms;
+use dataplane::utc::Bytes;
 
 fn age_s(unix_ms: u64) -> f64 {
     now_ms().saturating_sub(unix_ms) as f64 / 1e3
@@ -335,15 +332,6 @@ pub fn gather(cfg: &Config) -> Result<StatusReport, CliError> {
     })
 }
 
-fn human_bytes(b: u64) -> String {
-    match b {
-        b if b >= 1 << 30 => format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64),
-        b if b >= 1 << 20 => format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64),
-        b if b >= 1 << 10 => format!("{:.1} KiB", b as f64 / 1024.0),
-        b => format!("{b} B"),
-    }
-}
-
 fn human_age(s: f64) -> String {
     match s {
         s if s < 120.0 => format!("{s:.1} s"),
@@ -423,7 +411,7 @@ fn render_engine(out: &mut String, s: &SourceSide) {
             l.epoch,
             human_age(age_s(l.acknowledged_unix_ms)),
             l.modes.join(" "),
-            human_bytes(l.bytes_sent)
+            Bytes(l.bytes_sent)
         )),
         _ => out.push_str("  RPO unknown: no epoch acknowledged yet\n"),
     }
@@ -454,7 +442,7 @@ fn render_activity(out: &mut String, e: &EngineView) {
             "  in flight: epoch {} {} {pct:.0}% of {}, {:.0} MB/s{}\n",
             f.epoch,
             f.phase,
-            human_bytes(f.total_bytes),
+            Bytes(f.total_bytes),
             f.rate_bytes_per_s / 1e6,
             f.eta_s
                 .map_or(String::new(), |s| format!(", {} left", human_age(s)))
@@ -499,7 +487,7 @@ fn render_groups(out: &mut String, groups: &[Group]) {
                 .acknowledged_epoch
                 .map_or("never synced".to_string(), |e| format!("epoch {e}"));
             let pending = d.pending_bytes.map_or("pending unknown".to_string(), |p| {
-                format!("{} pending", human_bytes(p))
+                format!("{} pending", Bytes(p))
             });
             let mut flags = Vec::new();
             if let Some(r) = &d.resync_needed {

@@ -40,20 +40,40 @@ impl std::fmt::Display for Utc {
 /// variable, else `/etc/localtime`); where it fails, shown as UTC.
 pub struct Local(pub u64);
 
+/// `unix_s` broken down in the machine's local time zone (`localtime_r`), if the C
+/// library can.
+fn local_tm(unix_s: u64) -> Option<libc::tm> {
+    let t = libc::time_t::try_from(unix_s).ok()?;
+    // SAFETY: `tm` is plain old data (integers and a pointer); all zeros is a valid
+    // value of it.
+    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+    // SAFETY: both pointers are valid for the call, and localtime_r (the reentrant
+    // form) keeps neither.
+    let filled = unsafe { libc::localtime_r(&t, &mut tm) };
+    (!filled.is_null()).then_some(tm)
+}
+
+/// The local weekday (Monday = 0) and minute of the day of `unix_s`, for schedules
+/// written in local time; UTC where the local time zone cannot be had.
+pub fn local_weekday_minute(unix_s: u64) -> (u32, u32) {
+    match local_tm(unix_s) {
+        Some(tm) => (
+            (tm.tm_wday as u32 + 6) % 7,
+            tm.tm_hour as u32 * 60 + tm.tm_min as u32,
+        ),
+        None => {
+            let days = unix_s / 86_400;
+            // 1970-01-01 was a Thursday (Monday = 0: 3).
+            (((days + 3) % 7) as u32, (unix_s % 86_400 / 60) as u32)
+        }
+    }
+}
+
 impl std::fmt::Display for Local {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let Ok(t) = libc::time_t::try_from(self.0) else {
+        let Some(tm) = local_tm(self.0) else {
             return Utc::from_unix_s(self.0).fmt(f);
         };
-        // SAFETY: `tm` is plain old data (integers and a pointer); all zeros is a
-        // valid value of it.
-        let mut tm: libc::tm = unsafe { std::mem::zeroed() };
-        // SAFETY: both pointers are valid for the call, and localtime_r (the reentrant
-        // form) keeps neither.
-        let filled = unsafe { libc::localtime_r(&t, &mut tm) };
-        if filled.is_null() {
-            return Utc::from_unix_s(self.0).fmt(f);
-        }
         let off = tm.tm_gmtoff;
         let (sign, off) = if off < 0 { ('-', -off) } else { ('+', off) };
         write!(
@@ -135,7 +155,24 @@ fn civil_from_days(days: i128) -> (i128, u32, u32) {
 
 #[cfg(test)]
 mod tests {
-    use super::Utc;
+    #[test]
+    fn local_weekday_and_minute_agree_with_the_local_listing() {
+        let t = 1_796_535_923; // 2026-12-06 05:45:23 UTC
+        let (_, minute) = local_weekday_minute(t);
+        let shown = Local(t).to_string(); // "YYYY-MM-DD HH:MM:SS ..."
+        let hm: Vec<u32> = shown[11..16]
+            .split(':')
+            .map(|x| x.parse().unwrap())
+            .collect();
+        assert_eq!(minute, hm[0] * 60 + hm[1], "{shown}");
+        let mut days: Vec<u32> = (0..7)
+            .map(|d| local_weekday_minute(t + d * 86_400).0)
+            .collect();
+        days.sort_unstable();
+        assert_eq!(days, (0..7).collect::<Vec<_>>());
+    }
+
+    use super::{local_weekday_minute, Local, Utc};
 
     #[test]
     fn dates_across_leap_days_and_the_epoch() {

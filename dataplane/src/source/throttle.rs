@@ -16,8 +16,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use chrono::{Datelike, Timelike};
-
 /// A rate in bytes per second, parsed from `"200Mbit"`, `"1.5Gbit"`, `"50MiB/s"`, …
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Rate(pub f64);
@@ -141,9 +139,10 @@ pub struct Limit {
 impl Limit {
     /// The rate in force now (local time), if any.
     pub fn now(&self) -> Option<Rate> {
-        let now = chrono::Local::now();
-        let weekday = now.weekday().num_days_from_monday();
-        let minute = now.hour() * 60 + now.minute();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let (weekday, minute) = crate::utc::local_weekday_minute(now);
         self.at(weekday, minute)
     }
 
