@@ -195,6 +195,7 @@ fn freeze_reply(e: &FrozenEpoch, idle_timeout: Duration) -> FreezeReply {
                 bitmap: d.files.bitmap.clone(),
                 map: d.files.map.clone(),
                 scratch: d.files.scratch.clone(),
+                granules: d.granular.then(|| d.files.granules.clone()),
             })
             .collect(),
     }
@@ -255,7 +256,11 @@ impl Client<'_> {
     fn dispatch(&self, request: Request) -> Reply {
         match request {
             Request::Status => ok(&self.status()),
-            Request::Freeze { disks, whole } => ok(&self.freeze(disks, whole)?),
+            Request::Freeze {
+                disks,
+                whole,
+                granules,
+            } => ok(&self.freeze(disks, whole, granules)?),
             Request::Check(id) => self.finish(Finish::Check, id),
             Request::Commit(id) => self.finish(Finish::Commit, id),
             Request::Abort(id) => self.finish(Finish::Abort, id),
@@ -291,6 +296,7 @@ impl Client<'_> {
             pauses,
             disks: disks.iter().map(|d| status_disk(&d.status())).collect(),
             engine: self.state.state_dir.as_deref().and_then(EngineStatus::load),
+            granules: true,
         }
     }
 
@@ -300,11 +306,12 @@ impl Client<'_> {
         &self,
         disks: Option<Vec<String>>,
         whole: Vec<String>,
+        granules: bool,
     ) -> Result<FreezeReply, Refusal> {
         let FreezeRequest { chosen, whole } = self.freeze_arguments(disks, whole)?;
         let id = EpochId::new(self.state.next_epoch.fetch_add(1, Ordering::Relaxed));
         self.take_epoch(id, &chosen)?;
-        match group::freeze(&chosen, id.get(), &whole) {
+        match group::freeze(&chosen, id.get(), &whole, granules) {
             Ok(frozen) => {
                 let us = frozen.pause.as_micros() as u64;
                 let mut p = self.state.pauses.lock().unwrap_or_else(|e| e.into_inner());

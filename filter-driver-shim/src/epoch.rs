@@ -16,6 +16,7 @@ use filter_driver_shim_contract::bitmap::ChangedBlockBitmap;
 use filter_driver_shim_contract::epoch::{
     granules, EpochFiles, EpochMap, COPYING, GRANULE, PRESERVED, UNTOUCHED,
 };
+use filter_driver_shim_contract::granules::GranuleMasks;
 
 use crate::backing::Backing;
 
@@ -24,9 +25,13 @@ use crate::backing::Backing;
 pub struct FrozenDisk {
     /// Blocks the epoch carries.
     pub bits: ChangedBlockBitmap,
+    /// Which granules of `bits`' blocks the epoch carries (0: the whole block).
+    pub masks: GranuleMasks,
     /// Every block is preserved on first write (a seeded or full sync reads the whole
     /// disk), not only those in `bits`.
     pub whole_disk: bool,
+    /// The engine reads only the granules in `masks`, so only those are preserved.
+    pub granular: bool,
     pub files: EpochFiles,
     map: EpochMap,
     scratch: File,
@@ -50,6 +55,7 @@ impl FrozenDisk {
         files: EpochFiles,
         bits_template: &ChangedBlockBitmap,
         whole_disk: bool,
+        granular: bool,
     ) -> io::Result<FrozenDisk> {
         let map = EpochMap::create(&files.map, granules(bits_template.disk_size()))?;
         let scratch = OpenOptions::new()
@@ -61,7 +67,9 @@ impl FrozenDisk {
         scratch.set_len(bits_template.disk_size())?;
         Ok(FrozenDisk {
             bits: bits_template.clone(),
+            masks: GranuleMasks::like(bits_template),
             whole_disk,
+            granular,
             files,
             map,
             scratch,
@@ -81,8 +89,23 @@ impl FrozenDisk {
         self.copies.load(Ordering::Relaxed)
     }
 
-    fn covers(&self, block: u64) -> bool {
-        self.whole_disk || self.bits.test(block).unwrap_or(false)
+    /// Whether the engine may read `granule` of the image in this epoch.
+    fn covers(&self, granule: u64) -> bool {
+        if self.whole_disk {
+            return true;
+        }
+        let block = granule * GRANULE / self.block_size;
+        if !self.bits.test(block).unwrap_or(false) {
+            return false;
+        }
+        if !self.granular {
+            return true;
+        }
+        // The engine reads the mask's granules, or the whole block when it is 0.
+        let unit = u64::from(self.masks.granule());
+        let bit = (granule * GRANULE - block * self.block_size) / unit;
+        let mask = self.masks.get(block);
+        mask == 0 || mask & (1 << bit) != 0
     }
 
     /// Call before writing (or zeroing) `offset..offset + len` of the image: preserves
@@ -95,7 +118,7 @@ impl FrozenDisk {
         let first = offset / GRANULE;
         let last = (offset + len - 1) / GRANULE;
         for granule in first..=last.min(self.map.blocks().saturating_sub(1)) {
-            if !self.covers(granule * GRANULE / self.block_size) {
+            if !self.covers(granule) {
                 continue;
             }
             let cell = self.map.cell(granule);
@@ -188,7 +211,7 @@ mod tests {
         bits.set(1).unwrap();
         bits.set(2).unwrap();
         let files = EpochFiles::new(dir, "d", 7);
-        let frozen = FrozenDisk::prepare(files.clone(), &bits, whole).unwrap();
+        let frozen = FrozenDisk::prepare(files.clone(), &bits, whole, false).unwrap();
         let view = EpochView::open(&files.map, &files.scratch, blocks * BS).unwrap();
         (backing, frozen, view)
     }
@@ -279,7 +302,7 @@ mod tests {
                 .unwrap();
         bits.set(1).unwrap();
         let files = EpochFiles::new(dir.path(), "d", 1);
-        let frozen = FrozenDisk::prepare(files.clone(), &bits, false).unwrap();
+        let frozen = FrozenDisk::prepare(files.clone(), &bits, false, false).unwrap();
         let view = EpochView::open(&files.map, &files.scratch, 2 * bs).unwrap();
         // 4 KiB straddling granules 17 and 18 of block 1, then one inside block 0.
         frozen.preserve(&backing, bs + GRANULE + 100, GRANULE);
@@ -293,5 +316,50 @@ mod tests {
         backing.read_at(&mut buf, bs).unwrap();
         assert_eq!(view.settle(bs, &mut buf, true).unwrap(), 2);
         assert_eq!(buf, content[bs as usize..], "the frozen block, whole");
+    }
+
+    #[test]
+    fn a_granular_epoch_preserves_only_the_granules_it_carries() {
+        let dir = tempfile::tempdir().unwrap();
+        let bs = 64 << 10;
+        let image = dir.path().join("img");
+        let content: Vec<u8> = (0..2 * bs).map(|i| (i / GRANULE) as u8).collect();
+        std::fs::write(&image, &content).unwrap();
+        let backing = Backing::open(&image).unwrap();
+        let mut bits =
+            ChangedBlockBitmap::new(2 * bs, bs as u32, GenerationId::from_bytes([1; 16]), 0)
+                .unwrap();
+        bits.set(0).unwrap();
+        bits.set(1).unwrap();
+        let files = EpochFiles::new(dir.path(), "d", 1);
+        let mut frozen = FrozenDisk::prepare(files.clone(), &bits, false, true).unwrap();
+        frozen.masks.mark(2 * GRANULE, GRANULE); // block 0 carries granule 2 only
+                                                 // Block 1 has no mask: the engine reads it whole, so it is preserved whole.
+        for granule in [0, 2, 5, 16 + 3] {
+            frozen.preserve(&backing, granule * GRANULE, GRANULE);
+            backing
+                .write_at(&[0xee; GRANULE as usize], granule * GRANULE)
+                .unwrap();
+        }
+        assert_eq!(
+            frozen.copies(),
+            2,
+            "granule 2 of block 0 and granule 3 of block 1"
+        );
+        let cell = |g: u64| frozen.map.cell(g).load(Ordering::Relaxed);
+        assert_eq!(
+            (cell(0), cell(2), cell(5), cell(19)),
+            (UNTOUCHED, PRESERVED, UNTOUCHED, PRESERVED)
+        );
+        // What the engine reads of the carried granules is the frozen content.
+        let mut buf = vec![0u8; GRANULE as usize];
+        backing.read_at(&mut buf, 2 * GRANULE).unwrap();
+        view_settle(&files, 2 * bs, 2 * GRANULE, &mut buf);
+        assert!(buf.iter().all(|&b| b == 2));
+    }
+
+    fn view_settle(files: &EpochFiles, size: u64, offset: u64, buf: &mut [u8]) {
+        let view = EpochView::open(&files.map, &files.scratch, size).unwrap();
+        view.settle(offset, buf, true).unwrap();
     }
 }

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::bitmap::GenerationId;
+use crate::bitmap::{BitmapError, GenerationId};
 use crate::disk::ServedDisk;
 use crate::epoch::FrozenDisk;
 use crate::tracker::{ResyncReason, TrackerError};
@@ -64,6 +64,9 @@ pub struct FrozenDiskInfo {
     pub disk_size: u64,
     pub frozen_blocks: u64,
     pub whole_disk: bool,
+    /// The engine reads only the written granules (`freeze … granules=on`); the
+    /// granule file is in `files`.
+    pub granular: bool,
     pub files: EpochFiles,
 }
 
@@ -80,7 +83,9 @@ pub struct FrozenEpoch {
 /// all of them). Writes in flight drain, every disk's active bits become the epoch's,
 /// copy-before-write starts, and writes resume; the pause holds no I/O but the drain.
 /// Disks named in `whole` preserve every block, not just the frozen ones (their
-/// epoch will be a seeded or full sync that reads the whole disk).
+/// epoch will be a seeded or full sync that reads the whole disk). With `granular`,
+/// the others preserve only the granules written before the freeze, which is all the
+/// engine will read of them (their masks go to the epoch's granule file).
 ///
 /// In this order: the request is checked, every disk's files are prepared (before the
 /// pause, so the pause does no file I/O), the cut is made, then each frozen bitmap is
@@ -89,9 +94,10 @@ pub(crate) fn freeze(
     disks: &[Arc<ServedDisk>],
     id: u64,
     whole: &[String],
+    granular: bool,
 ) -> Result<FrozenEpoch, EpochError> {
     check_freeze(disks, whole)?;
-    let prepared = prepare(disks, id, whole)?;
+    let prepared = prepare(disks, id, whole, granular)?;
     let (frozen, pause) = cut(disks, prepared);
     let infos = save_frozen_bits(disks, &frozen)?;
     tracing::debug!(epoch = %format_args!("{id:016x}"), pause_us = pause.as_micros() as u64, "epoch frozen");
@@ -124,6 +130,7 @@ fn prepare(
     disks: &[Arc<ServedDisk>],
     id: u64,
     whole: &[String],
+    granular: bool,
 ) -> Result<Vec<FrozenDisk>, EpochError> {
     let mut prepared = Vec::with_capacity(disks.len());
     for d in disks {
@@ -131,7 +138,7 @@ fn prepare(
         files.remove();
         let blank = d.export.tracker.blank();
         let whole_disk = whole.contains(&d.disk.name);
-        match FrozenDisk::prepare(files.clone(), &blank, whole_disk) {
+        match FrozenDisk::prepare(files.clone(), &blank, whole_disk, granular && !whole_disk) {
             Ok(f) => prepared.push(f),
             Err(source) => {
                 files.remove();
@@ -161,7 +168,7 @@ fn cut(disks: &[Arc<ServedDisk>], prepared: Vec<FrozenDisk>) -> (Vec<Arc<FrozenD
             gate.frozen().is_none(),
             "the control socket allows one epoch at a time"
         );
-        d.export.tracker.freeze(&mut f.bits);
+        d.export.tracker.freeze(&mut f.bits, &mut f.masks);
         let f = Arc::new(f);
         gate.install(Arc::clone(&f));
         frozen.push(f);
@@ -179,7 +186,19 @@ fn save_frozen_bits(
 ) -> Result<Vec<FrozenDiskInfo>, EpochError> {
     let mut infos = Vec::with_capacity(disks.len());
     for (d, f) in disks.iter().zip(frozen) {
-        if let Err(source) = f.bits.save(&f.files.bitmap) {
+        let saved = f.bits.save(&f.files.bitmap).and_then(|()| {
+            if !f.granular {
+                return Ok(());
+            }
+            f.masks
+                .save(&f.bits, &f.files.granules)
+                .map_err(|source| BitmapError::Io {
+                    op: "write the granule masks to",
+                    path: f.files.granules.clone(),
+                    source,
+                })
+        });
+        if let Err(source) = saved {
             let _ = finish(disks, false);
             return Err(EpochError::SaveBits {
                 disk: d.disk.name.clone(),
@@ -196,6 +215,7 @@ fn save_frozen_bits(
             disk_size: d.export.info.size_bytes,
             frozen_blocks: f.bits.count(),
             whole_disk: f.whole_disk,
+            granular: f.granular,
             files: f.files.clone(),
         });
     }
@@ -251,7 +271,7 @@ pub(crate) fn finish(disks: &[Arc<ServedDisk>], commit: bool) -> Result<(), Epoc
         };
         let result = match &synced {
             Ok(()) if commit && !f.is_broken() => d.export.tracker.commit(&f.bits),
-            _ => d.export.tracker.abort(&f.bits),
+            _ => d.export.tracker.abort(&f.bits, &f.masks),
         };
         if let Err(e) = synced {
             first_error.get_or_insert(e);

@@ -31,7 +31,7 @@ pub mod shim;
 pub mod tracker;
 
 /// The bitmap format is the contract's; inside the shim it keeps its short path.
-pub(crate) use filter_driver_shim_contract::bitmap;
+pub(crate) use filter_driver_shim_contract::{bitmap, granules};
 
 pub use disk::{DiskStatus, ShimDisk};
 pub use shim::{serve, Shim, ShimError, MAX_CONNECTIONS_PER_DISK};

@@ -40,6 +40,7 @@ use crate::bitmap::{
     page_file_offset, page_of_block, BitmapError, ChangedBlockBitmap, FileState, GenerationId,
     BLOCKS_PER_PAGE, PAGE_SIZE,
 };
+use crate::granules::GranuleMasks;
 use state::{Shutdown, StateRecord};
 
 /// Default tracking granularity: 64 KiB, the unit the engine ships. A 1 TiB disk
@@ -183,6 +184,9 @@ pub struct TrackerStatus {
 struct TrackState {
     /// Active bits: writes since the last freeze (plus aborted epochs' bits).
     bitmap: ChangedBlockBitmap,
+    /// Which granules of the active blocks were written; zero where `bitmap` is clear,
+    /// whole where the bits came back from the file (crate::granules).
+    masks: GranuleMasks,
     /// What the file holds (or will, once pending pages are synced): the active bits
     /// and, while an epoch is frozen, its bits too.
     persisted: ChangedBlockBitmap,
@@ -320,6 +324,11 @@ impl Tracker {
             born,
             file,
             state: Mutex::new(TrackState {
+                masks: {
+                    let mut masks = GranuleMasks::like(&bitmap);
+                    masks.fill_from(&bitmap);
+                    masks
+                },
                 persisted: bitmap.clone(),
                 frozen_blocks: None,
                 bitmap,
@@ -548,6 +557,7 @@ impl Tracker {
         let first = offset_bytes / block_size;
         let last = (end - 1) / block_size;
         let mut needed_batch = 0;
+        st.masks.mark(offset_bytes, len_bytes);
         for page in page_of_block(first)..=page_of_block(last) {
             let lo = first.max(page * BLOCKS_PER_PAGE);
             let hi = last.min((page + 1) * BLOCKS_PER_PAGE - 1);
@@ -693,13 +703,20 @@ impl Tracker {
         b
     }
 
-    /// Freezes an epoch: swaps the active bits into `blank` (which must come from
-    /// [`blank`](Self::blank)) and starts a new, empty active set. The file keeps
-    /// every bit. Call with writes to the disk drained.
-    pub fn freeze(&self, blank: &mut ChangedBlockBitmap) {
+    /// Empty granule masks of this disk's geometry, made outside the freeze pause.
+    pub fn blank_masks(&self) -> GranuleMasks {
+        GranuleMasks::like(&self.lock().bitmap)
+    }
+
+    /// Freezes an epoch: swaps the active bits and their granule masks into `blank`
+    /// and `blank_masks` (which must come from [`blank`](Self::blank) and
+    /// [`blank_masks`](Self::blank_masks)) and starts a new, empty active set. The file
+    /// keeps every bit. Call with writes to the disk drained.
+    pub fn freeze(&self, blank: &mut ChangedBlockBitmap, blank_masks: &mut GranuleMasks) {
         let mut st = self.lock();
         debug_assert!(blank.is_empty() && blank.block_count() == st.bitmap.block_count());
         std::mem::swap(&mut st.bitmap, blank);
+        std::mem::swap(&mut st.masks, blank_masks);
         st.frozen_blocks = Some(blank.count());
     }
 
@@ -738,11 +755,17 @@ impl Tracker {
         self.wait_durable(st, batch)
     }
 
-    /// The epoch that carried `frozen` failed: its bits join the active set again, so
-    /// the next epoch carries them. The file already holds them; nothing is written.
-    pub fn abort(&self, frozen: &ChangedBlockBitmap) -> Result<(), TrackerError> {
+    /// The epoch that carried `frozen` failed: its bits and granules join the active
+    /// set again, so the next epoch carries them. The file already holds them; nothing
+    /// is written.
+    pub fn abort(
+        &self,
+        frozen: &ChangedBlockBitmap,
+        frozen_masks: &GranuleMasks,
+    ) -> Result<(), TrackerError> {
         let mut st = self.lock();
         st.frozen_blocks = None;
+        st.masks.or_with(frozen_masks);
         st.bitmap
             .or_with(frozen)
             .map_err(|source| TrackerError::Bitmap {
@@ -972,7 +995,8 @@ mod tests {
         t.mark(0, 1).unwrap();
         t.mark(BLOCKS_PER_PAGE * 4096, 1).unwrap(); // page 1
         let mut frozen = t.blank();
-        t.freeze(&mut frozen);
+        let mut masks = t.blank_masks();
+        t.freeze(&mut frozen, &mut masks);
         assert_eq!(frozen.count(), 2);
         assert_eq!(t.status().dirty_blocks, 0);
         assert_eq!(t.status().frozen_blocks, Some(2));
@@ -982,12 +1006,13 @@ mod tests {
         assert_eq!(on_disk().count(), 3, "file holds frozen and active bits");
 
         // Abort: the frozen bits come back; nothing is lost.
-        t.abort(&frozen).unwrap();
+        t.abort(&frozen, &masks).unwrap();
         assert_eq!(t.status().dirty_blocks, 3);
         assert_eq!(on_disk(), t.persisted());
 
         let mut frozen = t.blank();
-        t.freeze(&mut frozen);
+        let mut masks = t.blank_masks();
+        t.freeze(&mut frozen, &mut masks);
         t.mark(4096, 1).unwrap(); // written again after the freeze: stays
         t.commit(&frozen).unwrap();
         let after = on_disk();
@@ -997,12 +1022,42 @@ mod tests {
 
         // A crash with an epoch frozen: restart sees every bit.
         let mut frozen = t.blank();
+        let mut masks = t.blank_masks();
         t.mark(0, 1).unwrap();
-        t.freeze(&mut frozen);
+        t.freeze(&mut frozen, &mut masks);
         t.mark(2 * 4096, 1).unwrap();
         drop(t);
         let t = Tracker::open(config(dir.path()), identity(size)).unwrap();
         assert_eq!(t.status().dirty_blocks, 3);
+    }
+
+    #[test]
+    fn granule_masks_follow_the_bits_and_are_whole_after_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = config(dir.path());
+        cfg.block_size = 64 << 10;
+        let size = 64 * (64 << 10);
+        let t = Tracker::open(cfg.clone(), identity(size)).unwrap();
+        t.mark(4096, 4096).unwrap();
+        t.mark((64 << 10) + 512, 100).unwrap();
+        let (mut frozen, mut masks) = (t.blank(), t.blank_masks());
+        t.freeze(&mut frozen, &mut masks);
+        assert_eq!((masks.get(0), masks.get(1)), (0b10, 0b1));
+        assert_eq!(t.lock().masks.get(0), 0, "the active masks start empty");
+        // Written again after the freeze, then the epoch fails: both granules come back.
+        t.mark(8192, 4096).unwrap();
+        t.abort(&frozen, &masks).unwrap();
+        assert_eq!(t.lock().masks.get(0), 0b110);
+        assert_eq!(t.lock().masks.get(1), 0b1);
+        let (mut frozen, mut masks) = (t.blank(), t.blank_masks());
+        t.freeze(&mut frozen, &mut masks);
+        t.commit(&frozen).unwrap();
+        t.mark(20 << 10, 4096).unwrap();
+        // A crash: the bits come back from the file, their granules unknown (whole).
+        drop(t);
+        let t = Tracker::open(cfg, identity(size)).unwrap();
+        assert_eq!(t.lock().masks.get(0), 0xffff);
+        assert_eq!(t.lock().masks.get(1), 0);
     }
 
     #[test]

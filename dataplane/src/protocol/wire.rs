@@ -17,8 +17,19 @@ pub const FRAME_MAGIC: u32 = u32::from_le_bytes(*b"FRY1");
 /// in increasing offset order across the session. Version 1 is not spoken any more: a
 /// target that accepted its bare Commit could not tell a complete epoch from one that
 /// lost blocks on the way, so a version-1 peer is refused at the handshake.
+///
+/// Version 3 lets a Data record carry part of a block ([`GRANULE_RECORDS_VERSION`]).
+/// A version-2 peer is still served: its records are whole blocks.
 pub const PROTOCOL_VERSION_MIN: u16 = 2;
-pub const PROTOCOL_VERSION_MAX: u16 = 2;
+pub const PROTOCOL_VERSION_MAX: u16 = 3;
+
+/// From this version a Data record may carry any run of 4 KiB granules inside one
+/// block (a changed-block epoch sends only what the guest wrote), not only whole
+/// blocks: its offset is a multiple of [`RECORD_GRANULE`], it ends inside the same
+/// block, and its length is a multiple of the granule unless it ends at the disk's end.
+pub const GRANULE_RECORDS_VERSION: u16 = 3;
+/// Alignment of a record's offset and length from [`GRANULE_RECORDS_VERSION`] on.
+pub const RECORD_GRANULE: u64 = 4096;
 
 /// Largest frame payload either side accepts: a 4 MiB data batch (the largest
 /// `io_size_kib`) plus its record table for 4 KiB blocks (1024 records of 48 bytes,

@@ -273,16 +273,28 @@ impl ShimControl {
 
     /// The disks the shim serves.
     pub fn status(&mut self) -> Result<Vec<StatusDisk>, SourceError> {
-        let reply: StatusReply = self.request(&Request::Status)?;
-        Ok(reply.disks)
+        Ok(self.status_reply()?.disks)
+    }
+
+    /// The shim's whole status reply.
+    pub fn status_reply(&mut self) -> Result<StatusReply, SourceError> {
+        Ok(self.request(&Request::Status)?)
     }
 
     /// Freezes an epoch across `disks` (one consistency cut); `whole` names the disks
-    /// whose every block must be preserved (their sync reads the whole disk).
-    pub fn freeze(&mut self, disks: &[&str], whole: &[&str]) -> Result<LiveEpoch, SourceError> {
+    /// whose every block must be preserved (their sync reads the whole disk). With
+    /// `granules`, the others carry only their written granules: the engine must then
+    /// read exactly what each disk's granule file names.
+    pub fn freeze(
+        &mut self,
+        disks: &[&str],
+        whole: &[&str],
+        granules: bool,
+    ) -> Result<LiveEpoch, SourceError> {
         let request = Request::Freeze {
             disks: Some(disks.iter().map(|d| d.to_string()).collect()),
             whole: whole.iter().map(|d| d.to_string()).collect(),
+            granules,
         };
         let reply: FreezeReply = self.request(&request)?;
         Ok(reply.into())
@@ -385,7 +397,7 @@ mod tests {
     fn freeze_sends_the_line_and_reads_the_typed_reply() {
         let reply = r#"{"ok":true,"epoch":"00000000000000ab","pause_us":5,"idle_timeout_ms":4000,"disks":[{"name":"vda","path":"/i","generation_id":"07070707070707070707070707070707","resync_required":true,"resync_reason":"image-modified","block_size":4096,"disk_size":8192,"frozen_blocks":1,"whole_disk":true,"bitmap":"/b","map":"/m","scratch":"/s","added_later":1}]}"#;
         let (mut control, shim) = fake_shim(&[reply]);
-        let epoch = control.freeze(&["vda"], &["vda"]).unwrap();
+        let epoch = control.freeze(&["vda"], &["vda"], false).unwrap();
         assert_eq!(epoch.id, EpochId::new(0xab));
         assert_eq!(epoch.idle_timeout, Some(Duration::from_millis(4000)));
         assert_eq!(

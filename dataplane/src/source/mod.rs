@@ -23,8 +23,9 @@ use std::time::{Duration, Instant};
 
 use ferry_ringbuf::pool::PoolError;
 use filter_driver_shim_contract::bitmap::{BitmapError, ChangedBlockBitmap};
-use filter_driver_shim_contract::control::{EpochId, StatusDisk};
+use filter_driver_shim_contract::control::{EpochId, FreezeDisk, StatusDisk};
 use filter_driver_shim_contract::epoch::EpochView;
+use filter_driver_shim_contract::granules::{GranuleFileError, GranuleMasks};
 use filter_driver_shim_contract::GenerationId;
 use serde::{Deserialize, Serialize};
 use zerocopy::{FromBytes, IntoBytes};
@@ -35,14 +36,15 @@ use crate::io::{self, Disk, EngineKind, IoError};
 use crate::protocol::{
     auth, Commit, Committed, DiskManifest, DiskRun, FrameDeadline, FrameKind, FrameReader,
     FrameWriter, ManifestBuilder, OpenDisk, OpenDiskReply, OpenHeader, ProtocolError, SyncMode,
-    TimedStream, MAX_NAME_LEN, MAX_REPLY_PAYLOAD, OPEN_DISCARD_REPLICA_CHANGES, REPLICA_CREATED,
+    TimedStream, GRANULE_RECORDS_VERSION, MAX_NAME_LEN, MAX_REPLY_PAYLOAD,
+    OPEN_DISCARD_REPLICA_CHANGES, REPLICA_CREATED,
 };
 use crate::psk::{Psk, PskError};
 pub use live::ShimControlError;
 use lock::{EngineLock, EngineRole};
 use pipeline::{DiskInfo, Output, PipelineConfig, PipelineStats};
 pub use pipeline::{Stage, StageFailure};
-use plan::{Chunker, ExtentRegions, Geometry, PlanItem, Region};
+use plan::{Chunker, ExtentRegions, Geometry, PlanItem, RangeReads, Region};
 
 /// Everything that can stop a sync.
 #[derive(Debug, thiserror::Error)]
@@ -245,6 +247,12 @@ pub enum BitmapProblem {
     Missing,
     #[error("the frozen bitmap does not match the disk")]
     FrozenMismatch,
+    /// The shim froze the disk granule by granule but its granule file cannot be
+    /// used; reading whole blocks instead could see writes made after the freeze.
+    #[error("frozen granule masks")]
+    Granules(#[source] GranuleFileError),
+    #[error("the shim was asked for granule masks and named no granule file")]
+    GranulesMissing,
     /// Building or filling the bitmap of a seeded disk's differences failed.
     #[error(transparent)]
     Diff(BitmapError),
@@ -470,6 +478,9 @@ struct OpenedDisk {
     generation: GenerationId,
     base_epoch: u64,
     bitmap: Option<ChangedBlockBitmap>,
+    /// Which granules of `bitmap`'s blocks to send (a live epoch frozen with
+    /// `granules=on`); `None`: whole blocks.
+    granules: Option<GranuleMasks>,
     mode: SyncMode,
     replica_created: bool,
     /// Reverse replication: the lineage the replica must answer with.
@@ -695,20 +706,26 @@ fn plan_live_disks<'a>(
 /// One sync as a live epoch of the running shim behind `control`.
 fn sync_live(job: &SyncJob, mut control: live::ShimControl) -> Result<SyncReport, SourceError> {
     let started = Instant::now();
-    let served = control.status()?;
-    let plans = plan_live_disks(job, &served)?;
+    let status = control.status_reply()?;
+    let plans = plan_live_disks(job, &status.disks)?;
     let names: Vec<&str> = plans.iter().map(|p| p.spec.name.as_str()).collect();
     let whole: Vec<&str> = plans.iter().filter_map(PlannedDisk::whole_name).collect();
     // Reach the target before freezing: while it is unreachable the guest is never
     // paused for an epoch that cannot go anywhere.
     let connection = open_connection(job)?;
+    // Sub-block epochs need a shim that keeps granule masks and a target that takes
+    // records smaller than a block. Reverse replication adds whole blocks the shim did
+    // not freeze to the epoch, so it goes by whole blocks.
+    let granular = status.granules
+        && connection.version >= GRANULE_RECORDS_VERSION
+        && plans.iter().all(|p| p.reverse.is_none());
     // From here on, any early return drops `control`, which aborts the epoch: the shim
     // puts its bits back.
-    let epoch = control.freeze(&names, &whole)?;
+    let epoch = control.freeze(&names, &whole, granular)?;
     let mut disks = Vec::with_capacity(plans.len());
     let mut views = Vec::with_capacity(plans.len());
     for planned in &plans {
-        let (disk, view) = open_frozen_disk(job, planned, &epoch)?;
+        let (disk, view) = open_frozen_disk(job, planned, &epoch, granular)?;
         disks.push(disk);
         views.push(Some(view));
     }
@@ -768,6 +785,7 @@ fn open_frozen_disk(
     job: &SyncJob,
     planned: &PlannedDisk<'_>,
     epoch: &live::LiveEpoch,
+    granular: bool,
 ) -> Result<(OpenedDisk, EpochView), SourceError> {
     let PlannedDisk {
         spec,
@@ -796,9 +814,9 @@ fn open_frozen_disk(
         .into());
     }
     let generation = frozen.generation_id;
-    let (bitmap, mode) = match plan {
-        LivePlan::Whole if job.mode == ModeRequest::Full => (None, SyncMode::Full),
-        LivePlan::Whole => (None, SyncMode::Seeded),
+    let (bitmap, granules, mode) = match plan {
+        LivePlan::Whole if job.mode == ModeRequest::Full => (None, None, SyncMode::Full),
+        LivePlan::Whole => (None, None, SyncMode::Seeded),
         LivePlan::Changed => {
             let bitmap =
                 ChangedBlockBitmap::load(&frozen.bitmap).map_err(|source| SourceError::Bitmap {
@@ -814,7 +832,8 @@ fn open_frozen_disk(
                     source: BitmapProblem::FrozenMismatch,
                 });
             }
-            (Some(bitmap), SyncMode::Changed)
+            let granules = frozen_granules(spec, frozen, &bitmap, granular)?;
+            (Some(bitmap), granules, SyncMode::Changed)
         }
     };
     let mut opened = OpenedDisk {
@@ -823,6 +842,7 @@ fn open_frozen_disk(
         generation,
         base_epoch: state.as_ref().map_or(0, |s| s.epoch),
         bitmap,
+        granules,
         mode,
         replica_created: false,
         lineage: None,
@@ -832,6 +852,31 @@ fn open_frozen_disk(
         reverse_disk(&mut opened, r)?;
     }
     Ok((opened, live::view(frozen)?))
+}
+
+/// The granule masks of a changed-block disk frozen with `granules=on`. The shim then
+/// preserved only those granules, so a file that cannot be read fails the epoch:
+/// reading whole blocks instead could see writes made after the freeze.
+fn frozen_granules(
+    spec: &JobDisk,
+    frozen: &FreezeDisk,
+    bitmap: &ChangedBlockBitmap,
+    granular: bool,
+) -> Result<Option<GranuleMasks>, SourceError> {
+    if !granular {
+        return Ok(None);
+    }
+    let problem = |source| SourceError::Bitmap {
+        disk: spec.name.clone(),
+        source,
+    };
+    let path = frozen
+        .granules
+        .as_ref()
+        .ok_or_else(|| problem(BitmapProblem::GranulesMissing))?;
+    GranuleMasks::load(path, bitmap)
+        .map(Some)
+        .map_err(|e| problem(BitmapProblem::Granules(e)))
 }
 
 /// Turns a changed-block disk into one of reverse replication: the blocks rolled back
@@ -849,12 +894,16 @@ fn reverse_disk(d: &mut OpenedDisk, r: &Reverse<'_>) -> Result<(), SourceError> 
             if start >= size {
                 break;
             }
+            let len = (count * bs).min(size - start);
             bitmap
-                .set_range(start, (count * bs).min(size - start))
+                .set_range(start, len)
                 .map_err(|e| SourceError::Bitmap {
                     disk: d.spec.name.clone(),
                     source: BitmapProblem::Diff(e),
                 })?;
+            if let Some(g) = &mut d.granules {
+                g.mark(start, len);
+            }
         }
         tracing::info!(
             disk = %d.spec.name,
@@ -973,6 +1022,8 @@ fn run_epoch(
 struct Connection {
     reader: FrameReader<std::io::BufReader<TimedStream>>,
     writer: FrameWriter<TimedStream>,
+    /// The protocol version agreed at the handshake.
+    version: u16,
 }
 
 /// Connects to the target and authenticates.
@@ -999,8 +1050,12 @@ fn open_connection(job: &SyncJob) -> Result<Connection, SourceError> {
         TimedStream::new(stream, write_deadline.clone()).map_err(setup)?,
         write_deadline,
     );
-    auth::client_handshake(&mut reader, &mut writer, &job.psk)?;
-    Ok(Connection { reader, writer })
+    let version = auth::client_handshake(&mut reader, &mut writer, &job.psk)?;
+    Ok(Connection {
+        reader,
+        writer,
+        version,
+    })
 }
 
 /// Reaches the target of `job` and authenticates, then closes the connection without
@@ -1030,6 +1085,7 @@ fn session_once(
     let Connection {
         mut reader,
         mut writer,
+        ..
     } = conn;
     let watch_fd = std::os::fd::AsRawFd::as_raw_fd(writer.get_ref());
     let published = abort::publish(watch_fd);
@@ -1185,6 +1241,7 @@ fn open_disk(job: &SyncJob, spec: &JobDisk) -> Result<OpenedDisk, SourceError> {
         generation,
         base_epoch,
         bitmap,
+        granules: None,
         mode,
         replica_created: false,
         lineage: None,
@@ -1514,21 +1571,28 @@ fn mark_diff_run(
         .into());
     }
     let bitmap = d.bitmap.as_mut().expect("seeded disks have a diff bitmap");
+    let len = (count * bs).min(disk_size - start * bs);
     bitmap
-        .set_range(start * bs, (count * bs).min(disk_size - start * bs))
+        .set_range(start * bs, len)
         .map_err(|e| SourceError::Bitmap {
             disk: d.spec.name.clone(),
             source: BitmapProblem::Diff(e),
-        })
+        })?;
+    // Whole blocks: a granule refinement must not narrow them.
+    if let Some(g) = &mut d.granules {
+        g.mark(start * bs, len);
+    }
+    Ok(())
 }
 
 /// Bytes of disk the data phase covers: each bitmap's blocks, or the whole disk.
 fn data_bytes(job: &SyncJob, disks: &[OpenedDisk]) -> u64 {
     disks
         .iter()
-        .map(|d| match &d.bitmap {
-            Some(b) => (b.count() * job.block_size as u64).min(d.disk.size()),
-            None => d.disk.size(),
+        .map(|d| match (&d.bitmap, &d.granules) {
+            (Some(b), Some(g)) => g.ranges(b).map(|(_, len)| len).sum(),
+            (Some(b), None) => (b.count() * job.block_size as u64).min(d.disk.size()),
+            (None, _) => d.disk.size(),
         })
         .sum()
 }
@@ -1546,7 +1610,7 @@ fn stream_data<W: std::io::Write>(
         .iter()
         .enumerate()
         .map(|(i, d)| match &d.bitmap {
-            Some(b) => bitmap_plan(b, geometry(job, i, d)),
+            Some(b) => bitmap_plan(b, d.granules.as_ref(), geometry(job, i, d)),
             None => extent_plan(&d.disk, geometry(job, i, d), !d.replica_created),
         })
         .collect();
@@ -1613,7 +1677,16 @@ fn extent_plan<'a>(disk: &'a Disk, g: Geometry, emit_holes: bool) -> BoxedPlan<'
     Box::new(Chunker::new(ExtentRegions::new(extents, g), g, emit_holes))
 }
 
-fn bitmap_plan<'a>(bitmap: &'a ChangedBlockBitmap, g: Geometry) -> BoxedPlan<'a> {
+/// The reads of a changed-block pass: the blocks of `bitmap`, or only their granules
+/// in `granules`.
+fn bitmap_plan<'a>(
+    bitmap: &'a ChangedBlockBitmap,
+    granules: Option<&'a GranuleMasks>,
+    g: Geometry,
+) -> BoxedPlan<'a> {
+    if let Some(masks) = granules {
+        return Box::new(RangeReads::new(masks.ranges(bitmap), g).map(Ok));
+    }
     let regions = bitmap
         .iter_runs()
         .map(|(first, count)| Ok::<_, SourceError>(Region::Data { first, count }));

@@ -899,8 +899,14 @@ fn encode_data(
     // First pass fills records with payload offsets relative to the packed area; the
     // frame layout is fixed once the table length is known.
     let mut packed_len = 0usize;
-    for (i, block) in data.chunks(bs).enumerate() {
-        let block_offset = offset + (i * bs) as u64;
+    // One record per block the read touches: a read of granules may start and end
+    // inside blocks, so records are cut at block boundaries, not every `bs` bytes.
+    let mut at = 0usize;
+    while at < data.len() {
+        let block_offset = offset + at as u64;
+        let n = (bs - (block_offset % bs as u64) as usize).min(data.len() - at);
+        let block = &data[at..at + n];
+        at += n;
         let packed_rest = &mut packed[packed_len..];
         let Some((codec, stored, hash)) = encode_block(
             block,

@@ -214,6 +214,53 @@ impl<E, R: Iterator<Item = Result<Region, E>>> Iterator for Chunker<R> {
     }
 }
 
+/// Splits byte ranges (sorted, disjoint, 4 KiB aligned but for the disk's end: the
+/// granules a changed-block epoch carries) into reads of at most `io_size`. A read never
+/// crosses a multiple of `io_size`, so it spans at most `io_size / block_size` blocks
+/// and its records fit the frame's record table.
+pub struct RangeReads<I> {
+    ranges: I,
+    geometry: Geometry,
+    /// The range being split: next byte and end.
+    current: Option<(u64, u64)>,
+}
+
+impl<I> RangeReads<I> {
+    pub fn new(ranges: I, geometry: Geometry) -> Self {
+        assert_eq!(geometry.io_size % geometry.block_size, 0);
+        Self {
+            ranges,
+            geometry,
+            current: None,
+        }
+    }
+}
+
+impl<I: Iterator<Item = (u64, u64)>> Iterator for RangeReads<I> {
+    type Item = PlanItem;
+
+    fn next(&mut self) -> Option<PlanItem> {
+        let g = self.geometry;
+        loop {
+            if let Some((next, end)) = self.current.filter(|(next, end)| next < end) {
+                let window_end = (next / g.io_size + 1) * g.io_size;
+                let stop = end.min(window_end).min(g.disk_size);
+                self.current = Some((stop, end));
+                if stop > next {
+                    return Some(PlanItem::Read {
+                        disk: g.disk,
+                        offset: next,
+                        len: (stop - next) as u32,
+                    });
+                }
+            }
+            let (offset, len) = self.ranges.next()?;
+            assert!(offset + len <= g.disk_size, "range past the disk end");
+            self.current = Some((offset, offset + len));
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -274,6 +321,31 @@ mod tests {
                 first: 0,
                 count: 16
             }]
+        );
+    }
+
+    #[test]
+    fn range_reads_stay_inside_one_io_window() {
+        let g = geometry((1 << 20) + 6144);
+        let ranges = [
+            (4096, 8192),
+            (200 << 10, 100 << 10), // crosses the 256 KiB window
+            (1 << 20, 6144),        // the disk's tail
+        ];
+        let reads: Vec<_> = RangeReads::new(ranges.into_iter(), g).collect();
+        let read = |offset: u64, len: u32| PlanItem::Read {
+            disk: 0,
+            offset,
+            len,
+        };
+        assert_eq!(
+            reads,
+            vec![
+                read(4096, 8192),
+                read(200 << 10, 56 << 10),
+                read(256 << 10, 44 << 10),
+                read(1 << 20, 6144),
+            ]
         );
     }
 

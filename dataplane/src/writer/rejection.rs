@@ -65,6 +65,12 @@ pub enum RecordRange {
     PastEnd { offset: u64, disk_size: u64 },
     #[error("offset {offset} is not a multiple of the block size {block_size}")]
     Unaligned { offset: u64, block_size: u64 },
+    #[error("{len} bytes at offset {offset} are not a run of whole 4 KiB granules ending by the block's end at {block_end}")]
+    Granules {
+        offset: u64,
+        len: u64,
+        block_end: u64,
+    },
     #[error("block at {offset} claims {len} bytes, the block there has {expected}")]
     Length {
         offset: u64,

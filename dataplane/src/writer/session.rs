@@ -23,9 +23,9 @@ use crate::io::{Disk, ReplicaState};
 use crate::protocol::{
     auth, block_hash, is_zero, Commit, Committed, DiskManifest, DiskRun, FrameDeadline, FrameKind,
     FrameReader, FrameWriter, HashesHeader, Incoming, OpenDisk, OpenDiskReply, OpenHeader,
-    SyncMode, TimedStream, MAX_DIFF_RUNS_PER_FRAME, MAX_DISKS_PER_SESSION, MAX_FRAME_PAYLOAD,
-    MAX_NAME_LEN, OPEN_DISCARD_REPLICA_CHANGES, OPEN_PROMOTE, REPLICA_COMPARE, REPLICA_CREATED,
-    REPLICA_EXISTING, ZERO_BLOCK_HASH,
+    SyncMode, TimedStream, GRANULE_RECORDS_VERSION, MAX_DIFF_RUNS_PER_FRAME, MAX_DISKS_PER_SESSION,
+    MAX_FRAME_PAYLOAD, MAX_NAME_LEN, OPEN_DISCARD_REPLICA_CHANGES, OPEN_PROMOTE, REPLICA_COMPARE,
+    REPLICA_CREATED, REPLICA_EXISTING, ZERO_BLOCK_HASH,
 };
 
 /// Receive buffers per session: frames in flight between the socket and the disks.
@@ -104,7 +104,8 @@ pub fn run(
         TimedStream::new(stream, write_deadline.clone()).map_err(setup)?,
         write_deadline.clone(),
     );
-    auth::server_handshake(&mut reader, &mut writer, &job.psk).map_err(TargetError::Handshake)?;
+    let version = auth::server_handshake(&mut reader, &mut writer, &job.psk)
+        .map_err(TargetError::Handshake)?;
     read_deadline.cap(None);
     write_deadline.cap(None);
     drop(pending);
@@ -118,7 +119,7 @@ pub fn run(
         }
         .into())
     } else {
-        serve(shared, &mut reader, &mut writer)
+        serve(shared, &mut reader, &mut writer, version)
     };
     if let Err(e) = &result {
         // Tell the source why, unless it was the source that went away.
@@ -160,6 +161,7 @@ fn serve<R: std::io::Read, W: std::io::Write>(
     shared: &Shared,
     reader: &mut FrameReader<R>,
     writer: &mut FrameWriter<W>,
+    version: u16,
 ) -> Result<String, TargetError> {
     let job = &shared.job;
     let mut control = vec![0u8; 64 << 10];
@@ -178,7 +180,13 @@ fn serve<R: std::io::Read, W: std::io::Write>(
     let failed = AtomicBool::new(false);
     let names: Vec<String> = disks.iter().map(|d| d.name.clone()).collect();
     let receiver = Receiver {
-        geometries: disks.iter().map(|d| d.geometry).collect(),
+        geometries: disks
+            .iter()
+            .map(|d| Geometry {
+                granular: version >= GRANULE_RECORDS_VERSION,
+                ..d.geometry
+            })
+            .collect(),
         decompressor: zstd::bulk::Decompressor::new().map_err(TargetError::Zstd)?,
         received: Received::new(disks.len()),
         reader,
@@ -1221,6 +1229,7 @@ fn entry_shape(e: &OpenDisk, name: &str) -> Result<(Geometry, SyncMode), TargetE
     let geometry = Geometry {
         disk_size,
         block_size,
+        granular: false,
     };
     Ok((geometry, mode))
 }

@@ -4,7 +4,8 @@
 use zerocopy::FromBytes;
 
 use crate::protocol::{
-    block_hash, BlockRecord, Codec, DataHeader, BLOCK_RECORD_LEN, PAYLOAD_ALIGN, ZERO_BLOCK_HASH,
+    block_hash, BlockRecord, Codec, DataHeader, BLOCK_RECORD_LEN, PAYLOAD_ALIGN, RECORD_GRANULE,
+    ZERO_BLOCK_HASH,
 };
 
 use super::rejection::{MalformedData, RecordRange, Rejection};
@@ -15,6 +16,52 @@ use super::TargetError;
 pub struct Geometry {
     pub disk_size: u64,
     pub block_size: u64,
+    /// The session speaks [`GRANULE_RECORDS_VERSION`]: a record may be any run of
+    /// 4 KiB granules inside one block, not only the whole block.
+    pub granular: bool,
+}
+
+impl Geometry {
+    /// Why a record of `len` bytes at `offset` (below the disk's end) is not one this
+    /// session may send: a whole block, or from version 3 a run of granules inside one.
+    fn misfit(&self, offset: u64, len: u64) -> Option<RecordRange> {
+        let block_len = self.block_size.min(self.disk_size - offset);
+        if !self.granular {
+            return if !offset.is_multiple_of(self.block_size) {
+                Some(RecordRange::Unaligned {
+                    offset,
+                    block_size: self.block_size,
+                })
+            } else if len != block_len {
+                Some(RecordRange::Length {
+                    offset,
+                    len,
+                    expected: block_len,
+                })
+            } else {
+                None
+            };
+        }
+        let block_end = ((offset / self.block_size + 1) * self.block_size).min(self.disk_size);
+        let end = offset.saturating_add(len);
+        if !offset.is_multiple_of(RECORD_GRANULE) {
+            Some(RecordRange::Unaligned {
+                offset,
+                block_size: RECORD_GRANULE,
+            })
+        } else if len == 0
+            || end > block_end
+            || (!len.is_multiple_of(RECORD_GRANULE) && end != self.disk_size)
+        {
+            Some(RecordRange::Granules {
+                offset,
+                len,
+                block_end,
+            })
+        } else {
+            None
+        }
+    }
 }
 
 /// Most uncompressed bytes one data frame may describe (the largest I/O size). Bounds
@@ -181,17 +228,8 @@ impl<'a> FrameCheck<'a> {
                 offset,
                 disk_size: g.disk_size,
             })
-        } else if !offset.is_multiple_of(g.block_size) {
-            Some(RecordRange::Unaligned {
-                offset,
-                block_size: g.block_size,
-            })
-        } else if len != g.block_size.min(g.disk_size - offset) {
-            Some(RecordRange::Length {
-                offset,
-                len,
-                expected: g.block_size.min(g.disk_size - offset),
-            })
+        } else if let Some(why) = g.misfit(offset, len) {
+            Some(why)
         } else {
             self.logical += len as usize;
             (self.logical > self.max_logical).then_some(RecordRange::OverAnnounced {
@@ -384,6 +422,7 @@ mod tests {
         let geometry = [Geometry {
             disk_size: 1 << 20,
             block_size: 4096,
+            granular: false,
         }];
         let names = ["d".to_string()];
         let mut d = zstd::bulk::Decompressor::new().unwrap();
@@ -417,5 +456,49 @@ mod tests {
                 "{e}"
             );
         }
+    }
+
+    #[test]
+    fn granule_records_only_from_version_3_and_only_inside_one_block() {
+        let bs = 64 << 10;
+        let whole = Geometry {
+            disk_size: 10 * bs + 6144,
+            block_size: bs,
+            granular: false,
+        };
+        let granular = Geometry {
+            granular: true,
+            ..whole
+        };
+        // A whole block fits both; a granule run only version 3.
+        assert_eq!(whole.misfit(bs, bs), None);
+        assert_eq!(granular.misfit(bs, bs), None);
+        assert!(matches!(
+            whole.misfit(bs + 4096, 8192),
+            Some(RecordRange::Unaligned { .. })
+        ));
+        assert_eq!(granular.misfit(bs + 4096, 8192), None);
+        assert!(matches!(
+            whole.misfit(bs, 4096),
+            Some(RecordRange::Length { .. })
+        ));
+        assert_eq!(granular.misfit(bs, 4096), None);
+        // Not on a granule, not whole granules, across the block's end, empty.
+        assert!(matches!(
+            granular.misfit(bs + 512, 4096),
+            Some(RecordRange::Unaligned { .. })
+        ));
+        for (offset, len) in [(bs, 5000), (2 * bs - 4096, 8192), (bs, 0)] {
+            assert!(
+                matches!(
+                    granular.misfit(offset, len),
+                    Some(RecordRange::Granules { .. })
+                ),
+                "{offset} {len}"
+            );
+        }
+        // The disk's tail: a partial granule only where the disk ends.
+        assert_eq!(granular.misfit(10 * bs + 4096, 2048), None);
+        assert!(granular.misfit(10 * bs, 2048).is_some());
     }
 }

@@ -103,13 +103,18 @@ impl<'de> Deserialize<'de> for EpochId {
 pub enum Request {
     /// `status`: the epoch frozen now, the freeze pauses so far and every disk.
     Status,
-    /// `freeze [disks=NAME,…] [whole=NAME,…]`.
+    /// `freeze [disks=NAME,…] [whole=NAME,…] [granules=on]`.
     Freeze {
         /// The disks to freeze; `None` (no `disks=`) means every disk the shim serves.
         disks: Option<Vec<String>>,
         /// Those of them whose every block must be preserved (their sync reads the
         /// whole disk).
         whole: Vec<String>,
+        /// `granules=on`: the engine reads only the written granules of each frozen
+        /// block (crate::granules), so the shim preserves only those. Sent only to
+        /// a shim whose status says [`StatusReply::granules`]; without it the engine
+        /// reads frozen blocks whole and the shim preserves them whole.
+        granules: bool,
     },
     /// `check <epoch>`: the epoch is still frozen and intact on every disk.
     Check(EpochId),
@@ -183,8 +188,11 @@ fn parse_freeze(words: std::str::SplitAsciiWhitespace<'_>) -> Result<Request, Re
     };
     let mut disks: Option<Vec<String>> = None;
     let mut whole = Vec::new();
+    let mut granules = false;
     for w in words {
-        if let Some(l) = w.strip_prefix("whole=") {
+        if w == "granules=on" {
+            granules = true;
+        } else if let Some(l) = w.strip_prefix("whole=") {
             whole.extend(list(l));
         } else if let Some(l) = w.strip_prefix("disks=") {
             disks.get_or_insert_with(Vec::new).extend(list(l));
@@ -192,7 +200,11 @@ fn parse_freeze(words: std::str::SplitAsciiWhitespace<'_>) -> Result<Request, Re
             return Err(RequestError::UnknownFreezeArgument(w.to_string()));
         }
     }
-    Ok(Request::Freeze { disks, whole })
+    Ok(Request::Freeze {
+        disks,
+        whole,
+        granules,
+    })
 }
 
 fn parse_resync_done(disk: Option<&str>, gen: Option<&str>) -> Result<Request, RequestError> {
@@ -213,13 +225,20 @@ impl fmt::Display for Request {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Request::Status => f.write_str("status"),
-            Request::Freeze { disks, whole } => {
+            Request::Freeze {
+                disks,
+                whole,
+                granules,
+            } => {
                 f.write_str("freeze")?;
                 if let Some(disks) = disks {
                     write!(f, " disks={}", disks.join(","))?;
                 }
                 if !whole.is_empty() {
                     write!(f, " whole={}", whole.join(","))?;
+                }
+                if *granules {
+                    f.write_str(" granules=on")?;
                 }
                 Ok(())
             }
@@ -304,6 +323,10 @@ pub struct StatusReply {
     /// `engine-status.json` in the shim's state directory), if it ever ran.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub engine: Option<crate::engine_status::EngineStatus>,
+    /// The shim keeps granule masks and honours `freeze … granules=on` (false from a
+    /// shim that tracks whole blocks only).
+    #[serde(default)]
+    pub granules: bool,
 }
 
 /// The frozen epoch as `status` reports it.
@@ -413,6 +436,10 @@ pub struct FreezeDisk {
     pub bitmap: PathBuf,
     pub map: PathBuf,
     pub scratch: PathBuf,
+    /// The frozen blocks' granule masks; `None` from a shim that tracks whole blocks
+    /// only (the engine then reads every frozen block whole).
+    #[serde(default)]
+    pub granules: Option<PathBuf>,
 }
 
 #[cfg(test)]

@@ -174,16 +174,19 @@ pub struct EpochFiles {
     pub map: PathBuf,
     /// Frozen copies of blocks written after the freeze, at their own offsets.
     pub scratch: PathBuf,
+    /// Which granules of the frozen blocks were written ([`crate::granules`]).
+    pub granules: PathBuf,
 }
 
 impl EpochFiles {
-    /// `<dir>/<disk>.epoch-<id>.{cbt,map,scratch}`.
+    /// `<dir>/<disk>.epoch-<id>.{cbt,map,scratch,gran}`.
     pub fn new(dir: &Path, disk: &str, id: u64) -> EpochFiles {
         let stem = format!("{disk}.epoch-{id:016x}");
         EpochFiles {
             bitmap: dir.join(format!("{stem}.cbt")),
             map: dir.join(format!("{stem}.map")),
             scratch: dir.join(format!("{stem}.scratch")),
+            granules: dir.join(format!("{stem}.gran")),
         }
     }
 
@@ -193,12 +196,14 @@ impl EpochFiles {
             .strip_prefix(disk)
             .and_then(|rest| rest.strip_prefix(".epoch-"))
             .is_some_and(|rest| {
-                rest.ends_with(".cbt") || rest.ends_with(".map") || rest.ends_with(".scratch")
+                [".cbt", ".map", ".scratch", ".gran"]
+                    .iter()
+                    .any(|suffix| rest.ends_with(suffix))
             })
     }
 
     pub fn remove(&self) {
-        for p in [&self.bitmap, &self.map, &self.scratch] {
+        for p in [&self.bitmap, &self.map, &self.scratch, &self.granules] {
             let _ = std::fs::remove_file(p);
         }
     }

@@ -10,6 +10,8 @@
 //!   in text and JSON.
 //! * [`epoch`] — a frozen epoch's shared state map, its files and the engine's
 //!   [`EpochView`](epoch::EpochView).
+//! * [`granules`] — which 4 KiB granules of each changed block changed (in memory in
+//!   the shim, one file per frozen epoch for the engine).
 //! * [`control`] — the control socket's requests ([`Request`](control::Request)) and
 //!   replies, and how they may change compatibly.
 
@@ -18,5 +20,6 @@ pub mod control;
 pub mod engine_status;
 pub mod epoch;
 pub mod generation;
+pub mod granules;
 
 pub use generation::GenerationId;

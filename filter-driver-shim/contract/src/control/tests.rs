@@ -42,6 +42,7 @@ fn status_reply() -> StatusReply {
             }),
         }],
         engine: None,
+        granules: true,
     }
 }
 
@@ -64,6 +65,7 @@ fn freeze_reply() -> FreezeReply {
             bitmap: "/s/vda.epoch-0000000000000007.cbt".into(),
             map: "/s/vda.epoch-0000000000000007.map".into(),
             scratch: "/s/vda.epoch-0000000000000007.scratch".into(),
+            granules: Some("/s/vda.epoch-0000000000000007.gran".into()),
         }],
     }
 }
@@ -84,14 +86,17 @@ fn every_request_round_trips_through_its_line() {
         Request::Freeze {
             disks: None,
             whole: vec![],
+            granules: false,
         },
         Request::Freeze {
             disks: Some(vec!["a".into(), "b".into()]),
             whole: vec!["b".into()],
+            granules: true,
         },
         Request::Freeze {
             disks: Some(vec![]),
             whole: vec![],
+            granules: false,
         },
         Request::Check(EpochId::new(0x0123_4567_89ab_cdef)),
         Request::Commit(EpochId::new(1)),
@@ -114,8 +119,9 @@ fn request_lines_are_the_documented_ascii() {
     let r = Request::Freeze {
         disks: Some(vec!["a".into(), "b".into()]),
         whole: vec!["a".into()],
+        granules: true,
     };
-    assert_eq!(r.to_string(), "freeze disks=a,b whole=a");
+    assert_eq!(r.to_string(), "freeze disks=a,b whole=a granules=on");
     assert_eq!(
         Request::Check(EpochId::new(10)).to_string(),
         "check 000000000000000a"
@@ -197,6 +203,7 @@ fn reply_field_names() {
         status,
         json!({
             "ok": true,
+            "granules": true,
             "epoch": {"id": "abc0000000000001", "owned": true, "disks": ["vda"]},
             "pauses": {"count": 1, "last_us": 20, "max_us": 30, "total_us": 40},
             "disks": [{
@@ -239,6 +246,7 @@ fn reply_field_names() {
                 "bitmap": "/s/vda.epoch-0000000000000007.cbt",
                 "map": "/s/vda.epoch-0000000000000007.map",
                 "scratch": "/s/vda.epoch-0000000000000007.scratch",
+                "granules": "/s/vda.epoch-0000000000000007.gran",
             }],
         })
     );
@@ -259,6 +267,15 @@ fn a_newer_shims_extra_fields_are_read_and_a_missing_field_is_named() {
         serde_json::from_value::<FreezeReply>(v.clone())
             .unwrap()
             .idle_timeout_ms,
+        None
+    );
+    // An older shim that tracks whole blocks only.
+    v["disks"][0].as_object_mut().unwrap().remove("granules");
+    assert_eq!(
+        serde_json::from_value::<FreezeReply>(v.clone())
+            .unwrap()
+            .disks[0]
+            .granules,
         None
     );
     v["disks"][0].as_object_mut().unwrap().remove("scratch");

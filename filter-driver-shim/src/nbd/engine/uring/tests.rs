@@ -573,7 +573,8 @@ fn while_frozen_trim_is_dropped_zeroes_are_written_and_blocks_preserved() {
     let size = 8 * MIB;
     let d = disk(size);
     let files = EpochFiles::new(d.dir.path(), "d", 1);
-    let frozen = FrozenDisk::prepare(files.clone(), &d.export.tracker.blank(), true).unwrap();
+    let frozen =
+        FrozenDisk::prepare(files.clone(), &d.export.tracker.blank(), true, false).unwrap();
     assert!(d.export.gate.drain().install(Arc::new(frozen)).is_none());
 
     let e = Engine::start(&d.export);
