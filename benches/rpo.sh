@@ -14,6 +14,8 @@
 # usage: benches/rpo.sh
 # env:   RATE=50m (fio rate, bytes/s)  BS=4k  RUNTIME=60 (seconds)  SIZE_MIB=1024
 #        INTERVAL_MS=1000 (epoch_interval_ms; the only setting that is not a default)
+#        BAR_S (the p99 the last line, `summary: …`, holds the run to; default twice the
+#        interval: issue 12's bars are 2 s at 1 s epochs and 1 s at 500 ms epochs)
 #        WORK=/dev/shm/ferry-rpo.$$  FERRY=target/release/ferry  KEEP=0
 # needs: fio with its nbd engine, python3. Installs nothing.
 set -Eeuo pipefail
@@ -90,9 +92,10 @@ fio --name=guest --ioengine=nbd --uri="nbd+unix:///disk?socket=$work/disk.sock" 
   || die "fio failed: $(tail -3 "$work/fio.err")"
 sleep "$(( (interval_ms * 3 + 999) / 1000 ))"
 
-python3 - "$work/source.log" "$runtime" <<'EOF'
+bar_s=${BAR_S:-$(awk -v i="$interval_ms" 'BEGIN { print 2 * i / 1000 }')}
+python3 - "$work/source.log" "$runtime" "$bar_s" "$bs@$rate ${interval_ms}ms ${runtime}s" <<'EOF'
 import json, sys, datetime
-log, runtime = sys.argv[1], float(sys.argv[2])
+log, runtime, bar, case = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
 epochs = []
 for line in open(log):
     try:
@@ -118,4 +121,8 @@ first, second = max(peaks[:half] or [0]), max(peaks[half:] or [0])
 print(f"RPO over {len(epochs)} epochs: p50 {pct(peaks, 50):.2f} s, p99 {pct(peaks, 99):.2f} s, max {max(peaks):.2f} s; "
       f"worst in the first half {first:.2f} s, second half {second:.2f} s ({'growing' if second > 1.5 * first else 'steady'}); "
       f"epoch duration median {pct([a - s for s, a, _ in epochs], 50):.2f} s")
+growing = second > 1.5 * first
+ok = pct(peaks, 99) <= bar and not growing
+print(f"summary: rpo {case} p99 {pct(peaks, 99):.2f}s (bar {bar:g}s, not growing) "
+      f"{'PASS' if ok else 'FAIL'} (p50 {pct(peaks, 50):.2f}s, max {max(peaks):.2f}s, {'growing' if growing else 'steady'})")
 EOF

@@ -6,9 +6,15 @@
 #                the code `ferry shim` runs (Shim::start), write-intent tracking on,
 #                its bitmap and state in a fresh STATE_DIR for every job
 #   qemu-nbd     qemu-nbd -f raw -t -k SOCK IMG (write-back page cache, its default)
+#   shim-repl    (WITH_REPL=1) `ferry shim` on the same file with `ferry source`
+#                replicating it continuously to a `ferry target` on loopback, every
+#                setting at its default (an epoch every 5 s): the guest's cost of
+#                tracking plus freezes and copy-before-write
+#   direct       (WITH_DIRECT=1) fio's io_uring engine on IMG itself, no NBD, no server:
+#                the physical limit of this path on this machine
 #
-#   fio --ioengine=nbd --uri='nbd+unix:///?socket=SOCK' against each, one job at a
-#   time, a fresh server for every job:
+#   fio --ioengine=nbd --uri='nbd+unix:///?socket=SOCK' against each (direct: the file),
+#   one job at a time, a fresh server for every job:
 #     randwrite  4 KiB random writes, queue depth RAND_QD (32): IOPS
 #     seqwrite   1 MiB sequential writes, queue depth SEQ_QD (8): MiB/s
 #
@@ -24,9 +30,14 @@
 # --io-engine), as servers shim-uring, shim-sync, ..., beside qemu-nbd in the same
 # rounds (the order rotates from round to round), and adds a table comparing them.
 #
+# The last lines, `summary: …`, give each ratio the issue 12 bars ask for (shim and
+# shim-repl ≥ 2× qemu-nbd; and their fraction of direct).
+#
 # usage: benches/shim-vs-qemu-nbd.sh
 # env:   REPS=3  RUNTIME=10 (seconds per fio job)  SIZE_MIB=1024  RAND_QD=32  SEQ_QD=8
 #        SHIM_ENGINES= (empty: one shim, its default engine)
+#        WITH_REPL=0 WITH_DIRECT=0 (1: add the shim-repl / direct rows)
+#        FERRY=target/release/ferry (for shim-repl)
 #        WORK=/dev/shm/ferry-shim-bench.$$  STATE_DIR=$WORK/state (put it on real
 #        storage to include bitmap fdatasync costs; tmpfs makes them free)
 #        SHIM=target/release/filter-driver-shim-test (built with `cargo build --release -p
@@ -50,12 +61,13 @@ clk_tck=$(getconf CLK_TCK 2>/dev/null || echo 100)
 
 # ---------------------------------------------------------------- processes & cleanup
 server=""
+helpers=()
 cleanup() {
   trap - ERR
-  if [ -n "$server" ]; then
-    kill "$server" 2>/dev/null || true
-    wait "$server" 2>/dev/null || true
-  fi
+  for p in $server "${helpers[@]}"; do
+    kill "$p" 2>/dev/null || true
+    wait "$p" 2>/dev/null || true
+  done
   if [ "${KEEP:-0}" != 1 ] && [ -n "${work:-}" ] && [ -d "$work" ]; then
     rm -rf "$work"
   fi
@@ -138,10 +150,39 @@ start_qemu_nbd() {
   die "qemu-nbd did not create $sock after 10 s"
 }
 
+# `ferry shim` + `ferry source` → `ferry target` on loopback, defaults but for the
+# paths; the first (full) sync is done before fio starts.
+start_shim_repl() {
+  local port r=$work/repl
+  rm -rf "$r" "$sock"
+  mkdir -p "$r"
+  "$ferry" keygen --out "$r/key" >/dev/null
+  port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+  printf '[target]\nlisten = "127.0.0.1:%s"\npsk_file = "%s/key"\nstate_dir = "%s/tstate"\n[[disk]]\nname = "bench"\npath = "%s/replica.img"\n' \
+    "$port" "$r" "$r" "$r" > "$r/target.toml"
+  printf '[source]\ntarget = "127.0.0.1:%s"\npsk_file = "%s/key"\nstate_dir = "%s/sstate"\n[[disk]]\nname = "bench"\npath = "%s"\nnbd_socket = "%s"\n' \
+    "$port" "$r" "$r" "$img" "$sock" > "$r/source.toml"
+  "$ferry" target --config "$r/target.toml" 2>>"$work/repl-target.log" &
+  helpers+=($!)
+  "$ferry" shim --config "$r/source.toml" 2>>"$work/shim.log" &
+  server=$!
+  for _ in $(seq 1 200); do
+    [ -S "$sock" ] && grep -q listening "$work/repl-target.log" && break
+    kill -0 "$server" 2>/dev/null || die "ferry shim exited; see $work/shim.log"
+    sleep 0.05
+  done
+  "$ferry" sync --config "$r/source.toml" >/dev/null 2>>"$work/repl-sync.log" || die "first sync failed; see $work/repl-sync.log"
+  "$ferry" source --config "$r/source.toml" 2>>"$work/repl-source.log" &
+  helpers+=($!)
+}
+
 stop_server() {
-  kill "$server" 2>/dev/null || true
-  wait "$server" 2>/dev/null || true
+  for p in $server "${helpers[@]}"; do
+    kill "$p" 2>/dev/null || true
+    wait "$p" 2>/dev/null || true
+  done
   server=""
+  helpers=()
 }
 
 # The shim must have tracked the job's writes: dirty blocks in its status.
@@ -162,19 +203,22 @@ run_job() {
     randwrite) args=(--rw=randwrite --bs=4k --iodepth="$rand_qd") ;;
     seqwrite) args=(--rw=write --bs=1M --iodepth="$seq_qd") ;;
   esac
+  local target=(--ioengine=nbd --uri="nbd+unix:///?socket=$sock")
   case $srv in
     shim) start_shim ;;
+    shim-repl) start_shim_repl ;;
     shim-*) start_shim "${srv#shim-}" ;;
     qemu-nbd) start_qemu_nbd ;;
+    direct) target=(--ioengine=io_uring --filename="$img" --direct=0) ;;
   esac
-  c0=$(cpu_ticks "$server")
-  fio --name="$job" --ioengine=nbd --uri="nbd+unix:///?socket=$sock" "${args[@]}" \
+  c0=$(cpu_ticks "${server:-0}")
+  fio --name="$job" "${target[@]}" "${args[@]}" \
     --size="${size_mib}M" --time_based --runtime="$runtime" --numjobs=1 \
     --output-format=terse --terse-version=3 >"$work/fio.out" 2>>"$work/fio.log" \
     || die "fio $job against $srv failed; see $work/fio.log"
-  c1=$(cpu_ticks "$server")
+  c1=$(cpu_ticks "${server:-0}")
   tracked=""
-  case $srv in shim*) check_tracking ;; esac
+  case $srv in shim-repl) ;; shim*) check_tracking ;; esac
   stop_server
   # Terse v3: field 48 is the write bandwidth in KiB/s, 49 the write IOPS.
   case $job in
@@ -194,7 +238,15 @@ if [ -n "${SHIM_ENGINES:-}" ]; then
   shims=()
   for e in $SHIM_ENGINES; do shims+=("shim-$e"); done
 fi
+if [ "${WITH_REPL:-0}" = 1 ]; then
+  ferry=${FERRY:-$root/target/release/ferry}
+  if [ -z "${FERRY:-}" ]; then
+    (cd "$root" && cargo build --release -q --bin ferry) || die "cannot build ferry"
+  fi
+  shims+=(shim-repl)
+fi
 servers=("${shims[@]}" qemu-nbd)
+[ "${WITH_DIRECT:-0}" = 1 ] && servers+=(direct)
 for rep in $(seq 1 "$reps"); do
   # Rotate the servers by one each round (for two, that alternates them).
   order=()
@@ -215,7 +267,22 @@ done
 echo "load after: $(cut -d' ' -f1-3 /proc/loadavg)"
 
 echo
-if [ -n "${SHIM_ENGINES:-}" ]; then
+# summary SERVER JOB: the bar lines; every figure is a median of this run.
+summary() {
+  local s=$1 job=$2 m q d what
+  # shellcheck disable=SC2086 # word splitting of the lists is intended
+  { m=$(median ${results[$s,$job]}); q=$(median ${results[qemu-nbd,$job]}); }
+  what="4k-randwrite"; [ "$job" = seqwrite ] && what="1m-seqwrite"
+  line="summary: guest-path $what $s/qemu-nbd $(ratio "$m" "$q")x (bar 2.0x)"
+  line+=" $(awk -v r="$(ratio "$m" "$q")" 'BEGIN { print (r >= 2.0) ? "PASS" : "FAIL" }')"
+  if [ -n "${results[direct,$job]:-}" ]; then
+    # shellcheck disable=SC2086
+    d=$(median ${results[direct,$job]})
+    line+="; $s/direct-io_uring $(ratio "$m" "$d")x"
+  fi
+  echo "$line"
+}
+if [ -n "${SHIM_ENGINES:-}" ] || [ "${#servers[@]}" -gt 2 ]; then
   # One column per server, then each shim engine's ratio to qemu-nbd and to the
   # first engine named.
   header="| workload |"; rule="|---|"
@@ -244,6 +311,10 @@ if [ -n "${SHIM_ENGINES:-}" ]; then
     echo "$line $cpu_line |"
     unset med
   done
+  echo
+  for job in randwrite seqwrite; do
+    for s in "${shims[@]}"; do summary "$s" "$job"; done
+  done
   exit 0
 fi
 
@@ -266,3 +337,5 @@ for job in randwrite seqwrite; do
     "$q_med" "$(echo ${results[qemu-nbd,$job]} | sed 's/ /, /g')" \
     "$(ratio "$s_med" "$q_med")" "$s_cpu" "$q_cpu"
 done
+echo
+for job in randwrite seqwrite; do summary shim "$job"; done
