@@ -23,7 +23,10 @@
 # usage: benches/staging.sh [SIZE_MiB=1024]
 # env:   REPS=5  WORK=/dev/shm/ferry-staging.$$  KEEP=0 (1 leaves WORK in place)
 #        FERRY=path to a ferry binary (unset: `cargo build --release -p ferry` first)
-#        PERF=FILE: `perf record -g` the target during the staged runs into FILE
+#        FERRY_BEFORE=another ferry binary: each round also runs it as the target (the
+#        source stays FERRY), alternating, so two builds compare in one run
+#        PERF=FILE: `perf record -g` the target during the staged runs into FILE.N
+#        (PERF_ALL=1: the whole machine)
 # needs: cmp, ss (iproute2); perf for PERF.
 set -Eeuo pipefail
 
@@ -84,6 +87,15 @@ fi
 now_ns() { date +%s%N; }
 mbps() { awk -v b="$size_bytes" -v ns="$1" 'BEGIN { printf "%.0f", b / (ns / 1e9) / 1e6 }'; }
 median() { printf '%s\n' "$@" | sort -n | awk '{ v[NR] = $1 } END { if (NR == 0) print 0; else if (NR % 2) print v[(NR + 1) / 2]; else printf "%.2f\n", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+clk_tck=$(getconf CLK_TCK 2>/dev/null || echo 100)
+# cpu_ticks PID: user+system time of a live process (all its threads).
+cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat" 2>/dev/null || echo 0; }
+# timed FILE CMD...: run CMD, its user+system seconds into FILE (when /usr/bin/time is there)
+timed() {
+  local out=$1; shift
+  if [ -x /usr/bin/time ]; then /usr/bin/time -f "%U %S" -o "$out" "$@"; else : >"$out"; "$@"; fi
+}
+time_s() { [ -s "$1" ] && awk 'END { printf "%.2f", $1 + $2 }' "$1" || echo "-"; }
 json_field() { grep -o "\"$1\":[^,}]*" "$2" | head -n1 | cut -d: -f2 | tr -d '" '; }
 free_port() {
   local p
@@ -131,10 +143,17 @@ compression = "none"
 name = "os"
 path = "$img"
 EOF
-"$ferry" target --config "$work/target.toml" 2>"$work/target.log" &
-target=$!
-pids+=("$target")
-wait_listen "$port" "$target"
+target=""
+start_target() { # start_target BINARY: (re)starts the target with BINARY
+  if [ -n "$target" ]; then
+    kill "$target" 2>/dev/null || true
+    wait "$target" 2>/dev/null || true
+  fi
+  "$1" target --config "$work/target.toml" 2>>"$work/target.log" &
+  target=$!
+  pids+=("$target")
+  wait_listen "$port" "$target"
+}
 
 # undo_bytes: bytes of undo-log entries the last run kept (its log, now a point).
 undo_bytes() {
@@ -147,18 +166,23 @@ undo_bytes() {
 # sync_full KIND: one timed full sync; sets rate (MB/s), applied and logged (bytes).
 # KIND: staged | unstaged | seed.
 sync_full() {
-  local kind=$1 t0 t1 out=$work/sync-$1.json
+  local kind=$1 t0 t1 c0 c1 out=$work/sync-$1.json
   rm -f "$tstate/points/"*
   [ "$kind" = unstaged ] && rm -f "$tstate/os.replica"
   if [ "$kind" = staged ] && [ -n "${PERF:-}" ]; then
-    perf record -g -q -o "$PERF.$((++perf_n))" -p "$target" 2>>"$work/perf.log" &
+    perf_n=$((perf_n + 1))
+    # shellcheck disable=SC2046 # PERF_ALL=1: the whole machine, not only the target
+    perf record -g -q -o "$PERF.$perf_n" $([ "${PERF_ALL:-0}" = 1 ] && echo -a || echo -p "$target") \
+      2>>"$work/perf.log" &
     perf_pid=$!
     sleep 0.5
   fi
+  c0=$(cpu_ticks "$target")
   t0=$(now_ns)
-  "$ferry" sync --config "$work/source.toml" --mode full --json >"$out" 2>>"$work/sync.log" \
-    || die "$kind sync failed: $(tail -n 1 "$work/sync.log")"
+  timed "$work/time.sync" "$ferry" sync --config "$work/source.toml" --mode full --json >"$out" \
+    2>>"$work/sync.log" || die "$kind sync failed: $(tail -n 1 "$work/sync.log")"
   t1=$(now_ns)
+  c1=$(cpu_ticks "$target")
   if [ -n "$perf_pid" ]; then
     kill -INT "$perf_pid"; wait "$perf_pid" || true; perf_pid=""
   fi
@@ -171,39 +195,65 @@ sync_full() {
     unstaged) [ "$logged" -eq 0 ] || die "unstaged: $logged bytes were logged" ;;
   esac
   rate=$(mbps $((t1 - t0)))
-  [ "$kind" = seed ] || echo "  $kind: $rate MB/s, $applied bytes applied, $logged bytes logged"
+  cpu_t=$(awk -v t=$((c1 - c0)) -v hz="$clk_tck" 'BEGIN { printf "%.2f", t / hz }')
+  cpu_s=$(time_s "$work/time.sync")
+  [ "$kind" = seed ] || echo "  $kind: $rate MB/s, CPU s target $cpu_t source $cpu_s, $applied bytes applied, $logged bytes logged"
 }
 
 perf_n=0
+start_target "$ferry"
 sync_full seed
 seed_applied=$applied
-staged=()
-unstaged=()
-ratios=()
-for rep in $(seq 1 "$reps"); do
-  echo "round $rep of $reps..."
-  if (( rep % 2 )); then
+declare -A runs_s runs_u runs_r
+# one_round VARIANT BINARY REP: a staged and an unstaged run with BINARY as the target.
+one_round() {
+  local v=$1 s u sa ua
+  [ -z "$before" ] || start_target "$2"
+  if (( $3 % 2 )); then
     sync_full staged; s=$rate; sa=$applied
     sync_full unstaged; u=$rate; ua=$applied
   else
     sync_full unstaged; u=$rate; ua=$applied
     sync_full staged; s=$rate; sa=$applied
   fi
-  [ "$sa" = "$ua" ] || die "round $rep: staged applied $sa bytes, unstaged $ua"
-  staged+=("$s")
-  unstaged+=("$u")
-  ratios+=("$(awk -v s="$s" -v u="$u" 'BEGIN { printf "%.3f", s / u }')")
+  [ "$sa" = "$ua" ] || die "round $3 ($v): staged applied $sa bytes, unstaged $ua"
+  runs_s[$v]="${runs_s[$v]:-} $s"
+  runs_u[$v]="${runs_u[$v]:-} $u"
+  runs_r[$v]="${runs_r[$v]:-} $(awk -v s="$s" -v u="$u" 'BEGIN { printf "%.3f", s / u }')"
+}
+before=${FERRY_BEFORE:-}
+for rep in $(seq 1 "$reps"); do
+  echo "round $rep of $reps..."
+  if [ -z "$before" ]; then
+    one_round after "$ferry" "$rep"
+  elif (( rep % 2 )); then
+    echo " before ($before):"; one_round before "$before" "$rep"
+    echo " after ($ferry):"; one_round after "$ferry" "$rep"
+  else
+    echo " after ($ferry):"; one_round after "$ferry" "$rep"
+    echo " before ($before):"; one_round before "$before" "$rep"
+  fi
 done
 
 # ---------------------------------------------------------------- report
-ms=$(median "${staged[@]}")
-mu=$(median "${unstaged[@]}")
-mr=$(median "${ratios[@]}")
 echo
-echo "staging cost: full rewrite of a ${size_mib} MiB image ($(du -m "$img" | cut -f1) MiB allocated, ${sa} bytes applied per run, first sync applied ${seed_applied}), files in $work"
-printf '%-10s %8s  %s\n' "run" "MB/s" "runs (MB/s of disk covered)"
-printf '%-10s %8s  %s\n' staged "$ms" "${staged[*]}"
-printf '%-10s %8s  %s\n' unstaged "$mu" "${unstaged[*]}"
-echo "per-round staged/unstaged: ${ratios[*]} (median $mr; ratio of medians $(awk -v s="$ms" -v u="$mu" 'BEGIN { printf "%.2f", s / u }'))"
+echo "staging cost: full rewrite of a ${size_mib} MiB image ($(du -m "$img" | cut -f1) MiB allocated, $applied bytes applied per run, first sync applied ${seed_applied}), files in $work"
+printf '%-18s %8s  %s\n' "run" "MB/s" "runs (MB/s of disk covered)"
+report() { # report VARIANT LABEL: prints the variant's rows; sets mr (median ratio)
+  local ms mu
+  # shellcheck disable=SC2086 # word splitting wanted: the runs are space-separated
+  ms=$(median ${runs_s[$1]}); mu=$(median ${runs_u[$1]}); mr=$(median ${runs_r[$1]})
+  printf '%-18s %8s  %s\n' "$2staged" "$ms" "${runs_s[$1]# }"
+  printf '%-18s %8s  %s\n' "$2unstaged" "$mu" "${runs_u[$1]# }"
+  echo "$2per-round staged/unstaged:${runs_r[$1]} (median $mr; ratio of medians $(awk -v s="$ms" -v u="$mu" 'BEGIN { printf "%.2f", s / u }'))"
+}
+if [ -n "$before" ]; then
+  report before "before: "
+  mr_before=$mr
+  report after "after: "
+  echo "before/after staged/unstaged (same run): ${mr_before}x -> ${mr}x"
+else
+  report after ""
+fi
 verdict=$(awk -v r="$mr" 'BEGIN { print (r >= 0.8) ? "PASS" : "FAIL" }')
 printf 'summary: staging staged/unstaged %.2fx (bar 0.8x) %s\n' "$mr" "$verdict"
