@@ -204,17 +204,17 @@ perf_n=0
 start_target "$ferry"
 sync_full seed
 seed_applied=$applied
-declare -A runs_s runs_u runs_r
+declare -A runs_s runs_u runs_r cpu_s cpu_u
 # one_round VARIANT BINARY REP: a staged and an unstaged run with BINARY as the target.
 one_round() {
   local v=$1 s u sa ua
   [ -z "$before" ] || start_target "$2"
   if (( $3 % 2 )); then
-    sync_full staged; s=$rate; sa=$applied
-    sync_full unstaged; u=$rate; ua=$applied
+    sync_full staged; s=$rate; sa=$applied; cpu_s[$v]="${cpu_s[$v]:-} $cpu_t"
+    sync_full unstaged; u=$rate; ua=$applied; cpu_u[$v]="${cpu_u[$v]:-} $cpu_t"
   else
-    sync_full unstaged; u=$rate; ua=$applied
-    sync_full staged; s=$rate; sa=$applied
+    sync_full unstaged; u=$rate; ua=$applied; cpu_u[$v]="${cpu_u[$v]:-} $cpu_t"
+    sync_full staged; s=$rate; sa=$applied; cpu_s[$v]="${cpu_s[$v]:-} $cpu_t"
   fi
   [ "$sa" = "$ua" ] || die "round $3 ($v): staged applied $sa bytes, unstaged $ua"
   runs_s[$v]="${runs_s[$v]:-} $s"
@@ -246,6 +246,8 @@ report() { # report VARIANT LABEL: prints the variant's rows; sets mr (median ra
   printf '%-18s %8s  %s\n' "$2staged" "$ms" "${runs_s[$1]# }"
   printf '%-18s %8s  %s\n' "$2unstaged" "$mu" "${runs_u[$1]# }"
   echo "$2per-round staged/unstaged:${runs_r[$1]} (median $mr; ratio of medians $(awk -v s="$ms" -v u="$mu" 'BEGIN { printf "%.2f", s / u }'))"
+  # shellcheck disable=SC2086
+  echo "$2target CPU s (median): staged $(median ${cpu_s[$1]}), unstaged $(median ${cpu_u[$1]})"
 }
 if [ -n "$before" ]; then
   report before "before: "

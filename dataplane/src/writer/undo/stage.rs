@@ -22,7 +22,7 @@ use crate::io::{self as dio, AlignedBuf, BlockEngine, Completion, DiskId, Engine
 use crate::writer::TargetError;
 
 /// Most old bytes in one entry written through the engine.
-pub(crate) const PIECE: usize = 64 << 10;
+pub(crate) const PIECE: usize = 128 << 10;
 /// Log writes in flight at most (and buffers allocated at most).
 pub(crate) const DEPTH: usize = 16;
 const _: () = assert!(PIECE <= ENTRY_MAX);
