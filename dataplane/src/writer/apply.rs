@@ -19,6 +19,7 @@ use std::sync::{mpsc, Arc};
 use ferry_ringbuf::pool::{PoolReturn, Slot};
 use ferry_ringbuf::spsc;
 
+use super::undo::stage::Stager;
 use super::undo::UndoLog;
 use super::verify::{records, Place, Placer};
 use crate::buffers::SlotView;
@@ -145,7 +146,9 @@ pub fn applier_loop(
     // slot memory is reached only through slots and views of slots held in
     // `InFlight::frames` while in flight.
     let fixed = unsafe { iovecs.fixed() };
-    let engine = match io::open_engine::<SlotView>(kind, queue_depth, &fds, Some(fixed)) {
+    let engines = io::open_engine::<SlotView>(kind, queue_depth, &fds, Some(fixed))
+        .and_then(|e| Ok((e, open_stager(kind, undo)?)));
+    let (engine, stager) = match engines {
         Ok(e) => e,
         Err(e) => {
             failed.store(true, Ordering::Release);
@@ -171,7 +174,8 @@ pub fn applier_loop(
         scratch_base,
         failed,
         undo,
-        undo_buf: vec![0u8; UNDO_CHUNK],
+        stager,
+        ahead: None,
         applied: 0,
     };
     while let Some(msg) = applier.next(&mut rx) {
@@ -180,13 +184,29 @@ pub fn applier_loop(
                 disk,
                 recv,
                 scratch,
-            } => applier.data(disk, recv, scratch),
+            } => applier.data(&mut rx, (disk, recv, scratch)),
             ApplyMsg::Zero { disk, offset, len } => applier.zero(disk, offset, len),
             ApplyMsg::Barrier { reply } => applier.barrier(reply),
         }
     }
     applier.drain();
 }
+
+/// The undo log's writer, when some disk of the session is logged.
+fn open_stager(kind: EngineKind, undo: &UndoLog) -> Result<Option<Stager>, IoError> {
+    if undo.logs_any() {
+        Stager::new(kind, undo).map(Some)
+    } else {
+        Ok(None)
+    }
+}
+
+/// Data frames staged together, under one sync of the undo log, at most: those already
+/// queued when the first is taken (the receive pool bounds them anyway).
+const STAGE_BATCH: usize = 16;
+
+/// A data frame as the applier holds it: disk, receive slot, scratch slot.
+type Frame = (u32, Slot, Option<Slot>);
 
 /// The writes of one data frame, in record order, neighbours coalesced: the first 64
 /// inline, the rare rest spilled; and the zero blocks, applied apart.
@@ -275,8 +295,10 @@ struct Applier<'a> {
     scratch_base: crate::buffers::FixedBase,
     failed: &'a AtomicBool,
     undo: &'a mut UndoLog,
-    /// Old bytes on their way into the undo log; one frame's worth at most.
-    undo_buf: Vec<u8>,
+    /// Writes the undo log; `None` when no disk of the session is logged.
+    stager: Option<Stager>,
+    /// A message taken from the ring while gathering a batch, handled next.
+    ahead: Option<ApplyMsg>,
     /// Bytes of disk applied so far this epoch.
     applied: u64,
 }
@@ -286,6 +308,9 @@ impl Applier<'_> {
     /// taken. With writes in flight, completions are reaped while waiting: they return
     /// the receive buffers the session is waiting for.
     fn next(&mut self, rx: &mut spsc::Consumer<ApplyMsg>) -> Option<ApplyMsg> {
+        if let Some(m) = self.ahead.take() {
+            return Some(m);
+        }
         loop {
             if self.engine.in_flight() == 0 {
                 return rx.pop_wait();
@@ -308,21 +333,51 @@ impl Applier<'_> {
         self.disks.names[disk as usize].clone()
     }
 
-    /// A verified data frame: its old bytes into the undo log, its zero blocks applied,
-    /// then its writes submitted. After a failure, its buffers only go back.
-    fn data(&mut self, disk: u32, recv: Slot, scratch: Option<Slot>) {
-        if self.inflight.error.is_some() {
-            self.inflight.release(recv, scratch);
-            return;
+    /// A verified data frame, with the data frames queued behind it: their old bytes
+    /// into the undo log under one sync, then, frame by frame, the zero blocks applied
+    /// and the writes submitted. After a failure, their buffers only go back.
+    fn data(&mut self, rx: &mut spsc::Consumer<ApplyMsg>, first: Frame) {
+        let mut batch = Vec::with_capacity(if self.stager.is_some() {
+            STAGE_BATCH
+        } else {
+            1
+        });
+        batch.push(first);
+        if self.stager.is_some() {
+            while batch.len() < STAGE_BATCH {
+                match rx.pop() {
+                    Some(ApplyMsg::Data {
+                        disk,
+                        recv,
+                        scratch,
+                    }) => batch.push((disk, recv, scratch)),
+                    Some(other) => {
+                        self.ahead = Some(other);
+                        break;
+                    }
+                    None => break,
+                }
+            }
         }
-        let (writes, covered) = FrameWrites::plan(recv.as_slice());
-        self.applied += covered;
+        let plans: Vec<(FrameWrites, u64)> = batch
+            .iter()
+            .map(|(_, recv, _)| FrameWrites::plan(recv.as_slice()))
+            .collect();
         // Atomic epochs: the bytes about to be overwritten are durable in the undo log
-        // before any write of this frame is issued.
-        if !self.stage_frame(disk, &writes) {
-            self.inflight.release(recv, scratch);
-            return;
+        // before any write of these frames is issued.
+        let staged = self.inflight.error.is_none() && self.stage_frames(&batch, &plans);
+        for ((disk, recv, scratch), (writes, covered)) in batch.into_iter().zip(plans) {
+            if !staged || self.inflight.error.is_some() {
+                self.inflight.release(recv, scratch);
+                continue;
+            }
+            self.applied += covered;
+            self.apply_frame(disk, recv, scratch, &writes);
         }
+    }
+
+    /// Applies a staged frame: its zero blocks, then its writes.
+    fn apply_frame(&mut self, disk: u32, recv: Slot, scratch: Option<Slot>, writes: &FrameWrites) {
         for &(offset, len) in &writes.zeros {
             self.inflight
                 .settle(&mut self.engine, disk, offset, offset + len, self.failed);
@@ -334,27 +389,37 @@ impl Applier<'_> {
                 self.fail(|| ApplyError::Zero { disk, source });
             }
         }
-        self.submit_frame(disk, recv, scratch, &writes);
+        self.submit_frame(disk, recv, scratch, writes);
     }
 
-    /// Logs the old bytes under every write and zero block of a frame and syncs the
-    /// log; false (with the failure recorded) if that failed.
-    fn stage_frame(&mut self, disk: u32, writes: &FrameWrites) -> bool {
-        if !self.undo.logs(disk) {
+    /// Logs the old bytes under every write and zero block of the frames of logged
+    /// disks and syncs the log; false (with the failure recorded) if that failed.
+    fn stage_frames(&mut self, batch: &[Frame], plans: &[(FrameWrites, u64)]) -> bool {
+        let Some(stager) = self.stager.as_mut() else {
             return true;
+        };
+        let undo = &mut *self.undo;
+        let mut at = 0u32;
+        let mut logged = Ok(());
+        for ((disk, _, _), (writes, _)) in batch.iter().zip(plans) {
+            if logged.is_err() {
+                break;
+            }
+            if !undo.logs(*disk) {
+                continue;
+            }
+            at = *disk;
+            let file = &self.disks.buffered[*disk as usize];
+            logged = writes
+                .iter()
+                .map(|&(_, o, l)| (o, l as u64))
+                .chain(writes.zeros.iter().copied())
+                .try_for_each(|range| stager.log_range(undo, file, *disk, range, true));
         }
-        let file = &self.disks.buffered[disk as usize];
-        let (undo, buf) = (&mut *self.undo, &mut self.undo_buf);
-        let logged = writes
-            .iter()
-            .map(|&(_, o, l)| (o, l as u64))
-            .chain(writes.zeros.iter().copied())
-            .try_for_each(|(o, l)| log_old(undo, file, disk, o, l, buf, false))
-            .and_then(|_| undo.sync());
-        match logged {
+        match logged.and_then(|_| stager.sync(undo)) {
             Ok(()) => true,
             Err(source) => {
-                let disk = self.name(disk);
+                let disk = self.name(at);
                 self.fail(|| ApplyError::Stage { disk, source });
                 false
             }
@@ -450,11 +515,15 @@ impl Applier<'_> {
     /// A zero range: its old bytes into the undo log, every overlapping write reaped,
     /// then the range zeroed.
     fn zero(&mut self, disk: u32, offset: u64, len: u64) {
-        if self.inflight.error.is_none() && self.undo.logs(disk) {
+        if let Some(stager) = self
+            .stager
+            .as_mut()
+            .filter(|_| self.inflight.error.is_none() && self.undo.logs(disk))
+        {
             let file = &self.disks.buffered[disk as usize];
-            if let Err(source) =
-                log_old(self.undo, file, disk, offset, len, &mut self.undo_buf, true)
-                    .and_then(|_| self.undo.sync())
+            if let Err(source) = stager
+                .log_range(self.undo, file, disk, (offset, len), true)
+                .and_then(|_| stager.sync(self.undo))
             {
                 let disk = self.name(disk);
                 self.fail(|| ApplyError::Stage { disk, source });
@@ -644,66 +713,6 @@ fn release(
     if let Some(s) = scratch {
         scratch_return.release(s);
     }
-}
-
-/// Bytes of old data read and logged at a time.
-const UNDO_CHUNK: usize = 4 << 20;
-
-/// Appends the old content of `[offset, offset + len)` of a replica to the undo log.
-/// All-zero pieces are logged as zero ranges without data, so a rollback still puts the
-/// zeros back. With `skip_holes`, the replica's holes are found with SEEK_DATA and
-/// logged without reading them: a large zero range on a mostly empty replica costs a few
-/// bytes of log. (SEEK_HOLE is not used: on some file systems it scans the page cache up
-/// to the next hole, which is quadratic over a dense file.)
-fn log_old(
-    undo: &mut UndoLog,
-    file: &std::fs::File,
-    disk: u32,
-    offset: u64,
-    len: u64,
-    buf: &mut [u8],
-    skip_holes: bool,
-) -> Result<(), super::TargetError> {
-    use std::os::fd::AsRawFd;
-    let fd = file.as_raw_fd();
-    let end = offset + len;
-    let mut pos = offset;
-    while pos < end {
-        if skip_holes {
-            // SAFETY: lseek on an open descriptor has no memory effects.
-            let data = unsafe { libc::lseek(fd, pos as libc::off_t, libc::SEEK_DATA) };
-            let next = if data < 0 {
-                match std::io::Error::last_os_error().raw_os_error() {
-                    // A hole to the end of the file.
-                    Some(libc::ENXIO) => end,
-                    // No SEEK_DATA here (a block device): read everything.
-                    _ => pos,
-                }
-            } else {
-                (data as u64).min(end)
-            };
-            if next > pos {
-                undo.append_zero(disk, pos, next - pos)?;
-                pos = next;
-                continue;
-            }
-        }
-        let n = ((end - pos) as usize).min(buf.len());
-        file.read_exact_at(&mut buf[..n], pos).map_err(|source| {
-            super::TargetError::ReadOldBytes {
-                disk,
-                offset: pos,
-                source,
-            }
-        })?;
-        if crate::protocol::is_zero(&buf[..n]) {
-            undo.append_zero(disk, pos, n as u64)?;
-        } else {
-            undo.append(disk, pos, &buf[..n])?;
-        }
-        pos += n as u64;
-    }
-    Ok(())
 }
 
 fn fail_everything(

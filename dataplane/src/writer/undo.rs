@@ -54,7 +54,9 @@ const MAGIC: &[u8; 8] = b"FRYUNDO2";
 /// The first format: no previous epochs, no synced lengths. Refused with a message.
 const MAGIC_V1: &[u8; 8] = b"FRYUNDO1";
 const ENTRY_MAGIC: u32 = u32::from_le_bytes(*b"UNDE");
-const ENTRY_HEADER_LEN: usize = 48;
+pub(crate) const ENTRY_HEADER_LEN: usize = 48;
+/// An entry's header, as written before its data.
+pub(crate) type EntryBytes = [u8; ENTRY_HEADER_LEN];
 /// Bytes of an entry header covered by its own hash.
 const ENTRY_HASHED_LEN: usize = 40;
 /// Entry flag: the range read as zeros; no data follows, the length is in the data-hash
@@ -66,7 +68,7 @@ const HEADER_DISK_LEN: usize = 1 + NAME_LEN + 16 + 8 + 1 + 8;
 /// `prev_epoch` of a disk that held no acknowledged epoch.
 const NO_EPOCH: u64 = u64::MAX;
 /// Largest single entry: one write of the applier (a frame's worth of blocks).
-const ENTRY_MAX: usize = 8 << 20;
+pub(crate) const ENTRY_MAX: usize = 8 << 20;
 /// Bytes of a damaged log's tail read at a time while recovery looks for entries in it.
 const TAIL_WINDOW: usize = 1 << 20;
 const _: () = assert!(TAIL_WINDOW >= ENTRY_HEADER_LEN);
@@ -254,21 +256,44 @@ impl UndoLog {
         self.disks.get(disk as usize).is_some_and(|d| d.logged)
     }
 
-    fn entry_header(&self, disk: u32, offset: u64, len: u32, flags: u32, word: u64) -> [u8; 48] {
+    /// Whether the old bytes of any disk are logged.
+    pub(crate) fn logs_any(&self) -> bool {
+        self.disks.iter().any(|d| d.logged)
+    }
+
+    fn entry_header(&self, disk: u32, offset: u64, len: u32, flags: u32, word: u64) -> EntryBytes {
         encode_entry(disk, offset, len, flags, word, self.synced_len)
     }
 
     /// Appends the old bytes of `[offset, offset + data.len())` of `disk`.
     pub fn append(&mut self, disk: u32, offset: u64, data: &[u8]) -> Result<(), TargetError> {
+        let (at, h) = self.reserve(disk, offset, data);
+        self.file
+            .write_all_at(&h, at)
+            .and_then(|_| self.file.write_all_at(data, at + h.len() as u64))
+            .map_err(|e| io_err(&self.path, StateOp::Append, e))
+    }
+
+    /// Reserves the log bytes of an entry holding `data`, the old bytes of `[offset,
+    /// offset + data.len())` of `disk`: where the entry goes and its header. The caller
+    /// writes the header there, then `data` right after it, and waits for both writes to
+    /// complete before the next [`sync`](Self::sync) — so the log can be written by
+    /// requests in flight while the next old bytes are read. Entries are written at
+    /// their own positions (never through the file's cursor), so their writes may
+    /// complete in any order.
+    pub(crate) fn reserve(&mut self, disk: u32, offset: u64, data: &[u8]) -> (u64, EntryBytes) {
         assert!(data.len() <= ENTRY_MAX, "undo entry larger than one write");
         let h = self.entry_header(disk, offset, data.len() as u32, 0, xxh3_64(data));
-        self.file
-            .write_all(&h)
-            .and_then(|_| self.file.write_all(data))
-            .map_err(|e| io_err(&self.path, StateOp::Append, e))?;
+        let at = self.len;
         self.len += (h.len() + data.len()) as u64;
         self.dirty = true;
-        Ok(())
+        (at, h)
+    }
+
+    /// The log's descriptor, for writes of reserved entries.
+    pub(crate) fn fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        self.file.as_raw_fd()
     }
 
     /// Records that `[offset, offset + len)` of `disk` read as zeros before this epoch.
@@ -276,7 +301,7 @@ impl UndoLog {
         // A zero entry's length may exceed u32: it lives in the data-hash field.
         let h = self.entry_header(disk, offset, 0, FLAG_ZERO, len);
         self.file
-            .write_all(&h)
+            .write_all_at(&h, self.len)
             .map_err(|e| io_err(&self.path, StateOp::Append, e))?;
         self.len += h.len() as u64;
         self.dirty = true;
@@ -1330,6 +1355,8 @@ fn parse_header(bytes: &[u8]) -> Option<(u64, Vec<UndoDisk>, usize)> {
     }
     Some((epoch, disks, end + 8))
 }
+
+pub(crate) mod stage;
 
 #[cfg(test)]
 mod tests;
