@@ -90,6 +90,9 @@ impl Drop for Watcher {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Release);
         if let Some(t) = self.thread.take() {
+            // The thread waits between looks in `park_timeout`: wake it, so a sync
+            // does not end up to a tick late.
+            t.thread().unpark();
             let _ = t.join();
         }
     }
@@ -113,7 +116,7 @@ fn bar(progress: &Progress, stop: &AtomicBool) {
         }
         pb.set_length(s.total_bytes);
         pb.set_position(s.done_bytes);
-        std::thread::sleep(TICK);
+        std::thread::park_timeout(TICK);
     }
     pb.finish_and_clear();
 }
@@ -140,7 +143,7 @@ fn log_lines(progress: &Progress, stop: &AtomicBool, each: &mut dyn FnMut(&Progr
                 last_each = Instant::now();
             }
         }
-        std::thread::sleep(TICK);
+        std::thread::park_timeout(TICK);
     }
 }
 
