@@ -18,7 +18,7 @@ pub const FRAME_MAGIC: u32 = u32::from_le_bytes(*b"FRY1");
 /// target that accepted its bare Commit could not tell a complete epoch from one that
 /// lost blocks on the way, so a version-1 peer is refused at the handshake.
 pub const PROTOCOL_VERSION_MIN: u16 = 2;
-pub const PROTOCOL_VERSION_MAX: u16 = 2;
+pub const PROTOCOL_VERSION_MAX: u16 = 3;
 
 /// Largest frame payload either side accepts: a 4 MiB data batch (the largest
 /// `io_size_kib`) plus its record table for 4 KiB blocks (1024 records of 48 bytes,
@@ -96,6 +96,9 @@ pub enum FrameKind {
     Committed = 41,
     /// either way: a fatal error with a message; the connection closes after it.
     Error = 50,
+    /// client → server, between epochs (version 3): the source is alive and will open
+    /// another epoch on this connection.
+    Keepalive = 60,
 }
 
 impl FrameKind {
@@ -118,6 +121,7 @@ impl FrameKind {
             40 => Commit,
             41 => Committed,
             50 => Error,
+            60 => Keepalive,
             _ => return None,
         })
     }
