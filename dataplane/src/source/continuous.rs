@@ -89,8 +89,7 @@ pub fn run(
     let mut failures: u32 = 0;
     let mut reseed = false;
     let mut discard = job.discard_replica_changes;
-    // The connection to the target, kept from one round to the next.
-    let mut link = Link::default();
+    let mut link = Link::default(); // The connections kept from one round to the next.
     while !stop.load(Ordering::Acquire) {
         let started = Instant::now();
         job.mode = if reseed || discard {

@@ -515,11 +515,11 @@ pub fn sync_linked(
     // An explicit `--bitmap` means the operator supplies the change set: no shim epoch.
     let explicit_bitmaps = job.disks.iter().any(|d| d.bitmap.is_some());
     let shim = match &job.shim_control {
-        Some(path) if !explicit_bitmaps => live::ShimControl::connect(path)?,
+        Some(path) if !explicit_bitmaps => shim_status(path, link)?,
         _ => None,
     };
     match shim {
-        Some(control) => sync_live(job, control, link),
+        Some((control, served)) => sync_live(job, control, &served, link),
         None if job.require_shim => Err(ShimControlError::NotListening {
             socket: job.shim_control.clone(),
         }
@@ -706,15 +706,43 @@ fn plan_live_disks<'a>(
     Ok(plans)
 }
 
-/// One sync as a live epoch of the running shim behind `control`.
+/// The shim's control connection and its `status` (the disks it serves): on the
+/// connection `link` kept from the previous epoch while it answers, else on a new one;
+/// `None` when no shim listens.
+fn shim_status(
+    path: &Path,
+    link: &mut Link,
+) -> Result<Option<(live::ShimControl, Vec<StatusDisk>)>, SourceError> {
+    if let Some(mut kept) = link.shim.take() {
+        match kept.status() {
+            Ok(served) => return Ok(Some((kept, served))),
+            // The shim restarted since: its new instance listens, or none does.
+            Err(e) => tracing::info!(
+                "the shim's control connection kept from the previous epoch failed ({}); connecting again",
+                crate::chain(&e)
+            ),
+        }
+    }
+    match live::ShimControl::connect(path)? {
+        Some(mut control) => {
+            let served = control.status()?;
+            Ok(Some((control, served)))
+        }
+        None => Ok(None),
+    }
+}
+
+/// One sync as a live epoch of the running shim behind `control`, which serves the
+/// disks `served`. Once the epoch is acknowledged, `link` keeps `control` for the next
+/// one (a failed epoch drops it, which aborts the epoch in the shim).
 fn sync_live(
     job: &SyncJob,
     mut control: live::ShimControl,
+    served: &[StatusDisk],
     link: &mut Link,
 ) -> Result<SyncReport, SourceError> {
     let started = Instant::now();
-    let served = control.status()?;
-    let plans = plan_live_disks(job, &served)?;
+    let plans = plan_live_disks(job, served)?;
     let names: Vec<&str> = plans.iter().map(|p| p.spec.name.as_str()).collect();
     let whole: Vec<&str> = plans.iter().filter_map(PlannedDisk::whole_name).collect();
     // Reach the target before freezing: while it is unreachable the guest is never
@@ -771,14 +799,9 @@ fn sync_live(
         }
     };
     release_live_epoch(&mut control, &epoch, number, &disks);
-    Ok(report(
-        &disks,
-        number,
-        &stats,
-        applied,
-        started,
-        Some(&epoch),
-    ))
+    link.shim = Some(control);
+    let live = Some(&epoch);
+    Ok(report(&disks, number, &stats, applied, started, live))
 }
 
 /// Opens one disk of a frozen epoch and the view of its frozen blocks; for a
@@ -1048,9 +1071,13 @@ pub const KEEPALIVE_EVERY: Duration = Duration::from_secs(1);
 /// ([`MULTI_EPOCH_VERSION`]): no connect and no handshake per epoch. Empty before the
 /// first epoch, after an epoch that failed (the next one connects anew), and with a
 /// target that speaks only version 2 (every epoch connects).
+///
+/// It keeps the shim's control connection too: the shim accepts control connections
+/// on a poll (every 100 ms), which a connection per epoch would wait for every time.
 #[derive(Default)]
 pub struct Link {
     conn: Option<Connection>,
+    shim: Option<live::ShimControl>,
 }
 
 impl Link {
