@@ -1062,8 +1062,9 @@ impl Connection {
     }
 }
 
-/// How often, at most, a connection kept between epochs carries a Keepalive: far
-/// within any target's `io_timeout` but a 1 ms one, and a 32-byte frame a second
+/// How long a connection kept between epochs may stay silent before it carries a
+/// Keepalive: well within any target's `io_timeout_ms` but one below a few seconds
+/// (the source also caps it at a quarter of its own), and a 32-byte frame a second
 /// costs nothing.
 pub const KEEPALIVE_EVERY: Duration = Duration::from_secs(1);
 
@@ -1102,11 +1103,6 @@ impl Link {
         if conn.version >= MULTI_EPOCH_VERSION {
             self.conn = Some(conn);
         }
-    }
-
-    /// Whether a connection is kept.
-    pub fn is_connected(&self) -> bool {
-        self.conn.is_some()
     }
 
     /// Between epochs: sends a Keepalive on the kept connection if nothing went out for
