@@ -27,6 +27,7 @@ mod power_loss;
 mod recovery_points;
 mod reprotect;
 mod session_limits;
+mod session_reuse;
 mod shim_control;
 mod shim_reconnect;
 mod signals;

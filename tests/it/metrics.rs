@@ -267,12 +267,16 @@ fn metrics_are_served_and_move_with_replication() {
             0.0
         );
         assert!(value(t, "ferry_target_sessions_active") <= 1.0);
-        // A session per epoch, counted once it authenticates.
+        // Sessions are counted once they authenticate; one carries many epochs
+        // (protocol version 3), so there may be far fewer sessions than epochs.
         let (sessions, committed) = (
             value(t, "ferry_target_sessions_total"),
             value(t, "ferry_target_epochs_committed_total"),
         );
-        assert!(sessions >= committed, "{sessions} {committed}");
+        assert!(
+            sessions >= 1.0 && committed >= 1.0,
+            "{sessions} {committed}"
+        );
         // The target saw at least the epochs the source counted when it was scraped
         // (scraped just after).
         assert!(committed >= value(s, "ferry_source_epochs_total"));
@@ -296,10 +300,10 @@ fn metrics_are_served_and_move_with_replication() {
             value(s1, &last) > value(s0, &last),
             "the last success did not advance"
         );
+        // Not `ferry_target_sessions_total`: the epochs go on one session.
         for series in [
             "ferry_target_applied_bytes_total",
             "ferry_target_epochs_committed_total",
-            "ferry_target_sessions_total",
         ] {
             assert!(
                 value(t1, series) > value(t0, series),

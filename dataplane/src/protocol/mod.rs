@@ -14,6 +14,12 @@ pub use frame::{FrameReader, FrameWriter, Incoming};
 pub use manifest::ManifestBuilder;
 pub use wire::*;
 
+/// The first protocol version whose sessions carry several epochs: after Committed the
+/// source may send Keepalive frames and the next epoch's Open on the same connection
+/// (see docs/protocol.md, "Session"). On a version-2 connection the session ends with
+/// its one epoch.
+pub const MULTI_EPOCH_VERSION: u16 = 3;
+
 /// Everything that can go wrong on the wire.
 #[derive(Debug, thiserror::Error)]
 pub enum ProtocolError {

@@ -107,6 +107,9 @@ pub enum FrameKind {
     Committed = 41,
     /// either way: a fatal error with a message; the connection closes after it.
     Error = 50,
+    /// client → server, between epochs (version 3): the source is alive and will open
+    /// another epoch on this connection.
+    Keepalive = 60,
 }
 
 impl FrameKind {
@@ -129,6 +132,7 @@ impl FrameKind {
             40 => Commit,
             41 => Committed,
             50 => Error,
+            60 => Keepalive,
             _ => return None,
         })
     }

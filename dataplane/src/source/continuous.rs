@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use super::lock::{EngineLock, EngineRole};
-use super::{ModeRequest, SourceError, SyncJob, SyncReport};
+use super::{Link, ModeRequest, SourceError, SyncJob, SyncReport};
 use crate::io::{probe_engine, EngineKind, ProbeShape};
 use crate::protocol::{ErrorCode, ProtocolError};
 
@@ -89,6 +89,7 @@ pub fn run(
     let mut failures: u32 = 0;
     let mut reseed = false;
     let mut discard = job.discard_replica_changes;
+    let mut link = Link::default(); // The connections kept from one round to the next.
     while !stop.load(Ordering::Acquire) {
         let started = Instant::now();
         job.mode = if reseed || discard {
@@ -97,7 +98,7 @@ pub fn run(
             requested
         };
         job.discard_replica_changes = discard;
-        let result = super::sync_locked(&job, &lock);
+        let result = super::sync_linked(&job, &lock, &mut link);
         crate::metrics::source().round(started, &result);
         match &result {
             Ok(_) => {
@@ -129,6 +130,7 @@ pub fn run(
             if now >= until {
                 break;
             }
+            link.keepalive(job.io_timeout);
             std::thread::sleep((until - now).min(Duration::from_millis(50)));
         }
     }

@@ -118,6 +118,8 @@ pub struct ShimControl {
     path: PathBuf,
     reader: BufReader<UnixStream>,
     writer: UnixStream,
+    /// See [`ShimControl::offers_granules`].
+    granules: bool,
 }
 
 /// Maps the state map and opens the scratch file of `disk`, one disk of a frozen epoch.
@@ -219,6 +221,7 @@ impl ShimControl {
             path: path.to_path_buf(),
             reader: BufReader::new(stream),
             writer,
+            granules: false,
         }))
     }
 
@@ -278,7 +281,15 @@ impl ShimControl {
 
     /// The shim's whole status reply.
     pub fn status_reply(&mut self) -> Result<StatusReply, SourceError> {
-        Ok(self.request(&Request::Status)?)
+        let reply: StatusReply = self.request(&Request::Status)?;
+        self.granules = reply.granules;
+        Ok(reply)
+    }
+
+    /// Whether the shim's last `status` said it keeps granule masks (`freeze …
+    /// granules=on`).
+    pub fn offers_granules(&self) -> bool {
+        self.granules
     }
 
     /// Freezes an epoch across `disks` (one consistency cut); `whole` names the disks
@@ -360,6 +371,7 @@ mod tests {
             path: PathBuf::from("fake.ctl"),
             reader: BufReader::new(ours.try_clone().unwrap()),
             writer: ours,
+            granules: false,
         };
         (control, shim)
     }

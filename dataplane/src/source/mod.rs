@@ -36,7 +36,7 @@ use crate::io::{self, Disk, EngineKind, IoError};
 use crate::protocol::{
     auth, Commit, Committed, DiskManifest, DiskRun, FrameDeadline, FrameKind, FrameReader,
     FrameWriter, ManifestBuilder, OpenDisk, OpenDiskReply, OpenHeader, ProtocolError, SyncMode,
-    TimedStream, GRANULE_RECORDS_VERSION, MAX_NAME_LEN, MAX_REPLY_PAYLOAD,
+    TimedStream, GRANULE_RECORDS_VERSION, MAX_NAME_LEN, MAX_REPLY_PAYLOAD, MULTI_EPOCH_VERSION,
     OPEN_DISCARD_REPLICA_CHANGES, REPLICA_CREATED,
 };
 use crate::psk::{Psk, PskError};
@@ -501,7 +501,19 @@ pub fn sync(job: &SyncJob) -> Result<SyncReport, SourceError> {
 
 /// [`sync`] by an engine that already holds the state directory's lock (`ferry
 /// source` holds it for its whole life).
-pub fn sync_locked(job: &SyncJob, _lock: &EngineLock) -> Result<SyncReport, SourceError> {
+pub fn sync_locked(job: &SyncJob, lock: &EngineLock) -> Result<SyncReport, SourceError> {
+    sync_linked(job, lock, &mut Link::default())
+}
+
+/// [`sync_locked`] over `link`: the epoch goes on the connection `link` kept from the
+/// previous one when the target still holds it open, on a new one otherwise, and
+/// `link` keeps the connection for the next epoch when the target speaks
+/// [`MULTI_EPOCH_VERSION`] and this one was acknowledged.
+pub fn sync_linked(
+    job: &SyncJob,
+    _lock: &EngineLock,
+    link: &mut Link,
+) -> Result<SyncReport, SourceError> {
     let _tracking = progress::Tracking(job.progress.as_deref());
     if let Some(p) = &job.progress {
         p.begin();
@@ -513,11 +525,11 @@ pub fn sync_locked(job: &SyncJob, _lock: &EngineLock) -> Result<SyncReport, Sour
     // An explicit `--bitmap` means the operator supplies the change set: no shim epoch.
     let explicit_bitmaps = job.disks.iter().any(|d| d.bitmap.is_some());
     let shim = match &job.shim_control {
-        Some(path) if !explicit_bitmaps => live::ShimControl::connect(path)?,
+        Some(path) if !explicit_bitmaps => shim_status(path, link)?,
         _ => None,
     };
     match shim {
-        Some(control) => sync_live(job, control),
+        Some((control, served)) => sync_live(job, control, &served, link),
         None if job.require_shim => Err(ShimControlError::NotListening {
             socket: job.shim_control.clone(),
         }
@@ -529,7 +541,8 @@ pub fn sync_locked(job: &SyncJob, _lock: &EngineLock) -> Result<SyncReport, Sour
                 disks.push(open_disk(job, spec)?);
             }
             let views = vec![None; disks.len()];
-            let (epoch, stats, applied) = run_epoch(job, &mut disks, &views, &mut || Ok(()), None)?;
+            let (epoch, stats, applied) =
+                run_epoch(job, &mut disks, &views, &mut || Ok(()), None, link)?;
             Ok(report(&disks, epoch, &stats, applied, started, None))
         }
     }
@@ -703,20 +716,52 @@ fn plan_live_disks<'a>(
     Ok(plans)
 }
 
-/// One sync as a live epoch of the running shim behind `control`.
-fn sync_live(job: &SyncJob, mut control: live::ShimControl) -> Result<SyncReport, SourceError> {
+/// The shim's control connection and its `status` (the disks it serves): on the
+/// connection `link` kept from the previous epoch while it answers, else on a new one;
+/// `None` when no shim listens.
+fn shim_status(
+    path: &Path,
+    link: &mut Link,
+) -> Result<Option<(live::ShimControl, Vec<StatusDisk>)>, SourceError> {
+    if let Some(mut kept) = link.shim.take() {
+        match kept.status() {
+            Ok(served) => return Ok(Some((kept, served))),
+            // The shim restarted since: its new instance listens, or none does.
+            Err(e) => tracing::info!(
+                "the shim's control connection kept from the previous epoch failed ({}); connecting again",
+                crate::chain(&e)
+            ),
+        }
+    }
+    match live::ShimControl::connect(path)? {
+        Some(mut control) => {
+            let served = control.status()?;
+            Ok(Some((control, served)))
+        }
+        None => Ok(None),
+    }
+}
+
+/// One sync as a live epoch of the running shim behind `control`, which serves the
+/// disks `served`. Once the epoch is acknowledged, `link` keeps `control` for the next
+/// one (a failed epoch drops it, which aborts the epoch in the shim).
+fn sync_live(
+    job: &SyncJob,
+    mut control: live::ShimControl,
+    served: &[StatusDisk],
+    link: &mut Link,
+) -> Result<SyncReport, SourceError> {
     let started = Instant::now();
-    let status = control.status_reply()?;
-    let plans = plan_live_disks(job, &status.disks)?;
+    let plans = plan_live_disks(job, served)?;
     let names: Vec<&str> = plans.iter().map(|p| p.spec.name.as_str()).collect();
     let whole: Vec<&str> = plans.iter().filter_map(PlannedDisk::whole_name).collect();
     // Reach the target before freezing: while it is unreachable the guest is never
     // paused for an epoch that cannot go anywhere.
-    let connection = open_connection(job)?;
+    let connection = link.take(job)?;
     // Sub-block epochs need a shim that keeps granule masks and a target that takes
     // records smaller than a block. Reverse replication adds whole blocks the shim did
     // not freeze to the epoch, so it goes by whole blocks.
-    let granular = status.granules
+    let granular = control.offers_granules()
         && connection.version >= GRANULE_RECORDS_VERSION
         && plans.iter().all(|p| p.reverse.is_none());
     // From here on, any early return drops `control`, which aborts the epoch: the shim
@@ -749,6 +794,7 @@ fn sync_live(job: &SyncJob, mut control: live::ShimControl) -> Result<SyncReport
                     .check(&epoch)
             },
             Some(connection),
+            link,
         )
     });
     let (number, stats, applied) = match outcome {
@@ -769,14 +815,9 @@ fn sync_live(job: &SyncJob, mut control: live::ShimControl) -> Result<SyncReport
         }
     };
     release_live_epoch(&mut control, &epoch, number, &disks);
-    Ok(report(
-        &disks,
-        number,
-        &stats,
-        applied,
-        started,
-        Some(&epoch),
-    ))
+    link.shim = Some(control);
+    let live = Some(&epoch);
+    Ok(report(&disks, number, &stats, applied, started, live))
 }
 
 /// Opens one disk of a frozen epoch and the view of its frozen blocks; for a
@@ -963,15 +1004,22 @@ fn same_file(a: &Path, b: &Path) -> bool {
     }
 }
 
-/// Connects, authenticates, streams the epoch and waits for the target's
-/// acknowledgement; then records the new epoch in the state files. `before_commit`
-/// runs after the last block was sent and before the Commit frame.
+/// Streams the epoch on `connected` (or on `link`'s connection, or a new one) and
+/// waits for the target's acknowledgement; then records the new epoch in the state
+/// files and leaves the connection to `link` for the next epoch. `before_commit` runs
+/// after the last block was sent and before the Commit frame.
+///
+/// A connection kept from an earlier epoch that fails on the wire before the target
+/// answered the Open (the target closed it meanwhile: restarted, or timed the idle
+/// session out) is replaced by a new one: nothing of the epoch reached the target.
+/// A connection that breaks later fails the epoch, as a new one does.
 fn run_epoch(
     job: &SyncJob,
     disks: &mut [OpenedDisk],
     views: &[Option<&EpochView>],
     before_commit: &mut dyn FnMut() -> Result<(), SourceError>,
     mut connected: Option<Connection>,
+    link: &mut Link,
 ) -> Result<(u64, PipelineStats, u64), SourceError> {
     let mut attempts = 0;
     let mut busy_retries = 0;
@@ -980,11 +1028,19 @@ fn run_epoch(
         if let Some(p) = &job.progress {
             p.set_epoch(epoch);
         }
-        let conn = match connected.take() {
+        let mut conn = match connected.take() {
             Some(c) => c,
-            None => open_connection(job)?,
+            None => link.take(job)?,
         };
-        match session_once(job, disks, views, epoch, before_commit, conn) {
+        let reused = conn.epochs > 0;
+        match session_once(job, disks, views, epoch, before_commit, &mut conn) {
+            Err(e) if reused && !conn.opened && is_transport(&e) => {
+                attempts += 1;
+                tracing::info!(
+                    "the connection kept from the previous epoch failed ({}); epoch {epoch} goes on a new one",
+                    crate::chain(&e)
+                );
+            }
             // Right after giving a session up, the target may still be releasing it.
             Err(SourceError::Protocol(ProtocolError::Remote {
                 code: crate::protocol::ErrorCode::Busy,
@@ -1003,7 +1059,11 @@ fn run_epoch(
                 }
             }
             Err(e) => return Err(e),
-            Ok((stats, applied)) => break (epoch, stats, applied),
+            Ok((stats, applied)) => {
+                conn.epochs += 1;
+                link.keep(conn);
+                break (epoch, stats, applied);
+            }
         }
     };
 
@@ -1024,6 +1084,96 @@ struct Connection {
     writer: FrameWriter<TimedStream>,
     /// The protocol version agreed at the handshake.
     version: u16,
+    /// Epochs acknowledged on this connection.
+    epochs: u64,
+    /// When the last frame went out.
+    last_sent: Instant,
+    /// The target answered the current epoch's Open.
+    opened: bool,
+}
+
+impl Connection {
+    /// Whether the target may still read an Open on this connection: between epochs it
+    /// sends nothing, so anything readable (end of stream, a reset, an Error frame
+    /// saying why it gave the session up) means it closed the session.
+    fn open_between_epochs(&self) -> bool {
+        if !self.reader.get_ref().buffer().is_empty() {
+            return false;
+        }
+        let mut byte = [0u8; 1];
+        // The socket is non-blocking (see `TimedStream`): nothing to read is the answer
+        // hoped for.
+        matches!(
+            self.writer.get_ref().get_ref().peek(&mut byte),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock
+        )
+    }
+}
+
+/// How long a connection kept between epochs may stay silent before it carries a
+/// Keepalive: well within any target's `io_timeout_ms` but one below a few seconds
+/// (the source also caps it at a quarter of its own), and a 32-byte frame a second
+/// costs nothing.
+pub const KEEPALIVE_EVERY: Duration = Duration::from_secs(1);
+
+/// The connection to the target that `ferry source` keeps from one epoch to the next
+/// ([`MULTI_EPOCH_VERSION`]): no connect and no handshake per epoch. Empty before the
+/// first epoch, after an epoch that failed (the next one connects anew), and with a
+/// target that speaks only version 2 (every epoch connects).
+///
+/// It keeps the shim's control connection too: the shim accepts control connections
+/// on a poll (every 100 ms), which a connection per epoch would wait for every time.
+#[derive(Default)]
+pub struct Link {
+    conn: Option<Connection>,
+    shim: Option<live::ShimControl>,
+}
+
+impl Link {
+    /// The connection for the next epoch: the one kept, if the target has not closed
+    /// it, else a new one.
+    fn take(&mut self, job: &SyncJob) -> Result<Connection, SourceError> {
+        match self.conn.take() {
+            Some(c) if c.open_between_epochs() => Ok(c),
+            Some(c) => {
+                tracing::info!(
+                    "the target closed the connection after {} epoch(s); connecting again",
+                    c.epochs
+                );
+                open_connection(job)
+            }
+            None => open_connection(job),
+        }
+    }
+
+    /// Keeps `conn` for the next epoch if the target serves several on one connection.
+    fn keep(&mut self, conn: Connection) {
+        if conn.version >= MULTI_EPOCH_VERSION {
+            self.conn = Some(conn);
+        }
+    }
+
+    /// Between epochs: sends a Keepalive on the kept connection if nothing went out for
+    /// [`KEEPALIVE_EVERY`] (or a quarter of `io_timeout`, if shorter), so that the
+    /// target, which allows `io_timeout` for every frame, keeps the session however
+    /// long the source waits for its next epoch. A connection that cannot take it is
+    /// given up; the next epoch connects anew.
+    pub fn keepalive(&mut self, io_timeout: Duration) {
+        let Some(c) = &mut self.conn else { return };
+        if c.last_sent.elapsed() < KEEPALIVE_EVERY.min(io_timeout / 4) {
+            return;
+        }
+        match c.writer.send(FrameKind::Keepalive, &[]) {
+            Ok(()) => c.last_sent = Instant::now(),
+            Err(e) => {
+                tracing::info!(
+                    "the connection kept between epochs failed ({}); the next epoch connects anew",
+                    crate::chain(&e)
+                );
+                self.conn = None;
+            }
+        }
+    }
 }
 
 /// Connects to the target and authenticates.
@@ -1055,6 +1205,9 @@ fn open_connection(job: &SyncJob) -> Result<Connection, SourceError> {
         reader,
         writer,
         version,
+        epochs: 0,
+        last_sent: Instant::now(),
+        opened: false,
     })
 }
 
@@ -1080,13 +1233,15 @@ fn session_once(
     views: &[Option<&EpochView>],
     epoch: u64,
     before_commit: &mut dyn FnMut() -> Result<(), SourceError>,
-    conn: Connection,
+    conn: &mut Connection,
 ) -> Result<(PipelineStats, u64), SourceError> {
     let Connection {
-        mut reader,
-        mut writer,
+        reader,
+        writer,
+        opened,
         ..
     } = conn;
+    *opened = false;
     let watch_fd = std::os::fd::AsRawFd::as_raw_fd(writer.get_ref());
     let published = abort::publish(watch_fd);
     let result = run_session(
@@ -1094,14 +1249,14 @@ fn session_once(
         disks,
         views,
         epoch,
-        &mut reader,
-        &mut writer,
+        (reader, writer, opened),
         watch_fd,
         before_commit,
     );
     drop(published);
+    conn.last_sent = Instant::now();
     // The target may have said why it stopped; prefer its words.
-    result.map_err(|e| explain(e, &mut reader))
+    result.map_err(|e| explain(e, &mut conn.reader))
 }
 
 fn report(
@@ -1154,14 +1309,18 @@ fn rate_bytes(disks: &[OpenedDisk], stats: &PipelineStats) -> u64 {
     }
 }
 
-fn explain<R: std::io::Read>(e: SourceError, reader: &mut FrameReader<R>) -> SourceError {
-    let is_transport = matches!(
-        &e,
+/// Whether `e` is the connection failing rather than the target refusing something.
+fn is_transport(e: &SourceError) -> bool {
+    matches!(
+        e,
         SourceError::Protocol(ProtocolError::Io { .. })
             | SourceError::Protocol(ProtocolError::Truncated { .. })
             | SourceError::PeerInterrupted
-    );
-    if is_transport {
+    )
+}
+
+fn explain<R: std::io::Read>(e: SourceError, reader: &mut FrameReader<R>) -> SourceError {
+    if is_transport(&e) {
         let mut buf = vec![0u8; 8192];
         if let Err(remote @ ProtocolError::Remote { .. }) = reader.read_frame(&mut buf) {
             return SourceError::Protocol(remote);
@@ -1294,20 +1453,22 @@ fn load_bitmap(
 
 type BoxedPlan<'a> = Box<dyn Iterator<Item = Result<PlanItem, SourceError>> + Send + 'a>;
 
-#[allow(clippy::too_many_arguments)]
+/// The connection's two halves and where to note that the target answered the Open.
+type Wire<'c, R, W> = (&'c mut FrameReader<R>, &'c mut FrameWriter<W>, &'c mut bool);
+
 fn run_session<R: std::io::Read, W: std::io::Write>(
     job: &SyncJob,
     disks: &mut [OpenedDisk],
     views: &[Option<&EpochView>],
     epoch: u64,
-    reader: &mut FrameReader<R>,
-    writer: &mut FrameWriter<W>,
+    (reader, writer, opened): Wire<'_, R, W>,
     watch_fd: std::os::fd::RawFd,
     before_commit: &mut dyn FnMut() -> Result<(), SourceError>,
 ) -> Result<(PipelineStats, u64), SourceError> {
     // Every reply the target sends fits, up to a DiffRuns frame of the most runs.
     let mut buf = vec![0u8; MAX_REPLY_PAYLOAD];
     open_epoch(job, disks, epoch, reader, writer, &mut buf)?;
+    *opened = true;
     let infos: Vec<DiskInfo<'_>> = disks
         .iter()
         .zip(views)
@@ -1615,6 +1776,16 @@ fn stream_data<W: std::io::Write>(
         })
         .collect();
     let mut manifests = vec![ManifestBuilder::new(); disks.len()];
+    let nothing_to_send = disks
+        .iter()
+        .all(|d| d.bitmap.as_ref().is_some_and(|b| b.count() == 0));
+    if nothing_to_send {
+        // An idle epoch: no change on any disk. Its plan is empty, so the pipeline
+        // (buffer pools, reader and worker threads, an io_uring ring) would start only
+        // to send nothing; the empty manifests say the same.
+        let manifests = manifests.iter().map(ManifestBuilder::finish).collect();
+        return Ok((PipelineStats::default(), manifests));
+    }
     let plan = progress::counted(plans.into_iter().flatten(), job.progress.as_deref());
     let stats = pipeline::run(cfg, infos, plan, writer, Some(&mut manifests))?;
     let manifests = manifests.iter().map(ManifestBuilder::finish).collect();

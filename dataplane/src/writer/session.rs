@@ -24,8 +24,8 @@ use crate::protocol::{
     auth, block_hash, is_zero, Commit, Committed, DiskManifest, DiskRun, FrameDeadline, FrameKind,
     FrameReader, FrameWriter, HashesHeader, Incoming, OpenDisk, OpenDiskReply, OpenHeader,
     SyncMode, TimedStream, GRANULE_RECORDS_VERSION, MAX_DIFF_RUNS_PER_FRAME, MAX_DISKS_PER_SESSION,
-    MAX_FRAME_PAYLOAD, MAX_NAME_LEN, OPEN_DISCARD_REPLICA_CHANGES, OPEN_PROMOTE, REPLICA_COMPARE,
-    REPLICA_CREATED, REPLICA_EXISTING, ZERO_BLOCK_HASH,
+    MAX_FRAME_PAYLOAD, MAX_NAME_LEN, MULTI_EPOCH_VERSION, OPEN_DISCARD_REPLICA_CHANGES,
+    OPEN_PROMOTE, REPLICA_COMPARE, REPLICA_CREATED, REPLICA_EXISTING, ZERO_BLOCK_HASH,
 };
 
 /// Receive buffers per session: frames in flight between the socket and the disks.
@@ -119,7 +119,11 @@ pub fn run(
         }
         .into())
     } else {
-        serve(shared, &mut reader, &mut writer, version)
+        let peer = writer.get_ref().get_ref().peer_addr();
+        let peer = peer.map(|a| a.to_string()).unwrap_or_else(|_| "?".into());
+        // Not "{peer}: …", which is how the line that ends a session begins.
+        tracing::info!("session of {peer} authenticated (protocol version {version})");
+        serve_epochs(shared, &mut reader, &mut writer, version, &peer)
     };
     if let Err(e) = &result {
         // Tell the source why, unless it was the source that went away.
@@ -155,8 +159,47 @@ fn linger(stream: &TcpStream) {
     }
 }
 
-/// Serves an authenticated session: Open, then the epoch's frames until Commit, then
-/// the epoch committed (and acknowledged) or rolled back.
+/// Serves the epochs of an authenticated session. A version-2 session carries one; from
+/// [`MULTI_EPOCH_VERSION`] on, the source may open the next epoch on the same
+/// connection once the previous one was acknowledged, and ends the session by closing
+/// it between epochs. Every epoch is claimed, staged, committed or rolled back and
+/// released on its own exactly as if it had a connection to itself: between epochs
+/// the session holds its socket, its thread and its place under `max_sessions`, and
+/// nothing else (no disk, no claim, no lock, no buffer pool). An epoch that fails ends
+/// the session; the epochs acknowledged before it stay committed.
+///
+/// Between epochs, every frame is still due within `io_timeout`: a source that waits
+/// longer than that for its next epoch sends Keepalive frames (see
+/// [`crate::source`]), so a session whose source is gone (or hung) is closed after
+/// `io_timeout` of silence.
+fn serve_epochs<R: std::io::Read, W: std::io::Write>(
+    shared: &Shared,
+    reader: &mut FrameReader<R>,
+    writer: &mut FrameWriter<W>,
+    version: u16,
+    peer: &str,
+) -> Result<String, TargetError> {
+    let mut epochs: u64 = 0;
+    loop {
+        match serve(shared, reader, writer, version) {
+            Ok(summary) if version < MULTI_EPOCH_VERSION => return Ok(summary),
+            Ok(summary) => {
+                epochs += 1;
+                tracing::info!("{summary} (session of {peer})");
+            }
+            // The source ended the session between epochs: its normal end.
+            Err(TargetError::ClosedBeforeOpen) if epochs > 0 => {
+                return Ok(format!(
+                    "session ended by the source after {epochs} epoch(s)"
+                ))
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Serves one epoch of an authenticated session: Open, then the epoch's frames until
+/// Commit, then the epoch committed (and acknowledged) or rolled back.
 fn serve<R: std::io::Read, W: std::io::Write>(
     shared: &Shared,
     reader: &mut FrameReader<R>,
@@ -311,18 +354,8 @@ fn handshake<'s, R: std::io::Read, W: std::io::Write>(
     // A promoted site takes no epoch from anyone: refused at once, and checked again
     // under the apply lock, which a failover holds while it promotes the site.
     super::role::fence(&shared.job.state_dir)?;
-    let payload = match reader.read_frame(control)? {
-        Some((FrameKind::Open, payload)) => payload,
-        Some((found, _)) => {
-            return Err(crate::protocol::ProtocolError::Unexpected {
-                expected: FrameKind::Open,
-                found,
-            }
-            .into())
-        }
-        // Authenticated, then closed: a probe (`ferry check --connect`), not a failure.
-        None => return Err(TargetError::ClosedBeforeOpen),
-    };
+    let len = next_open(reader, control)?;
+    let payload = &control[..len];
     let apply_lock = super::apply_lock(&shared.job.state_dir, false)?;
     super::role::fence(&shared.job.state_dir)?;
     let announced = announced_batch(payload);
@@ -350,6 +383,31 @@ fn handshake<'s, R: std::io::Read, W: std::io::Write>(
         discarded,
         reprotected,
     })
+}
+
+/// Reads the next epoch's Open frame into `control`, skipping the Keepalive frames a
+/// source sends while it waits for the epoch (see [`serve_epochs`]); the payload's
+/// length.
+fn next_open<R: std::io::Read>(
+    reader: &mut FrameReader<R>,
+    control: &mut [u8],
+) -> Result<usize, TargetError> {
+    loop {
+        match reader.read_frame(control)? {
+            Some((FrameKind::Keepalive, _)) => continue,
+            Some((FrameKind::Open, payload)) => return Ok(payload.len()),
+            Some((found, _)) => {
+                return Err(crate::protocol::ProtocolError::Unexpected {
+                    expected: FrameKind::Open,
+                    found,
+                }
+                .into())
+            }
+            // Authenticated, then closed (a probe, `ferry check --connect`), or a
+            // session ended between epochs: not a failure.
+            None => return Err(TargetError::ClosedBeforeOpen),
+        }
+    }
 }
 
 /// The batch size the Open frame announces; 0 (none announced) if it is too short,
@@ -716,7 +774,9 @@ impl Staged<'_> {
                 after_commit(shared, epoch, promote, &reprotected)?;
                 // Released only once a write after this instant gets a later time
                 // than the replicas' stamps.
-                super::stamp::wait_for_clock_tick();
+                if !clock_past_replicas(&replicas.1) {
+                    super::stamp::wait_for_clock_tick();
+                }
                 drop(replicas);
                 drop(apply_lock);
                 drop(busy);
@@ -748,6 +808,26 @@ impl Staged<'_> {
             }
         }
     }
+}
+
+/// Whether the file system's clock (the coarse real-time clock) is already past every
+/// time `stat` reports for `replicas`: then a write from now on gets a later time than
+/// their stamps without waiting for a tick. So it is after an epoch that wrote nothing
+/// (an idle guest), whose replicas still carry the times of an earlier epoch; after one
+/// that wrote, their times are of this very tick, and the release waits for the next.
+fn clock_past_replicas(replicas: &[std::fs::File]) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec we own, for the call's duration.
+    unsafe { libc::clock_gettime(libc::CLOCK_REALTIME_COARSE, &mut ts) };
+    let now = (ts.tv_sec, ts.tv_nsec);
+    replicas.iter().all(|f| {
+        f.metadata()
+            .is_ok_and(|m| now > (m.mtime(), m.mtime_nsec()) && now > (m.ctime(), m.ctime_nsec()))
+    })
 }
 
 /// What a committed epoch asked for besides its data: a planned failover's final epoch
