@@ -86,12 +86,15 @@ impl Stager {
             let n = ((end - pos) as usize).min(PIECE);
             let mut buf = self.buffer(undo)?;
             let data = &mut buf[DATA_AT..DATA_AT + n];
-            file.read_exact_at(data, pos)
-                .map_err(|source| TargetError::ReadOldBytes {
+            if let Err(source) = file.read_exact_at(data, pos) {
+                // The buffer goes back to the free list: the stager stays whole.
+                self.free.push(buf);
+                return Err(TargetError::ReadOldBytes {
                     disk,
                     offset: pos,
                     source,
-                })?;
+                });
+            }
             if crate::protocol::is_zero(data) {
                 self.free.push(buf);
                 undo.append_zero(disk, pos, n as u64)?;
