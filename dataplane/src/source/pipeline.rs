@@ -561,7 +561,7 @@ impl<'scope, 'd: 'scope> Stages<'scope, '_, 'd> {
             .name(format!("ferry-worker-{i}"))
             .spawn_scoped(self.scope, move || {
                 let outcome = catch_unwind(AssertUnwindSafe(|| {
-                    let codec = WorkerCodec::new(cfg.compression, auto)?;
+                    let codec = WorkerCodec::new(cfg.compression, auto, cfg.block_size)?;
                     let ends = (rx, &mut otx, &mut oalloc);
                     worker_loop(&cfg, disks, ends, codec, failure, finished)
                 }));
@@ -830,10 +830,17 @@ struct WorkerCodec<'a> {
     /// The zstd context of each level, made on its first use and kept.
     contexts: Vec<Option<zstd::bulk::Compressor<'static>>>,
     auto: Option<(&'a auto::Shared, auto::Picker)>,
+    /// Where a probe frame's blocks are compressed again at the current level (auto
+    /// only; one block).
+    scratch: Vec<u8>,
 }
 
 impl<'a> WorkerCodec<'a> {
-    fn new(compression: Compression, shared: Option<&'a auto::Shared>) -> Result<Self, SourceError> {
+    fn new(
+        compression: Compression,
+        shared: Option<&'a auto::Shared>,
+        block_size: usize,
+    ) -> Result<Self, SourceError> {
         let (levels, auto) = match (compression, shared) {
             (Compression::Auto, Some(shared)) => {
                 (auto::LADDER.to_vec(), Some((shared, auto::Picker::default())))
@@ -844,6 +851,11 @@ impl<'a> WorkerCodec<'a> {
         let mut codec = Self {
             contexts: levels.iter().map(|_| None).collect(),
             levels,
+            scratch: if auto.is_some() {
+                vec![0; block_size]
+            } else {
+                Vec::new()
+            },
             auto,
         };
         // A fixed level's context is made now, so that a bad level fails at once.
@@ -853,11 +865,12 @@ impl<'a> WorkerCodec<'a> {
         Ok(codec)
     }
 
-    /// The index of the level the next frame gets.
-    fn pick(&mut self) -> usize {
+    /// The index of the level the next frame gets, and of the current one (they
+    /// differ for a probe).
+    fn pick(&mut self) -> (usize, usize) {
         match &mut self.auto {
-            Some((shared, picker)) => picker.pick(shared),
-            None => 0,
+            Some((shared, picker)) => (picker.pick(shared), shared.current()),
+            None => (0, 0),
         }
     }
 
@@ -876,13 +889,41 @@ impl<'a> WorkerCodec<'a> {
         Ok(slot.as_mut())
     }
 
-    /// Tells `auto` what a frame encoded at level `i` cost, and labels the frame.
-    fn learn(&self, i: usize, frame: &mut Frame, started: Instant) {
+    /// Labels a frame of `data` encoded at level `i` and tells `auto` what it cost. A
+    /// probe's blocks are compressed again at the `current` level, so that the two
+    /// levels' ratios are compared on the same data.
+    fn learn(
+        &mut self,
+        (i, current): (usize, usize),
+        frame: &mut Frame,
+        started: Instant,
+        (data, block_size): (&[u8], usize),
+    ) -> Result<(), SourceError> {
         frame.level = self.levels[i];
-        if let Some((shared, _)) = &self.auto {
-            let data = frame.logical_bytes;
-            shared.record(i, data, frame.stored_bytes, started.elapsed());
+        let Some((shared, _)) = self.auto else {
+            return Ok(());
+        };
+        let elapsed = started.elapsed();
+        let reference = if i != current && frame.logical_bytes > 0 {
+            Some((current, self.stored_at(current, data, block_size)?))
+        } else {
+            None
+        };
+        let (logical, stored) = (frame.logical_bytes, frame.stored_bytes);
+        shared.record(i, logical, stored, elapsed, reference);
+        Ok(())
+    }
+
+    /// The bytes the non-zero blocks of `data` take at level `i` (as `try_compress`
+    /// would store them).
+    fn stored_at(&mut self, i: usize, data: &[u8], block_size: usize) -> Result<u64, SourceError> {
+        self.compressor(i)?;
+        let mut total = 0u64;
+        for block in data.chunks(block_size).filter(|b| !is_zero(b)) {
+            let (_, n) = try_compress(self.contexts[i].as_mut(), block, &mut self.scratch);
+            total += n as u64;
         }
+        Ok(total)
     }
 }
 
@@ -921,6 +962,7 @@ fn worker_loop(
                     Output::Hashes => encode_hashes(cfg, disk, offset, data, output.as_mut_slice()),
                     Output::Data => {
                         let (step, started) = (codec.pick(), Instant::now());
+                        let compressor = codec.compressor(step.0)?;
                         let mut frame = encode_data(
                             cfg,
                             disk,
@@ -929,9 +971,9 @@ fn worker_loop(
                             info.replica_zeroed,
                             output.as_mut_slice(),
                             table_cap,
-                            codec.compressor(step)?,
+                            compressor,
                         );
-                        codec.learn(step, &mut frame, started);
+                        codec.learn(step, &mut frame, started, (data, cfg.block_size))?;
                         frame
                     }
                 };
@@ -1201,7 +1243,10 @@ fn sender_loop<W: Write>(
     let workers = from_workers.len();
     let mut next = 0usize;
     let mut parts: Vec<&[u8]> = Vec::with_capacity(2 * (cfg.io_size / cfg.block_size) + 4);
-    let mut meter = auto.map(|shared| (shared, auto::Meter::new()));
+    let mut meter = auto.map(|shared| {
+        let limited = cfg.throttle.is_some();
+        (shared, auto::Meter::new(cfg.watch_fd, limited))
+    });
     loop {
         let waiting = Instant::now();
         let popped = from_workers[next].pop_wait();
@@ -1461,13 +1506,19 @@ fn gather_data_frame<'a>(
 /// without a single compressed frame); the first windows after the socket buffer fills
 /// show a slow link, and the policy climbs one measured step at a time from there.
 pub(crate) mod auto {
+    use std::os::fd::RawFd;
     use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
     use std::time::{Duration, Instant};
 
     /// The choices, cheapest first: none, then zstd levels.
     pub const LADDER: [Option<i32>; 5] = [None, Some(1), Some(3), Some(6), Some(9)];
-    /// Frames per decision of the sender.
-    pub const WINDOW_FRAMES: u32 = 8;
+    /// Frames per decision of the sender, at least...
+    pub const WINDOW_FRAMES: u32 = 4;
+    /// ...and at least this long.
+    pub const WINDOW_TIME: Duration = Duration::from_millis(25);
+    /// A send queue of at least this many bytes at both ends of a window: the link was
+    /// busy all along.
+    pub const BUSY_QUEUE: u64 = 256 << 10;
     /// A worker encodes one frame in this many at a neighbouring step.
     pub const PROBE_EVERY: u64 = 16;
     /// Steps whose predicted rate is within this share of the best are "near".
@@ -1559,15 +1610,36 @@ pub(crate) mod auto {
         }
 
         /// What one frame encoded at `step` cost: `data` bytes of non-zero blocks stored
-        /// in `stored` bytes, in `elapsed`.
-        pub fn record(&self, step: usize, data: u64, stored: u64, elapsed: Duration) {
+        /// in `stored` bytes, in `elapsed`. A probe brings `reference`: the current step
+        /// and what the same blocks take there; its ratio is then the current step's
+        /// times the gain measured on this very data, since frames differ more from one
+        /// another than levels do on one frame.
+        pub fn record(
+            &self,
+            step: usize,
+            data: u64,
+            stored: u64,
+            elapsed: Duration,
+            reference: Option<(usize, u64)>,
+        ) {
             if data == 0 || stored == 0 {
                 return;
             }
             let ps = (elapsed.as_nanos() * 1000 / u128::from(data)).min(u128::from(u64::MAX));
             let s = &self.steps[step];
             ewma(&s.cost_ps, ps as u64);
-            ewma(&s.ratio_milli, data * 1000 / stored);
+            let ratio = match reference {
+                Some((current, at_current)) if at_current > 0 => {
+                    let base = match self.steps[current].ratio_milli.load(Ordering::Relaxed) {
+                        _ if current == 0 => 1000,
+                        0 => data * 1000 / at_current,
+                        r => r,
+                    };
+                    base * at_current / stored
+                }
+                _ => data * 1000 / stored,
+            };
+            ewma(&s.ratio_milli, ratio);
         }
 
         /// The estimates of every step, as they stand.
@@ -1632,23 +1704,45 @@ pub(crate) mod auto {
     /// The sender's side: the link estimate over windows of frames, and the decision at
     /// the end of each window.
     pub struct Meter {
+        /// The session's socket, whose send queue tells a busy link from an idle one.
+        socket: Option<RawFd>,
+        /// A bandwidth limit holds the sender: time paying it is time on the link.
+        limited: bool,
         frames: u32,
         wire: u64,
         wait_ns: u64,
         send_ns: u64,
+        started: Instant,
+        queued_at_start: u64,
         link_bps: Option<f64>,
-        grown_at: Instant,
+    }
+
+    /// Bytes in the socket's send queue (sent but not yet acknowledged, or not yet
+    /// sent); 0 when it cannot be read.
+    fn send_queue(fd: RawFd) -> u64 {
+        let mut queued: libc::c_int = 0;
+        // SAFETY: TIOCOUTQ writes one c_int through the pointer, which points at a
+        // live local.
+        let r = unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut queued) };
+        if r == 0 {
+            queued.max(0) as u64
+        } else {
+            0
+        }
     }
 
     impl Meter {
-        pub fn new() -> Self {
+        pub fn new(socket: Option<RawFd>, limited: bool) -> Self {
             Self {
+                socket,
+                limited,
                 frames: 0,
                 wire: 0,
                 wait_ns: 0,
                 send_ns: 0,
+                started: Instant::now(),
+                queued_at_start: socket.map_or(0, send_queue),
                 link_bps: None,
-                grown_at: Instant::now(),
             }
         }
 
@@ -1661,27 +1755,57 @@ pub(crate) mod auto {
             self.wire += wire;
             self.wait_ns += wait.as_nanos() as u64;
             self.send_ns += send.as_nanos() as u64;
-            if self.frames < WINDOW_FRAMES {
+            let elapsed = self.started.elapsed();
+            if self.frames < WINDOW_FRAMES || elapsed < WINDOW_TIME {
                 return;
             }
-            let window_ns = (self.wait_ns + self.send_ns).max(1);
-            let achieved = self.wire as f64 * 1e9 / window_ns as f64;
-            let link = if self.send_ns >= self.wait_ns {
-                self.grown_at = Instant::now();
-                achieved
-            } else {
-                // The link carried all we gave it: it can do at least this, maybe more.
-                let periods = self.grown_at.elapsed().as_secs_f64()
-                    / LINK_GROWTH_PERIOD.as_secs_f64();
-                self.grown_at = Instant::now();
-                let grown = self.link_bps.unwrap_or(0.0) * LINK_GROWTH.powf(periods);
-                grown.max(achieved).min(1e13)
-            };
-            self.link_bps = Some(link);
+            let link = self.link(elapsed);
             let current = shared.current();
-            let next = decide(current, link, shared.workers, &shared.estimates());
+            let estimates = shared.estimates();
+            let next = decide(current, link, shared.workers, &estimates);
+            tracing::debug!(
+                link_mb_s = link / 1e6,
+                wait_ms = self.wait_ns / 1_000_000,
+                send_ms = self.send_ns / 1_000_000,
+                from = ?LADDER[current],
+                to = ?LADDER[next],
+                ?estimates,
+                "auto compression"
+            );
             shared.current.store(next, Ordering::Relaxed);
             (self.frames, self.wire, self.wait_ns, self.send_ns) = (0, 0, 0, 0);
+            self.started = Instant::now();
+        }
+
+        /// The link estimate at the end of a window of `elapsed`: what left the socket
+        /// per second (the bytes written less what the send queue grew by). If the
+        /// queue stayed full the link was busy throughout, and that is its capacity;
+        /// otherwise it carried all it was given and may do more.
+        fn link(&mut self, elapsed: Duration) -> f64 {
+            let secs = elapsed.as_secs_f64().max(1e-6);
+            let (busy, left) = match self.socket {
+                Some(fd) => {
+                    let queued = send_queue(fd);
+                    let busy = self.queued_at_start.min(queued) >= BUSY_QUEUE;
+                    let left = (self.wire + self.queued_at_start).saturating_sub(queued);
+                    self.queued_at_start = queued;
+                    (busy, left)
+                }
+                None => (self.send_ns >= self.wait_ns, self.wire),
+            };
+            let busy = busy || (self.limited && self.send_ns >= self.wait_ns);
+            let rate = left as f64 / secs;
+            let link = match self.link_bps {
+                Some(old) if busy => (old + rate) / 2.0,
+                Some(old) => {
+                    let grown = old * LINK_GROWTH.powf(secs / LINK_GROWTH_PERIOD.as_secs_f64());
+                    grown.max(rate)
+                }
+                None => rate,
+            };
+            let link = link.min(1e13);
+            self.link_bps = Some(link);
+            link
         }
     }
 }
@@ -1939,7 +2063,7 @@ mod tests {
             let mut picker = Picker::default();
             // Nothing measured: the first frame probes zstd 1, the neighbour of "none".
             assert_eq!(picker.pick(&shared), 1);
-            shared.record(1, 256 << 10, 100 << 10, Duration::from_micros(600));
+            shared.record(1, 256 << 10, 100 << 10, Duration::from_micros(600), None);
             let e = shared.estimates();
             assert_eq!(e[1].cost_ps, Some(600_000_000 / (256 << 10)));
             assert!((e[1].ratio - 2.56).abs() < 0.01, "{:?}", e[1]);
@@ -1949,7 +2073,7 @@ mod tests {
             assert_eq!(picks.iter().filter(|&&p| p == 1).count(), 2, "{picks:?}");
             assert!(picks.iter().all(|&p| p <= 1));
             // Data without a non-zero block teaches nothing.
-            shared.record(2, 0, 0, Duration::from_micros(5));
+            shared.record(2, 0, 0, Duration::from_micros(5), Some((1, 0)));
             assert_eq!(shared.estimates()[2].cost_ps, None);
         }
     }
