@@ -442,8 +442,12 @@ where
     let out_size = (table_capacity(cfg) + cfg.io_size).next_multiple_of(PAYLOAD_ALIGN);
     let failure = Failure::default();
     let finished = Finished::new(cfg.workers);
-    let auto_shared =
-        (cfg.compression == Compression::Auto).then(|| auto::Shared::new(cfg.workers));
+    let auto_shared = (cfg.compression == Compression::Auto).then(|| {
+        // Unless a bandwidth limit makes the wire the bottleneck after all.
+        let same_host =
+            cfg.throttle.is_none() && cfg.watch_fd.is_some_and(auto::peer_on_this_host);
+        auto::Shared::new(cfg.workers, same_host)
+    });
 
     let Rings {
         to_workers,
@@ -1298,8 +1302,8 @@ fn sender_loop<W: Write>(
         let data_frame = read.filter(|_| cfg.output == Output::Data);
         if let Some((shared, meter)) = &mut meter {
             let send = sending.elapsed();
-            let counts = data_frame.is_some_and(|(_, f)| f.data_blocks > 0);
-            meter.sent(shared, bytes as u64, wait, send, counts);
+            let data = data_frame.map_or(0, |(_, f)| f.logical_bytes);
+            meter.sent(shared, (bytes as u64, data), wait, send);
         }
         if let Some((len, frame)) = read {
             account(stats, len, &frame, data_frame.is_some());
@@ -1476,7 +1480,7 @@ fn gather_data_frame<'a>(
 }
 
 /// `compression = "auto"`: the choice, frame by frame, between sending blocks as they
-/// are and a zstd level.
+/// are and a zstd level (see also `docs/architecture.md`, "Adaptive compression").
 ///
 /// The policy picks the step of [`LADDER`] (none, zstd 1, 3, 6, 9) that moves the most
 /// disk data per second, from a simple model: a step with compression ratio `r` and a
@@ -1487,24 +1491,38 @@ fn gather_data_frame<'a>(
 /// a shared link for next to no time), but a step whose ratio is within [`RATIO_GAIN`] of
 /// a cheaper step's is not worth its CPU: incompressible data goes as it is.
 ///
-/// What it observes, all through a few atomics, with nothing allocated per frame:
-/// - **the link**, by the sender: per window of [`WINDOW_FRAMES`] frames, the time it was
-///   blocked on the socket (and the bandwidth limit) against the time it waited for the
-///   workers. Blocked on the socket more than waiting, the link is the bottleneck and the
-///   wire rate of the window is its capacity. Waiting for the workers, the CPU is the
-///   bottleneck and the link carries at least that rate; the estimate then grows by
-///   [`LINK_GROWTH`] per [`LINK_GROWTH_PERIOD`], so that a faster link (or a wrong first
-///   guess) is found again by an occasional window with less compression.
-/// - **the workers**, per frame: the nanoseconds the frame took to encode per byte of
-///   data, and its ratio, as moving averages per step. The current step is measured by
-///   every frame; its neighbours by one probe frame per worker every [`PROBE_EVERY`]
-///   frames (each probe is a real frame, sent as encoded: never raw, since the cost of
-///   "none" is that of hashing, measured whenever a frame goes raw), and at once while
-///   a neighbour was never measured.
+/// What it observes, all through a few atomics, with nothing allocated per block:
+/// - **the link**, by the sender, over windows of at least [`WINDOW_FRAMES`] frames and
+///   [`WINDOW_TIME`]: the bytes that left the socket per second (written, less what the
+///   kernel's send queue grew by, read with `TIOCOUTQ`). A send queue of at least
+///   [`BUSY_QUEUE`] at both ends of the window means the link was busy throughout: that
+///   rate is its capacity. Otherwise the link carried all it was given and may do more;
+///   the estimate then grows by [`LINK_GROWTH`] per [`LINK_GROWTH_PERIOD`], so that a
+///   faster link is found again by an occasional window with less compression. Time the
+///   sender spends paying a bandwidth limit counts as time on the link (a limit is a
+///   slow link). Without a socket (tests), time blocked sending against time waiting
+///   for the workers tells a busy link.
+/// - **the workers**, per frame: the time the frame took to encode per byte of data, and
+///   its ratio, as moving averages per step. The current step is measured by every
+///   frame; its neighbours by one probe frame per worker every [`PROBE_EVERY`] frames
+///   (and at once while a neighbour was never measured). A probe is a real frame, sent
+///   as encoded; its blocks are compressed again at the current step into a scratch
+///   block, so that the two steps' ratios are compared on the same data. "None" is
+///   never probed: its cost is that of hashing, measured whenever a frame goes raw.
 ///
-/// A sync starts with no compression (on loopback and fast links the right answer, found
-/// without a single compressed frame); the first windows after the socket buffer fills
-/// show a slow link, and the policy climbs one measured step at a time from there.
+/// - **what it got**: the data rate of the last window spent at each step bounds the
+///   model's prediction for that step for [`OBSERVED_FOR`]. On loopback the "link" is a
+///   receiver on the same cores, and compressing takes CPU from it: the model would say
+///   compress, the window at zstd 1 shows it slower, and the policy goes back.
+///
+/// A target on this host (a loopback or local peer address) shares the cores that
+/// compression would take: blocks then go as they are, without probes — unless a
+/// bandwidth limit (`max_rate`) makes the wire the bottleneck after all.
+///
+/// The sender decides at the end of each window and publishes the step in one atomic
+/// the workers read per frame. A sync starts with no compression: a loopback or fast
+/// link shows in the first window, without a single compressed frame; a slow one shows
+/// after its first [`WINDOW_TIME`], and the policy climbs one measured step at a time.
 pub(crate) mod auto {
     use std::os::fd::RawFd;
     use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -1529,6 +1547,8 @@ pub(crate) mod auto {
     pub const LINK_GROWTH: f64 = 1.1;
     /// ...per this much time.
     pub const LINK_GROWTH_PERIOD: Duration = Duration::from_millis(100);
+    /// How long the data rate seen at a step bounds what the model predicts for it.
+    pub const OBSERVED_FOR: Duration = Duration::from_secs(1);
     /// Weight of a new sample in the moving averages, as a shift (1/8).
     const EWMA_SHIFT: u32 = 3;
 
@@ -1540,6 +1560,10 @@ pub(crate) mod auto {
         pub cost_ps: Option<u64>,
         /// Data bytes per stored byte.
         pub ratio: f64,
+        /// Data bytes per second the sync moved while at this step, lately: what the
+        /// model cannot see (compression taking CPU from a receiver on the same cores,
+        /// say) shows here.
+        pub observed: Option<f64>,
     }
 
     /// The step of `estimates` that `auto` should use next, given the current one (kept
@@ -1551,7 +1575,7 @@ pub(crate) mod auto {
                 Some(ps) if ps > 0 => workers as f64 * 1e12 / ps as f64,
                 _ => f64::INFINITY,
             };
-            (link_bps * e.ratio).min(cpu)
+            (link_bps * e.ratio).min(cpu).min(e.observed.unwrap_or(f64::INFINITY))
         };
         let known = |i: usize| i == 0 || estimates[i].cost_ps.is_some();
         let best = (0..estimates.len())
@@ -1581,6 +1605,23 @@ pub(crate) mod auto {
         current: AtomicUsize,
         steps: [StepStats; LADDER.len()],
         workers: usize,
+        /// The target runs on this host: it shares the CPU compression would take, so
+        /// blocks go as they are, with no probes.
+        same_host: bool,
+    }
+
+    /// Whether the peer of the TCP socket `fd` is an address of this host (loopback,
+    /// or the socket's own local address).
+    pub fn peer_on_this_host(fd: RawFd) -> bool {
+        // SAFETY: `fd` is the session's socket, open for the whole pipeline run; the
+        // ManuallyDrop keeps this borrowed view from closing it.
+        let stream = std::mem::ManuallyDrop::new(unsafe {
+            <std::net::TcpStream as std::os::fd::FromRawFd>::from_raw_fd(fd)
+        });
+        match (stream.local_addr(), stream.peer_addr()) {
+            (Ok(local), Ok(peer)) => peer.ip().is_loopback() || peer.ip() == local.ip(),
+            _ => false,
+        }
     }
 
     fn ewma(slot: &AtomicU64, sample: u64) {
@@ -1596,11 +1637,12 @@ pub(crate) mod auto {
     }
 
     impl Shared {
-        pub fn new(workers: usize) -> Self {
+        pub fn new(workers: usize, same_host: bool) -> Self {
             Self {
                 current: AtomicUsize::new(0),
                 steps: Default::default(),
                 workers,
+                same_host,
             }
         }
 
@@ -1654,6 +1696,7 @@ pub(crate) mod auto {
                     } else {
                         ratio as f64 / 1000.0
                     },
+                    observed: None,
                 }
             })
         }
@@ -1676,6 +1719,9 @@ pub(crate) mod auto {
         /// (at once while a compressed neighbour was never measured).
         pub fn pick(&mut self, shared: &Shared) -> usize {
             let current = shared.current();
+            if shared.same_host {
+                return current;
+            }
             self.frames += 1;
             let up = (current + 1 < LADDER.len()).then_some(current + 1);
             // "None" is never probed: its cost is hashing, measured on every raw frame.
@@ -1710,11 +1756,14 @@ pub(crate) mod auto {
         limited: bool,
         frames: u32,
         wire: u64,
+        data: u64,
         wait_ns: u64,
         send_ns: u64,
         started: Instant,
         queued_at_start: u64,
         link_bps: Option<f64>,
+        /// Per step, the data rate of the last window spent at it, and when.
+        observed: [Option<(f64, Instant)>; LADDER.len()],
     }
 
     /// Bytes in the socket's send queue (sent but not yet acknowledged, or not yet
@@ -1738,30 +1787,40 @@ pub(crate) mod auto {
                 limited,
                 frames: 0,
                 wire: 0,
+                data: 0,
                 wait_ns: 0,
                 send_ns: 0,
                 started: Instant::now(),
                 queued_at_start: socket.map_or(0, send_queue),
                 link_bps: None,
+                observed: [None; LADDER.len()],
             }
         }
 
-        /// One frame of `wire` bytes, after the sender waited `wait` for it and took
-        /// `send` to put it on the socket (and pay the bandwidth limit). Frames that
-        /// `count` (those with data) make the window; at its end, sets the current
-        /// step.
-        pub fn sent(&mut self, shared: &Shared, wire: u64, wait: Duration, send: Duration, count: bool) {
-            self.frames += u32::from(count);
+        /// One frame of `wire` bytes carrying `data` bytes of blocks, after the sender
+        /// waited `wait` for it and took `send` to put it on the socket (and pay the
+        /// bandwidth limit). Frames with data make the window; at its end, sets the
+        /// current step.
+        pub fn sent(&mut self, shared: &Shared, (wire, data): (u64, u64), wait: Duration, send: Duration) {
+            self.frames += u32::from(data > 0);
             self.wire += wire;
+            self.data += data;
             self.wait_ns += wait.as_nanos() as u64;
             self.send_ns += send.as_nanos() as u64;
             let elapsed = self.started.elapsed();
-            if self.frames < WINDOW_FRAMES || elapsed < WINDOW_TIME {
+            if shared.same_host || self.frames < WINDOW_FRAMES || elapsed < WINDOW_TIME {
                 return;
             }
             let link = self.link(elapsed);
             let current = shared.current();
-            let estimates = shared.estimates();
+            let now = Instant::now();
+            self.observed[current] = Some((self.data as f64 / elapsed.as_secs_f64(), now));
+            let mut estimates = shared.estimates();
+            for (e, seen) in estimates.iter_mut().zip(&self.observed) {
+                e.observed = seen
+                    .filter(|(_, at)| now.duration_since(*at) < OBSERVED_FOR)
+                    .map(|(rate, _)| rate);
+            }
             let next = decide(current, link, shared.workers, &estimates);
             tracing::debug!(
                 link_mb_s = link / 1e6,
@@ -1773,7 +1832,8 @@ pub(crate) mod auto {
                 "auto compression"
             );
             shared.current.store(next, Ordering::Relaxed);
-            (self.frames, self.wire, self.wait_ns, self.send_ns) = (0, 0, 0, 0);
+            (self.frames, self.wire, self.data) = (0, 0, 0);
+            (self.wait_ns, self.send_ns) = (0, 0);
             self.started = Instant::now();
         }
 
@@ -1996,11 +2056,13 @@ mod tests {
             let mut e = [Estimate {
                 cost_ps: cost(5000.0),
                 ratio: 1.0,
+                observed: None,
             }; 5];
             for (i, (mbps, ratio)) in compressed.into_iter().enumerate() {
                 e[i + 1] = Estimate {
                     cost_ps: cost(mbps),
                     ratio,
+                    observed: None,
                 };
             }
             e
@@ -2059,7 +2121,7 @@ mod tests {
 
         #[test]
         fn workers_probe_neighbours_and_record_what_frames_cost() {
-            let shared = Shared::new(2);
+            let shared = Shared::new(2, false);
             let mut picker = Picker::default();
             // Nothing measured: the first frame probes zstd 1, the neighbour of "none".
             assert_eq!(picker.pick(&shared), 1);
@@ -2072,9 +2134,20 @@ mod tests {
             let picks: Vec<usize> = (0..2 * PROBE_EVERY).map(|_| picker.pick(&shared)).collect();
             assert_eq!(picks.iter().filter(|&&p| p == 1).count(), 2, "{picks:?}");
             assert!(picks.iter().all(|&p| p <= 1));
+            // A probe at zstd 3 whose blocks took 90 KiB where zstd 1 took 100 KiB: its
+            // ratio is zstd 1's times that gain, whatever this frame's own ratio.
+            shared.record(
+                2,
+                256 << 10,
+                90 << 10,
+                Duration::from_micros(900),
+                Some((1, 100 << 10)),
+            );
+            let e = shared.estimates();
+            assert!((e[2].ratio - e[1].ratio * 100.0 / 90.0).abs() < 0.01, "{e:?}");
             // Data without a non-zero block teaches nothing.
-            shared.record(2, 0, 0, Duration::from_micros(5), Some((1, 0)));
-            assert_eq!(shared.estimates()[2].cost_ps, None);
+            shared.record(3, 0, 0, Duration::from_micros(5), Some((1, 0)));
+            assert_eq!(shared.estimates()[3].cost_ps, None);
         }
     }
 
