@@ -15,9 +15,9 @@ use std::path::{Path, PathBuf};
 
 use clap::ValueEnum;
 use dataplane::config::{
-    BLOCK_SIZE_KIB_RANGE, COMPRESSION_LEVEL_RANGE, DEFAULT_BLOCK_SIZE_KIB,
-    default_workers, Compression, DEFAULT_COMPRESSION_LEVEL, DEFAULT_IO_SIZE_KIB,
-    DEFAULT_QUEUE_DEPTH, IO_SIZE_KIB_MAX, QUEUE_DEPTH_RANGE, WORKERS_RANGE,
+    default_workers, Compression, BLOCK_SIZE_KIB_RANGE, COMPRESSION_LEVEL_RANGE,
+    DEFAULT_BLOCK_SIZE_KIB, DEFAULT_COMPRESSION_LEVEL, DEFAULT_IO_SIZE_KIB, DEFAULT_QUEUE_DEPTH,
+    IO_SIZE_KIB_MAX, QUEUE_DEPTH_RANGE, WORKERS_RANGE,
 };
 use dataplane::io::EngineKind;
 use dataplane::source::{self, JobDisk, ModeRequest, SyncReport};
@@ -313,12 +313,7 @@ impl Bench {
     }
 
     /// One full sync into a fresh replica, verified byte for byte.
-    fn run_once(
-        &self,
-        rig: &Rig,
-        compression: Compression,
-        number: u32,
-    ) -> Result<Run, CliError> {
+    fn run_once(&self, rig: &Rig, compression: Compression, number: u32) -> Result<Run, CliError> {
         reset(&self.replica, &self.source_state, &self.target_state)?;
         let mut job = rig.sync_job(
             &self.source_state,

@@ -1143,10 +1143,19 @@ path = "/dev/vg0/standalone"
 
     #[test]
     fn compression_keys() {
-        let mode = |line: &str| parse(&with_source_line(line)).unwrap().source.unwrap().compression();
+        let mode = |line: &str| {
+            parse(&with_source_line(line))
+                .unwrap()
+                .source
+                .unwrap()
+                .compression()
+        };
         assert_eq!(mode("compression = \"auto\""), Compression::Auto);
         assert_eq!(mode("compression = \"none\""), Compression::None);
-        assert_eq!(mode("compression = \"zstd\""), Compression::Zstd { level: 1 });
+        assert_eq!(
+            mode("compression = \"zstd\""),
+            Compression::Zstd { level: 1 }
+        );
         assert_eq!(
             mode("compression = \"zstd\"\ncompression_level = 3"),
             Compression::Zstd { level: 3 }

@@ -8,11 +8,11 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use dataplane::config::Compression;
 use dataplane::config::{
     DEFAULT_BLOCK_SIZE_KIB, DEFAULT_CONNECT_TIMEOUT_MS, DEFAULT_IO_SIZE_KIB, DEFAULT_IO_TIMEOUT_MS,
     DEFAULT_MAX_SESSIONS, DEFAULT_QUEUE_DEPTH, DEFAULT_WORKERS,
 };
-use dataplane::config::Compression;
 use dataplane::io::EngineKind;
 use dataplane::psk::{Psk, PskError};
 use dataplane::source::{JobDisk, ModeRequest, SourceError, SyncJob};

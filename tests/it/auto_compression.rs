@@ -16,8 +16,8 @@ fn mixed_image(path: &Path, seed: u64) {
     let f = create_sparse(path, 24 * MIB);
     let mut rng = Rng::new(seed);
     let words = [
-        "replica ", "epoch ", "block ", "frame ", "the ", "target ", "source ", "commit ",
-        "zstd ", "bitmap\n",
+        "replica ", "epoch ", "block ", "frame ", "the ", "target ", "source ", "commit ", "zstd ",
+        "bitmap\n",
     ];
     let mut buf = vec![0u8; MIB as usize];
     for mib in 0..20 {
@@ -25,7 +25,9 @@ fn mixed_image(path: &Path, seed: u64) {
             0 | 1 | 3 => {
                 let mut text = Vec::with_capacity(buf.len());
                 while text.len() < buf.len() {
-                    text.extend_from_slice(words[rng.below(words.len() as u64) as usize].as_bytes());
+                    text.extend_from_slice(
+                        words[rng.below(words.len() as u64) as usize].as_bytes(),
+                    );
                 }
                 text.truncate(buf.len());
                 buf.copy_from_slice(&text);

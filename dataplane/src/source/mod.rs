@@ -285,7 +285,8 @@ pub struct SyncJob {
     pub io_size: usize,
     pub queue_depth: usize,
     pub workers: usize,
-    /// None, a fixed zstd level, or `auto` (see [`pipeline::auto`]).
+    /// None, a fixed zstd level, or `auto`, which picks per frame (see
+    /// `docs/architecture.md`, "Adaptive compression").
     pub compression: Compression,
     pub engine: EngineKind,
     pub connect_timeout: Duration,

@@ -442,12 +442,7 @@ where
     let out_size = (table_capacity(cfg) + cfg.io_size).next_multiple_of(PAYLOAD_ALIGN);
     let failure = Failure::default();
     let finished = Finished::new(cfg.workers);
-    let auto_shared = (cfg.compression == Compression::Auto).then(|| {
-        // Unless a bandwidth limit makes the wire the bottleneck after all.
-        let same_host =
-            cfg.throttle.is_none() && cfg.watch_fd.is_some_and(auto::peer_on_this_host);
-        auto::Shared::new(cfg.workers, same_host)
-    });
+    let auto_shared = auto::Shared::for_run(cfg);
 
     let Rings {
         to_workers,
@@ -846,9 +841,10 @@ impl<'a> WorkerCodec<'a> {
         block_size: usize,
     ) -> Result<Self, SourceError> {
         let (levels, auto) = match (compression, shared) {
-            (Compression::Auto, Some(shared)) => {
-                (auto::LADDER.to_vec(), Some((shared, auto::Picker::default())))
-            }
+            (Compression::Auto, Some(shared)) => (
+                auto::LADDER.to_vec(),
+                Some((shared, auto::Picker::default())),
+            ),
             (Compression::Zstd { level }, _) => (vec![Some(level)], None),
             _ => (vec![None], None),
         };
@@ -891,6 +887,31 @@ impl<'a> WorkerCodec<'a> {
             *slot = Some(zstd::bulk::Compressor::new(level).map_err(SourceError::Compression)?);
         }
         Ok(slot.as_mut())
+    }
+
+    /// Encodes the Data frame of `data` read at `offset` of `disk` into `out` (see
+    /// [`encode_data`]) at the level picked for it, and learns from it.
+    fn encode(
+        &mut self,
+        cfg: &PipelineConfig,
+        (disk, offset, data): (u32, u64, &[u8]),
+        replica_zeroed: bool,
+        (out, table_cap): (&mut [u8], usize),
+    ) -> Result<Frame, SourceError> {
+        let (step, started) = (self.pick(), Instant::now());
+        let compressor = self.compressor(step.0)?;
+        let mut frame = encode_data(
+            cfg,
+            disk,
+            offset,
+            data,
+            replica_zeroed,
+            out,
+            table_cap,
+            compressor,
+        );
+        self.learn(step, &mut frame, started, (data, cfg.block_size))?;
+        Ok(frame)
     }
 
     /// Labels a frame of `data` encoded at level `i` and tells `auto` what it cost. A
@@ -965,20 +986,9 @@ fn worker_loop(
                 let frame = match cfg.output {
                     Output::Hashes => encode_hashes(cfg, disk, offset, data, output.as_mut_slice()),
                     Output::Data => {
-                        let (step, started) = (codec.pick(), Instant::now());
-                        let compressor = codec.compressor(step.0)?;
-                        let mut frame = encode_data(
-                            cfg,
-                            disk,
-                            offset,
-                            data,
-                            info.replica_zeroed,
-                            output.as_mut_slice(),
-                            table_cap,
-                            compressor,
-                        );
-                        codec.learn(step, &mut frame, started, (data, cfg.block_size))?;
-                        frame
+                        let zeroed = info.replica_zeroed;
+                        let out = (output.as_mut_slice(), table_cap);
+                        codec.encode(cfg, (disk, offset, data), zeroed, out)?
                     }
                 };
                 Encoded::Read {
@@ -1247,10 +1257,7 @@ fn sender_loop<W: Write>(
     let workers = from_workers.len();
     let mut next = 0usize;
     let mut parts: Vec<&[u8]> = Vec::with_capacity(2 * (cfg.io_size / cfg.block_size) + 4);
-    let mut meter = auto.map(|shared| {
-        let limited = cfg.throttle.is_some();
-        (shared, auto::Meter::new(cfg.watch_fd, limited))
-    });
+    let mut meter = auto.map(|shared| (shared, auto::Meter::new(cfg)));
     loop {
         let waiting = Instant::now();
         let popped = from_workers[next].pop_wait();
@@ -1299,20 +1306,30 @@ fn sender_loop<W: Write>(
         let bytes = sent?;
         stats.bytes_sent += bytes as u64;
         pay(cfg, bytes, stats);
-        let data_frame = read.filter(|_| cfg.output == Output::Data);
-        if let Some((shared, meter)) = &mut meter {
-            let send = sending.elapsed();
-            let data = data_frame.map_or(0, |(_, f)| f.logical_bytes);
-            meter.sent(shared, (bytes as u64, data), wait, send);
-        }
-        if let Some((len, frame)) = read {
-            account(stats, len, &frame, data_frame.is_some());
-        }
+        let times = (wait, sending.elapsed());
+        account(cfg, stats, read, (bytes, times), meter.as_mut());
     }
 }
 
-/// Adds what the frame of one read carried to `stats`.
-fn account(stats: &mut PipelineStats, len: u32, frame: &Frame, data_frame: bool) {
+/// Adds a frame of `bytes` to `stats` (what it carried, for the frame of a read) and
+/// to the `auto` meter, with the times the sender waited for it and sent it.
+fn account(
+    cfg: &PipelineConfig,
+    stats: &mut PipelineStats,
+    read: Option<(u32, Frame)>,
+    (bytes, (wait, send)): (usize, (std::time::Duration, std::time::Duration)),
+    meter: Option<&mut (&auto::Shared, auto::Meter)>,
+) {
+    let data_frame = cfg.output == Output::Data;
+    if let Some((shared, meter)) = meter {
+        let data = read
+            .filter(|_| data_frame)
+            .map_or(0, |(_, f)| f.logical_bytes);
+        meter.sent(shared, (bytes as u64, data), wait, send);
+    }
+    let Some((len, frame)) = read else {
+        return;
+    };
     stats.zero_blocks += frame.zero_blocks;
     stats.blocks_sent += frame.data_blocks;
     stats.bytes_payload_logical += frame.logical_bytes;
@@ -1526,6 +1543,8 @@ fn gather_data_frame<'a>(
 pub(crate) mod auto {
     use std::os::fd::RawFd;
     use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+    use crate::config::Compression;
     use std::time::{Duration, Instant};
 
     /// The choices, cheapest first: none, then zstd levels.
@@ -1575,7 +1594,9 @@ pub(crate) mod auto {
                 Some(ps) if ps > 0 => workers as f64 * 1e12 / ps as f64,
                 _ => f64::INFINITY,
             };
-            (link_bps * e.ratio).min(cpu).min(e.observed.unwrap_or(f64::INFINITY))
+            (link_bps * e.ratio)
+                .min(cpu)
+                .min(e.observed.unwrap_or(f64::INFINITY))
         };
         let known = |i: usize| i == 0 || estimates[i].cost_ps.is_some();
         let best = (0..estimates.len())
@@ -1637,6 +1658,14 @@ pub(crate) mod auto {
     }
 
     impl Shared {
+        /// What the stages of a run with `cfg` share, if it compresses with `auto`.
+        pub fn for_run(cfg: &super::PipelineConfig) -> Option<Self> {
+            // A target on this host, unless a bandwidth limit makes the wire the
+            // bottleneck after all.
+            let same_host = cfg.throttle.is_none() && cfg.watch_fd.is_some_and(peer_on_this_host);
+            (cfg.compression == Compression::Auto).then(|| Self::new(cfg.workers, same_host))
+        }
+
         pub fn new(workers: usize, same_host: bool) -> Self {
             Self {
                 current: AtomicUsize::new(0),
@@ -1726,16 +1755,20 @@ pub(crate) mod auto {
             let up = (current + 1 < LADDER.len()).then_some(current + 1);
             // "None" is never probed: its cost is hashing, measured on every raw frame.
             let down = (current > 1).then(|| current - 1);
-            if let Some(n) = [up, down].into_iter().flatten().find(|&n| !shared.measured(n)) {
+            if let Some(n) = [up, down]
+                .into_iter()
+                .flatten()
+                .find(|&n| !shared.measured(n))
+            {
                 return n;
             }
-            if self.frames % PROBE_EVERY != 0 {
+            if !self.frames.is_multiple_of(PROBE_EVERY) {
                 return current;
             }
             self.probes += 1;
             match (up, down) {
                 (Some(u), Some(d)) => {
-                    if self.probes % 2 == 0 {
+                    if self.probes.is_multiple_of(2) {
                         u
                     } else {
                         d
@@ -1781,10 +1814,11 @@ pub(crate) mod auto {
     }
 
     impl Meter {
-        pub fn new(socket: Option<RawFd>, limited: bool) -> Self {
+        pub fn new(cfg: &super::PipelineConfig) -> Self {
+            let socket = cfg.watch_fd;
             Self {
                 socket,
-                limited,
+                limited: cfg.throttle.is_some(),
                 frames: 0,
                 wire: 0,
                 data: 0,
@@ -1801,7 +1835,13 @@ pub(crate) mod auto {
         /// waited `wait` for it and took `send` to put it on the socket (and pay the
         /// bandwidth limit). Frames with data make the window; at its end, sets the
         /// current step.
-        pub fn sent(&mut self, shared: &Shared, (wire, data): (u64, u64), wait: Duration, send: Duration) {
+        pub fn sent(
+            &mut self,
+            shared: &Shared,
+            (wire, data): (u64, u64),
+            wait: Duration,
+            send: Duration,
+        ) {
             self.frames += u32::from(data > 0);
             self.wire += wire;
             self.data += data;
@@ -2077,7 +2117,11 @@ mod tests {
         fn a_fast_link_sends_blocks_as_they_are() {
             // Loopback: the socket takes 2.5 GB/s, more than two workers compress.
             for current in 0..LADDER.len() {
-                assert_eq!(decide(current, 2500.0 * MB, 2, &text()), 0, "from {current}");
+                assert_eq!(
+                    decide(current, 2500.0 * MB, 2, &text()),
+                    0,
+                    "from {current}"
+                );
             }
         }
 
@@ -2144,11 +2188,13 @@ mod tests {
                 Some((1, 100 << 10)),
             );
             let e = shared.estimates();
-            assert!((e[2].ratio - e[1].ratio * 100.0 / 90.0).abs() < 0.01, "{e:?}");
+            assert!(
+                (e[2].ratio - e[1].ratio * 100.0 / 90.0).abs() < 0.01,
+                "{e:?}"
+            );
             // Data without a non-zero block teaches nothing.
             shared.record(3, 0, 0, Duration::from_micros(5), Some((1, 0)));
             assert_eq!(shared.estimates()[3].cost_ps, None);
         }
     }
-
 }
