@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # ferry against its peers, side by side, on the same disk image, in one run.
 #
-#   ferry full sync (compression none, zstd)     ferry target + ferry sync, loopback TCP
+#   ferry full sync (defaults, none, zstd -1)    ferry target + ferry sync, loopback TCP;
+#                                                 "defaults" sets nothing but the required
+#                                                 keys (compression "auto", workers = cores)
 #   nbdcopy --flush IMG nbd+unix://               into qemu-nbd serving a fresh raw file
 #   zstd -1 | socat  →  socat | zstd -d           loopback TCP
 #   rsync daemon                                  first copy, then a re-copy after 1% of
@@ -159,18 +161,21 @@ state_dir = "$work/ferry-target-state"
 name = "os"
 path = "$work/ferry-replica.img"
 EOF
-source_toml() { # source_toml FILE COMPRESSION DISK_PATH
+source_toml() { # source_toml FILE COMPRESSION|defaults DISK_PATH
+  local compression="compression = \"$2\""
+  [ "$2" = defaults ] && compression="# every tuning key at its default"
   cat >"$1" <<EOF
 [source]
 target = "127.0.0.1:$ferry_port"
 psk_file = "$work/ferry.key"
 state_dir = "$work/ferry-source-state"
-compression = "$2"
+$compression
 [[disk]]
 name = "os"
 path = "$3"
 EOF
 }
+source_toml "$work/source-defaults.toml" defaults "$img"
 source_toml "$work/source-none.toml" none "$img"
 source_toml "$work/source-zstd.toml" zstd "$img"
 source_toml "$work/source-changed.toml" none "$mut"
@@ -180,7 +185,7 @@ pids+=("$ferry_target")
 wait_listen "$ferry_port" "$ferry_target"
 
 ferry_base_ok=0
-ferry_full() { # ferry_full none|zstd
+ferry_full() { # ferry_full defaults|none|zstd
   rm -f "$work/ferry-replica.img" "$work/ferry-target-state/os.replica" "$work/ferry-source-state/os.state"
   local t0 t1 c0 c1
   ferry_base_ok=0
@@ -306,8 +311,9 @@ fi
 
 for rep in $(seq 1 "$reps"); do
   echo "round $rep of $reps..."
-  ferry_full none
+  ferry_full defaults
   [ "$run_nbd" = 1 ] && nbd_copy
+  ferry_full none
   ferry_full zstd
   [ "$run_zstd" = 1 ] && zstd_socat
   if [ "$run_rsync" = 1 ]; then
@@ -356,8 +362,10 @@ echo "MB/s = 10^6 bytes of disk covered per second of wall time (median; all run
 echo "CPU s = user+system of both ends (median); wire = bytes sent, MiB"
 echo "ferry/peer = ratio of the medians; per round = median of the ratios within each round"
 printf '%-36s %7s  %-28s %6s %8s %10s %9s\n' "path" "MB/s" "runs" "CPU s" "wire MiB" "ferry/peer" "per round"
+row ferry-defaults "ferry full, defaults (auto)"
+row nbdcopy "nbdcopy --flush -> qemu-nbd" ferry-defaults
 row ferry-none "ferry full, compression none"
-row nbdcopy "nbdcopy --flush -> qemu-nbd" ferry-none
+row nbdcopy "nbdcopy (vs ferry none)" ferry-none
 row ferry-zstd "ferry full, zstd -1"
 row zstd "zstd -1 | socat | zstd -d" ferry-zstd
 row rsync-first "rsync daemon, first copy" ferry-none

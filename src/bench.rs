@@ -15,8 +15,8 @@ use std::path::{Path, PathBuf};
 
 use clap::ValueEnum;
 use dataplane::config::{
-    BLOCK_SIZE_KIB_RANGE, COMPRESSION_LEVEL_RANGE, DEFAULT_BLOCK_SIZE_KIB,
-    DEFAULT_COMPRESSION_LEVEL, DEFAULT_IO_SIZE_KIB, DEFAULT_QUEUE_DEPTH, DEFAULT_WORKERS,
+    default_workers, Compression, BLOCK_SIZE_KIB_RANGE, COMPRESSION_LEVEL_RANGE,
+    DEFAULT_BLOCK_SIZE_KIB, DEFAULT_COMPRESSION_LEVEL, DEFAULT_IO_SIZE_KIB, DEFAULT_QUEUE_DEPTH,
     IO_SIZE_KIB_MAX, QUEUE_DEPTH_RANGE, WORKERS_RANGE,
 };
 use dataplane::io::EngineKind;
@@ -45,7 +45,7 @@ pub struct BenchArgs {
     #[arg(long, value_name = "PERCENT", default_value_t = DEFAULT_FILL_PERCENT)]
     pub fill_percent: u32,
     /// Compression settings to measure.
-    #[arg(long, value_enum, default_value_t = CompressionChoice::Both)]
+    #[arg(long, value_enum, default_value_t = CompressionChoice::All)]
     pub compression: CompressionChoice,
     /// zstd level for the zstd runs (negative: zstd's fast levels).
     #[arg(long, default_value_t = DEFAULT_COMPRESSION_LEVEL, allow_negative_numbers = true)]
@@ -93,7 +93,12 @@ pub struct BenchArgs {
 pub enum CompressionChoice {
     None,
     Zstd,
+    /// `compression = "auto"`, the default.
+    Auto,
+    /// none and zstd.
     Both,
+    /// none, zstd and auto.
+    All,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -130,7 +135,7 @@ impl Settings {
             .unwrap_or(DEFAULT_BLOCK_SIZE_KIB as usize);
         let io_kib = args.io_size_kib.unwrap_or(DEFAULT_IO_SIZE_KIB as usize);
         let queue_depth = args.queue_depth.unwrap_or(DEFAULT_QUEUE_DEPTH as usize);
-        let workers = args.workers.unwrap_or(DEFAULT_WORKERS as usize);
+        let workers = args.workers.unwrap_or(default_workers() as usize);
         let in_range = |v: usize, r: &std::ops::RangeInclusive<u32>| {
             u32::try_from(v).is_ok_and(|v| r.contains(&v))
         };
@@ -182,7 +187,7 @@ impl Settings {
 
 /// One full sync and what it cost.
 struct Run {
-    zstd_level: Option<i32>,
+    compression: Compression,
     number: u32,
     report: SyncReport,
     cpu: CpuTime,
@@ -190,7 +195,7 @@ struct Run {
 
 impl Run {
     fn compression(&self) -> String {
-        compression_name(self.zstd_level)
+        compression_name(self.compression)
     }
 
     /// Disk bytes covered per byte on the wire.
@@ -219,10 +224,13 @@ pub fn run(args: &BenchArgs) -> Result<(), CliError> {
     let work = base.join("ferry-bench");
     fs::create_dir_all(&work).map_err(IoFailure::on("cannot create bench dir", &work))?;
     let image = cached_image(&work, args.size_mib, args.fill_percent, args.json)?;
-    let levels: Vec<Option<i32>> = match args.compression {
-        CompressionChoice::None => vec![None],
-        CompressionChoice::Zstd => vec![Some(args.level)],
-        CompressionChoice::Both => vec![None, Some(args.level)],
+    let zstd = Compression::Zstd { level: args.level };
+    let levels: Vec<Compression> = match args.compression {
+        CompressionChoice::None => vec![Compression::None],
+        CompressionChoice::Zstd => vec![zstd],
+        CompressionChoice::Auto => vec![Compression::Auto],
+        CompressionChoice::Both => vec![Compression::None, zstd],
+        CompressionChoice::All => vec![Compression::None, zstd, Compression::Auto],
     };
     let bench = Bench {
         replica: work.join("replica.img"),
@@ -273,7 +281,7 @@ struct Bench {
 impl Bench {
     /// Starts the target and runs every full sync, `args.runs` rounds of every level
     /// in `levels`; the replica and state are deleted afterwards, whatever happened.
-    fn measure(&self, args: &BenchArgs, levels: &[Option<i32>]) -> Result<Vec<Run>, CliError> {
+    fn measure(&self, args: &BenchArgs, levels: &[Compression]) -> Result<Vec<Run>, CliError> {
         let rig = Rig::start(
             &self.target_state,
             vec![TargetDisk {
@@ -288,8 +296,8 @@ impl Bench {
         let mut runs = Vec::new();
         let outcome = (|| {
             for number in 1..=args.runs {
-                for &zstd_level in levels {
-                    let run = self.run_once(&rig, zstd_level, number)?;
+                for &compression in levels {
+                    let run = self.run_once(&rig, compression, number)?;
                     if !args.json {
                         print_run(&run);
                     }
@@ -305,7 +313,7 @@ impl Bench {
     }
 
     /// One full sync into a fresh replica, verified byte for byte.
-    fn run_once(&self, rig: &Rig, zstd_level: Option<i32>, number: u32) -> Result<Run, CliError> {
+    fn run_once(&self, rig: &Rig, compression: Compression, number: u32) -> Result<Run, CliError> {
         reset(&self.replica, &self.source_state, &self.target_state)?;
         let mut job = rig.sync_job(
             &self.source_state,
@@ -315,7 +323,7 @@ impl Bench {
                 bitmap: None,
             }],
             ModeRequest::Full,
-            zstd_level,
+            compression,
         );
         let settings = &self.settings;
         job.block_size = settings.block_size;
@@ -328,7 +336,7 @@ impl Bench {
         let cpu = CpuTime::now().since(&before);
         compare_files(&self.image.path, &self.replica).map_err(DemoError::from)?;
         Ok(Run {
-            zstd_level,
+            compression,
             number,
             report,
             cpu,
@@ -362,7 +370,7 @@ fn print_header(image: &ImageInfo, settings: &Settings) {
     );
 }
 
-fn print_results(work: &Path, levels: &[Option<i32>], runs: &[Run]) {
+fn print_results(work: &Path, levels: &[Compression], runs: &[Run]) {
     println!();
     for &level in levels {
         let rates = rates(runs, level);
@@ -382,17 +390,36 @@ fn print_results(work: &Path, levels: &[Option<i32>], runs: &[Run]) {
     );
 }
 
-fn compression_name(zstd_level: Option<i32>) -> String {
-    match zstd_level {
-        None => "none".into(),
-        Some(level) => format!("zstd {level}"),
+fn compression_name(compression: Compression) -> String {
+    match compression {
+        Compression::None => "none".into(),
+        Compression::Zstd { level } => format!("zstd {level}"),
+        Compression::Auto => "auto".into(),
     }
+}
+
+/// The key of a compression setting in the JSON summary.
+fn compression_key(compression: Compression) -> &'static str {
+    match compression {
+        Compression::None => "none",
+        Compression::Zstd { .. } => "zstd",
+        Compression::Auto => "auto",
+    }
+}
+
+/// What the frames of a run were encoded with (what `auto` chose): frames raw and per zstd level.
+fn frames_chosen(report: &SyncReport) -> String {
+    let mut out = format!("raw {}", report.frames_raw);
+    for (level, n) in &report.frames_zstd {
+        out.push_str(&format!(", zstd {level}: {n}"));
+    }
+    out
 }
 
 fn print_run(run: &Run) {
     let r = &run.report;
     println!(
-        "  {:<10} {:>3} {:>8.2} {:>8.0} {:>13} {:>10.2} {:>10.2} {:>7.2} {:>7.2}  identical",
+        "  {:<10} {:>3} {:>8.2} {:>8.0} {:>13} {:>10.2} {:>10.2} {:>7.2} {:>7.2}  identical  frames {}",
         run.compression(),
         run.number,
         r.seconds,
@@ -401,13 +428,14 @@ fn print_run(run: &Run) {
         run.disk_to_wire(),
         run.data_to_wire(),
         run.cpu.user_s,
-        run.cpu.system_s
+        run.cpu.system_s,
+        frames_chosen(r)
     );
 }
 
-fn rates(runs: &[Run], level: Option<i32>) -> Vec<f64> {
+fn rates(runs: &[Run], compression: Compression) -> Vec<f64> {
     runs.iter()
-        .filter(|r| r.zstd_level == level)
+        .filter(|r| r.compression == compression)
         .map(|r| r.report.mb_per_s)
         .collect()
 }
@@ -425,7 +453,7 @@ fn median(values: &[f64]) -> f64 {
 fn json_summary(
     image: &ImageInfo,
     settings: &Settings,
-    levels: &[Option<i32>],
+    levels: &[Compression],
     runs: &[Run],
 ) -> serde_json::Value {
     let runs_json: Vec<serde_json::Value> = runs
@@ -433,8 +461,13 @@ fn json_summary(
         .map(|run| {
             let r = &run.report;
             json!({
-                "compression": if run.zstd_level.is_some() { "zstd" } else { "none" },
-                "level": run.zstd_level,
+                "compression": compression_key(run.compression),
+                "level": match run.compression {
+                    Compression::Zstd { level } => Some(level),
+                    _ => None,
+                },
+                "frames_raw": r.frames_raw,
+                "frames_zstd": r.frames_zstd,
                 "run": run.number,
                 "seconds": r.seconds,
                 "mb_per_s": r.mb_per_s,
@@ -455,7 +488,7 @@ fn json_summary(
         .iter()
         .map(|&level| {
             let rates = rates(runs, level);
-            let key = if level.is_some() { "zstd" } else { "none" };
+            let key = compression_key(level);
             (
                 key.to_string(),
                 json!({

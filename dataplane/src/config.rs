@@ -32,11 +32,11 @@ pub const DEFAULT_IO_SIZE_KIB: u32 = 256;
 /// Default `queue_depth` on both sides: ~16 requests in flight saturate one device
 /// queue without hoarding buffers (queue_depth × io_size of buffer memory).
 pub const DEFAULT_QUEUE_DEPTH: u32 = 16;
-/// Default `workers` on both sides: these machines have two cores, one of which runs
-/// the io_uring thread.
+/// `workers` when the number of cores cannot be read; the default is
+/// [`default_workers`], one per core.
 pub const DEFAULT_WORKERS: u32 = 1;
-/// Default `source.compression_level`: zstd -1 is the cheapest level that still
-/// compresses well.
+/// Default `source.compression_level` (used with `compression = "zstd"`): zstd -1 is
+/// the cheapest level that still compresses well.
 pub const DEFAULT_COMPRESSION_LEVEL: i32 = 1;
 /// Default `source.connect_timeout_ms`.
 pub const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 5_000;
@@ -206,6 +206,17 @@ pub enum Compression {
     None,
     /// zstd at `level` (negative: fast levels; 0: zstd's default).
     Zstd { level: i32 },
+    /// The source picks, frame by frame, between no compression and a zstd level from
+    /// what it observes (link or CPU the bottleneck, the ratio recent frames got); see
+    /// `source::pipeline` for the policy.
+    Auto,
+}
+
+impl From<Option<i32>> for Compression {
+    /// A fixed zstd level, or none.
+    fn from(level: Option<i32>) -> Self {
+        level.map_or(Compression::None, |level| Compression::Zstd { level })
+    }
 }
 
 /// The `compression` key.
@@ -216,6 +227,8 @@ pub enum CompressionKind {
     None,
     /// `"zstd"`.
     Zstd,
+    /// `"auto"`, the default.
+    Auto,
 }
 
 /// The `io_engine` key.
@@ -272,10 +285,10 @@ pub struct SourceConfig {
     /// Hash/compress worker threads.
     #[serde(default = "default_workers")]
     pub workers: u32,
-    /// `"none"` or `"zstd"`; see [`SourceConfig::compression`].
+    /// `"auto"`, `"none"` or `"zstd"`; see [`SourceConfig::compression`].
     #[serde(default = "default_compression")]
     pub compression: CompressionKind,
-    /// zstd level; checked even when compression is off.
+    /// zstd level of `compression = "zstd"`; checked even when it is not used.
     #[serde(default = "default_compression_level")]
     pub compression_level: i32,
     /// How disks are read.
@@ -391,11 +404,19 @@ fn default_io_size_kib() -> u32 {
 fn default_queue_depth() -> u32 {
     DEFAULT_QUEUE_DEPTH
 }
-fn default_workers() -> u32 {
-    DEFAULT_WORKERS
+/// Default `workers` on both sides: one per core this process may run on
+/// (`std::thread::available_parallelism`), within [`WORKERS_RANGE`];
+/// [`DEFAULT_WORKERS`] when that cannot be read. The source pipeline's reader and
+/// sender threads mostly wait on I/O, so every core can hash and compress.
+pub fn default_workers() -> u32 {
+    std::thread::available_parallelism()
+        .map_or(DEFAULT_WORKERS, |n| {
+            u32::try_from(n.get()).unwrap_or(u32::MAX)
+        })
+        .clamp(*WORKERS_RANGE.start(), *WORKERS_RANGE.end())
 }
 fn default_compression() -> CompressionKind {
-    CompressionKind::Zstd
+    CompressionKind::Auto
 }
 fn default_compression_level() -> i32 {
     DEFAULT_COMPRESSION_LEVEL
@@ -435,6 +456,7 @@ impl SourceConfig {
             CompressionKind::Zstd => Compression::Zstd {
                 level: self.compression_level,
             },
+            CompressionKind::Auto => Compression::Auto,
         }
     }
 
@@ -1106,6 +1128,48 @@ path = "/dev/vg0/standalone"
     }
 
     #[test]
+    fn workers_default_to_the_cores_within_range() {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let expected = cores.clamp(1, *WORKERS_RANGE.end() as usize) as u32;
+        assert_eq!(default_workers(), expected);
+        assert!(WORKERS_RANGE.contains(&default_workers()));
+        let both = format!(
+            "[target]\nlisten = \"0.0.0.0:7410\"\npsk_file = \"k\"\nstate_dir = \"s\"\n{MINIMAL_SOURCE}"
+        );
+        let config = parse(&both).unwrap();
+        assert_eq!(config.source.unwrap().workers, expected);
+        assert_eq!(config.target.unwrap().workers, expected);
+    }
+
+    #[test]
+    fn compression_keys() {
+        let mode = |line: &str| {
+            parse(&with_source_line(line))
+                .unwrap()
+                .source
+                .unwrap()
+                .compression()
+        };
+        assert_eq!(mode("compression = \"auto\""), Compression::Auto);
+        assert_eq!(mode("compression = \"none\""), Compression::None);
+        assert_eq!(
+            mode("compression = \"zstd\""),
+            Compression::Zstd { level: 1 }
+        );
+        assert_eq!(
+            mode("compression = \"zstd\"\ncompression_level = 3"),
+            Compression::Zstd { level: 3 }
+        );
+        // The level of "zstd" is checked whatever the mode.
+        expect_invalid(
+            &with_source_line("compression = \"auto\"\ncompression_level = 20"),
+            "source.compression_level",
+        );
+        assert_eq!(Compression::from(None), Compression::None);
+        assert_eq!(Compression::from(Some(-3)), Compression::Zstd { level: -3 });
+    }
+
+    #[test]
     fn minimal_source_gets_defaults() {
         let config = parse(MINIMAL_SOURCE).unwrap();
         let s = config.source.as_ref().unwrap();
@@ -1114,8 +1178,9 @@ path = "/dev/vg0/standalone"
         assert_eq!(s.block_size_bytes(), 64 * 1024);
         assert_eq!(s.io_size_bytes(), 256 * 1024);
         assert_eq!(s.queue_depth, 16);
-        assert_eq!(s.workers, 1);
-        assert_eq!(s.compression(), Compression::Zstd { level: 1 });
+        assert_eq!(s.workers, default_workers());
+        assert_eq!(s.compression(), Compression::Auto);
+        assert_eq!(s.compression_level, DEFAULT_COMPRESSION_LEVEL);
         assert_eq!(s.io_engine, IoEngineKind::Auto);
         assert_eq!(s.connect_timeout(), Duration::from_secs(5));
         assert_eq!(s.io_timeout(), Duration::from_secs(30));

@@ -67,7 +67,7 @@ fn job(
         io_size: 256 << 10,
         queue_depth: 8,
         workers: 2,
-        zstd_level: zstd,
+        compression: zstd.into(),
         engine,
         connect_timeout: Duration::from_secs(5),
         io_timeout: Duration::from_secs(10),

@@ -99,7 +99,7 @@ impl SiteDisks {
             &self.source_state,
             self.job_disks(),
             ModeRequest::Auto,
-            job.zstd_level,
+            job.compression,
         );
         live.shim_control = Some(self.source_state.join(source::SHIM_CONTROL_SOCKET));
         live.require_shim = true;

@@ -60,7 +60,7 @@ pub fn run() -> Result<(), DemoError> {
         &source_state,
         machine.job_disks(),
         ModeRequest::Auto,
-        Some(DEFAULT_COMPRESSION_LEVEL),
+        Some(DEFAULT_COMPRESSION_LEVEL).into(),
     );
     let pairs = &machine.pairs;
     let mut outcome = Outcome::default();

@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use dataplane::config::Compression;
 use dataplane::config::{
     DEFAULT_BLOCK_SIZE_KIB, DEFAULT_CONNECT_TIMEOUT_MS, DEFAULT_IO_SIZE_KIB, DEFAULT_IO_TIMEOUT_MS,
     DEFAULT_MAX_SESSIONS, DEFAULT_QUEUE_DEPTH, DEFAULT_WORKERS,
@@ -211,7 +212,7 @@ impl Rig {
         state_dir: &Path,
         disks: Vec<JobDisk>,
         mode: ModeRequest,
-        zstd_level: Option<i32>,
+        compression: Compression,
     ) -> SyncJob {
         SyncJob {
             target: self.addr.to_string(),
@@ -222,7 +223,7 @@ impl Rig {
             io_size: DEFAULT_IO_SIZE_KIB as usize * 1024,
             queue_depth: DEFAULT_QUEUE_DEPTH as usize,
             workers: DEFAULT_WORKERS as usize,
-            zstd_level,
+            compression,
             engine: EngineKind::Auto,
             connect_timeout: Duration::from_millis(DEFAULT_CONNECT_TIMEOUT_MS),
             io_timeout: Duration::from_millis(DEFAULT_IO_TIMEOUT_MS),

@@ -8,6 +8,7 @@
 mod common;
 
 mod atomic_epochs;
+mod auto_compression;
 mod bad_input;
 mod bandwidth;
 mod commit_integrity;

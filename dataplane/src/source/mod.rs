@@ -293,7 +293,9 @@ pub struct SyncJob {
     pub io_size: usize,
     pub queue_depth: usize,
     pub workers: usize,
-    pub zstd_level: Option<i32>,
+    /// None, a fixed zstd level, or `auto`, which picks per frame (see
+    /// `docs/architecture.md`, "Adaptive compression").
+    pub compression: Compression,
     pub engine: EngineKind,
     pub connect_timeout: Duration,
     pub io_timeout: Duration,
@@ -333,7 +335,7 @@ impl std::fmt::Debug for SyncJob {
             .field("io_size", &self.io_size)
             .field("queue_depth", &self.queue_depth)
             .field("workers", &self.workers)
-            .field("zstd_level", &self.zstd_level)
+            .field("compression", &self.compression)
             .field("engine", &self.engine)
             .field("mode", &self.mode)
             .finish_non_exhaustive()
@@ -362,10 +364,7 @@ impl SyncJob {
             io_size: source.io_size_bytes() as usize,
             queue_depth: source.queue_depth as usize,
             workers: source.workers as usize,
-            zstd_level: match source.compression() {
-                Compression::None => None,
-                Compression::Zstd { level } => Some(level),
-            },
+            compression: source.compression(),
             engine: source.io_engine.into(),
             connect_timeout: source.connect_timeout(),
             io_timeout: source.io_timeout(),
@@ -423,6 +422,10 @@ pub struct SyncReport {
     pub shim_epoch: Option<EpochId>,
     /// How long the freeze held the guest's writes, in microseconds.
     pub freeze_pause_us: Option<u64>,
+    /// Data frames (one per read of `io_size`) whose blocks went uncompressed.
+    pub frames_raw: u64,
+    /// Data frames compressed, by zstd level: what `compression = "auto"` chose.
+    pub frames_zstd: std::collections::BTreeMap<i32, u64>,
 }
 
 /// The source's record of what the replica of one disk holds.
@@ -1292,6 +1295,8 @@ fn report(
             .collect(),
         shim_epoch: live.map(|e| e.id),
         freeze_pause_us: live.map(|e| e.pause_us),
+        frames_raw: stats.frames_raw,
+        frames_zstd: stats.zstd_frames().collect(),
     }
 }
 
@@ -1628,7 +1633,7 @@ fn pipeline_config(job: &SyncJob, output: Output, watch_fd: std::os::fd::RawFd) 
         io_size: job.io_size,
         queue_depth: job.queue_depth,
         workers: job.workers,
-        zstd_level: job.zstd_level,
+        compression: job.compression,
         engine: job.engine,
         output,
         watch_fd: Some(watch_fd),
@@ -1835,6 +1840,10 @@ fn add(total: &mut PipelineStats, s: &PipelineStats) {
     total.bytes_read += s.bytes_read;
     total.bytes_payload_logical += s.bytes_payload_logical;
     total.throttled_s += s.throttled_s;
+    total.frames_raw += s.frames_raw;
+    for (t, n) in total.frames_zstd.iter_mut().zip(s.frames_zstd) {
+        *t += n;
+    }
 }
 
 fn extent_plan<'a>(disk: &'a Disk, g: Geometry, emit_holes: bool) -> BoxedPlan<'a> {

@@ -41,6 +41,7 @@ use std::os::fd::RawFd;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
+use std::time::Instant;
 
 use ferry_ringbuf::pool::{BufferPool, PoolAlloc, PoolReturn, Slot};
 use ferry_ringbuf::spsc;
@@ -49,6 +50,7 @@ use zerocopy::{FromBytes, FromZeros, IntoBytes};
 
 use super::plan::PlanItem;
 use super::SourceError;
+use crate::config::{Compression, COMPRESSION_LEVEL_RANGE};
 use crate::io::{self, BlockEngine, Completion, EngineKind};
 use crate::protocol::{
     block_hash, is_zero, BlockRecord, Codec, DataHeader, DiskRun, FrameKind, FrameWriter,
@@ -83,8 +85,8 @@ pub struct PipelineConfig {
     pub io_size: usize,
     pub queue_depth: usize,
     pub workers: usize,
-    /// zstd level, or `None` for no compression.
-    pub zstd_level: Option<i32>,
+    /// None, a fixed zstd level, or `auto` (see [`auto`]).
+    pub compression: Compression,
     pub engine: EngineKind,
     pub output: Output,
     /// The session's socket: checked for readability before each frame, since the
@@ -109,6 +111,37 @@ pub struct PipelineStats {
     pub bytes_payload_logical: u64,
     /// Seconds the sender slept for the bandwidth limit.
     pub throttled_s: f64,
+    /// Data frames whose blocks were not compressed.
+    pub frames_raw: u64,
+    /// Data frames compressed, per zstd level (index: level minus the lowest level of
+    /// [`COMPRESSION_LEVEL_RANGE`]); see [`PipelineStats::zstd_frames`].
+    pub frames_zstd: [u64; ZSTD_LEVELS],
+}
+
+/// Number of zstd levels a frame can be compressed at.
+pub const ZSTD_LEVELS: usize =
+    (*COMPRESSION_LEVEL_RANGE.end() - *COMPRESSION_LEVEL_RANGE.start() + 1) as usize;
+
+impl PipelineStats {
+    /// Data frames compressed, as (zstd level, frames), for the levels used.
+    pub fn zstd_frames(&self) -> impl Iterator<Item = (i32, u64)> + '_ {
+        (*COMPRESSION_LEVEL_RANGE.start()..)
+            .zip(self.frames_zstd.iter().copied())
+            .filter(|&(_, n)| n > 0)
+    }
+
+    /// Counts one Data frame encoded at `level` (`None`: not compressed).
+    fn count_frame(&mut self, level: Option<i32>) {
+        let slot = level.and_then(|l| {
+            usize::try_from(l - *COMPRESSION_LEVEL_RANGE.start())
+                .ok()
+                .filter(|&i| i < ZSTD_LEVELS)
+        });
+        match slot {
+            Some(i) => self.frames_zstd[i] += 1,
+            None => self.frames_raw += 1,
+        }
+    }
 }
 
 /// Slots in the reader's pool beyond the queue depth: enough for every worker to hold
@@ -172,6 +205,10 @@ struct Frame {
     zero_blocks: u64,
     data_blocks: u64,
     logical_bytes: u64,
+    /// Payload bytes of the data blocks as they travel (compressed or not).
+    stored_bytes: u64,
+    /// The zstd level the frame was encoded with; `None`: not compressed.
+    level: Option<i32>,
 }
 
 impl Encoded {
@@ -405,6 +442,7 @@ where
     let out_size = (table_capacity(cfg) + cfg.io_size).next_multiple_of(PAYLOAD_ALIGN);
     let failure = Failure::default();
     let finished = Finished::new(cfg.workers);
+    let auto_shared = auto::Shared::for_run(cfg);
 
     let Rings {
         to_workers,
@@ -421,6 +459,7 @@ where
             disks,
             failure: &failure,
             finished: &finished,
+            auto: auto_shared.as_ref(),
         };
         let reader = stages.spawn_reader(plan, input_alloc, to_workers)?;
         let workers = worker_parts
@@ -437,8 +476,7 @@ where
             output_returns,
             writer,
             &mut stats,
-            &failure,
-            &finished,
+            (&failure, &finished, auto_shared.as_ref()),
             manifests,
         );
         if let Err(e) = result {
@@ -463,6 +501,8 @@ struct Stages<'scope, 'env, 'd> {
     disks: &'scope [DiskInfo<'d>],
     failure: &'scope Failure,
     finished: &'scope Finished,
+    /// What the sender and workers share under `compression = "auto"`.
+    auto: Option<&'scope auto::Shared>,
 }
 
 impl<'scope, 'd: 'scope> Stages<'scope, '_, 'd> {
@@ -515,11 +555,14 @@ impl<'scope, 'd: 'scope> Stages<'scope, '_, 'd> {
         } = ends;
         let cfg = self.cfg.clone();
         let (disks, failure, finished) = (self.disks, self.failure, self.finished);
+        let auto = self.auto;
         std::thread::Builder::new()
             .name(format!("ferry-worker-{i}"))
             .spawn_scoped(self.scope, move || {
                 let outcome = catch_unwind(AssertUnwindSafe(|| {
-                    worker_loop(&cfg, disks, rx, &mut otx, &mut oalloc, failure, finished)
+                    let codec = WorkerCodec::new(cfg.compression, auto, cfg.block_size)?;
+                    let ends = (rx, &mut otx, &mut oalloc);
+                    worker_loop(&cfg, disks, ends, codec, failure, finished)
                 }));
                 if record_outcome(Stage::Worker(i), outcome, failure) {
                     finished.workers[i].store(true, Ordering::Release);
@@ -778,19 +821,149 @@ impl ReadQueue {
     }
 }
 
+/// How a worker compresses: not at all, at one fixed level, or at the step of
+/// [`auto::LADDER`] that `auto` picks for each frame.
+struct WorkerCodec<'a> {
+    /// The levels this worker may use; indexes `contexts`.
+    levels: Vec<Option<i32>>,
+    /// The zstd context of each level, made on its first use and kept.
+    contexts: Vec<Option<zstd::bulk::Compressor<'static>>>,
+    auto: Option<(&'a auto::Shared, auto::Picker)>,
+    /// Where a probe frame's blocks are compressed again at the current level (auto
+    /// only; one block).
+    scratch: Vec<u8>,
+}
+
+impl<'a> WorkerCodec<'a> {
+    fn new(
+        compression: Compression,
+        shared: Option<&'a auto::Shared>,
+        block_size: usize,
+    ) -> Result<Self, SourceError> {
+        let (levels, auto) = match (compression, shared) {
+            (Compression::Auto, Some(shared)) => (
+                auto::LADDER.to_vec(),
+                Some((shared, auto::Picker::default())),
+            ),
+            (Compression::Zstd { level }, _) => (vec![Some(level)], None),
+            _ => (vec![None], None),
+        };
+        let mut codec = Self {
+            contexts: levels.iter().map(|_| None).collect(),
+            levels,
+            scratch: if auto.is_some() {
+                vec![0; block_size]
+            } else {
+                Vec::new()
+            },
+            auto,
+        };
+        // A fixed level's context is made now, so that a bad level fails at once.
+        if codec.auto.is_none() {
+            codec.compressor(0)?;
+        }
+        Ok(codec)
+    }
+
+    /// The index of the level the next frame gets, and of the current one (they
+    /// differ for a probe).
+    fn pick(&mut self) -> (usize, usize) {
+        match &mut self.auto {
+            Some((shared, picker)) => (picker.pick(shared), shared.current()),
+            None => (0, 0),
+        }
+    }
+
+    /// The context of level `i`, if it compresses.
+    fn compressor(
+        &mut self,
+        i: usize,
+    ) -> Result<Option<&mut zstd::bulk::Compressor<'static>>, SourceError> {
+        let Some(level) = self.levels[i] else {
+            return Ok(None);
+        };
+        let slot = &mut self.contexts[i];
+        if slot.is_none() {
+            *slot = Some(zstd::bulk::Compressor::new(level).map_err(SourceError::Compression)?);
+        }
+        Ok(slot.as_mut())
+    }
+
+    /// Encodes the Data frame of `data` read at `offset` of `disk` into `out` (see
+    /// [`encode_data`]) at the level picked for it, and learns from it.
+    fn encode(
+        &mut self,
+        cfg: &PipelineConfig,
+        (disk, offset, data): (u32, u64, &[u8]),
+        replica_zeroed: bool,
+        (out, table_cap): (&mut [u8], usize),
+    ) -> Result<Frame, SourceError> {
+        let (step, started) = (self.pick(), Instant::now());
+        let compressor = self.compressor(step.0)?;
+        let mut frame = encode_data(
+            cfg,
+            disk,
+            offset,
+            data,
+            replica_zeroed,
+            out,
+            table_cap,
+            compressor,
+        );
+        self.learn(step, &mut frame, started, (data, cfg.block_size))?;
+        Ok(frame)
+    }
+
+    /// Labels a frame of `data` encoded at level `i` and tells `auto` what it cost. A
+    /// probe's blocks are compressed again at the `current` level, so that the two
+    /// levels' ratios are compared on the same data.
+    fn learn(
+        &mut self,
+        (i, current): (usize, usize),
+        frame: &mut Frame,
+        started: Instant,
+        (data, block_size): (&[u8], usize),
+    ) -> Result<(), SourceError> {
+        frame.level = self.levels[i];
+        let Some((shared, _)) = self.auto else {
+            return Ok(());
+        };
+        let elapsed = started.elapsed();
+        let reference = if i != current && frame.logical_bytes > 0 {
+            Some((current, self.stored_at(current, data, block_size)?))
+        } else {
+            None
+        };
+        let (logical, stored) = (frame.logical_bytes, frame.stored_bytes);
+        shared.record(i, logical, stored, elapsed, reference);
+        Ok(())
+    }
+
+    /// The bytes the non-zero blocks of `data` take at level `i` (as `try_compress`
+    /// would store them).
+    fn stored_at(&mut self, i: usize, data: &[u8], block_size: usize) -> Result<u64, SourceError> {
+        self.compressor(i)?;
+        let mut total = 0u64;
+        for block in data.chunks(block_size).filter(|b| !is_zero(b)) {
+            let (_, n) = try_compress(self.contexts[i].as_mut(), block, &mut self.scratch);
+            total += n as u64;
+        }
+        Ok(total)
+    }
+}
+
 fn worker_loop(
     cfg: &PipelineConfig,
     disks: &[DiskInfo<'_>],
-    mut rx: spsc::Consumer<ReadDone>,
-    tx: &mut spsc::Producer<Encoded>,
-    out_alloc: &mut PoolAlloc,
+    (mut rx, tx, out_alloc): (
+        spsc::Consumer<ReadDone>,
+        &mut spsc::Producer<Encoded>,
+        &mut PoolAlloc,
+    ),
+    mut codec: WorkerCodec<'_>,
     failure: &Failure,
     finished: &Finished,
 ) -> Result<(), SourceError> {
-    let mut compressor = match cfg.zstd_level {
-        Some(level) => Some(zstd::bulk::Compressor::new(level).map_err(SourceError::Compression)?),
-        None => None,
-    };
     let table_cap = table_capacity(cfg);
     while let Some(msg) = rx.pop_wait() {
         if failure.stopped() {
@@ -812,16 +985,11 @@ fn worker_loop(
                 let data = &input.as_slice()[..len as usize];
                 let frame = match cfg.output {
                     Output::Hashes => encode_hashes(cfg, disk, offset, data, output.as_mut_slice()),
-                    Output::Data => encode_data(
-                        cfg,
-                        disk,
-                        offset,
-                        data,
-                        info.replica_zeroed,
-                        output.as_mut_slice(),
-                        table_cap,
-                        compressor.as_mut(),
-                    ),
+                    Output::Data => {
+                        let zeroed = info.replica_zeroed;
+                        let out = (output.as_mut_slice(), table_cap);
+                        codec.encode(cfg, (disk, offset, data), zeroed, out)?
+                    }
                 };
                 Encoded::Read {
                     disk,
@@ -921,6 +1089,7 @@ fn encode_data(
         } else {
             frame.data_blocks += 1;
             frame.logical_bytes += block.len() as u64;
+            frame.stored_bytes += stored as u64;
         }
         // Compressed payloads are packed in record order; raw ones stay in the input.
         let mut payload_offset = usize::MAX;
@@ -1087,16 +1256,19 @@ fn sender_loop<W: Write>(
     mut output_returns: Vec<PoolReturn>,
     writer: &mut FrameWriter<W>,
     stats: &mut PipelineStats,
-    failure: &Failure,
-    finished: &Finished,
+    (failure, finished, auto): (&Failure, &Finished, Option<&auto::Shared>),
     mut manifests: Option<&mut [ManifestBuilder]>,
 ) -> Result<(), SourceError> {
     let table_cap = table_capacity(cfg);
     let workers = from_workers.len();
     let mut next = 0usize;
     let mut parts: Vec<&[u8]> = Vec::with_capacity(2 * (cfg.io_size / cfg.block_size) + 4);
+    let mut meter = auto.map(|shared| (shared, auto::Meter::new(cfg)));
     loop {
-        let Some(msg) = from_workers[next].pop_wait() else {
+        let waiting = Instant::now();
+        let popped = from_workers[next].pop_wait();
+        let (sending, wait) = (Instant::now(), waiting.elapsed());
+        let Some(msg) = popped else {
             return plan_ended(
                 next,
                 &mut from_workers,
@@ -1140,12 +1312,36 @@ fn sender_loop<W: Write>(
         let bytes = sent?;
         stats.bytes_sent += bytes as u64;
         pay(cfg, bytes, stats);
-        if let Some((len, frame)) = read {
-            stats.zero_blocks += frame.zero_blocks;
-            stats.blocks_sent += frame.data_blocks;
-            stats.bytes_payload_logical += frame.logical_bytes;
-            stats.bytes_read += len as u64;
-        }
+        let times = (wait, sending.elapsed());
+        account(cfg, stats, read, (bytes, times), meter.as_mut());
+    }
+}
+
+/// Adds a frame of `bytes` to `stats` (what it carried, for the frame of a read) and
+/// to the `auto` meter, with the times the sender waited for it and sent it.
+fn account(
+    cfg: &PipelineConfig,
+    stats: &mut PipelineStats,
+    read: Option<(u32, Frame)>,
+    (bytes, (wait, send)): (usize, (std::time::Duration, std::time::Duration)),
+    meter: Option<&mut (&auto::Shared, auto::Meter)>,
+) {
+    let data_frame = cfg.output == Output::Data;
+    if let Some((shared, meter)) = meter {
+        let data = read
+            .filter(|_| data_frame)
+            .map_or(0, |(_, f)| f.logical_bytes);
+        meter.sent(shared, (bytes as u64, data), wait, send);
+    }
+    let Some((len, frame)) = read else {
+        return;
+    };
+    stats.zero_blocks += frame.zero_blocks;
+    stats.blocks_sent += frame.data_blocks;
+    stats.bytes_payload_logical += frame.logical_bytes;
+    stats.bytes_read += len as u64;
+    if data_frame && frame.data_blocks > 0 {
+        stats.count_frame(frame.level);
     }
 }
 
@@ -1306,6 +1502,420 @@ fn gather_data_frame<'a>(
     cursor
 }
 
+/// `compression = "auto"`: the choice, frame by frame, between sending blocks as they
+/// are and a zstd level (see also `docs/architecture.md`, "Adaptive compression").
+///
+/// The policy picks the step of [`LADDER`] (none, zstd 1, 3, 6, 9) that moves the most
+/// disk data per second, from a simple model: a step with compression ratio `r` and a
+/// worker cost of `c` seconds per byte (hashing included) delivers
+/// `min(link × r, workers / c)` bytes of data per second — the link carries `r` data
+/// bytes per wire byte, the workers encode `1 / c` bytes per second each. Among the steps
+/// within [`NEAR_BEST`] of the best, it takes the one with the best ratio (fewer bytes on
+/// a shared link for next to no time), but a step whose ratio is within [`RATIO_GAIN`] of
+/// a cheaper step's is not worth its CPU: incompressible data goes as it is.
+///
+/// What it observes, all through a few atomics, with nothing allocated per block:
+/// - **the link**, by the sender, over windows of at least [`WINDOW_FRAMES`] frames and
+///   [`WINDOW_TIME`]: the bytes that left the socket per second (written, less what the
+///   kernel's send queue grew by, read with `TIOCOUTQ`). A send queue of at least
+///   [`BUSY_QUEUE`] at both ends of the window means the link was busy throughout: that
+///   rate is its capacity. Otherwise the link carried all it was given and may do more;
+///   the estimate then grows by [`LINK_GROWTH`] per [`LINK_GROWTH_PERIOD`], so that a
+///   faster link is found again by an occasional window with less compression. Time the
+///   sender spends paying a bandwidth limit counts as time on the link (a limit is a
+///   slow link). Without a socket (tests), time blocked sending against time waiting
+///   for the workers tells a busy link.
+/// - **the workers**, per frame: the time the frame took to encode per byte of data, and
+///   its ratio, as moving averages per step. The current step is measured by every
+///   frame; its neighbours by one probe frame per worker every [`PROBE_EVERY`] frames
+///   (and at once while a neighbour was never measured). A probe is a real frame, sent
+///   as encoded; its blocks are compressed again at the current step into a scratch
+///   block, so that the two steps' ratios are compared on the same data. "None" is
+///   never probed: its cost is that of hashing, measured whenever a frame goes raw.
+///
+/// - **what it got**: the data rate of the last window spent at each step bounds the
+///   model's prediction for that step for [`OBSERVED_FOR`]. On loopback the "link" is a
+///   receiver on the same cores, and compressing takes CPU from it: the model would say
+///   compress, the window at zstd 1 shows it slower, and the policy goes back.
+///
+/// A target on this host (a loopback or local peer address) shares the cores that
+/// compression would take: blocks then go as they are, without probes — unless a
+/// bandwidth limit (`max_rate`) makes the wire the bottleneck after all.
+///
+/// The sender decides at the end of each window and publishes the step in one atomic
+/// the workers read per frame. A sync starts with no compression: a loopback or fast
+/// link shows in the first window, without a single compressed frame; a slow one shows
+/// after its first [`WINDOW_TIME`], and the policy climbs one measured step at a time.
+pub(crate) mod auto {
+    use std::os::fd::RawFd;
+    use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+    use crate::config::Compression;
+    use std::time::{Duration, Instant};
+
+    /// The choices, cheapest first: none, then zstd levels.
+    pub const LADDER: [Option<i32>; 5] = [None, Some(1), Some(3), Some(6), Some(9)];
+    /// Frames per decision of the sender, at least...
+    pub const WINDOW_FRAMES: u32 = 4;
+    /// ...and at least this long.
+    pub const WINDOW_TIME: Duration = Duration::from_millis(25);
+    /// A send queue of at least this many bytes at both ends of a window: the link was
+    /// busy all along.
+    pub const BUSY_QUEUE: u64 = 256 << 10;
+    /// A worker encodes one frame in this many at a neighbouring step.
+    pub const PROBE_EVERY: u64 = 16;
+    /// Steps whose predicted rate is within this share of the best are "near".
+    pub const NEAR_BEST: f64 = 0.92;
+    /// A step must beat the ratio of a cheaper near step by this factor to be worth it.
+    pub const RATIO_GAIN: f64 = 1.02;
+    /// Growth of the link estimate while the link is not the bottleneck...
+    pub const LINK_GROWTH: f64 = 1.1;
+    /// ...per this much time.
+    pub const LINK_GROWTH_PERIOD: Duration = Duration::from_millis(100);
+    /// How long the data rate seen at a step bounds what the model predicts for it.
+    pub const OBSERVED_FOR: Duration = Duration::from_secs(1);
+    /// Weight of a new sample in the moving averages, as a shift (1/8).
+    const EWMA_SHIFT: u32 = 3;
+
+    /// What the policy knows of one step.
+    #[derive(Debug, Clone, Copy, Default, PartialEq)]
+    pub struct Estimate {
+        /// Worker picoseconds per byte of data; `None` until measured (none: hashing
+        /// only, taken as free until measured).
+        pub cost_ps: Option<u64>,
+        /// Data bytes per stored byte.
+        pub ratio: f64,
+        /// Data bytes per second the sync moved while at this step, lately: what the
+        /// model cannot see (compression taking CPU from a receiver on the same cores,
+        /// say) shows here.
+        pub observed: Option<f64>,
+    }
+
+    /// The step of `estimates` that `auto` should use next, given the current one (kept
+    /// when nothing is known), the link's capacity in wire bytes per second and the
+    /// number of workers. Steps never measured are not candidates, bar "none".
+    pub fn decide(current: usize, link_bps: f64, workers: usize, estimates: &[Estimate]) -> usize {
+        let rate = |e: &Estimate| {
+            let cpu = match e.cost_ps {
+                Some(ps) if ps > 0 => workers as f64 * 1e12 / ps as f64,
+                _ => f64::INFINITY,
+            };
+            (link_bps * e.ratio)
+                .min(cpu)
+                .min(e.observed.unwrap_or(f64::INFINITY))
+        };
+        let known = |i: usize| i == 0 || estimates[i].cost_ps.is_some();
+        let best = (0..estimates.len())
+            .filter(|&i| known(i))
+            .map(|i| rate(&estimates[i]))
+            .fold(0.0, f64::max);
+        let near = |i: usize| known(i) && rate(&estimates[i]) >= NEAR_BEST * best;
+        let top_ratio = (0..estimates.len())
+            .filter(|&i| near(i))
+            .map(|i| estimates[i].ratio)
+            .fold(0.0, f64::max);
+        // The cheapest near step whose ratio is within RATIO_GAIN of the best near one.
+        (0..estimates.len())
+            .find(|&i| near(i) && estimates[i].ratio * RATIO_GAIN >= top_ratio)
+            .unwrap_or(current)
+    }
+
+    /// One step's moving averages; 0 is "not measured".
+    #[derive(Default)]
+    struct StepStats {
+        cost_ps: AtomicU64,
+        ratio_milli: AtomicU64,
+    }
+
+    /// What the sender and the workers share.
+    pub struct Shared {
+        current: AtomicUsize,
+        steps: [StepStats; LADDER.len()],
+        workers: usize,
+        /// The target runs on this host: it shares the CPU compression would take, so
+        /// blocks go as they are, with no probes.
+        same_host: bool,
+    }
+
+    /// Whether the peer of the TCP socket `fd` is an address of this host (loopback,
+    /// or the socket's own local address).
+    pub fn peer_on_this_host(fd: RawFd) -> bool {
+        // SAFETY: `fd` is the session's socket, open for the whole pipeline run; the
+        // ManuallyDrop keeps this borrowed view from closing it.
+        let stream = std::mem::ManuallyDrop::new(unsafe {
+            <std::net::TcpStream as std::os::fd::FromRawFd>::from_raw_fd(fd)
+        });
+        match (stream.local_addr(), stream.peer_addr()) {
+            (Ok(local), Ok(peer)) => peer.ip().is_loopback() || peer.ip() == local.ip(),
+            _ => false,
+        }
+    }
+
+    fn ewma(slot: &AtomicU64, sample: u64) {
+        // Load and store, not a CAS loop: a sample lost to a race costs nothing.
+        let old = slot.load(Ordering::Relaxed);
+        let new = if old == 0 {
+            sample
+        } else {
+            let (o, s) = (old as i128, sample as i128);
+            (o + ((s - o) >> EWMA_SHIFT)) as u64
+        };
+        slot.store(new.max(1), Ordering::Relaxed);
+    }
+
+    impl Shared {
+        /// What the stages of a run with `cfg` share, if it compresses with `auto`.
+        pub fn for_run(cfg: &super::PipelineConfig) -> Option<Self> {
+            // A target on this host, unless a bandwidth limit makes the wire the
+            // bottleneck after all.
+            let same_host = cfg.throttle.is_none() && cfg.watch_fd.is_some_and(peer_on_this_host);
+            (cfg.compression == Compression::Auto).then(|| Self::new(cfg.workers, same_host))
+        }
+
+        pub fn new(workers: usize, same_host: bool) -> Self {
+            Self {
+                current: AtomicUsize::new(0),
+                steps: Default::default(),
+                workers,
+                same_host,
+            }
+        }
+
+        /// The step frames should use now.
+        pub fn current(&self) -> usize {
+            self.current.load(Ordering::Relaxed)
+        }
+
+        /// What one frame encoded at `step` cost: `data` bytes of non-zero blocks stored
+        /// in `stored` bytes, in `elapsed`. A probe brings `reference`: the current step
+        /// and what the same blocks take there; its ratio is then the current step's
+        /// times the gain measured on this very data, since frames differ more from one
+        /// another than levels do on one frame.
+        pub fn record(
+            &self,
+            step: usize,
+            data: u64,
+            stored: u64,
+            elapsed: Duration,
+            reference: Option<(usize, u64)>,
+        ) {
+            if data == 0 || stored == 0 {
+                return;
+            }
+            let ps = (elapsed.as_nanos() * 1000 / u128::from(data)).min(u128::from(u64::MAX));
+            let s = &self.steps[step];
+            ewma(&s.cost_ps, ps as u64);
+            let ratio = match reference {
+                Some((current, at_current)) if at_current > 0 => {
+                    let base = match self.steps[current].ratio_milli.load(Ordering::Relaxed) {
+                        _ if current == 0 => 1000,
+                        0 => data * 1000 / at_current,
+                        r => r,
+                    };
+                    base * at_current / stored
+                }
+                _ => data * 1000 / stored,
+            };
+            ewma(&s.ratio_milli, ratio);
+        }
+
+        /// The estimates of every step, as they stand.
+        pub fn estimates(&self) -> [Estimate; LADDER.len()] {
+            std::array::from_fn(|i| {
+                let cost = self.steps[i].cost_ps.load(Ordering::Relaxed);
+                let ratio = self.steps[i].ratio_milli.load(Ordering::Relaxed);
+                Estimate {
+                    cost_ps: (cost > 0).then_some(cost),
+                    ratio: if i == 0 || ratio == 0 {
+                        1.0
+                    } else {
+                        ratio as f64 / 1000.0
+                    },
+                    observed: None,
+                }
+            })
+        }
+
+        /// Whether `step` was measured at least once.
+        fn measured(&self, step: usize) -> bool {
+            self.steps[step].cost_ps.load(Ordering::Relaxed) > 0
+        }
+    }
+
+    /// A worker's side: which step its next frame gets, probes included.
+    #[derive(Default)]
+    pub struct Picker {
+        frames: u64,
+        probes: u64,
+    }
+
+    impl Picker {
+        /// The step of the next frame: mostly the current one; a neighbour now and then
+        /// (at once while a compressed neighbour was never measured).
+        pub fn pick(&mut self, shared: &Shared) -> usize {
+            let current = shared.current();
+            if shared.same_host {
+                return current;
+            }
+            self.frames += 1;
+            let up = (current + 1 < LADDER.len()).then_some(current + 1);
+            // "None" is never probed: its cost is hashing, measured on every raw frame.
+            let down = (current > 1).then(|| current - 1);
+            if let Some(n) = [up, down]
+                .into_iter()
+                .flatten()
+                .find(|&n| !shared.measured(n))
+            {
+                return n;
+            }
+            if !self.frames.is_multiple_of(PROBE_EVERY) {
+                return current;
+            }
+            self.probes += 1;
+            match (up, down) {
+                (Some(u), Some(d)) => {
+                    if self.probes.is_multiple_of(2) {
+                        u
+                    } else {
+                        d
+                    }
+                }
+                (Some(n), None) | (None, Some(n)) => n,
+                (None, None) => current,
+            }
+        }
+    }
+
+    /// The sender's side: the link estimate over windows of frames, and the decision at
+    /// the end of each window.
+    pub struct Meter {
+        /// The session's socket, whose send queue tells a busy link from an idle one.
+        socket: Option<RawFd>,
+        /// A bandwidth limit holds the sender: time paying it is time on the link.
+        limited: bool,
+        frames: u32,
+        wire: u64,
+        data: u64,
+        wait_ns: u64,
+        send_ns: u64,
+        started: Instant,
+        queued_at_start: u64,
+        link_bps: Option<f64>,
+        /// Per step, the data rate of the last window spent at it, and when.
+        observed: [Option<(f64, Instant)>; LADDER.len()],
+    }
+
+    /// Bytes in the socket's send queue (sent but not yet acknowledged, or not yet
+    /// sent); 0 when it cannot be read.
+    fn send_queue(fd: RawFd) -> u64 {
+        let mut queued: libc::c_int = 0;
+        // SAFETY: TIOCOUTQ writes one c_int through the pointer, which points at a
+        // live local.
+        let r = unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut queued) };
+        if r == 0 {
+            queued.max(0) as u64
+        } else {
+            0
+        }
+    }
+
+    impl Meter {
+        pub fn new(cfg: &super::PipelineConfig) -> Self {
+            let socket = cfg.watch_fd;
+            Self {
+                socket,
+                limited: cfg.throttle.is_some(),
+                frames: 0,
+                wire: 0,
+                data: 0,
+                wait_ns: 0,
+                send_ns: 0,
+                started: Instant::now(),
+                queued_at_start: socket.map_or(0, send_queue),
+                link_bps: None,
+                observed: [None; LADDER.len()],
+            }
+        }
+
+        /// One frame of `wire` bytes carrying `data` bytes of blocks, after the sender
+        /// waited `wait` for it and took `send` to put it on the socket (and pay the
+        /// bandwidth limit). Frames with data make the window; at its end, sets the
+        /// current step.
+        pub fn sent(
+            &mut self,
+            shared: &Shared,
+            (wire, data): (u64, u64),
+            wait: Duration,
+            send: Duration,
+        ) {
+            self.frames += u32::from(data > 0);
+            self.wire += wire;
+            self.data += data;
+            self.wait_ns += wait.as_nanos() as u64;
+            self.send_ns += send.as_nanos() as u64;
+            let elapsed = self.started.elapsed();
+            if shared.same_host || self.frames < WINDOW_FRAMES || elapsed < WINDOW_TIME {
+                return;
+            }
+            let link = self.link(elapsed);
+            let current = shared.current();
+            let now = Instant::now();
+            self.observed[current] = Some((self.data as f64 / elapsed.as_secs_f64(), now));
+            let mut estimates = shared.estimates();
+            for (e, seen) in estimates.iter_mut().zip(&self.observed) {
+                e.observed = seen
+                    .filter(|(_, at)| now.duration_since(*at) < OBSERVED_FOR)
+                    .map(|(rate, _)| rate);
+            }
+            let next = decide(current, link, shared.workers, &estimates);
+            tracing::debug!(
+                link_mb_s = link / 1e6,
+                wait_ms = self.wait_ns / 1_000_000,
+                send_ms = self.send_ns / 1_000_000,
+                from = ?LADDER[current],
+                to = ?LADDER[next],
+                ?estimates,
+                "auto compression"
+            );
+            shared.current.store(next, Ordering::Relaxed);
+            (self.frames, self.wire, self.data) = (0, 0, 0);
+            (self.wait_ns, self.send_ns) = (0, 0);
+            self.started = Instant::now();
+        }
+
+        /// The link estimate at the end of a window of `elapsed`: what left the socket
+        /// per second (the bytes written less what the send queue grew by). If the
+        /// queue stayed full the link was busy throughout, and that is its capacity;
+        /// otherwise it carried all it was given and may do more.
+        fn link(&mut self, elapsed: Duration) -> f64 {
+            let secs = elapsed.as_secs_f64().max(1e-6);
+            let (busy, left) = match self.socket {
+                Some(fd) => {
+                    let queued = send_queue(fd);
+                    let busy = self.queued_at_start.min(queued) >= BUSY_QUEUE;
+                    let left = (self.wire + self.queued_at_start).saturating_sub(queued);
+                    self.queued_at_start = queued;
+                    (busy, left)
+                }
+                None => (self.send_ns >= self.wait_ns, self.wire),
+            };
+            let busy = busy || (self.limited && self.send_ns >= self.wait_ns);
+            let rate = left as f64 / secs;
+            let link = match self.link_bps {
+                Some(old) if busy => (old + rate) / 2.0,
+                Some(old) => {
+                    let grown = old * LINK_GROWTH.powf(secs / LINK_GROWTH_PERIOD.as_secs_f64());
+                    grown.max(rate)
+                }
+                None => rate,
+            };
+            let link = link.min(1e13);
+            self.link_bps = Some(link);
+            link
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1410,7 +2020,7 @@ mod tests {
                     io_size: IO as usize,
                     queue_depth: 8,
                     workers,
-                    zstd_level: None,
+                    compression: Compression::None,
                     engine,
                     output: Output::Data,
                     watch_fd: None,
@@ -1476,6 +2086,121 @@ mod tests {
                     "{engine:?}, {workers} workers"
                 );
             }
+        }
+    }
+
+    mod auto_policy {
+        use super::super::auto::{decide, Estimate, Picker, Shared, LADDER, PROBE_EVERY};
+        use std::time::Duration;
+
+        const MB: f64 = 1e6;
+
+        /// Estimates from (MB/s per worker, ratio) for each compressed step; "none"
+        /// hashes at 5 GB/s.
+        fn steps(compressed: [(f64, f64); 4]) -> [Estimate; 5] {
+            let cost = |mbps: f64| Some((1e12 / (mbps * MB)) as u64);
+            let mut e = [Estimate {
+                cost_ps: cost(5000.0),
+                ratio: 1.0,
+                observed: None,
+            }; 5];
+            for (i, (mbps, ratio)) in compressed.into_iter().enumerate() {
+                e[i + 1] = Estimate {
+                    cost_ps: cost(mbps),
+                    ratio,
+                    observed: None,
+                };
+            }
+            e
+        }
+
+        /// Text-like data: zstd 1 at 400 MB/s per worker, 9 at 30.
+        fn text() -> [Estimate; 5] {
+            steps([(400.0, 2.6), (200.0, 2.7), (80.0, 2.8), (30.0, 2.85)])
+        }
+
+        #[test]
+        fn a_fast_link_sends_blocks_as_they_are() {
+            // Loopback: the socket takes 2.5 GB/s, more than two workers compress.
+            for current in 0..LADDER.len() {
+                assert_eq!(
+                    decide(current, 2500.0 * MB, 2, &text()),
+                    0,
+                    "from {current}"
+                );
+            }
+        }
+
+        #[test]
+        fn a_slow_link_buys_what_the_cpu_can_afford() {
+            // 1 Gbit/s: zstd 1 and 3 both carry ~300 MB/s of data; 3 sends fewer bytes.
+            assert_eq!(LADDER[decide(0, 117.0 * MB, 2, &text())], Some(3));
+            // One worker cannot keep up at 3 (200 MB/s < 117 × 2.7): zstd 1.
+            assert_eq!(LADDER[decide(0, 117.0 * MB, 1, &text())], Some(1));
+            // 100 Mbit/s: every level keeps up; the best ratio wins, within 2%.
+            let pick = LADDER[decide(1, 12.0 * MB, 2, &text())];
+            assert!(matches!(pick, Some(6) | Some(9)), "{pick:?}");
+        }
+
+        #[test]
+        fn incompressible_data_goes_as_it_is() {
+            let random = steps([(300.0, 1.0), (200.0, 1.0), (80.0, 1.01), (30.0, 1.01)]);
+            for current in 0..LADDER.len() {
+                assert_eq!(decide(current, 12.0 * MB, 2, &random), 0, "from {current}");
+            }
+        }
+
+        #[test]
+        fn unmeasured_steps_are_not_candidates() {
+            let mut e = text();
+            for step in &mut e[2..] {
+                step.cost_ps = None;
+            }
+            assert_eq!(LADDER[decide(0, 12.0 * MB, 2, &e)], Some(1));
+            // With nothing measured but "none", a slow link still keeps it.
+            e[1].cost_ps = None;
+            assert_eq!(decide(3, 12.0 * MB, 2, &e), 0);
+        }
+
+        #[test]
+        fn the_current_step_stays_while_near_the_best() {
+            // zstd 1 and 3 within 8% of each other and of ratio: no flapping.
+            let close = steps([(400.0, 2.6), (170.0, 2.62), (50.0, 2.63), (20.0, 2.64)]);
+            assert_eq!(decide(1, 117.0 * MB, 2, &close), 1);
+        }
+
+        #[test]
+        fn workers_probe_neighbours_and_record_what_frames_cost() {
+            let shared = Shared::new(2, false);
+            let mut picker = Picker::default();
+            // Nothing measured: the first frame probes zstd 1, the neighbour of "none".
+            assert_eq!(picker.pick(&shared), 1);
+            shared.record(1, 256 << 10, 100 << 10, Duration::from_micros(600), None);
+            let e = shared.estimates();
+            assert_eq!(e[1].cost_ps, Some(600_000_000 / (256 << 10)));
+            assert!((e[1].ratio - 2.56).abs() < 0.01, "{:?}", e[1]);
+            assert_eq!(e[2].cost_ps, None);
+            // Then mostly the current step, one probe in PROBE_EVERY.
+            let picks: Vec<usize> = (0..2 * PROBE_EVERY).map(|_| picker.pick(&shared)).collect();
+            assert_eq!(picks.iter().filter(|&&p| p == 1).count(), 2, "{picks:?}");
+            assert!(picks.iter().all(|&p| p <= 1));
+            // A probe at zstd 3 whose blocks took 90 KiB where zstd 1 took 100 KiB: its
+            // ratio is zstd 1's times that gain, whatever this frame's own ratio.
+            shared.record(
+                2,
+                256 << 10,
+                90 << 10,
+                Duration::from_micros(900),
+                Some((1, 100 << 10)),
+            );
+            let e = shared.estimates();
+            assert!(
+                (e[2].ratio - e[1].ratio * 100.0 / 90.0).abs() < 0.01,
+                "{e:?}"
+            );
+            // Data without a non-zero block teaches nothing.
+            shared.record(3, 0, 0, Duration::from_micros(5), Some((1, 0)));
+            assert_eq!(shared.estimates()[3].cost_ps, None);
         }
     }
 }
