@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use dataplane::config::Compression;
 use dataplane::config::{
-    DEFAULT_BLOCK_SIZE_KIB, DEFAULT_CONNECT_TIMEOUT_MS, DEFAULT_IO_SIZE_KIB, DEFAULT_IO_TIMEOUT_MS,
-    DEFAULT_MAX_SESSIONS, DEFAULT_QUEUE_DEPTH, DEFAULT_WORKERS,
+    default_workers, DEFAULT_BLOCK_SIZE_KIB, DEFAULT_CONNECT_TIMEOUT_MS, DEFAULT_IO_SIZE_KIB,
+    DEFAULT_IO_TIMEOUT_MS, DEFAULT_MAX_SESSIONS, DEFAULT_QUEUE_DEPTH,
 };
 use dataplane::io::EngineKind;
 use dataplane::psk::{Psk, PskError};
@@ -222,7 +222,7 @@ impl Rig {
             block_size: DEFAULT_BLOCK_SIZE_KIB as usize * 1024,
             io_size: DEFAULT_IO_SIZE_KIB as usize * 1024,
             queue_depth: DEFAULT_QUEUE_DEPTH as usize,
-            workers: DEFAULT_WORKERS as usize,
+            workers: default_workers() as usize,
             compression,
             engine: EngineKind::Auto,
             connect_timeout: Duration::from_millis(DEFAULT_CONNECT_TIMEOUT_MS),
