@@ -16,7 +16,8 @@
 #     sequential writes through the shim without replication; and the
 #                                        fraction of direct io_uring
 #
-# A script that cannot run says so in its line (FAILED TO RUN, with its log kept).
+# A script that cannot run says so in its line (FAILED TO RUN, with its log kept);
+# shaped-link.sh says "skipped" without root.
 #
 # usage: benches/bars.sh
 # env:   QUICK=1 (short runs: a smoke check of the scripts, not the bars' figures)

@@ -371,3 +371,8 @@ row zstd "zstd -1 | socat | zstd -d" ferry-zstd
 row rsync-first "rsync daemon, first copy" ferry-none
 row ferry-seeded "ferry seeded re-sync, 1% changed"
 row rsync-changed "rsync daemon re-copy, 1% changed" ferry-seeded
+if [ -n "${rate[ferry-defaults]:-}" ] && [ -n "${rate[nbdcopy]:-}" ]; then
+  r=$(paired nbdcopy ferry-defaults)
+  echo
+  echo "summary: loopback full sync ferry-defaults/nbdcopy ${r}x (bar 2.0x) $(awk -v r="$r" 'BEGIN { print (r != "-" && r >= 2.0) ? "PASS" : "FAIL" }') (medians $(med ferry-defaults) / $(med nbdcopy) MB/s)"
+fi
