@@ -33,7 +33,7 @@ shm=/dev/shm
 work=${WORK:-$shm/ferry-shaped.$$}
 export FERRY_LOG=warn
 
-skip() { echo "shaped-link.sh: skipped: $*"; exit 0; }
+skip() { echo "shaped-link.sh: skipped: $*"; echo "summary: shaped-link skipped: $*"; exit 0; }
 [ "$(id -u)" = 0 ] || skip "needs root (network namespaces, veth and tc)"
 command -v ip >/dev/null || skip "ip (iproute2) is missing"
 command -v tc >/dev/null || skip "tc (iproute2) is missing"
