@@ -15,8 +15,9 @@
 //! Input layout, so one byte string fixes both the session and the frame:
 //! `control u8` (bit 0: replace every record's hash with the right one before
 //! verifying, so mutations get past the hash check; bits 1-2: disks - 1), then per
-//! disk `block_shift u8` (block size 4096 << shift % 9) and `disk_size u64` (0 means
-//! 1), then the Data frame payload.
+//! disk `block_shift u8` (block size 4096 << shift % 9; bit 7: a protocol-3 session,
+//! whose records may be granule runs inside a block) and `disk_size u64` (0 means 1),
+//! then the Data frame payload.
 
 use std::cell::RefCell;
 
@@ -81,9 +82,39 @@ fn parse(data: &[u8]) -> Option<(Vec<Geometry>, bool, &[u8])> {
         .map(|d| Geometry {
             block_size: 4096 << (d[0] % 9),
             disk_size: u64::from_le_bytes(d[1..9].try_into().unwrap()).max(1),
+            granular: d[0] & 0x80 != 0,
         })
         .collect();
     Some((geometries, control & 1 != 0, payload))
+}
+
+/// An accepted record is a whole block, or in a protocol-3 session a run of 4 KiB
+/// granules inside one block (ending at the disk's end when not whole granules).
+fn check_shape(geometry: &Geometry, i: usize, offset: u64, len: u64) {
+    let bs = geometry.block_size;
+    if !geometry.granular {
+        assert_eq!(offset % bs, 0, "record {i}: unaligned offset {offset}");
+        assert_eq!(
+            len,
+            bs.min(geometry.disk_size - offset),
+            "record {i}: wrong length"
+        );
+        return;
+    }
+    let block_end = ((offset / bs + 1) * bs).min(geometry.disk_size);
+    assert_eq!(
+        offset % 4096,
+        0,
+        "record {i}: offset {offset} not on a granule"
+    );
+    assert!(
+        len > 0 && offset + len <= block_end,
+        "record {i}: {len} bytes at {offset} leave the block"
+    );
+    assert!(
+        len % 4096 == 0 || offset + len == geometry.disk_size,
+        "record {i}: {len} bytes are not whole granules"
+    );
 }
 
 /// The record table of `frame`, if it has one that fits.
@@ -231,16 +262,7 @@ fn check_accepted(
             offset < geometry.disk_size,
             "record {i}: offset {offset} past the disk"
         );
-        assert_eq!(
-            offset % geometry.block_size,
-            0,
-            "record {i}: unaligned offset {offset}"
-        );
-        assert_eq!(
-            len as u64,
-            geometry.block_size.min(geometry.disk_size - offset),
-            "record {i}: wrong length"
-        );
+        check_shape(geometry, i, offset, len as u64);
         logical += len as u64;
         let codec = Codec::from_u8(rec.codec).expect("accepted an unknown codec");
         let bytes = match placer.place(rec) {
