@@ -250,6 +250,13 @@ impl fmt::Debug for Tracker {
     }
 }
 
+/// The granule masks of bits found in the file: unknown, so each is the whole block.
+fn recovered_masks(bitmap: &ChangedBlockBitmap) -> GranuleMasks {
+    let mut masks = GranuleMasks::like(bitmap);
+    masks.fill_from(bitmap);
+    masks
+}
+
 /// Says that tracking of `disk` is live, from what state.
 fn log_live(disk: &str, bitmap: &ChangedBlockBitmap, resync: Option<ResyncReason>) {
     tracing::info!(
@@ -324,11 +331,7 @@ impl Tracker {
             born,
             file,
             state: Mutex::new(TrackState {
-                masks: {
-                    let mut masks = GranuleMasks::like(&bitmap);
-                    masks.fill_from(&bitmap);
-                    masks
-                },
+                masks: recovered_masks(&bitmap),
                 persisted: bitmap.clone(),
                 frozen_blocks: None,
                 bitmap,

@@ -803,17 +803,8 @@ fn sync_live(
     let (number, stats, applied) = match outcome {
         Ok(done) => done,
         Err(e) => {
-            // Give the epoch back now, saying so, rather than when the control
-            // connection closes: its bits go in the next epoch, and the guest's writes
-            // stop paying for copy-before-write at once.
             drop(views);
-            if let Err(abort) = control.abort(&epoch) {
-                tracing::warn!(
-                    "epoch {} failed and the shim did not confirm its abort ({}); closing the control connection aborts it",
-                    epoch.id,
-                    crate::chain(&abort)
-                );
-            }
+            give_back(&mut control, &epoch);
             return Err(e);
         }
     };
@@ -821,6 +812,19 @@ fn sync_live(
     link.shim = Some(control);
     let live = Some(&epoch);
     Ok(report(&disks, number, &stats, applied, started, live))
+}
+
+/// Gives a failed epoch back to the shim now, saying so, rather than when the control
+/// connection closes: its bits go in the next epoch, and the guest's writes stop paying
+/// for copy-before-write at once.
+fn give_back(control: &mut live::ShimControl, epoch: &live::LiveEpoch) {
+    if let Err(abort) = control.abort(epoch) {
+        tracing::warn!(
+            "epoch {} failed and the shim did not confirm its abort ({}); closing the control connection aborts it",
+            epoch.id,
+            crate::chain(&abort)
+        );
+    }
 }
 
 /// Opens one disk of a frozen epoch and the view of its frozen blocks; for a
@@ -862,20 +866,7 @@ fn open_frozen_disk(
         LivePlan::Whole if job.mode == ModeRequest::Full => (None, None, SyncMode::Full),
         LivePlan::Whole => (None, None, SyncMode::Seeded),
         LivePlan::Changed => {
-            let bitmap =
-                ChangedBlockBitmap::load(&frozen.bitmap).map_err(|source| SourceError::Bitmap {
-                    disk: spec.name.clone(),
-                    source: BitmapProblem::LoadFrozen {
-                        path: frozen.bitmap.clone(),
-                        source,
-                    },
-                })?;
-            if bitmap.disk_size() != disk.size() || bitmap.generation_id() != generation {
-                return Err(SourceError::Bitmap {
-                    disk: spec.name.clone(),
-                    source: BitmapProblem::FrozenMismatch,
-                });
-            }
+            let bitmap = frozen_bitmap(spec, frozen, &disk)?;
             let granules = frozen_granules(spec, frozen, &bitmap, granular)?;
             (Some(bitmap), granules, SyncMode::Changed)
         }
@@ -896,6 +887,29 @@ fn open_frozen_disk(
         reverse_disk(&mut opened, r)?;
     }
     Ok((opened, live::view(frozen)?))
+}
+
+/// The frozen bits of a changed-block disk, checked against the disk and the epoch.
+fn frozen_bitmap(
+    spec: &JobDisk,
+    frozen: &FreezeDisk,
+    disk: &Disk,
+) -> Result<ChangedBlockBitmap, SourceError> {
+    let bitmap =
+        ChangedBlockBitmap::load(&frozen.bitmap).map_err(|source| SourceError::Bitmap {
+            disk: spec.name.clone(),
+            source: BitmapProblem::LoadFrozen {
+                path: frozen.bitmap.clone(),
+                source,
+            },
+        })?;
+    if bitmap.disk_size() != disk.size() || bitmap.generation_id() != frozen.generation_id {
+        return Err(SourceError::Bitmap {
+            disk: spec.name.clone(),
+            source: BitmapProblem::FrozenMismatch,
+        });
+    }
+    Ok(bitmap)
 }
 
 /// The granule masks of a changed-block disk frozen with `granules=on`. The shim then

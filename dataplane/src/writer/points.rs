@@ -619,19 +619,24 @@ fn remove_meta(state_dir: &Path, m: &PointMeta, op: StateOp) -> Result<(), Targe
 /// Folds the logs of `run` (newest first; the points the newer ones restore are
 /// dropped, the oldest one's is kept) into one log under a new name: the epoch of the
 /// newest, the previous epochs of the oldest. Durable before the replaced logs go.
-fn merge(state_dir: &Path, run: &[&PointMeta]) -> Result<(), TargetError> {
-    let (Some(newest), Some(oldest)) = (run.first(), run.last()) else {
-        return Ok(());
-    };
+/// Whether every point of `run` names the same disks as `newest`, each holding an
+/// epoch before it.
+fn mergeable(newest: &PointMeta, run: &[&PointMeta]) -> bool {
     let names: Vec<&str> = newest.disks.iter().map(|d| d.name.as_str()).collect();
-    let mergeable = run.iter().all(|m| {
+    run.iter().all(|m| {
         m.disks.len() == names.len()
             && m.disks
                 .iter()
                 .zip(&names)
                 .all(|(d, n)| d.name == *n && d.prev_epoch.is_some())
-    });
-    if !mergeable {
+    })
+}
+
+fn merge(state_dir: &Path, run: &[&PointMeta]) -> Result<(), TargetError> {
+    let (Some(newest), Some(oldest)) = (run.first(), run.last()) else {
+        return Ok(());
+    };
+    if !mergeable(newest, run) {
         // Disks joined or left the group, or one held no epoch: kept as they are.
         return Ok(());
     }

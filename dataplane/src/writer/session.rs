@@ -223,13 +223,7 @@ fn serve<R: std::io::Read, W: std::io::Write>(
     let failed = AtomicBool::new(false);
     let names: Vec<String> = disks.iter().map(|d| d.name.clone()).collect();
     let receiver = Receiver {
-        geometries: disks
-            .iter()
-            .map(|d| Geometry {
-                granular: version >= GRANULE_RECORDS_VERSION,
-                ..d.geometry
-            })
-            .collect(),
+        geometries: record_geometries(&disks, version),
         decompressor: zstd::bulk::Decompressor::new().map_err(TargetError::Zstd)?,
         received: Received::new(disks.len()),
         reader,
@@ -275,6 +269,18 @@ fn serve<R: std::io::Read, W: std::io::Write>(
         reprotected: opening.reprotected,
     };
     staged.settle(writer, outcome)
+}
+
+/// Each disk's geometry as this session's records may cover it: whole blocks, or from
+/// [`GRANULE_RECORDS_VERSION`] on runs of granules inside a block.
+fn record_geometries(disks: &[SessionDisk], version: u16) -> Vec<Geometry> {
+    disks
+        .iter()
+        .map(|d| Geometry {
+            granular: version >= GRANULE_RECORDS_VERSION,
+            ..d.geometry
+        })
+        .collect()
 }
 
 /// The epoch's undo log, durable; marked never to become a recovery point when the
