@@ -289,18 +289,27 @@ mod tests {
         }
     }
 
+    /// Two 64 KiB blocks, each granule filled with its number; the frozen bits of
+    /// `blocks`.
+    fn two_large_blocks(dir: &Path, blocks: &[u64]) -> (Backing, Vec<u8>, ChangedBlockBitmap) {
+        let bs = 64 << 10;
+        let image = dir.join("img");
+        let content: Vec<u8> = (0..2 * bs).map(|i| (i / GRANULE) as u8).collect();
+        std::fs::write(&image, &content).unwrap();
+        let mut bits =
+            ChangedBlockBitmap::new(2 * bs, bs as u32, GenerationId::from_bytes([1; 16]), 0)
+                .unwrap();
+        for &b in blocks {
+            bits.set(b).unwrap();
+        }
+        (Backing::open(&image).unwrap(), content, bits)
+    }
+
     #[test]
     fn a_small_write_into_a_large_block_copies_one_granule() {
         let dir = tempfile::tempdir().unwrap();
         let bs = 64 << 10;
-        let image = dir.path().join("img");
-        let content: Vec<u8> = (0..2 * bs).map(|i| (i / GRANULE) as u8).collect();
-        std::fs::write(&image, &content).unwrap();
-        let backing = Backing::open(&image).unwrap();
-        let mut bits =
-            ChangedBlockBitmap::new(2 * bs, bs as u32, GenerationId::from_bytes([1; 16]), 0)
-                .unwrap();
-        bits.set(1).unwrap();
+        let (backing, content, bits) = two_large_blocks(dir.path(), &[1]);
         let files = EpochFiles::new(dir.path(), "d", 1);
         let frozen = FrozenDisk::prepare(files.clone(), &bits, false, false).unwrap();
         let view = EpochView::open(&files.map, &files.scratch, 2 * bs).unwrap();
@@ -322,15 +331,7 @@ mod tests {
     fn a_granular_epoch_preserves_only_the_granules_it_carries() {
         let dir = tempfile::tempdir().unwrap();
         let bs = 64 << 10;
-        let image = dir.path().join("img");
-        let content: Vec<u8> = (0..2 * bs).map(|i| (i / GRANULE) as u8).collect();
-        std::fs::write(&image, &content).unwrap();
-        let backing = Backing::open(&image).unwrap();
-        let mut bits =
-            ChangedBlockBitmap::new(2 * bs, bs as u32, GenerationId::from_bytes([1; 16]), 0)
-                .unwrap();
-        bits.set(0).unwrap();
-        bits.set(1).unwrap();
+        let (backing, _, bits) = two_large_blocks(dir.path(), &[0, 1]);
         let files = EpochFiles::new(dir.path(), "d", 1);
         let mut frozen = FrozenDisk::prepare(files.clone(), &bits, false, true).unwrap();
         frozen.masks.mark(2 * GRANULE, GRANULE); // block 0 carries granule 2 only
