@@ -373,3 +373,48 @@ fn small_writes_travel_as_their_granules_not_whole_blocks() {
     );
     assert_eq!(rig.replicas(), rig.images());
 }
+
+/// A granule file the engine cannot use fails the epoch — reading whole blocks instead
+/// could see writes the shim did not preserve — and gives every bit and granule back:
+/// the next epoch carries them, and the replica ends byte-equal.
+#[test]
+fn a_damaged_granule_file_fails_the_epoch_and_loses_nothing() {
+    let seed = test_seed("live_granules_damaged");
+    let rig = Rig::new(seed, &RigSpec::two_disk_group(DISK_BYTES));
+    sync_ok(&rig.config, &[]);
+    let disk = &rig.disks[0];
+    let mut client = common::nbd::connect_retry(&disk.socket, &disk.name, Duration::from_secs(30))
+        .expect("connect to the shim");
+    for i in 0..8u64 {
+        client
+            .write((5 + 9 * i) * (64 << 10) + 8192, &[0x5a; 4096])
+            .unwrap();
+    }
+    let config = rig.config.as_os_str();
+    let args = [
+        "sync".as_ref(),
+        "--config".as_ref(),
+        config,
+        "--json".as_ref(),
+    ];
+    let (status, _, stderr) =
+        ferry_status(&args, &[("FERRY_FAILPOINTS", "source.granules.damaged")]);
+    assert!(!status.success(), "the epoch must fail: {stderr}");
+    assert!(
+        stderr.contains("granule"),
+        "the error names the granule file: {stderr}"
+    );
+    let os = &rig.shim_status()["disks"][0];
+    assert_eq!(os["dirty_blocks"], 8, "the epoch's bits came back: {os}");
+    // Written again after the failed epoch, inside the same blocks.
+    client.write(5 * (64 << 10), &[0xa5; 4096]).unwrap();
+    drop(client);
+    let r = sync_ok(&rig.config, &[]);
+    assert_eq!(modes(&r), ["changed", "changed"], "{r}");
+    assert_eq!(
+        r["bytes_read"],
+        9 * 4096,
+        "every granule, and only those: {r}"
+    );
+    assert_eq!(rig.replicas(), rig.images());
+}

@@ -932,6 +932,10 @@ fn frozen_granules(
         .granules
         .as_ref()
         .ok_or_else(|| problem(BitmapProblem::GranulesMissing))?;
+    if ferry_io::failpoint::hit("source.granules.damaged") {
+        // Test-only: the file damaged between the shim's write and this read.
+        let _ = std::fs::write(path, b"damaged");
+    }
     GranuleMasks::load(path, bitmap)
         .map(Some)
         .map_err(|e| problem(BitmapProblem::Granules(e)))
