@@ -706,14 +706,9 @@ impl Tracker {
         b
     }
 
-    /// Empty granule masks of this disk's geometry, made outside the freeze pause.
-    pub fn blank_masks(&self) -> GranuleMasks {
-        GranuleMasks::like(&self.lock().bitmap)
-    }
-
     /// Freezes an epoch: swaps the active bits and their granule masks into `blank`
     /// and `blank_masks` (which must come from [`blank`](Self::blank) and
-    /// [`blank_masks`](Self::blank_masks)) and starts a new, empty active set. The file
+    /// `GranuleMasks::like` of it, made outside the freeze pause) and starts a new, empty active set. The file
     /// keeps every bit. Call with writes to the disk drained.
     pub fn freeze(&self, blank: &mut ChangedBlockBitmap, blank_masks: &mut GranuleMasks) {
         let mut st = self.lock();
@@ -998,7 +993,7 @@ mod tests {
         t.mark(0, 1).unwrap();
         t.mark(BLOCKS_PER_PAGE * 4096, 1).unwrap(); // page 1
         let mut frozen = t.blank();
-        let mut masks = t.blank_masks();
+        let mut masks = GranuleMasks::like(&frozen);
         t.freeze(&mut frozen, &mut masks);
         assert_eq!(frozen.count(), 2);
         assert_eq!(t.status().dirty_blocks, 0);
@@ -1014,7 +1009,7 @@ mod tests {
         assert_eq!(on_disk(), t.persisted());
 
         let mut frozen = t.blank();
-        let mut masks = t.blank_masks();
+        let mut masks = GranuleMasks::like(&frozen);
         t.freeze(&mut frozen, &mut masks);
         t.mark(4096, 1).unwrap(); // written again after the freeze: stays
         t.commit(&frozen).unwrap();
@@ -1025,7 +1020,7 @@ mod tests {
 
         // A crash with an epoch frozen: restart sees every bit.
         let mut frozen = t.blank();
-        let mut masks = t.blank_masks();
+        let mut masks = GranuleMasks::like(&frozen);
         t.mark(0, 1).unwrap();
         t.freeze(&mut frozen, &mut masks);
         t.mark(2 * 4096, 1).unwrap();
@@ -1043,7 +1038,8 @@ mod tests {
         let t = Tracker::open(cfg.clone(), identity(size)).unwrap();
         t.mark(4096, 4096).unwrap();
         t.mark((64 << 10) + 512, 100).unwrap();
-        let (mut frozen, mut masks) = (t.blank(), t.blank_masks());
+        let mut frozen = t.blank();
+        let mut masks = GranuleMasks::like(&frozen);
         t.freeze(&mut frozen, &mut masks);
         assert_eq!((masks.get(0), masks.get(1)), (0b10, 0b1));
         assert_eq!(t.lock().masks.get(0), 0, "the active masks start empty");
@@ -1052,7 +1048,8 @@ mod tests {
         t.abort(&frozen, &masks).unwrap();
         assert_eq!(t.lock().masks.get(0), 0b110);
         assert_eq!(t.lock().masks.get(1), 0b1);
-        let (mut frozen, mut masks) = (t.blank(), t.blank_masks());
+        let mut frozen = t.blank();
+        let mut masks = GranuleMasks::like(&frozen);
         t.freeze(&mut frozen, &mut masks);
         t.commit(&frozen).unwrap();
         t.mark(20 << 10, 4096).unwrap();

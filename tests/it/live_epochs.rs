@@ -336,17 +336,23 @@ fn an_unreachable_target_costs_the_guest_no_freeze() {
     assert_eq!(pauses(&rig), before + 1);
 }
 
+/// A rig whose replicas hold a first epoch, and an NBD client of its first disk.
+fn synced_rig_and_guest(seed: u64) -> (Rig, common::nbd::NbdClient) {
+    let rig = Rig::new(seed, &RigSpec::two_disk_group(DISK_BYTES));
+    sync_ok(&rig.config, &[]);
+    let disk = &rig.disks[0];
+    let client = common::nbd::connect_retry(&disk.socket, &disk.name, Duration::from_secs(30))
+        .expect("connect to the shim");
+    (rig, client)
+}
+
 /// Sub-block tracking: a 4 KiB guest write costs 4 KiB through read, wire and apply,
 /// not the 64 KiB block around it. Granules next to each other travel as one read,
 /// across a block's end too, and the replica ends byte-equal.
 #[test]
 fn small_writes_travel_as_their_granules_not_whole_blocks() {
     let seed = test_seed("live_granules");
-    let rig = Rig::new(seed, &RigSpec::two_disk_group(DISK_BYTES));
-    sync_ok(&rig.config, &[]);
-    let disk = &rig.disks[0];
-    let mut client = common::nbd::connect_retry(&disk.socket, &disk.name, Duration::from_secs(30))
-        .expect("connect to the shim");
+    let (rig, mut client) = synced_rig_and_guest(seed);
     const BLOCK: u64 = 64 << 10;
     let mut written = 0;
     let mut rng = Rng::new(seed);
@@ -379,12 +385,7 @@ fn small_writes_travel_as_their_granules_not_whole_blocks() {
 /// the next epoch carries them, and the replica ends byte-equal.
 #[test]
 fn a_damaged_granule_file_fails_the_epoch_and_loses_nothing() {
-    let seed = test_seed("live_granules_damaged");
-    let rig = Rig::new(seed, &RigSpec::two_disk_group(DISK_BYTES));
-    sync_ok(&rig.config, &[]);
-    let disk = &rig.disks[0];
-    let mut client = common::nbd::connect_retry(&disk.socket, &disk.name, Duration::from_secs(30))
-        .expect("connect to the shim");
+    let (rig, mut client) = synced_rig_and_guest(test_seed("live_granules_damaged"));
     for i in 0..8u64 {
         client
             .write((5 + 9 * i) * (64 << 10) + 8192, &[0x5a; 4096])

@@ -1235,16 +1235,7 @@ fn open_connection(job: &SyncJob) -> Result<Connection, SourceError> {
 /// Reaches the target of `job` and authenticates, then closes the connection without
 /// opening anything (`ferry check --connect`); the protocol version agreed.
 pub fn probe_target(job: &SyncJob) -> Result<u16, SourceError> {
-    let stream = connect(&job.target, job.connect_timeout)?;
-    let setup = |e| SourceError::Connect {
-        addr: job.target.clone(),
-        source: e,
-    };
-    crate::protocol::tune_socket(&stream, job.io_timeout).map_err(setup)?;
-    let read_half = stream.try_clone().map_err(setup)?;
-    let mut reader = FrameReader::new(std::io::BufReader::new(read_half));
-    let mut writer = FrameWriter::new(stream);
-    Ok(auth::client_handshake(&mut reader, &mut writer, &job.psk)?)
+    Ok(open_connection(job)?.version)
 }
 
 /// One session on `conn`: stream the epoch, wait for the acknowledgement.
