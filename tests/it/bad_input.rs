@@ -13,11 +13,12 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::common::*;
+use dataplane::protocol::zstream::StreamEncoder;
 use dataplane::protocol::{
     auth, block_hash, BlockRecord, Challenge, Codec, Commit, DataHeader, DiskManifest, DiskRun,
     ErrorCode, FrameHeader, FrameKind, FrameReader, FrameWriter, Hello, ManifestBuilder, OpenDisk,
     OpenDiskReply, OpenHeader, ProtocolError, SyncMode, FRAME_MAGIC, MAX_FRAME_PAYLOAD,
-    MAX_NAME_LEN, PAYLOAD_ALIGN, PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN,
+    MAX_NAME_LEN, PAYLOAD_ALIGN, PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN, STREAM_START,
 };
 use xxhash_rust::xxh3::xxh3_64;
 use zerocopy::{FromBytes, IntoBytes};
@@ -289,7 +290,9 @@ fn data_payload(disk: u32, blocks: &[(u64, Vec<u8>, [u8; 16])]) -> Vec<u8> {
             stored_len: (data.len() as u32).into(),
             payload_offset: (at as u32).into(),
             codec: Codec::Raw as u8,
-            reserved: [0; 3],
+            stream: 0,
+            stream_flags: 0,
+            reserved: 0,
             hash: *hash,
             reserved2: 0.into(),
         });
@@ -714,7 +717,9 @@ fn block_hash_mismatch_is_refused() {
             stored_len: (compressed.len() as u32).into(),
             payload_offset: 56.into(),
             codec: Codec::Zstd as u8,
-            reserved: [0; 3],
+            stream: 0,
+            stream_flags: 0,
+            reserved: 0,
             hash: block_hash(&claimed),
             reserved2: 0.into(),
         };
@@ -735,6 +740,102 @@ fn block_hash_mismatch_is_refused() {
         );
     }
     fx.assert_nothing_written("hash mismatch");
+    fx.assert_target_still_serves();
+}
+
+/// A chunk of a compression stream (protocol 4) that is out of its stream, damaged or
+/// longer than its block, or sent in a session that predates streams, is refused and
+/// nothing is written.
+#[test]
+fn stream_chunks_out_of_their_stream_are_refused() {
+    let fx = Fixture::new("stream_chunks_out_of_their_stream_are_refused");
+    let size = fx.disk_size(0);
+    let block = vec![0x5Au8; RAW_BLOCK as usize];
+    let mut encoder = StreamEncoder::new(0).unwrap();
+    let mut chunk = vec![0u8; StreamEncoder::chunk_bound(block.len())];
+    let (n, start) = encoder.chunk(1, &block, &mut chunk).unwrap();
+    chunk.truncate(n);
+    assert_eq!(start, STREAM_START);
+    let bomb = zstd::bulk::compress(&vec![0x5Au8; 16 << 20], 1).unwrap();
+    let cases: [(&str, u16, &[u8], u8, u8, ErrorCode, &[&str]); 5] = [
+        (
+            "a continuation of a stream never started",
+            PROTOCOL_VERSION_MAX,
+            &chunk,
+            0,
+            0,
+            ErrorCode::Protocol,
+            &["stream 0", "not started"],
+        ),
+        (
+            "stream 16",
+            PROTOCOL_VERSION_MAX,
+            &chunk,
+            16,
+            STREAM_START,
+            ErrorCode::Protocol,
+            &["no such stream"],
+        ),
+        (
+            "unknown flags",
+            PROTOCOL_VERSION_MAX,
+            &chunk,
+            0,
+            2,
+            ErrorCode::Protocol,
+            &["unknown flags"],
+        ),
+        (
+            "a chunk inflating past its block",
+            PROTOCOL_VERSION_MAX,
+            &bomb,
+            0,
+            STREAM_START,
+            ErrorCode::Integrity,
+            &["hash"],
+        ),
+        (
+            "a stream chunk in a version-3 session",
+            3,
+            &chunk,
+            0,
+            STREAM_START,
+            ErrorCode::Protocol,
+            &["unknown codec 3"],
+        ),
+    ];
+    for (case, version, payload, stream, flags, code, words) in cases {
+        let mut raw = Raw::connect(&fx);
+        let got =
+            auth::client_handshake_upto(&mut raw.reader, &mut raw.writer, &fx.pair.psk, version)
+                .expect("handshake with the right key");
+        assert_eq!(got, version, "{case}");
+        raw.next_seq = 2;
+        raw.open(&[("d0", SyncMode::Full, size)]).unwrap();
+        let record = BlockRecord {
+            offset: 0.into(),
+            length: (RAW_BLOCK as u32).into(),
+            stored_len: (payload.len() as u32).into(),
+            payload_offset: 56.into(),
+            codec: Codec::ZstdStream as u8,
+            stream,
+            stream_flags: flags,
+            reserved: 0,
+            hash: block_hash(&block),
+            reserved2: 0.into(),
+        };
+        let header = DataHeader {
+            disk: 0.into(),
+            record_count: 1.into(),
+        };
+        raw.send(
+            FrameKind::Data,
+            &[header.as_bytes(), record.as_bytes(), payload],
+        );
+        raw.send_commit();
+        assert_error(case, raw.expect_error(case), code, words);
+    }
+    fx.assert_nothing_written("stream chunks");
     fx.assert_target_still_serves();
 }
 

@@ -58,7 +58,10 @@ fn wait_durable(rig: &Rig, n: usize, why: &str) {
 fn sessions(rig: &Rig) -> usize {
     rig.target
         .stderr()
-        .matches("authenticated (protocol version 3)")
+        .matches(&format!(
+            "authenticated (protocol version {})",
+            dataplane::protocol::PROTOCOL_VERSION_MAX
+        ))
         .count()
 }
 

@@ -54,10 +54,21 @@ pub fn client_handshake<R: Read, W: Write>(
     writer: &mut FrameWriter<W>,
     key: &[u8; 32],
 ) -> Result<u16, ProtocolError> {
+    client_handshake_upto(reader, writer, key, PROTOCOL_VERSION_MAX)
+}
+
+/// [`client_handshake`] offering versions up to `max` only, as an older client does
+/// (tests of what a server does with an older peer).
+pub fn client_handshake_upto<R: Read, W: Write>(
+    reader: &mut FrameReader<R>,
+    writer: &mut FrameWriter<W>,
+    key: &[u8; 32],
+    max: u16,
+) -> Result<u16, ProtocolError> {
     let client_nonce = nonce()?;
     let hello = Hello {
         version_min: PROTOCOL_VERSION_MIN.into(),
-        version_max: PROTOCOL_VERSION_MAX.into(),
+        version_max: max.min(PROTOCOL_VERSION_MAX).into(),
         flags: 0.into(),
         nonce: client_nonce,
     };

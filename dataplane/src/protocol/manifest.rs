@@ -160,7 +160,9 @@ mod tests {
             stored_len: 0.into(),
             payload_offset: 0.into(),
             codec: codec as u8,
-            reserved: [0; 3],
+            stream: 0,
+            stream_flags: 0,
+            reserved: 0,
             hash,
             reserved2: 0.into(),
         }

@@ -8,6 +8,7 @@ pub mod deadline;
 pub mod frame;
 pub mod manifest;
 pub mod wire;
+pub mod zstream;
 
 pub use deadline::{tune_socket, DeadlineExceeded, FrameDeadline, TimedStream};
 pub use frame::{FrameReader, FrameWriter, Incoming};

@@ -20,8 +20,11 @@ pub const FRAME_MAGIC: u32 = u32::from_le_bytes(*b"FRY1");
 ///
 /// Version 3 lets a Data record carry part of a block ([`GRANULE_RECORDS_VERSION`]).
 /// A version-2 peer is still served: its records are whole blocks.
+///
+/// Version 4 adds compression streams ([`STREAM_RECORDS_VERSION`]). Older peers get
+/// blocks compressed one by one.
 pub const PROTOCOL_VERSION_MIN: u16 = 2;
-pub const PROTOCOL_VERSION_MAX: u16 = 3;
+pub const PROTOCOL_VERSION_MAX: u16 = 4;
 
 /// From this version a Data record may carry any run of 4 KiB granules inside one
 /// block (a changed-block epoch sends only what the guest wrote), not only whole
@@ -30,6 +33,20 @@ pub const PROTOCOL_VERSION_MAX: u16 = 3;
 pub const GRANULE_RECORDS_VERSION: u16 = 3;
 /// Alignment of a record's offset and length from [`GRANULE_RECORDS_VERSION`] on.
 pub const RECORD_GRANULE: u64 = 4096;
+
+/// From this version a record may be [`Codec::ZstdStream`]: a chunk of one of the
+/// session's zstd streams, so that each block is compressed with the blocks before it
+/// as context (a block compressed on its own restarts from nothing 16 times a MiB).
+pub const STREAM_RECORDS_VERSION: u16 = 4;
+/// Compression streams a session may use: [`BlockRecord::stream`] is below this.
+pub const MAX_STREAMS: usize = 16;
+/// Largest window (log2 bytes) a compression stream may use: the target keeps one
+/// window per stream in use, so a session's decoders hold at most
+/// `MAX_STREAMS << STREAM_WINDOW_LOG_MAX` bytes (128 MiB).
+pub const STREAM_WINDOW_LOG_MAX: u32 = 23;
+/// [`BlockRecord::stream_flags`]: this chunk starts a new zstd frame on its stream;
+/// whatever the stream held before is forgotten.
+pub const STREAM_START: u8 = 1;
 
 /// Largest frame payload either side accepts: a 4 MiB data batch (the largest
 /// `io_size_kib`) plus its record table for 4 KiB blocks (1024 records of 48 bytes,
@@ -342,7 +359,12 @@ pub struct BlockRecord {
     pub payload_offset: U32,
     /// [`Codec`] as u8.
     pub codec: u8,
-    pub reserved: [u8; 3],
+    /// [`Codec::ZstdStream`]: the compression stream the chunk belongs to, below
+    /// [`MAX_STREAMS`]; zero otherwise.
+    pub stream: u8,
+    /// [`Codec::ZstdStream`]: [`STREAM_START`] or zero; zero otherwise.
+    pub stream_flags: u8,
+    pub reserved: u8,
     /// xxh3-128 of the block's uncompressed bytes, as read at the source.
     pub hash: [u8; 16],
     pub reserved2: U64,
@@ -360,6 +382,11 @@ pub enum Codec {
     Zstd = 1,
     /// No payload: the block reads as zeros.
     Zero = 2,
+    /// A chunk of the zstd stream [`BlockRecord::stream`] that decompresses to
+    /// `length` bytes, decoded after every earlier chunk of that stream on this
+    /// connection, in the order they were sent ([`STREAM_RECORDS_VERSION`] on). The
+    /// compressor flushed at the chunk's end, so the chunk decodes whole.
+    ZstdStream = 3,
 }
 
 impl Codec {
@@ -368,8 +395,14 @@ impl Codec {
             0 => Some(Self::Raw),
             1 => Some(Self::Zstd),
             2 => Some(Self::Zero),
+            3 => Some(Self::ZstdStream),
             _ => None,
         }
+    }
+
+    /// Whether the payload is compressed (packed after the table, not aligned).
+    pub fn is_packed(self) -> bool {
+        matches!(self, Self::Zstd | Self::ZstdStream)
     }
 }
 

@@ -37,7 +37,7 @@ use crate::protocol::{
     auth, Commit, Committed, DiskManifest, DiskRun, FrameDeadline, FrameKind, FrameReader,
     FrameWriter, ManifestBuilder, OpenDisk, OpenDiskReply, OpenHeader, ProtocolError, SyncMode,
     TimedStream, GRANULE_RECORDS_VERSION, MAX_NAME_LEN, MAX_REPLY_PAYLOAD, MULTI_EPOCH_VERSION,
-    OPEN_DISCARD_REPLICA_CHANGES, REPLICA_CREATED,
+    OPEN_DISCARD_REPLICA_CHANGES, REPLICA_CREATED, STREAM_RECORDS_VERSION,
 };
 use crate::psk::{Psk, PskError};
 pub use live::ShimControlError;
@@ -1251,6 +1251,7 @@ fn session_once(
         reader,
         writer,
         opened,
+        version,
         ..
     } = conn;
     *opened = false;
@@ -1262,7 +1263,7 @@ fn session_once(
         views,
         epoch,
         (reader, writer, opened),
-        watch_fd,
+        (watch_fd, *version),
         before_commit,
     );
     drop(published);
@@ -1476,7 +1477,7 @@ fn run_session<R: std::io::Read, W: std::io::Write>(
     views: &[Option<&EpochView>],
     epoch: u64,
     (reader, writer, opened): Wire<'_, R, W>,
-    watch_fd: std::os::fd::RawFd,
+    socket: (std::os::fd::RawFd, u16),
     before_commit: &mut dyn FnMut() -> Result<(), SourceError>,
 ) -> Result<(PipelineStats, u64), SourceError> {
     // Every reply the target sends fits, up to a DiffRuns frame of the most runs.
@@ -1506,14 +1507,14 @@ fn run_session<R: std::io::Read, W: std::io::Write>(
                 .sum();
             p.enter(progress::Phase::Comparing, compared);
         }
-        let cfg = pipeline_config(job, Output::Hashes, watch_fd);
+        let cfg = pipeline_config(job, Output::Hashes, socket);
         let hashes = seed_compare(job, &cfg, disks, &infos, reader, writer, &mut buf)?;
         // Hashing sends no blocks: only the data phase counts what travelled.
         add(&mut total, &hashes);
         total.blocks_sent = 0;
         total.zero_blocks = 0;
     }
-    let cfg = pipeline_config(job, Output::Data, watch_fd);
+    let cfg = pipeline_config(job, Output::Data, socket);
     if let Some(p) = &job.progress {
         p.enter(progress::Phase::Sending, data_bytes(job, disks));
     }
@@ -1636,7 +1637,12 @@ fn check_replies(
     Ok(())
 }
 
-fn pipeline_config(job: &SyncJob, output: Output, watch_fd: std::os::fd::RawFd) -> PipelineConfig {
+/// The pipeline settings of `job` on a connection (`watch_fd`) that speaks `version`.
+fn pipeline_config(
+    job: &SyncJob,
+    output: Output,
+    (watch_fd, version): (std::os::fd::RawFd, u16),
+) -> PipelineConfig {
     PipelineConfig {
         block_size: job.block_size,
         io_size: job.io_size,
@@ -1647,6 +1653,7 @@ fn pipeline_config(job: &SyncJob, output: Output, watch_fd: std::os::fd::RawFd) 
         output,
         watch_fd: Some(watch_fd),
         throttle: job.throttle.clone(),
+        streams: version >= STREAM_RECORDS_VERSION,
     }
 }
 

@@ -52,9 +52,10 @@ use super::plan::PlanItem;
 use super::SourceError;
 use crate::config::{Compression, COMPRESSION_LEVEL_RANGE};
 use crate::io::{self, BlockEngine, Completion, EngineKind};
+use crate::protocol::zstream::StreamEncoder;
 use crate::protocol::{
     block_hash, is_zero, BlockRecord, Codec, DataHeader, DiskRun, FrameKind, FrameWriter,
-    HashesHeader, ManifestBuilder, BLOCK_RECORD_LEN, PAYLOAD_ALIGN, ZERO_BLOCK_HASH,
+    HashesHeader, ManifestBuilder, BLOCK_RECORD_LEN, MAX_STREAMS, PAYLOAD_ALIGN, ZERO_BLOCK_HASH,
 };
 
 /// What the pipeline produces for each planned read.
@@ -94,6 +95,10 @@ pub struct PipelineConfig {
     pub watch_fd: Option<RawFd>,
     /// The bandwidth limit the sender pays every frame into.
     pub throttle: Option<std::sync::Arc<super::throttle::Throttle>>,
+    /// The target takes compression streams (protocol 4): each worker compresses its
+    /// blocks as one stream, each block with those before it as context (see
+    /// [`crate::protocol::zstream`]).
+    pub streams: bool,
 }
 
 /// Counters the sender keeps.
@@ -439,7 +444,10 @@ where
     let input_slots = cfg.queue_depth + cfg.workers * EXTRA_INPUT_SLOTS_PER_WORKER + 1;
     let (input_alloc, input_return) =
         BufferPool::new(cfg.io_size, input_slots).map_err(SourceError::Pool)?;
-    let out_size = (table_capacity(cfg) + cfg.io_size).next_multiple_of(PAYLOAD_ALIGN);
+    // The blocks' payloads take at most `io_size` and the slack a compression stream's
+    // chunks may add (see `encode_data`), as the target's frame bound allows.
+    let out_size =
+        (table_capacity(cfg) + cfg.io_size + PAYLOAD_ALIGN).next_multiple_of(PAYLOAD_ALIGN);
     let failure = Failure::default();
     let finished = Finished::new(cfg.workers);
     let auto_shared = auto::Shared::for_run(cfg);
@@ -560,7 +568,7 @@ impl<'scope, 'd: 'scope> Stages<'scope, '_, 'd> {
             .name(format!("ferry-worker-{i}"))
             .spawn_scoped(self.scope, move || {
                 let outcome = catch_unwind(AssertUnwindSafe(|| {
-                    let codec = WorkerCodec::new(cfg.compression, auto, cfg.block_size)?;
+                    let codec = WorkerCodec::new(&cfg, auto, i)?;
                     let ends = (rx, &mut otx, &mut oalloc);
                     worker_loop(&cfg, disks, ends, codec, failure, finished)
                 }));
@@ -832,15 +840,27 @@ struct WorkerCodec<'a> {
     /// Where a probe frame's blocks are compressed again at the current level (auto
     /// only; one block).
     scratch: Vec<u8>,
+    /// This worker's compression stream, when the target takes them: every frame is
+    /// then compressed into it, at the current level.
+    stream: Option<StreamEncoder>,
+}
+
+/// How a worker compresses the blocks of one frame.
+enum Coder<'c> {
+    /// Each block on its own (a target before protocol 4).
+    Bulk(&'c mut zstd::bulk::Compressor<'static>),
+    /// Each block as the next chunk of the worker's stream, at this level.
+    Stream(&'c mut StreamEncoder, i32),
 }
 
 impl<'a> WorkerCodec<'a> {
+    /// The codec of worker `worker` of a run with `cfg`.
     fn new(
-        compression: Compression,
+        cfg: &PipelineConfig,
         shared: Option<&'a auto::Shared>,
-        block_size: usize,
+        worker: usize,
     ) -> Result<Self, SourceError> {
-        let (levels, auto) = match (compression, shared) {
+        let (levels, auto) = match (cfg.compression, shared) {
             (Compression::Auto, Some(shared)) => (
                 auto::LADDER.to_vec(),
                 Some((shared, auto::Picker::default())),
@@ -848,15 +868,25 @@ impl<'a> WorkerCodec<'a> {
             (Compression::Zstd { level }, _) => (vec![Some(level)], None),
             _ => (vec![None], None),
         };
+        // Workers beyond the streams a session may use compress block by block.
+        let stream = match u8::try_from(worker) {
+            Ok(id) if cfg.streams && levels.iter().any(Option::is_some) && worker < MAX_STREAMS => {
+                let encoder = StreamEncoder::new(id)
+                    .map_err(|e| SourceError::Compression(std::io::Error::other(e)))?;
+                Some(encoder)
+            }
+            _ => None,
+        };
         let mut codec = Self {
             contexts: levels.iter().map(|_| None).collect(),
             levels,
             scratch: if auto.is_some() {
-                vec![0; block_size]
+                vec![0; cfg.block_size]
             } else {
                 Vec::new()
             },
             auto,
+            stream,
         };
         // A fixed level's context is made now, so that a bad level fails at once.
         if codec.auto.is_none() {
@@ -889,8 +919,21 @@ impl<'a> WorkerCodec<'a> {
         Ok(slot.as_mut())
     }
 
+    /// How level `i` compresses: into the stream if there is one, else block by block.
+    fn coder(&mut self, i: usize) -> Result<Option<Coder<'_>>, SourceError> {
+        let Some(level) = self.levels[i] else {
+            return Ok(None);
+        };
+        if self.stream.is_some() {
+            return Ok(self.stream.as_mut().map(|s| Coder::Stream(s, level)));
+        }
+        Ok(self.compressor(i)?.map(Coder::Bulk))
+    }
+
     /// Encodes the Data frame of `data` read at `offset` of `disk` into `out` (see
-    /// [`encode_data`]) at the level picked for it, and learns from it.
+    /// [`encode_data`]) at the level picked for it, and learns from it. With a stream
+    /// every frame goes at the current level (a level holds for a whole zstd frame, and
+    /// changing it restarts the stream); a probe's level is then measured aside.
     fn encode(
         &mut self,
         cfg: &PipelineConfig,
@@ -898,20 +941,54 @@ impl<'a> WorkerCodec<'a> {
         replica_zeroed: bool,
         (out, table_cap): (&mut [u8], usize),
     ) -> Result<Frame, SourceError> {
-        let (step, started) = (self.pick(), Instant::now());
-        let compressor = self.compressor(step.0)?;
+        let (probe, current) = self.pick();
+        let step = if self.stream.is_some() {
+            current
+        } else {
+            probe
+        };
+        let started = Instant::now();
+        let coder = self.coder(step)?;
         let mut frame = encode_data(
             cfg,
-            disk,
-            offset,
-            data,
+            (disk, offset, data),
             replica_zeroed,
             out,
             table_cap,
-            compressor,
+            coder,
         );
-        self.learn(step, &mut frame, started, (data, cfg.block_size))?;
+        self.learn((step, current), &mut frame, started, (data, cfg.block_size))?;
+        if step != probe {
+            self.probe_aside(
+                (probe, current),
+                (data, cfg.block_size),
+                frame.logical_bytes,
+            )?;
+        }
         Ok(frame)
+    }
+
+    /// Measures step `probe` on `data` without sending it: the non-zero blocks are
+    /// compressed on their own at `probe` (timed) and at `current`, and the ratio of the
+    /// two scales the current step's ratio, as for a probe frame.
+    fn probe_aside(
+        &mut self,
+        (probe, current): (usize, usize),
+        (data, block_size): (&[u8], usize),
+        logical: u64,
+    ) -> Result<(), SourceError> {
+        let Some((shared, _)) = self.auto else {
+            return Ok(());
+        };
+        if logical == 0 {
+            return Ok(());
+        }
+        let started = Instant::now();
+        let stored = self.stored_at(probe, data, block_size)?;
+        let elapsed = started.elapsed();
+        let reference = self.stored_at(current, data, block_size)?;
+        shared.record(probe, logical, stored, elapsed, Some((current, reference)));
+        Ok(())
     }
 
     /// Labels a frame of `data` encoded at level `i` and tells `auto` what it cost. A
@@ -945,8 +1022,8 @@ impl<'a> WorkerCodec<'a> {
         self.compressor(i)?;
         let mut total = 0u64;
         for block in data.chunks(block_size).filter(|b| !is_zero(b)) {
-            let (_, n) = try_compress(self.contexts[i].as_mut(), block, &mut self.scratch);
-            total += n as u64;
+            let mut coder = self.contexts[i].as_mut().map(Coder::Bulk);
+            total += try_compress(coder.as_mut(), block, &mut self.scratch).stored as u64;
         }
         Ok(total)
     }
@@ -1049,16 +1126,19 @@ fn encode_hashes(
 
 /// Builds the record table at the front of `out` and packs compressed payloads after
 /// it; raw payloads stay in the input slot and are aligned in the frame by the sender.
-#[allow(clippy::too_many_arguments)]
+///
+/// The blocks' payloads as sent take at most `data.len()` plus [`PAYLOAD_ALIGN`]
+/// bytes (the slack the target's frame bound allows): a stream chunk, which may be a
+/// few bytes longer than its block, is made only while what the frame used, the
+/// chunk's bound and the rest of `data` sent raw still fit; otherwise the block goes
+/// raw, which a stream's decoder never needs.
 fn encode_data(
     cfg: &PipelineConfig,
-    disk: u32,
-    offset: u64,
-    data: &[u8],
+    (disk, offset, data): (u32, u64, &[u8]),
     replica_zeroed: bool,
     out: &mut [u8],
     table_cap: usize,
-    mut compressor: Option<&mut zstd::bulk::Compressor<'static>>,
+    mut coder: Option<Coder<'_>>,
 ) -> Frame {
     let bs = cfg.block_size;
     let hlen = core::mem::size_of::<DataHeader>();
@@ -1067,6 +1147,9 @@ fn encode_data(
     // First pass fills records with payload offsets relative to the packed area; the
     // frame layout is fixed once the table length is known.
     let mut packed_len = 0usize;
+    // Payload bytes the frame carries so far, raw and packed.
+    let mut used = 0usize;
+    let budget = data.len() + PAYLOAD_ALIGN;
     // One record per block the read touches: a read of granules may start and end
     // inside blocks, so records are cut at block boundaries, not every `bs` bytes.
     let mut at = 0usize;
@@ -1075,34 +1158,39 @@ fn encode_data(
         let n = (bs - (block_offset % bs as u64) as usize).min(data.len() - at);
         let block = &data[at..at + n];
         at += n;
+        let room = budget - (data.len() - at) - used;
         let packed_rest = &mut packed[packed_len..];
-        let Some((codec, stored, hash)) = encode_block(
+        let room = room.min(packed_rest.len());
+        let Some((enc, hash)) = encode_block(
             block,
             replica_zeroed,
-            compressor.as_deref_mut(),
-            packed_rest,
+            coder.as_mut(),
+            &mut packed_rest[..room],
         ) else {
             continue;
         };
-        if codec == Codec::Zero {
+        used += enc.stored;
+        if enc.codec == Codec::Zero {
             frame.zero_blocks += 1;
         } else {
             frame.data_blocks += 1;
             frame.logical_bytes += block.len() as u64;
-            frame.stored_bytes += stored as u64;
+            frame.stored_bytes += enc.stored as u64;
         }
         // Compressed payloads are packed in record order; raw ones stay in the input.
         let mut payload_offset = usize::MAX;
-        if codec == Codec::Zstd {
+        if enc.codec.is_packed() {
             payload_offset = packed_len;
-            packed_len += stored;
+            packed_len += enc.stored;
         }
         let rec = BlockRecord {
             offset: block_offset.into(),
             length: (block.len() as u32).into(),
-            stored_len: (stored as u32).into(),
+            stored_len: (enc.stored as u32).into(),
             payload_offset: (payload_offset as u32).into(),
-            codec: codec as u8,
+            codec: enc.codec as u8,
+            stream: enc.stream,
+            stream_flags: enc.stream_flags,
             hash,
             ..BlockRecord::new_zeroed()
         };
@@ -1118,40 +1206,73 @@ fn encode_data(
     frame
 }
 
-/// How one block travels: its codec, stored length and hash; `None` when nothing needs
-/// to (a zero block of a new replica, which already reads as zeros). A compressed
-/// payload is written to the front of `packed`.
+/// How one block travels.
+struct Encoding {
+    codec: Codec,
+    /// Payload bytes in the frame.
+    stored: usize,
+    /// For a stream chunk: the stream and its flags.
+    stream: u8,
+    stream_flags: u8,
+}
+
+impl Encoding {
+    fn plain(codec: Codec, stored: usize) -> Self {
+        Self {
+            codec,
+            stored,
+            stream: 0,
+            stream_flags: 0,
+        }
+    }
+}
+
+/// How one block travels, and its hash; `None` when nothing needs to (a zero block of
+/// a new replica, which already reads as zeros). A compressed payload is written to
+/// the front of `packed`.
 fn encode_block(
     block: &[u8],
     replica_zeroed: bool,
-    compressor: Option<&mut zstd::bulk::Compressor<'static>>,
+    coder: Option<&mut Coder<'_>>,
     packed: &mut [u8],
-) -> Option<(Codec, usize, [u8; 16])> {
+) -> Option<(Encoding, [u8; 16])> {
     if is_zero(block) {
-        return (!replica_zeroed).then_some((Codec::Zero, 0, ZERO_BLOCK_HASH));
+        return (!replica_zeroed).then_some((Encoding::plain(Codec::Zero, 0), ZERO_BLOCK_HASH));
     }
     let hash = block_hash(block);
-    let (codec, stored) = try_compress(compressor, block, packed);
-    Some((codec, stored, hash))
+    Some((try_compress(coder, block, packed), hash))
 }
 
-/// Compresses `block` into the front of `packed` when that saves at least 1/16 of
-/// it (less is not worth the target's decompression); returns the block's codec and
-/// stored length, `Raw` and its own length otherwise.
-fn try_compress(
-    compressor: Option<&mut zstd::bulk::Compressor<'static>>,
-    block: &[u8],
-    packed: &mut [u8],
-) -> (Codec, usize) {
-    if let Some(c) = compressor {
-        let limit = block.len() - block.len() / 16;
-        if let Ok(n) = c.compress_to_buffer(block, &mut packed[..limit]) {
-            if n <= limit {
-                return (Codec::Zstd, n);
+/// Compresses `block` into the front of `packed`. On its own, a block is kept
+/// compressed when that saves at least 1/16 of it (less is not worth the target's
+/// decompression); a stream chunk is kept whatever its size, since later chunks may
+/// refer to it, and is made only when `packed` holds its bound. Otherwise, or when zstd
+/// fails (a stream then restarts with its next chunk), the block goes raw.
+fn try_compress(coder: Option<&mut Coder<'_>>, block: &[u8], packed: &mut [u8]) -> Encoding {
+    match coder {
+        Some(Coder::Bulk(c)) => {
+            let limit = block.len() - block.len() / 16;
+            if let Ok(n) = c.compress_to_buffer(block, &mut packed[..limit]) {
+                if n <= limit {
+                    return Encoding::plain(Codec::Zstd, n);
+                }
             }
         }
+        Some(Coder::Stream(s, level))
+            if packed.len() >= StreamEncoder::chunk_bound(block.len()) =>
+        {
+            if let Ok((n, flags)) = s.chunk(*level, block, packed) {
+                return Encoding {
+                    codec: Codec::ZstdStream,
+                    stored: n,
+                    stream: s.id(),
+                    stream_flags: flags,
+                };
+            }
+        }
+        _ => {}
     }
-    (Codec::Raw, block.len())
+    Encoding::plain(Codec::Raw, block.len())
 }
 
 /// Second pass over a Data frame's table of `records` records (first pass done):
@@ -1194,7 +1315,7 @@ fn place_payloads(records_table: &mut [u8], records: usize, table_len: usize, pa
                 rec.payload_offset = (cursor as u32).into();
                 cursor += rec.stored_len.get() as usize;
             }
-            Some(Codec::Zstd) => {
+            Some(Codec::Zstd | Codec::ZstdStream) => {
                 rec.payload_offset = (cursor as u32).into();
                 cursor += rec.stored_len.get() as usize;
             }
@@ -1468,7 +1589,7 @@ fn gather_data_frame<'a>(
                 piece_start = (rec.offset.get() - chunk_offset) as usize;
                 &input[piece_start..piece_start + stored]
             }
-            Some(Codec::Zstd) => {
+            Some(Codec::Zstd | Codec::ZstdStream) => {
                 let p = &out[packed..packed + stored];
                 packed += stored;
                 p
@@ -1919,7 +2040,7 @@ pub(crate) mod auto {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::{DiskManifest, FrameReader};
+    use crate::protocol::{DiskManifest, FrameReader, STREAM_RECORDS_VERSION, STREAM_START};
     use std::os::fd::AsRawFd;
     use std::os::unix::fs::FileExt;
 
@@ -2025,6 +2146,7 @@ mod tests {
                     output: Output::Data,
                     watch_fd: None,
                     throttle: None,
+                    streams: false,
                 };
                 let mut writer = FrameWriter::new(Vec::new());
                 let mut manifests = vec![ManifestBuilder::new(); 2];
@@ -2087,6 +2209,115 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// Blocks of 4 KiB lines that recur from block to block with small changes: each
+    /// compresses far better with the blocks before it as context.
+    fn stream_image(blocks: u64) -> Vec<u8> {
+        let mut seed = 1u64;
+        let mut next = || {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            seed >> 33
+        };
+        let line: Vec<u8> = (0..4096).map(|_| b'a' + (next() % 26) as u8).collect();
+        let mut image = Vec::new();
+        for _ in 0..blocks * BLOCK / 4096 {
+            let mut l = line.clone();
+            l[(next() % 4096) as usize] = b'#';
+            image.extend_from_slice(&l);
+        }
+        image
+    }
+
+    /// With streams, every worker compresses into its own stream, and the chunks decode
+    /// at the target in the order they arrive, whatever the number of workers: the
+    /// sender sends each worker's frames in the order it made them. Every block is
+    /// checked against its hash by the target's verifier, and the stream beats blocks
+    /// compressed on their own.
+    #[test]
+    fn stream_chunks_decode_in_wire_order_whatever_the_workers() {
+        use crate::writer::verify::{self, Decoders, Geometry};
+        let pieces = 24u64;
+        let image = stream_image(pieces * IO / BLOCK);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d");
+        std::fs::write(&path, &image).unwrap();
+        let file = std::fs::File::open(&path).unwrap();
+        let disks = [DiskInfo {
+            fd: file.as_raw_fd(),
+            disk_size: image.len() as u64,
+            replica_zeroed: true,
+            frozen: None,
+        }];
+        let plan = || {
+            (0..pieces).map(|i| {
+                Ok(PlanItem::Read {
+                    disk: 0,
+                    offset: i * IO,
+                    len: IO as u32,
+                })
+            })
+        };
+        let mut bytes = Vec::new();
+        for (workers, streams) in [(1, false), (1, true), (3, true)] {
+            let cfg = PipelineConfig {
+                block_size: BLOCK as usize,
+                io_size: IO as usize,
+                queue_depth: 8,
+                workers,
+                compression: Compression::Zstd { level: 1 },
+                engine: EngineKind::Sync,
+                output: Output::Data,
+                watch_fd: None,
+                throttle: None,
+                streams,
+            };
+            let mut writer = FrameWriter::new(Vec::new());
+            run(&cfg, &disks, plan(), &mut writer, None).unwrap();
+            let wire = writer.get_ref().clone();
+            bytes.push(wire.len());
+            let mut reader = FrameReader::new(&wire[..]);
+            let mut buf = vec![0u8; 1 << 20];
+            let mut scratch = vec![0u8; 1 << 20];
+            let mut decoders = Decoders::new(STREAM_RECORDS_VERSION).unwrap();
+            let geometry = [Geometry {
+                disk_size: image.len() as u64,
+                block_size: BLOCK,
+                granular: false,
+            }];
+            let (mut chunks, mut starts) = (0, 0);
+            while let Some((_, payload)) = reader.read_frame(&mut buf).unwrap() {
+                let (_, recs) = verify::records(payload).unwrap();
+                for r in recs.iter().filter(|r| r.codec == Codec::ZstdStream as u8) {
+                    chunks += 1;
+                    starts += usize::from(r.stream_flags == STREAM_START);
+                }
+                let names = ["d".to_string()];
+                verify::verify_data(
+                    payload,
+                    &geometry,
+                    &names,
+                    Some(&mut scratch),
+                    &mut decoders,
+                )
+                .unwrap_or_else(|e| panic!("{workers} workers, streams {streams}: {e}"));
+            }
+            let blocks = (pieces * IO / BLOCK) as usize;
+            let expected = if streams { (blocks, workers) } else { (0, 0) };
+            assert_eq!(
+                (chunks, starts),
+                expected,
+                "{workers} workers, streams {streams}"
+            );
+        }
+        assert!(
+            bytes[1] * 2 < bytes[0],
+            "stream {} vs blocks {}",
+            bytes[1],
+            bytes[0]
+        );
     }
 
     mod auto_policy {

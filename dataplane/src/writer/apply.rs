@@ -769,7 +769,9 @@ mod tests {
                 stored_len: (BLOCK as u32).into(),
                 payload_offset: (at as u32).into(),
                 codec: Codec::Raw as u8,
-                reserved: [0; 3],
+                stream: 0,
+                stream_flags: 0,
+                reserved: 0,
                 hash: block_hash(&[fill; BLOCK]),
                 reserved2: 0.into(),
             };

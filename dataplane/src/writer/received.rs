@@ -123,7 +123,9 @@ mod tests {
             stored_len: 4096.into(),
             payload_offset: 0.into(),
             codec: Codec::Raw as u8,
-            reserved: [0; 3],
+            stream: 0,
+            stream_flags: 0,
+            reserved: 0,
             hash: block_hash(&[fill; 4096]),
             reserved2: 0.into(),
         }

@@ -277,6 +277,13 @@ pub enum Rejection {
         record: usize,
         codec: u8,
     },
+    #[error("disk {disk}: record {record}: compression stream {stream}: {why}")]
+    StreamChunk {
+        disk: String,
+        record: usize,
+        stream: u8,
+        why: &'static str,
+    },
     #[error("disk {disk}: record {record}: payload [{at}, +{stored}) lies outside the frame")]
     PayloadOutside {
         disk: String,
@@ -357,6 +364,7 @@ impl Rejection {
             | MalformedData(_)
             | GoesBack { .. }
             | UnknownCodec { .. }
+            | StreamChunk { .. }
             | PayloadOutside { .. }
             | ZeroCarriesPayload { .. }
             | RawLength { .. } => ErrorCode::Protocol,

@@ -224,7 +224,7 @@ fn serve<R: std::io::Read, W: std::io::Write>(
     let names: Vec<String> = disks.iter().map(|d| d.name.clone()).collect();
     let receiver = Receiver {
         geometries: record_geometries(&disks, version),
-        decompressor: zstd::bulk::Decompressor::new().map_err(TargetError::Zstd)?,
+        decoders: verify::Decoders::new(version)?,
         received: Received::new(disks.len()),
         reader,
         control,
@@ -573,7 +573,7 @@ struct Receiver<'a, R> {
     buffered: &'a [std::fs::File],
     geometries: Vec<Geometry>,
     names: &'a [String],
-    decompressor: zstd::bulk::Decompressor<'static>,
+    decoders: verify::Decoders,
     received: Received,
     max_logical: usize,
     epoch: u64,
@@ -654,7 +654,7 @@ impl<R: std::io::Read> Receiver<'_, R> {
             &self.geometries,
             self.names,
             scratch.as_mut().map(|s| s.as_mut_slice()),
-            &mut self.decompressor,
+            &mut self.decoders,
             self.max_logical,
         )?;
         let (_, records) = verify::records(payload)?;

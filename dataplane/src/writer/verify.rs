@@ -3,9 +3,10 @@
 
 use zerocopy::FromBytes;
 
+use crate::protocol::zstream::{ChunkFault, StreamDecoders};
 use crate::protocol::{
     block_hash, BlockRecord, Codec, DataHeader, BLOCK_RECORD_LEN, PAYLOAD_ALIGN, RECORD_GRANULE,
-    ZERO_BLOCK_HASH,
+    STREAM_RECORDS_VERSION, ZERO_BLOCK_HASH,
 };
 
 use super::rejection::{MalformedData, RecordRange, Rejection};
@@ -61,6 +62,24 @@ impl Geometry {
         } else {
             None
         }
+    }
+}
+
+/// What decompresses a session's records: one context for blocks compressed on their
+/// own, and from [`STREAM_RECORDS_VERSION`] on the session's compression streams.
+pub struct Decoders {
+    bulk: zstd::bulk::Decompressor<'static>,
+    /// `None` before version 4: a stream chunk is then an unknown codec.
+    streams: Option<StreamDecoders>,
+}
+
+impl Decoders {
+    /// The decoders of a session that speaks protocol `version`.
+    pub fn new(version: u16) -> Result<Self, TargetError> {
+        Ok(Self {
+            bulk: zstd::bulk::Decompressor::new().map_err(TargetError::Zstd)?,
+            streams: (version >= STREAM_RECORDS_VERSION).then(StreamDecoders::default),
+        })
     }
 }
 
@@ -141,14 +160,14 @@ pub fn verify_data(
     disks: &[Geometry],
     disk_names: &[String],
     scratch: Option<&mut [u8]>,
-    decompressor: &mut zstd::bulk::Decompressor<'static>,
+    decoders: &mut Decoders,
 ) -> Result<(u32, usize), TargetError> {
     verify_data_within(
         payload,
         disks,
         disk_names,
         scratch,
-        decompressor,
+        decoders,
         MAX_FRAME_LOGICAL,
     )
 }
@@ -160,7 +179,7 @@ pub fn verify_data_within(
     disks: &[Geometry],
     disk_names: &[String],
     scratch: Option<&mut [u8]>,
-    decompressor: &mut zstd::bulk::Decompressor<'static>,
+    decoders: &mut Decoders,
     max_logical: usize,
 ) -> Result<(u32, usize), TargetError> {
     let (disk, recs) = records(payload)?;
@@ -178,7 +197,7 @@ pub fn verify_data_within(
         previous_end: 0,
         placer: Placer::new(),
         scratch,
-        decompressor,
+        decoders,
     };
     for (i, rec) in recs.iter().enumerate() {
         frame.check_range(i, rec)?;
@@ -201,7 +220,7 @@ struct FrameCheck<'a> {
     previous_end: u64,
     placer: Placer,
     scratch: Option<&'a mut [u8]>,
-    decompressor: &'a mut zstd::bulk::Decompressor<'static>,
+    decoders: &'a mut Decoders,
 }
 
 impl<'a> FrameCheck<'a> {
@@ -274,6 +293,7 @@ impl<'a> FrameCheck<'a> {
             }
             Codec::Raw => self.check_raw(i, rec, place),
             Codec::Zstd => self.check_zstd(i, rec, place),
+            Codec::ZstdStream => self.check_stream(i, rec, place),
         }
     }
 
@@ -301,30 +321,49 @@ impl<'a> FrameCheck<'a> {
     }
 
     fn check_zstd(&mut self, i: usize, rec: &BlockRecord, place: Place) -> Result<(), TargetError> {
-        let len = rec.length.get() as usize;
         let data = self.payload_of(i, rec)?;
-        let Place::Scratch(s) = place else {
-            unreachable!("compressed blocks always decompress into scratch")
-        };
         let integrity = self.integrity(rec);
-        let decompressor = &mut *self.decompressor;
-        let dst = match self.scratch.as_deref_mut() {
-            Some(scratch) => {
-                bounds(scratch.len(), s, len)?;
-                &mut scratch[s..s + len]
-            }
-            None => return Err(TargetError::ScratchMissing),
-        };
+        let dst = scratch_dst(&mut self.scratch, place, rec)?;
         // The destination is exactly the block: a frame cannot make us inflate more
         // than the block size.
-        match decompressor.decompress_to_buffer(data, dst) {
-            Ok(n) if n == len => {}
-            _ => return Err(integrity),
+        match self.decoders.bulk.decompress_to_buffer(data, dst) {
+            Ok(n) if n == dst.len() && block_hash(dst) == rec.hash => Ok(()),
+            _ => Err(integrity),
         }
-        if block_hash(dst) != rec.hash {
-            return Err(integrity);
-        }
-        Ok(())
+    }
+
+    /// A chunk of a compression stream: decoded after the stream's earlier chunks.
+    fn check_stream(
+        &mut self,
+        i: usize,
+        rec: &BlockRecord,
+        place: Place,
+    ) -> Result<(), TargetError> {
+        let data = self.payload_of(i, rec)?;
+        let integrity = self.integrity(rec);
+        let rejected = |why: &'static str| Rejection::StreamChunk {
+            disk: self.name.to_string(),
+            record: i,
+            stream: rec.stream,
+            why,
+        };
+        let Some(streams) = self.decoders.streams.as_mut() else {
+            return Err(Rejection::UnknownCodec {
+                disk: self.name.to_string(),
+                record: i,
+                codec: rec.codec,
+            }
+            .into());
+        };
+        let dst = scratch_dst(&mut self.scratch, place, rec)?;
+        let why = match streams.decode((rec.stream, rec.stream_flags), data, dst) {
+            Ok(()) if block_hash(dst) == rec.hash => return Ok(()),
+            Ok(()) | Err(ChunkFault::Corrupt) => return Err(integrity),
+            Err(ChunkFault::UnknownStream) => "no such stream",
+            Err(ChunkFault::UnknownFlags) => "unknown flags",
+            Err(ChunkFault::NotStarted) => "continues a stream not started on this connection",
+        };
+        Err(rejected(why).into())
     }
 
     /// Record `i`'s stored bytes, which must lie in the frame after the record table.
@@ -383,6 +422,21 @@ pub fn needs_scratch(payload: &[u8]) -> Result<bool, TargetError> {
     Ok(placer.scratch_used() > 0)
 }
 
+/// Where a compressed record decompresses to: its block's bytes of scratch.
+fn scratch_dst<'s>(
+    scratch: &'s mut Option<&mut [u8]>,
+    place: Place,
+    rec: &BlockRecord,
+) -> Result<&'s mut [u8], TargetError> {
+    let Place::Scratch(at) = place else {
+        unreachable!("compressed blocks always decompress into scratch")
+    };
+    let len = rec.length.get() as usize;
+    let scratch = scratch.as_deref_mut().ok_or(TargetError::ScratchMissing)?;
+    bounds(scratch.len(), at, len)?;
+    Ok(&mut scratch[at..at + len])
+}
+
 fn bounds(cap: usize, at: usize, len: usize) -> Result<(), TargetError> {
     if at + len > cap {
         return Err(Rejection::StagingTooSmall { cap }.into());
@@ -409,7 +463,9 @@ mod tests {
                 stored_len: 0.into(),
                 payload_offset: 0.into(),
                 codec: codec as u8,
-                reserved: [0; 3],
+                stream: 0,
+                stream_flags: 0,
+                reserved: 0,
                 hash,
                 reserved2: 0.into(),
             };
@@ -425,7 +481,7 @@ mod tests {
             granular: false,
         }];
         let names = ["d".to_string()];
-        let mut d = zstd::bulk::Decompressor::new().unwrap();
+        let mut d = Decoders::new(STREAM_RECORDS_VERSION).unwrap();
         verify_data(payload, &geometry, &names, None, &mut d)
     }
 

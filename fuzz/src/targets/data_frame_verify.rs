@@ -4,8 +4,9 @@
 //! `dataplane::writer::verify` is public (hidden from the docs) for this harness alone.
 //! The harness drives it as the session does: the geometry
 //! of the opened disks, `needs_scratch` to decide whether a scratch slot is handed in,
-//! a scratch buffer of `MAX_FRAME_PAYLOAD` bytes reused without zeroing, one zstd
-//! decompressor for the whole session.
+//! a scratch buffer of `MAX_FRAME_PAYLOAD` bytes reused without zeroing, and fresh
+//! decoders per input (compression streams keep state from chunk to chunk, and an
+//! input must replay alike whatever ran before it).
 //!
 //! When the verifier accepts a frame, every block must sit where [`Placer`] says
 //! (inside the frame after its table, or inside the scratch buffer), aligned for
@@ -23,8 +24,9 @@ use std::cell::RefCell;
 
 use dataplane::protocol::{
     block_hash, BlockRecord, Codec, DataHeader, ErrorCode, BLOCK_RECORD_LEN, MAX_FRAME_PAYLOAD,
-    PAYLOAD_ALIGN, ZERO_BLOCK_HASH,
+    PAYLOAD_ALIGN, PROTOCOL_VERSION_MAX, ZERO_BLOCK_HASH,
 };
+use dataplane::protocol::zstream::{StreamDecoders, StreamEncoder};
 use dataplane::writer::verify::{self, Geometry, Place, Placer, MAX_FRAME_LOGICAL};
 use dataplane::writer::TargetError;
 use zerocopy::{FromBytes, IntoBytes};
@@ -56,14 +58,12 @@ pub fn target() -> Target {
 const DISK_BYTES: usize = 9;
 
 struct Session {
-    decompressor: zstd::bulk::Decompressor<'static>,
     scratch: Vec<u8>,
     frame: Vec<u8>,
 }
 
 thread_local! {
     static SESSION: RefCell<Session> = RefCell::new(Session {
-        decompressor: zstd::bulk::Decompressor::new().expect("zstd decompressor"),
         scratch: vec![0u8; MAX_FRAME_PAYLOAD],
         frame: Vec::with_capacity(MAX_FRAME_PAYLOAD),
     });
@@ -127,8 +127,9 @@ fn table_mut(frame: &mut [u8]) -> Option<&mut [BlockRecord]> {
     <[BlockRecord]>::mut_from_bytes(&mut frame[8..8 + bytes]).ok()
 }
 
-/// The hash a correct sender would have put in `rec`, when its payload can be read.
-fn right_hash(frame: &[u8], rec: &BlockRecord) -> Option<[u8; 16]> {
+/// The hash a correct sender would have put in `rec`, when its payload can be read;
+/// stream chunks are decoded in record order, as the verifier does.
+fn right_hash(frame: &[u8], rec: &BlockRecord, streams: &mut StreamDecoders) -> Option<[u8; 16]> {
     let len = rec.length.get() as usize;
     let at = rec.payload_offset.get() as usize;
     let stored = frame.get(at..at.checked_add(rec.stored_len.get() as usize)?)?;
@@ -139,7 +140,14 @@ fn right_hash(frame: &[u8], rec: &BlockRecord) -> Option<[u8; 16]> {
             let plain = zstd::bulk::decompress(stored, len).ok()?;
             Some(block_hash(&plain))
         }
-        Codec::Zstd => None,
+        Codec::ZstdStream if len <= 1 << 20 => {
+            let mut plain = vec![0u8; len];
+            streams
+                .decode((rec.stream, rec.stream_flags), stored, &mut plain)
+                .ok()?;
+            Some(block_hash(&plain))
+        }
+        Codec::Zstd | Codec::ZstdStream => None,
     }
 }
 
@@ -148,7 +156,11 @@ fn repair_hashes(frame: &mut [u8]) {
         return;
     };
     let records: Vec<BlockRecord> = table.to_vec();
-    let hashes: Vec<Option<[u8; 16]>> = records.iter().map(|r| right_hash(frame, r)).collect();
+    let mut streams = StreamDecoders::default();
+    let hashes: Vec<Option<[u8; 16]>> = records
+        .iter()
+        .map(|r| right_hash(frame, r, &mut streams))
+        .collect();
     let table = table_mut(frame).expect("parsed above");
     for (rec, hash) in table.iter_mut().zip(hashes) {
         if let Some(hash) = hash {
@@ -175,7 +187,7 @@ pub fn run(data: &[u8]) -> String {
             payload,
             &geometries,
             &mut session.scratch,
-            &mut session.decompressor,
+            &mut verify::Decoders::new(PROTOCOL_VERSION_MAX).expect("zstd decoders"),
         )
     })
 }
@@ -184,7 +196,7 @@ fn verify_one(
     payload: &[u8],
     geometries: &[Geometry],
     scratch: &mut [u8],
-    decompressor: &mut zstd::bulk::Decompressor<'static>,
+    decoders: &mut verify::Decoders,
 ) -> String {
     let names: Vec<String> = (0..geometries.len()).map(|i| format!("disk{i}")).collect();
     // As the session does: a scratch slot only for frames that need one.
@@ -197,7 +209,7 @@ fn verify_one(
         geometries,
         &names,
         needs.then_some(&mut *scratch),
-        decompressor,
+        decoders,
     );
     match result {
         Err(e) => rejected("verify", e),
@@ -341,7 +353,7 @@ fn repair(buf: &mut Vec<u8>, entropy: u64) {
     let mut bits = entropy >> 4;
     for rec in table.iter_mut() {
         if bits & 3 != 3 {
-            rec.codec %= 3;
+            rec.codec %= 4;
             let (bs, size) = (geometry.block_size, geometry.disk_size);
             let offset = rec.offset.get() % size / bs * bs;
             let len = bs.min(size - offset);
@@ -375,14 +387,24 @@ fn repair(buf: &mut Vec<u8>, entropy: u64) {
 struct FrameBuilder {
     records: Vec<BlockRecord>,
     blobs: Vec<(Vec<u8>, bool)>,
+    /// Stream 1, for `ZstdStream` blocks.
+    stream: StreamEncoder,
 }
 
 impl FrameBuilder {
     fn block(mut self, offset: u64, data: &[u8], codec: Codec, aligned: bool) -> Self {
+        let mut stream_flags = 0;
         let stored = match codec {
             Codec::Raw => data.to_vec(),
             Codec::Zstd => zstd::bulk::compress(data, 1).expect("zstd"),
             Codec::Zero => Vec::new(),
+            Codec::ZstdStream => {
+                let mut out = vec![0; StreamEncoder::chunk_bound(data.len())];
+                let (n, flags) = self.stream.chunk(1, data, &mut out).expect("zstd");
+                out.truncate(n);
+                stream_flags = flags;
+                out
+            }
         };
         let hash = if codec == Codec::Zero {
             ZERO_BLOCK_HASH
@@ -395,7 +417,9 @@ impl FrameBuilder {
             stored_len: (stored.len() as u32).into(),
             payload_offset: 0.into(),
             codec: codec as u8,
-            reserved: [0; 3],
+            stream: if codec == Codec::ZstdStream { 1 } else { 0 },
+            stream_flags,
+            reserved: 0,
             hash,
             reserved2: 0.into(),
         });
@@ -439,6 +463,7 @@ fn seeds() -> Vec<Vec<u8>> {
     let new = || FrameBuilder {
         records: Vec::new(),
         blobs: Vec::new(),
+        stream: StreamEncoder::new(1).expect("zstd"),
     };
     let pattern = |n: usize, seed: u8| -> Vec<u8> {
         (0..n)
@@ -460,6 +485,12 @@ fn seeds() -> Vec<Vec<u8>> {
         new()
             .block(8192, &text.repeat(2), Codec::Zstd, false)
             .build(0, &disks, 1),
+        // A compression stream: the second chunk needs the first as context.
+        new()
+            .block(0, &pattern(4096, 7), Codec::ZstdStream, false)
+            .block(4096, &pattern(4096, 7), Codec::ZstdStream, false)
+            .block(8192, &text, Codec::ZstdStream, false)
+            .build(0, &disks, 0),
         new()
             .block(0, &pattern(8192, 4), Codec::Raw, true)
             .block(16384, &pattern(8192, 5), Codec::Raw, true)
@@ -495,7 +526,9 @@ fn shared_payload(count: usize) -> Vec<u8> {
         stored_len: 1.into(),
         payload_offset: (table_end as u32).into(),
         codec: Codec::Raw as u8,
-        reserved: [0; 3],
+        stream: 0,
+        stream_flags: 0,
+        reserved: 0,
         hash: block_hash(&[0x5a]),
         reserved2: 0.into(),
     };
