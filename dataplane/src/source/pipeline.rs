@@ -1646,13 +1646,19 @@ fn gather_data_frame<'a>(
 ///   sender spends paying a bandwidth limit counts as time on the link (a limit is a
 ///   slow link). Without a socket (tests), time blocked sending against time waiting
 ///   for the workers tells a busy link.
-/// - **the workers**, per frame: the time the frame took to encode per byte of data, and
-///   its ratio, as moving averages per step. The current step is measured by every
-///   frame; its neighbours by one probe frame per worker every [`PROBE_EVERY`] frames
-///   (and at once while a neighbour was never measured). A probe is a real frame, sent
-///   as encoded; its blocks are compressed again at the current step into a scratch
-///   block, so that the two steps' ratios are compared on the same data. "None" is
-///   never probed: its cost is that of hashing, measured whenever a frame goes raw.
+/// - **the workers**, per frame: the time the frame took to encode per byte of data, as
+///   a moving average per step, and the current step's ratio. The current step is
+///   measured by every frame; its neighbours by one probe per worker every
+///   [`PROBE_EVERY`] frames (and at once while a neighbour was never measured). A probe
+///   compresses the frame's blocks at both steps on their own, into a scratch block, so
+///   that the two are compared on the same data: the gain between neighbouring levels.
+///   Without compression streams the probe's frame is sent as the probe encoded it;
+///   with them every frame goes into the worker's stream at the current step and the
+///   probe is measured aside, since a stream's level holds for a whole zstd frame. The
+///   other steps' ratios are the current one's times the gains between them: what a
+///   level achieves ranges from 1 to hundreds from one part of a disk to another, so a
+///   ratio measured elsewhere says little, while the gain between levels holds. "None"
+///   is never probed: its cost is that of hashing, measured whenever a frame goes raw.
 ///
 /// - **what it got**: the data rate of the last window spent at each step bounds the
 ///   model's prediction for that step for [`OBSERVED_FOR`]. On loopback the "link" is a
@@ -1688,7 +1694,7 @@ pub(crate) mod auto {
     /// Steps whose predicted rate is within this share of the best are "near".
     pub const NEAR_BEST: f64 = 0.92;
     /// A step must beat the ratio of a cheaper near step by this factor to be worth it.
-    pub const RATIO_GAIN: f64 = 1.02;
+    pub const RATIO_GAIN: f64 = 1.01;
     /// Growth of the link estimate while the link is not the bottleneck...
     pub const LINK_GROWTH: f64 = 1.1;
     /// ...per this much time.
@@ -1745,6 +1751,10 @@ pub(crate) mod auto {
     #[derive(Default)]
     struct StepStats {
         cost_ps: AtomicU64,
+        /// Its ratio, from the frames sent at it while it was current (or, for zstd 1
+        /// while "none" is, from its probes). Only the current step's is fresh: the
+        /// others were measured on other data, so [`Shared::estimates`] reaches them
+        /// through `gains` instead.
         ratio_milli: AtomicU64,
     }
 
@@ -1752,6 +1762,11 @@ pub(crate) mod auto {
     pub struct Shared {
         current: AtomicUsize,
         steps: [StepStats; LADDER.len()],
+        /// `gains[k]`: step k + 1's ratio over step k's, as measured by probes on the
+        /// same frames (k ≥ 1; index 0 unused). How much a level gains over its
+        /// neighbour changes far less from one part of a disk to another than what
+        /// either level achieves, which ranges from 1 to hundreds.
+        gains: [AtomicU64; LADDER.len() - 1],
         workers: usize,
         /// The target runs on this host: it shares the CPU compression would take, so
         /// blocks go as they are, with no probes.
@@ -1797,6 +1812,7 @@ pub(crate) mod auto {
             Self {
                 current: AtomicUsize::new(0),
                 steps: Default::default(),
+                gains: Default::default(),
                 workers,
                 same_host,
             }
@@ -1809,9 +1825,8 @@ pub(crate) mod auto {
 
         /// What one frame encoded at `step` cost: `data` bytes of non-zero blocks stored
         /// in `stored` bytes, in `elapsed`. A probe brings `reference`: the current step
-        /// and what the same blocks take there; its ratio is then the current step's
-        /// times the gain measured on this very data, since frames differ more from one
-        /// another than levels do on one frame.
+        /// and what the same blocks take there, which gives the gain between the two
+        /// levels on this very data.
         pub fn record(
             &self,
             step: usize,
@@ -1824,34 +1839,59 @@ pub(crate) mod auto {
                 return;
             }
             let ps = (elapsed.as_nanos() * 1000 / u128::from(data)).min(u128::from(u64::MAX));
-            let s = &self.steps[step];
-            ewma(&s.cost_ps, ps as u64);
-            let ratio = match reference {
-                Some((current, at_current)) if at_current > 0 => {
-                    let base = match self.steps[current].ratio_milli.load(Ordering::Relaxed) {
-                        _ if current == 0 => 1000,
-                        0 => data * 1000 / at_current,
-                        r => r,
+            ewma(&self.steps[step].cost_ps, ps as u64);
+            match reference {
+                // A neighbour of the current compressed step: their gain.
+                Some((current, at_current)) if at_current > 0 && current > 0 => {
+                    let (low, gain) = if step > current {
+                        (current, at_current * 1000 / stored)
+                    } else {
+                        (step, stored * 1000 / at_current)
                     };
-                    base * at_current / stored
+                    if step.abs_diff(current) == 1 {
+                        ewma(&self.gains[low], gain);
+                    }
                 }
-                _ => data * 1000 / stored,
-            };
-            ewma(&s.ratio_milli, ratio);
+                Some((_, 0)) => {}
+                // A frame at the current step, or zstd 1 probed from "none" (whose own
+                // ratio is 1 on any data): an absolute ratio.
+                _ => ewma(&self.steps[step].ratio_milli, data * 1000 / stored),
+            }
         }
 
-        /// The estimates of every step, as they stand.
+        /// Makes `step` the current one; its ratio starts from what the estimates say
+        /// of it on the data of late, not from when it was last current.
+        pub fn make_current(&self, step: usize, estimates: &[Estimate; LADDER.len()]) {
+            if step != self.current() && step > 0 && self.measured(step) {
+                let ratio = (estimates[step].ratio * 1000.0) as u64;
+                self.steps[step]
+                    .ratio_milli
+                    .store(ratio.max(1), Ordering::Relaxed);
+            }
+            self.current.store(step, Ordering::Relaxed);
+        }
+
+        /// The estimates of every step, as they stand: the current step's ratio (zstd
+        /// 1's while "none" is current), and the others' through the gains between
+        /// neighbours.
         pub fn estimates(&self) -> [Estimate; LADDER.len()] {
+            let anchor = self.current().max(1);
+            let mut ratio = [1.0f64; LADDER.len()];
+            let milli = |m: u64| (m > 0).then(|| m as f64 / 1000.0);
+            ratio[anchor] =
+                milli(self.steps[anchor].ratio_milli.load(Ordering::Relaxed)).unwrap_or(1.0);
+            let gain = |k: usize| milli(self.gains[k].load(Ordering::Relaxed)).unwrap_or(1.0);
+            for k in anchor + 1..LADDER.len() {
+                ratio[k] = ratio[k - 1] * gain(k - 1);
+            }
+            for k in (1..anchor).rev() {
+                ratio[k] = ratio[k + 1] / gain(k);
+            }
             std::array::from_fn(|i| {
                 let cost = self.steps[i].cost_ps.load(Ordering::Relaxed);
-                let ratio = self.steps[i].ratio_milli.load(Ordering::Relaxed);
                 Estimate {
                     cost_ps: (cost > 0).then_some(cost),
-                    ratio: if i == 0 || ratio == 0 {
-                        1.0
-                    } else {
-                        ratio as f64 / 1000.0
-                    },
+                    ratio: ratio[i],
                     observed: None,
                 }
             })
@@ -1998,7 +2038,7 @@ pub(crate) mod auto {
                 ?estimates,
                 "auto compression"
             );
-            shared.current.store(next, Ordering::Relaxed);
+            shared.make_current(next, &estimates);
             (self.frames, self.wire, self.data) = (0, 0, 0);
             (self.wait_ns, self.send_ns) = (0, 0);
             self.started = Instant::now();
@@ -2398,6 +2438,30 @@ mod tests {
             // zstd 1 and 3 within 8% of each other and of ratio: no flapping.
             let close = steps([(400.0, 2.6), (170.0, 2.62), (50.0, 2.63), (20.0, 2.64)]);
             assert_eq!(decide(1, 117.0 * MB, 2, &close), 1);
+        }
+
+        /// A level's ratio measured on other data does not outlive it: after the policy
+        /// climbed from zstd 1 on data that compressed 300 times, and the data became
+        /// ordinary, zstd 1 is estimated from zstd 3's ratio now and the gain between
+        /// them, not from its 300.
+        #[test]
+        fn ratios_measured_elsewhere_do_not_outlive_the_data() {
+            let shared = Shared::new(2, false);
+            let frame = 256u64 << 10;
+            let t = Duration::from_micros(500);
+            shared.record(1, frame, frame / 300, t, None);
+            // zstd 3 stores the same blocks in 100 where zstd 1 takes 105.
+            shared.record(2, frame, 100, t, Some((1, 105)));
+            shared.make_current(2, &shared.estimates());
+            let e = shared.estimates();
+            assert!((e[2].ratio - e[1].ratio * 1.05).abs() < 1.0, "{e:?}");
+            for _ in 0..80 {
+                shared.record(2, frame, frame / 3, t, None);
+            }
+            let e = shared.estimates();
+            assert!((e[2].ratio - 3.0).abs() < 0.1, "{e:?}");
+            assert!((e[1].ratio - 3.0 / 1.05).abs() < 0.1, "{e:?}");
+            assert_ne!(decide(2, 12.0 * MB, 2, &e), 1, "{e:?}");
         }
 
         #[test]
