@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use crate::common::proxy::{Dir, Fault};
 use crate::common::rig::{assert_point_in_time, Guest, Rig, RigSpec};
 use crate::common::TargetProc;
+use dataplane::protocol::PROTOCOL_VERSION_MAX;
 
 const DISK_BYTES: u64 = 8 << 20;
 /// The guest's largest write, in sectors.
@@ -58,7 +59,9 @@ fn wait_durable(rig: &Rig, n: usize, why: &str) {
 fn sessions(rig: &Rig) -> usize {
     rig.target
         .stderr()
-        .matches("authenticated (protocol version 3)")
+        .matches(&format!(
+            "authenticated (protocol version {PROTOCOL_VERSION_MAX})"
+        ))
         .count()
 }
 

@@ -10,7 +10,7 @@ pub mod manifest;
 pub mod wire;
 
 pub use deadline::{tune_socket, DeadlineExceeded, FrameDeadline, TimedStream};
-pub use frame::{FrameReader, FrameWriter, Incoming};
+pub use frame::{data_table_extent, FrameReader, FrameWriter, Incoming};
 pub use manifest::ManifestBuilder;
 pub use wire::*;
 
@@ -41,6 +41,11 @@ pub enum ProtocolError {
     HeaderChecksum,
     #[error("{kind:?} frame payload checksum mismatch: corrupted on the wire")]
     PayloadChecksum { kind: FrameKind },
+    /// From [`TABLE_HASH_VERSION`] on, the checksum of a Data frame covers its record
+    /// table (block offsets, lengths, codecs, payload offsets and hashes), and that
+    /// did not match.
+    #[error("Data frame record table checksum mismatch: corrupted on the wire")]
+    TableChecksum,
     #[error("unknown frame kind {kind}")]
     UnknownKind { kind: u8 },
     #[error("{kind:?} frame of {len} bytes exceeds the limit of {max} bytes")]
@@ -98,7 +103,9 @@ impl ProtocolError {
             Self::Version { .. } => ErrorCode::Version,
             Self::Remote { code, .. } => *code,
             Self::Io { .. } | Self::TimedOut { .. } => ErrorCode::Io,
-            Self::PayloadChecksum { .. } | Self::HeaderChecksum => ErrorCode::Integrity,
+            Self::PayloadChecksum { .. } | Self::TableChecksum | Self::HeaderChecksum => {
+                ErrorCode::Integrity
+            }
             _ => ErrorCode::Protocol,
         }
     }

@@ -21,7 +21,7 @@ pub const FRAME_MAGIC: u32 = u32::from_le_bytes(*b"FRY1");
 /// Version 3 lets a Data record carry part of a block ([`GRANULE_RECORDS_VERSION`]).
 /// A version-2 peer is still served: its records are whole blocks.
 pub const PROTOCOL_VERSION_MIN: u16 = 2;
-pub const PROTOCOL_VERSION_MAX: u16 = 3;
+pub const PROTOCOL_VERSION_MAX: u16 = 4;
 
 /// From this version a Data record may carry any run of 4 KiB granules inside one
 /// block (a changed-block epoch sends only what the guest wrote), not only whole
@@ -30,6 +30,11 @@ pub const PROTOCOL_VERSION_MAX: u16 = 3;
 pub const GRANULE_RECORDS_VERSION: u16 = 3;
 /// Alignment of a record's offset and length from [`GRANULE_RECORDS_VERSION`] on.
 pub const RECORD_GRANULE: u64 = 4096;
+/// From this version the payload hash in a Data frame's header covers only the frame's
+/// record table ([`data_table_extent`](super::frame::data_table_extent)), not its block
+/// payloads: each of those is covered by its record's block hash, which the target
+/// checks before anything is written. Every other frame kind hashes its whole payload.
+pub const TABLE_HASH_VERSION: u16 = 4;
 
 /// Largest frame payload either side accepts: a 4 MiB data batch (the largest
 /// `io_size_kib`) plus its record table for 4 KiB blocks (1024 records of 48 bytes,
@@ -63,7 +68,8 @@ pub struct FrameHeader {
     pub payload_len: U32,
     /// Per-direction frame counter starting at 0; a gap or repeat is a protocol error.
     pub seq: U32,
-    /// xxh3-64 of the payload.
+    /// xxh3-64 of the payload; from [`TABLE_HASH_VERSION`] on, of a Data payload's
+    /// record table only ([`data_table_extent`](super::frame::data_table_extent)).
     pub payload_hash: U64,
     /// xxh3-64 of the 24 header bytes before this field.
     pub header_hash: U64,
