@@ -104,11 +104,7 @@ pub fn client_handshake_up_to<R: Read, W: Write>(
     };
     writer.send(FrameKind::Auth, &[auth.as_bytes()])?;
     match reader.expect(FrameKind::AuthOk, &mut buf) {
-        Ok(_) => {
-            reader.set_version(version);
-            writer.set_version(version);
-            Ok(version)
-        }
+        Ok(_) => Ok(agreed(reader, writer, version)),
         Err(ProtocolError::Remote {
             code: ErrorCode::Auth,
             ..
@@ -188,9 +184,18 @@ pub fn server_handshake<R: Read, W: Write>(
         });
     }
     writer.send(FrameKind::AuthOk, &[])?;
+    Ok(agreed(reader, writer, version))
+}
+
+/// The handshake agreed on `version`: from now on `reader` and `writer` speak it.
+fn agreed<R: Read, W: Write>(
+    reader: &mut FrameReader<R>,
+    writer: &mut FrameWriter<W>,
+    version: u16,
+) -> u16 {
     reader.set_version(version);
     writer.set_version(version);
-    Ok(version)
+    version
 }
 
 #[cfg(test)]
