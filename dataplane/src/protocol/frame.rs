@@ -47,8 +47,8 @@ fn hashes_table_only(kind: FrameKind, version: u16) -> bool {
     kind == FrameKind::Data && version >= TABLE_HASH_VERSION
 }
 
-/// What `hashes_table_only` is decided by before a handshake agreed on a version:
-/// every payload is hashed whole, as up to version 3.
+/// The version a framer speaks until a handshake agreed on one: every payload is
+/// hashed whole, as in versions 2 and 3.
 const VERSION_BEFORE_HANDSHAKE: u16 = 0;
 
 /// Reads frames from a byte stream.
