@@ -11,14 +11,34 @@ const OFF_SEQ: usize = 12;
 const OFF_PAYLOAD_HASH: usize = 16;
 const OFF_HEADER_HASH: usize = 24;
 
+/// How many leading bytes of a frame's payload its `payload_hash` covers: all of them,
+/// but with `table_hashes` (protocol version 4 on) only a Data payload's header,
+/// `record_count` records of 48 bytes and the padding after them to the next 4096-byte
+/// boundary, at most the whole payload, which is also hashed whole when shorter than
+/// the 8-byte header.
+pub fn hashed_len(kind: u8, payload: &[u8], table_hashes: bool) -> usize {
+    if !table_hashes || kind != FrameKind::Data as u8 || payload.len() < 8 {
+        return payload.len();
+    }
+    let records = u64::from(get_u32(payload, 4));
+    let table = (8 + 48 * records).next_multiple_of(4096);
+    usize::try_from(table).map_or(payload.len(), |t| t.min(payload.len()))
+}
+
 /// Appends one well-formed frame to `out`.
 pub fn push(out: &mut Vec<u8>, kind: FrameKind, seq: u32, payload: &[u8]) {
+    push_at(out, kind, seq, payload, false);
+}
+
+/// Appends one well-formed frame to `out`, its payload hashed as [`hashed_len`] says.
+pub fn push_at(out: &mut Vec<u8>, kind: FrameKind, seq: u32, payload: &[u8], table_hashes: bool) {
     let start = out.len();
+    let hashed = &payload[..hashed_len(kind as u8, payload, table_hashes)];
     out.extend_from_slice(&FRAME_MAGIC.to_le_bytes());
     out.extend_from_slice(&[kind as u8, 0, 0, 0]);
     out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
     out.extend_from_slice(&seq.to_le_bytes());
-    out.extend_from_slice(&xxh3_64(payload).to_le_bytes());
+    out.extend_from_slice(&xxh3_64(hashed).to_le_bytes());
     let header_hash = xxh3_64(&out[start..start + OFF_HEADER_HASH]);
     out.extend_from_slice(&header_hash.to_le_bytes());
     out.extend_from_slice(payload);
@@ -26,9 +46,14 @@ pub fn push(out: &mut Vec<u8>, kind: FrameKind, seq: u32, payload: &[u8]) {
 
 /// A stream of well-formed frames with sequence numbers from 0.
 pub fn stream(frames: &[(FrameKind, &[u8])]) -> Vec<u8> {
+    stream_at(frames, false)
+}
+
+/// [`stream`], payloads hashed as [`hashed_len`] says.
+pub fn stream_at(frames: &[(FrameKind, &[u8])], table_hashes: bool) -> Vec<u8> {
     let mut out = Vec::new();
     for (seq, (kind, payload)) in frames.iter().enumerate() {
-        push(&mut out, *kind, seq as u32, payload);
+        push_at(&mut out, *kind, seq as u32, payload, table_hashes);
     }
     out
 }
@@ -50,6 +75,11 @@ fn put_u64(buf: &mut [u8], at: usize, v: u64) {
 /// length cut to what the input holds. Each entropy bit pair may leave one frame's
 /// length or kind as the mutation left it, so the later checks stay reachable too.
 pub fn repair_stream(buf: &mut [u8], entropy: u64) {
+    repair_stream_at(buf, entropy, false);
+}
+
+/// [`repair_stream`], payload hashes as [`hashed_len`] says.
+pub fn repair_stream_at(buf: &mut [u8], entropy: u64, table_hashes: bool) {
     let mut at = 0usize;
     let mut seq = 0u32;
     let mut bits = entropy;
@@ -71,7 +101,9 @@ pub fn repair_stream(buf: &mut [u8], entropy: u64) {
         bits = bits.rotate_right(2);
         put_u32(buf, header + OFF_SEQ, seq);
         let payload_start = header + FRAME_HEADER_LEN;
-        let payload_hash = xxh3_64(&buf[payload_start..payload_start + len.min(room)]);
+        let payload = &buf[payload_start..payload_start + len.min(room)];
+        let hashed = hashed_len(buf[header + OFF_KIND], payload, table_hashes);
+        let payload_hash = xxh3_64(&payload[..hashed]);
         put_u64(buf, header + OFF_PAYLOAD_HASH, payload_hash);
         let header_hash = xxh3_64(&buf[header..header + OFF_HEADER_HASH]);
         put_u64(buf, header + OFF_HEADER_HASH, header_hash);

@@ -19,6 +19,7 @@ use dataplane::protocol::{
     ErrorCode, FrameHeader, FrameKind, FrameReader, FrameWriter, Hello, ManifestBuilder, OpenDisk,
     OpenDiskReply, OpenHeader, ProtocolError, SyncMode, FRAME_MAGIC, MAX_FRAME_PAYLOAD,
     MAX_NAME_LEN, PAYLOAD_ALIGN, PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN, STREAM_START,
+    TABLE_HASH_VERSION,
 };
 use xxhash_rust::xxh3::xxh3_64;
 use zerocopy::{FromBytes, IntoBytes};
@@ -105,6 +106,8 @@ struct Raw {
     /// Sequence number of the next frame we send (FrameWriter counts its own; frames
     /// built by hand are numbered from this).
     next_seq: u32,
+    /// The protocol version agreed at the handshake (before it: the lowest).
+    version: u16,
     /// Per opened disk, the manifest of the Data and Zero frames sent through `send`,
     /// as a real source would put it in its Commit.
     manifests: Vec<ManifestBuilder>,
@@ -122,16 +125,33 @@ impl Raw {
             writer: FrameWriter::new(stream.try_clone().unwrap()),
             stream,
             next_seq: 0,
+            version: PROTOCOL_VERSION_MIN,
             manifests: Vec::new(),
         }
     }
 
     fn authenticated(fx: &Fixture) -> Raw {
+        Raw::authenticated_up_to(fx, PROTOCOL_VERSION_MAX)
+    }
+
+    /// A client that speaks protocol versions up to `version_max`, as an older source.
+    fn authenticated_up_to(fx: &Fixture, version_max: u16) -> Raw {
         let mut raw = Raw::connect(fx);
-        auth::client_handshake(&mut raw.reader, &mut raw.writer, &fx.pair.psk)
-            .expect("handshake with the right key");
+        raw.version = auth::client_handshake_up_to(
+            &mut raw.reader,
+            &mut raw.writer,
+            &fx.pair.psk,
+            version_max,
+        )
+        .expect("handshake with the right key");
+        assert_eq!(raw.version, version_max);
         raw.next_seq = 2; // Hello, Auth
         raw
+    }
+
+    /// The next frame, built by hand for the version agreed.
+    fn frame_bytes(&self, kind: FrameKind, payload: &[u8]) -> Vec<u8> {
+        frame_bytes(self.version, kind as u8, self.next_seq, payload)
     }
 
     fn send(&mut self, kind: FrameKind, parts: &[&[u8]]) {
@@ -259,8 +279,10 @@ fn open_disk(name: &str, mode: SyncMode, size: u64) -> OpenDisk {
     }
 }
 
-/// A frame built by hand: header with both checksums, then the payload.
-fn frame_bytes(kind: u8, seq: u32, payload: &[u8]) -> Vec<u8> {
+/// A frame built by hand for protocol `version`: header with both checksums, then the
+/// payload.
+fn frame_bytes(version: u16, kind: u8, seq: u32, payload: &[u8]) -> Vec<u8> {
+    let hashed = &payload[..hashed_len(version, kind, payload)];
     let mut header = FrameHeader {
         magic: FRAME_MAGIC.into(),
         kind,
@@ -268,13 +290,25 @@ fn frame_bytes(kind: u8, seq: u32, payload: &[u8]) -> Vec<u8> {
         reserved: 0.into(),
         payload_len: (payload.len() as u32).into(),
         seq: seq.into(),
-        payload_hash: xxh3_64(payload).into(),
+        payload_hash: xxh3_64(hashed).into(),
         header_hash: 0.into(),
     };
     header.header_hash = xxh3_64(&header.as_bytes()[..24]).into();
     let mut out = header.as_bytes().to_vec();
     out.extend_from_slice(payload);
     out
+}
+
+/// How many leading bytes of `payload` the payload hash of a frame of `kind` covers
+/// under `version` (docs/protocol.md, "Frames"): all of them, but from version 4 only
+/// a Data payload's header, records and the padding after them to the next 4096-byte
+/// boundary (at most the whole payload).
+fn hashed_len(version: u16, kind: u8, payload: &[u8]) -> usize {
+    if kind != FrameKind::Data as u8 || version < TABLE_HASH_VERSION || payload.len() < 8 {
+        return payload.len();
+    }
+    let records = u32::from_le_bytes(payload[4..8].try_into().unwrap()) as usize;
+    (8 + 48 * records).next_multiple_of(4096).min(payload.len())
 }
 
 /// A Data payload of raw blocks: `(offset, bytes, hash)` per record, payloads aligned.
@@ -400,7 +434,12 @@ fn wrong_key_via_raw_client_is_refused() {
     // A client that sends data without even a Hello.
     let mut raw = Raw::connect(&fx);
     let payload = data_payload(0, &[block_at(0, 0xAB)]);
-    raw.send_raw(&frame_bytes(FrameKind::Data as u8, 0, &payload));
+    raw.send_raw(&frame_bytes(
+        raw.version,
+        FrameKind::Data as u8,
+        0,
+        &payload,
+    ));
     let (code, message) = raw.expect_error("data before hello");
     assert_eq!(code, ErrorCode::Protocol, "{message}");
 
@@ -467,7 +506,7 @@ fn truncated_frame_is_refused() {
     // Half a frame, then the source stops sending (but still listens).
     let mut raw = Raw::authenticated(&fx);
     raw.open(&[("d0", SyncMode::Full, size)]).unwrap();
-    let bytes = frame_bytes(FrameKind::Data as u8, raw.next_seq, &payload);
+    let bytes = raw.frame_bytes(FrameKind::Data, &payload);
     raw.send_raw(&bytes[..bytes.len() / 2]);
     raw.stream.shutdown(Shutdown::Write).unwrap();
     assert_error(
@@ -500,43 +539,89 @@ fn truncated_frame_is_refused() {
     fx.assert_target_still_serves();
 }
 
+/// Every byte of a Data frame is covered by a checksum: before version 4 the frame's
+/// payload checksum covers all of them; from version 4 it covers the record table, and
+/// each block's bytes (raw or compressed) are covered by its record's hash. Whichever
+/// catches a damaged byte, the frame is refused and nothing is written.
 #[test]
 fn corrupted_frame_is_refused() {
     let fx = Fixture::new("corrupted_frame_is_refused");
-    let size = fx.disk_size(0);
-    let payload = data_payload(0, &[block_at(0, 0xAB)]);
-
-    // A payload byte flipped after the checksum was computed (inside the block data).
-    let mut raw = Raw::authenticated(&fx);
-    raw.open(&[("d0", SyncMode::Full, size)]).unwrap();
-    let mut bytes = frame_bytes(FrameKind::Data as u8, raw.next_seq, &payload);
-    let last = bytes.len() - 100;
-    bytes[last] ^= 0x10;
-    raw.send_raw(&bytes);
-    assert_error(
-        "payload corrupted",
-        raw.expect_error("payload corrupted"),
-        ErrorCode::Integrity,
-        &["checksum"],
-    );
-
-    // A byte of the record table flipped (the block's offset).
-    let mut raw = Raw::authenticated(&fx);
-    raw.open(&[("d0", SyncMode::Full, size)]).unwrap();
-    let mut bytes = frame_bytes(FrameKind::Data as u8, raw.next_seq, &payload);
-    bytes[32 + 8 + 1] ^= 0x01;
-    raw.send_raw(&bytes);
-    assert_error(
-        "table corrupted",
-        raw.expect_error("table corrupted"),
-        ErrorCode::Integrity,
-        &["checksum"],
-    );
+    let raw_frame = data_payload(0, &[block_at(0, 0xAB)]);
+    let zstd_frame = compressed_payload(0);
+    // Where the flipped byte is, and what the version-4 target says about it.
+    let offset_byte = 8 + 1; // the second byte of the first record's offset
+    let cases: [(&str, &[u8], usize, &[&str]); 4] = [
+        (
+            "raw block",
+            &raw_frame,
+            raw_frame.len() - 100,
+            &["offset 0", "hash check"],
+        ),
+        (
+            "compressed block",
+            &zstd_frame,
+            zstd_frame.len() / 2 + PAYLOAD_ALIGN / 2,
+            &["offset 0", "hash check"],
+        ),
+        (
+            "record offset, raw frame",
+            &raw_frame,
+            offset_byte,
+            &["record table checksum"],
+        ),
+        (
+            "record offset, compressed frame",
+            &zstd_frame,
+            offset_byte,
+            &["record table checksum"],
+        ),
+    ];
+    for version in [TABLE_HASH_VERSION - 1, TABLE_HASH_VERSION] {
+        for (what, payload, at, v4_words) in cases {
+            let case = format!("version {version}: {what} corrupted");
+            assert!(at < payload.len(), "{case}");
+            let mut raw = Raw::authenticated_up_to(&fx, version);
+            raw.open(&[("d0", SyncMode::Full, fx.disk_size(0))])
+                .unwrap();
+            let mut bytes = raw.frame_bytes(FrameKind::Data, payload);
+            bytes[32 + at] ^= 0x10;
+            raw.send_raw(&bytes);
+            let words = if version < TABLE_HASH_VERSION {
+                &["payload checksum"][..]
+            } else {
+                v4_words
+            };
+            assert_error(&case, raw.expect_error(&case), ErrorCode::Integrity, words);
+            fx.assert_nothing_written(&case);
+        }
+    }
+    // Undamaged, the same frames pass at either version: the bad block hash of the
+    // frame after them is what is refused.
+    for version in [TABLE_HASH_VERSION - 1, TABLE_HASH_VERSION] {
+        for (what, payload) in [("raw", &raw_frame), ("compressed", &zstd_frame)] {
+            let case = format!("version {version}: a good {what} frame, then a bad block");
+            let mut raw = Raw::authenticated_up_to(&fx, version);
+            raw.open(&[("d0", SyncMode::Full, fx.disk_size(0))])
+                .unwrap();
+            raw.send(FrameKind::Data, &[payload]);
+            let (offset, data, mut hash) = block_at(RAW_BLOCK, 0xCD);
+            hash[0] ^= 1;
+            raw.send(
+                FrameKind::Data,
+                &[&data_payload(0, &[(offset, data, hash)])],
+            );
+            let words = [format!("offset {RAW_BLOCK} "), "hash check".to_string()];
+            let words: Vec<&str> = words.iter().map(String::as_str).collect();
+            assert_error(&case, raw.expect_error(&case), ErrorCode::Integrity, &words);
+            fx.assert_nothing_written(&case);
+        }
+    }
 
     // A header byte flipped (payload length).
     let mut raw = Raw::authenticated(&fx);
-    raw.open(&[("d0", SyncMode::Full, size)]).unwrap();
-    let mut bytes = frame_bytes(FrameKind::Data as u8, raw.next_seq, &payload);
+    raw.open(&[("d0", SyncMode::Full, fx.disk_size(0))])
+        .unwrap();
+    let mut bytes = raw.frame_bytes(FrameKind::Data, &raw_frame);
     bytes[9] ^= 0x01;
     raw.send_raw(&bytes[..32]);
     assert_error(
@@ -548,6 +633,39 @@ fn corrupted_frame_is_refused() {
 
     fx.assert_nothing_written("corrupted frame");
     fx.assert_target_still_serves();
+}
+
+/// A Data payload of one compressed block at `offset`, laid out as the source lays out
+/// a compressed frame: header, record, padding to PAYLOAD_ALIGN, the zstd frame.
+fn compressed_payload(offset: u64) -> Vec<u8> {
+    // Text-like content: compressible, so the block travels as a zstd frame, whose
+    // literals are entropy coded (a flipped byte changes what it decompresses to).
+    let mut rng = Rng::new(7);
+    let content: Vec<u8> = (0..RAW_BLOCK)
+        .map(|_| b"ferry replicates blocks "[rng.below(24) as usize])
+        .collect();
+    let compressed = zstd::bulk::compress(&content, 1).unwrap();
+    assert!(compressed.len() < content.len() / 2);
+    let record = BlockRecord {
+        offset: offset.into(),
+        length: (RAW_BLOCK as u32).into(),
+        stored_len: (compressed.len() as u32).into(),
+        payload_offset: (PAYLOAD_ALIGN as u32).into(),
+        codec: Codec::Zstd as u8,
+        stream: 0,
+        stream_flags: 0,
+        reserved: 0,
+        hash: block_hash(&content),
+        reserved2: 0.into(),
+    };
+    let header = DataHeader {
+        disk: 0.into(),
+        record_count: 1.into(),
+    };
+    let mut out = [header.as_bytes(), record.as_bytes()].concat();
+    out.resize(PAYLOAD_ALIGN, 0);
+    out.extend_from_slice(&compressed);
+    out
 }
 
 #[test]
@@ -591,7 +709,12 @@ fn wrong_sequence_number_is_refused() {
         let mut raw = Raw::authenticated(&fx);
         raw.open(&[("d0", SyncMode::Full, size)]).unwrap();
         let seq = (raw.next_seq as i64 + delta) as u32;
-        raw.send_raw(&frame_bytes(FrameKind::Data as u8, seq, &payload));
+        raw.send_raw(&frame_bytes(
+            raw.version,
+            FrameKind::Data as u8,
+            seq,
+            &payload,
+        ));
         assert_error(
             case,
             raw.expect_error(case),
@@ -602,7 +725,7 @@ fn wrong_sequence_number_is_refused() {
     // An unknown frame kind with valid checksums.
     let mut raw = Raw::authenticated(&fx);
     raw.open(&[("d0", SyncMode::Full, size)]).unwrap();
-    raw.send_raw(&frame_bytes(99, raw.next_seq, b"hello"));
+    raw.send_raw(&frame_bytes(raw.version, 99, raw.next_seq, b"hello"));
     assert_error(
         "unknown kind",
         raw.expect_error("unknown kind"),
@@ -743,6 +866,10 @@ fn block_hash_mismatch_is_refused() {
     fx.assert_target_still_serves();
 }
 
+/// A bad stream chunk: what it is, the highest version the client offers, the chunk,
+/// its stream and flags, and the error it must get.
+type StreamCase<'a> = (&'a str, u16, &'a [u8], u8, u8, ErrorCode, &'a [&'a str]);
+
 /// A chunk of a compression stream (protocol 4) that is out of its stream, damaged or
 /// longer than its block, or sent in a session that predates streams, is refused and
 /// nothing is written.
@@ -757,7 +884,7 @@ fn stream_chunks_out_of_their_stream_are_refused() {
     chunk.truncate(n);
     assert_eq!(start, STREAM_START);
     let bomb = zstd::bulk::compress(&vec![0x5Au8; 16 << 20], 1).unwrap();
-    let cases: [(&str, u16, &[u8], u8, u8, ErrorCode, &[&str]); 5] = [
+    let cases: [StreamCase<'_>; 5] = [
         (
             "a continuation of a stream never started",
             PROTOCOL_VERSION_MAX,
@@ -807,7 +934,7 @@ fn stream_chunks_out_of_their_stream_are_refused() {
     for (case, version, payload, stream, flags, code, words) in cases {
         let mut raw = Raw::connect(&fx);
         let got =
-            auth::client_handshake_upto(&mut raw.reader, &mut raw.writer, &fx.pair.psk, version)
+            auth::client_handshake_up_to(&mut raw.reader, &mut raw.writer, &fx.pair.psk, version)
                 .expect("handshake with the right key");
         assert_eq!(got, version, "{case}");
         raw.next_seq = 2;

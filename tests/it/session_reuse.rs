@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use crate::common::proxy::{Dir, Fault};
 use crate::common::rig::{assert_point_in_time, Guest, Rig, RigSpec};
 use crate::common::TargetProc;
+use dataplane::protocol::PROTOCOL_VERSION_MAX;
 
 const DISK_BYTES: u64 = 8 << 20;
 /// The guest's largest write, in sectors.
@@ -59,8 +60,7 @@ fn sessions(rig: &Rig) -> usize {
     rig.target
         .stderr()
         .matches(&format!(
-            "authenticated (protocol version {})",
-            dataplane::protocol::PROTOCOL_VERSION_MAX
+            "authenticated (protocol version {PROTOCOL_VERSION_MAX})"
         ))
         .count()
 }

@@ -48,27 +48,28 @@ fn nonce() -> Result<[u8; NONCE_LEN], ProtocolError> {
     Ok(n)
 }
 
-/// Client side of the handshake. Returns the negotiated protocol version.
+/// Client side of the handshake. Returns the negotiated protocol version, which
+/// `reader` and `writer` then speak.
 pub fn client_handshake<R: Read, W: Write>(
     reader: &mut FrameReader<R>,
     writer: &mut FrameWriter<W>,
     key: &[u8; 32],
 ) -> Result<u16, ProtocolError> {
-    client_handshake_upto(reader, writer, key, PROTOCOL_VERSION_MAX)
+    client_handshake_up_to(reader, writer, key, PROTOCOL_VERSION_MAX)
 }
 
-/// [`client_handshake`] offering versions up to `max` only, as an older client does
-/// (tests of what a server does with an older peer).
-pub fn client_handshake_upto<R: Read, W: Write>(
+/// [`client_handshake`] offering versions only up to `version_max`, as a client of an
+/// older build would (tests of how a target serves one).
+pub fn client_handshake_up_to<R: Read, W: Write>(
     reader: &mut FrameReader<R>,
     writer: &mut FrameWriter<W>,
     key: &[u8; 32],
-    max: u16,
+    version_max: u16,
 ) -> Result<u16, ProtocolError> {
     let client_nonce = nonce()?;
     let hello = Hello {
         version_min: PROTOCOL_VERSION_MIN.into(),
-        version_max: max.min(PROTOCOL_VERSION_MAX).into(),
+        version_max: version_max.into(),
         flags: 0.into(),
         nonce: client_nonce,
     };
@@ -79,10 +80,10 @@ pub fn client_handshake_upto<R: Read, W: Write>(
         what: "challenge frame has the wrong length",
     })?;
     let version = challenge.version.get();
-    if !(PROTOCOL_VERSION_MIN..=PROTOCOL_VERSION_MAX).contains(&version) {
+    if !(PROTOCOL_VERSION_MIN..=version_max).contains(&version) {
         return Err(ProtocolError::Version {
             offered_min: PROTOCOL_VERSION_MIN,
-            offered_max: PROTOCOL_VERSION_MAX,
+            offered_max: version_max,
             peer: version,
         });
     }
@@ -103,7 +104,7 @@ pub fn client_handshake_upto<R: Read, W: Write>(
     };
     writer.send(FrameKind::Auth, &[auth.as_bytes()])?;
     match reader.expect(FrameKind::AuthOk, &mut buf) {
-        Ok(_) => Ok(version),
+        Ok(_) => Ok(agreed(reader, writer, version)),
         Err(ProtocolError::Remote {
             code: ErrorCode::Auth,
             ..
@@ -114,7 +115,9 @@ pub fn client_handshake_upto<R: Read, W: Write>(
     }
 }
 
-/// Server side of the handshake. On failure an Error frame has been sent to the peer.
+/// Server side of the handshake: returns the negotiated protocol version, which
+/// `reader` and `writer` then speak. On failure an Error frame has been sent to the
+/// peer.
 pub fn server_handshake<R: Read, W: Write>(
     reader: &mut FrameReader<R>,
     writer: &mut FrameWriter<W>,
@@ -181,7 +184,18 @@ pub fn server_handshake<R: Read, W: Write>(
         });
     }
     writer.send(FrameKind::AuthOk, &[])?;
-    Ok(version)
+    Ok(agreed(reader, writer, version))
+}
+
+/// The handshake agreed on `version`: from now on `reader` and `writer` speak it.
+fn agreed<R: Read, W: Write>(
+    reader: &mut FrameReader<R>,
+    writer: &mut FrameWriter<W>,
+    version: u16,
+) -> u16 {
+    reader.set_version(version);
+    writer.set_version(version);
+    version
 }
 
 #[cfg(test)]
@@ -193,15 +207,42 @@ mod tests {
         client_key: [u8; 32],
         server_key: [u8; 32],
     ) -> (Result<u16, ProtocolError>, Result<u16, ProtocolError>) {
+        run_up_to(client_key, server_key, PROTOCOL_VERSION_MAX)
+    }
+
+    /// A handshake whose client offers up to `version_max`; after it, each side sends
+    /// a Data frame at the version it agreed, and each side's reader must accept the
+    /// other's: both sides' framers speak the agreed version.
+    fn run_up_to(
+        client_key: [u8; 32],
+        server_key: [u8; 32],
+        version_max: u16,
+    ) -> (Result<u16, ProtocolError>, Result<u16, ProtocolError>) {
+        fn exchange(
+            r: &mut FrameReader<UnixStream>,
+            w: &mut FrameWriter<UnixStream>,
+        ) -> Result<(), ProtocolError> {
+            // A table (header, one record, padding) and a block after it: a version-4
+            // frame hashes the first 4096 bytes only, an older one all of them.
+            let mut data = vec![0u8; 8192];
+            data[4] = 1;
+            data[5000] = 1;
+            w.send(FrameKind::Data, &[&data])?;
+            let mut buf = vec![0u8; data.len()];
+            r.expect(FrameKind::Data, &mut buf).map(|_| ())
+        }
         let (a, b) = UnixStream::pair().unwrap();
         let server = std::thread::spawn(move || {
             let mut r = FrameReader::new(b.try_clone().unwrap());
             let mut w = FrameWriter::new(b);
-            server_handshake(&mut r, &mut w, &server_key)
+            let v = server_handshake(&mut r, &mut w, &server_key)?;
+            exchange(&mut r, &mut w)?;
+            Ok(v)
         });
         let mut r = FrameReader::new(a.try_clone().unwrap());
         let mut w = FrameWriter::new(a);
-        let c = client_handshake(&mut r, &mut w, &client_key);
+        let c = client_handshake_up_to(&mut r, &mut w, &client_key, version_max);
+        let c = c.and_then(|v| exchange(&mut r, &mut w).map(|()| v));
         drop((r, w));
         (c, server.join().unwrap())
     }
@@ -211,6 +252,15 @@ mod tests {
         let (c, s) = run([7; 32], [7; 32]);
         assert_eq!(c.unwrap(), PROTOCOL_VERSION_MAX);
         assert_eq!(s.unwrap(), PROTOCOL_VERSION_MAX);
+    }
+
+    #[test]
+    fn an_older_client_gets_its_version_on_both_sides() {
+        for version in PROTOCOL_VERSION_MIN..PROTOCOL_VERSION_MAX {
+            let (c, s) = run_up_to([7; 32], [7; 32], version);
+            assert_eq!(c.unwrap(), version);
+            assert_eq!(s.unwrap(), version);
+        }
     }
 
     #[test]

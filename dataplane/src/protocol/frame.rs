@@ -3,6 +3,11 @@
 //! The reader validates in the order that lets nothing unverified through: magic,
 //! header checksum, kind, length bound, sequence number — all before a payload byte is
 //! read — then the payload checksum before the payload is handed to the caller.
+//!
+//! The payload checksum covers the whole payload, except that of a Data frame once
+//! the handshake agreed on [`TABLE_HASH_VERSION`] or later: it covers the record table
+//! ([`data_table_extent`]), and the block payloads are left to their records' block
+//! hashes, which the target verifies before it writes anything.
 
 use std::io::{self, IoSlice, Read, Write};
 
@@ -11,10 +16,40 @@ use zerocopy::{FromBytes, IntoBytes};
 
 use super::deadline::FrameDeadline;
 use super::wire::{
-    ErrorCode, ErrorHeader, FrameHeader, FrameKind, FRAME_HEADER_LEN, FRAME_MAGIC,
-    MAX_ERROR_MESSAGE, MAX_FRAME_PAYLOAD,
+    DataHeader, ErrorCode, ErrorHeader, FrameHeader, FrameKind, BLOCK_RECORD_LEN, FRAME_HEADER_LEN,
+    FRAME_MAGIC, MAX_ERROR_MESSAGE, MAX_FRAME_PAYLOAD, PAYLOAD_ALIGN, TABLE_HASH_VERSION,
 };
 use super::ProtocolError;
+
+/// How many leading bytes of a Data payload of `payload_len` bytes that starts with
+/// `prefix` its frame's payload hash covers from [`TABLE_HASH_VERSION`] on: the
+/// [`DataHeader`], its `record_count` records and the padding after them up to the
+/// next [`PAYLOAD_ALIGN`] boundary (where the sender places the first block payload) —
+/// or the whole payload, when it is shorter than that or than a `DataHeader`.
+///
+/// A damaged `record_count` moves the end of the covered range, so the hash of the
+/// range the receiver computes does not match the sender's either.
+pub fn data_table_extent(payload_len: usize, prefix: &[u8]) -> usize {
+    let Ok((header, _)) = DataHeader::ref_from_prefix(prefix) else {
+        return payload_len;
+    };
+    (header.record_count.get() as usize)
+        .checked_mul(BLOCK_RECORD_LEN)
+        .and_then(|n| n.checked_add(DATA_HEADER_LEN))
+        .and_then(|n| n.checked_next_multiple_of(PAYLOAD_ALIGN))
+        .map_or(payload_len, |n| n.min(payload_len))
+}
+
+const DATA_HEADER_LEN: usize = core::mem::size_of::<DataHeader>();
+
+/// True when a frame of `kind` hashes only its record table under `version`.
+fn hashes_table_only(kind: FrameKind, version: u16) -> bool {
+    kind == FrameKind::Data && version >= TABLE_HASH_VERSION
+}
+
+/// The version a framer speaks until a handshake agreed on one: every payload is
+/// hashed whole, as in versions 2 and 3.
+const VERSION_BEFORE_HANDSHAKE: u16 = 0;
 
 /// Reads frames from a byte stream.
 pub struct FrameReader<R> {
@@ -23,6 +58,8 @@ pub struct FrameReader<R> {
     next_seq: u32,
     /// Started for every header and every payload read (see [`FrameDeadline`]).
     deadline: Option<FrameDeadline>,
+    /// The protocol version the handshake agreed (see [`FrameReader::set_version`]).
+    version: u16,
 }
 
 /// A validated frame header: the payload has not been read yet.
@@ -39,6 +76,7 @@ impl<R: Read> FrameReader<R> {
             inner,
             next_seq: 0,
             deadline: None,
+            version: VERSION_BEFORE_HANDSHAKE,
         }
     }
 
@@ -52,7 +90,14 @@ impl<R: Read> FrameReader<R> {
             inner,
             next_seq: 0,
             deadline: Some(deadline),
+            version: VERSION_BEFORE_HANDSHAKE,
         }
+    }
+
+    /// Reads the frames that follow under protocol `version`, which decides what a Data
+    /// frame's payload hash covers; the handshake sets it once the version is agreed.
+    pub fn set_version(&mut self, version: u16) {
+        self.version = version;
     }
 
     fn start_deadline(&self) {
@@ -117,7 +162,9 @@ impl<R: Read> FrameReader<R> {
         }))
     }
 
-    /// Reads the payload of `incoming` into `buf[..payload_len]` and verifies it.
+    /// Reads the payload of `incoming` into `buf[..payload_len]` and verifies its
+    /// checksum: over the whole payload, or only the record table of a Data frame from
+    /// [`TABLE_HASH_VERSION`] on (its blocks are the caller's to verify).
     pub fn read_payload<'b>(
         &mut self,
         incoming: &Incoming,
@@ -142,7 +189,12 @@ impl<R: Read> FrameReader<R> {
                 ProtocolError::io("reading frame payload", e)
             }
         })?;
-        if xxh3_64(payload) != incoming.payload_hash {
+        if hashes_table_only(incoming.kind, self.version) {
+            let covered = data_table_extent(len, payload);
+            if xxh3_64(&payload[..covered]) != incoming.payload_hash {
+                return Err(ProtocolError::TableChecksum);
+            }
+        } else if xxh3_64(payload) != incoming.payload_hash {
             return Err(ProtocolError::PayloadChecksum {
                 kind: incoming.kind,
             });
@@ -205,6 +257,8 @@ pub struct FrameWriter<W> {
     next_seq: u32,
     /// Started for every frame sent (see [`FrameDeadline`]).
     deadline: Option<FrameDeadline>,
+    /// The protocol version the handshake agreed (see [`FrameWriter::set_version`]).
+    version: u16,
 }
 
 impl<W: Write> FrameWriter<W> {
@@ -213,6 +267,7 @@ impl<W: Write> FrameWriter<W> {
             inner,
             next_seq: 0,
             deadline: None,
+            version: VERSION_BEFORE_HANDSHAKE,
         }
     }
 
@@ -225,11 +280,18 @@ impl<W: Write> FrameWriter<W> {
             inner,
             next_seq: 0,
             deadline: Some(deadline),
+            version: VERSION_BEFORE_HANDSHAKE,
         }
     }
 
     pub fn get_ref(&self) -> &W {
         &self.inner
+    }
+
+    /// Sends the frames that follow under protocol `version`, which decides what a Data
+    /// frame's payload hash covers; the handshake sets it once the version is agreed.
+    pub fn set_version(&mut self, version: u16) {
+        self.version = version;
     }
 
     /// Sends one frame whose payload is the concatenation of `parts`, with one
@@ -240,9 +302,18 @@ impl<W: Write> FrameWriter<W> {
             payload_len <= MAX_FRAME_PAYLOAD,
             "frame of {payload_len} bytes built past the protocol bound"
         );
+        let covered = if hashes_table_only(kind, self.version) {
+            let (prefix, got) = payload_prefix(parts);
+            data_table_extent(payload_len, &prefix[..got])
+        } else {
+            payload_len
+        };
         let mut hasher = Xxh3::new();
+        let mut left = covered;
         for part in parts {
-            hasher.update(part);
+            let n = part.len().min(left);
+            hasher.update(&part[..n]);
+            left -= n;
         }
         let mut header = FrameHeader {
             magic: FRAME_MAGIC.into(),
@@ -301,6 +372,19 @@ impl<W: Write> FrameWriter<W> {
             .flush()
             .map_err(|e| ProtocolError::io("flushing", e))
     }
+}
+
+/// The first bytes of the payload made of `parts`, as many as a [`DataHeader`] has
+/// (fewer when the payload is shorter): the array and how many of its bytes are set.
+fn payload_prefix(parts: &[&[u8]]) -> ([u8; DATA_HEADER_LEN], usize) {
+    let mut prefix = [0u8; DATA_HEADER_LEN];
+    let mut got = 0;
+    for part in parts {
+        let n = part.len().min(DATA_HEADER_LEN - got);
+        prefix[got..got + n].copy_from_slice(&part[..n]);
+        got += n;
+    }
+    (prefix, got)
 }
 
 fn write_all_vectored<W: Write>(w: &mut W, mut bufs: &mut [IoSlice<'_>]) -> io::Result<()> {
@@ -395,6 +479,148 @@ mod tests {
         assert!(matches!(
             r.next_header(),
             Err(ProtocolError::Oversized { .. })
+        ));
+    }
+
+    /// A Data payload as the source lays it out: header, `records` records, zero
+    /// padding to PAYLOAD_ALIGN, then `blocks` bytes of block payload.
+    fn data_payload(records: u32, blocks: usize) -> Vec<u8> {
+        let mut p = DataHeader {
+            disk: 0.into(),
+            record_count: records.into(),
+        }
+        .as_bytes()
+        .to_vec();
+        p.extend((0..records as usize * BLOCK_RECORD_LEN).map(|i| i as u8 | 1));
+        p.resize(p.len().next_multiple_of(PAYLOAD_ALIGN), 0);
+        p.extend((0..blocks).map(|i| (i * 7) as u8));
+        p
+    }
+
+    /// `payload` sent as a Data frame in `parts` by a writer at `version`, read by a
+    /// reader at `version` after flipping `flip` (a payload byte index).
+    fn data_at(version: u16, payload: &[u8], flip: Option<usize>) -> Result<(), ProtocolError> {
+        let mut wire = Vec::new();
+        let mut w = FrameWriter::new(&mut wire);
+        w.set_version(version);
+        let (a, b) = payload.split_at(3.min(payload.len()));
+        w.send(FrameKind::Data, &[a, &[], b]).unwrap();
+        if let Some(i) = flip {
+            wire[FRAME_HEADER_LEN + i] ^= 0x20;
+        }
+        let mut r = FrameReader::new(&wire[..]);
+        r.set_version(version);
+        let mut buf = vec![0u8; payload.len()];
+        let (kind, got) = r.read_frame(&mut buf)?.unwrap();
+        assert_eq!(kind, FrameKind::Data);
+        assert_eq!(got.len(), payload.len());
+        Ok(())
+    }
+
+    #[test]
+    fn the_table_extent_is_the_padded_table_or_the_whole_payload() {
+        let header = |n: u32| {
+            DataHeader {
+                disk: 9.into(),
+                record_count: n.into(),
+            }
+            .as_bytes()
+            .to_vec()
+        };
+        assert_eq!(data_table_extent(1 << 20, &header(1)), PAYLOAD_ALIGN);
+        assert_eq!(data_table_extent(1 << 20, &header(85)), PAYLOAD_ALIGN);
+        assert_eq!(data_table_extent(1 << 20, &header(86)), 2 * PAYLOAD_ALIGN);
+        assert_eq!(data_table_extent(1 << 20, &header(0)), PAYLOAD_ALIGN);
+        // Shorter than its table, or than a header: the whole payload.
+        assert_eq!(data_table_extent(100, &header(1)), 100);
+        assert_eq!(data_table_extent(7, &header(1)[..7]), 7);
+        assert_eq!(data_table_extent(1 << 20, &header(u32::MAX)), 1 << 20);
+    }
+
+    #[test]
+    fn from_version_4_a_data_frame_hashes_its_table_only() {
+        let payload = data_payload(3, 3 * 4096 + 100);
+        let table = data_table_extent(payload.len(), &payload);
+        assert_eq!(table, PAYLOAD_ALIGN);
+        assert!(data_at(TABLE_HASH_VERSION, &payload, None).is_ok());
+        // Every byte of the table and its padding is covered...
+        for i in 0..table {
+            assert!(
+                matches!(
+                    data_at(TABLE_HASH_VERSION, &payload, Some(i)),
+                    Err(ProtocolError::TableChecksum)
+                ),
+                "flip at table byte {i} accepted"
+            );
+        }
+        // ...the blocks are left to their records' hashes.
+        for i in [table, table + 1, payload.len() / 2, payload.len() - 1] {
+            assert!(
+                data_at(TABLE_HASH_VERSION, &payload, Some(i)).is_ok(),
+                "{i}"
+            );
+        }
+    }
+
+    #[test]
+    fn before_version_4_a_data_frame_hashes_its_whole_payload() {
+        let payload = data_payload(3, 3 * 4096 + 100);
+        for version in [VERSION_BEFORE_HANDSHAKE, 2, TABLE_HASH_VERSION - 1] {
+            assert!(data_at(version, &payload, None).is_ok());
+            for i in [0, 8, 100, 4096, 4097, payload.len() / 2, payload.len() - 1] {
+                assert!(
+                    matches!(
+                        data_at(version, &payload, Some(i)),
+                        Err(ProtocolError::PayloadChecksum {
+                            kind: FrameKind::Data
+                        })
+                    ),
+                    "version {version}: flip at byte {i} accepted"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn short_data_frames_hash_whole_and_other_kinds_never_change() {
+        // A payload that ends inside its table (or its header) is covered whole.
+        for payload in [data_payload(2, 0)[..60].to_vec(), vec![1, 2, 3]] {
+            for i in 0..payload.len() {
+                assert!(data_at(TABLE_HASH_VERSION, &payload, Some(i)).is_err());
+            }
+        }
+        // Every other kind is hashed whole at version 4 too.
+        let payload = data_payload(1, 8192);
+        let mut wire = Vec::new();
+        let mut w = FrameWriter::new(&mut wire);
+        w.set_version(TABLE_HASH_VERSION);
+        w.send(FrameKind::Hashes, &[&payload]).unwrap();
+        let last = wire.len() - 1;
+        wire[last] ^= 1;
+        let mut r = FrameReader::new(&wire[..]);
+        r.set_version(TABLE_HASH_VERSION);
+        let mut buf = vec![0u8; payload.len()];
+        assert!(matches!(
+            r.read_frame(&mut buf),
+            Err(ProtocolError::PayloadChecksum {
+                kind: FrameKind::Hashes
+            })
+        ));
+    }
+
+    #[test]
+    fn both_sides_must_agree_on_the_version() {
+        let payload = data_payload(1, 4096);
+        let mut wire = Vec::new();
+        let mut w = FrameWriter::new(&mut wire);
+        w.set_version(TABLE_HASH_VERSION);
+        w.send(FrameKind::Data, &[&payload]).unwrap();
+        let mut r = FrameReader::new(&wire[..]);
+        r.set_version(TABLE_HASH_VERSION - 1);
+        let mut buf = vec![0u8; payload.len()];
+        assert!(matches!(
+            r.read_frame(&mut buf),
+            Err(ProtocolError::PayloadChecksum { .. })
         ));
     }
 

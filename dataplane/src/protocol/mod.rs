@@ -11,7 +11,7 @@ pub mod wire;
 pub mod zstream;
 
 pub use deadline::{tune_socket, DeadlineExceeded, FrameDeadline, TimedStream};
-pub use frame::{FrameReader, FrameWriter, Incoming};
+pub use frame::{data_table_extent, FrameReader, FrameWriter, Incoming};
 pub use manifest::ManifestBuilder;
 pub use wire::*;
 
@@ -42,6 +42,11 @@ pub enum ProtocolError {
     HeaderChecksum,
     #[error("{kind:?} frame payload checksum mismatch: corrupted on the wire")]
     PayloadChecksum { kind: FrameKind },
+    /// From [`TABLE_HASH_VERSION`] on, the checksum of a Data frame covers its record
+    /// table (block offsets, lengths, codecs, payload offsets and hashes), and that
+    /// did not match.
+    #[error("Data frame record table checksum mismatch: corrupted on the wire")]
+    TableChecksum,
     #[error("unknown frame kind {kind}")]
     UnknownKind { kind: u8 },
     #[error("{kind:?} frame of {len} bytes exceeds the limit of {max} bytes")]
@@ -99,7 +104,9 @@ impl ProtocolError {
             Self::Version { .. } => ErrorCode::Version,
             Self::Remote { code, .. } => *code,
             Self::Io { .. } | Self::TimedOut { .. } => ErrorCode::Io,
-            Self::PayloadChecksum { .. } | Self::HeaderChecksum => ErrorCode::Integrity,
+            Self::PayloadChecksum { .. } | Self::TableChecksum | Self::HeaderChecksum => {
+                ErrorCode::Integrity
+            }
             _ => ErrorCode::Protocol,
         }
     }

@@ -21,8 +21,9 @@ pub const FRAME_MAGIC: u32 = u32::from_le_bytes(*b"FRY1");
 /// Version 3 lets a Data record carry part of a block ([`GRANULE_RECORDS_VERSION`]).
 /// A version-2 peer is still served: its records are whole blocks.
 ///
-/// Version 4 adds compression streams ([`STREAM_RECORDS_VERSION`]). Older peers get
-/// blocks compressed one by one.
+/// Version 4 hashes only a Data frame's record table ([`TABLE_HASH_VERSION`]) and adds
+/// compression streams ([`STREAM_RECORDS_VERSION`]). Older peers get whole-payload
+/// hashes and blocks compressed one by one.
 pub const PROTOCOL_VERSION_MIN: u16 = 2;
 pub const PROTOCOL_VERSION_MAX: u16 = 4;
 
@@ -33,6 +34,11 @@ pub const PROTOCOL_VERSION_MAX: u16 = 4;
 pub const GRANULE_RECORDS_VERSION: u16 = 3;
 /// Alignment of a record's offset and length from [`GRANULE_RECORDS_VERSION`] on.
 pub const RECORD_GRANULE: u64 = 4096;
+/// From this version the payload hash in a Data frame's header covers only the frame's
+/// record table ([`data_table_extent`](super::frame::data_table_extent)), not its block
+/// payloads: each of those is covered by its record's block hash, which the target
+/// checks before anything is written. Every other frame kind hashes its whole payload.
+pub const TABLE_HASH_VERSION: u16 = 4;
 
 /// From this version a record may be [`Codec::ZstdStream`]: a chunk of one of the
 /// session's zstd streams, so that each block is compressed with the blocks before it
@@ -80,7 +86,8 @@ pub struct FrameHeader {
     pub payload_len: U32,
     /// Per-direction frame counter starting at 0; a gap or repeat is a protocol error.
     pub seq: U32,
-    /// xxh3-64 of the payload.
+    /// xxh3-64 of the payload; from [`TABLE_HASH_VERSION`] on, of a Data payload's
+    /// record table only ([`data_table_extent`](super::frame::data_table_extent)).
     pub payload_hash: U64,
     /// xxh3-64 of the 24 header bytes before this field.
     pub header_hash: U64,

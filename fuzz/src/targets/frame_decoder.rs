@@ -4,11 +4,17 @@
 //! input bytes it came from: right kind, length and sequence number, both checksums
 //! valid, the payload exactly the bytes after the header. A clean close is only
 //! reported at the end of the input.
+//!
+//! Every input is read twice: by a reader of a version-3 session, where every payload
+//! hash covers the whole payload, and by one of a version-4 session, where a Data
+//! frame's covers its record table only (`docs/protocol.md`, "Data"). The label is the
+//! first outcome, then the second after `|v4:`. The repair hashes Data payloads for
+//! the one or the other as entropy bit 0 says.
 
 use std::cell::RefCell;
 
 use dataplane::protocol::{
-    FrameKind, FrameReader, FRAME_HEADER_LEN, FRAME_MAGIC, MAX_FRAME_PAYLOAD,
+    FrameKind, FrameReader, FRAME_HEADER_LEN, FRAME_MAGIC, MAX_FRAME_PAYLOAD, TABLE_HASH_VERSION,
 };
 use xxhash_rust::xxh3::xxh3_64;
 
@@ -20,7 +26,7 @@ pub fn target() -> Target {
         name: "frame_decoder",
         run,
         seeds,
-        repair: Some(|buf, entropy| frames::repair_stream(buf, entropy)),
+        repair: Some(|buf, entropy| frames::repair_stream_at(buf, entropy >> 1, entropy & 1 == 1)),
         dictionary: DICTIONARY,
         max_len: 64 << 10,
     }
@@ -64,7 +70,16 @@ pub fn run(data: &[u8]) -> String {
 }
 
 fn run_with(data: &[u8], buf: &mut [u8]) -> String {
+    let whole = read_all(data, buf, TABLE_HASH_VERSION - 1);
+    let table = read_all(data, buf, TABLE_HASH_VERSION);
+    format!("{whole}|v4:{table}")
+}
+
+/// Reads `data` to its end or first error as a session of protocol `version` does.
+fn read_all(data: &[u8], buf: &mut [u8], version: u16) -> String {
+    let table_hashes = version >= TABLE_HASH_VERSION;
     let mut reader = FrameReader::new(data);
+    reader.set_version(version);
     let mut frames = 0usize;
     let mut first_kind = None;
     loop {
@@ -91,8 +106,9 @@ fn run_with(data: &[u8], buf: &mut [u8]) -> String {
                     le_u64(&header[24..]),
                     "header with a bad checksum accepted"
                 );
+                let hashed = frames::hashed_len(kind as u8, payload, table_hashes);
                 assert_eq!(
-                    xxh3_64(payload),
+                    xxh3_64(&payload[..hashed]),
                     le_u64(&header[16..]),
                     "payload with a bad checksum accepted"
                 );
@@ -144,7 +160,15 @@ fn seeds() -> Vec<Vec<u8>> {
     oversized[8..12].copy_from_slice(&(MAX_FRAME_PAYLOAD as u32 + 1).to_le_bytes());
     let fix = xxh3_64(&oversized[..24]);
     oversized[24..32].copy_from_slice(&fix.to_le_bytes());
+    // A Data frame of one record whose block follows the padded table: its hash is
+    // either the table's (version 4) or the whole payload's, and only one reader
+    // accepts each.
+    let mut data = vec![0u8; 4096 + 64];
+    data[4] = 1;
+    data[4096..].fill(0x5a);
     vec![
+        frames::stream_at(&[(Data, &data), (Commit, &[0; 16])], true),
+        frames::stream_at(&[(Data, &data), (Commit, &[0; 16])], false),
         Vec::new(),
         frames::stream(&[(Hello, &hello)]),
         frames::stream(&[
