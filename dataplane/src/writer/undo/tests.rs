@@ -384,7 +384,7 @@ fn a_tail_longer_than_the_scan_window_is_checked_to_its_end() {
 /// Old bytes staged by the stager — many small ranges, ranges larger than a piece, an
 /// all-zero range and a hole — roll back byte for byte, and the log reads back whole.
 #[test]
-fn staged_entries_written_in_flight_roll_back_byte_for_byte() {
+fn staged_entries_roll_back_byte_for_byte() {
     use super::stage::{Stager, PIECE};
     let mut fx = Fixture::new();
     // An all-zero range, read and logged as a zero entry, and a hole, skipped by
