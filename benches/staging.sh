@@ -22,6 +22,9 @@
 # 200 ms tick). Files live on WORK (tmpfs by default), so the disks are
 # not what is measured: every logged byte is a memory copy, close to the worst case.
 #
+# The staging alone, apart from a session (no network, no source): the ignored test
+# `stage_cost` in dataplane/src/writer/undo/tests.rs.
+#
 # usage: benches/staging.sh [SIZE_MiB=1024]
 # env:   REPS=5  WORK=/dev/shm/ferry-staging.$$  KEEP=0 (1 leaves WORK in place)
 #        FERRY=path to a ferry binary (unset: `cargo build --release -p ferry` first)

@@ -146,9 +146,9 @@ pub fn applier_loop(
     // slot memory is reached only through slots and views of slots held in
     // `InFlight::frames` while in flight.
     let fixed = unsafe { iovecs.fixed() };
-    let engines = io::open_engine::<SlotView>(kind, queue_depth, &fds, Some(fixed))
-        .and_then(|e| Ok((e, open_stager(kind, undo)?)));
-    let (engine, stager) = match engines {
+    let engine = io::open_engine::<SlotView>(kind, queue_depth, &fds, Some(fixed));
+    let stager = undo.logs_any().then(Stager::new);
+    let engine = match engine {
         Ok(e) => e,
         Err(e) => {
             failed.store(true, Ordering::Release);
@@ -190,15 +190,6 @@ pub fn applier_loop(
         }
     }
     applier.drain();
-}
-
-/// The undo log's writer, when some disk of the session is logged.
-fn open_stager(kind: EngineKind, undo: &UndoLog) -> Result<Option<Stager>, IoError> {
-    if undo.logs_any() {
-        Stager::new(kind, undo).map(Some)
-    } else {
-        Ok(None)
-    }
 }
 
 /// Data frames staged together, under one sync of the undo log, at most: those already

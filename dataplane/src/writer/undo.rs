@@ -276,11 +276,10 @@ impl UndoLog {
 
     /// Reserves the log bytes of an entry holding `data`, the old bytes of `[offset,
     /// offset + data.len())` of `disk`: where the entry goes and its header. The caller
-    /// writes the header there, then `data` right after it, and waits for both writes to
-    /// complete before the next [`sync`](Self::sync) — so the log can be written by
-    /// requests in flight while the next old bytes are read. Entries are written at
-    /// their own positions (never through the file's cursor), so their writes may
-    /// complete in any order.
+    /// writes the header there, then `data` right after it (one
+    /// [`write_reserved`](Self::write_reserved) of both, from a buffer that holds them
+    /// side by side), before the next [`sync`](Self::sync). Entries are written at
+    /// their own positions, never through the file's cursor.
     pub(crate) fn reserve(&mut self, disk: u32, offset: u64, data: &[u8]) -> (u64, EntryBytes) {
         assert!(data.len() <= ENTRY_MAX, "undo entry larger than one write");
         let h = self.entry_header(disk, offset, data.len() as u32, 0, xxh3_64(data));
@@ -290,10 +289,10 @@ impl UndoLog {
         (at, h)
     }
 
-    /// The log's descriptor, for writes of reserved entries.
-    pub(crate) fn fd(&self) -> std::os::fd::RawFd {
-        use std::os::fd::AsRawFd;
-        self.file.as_raw_fd()
+    /// Writes a reserved entry, header and data as one slice, at `at` (see
+    /// [`reserve`](Self::reserve)).
+    pub(crate) fn write_reserved(&self, entry: &[u8], at: u64) -> io::Result<()> {
+        self.file.write_all_at(entry, at)
     }
 
     /// Records that `[offset, offset + len)` of `disk` read as zeros before this epoch.

@@ -381,12 +381,11 @@ fn a_tail_longer_than_the_scan_window_is_checked_to_its_end() {
     }
 }
 
-/// Old bytes staged through the stager's engine — more pieces than it has buffers,
-/// ranges larger than a piece, an all-zero range and a hole — roll back byte for byte,
-/// and the log reads back whole.
+/// Old bytes staged by the stager — many small ranges, ranges larger than a piece, an
+/// all-zero range and a hole — roll back byte for byte, and the log reads back whole.
 #[test]
-fn staged_entries_written_in_flight_roll_back_byte_for_byte() {
-    use super::stage::{Stager, DEPTH, PIECE};
+fn staged_entries_roll_back_byte_for_byte() {
+    use super::stage::{Stager, PIECE};
     let mut fx = Fixture::new();
     // An all-zero range, read and logged as a zero entry, and a hole, skipped by
     // SEEK_DATA where the file system has it.
@@ -405,9 +404,9 @@ fn staged_entries_written_in_flight_roll_back_byte_for_byte() {
     fx.old[524_288..655_360].fill(0);
     assert_eq!(fx.now(), fx.old);
     let mut log = UndoLog::create(fx.dir.path(), 2, vec![disk("a")]).unwrap();
-    let mut stager = Stager::new(crate::io::EngineKind::Auto, &log).unwrap();
+    let mut stager = Stager::new();
     let small = 1u64 << 14;
-    let mut ranges: Vec<(u64, u64)> = (0..2 * DEPTH as u64).map(|i| (i * small, small)).collect();
+    let mut ranges: Vec<(u64, u64)> = (0..32).map(|i| (i * small, small)).collect();
     ranges.push((0, 3 * PIECE as u64 + 4096));
     ranges.push((196_608, 65_536));
     for &(o, l) in &ranges {
@@ -428,4 +427,103 @@ fn staged_entries_written_in_flight_roll_back_byte_for_byte() {
         "{done:?}"
     );
     assert_eq!(fx.now(), fx.old);
+}
+
+/// Process CPU seconds (every thread, io_uring workers included) so far.
+fn cpu_s() -> f64 {
+    // SAFETY: an all-zero rusage is a valid value of the plain C struct.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: getrusage only writes the struct it is given.
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+    let t = |v: libc::timeval| v.tv_sec as f64 + v.tv_usec as f64 / 1e6;
+    t(ru.ru_utime) + t(ru.ru_stime)
+}
+
+/// What staging costs, apart from the rest of a session: a full rewrite of the image
+/// at `FERRY_STAGE_BENCH` (a whole number of MiB, e.g. `ferry bench --make-image`; it
+/// is rewritten with its own bytes) in frames of 1 MiB, 16 frames staged under one
+/// sync, then their non-zero frames written through an engine as the applier does.
+/// Prints wall and process CPU seconds of runs with and without staging, alternating
+/// (`REPS` of each, default 3):
+/// `FERRY_STAGE_BENCH=/dev/shm/x.img cargo test --release -p ferry-dataplane --lib
+/// stage_cost -- --ignored --nocapture`
+#[test]
+#[ignore]
+fn stage_cost() {
+    use super::stage::Stager;
+    use crate::io::{self as dio, AlignedBuf, BlockEngine, DiskId, EngineKind};
+    let Ok(path) = std::env::var("FERRY_STAGE_BENCH") else {
+        return;
+    };
+    let reps: usize = std::env::var("REPS").map_or(3, |r| r.parse().unwrap());
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap();
+    let size = file.metadata().unwrap().len();
+    const FRAME: u64 = 1 << 20;
+    assert_eq!(size % FRAME, 0, "the image must be a whole number of MiB");
+    let mut frames: Vec<AlignedBuf> = (0..16)
+        .map(|_| AlignedBuf::zeroed(FRAME as usize))
+        .collect();
+    let image = fs::read(&path).unwrap();
+    for rep in 0..2 * reps {
+        let staged = rep % 2 == 0;
+        let dir = tempfile::tempdir_in(Path::new(&path).parent().unwrap()).unwrap();
+        let mut log = UndoLog::create(dir.path(), 2, vec![disk("a")]).unwrap();
+        let mut stager = Stager::new();
+        let mut engine = dio::open_engine::<AlignedBuf>(
+            EngineKind::Auto,
+            16,
+            &[std::os::fd::AsRawFd::as_raw_fd(&file)],
+            None,
+        )
+        .unwrap();
+        let mut done = Vec::new();
+        let (c0, t0) = (cpu_s(), std::time::Instant::now());
+        let mut pos = 0;
+        while pos < size {
+            let n = ((size - pos) / FRAME).min(16);
+            if staged {
+                for i in 0..n {
+                    stager
+                        .log_range(&mut log, &file, 0, (pos + i * FRAME, FRAME), true)
+                        .unwrap();
+                }
+                stager.sync(&mut log).unwrap();
+            }
+            for i in 0..n {
+                while engine.in_flight() >= 16 {
+                    done.clear();
+                    engine.wait(1, &mut done).unwrap();
+                    frames.extend(done.drain(..).filter_map(|c| c.buf));
+                }
+                let at = pos + i * FRAME;
+                let src = &image[at as usize..(at + FRAME) as usize];
+                if crate::protocol::is_zero(src) {
+                    continue;
+                }
+                let mut b = frames.pop().unwrap();
+                b.copy_from_slice(src);
+                engine
+                    .submit_write(DiskId(0), b, at, FRAME as u32, at)
+                    .map_err(|e| e.0)
+                    .unwrap();
+            }
+            pos += n * FRAME;
+        }
+        while engine.in_flight() > 0 {
+            done.clear();
+            engine.wait(1, &mut done).unwrap();
+            frames.extend(done.drain(..).filter_map(|c| c.buf));
+        }
+        let (c1, t1) = (cpu_s(), t0.elapsed().as_secs_f64());
+        println!(
+            "{}: wall {t1:.3} s, CPU {:.3} s, log {} MB",
+            if staged { "staged  " } else { "unstaged" },
+            c1 - c0,
+            log.len / 1_000_000
+        );
+    }
 }
