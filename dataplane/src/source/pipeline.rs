@@ -847,6 +847,8 @@ struct WorkerCodec<'a> {
     /// This worker's compression stream, when the target takes them: every frame is
     /// then compressed into it, at the current level.
     stream: Option<StreamEncoder>,
+    /// Every level was measured aside on one frame of this worker (with a stream).
+    surveyed: bool,
 }
 
 /// How a worker compresses the blocks of one frame.
@@ -891,6 +893,7 @@ impl<'a> WorkerCodec<'a> {
             },
             auto,
             stream,
+            surveyed: false,
         };
         // A fixed level's context is made now, so that a bad level fails at once.
         if codec.auto.is_none() {
@@ -962,7 +965,9 @@ impl<'a> WorkerCodec<'a> {
             coder,
         );
         self.learn((step, current), &mut frame, started, (data, cfg.block_size))?;
-        if step != probe {
+        if self.stream.is_some() && !self.surveyed && frame.logical_bytes > 0 {
+            self.survey_aside((data, cfg.block_size), frame.logical_bytes)?;
+        } else if step != probe {
             self.probe_aside(
                 (probe, current),
                 (data, cfg.block_size),
@@ -970,6 +975,32 @@ impl<'a> WorkerCodec<'a> {
             )?;
         }
         Ok(frame)
+    }
+
+    /// Measures every compressed step on `data` without sending it, once per worker
+    /// and run: each step's cost, and the gains between neighbours on the same blocks.
+    /// Probes otherwise measure one neighbour at a time, and a slow link then climbed a
+    /// step per decision while the workers went on encoding at the lower levels.
+    fn survey_aside(
+        &mut self,
+        (data, block_size): (&[u8], usize),
+        logical: u64,
+    ) -> Result<(), SourceError> {
+        let Some((shared, _)) = self.auto else {
+            return Ok(());
+        };
+        self.surveyed = true;
+        let mut below: Option<u64> = None;
+        for step in 1..self.levels.len() {
+            let started = Instant::now();
+            let stored = self.stored_at(step, data, block_size)?;
+            shared.record_cost(step, logical, started.elapsed());
+            if let Some(at_low) = below {
+                shared.record_gain(step - 1, at_low, stored);
+            }
+            below = Some(stored);
+        }
+        Ok(())
     }
 
     /// Measures step `probe` on `data` without sending it: the non-zero blocks are
@@ -1884,24 +1915,40 @@ pub(crate) mod auto {
             if data == 0 || stored == 0 {
                 return;
             }
-            let ps = (elapsed.as_nanos() * 1000 / u128::from(data)).min(u128::from(u64::MAX));
-            ewma(&self.steps[step].cost_ps, ps as u64);
+            self.record_cost(step, data, elapsed);
             match reference {
                 // A neighbour of the current compressed step: their gain.
                 Some((current, at_current)) if at_current > 0 && current > 0 => {
-                    let (low, gain) = if step > current {
-                        (current, at_current * 1000 / stored)
-                    } else {
-                        (step, stored * 1000 / at_current)
-                    };
                     if step.abs_diff(current) == 1 {
-                        ewma(&self.gains[low], gain);
+                        let (low, at_low, at_high) = if step > current {
+                            (current, at_current, stored)
+                        } else {
+                            (step, stored, at_current)
+                        };
+                        self.record_gain(low, at_low, at_high);
                     }
                 }
                 Some((_, 0)) => {}
                 // A frame at the current step, or zstd 1 probed from "none" (whose own
                 // ratio is 1 on any data): an absolute ratio.
                 _ => ewma(&self.steps[step].stored_ppm, stored * PPM / data),
+            }
+        }
+
+        /// What `data` bytes took a worker at `step`.
+        pub fn record_cost(&self, step: usize, data: u64, elapsed: Duration) {
+            if data == 0 {
+                return;
+            }
+            let ps = (elapsed.as_nanos() * 1000 / u128::from(data)).min(u128::from(u64::MAX));
+            ewma(&self.steps[step].cost_ps, ps as u64);
+        }
+
+        /// The same blocks took `at_low` bytes at step `low` and `at_high` at the next
+        /// step up: their gain.
+        pub fn record_gain(&self, low: usize, at_low: u64, at_high: u64) {
+            if low > 0 && at_high > 0 {
+                ewma(&self.gains[low], at_low * 1000 / at_high);
             }
         }
 
@@ -2533,6 +2580,27 @@ mod tests {
             assert!((e[2].ratio - 3.0).abs() < 0.1, "{e:?}");
             assert!((e[1].ratio - 3.0 / 1.05).abs() < 0.1, "{e:?}");
             assert_ne!(decide(2, 12.0 * MB, 2, &e), 1, "{e:?}");
+        }
+
+        /// A survey of every level on one frame lets a slow link go from zstd 1 to the
+        /// level it can afford in one decision.
+        #[test]
+        fn a_survey_lets_a_slow_link_jump_to_the_level_it_affords() {
+            let shared = Shared::new(2, false);
+            let frame = 256u64 << 10;
+            shared.record(1, frame, frame / 3, Duration::from_micros(300), None);
+            // zstd 3, 6 and 9 took 95, 92 and 90 where zstd 1 took 100: 10-60 MB/s per
+            // worker, all well above what 12 MB/s of link carries at these ratios.
+            let stored = [100u64, 95, 92, 90];
+            for (i, micros) in [(1usize, 300u64), (2, 1300), (3, 2600), (4, 4000)] {
+                shared.record_cost(i, frame, Duration::from_micros(micros));
+            }
+            for low in 1..4 {
+                shared.record_gain(low, stored[low - 1], stored[low]);
+            }
+            let e = shared.estimates();
+            assert!((e[4].ratio - 3.0 * 100.0 / 90.0).abs() < 0.05, "{e:?}");
+            assert_eq!(LADDER[decide(1, 12.0 * MB, 2, &e)], Some(9), "{e:?}");
         }
 
         #[test]
