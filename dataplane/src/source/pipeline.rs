@@ -1429,7 +1429,12 @@ fn sender_loop<W: Write>(
     let workers = from_workers.len();
     let mut next = 0usize;
     let mut parts: Vec<&[u8]> = Vec::with_capacity(2 * (cfg.io_size / cfg.block_size) + 4);
-    let mut meter = auto.map(|shared| (shared, auto::Meter::new(cfg)));
+    let mut meter = auto.map(|shared| {
+        (
+            shared,
+            auto::Meter::new(cfg.watch_fd, cfg.throttle.is_some(), cfg.streams),
+        )
+    });
     loop {
         let waiting = Instant::now();
         let popped = from_workers[next].pop_wait();
@@ -1756,6 +1761,15 @@ pub(crate) mod auto {
     pub const LINK_GROWTH_PERIOD: Duration = Duration::from_millis(100);
     /// How long the data rate seen at a step bounds what the model predicts for it.
     pub const OBSERVED_FOR: Duration = Duration::from_secs(1);
+    /// Only a window in which the sender waited for the workers at least this share of
+    /// the time tells what the step moves short of the model.
+    pub const STARVED: f64 = 0.2;
+    /// With compression streams, a level holds for at least this long: every change
+    /// between levels restarts the workers' streams, and a restarted stream has
+    /// forgotten the window it compressed against...
+    pub const STREAM_HOLD: Duration = Duration::from_secs(1);
+    /// ...unless the level it would change to moves this many times as much.
+    pub const HOLD_UNLESS: f64 = 1.25;
     /// Weight of a new sample in the moving averages, as a shift (1/8).
     const EWMA_SHIFT: u32 = 3;
     /// Unit of [`StepStats::stored_ppm`].
@@ -2066,6 +2080,8 @@ pub(crate) mod auto {
         /// then does the window tell what the step moves (right after a change, frames
         /// encoded at the old step are still on their way).
         clean: bool,
+        /// The workers keep compression streams: the level they hold and since when.
+        stream_level: Option<(usize, Instant)>,
     }
 
     /// Bytes in the socket's send queue (sent but not yet acknowledged, or not yet
@@ -2083,11 +2099,12 @@ pub(crate) mod auto {
     }
 
     impl Meter {
-        pub fn new(cfg: &super::PipelineConfig) -> Self {
-            let socket = cfg.watch_fd;
+        /// A meter of the session's `socket`; `limited`: a bandwidth limit holds the
+        /// sender; `streams`: the workers keep compression streams.
+        pub fn new(socket: Option<RawFd>, limited: bool, streams: bool) -> Self {
             Self {
                 socket,
-                limited: cfg.throttle.is_some(),
+                limited,
                 frames: 0,
                 wire: 0,
                 data: 0,
@@ -2098,6 +2115,7 @@ pub(crate) mod auto {
                 link_bps: None,
                 efficiency: [None; LADDER.len()],
                 clean: true,
+                stream_level: streams.then(|| (0, Instant::now())),
             }
         }
 
@@ -2134,7 +2152,10 @@ pub(crate) mod auto {
             };
             let predicted = model(link, shared.workers, &window);
             let got = self.data as f64 / elapsed.as_secs_f64();
-            if self.clean && predicted > 0.0 && predicted.is_finite() {
+            // A window in which the sender seldom waited for the workers was the link's
+            // (or the socket's): a shortfall there is no fault of the step.
+            let starved = self.wait_ns as f64 >= STARVED * elapsed.as_nanos() as f64;
+            if self.clean && starved && predicted > 0.0 && predicted.is_finite() {
                 self.efficiency[current] = Some(((got / predicted).min(1.0), now));
             }
             self.clean = true;
@@ -2144,6 +2165,7 @@ pub(crate) mod auto {
                     .map(|(share, _)| share);
             }
             let next = decide(current, link, shared.workers, &estimates);
+            let next = self.hold(next, (link, shared.workers), &estimates, now);
             tracing::debug!(
                 link_mb_s = link / 1e6,
                 wait_ms = self.wait_ns / 1_000_000,
@@ -2157,6 +2179,31 @@ pub(crate) mod auto {
             (self.frames, self.wire, self.data) = (0, 0, 0);
             (self.wait_ns, self.send_ns) = (0, 0);
             self.started = Instant::now();
+        }
+
+        /// `next`, or the level the streams hold when changing it is not yet worth a
+        /// restart ([`STREAM_HOLD`]). "None" costs the streams nothing: its blocks do
+        /// not touch them, and the level they hold resumes where it was.
+        pub fn hold(
+            &mut self,
+            next: usize,
+            (link, workers): (f64, usize),
+            estimates: &[Estimate; LADDER.len()],
+            now: Instant,
+        ) -> usize {
+            let Some((held, since)) = self.stream_level else {
+                return next;
+            };
+            if next == 0 || next == held {
+                return next;
+            }
+            let rate = |e: &Estimate| model(link, workers, e) * e.efficiency.unwrap_or(1.0);
+            let young = held > 0 && now.duration_since(since) < STREAM_HOLD;
+            if young && rate(&estimates[next]) < HOLD_UNLESS * rate(&estimates[held]) {
+                return held;
+            }
+            self.stream_level = Some((next, now));
+            next
         }
 
         /// The link estimate at the end of a window of `elapsed`: what left the socket
@@ -2476,8 +2523,10 @@ mod tests {
     }
 
     mod auto_policy {
-        use super::super::auto::{decide, Estimate, Picker, Shared, LADDER, PROBE_EVERY};
-        use std::time::Duration;
+        use super::super::auto::{
+            decide, Estimate, Meter, Picker, Shared, LADDER, PROBE_EVERY, STREAM_HOLD,
+        };
+        use std::time::{Duration, Instant};
 
         const MB: f64 = 1e6;
 
@@ -2580,6 +2629,42 @@ mod tests {
             assert!((e[2].ratio - 3.0).abs() < 0.1, "{e:?}");
             assert!((e[1].ratio - 3.0 / 1.05).abs() < 0.1, "{e:?}");
             assert_ne!(decide(2, 12.0 * MB, 2, &e), 1, "{e:?}");
+        }
+
+        /// With streams, a level holds for STREAM_HOLD unless another moves far more;
+        /// "none" is free to come and go, and the held level resumes after it.
+        #[test]
+        fn streams_hold_their_level_unless_another_moves_far_more() {
+            let mut meter = Meter::new(None, false, true);
+            let started = Instant::now();
+            let mut e = [Estimate::default(); LADDER.len()];
+            for (i, ratio) in [1.0, 4.0, 4.2, 4.4, 4.5].into_iter().enumerate() {
+                e[i] = Estimate {
+                    cost_ps: Some(1000 * i as u64 + 100),
+                    ratio,
+                    efficiency: None,
+                };
+            }
+            let link = 10.0 * MB;
+            // The first level chosen holds from then on.
+            assert_eq!(meter.hold(1, (link, 2), &e, started), 1);
+            // Young: zstd 9 moves 1.12 times what zstd 1 does, not enough to restart;
+            // "none" comes and goes, and zstd 1 resumes.
+            assert_eq!(meter.hold(4, (link, 2), &e, started), 1);
+            assert_eq!(meter.hold(0, (link, 2), &e, started), 0);
+            assert_eq!(meter.hold(4, (link, 2), &e, started), 1);
+            // Far more: zstd 1 held back by a shortfall seen at it.
+            e[1].efficiency = Some(0.5);
+            assert_eq!(meter.hold(4, (link, 2), &e, started), 4);
+            e[1].efficiency = None;
+            // zstd 9 is now held; once old, any change goes through.
+            assert_eq!(meter.hold(1, (link, 2), &e, started), 4);
+            let later = started + STREAM_HOLD;
+            assert_eq!(meter.hold(3, (link, 2), &e, later), 3);
+            // Without streams nothing is held.
+            let mut plain = Meter::new(None, false, false);
+            assert_eq!(plain.hold(1, (link, 2), &e, started), 1);
+            assert_eq!(plain.hold(4, (link, 2), &e, started), 4);
         }
 
         /// A survey of every level on one frame lets a slow link go from zstd 1 to the
