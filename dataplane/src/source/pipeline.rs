@@ -1429,12 +1429,9 @@ fn sender_loop<W: Write>(
     let workers = from_workers.len();
     let mut next = 0usize;
     let mut parts: Vec<&[u8]> = Vec::with_capacity(2 * (cfg.io_size / cfg.block_size) + 4);
-    let mut meter = auto.map(|shared| {
-        (
-            shared,
-            auto::Meter::new(cfg.watch_fd, cfg.throttle.is_some(), cfg.streams),
-        )
-    });
+    let limited = cfg.throttle.is_some();
+    let meter = |shared| (shared, auto::Meter::new(cfg.watch_fd, limited, cfg.streams));
+    let mut meter = auto.map(meter);
     loop {
         let waiting = Instant::now();
         let popped = from_workers[next].pop_wait();
@@ -1725,10 +1722,15 @@ fn gather_data_frame<'a>(
 ///
 /// The sender decides at the end of each window and publishes the step in one atomic
 /// the workers read per frame. A sync to another host starts at zstd 1, the cheapest
-/// level: a fast link shows in the first window and the policy drops compression; a
-/// slow one climbs one measured step at a time. (Starting without compression cost a
-/// 100 Mbit/s link the frames the workers had encoded raw before the first decision,
-/// about 20 of them.) A target on this host gets blocks as they are from the start.
+/// level: a fast link shows in the first window and the policy drops compression.
+/// (Starting without compression cost a 100 Mbit/s link the frames the workers had
+/// encoded raw before the first decision, about 20 of them.) With compression streams
+/// each worker also measures every level aside on its first frame, so that a slow link
+/// reaches the level it affords in one decision rather than one step per probe; and
+/// since a change of level restarts every worker's stream, which forgets the data it
+/// compressed against, a level holds for [`STREAM_HOLD`] unless another moves
+/// [`HOLD_UNLESS`] as much ("none" is free: its blocks do not touch the streams). A
+/// target on this host gets blocks as they are from the start.
 pub(crate) mod auto {
     use std::os::fd::RawFd;
     use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
