@@ -1035,10 +1035,11 @@ impl<'a> WorkerCodec<'a> {
         (data, block_size): (&[u8], usize),
         logical: u64,
     ) -> Result<(), SourceError> {
-        let Some((shared, _)) = self.auto else {
+        self.surveyed = true;
+        let shared = self.auto.as_ref().map(|(shared, _)| *shared);
+        let Some(shared) = shared.filter(|shared| shared.measures()) else {
             return Ok(());
         };
-        self.surveyed = true;
         let mut below: Option<u64> = None;
         for step in 1..self.levels.len() {
             let started = Instant::now();
@@ -1960,6 +1961,12 @@ pub(crate) mod auto {
             }
         }
 
+        /// Whether the policy measures levels at all: not for a target on this host,
+        /// which gets blocks as they are.
+        pub fn measures(&self) -> bool {
+            !self.same_host
+        }
+
         /// The step frames should use now.
         pub fn current(&self) -> usize {
             self.current.load(Ordering::Relaxed)
@@ -2572,6 +2579,41 @@ mod tests {
             bytes[1],
             bytes[0]
         );
+    }
+
+    /// A worker with a stream measures every compressed level aside on its first frame
+    /// with data, so a slow link finds its level in one decision; not when the target
+    /// is on this host, which gets blocks as they are and is spared the CPU.
+    #[test]
+    fn the_first_frame_surveys_every_level_unless_the_target_is_here() {
+        let image = stream_image(IO / BLOCK);
+        for same_host in [false, true] {
+            let cfg = PipelineConfig {
+                block_size: BLOCK as usize,
+                io_size: IO as usize,
+                queue_depth: 8,
+                workers: 2,
+                compression: Compression::Auto,
+                engine: EngineKind::Sync,
+                output: Output::Data,
+                watch_fd: None,
+                throttle: None,
+                streams: true,
+            };
+            let shared = auto::Shared::new(cfg.workers, same_host);
+            let mut codec = WorkerCodec::new(&cfg, Some(&shared), 0).unwrap();
+            let mut out = vec![0u8; output_slot_size(&cfg)];
+            let table_cap = table_capacity(&cfg);
+            for _ in 0..2 {
+                codec
+                    .encode(&cfg, (0, 0, &image), true, (&mut out, table_cap))
+                    .unwrap();
+            }
+            let e = shared.estimates();
+            let measured: Vec<bool> = e[1..].iter().map(|e| e.cost_ps.is_some()).collect();
+            let expected = if same_host { [false; 4] } else { [true; 4] };
+            assert_eq!(measured, expected, "same host {same_host}: {e:?}");
+        }
     }
 
     mod auto_policy {
