@@ -1753,7 +1753,9 @@ fn gather_data_frame<'a>(
 ///   that the two are compared on the same data: the gain between neighbouring levels.
 ///   Without compression streams the probe's frame is sent as the probe encoded it;
 ///   with them every frame goes into the worker's stream at the current step and the
-///   probe is measured aside, since a stream's level holds for a whole zstd frame. The
+///   probe is measured aside, since a stream's level holds for a whole zstd frame: a
+///   probe then costs a frame's worth of work at two levels on top of the frame, so
+///   workers with streams probe every [`PROBE_EVERY_STREAMS`] frames instead. The
 ///   other steps' ratios are the current one's times the gains between them: what a
 ///   level achieves ranges from 1 to hundreds from one part of a disk to another, so a
 ///   ratio measured elsewhere says little, while the gain between levels holds. "None"
@@ -1797,8 +1799,13 @@ pub(crate) mod auto {
     /// A send queue of at least this many bytes at both ends of a window: the link was
     /// busy all along.
     pub const BUSY_QUEUE: u64 = 256 << 10;
-    /// A worker encodes one frame in this many at a neighbouring step.
+    /// A worker encodes one frame in this many at a neighbouring step...
     pub const PROBE_EVERY: u64 = 16;
+    /// ...or, with compression streams, measures one aside in this many. Measured aside,
+    /// a probe compresses the frame again at two levels: every 16 frames that took 1 Gbit/s
+    /// syncs, CPU-bound at zstd 1, 5% of their speed (512 MiB OS image, medians of 6:
+    /// 817 against 774 ms), and gave no better choices at 100 Mbit/s (70.1 against 69.1 MB).
+    pub const PROBE_EVERY_STREAMS: u64 = 64;
     /// Steps whose predicted rate is within this share of the best are "near".
     pub const NEAR_BEST: f64 = 0.92;
     /// A compressed step whose workers encode this many times what the link carries at
@@ -1914,6 +1921,8 @@ pub(crate) mod auto {
         /// The target runs on this host: it shares the CPU compression would take, so
         /// blocks go as they are, with no probes.
         same_host: bool,
+        /// A worker probes a neighbouring step once in this many frames.
+        probe_every: u64,
     }
 
     /// Whether the peer of the TCP socket `fd` is an address of this host (loopback,
@@ -1948,7 +1957,14 @@ pub(crate) mod auto {
             // A target on this host, unless a bandwidth limit makes the wire the
             // bottleneck after all.
             let same_host = cfg.throttle.is_none() && cfg.watch_fd.is_some_and(peer_on_this_host);
-            (cfg.compression == Compression::Auto).then(|| Self::new(cfg.workers, same_host))
+            (cfg.compression == Compression::Auto).then(|| Self {
+                probe_every: if cfg.streams {
+                    PROBE_EVERY_STREAMS
+                } else {
+                    PROBE_EVERY
+                },
+                ..Self::new(cfg.workers, same_host)
+            })
         }
 
         pub fn new(workers: usize, same_host: bool) -> Self {
@@ -1958,6 +1974,7 @@ pub(crate) mod auto {
                 gains: Default::default(),
                 workers,
                 same_host,
+                probe_every: PROBE_EVERY,
             }
         }
 
@@ -2098,7 +2115,7 @@ pub(crate) mod auto {
             {
                 return n;
             }
-            if !self.frames.is_multiple_of(PROBE_EVERY) {
+            if !self.frames.is_multiple_of(shared.probe_every) {
                 return current;
             }
             self.probes += 1;
@@ -2613,6 +2630,37 @@ mod tests {
             let measured: Vec<bool> = e[1..].iter().map(|e| e.cost_ps.is_some()).collect();
             let expected = if same_host { [false; 4] } else { [true; 4] };
             assert_eq!(measured, expected, "same host {same_host}: {e:?}");
+        }
+    }
+
+    /// Workers with streams measure probes aside, at a frame's worth of extra work
+    /// each, and so probe four times less often than workers without.
+    #[test]
+    fn workers_with_streams_probe_less_often() {
+        for (streams, every) in [
+            (false, auto::PROBE_EVERY),
+            (true, auto::PROBE_EVERY_STREAMS),
+        ] {
+            let cfg = PipelineConfig {
+                block_size: BLOCK as usize,
+                io_size: IO as usize,
+                queue_depth: 8,
+                workers: 2,
+                compression: Compression::Auto,
+                engine: EngineKind::Sync,
+                output: Output::Data,
+                watch_fd: None,
+                throttle: None,
+                streams,
+            };
+            let shared = auto::Shared::for_run(&cfg).unwrap();
+            assert_eq!(shared.current(), 1);
+            // zstd 3, the only neighbour of zstd 1 that is probed, is measured: only
+            // the periodic probes remain.
+            shared.record_cost(2, 256 << 10, std::time::Duration::from_micros(900));
+            let mut picker = auto::Picker::default();
+            let probes = (0..4 * every).filter(|_| picker.pick(&shared) != 1).count();
+            assert_eq!(probes, 4, "streams {streams}");
         }
     }
 
