@@ -2239,8 +2239,15 @@ pub(crate) mod auto {
                     .filter(|(_, at)| now.duration_since(*at) < OBSERVED_FOR)
                     .map(|(share, _)| share);
             }
-            let next = decide(current, link, shared.workers, &estimates);
-            let next = self.hold(next, (link, shared.workers), &estimates, now);
+            let mut next = decide(current, link, shared.workers, &estimates);
+            // The sender waited for the workers longer than for the link: they are the
+            // bottleneck, and a costlier step would only slow them down. (At the start
+            // of a sync the link is not yet known to be busy, and its estimate is what
+            // the first frames carried: at 1 Gbit/s that sent the workers to zstd 9.)
+            if self.wait_ns > self.send_ns && next > current {
+                next = current;
+            }
+            let next = self.hold((current, next), (link, shared.workers), &estimates, now);
             tracing::debug!(
                 link_mb_s = link / 1e6,
                 wait_ms = self.wait_ns / 1_000_000,
@@ -2261,7 +2268,7 @@ pub(crate) mod auto {
         /// not touch them, and the level they hold resumes where it was.
         pub fn hold(
             &mut self,
-            next: usize,
+            (current, next): (usize, usize),
             (link, workers): (f64, usize),
             estimates: &[Estimate; LADDER.len()],
             now: Instant,
@@ -2269,7 +2276,10 @@ pub(crate) mod auto {
             let Some((held, since)) = self.stream_level else {
                 return next;
             };
-            if next == 0 || next == held {
+            // Staying at the level the sync started at is no choice: until one is made,
+            // nothing is held (the policy had kept zstd 1 for a second while the first
+            // frames left the sender waiting, then could not leave it).
+            if next == 0 || next == held || (held == 0 && next == current) {
                 return next;
             }
             let rate = |e: &Estimate| model(link, workers, e) * e.efficiency.unwrap_or(1.0);
@@ -2788,25 +2798,61 @@ mod tests {
                 };
             }
             let link = 10.0 * MB;
-            // The first level chosen holds from then on.
-            assert_eq!(meter.hold(1, (link, 2), &e, started), 1);
-            // Young: zstd 9 moves 1.12 times what zstd 1 does, not enough to restart;
-            // "none" comes and goes, and zstd 1 resumes.
-            assert_eq!(meter.hold(4, (link, 2), &e, started), 1);
-            assert_eq!(meter.hold(0, (link, 2), &e, started), 0);
-            assert_eq!(meter.hold(4, (link, 2), &e, started), 1);
-            // Far more: zstd 1 held back by a shortfall seen at it.
-            e[1].efficiency = Some(0.5);
-            assert_eq!(meter.hold(4, (link, 2), &e, started), 4);
-            e[1].efficiency = None;
+            // Staying at the level the sync started at is no choice: nothing is held...
+            assert_eq!(meter.hold((1, 1), (link, 2), &e, started), 1);
+            // ...so the first change is free, and its level holds from then on.
+            assert_eq!(meter.hold((1, 2), (link, 2), &e, started), 2);
+            // Young: zstd 9 moves 1.07 times what zstd 3 does, not enough to restart;
+            // "none" comes and goes, and zstd 3 resumes.
+            assert_eq!(meter.hold((2, 4), (link, 2), &e, started), 2);
+            assert_eq!(meter.hold((2, 0), (link, 2), &e, started), 0);
+            assert_eq!(meter.hold((0, 4), (link, 2), &e, started), 2);
+            // Far more: zstd 3 held back by a shortfall seen at it.
+            e[2].efficiency = Some(0.5);
+            assert_eq!(meter.hold((2, 4), (link, 2), &e, started), 4);
+            e[2].efficiency = None;
             // zstd 9 is now held; once old, any change goes through.
-            assert_eq!(meter.hold(1, (link, 2), &e, started), 4);
+            assert_eq!(meter.hold((4, 1), (link, 2), &e, started), 4);
             let later = started + STREAM_HOLD;
-            assert_eq!(meter.hold(3, (link, 2), &e, later), 3);
+            assert_eq!(meter.hold((4, 3), (link, 2), &e, later), 3);
             // Without streams nothing is held.
             let mut plain = Meter::new(None, false, false);
-            assert_eq!(plain.hold(1, (link, 2), &e, started), 1);
-            assert_eq!(plain.hold(4, (link, 2), &e, started), 4);
+            assert_eq!(plain.hold((1, 2), (link, 2), &e, started), 2);
+            assert_eq!(plain.hold((2, 4), (link, 2), &e, started), 4);
+        }
+
+        /// While the sender waits for the workers more than for the link, the policy
+        /// does not move to a costlier step, however slow the link looks; once the link
+        /// holds the sender, it does.
+        #[test]
+        fn workers_that_keep_the_sender_waiting_get_no_costlier_step() {
+            let frame = 256u64 << 10;
+            for (wait, send, expected) in [(10, 0, Some(1)), (0, 10, Some(9))] {
+                let shared = Shared::new(2, false);
+                shared.record(1, frame, frame / 3, Duration::from_micros(300), None);
+                for (i, micros) in [(2usize, 1300u64), (3, 2600), (4, 4000)] {
+                    shared.record_cost(i, frame, Duration::from_micros(micros));
+                    shared.record_gain(i - 1, 100, 95);
+                }
+                let mut meter = Meter::new(None, false, false);
+                for _ in 0..4 {
+                    let (wait, send) = (Duration::from_millis(wait), Duration::from_millis(send));
+                    meter.sent(&shared, (10_000, frame, Some(1)), wait, send);
+                }
+                // The window also needs WINDOW_TIME to pass.
+                std::thread::sleep(Duration::from_millis(30));
+                meter.sent(
+                    &shared,
+                    (10_000, frame, Some(1)),
+                    Duration::ZERO,
+                    Duration::ZERO,
+                );
+                assert_eq!(
+                    LADDER[shared.current()],
+                    expected,
+                    "wait {wait} ms, send {send} ms"
+                );
+            }
         }
 
         /// A survey of every level on one frame lets a slow link go from zstd 1 to the
