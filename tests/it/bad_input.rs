@@ -311,6 +311,28 @@ fn hashed_len(version: u16, kind: u8, payload: &[u8]) -> usize {
     (8 + 48 * records).next_multiple_of(4096).min(payload.len())
 }
 
+/// The record of a block of `length` bytes at `offset`, stored as `stored_len` bytes at
+/// `payload_offset` with `codec`, claiming `hash`; outside any compression stream.
+fn block_record(
+    (offset, length): (u64, usize),
+    (stored_len, payload_offset): (usize, usize),
+    codec: Codec,
+    hash: [u8; 16],
+) -> BlockRecord {
+    BlockRecord {
+        offset: offset.into(),
+        length: (length as u32).into(),
+        stored_len: (stored_len as u32).into(),
+        payload_offset: (payload_offset as u32).into(),
+        codec: codec as u8,
+        stream: 0,
+        stream_flags: 0,
+        reserved: 0,
+        hash,
+        reserved2: 0.into(),
+    }
+}
+
 /// A Data payload of raw blocks: `(offset, bytes, hash)` per record, payloads aligned.
 fn data_payload(disk: u32, blocks: &[(u64, Vec<u8>, [u8; 16])]) -> Vec<u8> {
     let table_end =
@@ -318,18 +340,12 @@ fn data_payload(disk: u32, blocks: &[(u64, Vec<u8>, [u8; 16])]) -> Vec<u8> {
     let mut at = table_end.next_multiple_of(PAYLOAD_ALIGN);
     let mut records = Vec::new();
     for (offset, data, hash) in blocks {
-        records.push(BlockRecord {
-            offset: (*offset).into(),
-            length: (data.len() as u32).into(),
-            stored_len: (data.len() as u32).into(),
-            payload_offset: (at as u32).into(),
-            codec: Codec::Raw as u8,
-            stream: 0,
-            stream_flags: 0,
-            reserved: 0,
-            hash: *hash,
-            reserved2: 0.into(),
-        });
+        records.push(block_record(
+            (*offset, data.len()),
+            (data.len(), at),
+            Codec::Raw,
+            *hash,
+        ));
         at += data.len().next_multiple_of(PAYLOAD_ALIGN);
     }
     let header = DataHeader {
@@ -646,18 +662,12 @@ fn compressed_payload(offset: u64) -> Vec<u8> {
         .collect();
     let compressed = zstd::bulk::compress(&content, 1).unwrap();
     assert!(compressed.len() < content.len() / 2);
-    let record = BlockRecord {
-        offset: offset.into(),
-        length: (RAW_BLOCK as u32).into(),
-        stored_len: (compressed.len() as u32).into(),
-        payload_offset: (PAYLOAD_ALIGN as u32).into(),
-        codec: Codec::Zstd as u8,
-        stream: 0,
-        stream_flags: 0,
-        reserved: 0,
-        hash: block_hash(&content),
-        reserved2: 0.into(),
-    };
+    let record = block_record(
+        (offset, RAW_BLOCK as usize),
+        (compressed.len(), PAYLOAD_ALIGN),
+        Codec::Zstd,
+        block_hash(&content),
+    );
     let header = DataHeader {
         disk: 0.into(),
         record_count: 1.into(),
@@ -834,18 +844,12 @@ fn block_hash_mismatch_is_refused() {
         let content = vec![0x5Au8; content_len];
         let compressed = zstd::bulk::compress(&content, 1).unwrap();
         let claimed = vec![0x5Bu8; RAW_BLOCK as usize];
-        let record = BlockRecord {
-            offset: 0.into(),
-            length: (RAW_BLOCK as u32).into(),
-            stored_len: (compressed.len() as u32).into(),
-            payload_offset: 56.into(),
-            codec: Codec::Zstd as u8,
-            stream: 0,
-            stream_flags: 0,
-            reserved: 0,
-            hash: block_hash(&claimed),
-            reserved2: 0.into(),
-        };
+        let record = block_record(
+            (0, RAW_BLOCK as usize),
+            (compressed.len(), 56),
+            Codec::Zstd,
+            block_hash(&claimed),
+        );
         let header = DataHeader {
             disk: 0.into(),
             record_count: 1.into(),
@@ -932,24 +936,17 @@ fn stream_chunks_out_of_their_stream_are_refused() {
         ),
     ];
     for (case, version, payload, stream, flags, code, words) in cases {
-        let mut raw = Raw::connect(&fx);
-        let got =
-            auth::client_handshake_up_to(&mut raw.reader, &mut raw.writer, &fx.pair.psk, version)
-                .expect("handshake with the right key");
-        assert_eq!(got, version, "{case}");
-        raw.next_seq = 2;
+        let mut raw = Raw::authenticated_up_to(&fx, version);
         raw.open(&[("d0", SyncMode::Full, size)]).unwrap();
         let record = BlockRecord {
-            offset: 0.into(),
-            length: (RAW_BLOCK as u32).into(),
-            stored_len: (payload.len() as u32).into(),
-            payload_offset: 56.into(),
-            codec: Codec::ZstdStream as u8,
             stream,
             stream_flags: flags,
-            reserved: 0,
-            hash: block_hash(&block),
-            reserved2: 0.into(),
+            ..block_record(
+                (0, RAW_BLOCK as usize),
+                (payload.len(), 56),
+                Codec::ZstdStream,
+                block_hash(&block),
+            )
         };
         let header = DataHeader {
             disk: 0.into(),

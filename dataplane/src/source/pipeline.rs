@@ -2334,6 +2334,22 @@ mod tests {
     const BLOCK: u64 = 4096;
     const IO: u64 = 4 * BLOCK;
 
+    /// A run of the tests' geometry that sends Data frames, read by the sync engine.
+    fn test_config(workers: usize, compression: Compression, streams: bool) -> PipelineConfig {
+        PipelineConfig {
+            block_size: BLOCK as usize,
+            io_size: IO as usize,
+            queue_depth: 8,
+            workers,
+            compression,
+            engine: EngineKind::Sync,
+            output: Output::Data,
+            watch_fd: None,
+            throttle: None,
+            streams,
+        }
+    }
+
     #[test]
     fn a_slot_still_out_at_a_clean_end_fails_the_epoch() {
         let (mut alloc, mut release) = BufferPool::new(4096, 4).unwrap();
@@ -2424,16 +2440,8 @@ mod tests {
         for engine in engines {
             for workers in [1, 3] {
                 let cfg = PipelineConfig {
-                    block_size: BLOCK as usize,
-                    io_size: IO as usize,
-                    queue_depth: 8,
-                    workers,
-                    compression: Compression::None,
                     engine,
-                    output: Output::Data,
-                    watch_fd: None,
-                    throttle: None,
-                    streams: false,
+                    ..test_config(workers, Compression::None, false)
                 };
                 let mut writer = FrameWriter::new(Vec::new());
                 let mut manifests = vec![ManifestBuilder::new(); 2];
@@ -2550,18 +2558,7 @@ mod tests {
         };
         let mut bytes = Vec::new();
         for (workers, streams) in [(1, false), (1, true), (3, true)] {
-            let cfg = PipelineConfig {
-                block_size: BLOCK as usize,
-                io_size: IO as usize,
-                queue_depth: 8,
-                workers,
-                compression: Compression::Zstd { level: 1 },
-                engine: EngineKind::Sync,
-                output: Output::Data,
-                watch_fd: None,
-                throttle: None,
-                streams,
-            };
+            let cfg = test_config(workers, Compression::Zstd { level: 1 }, streams);
             let mut writer = FrameWriter::new(Vec::new());
             run(&cfg, &disks, plan(), &mut writer, None).unwrap();
             let wire = writer.get_ref().clone();
@@ -2615,18 +2612,7 @@ mod tests {
     fn the_first_frame_surveys_every_level_unless_the_target_is_here() {
         let image = stream_image(IO / BLOCK);
         for same_host in [false, true] {
-            let cfg = PipelineConfig {
-                block_size: BLOCK as usize,
-                io_size: IO as usize,
-                queue_depth: 8,
-                workers: 2,
-                compression: Compression::Auto,
-                engine: EngineKind::Sync,
-                output: Output::Data,
-                watch_fd: None,
-                throttle: None,
-                streams: true,
-            };
+            let cfg = test_config(2, Compression::Auto, true);
             let shared = auto::Shared::new(cfg.workers, same_host);
             let mut codec = WorkerCodec::new(&cfg, Some(&shared), 0).unwrap();
             let mut out = vec![0u8; output_slot_size(&cfg)];
@@ -2651,18 +2637,7 @@ mod tests {
             (false, auto::PROBE_EVERY),
             (true, auto::PROBE_EVERY_STREAMS),
         ] {
-            let cfg = PipelineConfig {
-                block_size: BLOCK as usize,
-                io_size: IO as usize,
-                queue_depth: 8,
-                workers: 2,
-                compression: Compression::Auto,
-                engine: EngineKind::Sync,
-                output: Output::Data,
-                watch_fd: None,
-                throttle: None,
-                streams,
-            };
+            let cfg = test_config(2, Compression::Auto, streams);
             let shared = auto::Shared::for_run(&cfg).unwrap();
             assert_eq!(shared.current(), 1);
             // zstd 3, the only neighbour of zstd 1 that is probed, is measured: only
