@@ -1229,6 +1229,49 @@ fn commit_with_a_manifest_that_disagrees_is_refused() {
         ],
     );
     fx.assert_nothing_written("a Data frame dropped");
+    drop(raw);
+
+    // Every Data frame dropped: the Commit comes right after the Open, where an epoch
+    // that changed nothing is committed without the receive pipeline. It is checked
+    // all the same.
+    let mut raw = Raw::authenticated(&fx);
+    raw.open(&[("d0", SyncMode::Full, size)]).unwrap();
+    raw.send_commit_with(&[sent.finish()]).unwrap();
+    assert_error(
+        "every Data frame dropped",
+        raw.expect_error("every Data frame dropped"),
+        ErrorCode::Integrity,
+        &[
+            "d0",
+            "manifest",
+            "source sent 4 data blocks",
+            "received 0 data blocks",
+        ],
+    );
+    fx.assert_nothing_written("every Data frame dropped");
+    drop(raw);
+
+    // So is its epoch: a Commit for another epoch right after the Open is refused.
+    let mut raw = Raw::authenticated(&fx);
+    raw.open(&[("d0", SyncMode::Full, size)]).unwrap();
+    let other = Commit {
+        epoch: 999.into(),
+        disk_count: 1.into(),
+        reserved: 0.into(),
+    };
+    let nothing = ManifestBuilder::new().finish();
+    raw.next_seq += 1;
+    raw.writer
+        .send(FrameKind::Commit, &[other.as_bytes(), nothing.as_bytes()])
+        .unwrap();
+    assert_error(
+        "a Commit of another epoch",
+        raw.expect_error("a Commit of another epoch"),
+        ErrorCode::Protocol,
+        &["commit of epoch 999", "opened for epoch 1000"],
+    );
+    fx.assert_nothing_written("a Commit of another epoch");
+    drop(raw);
 
     // A Commit without the session's manifests is malformed.
     let mut raw = Raw::authenticated(&fx);
