@@ -129,7 +129,8 @@ half = len(peaks) // 2
 first, second = max(peaks[:half] or [0]), max(peaks[half:] or [0])
 print(f"RPO over {len(epochs)} epochs: p50 {pct(peaks, 50):.2f} s, p99 {pct(peaks, 99):.2f} s, max {max(peaks):.2f} s; "
       f"worst in the first half {first:.2f} s, second half {second:.2f} s ({'growing' if second > 1.5 * first else 'steady'}); "
-      f"epoch duration median {pct([a - s for s, a, _ in epochs], 50):.2f} s")
+      f"epoch duration median {pct([a - s for s, a, _ in epochs], 50):.2f} s, "
+      f"sent per epoch median {pct([b for _, _, b in epochs], 50) / 1e6:.1f} MB")
 if case.startswith("0@") or "@0 " in case:
     durations = sorted(a - s for s, a, _ in epochs)
     p50, p99 = pct(durations, 50) * 1000, pct(durations, 99) * 1000

@@ -345,7 +345,9 @@ const fn max3(a: usize, b: usize, c: usize) -> usize {
 }
 
 /// Data payload: `DataHeader`, `record_count` × `BlockRecord`, then block payloads at
-/// the offsets the records give (raw payloads aligned to [`PAYLOAD_ALIGN`]).
+/// the offsets the records give: anywhere after the table; the sender aligns raw
+/// payloads to [`PAYLOAD_ALIGN`] unless padding would cost more than it saves (a compact
+/// frame, see `docs/protocol.md`).
 #[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
 #[repr(C)]
 pub struct DataHeader {

@@ -1374,29 +1374,54 @@ fn try_compress(coder: Option<&mut Coder<'_>>, block: &[u8], packed: &mut [u8]) 
 /// final payload offsets in frame order, the header, zeroed padding. Returns the
 /// table's length as sent.
 ///
-/// In a frame of raw blocks only, every payload lands on PAYLOAD_ALIGN (block lengths
-/// are multiples of it, bar the disk's last block, which comes last), so the target
-/// writes them with O_DIRECT straight from its receive buffer. As soon as one block is
-/// compressed (`packed`), everything is packed: the target decompresses into scratch
-/// anyway, and padding between payloads could otherwise outgrow the frame bound the
-/// session announced (the target copies an unaligned raw block to scratch).
+/// Two layouts. *Aligned*: the table is padded to PAYLOAD_ALIGN and every raw payload
+/// starts on it (block lengths are multiples of it, bar the disk's last block, which
+/// comes last), so the target writes them with O_DIRECT straight from its receive
+/// buffer. *Compact*: each payload right after the table or the one before; the target
+/// copies an unaligned raw block to scratch and writes it from there. As soon as one
+/// block is compressed (`packed`) the frame is compact: the target decompresses into
+/// scratch anyway, padding between payloads could otherwise outgrow the frame bound
+/// the session announced, and a padded table would buy nothing. A frame of raw blocks
+/// is compact when aligning it costs more padding than it is worth on the wire
+/// ([`COMPACT_PADDING_SHARE`]): a random 4 KiB write alone in its frame then travels as
+/// 4 KiB and a 56-byte table, not 8 KiB, for one 4 KiB copy at the target.
 fn seal_table(table: &mut [u8], disk: u32, records: usize, packed: bool) -> usize {
     let hlen = core::mem::size_of::<DataHeader>();
-    let table_len = (hlen + records * BLOCK_RECORD_LEN).next_multiple_of(PAYLOAD_ALIGN);
-    place_payloads(&mut table[hlen..], records, table_len, packed);
+    let table_end = hlen + records * BLOCK_RECORD_LEN;
+    let aligned_table = table_end.next_multiple_of(PAYLOAD_ALIGN);
+    let compact = packed || {
+        let aligned_end = place_payloads(&mut table[hlen..], records, aligned_table, true);
+        let stored = place_payloads(&mut table[hlen..], records, 0, false);
+        let padding = aligned_end - table_end - stored;
+        padding * COMPACT_PADDING_SHARE > aligned_end
+    };
+    let table_len = if compact { table_end } else { aligned_table };
+    place_payloads(&mut table[hlen..], records, table_len, !compact);
     let header = DataHeader {
         disk: disk.into(),
         record_count: (records as u32).into(),
     };
     table[..hlen].copy_from_slice(header.as_bytes());
     // The table region is sent as is, padding included; make the padding zeros.
-    table[hlen + records * BLOCK_RECORD_LEN..table_len].fill(0);
+    table[table_end..table_len].fill(0);
     table_len
 }
 
+/// A frame of raw blocks goes compact once aligning it would pad it by more than
+/// 1/`COMPACT_PADDING_SHARE` of its payload (see [`seal_table`]): a lone 4 KiB granule
+/// (8 KiB aligned) or a 16 KiB one does, a 32 KiB run or a 64 KiB block (6% padding)
+/// does not.
+const COMPACT_PADDING_SHARE: usize = 8;
+
 /// Sets the payload offset of each of the `records` records in `records_table`, in frame
-/// order from `table_len`: raw payloads aligned to PAYLOAD_ALIGN unless `packed_frame`.
-fn place_payloads(records_table: &mut [u8], records: usize, table_len: usize, packed_frame: bool) {
+/// order from `table_len`, raw payloads aligned to PAYLOAD_ALIGN if `align_raw`; returns
+/// where the last payload ends.
+fn place_payloads(
+    records_table: &mut [u8],
+    records: usize,
+    table_len: usize,
+    align_raw: bool,
+) -> usize {
     let mut cursor = table_len;
     for r in 0..records {
         let at = r * BLOCK_RECORD_LEN;
@@ -1404,7 +1429,7 @@ fn place_payloads(records_table: &mut [u8], records: usize, table_len: usize, pa
             .expect("record slice has the record's size");
         match Codec::from_u8(rec.codec) {
             Some(Codec::Raw) => {
-                if !packed_frame {
+                if align_raw {
                     cursor = cursor.next_multiple_of(PAYLOAD_ALIGN);
                 }
                 rec.payload_offset = (cursor as u32).into();
@@ -1417,6 +1442,7 @@ fn place_payloads(records_table: &mut [u8], records: usize, table_len: usize, pa
             _ => rec.payload_offset = 0.into(),
         }
     }
+    cursor
 }
 
 static ZERO_PAD: [u8; PAYLOAD_ALIGN] = [0; PAYLOAD_ALIGN];
@@ -2603,6 +2629,118 @@ mod tests {
             bytes[1],
             bytes[0]
         );
+    }
+
+    /// A lone 4 KiB granule travels compact — 4 KiB and its table, not a table padded to
+    /// 4 KiB and then the granule — and whole blocks stay aligned for the target's
+    /// O_DIRECT writes; the target's verifier takes both, the compact ones through
+    /// scratch. The same with compression: a compressed frame's table is never padded.
+    #[test]
+    fn lone_granules_travel_compact_and_whole_blocks_stay_aligned() {
+        use crate::writer::verify::{self, Decoders, Geometry};
+        const BS: u64 = 64 << 10;
+        let blocks = 8u64;
+        // Text-like bytes, different in every granule, none of them zero.
+        let image: Vec<u8> = (0..blocks * BS)
+            .map(|i| b"ferry granule "[(i % 14) as usize] ^ ((i / 4096) as u8 & 7))
+            .collect();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d");
+        std::fs::write(&path, &image).unwrap();
+        let file = std::fs::File::open(&path).unwrap();
+        let disks = [DiskInfo {
+            fd: file.as_raw_fd(),
+            disk_size: image.len() as u64,
+            replica_zeroed: false,
+            frozen: None,
+        }];
+        let table = core::mem::size_of::<DataHeader>() + BLOCK_RECORD_LEN;
+        // (what is read, compression, whether every frame must be compact)
+        let granules: Vec<PlanItem> = (0..blocks)
+            .map(|b| PlanItem::Read {
+                disk: 0,
+                offset: b * BS + 8192,
+                len: 4096,
+            })
+            .collect();
+        let whole: Vec<PlanItem> = (0..blocks / 4)
+            .map(|i| PlanItem::Read {
+                disk: 0,
+                offset: i * 4 * BS,
+                len: (4 * BS) as u32,
+            })
+            .collect();
+        let cases = [
+            (&granules, Compression::None, true),
+            (&granules, Compression::Zstd { level: 1 }, true),
+            (&whole, Compression::None, false),
+        ];
+        for (plan, compression, compact) in cases {
+            let cfg = PipelineConfig {
+                block_size: BS as usize,
+                io_size: (4 * BS) as usize,
+                ..test_config(1, compression, false)
+            };
+            let mut writer = FrameWriter::new(Vec::new());
+            run(
+                &cfg,
+                &disks,
+                plan.iter().copied().map(Ok),
+                &mut writer,
+                None,
+            )
+            .unwrap();
+            let wire = writer.get_ref().clone();
+            let mut reader = FrameReader::new(&wire[..]);
+            let mut buf = vec![0u8; 2 << 20];
+            let mut scratch = vec![0u8; 2 << 20];
+            let mut decoders = Decoders::new(STREAM_RECORDS_VERSION).unwrap();
+            let geometry = [Geometry {
+                disk_size: image.len() as u64,
+                block_size: BS,
+                granular: true,
+            }];
+            let mut frames = 0;
+            while let Some((_, payload)) = reader.read_frame(&mut buf).unwrap() {
+                frames += 1;
+                let (_, recs) = verify::records(payload).unwrap();
+                let first = recs[0].payload_offset.get() as usize;
+                let case = format!("{compression:?}, {} records", recs.len());
+                if compact {
+                    let stored: usize = recs.iter().map(|r| r.stored_len.get() as usize).sum();
+                    assert_eq!(first, table, "{case}: the first payload follows the table");
+                    assert_eq!(payload.len(), table + stored, "{case}: no padding");
+                } else {
+                    assert!(
+                        recs.iter().all(
+                            |r| (r.payload_offset.get() as usize).is_multiple_of(PAYLOAD_ALIGN)
+                        ),
+                        "{case}: raw blocks aligned"
+                    );
+                }
+                let names = ["d".to_string()];
+                let (_, scratch_used) = verify::verify_data(
+                    payload,
+                    &geometry,
+                    &names,
+                    Some(&mut scratch),
+                    &mut decoders,
+                )
+                .unwrap_or_else(|e| panic!("{case}: {e}"));
+                assert_eq!(scratch_used > 0, compact, "{case}: scratch");
+                for (i, r) in recs.iter().enumerate() {
+                    let at = r.offset.get() as usize;
+                    let len = r.length.get() as usize;
+                    let here = match verify::Placer::new().place(r) {
+                        _ if compact => &scratch[i * PAYLOAD_ALIGN..i * PAYLOAD_ALIGN + len],
+                        verify::Place::Recv(p) => &payload[p..p + len],
+                        other => panic!("{case}: record {i} placed at {other:?}"),
+                    };
+                    assert!(here == &image[at..at + len], "{case}: record {i}'s bytes");
+                }
+            }
+            assert_eq!(frames, plan.len(), "{compression:?}: one frame per read");
+        }
     }
 
     /// A worker with a stream measures every compressed level aside on its first frame
