@@ -233,12 +233,16 @@ enum ReadDone {
 }
 
 /// What a worker hands the sender for one item of the plan.
+// A `Read` carries its gathered reads inline: messages move through fixed rings of
+// `RING_DEPTH`, and boxing them would allocate per frame on the data path.
+#[allow(clippy::large_enum_variant)]
 enum Encoded {
     /// A hole: no buffers, sent as a zero run.
     ZeroRun { disk: u32, offset: u64, len: u64 },
     /// A completed read, encoded: `input` holds the `len` bytes read at `offset`,
     /// `output` the frame table and packed payloads (Data) or the whole payload
-    /// (Hashes). Both slots go back to their pools once the sender is done.
+    /// (Hashes), `gathered` the small reads after it whose blocks the same frame
+    /// carries. Every slot goes back to its pool once the sender is done.
     Read {
         disk: u32,
         offset: u64,
@@ -246,7 +250,76 @@ enum Encoded {
         input: Slot,
         output: Slot,
         frame: Frame,
+        gathered: Gathered,
     },
+    /// A read whose blocks went out in the frame of an earlier read of the same worker
+    /// (see [`Gathered`]): nothing to send, it only keeps its place in the rotation.
+    Absorbed,
+}
+
+/// Most reads one frame gathers: a worker's turn of the rotation at most.
+const GATHER_MAX: usize = RING_DEPTH;
+
+/// The reads after the first that a worker put into the same frame, in plan order:
+/// small reads of one disk (a random-write epoch's granules) that were already queued
+/// behind it in the worker's turn, as many as the frame's logical bytes (`io_size`)
+/// and record table allow. Their slots travel with the frame; each of them is followed
+/// by an [`Encoded::Absorbed`] in its place in the rotation.
+#[derive(Default)]
+struct Gathered {
+    n: usize,
+    reads: [(u64, u32); GATHER_MAX - 1],
+    slots: [Option<Slot>; GATHER_MAX - 1],
+}
+
+impl Gathered {
+    fn push(&mut self, offset: u64, len: u32, slot: Slot) {
+        self.reads[self.n] = (offset, len);
+        self.slots[self.n] = Some(slot);
+        self.n += 1;
+    }
+
+    /// Every read of the frame, the first one included: disk offset and bytes.
+    fn pieces<'s>(&'s self, (offset, data): (u64, &'s [u8])) -> Pieces<'s> {
+        let mut p = Pieces::one(offset, data);
+        for i in 0..self.n {
+            let (offset, len) = self.reads[i];
+            let slot = self.slots[i]
+                .as_ref()
+                .expect("a gathered read holds its slot");
+            p.at[i + 1] = (offset, &slot.as_slice()[..len as usize]);
+            p.n += 1;
+        }
+        p
+    }
+}
+
+/// The reads whose blocks one Data frame carries, in disk order: where each starts on
+/// the disk, and its bytes.
+#[derive(Clone, Copy)]
+struct Pieces<'a> {
+    n: usize,
+    at: [(u64, &'a [u8]); GATHER_MAX],
+}
+
+impl<'a> Pieces<'a> {
+    fn one(offset: u64, data: &'a [u8]) -> Self {
+        let mut p = Pieces {
+            n: 1,
+            at: [(0, &[][..]); GATHER_MAX],
+        };
+        p.at[0] = (offset, data);
+        p
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (u64, &'a [u8])> + '_ {
+        self.at[..self.n].iter().copied()
+    }
+
+    /// Bytes of all pieces.
+    fn len(&self) -> usize {
+        self.iter().map(|(_, d)| d.len()).sum()
+    }
 }
 
 /// What encoding one read produced.
@@ -269,9 +342,20 @@ impl Encoded {
     /// Gives the message's slots back: `input` to the reader's pool, `output` to the
     /// pool of the worker that encoded it.
     fn release(self, input_return: &mut PoolReturn, output_return: &mut PoolReturn) {
-        if let Encoded::Read { input, output, .. } = self {
+        if let Encoded::Read {
+            input,
+            output,
+            gathered,
+            ..
+        } = self
+        {
             input_return.release(input);
             output_return.release(output);
+            gathered
+                .slots
+                .into_iter()
+                .flatten()
+                .for_each(|s| input_return.release(s));
         }
     }
 }
@@ -993,7 +1077,7 @@ impl<'a> WorkerCodec<'a> {
     fn encode(
         &mut self,
         cfg: &PipelineConfig,
-        (disk, offset, data): (u32, u64, &[u8]),
+        (disk, pieces): (u32, Pieces<'_>),
         replica_zeroed: bool,
         (out, table_cap): (&mut [u8], usize),
     ) -> Result<Frame, SourceError> {
@@ -1005,21 +1089,19 @@ impl<'a> WorkerCodec<'a> {
         };
         let started = Instant::now();
         let coder = self.coder(step)?;
-        let mut frame = encode_data(
-            cfg,
-            (disk, offset, data),
-            replica_zeroed,
-            out,
-            table_cap,
-            coder,
-        );
-        self.learn((step, current), &mut frame, started, (data, cfg.block_size))?;
+        let mut frame = encode_data(cfg, (disk, pieces), replica_zeroed, out, table_cap, coder);
+        self.learn(
+            (step, current),
+            &mut frame,
+            started,
+            (pieces, cfg.block_size),
+        )?;
         if self.stream.is_some() && !self.surveyed && frame.logical_bytes > 0 {
-            self.survey_aside((data, cfg.block_size), frame.logical_bytes)?;
+            self.survey_aside((pieces, cfg.block_size), frame.logical_bytes)?;
         } else if step != probe {
             self.probe_aside(
                 (probe, current),
-                (data, cfg.block_size),
+                (pieces, cfg.block_size),
                 frame.logical_bytes,
             )?;
         }
@@ -1032,7 +1114,7 @@ impl<'a> WorkerCodec<'a> {
     /// step per decision while the workers went on encoding at the lower levels.
     fn survey_aside(
         &mut self,
-        (data, block_size): (&[u8], usize),
+        (data, block_size): (Pieces<'_>, usize),
         logical: u64,
     ) -> Result<(), SourceError> {
         self.surveyed = true;
@@ -1059,7 +1141,7 @@ impl<'a> WorkerCodec<'a> {
     fn probe_aside(
         &mut self,
         (probe, current): (usize, usize),
-        (data, block_size): (&[u8], usize),
+        (data, block_size): (Pieces<'_>, usize),
         logical: u64,
     ) -> Result<(), SourceError> {
         let Some((shared, _)) = self.auto else {
@@ -1084,7 +1166,7 @@ impl<'a> WorkerCodec<'a> {
         (i, current): (usize, usize),
         frame: &mut Frame,
         started: Instant,
-        (data, block_size): (&[u8], usize),
+        (data, block_size): (Pieces<'_>, usize),
     ) -> Result<(), SourceError> {
         frame.level = self.levels[i];
         let Some((shared, _)) = self.auto else {
@@ -1103,10 +1185,16 @@ impl<'a> WorkerCodec<'a> {
 
     /// The bytes the non-zero blocks of `data` take at level `i` (as `try_compress`
     /// would store them).
-    fn stored_at(&mut self, i: usize, data: &[u8], block_size: usize) -> Result<u64, SourceError> {
+    fn stored_at(
+        &mut self,
+        i: usize,
+        data: Pieces<'_>,
+        block_size: usize,
+    ) -> Result<u64, SourceError> {
         self.compressor(i)?;
         let mut total = 0u64;
-        for block in data.chunks(block_size).filter(|b| !is_zero(b)) {
+        let blocks = data.iter().flat_map(|(_, d)| d.chunks(block_size));
+        for block in blocks.filter(|b| !is_zero(b)) {
             let mut coder = self.contexts[i].as_mut().map(Coder::Bulk);
             total += try_compress(coder.as_mut(), block, &mut self.scratch).stored as u64;
         }
@@ -1127,21 +1215,28 @@ fn worker_loop(
     finished: &Finished,
 ) -> Result<(), SourceError> {
     let table_cap = table_capacity(cfg);
-    while let Some(msg) = rx.pop_wait() {
+    let mut turn = TurnCount::new(cfg);
+    let mut ahead: Option<ReadDone> = None;
+    while let Some(msg) = ahead.take().or_else(|| rx.pop_wait()) {
+        turn.took();
         if failure.stopped() {
             return Err(SourceError::Aborted);
         }
         if ferry_io::failpoint::hit("source.worker.panic") {
             panic!("failpoint source.worker.panic");
         }
-        let encoded = match msg {
-            ReadDone::ZeroRun { disk, offset, len } => Encoded::ZeroRun { disk, offset, len },
+        let (encoded, absorbed) = match msg {
+            ReadDone::ZeroRun { disk, offset, len } => (Encoded::ZeroRun { disk, offset, len }, 0),
             ReadDone::Read {
                 disk,
                 offset,
                 len,
                 slot: input,
             } => {
+                let mut gathered = Gathered::default();
+                if cfg.output == Output::Data {
+                    ahead = gather(cfg, &mut rx, &mut turn, (disk, offset, len), &mut gathered);
+                }
                 let mut output = out_alloc.alloc_wait().ok_or(SourceError::Aborted)?;
                 let info = &disks[disk as usize];
                 let data = &input.as_slice()[..len as usize];
@@ -1150,21 +1245,30 @@ fn worker_loop(
                     Output::Data => {
                         let zeroed = info.replica_zeroed;
                         let out = (output.as_mut_slice(), table_cap);
-                        codec.encode(cfg, (disk, offset, data), zeroed, out)?
+                        let pieces = gathered.pieces((offset, data));
+                        codec.encode(cfg, (disk, pieces), zeroed, out)?
                     }
                 };
-                Encoded::Read {
+                let absorbed = gathered.n;
+                let encoded = Encoded::Read {
                     disk,
                     offset,
                     len,
                     input,
                     output,
                     frame,
-                }
+                    gathered,
+                };
+                (encoded, absorbed)
             }
         };
         if tx.push_wait(encoded).is_err() {
             return Err(SourceError::Aborted);
+        }
+        for _ in 0..absorbed {
+            if tx.push_wait(Encoded::Absorbed).is_err() {
+                return Err(SourceError::Aborted);
+            }
         }
     }
     // The input is abandoned and drained: the end of the plan only if the reader got
@@ -1173,6 +1277,76 @@ fn worker_loop(
         return Err(SourceError::Aborted);
     }
     Ok(())
+}
+
+/// Where a worker is in its turns of the rotation: the reader deals it `run` messages
+/// per turn, and the messages after the last of a turn come after other workers' turns
+/// in plan order, so a frame never gathers across a turn.
+struct TurnCount {
+    run: usize,
+    /// Messages taken in the current turn.
+    taken: usize,
+}
+
+impl TurnCount {
+    fn new(cfg: &PipelineConfig) -> Self {
+        Self {
+            run: Rotation::new(cfg, 1).run,
+            taken: 0,
+        }
+    }
+
+    /// One more message of this worker's.
+    fn took(&mut self) {
+        self.taken = self.taken % self.run + 1;
+    }
+
+    /// Messages still to come in this turn.
+    fn left(&self) -> usize {
+        self.run - self.taken
+    }
+}
+
+/// Gathers into `gathered` the reads queued behind the read `(disk, offset, len)` in
+/// this worker's turn that fit in its frame: reads of the same disk, while the frame's
+/// bytes stay within `io_size` and its records within the table. Takes only what is
+/// already queued; returns the message it took and could not gather, which comes next.
+fn gather(
+    cfg: &PipelineConfig,
+    rx: &mut spsc::Consumer<ReadDone>,
+    turn: &mut TurnCount,
+    (disk, offset, len): (u32, u64, u32),
+    gathered: &mut Gathered,
+) -> Option<ReadDone> {
+    let bs = cfg.block_size as u64;
+    let records = |o: u64, l: u32| ((o + u64::from(l) - 1) / bs - o / bs + 1) as usize;
+    let max_records = (table_capacity(cfg) - core::mem::size_of::<DataHeader>()) / BLOCK_RECORD_LEN;
+    let (mut bytes, mut recs) = (len as usize, records(offset, len));
+    while gathered.n < GATHER_MAX - 1 && turn.left() > 0 && bytes < cfg.io_size {
+        let next = rx.pop()?;
+        turn.took();
+        match next {
+            ReadDone::Read {
+                disk: d,
+                offset: o,
+                len: l,
+                slot,
+            } if d == disk
+                && bytes + l as usize <= cfg.io_size
+                && recs + records(o, l) <= max_records =>
+            {
+                bytes += l as usize;
+                recs += records(o, l);
+                gathered.push(o, l, slot);
+            }
+            other => {
+                // Taken back when it is handled, as the next message.
+                turn.taken -= 1;
+                return Some(other);
+            }
+        }
+    }
+    None
 }
 
 fn encode_hashes(
@@ -1219,7 +1393,7 @@ fn encode_hashes(
 /// raw, which a stream's decoder never needs.
 fn encode_data(
     cfg: &PipelineConfig,
-    (disk, offset, data): (u32, u64, &[u8]),
+    (disk, pieces): (u32, Pieces<'_>),
     replica_zeroed: bool,
     out: &mut [u8],
     table_cap: usize,
@@ -1234,16 +1408,26 @@ fn encode_data(
     let mut packed_len = 0usize;
     // Payload bytes the frame carries so far, raw and packed.
     let mut used = 0usize;
-    let budget = data.len() + PAYLOAD_ALIGN;
-    // One record per block the read touches: a read of granules may start and end
+    let total = pieces.len();
+    let budget = total + PAYLOAD_ALIGN;
+    // Bytes of the pieces taken so far, the current block's included.
+    let mut taken = 0usize;
+    // One record per block a read touches: a read of granules may start and end
     // inside blocks, so records are cut at block boundaries, not every `bs` bytes.
-    let mut at = 0usize;
-    while at < data.len() {
-        let block_offset = offset + at as u64;
-        let n = (bs - (block_offset % bs as u64) as usize).min(data.len() - at);
-        let block = &data[at..at + n];
-        at += n;
-        let room = budget - (data.len() - at) - used;
+    let blocks = pieces.iter().flat_map(|(offset, data)| {
+        let mut at = 0usize;
+        std::iter::from_fn(move || {
+            (at < data.len()).then(|| {
+                let block_offset = offset + at as u64;
+                let n = (bs - (block_offset % bs as u64) as usize).min(data.len() - at);
+                at += n;
+                (block_offset, &data[at - n..at])
+            })
+        })
+    });
+    for (block_offset, block) in blocks {
+        taken += block.len();
+        let room = budget - (total - taken) - used;
         let packed_rest = &mut packed[packed_len..];
         let room = room.min(packed_rest.len());
         let Some((enc, hash)) = encode_block(
@@ -1409,9 +1593,11 @@ fn seal_table(table: &mut [u8], disk: u32, records: usize, packed: bool) -> usiz
 
 /// A frame of raw blocks goes compact once aligning it would pad it by more than
 /// 1/`COMPACT_PADDING_SHARE` of its payload (see [`seal_table`]): a lone 4 KiB granule
-/// (8 KiB aligned) or a 16 KiB one does, a 32 KiB run or a 64 KiB block (6% padding)
-/// does not.
-const COMPACT_PADDING_SHARE: usize = 8;
+/// (8 KiB aligned), a 32 KiB run, or eight gathered granules (10% padding) do; a 64 KiB
+/// block (5.8%) or a 256 KiB read (1.5%) does not. Above that share the padding would
+/// cost more on the wire (and in the socket copies at both ends) than the target's
+/// copy of the raw bytes to scratch saves.
+const COMPACT_PADDING_SHARE: usize = 16;
 
 /// Sets the payload offset of each of the `records` records in `records_table`, in frame
 /// order from `table_len`, raw payloads aligned to PAYLOAD_ALIGN if `align_raw`; returns
@@ -1549,8 +1735,20 @@ fn sender_loop<W: Write>(
             }
         }
         let read = match &msg {
-            Encoded::Read { len, frame, .. } => Some((*len, *frame)),
+            Encoded::Read {
+                len,
+                frame,
+                gathered,
+                ..
+            } => {
+                let more: u32 = gathered.reads[..gathered.n].iter().map(|r| r.1).sum();
+                Some((len + more, *frame))
+            }
             Encoded::ZeroRun { .. } => None,
+            Encoded::Absorbed => {
+                // Its blocks went out with an earlier frame, and were counted there.
+                continue;
+            }
         };
         msg.release(&mut input_return, &mut output_returns[w]);
         let bytes = sent?;
@@ -1618,7 +1816,7 @@ fn add_to_manifest(manifests: &mut [ManifestBuilder], msg: &Encoded) {
             let m = &mut manifests[*disk as usize];
             records.iter().for_each(|r| m.record(r));
         }
-        Encoded::Read { .. } => {}
+        Encoded::Read { .. } | Encoded::Absorbed => {}
     }
 }
 
@@ -1653,6 +1851,7 @@ fn send_encoded<'a, W: Write>(
             writer.send(FrameKind::HashZeroRun, &[run.as_bytes()])?;
             Ok(HEADER + run.as_bytes().len())
         }
+        (Encoded::Absorbed, _) => Ok(0),
         (Encoded::Read { frame, .. }, _) if frame.records == 0 => Ok(0),
         (Encoded::Read { output, frame, .. }, Output::Hashes) => {
             writer.send(FrameKind::Hashes, &[&output.as_slice()[..frame.table_len]])?;
@@ -1660,22 +1859,19 @@ fn send_encoded<'a, W: Write>(
         }
         (
             Encoded::Read {
-                offset: chunk_offset,
+                offset,
+                len,
                 input,
                 output,
                 frame,
+                gathered,
                 ..
             },
             Output::Data,
         ) => {
-            let len = gather_data_frame(
-                output.as_slice(),
-                input.as_slice(),
-                *chunk_offset,
-                frame,
-                table_cap,
-                parts,
-            );
+            let first = (*offset, &input.as_slice()[..*len as usize]);
+            let pieces = gathered.pieces(first);
+            let len = gather_data_frame(output.as_slice(), pieces, frame, table_cap, parts);
             writer.send(FrameKind::Data, parts)?;
             Ok(HEADER + len)
         }
@@ -1688,8 +1884,7 @@ fn send_encoded<'a, W: Write>(
 /// between. Returns the payload's length.
 fn gather_data_frame<'a>(
     out: &'a [u8],
-    input: &'a [u8],
-    chunk_offset: u64,
+    pieces: Pieces<'a>,
     frame: &Frame,
     table_cap: usize,
     parts: &mut Vec<&'a [u8]>,
@@ -1698,8 +1893,10 @@ fn gather_data_frame<'a>(
     let hlen = core::mem::size_of::<DataHeader>();
     let mut cursor = frame.table_len;
     let mut packed = table_cap;
-    // (index in parts, start, end in the input slot) of the last raw piece.
+    // (index in parts, start, end in its read's slot) of the last raw piece.
     let mut raw_run: Option<(usize, usize, usize)> = None;
+    // The read the records have reached (records follow the reads' order).
+    let mut read = 0;
     for r in 0..frame.records {
         let at = hlen + r * BLOCK_RECORD_LEN;
         let rec = BlockRecord::ref_from_bytes(&out[at..at + BLOCK_RECORD_LEN])
@@ -1709,7 +1906,13 @@ fn gather_data_frame<'a>(
         let mut piece_start = usize::MAX;
         let piece: &[u8] = match codec {
             Some(Codec::Raw) => {
-                piece_start = (rec.offset.get() - chunk_offset) as usize;
+                let offset = rec.offset.get();
+                while offset >= pieces.at[read].0 + pieces.at[read].1.len() as u64 {
+                    read += 1;
+                    raw_run = None;
+                }
+                let (start, input) = pieces.at[read];
+                piece_start = (offset - start) as usize;
                 &input[piece_start..piece_start + stored]
             }
             Some(Codec::Zstd | Codec::ZstdStream) => {
@@ -1732,7 +1935,7 @@ fn gather_data_frame<'a>(
                 if at_frame == cursor && piece_start == end =>
             {
                 let new_end = end + stored;
-                parts[idx] = &input[start..new_end];
+                parts[idx] = &pieces.at[read].1[start..new_end];
                 raw_run = Some((idx, start, new_end));
             }
             _ => {
@@ -2631,6 +2834,228 @@ mod tests {
         );
     }
 
+    /// A worker gathers the small reads already queued behind a read into its frame:
+    /// only reads of the same disk, only within its turn of the rotation (the messages
+    /// after it follow other workers' turns in plan order), only while the frame's bytes
+    /// stay within `io_size`; the first message it cannot gather comes next, untouched.
+    #[test]
+    fn a_frame_gathers_the_small_reads_queued_in_its_turn_and_no_more() {
+        const BS: u64 = 64 << 10;
+        let cfg = PipelineConfig {
+            block_size: BS as usize,
+            io_size: (4 * BS) as usize,
+            ..test_config(1, Compression::None, true)
+        };
+        assert_eq!(
+            TurnCount::new(&cfg).run,
+            RING_DEPTH,
+            "2 MiB runs of 256 KiB reads"
+        );
+        let (mut alloc, _back) = BufferPool::new(4096, 32).unwrap();
+        let read = |disk: u32, block: u64, len: u32, alloc: &mut PoolAlloc| ReadDone::Read {
+            disk,
+            offset: block * BS,
+            len,
+            slot: alloc.alloc().unwrap(),
+        };
+        // Behind a first 4 KiB read of disk 0 at block 0, its turn's first message.
+        let granule = 4096;
+        // (case, what is queued, reads gathered, the next message's disk and offset)
+        type Case = (&'static str, Vec<ReadDone>, usize, Option<(u32, u64)>);
+        let cases: Vec<Case> = vec![
+            (
+                "three granules, then a zero run",
+                vec![
+                    read(0, 1, granule, &mut alloc),
+                    read(0, 2, granule, &mut alloc),
+                    read(0, 3, granule, &mut alloc),
+                    ReadDone::ZeroRun {
+                        disk: 0,
+                        offset: 4 * BS,
+                        len: BS,
+                    },
+                    read(0, 5, granule, &mut alloc),
+                ],
+                3,
+                Some((0, 4 * BS)),
+            ),
+            (
+                "another disk",
+                vec![
+                    read(0, 1, granule, &mut alloc),
+                    read(1, 0, granule, &mut alloc),
+                ],
+                1,
+                Some((1, 0)),
+            ),
+            (
+                "a read that would pass io_size",
+                vec![
+                    read(0, 1, 4 * BS as u32, &mut alloc),
+                    read(0, 5, granule, &mut alloc),
+                ],
+                0,
+                Some((0, BS)),
+            ),
+            (
+                "the end of the turn",
+                (1..12).map(|b| read(0, b, granule, &mut alloc)).collect(),
+                RING_DEPTH - 1,
+                None,
+            ),
+            ("nothing queued", vec![], 0, None),
+        ];
+        for (case, queued, gathered_n, next) in cases {
+            let (mut tx, mut rx) = spsc::channel::<ReadDone>(16);
+            for m in queued {
+                assert!(tx.push(m).is_ok());
+            }
+            let mut turn = TurnCount::new(&cfg);
+            turn.took();
+            let mut gathered = Gathered::default();
+            let ahead = gather(&cfg, &mut rx, &mut turn, (0, 0, granule), &mut gathered);
+            assert_eq!(gathered.n, gathered_n, "{case}");
+            let offsets: Vec<u64> = gathered.reads[..gathered.n].iter().map(|r| r.0).collect();
+            let expected: Vec<u64> = (1..=gathered_n as u64).map(|b| b * BS).collect();
+            assert_eq!(offsets, expected, "{case}: in plan order");
+            let got = ahead.map(|m| match m {
+                ReadDone::Read { disk, offset, .. } | ReadDone::ZeroRun { disk, offset, .. } => {
+                    (disk, offset)
+                }
+            });
+            assert_eq!(got, next, "{case}: what comes next");
+            // The message put back is counted once, when it is taken again.
+            if next.is_some() {
+                turn.took();
+            }
+            assert_eq!(
+                turn.taken,
+                1 + gathered_n + usize::from(next.is_some()),
+                "{case}"
+            );
+        }
+    }
+
+    /// Small reads gathered into frames reach the target exactly: every granule once, in
+    /// order, verified where the target places it, and the manifest is the wire's.
+    #[test]
+    fn gathered_granules_arrive_whole_and_in_order() {
+        use crate::writer::verify::{self, Decoders, Geometry};
+        const BS: u64 = 64 << 10;
+        let blocks = 64u64;
+        let image: Vec<u8> = (0..blocks * BS)
+            .map(|i| b"gathered granules "[(i % 18) as usize] ^ ((i / 4096) as u8 & 15))
+            .collect();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d");
+        std::fs::write(&path, &image).unwrap();
+        let file = std::fs::File::open(&path).unwrap();
+        let disks = [DiskInfo {
+            fd: file.as_raw_fd(),
+            disk_size: image.len() as u64,
+            replica_zeroed: false,
+            frozen: None,
+        }];
+        // A granule or two in every block, some across a block's end.
+        let plan: Vec<PlanItem> = (0..blocks)
+            .map(|b| {
+                let (at, len) = if b % 3 == 0 {
+                    (BS - 4096, 8192)
+                } else {
+                    (4096 * (1 + b % 7), 4096)
+                };
+                PlanItem::Read {
+                    disk: 0,
+                    offset: b * BS + at,
+                    len: len.min((blocks * BS - b * BS - at) as u32),
+                }
+            })
+            .collect();
+        let granules: usize = plan
+            .iter()
+            .map(|p| match p {
+                PlanItem::Read { offset, len, .. } => {
+                    ((offset + u64::from(*len) - 1) / BS - offset / BS + 1) as usize
+                }
+                PlanItem::ZeroRun { .. } => 0,
+            })
+            .sum();
+        for (workers, compression) in [(1, Compression::None), (2, Compression::Zstd { level: 1 })]
+        {
+            let cfg = PipelineConfig {
+                block_size: BS as usize,
+                io_size: (4 * BS) as usize,
+                ..test_config(workers, compression, true)
+            };
+            let mut writer = FrameWriter::new(Vec::new());
+            let mut manifests = vec![ManifestBuilder::new()];
+            let stats = run(
+                &cfg,
+                &disks,
+                plan.iter().copied().map(Ok),
+                &mut writer,
+                Some(&mut manifests),
+            )
+            .unwrap();
+            let case = format!("{workers} workers, {compression:?}");
+            let wire = writer.get_ref().clone();
+            let mut reader = FrameReader::new(&wire[..]);
+            let mut buf = vec![0u8; 2 << 20];
+            let mut scratch = vec![0u8; 2 << 20];
+            let mut decoders = Decoders::new(STREAM_RECORDS_VERSION).unwrap();
+            let geometry = [Geometry {
+                disk_size: image.len() as u64,
+                block_size: BS,
+                granular: true,
+            }];
+            let (mut frames, mut records, mut end) = (0, 0, 0u64);
+            let mut seen = ManifestBuilder::new();
+            while let Some((_, payload)) = reader.read_frame(&mut buf).unwrap() {
+                frames += 1;
+                let names = ["d".to_string()];
+                verify::verify_data(
+                    payload,
+                    &geometry,
+                    &names,
+                    Some(&mut scratch),
+                    &mut decoders,
+                )
+                .unwrap_or_else(|e| panic!("{case}: {e}"));
+                let (_, recs) = verify::records(payload).unwrap();
+                let mut placer = verify::Placer::new();
+                for r in recs {
+                    let (at, len) = (r.offset.get(), r.length.get() as usize);
+                    assert!(at >= end, "{case}: a record goes back");
+                    end = at + len as u64;
+                    let here = match placer.place(r) {
+                        verify::Place::Recv(p) => &payload[p..p + len],
+                        verify::Place::Scratch(p) => &scratch[p..p + len],
+                        verify::Place::Zero => panic!("{case}: no block is zero"),
+                    };
+                    assert!(
+                        here == &image[at as usize..at as usize + len],
+                        "{case}: at {at}"
+                    );
+                    seen.record(r);
+                    records += 1;
+                }
+            }
+            assert_eq!(records, granules, "{case}: every granule once");
+            assert!(frames <= plan.len(), "{case}: {frames} frames");
+            assert_eq!(
+                stats.bytes_read,
+                plan.iter()
+                    .map(|p| match p {
+                        PlanItem::Read { len, .. } => u64::from(*len),
+                        PlanItem::ZeroRun { .. } => 0,
+                    })
+                    .sum::<u64>(),
+                "{case}: bytes read"
+            );
+            assert_eq!(manifests[0].finish(), seen.finish(), "{case}: manifest");
+        }
+    }
+
     /// A lone 4 KiB granule travels compact — 4 KiB and its table, not a table padded to
     /// 4 KiB and then the granule — and whole blocks stay aligned for the target's
     /// O_DIRECT writes; the target's verifier takes both, the compact ones through
@@ -2757,7 +3182,12 @@ mod tests {
             let table_cap = table_capacity(&cfg);
             for _ in 0..2 {
                 codec
-                    .encode(&cfg, (0, 0, &image), true, (&mut out, table_cap))
+                    .encode(
+                        &cfg,
+                        (0, Pieces::one(0, &image)),
+                        true,
+                        (&mut out, table_cap),
+                    )
                     .unwrap();
             }
             let e = shared.estimates();
