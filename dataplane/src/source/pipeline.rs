@@ -2936,26 +2936,90 @@ mod tests {
         }
     }
 
-    /// Small reads gathered into frames reach the target exactly: every granule once, in
-    /// order, verified where the target places it, and the manifest is the wire's.
-    #[test]
-    fn gathered_granules_arrive_whole_and_in_order() {
-        use crate::writer::verify::{self, Decoders, Geometry};
-        const BS: u64 = 64 << 10;
-        let blocks = 64u64;
-        let image: Vec<u8> = (0..blocks * BS)
-            .map(|i| b"gathered granules "[(i % 18) as usize] ^ ((i / 4096) as u8 & 15))
+    /// An image of `blocks` blocks of `bs` bytes, text-like (it compresses), different
+    /// in every 4 KiB granule and nowhere zero, in a file of its own.
+    fn granule_image(blocks: u64, bs: u64) -> (Vec<u8>, tempfile::TempDir, std::fs::File) {
+        let image: Vec<u8> = (0..blocks * bs)
+            .map(|i| b"ferry granules "[(i % 15) as usize] ^ ((i / 4096) as u8 & 15))
             .collect();
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("d");
         std::fs::write(&path, &image).unwrap();
         let file = std::fs::File::open(&path).unwrap();
-        let disks = [DiskInfo {
+        (image, dir, file)
+    }
+
+    fn image_disk(file: &std::fs::File, size: usize) -> [DiskInfo<'static>; 1] {
+        [DiskInfo {
             fd: file.as_raw_fd(),
-            disk_size: image.len() as u64,
+            disk_size: size as u64,
             replica_zeroed: false,
             frozen: None,
+        }]
+    }
+
+    /// Reads every Data frame of `wire`, verifies it as the target does (blocks of `bs`,
+    /// granule records) and checks every record's bytes, where the target places them,
+    /// against `image`; `each` then sees the payload, its records and whether it needed
+    /// scratch. Returns the manifest of what arrived.
+    fn verify_wire(
+        case: &str,
+        wire: &[u8],
+        (image, bs): (&[u8], u64),
+        mut each: impl FnMut(&[u8], &[BlockRecord], bool),
+    ) -> DiskManifest {
+        use crate::writer::verify::{self, Decoders, Geometry, Place, Placer};
+        let mut reader = FrameReader::new(wire);
+        let mut buf = vec![0u8; 2 << 20];
+        let mut scratch = vec![0u8; 2 << 20];
+        let mut decoders = Decoders::new(STREAM_RECORDS_VERSION).unwrap();
+        let geometry = [Geometry {
+            disk_size: image.len() as u64,
+            block_size: bs,
+            granular: true,
         }];
+        let names = ["d".to_string()];
+        let mut seen = ManifestBuilder::new();
+        let mut end = 0;
+        while let Some((_, payload)) = reader.read_frame(&mut buf).unwrap() {
+            let verified = verify::verify_data(
+                payload,
+                &geometry,
+                &names,
+                Some(&mut scratch),
+                &mut decoders,
+            );
+            let (_, scratch_used) = verified.unwrap_or_else(|e| panic!("{case}: {e}"));
+            let (_, recs) = verify::records(payload).unwrap();
+            let mut placer = Placer::new();
+            for r in recs {
+                let (at, len) = (r.offset.get(), r.length.get() as usize);
+                assert!(at >= end, "{case}: a record at {at} goes back");
+                end = at + len as u64;
+                let here = match placer.place(r) {
+                    Place::Recv(p) => &payload[p..p + len],
+                    Place::Scratch(p) => &scratch[p..p + len],
+                    Place::Zero => panic!("{case}: no block of the image is zero"),
+                };
+                assert!(
+                    here == &image[at as usize..at as usize + len],
+                    "{case}: at {at}"
+                );
+                seen.record(r);
+            }
+            each(payload, recs, scratch_used > 0);
+        }
+        seen.finish()
+    }
+
+    /// Small reads gathered into frames reach the target exactly: every granule once, in
+    /// order, verified where the target places it, and the manifest is the wire's.
+    #[test]
+    fn gathered_granules_arrive_whole_and_in_order() {
+        const BS: u64 = 64 << 10;
+        let blocks = 64u64;
+        let (image, _dir, file) = granule_image(blocks, BS);
+        let disks = image_disk(&file, image.len());
         // A granule or two in every block, some across a block's end.
         let plan: Vec<PlanItem> = (0..blocks)
             .map(|b| {
@@ -2971,15 +3035,13 @@ mod tests {
                 }
             })
             .collect();
-        let granules: usize = plan
-            .iter()
-            .map(|p| match p {
-                PlanItem::Read { offset, len, .. } => {
-                    ((offset + u64::from(*len) - 1) / BS - offset / BS + 1) as usize
-                }
-                PlanItem::ZeroRun { .. } => 0,
-            })
-            .sum();
+        let (mut granules, mut bytes) = (0, 0);
+        for p in &plan {
+            if let PlanItem::Read { offset, len, .. } = *p {
+                granules += ((offset + u64::from(len) - 1) / BS - offset / BS + 1) as usize;
+                bytes += u64::from(len);
+            }
+        }
         for (workers, compression) in [(1, Compression::None), (2, Compression::Zstd { level: 1 })]
         {
             let cfg = PipelineConfig {
@@ -2989,70 +3051,18 @@ mod tests {
             };
             let mut writer = FrameWriter::new(Vec::new());
             let mut manifests = vec![ManifestBuilder::new()];
-            let stats = run(
-                &cfg,
-                &disks,
-                plan.iter().copied().map(Ok),
-                &mut writer,
-                Some(&mut manifests),
-            )
-            .unwrap();
+            let plan_items = plan.iter().copied().map(Ok);
+            let stats = run(&cfg, &disks, plan_items, &mut writer, Some(&mut manifests)).unwrap();
             let case = format!("{workers} workers, {compression:?}");
-            let wire = writer.get_ref().clone();
-            let mut reader = FrameReader::new(&wire[..]);
-            let mut buf = vec![0u8; 2 << 20];
-            let mut scratch = vec![0u8; 2 << 20];
-            let mut decoders = Decoders::new(STREAM_RECORDS_VERSION).unwrap();
-            let geometry = [Geometry {
-                disk_size: image.len() as u64,
-                block_size: BS,
-                granular: true,
-            }];
-            let (mut frames, mut records, mut end) = (0, 0, 0u64);
-            let mut seen = ManifestBuilder::new();
-            while let Some((_, payload)) = reader.read_frame(&mut buf).unwrap() {
+            let (mut frames, mut records) = (0, 0);
+            let arrived = verify_wire(&case, writer.get_ref(), (&image, BS), |_, recs, _| {
                 frames += 1;
-                let names = ["d".to_string()];
-                verify::verify_data(
-                    payload,
-                    &geometry,
-                    &names,
-                    Some(&mut scratch),
-                    &mut decoders,
-                )
-                .unwrap_or_else(|e| panic!("{case}: {e}"));
-                let (_, recs) = verify::records(payload).unwrap();
-                let mut placer = verify::Placer::new();
-                for r in recs {
-                    let (at, len) = (r.offset.get(), r.length.get() as usize);
-                    assert!(at >= end, "{case}: a record goes back");
-                    end = at + len as u64;
-                    let here = match placer.place(r) {
-                        verify::Place::Recv(p) => &payload[p..p + len],
-                        verify::Place::Scratch(p) => &scratch[p..p + len],
-                        verify::Place::Zero => panic!("{case}: no block is zero"),
-                    };
-                    assert!(
-                        here == &image[at as usize..at as usize + len],
-                        "{case}: at {at}"
-                    );
-                    seen.record(r);
-                    records += 1;
-                }
-            }
+                records += recs.len();
+            });
             assert_eq!(records, granules, "{case}: every granule once");
             assert!(frames <= plan.len(), "{case}: {frames} frames");
-            assert_eq!(
-                stats.bytes_read,
-                plan.iter()
-                    .map(|p| match p {
-                        PlanItem::Read { len, .. } => u64::from(*len),
-                        PlanItem::ZeroRun { .. } => 0,
-                    })
-                    .sum::<u64>(),
-                "{case}: bytes read"
-            );
-            assert_eq!(manifests[0].finish(), seen.finish(), "{case}: manifest");
+            assert_eq!(stats.bytes_read, bytes, "{case}: bytes read");
+            assert_eq!(manifests[0].finish(), arrived, "{case}: manifest");
         }
     }
 
@@ -3062,25 +3072,11 @@ mod tests {
     /// scratch. The same with compression: a compressed frame's table is never padded.
     #[test]
     fn lone_granules_travel_compact_and_whole_blocks_stay_aligned() {
-        use crate::writer::verify::{self, Decoders, Geometry};
         const BS: u64 = 64 << 10;
         let blocks = 8u64;
-        // Text-like bytes, different in every granule, none of them zero.
-        let image: Vec<u8> = (0..blocks * BS)
-            .map(|i| b"ferry granule "[(i % 14) as usize] ^ ((i / 4096) as u8 & 7))
-            .collect();
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("d");
-        std::fs::write(&path, &image).unwrap();
-        let file = std::fs::File::open(&path).unwrap();
-        let disks = [DiskInfo {
-            fd: file.as_raw_fd(),
-            disk_size: image.len() as u64,
-            replica_zeroed: false,
-            frozen: None,
-        }];
+        let (image, _dir, file) = granule_image(blocks, BS);
+        let disks = image_disk(&file, image.len());
         let table = core::mem::size_of::<DataHeader>() + BLOCK_RECORD_LEN;
-        // (what is read, compression, whether every frame must be compact)
         let granules: Vec<PlanItem> = (0..blocks)
             .map(|b| PlanItem::Read {
                 disk: 0,
@@ -3095,12 +3091,14 @@ mod tests {
                 len: (4 * BS) as u32,
             })
             .collect();
+        // (what is read, compression, whether every frame must be compact)
         let cases = [
             (&granules, Compression::None, true),
             (&granules, Compression::Zstd { level: 1 }, true),
             (&whole, Compression::None, false),
         ];
         for (plan, compression, compact) in cases {
+            // One read per frame: without streams a worker's turn is one read.
             let cfg = PipelineConfig {
                 block_size: BS as usize,
                 io_size: (4 * BS) as usize,
@@ -3115,56 +3113,31 @@ mod tests {
                 None,
             )
             .unwrap();
-            let wire = writer.get_ref().clone();
-            let mut reader = FrameReader::new(&wire[..]);
-            let mut buf = vec![0u8; 2 << 20];
-            let mut scratch = vec![0u8; 2 << 20];
-            let mut decoders = Decoders::new(STREAM_RECORDS_VERSION).unwrap();
-            let geometry = [Geometry {
-                disk_size: image.len() as u64,
-                block_size: BS,
-                granular: true,
-            }];
+            let case = format!("{compression:?}");
             let mut frames = 0;
-            while let Some((_, payload)) = reader.read_frame(&mut buf).unwrap() {
-                frames += 1;
-                let (_, recs) = verify::records(payload).unwrap();
-                let first = recs[0].payload_offset.get() as usize;
-                let case = format!("{compression:?}, {} records", recs.len());
-                if compact {
+            verify_wire(
+                &case,
+                writer.get_ref(),
+                (&image, BS),
+                |payload, recs, scratch| {
+                    frames += 1;
                     let stored: usize = recs.iter().map(|r| r.stored_len.get() as usize).sum();
-                    assert_eq!(first, table, "{case}: the first payload follows the table");
-                    assert_eq!(payload.len(), table + stored, "{case}: no padding");
-                } else {
-                    assert!(
-                        recs.iter().all(
-                            |r| (r.payload_offset.get() as usize).is_multiple_of(PAYLOAD_ALIGN)
-                        ),
-                        "{case}: raw blocks aligned"
-                    );
-                }
-                let names = ["d".to_string()];
-                let (_, scratch_used) = verify::verify_data(
-                    payload,
-                    &geometry,
-                    &names,
-                    Some(&mut scratch),
-                    &mut decoders,
-                )
-                .unwrap_or_else(|e| panic!("{case}: {e}"));
-                assert_eq!(scratch_used > 0, compact, "{case}: scratch");
-                for (i, r) in recs.iter().enumerate() {
-                    let at = r.offset.get() as usize;
-                    let len = r.length.get() as usize;
-                    let here = match verify::Placer::new().place(r) {
-                        _ if compact => &scratch[i * PAYLOAD_ALIGN..i * PAYLOAD_ALIGN + len],
-                        verify::Place::Recv(p) => &payload[p..p + len],
-                        other => panic!("{case}: record {i} placed at {other:?}"),
-                    };
-                    assert!(here == &image[at..at + len], "{case}: record {i}'s bytes");
-                }
-            }
-            assert_eq!(frames, plan.len(), "{compression:?}: one frame per read");
+                    let offsets = || recs.iter().map(|r| r.payload_offset.get() as usize);
+                    if compact {
+                        assert_eq!(
+                            offsets().next(),
+                            Some(table),
+                            "{case}: right after the table"
+                        );
+                        assert_eq!(payload.len(), table + stored, "{case}: no padding");
+                    } else {
+                        let aligned = offsets().all(|o| o.is_multiple_of(PAYLOAD_ALIGN));
+                        assert!(aligned, "{case}: raw blocks aligned");
+                    }
+                    assert_eq!(scratch, compact, "{case}: scratch");
+                },
+            );
+            assert_eq!(frames, plan.len(), "{case}: one frame per read");
         }
     }
 
