@@ -15,9 +15,18 @@
 # idle epoch end to end (the engine's own `seconds`: freeze, Open, Commit, the shim's
 # commit), against issue 12's bar of 5 ms.
 #
+# LINK=100mbit (or any tc rate, e.g. 1gbit) puts the target across a shaped link instead
+# of loopback: two network namespaces joined by a veth, the source's side limited by a
+# tbf qdisc, as in benches/shaped-link.sh (needs root; skips cleanly without it). The
+# shim and fio stay in this namespace (the NBD socket is a Unix socket); the engine runs
+# in the near namespace, the target in the far one. COMPRESSIBLE=50 makes fio's data
+# that compressible (its `buffer_compress_percentage`); by default fio writes random
+# bytes, which no level compresses.
+#
 # usage: benches/rpo.sh
 # env:   RATE=50m (fio rate, bytes/s)  BS=4k  RUNTIME=60 (seconds)  SIZE_MIB=1024
 #        INTERVAL_MS=1000 (epoch_interval_ms; the only setting that is not a default)
+#        LINK (unset: loopback)  COMPRESSIBLE (unset: fio's random data)
 #        BAR_S (the p99 the last line, `summary: …`, holds the run to; default twice the
 #        interval: issue 12's bars are 2 s at 1 s epochs and 1 s at 500 ms epochs)
 #        WORK=/dev/shm/ferry-rpo.$$  FERRY=target/release/ferry  KEEP=0
@@ -35,10 +44,24 @@ shm=/dev/shm
 work=${WORK:-$shm/ferry-rpo.$$}
 ferry=${FERRY:-$root/target/release/ferry}
 
+link=${LINK:-}
+near=ferry-rpo-near-$$
+far=ferry-rpo-far-$$
 pids=()
+kill_tree() { # kill_tree PID: a process we started and everything it started
+  local child # (`ip netns exec` may run its command as a child)
+  for child in $(ps -o pid= --ppid "$1" 2>/dev/null || true); do
+    kill_tree "$child"
+  done
+  kill "$1" 2>/dev/null || true
+}
 cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  for p in "${pids[@]}"; do kill_tree "$p"; done
   for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
+  if [ -n "$link" ]; then
+    ip netns del "$near" 2>/dev/null || true
+    ip netns del "$far" 2>/dev/null || true
+  fi
   if [ "${KEEP:-0}" != 1 ] && [ -d "$work" ]; then rm -rf "$work"; fi
 }
 trap cleanup EXIT
@@ -52,13 +75,39 @@ if [ -z "${FERRY:-}" ]; then
   (cd "$root" && cargo build --release -q --bin ferry) || die "cannot build ferry"
 fi
 
+skip() { echo "rpo.sh: skipped: $*"; echo "summary: rpo skipped: $*"; exit 0; }
+in_near() { "$@"; }
+in_far() { "$@"; }
+host=127.0.0.1
+if [ -n "$link" ]; then
+  [ "$(id -u)" = 0 ] || skip "LINK needs root (network namespaces, veth and tc)"
+  command -v ip >/dev/null && command -v tc >/dev/null || skip "LINK needs ip and tc (iproute2)"
+  ip netns add "$near" || skip "cannot create network namespaces here"
+  ip netns add "$far"
+  net=10.78.$(( $$ % 250 ))
+  ip link add vnear netns "$near" type veth peer name vfar netns "$far"
+  ip -n "$near" addr add "$net.1/24" dev vnear
+  ip -n "$far" addr add "$net.2/24" dev vfar
+  for ns in "$near" "$far"; do ip -n "$ns" link set lo up; done
+  ip -n "$near" link set vnear up
+  ip -n "$far" link set vfar up
+  case $link in
+    1gbit) burst=512kb latency=20ms ;;
+    *) burst=128kb latency=50ms ;;
+  esac
+  ip netns exec "$near" tc qdisc replace dev vnear root tbf rate "$link" burst "$burst" latency "$latency"
+  in_near() { ip netns exec "$near" "$@"; }
+  in_far() { ip netns exec "$far" "$@"; }
+  host=$net.2
+fi
+
 mkdir -p "$work"
 "$ferry" keygen --out "$work/ferry.key"
 truncate -s "${size_mib}M" "$work/disk.img"
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 cat > "$work/target.toml" <<EOF
 [target]
-listen = "127.0.0.1:$port"
+listen = "$host:$port"
 psk_file = "$work/ferry.key"
 state_dir = "$work/target-state"
 [[disk]]
@@ -67,7 +116,7 @@ path = "$work/replica.img"
 EOF
 cat > "$work/source.toml" <<EOF
 [source]
-target = "127.0.0.1:$port"
+target = "$host:$port"
 psk_file = "$work/ferry.key"
 state_dir = "$work/source-state"
 epoch_interval_ms = $interval_ms
@@ -77,15 +126,15 @@ path = "$work/disk.img"
 nbd_socket = "$work/disk.sock"
 EOF
 
-"$ferry" target --config "$work/target.toml" 2> "$work/target.log" &
+in_far "$ferry" target --config "$work/target.toml" 2> "$work/target.log" &
 pids+=($!)
 "$ferry" shim --config "$work/source.toml" 2> "$work/shim.log" &
 pids+=($!)
 for _ in $(seq 100); do [ -S "$work/disk.sock" ] && grep -q listening "$work/target.log" && break; sleep 0.1; done
 [ -S "$work/disk.sock" ] || die "the shim did not start: $(tail -3 "$work/shim.log")"
-"$ferry" sync --config "$work/source.toml" > /dev/null 2> "$work/first-sync.log" \
+in_near "$ferry" sync --config "$work/source.toml" > /dev/null 2> "$work/first-sync.log" \
   || die "first sync failed: $(tail -3 "$work/first-sync.log")"
-"$ferry" --log-format json source --config "$work/source.toml" 2> "$work/source.log" &
+in_near "$ferry" --log-format json source --config "$work/source.toml" 2> "$work/source.log" &
 pids+=($!)
 sleep 2
 
@@ -93,8 +142,9 @@ if [ "$rate" = 0 ]; then
   echo "rpo.sh: no guest writes for ${runtime}s; epoch_interval_ms=$interval_ms, everything else at its default"
   sleep "$runtime"
 else
-echo "rpo.sh: fio randwrite bs=$bs rate=$rate for ${runtime}s through the shim; epoch_interval_ms=$interval_ms, everything else at its default"
+echo "rpo.sh: fio randwrite bs=$bs rate=$rate for ${runtime}s through the shim${link:+ over a $link link}${COMPRESSIBLE:+, data ${COMPRESSIBLE}% compressible}; epoch_interval_ms=$interval_ms, everything else at its default"
 fio --name=guest --ioengine=nbd --uri="nbd+unix:///disk?socket=$work/disk.sock" \
+  ${COMPRESSIBLE:+--buffer_compress_percentage="$COMPRESSIBLE" --refill_buffers} \
   --rw=randwrite --bs="$bs" --iodepth=16 --rate="$rate" --time_based --runtime="$runtime" \
   --size="${size_mib}M" --output-format=terse > "$work/fio.out" 2> "$work/fio.err" \
   || die "fio failed: $(tail -3 "$work/fio.err")"
@@ -102,7 +152,7 @@ fi
 sleep "$(( (interval_ms * 3 + 999) / 1000 ))"
 
 bar_s=${BAR_S:-$(awk -v i="$interval_ms" 'BEGIN { print 2 * i / 1000 }')}
-python3 - "$work/source.log" "$runtime" "$bar_s" "$bs@$rate ${interval_ms}ms ${runtime}s" <<'EOF'
+python3 - "$work/source.log" "$runtime" "$bar_s" "$bs@$rate ${interval_ms}ms ${runtime}s${link:+ $link}" <<'EOF'
 import json, sys, datetime
 log, runtime, bar, case = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
 epochs = []
