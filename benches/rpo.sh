@@ -27,6 +27,7 @@
 # env:   RATE=50m (fio rate, bytes/s)  BS=4k  RUNTIME=60 (seconds)  SIZE_MIB=1024
 #        INTERVAL_MS=1000 (epoch_interval_ms; the only setting that is not a default)
 #        LINK (unset: loopback)  COMPRESSIBLE (unset: fio's random data)
+#        SOURCE_EXTRA (lines added to [source], to compare settings; the bars add none)
 #        BAR_S (the p99 the last line, `summary: …`, holds the run to; default twice the
 #        interval: issue 12's bars are 2 s at 1 s epochs and 1 s at 500 ms epochs)
 #        WORK=/dev/shm/ferry-rpo.$$  FERRY=target/release/ferry  KEEP=0
@@ -120,6 +121,7 @@ target = "$host:$port"
 psk_file = "$work/ferry.key"
 state_dir = "$work/source-state"
 epoch_interval_ms = $interval_ms
+${SOURCE_EXTRA:-}
 [[disk]]
 name = "disk"
 path = "$work/disk.img"
