@@ -83,20 +83,11 @@ host=127.0.0.1
 if [ -n "$link" ]; then
   [ "$(id -u)" = 0 ] || skip "LINK needs root (network namespaces, veth and tc)"
   command -v ip >/dev/null && command -v tc >/dev/null || skip "LINK needs ip and tc (iproute2)"
-  ip netns add "$near" || skip "cannot create network namespaces here"
-  ip netns add "$far"
+  # shellcheck source=benches/netns.sh
+  . "$root/benches/netns.sh"
   net=10.78.$(( $$ % 250 ))
-  ip link add vnear netns "$near" type veth peer name vfar netns "$far"
-  ip -n "$near" addr add "$net.1/24" dev vnear
-  ip -n "$far" addr add "$net.2/24" dev vfar
-  for ns in "$near" "$far"; do ip -n "$ns" link set lo up; done
-  ip -n "$near" link set vnear up
-  ip -n "$far" link set vfar up
-  case $link in
-    1gbit) burst=512kb latency=20ms ;;
-    *) burst=128kb latency=50ms ;;
-  esac
-  ip netns exec "$near" tc qdisc replace dev vnear root tbf rate "$link" burst "$burst" latency "$latency"
+  link_up "$near" "$far" "$net.1" "$net.2" || skip "cannot create network namespaces and a veth here"
+  link_shape "$near" "$link"
   in_near() { ip netns exec "$near" "$@"; }
   in_far() { ip netns exec "$far" "$@"; }
   host=$net.2

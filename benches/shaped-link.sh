@@ -76,25 +76,12 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 die() { echo "shaped-link.sh: $*" >&2; KEEP=1; exit 1; }
 
-ip netns add "$near" || skip "cannot create network namespaces here"
-ip netns add "$far"
-ip link add vnear netns "$near" type veth peer name vfar netns "$far"
-ip -n "$near" addr add "$near_ip/24" dev vnear
-ip -n "$far" addr add "$far_ip/24" dev vfar
-for ns in "$near" "$far"; do ip -n "$ns" link set lo up; done
-ip -n "$near" link set vnear up
-ip -n "$far" link set vfar up
+# shellcheck source=benches/netns.sh
+. "$root/benches/netns.sh"
+link_up "$near" "$far" "$near_ip" "$far_ip" || skip "cannot create network namespaces and a veth here"
 in_near() { ip netns exec "$near" "$@"; }
 in_far() { ip netns exec "$far" "$@"; }
-
-shape() { # shape RATE: limit what the near side sends (the data direction)
-  local burst latency
-  case $1 in
-    1gbit) burst=512kb latency=20ms ;;
-    *) burst=128kb latency=50ms ;;
-  esac
-  in_near tc qdisc replace dev vnear root tbf rate "$1" burst "$burst" latency "$latency"
-}
+shape() { link_shape "$near" "$1"; } # shape RATE: the data direction's limit
 
 # ---------------------------------------------------------------- helpers
 now_ns() { date +%s%N; }
