@@ -542,15 +542,9 @@ impl Applier<'_> {
             self.inflight.reap(&mut self.engine, 1, self.failed);
         }
         if self.inflight.error.is_none() {
-            for (d, name) in self.disks.disks.iter().zip(self.disks.names) {
-                if let Err(source) = d.sync_data() {
-                    self.inflight.fail(|| ApplyError::Sync {
-                        disk: name.clone(),
-                        source,
-                    });
-                    self.failed.store(true, Ordering::Release);
-                    break;
-                }
+            if let Err(e) = sync_replicas(self.disks.disks, self.disks.names) {
+                self.inflight.fail(|| *e);
+                self.failed.store(true, Ordering::Release);
             }
         }
         let _ = reply.send(match &self.inflight.error {
@@ -572,6 +566,20 @@ impl Applier<'_> {
             }
         }
     }
+}
+
+/// Makes what was written to every replica durable, in order, stopping at the first
+/// that fails: the Commit's barrier, with or without writes before it.
+pub(super) fn sync_replicas(disks: &[Disk], names: &[String]) -> Result<(), Box<ApplyError>> {
+    for (d, name) in disks.iter().zip(names) {
+        d.sync_data().map_err(|source| {
+            Box::new(ApplyError::Sync {
+                disk: name.clone(),
+                source,
+            })
+        })?;
+    }
+    Ok(())
 }
 
 /// Writes in flight and what their completions give back. One owner, so reaping can

@@ -358,14 +358,8 @@ fn commit_unchanged<R: std::io::Read>(
     replicas: &[Disk],
 ) -> Result<u64, TargetError> {
     check_commit(reader, control, incoming, epoch, received, names)?;
-    for (disk, name) in replicas.iter().zip(names) {
-        disk.sync_data().map_err(|source| {
-            TargetError::Apply(std::sync::Arc::new(super::apply::ApplyError::Sync {
-                disk: name.clone(),
-                source,
-            }))
-        })?;
-    }
+    super::apply::sync_replicas(replicas, names)
+        .map_err(|e| TargetError::Apply(std::sync::Arc::new(*e)))?;
     Ok(0)
 }
 
