@@ -1460,7 +1460,8 @@ fn encode_data(
     if frame.records > 0 {
         // The sender finds the packed compressed payloads at `table_cap` onwards, in
         // record order.
-        frame.table_len = seal_table(table, disk, frame.records, packed_len > 0);
+        let payloads = (packed_len > 0, frame.stored_bytes as usize);
+        frame.table_len = seal_table(table, disk, frame.records, payloads);
     }
     frame
 }
@@ -1555,8 +1556,9 @@ fn try_compress(coder: Option<&mut Coder<'_>>, block: &[u8], packed: &mut [u8]) 
 }
 
 /// Second pass over a Data frame's table of `records` records (first pass done):
-/// final payload offsets in frame order, the header, zeroed padding. Returns the
-/// table's length as sent.
+/// final payload offsets in frame order, the header, zeroed padding. `packed`: a
+/// payload is compressed; `stored`: the payloads' bytes. Returns the table's length as
+/// sent.
 ///
 /// Two layouts. *Aligned*: the table is padded to PAYLOAD_ALIGN and every raw payload
 /// starts on it (block lengths are multiples of it, bar the disk's last block, which
@@ -1569,13 +1571,17 @@ fn try_compress(coder: Option<&mut Coder<'_>>, block: &[u8], packed: &mut [u8]) 
 /// is compact when aligning it costs more padding than it is worth on the wire
 /// ([`COMPACT_PADDING_SHARE`]): a random 4 KiB write alone in its frame then travels as
 /// 4 KiB and a 56-byte table, not 8 KiB, for one 4 KiB copy at the target.
-fn seal_table(table: &mut [u8], disk: u32, records: usize, packed: bool) -> usize {
+fn seal_table(
+    table: &mut [u8],
+    disk: u32,
+    records: usize,
+    (packed, stored): (bool, usize),
+) -> usize {
     let hlen = core::mem::size_of::<DataHeader>();
     let table_end = hlen + records * BLOCK_RECORD_LEN;
     let aligned_table = table_end.next_multiple_of(PAYLOAD_ALIGN);
     let compact = packed || {
         let aligned_end = place_payloads(&mut table[hlen..], records, aligned_table, true);
-        let stored = place_payloads(&mut table[hlen..], records, 0, false);
         let padding = aligned_end - table_end - stored;
         padding * COMPACT_PADDING_SHARE > aligned_end
     };
