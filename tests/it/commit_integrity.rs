@@ -166,6 +166,46 @@ fn a_commit_mark_that_cannot_be_written_rolls_the_epoch_back_at_once() {
     assert_eq!(s.record_epoch(), epoch);
 }
 
+/// An epoch in which nothing changed is committed without the target's receive
+/// pipeline, but through the same commit: when its mark cannot be written it is not
+/// acknowledged, nothing of it stays behind, and the next one commits.
+#[test]
+fn an_unchanged_epoch_whose_commit_mark_fails_is_not_acknowledged() {
+    let s = Setup::new("unchanged_epoch_commit_mark_fails", "target.commit.mark@2");
+    common::sync_ok(&s.source_cfg, &[]);
+    let at_first = file_hash(&s.replica);
+    assert_eq!(at_first, file_hash(&s.source));
+    let unchanged = || {
+        let (generation, epoch) = common::read_source_state(&s.d.join("source-state"), "vm");
+        let bitmap = s.d.join("vm.cbt");
+        common::write_bitmap(&bitmap, DISK_BYTES, BLOCK as u32, generation, epoch, []);
+        format!("vm={}", bitmap.display())
+    };
+
+    let spec = unchanged();
+    let failed = common::sync(&s.source_cfg, &["--mode", "changed", "--bitmap", &spec]);
+    assert!(
+        !failed.success(),
+        "a commit without its mark must not succeed"
+    );
+    assert!(
+        failed.stderr.contains("commit mark"),
+        "the error names the failed step: {failed:?}"
+    );
+    assert_eq!(file_hash(&s.replica), at_first);
+    assert_eq!(s.record_epoch(), 1, "not committed");
+    let undo = s.d.join("target-state/undo");
+    let left: Vec<_> = std::fs::read_dir(&undo)
+        .map(|d| d.map(|e| e.unwrap().path()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "no undo log left behind: {left:?}");
+
+    let spec = unchanged();
+    common::sync_ok(&s.source_cfg, &["--mode", "changed", "--bitmap", &spec]);
+    assert_eq!(s.record_epoch(), 2, "the next unchanged epoch commits");
+    assert_eq!(file_hash(&s.replica), at_first);
+}
+
 #[test]
 fn records_that_fail_after_a_durable_mark_still_acknowledge_and_are_completed() {
     let mut s = Setup::new("commit_records_fail", "target.commit.records@2");
